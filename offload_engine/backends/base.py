@@ -1,0 +1,53 @@
+"""The contract between the engine's layer loop and where the KV cache lives.
+
+A backend owns every KV tensor of one sequence. The engine hands it each layer's new K and V
+(prompt in prefill, one token per decode step) and gets back what attention must read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class DecodeKV:
+    """What one layer's decode attention reads.
+
+    keys, values ``[KvH, N, D]``; valid ``[KvH, N]`` bool, or None when every slot is attended.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor | None
+
+
+class KVBackend:
+    """Base class of the three KV modes (dense on device, dense offload, sparse offload)."""
+
+    def prefill_layer(self, layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the prompt's KV of one layer. x ``[T, E]``, q ``[H, T, D]``, k, v ``[KvH, T, D]``."""
+        raise NotImplementedError
+
+    def begin_step(self, position: int) -> None:
+        """A decode step for the token at ``position`` starts (before layer 0)."""
+
+    def decode_layer(self, layer: int, position: int, x: torch.Tensor, q: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor) -> DecodeKV:
+        """Append the token's k, v ``[KvH, D]`` and return the KV to attend (x ``[E]``, q ``[H, D]``)."""
+        raise NotImplementedError
+
+    def end_layer(self, layer: int) -> None:
+        """The layer's attention has been enqueued: its buffers may be refilled after it."""
+
+    def end_step(self) -> int:
+        """The step is over; returns the bytes copied host-to-device during it."""
+        return 0
+
+    def device_kv_bytes(self) -> int:
+        """KV bytes this backend holds on the compute device now."""
+        return 0
+
+    def close(self) -> None:
+        """Free every buffer (pinned host memory first)."""

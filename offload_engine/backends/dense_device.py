@@ -1,0 +1,50 @@
+"""Dense on the device: the whole KV cache resident, preallocated for the context (baseline)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cpu_cache.host_store import check_host_memory
+from ..errors import InsufficientMemoryError
+from ..models import ModelDims
+from .base import DecodeKV, KVBackend
+
+
+def check_device_memory(needed: int, device: torch.device) -> None:
+    """Refuse before allocating when the device cannot hold ``needed`` bytes of KV."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed > free:
+            raise InsufficientMemoryError(
+                f"the KV cache needs {needed / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB "
+                "is free: add --offload to keep it in host memory, or lower --context."
+            )
+    else:
+        check_host_memory(needed, "the KV cache (dense, on the CPU)")
+
+
+class DenseDeviceKV(KVBackend):
+    """``keys[l]``, ``values[l]``: ``[KvH, capacity, D]`` on the device."""
+
+    def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device):
+        check_device_memory(dims.kv_bytes_per_token(dtype) * capacity, device)
+        shape = (dims.num_kv_heads, capacity, dims.head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
+
+    def prefill_layer(self, layer, x, q, k, v):
+        length = k.shape[1]
+        self.keys[layer][:, :length] = k
+        self.values[layer][:, :length] = v
+
+    def decode_layer(self, layer, position, x, q, k, v):
+        self.keys[layer][:, position] = k
+        self.values[layer][:, position] = v
+        end = position + 1
+        return DecodeKV(self.keys[layer][:, :end], self.values[layer][:, :end], None)
+
+    def device_kv_bytes(self) -> int:
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+    def close(self) -> None:
+        self.keys, self.values = [], []

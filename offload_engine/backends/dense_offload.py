@@ -1,0 +1,83 @@
+"""Dense offload: the KV in the host store, every layer's whole KV copied to the device each step.
+
+This is the baseline the paper beats. Two device staging buffers alternate between layers, so
+the copy of layer l+1 overlaps the computation of layer l (prefetch one layer ahead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cpu_cache.host_store import HostKVStore
+from ..cpu_cache.prefetcher import Prefetcher
+from ..models import ModelDims
+from .base import DecodeKV, KVBackend
+from .dense_device import check_device_memory
+
+
+class DenseOffloadKV(KVBackend):
+    """Host store + double-buffered device staging ``[2][KvH, capacity, D]`` for K and for V."""
+
+    def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device):
+        self.dims, self.capacity, self.dtype, self.device = dims, capacity, dtype, device
+        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda")
+        self.prefetcher = Prefetcher(device, dims.num_layers)
+        self.stage_k: list[torch.Tensor] = []
+        self.stage_v: list[torch.Tensor] = []
+        self._position = 0
+        self._step_bytes = 0
+
+    def prefill_layer(self, layer, x, q, k, v):
+        self.prefetcher.write_back(lambda: self.host.write(layer, 0, k, v, non_blocking=True), k, v)
+
+    def _allocate_staging(self) -> None:
+        """Allocated at the first decode step, so prefill holds one layer's KV at most."""
+        shape = (self.dims.num_kv_heads, self.capacity, self.dims.head_dim)
+        check_device_memory(4 * self.dims.num_kv_heads * self.capacity * self.dims.head_dim
+                            * torch.empty((), dtype=self.dtype).element_size(), self.device)
+        self.stage_k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
+        self.stage_v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
+
+    def _fetch(self, layer: int) -> None:
+        """Copy positions ``[0, position)`` of ``layer`` into its staging buffer."""
+        end, buffer = self._position, layer % 2
+
+        def copy() -> None:
+            self.stage_k[buffer][:, :end].copy_(self.host.keys[layer][:, :end], non_blocking=True)
+            self.stage_v[buffer][:, :end].copy_(self.host.values[layer][:, :end], non_blocking=True)
+
+        self.prefetcher.issue(layer, copy, buffer=("stage", buffer))
+        self._step_bytes += 2 * self.host.keys[layer][:, :end].nbytes
+
+    def begin_step(self, position):
+        if not self.stage_k:
+            self._allocate_staging()
+        self._position = position
+        self._step_bytes = 0
+        self._fetch(0)
+
+    def decode_layer(self, layer, position, x, q, k, v):
+        self.prefetcher.wait(layer)
+        if layer + 1 < self.dims.num_layers:
+            self._fetch(layer + 1)
+        buffer = layer % 2
+        self.stage_k[buffer][:, position] = k
+        self.stage_v[buffer][:, position] = v
+        self.prefetcher.write_back(lambda: self.host.write(layer, position, k.unsqueeze(1), v.unsqueeze(1),
+                                                           non_blocking=True), k, v)
+        end = position + 1
+        return DecodeKV(self.stage_k[buffer][:, :end], self.stage_v[buffer][:, :end], None)
+
+    def end_layer(self, layer):
+        self.prefetcher.release(("stage", layer % 2))
+
+    def end_step(self) -> int:
+        return self._step_bytes
+
+    def device_kv_bytes(self) -> int:
+        return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v)
+
+    def close(self) -> None:
+        self.prefetcher.drain()
+        self.stage_k, self.stage_v = [], []
+        self.host.close()

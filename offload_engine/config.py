@@ -1,0 +1,172 @@
+"""Typed configuration, validated at construction.
+
+``EngineConfig`` says where the KV cache lives (``mode``), which policy selects tokens for
+attention, and with what budget. Everything is checked in ``__post_init__`` so a bad value fails
+before a model is loaded or memory is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import ConfigError
+
+_CONTEXT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+_SUFFIX = {"": 1, "k": 1024, "m": 1024 * 1024}
+
+
+class KVMode(str, Enum):
+    """Where the KV cache lives during decode."""
+
+    DENSE_DEVICE = "dense-device"  # whole KV resident on the compute device (baseline)
+    DENSE_OFFLOAD = "dense-offload"  # KV on host; every layer's whole KV copied each step
+    SPARSE_OFFLOAD = "sparse-offload"  # KV on host; only the selected tokens copied
+
+
+def parse_context(text: str | int) -> int:
+    """Parse a context length: ``4096``, ``32k`` (32768), ``7.5k`` (7680), ``1m`` (1048576)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _CONTEXT_RE.match(str(text))
+        if not match:
+            raise ConfigError(
+                f"--context {text!r} is not a length: use a token count such as 4096, 32k, 128k or 1m."
+            )
+        value = int(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
+    if value <= 0:
+        raise ConfigError(f"--context must be positive, got {text!r}: use for example 4096 or 32k.")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Tokens attended per (layer, KV head), sinks and local window included.
+
+    Either a fixed count (``tokens``) or a fraction of the current sequence length (``fraction``).
+    """
+
+    tokens: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.fraction is None):
+            raise ConfigError("a budget is either a token count or a fraction, not both or neither")
+        if self.tokens is not None and self.tokens <= 0:
+            raise ConfigError(f"--budget must be at least 1 token, got {self.tokens}.")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(
+                f"--budget {self.fraction * 100:g}% is outside (0, 100%]: use for example 10% or 2048."
+            )
+
+    @classmethod
+    def parse(cls, text: str | int | float) -> "Budget":
+        """``2048`` -> 2048 tokens; ``10%`` -> a tenth of the sequence."""
+        raw = str(text).strip()
+        try:
+            if raw.endswith("%"):
+                return cls(fraction=float(raw[:-1]) / 100.0)
+            number = float(raw)
+        except ValueError:
+            raise ConfigError(f"--budget {text!r} is neither a token count (2048) nor a percentage (10%).")
+        if number != int(number):
+            raise ConfigError(f"--budget {text!r}: a token count must be whole; write 10% for a fraction.")
+        return cls(tokens=int(number))
+
+    def tokens_for(self, length: int) -> int:
+        """The budget in tokens for a sequence of ``length`` tokens."""
+        if self.tokens is not None:
+            return self.tokens
+        return max(1, math.ceil(self.fraction * length))
+
+    def __str__(self) -> str:
+        return f"{self.tokens}" if self.tokens is not None else f"{self.fraction * 100:g}%"
+
+
+@dataclass(slots=True)
+class SelectionConfig:
+    """How the sparse mode picks tokens: sinks and window always, the policy for the rest."""
+
+    policy: str = "dense"
+    budget: Budget | None = None  # None: every token (the dense reference)
+    sinks: int = 4
+    window: int = 64
+    interval: int = 1  # run the (predictive) policy every N steps, reuse between
+    neighbors: int = 0  # also fetch this many positions after each selected run (0: off)
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0 or self.window < 1:
+            raise ConfigError(f"--sinks must be >= 0 and --window >= 1 (got {self.sinks}, {self.window}).")
+        if self.interval < 1:
+            raise ConfigError(f"--interval must be >= 1, got {self.interval}.")
+        if self.neighbors < 0:
+            raise ConfigError(f"--neighbors must be >= 0, got {self.neighbors}.")
+        if self.budget is not None and self.budget.tokens is not None:
+            if self.sinks + self.window > self.budget.tokens:
+                raise ConfigError(
+                    f"--sinks {self.sinks} + --window {self.window} = {self.sinks + self.window} tokens "
+                    f"exceed the budget of {self.budget.tokens}: lower them or raise --budget."
+                )
+
+    def check_fraction_budget(self, length: int) -> None:
+        """A fractional budget must leave room for sinks and window at this sequence length."""
+        if self.budget is None or self.budget.fraction is None:
+            return
+        tokens = self.budget.tokens_for(length)
+        if self.sinks + self.window > tokens:
+            raise ConfigError(
+                f"--budget {self.budget} of {length} tokens is {tokens} tokens, fewer than --sinks "
+                f"{self.sinks} + --window {self.window}: lower them or raise --budget."
+            )
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs besides the model."""
+
+    context: int = 4096
+    mode: KVMode = KVMode.DENSE_DEVICE
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    device: str = "cpu"
+    prefill_chunk: int = 4096  # tokens per chunk of projections / MLP / attention queries in prefill
+    allow_rope_scaling: bool = False  # allow a context past the model's trained positions
+
+    def __post_init__(self) -> None:
+        self.context = parse_context(self.context)
+        self.mode = KVMode(self.mode)
+        if self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}.")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device!r} is not cpu, cuda or cuda:N.")
+        budget = self.selection.budget
+        if budget is not None and budget.tokens is not None and budget.tokens > self.context:
+            raise ConfigError(
+                f"--budget {budget.tokens} is larger than --context {self.context}: lower the budget."
+            )
+        if self.selection.sinks + self.selection.window > self.context:
+            raise ConfigError("--sinks + --window exceed --context: lower them.")
+
+    @property
+    def offload(self) -> bool:
+        return self.mode is not KVMode.DENSE_DEVICE
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    """Decoding: greedy when ``temperature == 0``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")

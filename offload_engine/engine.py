@@ -1,0 +1,264 @@
+"""The engine: prefill layer by layer, then decode token by token through a KV backend.
+
+The engine owns no KV tensor. For each sequence it builds the backend of the configured mode
+(dense on device, dense offload, sparse offload), drives it layer by layer, and closes it when
+the sequence ends, on success, error or Ctrl-C alike, so pinned host memory never leaks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .attention import decode_attention, prefill_attention
+from .backends.base import KVBackend
+from .backends.dense_device import DenseDeviceKV
+from .backends.dense_offload import DenseOffloadKV
+from .backends.sparse_offload import SparseOffloadKV
+from .config import EngineConfig, KVMode, SamplingConfig
+from .errors import ConfigError, DeviceUnavailableError
+from .models import ModelAdapter
+from .policies import build_policy
+from .policies.base import Policy
+from .sampling import sample_next
+from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
+
+TokenCallback = Callable[[int], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """Generated ``token_ids`` (prompt excluded), their ``text``, and how they were made."""
+
+    token_ids: list[int]
+    text: str
+    prompt_ids: list[int]
+    finish_reason: str  # "eos", "length", "context" or "interrupted"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass(slots=True)
+class ContinuationScore:
+    """Teacher-forced scoring of a continuation: ``logprobs [N]`` float32, ``predicted [N]`` long."""
+
+    logprobs: torch.Tensor
+    predicted: torch.Tensor
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N`` -> a device, refusing CUDA where there is none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu.")
+    return device
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of ``text``, wrapped in the tokenizer's chat template when ``chat`` and it has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        return [int(i) for i in ids]
+    return list(tokenizer(text)["input_ids"])
+
+
+class Engine:
+    """Generation with the KV cache where ``config.mode`` puts it. Batch size 1."""
+
+    def __init__(self, adapter: ModelAdapter, config: EngineConfig, policy: Policy | None = None,
+                 gather_method: str | None = None):
+        self.adapter, self.config = adapter, config
+        self.device = resolve_device(config.device)
+        if adapter.device.type != self.device.type:
+            raise ConfigError(f"the model is on {adapter.device} but the engine was asked for {self.device}: "
+                              "load the model on the same device.")
+        positions = adapter.dims.max_positions
+        if config.context > positions and not config.allow_rope_scaling:
+            raise ConfigError(
+                f"--context {config.context} is longer than the {positions} positions the model was trained "
+                "for: lower --context, or opt in to RoPE extrapolation with --allow-rope-scaling."
+            )
+        self.policy = None
+        if config.mode is KVMode.SPARSE_OFFLOAD:
+            self.policy = policy if policy is not None else build_policy(config.selection.policy)
+        self.gather_method = gather_method
+        self.eos_ids = _eos_ids(adapter)
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name if self.policy is not None else "dense"
+
+    # ------------------------------------------------------------------------------ public
+    def generate(self, prompt_ids, sampling: SamplingConfig | None = None, on_token: TokenCallback | None = None,
+                 on_prefill: ProgressCallback | None = None) -> GenerationResult:
+        """Generate after ``prompt_ids`` (list of ints or 1-D tensor); Ctrl-C returns what was made."""
+        sampling = sampling or SamplingConfig()
+        prompt = self._check_prompt(prompt_ids)
+        stats = GenerationStats(mode=self.config.mode.value, policy=self.policy_name, prompt_tokens=len(prompt))
+        generated: list[int] = []
+        reason = "length"
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        backend = self._new_backend()
+        try:
+            with torch.inference_mode():
+                logits = self._prefill(prompt, backend, stats, on_prefill)
+                reason = self._decode_loop(prompt, logits, backend, sampling, generator, generated, stats, on_token)
+        except KeyboardInterrupt:
+            reason, stats.interrupted = "interrupted", True
+        finally:
+            backend.close()
+        stats.new_tokens = len(generated)
+        stats.peak_host_bytes = peak_host_bytes()
+        stats.peak_device_bytes = peak_device_bytes(self.device)
+        return GenerationResult(generated, self._decode_text(generated), prompt, reason, stats)
+
+    def score_continuation(self, prompt_ids, target_ids) -> ContinuationScore:
+        """Log-probability of each target token given the prompt and the targets before it.
+
+        Every target after the first is fed through a decode step (teacher forcing), so the
+        scores reflect the configured mode and policy at every position.
+        """
+        prompt = self._check_prompt(list(prompt_ids) + list(target_ids)[:-1])[: len(prompt_ids)]
+        targets = [int(t) for t in target_ids]
+        logprobs, predicted = [], []
+        backend = self._new_backend()
+        try:
+            with torch.inference_mode():
+                logits = self._prefill(prompt, backend, GenerationStats(), None)
+                for i, target in enumerate(targets):
+                    log_softmax = torch.log_softmax(logits, dim=-1)
+                    logprobs.append(log_softmax[target])
+                    predicted.append(torch.argmax(logits))
+                    if i + 1 < len(targets):
+                        logits = self._decode_step(target, len(prompt) + i, backend)
+        finally:
+            backend.close()
+        return ContinuationScore(torch.stack(logprobs).float().cpu(), torch.stack(predicted).cpu())
+
+    # -------------------------------------------------------------------------- internals
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+        if not prompt:
+            raise ConfigError("the prompt is empty: pass some text.")
+        if len(prompt) >= self.config.context:
+            raise ConfigError(
+                f"the prompt has {len(prompt)} tokens, which does not leave room for an answer within "
+                f"--context {self.config.context}: raise --context or shorten the prompt."
+            )
+        self.config.selection.check_fraction_budget(len(prompt))
+        return prompt
+
+    def _new_backend(self) -> KVBackend:
+        dims, dtype, capacity = self.adapter.dims, self.adapter.dtype, self.config.context
+        if self.config.mode is KVMode.DENSE_DEVICE:
+            return DenseDeviceKV(dims, capacity, dtype, self.device)
+        if self.config.mode is KVMode.DENSE_OFFLOAD:
+            return DenseOffloadKV(dims, capacity, dtype, self.device)
+        return SparseOffloadKV(self.adapter, capacity, self.config.selection, self.policy, self.device,
+                               self.gather_method)
+
+    def _prefill(self, prompt: list[int], backend: KVBackend, stats: GenerationStats,
+                 on_prefill: ProgressCallback | None) -> torch.Tensor:
+        """Run the prompt layer by layer; returns the last position's logits ``[V]``.
+
+        Only the current layer's K and V of the prompt are on the device at a time (plus what
+        the backend keeps there), and no layer's KV is ever read back from the host.
+        """
+        start = time.perf_counter()
+        adapter, chunk = self.adapter, self.config.prefill_chunk
+        ids = torch.tensor([prompt], device=self.device)
+        hidden = adapter.embed(ids)  # [1, T, E]
+        rope = adapter.rope(hidden, torch.arange(len(prompt), device=self.device).unsqueeze(0))
+        for layer in range(adapter.dims.num_layers):
+            x = adapter.attention_input(layer, hidden)
+            q, k, v = _chunked_qkv(adapter, layer, x, rope, chunk)
+            stats.prefill_peak_kv_bytes = max(stats.prefill_peak_kv_bytes,
+                                              backend.device_kv_bytes() + k.nbytes + v.nbytes)
+            backend.prefill_layer(layer, x[0], q[0], k[0], v[0])
+            out = prefill_attention(q, k, v, adapter.scaling, chunk)
+            hidden = _chunked_finish(adapter, layer, hidden, out, chunk)
+            if on_prefill is not None:
+                on_prefill(layer + 1, adapter.dims.num_layers)
+        logits = adapter.logits(hidden[:, -1:])[0, -1]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so the prefill time covers the queued work
+        stats.prefill_seconds = time.perf_counter() - start
+        return logits
+
+    def _decode_step(self, token: int, position: int, backend: KVBackend) -> torch.Tensor:
+        """Feed ``token`` at ``position`` through every layer; returns the next logits ``[V]``."""
+        adapter = self.adapter
+        hidden = adapter.embed(torch.tensor([[token]], device=self.device))  # [1, 1, E]
+        rope = adapter.rope(hidden, torch.tensor([[position]], device=self.device))
+        backend.begin_step(position)
+        for layer in range(adapter.dims.num_layers):
+            x = adapter.attention_input(layer, hidden)
+            q, k, v = adapter.qkv(layer, x, rope)  # q [1, H, 1, D]; k, v [1, KvH, 1, D]
+            kv = backend.decode_layer(layer, position, x[0, 0], q[0, :, 0], k[0, :, 0], v[0, :, 0])
+            out = decode_attention(q[0, :, 0], kv.keys, kv.values, kv.valid, adapter.scaling)  # [H, D]
+            backend.end_layer(layer)
+            hidden = adapter.finish_layer(layer, hidden, out.view(1, -1, 1, out.shape[-1]))
+        return adapter.logits(hidden)[0, -1]
+
+    def _decode_loop(self, prompt, logits, backend, sampling, generator, generated, stats, on_token) -> str:
+        """Sample, stream and feed back tokens until EOS, the token limit or the context end."""
+        position = len(prompt)
+        stats.decode_kv_bytes = backend.device_kv_bytes()
+        token = int(sample_next(logits, sampling, generator))
+        while True:
+            generated.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in self.eos_ids:
+                return "eos"
+            if len(generated) >= sampling.max_new_tokens:
+                return "length"
+            if position >= self.config.context:
+                return "context"
+            start = time.perf_counter()
+            logits = self._decode_step(token, position, backend)
+            token = int(sample_next(logits, sampling, generator))  # the step's one host sync
+            stats.decode_ms.append(1000.0 * (time.perf_counter() - start))
+            stats.h2d_bytes.append(backend.end_step())
+            position += 1
+
+    def _decode_text(self, ids: list[int]) -> str:
+        tokenizer = self.adapter.tokenizer
+        return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+
+
+def _chunked_qkv(adapter: ModelAdapter, layer: int, x: torch.Tensor, rope, chunk: int):
+    """``adapter.qkv`` over token chunks of x ``[1, T, E]``, concatenated along tokens."""
+    length = x.shape[1]
+    if length <= chunk:
+        return adapter.qkv(layer, x, rope)
+    cos, sin = rope
+    parts = [adapter.qkv(layer, x[:, s:s + chunk], (cos[:, s:s + chunk], sin[:, s:s + chunk]))
+             for s in range(0, length, chunk)]
+    return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
+
+
+def _chunked_finish(adapter: ModelAdapter, layer: int, hidden: torch.Tensor, out: torch.Tensor, chunk: int):
+    """``adapter.finish_layer`` over token chunks: hidden ``[1, T, E]``, out ``[1, H, T, D]``."""
+    length = hidden.shape[1]
+    if length <= chunk:
+        return adapter.finish_layer(layer, hidden, out)
+    return torch.cat([adapter.finish_layer(layer, hidden[:, s:s + chunk], out[:, :, s:s + chunk])
+                      for s in range(0, length, chunk)], dim=1)
+
+
+def _eos_ids(adapter: ModelAdapter) -> set[int]:
+    """End-of-sequence ids from the generation config, the model config and the tokenizer."""
+    ids: set[int] = set()
+    sources = [getattr(adapter.model, "generation_config", None), adapter.config, adapter.tokenizer]
+    for source in sources:
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

@@ -43,10 +43,15 @@ class GenerationResult:
 
 @dataclass(slots=True)
 class ContinuationScore:
-    """Teacher-forced scoring of a continuation: ``logprobs [N]`` float32, ``predicted [N]`` long."""
+    """Teacher-forced scoring of a continuation.
+
+    ``logprobs [N]`` float32, ``predicted [N]`` long (greedy choice at each position), and
+    ``logits [N, V]`` float32 when asked for with ``keep_logits``.
+    """
 
     logprobs: torch.Tensor
     predicted: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,7 +121,7 @@ class Engine:
         stats.peak_device_bytes = peak_device_bytes(self.device)
         return GenerationResult(generated, self._decode_text(generated), prompt, reason, stats)
 
-    def score_continuation(self, prompt_ids, target_ids) -> ContinuationScore:
+    def score_continuation(self, prompt_ids, target_ids, keep_logits: bool = False) -> ContinuationScore:
         """Log-probability of each target token given the prompt and the targets before it.
 
         Every target after the first is fed through a decode step (teacher forcing), so the
@@ -124,7 +129,7 @@ class Engine:
         """
         prompt = self._check_prompt(list(prompt_ids) + list(target_ids)[:-1])[: len(prompt_ids)]
         targets = [int(t) for t in target_ids]
-        logprobs, predicted = [], []
+        logprobs, predicted, kept = [], [], []
         backend = self._new_backend()
         try:
             with torch.inference_mode():
@@ -133,11 +138,14 @@ class Engine:
                     log_softmax = torch.log_softmax(logits, dim=-1)
                     logprobs.append(log_softmax[target])
                     predicted.append(torch.argmax(logits))
+                    if keep_logits:
+                        kept.append(logits.float().cpu())
                     if i + 1 < len(targets):
                         logits = self._decode_step(target, len(prompt) + i, backend)
         finally:
             backend.close()
-        return ContinuationScore(torch.stack(logprobs).float().cpu(), torch.stack(predicted).cpu())
+        return ContinuationScore(torch.stack(logprobs).float().cpu(), torch.stack(predicted).cpu(),
+                                 torch.stack(kept) if keep_logits else None)
 
     # -------------------------------------------------------------------------- internals
     def _check_prompt(self, prompt_ids) -> list[int]:

@@ -239,7 +239,9 @@ def load_model(
     offline), or ``None`` for the embedded SmolLM2-135M-Instruct.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # tbrun shows its own progress
     source = resolve_model_path(model_id, progress)
     extra = {}
     if source.endswith(".gguf") and os.path.isfile(source):

@@ -72,7 +72,7 @@ class WorkingSet:
         n_sinks = min(self.sinks, length)
         ws.keys[:, :n_sinks] = k[:, :n_sinks]
         ws.values[:, :n_sinks] = v[:, :n_sinks]
-        first = max(self.sinks, length - self.window)
+        first = min(length, max(self.sinks, length - self.window))
         ring = torch.arange(first, length, device=self.device)
         slots = self.sinks + ring % self.window
         ws.keys[:, slots] = k[:, first:length]

@@ -1,0 +1,194 @@
+"""``tbrun generate``: stream an answer and print what the run cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, encode_prompt
+from offload_engine.config import parse_context
+from offload_engine.engine import GenerationResult, resolve_device
+from offload_engine.errors import ConfigError
+from offload_engine.memory import MachineMemory, parse_dtype
+from offload_engine.models import dims_from_config, load_model, resolve_model_path
+from offload_engine.policies import build_policy
+
+from .common import console, err_console, read_prompt, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(user_errors(generate))
+
+
+def generate(
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from a file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
+    context: Optional[str] = typer.Option(None, "--context", "-c",
+                                          help="KV capacity: 4096, 32k, 128k, 1m. Default: the model's positions, at most 8k."),
+    offload: bool = typer.Option(False, "--offload/--no-offload", help="Keep the KV cache in host memory."),
+    policy: str = typer.Option("dense", "--policy", help="Token selection with --offload: dense, streaming, tokenbutler, ..."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Tokens per layer and KV head (2048) or a share (10%); default 2048."),
+    sinks: int = typer.Option(4, "--sinks", help="First tokens always attended."),
+    window: int = typer.Option(64, "--window", help="Most recent tokens always attended."),
+    interval: int = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between."),
+    neighbors: int = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one."),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", help="TokenButler checkpoint directory."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 for greedy decoding."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+    allow_rope_scaling: bool = typer.Option(False, "--allow-rope-scaling",
+                                            help="Allow a context past the model's trained positions."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics as JSON here."),
+) -> None:
+    """Generate text for a prompt, streaming tokens, then print a summary of the run."""
+    text = read_prompt(prompt, prompt_file)
+    device_name = device or ("cuda" if _cuda_available() else "cpu")
+    torch_device = resolve_device(device_name)
+    torch_dtype = parse_dtype(dtype or ("bf16" if torch_device.type == "cuda" else "fp32"))
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+    mode = _mode(offload, policy)
+    policy_object = _policy(policy, predictor) if mode is KVMode.SPARSE_OFFLOAD else None
+    source = resolve_model_path(model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    dims = _dims_of(source)
+    capacity = parse_context(context) if context is not None else min(dims.max_positions, 8192)
+    selection = SelectionConfig(
+        policy=policy, budget=_budget(budget, mode, capacity), sinks=sinks, window=window,
+        interval=interval, neighbors=neighbors,
+    )
+    config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
+                          allow_rope_scaling=allow_rope_scaling)
+    _check_fits(dims, capacity, torch_dtype, torch_device, mode, allow_rope_scaling)
+    adapter = load_model(source, dtype=torch_dtype, device=device_name)
+    engine = Engine(adapter, config, policy=policy_object)
+    ids = encode_prompt(adapter.tokenizer, text, chat)
+    result = _run(engine, adapter.tokenizer, ids, sampling)
+    _print_summary(result)
+    if stats_json is not None:
+        stats_json.write_text(json.dumps(result.stats.to_dict(), indent=2))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mode(offload: bool, policy: str) -> KVMode:
+    if not offload:
+        if policy != "dense":
+            raise ConfigError(f"--policy {policy} selects tokens to fetch from host memory: add --offload.")
+        return KVMode.DENSE_DEVICE
+    return KVMode.DENSE_OFFLOAD if policy == "dense" else KVMode.SPARSE_OFFLOAD
+
+
+def _policy(spec: str, predictor: Optional[Path]):
+    options = {"predictor_path": str(predictor)} if predictor is not None else {}
+    if predictor is not None and "tokenbutler" not in spec:
+        raise ConfigError("--predictor is only used by --policy tokenbutler.")
+    return build_policy(spec, **options)
+
+
+def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:
+    if mode is not KVMode.SPARSE_OFFLOAD:
+        if text is not None:
+            raise ConfigError("--budget applies to sparse policies with --offload (not to --policy dense).")
+        return None
+    if text is None:
+        return Budget(tokens=min(2048, capacity))
+    budget = Budget.parse(text)
+    if budget.tokens is not None and budget.tokens > capacity:
+        raise ConfigError(f"--budget {budget.tokens} is above --context {capacity}: lower it.")
+    return budget
+
+
+def _dims_of(source: str):
+    from transformers import AutoConfig
+
+    from offload_engine.errors import ModelLoadError
+
+    try:
+        return dims_from_config(AutoConfig.from_pretrained(source))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ModelLoadError(f"could not read the model config of {source!r}: {exc}") from None
+
+
+def _check_fits(dims, capacity, dtype, device, mode, allow_rope_scaling) -> None:
+    """Refuse, before loading weights, a context the model or the machine cannot hold."""
+    from offload_engine.errors import InsufficientMemoryError
+
+    if capacity > dims.max_positions and not allow_rope_scaling:
+        raise ConfigError(
+            f"--context {capacity} is longer than the {dims.max_positions} positions the model was trained for: "
+            "lower --context, or opt in to RoPE extrapolation with --allow-rope-scaling."
+        )
+    offload = mode is not KVMode.DENSE_DEVICE
+    memory = MachineMemory.now(device)
+    fits = memory.max_context(dims, dtype, offload)
+    if capacity > fits:
+        need = dims.kv_bytes_per_token(dtype) * capacity
+        where = "host" if offload or device.type == "cpu" else str(device)
+        hint = "lower --context" if offload or device.type == "cpu" else "add --offload, or lower --context"
+        raise InsufficientMemoryError(
+            f"a {capacity}-token KV cache needs {need / 2**30:.2f} GiB of {where} memory; this machine can hold "
+            f"{fits} tokens ({'host' if where == 'host' else 'device'} memory free now): {hint}."
+        )
+
+
+def _run(engine: Engine, tokenizer, ids: list[int], sampling: SamplingConfig) -> GenerationResult:
+    """Prefill under a progress bar, then stream the decoded text as tokens arrive."""
+    streamed: list[int] = []
+    shown = [""]
+
+    def on_token(token: int) -> None:
+        streamed.append(token)
+        text = tokenizer.decode(streamed, skip_special_tokens=True)
+        console.print(text[len(shown[0]):], end="", soft_wrap=True, markup=False)
+        shown[0] = text
+
+    columns = (TextColumn("prefill {task.fields[tokens]} tokens"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("layers"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("prefill", total=engine.adapter.dims.num_layers, tokens=len(ids))
+        holder: dict = {}
+
+        def on_prefill(done: int, total: int) -> None:
+            progress.update(task, completed=done)
+            if done == total:
+                progress.stop()
+
+        holder["result"] = engine.generate(ids, sampling, on_token=on_token, on_prefill=on_prefill)
+    console.print()
+    return holder["result"]
+
+
+def _print_summary(result: GenerationResult) -> None:
+    s = result.stats
+    table = Table(title="tbrun generate", show_header=False, title_justify="left")
+    rows = [
+        ("mode / policy", f"{s.mode} / {s.policy}"),
+        ("prompt tokens", f"{s.prompt_tokens}"),
+        ("new tokens", f"{s.new_tokens} ({result.finish_reason})"),
+        ("prefill", f"{s.prefill_seconds:.2f} s"),
+        ("decode", f"{s.ms_per_step:.1f} ms/step (median), {s.tokens_per_second:.1f} tokens/s"),
+        ("KV moved host->device", f"{s.h2d_bytes_per_step / 2**20:.2f} MiB/step"),
+        ("KV on device", f"prefill peak {s.prefill_peak_kv_bytes / 2**20:.1f} MiB, decode {s.decode_kv_bytes / 2**20:.1f} MiB"),
+        ("peak memory", f"host {s.peak_host_bytes / 2**30:.2f} GiB, device {s.peak_device_bytes / 2**30:.2f} GiB"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    err_console.print(table)
+    if s.interrupted:
+        err_console.print("[yellow]interrupted: the text above is what was generated so far[/]")

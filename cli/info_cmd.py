@@ -1,0 +1,48 @@
+"""``tbrun info``: what this machine can do, and how long a context it can hold for a model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from offload_engine.machine import describe_machine
+from offload_engine.memory import MachineMemory, parse_dtype
+
+from .common import console, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(user_errors(info))
+
+
+def info(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to size contexts for (default: embedded)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="KV dtype: bf16, fp16, fp32."),
+) -> None:
+    """Device, CUDA, pinned memory, cupy, host RAM, and the longest context that fits."""
+    import torch
+    from transformers import AutoConfig
+
+    from offload_engine.models import dims_from_config, resolve_model_path
+
+    machine = describe_machine()
+    table = Table(title="tbrun info", show_header=False, title_justify="left")
+    for key, value in machine.items():
+        table.add_row(key, str(value))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = parse_dtype(dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    source = resolve_model_path(model)
+    dims = dims_from_config(AutoConfig.from_pretrained(source))
+    memory = MachineMemory.now(device)
+    per_token = dims.kv_bytes_per_token(torch_dtype)
+    table.add_row("model", f"{model or 'embedded SmolLM2-135M-Instruct'} ({dims.num_layers} layers, "
+                           f"{dims.num_kv_heads} KV heads x {dims.head_dim}, {dims.max_positions} positions)")
+    table.add_row("KV per token", f"{per_token / 1024:.1f} KiB ({str(torch_dtype).removeprefix('torch.')})")
+    for offload in (False, True):
+        fits = memory.max_context(dims, torch_dtype, offload)
+        where = "host memory (--offload)" if offload else ("GPU memory" if device.type == "cuda" else "memory (CPU run)")
+        note = "" if fits <= dims.max_positions else f"; the model's positions stop at {dims.max_positions}"
+        table.add_row(f"max context, KV in {where}", f"{fits:,} tokens{note}")
+    console.print(table)

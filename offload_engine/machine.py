@@ -1,0 +1,84 @@
+"""A description of this machine, for ``tbrun info`` and for every report's header."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import subprocess
+
+import psutil
+import torch
+
+
+def cupy_status() -> str:
+    """Whether a CUDA cupy is importable and can see a device."""
+    if importlib.util.find_spec("cupy") is None:
+        return "not installed (optional: pip install cupy-cuda13x)"
+    try:
+        import cupy
+
+        return f"{cupy.__version__}, {cupy.cuda.runtime.getDeviceCount()} device(s)"
+    except Exception as exc:  # installed but without a working CUDA runtime
+        return f"installed but unusable: {type(exc).__name__}"
+
+
+def pinned_memory_status() -> str:
+    """Whether page-locked host memory can be allocated here."""
+    if not torch.cuda.is_available():
+        return "no (no CUDA): the host KV store uses ordinary memory"
+    try:
+        torch.empty(1024, pin_memory=True)
+        return "yes"
+    except RuntimeError as exc:
+        return f"no: {exc}"
+
+
+def git_commit(cwd: str | None = None) -> str:
+    """The checked-out commit (with ``-dirty`` when files changed), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=cwd, check=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def describe_machine() -> dict[str, str]:
+    """CPU, cores, RAM, GPU, CUDA, pinned memory, cupy, and library versions."""
+    import transformers
+
+    memory = psutil.virtual_memory()
+    info = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu cores": str(os.cpu_count()),
+        "host RAM": f"{memory.total / 2**30:.1f} GiB ({memory.available / 2**30:.1f} GiB available)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else "not available",
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+        info["host->device copy"] = f"{measure_h2d_gbps():.1f} GB/s (pinned, 256 MiB)"
+    info["pinned memory"] = pinned_memory_status()
+    info["cupy"] = cupy_status()
+    return info
+
+
+def measure_h2d_gbps(size_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Best host-to-device copy rate from pinned memory, in GB/s (CUDA only)."""
+    host = torch.empty(size_bytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        device.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000.0)
+    return size_bytes / best / 1e9

@@ -1,0 +1,46 @@
+"""Memory arithmetic for a request, done from the model's config before any weight is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .cpu_cache.host_store import HOST_HEADROOM_BYTES
+from .models import ModelDims
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``bf16`` / ``fp16`` / ``fp32`` -> a torch dtype."""
+    from .errors import ConfigError
+
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True, slots=True)
+class MachineMemory:
+    """Free memory now: host (available RAM) and device (free CUDA memory, or None on CPU)."""
+
+    host_available: int
+    device_free: int | None
+
+    @classmethod
+    def now(cls, device: torch.device) -> "MachineMemory":
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        return cls(psutil.virtual_memory().available, free)
+
+    def max_context(self, dims: ModelDims, dtype: torch.dtype, offload: bool) -> int:
+        """The longest context whose KV cache fits (ignoring the model's own position limit).
+
+        With offload the KV lives in host memory; without it on the device (host on a CPU run).
+        """
+        per_token = dims.kv_bytes_per_token(dtype)
+        room = self.host_available - HOST_HEADROOM_BYTES
+        if not offload and self.device_free is not None:
+            room = self.device_free
+        return max(0, room // per_token)

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random models, a tokenizer, model directories on disk (see tiny_models)."""
+
+from __future__ import annotations
+
+import pytest
+
+from offload_engine.models import ModelAdapter
+from tiny_models import ARCHS, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def llama_adapter() -> ModelAdapter:
+    return ModelAdapter(tiny_model("llama"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny Llama saved with its tokenizer, as a user's local model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", eos_token_id=tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -66,12 +66,13 @@ class Budget:
     def parse(cls, text: str | int | float) -> "Budget":
         """``2048`` -> 2048 tokens; ``10%`` -> a tenth of the sequence."""
         raw = str(text).strip()
+        percent = raw.endswith("%")
         try:
-            if raw.endswith("%"):
-                return cls(fraction=float(raw[:-1]) / 100.0)
-            number = float(raw)
+            number = float(raw[:-1] if percent else raw)
         except ValueError:
-            raise ConfigError(f"--budget {text!r} is neither a token count (2048) nor a percentage (10%).")
+            raise ConfigError(f"--budget {text!r} is neither a token count (2048) nor a percentage (10%).") from None
+        if percent:
+            return cls(fraction=number / 100.0)
         if number != int(number):
             raise ConfigError(f"--budget {text!r}: a token count must be whole; write 10% for a fraction.")
         return cls(tokens=int(number))
@@ -146,7 +147,8 @@ class EngineConfig:
             raise ConfigError(
                 f"--budget {budget.tokens} is larger than --context {self.context}: lower the budget."
             )
-        if self.selection.sinks + self.selection.window > self.context:
+        sparse = self.mode is KVMode.SPARSE_OFFLOAD
+        if sparse and self.selection.sinks + self.selection.window > self.context:
             raise ConfigError("--sinks + --window exceed --context: lower them.")
 
     @property

@@ -141,7 +141,7 @@ class ModelAdapter:
         """The output projection split per attention head: ``[H, D, E]`` (for value-aware scores)."""
         weight = self._layers[layer].self_attn.o_proj.weight  # [E, H*D]
         h, d = self.dims.num_heads, self.dims.head_dim
-        return weight.t().reshape(h, d, -1)
+        return weight.view(-1, h, d).permute(1, 2, 0)  # a view: no copy per call
 
 
 def _rope_function(model: nn.Module):

@@ -122,7 +122,7 @@ class SparseOffloadKV(KVBackend):
         return fragments * self._fragment_bytes
 
     def device_kv_bytes(self) -> int:
-        return self.working_set.nbytes
+        return self.working_set.nbytes if self.working_set is not None else 0
 
     def close(self) -> None:
         self.prefetcher.drain()

@@ -58,9 +58,11 @@ class ResidencyMap:
         missing = _is_member(selected, held, negate=True) & (selected >= 0)
         counts = missing.sum(dim=-1)
         width = int(counts.max()) if self._exact_width and counts.numel() else selected.shape[-1]
-        # The i-th missing position of a head goes to the i-th slot that is not kept.
+        # The i-th missing position of a head goes to the i-th free slot: empty slots first, then
+        # slots holding a token no longer selected (it stays fetchable for free until overwritten).
         missing_first = torch.argsort((~missing).to(torch.int8), dim=-1, stable=True)[:, :width]
-        free_first = torch.argsort(kept.to(torch.int8), dim=-1, stable=True)[:, :width]
+        slot_rank = 2 * kept.to(torch.int8) + (held >= 0).to(torch.int8)
+        free_first = torch.argsort(slot_rank, dim=-1, stable=True)[:, :width]
         real = torch.arange(width, device=selected.device) < counts.unsqueeze(-1)
         positions = torch.where(real, selected.gather(-1, missing_first), torch.zeros_like(missing_first))
         slots = torch.where(real, free_first, torch.full_like(free_first, self.num_slots))

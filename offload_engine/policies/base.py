@@ -72,6 +72,9 @@ class Policy:
     evaluation_only: ClassVar[bool] = False  # reads the full KV: not a deployable policy
     plans_ahead: ClassVar[bool] = False  # selects for later layers from a producer layer
     wants_attention: ClassVar[bool] = False  # needs the attention weights of each decode step
+    # What scores mean, for wrappers that turn them into an attention-like distribution:
+    # "logit" (softmax of them is attention-like) or "mass" (non-negative, proportional to it).
+    score_kind: ClassVar[str] = "logit"
 
     def bind(self, ctx: PolicyContext) -> None:
         """Called once before prefill: allocate per-sequence state sized by ``ctx.capacity``."""

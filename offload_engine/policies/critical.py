@@ -1,0 +1,166 @@
+"""CriticalKV: value-aware two-stage re-weighting of any base policy's scores.
+
+Feng et al., "Identify Critical KV Cache in LLM Inference from an Output Perturbation Perspective"
+(arXiv 2502.03805). One head's output is ``sum_i A_i v_i W_O^h``: a token's contribution scales with
+its attention ``A_i`` and with its projected value norm ``||v_i W_O^h||_1``. Under a budget, keep
+the top ``alpha * keep`` tokens by the base score, then fill the rest by ``(A_i + eps) * ||v_i W_O^h||_1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from .base import NEVER, Candidates, Policy, PolicyContext
+
+NORM_CHUNK = 256  # tokens whose projected values are materialised at once ([H, chunk, E])
+
+
+@dataclass
+class CriticalPolicy(Policy):
+    """Wraps ``base`` (any policy, predictive ones included) and re-weights its scores.
+
+    Value norms ``||v W_O^h||_1`` (L1 over the hidden width, averaged over the query heads of the
+    KV group) are computed once when a token's K/V is written and kept on the device
+    (``[KvH, capacity]`` per layer, bfloat16 unless the model runs in float32).
+
+    ``A``, the attention-like distribution over the candidates, depends on the base's
+    ``score_kind``: ``"logit"`` scores (logits, log-probabilities, bounds of logits; the default for
+    a policy that does not say) go through a softmax; ``"mass"`` scores (accumulated attention,
+    pooled votes, uniform draws: non-negative, additive) are divided by their sum. ``-inf`` base
+    scores stay ``-inf``.
+
+    The two stages become one score vector for the selector: the first-stage tokens (the base's
+    top ``floor(alpha * keep)``) score ``top + 1 + A`` with ``top`` the largest second-stage score,
+    above every other token, whose score is ``(A + eps) * norm``. With ``alpha = 1`` the first
+    stage is the base's own top-``keep``, so the selection is exactly the base's.
+    """
+
+    base: Policy
+    alpha: float = 0.5
+    eps: float = 1e-4
+
+    name: ClassVar[str] = "critical"
+    wraps: ClassVar[bool] = True  # built as ``critical(<base>)``
+    score_kind: ClassVar[str] = "mass"  # its scores are non-negative (critical(critical(x)) works)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"critical alpha must be in [0, 1], got {self.alpha}")
+        if self.eps < 0:
+            raise ConfigError(f"critical eps must be >= 0, got {self.eps}")
+
+    # -- what the engine asks of the wrapped policy --------------------------------------------
+    @property
+    def label(self) -> str:
+        return f"critical({getattr(self.base, 'label', self.base.name)})"
+
+    @property
+    def evaluation_only(self) -> bool:  # type: ignore[override]
+        return self.base.evaluation_only
+
+    @property
+    def plans_ahead(self) -> bool:  # type: ignore[override]
+        return self.base.plans_ahead
+
+    @property
+    def wants_attention(self) -> bool:  # type: ignore[override]
+        return self.base.wants_attention
+
+    def dense_layers(self) -> frozenset[int]:
+        return self.base.dense_layers()
+
+    def is_producer(self, layer: int) -> bool:
+        return self.base.is_producer(layer)
+
+    # -- state ---------------------------------------------------------------------------------
+    def bind(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+        self.base.bind(ctx)
+        dtype = torch.float32 if ctx.dtype == torch.float32 else torch.bfloat16
+        shape = (ctx.dims.num_kv_heads, ctx.capacity)
+        self.norms = [torch.zeros(shape, dtype=dtype, device=ctx.device) for _ in range(ctx.dims.num_layers)]
+
+    def release(self) -> None:
+        self.base.release()
+        self.norms = []
+
+    def observe_prefill(self, layer, x, q, k, v) -> None:
+        self.base.observe_prefill(layer, x, q, k, v)
+        w_o = self.ctx.adapter.output_projection(layer)
+        for start in range(0, v.shape[1], NORM_CHUNK):
+            chunk = v[:, start : start + NORM_CHUNK]
+            self.norms[layer][:, start : start + chunk.shape[1]] = value_norms(chunk, w_o)
+
+    def observe_decode(self, layer, position, x, q, k, v) -> None:
+        self.base.observe_decode(layer, position, x, q, k, v)
+        w_o = self.ctx.adapter.output_projection(layer)
+        self.norms[layer][:, position] = value_norms(v.unsqueeze(1), w_o)[:, 0]
+
+    def observe_attention(self, layer, positions, weights) -> None:
+        self.base.observe_attention(layer, positions, weights)
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score(self, layer: int, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+        return self.reweight(layer, self.base.score(layer, q, candidates), candidates)
+
+    def plan(self, layer: int, x: torch.Tensor, candidates_of) -> dict[int, torch.Tensor]:
+        planned = self.base.plan(layer, x, candidates_of)
+        return {l: self.reweight(l, s, candidates_of(l)) for l, s in planned.items()}
+
+    def reweight(self, layer: int, scores: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+        """Base scores ``[KvH, n]`` -> two-stage scores ``[KvH, n]`` float32 for the selector."""
+        scores = scores.to(torch.float32)
+        if scores.shape[-1] == 0:
+            return scores
+        kind = getattr(self.base, "score_kind", "logit")
+        attention = attention_like(scores, kind)
+        norms = self.norms[layer][:, candidates.lo : candidates.hi].to(torch.float32)
+        second = (attention + self.eps) * norms
+        first = first_stage_mask(scores, int(self.alpha * candidates.keep))
+        top = second.amax(dim=-1, keepdim=True)
+        combined = torch.where(first, top + 1.0 + attention, second)
+        return combined.masked_fill(torch.isneginf(scores), NEVER)
+
+
+def value_norms(v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """``||v W_O^h||_1`` averaged over each KV group: v ``[KvH, T, D]``, w_o ``[H, D, E]`` -> ``[KvH, T]``.
+
+    Projected in the weights' dtype (the model's) by one batched matmul over heads (a strided
+    ``w_o`` view is used as it is), reduced in float32.
+    """
+    kv_heads, _, _ = v.shape
+    per_head = v.to(w_o.dtype).repeat_interleave(w_o.shape[0] // kv_heads, dim=0)  # [H, T, D]
+    projected = torch.matmul(per_head, w_o)  # [H, T, E]
+    l1 = projected.to(torch.float32).abs().sum(dim=-1)  # [H, T]
+    return l1.view(kv_heads, -1, l1.shape[-1]).mean(dim=1)
+
+
+def attention_like(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """Base scores ``[KvH, n]`` -> a distribution over the candidates ``[KvH, n]`` (0 at ``-inf``).
+
+    ``"logit"``: softmax. ``"mass"``: non-negative part divided by its sum. A head whose scores
+    are all ``-inf`` (or all zero mass) gets all zeros.
+    """
+    finite = ~torch.isneginf(scores)
+    if kind == "mass":
+        mass = torch.where(finite, scores.clamp(min=0.0), 0.0)
+        return mass / mass.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    if kind != "logit":
+        raise ValueError(f"unknown score kind {kind!r}: expected 'logit' or 'mass'")
+    peak = scores.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isneginf(peak), 0.0, peak)  # a row of only -inf: avoid -inf - -inf
+    weights = torch.where(finite, torch.exp(scores - peak), 0.0)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def first_stage_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The top-``count`` base scores per row: ``[KvH, n]`` -> bool ``[KvH, n]``."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    count = min(count, scores.shape[-1])
+    if count > 0:
+        mask.scatter_(1, torch.topk(scores, count, dim=-1, sorted=False).indices, True)
+    return mask

@@ -1,0 +1,108 @@
+"""``tbrun generate`` and ``tbrun info`` through typer's test runner, bad input included."""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+
+import pytest
+from typer.testing import CliRunner
+
+from tbrun_cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def flat(output: str) -> str:
+    """The output with rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
+def generate(model_dir: str, *extra: str):
+    return run("generate", "--model", model_dir, "--prompt", "The quick brown fox jumps over the lazy dog. " * 3, "--no-chat",
+               "--max-new-tokens", "5", "--context", "256", *extra)
+
+
+@pytest.mark.parametrize("extra", [
+    (),
+    ("--offload",),
+    ("--offload", "--policy", "streaming", "--budget", "40", "--sinks", "2", "--window", "8"),
+    ("--offload", "--policy", "streaming", "--budget", "50%", "--sinks", "1", "--window", "2"),
+])
+def test_generate_writes_text_and_summary(tiny_model_dir, tmp_path, extra):
+    stats_file = tmp_path / "stats.json"
+    result = generate(tiny_model_dir, "--stats-json", str(stats_file), *extra)
+    assert result.exit_code == 0, result.output
+    assert "ms/step" in result.output and "prefill" in result.output
+    stats = json.loads(stats_file.read_text())
+    assert stats["new_tokens"] >= 1 and stats["prompt_tokens"] > 0
+    assert len(stats["decode_ms"]) == stats["new_tokens"] - 1 or stats["new_tokens"] == 1
+    if "--offload" in extra:
+        assert stats["mode"] in ("dense-offload", "sparse-offload")
+
+
+def test_info_reports_machine_and_max_context(tiny_model_dir):
+    result = run("info", "--model", tiny_model_dir)
+    assert result.exit_code == 0, result.output
+    assert "max context" in result.output and "pinned memory" in result.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--context", "lots"), "is not a length"),
+    (("--context", "0"), "must be positive"),
+    (("--context", "4k"), "longer than the 512 positions"),
+    (("--context", "2"), "does not leave room"),
+    (("--device", "cuda"), "no CUDA GPU"),
+    (("--offload", "--policy", "streaming", "--budget", "-5"), "at least 1 token"),
+    (("--offload", "--policy", "streaming", "--budget", "9999"), "above --context"),
+    (("--offload", "--policy", "streaming", "--budget", "150%"), "outside (0, 100%]"),
+    (("--offload", "--policy", "streaming", "--budget", "16", "--window", "32"), "exceed the budget"),
+    (("--offload", "--policy", "nonsense"), "unknown policy 'nonsense'; valid: dense"),
+    (("--policy", "streaming"), "add --offload"),
+    (("--dtype", "int3"), "is not one of"),
+])
+def test_bad_input_is_a_clear_error(tiny_model_dir, extra, message):
+    args = ["generate", "--model", tiny_model_dir, "--prompt", "hello there", "--no-chat", "--context", "256"]
+    result = run(*args, *extra)
+    if extra[0] == "--device" and result.exit_code == 0:
+        pytest.fail("--device cuda was accepted on a machine without CUDA")
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_model_path_and_unsupported_architecture(tmp_path):
+    result = run("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert result.exit_code == 2 and "does not exist" in flat(result.output)
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    result = run("generate", "--model", str(tmp_path / "gpt2"), "--prompt", "hi")
+    assert result.exit_code == 2 and "'gpt2' is not supported" in flat(result.output)
+
+
+def test_not_enough_host_memory_is_refused_with_numbers(tiny_model_dir, monkeypatch):
+    import offload_engine.memory as memory
+
+    fake = namedtuple("vm", "available total")(available=600 * 2**20, total=2**30)
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: fake)
+    # 600 MiB hold a few hundred thousand tokens of the tiny model; ask for more
+    result = run("generate", "--model", tiny_model_dir, "--prompt", "hi", "--offload", "--context", "1m",
+                 "--allow-rope-scaling")
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "GiB of host memory" in text and "can hold" in text
+
+
+def test_prompt_file_and_missing_prompt(tiny_model_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox")
+    result = run("generate", "--model", tiny_model_dir, "--prompt-file", str(prompt), "--no-chat",
+                 "--context", "128", "-n", "3")
+    assert result.exit_code == 0, result.output
+    result = run("generate", "--model", tiny_model_dir, "--context", "128")
+    assert result.exit_code == 2 and "no prompt" in flat(result.output)

@@ -1,0 +1,234 @@
+"""The gather methods agree with a plain loop over fragments.
+
+CPU: the ``index`` method (the only one on a machine without CUDA). GPU (``-m gpu``): every
+method this machine has, including a store over 8 GiB, so byte and 32-bit-word offsets both
+pass 2**32.
+"""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+import torch
+
+from offload_engine.cpu_cache.gather import (
+    ALL_METHODS,
+    INDEX,
+    ZERO_COPY,
+    ZERO_COPY_CUPY,
+    available_gather_methods,
+    default_gather_method,
+    gather_fragments,
+    self_check,
+)
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def loop_reference(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst (on the host) after copying src[h, positions[h, j]] to [h, slots[h, j]], one by one."""
+    out = dst.detach().cpu().clone()
+    positions, slots = positions.cpu(), slots.cpu()
+    for h in range(positions.shape[0]):
+        for j in range(positions.shape[1]):
+            out[h, slots[h, j]] = src[h, positions[h, j]]
+    return out
+
+
+def random_selection(heads: int, capacity: int, m: int, slots: int, padding: int, seed: int, device="cpu"):
+    """positions, slots ``[KvH, m + padding]``: ``m`` distinct tokens per head (always including
+    the last token of the capacity when m > 0) into distinct slots, then ``padding`` entries
+    routed to the trash slot ``slots - 1``."""
+    g = torch.Generator().manual_seed(seed)
+    pos_rows, slot_rows = [], []
+    for _ in range(heads):
+        tokens = torch.randperm(capacity - 1, generator=g)[: max(m - 1, 0)]
+        tokens = torch.cat([tokens, torch.tensor([capacity - 1])])[:m] if m else tokens[:0]
+        targets = torch.randperm(slots - 1, generator=g)[:m]
+        pad_pos = torch.randint(0, capacity, (padding,), generator=g)
+        pos_rows.append(torch.cat([tokens, pad_pos]))
+        slot_rows.append(torch.cat([targets, torch.full((padding,), slots - 1)]))
+    positions = torch.stack(pos_rows).long().to(device)
+    slot_index = torch.stack(slot_rows).long().to(device)
+    return positions, slot_index
+
+
+def check_method(method: str, src: torch.Tensor, heads: int, m: int, padding: int, slot_count: int, device: str, seed: int = 0):
+    positions, slots = random_selection(heads, src.shape[1], m, slot_count, padding, seed, device)
+    dst = torch.full((heads, slot_count, src.shape[2]), -7, dtype=src.dtype, device=device)
+    expected = loop_reference(src, positions, slots, dst)
+    gather_fragments(src, positions, slots, dst, method)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    # The trash slot (last) holds one of several writes, unspecified which: compare the rest.
+    assert torch.equal(dst[:, :-1].cpu(), expected[:, :-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU
+
+
+@pytest.mark.parametrize("m,padding", [(1, 0), (7, 3), (33, 0), (0, 0), (0, 5), (64, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_matches_loop(m, padding, dtype):
+    src = torch.randn(3, 97, 24).to(dtype)  # odd capacity, odd head count
+    check_method(INDEX, src, heads=3, m=m, padding=padding, slot_count=m + 2, device="cpu", seed=m)
+
+
+def test_index_reads_last_token_and_writes_last_real_slot():
+    src = torch.arange(2 * 10 * 4, dtype=torch.float32).view(2, 10, 4)
+    positions = torch.tensor([[9], [9]])
+    slots = torch.tensor([[4], [0]])
+    dst = torch.zeros(2, 6, 4)
+    gather_fragments(src, positions, slots, dst, INDEX)
+    assert torch.equal(dst[0, 4], src[0, 9]) and torch.equal(dst[1, 0], src[1, 9])
+    assert dst[0, :4].abs().sum() == 0
+
+
+def test_empty_selection_leaves_dst_untouched():
+    src = torch.randn(2, 5, 8)
+    dst = torch.ones(2, 3, 8)
+    empty = torch.empty(2, 0, dtype=torch.long)
+    gather_fragments(src, empty, empty, dst, INDEX)
+    assert torch.equal(dst, torch.ones(2, 3, 8))
+
+
+@pytest.mark.parametrize(
+    "src,positions,slots,dst,match",
+    [
+        (torch.zeros(2, 5, 8), torch.zeros(2, 1).long(), torch.zeros(2, 1).long(), torch.zeros(3, 2, 8), "match src"),
+        (torch.zeros(2, 5, 8), torch.zeros(2, 1).long(), torch.zeros(2, 2).long(), torch.zeros(2, 2, 8), "must both be"),
+        (torch.zeros(2, 5, 8), torch.zeros(2, 1), torch.zeros(2, 1).long(), torch.zeros(2, 2, 8), "torch.long"),
+        (torch.zeros(2, 5, 8), torch.zeros(2, 1).long(), torch.zeros(2, 1).long(), torch.zeros(2, 2, 8).half(), "dtype"),
+    ],
+)
+def test_bad_arguments_are_refused(src, positions, slots, dst, match):
+    with pytest.raises(ValueError, match=match):
+        gather_fragments(src, positions, slots, dst, INDEX)
+
+
+def test_unknown_method_is_refused():
+    one = torch.zeros(1, 1).long()
+    with pytest.raises(ValueError, match="unknown gather method"):
+        gather_fragments(torch.zeros(1, 2, 4), one, one, torch.zeros(1, 2, 4), "teleport")
+
+
+def test_cpu_has_only_index_and_it_is_the_default():
+    assert available_gather_methods("cpu") == [INDEX]
+    assert default_gather_method("cpu") == INDEX
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+
+CUDA_METHODS = list(ALL_METHODS)
+
+
+def _pinned_store(heads: int, capacity: int, dim: int, dtype: torch.dtype, via: str) -> torch.Tensor:
+    """A pinned ``[KvH, C, D]`` store filled with distinct values, from cupy or torch."""
+    from offload_engine.cpu_cache.host_store import _cupy_pinned
+
+    shape = (heads, capacity, dim)
+    store = _cupy_pinned(shape, dtype) if via == "cupy" else torch.empty(shape, dtype=dtype, pin_memory=True)
+    if store is None:
+        pytest.skip("cupy is not importable: no cupy pinned memory here")
+    store.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+    return store
+
+
+def _require(method: str) -> None:
+    if method not in available_gather_methods("cuda"):
+        pytest.skip(f"gather method {method!r} needs a library this machine lacks")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", CUDA_METHODS)
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128), (torch.float16, 8)])
+@pytest.mark.parametrize("m,padding", [(1, 0), (2047, 1), (2048, 0), (333, 17), (0, 0), (0, 3)])
+@pytest.mark.parametrize("via", ["torch", "cupy"])
+def test_cuda_method_matches_loop(method, dtype, dim, m, padding, via):
+    _require(method)
+    src = _pinned_store(heads=8, capacity=4099, dim=dim, dtype=dtype, via=via)
+    check_method(method, src, heads=8, m=m, padding=padding, slot_count=m + 5, device="cuda", seed=m + dim)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", CUDA_METHODS)
+def test_cuda_method_into_a_strided_view_on_a_side_stream(method):
+    """dst is a slice of a larger working-set buffer; the copy runs on a non-default stream."""
+    _require(method)
+    src = _pinned_store(heads=4, capacity=1000, dim=128, dtype=torch.bfloat16, via="torch")
+    positions, slots = random_selection(4, 1000, 100, 130, 2, seed=3, device="cuda")
+    buffer = torch.zeros(4, 200, 128, dtype=torch.bfloat16, device="cuda")
+    dst = buffer[:, 50:180]  # [4, 130, 128], head stride 200 rows
+    expected = loop_reference(src, positions, slots, dst)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the buffer was zeroed on the default stream
+    with torch.cuda.stream(stream):
+        gather_fragments(src, positions, slots, dst, method)
+    stream.synchronize()
+    assert torch.equal(dst[:, :-1].cpu(), expected[:, :-1])
+    assert buffer[:, :50].abs().sum() == 0 and buffer[:, 180:].abs().sum() == 0
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", [ZERO_COPY, ZERO_COPY_CUPY])
+def test_zero_copy_refuses_pageable_memory(method):
+    _require(method)
+    src = torch.zeros(2, 10, 64)  # not pinned: reading it from the GPU would fault
+    one = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="not pinned"):
+        gather_fragments(src, one, one, torch.zeros(2, 2, 64, device="cuda"), method)
+
+
+@gpu
+@needs_cuda
+def test_cuda_default_is_a_zero_copy_kernel_that_passes_its_self_check():
+    methods = available_gather_methods("cuda")
+    zero_copy = [m for m in (ZERO_COPY, ZERO_COPY_CUPY) if m in methods]
+    if not zero_copy:
+        pytest.skip("neither Triton nor cupy is importable")
+    device = f"cuda:{torch.cuda.current_device()}"
+    assert [m for m in zero_copy if self_check(m, device)], "no zero-copy kernel passed its self-check"
+    assert default_gather_method("cuda") in zero_copy
+
+
+BIG_HEADS, BIG_DIM = 2, 128
+BIG_CAPACITY = 17 * 2**20  # 2 heads x 17 Mi tokens x 256 B (bf16) = 8.5 GiB: offsets past 2**33 bytes
+
+
+@pytest.fixture(scope="module")
+def big_store():
+    """A pinned bf16 store of 8.5 GiB with a known pattern at the rows the test reads."""
+    need = BIG_HEADS * BIG_CAPACITY * BIG_DIM * 2
+    if psutil.virtual_memory().available < need + 8 * 2**30:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB + 8 GiB spare host memory for the >4 GiB store")
+    store = torch.empty(BIG_HEADS, BIG_CAPACITY, BIG_DIM, dtype=torch.bfloat16, pin_memory=True)
+    yield store
+    del store
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", CUDA_METHODS)
+def test_cuda_method_reads_past_4_gib(method, big_store):
+    _require(method)
+    c = BIG_CAPACITY
+    # Tokens at the start, at 2 GiB and 4 GiB into head 0, and at the end of each head: head 1's
+    # end lies past 8 GiB, beyond 2**31 32-bit words.
+    tokens = torch.tensor([0, 2**23 - 1, 2**23, 2**24 + 5, c - 2, c - 1])
+    g = torch.Generator().manual_seed(5)
+    for h in range(BIG_HEADS):
+        big_store[h, tokens] = torch.randn(len(tokens), BIG_DIM, generator=g).to(torch.bfloat16)
+    positions = torch.stack([tokens, tokens.flip(0)]).cuda()  # [2, 6]
+    slots = torch.arange(6).repeat(2, 1).cuda()
+    dst = torch.zeros(2, 7, BIG_DIM, dtype=torch.bfloat16, device="cuda")
+    gather_fragments(big_store, positions, slots, dst, method)
+    torch.cuda.synchronize()
+    for h in range(BIG_HEADS):
+        assert torch.equal(dst[h, :6].cpu(), big_store[h, positions[h].cpu()])

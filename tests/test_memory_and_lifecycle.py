@@ -1,0 +1,134 @@
+"""Prefill holds one layer's KV on the device; host memory is checked before allocation and
+freed at the end of every sequence, Ctrl-C included."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine.cpu_cache import host_store
+from offload_engine.cpu_cache.host_store import HostKVStore
+from offload_engine.errors import InsufficientMemoryError
+from offload_engine.models import ModelAdapter
+from tiny_models import tiny_model
+
+PROMPT = list(range(1, 200))
+
+
+def one_layer_kv_bytes(adapter: ModelAdapter, tokens: int) -> int:
+    return adapter.dims.kv_bytes_per_token(adapter.dtype) * tokens // adapter.dims.num_layers
+
+
+@pytest.mark.parametrize("mode", [KVMode.DENSE_OFFLOAD, KVMode.SPARSE_OFFLOAD])
+def test_prefill_keeps_one_layer_of_kv_on_the_device(mode):
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
+    selection = SelectionConfig(policy="streaming", budget=Budget(tokens=32), sinks=4, window=16)
+    engine = Engine(adapter, EngineConfig(context=256, mode=mode, selection=selection))
+    stats = engine.generate(PROMPT, SamplingConfig(max_new_tokens=2)).stats
+    working_set = stats.decode_kv_bytes if mode is KVMode.SPARSE_OFFLOAD else 0
+    assert stats.prefill_peak_kv_bytes == one_layer_kv_bytes(adapter, len(PROMPT)) + working_set
+    # the sparse working set is bounded by the budget, not by the context
+    if mode is KVMode.SPARSE_OFFLOAD:
+        assert working_set < one_layer_kv_bytes(adapter, 256) * adapter.dims.num_layers / 4
+
+
+def test_dense_device_mode_holds_the_whole_cache():
+    adapter = ModelAdapter(tiny_model("llama"))
+    stats = Engine(adapter, EngineConfig(context=256)).generate(PROMPT, SamplingConfig(max_new_tokens=2)).stats
+    assert stats.decode_kv_bytes == adapter.dims.kv_bytes_per_token(adapter.dtype) * 256
+
+
+def test_host_store_refuses_before_allocating(monkeypatch):
+    adapter = ModelAdapter(tiny_model("llama"))
+    fake = namedtuple("vm", "available total")(available=10 * 2**20, total=2**30)
+    monkeypatch.setattr(host_store.psutil, "virtual_memory", lambda: fake)
+    allocations = []
+    monkeypatch.setattr(host_store, "allocate_host", lambda *a, **k: allocations.append(a))
+    with pytest.raises(InsufficientMemoryError, match=r"needs .* GiB of host memory but only 0.01 GiB"):
+        HostKVStore(adapter.dims, 1_000_000, torch.float32)
+    assert allocations == []
+
+
+def test_host_store_layout_and_release():
+    adapter = ModelAdapter(tiny_model("llama"))
+    store = HostKVStore(adapter.dims, 64, torch.float32, pin=False)
+    dims = adapter.dims
+    assert store.keys[0].shape == (dims.num_kv_heads, 64, dims.head_dim)
+    assert store.keys[0][0, 5].is_contiguous()  # one (KV head, token) fragment is contiguous
+    k = torch.randn(dims.num_kv_heads, 3, dims.head_dim)
+    store.write(1, 10, k, -k)
+    torch.testing.assert_close(store.keys[1][:, 10:13], k)
+    store.close()
+    assert store.closed
+
+
+class InterruptAfter:
+    """An on_token callback that presses Ctrl-C after ``n`` tokens."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def __call__(self, token: int) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("mode", list(KVMode))
+def test_ctrl_c_returns_partial_output_and_frees_the_store(mode):
+    adapter = ModelAdapter(tiny_model("llama"))
+    engine = Engine(adapter, EngineConfig(context=256, mode=mode))
+    backends = []
+    original = engine._new_backend
+    engine._new_backend = lambda: backends.append(original()) or backends[-1]
+    result = engine.generate(PROMPT, SamplingConfig(max_new_tokens=20), on_token=InterruptAfter(3))
+    assert result.finish_reason == "interrupted" and result.stats.interrupted
+    assert len(result.token_ids) == 3
+    host = getattr(backends[0], "host", None)
+    assert host is None or host.closed
+
+
+def test_repeated_engine_builds_release_every_store():
+    adapter = ModelAdapter(tiny_model("llama"))
+    stores = []
+    original_init = HostKVStore.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        stores.append(self)
+
+    HostKVStore.__init__ = tracking_init
+    try:
+        for _ in range(3):
+            Engine(adapter, EngineConfig(context=128, mode=KVMode.DENSE_OFFLOAD)).generate(
+                PROMPT[:20], SamplingConfig(max_new_tokens=2))
+    finally:
+        HostKVStore.__init__ = original_init
+    assert len(stores) == 3 and all(store.closed for store in stores)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned memory exists only with CUDA")
+def test_host_store_is_pinned_on_cuda_and_not_leaked():
+    adapter = ModelAdapter(tiny_model("llama"))
+    store = HostKVStore(adapter.dims, 1024, torch.float16)
+    assert store.pinned and all(t.is_pinned() for t in store.keys + store.values)
+    store.close()
+    model = tiny_model("llama").cuda()
+    cuda_adapter = ModelAdapter(model)
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) if hasattr(
+        torch.cuda, "host_memory_stats") else None
+    for _ in range(3):
+        Engine(cuda_adapter, EngineConfig(context=2048, mode=KVMode.SPARSE_OFFLOAD, device="cuda",
+                                          selection=SelectionConfig(policy="streaming", budget=Budget(tokens=128),
+                                                                    sinks=4, window=32))
+               ).generate(PROMPT, SamplingConfig(max_new_tokens=4))
+    if before is not None:
+        import gc
+
+        gc.collect()
+        after = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+        assert after <= before

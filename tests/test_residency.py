@@ -1,0 +1,121 @@
+"""The residency map and the sparse mode's fetch bookkeeping."""
+
+from __future__ import annotations
+
+import torch
+
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine.cpu_cache.residency import ResidencyMap
+from offload_engine.models import ModelAdapter
+from offload_engine.policies.random import RandomPolicy
+from tiny_models import tiny_model
+
+
+def active_sets(rmap: ResidencyMap) -> list[set[int]]:
+    return [set(row[row >= 0].tolist()) for row in rmap.active_positions()]
+
+
+def test_update_activates_exactly_the_selection_and_fetches_only_missing():
+    rmap = ResidencyMap(num_kv_heads=2, num_slots=5, device=torch.device("cpu"))
+    first = torch.tensor([[10, 11, 12, -1], [3, 7, -1, -1]])
+    plan = rmap.update(first)
+    assert plan.counts.tolist() == [3, 2]
+    assert active_sets(rmap) == [{10, 11, 12}, {3, 7}]
+    second = torch.tensor([[11, 12, 20, 21], [3, 7, 8, -1]])
+    plan = rmap.update(second)
+    assert plan.counts.tolist() == [2, 1]
+    fetched = [set(plan.positions[h, : plan.counts[h]].tolist()) for h in range(2)]
+    assert fetched == [{20, 21}, {8}]
+    assert active_sets(rmap) == [{11, 12, 20, 21}, {3, 7, 8}]
+    # padding copies go to the trash slot, never to a live slot
+    assert (plan.slots[1, 1:] == rmap.num_slots).all()
+
+
+def test_reselecting_a_stale_token_does_not_fetch_it_again():
+    rmap = ResidencyMap(num_kv_heads=1, num_slots=4, device=torch.device("cpu"))
+    rmap.update(torch.tensor([[1, 2]]))
+    rmap.update(torch.tensor([[5, -1]]))  # 1 and 2 stay in their slots, inactive
+    assert active_sets(rmap) == [{5}]
+    plan = rmap.update(torch.tensor([[1, 5]]))
+    assert plan.counts.tolist() == [0]
+    assert active_sets(rmap) == [{1, 5}]
+
+
+def test_slots_are_never_shared_by_two_positions():
+    rmap = ResidencyMap(num_kv_heads=3, num_slots=16, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        chosen = torch.stack([torch.randperm(40, generator=gen)[:12] for _ in range(3)])
+        rmap.update(torch.sort(chosen, dim=-1).values)
+        for row, chosen_row in zip(rmap.slot_pos[:, :-1], chosen):
+            held = row[row >= 0].tolist()
+            assert len(held) == len(set(held))
+            assert set(chosen_row.tolist()) <= set(held)
+
+
+class RecordingEngine:
+    """Wraps the sparse backend's fetches to see what crossed the bus at every step."""
+
+    def __init__(self, engine: Engine):
+        self.fetched: list[dict[int, list[set[int]]]] = []
+        self.active: list[dict[int, list[set[int]]]] = []
+        original = engine._new_backend
+
+        def new_backend():
+            backend = original()
+            fetch = backend._fetch
+
+            def recording_fetch(layer, selected):
+                resident_before = [set(r[r >= 0].tolist()) for r in backend.working_set.layers[layer].residency.slot_pos]
+                fetch(layer, selected)
+                rmap = backend.working_set.layers[layer].residency
+                wanted = [set(r[r >= 0].tolist()) for r in selected]
+                self.fetched[-1][layer] = [w - before for w, before in zip(wanted, resident_before)]
+                self.active[-1][layer] = active_sets(rmap)
+                assert self.active[-1][layer] == wanted  # exactly the selection is on the device
+
+            backend._fetch = recording_fetch
+            begin = backend.begin_step
+
+            def recording_begin(position):
+                self.fetched.append({})
+                self.active.append({})
+                begin(position)
+
+            backend.begin_step = recording_begin
+            self.backend = backend
+            return backend
+
+        engine._new_backend = new_backend
+
+
+def test_sparse_steps_fetch_only_missing_and_never_sinks_or_window():
+    sinks, window = 2, 4
+    adapter = ModelAdapter(tiny_model("llama"))
+    selection = SelectionConfig(policy="random", budget=Budget(tokens=14), sinks=sinks, window=window)
+    engine = Engine(adapter, EngineConfig(context=96, mode=KVMode.SPARSE_OFFLOAD, selection=selection),
+                    policy=RandomPolicy(seed=3))
+    recorder = RecordingEngine(engine)
+    prompt = list(range(1, 60))
+    result = engine.generate(prompt, SamplingConfig(max_new_tokens=12))
+    assert len(recorder.fetched) == len(result.stats.decode_ms) == 11
+    for step, (fetched, active) in enumerate(zip(recorder.fetched, recorder.active)):
+        position = len(prompt) + step
+        for layer, per_head in fetched.items():
+            for head, positions in enumerate(per_head):
+                assert all(sinks <= p < position - window + 1 for p in positions)
+                assert len(active[layer][head]) == 14 - sinks - window
+    # what was counted as moved is what the bookkeeping fetched
+    fragment = 2 * adapter.dims.head_dim * 4
+    for counted, fetched in zip(result.stats.h2d_bytes, recorder.fetched):
+        assert counted == fragment * sum(len(s) for per_head in fetched.values() for s in per_head)
+
+
+def test_dense_policy_moves_one_token_per_layer_and_head_after_the_first_step():
+    adapter = ModelAdapter(tiny_model("llama"))
+    engine = Engine(adapter, EngineConfig(context=64, mode=KVMode.SPARSE_OFFLOAD,
+                                          selection=SelectionConfig(policy="dense", sinks=2, window=4)))
+    stats = engine.generate(list(range(1, 30)), SamplingConfig(max_new_tokens=6)).stats
+    per_token = adapter.dims.num_layers * adapter.dims.num_kv_heads * 2 * adapter.dims.head_dim * 4
+    assert stats.h2d_bytes[0] == per_token * (29 - 2 - 4 + 1)
+    assert stats.h2d_bytes[1:] == [per_token] * 4

@@ -69,3 +69,17 @@ def test_long_prompt_prefill_chunks_match_unchunked():
         engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.DENSE_OFFLOAD, prefill_chunk=chunk))
         scores.append(engine.score_continuation(prompt.tolist(), target, keep_logits=True).logits)
     torch.testing.assert_close(scores[0], scores[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (streams, events, pinned host store)")
+@pytest.mark.parametrize("mode", list(KVMode))
+def test_cuda_modes_match_transformers(mode):
+    """The CUDA path (copy stream, per-layer events, pinned store, write-back stream) is exact too."""
+    model = tiny_model("llama").cuda()
+    prompt = torch.randint(0, model.config.vocab_size, (45,), generator=torch.Generator().manual_seed(5)).cuda()
+    ref_ids, _ = reference(model, prompt)
+    selection = SelectionConfig(policy="dense", sinks=2, window=4)
+    engine = Engine(ModelAdapter(model), EngineConfig(context=64, mode=mode, selection=selection, device="cuda",
+                                                      prefill_chunk=16))
+    assert engine.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS)).token_ids == ref_ids

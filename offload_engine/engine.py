@@ -95,7 +95,9 @@ class Engine:
 
     @property
     def policy_name(self) -> str:
-        return self.policy.name if self.policy is not None else "dense"
+        if self.policy is None:
+            return "dense"
+        return getattr(self.policy, "label", self.policy.name)  # wrappers: "critical(quest)"
 
     # ------------------------------------------------------------------------------ public
     def generate(self, prompt_ids, sampling: SamplingConfig | None = None, on_token: TokenCallback | None = None,

@@ -39,6 +39,8 @@ def generate(
     window: int = typer.Option(64, "--window", help="Most recent tokens always attended."),
     interval: int = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between."),
     neighbors: int = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one."),
+    neighbor_rule: str = typer.Option("radius", "--neighbor-rule",
+                                      help="radius (--neighbors N), or runs: after each run of c selected, the next c."),
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="TokenButler checkpoint directory."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present)."),
@@ -64,7 +66,7 @@ def generate(
     capacity = parse_context(context) if context is not None else min(dims.max_positions, 8192)
     selection = SelectionConfig(
         policy=policy, budget=_budget(budget, mode, capacity), sinks=sinks, window=window,
-        interval=interval, neighbors=neighbors,
+        interval=interval, neighbors=neighbors, neighbor_rule=neighbor_rule,
     )
     config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
                           allow_rope_scaling=allow_rope_scaling)

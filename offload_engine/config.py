@@ -96,7 +96,8 @@ class SelectionConfig:
     sinks: int = 4
     window: int = 64
     interval: int = 1  # run the (predictive) policy every N steps, reuse between
-    neighbors: int = 0  # also fetch this many positions after each selected run (0: off)
+    neighbors: int = 0  # "radius" rule: also fetch this many positions after each selected one
+    neighbor_rule: str = "radius"  # "radius", or "runs": after each run of c selected, the next c
 
     def __post_init__(self) -> None:
         if self.sinks < 0 or self.window < 1:
@@ -105,12 +106,19 @@ class SelectionConfig:
             raise ConfigError(f"--interval must be >= 1, got {self.interval}.")
         if self.neighbors < 0:
             raise ConfigError(f"--neighbors must be >= 0, got {self.neighbors}.")
+        if self.neighbor_rule not in ("radius", "runs"):
+            raise ConfigError(f"--neighbor-rule {self.neighbor_rule!r} is not 'radius' or 'runs'.")
         if self.budget is not None and self.budget.tokens is not None:
             if self.sinks + self.window > self.budget.tokens:
                 raise ConfigError(
                     f"--sinks {self.sinks} + --window {self.window} = {self.sinks + self.window} tokens "
                     f"exceed the budget of {self.budget.tokens}: lower them or raise --budget."
                 )
+
+    @property
+    def neighbor_growth(self) -> int:
+        """How many times the selected area neighbour fetching can grow it to."""
+        return 2 if self.neighbor_rule == "runs" else self.neighbors + 1
 
     def check_fraction_budget(self, length: int) -> None:
         """A fractional budget must leave room for sinks and window at this sequence length."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .config import SelectionConfig
-from .policies.base import Candidates, expand_neighbors, topk_positions
+from .policies.base import Candidates, expand_neighbors, extend_runs, topk_positions
 
 
 class Selector:
@@ -42,12 +42,15 @@ class Selector:
         if layer in self.dense_layers or self.config.budget is None:
             return most
         keep = max(0, self.budget_tokens(self.capacity) - self.config.sinks - self.config.window)
-        return min(most, keep * (self.config.neighbors + 1))
+        return min(most, keep * self.config.neighbor_growth)
 
     def select(self, scores: torch.Tensor, candidates: Candidates, slots: int) -> torch.Tensor:
         """scores ``[KvH, n]`` -> selected positions ``[KvH, <= slots]`` sorted, ``-1`` padding."""
         chosen = topk_positions(scores, candidates.keep, candidates.lo)
-        chosen = expand_neighbors(chosen, self.config.neighbors, candidates.lo, candidates.hi)
+        if self.config.neighbor_rule == "runs":
+            chosen = extend_runs(chosen, candidates.lo, candidates.hi)
+        else:
+            chosen = expand_neighbors(chosen, self.config.neighbors, candidates.lo, candidates.hi)
         return chosen[:, :slots]
 
     @staticmethod

@@ -119,3 +119,17 @@ def test_dense_policy_moves_one_token_per_layer_and_head_after_the_first_step():
     per_token = adapter.dims.num_layers * adapter.dims.num_kv_heads * 2 * adapter.dims.head_dim * 4
     assert stats.h2d_bytes[0] == per_token * (29 - 2 - 4 + 1)
     assert stats.h2d_bytes[1:] == [per_token] * 4
+
+
+def test_selector_applies_the_neighbor_rules():
+    from offload_engine.policies.base import Candidates
+    from offload_engine.selector import Selector
+
+    scores = torch.tensor([[0.0, 9, 8, 0, 0, 0, 7, 0, 0, 0]])  # candidates 10..19; best: 11, 12, 16
+    candidates = Candidates(lo=10, hi=20, keep=3, position=30)
+    radius = Selector(SelectionConfig(budget=Budget(tokens=20), sinks=1, window=2, neighbors=1), 64, frozenset())
+    assert radius.select(scores, candidates, slots=8).tolist() == [[11, 12, 13, 16, 17, -1]]
+    runs = Selector(SelectionConfig(budget=Budget(tokens=20), sinks=1, window=2, neighbor_rule="runs"), 64,
+                    frozenset())
+    assert runs.select(scores, candidates, slots=8).tolist() == [[11, 12, 13, 14, 16, 17]]
+    assert runs.slots_for(0) == 2 * (20 - 3)

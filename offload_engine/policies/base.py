@@ -163,3 +163,25 @@ def expand_neighbors(positions: torch.Tensor, radius: int, lo: int, hi: int) -> 
     duplicate = torch.zeros_like(grown, dtype=torch.bool)
     duplicate[:, 1:] = (grown[:, 1:] == grown[:, :-1]) & (grown[:, 1:] >= 0)
     return sort_with_padding_last(torch.where(duplicate, torch.full_like(grown, -1), grown))
+
+
+def extend_runs(positions: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The TokenButler reference's neighbour rule: after each run of ``c`` consecutive selected
+    positions, add the ``c`` positions that follow it (within ``[lo, hi)``), doubling the area.
+
+    positions ``[KvH, k]`` sorted with ``-1`` padding -> ``[KvH, 2k]`` sorted, deduplicated, ``-1``
+    padding. Example: ``[3, 4, 9]`` -> ``[3, 4, 5, 6, 9, 10]``.
+    """
+    if positions.shape[-1] == 0:
+        return positions
+    valid = positions >= 0
+    starts = torch.ones_like(valid)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1  # a run starts where the step is not +1
+    run_id = torch.cumsum(starts.long(), dim=-1) - 1  # [KvH, k]
+    lengths = torch.zeros_like(positions).scatter_add_(-1, run_id, valid.long())
+    grown = positions + torch.gather(lengths, -1, run_id)  # p + c covers the c positions after the run
+    grown = torch.where(valid & (grown < hi) & (grown >= lo), grown, torch.full_like(grown, -1))
+    merged = sort_with_padding_last(torch.cat([positions, grown], dim=-1))
+    duplicate = torch.zeros_like(merged, dtype=torch.bool)
+    duplicate[:, 1:] = (merged[:, 1:] == merged[:, :-1]) & (merged[:, 1:] >= 0)
+    return sort_with_padding_last(torch.where(duplicate, torch.full_like(merged, -1), merged))

@@ -21,7 +21,7 @@ from offload_engine.cpu_cache.host_store import HostKVStore
 from offload_engine.errors import ConfigError
 from offload_engine.models import ModelDims
 from offload_engine.policies import available_policies, build_policy
-from offload_engine.policies.base import NEVER, Candidates, PolicyContext, topk_positions
+from offload_engine.policies.base import NEVER, Candidates, Policy, PolicyContext, topk_positions
 from offload_engine.policies.critical import CriticalPolicy, value_norms
 from offload_engine.policies.h2o import H2OPolicy
 from offload_engine.policies.prompt_attention import causal_column_sums
@@ -315,8 +315,17 @@ def test_value_norms_are_the_group_mean_of_the_l1_norm_of_v_times_w_o():
     torch.testing.assert_close(value_norms(v, strided), expected)
 
 
+class NeverPolicy(Policy):
+    """Scores every candidate -inf (never select)."""
+
+    name = "never"
+
+    def score(self, layer, q, candidates):
+        return torch.full((DIMS.num_kv_heads, candidates.count), NEVER)
+
+
 def test_critical_keeps_never_selected_tokens_never_selected():
-    wrapped = CriticalPolicy(base=build_policy("streaming"))
+    wrapped = CriticalPolicy(base=NeverPolicy())
     driver = Driver(wrapped, budget=SINKS + WINDOW + 5)
     for _ in range(3):
         for _, scores, selected in driver.step().values():

@@ -45,3 +45,18 @@ def test_a_budget_covering_every_token_decodes_exactly_like_dense(adapter, promp
     ids = sparse.generate(prompt, SamplingConfig(max_new_tokens=NEW)).token_ids
     assert ids == dense[0]
     torch.testing.assert_close(sparse.score_continuation(prompt, ids).logprobs, dense[1], rtol=0, atol=1e-5)
+
+
+def test_streaming_with_a_budget_covering_everything_decodes_like_dense():
+    from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+    from offload_engine.models import ModelAdapter
+    from tiny_models import tiny_model
+
+    adapter = ModelAdapter(tiny_model("mistral"))
+    prompt = list(range(3, 40))
+    dense = Engine(adapter, EngineConfig(context=64)).generate(prompt, SamplingConfig(max_new_tokens=8))
+    selection = SelectionConfig(policy="streaming", budget=Budget(tokens=64), sinks=2, window=4)
+    sparse = Engine(adapter, EngineConfig(context=64, mode=KVMode.SPARSE_OFFLOAD, selection=selection))
+    result = sparse.generate(prompt, SamplingConfig(max_new_tokens=8))
+    assert result.token_ids == dense.token_ids
+    assert all(moved == result.stats.h2d_bytes[1] for moved in result.stats.h2d_bytes[1:])  # one token a step

@@ -1,8 +1,11 @@
 """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
-arXiv 2309.17453): attend the first S sink tokens and a window of the most recent W tokens.
+arXiv 2309.17453): attend the first S sink tokens and the most recent tokens.
 
-Sinks and window are kept by the selector for every policy; this policy scores nothing else
-(every candidate is ``-inf``), so the selected region stays empty and nothing is fetched.
+The selector always keeps the sinks and the local window; this policy fills the rest of the
+budget with the most recent candidates (scores grow with position), so ``streaming`` under a
+budget B is StreamingLLM with S sinks and a recent window of ``B - S`` tokens. Each step only
+the token that just left the recent region is new, so the delta fetch moves one token per
+(layer, KV head).
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NEVER, Candidates, Policy
+from .base import Candidates, Policy
 
 
 @dataclass
 class StreamingPolicy(Policy):
-    """Sinks + local window only."""
+    """Sinks + the most recent tokens, within the budget."""
 
     name = "streaming"
 
     def score(self, layer: int, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
-        return torch.full((self.ctx.dims.num_kv_heads, candidates.count), NEVER, device=q.device)
+        recency = torch.arange(candidates.lo, candidates.hi, device=q.device, dtype=torch.float32)
+        return recency.expand(self.ctx.dims.num_kv_heads, -1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import generate_cmd, info_cmd
+from . import bench_cmd, eval_cmd, generate_cmd, info_cmd, train_cmd
 
 app = typer.Typer(
     name="tbrun",
@@ -16,6 +16,9 @@ app = typer.Typer(
 
 generate_cmd.register(app)
 info_cmd.register(app)
+bench_cmd.register(app)
+train_cmd.register(app)
+eval_cmd.register(app)
 # subcommands
 
 

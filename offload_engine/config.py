@@ -172,6 +172,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int = 0
     max_new_tokens: int = 64
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

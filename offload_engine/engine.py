@@ -223,7 +223,7 @@ class Engine:
             generated.append(token)
             if on_token is not None:
                 on_token(token)
-            if token in self.eos_ids:
+            if token in self.eos_ids and not sampling.ignore_eos:
                 return "eos"
             if len(generated) >= sampling.max_new_tokens:
                 return "length"
@@ -234,6 +234,8 @@ class Engine:
             token = int(sample_next(logits, sampling, generator))  # the step's one host sync
             stats.decode_ms.append(1000.0 * (time.perf_counter() - start))
             stats.h2d_bytes.append(backend.end_step())
+            if len(stats.decode_ms) == 1:  # staging buffers exist from the first step on
+                stats.decode_kv_bytes = backend.device_kv_bytes()
             position += 1
 
     def _decode_text(self, ids: list[int]) -> str:

@@ -55,7 +55,8 @@ def random_selection(heads: int, capacity: int, m: int, slots: int, padding: int
     return positions, slot_index
 
 
-def check_method(method: str, src: torch.Tensor, heads: int, m: int, padding: int, slot_count: int, device: str, seed: int = 0):
+def check_method(method: str, src: torch.Tensor, heads: int, m: int, padding: int, slot_count: int, device: str,
+                 seed: int = 0):
     positions, slots = random_selection(heads, src.shape[1], m, slot_count, padding, seed, device)
     dst = torch.full((heads, slot_count, src.shape[2]), -7, dtype=src.dtype, device=device)
     expected = loop_reference(src, positions, slots, dst)
@@ -95,13 +96,17 @@ def test_empty_selection_leaves_dst_untouched():
     assert torch.equal(dst, torch.ones(2, 3, 8))
 
 
+def _long(*shape: int) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=torch.long)
+
+
 @pytest.mark.parametrize(
     "src,positions,slots,dst,match",
-    [
-        (torch.zeros(2, 5, 8), torch.zeros(2, 1).long(), torch.zeros(2, 1).long(), torch.zeros(3, 2, 8), "match src"),
-        (torch.zeros(2, 5, 8), torch.zeros(2, 1).long(), torch.zeros(2, 2).long(), torch.zeros(2, 2, 8), "must both be"),
-        (torch.zeros(2, 5, 8), torch.zeros(2, 1), torch.zeros(2, 1).long(), torch.zeros(2, 2, 8), "torch.long"),
-        (torch.zeros(2, 5, 8), torch.zeros(2, 1).long(), torch.zeros(2, 1).long(), torch.zeros(2, 2, 8).half(), "dtype"),
+    [  # wrong KV heads; positions and slots of different shapes; float positions; dtype mismatch
+        (torch.zeros(2, 5, 8), _long(2, 1), _long(2, 1), torch.zeros(3, 2, 8), "match src"),
+        (torch.zeros(2, 5, 8), _long(2, 1), _long(2, 2), torch.zeros(2, 2, 8), "must both be"),
+        (torch.zeros(2, 5, 8), torch.zeros(2, 1), _long(2, 1), torch.zeros(2, 2, 8), "torch.long"),
+        (torch.zeros(2, 5, 8), _long(2, 1), _long(2, 1), torch.zeros(2, 2, 8).half(), "dtype"),
     ],
 )
 def test_bad_arguments_are_refused(src, positions, slots, dst, match):
@@ -113,6 +118,13 @@ def test_unknown_method_is_refused():
     one = torch.zeros(1, 1).long()
     with pytest.raises(ValueError, match="unknown gather method"):
         gather_fragments(torch.zeros(1, 2, 4), one, one, torch.zeros(1, 2, 4), "teleport")
+
+
+@pytest.mark.parametrize("method", [ZERO_COPY, ZERO_COPY_CUPY])
+def test_zero_copy_refuses_a_cpu_destination(method):
+    one = torch.zeros(1, 1).long()
+    with pytest.raises(ValueError, match="use method 'index'"):
+        gather_fragments(torch.zeros(1, 2, 8), one, one, torch.zeros(1, 2, 8), method)
 
 
 def test_cpu_has_only_index_and_it_is_the_default():
@@ -146,13 +158,23 @@ def _require(method: str) -> None:
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("method", CUDA_METHODS)
-@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128), (torch.float16, 8)])
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128),
+                                       (torch.float16, 8)])
 @pytest.mark.parametrize("m,padding", [(1, 0), (2047, 1), (2048, 0), (333, 17), (0, 0), (0, 3)])
-@pytest.mark.parametrize("via", ["torch", "cupy"])
-def test_cuda_method_matches_loop(method, dtype, dim, m, padding, via):
+def test_cuda_method_matches_loop(method, dtype, dim, m, padding):
     _require(method)
-    src = _pinned_store(heads=8, capacity=4099, dim=dim, dtype=dtype, via=via)
+    src = _pinned_store(heads=8, capacity=4099, dim=dim, dtype=dtype, via="torch")
     check_method(method, src, heads=8, m=m, padding=padding, slot_count=m + 5, device="cuda", seed=m + dim)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", CUDA_METHODS)
+def test_cuda_method_reads_a_cupy_pinned_store(method):
+    """The host store pins through cupy when it can: the kernels must read that memory too."""
+    _require(method)
+    src = _pinned_store(heads=8, capacity=4099, dim=128, dtype=torch.bfloat16, via="cupy")
+    check_method(method, src, heads=8, m=1000, padding=3, slot_count=1005, device="cuda", seed=7)
 
 
 @gpu

@@ -89,7 +89,9 @@ def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
 # index (reference, CPU)
 
 
-def _gather_index(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
+def _gather_index(
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
+) -> None:
     """Advanced indexing on the host, one copy to the device, a scatter into the slots."""
     heads = torch.arange(src.shape[0]).unsqueeze(1)  # [KvH, 1], broadcasts over m
     picked = src[heads, positions.cpu()]  # [KvH, m, D] on the host
@@ -101,34 +103,42 @@ def _gather_index(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
 
 
 class _PinnedStaging:
-    """A reusable pinned buffer per (device, dtype), guarded by an event.
+    """Reusable pinned buffers per (device, dtype), used in turn, each guarded by an event.
 
-    The host must not overwrite the buffer while the previous asynchronous copy out of it may
-    still be reading it, so each use waits for the event recorded after the last copy.
+    The host must not overwrite a buffer while an asynchronous copy out of it may still be
+    reading it, so each use waits for the event recorded after that buffer's last copy. With
+    ``RING`` buffers in turn, filling the next one (say V's) overlaps the copy of the last (K's).
     """
 
+    RING = 2
+
     def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self._rings: dict[tuple[torch.device, torch.dtype], list] = {}
+        self._turn: dict[tuple[torch.device, torch.dtype], int] = {}
         self._lock = threading.Lock()
 
-    def take(self, device: torch.device, dtype: torch.dtype, rows: int, width: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+    def take(self, device: torch.device, dtype: torch.dtype, rows: int, width: int):
         """A pinned ``[rows, width]`` view, safe to overwrite now, and the event to record after use."""
         key = (device, dtype)
         with self._lock:
-            buffer, event = self._buffers.get(key, (None, None))
-            if event is not None:
-                event.synchronize()  # the last copy out of the buffer has finished reading it
-            if buffer is None or buffer.numel() < rows * width:
-                buffer = torch.empty(max(rows * width, 1 << 20), dtype=dtype, pin_memory=True)
-                event = torch.cuda.Event()
-                self._buffers[key] = (buffer, event)
-            return buffer[: rows * width].view(rows, width), event
+            ring = self._rings.setdefault(key, [[None, None] for _ in range(self.RING)])
+            turn = self._turn.get(key, 0)
+            self._turn[key] = (turn + 1) % self.RING
+            entry = ring[turn]
+            if entry[1] is not None:
+                entry[1].synchronize()  # the last copy out of this buffer has finished reading it
+            if entry[0] is None or entry[0].numel() < rows * width:
+                entry[0] = torch.empty(max(rows * width, 1 << 20), dtype=dtype, pin_memory=True)
+                entry[1] = torch.cuda.Event()
+            return entry[0][: rows * width].view(rows, width), entry[1]
 
 
 _STAGING = _PinnedStaging()
 
 
-def _gather_batched_copy(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
+def _gather_batched_copy(
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
+) -> None:
     """index_select on the host into pinned staging, one non-blocking copy, scatter on device."""
     heads, capacity, width = src.shape
     m = positions.shape[1]
@@ -165,17 +175,21 @@ def _check_zero_copy(src: torch.Tensor, positions: torch.Tensor, dst: torch.Tens
             )
 
 
-def _gather_zero_copy_triton(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
+def _gather_zero_copy_triton(
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
+) -> None:
+    _check_zero_copy(src, positions, dst)
     from . import gather_triton  # imports Triton: only reached on CUDA machines
 
-    _check_zero_copy(src, positions, dst)
     gather_triton.gather(src, positions.contiguous(), slots.contiguous(), dst)
 
 
-def _gather_zero_copy_cupy(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
+def _gather_zero_copy_cupy(
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
+) -> None:
+    _check_zero_copy(src, positions, dst)
     from . import gather_cupy  # imports cupy: only reached on CUDA machines
 
-    _check_zero_copy(src, positions, dst)
     gather_cupy.gather(src, positions.contiguous(), slots.contiguous(), dst)
 
 
@@ -246,5 +260,6 @@ def self_check(method: str, device: str) -> bool:
     except Exception as exc:  # compile or launch failure: fall back, but say so
         ok, reason = False, f"{type(exc).__name__}: {exc}"
     if not ok:
-        warnings.warn(f"gather method {method!r} failed its self-check on {device} ({reason}); not using it")
+        warnings.warn(f"gather method {method!r} failed its self-check on {device} ({reason}); not using it",
+                      stacklevel=2)
     return ok

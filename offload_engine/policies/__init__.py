@@ -18,6 +18,7 @@ from .quest import QuestPolicy
 from .random import RandomPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
+from .tokenbutler import TokenButlerPolicy
 
 # name -> class; each policy file adds its line here
 POLICIES: dict[str, type[Policy]] = {
@@ -29,6 +30,7 @@ POLICIES: dict[str, type[Policy]] = {
     "snapkv": SnapKVPolicy,
     "random": RandomPolicy,
     "critical": CriticalPolicy,
+    "tokenbutler": TokenButlerPolicy,
 }
 
 _WRAPPED = re.compile(r"^\s*([a-z0-9_]+)\s*\(\s*(.+?)\s*\)\s*$")

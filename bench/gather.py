@@ -1,0 +1,154 @@
+"""The gather methods on their own: one layer's selected K fragments from a pinned host store.
+
+Each method gathers ``budget`` random tokens per KV head from a ``[KvH, context, D]`` store into
+a device buffer, ``repeats`` times after a warm-up; the time of each call is taken with CUDA
+events on the current stream (wall clock on the CPU). The rates are set against two references
+measured in the same run: the pinned memcpy peak (one large contiguous copy) and a contiguous
+copy of the same number of bytes as one gather (the best any gather of this size could do).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from offload_engine.cpu_cache.gather import INDEX, available_gather_methods, default_gather_method, gather_fragments
+from offload_engine.cpu_cache.host_store import allocate_host, check_host_memory
+
+from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
+
+
+@dataclass(slots=True)
+class GatherSettings:
+    context: int = 131072
+    budget: int = 2048
+    kv_heads: int = 8
+    head_dim: int = 128
+    repeats: int = 50
+    warmup: int = 5
+    device: str = "cuda"
+    seed: int = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+
+
+def selection(settings: GatherSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions ``[KvH, budget]`` (distinct random tokens, sorted, last token included), slots."""
+    g = torch.Generator().manual_seed(settings.seed)
+    rows = [torch.randperm(settings.context - 1, generator=g)[: settings.budget - 1] for _ in range(settings.kv_heads)]
+    last = torch.full((1,), settings.context - 1)
+    positions = torch.stack([torch.cat([r, last]).sort().values for r in rows])
+    slots = torch.arange(settings.budget).expand(settings.kv_heads, -1).contiguous()
+    return positions.to(device), slots.to(device)
+
+
+def time_calls(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds per call of ``fn``: CUDA events on the current stream, or wall clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(1000.0 * (time.perf_counter() - begin))
+    return times
+
+
+def run_gather(settings: GatherSettings, out_dir: Path) -> dict:
+    """Time every available method; write ``gather-<device>.{json,md}``; return the report."""
+    device = torch.device(settings.device)
+    shape = (settings.kv_heads, settings.context, settings.head_dim)
+    item = torch.empty((), dtype=settings.dtype).element_size()
+    check_host_memory(settings.kv_heads * settings.context * settings.head_dim * item, "the gather benchmark's store")
+    store = allocate_host(shape, settings.dtype, pin=device.type == "cuda")
+    store.copy_(torch.randn(shape, dtype=torch.float32).to(settings.dtype))
+    positions, slots = selection(settings, device)
+    dst = torch.zeros(settings.kv_heads, settings.budget + 1, settings.head_dim, dtype=settings.dtype, device=device)
+    expected = torch.zeros_like(dst)
+    gather_fragments(store, positions, slots, expected, INDEX)
+    nbytes = settings.kv_heads * settings.budget * settings.head_dim * item
+    rows = [_method_row(m, store, positions, slots, dst, expected, nbytes, settings, device)
+            for m in available_gather_methods(device)]
+    report = {
+        "benchmark": "gather",
+        "provenance": provenance(),
+        "machine": machine_header(device),
+        "settings": asdict(settings) | {"dtype": str(settings.dtype).removeprefix("torch."),
+                                        "bytes_per_gather": nbytes},
+        "default_method": default_gather_method(device),
+        "references": _references(nbytes, settings, device),
+        "rows": rows,
+    }
+    stem = f"gather-{device.type}"
+    report["files"] = {"json": str(out_dir / f"{stem}.json"), "md": str(out_dir / f"{stem}.md")}
+    write_json(Path(report["files"]["json"]), report)
+    Path(report["files"]["md"]).write_text(to_markdown(report))
+    return report
+
+
+def _method_row(method, store, positions, slots, dst, expected, nbytes, settings, device) -> dict:
+    row = {"method": method}
+    try:
+        dst.zero_()
+        gather_fragments(store, positions, slots, dst, method)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # read the result back for the correctness check
+        row["agrees_with_index"] = bool(torch.equal(dst[:, :-1].cpu(), expected[:, :-1].cpu()))
+        times = time_calls(lambda: gather_fragments(store, positions, slots, dst, method), device,
+                           settings.repeats, settings.warmup)
+        row.update(summarize_ms(times))
+        row["gbps"] = nbytes / (row["median_ms"] / 1000.0) / 1e9
+    except Exception as exc:  # report the failure and go on with the other methods
+        row.update(error=f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def _references(nbytes: int, settings: GatherSettings, device: torch.device) -> dict:
+    """Pinned memcpy peak, and a contiguous pinned copy of ``nbytes`` (CUDA only)."""
+    if device.type != "cuda":
+        return {"memcpy_peak_gbps": None, "contiguous_same_bytes_gbps": None}
+    from offload_engine.machine import measure_h2d_gbps
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = time_calls(lambda: target.copy_(host, non_blocking=True), device, settings.repeats, settings.warmup)
+    same = summarize_ms(times)["median_ms"]
+    return {"memcpy_peak_gbps": measure_h2d_gbps(size_bytes=512 * 2**20),
+            "contiguous_same_bytes_gbps": nbytes / (same / 1000.0) / 1e9}
+
+
+def to_markdown(report: dict) -> str:
+    s, ref = report["settings"], report["references"]
+    peak = ref["memcpy_peak_gbps"]
+    rows = []
+    for r in report["rows"]:
+        if "error" in r:
+            rows.append([r["method"], "-", "-", "-", "-", "-", r["error"]])
+            continue
+        share = f"{100 * r['gbps'] / peak:.0f}%" if peak else "-"
+        rows.append([r["method"], fmt(r["median_ms"], 3), fmt(r["p90_ms"], 3), fmt(r["gbps"], 2), share,
+                     "yes" if r["agrees_with_index"] else "NO", ""])
+    lines = [
+        markdown_header("Gather methods: selected fragments from pinned host memory", report), "",
+        f"{s['kv_heads']} KV heads x {s['budget']} random tokens of {s['head_dim']} x {s['dtype']} from a "
+        f"{s['context']:,}-token store: {s['bytes_per_gather'] / 2**20:.2f} MiB per gather (one layer's K). "
+        f"{s['repeats']} timed calls after {s['warmup']} warm-up. Default method here: {report['default_method']}.",
+        f"References: pinned memcpy peak {fmt(peak, 1)} GB/s; one contiguous copy of the same bytes "
+        f"{fmt(ref['contiguous_same_bytes_gbps'], 1)} GB/s.", "",
+        markdown_table(["method", "median ms", "p90 ms", "GB/s", "% of memcpy peak", "agrees with index", "error"],
+                       rows),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,309 @@
+"""Decode latency per step of every KV mode, in one process, on the same prompt.
+
+For each context length, each mode generates ``warmup + decode_steps`` tokens after a synthetic
+prompt that fills the context; the warm-up steps are dropped. Modes:
+
+- ``dense-gpu``: the whole KV on the compute device (``KVMode.DENSE_DEVICE``);
+- ``dense-offload``: the KV in host memory, every layer's whole KV copied every step;
+- ``<policy>-offload``: the KV in host memory, only the tokens the policy selects copied
+  (``KVMode.SPARSE_OFFLOAD``), once per ``--interval`` value and ``--neighbors`` setting.
+
+A mode that cannot run (not enough device or host memory, a policy that does not exist yet) is
+reported with its reason, never dropped. The model is a real architecture with random weights
+(``--arch``, see ``archs.py``) or a real checkpoint (``--model``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine.cpu_cache.gather import default_gather_method
+from offload_engine.errors import ConfigError, TbrunError
+
+from .report import machine_header, provenance, summarize_ms
+
+DENSE_MODES = {"dense-gpu": KVMode.DENSE_DEVICE, "dense-offload": KVMode.DENSE_OFFLOAD}
+ALL_MODES = ("dense-gpu", "dense-offload", "tokenbutler-offload", "streaming-offload", "random-offload")
+NEIGHBORS_ON = 1  # --neighbors on: also fetch the position after each selected one
+
+
+class PolicyUnavailable(Exception):
+    """The policy of a mode cannot be built in this checkout (reported, not raised)."""
+
+
+@dataclass(slots=True)
+class LatencySettings:
+    """What one latency run measures; validated at construction."""
+
+    contexts: list[int]
+    arch: str | None = "llama-3.1-8b"
+    model: str | None = None
+    modes: list[str] = field(default_factory=lambda: list(ALL_MODES))
+    budget: int = 2048
+    intervals: list[int] = field(default_factory=lambda: [1, 4])
+    neighbors: list[bool] = field(default_factory=lambda: [False, True])
+    decode_steps: int = 64
+    warmup: int = 8
+    device: str = "cuda"
+    gather_method: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in DENSE_MODES and not m.endswith("-offload")]
+        if unknown:
+            raise ConfigError(f"--modes {', '.join(unknown)}: use dense-gpu, dense-offload or <policy>-offload.")
+        if self.decode_steps < 1 or self.warmup < 0:
+            raise ConfigError("--decode-steps must be >= 1 and --warmup >= 0.")
+        if not self.contexts or not self.intervals or not self.neighbors:
+            raise ConfigError("--contexts, --interval and --neighbors each need at least one value.")
+        steps = self.new_tokens
+        small = [c for c in self.contexts if c <= steps]
+        if small:
+            raise ConfigError(f"--contexts {small} leave no room for a prompt before {steps} new tokens.")
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens generated per run: the first comes from prefill, then one per decode step."""
+        return self.warmup + self.decode_steps + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One line of the report: a mode, and for sparse modes its interval and neighbour setting."""
+
+    mode: str
+    interval: int | None = None
+    neighbors: bool | None = None
+
+    @property
+    def policy(self) -> str | None:
+        return None if self.mode in DENSE_MODES else self.mode.removesuffix("-offload")
+
+    @property
+    def label(self) -> str:
+        if self.policy is None:
+            return self.mode
+        return f"{self.mode} (interval {self.interval}, neighbors {'on' if self.neighbors else 'off'})"
+
+
+def variants(settings: LatencySettings) -> list[Variant]:
+    """Dense modes once each; sparse modes once per (interval, neighbors)."""
+    out: list[Variant] = []
+    for mode in settings.modes:
+        if mode in DENSE_MODES:
+            out.append(Variant(mode))
+        else:
+            out += [Variant(mode, i, n) for i in settings.intervals for n in settings.neighbors]
+    return out
+
+
+def synthetic_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
+    """``length`` uniformly random token ids (the same for every mode of a context)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+
+
+def build_policy_for(variant: Variant, adapter):
+    """The policy object of a sparse variant, or ``PolicyUnavailable`` with the reason."""
+    from offload_engine.policies import POLICIES, build_policy
+
+    name = variant.policy
+    if name not in POLICIES:
+        raise PolicyUnavailable(f"offload_engine.policies has no {name!r} policy in this checkout")
+    options = {"random_weights": True} if name == "tokenbutler" else {}  # a predictor of the model's shape
+    try:
+        return build_policy(name, **options)
+    except (TypeError, TbrunError) as exc:
+        raise PolicyUnavailable(f"build_policy({name!r}, **{options}) failed: {exc}") from None
+
+
+def engine_config(variant: Variant, context: int, settings: LatencySettings) -> EngineConfig:
+    """The engine's config for one variant at one context (RoPE scaling allowed: timing only)."""
+    if variant.policy is None:
+        return EngineConfig(context=context, mode=DENSE_MODES[variant.mode], device=settings.device,
+                            allow_rope_scaling=True)
+    selection = SelectionConfig(policy=variant.policy, budget=Budget(tokens=settings.budget),
+                                interval=variant.interval, neighbors=NEIGHBORS_ON if variant.neighbors else 0)
+    return EngineConfig(context=context, mode=KVMode.SPARSE_OFFLOAD, selection=selection, device=settings.device,
+                        allow_rope_scaling=True)
+
+
+def run_variant(adapter, variant: Variant, context: int, prompt: list[int], settings: LatencySettings) -> dict:
+    """Generate once and summarise the timed steps; a failure becomes a row with its reason."""
+    row = {"context": context, "mode": variant.mode, "label": variant.label, "interval": variant.interval,
+           "neighbors": variant.neighbors, "status": "ok", "reason": ""}
+    device = torch.device(settings.device)
+    try:
+        policy = build_policy_for(variant, adapter) if variant.policy else None
+        config = engine_config(variant, context, settings)
+        engine = Engine(adapter, config, policy=policy, gather_method=settings.gather_method)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True))
+        row.update(measurements(result.stats, adapter, context, settings, variant))
+    except PolicyUnavailable as exc:
+        row.update(status="unavailable", reason=str(exc))
+    except (TbrunError, torch.OutOfMemoryError, MemoryError) as exc:
+        row.update(status="cannot run", reason=f"{type(exc).__name__}: {exc}".strip())
+    except Exception as exc:  # keep measuring the other modes; the traceback goes to stderr
+        traceback.print_exc()
+        row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def measurements(stats, adapter, context: int, settings: LatencySettings, variant: Variant) -> dict:
+    """Per-step timing and traffic of the timed (post-warm-up) steps of one generation."""
+    timed = stats.decode_ms[settings.warmup:]
+    moved = stats.h2d_bytes[settings.warmup:]
+    bytes_per_step = sum(moved) / len(moved) if moved else 0.0
+    summary = summarize_ms(timed)
+    kv_total = adapter.dims.kv_bytes_per_token(adapter.dtype) * context
+    fragment = 2 * adapter.dims.head_dim * torch.empty((), dtype=adapter.dtype).element_size()
+    full_budget = settings.budget * adapter.dims.num_layers * adapter.dims.num_kv_heads * fragment
+    out = summary | {
+        "prefill_s": stats.prefill_seconds,
+        "h2d_bytes_per_step": bytes_per_step,
+        "h2d_gbps_over_step": bytes_per_step / (summary["median_ms"] / 1000.0) / 1e9 if timed else math.nan,
+        "kv_total_bytes": kv_total,
+        "kv_on_device_bytes": stats.decode_kv_bytes,
+        "kv_on_device_share": stats.decode_kv_bytes / kv_total,
+        "peak_device_bytes": stats.peak_device_bytes,
+        "gather_method": None,
+        "breakdown": None,  # per-phase CUDA events are not instrumented by the engine yet
+    }
+    if variant.policy is not None:
+        out["gather_method"] = settings.gather_method or default_gather_method(settings.device)
+        out["full_budget_bytes_per_step"] = full_budget
+        out["delta_fetch_saving"] = 1.0 - bytes_per_step / full_budget if full_budget else math.nan
+    return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up over dense-offload and ratio to dense-gpu, within each context."""
+    for row in rows:
+        same = {r["mode"]: r for r in rows if r["context"] == row["context"] and r["status"] == "ok"}
+        mine = row.get("median_ms", math.nan)
+        offload = same.get("dense-offload", {}).get("median_ms", math.nan)
+        gpu = same.get("dense-gpu", {}).get("median_ms", math.nan)
+        row["speedup_vs_dense_offload"] = offload / mine if row["status"] == "ok" else math.nan
+        row["ratio_to_dense_gpu"] = mine / gpu if row["status"] == "ok" else math.nan
+
+
+def memcpy_peak_gbps(device: torch.device) -> float | None:
+    """The pinned host-to-device copy rate measured now (CUDA), for the achieved-GB/s column."""
+    if device.type != "cuda":
+        return None
+    from offload_engine.machine import measure_h2d_gbps
+
+    return measure_h2d_gbps(size_bytes=512 * 2**20, repeats=5)
+
+
+def load_adapter(settings: LatencySettings):
+    """The model: a random-weight architecture, or a real checkpoint with ``--model``."""
+    from .archs import build_random_model, default_dtype
+
+    if settings.model is not None:
+        from offload_engine.models import load_model
+
+        return load_model(settings.model, dtype=default_dtype(settings.device), device=settings.device)
+    return build_random_model(settings.arch, device=settings.device, seed=settings.seed)
+
+
+def run_latency(settings: LatencySettings, out_dir: Path, log=print, append: bool = False) -> dict:
+    """Measure every variant at every context; write JSON + Markdown + PNG after each context.
+
+    With ``append``, rows of other contexts already in the report at ``out_dir`` are kept, so
+    contexts can be measured by separate commands (each context still in one process) and end
+    up in one report and one plot.
+    """
+    from .latency_report import write_report
+
+    device = torch.device(settings.device)
+    stem = report_stem(settings)
+    earlier_rows, earlier_runs = previous_report(out_dir / f"{stem}.json", settings) if append else ([], [])
+    adapter = load_adapter(settings)
+    run = provenance() | {"contexts": settings.contexts, "memcpy_peak_gbps_before": memcpy_peak_gbps(device),
+                          "memcpy_peak_gbps_after": None}
+    rows: list[dict] = []
+    for index, context in enumerate(settings.contexts):
+        prompt = synthetic_prompt(adapter.dims.vocab_size, context - settings.new_tokens, settings.seed + context)
+        for variant in variants(settings):
+            log(f"{context} tokens: {variant.label} ...")
+            rows.append(run_variant(adapter, variant, context, prompt, settings))
+            log(f"  {_one_line(rows[-1])}")
+        if index == len(settings.contexts) - 1:
+            run["memcpy_peak_gbps_after"] = memcpy_peak_gbps(device)
+        finish_rows(rows, run)
+        report = assemble(settings, adapter, device, run, earlier_runs, earlier_rows + rows)
+        report["files"] = write_report(report, out_dir, stem)  # after every context: a cut run keeps its data
+    return report
+
+
+def finish_rows(rows: list[dict], run: dict) -> None:
+    """Ratios within each context, and the achieved rate against this run's memcpy peak."""
+    add_ratios(rows)
+    peaks = [p for p in (run["memcpy_peak_gbps_before"], run["memcpy_peak_gbps_after"]) if p is not None]
+    for row in rows:
+        gbps = row.get("h2d_gbps_over_step", math.nan)
+        row["memcpy_peak_gbps"] = max(peaks) if peaks else None
+        row["fraction_of_memcpy_peak"] = gbps / max(peaks) if peaks and row["status"] == "ok" else math.nan
+
+
+def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict, earlier_runs: list[dict],
+             rows: list[dict]) -> dict:
+    """The report: the latest run's provenance and settings, every run's command, all rows."""
+    return {
+        "benchmark": "latency",
+        "provenance": {key: run[key] for key in ("command", "commit", "date")},
+        "runs": earlier_runs + [run],
+        "machine": machine_header(device),
+        "settings": asdict(settings) | {"new_tokens_per_run": settings.new_tokens, "neighbors_on_radius": NEIGHBORS_ON,
+                                        "dtype": str(adapter.dtype).removeprefix("torch."),
+                                        "model_dims": asdict(adapter.dims)},
+        "pinned_memcpy_peak_gbps": {"before": run["memcpy_peak_gbps_before"], "after": run["memcpy_peak_gbps_after"]},
+        "rows": sorted(rows, key=lambda r: r["context"]),
+    }
+
+
+SAME_SETUP = ("arch", "model", "device", "budget", "decode_steps", "warmup", "gather_method")
+
+
+def previous_report(path: Path, settings: LatencySettings) -> tuple[list[dict], list[dict]]:
+    """Rows of other contexts and the runs of an existing report made with the same set-up."""
+    if not path.is_file():
+        return [], []
+    previous = json.loads(path.read_text())
+    mine = asdict(settings)
+    differs = [key for key in SAME_SETUP if previous.get("settings", {}).get(key) != mine[key]]
+    if differs:
+        raise ConfigError(f"--append: {path} was made with different {', '.join(differs)}; "
+                          "use another --out, or run without --append to replace it.")
+    rows = [row for row in previous.get("rows", []) if row["context"] not in settings.contexts]
+    runs = [run for run in previous.get("runs", []) if set(run.get("contexts", [])) - set(settings.contexts)]
+    return rows, runs
+
+
+def report_stem(settings: LatencySettings) -> str:
+    """``latency-<arch or model>-<device type>``."""
+    name = Path(settings.model).name if settings.model else Path(settings.arch).stem
+    return f"latency-{name}-{torch.device(settings.device).type}"
+
+
+def _one_line(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row['reason']}"
+    return (f"median {row['median_ms']:.2f} ms/step, p90 {row['p90_ms']:.2f}, prefill {row['prefill_s']:.2f} s, "
+            f"{row['h2d_bytes_per_step'] / 2**20:.1f} MiB/step to the device")
+

@@ -1,0 +1,96 @@
+"""The latency report's three files: JSON (everything), Markdown (tables), PNG (ms/step vs context)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .report import fmt, markdown_header, markdown_table, write_json
+
+COLUMNS = ["mode", "median ms/step", "p90 ms/step", "prefill s", "speed-up vs dense-offload",
+           "ratio to dense-gpu", "MiB H2D/step", "GB/s over step (% of memcpy peak)", "KV on device",
+           "gather", "status"]
+
+
+def write_report(report: dict, out_dir: Path, stem: str) -> dict[str, str]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {kind: str(out_dir / f"{stem}.{kind}") for kind in ("json", "md", "png")}
+    report["files"] = files
+    plot(report, Path(files["png"]))
+    Path(files["md"]).write_text(to_markdown(report))
+    write_json(Path(files["json"]), report)
+    return files
+
+
+def _row_cells(row: dict) -> list[str]:
+    if row["status"] != "ok":
+        return [row["label"]] + ["-"] * (len(COLUMNS) - 2) + [f"{row['status']}: {row['reason']}"]
+    share = row["fraction_of_memcpy_peak"]
+    percent = "" if share is None or math.isnan(share) else f" ({100 * share:.0f}%)"
+    return [
+        row["label"], fmt(row["median_ms"], 2), fmt(row["p90_ms"], 2), fmt(row["prefill_s"], 2),
+        fmt(row["speedup_vs_dense_offload"], 2), fmt(row["ratio_to_dense_gpu"], 2),
+        fmt(row["h2d_bytes_per_step"] / 2**20, 2), fmt(row["h2d_gbps_over_step"], 2) + percent,
+        f"{row['kv_on_device_bytes'] / 2**20:.1f} MiB ({100 * row['kv_on_device_share']:.1f}%)",
+        row["gather_method"] or "-", "ok",
+    ]
+
+
+def to_markdown(report: dict) -> str:
+    """Header, settings, then one table per context."""
+    s, peaks = report["settings"], report["pinned_memcpy_peak_gbps"]
+    model = s["model"] or f"{s['arch']} (random weights)"
+    peak_text = ("not measured (no CUDA)" if peaks["before"] is None
+                 else f"{fmt(peaks['before'])} GB/s before, {fmt(peaks['after'])} GB/s after the modes ran "
+                      "(latest run; % of peak uses the larger)")
+    lines = [
+        markdown_header("Decode latency per step: tbrun modes side by side", report), "",
+        f"Model {model}, {s['dtype']}; budget {s['budget']} tokens per (layer, KV head); "
+        f"{s['warmup']} warm-up steps excluded, {s['decode_steps']} timed steps per mode; the prompt fills the "
+        f"context less the {s['new_tokens_per_run']} new tokens. Pinned host-to-device memcpy peak: {peak_text}.",
+        "",
+        "GB/s over step = bytes copied host-to-device per step / median step time (a lower bound of the copy "
+        "rate, since copies overlap compute). Speed-up and ratio compare median ms per step at the same context. "
+        "Per-phase breakdown: not instrumented yet (null in the JSON).",
+    ]
+    if len(report.get("runs", [])) > 1:
+        lines += ["", "Runs merged into this report (each context measured within one run):"]
+        lines += [f"- `{run['command']}` at {run['commit']}, contexts {run['contexts']}, memcpy peak "
+                  f"{fmt(run['memcpy_peak_gbps_before'])} / {fmt(run['memcpy_peak_gbps_after'])} GB/s"
+                  for run in report["runs"]]
+    for context in sorted({row["context"] for row in report["rows"]}):
+        rows = [_row_cells(r) for r in report["rows"] if r["context"] == context]
+        lines += ["", f"## Context {context:,} tokens", "", markdown_table(COLUMNS, rows)]
+    if report.get("files", {}).get("png"):
+        lines += ["", f"![ms per step vs context]({Path(report['files']['png']).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Median ms per decode step vs context, one line per mode, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in dict.fromkeys(row["label"] for row in report["rows"]):
+        points = sorted((r["context"], r["median_ms"]) for r in report["rows"]
+                        if r["label"] == label and r["status"] == "ok")
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("median ms per decode step")
+    machine = report["machine"]
+    where = machine.get("gpu") or machine.get("cpu", "")
+    model = report["settings"]["model"] or report["settings"]["arch"]
+    ax.set_title(f"{model} on {where}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

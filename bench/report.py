@@ -1,0 +1,153 @@
+"""What every benchmark report carries: the machine, the command, the commit, and the numbers.
+
+A report is a JSON file (everything, machine-readable) and a Markdown file (the same numbers
+for people), written side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from offload_engine.machine import cupy_status, git_commit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarize_ms(values: list[float]) -> dict[str, float]:
+    """Median, p90, mean and count of per-step times in ms."""
+    return {
+        "median_ms": statistics.median(values) if values else math.nan,
+        "p90_ms": percentile(values, 90),
+        "mean_ms": statistics.fmean(values) if values else math.nan,
+        "steps": len(values),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def gpu_driver() -> str:
+    """The NVIDIA driver version from nvidia-smi, or a reason it is unknown."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown (nvidia-smi not available)"
+
+
+def machine_header(device: torch.device) -> dict:
+    """The machine a report was measured on: CPU, cores, RAM, GPU, driver, library versions."""
+    import transformers
+
+    memory = psutil.virtual_memory()
+    header = {
+        "cpu": cpu_model(),
+        "cpu_cores_logical": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "host_ram_gib": round(memory.total / 2**30, 1),
+        "host_ram_available_gib": round(memory.available / 2**30, 1),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        header.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_driver=gpu_driver(),
+            cuda=torch.version.cuda,
+            cupy=cupy_status(),
+        )
+        try:
+            import triton
+
+            header["triton"] = triton.__version__
+        except ImportError:
+            header["triton"] = "not installed"
+    return header
+
+
+def provenance(program: str | None = None) -> dict:
+    """The command line (``program`` replaces argv[0], e.g. ``python -m ...``), commit and time."""
+    program = program or Path(sys.argv[0]).name
+    return {
+        "command": " ".join([program, *(shlex.quote(arg) for arg in sys.argv[1:])]),
+        "commit": git_commit(str(REPO_ROOT)),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def write_json(path: Path, report: dict) -> Path:
+    """Write ``report`` as indented JSON (NaN written as null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_nan_to_none(report), indent=2) + "\n")
+    return path
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(item) for item in value]
+    return value
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_header(title: str, report: dict) -> str:
+    """Title, command, commit, date and the machine as a bullet list."""
+    prov, machine = report["provenance"], report["machine"]
+    lines = [f"# {title}", "", f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`",
+             f"- date: {prov['date']}"]
+    lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in machine.items()]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A number for a table, ``-`` when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"

@@ -1,0 +1,84 @@
+"""``tbrun eval``: quality of every policy at every budget on a generated task, as a report."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from offload_engine.config import Budget
+from offload_engine.evaluation.harness import EvalConfig, RunPoint, run_eval
+from offload_engine.evaluation.report import MARKDOWN_FILE, main_table
+from offload_engine.evaluation.tasks import TASKS
+
+from .common import console, err_console, user_errors
+
+DEFAULT_BUDGETS = "5%,10%,25%,50%"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(user_errors(eval_command))
+
+
+def eval_command(
+    ctx: typer.Context,
+    task: str = typer.Option(..., "--task", "-t", help=f"One of: {', '.join(TASKS)}."),
+    policy: str = typer.Option(..., "--policy", help="Comma-separated policies, e.g. quest,snapkv,critical(quest)."),
+    budget: str = typer.Option(DEFAULT_BUDGETS, "--budget", help="Comma-separated budgets: shares (10%) or tokens."),
+    context: str = typer.Option("4k", "--context", "-c", help="Tokens per sample, answer included: 1k, 4k, 8k."),
+    samples: int = typer.Option(8, "--samples", "-n", help="Samples per policy and budget."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
+    predictor: Optional[str] = typer.Option(None, "--predictor", help="TokenButler checkpoint directory."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated samples."),
+    sinks: int = typer.Option(4, "--sinks", help="First tokens always attended."),
+    window: int = typer.Option(32, "--window", help="Most recent tokens always attended."),
+    interval: int = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between."),
+    neighbors: int = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on CUDA)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run already in --out."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory (results.json, report.md, plot.png)."),
+) -> None:
+    """Evaluate policies x budgets on a task through the engine; write JSON, Markdown and a plot."""
+    config = EvalConfig(
+        task=task, policies=policy.split(","), budgets=[Budget.parse(b) for b in budget.split(",") if b.strip()],
+        context=context, samples=samples, seed=seed, model=model, predictor=predictor, device=device,
+        dtype=dtype or ("fp32" if device == "cpu" else "bf16"), sinks=sinks, window=window,
+        interval=interval, neighbors=neighbors,
+    )
+    command = _command_line(ctx)
+    report = _run_with_progress(config, out, overwrite, command)
+    console.print("\n".join(main_table(report)))
+    console.print(f"report: {out / MARKDOWN_FILE} ({report['seconds']:.0f} s)")
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """``tbrun eval`` with every option as resolved (defaults included), so the run can be repeated."""
+    words = ["tbrun", "eval"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False:
+            continue
+        flag = max(param.opts, key=len)
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
+
+
+def _run_with_progress(config: EvalConfig, out: Path, overwrite: bool, command: str) -> dict:
+    """``run_eval`` under a rich progress bar over the (run point, sample) pairs."""
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as progress:
+        bar = progress.add_task("loading the model", total=None)
+
+        def on_ready(total: int) -> None:
+            progress.update(bar, total=total, description="dense")
+
+        def on_sample(point: RunPoint, record: dict) -> None:
+            progress.update(bar, advance=1, description=point.label)
+
+        return run_eval(config, out, overwrite, command, on_sample=on_sample, on_ready=on_ready)

@@ -1,0 +1,137 @@
+"""`tbrun train-predictor`: distil a TokenButler predictor for a model from plain text."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .common import user_errors
+
+HELP = """Distil a TokenButler token-importance predictor for a model (the model stays frozen).
+
+The predictor learns to imitate the model's own attention, so any ordinary prose or code works as
+--data, and nothing needs a network. Text found on most machines: Python's standard library
+(`python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])"`: sources with docstrings,
+plus pydoc_data/topics.py, the language reference as prose), a virtual environment's
+site-packages, /usr/share/doc, or text the model itself generated with `tbrun generate`.
+--data takes files or directories (searched for .txt .md .rst .py and similar); one file in ten is
+held out for the final report.
+
+Writes OUT/config.json and OUT/predictor.safetensors (use OUT as --predictor), checkpoints in
+OUT/checkpoints (resume with --resume), and the held-out report OUT/report.json.
+"""
+
+LOG_EVERY_S = 30.0  # without a terminal (nohup, CI) print a progress line this often
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train-predictor`` command to the ``tbrun`` app."""
+    app.command("train-predictor", help=HELP)(user_errors(train_predictor))
+
+
+def train_predictor(
+    out: Path = typer.Option(..., "--out", help="Directory for the predictor, checkpoints and report."),
+    data: list[Path] = typer.Option(..., "--data", help="Text file or directory; repeat for more."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
+    seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per training sequence."),
+    steps: int = typer.Option(500, "--steps", help="Optimizer steps (one sequence each)."),
+    producer_every: int = typer.Option(4, "--producer-every", help="G: a producer every G layers."),
+    dim: int = typer.Option(16, "--dim", help="d': size of importance queries and projected keys."),
+    hidden: int = typer.Option(512, "--hidden", help="I: inner width of the query MLP."),
+    rows: int = typer.Option(256, "--rows", help="Query rows distilled per sequence (plus the last)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
+    held_out: int = typer.Option(8, "--held-out", help="Held-out sequences for the final report."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+) -> None:
+    import torch
+
+    from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
+    from offload_engine.predictor.data import load_sequences
+    from offload_engine.predictor.training import TrainConfig, check_seq_len, train
+
+    console = Console(stderr=True)
+    config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
+                         rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out, seed=seed)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    adapter = load_model(model, dtype=dtype, device=device, progress=console.print)
+    check_seq_len(adapter, seq_len)
+    if adapter.tokenizer is None:
+        raise typer.BadParameter(f"model {model!r} has no tokenizer to read --data with.", param_hint="--model")
+    with console.status("reading and tokenizing --data"):
+        sequences = load_sequences(data, adapter.tokenizer, seq_len, steps, held_out, seed)
+    console.print(f"data: {sequences.files} files, {sequences.train.shape[0]} training and "
+                  f"{sequences.held_out.shape[0]} held-out sequences of {seq_len} tokens")
+    meta = {
+        "model_name": model or EMBEDDED_MODEL_NAME,
+        "model": model or "embedded",
+        "data": {"paths": [str(p) for p in data], "files": sequences.files,
+                 "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])},
+        "command": shlex.join(["tbrun", "train-predictor", *sys.argv[sys.argv.index("train-predictor") + 1:]])
+        if "train-predictor" in sys.argv else None,
+    }
+    with _progress(console) as (progress, on_step):
+        result = train(adapter, sequences, config, out, resume=resume, meta=meta, on_step=on_step)
+        progress.stop()
+    _print_report(console, result.report, result.predictor.num_parameters(), adapter)
+    console.print(f"predictor written to {out} (use --predictor {out})")
+
+
+class _progress:
+    """A rich progress bar (loss, tokens/s, ETA); plain log lines when not on a terminal."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+        self.last_log = 0.0
+        self.tokens_per_s = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self.progress, self.on_step
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def on_step(self, stats) -> None:
+        tps = stats.tokens_per_s
+        self.tokens_per_s = tps if self.tokens_per_s is None else 0.9 * self.tokens_per_s + 0.1 * tps
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=stats.steps, completed=stats.step - 1, loss=stats.loss, tps=tps)
+        self.progress.update(self.task, completed=stats.step, loss=stats.loss, tps=self.tokens_per_s)
+        now = time.monotonic()
+        if not self.console.is_terminal and (now - self.last_log >= LOG_EVERY_S or stats.step == stats.steps):
+            self.last_log = now
+            self.console.print(f"step {stats.step}/{stats.steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
+                               f"grad-norm {stats.grad_norm:.2f} {self.tokens_per_s:.0f} tok/s")
+
+
+def _print_report(console: Console, report: dict, parameters: int, adapter) -> None:
+    model_parameters = sum(p.numel() for p in adapter.model.parameters())
+    console.print(f"predictor: {parameters:,} parameters, {100 * parameters / model_parameters:.2f}% of the model")
+    if not report:
+        console.print("no held-out text: no report (give --data more files, or more text).")
+        return
+    table = Table(title=f"held-out recall of oracle top-k attention mass (loss {report['loss']:.4f})")
+    table.add_column("method")
+    for budget in report["budgets"]:
+        table.add_column(budget, justify="right")
+    for method, values in report["recall"].items():
+        table.add_row(method, *(f"{values[b]:.3f}" for b in report["budgets"]))
+    console.print(table)

@@ -1,0 +1,218 @@
+"""The evaluation report: ``results.json`` (every sample), ``report.md`` (tables), ``plot.png``.
+
+Each report records the command line, the commit, the machine and the resolved config. A report
+directory holds one run only: it is written in a sibling staging directory and renamed into
+place, and a directory that holds a different run (or other files) is refused unless the caller
+asked to overwrite it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..machine import describe_machine, git_commit
+from .scoring import METRIC_LABELS, summarize_points
+from .tasks import get_task
+
+RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "report.md"
+PLOT_FILE = "plot.png"
+BREAKDOWN_KEYS = ("variant", "haystack")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The output directory
+
+
+def previous_config(out_dir: Path) -> dict | None:
+    """The config of the run already in ``out_dir``, or None if it holds no readable report."""
+    try:
+        return json.loads((out_dir / RESULTS_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_output_dir(out_dir: Path, config: dict, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` holding another run or other files, unless ``overwrite``.
+
+    A directory holding a report of the very same config may be rewritten (it is the same run).
+    """
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory: choose a directory.")
+    if not any(out_dir.iterdir()):
+        return
+    previous = previous_config(out_dir)
+    if previous == config:
+        return
+    what = "the results of a different run" if previous is not None else "files that are not an eval report"
+    raise ConfigError(
+        f"--out {out_dir} already holds {what}; choose another directory, or pass --overwrite to replace it."
+    )
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished ``staging`` directory to ``out_dir``, replacing whatever was there whole."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / "previous")
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_report(out_dir: Path, report: dict, overwrite: bool) -> None:
+    """Write the three files into a staging directory, then move it into place."""
+    check_output_dir(out_dir, report["config"], overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        (staging / RESULTS_FILE).write_text(json.dumps(_finite(report), indent=1) + "\n")
+        (staging / MARKDOWN_FILE).write_text(to_markdown(report))
+        plot(report, staging / PLOT_FILE)
+        publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finite(value):
+    """NaN and infinities as null, so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Content
+
+
+def provenance(command: str) -> dict:
+    """Command line, commit (``uncommitted`` outside a repository with commits) and date."""
+    commit = git_commit(str(REPO_ROOT))
+    return {"command": command, "commit": "uncommitted" if commit == "unknown" else commit,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def build_report(config, adapter, points, results: list[dict], command: str, seconds: float) -> dict:
+    """Everything the three files show, as one JSON-ready dict."""
+    task = get_task(config.task)
+    breakdown = {key: summarize_points(points, results, key) for key in BREAKDOWN_KEYS
+                 if len({str(r.get(key)) for r in results if key in r}) > 1}
+    return {
+        "task": {"name": task.name, "summary": task.summary, "primary": task.primary,
+                 "higher_is_better": task.higher_is_better},
+        "provenance": provenance(command),
+        "machine": describe_machine(),
+        "config": config.to_dict(),
+        "model": {"name": str(getattr(adapter.config, "_name_or_path", "")), "dtype": str(adapter.dtype),
+                  "dims": asdict(adapter.dims)},
+        "seconds": round(seconds, 1),
+        "summary": summarize_points(points, results),
+        "breakdown": breakdown,
+        "samples": results,
+    }
+
+
+def budget_percent(budget: str, context: int) -> float:
+    """A budget label as a percentage of the context (``10%`` -> 10; ``2048`` of 8192 -> 25)."""
+    return float(budget[:-1]) if budget.endswith("%") else 100.0 * float(budget) / context
+
+
+def _cell(value: float | None, primary: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.2f}" if primary == "ppl" else f"{value:.1f}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def main_table(report: dict) -> list[str]:
+    """Primary metric: one row per policy (dense first), one column per budget."""
+    primary = report["task"]["primary"]
+    budgets = list(dict.fromkeys([*report["config"]["budgets"], "100%"]))
+    values: dict[str, dict[str, float]] = {}
+    for row in report["summary"]:
+        values.setdefault(row["policy"], {})[row["budget"]] = row["metrics"].get(primary)
+    rows = [[policy] + [_cell(cells.get(b), primary) for b in budgets] for policy, cells in values.items()]
+    return _table(["policy"] + budgets, rows)
+
+
+def metrics_table(rows: list[dict], extra: str | None = None) -> list[str]:
+    """Every aggregated metric per (policy, budget[, extra])."""
+    names = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
+    headers = ["policy", "budget"] + ([extra] if extra else []) + [METRIC_LABELS.get(n, n) for n in names]
+    body = [[r["policy"], r["budget"]] + ([str(r[extra])] if extra else [])
+            + [_cell(r["metrics"].get(n), n) if n != "samples" else str(r["metrics"][n]) for n in names]
+            for r in rows]
+    return _table(headers + ["seconds"], [b + [f"{r['seconds']:.0f}"] for b, r in zip(body, rows)])
+
+
+def to_markdown(report: dict) -> str:
+    task, prov, config = report["task"], report["provenance"], report["config"]
+    better = "higher is better" if task["higher_is_better"] else "lower is better"
+    lines = [f"# tbrun eval: {task['name']}", "", task["summary"] + ".", "",
+             f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`", f"- date: {prov['date']}",
+             f"- model: {report['model']['name']} ({report['model']['dtype']})",
+             f"- context: {config['context']} tokens, {config['samples']} samples, seed {config['seed']}, "
+             f"sinks {config['sinks']}, window {config['window']}",
+             f"- wall time: {report['seconds']:.0f} s"]
+    lines += [f"- {key}: {value}" for key, value in report["machine"].items()]
+    lines += ["", f"## {METRIC_LABELS[task['primary']]} ({better})", "", *main_table(report),
+              "", f"![{task['primary']} vs budget]({PLOT_FILE})", "", "## All metrics", "",
+              *metrics_table(report["summary"])]
+    for key, rows in report["breakdown"].items():
+        lines += ["", f"## By {key}", "", *metrics_table(rows, key)]
+    lines += ["", "## Resolved config", "", "```json", json.dumps(config, indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Primary metric vs budget (% of context), one line per policy; dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary, context = report["task"]["primary"], report["config"]["context"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ticks = {100.0}
+    for policy in dict.fromkeys(row["policy"] for row in report["summary"]):
+        points = sorted((budget_percent(r["budget"], context), r["metrics"].get(primary))
+                        for r in report["summary"] if r["policy"] == policy)
+        ticks.update(x for x, _ in points)
+        if policy == "dense":
+            ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="dense (100%)")
+        else:
+            ax.plot(*zip(*points), marker="o", label=policy)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(ticks), [f"{x:g}%" for x in sorted(ticks)])
+    ax.minorticks_off()
+    if primary != "ppl":
+        ax.set_ylim(-3, 103)
+    ax.set_xlabel("budget (% of context)")
+    ax.set_ylabel(METRIC_LABELS[primary])
+    ax.set_title(f"{report['task']['name']}: {Path(report['model']['name']).name}, "
+                 f"{context} tokens, {report['config']['samples']} samples", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

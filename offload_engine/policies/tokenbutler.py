@@ -1,0 +1,187 @@
+"""TokenButler: a learned, query-aware predictor of token importance.
+
+Akhauri et al., "TokenButler: Token Importance is Predictable" (arXiv 2503.07518, v2 form). At
+each producer layer ``p`` (every G layers) a small network turns the current token's attention
+input into importance queries for the layers ``p+1 .. p+G``; they score the compact projected-key
+cache (``d'`` numbers per token, layer and KV head, kept on the device) so the selector can pick and
+the prefetcher can start copying those layers' tokens ahead of their attention.
+
+Layer 0 has no producer before it, so ``dense_layers()`` returns it: the engine keeps all its
+tokens in the working set (with delta fetch only the token leaving the local window is copied
+per step; see docs/predictor.md for the measurement behind this choice).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..models import EMBEDDED_MODEL_NAME
+from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint
+from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys
+from .base import Candidates, Policy, PolicyContext
+
+KEY_DTYPES = ("auto", "int8")
+# Predictors shipped in the repository, by model name (the last part of a hub id or directory).
+SHIPPED = {EMBEDDED_MODEL_NAME.lower(): "smollm2-135m-instruct"}
+
+
+def shipped_predictors_dir() -> Path:
+    """``$TBRUN_PREDICTORS`` or the repository's ``predictors/`` folder."""
+    return Path(os.environ.get("TBRUN_PREDICTORS") or Path(__file__).resolve().parents[2] / "predictors")
+
+
+def shipped_predictor_for(adapter) -> Path | None:
+    """The shipped predictor directory for the adapter's model, or None."""
+    source = str(getattr(adapter.config, "_name_or_path", "") or "")
+    folder = SHIPPED.get(Path(source.rstrip("/")).name.lower())
+    return shipped_predictors_dir() / folder if folder else None
+
+
+class ProjectedKeyCache:
+    """The compact key cache ``[L-1, KvH, capacity, d']`` of consumer layers ``1 .. L-1``.
+
+    ``int8``: keys stored as int8 with one float16 scale per (layer, KV head, token)
+    (``d' + 2`` bytes per entry instead of ``2 d'`` in bfloat16 or ``4 d'`` in float32).
+    """
+
+    def __init__(self, layers: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype,
+                 device: torch.device, int8: bool = False):
+        self.int8 = int8
+        shape = (layers, kv_heads, capacity, dim)
+        self.keys = torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device)
+        self.scales = torch.zeros(shape[:-1], dtype=torch.float16, device=device) if int8 else None
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + (self.scales.nbytes if self.scales is not None else 0)
+
+    def write(self, layer: int, start: int, keys: torch.Tensor) -> None:
+        """keys ``[KvH, T, d']`` of consumer ``layer`` at positions ``start .. start+T-1``."""
+        end = start + keys.shape[1]
+        if not self.int8:
+            self.keys[layer - 1, :, start:end] = keys.to(self.keys.dtype)
+            return
+        self.keys[layer - 1, :, start:end], self.scales[layer - 1, :, start:end] = quantize_keys(keys)
+
+    def read(self, layer: int, lo: int, hi: int) -> torch.Tensor:
+        """Projected keys of positions ``[lo, hi)``: ``[KvH, hi-lo, d']`` (dequantised if int8)."""
+        keys, scale = self.scoring_view(layer, lo, hi)
+        return keys if scale is None else keys * scale.unsqueeze(-1)
+
+    def scoring_view(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keys ``[KvH, n, d']``, scale ``[KvH, n]`` float32 or None) with keys = stored * scale.
+
+        With int8 the scale is left out of the keys: it is positive and shared by the group's query
+        heads, so it multiplies the group-max score afterwards (``n`` products, not ``n * d'``).
+        """
+        keys = self.keys[layer - 1, :, lo:hi]
+        if not self.int8:
+            return keys, None
+        return keys.float(), self.scales[layer - 1, :, lo:hi].float()
+
+
+@dataclass
+class TokenButlerPolicy(Policy):
+    """Scores for a producer's consumer layers from its importance queries and the compact cache.
+
+    ``predictor_path``: a checkpoint directory (from ``tbrun train-predictor``); ``predictor``:
+    an in-memory predictor (tests); with neither, the predictor shipped for the model, if any.
+    ``random_weights``: a randomly initialised predictor of the model's shape with the reference
+    sizes (G=4, d'=16, I=512), for latency measurements only (its selections mean nothing).
+    ``key_dtype``: ``"auto"`` keeps projected keys in the model dtype; ``"int8"`` quantises them.
+    """
+
+    predictor_path: str | None = None
+    predictor: TokenButlerPredictor | None = None
+    random_weights: bool = False
+    key_dtype: str = "auto"
+
+    name: ClassVar[str] = "tokenbutler"
+    plans_ahead: ClassVar[bool] = True
+    score_kind: ClassVar[str] = "logit"
+
+    def __post_init__(self) -> None:
+        if self.random_weights and (self.predictor is not None or self.predictor_path is not None):
+            raise ConfigError("tokenbutler: random_weights excludes a predictor or predictor_path.")
+        if self.key_dtype not in KEY_DTYPES:
+            raise ConfigError(f"tokenbutler key_dtype must be one of {KEY_DTYPES}, got {self.key_dtype!r}.")
+        self.cache: ProjectedKeyCache | None = None
+        self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
+
+    def bind(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+        if self.predictor is None:
+            self.predictor = self._load(ctx)
+        check_shape({"model_shape": self.predictor.config.model_shape()}, ctx.dims,
+                    self.predictor_path or "the given predictor")
+        self.predictor = self.predictor.to(ctx.device).eval()
+        c = self.predictor.config
+        self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, ctx.dtype,
+                                       ctx.device, int8=self.key_dtype == "int8")
+        self._queries = {}
+
+    def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
+        if self.random_weights:
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(0)
+            predictor = TokenButlerPredictor(PredictorConfig.for_model(ctx.dims))
+            torch.random.set_rng_state(generator_state)
+            return predictor
+        path = self.predictor_path
+        if path is None:
+            shipped = shipped_predictor_for(ctx.adapter)
+            if shipped is None:
+                raise PredictorError(
+                    "--policy tokenbutler needs a predictor for this model: pass --predictor DIR (train one with "
+                    f"`tbrun train-predictor`); shipped predictors exist for: {', '.join(SHIPPED)}."
+                )
+            path = str(shipped)
+        predictor, _ = load_checkpoint(path, ctx.dims)
+        return predictor
+
+    def release(self) -> None:
+        self.cache = None
+        self._queries = {}
+
+    def dense_layers(self) -> frozenset[int]:
+        """Layer 0 has no producer ahead of it: all its tokens stay resident."""
+        return frozenset({0})
+
+    def is_producer(self, layer: int) -> bool:
+        return self.predictor is not None and self.predictor.is_producer(layer)
+
+    @torch.no_grad()
+    def observe_prefill(self, layer, x, q, k, v) -> None:
+        if layer >= 1:
+            self.cache.write(layer, 0, self.predictor.project_keys(layer, k))
+
+    @torch.no_grad()
+    def observe_decode(self, layer, position, x, q, k, v) -> None:
+        if layer >= 1:
+            self.cache.write(layer, position, self.predictor.project_keys(layer, k.unsqueeze(1)))
+
+    @torch.no_grad()
+    def plan(self, layer: int, x: torch.Tensor, candidates_of) -> dict[int, torch.Tensor]:
+        """At producer ``layer``: x ``[E]`` -> ``{consumer: scores [KvH, n] float32}``."""
+        self._queries[layer] = self.predictor.importance_queries(layer, x)  # [G', H, d']
+        return {c: self.score(c, None, candidates_of(c)) for c in self.predictor.config.consumers(layer)}
+
+    @torch.no_grad()
+    def score(self, layer: int, q: torch.Tensor | None, candidates: Candidates) -> torch.Tensor:
+        """Consumer ``layer``'s scores from its producer's latest queries: ``[KvH, n]`` float32.
+
+        ``q`` (the model's own query) is not used: the prediction was made at the producer.
+        """
+        producer = self.predictor.config.producer_of(layer)
+        if producer not in self._queries:
+            raise RuntimeError(f"tokenbutler: layer {layer} scored before its producer {producer} planned")
+        queries = self._queries[producer][layer - producer - 1]  # [H, d']
+        keys, scale = self.cache.scoring_view(layer, candidates.lo, candidates.hi)  # [KvH, n, d'], [KvH, n]
+        scores = self.predictor.group_max(self.predictor.head_scores(queries.unsqueeze(0), keys)[:, 0]).float()
+        return scores if scale is None else scores * scale

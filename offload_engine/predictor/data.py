@@ -1,0 +1,155 @@
+"""Training text for distillation: plain text files, tokenized into fixed-length sequences.
+
+Any ordinary prose or code works, because the predictor learns to imitate the model's own
+attention on whatever it reads. Offline sources that exist on most machines: Python's standard
+library sources and docs (``python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])"``),
+the packages in a virtual environment's ``site-packages``, ``/usr/share/doc``, or text the model
+itself generated. Files are split into training and held-out sets by a hash of their path, so the
+held-out report reads text the predictor never trained on.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".tex", ".c", ".h", ".toml", ".cfg", ".ini")
+MAX_FILE_BYTES = 4 * 1024 * 1024
+HELD_OUT_EVERY = 10  # one file in ten (by path hash) is held out
+
+
+class DataError(ConfigError):
+    """Training text is missing, empty or too short."""
+
+
+@dataclass(slots=True)
+class TokenSequences:
+    """Tokenized text cut into sequences: ``train`` ``[N, T]`` and ``held_out`` ``[M, T]`` long."""
+
+    train: torch.Tensor
+    held_out: torch.Tensor
+    files: int
+    tokens: int
+
+
+def collect_text_files(paths: list[str | Path], seed: int = 0) -> list[Path]:
+    """Text files named in ``paths`` (files, or directories searched recursively).
+
+    Each path's files are shuffled (seeded), then the paths are interleaved round-robin, so every
+    ``--data`` argument contributes about as many files as the others whatever its size.
+    """
+    per_path: list[list[Path]] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataError(f"--data {str(raw)!r} does not exist: pass text files or a directory of them.")
+        if path.is_file():
+            per_path.append([path])
+            continue
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
+        random.Random(seed).shuffle(found)
+        per_path.append(found)
+    if not any(per_path):
+        raise DataError(
+            f"--data {', '.join(map(str, paths))} holds no text files ({', '.join(TEXT_SUFFIXES)}): "
+            "point it at prose or code, e.g. Python's standard library directory or /usr/share/doc."
+        )
+    return _interleave(per_path)
+
+
+def _interleave(lists: list[list[Path]]) -> list[Path]:
+    """Round-robin over ``lists``, dropping repeats: [[a, b], [c]] -> [a, c, b]."""
+    seen: set[Path] = set()
+    out: list[Path] = []
+    for index in range(max(map(len, lists))):
+        for files in lists:
+            if index < len(files) and files[index] not in seen:
+                seen.add(files[index])
+                out.append(files[index])
+    return out
+
+
+def read_text(path: Path) -> str:
+    """A file's text, or '' for binary, unreadable or very large files."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return ""
+        raw = path.read_bytes()
+    except OSError:
+        return ""
+    if b"\x00" in raw[:4096]:
+        return ""
+    return raw.decode("utf-8", errors="ignore")
+
+
+def is_held_out(path: Path) -> bool:
+    return zlib.crc32(str(path).encode()) % HELD_OUT_EVERY == 0
+
+
+def _tokenize_until(files: list[Path], tokenizer, limit: int, separator: list[int]) -> list[int]:
+    """Concatenate token ids of ``files`` (separated by ``separator``) until ``limit`` tokens."""
+    ids: list[int] = []
+    for path in files:
+        text = read_text(path)
+        if text.strip():
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids.extend(separator)
+        if len(ids) >= limit:
+            break
+    return ids
+
+
+def _cut(ids: list[int], seq_len: int, count: int) -> torch.Tensor:
+    """At most ``count`` sequences ``[n, seq_len]`` from a token stream (the remainder dropped)."""
+    n = min(count, len(ids) // seq_len)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def load_sequences(
+    paths: list[str | Path], tokenizer, seq_len: int, train_count: int, held_out_count: int, seed: int = 0
+) -> TokenSequences:
+    """Tokenize text into ``train_count`` training and ``held_out_count`` held-out sequences.
+
+    Files are read in the order of ``collect_text_files`` until there are enough tokens. With fewer than
+    ``HELD_OUT_EVERY`` files the held-out sequences come from the end of the token stream instead.
+    If the text is shorter than ``train_count`` sequences, training cycles over what there is.
+    """
+    files = collect_text_files(paths, seed)
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if len(files) >= HELD_OUT_EVERY:
+        train_files = [f for f in files if not is_held_out(f)]
+        held_files = [f for f in files if is_held_out(f)]
+        train_ids = _tokenize_until(train_files, tokenizer, train_count * seq_len, separator)
+        held_ids = _tokenize_until(held_files, tokenizer, held_out_count * seq_len, separator)
+    else:
+        ids = _tokenize_until(files, tokenizer, (train_count + held_out_count) * seq_len, separator)
+        held_len = min(held_out_count * seq_len, len(ids) // 10 // seq_len * seq_len)
+        train_ids, held_ids = ids[: len(ids) - held_len], ids[len(ids) - held_len :]
+    train = _cut(train_ids, seq_len, train_count)
+    held_out = _cut(held_ids, seq_len, held_out_count)
+    if train.shape[0] == 0:
+        raise DataError(
+            f"--data has {len(train_ids)} tokens of training text, less than one sequence of --seq-len "
+            f"{seq_len}: add more text or lower --seq-len."
+        )
+    return TokenSequences(train=train, held_out=held_out, files=len(files), tokens=len(train_ids) + len(held_ids))
+
+
+def load_held_out(paths: list[str | Path], tokenizer, seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
+    """Only the held-out sequences ``[n <= count, seq_len]`` that ``load_sequences`` would hold out
+    (files picked by path hash; never trained on), e.g. for a report after training."""
+    files = collect_text_files(paths, seed)
+    if len(files) < HELD_OUT_EVERY:
+        raise DataError(f"--data has {len(files)} files; a separate held-out set needs {HELD_OUT_EVERY} or more.")
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = _tokenize_until([f for f in files if is_held_out(f)], tokenizer, count * seq_len, separator)
+    sequences = _cut(ids, seq_len, count)
+    if sequences.shape[0] == 0:
+        raise DataError(f"the held-out files of --data hold less than one sequence of {seq_len} tokens.")
+    return sequences

@@ -1,0 +1,192 @@
+"""Held-out report: how much of the oracle's top-k attention mass each selection captures.
+
+For a query row at position ``i`` and a budget fraction ``b``, every method selects
+``k = ceil(b * (i + 1))`` of the ``i + 1`` visible tokens. For query head ``h`` with attention
+``A_h``, the recall of a selection ``S`` is ``A_h(S) / A_h(O_h)`` where ``O_h`` is the top-k of
+``A_h`` itself (the oracle), so 1.0 means as good as the oracle. Methods:
+
+- ``tokenbutler``: top-k per KV head of the predictor's scores, max over the group's query heads
+  (what the engine fetches);
+- ``tokenbutler_group_mean``: the same with the group's softmax probabilities averaged instead of max;
+- ``tokenbutler_per_head``: top-k per query head (each head its own set: up to G x the bytes);
+- ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``);
+- ``oracle_group``: top-k per KV head of the group's mean true attention (the best shared set);
+- ``tokenbutler_engine``: what the engine attends: the first ``sinks`` tokens and a local window of
+  ``min(64, (k - sinks) // 2)`` recent tokens always, the rest of ``k`` by ``tokenbutler``;
+- ``streaming``: the first ``sinks`` tokens and the most recent ones;
+- ``random``: k random visible tokens per KV head.
+
+Main figures average over consumer layers ``1 .. L-1``; layer 0 (kept dense by the policy) is
+reported apart: its ``oracle_mass`` (share of attention the best k tokens hold) shows how
+concentrated it is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..models import ModelAdapter
+from .network import TokenButlerPredictor, dequantize_keys, quantize_keys
+from .teacher import causal_mask, distillation_loss, layer_states, sample_rows, teacher_probs
+
+BUDGETS = (0.05, 0.10, 0.25, 0.50)
+SINKS = 4
+ENGINE_WINDOW = 64
+METHODS = ("tokenbutler", "tokenbutler_engine", "tokenbutler_int8", "tokenbutler_group_mean", "tokenbutler_per_head", "oracle_group",
+           "streaming", "random")
+
+
+def budget_counts(rows: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Tokens kept per row: ``ceil(fraction * (row + 1))``, at least 1. rows ``[R]`` -> ``[R]``."""
+    return torch.clamp(torch.ceil(fraction * (rows + 1).double()).long(), min=1)
+
+
+def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """scores ``[X, R, T]`` (future ``-inf``), counts ``[R]`` -> bool ``[X, R, T]``: the top counts[r]."""
+    order = scores.argsort(dim=-1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks < counts.view(1, -1, 1)
+
+
+def streaming_mask(rows: torch.Tensor, counts: torch.Tensor, length: int, sinks: int = SINKS) -> torch.Tensor:
+    """The first ``min(sinks, k)`` tokens and the most recent rest: bool ``[1, R, T]``."""
+    t = torch.arange(length).view(1, -1)
+    first = torch.clamp(counts, max=sinks).view(-1, 1)
+    recent = (counts.view(-1, 1) - first)
+    row = rows.view(-1, 1)
+    return ((t < first) | ((t > row - recent) & (t <= row))).unsqueeze(0)
+
+
+def _expand(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-KV-head ``[KvH, R, T]`` -> per-query-head ``[H, R, T]``."""
+    return mask.repeat_interleave(group, dim=0)
+
+
+def _selections(probs, logits, rows, fraction, group, generator, int8_logits=None):
+    """Masks ``{method: bool [H or 1, R, T]}`` for one layer and budget; logits None at layer 0."""
+    future = causal_mask(rows, probs.shape[-1])
+    counts = budget_counts(rows, fraction)
+    kvh = probs.shape[0] // group
+    noise = torch.rand(kvh, *probs.shape[1:], generator=generator).masked_fill(future, -1.0)
+    masks = {
+        "oracle_head": select_top(probs.masked_fill(future, -1.0), counts),
+        "oracle_group": _expand(select_top(probs.view(kvh, group, *probs.shape[1:]).mean(1).masked_fill(future, -1.0), counts), group),
+        "streaming": streaming_mask(rows, counts, probs.shape[-1]),
+        "random": _expand(select_top(noise, counts), group),
+    }
+    if logits is not None:
+        masked = logits.masked_fill(future, float("-inf"))
+        grouped = masked.view(kvh, group, *masked.shape[1:])
+        mean_prob = torch.softmax(masked, -1).view_as(grouped).mean(1).masked_fill(future, -1.0)
+        masks["tokenbutler"] = _expand(select_top(grouped.amax(1), counts), group)
+        fixed = torch.clamp(counts, max=SINKS) + torch.clamp((counts - SINKS) // 2, min=0, max=ENGINE_WINDOW)
+        always = streaming_mask(rows, fixed, probs.shape[-1])  # sinks + window, kept first
+        masks["tokenbutler_engine"] = _expand(select_top(grouped.amax(1).masked_fill(always, float("inf")), counts), group)
+        masks["tokenbutler_group_mean"] = _expand(select_top(mean_prob, counts), group)
+        masks["tokenbutler_per_head"] = select_top(masked, counts)
+    if int8_logits is not None:
+        grouped8 = int8_logits.masked_fill(future, float("-inf")).view(kvh, group, *masked.shape[1:])
+        masks["tokenbutler_int8"] = _expand(select_top(grouped8.amax(1), counts), group)
+    return masks
+
+
+def _recalls(probs: torch.Tensor, masks: dict) -> tuple[dict[str, float], float]:
+    """Mean recall per method (over heads and rows) and the oracle's captured mass."""
+    best = (probs * masks["oracle_head"]).sum(-1).clamp_min(1e-12)  # [H, R]
+    out = {m: float(((probs * mask).sum(-1) / best).mean()) for m, mask in masks.items() if m != "oracle_head"}
+    return out, float(best.mean())
+
+
+class _Tally:
+    """Running means keyed by (section, method, budget)."""
+
+    def __init__(self):
+        self.sums: dict[tuple, float] = {}
+        self.counts: dict[tuple, int] = {}
+
+    def add(self, key: tuple, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def mean(self, key: tuple) -> float:
+        return self.sums[key] / self.counts[key]
+
+
+def _label(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+@torch.no_grad()
+def evaluate(
+    predictor: TokenButlerPredictor | None,
+    adapter: ModelAdapter,
+    sequences: torch.Tensor,
+    rows: int = 64,
+    budgets: tuple[float, ...] = BUDGETS,
+    seed: int = 0,
+) -> dict:
+    """Held-out loss and recall of oracle top-k mass. sequences ``[M, T]`` long -> a JSON-able dict.
+
+    ``predictor=None`` reports only the baselines (streaming, random, oracle_group).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tally = _Tally()
+    for ids in sequences:
+        row_index = sample_rows(ids.shape[0], rows, generator)
+        _evaluate_sequence(predictor, adapter, ids.unsqueeze(0), row_index, budgets, generator, tally)
+    return _report(tally, predictor, sequences, rows, budgets, adapter.dims.num_layers)
+
+
+def _evaluate_sequence(predictor, adapter, ids, rows, budgets, generator, tally) -> None:
+    queries = {}
+    group = adapter.dims.group_size
+    for state in layer_states(adapter, ids):
+        layer = state.layer
+        probs = teacher_probs(state.q[:, rows], state.k, rows, adapter.scaling).cpu()
+        logits = int8_logits = None
+        if predictor is not None and layer >= 1:
+            producer = predictor.config.producer_of(layer)
+            layer_queries = queries[producer][:, layer - producer - 1]
+            keys = predictor.project_keys(layer, state.k)
+            logits = predictor.head_scores(layer_queries, keys).float().cpu()
+            int8_logits = predictor.head_scores(layer_queries, dequantize_keys(*quantize_keys(keys))).float().cpu()
+            tally.add(("loss",), float(distillation_loss(probs, logits, rows)))
+        if predictor is not None and predictor.is_producer(layer):
+            queries[layer] = predictor.importance_queries(layer, state.x[rows.to(state.x.device)])
+        section = "layer0" if layer == 0 else "consumers"
+        for fraction in budgets:
+            masks = _selections(probs, logits, rows, fraction, group, generator, int8_logits)
+            recalls, mass = _recalls(probs, masks)
+            tally.add((section, "oracle_mass", fraction), mass)
+            for method, value in recalls.items():
+                tally.add((section, method, fraction), value)
+                tally.add(("per_layer", method, fraction, layer), value)
+
+
+def _report(tally: _Tally, predictor, sequences, rows, budgets, num_layers) -> dict:
+    methods = [m for m in METHODS if ("consumers", m, budgets[0]) in tally.sums]
+    table = {m: {_label(b): tally.mean(("consumers", m, b)) for b in budgets} for m in methods}
+    layer0 = {m: {_label(b): tally.mean(("layer0", m, b)) for b in budgets} for m in ("oracle_mass", "streaming", "random")}
+    mid = min(budgets, key=lambda b: abs(b - 0.10))
+    per_layer = {
+        m: [round(tally.mean(("per_layer", m, mid, l)), 4) for l in range(num_layers) if ("per_layer", m, mid, l) in tally.sums]
+        for m in ("tokenbutler", "streaming", "random")
+        if ("per_layer", m, mid, num_layers - 1) in tally.sums
+    }
+    return {
+        "sequences": int(sequences.shape[0]),
+        "seq_len": int(sequences.shape[1]),
+        "rows_per_sequence": rows + 1,
+        "budgets": [_label(b) for b in budgets],
+        "loss": tally.mean(("loss",)) if ("loss",) in tally.sums else math.nan,
+        "recall": table,
+        "oracle_mass": {_label(b): tally.mean(("consumers", "oracle_mass", b)) for b in budgets},
+        "layer0": layer0,
+        "per_layer_recall_at": _label(mid),
+        "per_layer_recall": per_layer,
+        "note": "recall = attention mass on the selection / mass on the per-head oracle top-k; "
+        "mean over query heads, sampled rows and consumer layers 1..L-1",
+    }

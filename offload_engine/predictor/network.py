@@ -1,0 +1,169 @@
+"""The TokenButler predictor (arXiv 2503.07518 v2): learned, query-aware token importance.
+
+Producer layers sit every ``G`` layers (0, G, 2G, ...). Producer ``p`` reads the attention input of
+the current token at layer ``p`` and emits one small importance query per (consumer layer, attention
+head) for its consumers ``p+1 .. p+G`` (clipped at the last layer). Every consumer layer ``l`` has
+one learned key projection per KV head, applied to the model's real post-RoPE keys; the projected
+keys form the compact key cache (``d'`` numbers per token, layer and KV head). The importance of
+token ``t`` for head ``h`` of layer ``l`` is ``q'[l, h] . k'[l, kv(h), t] / sqrt(d')``; with GQA the
+scores of a group's query heads are reduced with max so selection is per (layer, KV head).
+
+Layer 0 has no producer before it: it is not a consumer (``TokenButlerPolicy`` keeps it dense).
+
+Shapes: ``E`` hidden size, ``H`` query heads, ``KvH`` KV heads, ``D`` head dim, ``d'`` = ``dim``,
+``T`` tokens, ``R`` query rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import ModelDims
+
+
+@dataclass(frozen=True, slots=True)
+class PredictorConfig:
+    """The model shape a predictor is built for and its own sizes."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    producer_every: int = 4  # G
+    dim: int = 16  # d'
+    hidden: int = 512  # I, inner width of the query MLP
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 2:
+            raise ConfigError(f"a TokenButler predictor needs a model with >= 2 layers, got {self.num_layers}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"{self.num_heads} heads are not a multiple of {self.num_kv_heads} KV heads.")
+        for name in ("producer_every", "dim", "hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+
+    @classmethod
+    def for_model(cls, dims: ModelDims, producer_every: int = 4, dim: int = 16, hidden: int = 512):
+        return cls(
+            num_layers=dims.num_layers,
+            num_heads=dims.num_heads,
+            num_kv_heads=dims.num_kv_heads,
+            head_dim=dims.head_dim,
+            hidden_size=dims.hidden_size,
+            producer_every=producer_every,
+            dim=dim,
+            hidden=hidden,
+        )
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def producers(self) -> tuple[int, ...]:
+        """Producer layers 0, G, 2G, ... that have at least one consumer."""
+        return tuple(range(0, self.num_layers - 1, self.producer_every))
+
+    def consumers(self, producer: int) -> range:
+        """Layers served by ``producer``: ``p+1 .. p+G``, clipped at the last layer."""
+        return range(producer + 1, min(producer + self.producer_every, self.num_layers - 1) + 1)
+
+    def producer_of(self, layer: int) -> int | None:
+        """The producer serving ``layer`` (None for layer 0)."""
+        if layer <= 0:
+            return None
+        return (layer - 1) // self.producer_every * self.producer_every
+
+    def model_shape(self) -> dict[str, int]:
+        """The model shape this predictor fits, as stored in checkpoints."""
+        keys = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def describe_shape(shape: dict[str, int]) -> str:
+    """``{'num_layers': 30, ...}`` -> ``'30 layers, 9 heads, 3 KV heads, head_dim 64, hidden 576'``."""
+    return (
+        f"{shape['num_layers']} layers, {shape['num_heads']} heads, {shape['num_kv_heads']} KV heads, "
+        f"head_dim {shape['head_dim']}, hidden {shape['hidden_size']}"
+    )
+
+
+def query_mlp(hidden_size: int, inner: int, out: int) -> nn.Sequential:
+    """``LayerNorm(E) -> Linear(E, I) -> SiLU -> Linear(I, out)``, no biases in the linears."""
+    return nn.Sequential(
+        nn.LayerNorm(hidden_size),
+        nn.Linear(hidden_size, inner, bias=False),
+        nn.SiLU(),
+        nn.Linear(inner, out, bias=False),
+    )
+
+
+class TokenButlerPredictor(nn.Module):
+    """Importance queries per producer and key projections per (consumer layer, KV head).
+
+    Parameters: ``queries[i]`` for ``config.producers[i]``; ``key_proj`` ``[L-1, KvH, D, d']`` for
+    consumer layers ``1 .. L-1`` (index ``l - 1``).
+    """
+
+    def __init__(self, config: PredictorConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.queries = nn.ModuleList(
+            query_mlp(c.hidden_size, c.hidden, len(c.consumers(p)) * c.num_heads * c.dim) for p in c.producers
+        )
+        key_proj = torch.randn(c.num_layers - 1, c.num_kv_heads, c.head_dim, c.dim) / math.sqrt(c.head_dim)
+        self.key_proj = nn.Parameter(key_proj)
+        self._producer_index = {p: i for i, p in enumerate(c.producers)}
+
+    def is_producer(self, layer: int) -> bool:
+        return layer in self._producer_index
+
+    def importance_queries(self, producer: int, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., E]`` (attention input at ``producer``) -> ``[..., n_consumers, H, d']``."""
+        mlp = self.queries[self._producer_index[producer]]
+        out = mlp(x.to(self.key_proj.dtype))
+        c = self.config
+        return out.view(*x.shape[:-1], len(c.consumers(producer)), c.num_heads, c.dim)
+
+    def project_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """Real post-RoPE keys k ``[KvH, T, D]`` of consumer ``layer`` -> ``[KvH, T, d']``."""
+        return torch.matmul(k.to(self.key_proj.dtype), self.key_proj[layer - 1])
+
+    def head_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Per-query-head logits. queries ``[R, H, d']``, keys ``[KvH, T, d']`` -> ``[H, R, T]``.
+
+        Each query head scores the projected keys of its KV group; no mask is applied.
+        """
+        kvh, g = self.config.num_kv_heads, self.config.group_size
+        q = queries.to(keys.dtype).permute(1, 0, 2).reshape(kvh, g * queries.shape[0], -1)  # [KvH, G*R, d']
+        logits = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(self.config.dim)  # [KvH, G*R, T]
+        return logits.view(self.config.num_heads, queries.shape[0], keys.shape[1])
+
+    def group_max(self, scores: torch.Tensor) -> torch.Tensor:
+        """Reduce per-head scores ``[H, ...]`` to per-KV-head scores ``[KvH, ...]`` by max."""
+        kvh, g = self.config.num_kv_heads, self.config.group_size
+        return scores.view(kvh, g, *scores.shape[1:]).amax(dim=1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per (KV head, token): keys ``[..., d']`` -> (int8 ``[..., d']``, fp16 scale ``[...]``)."""
+    scale = keys.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
+    return torch.round(keys.float() / scale.unsqueeze(-1)).to(torch.int8), scale.to(torch.float16)
+
+
+def dequantize_keys(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``quantize_keys``: float32 ``[..., d']``."""
+    return quantized.float() * scale.float().unsqueeze(-1)

@@ -1,0 +1,91 @@
+"""The frozen model as teacher: its attention per layer and head, on sampled query rows only.
+
+``layer_states`` runs the model layer by layer and hands out one layer's attention input, queries
+and keys at a time, so nothing ever holds every layer's ``T x T`` attention at once;
+``teacher_probs`` computes the causal attention of the sampled rows only (``[H, R, T]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..models import ModelAdapter
+
+
+@dataclass(slots=True)
+class LayerState:
+    """One layer of a teacher pass: x ``[T, E]`` attention input; q ``[H, T, D]``, k ``[KvH, T, D]``
+    post-RoPE, in the model's dtype."""
+
+    layer: int
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+
+
+def layer_states(adapter: ModelAdapter, ids: torch.Tensor) -> Iterator[LayerState]:
+    """Run the frozen model over ids ``[1, T]``, yielding each layer's ``LayerState`` in order.
+
+    Gradients are off for the model's computation only (the caller may train on what it gets).
+    """
+    with torch.no_grad():
+        hidden = adapter.embed(ids.to(adapter.device))
+        positions = torch.arange(ids.shape[1], device=hidden.device).unsqueeze(0)
+        rope = adapter.rope(hidden, positions)
+    for layer in range(adapter.dims.num_layers):
+        with torch.no_grad():
+            x = adapter.attention_input(layer, hidden)
+            q, k, v = adapter.qkv(layer, x, rope)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=adapter.scaling, enable_gqa=True)
+            following = adapter.finish_layer(layer, hidden, out)
+        yield LayerState(layer, x[0], q[0], k[0])
+        hidden = following
+
+
+def sample_rows(length: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Query rows to distil on: up to ``count`` from the last half of the sequence plus the last row.
+
+    Returns ``[R]`` long, sorted ascending, distinct.
+    """
+    start, last = length // 2, length - 1
+    pool = torch.arange(start, last)
+    if count < pool.numel():
+        pool = pool[torch.randperm(pool.numel(), generator=generator)[:count]]
+    return torch.cat([pool.sort().values, torch.tensor([last])])
+
+
+def causal_mask(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """``[R, T]`` bool, True where key position ``t`` is in the future of query row ``rows[r]``."""
+    return torch.arange(length, device=rows.device).unsqueeze(0) > rows.unsqueeze(1)
+
+
+def teacher_logits(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """The model's attention logits of sampled rows, future masked with ``-inf``.
+
+    q_rows ``[H, R, D]``, k ``[KvH, T, D]``, rows ``[R]`` -> ``[H, R, T]`` float32.
+    """
+    heads, n_rows = q_rows.shape[0], q_rows.shape[1]
+    kvh = k.shape[0]
+    grouped = q_rows.float().reshape(kvh, heads // kvh * n_rows, -1)  # [KvH, G*R, D]
+    logits = torch.matmul(grouped, k.float().transpose(-1, -2)) * scale  # [KvH, G*R, T]
+    logits = logits.view(heads, n_rows, k.shape[1])
+    return logits.masked_fill(causal_mask(rows.to(k.device), k.shape[1]), float("-inf"))
+
+
+def teacher_probs(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(teacher_logits)``: ``[H, R, T]`` float32, zero in the future."""
+    return torch.softmax(teacher_logits(q_rows, k, rows, scale), dim=-1)
+
+
+def distillation_loss(teacher: torch.Tensor, student_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``-sum_t P log P_hat`` averaged over heads and rows.
+
+    teacher ``[H, R, T]`` probabilities; student_logits ``[H, R, T]`` unmasked -> scalar float32.
+    """
+    future = causal_mask(rows.to(student_logits.device), student_logits.shape[-1])
+    log_p = torch.log_softmax(student_logits.float().masked_fill(future, float("-inf")), dim=-1)
+    return -(teacher * log_p.masked_fill(future, 0.0)).sum(-1).mean()

@@ -1,0 +1,254 @@
+"""Distillation of a TokenButler predictor from a frozen model (method.md section 1).
+
+Teacher: the model's causal attention per layer and head, on sampled query rows. Student: the
+predictor's softmax over the same rows. Loss: cross-entropy averaged over consumer layers and
+heads. AdamW, cosine schedule with linear warm-up, gradient-norm clipping, batch 1.
+
+Checkpoints go to ``out/checkpoints/step-NNNNNN`` (each written atomically, the last few kept);
+``resume=True`` continues from the newest one. At the end the final predictor is published to
+``out`` itself, and the held-out report (``evaluation.evaluate``) is written to ``out/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError, TbrunError
+from ..models import ModelAdapter
+from . import checkpoint as ckpt
+from .data import TokenSequences
+from .evaluation import evaluate
+from .network import PredictorConfig, TokenButlerPredictor
+from .teacher import distillation_loss, layer_states, sample_rows, teacher_probs
+
+
+class TrainingError(TbrunError):
+    """Training cannot go on (NaN loss, a resume that does not match, ...)."""
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Sizes and optimisation settings of one distillation run."""
+
+    seq_len: int = 1024
+    steps: int = 500
+    producer_every: int = 4
+    dim: int = 16
+    hidden: int = 512
+    rows: int = 256  # sampled query rows per sequence (plus the last row)
+    lr: float = 1e-3
+    warmup: float = 0.1  # fraction of steps with linear warm-up
+    weight_decay: float = 0.0
+    clip: float = 10.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    held_out: int = 8  # held-out sequences in the final report
+    eval_rows: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "steps", "rows", "checkpoint_every", "keep_checkpoints", "eval_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.seq_len < 4:
+            raise ConfigError(f"--seq-len {self.seq_len} is too short to distil attention: use 256 or more.")
+        if not 0.0 <= self.warmup < 1.0 or self.lr <= 0 or self.clip <= 0:
+            raise ConfigError("warm-up must be in [0, 1), the learning rate and clip positive.")
+
+    def resume_key(self) -> dict:
+        """Settings a resumed run must share with the run it continues."""
+        keys = ("seq_len", "steps", "producer_every", "dim", "hidden", "rows", "lr", "warmup", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What the progress display shows after each step."""
+
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    grad_norm: float
+
+
+@dataclass(slots=True)
+class TrainResult:
+    predictor: TokenButlerPredictor
+    out_dir: Path
+    report: dict = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warm-up over ``warmup * steps``, then cosine to zero."""
+    warm = max(1, int(round(warmup * steps))) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def distill_step(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor) -> float:
+    """Accumulate the gradients of one sequence's loss; return the loss.
+
+    ids ``[1, T]``, rows ``[R]``. The teacher runs layer by layer; each consumer layer's loss is
+    back-propagated at once (into a detached copy of its producer's queries, flushed into the
+    query network after the producer's last consumer), so one layer's ``[H, R, T]`` is alive at a time.
+    """
+    config = predictor.config
+    consumers = config.num_layers - 1
+    rows_dev = rows.to(adapter.device)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    total = 0.0
+    for state in layer_states(adapter, ids):
+        layer = state.layer
+        if layer >= 1:
+            producer = config.producer_of(layer)
+            queries, leaf = pending[producer]
+            teacher = teacher_probs(state.q[:, rows_dev], state.k, rows_dev, adapter.scaling)
+            keys = predictor.project_keys(layer, state.k)
+            logits = predictor.head_scores(leaf[:, layer - producer - 1], keys)
+            loss = distillation_loss(teacher, logits, rows_dev) / consumers
+            loss.backward()
+            total += loss.item()
+            if layer == config.consumers(producer)[-1]:
+                queries.backward(leaf.grad)
+                del pending[producer]
+        if predictor.is_producer(layer):
+            queries = predictor.importance_queries(layer, state.x[rows_dev])  # [R, G', H, d']
+            pending[layer] = (queries, queries.detach().requires_grad_())
+    return total
+
+
+def train(
+    adapter: ModelAdapter,
+    data: TokenSequences,
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    meta: dict | None = None,
+    on_step: Callable[[StepStats], None] | None = None,
+) -> TrainResult:
+    """Distil a predictor for ``adapter``'s model on ``data``; checkpoints and report in ``out_dir``."""
+    out = Path(out_dir)
+    _check_sequences(adapter, data, config)
+    torch.manual_seed(config.seed)
+    shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden)
+    predictor = TokenButlerPredictor(shape).to(adapter.device)
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
+    start = _restore(out, config, predictor, optimizer, schedule) if resume else _refuse_stale(out)
+    meta = {**(meta or {}), "train": asdict(config)}
+    order = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    last_good = ckpt.checkpoint_dirs(out)[-1] if start else None
+    for step in range(start, config.steps):
+        began = time.perf_counter()
+        ids = data.train[order[step % len(order)]].unsqueeze(0)
+        rows = sample_rows(config.seq_len, config.rows, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+        optimizer.zero_grad(set_to_none=True)
+        predictor.train()
+        loss = distill_step(predictor, adapter, ids, rows)
+        norm = float(torch.nn.utils.clip_grad_norm_(predictor.parameters(), config.clip))
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise TrainingError(_nan_message(step + 1, loss, norm, last_good))
+        optimizer.step()
+        schedule.step()
+        if on_step is not None:
+            elapsed = time.perf_counter() - began
+            on_step(StepStats(step + 1, config.steps, loss, schedule.get_last_lr()[0], config.seq_len / elapsed, norm))
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            last_good = _save_step(out, step + 1, predictor, optimizer, schedule, config, meta)
+    predictor.eval()
+    report = evaluate(predictor, adapter, data.held_out, rows=config.eval_rows, seed=config.seed) if len(data.held_out) else {}
+    final = last_good if last_good is not None else _save_step(out, config.steps, predictor, optimizer, schedule, config, meta)
+    ckpt.publish(final, out)
+    if report:
+        write_json_atomic(out / "report.json", report)
+    return TrainResult(predictor, out, report, start)
+
+
+def check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:
+    """Refuse training sequences longer than the model's positions."""
+    if seq_len > adapter.dims.max_positions:
+        raise ConfigError(
+            f"--seq-len {seq_len} is longer than the model supports ({adapter.dims.max_positions} "
+            "positions): lower --seq-len."
+        )
+
+
+def _check_sequences(adapter: ModelAdapter, data: TokenSequences, config: TrainConfig) -> None:
+    check_seq_len(adapter, config.seq_len)
+    if data.train.shape[1] != config.seq_len:
+        raise ConfigError(f"training sequences have length {data.train.shape[1]}, not --seq-len {config.seq_len}.")
+
+
+def _nan_message(step: int, loss: float, norm: float, last_good: Path | None) -> str:
+    kept = f"the last good checkpoint is kept at {last_good}" if last_good else "no checkpoint was written yet"
+    return (
+        f"training stopped at step {step}: the loss is {loss} and the gradient norm {norm} (not finite); "
+        f"{kept}. Resume with --resume (the run is deterministic, so check the data) or lower --lr."
+    )
+
+
+def _refuse_stale(out: Path) -> int:
+    if ckpt.checkpoint_dirs(out):
+        raise TrainingError(
+            f"{out} already holds checkpoints of an earlier run: pass --resume to continue it, or choose "
+            "another --out."
+        )
+    return 0
+
+
+def _restore(out: Path, config: TrainConfig, predictor, optimizer, schedule) -> int:
+    """Load the newest checkpoint in ``out`` into the training objects; return its step."""
+    found = ckpt.checkpoint_dirs(out)
+    if not found:
+        raise TrainingError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start afresh.")
+    loaded, saved = ckpt.load_checkpoint(found[-1], device=next(predictor.parameters()).device)
+    state = ckpt.load_train_state(found[-1])
+    if state.get("resume_key") != config.resume_key():
+        raise TrainingError(
+            f"--resume: {found[-1]} was made with {state.get('resume_key')}, but this run asks for "
+            f"{config.resume_key()}: use the same options, or another --out."
+        )
+    if loaded.config != predictor.config:
+        raise TrainingError(f"--resume: {found[-1]} is a predictor of another shape; use another --out.")
+    predictor.load_state_dict(loaded.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return int(state["step"])
+
+
+def _save_step(out: Path, step: int, predictor, optimizer, schedule, config: TrainConfig, meta: dict) -> Path:
+    """Write ``out/checkpoints/step-NNNNNN`` atomically and drop the oldest beyond ``keep_checkpoints``."""
+    state = {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "resume_key": config.resume_key()}
+    path = ckpt.save_checkpoint(out / "checkpoints" / f"step-{step:06d}", predictor, {**meta, "steps": step}, state)
+    for old in ckpt.checkpoint_dirs(out)[: -config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(payload, stream, indent=2)
+        stream.write("\n")
+    os.replace(temp, path)

@@ -1,0 +1,116 @@
+"""The benchmarks' CPU path at tiny sizes: reports are written with every field, every mode has a
+row or a reason. No timing is asserted (CI machines are shared and slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tbrun_bench.archs import arch_config, arch_names, build_random_model
+from tbrun_bench.latency import ALL_MODES
+from tbrun_bench.overhead import measure, to_markdown
+from tbrun_cli.main import app
+
+from offload_engine.models import dims_from_config
+from offload_engine.policies import POLICIES
+
+runner = CliRunner()
+
+EXPECTED_DIMS = {  # (layers, heads, KV heads, head dim) of the released models
+    "llama-3.1-8b": (32, 32, 8, 128),
+    "qwen2.5-7b": (28, 28, 4, 128),
+    "llama-3.2-3b": (28, 24, 8, 128),
+    "tiny-llama": (2, 4, 2, 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DIMS))
+def test_arch_files_describe_the_released_shapes(name):
+    assert name in arch_names()
+    dims = dims_from_config(arch_config(name))
+    assert (dims.num_layers, dims.num_heads, dims.num_kv_heads, dims.head_dim) == EXPECTED_DIMS[name]
+
+
+def test_llama3_rope_scaling_is_kept():
+    rope = arch_config("llama-3.1-8b").rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and rope["rope_theta"] == 500000.0
+
+
+def test_latency_cli_writes_reports_with_a_row_or_reason_per_mode(tmp_path):
+    out = tmp_path / "results"
+    result = runner.invoke(app, [
+        "bench", "latency", "--arch", "tiny-llama", "--contexts", "256,320", "--budget", "96",
+        "--decode-steps", "3", "--warmup", "1", "--device", "cpu", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    stem = out / "latency-tiny-llama-cpu"
+    for suffix in ("json", "md", "png"):
+        assert stem.with_suffix(f".{suffix}").is_file()
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert {"provenance", "machine", "settings", "rows", "pinned_memcpy_peak_gbps"} <= set(report)
+    assert {"command", "commit"} <= set(report["provenance"])
+    assert {"cpu", "host_ram_gib", "torch"} <= set(report["machine"])
+    for context in (256, 320):
+        rows = [r for r in report["rows"] if r["context"] == context]
+        assert {r["mode"] for r in rows} == set(ALL_MODES)
+        assert len(rows) == 2 + 3 * 4  # sparse modes: 2 intervals x 2 neighbour settings
+        for row in rows:
+            assert row["status"] == "ok" or row["reason"], row
+            if row["status"] == "ok":
+                assert row["steps"] == 3
+                for key in ("median_ms", "p90_ms", "prefill_s", "h2d_bytes_per_step", "speedup_vs_dense_offload",
+                            "ratio_to_dense_gpu", "kv_on_device_share"):
+                    assert row[key] is not None, key
+    ok = {r["mode"] for r in report["rows"] if r["status"] == "ok"}
+    must_run = {"dense-gpu", "dense-offload", "streaming-offload", "random-offload"}
+    if "tokenbutler" in POLICIES:  # a random-weight predictor of the model's shape
+        must_run.add("tokenbutler-offload")
+    assert must_run <= ok
+    markdown = stem.with_suffix(".md").read_text()
+    assert "## Context 256 tokens" in markdown and "dense-offload" in markdown
+
+
+def test_latency_cli_refuses_bad_options_clearly(tmp_path):
+    result = runner.invoke(app, ["bench", "latency", "--arch", "no-such-arch", "--contexts", "256",
+                                 "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "no-such-arch" in result.output
+    result = runner.invoke(app, ["bench", "latency", "--arch", "tiny-llama", "--neighbors", "maybe",
+                                 "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--neighbors" in result.output
+
+
+def test_gather_cli_times_the_cpu_method(tmp_path):
+    result = runner.invoke(app, ["bench", "gather", "--context", "4096", "--budget", "256", "--repeats", "3",
+                                 "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "gather-cpu.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["index"]
+    assert report["rows"][0]["agrees_with_index"] is True
+    assert (tmp_path / "gather-cpu.md").is_file()
+
+
+def test_overhead_measures_both_sides_on_a_tiny_model():
+    adapter = build_random_model("tiny-llama", device="cpu")
+    rows = measure(adapter, [64, 96], new_tokens=4, repeats=2, skip=1, seed=0, log=lambda _: None)
+    assert [r["context"] for r in rows] == [64, 96]
+    for row in rows:
+        assert row["tbrun"]["steps"] == 2 * 2 and row["transformers"]["steps"] == 2 * 2
+        assert row["ratio_median"] > 0 and row["same_tokens"] in (True, False)
+    report = {"provenance": {"command": "x", "commit": "y", "date": "z"}, "machine": {"cpu": "c"},
+              "settings": {"model": "tiny", "dtype": "fp32", "new_tokens": 4, "repeats": 2, "skip_steps": 1,
+                           "timing_method": "t"}, "rows": rows}
+    assert "| 64 |" in to_markdown(report)
+
+
+def test_latency_append_merges_contexts_from_separate_runs(tmp_path):
+    common = ["bench", "latency", "--arch", "tiny-llama", "--budget", "96", "--decode-steps", "1", "--warmup", "0",
+              "--modes", "dense-gpu,streaming-offload", "--interval", "4", "--neighbors", "off",
+              "--device", "cpu", "--out", str(tmp_path)]
+    assert runner.invoke(app, common + ["--contexts", "256"]).exit_code == 0
+    result = runner.invoke(app, common + ["--contexts", "320", "--append"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "latency-tiny-llama-cpu.json").read_text())
+    assert sorted({r["context"] for r in report["rows"]}) == [256, 320]
+    assert [run["contexts"] for run in report["runs"]] == [[256], [320]]

@@ -1,0 +1,173 @@
+"""``tbrun eval`` end to end on a tiny random Llama: the harness drives the real engine for every
+policy x budget, writes one run per directory (JSON, Markdown with dense on top, PNG), and
+refuses bad input with a message that says what is valid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from offload_engine.config import Budget
+from offload_engine.errors import ConfigError
+from offload_engine.evaluation.harness import EvalConfig, evaluate, load_for_eval, prepare_samples, run_points
+from offload_engine.evaluation.report import RESULTS_FILE, check_output_dir
+from tbrun_cli.main import app
+
+runner = CliRunner()
+CONTEXT = "256"
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, ["eval", *args])
+
+
+def flat(output: str) -> str:
+    return " ".join(output.split())
+
+
+def eval_args(model_dir: str, out: Path, *extra: str, policy: str = "streaming,quest", budget: str = "25%,50%"):
+    return ["--task", "niah-single", "--policy", policy, "--budget", budget, "--context", CONTEXT,
+            "--samples", "2", "--model", model_dir, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """One real eval run through the CLI (dense + 2 policies x 2 budgets, 2 samples)."""
+    out = tmp_path_factory.mktemp("eval") / "niah"
+    result = run_cli(*eval_args(tiny_model_dir, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_eval_writes_json_markdown_and_plot(report_dir):
+    assert sorted(p.name for p in report_dir.iterdir()) == ["plot.png", "report.md", "results.json"]
+    assert (report_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in report_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_every_sample_of_every_point_is_recorded(report_dir):
+    report = json.loads((report_dir / RESULTS_FILE).read_text())
+    samples = report["samples"]
+    assert len(samples) == (1 + 2 * 2) * 2
+    points = [(r["policy"], r["budget"]) for r in report["summary"]]
+    assert points == [("dense", "100%"), ("streaming", "25%"), ("streaming", "50%"), ("quest", "25%"), ("quest", "50%")]
+    for record in samples:
+        assert {"output", "score", "correct", "answers", "depth", "seconds", "stats"} <= record.keys()
+        assert record["prompt_tokens"] + 32 <= int(CONTEXT)
+        assert {"prefill_seconds", "ms_per_step", "h2d_bytes_per_step", "new_tokens"} <= record["stats"].keys()
+
+
+def test_report_records_command_commit_machine_and_config(report_dir):
+    report = json.loads((report_dir / RESULTS_FILE).read_text())
+    assert "--task niah-single" in report["provenance"]["command"]
+    assert report["provenance"]["commit"]
+    assert {"platform", "cpu cores", "host RAM"} <= report["machine"].keys()
+    assert report["config"]["budgets"] == ["25%", "50%"] and report["config"]["context"] == int(CONTEXT)
+    assert report["config"]["policies"] == ["streaming", "quest"]
+
+
+def test_markdown_table_has_dense_on_top(report_dir):
+    markdown = (report_dir / "report.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[0] == "| policy | 25% | 50% | 100% |"
+    assert table[2].startswith("| dense | - | - |")
+    assert table[3].startswith("| streaming |") and table[4].startswith("| quest |")
+    assert "tbrun eval --task niah-single" in markdown
+
+
+def test_a_directory_holding_another_run_is_refused_and_left_alone(report_dir, tiny_model_dir):
+    before = (report_dir / RESULTS_FILE).read_bytes()
+    result = run_cli(*eval_args(tiny_model_dir, report_dir, budget="10%"))
+    assert result.exit_code == 2
+    assert "different run" in flat(result.output) and "--overwrite" in flat(result.output)
+    assert (report_dir / RESULTS_FILE).read_bytes() == before
+
+
+def test_the_same_run_may_be_rewritten_but_other_files_are_refused(report_dir, tmp_path):
+    config = json.loads((report_dir / RESULTS_FILE).read_text())["config"]
+    check_output_dir(report_dir, config, overwrite=False)  # the same run: allowed
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an eval report"):
+        check_output_dir(tmp_path, config, overwrite=False)
+    check_output_dir(tmp_path, config, overwrite=True)
+
+
+def test_overwrite_replaces_the_run_whole(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale.txt").write_text("from before")
+    result = run_cli(*eval_args(tiny_model_dir, out, "--overwrite", "--samples", "1", policy="random", budget="50%"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "stale.txt").exists()
+    report = json.loads((out / RESULTS_FILE).read_text())
+    assert {r["policy"] for r in report["samples"]} == {"dense", "random"} and len(report["samples"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--task", "needle"), "valid tasks: niah, niah-single"),
+    (("--policy", "quest,magic"), "'magic' is not a policy; valid policies: "),
+    (("--policy", "critical(magic)"), "'magic' is not a policy"),
+    (("--budget", "0%"), "outside (0, 100%]"),
+    (("--budget", "10%,150%"), "outside (0, 100%]"),
+    (("--samples", "0"), "--samples must be at least 1"),
+    (("--context", "1k"), "longer than the model's 512 positions"),
+    (("--device", "cuda"), "no CUDA GPU"),
+])
+def test_bad_input_exits_2_with_a_message(tiny_model_dir, tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --device cuda is valid here")
+    base = dict(zip(eval_args(tiny_model_dir, tmp_path / "out")[::2], eval_args(tiny_model_dir, tmp_path / "out")[1::2]))
+    base.update(dict(zip(args[::2], args[1::2])))
+    result = run_cli(*[item for pair in base.items() for item in pair])
+    assert result.exit_code == 2, result.output
+    assert message in flat(result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_policy_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        EvalConfig(task="niah", policies=["qest"], budgets=[Budget.parse("10%")])
+    for name in ("dense", "quest", "h2o", "snapkv", "streaming", "random", "oracle", "critical(<base>)"):
+        assert name in str(info.value)
+
+
+def test_dense_is_the_first_point_once():
+    config = EvalConfig(task="niah", policies=["quest", "dense", "quest"], budgets=[Budget.parse("10%")] * 2)
+    assert [(p.policy, p.budget_label) for p in run_points(config)] == [("dense", "100%"), ("quest", "10%")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    config = EvalConfig(task="ppl", policies=["streaming"], budgets=[Budget.parse("100%")], context=256,
+                        samples=1, model=tiny_model_dir)
+    return load_for_eval(config)
+
+
+@pytest.mark.parametrize("task, context", [("ppl", 160), ("niah-single", 256)])
+def test_a_budget_of_every_token_scores_like_dense(tiny, tiny_model_dir, task, context):
+    config = EvalConfig(task=task, policies=["random", "quest"], budgets=[Budget.parse("100%")], context=context,
+                        samples=1, model=tiny_model_dir)
+    results = evaluate(config, tiny, prepare_samples(config, tiny.tokenizer))
+    dense, *sparse = results
+    assert [r["policy"] for r in results] == ["dense", "random", "quest"]
+    for record in sparse:
+        if task == "ppl":
+            assert record["tokens"] == dense["tokens"] > 0
+            assert record["nll"] == pytest.approx(dense["nll"], rel=1e-4)
+        else:
+            assert record["output"] == dense["output"]
+
+
+def test_coref_is_scored_teacher_forced_and_by_generation(tiny, tiny_model_dir):
+    config = EvalConfig(task="coref", policies=["h2o"], budgets=[Budget.parse("50%")], context=384, samples=1,
+                        model=tiny_model_dir)
+    samples = prepare_samples(config, tiny.tokenizer)
+    for record in evaluate(config, tiny, samples):
+        assert {"score", "correct", "output", "token_error", "any_wrong", "nll", "forced_predicted"} <= record.keys()
+        assert record["tokens"] == len(samples[0].forced.target_ids)
+        assert 0.0 <= record["token_error"] <= 1.0
+        assert torch.isfinite(torch.tensor(record["nll"]))

@@ -1,0 +1,201 @@
+"""The tokenbutler policy: compact key cache, planning, selection rules, and decoding in the engine."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine.models import ModelAdapter
+from offload_engine.policies import build_policy
+from offload_engine.policies.base import Candidates, PolicyContext, extend_runs
+from offload_engine.policies.tokenbutler import TokenButlerPolicy, shipped_predictor_for
+from offload_engine.predictor.checkpoint import PredictorError, save_checkpoint
+from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+from offload_engine.selector import Selector
+
+from tiny_models import tiny_model
+
+NEW_TOKENS = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def predictor_for(adapter: ModelAdapter, seed: int = 0, **sizes) -> TokenButlerPredictor:
+    torch.manual_seed(seed)
+    config = PredictorConfig.for_model(adapter.dims, **{"producer_every": 2, "dim": 8, "hidden": 32, **sizes})
+    return TokenButlerPredictor(config).eval()
+
+
+def bound_policy(adapter: ModelAdapter, capacity: int = 64, **options) -> TokenButlerPolicy:
+    policy = TokenButlerPolicy(predictor=predictor_for(adapter), **options)
+    policy.bind(PolicyContext(dims=adapter.dims, capacity=capacity, device=torch.device("cpu"), dtype=torch.float32,
+                              adapter=adapter, host_store=None, sinks=2, window=4))
+    return policy
+
+
+def prompt_tensors(adapter: ModelAdapter, length: int, seed: int = 0):
+    """Per layer (x [T, E], q [H, T, D], k, v [KvH, T, D]) of a random prompt (from the model itself)."""
+    from offload_engine.predictor.teacher import layer_states
+
+    ids = torch.randint(0, 320, (1, length), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for state in layer_states(adapter, ids):
+        out.append((state.x, state.q, state.k, torch.zeros_like(state.k)))
+    return out
+
+
+# ------------------------------------------------------------------------- selection rules
+@pytest.mark.parametrize("selected, hi, expected", [
+    ([3, 4, 9, -1], 12, [3, 4, 5, 6, 9, 10, -1, -1]),  # a run of 2 gains 2, a run of 1 gains 1
+    ([0, 1, 2, 10], 12, [0, 1, 2, 3, 4, 5, 10, 11]),
+    ([5, 7, -1, -1], 12, [5, 6, 7, 8, -1, -1, -1, -1]),  # extensions that meet merge without repeats
+    ([8, 9, 10, -1], 11, [8, 9, 10, -1, -1, -1, -1, -1]),  # nothing past hi
+    ([-1, -1], 12, [-1, -1, -1, -1]),
+])
+def test_run_extension_doubles_each_run(selected, hi, expected):
+    assert extend_runs(torch.tensor([selected]), 0, hi).tolist() == [expected]
+
+
+def test_run_extension_is_per_kv_head():
+    out = extend_runs(torch.tensor([[2, 3, 4, -1], [6, -1, -1, -1]]), 2, 20)
+    assert out.tolist() == [[2, 3, 4, 5, 6, 7, -1, -1], [6, 7, -1, -1, -1, -1, -1, -1]]
+
+
+def test_selector_keeps_top_scores_then_neighbors_on_a_hand_built_pattern():
+    selection = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=2 + 4 + 3), sinks=2, window=4, neighbors=1)
+    selector = Selector(selection, capacity=64, dense_layers=frozenset({0}))
+    candidates = selector.candidates(layer=1, position=29)
+    assert (candidates.lo, candidates.hi, candidates.keep) == (2, 26, 3)
+    scores = torch.full((2, candidates.count), -1.0)
+    scores[0, [10 - 2, 11 - 2, 25 - 2]] = 5.0  # head 0 likes 10, 11 and the last candidate 25
+    scores[1, [3 - 2, 17 - 2, 4 - 2]] = torch.tensor([3.0, 2.0, 1.0])
+    chosen = selector.select(scores, candidates, slots=selector.slots_for(1))
+    assert chosen[0][chosen[0] >= 0].tolist() == [10, 11, 12, 25]  # 26 is past the candidates
+    assert chosen[1][chosen[1] >= 0].tolist() == [3, 4, 5, 17, 18]
+    dense = selector.candidates(layer=0, position=29)
+    assert dense.keep == dense.count == 24  # layer 0 (tokenbutler's dense layer) keeps all
+
+
+# ----------------------------------------------------------------------------------- policy
+def test_policy_is_registered_and_plans_for_its_consumers():
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=5))
+    assert isinstance(build_policy("tokenbutler", predictor=predictor_for(adapter)), TokenButlerPolicy)
+    policy = bound_policy(adapter)
+    assert policy.dense_layers() == frozenset({0})
+    assert [layer for layer in range(5) if policy.is_producer(layer)] == [0, 2]
+
+
+def test_compact_cache_holds_projected_keys_and_plan_scores_them():
+    adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
+    policy = bound_policy(adapter)
+    predictor = policy.predictor
+    tensors = prompt_tensors(adapter, 20)
+    for layer, (x, q, k, v) in enumerate(tensors):
+        policy.observe_prefill(layer, x, q, k, v)
+    x_new, k_new = torch.randn(adapter.dims.hidden_size), torch.randn(2, adapter.dims.head_dim)
+    for layer in range(4):
+        policy.observe_decode(layer, 20, x_new, None, k_new, None)
+    torch.testing.assert_close(policy.cache.read(3, 0, 20), predictor.project_keys(3, tensors[3][2]))
+    torch.testing.assert_close(policy.cache.read(3, 20, 21)[:, 0], predictor.project_keys(3, k_new.unsqueeze(1))[:, 0])
+    candidates = {layer: Candidates(lo=2, hi=17, keep=3, position=20) for layer in range(4)}
+    plan = policy.plan(0, tensors[0][0][-1], candidates.__getitem__)
+    assert sorted(plan) == [1, 2]
+    queries = predictor.importance_queries(0, tensors[0][0][-1])  # [2, H, d']
+    for layer in (1, 2):
+        heads = predictor.head_scores(queries[layer - 1].unsqueeze(0), predictor.project_keys(layer, tensors[layer][2][:, 2:17]))
+        torch.testing.assert_close(plan[layer], predictor.group_max(heads[:, 0]))
+        assert plan[layer].shape == (2, 15) and plan[layer].dtype == torch.float32
+
+
+def test_int8_projected_keys_keep_the_ranking():
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
+    exact, int8 = bound_policy(adapter), bound_policy(adapter, key_dtype="int8")
+    tensors = prompt_tensors(adapter, 40)
+    for policy in (exact, int8):
+        for layer, (x, q, k, v) in enumerate(tensors):
+            policy.observe_prefill(layer, x, q, k, v)
+    candidates = lambda layer: Candidates(lo=0, hi=40, keep=8, position=40)  # noqa: E731
+    a, b = exact.plan(0, tensors[0][0][-1], candidates), int8.plan(0, tensors[0][0][-1], candidates)
+    torch.testing.assert_close(a[1], b[1], atol=0.05, rtol=0.05)
+    top_a, top_b = a[1].topk(8).indices, b[1].topk(8).indices
+    overlap = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(top_a, top_b)) / top_a.numel()
+    assert overlap >= 0.85
+    assert int8.cache.nbytes < 0.35 * exact.cache.nbytes  # int8 + fp16 scale vs float32
+
+
+def test_predictor_for_another_model_is_refused_at_bind():
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
+    other = ModelAdapter(tiny_model("llama", num_hidden_layers=3))
+    policy = TokenButlerPolicy(predictor=predictor_for(other))
+    with pytest.raises(PredictorError, match="3 layers.*4 layers"):
+        policy.bind(PolicyContext(dims=adapter.dims, capacity=32, device=torch.device("cpu"), dtype=torch.float32,
+                                  adapter=adapter, host_store=None, sinks=2, window=4))
+
+
+def test_loads_a_checkpoint_by_path_and_finds_shipped_predictors(tmp_path):
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
+    save_checkpoint(tmp_path / "p", predictor_for(adapter, seed=3))
+    policy = TokenButlerPolicy(predictor_path=str(tmp_path / "p"))
+    policy.bind(PolicyContext(dims=adapter.dims, capacity=32, device=torch.device("cpu"), dtype=torch.float32,
+                              adapter=adapter, host_store=None, sinks=2, window=4))
+    assert torch.equal(policy.predictor.key_proj, predictor_for(adapter, seed=3).key_proj)
+    with pytest.raises(PredictorError, match="needs a predictor for this model"):
+        TokenButlerPolicy().bind(PolicyContext(dims=adapter.dims, capacity=32, device=torch.device("cpu"),
+                                               dtype=torch.float32, adapter=adapter, host_store=None, sinks=2, window=4))
+    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/home/u/.cache/tbrun/models/SmolLM2-135M-Instruct"))
+    assert shipped_predictor_for(embedded).name == "smollm2-135m-instruct"
+
+
+# ------------------------------------------------------------------------------------ engine
+def reference_ids(model, prompt: torch.Tensor) -> list[int]:
+    out = model.generate(prompt[None], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def tokenbutler_engine(adapter, prompt_len: int, budget: int, interval: int = 1, neighbors: int = 0) -> Engine:
+    selection = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=budget), sinks=2, window=4,
+                                interval=interval, neighbors=neighbors)
+    config = EngineConfig(context=prompt_len + NEW_TOKENS + 3, mode=KVMode.SPARSE_OFFLOAD, selection=selection,
+                          prefill_chunk=16)
+    return Engine(adapter, config, policy=TokenButlerPolicy(predictor=predictor_for(adapter)))
+
+
+@pytest.mark.parametrize("arch, kv_heads", [("llama", 4), ("qwen2", 2)])
+def test_budget_covering_every_token_decodes_exactly_like_dense(arch, kv_heads):
+    model = tiny_model(arch, num_hidden_layers=5, num_key_value_heads=kv_heads)
+    prompt = torch.randint(0, model.config.vocab_size, (37,), generator=torch.Generator().manual_seed(7))
+    engine = tokenbutler_engine(ModelAdapter(model), 37, budget=37 + NEW_TOKENS + 3)
+    assert engine.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS)).token_ids == reference_ids(model, prompt)
+
+
+def test_interval_predicts_every_n_steps_and_small_budgets_run(monkeypatch):
+    model = tiny_model("llama", num_hidden_layers=5)
+    adapter = ModelAdapter(model)
+    prompt = torch.randint(0, model.config.vocab_size, (50,), generator=torch.Generator().manual_seed(8))
+    calls = []
+    original = TokenButlerPolicy.plan
+    monkeypatch.setattr(TokenButlerPolicy, "plan", lambda self, layer, x, c: calls.append(layer) or original(self, layer, x, c))
+    engine = tokenbutler_engine(adapter, 50, budget=12, interval=3, neighbors=1)
+    result = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS))
+    assert len(result.token_ids) == NEW_TOKENS
+    steps = NEW_TOKENS - 1  # the first token comes from the prefill
+    assert calls == [0, 2] * len(range(0, steps, 3))  # producers 0 and 2, on steps 0, 3 and 6
+
+
+def test_random_weights_give_a_predictor_of_the_models_shape_for_timing():
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=5))
+    policy = build_policy("tokenbutler", random_weights=True)
+    policy.bind(PolicyContext(dims=adapter.dims, capacity=32, device=torch.device("cpu"), dtype=torch.float32,
+                              adapter=adapter, host_store=None, sinks=2, window=4))
+    assert policy.predictor.config.producer_every == 4 and policy.predictor.config.dim == 16
+    assert [layer for layer in range(5) if policy.is_producer(layer)] == [0]

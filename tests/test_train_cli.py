@@ -1,0 +1,70 @@
+"""``tbrun train-predictor`` through typer's test runner, bad input included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tbrun_cli.main import app
+
+runner = CliRunner()
+SMALL = ("--seq-len", "32", "--steps", "3", "--checkpoint-every", "2", "--held-out", "1", "--hidden", "16",
+         "--dim", "4", "--producer-every", "2", "--rows", "8")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"doc{i}.txt").write_text(f"Paris is the capital of France; note {i}. The quick brown fox. " * 8)
+    return folder
+
+
+def train(model_dir, data, out, *extra):
+    return runner.invoke(app, ["train-predictor", "--model", model_dir, "--data", str(data), "--out", str(out), *SMALL, *extra])
+
+
+def test_train_predictor_writes_predictor_checkpoints_and_report(tiny_model_dir, text_dir, tmp_path):
+    out = tmp_path / "out"
+    result = train(tiny_model_dir, text_dir, out)
+    assert result.exit_code == 0, result.output
+    assert "held-out recall" in result.output and "% of the model" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 3 and config["predictor"]["dim"] == 4 and config["data"]["files"] == 12
+    assert (out / "predictor.safetensors").is_file() and (out / "report.json").is_file()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+    again = train(tiny_model_dir, text_dir, out, "--resume")
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("make_data, extra, message", [
+    (lambda tmp: tmp / "missing", (), "does not exist"),
+    (lambda tmp: tmp, (), "no text files"),
+    (None, ("--seq-len", "4096"), "longer than the model supports"),
+    (None, ("--steps", "0"), "--steps must be >= 1"),
+])
+def test_bad_input_is_refused_with_exit_code_2(tiny_model_dir, text_dir, tmp_path, make_data, extra, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = make_data(empty) if make_data else text_dir
+    result = train(tiny_model_dir, data, tmp_path / "out", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_existing_run_needs_resume(tiny_model_dir, text_dir, tmp_path):
+    assert train(tiny_model_dir, text_dir, tmp_path / "out").exit_code == 0
+    result = train(tiny_model_dir, text_dir, tmp_path / "out")
+    assert result.exit_code == 2 and "--resume" in result.output

@@ -147,6 +147,14 @@ def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:
     return torch.where(keyed == big, torch.full_like(keyed, -1), keyed)
 
 
+def sorted_unique(positions: torch.Tensor) -> torch.Tensor:
+    """Sort each row ascending, drop repeats, ``-1`` padding last. positions ``[KvH, k]`` long."""
+    ordered = sort_with_padding_last(positions)
+    duplicate = torch.zeros_like(ordered, dtype=torch.bool)
+    duplicate[:, 1:] = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    return sort_with_padding_last(torch.where(duplicate, torch.full_like(ordered, -1), ordered))
+
+
 def expand_neighbors(positions: torch.Tensor, radius: int, lo: int, hi: int) -> torch.Tensor:
     """Add the ``radius`` positions after each selected position, within ``[lo, hi)``.
 
@@ -158,11 +166,7 @@ def expand_neighbors(positions: torch.Tensor, radius: int, lo: int, hi: int) -> 
     offsets = torch.arange(radius + 1, device=positions.device)
     grown = positions.unsqueeze(-1) + offsets  # [KvH, k, r+1]
     valid = (positions.unsqueeze(-1) >= 0) & (grown < hi) & (grown >= lo)
-    grown = torch.where(valid, grown, torch.full_like(grown, -1)).flatten(1)
-    grown = sort_with_padding_last(grown)
-    duplicate = torch.zeros_like(grown, dtype=torch.bool)
-    duplicate[:, 1:] = (grown[:, 1:] == grown[:, :-1]) & (grown[:, 1:] >= 0)
-    return sort_with_padding_last(torch.where(duplicate, torch.full_like(grown, -1), grown))
+    return sorted_unique(torch.where(valid, grown, torch.full_like(grown, -1)).flatten(1))
 
 
 def extend_runs(positions: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -181,7 +185,4 @@ def extend_runs(positions: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     lengths = torch.zeros_like(positions).scatter_add_(-1, run_id, valid.long())
     grown = positions + torch.gather(lengths, -1, run_id)  # p + c covers the c positions after the run
     grown = torch.where(valid & (grown < hi) & (grown >= lo), grown, torch.full_like(grown, -1))
-    merged = sort_with_padding_last(torch.cat([positions, grown], dim=-1))
-    duplicate = torch.zeros_like(merged, dtype=torch.bool)
-    duplicate[:, 1:] = (merged[:, 1:] == merged[:, :-1]) & (merged[:, 1:] >= 0)
-    return sort_with_padding_last(torch.where(duplicate, torch.full_like(merged, -1), merged))
+    return sorted_unique(torch.cat([positions, grown], dim=-1))

@@ -133,26 +133,39 @@ def budget_percent(budget: str, context: int) -> float:
     return float(budget[:-1]) if budget.endswith("%") else 100.0 * float(budget) / context
 
 
-def _cell(value: float | None, primary: str) -> str:
+def metric_cell(value: float | None, primary: str) -> str:
+    """One table cell of metric ``primary``: two decimals for perplexity, one otherwise, ``-`` if missing."""
     if value is None or not math.isfinite(value):
         return "-"
     return f"{value:.2f}" if primary == "ppl" else f"{value:.1f}"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def table_lines(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, one line per list item."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def metric_heading(task: dict) -> str:
+    """The primary metric's label and its direction, e.g. ``accuracy (%) (higher is better)``."""
+    better = "higher is better" if task["higher_is_better"] else "lower is better"
+    return f"{METRIC_LABELS[task['primary']]} ({better})"
+
+
+def policy_table(summary: list[dict], budgets: list[str], primary: str) -> list[str]:
+    """Metric ``primary`` of summary rows: one row per policy in the rows' order, one column per budget
+    (``budgets``, then ``100%``)."""
+    columns = list(dict.fromkeys([*budgets, "100%"]))
+    values: dict[str, dict[str, float]] = {}
+    for row in summary:
+        values.setdefault(row["policy"], {})[row["budget"]] = row["metrics"].get(primary)
+    rows = [[policy] + [metric_cell(cells.get(b), primary) for b in columns] for policy, cells in values.items()]
+    return table_lines(["policy"] + columns, rows)
+
+
 def main_table(report: dict) -> list[str]:
     """Primary metric: one row per policy (dense first), one column per budget."""
-    primary = report["task"]["primary"]
-    budgets = list(dict.fromkeys([*report["config"]["budgets"], "100%"]))
-    values: dict[str, dict[str, float]] = {}
-    for row in report["summary"]:
-        values.setdefault(row["policy"], {})[row["budget"]] = row["metrics"].get(primary)
-    rows = [[policy] + [_cell(cells.get(b), primary) for b in budgets] for policy, cells in values.items()]
-    return _table(["policy"] + budgets, rows)
+    return policy_table(report["summary"], report["config"]["budgets"], report["task"]["primary"])
 
 
 def metrics_table(rows: list[dict], extra: str | None = None) -> list[str]:
@@ -160,14 +173,13 @@ def metrics_table(rows: list[dict], extra: str | None = None) -> list[str]:
     names = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
     headers = ["policy", "budget"] + ([extra] if extra else []) + [METRIC_LABELS.get(n, n) for n in names]
     body = [[r["policy"], r["budget"]] + ([str(r[extra])] if extra else [])
-            + [_cell(r["metrics"].get(n), n) if n != "samples" else str(r["metrics"][n]) for n in names]
+            + [metric_cell(r["metrics"].get(n), n) if n != "samples" else str(r["metrics"][n]) for n in names]
             for r in rows]
-    return _table(headers + ["seconds"], [b + [f"{r['seconds']:.0f}"] for b, r in zip(body, rows)])
+    return table_lines(headers + ["seconds"], [b + [f"{r['seconds']:.0f}"] for b, r in zip(body, rows)])
 
 
 def to_markdown(report: dict) -> str:
     task, prov, config = report["task"], report["provenance"], report["config"]
-    better = "higher is better" if task["higher_is_better"] else "lower is better"
     lines = [f"# tbrun eval: {task['name']}", "", task["summary"] + ".", "",
              f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`", f"- date: {prov['date']}",
              f"- model: {report['model']['name']} ({report['model']['dtype']})",
@@ -175,7 +187,7 @@ def to_markdown(report: dict) -> str:
              f"sinks {config['sinks']}, window {config['window']}",
              f"- wall time: {report['seconds']:.0f} s"]
     lines += [f"- {key}: {value}" for key, value in report["machine"].items()]
-    lines += ["", f"## {METRIC_LABELS[task['primary']]} ({better})", "", *main_table(report),
+    lines += ["", f"## {metric_heading(task)}", "", *main_table(report),
               "", f"![{task['primary']} vs budget]({PLOT_FILE})", "", "## All metrics", "",
               *metrics_table(report["summary"])]
     for key, rows in report["breakdown"].items():
@@ -184,22 +196,28 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
-    """Primary metric vs budget (% of context), one line per policy; dense as a dashed line."""
-    import matplotlib
+def _number(value: float | None) -> float:
+    """A metric for plotting: NaN where it is missing."""
+    return math.nan if value is None else float(value)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    primary, context = report["task"]["primary"], report["config"]["context"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+def plot_title(report: dict) -> str:
+    """Task, model, context and samples of one run, as a plot title."""
+    return (f"{report['task']['name']}: {Path(report['model']['name']).name}, "
+            f"{report['config']['context']} tokens, {report['config']['samples']} samples")
+
+
+def draw_budget_plot(ax, summary: list[dict], primary: str, context: int) -> None:
+    """Onto ``ax``: metric ``primary`` vs budget (% of ``context``, log scale), one line per policy in the
+    rows' order; dense as a dashed horizontal line. Missing values (null in a results.json) are gaps."""
     ticks = {100.0}
-    for policy in dict.fromkeys(row["policy"] for row in report["summary"]):
-        points = sorted((budget_percent(r["budget"], context), r["metrics"].get(primary))
-                        for r in report["summary"] if r["policy"] == policy)
+    for policy in dict.fromkeys(row["policy"] for row in summary):
+        points = sorted((budget_percent(r["budget"], context), _number(r["metrics"].get(primary)))
+                        for r in summary if r["policy"] == policy)
         ticks.update(x for x, _ in points)
         if policy == "dense":
-            ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="dense (100%)")
+            if math.isfinite(points[0][1]):
+                ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="dense (100%)")
         else:
             ax.plot(*zip(*points), marker="o", label=policy)
     ax.set_xscale("log")
@@ -209,10 +227,20 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylim(-3, 103)
     ax.set_xlabel("budget (% of context)")
     ax.set_ylabel(METRIC_LABELS[primary])
-    ax.set_title(f"{report['task']['name']}: {Path(report['model']['name']).name}, "
-                 f"{context} tokens, {report['config']['samples']} samples", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Primary metric vs budget (% of context), one line per policy; dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    draw_budget_plot(ax, report["summary"], report["task"]["primary"], report["config"]["context"])
+    ax.set_title(plot_title(report), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

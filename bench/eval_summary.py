@@ -1,0 +1,302 @@
+"""One summary of every ``tbrun eval`` run under a folder: ``summary.md`` and ``summary.png``.
+
+    python -m tbrun_bench.eval_summary bench/reports/eval
+
+Reads ``FOLDER/*/results.json`` (one run per subfolder, as ``tbrun eval --out`` writes them; hidden
+folders, such as a run still being written, are skipped), groups the runs by task and merges their
+(policy, budget) points into one table per task: dense first, then the other policies in run order
+(oldest run first). A point given by two runs is shown once, from the older run; when the two
+disagree (dense appears in every run), the summary says so. Both files go into FOLDER, with the
+command, commit and date that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from offload_engine.errors import ConfigError
+from offload_engine.evaluation.report import (RESULTS_FILE, budget_percent, draw_budget_plot, metric_cell,
+                                              metric_heading, plot_title, policy_table, provenance)
+from offload_engine.evaluation.tasks import TASKS
+
+PROGRAM = "python -m tbrun_bench.eval_summary"
+SUMMARY_MD = "summary.md"
+SUMMARY_PNG = "summary.png"
+REQUIRED_KEYS = ("task", "provenance", "machine", "config", "model", "seconds", "summary")
+PER_RUN_KEYS = ("task", "policies", "budgets", "predictor")  # config keys that may differ between merged runs
+FREE_MEMORY = re.compile(r"\s*\([^()]*available\)")  # the part of a machine header that changes run to run
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``tbrun eval`` run: its folder's name and its ``results.json``."""
+
+    name: str
+    report: dict
+
+    @property
+    def task(self) -> str:
+        return self.report["config"]["task"]
+
+
+def read_run(path: Path) -> Run:
+    """The run in ``path`` (a ``results.json``); ValueError if it is not an eval report."""
+    report = json.loads(path.read_text())
+    missing = [key for key in REQUIRED_KEYS if not isinstance(report, dict) or key not in report]
+    if missing:
+        raise ValueError(f"not a tbrun eval report (no {', '.join(missing)})")
+    return Run(path.parent.name, report)
+
+
+def run_date(run: Run) -> datetime | None:
+    """When the run was made (its provenance date), or None if unreadable."""
+    try:
+        return datetime.strptime(run.report["provenance"]["date"], "%Y-%m-%d %H:%M:%S %z")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def run_order(run: Run) -> tuple:
+    """Sort key: oldest first (undated runs last), then by folder name."""
+    date = run_date(run)
+    return (date is None, date.timestamp() if date else 0.0, run.name)
+
+
+def load_runs(folder: Path) -> tuple[list[Run], list[str]]:
+    """Every run under ``folder``, oldest first, and a line per ``results.json`` that could not be read."""
+    runs, skipped = [], []
+    for path in sorted(folder.glob(f"*/{RESULTS_FILE}")):
+        if path.parent.name.startswith("."):
+            continue
+        try:
+            runs.append(read_run(path))
+        except (OSError, ValueError) as exc:
+            skipped.append(f"{path.parent.name}/{RESULTS_FILE}: {exc}")
+    return sorted(runs, key=run_order), skipped
+
+
+def group_by_task(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs per task, tasks in the registry's order (unknown tasks last), runs in the given order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.task, []).append(run)
+    known = list(TASKS)
+    return dict(sorted(groups.items(), key=lambda item: (known.index(item[0]) if item[0] in known else len(known),
+                                                          item[0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging the runs of one task
+
+
+def same_value(x: float | None, y: float | None) -> bool:
+    """Two metric values agree: equal to rounding, or both missing (null)."""
+    if x is None or y is None:
+        return x is None and y is None
+    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def same_metrics(a: dict, b: dict) -> bool:
+    """Two metric dicts agree: the same names, and each value agrees."""
+    return a.keys() == b.keys() and all(same_value(a[name], b[name]) for name in a)
+
+
+def describe_point(row: dict, primary: str) -> str:
+    """A point's primary metric and sample count, e.g. ``accuracy 100.0 (2 samples)``."""
+    metrics = row["metrics"]
+    return f"{primary} {metric_cell(metrics.get(primary), primary)} ({metrics.get('samples', '?')} samples)"
+
+
+def merge_points(runs: list[Run], primary: str) -> tuple[list[dict], list[str]]:
+    """One summary row per (policy, budget), from the oldest run giving it; dense first, then the other
+    policies in run order. Also a line per point that a later run gives with different metrics."""
+    kept: dict[tuple[str, str], tuple[dict, str]] = {}
+    disagreements = []
+    for run in runs:
+        for row in run.report["summary"]:
+            key = (row["policy"], row["budget"])
+            if key not in kept:
+                kept[key] = (row, run.name)
+                continue
+            first, owner = kept[key]
+            if not same_metrics(first["metrics"], row["metrics"]):
+                disagreements.append(f"{row['policy']} @ {row['budget']}: `{owner}` has "
+                                     f"{describe_point(first, primary)}, `{run.name}` has "
+                                     f"{describe_point(row, primary)}; the table shows `{owner}`'s")
+    rows = [row for row, _ in kept.values()]
+    return sorted(rows, key=lambda row: row["policy"] != "dense"), disagreements
+
+
+def merged_budgets(runs: list[Run]) -> list[str]:
+    """Every budget of the runs, by size (as a share of the first run's context)."""
+    context = runs[0].report["config"]["context"]
+    budgets = dict.fromkeys(b for run in runs for b in run.report["config"]["budgets"])
+    return sorted(budgets, key=lambda b: budget_percent(b, context))
+
+
+def setting(run: Run) -> dict:
+    """What must match for runs to be comparable: the config less its per-run keys, and the model."""
+    config = {k: v for k, v in run.report["config"].items() if k not in PER_RUN_KEYS}
+    return {**config, "model name": run.report["model"]["name"], "model dtype": run.report["model"]["dtype"]}
+
+
+def setting_differences(runs: list[Run]) -> list[str]:
+    """A line per setting on which the runs differ, with each run's value."""
+    settings = [setting(run) for run in runs]
+    keys = dict.fromkeys(k for s in settings for k in s)
+    return [f"{key}: " + ", ".join(f"{s.get(key)} (`{run.name}`)" for s, run in zip(settings, runs))
+            for key in keys if len({json.dumps(s.get(key)) for s in settings}) > 1]
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """The merged runs of one task."""
+
+    task: dict  # the ``task`` entry of a results.json: name, summary, primary, higher_is_better
+    runs: list[Run]
+    rows: list[dict]
+    budgets: list[str]
+    disagreements: list[str]
+    differences: list[str]
+
+
+def summarize_task(runs: list[Run]) -> TaskSummary:
+    """Merge the runs of one task (oldest first)."""
+    task = runs[0].report["task"]
+    rows, disagreements = merge_points(runs, task["primary"])
+    return TaskSummary(task, runs, rows, merged_budgets(runs), disagreements, setting_differences(runs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def count(n: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def run_line(run: Run) -> str:
+    """One merged run: folder, command, commit, date, wall time, samples per point."""
+    prov, config = run.report["provenance"], run.report["config"]
+    return (f"- `{run.name}`: `{prov['command']}`; commit `{prov['commit']}`, {prov['date']}, "
+            f"{run.report['seconds']:.0f} s, {config['samples']} samples per point at {config['context']} tokens")
+
+
+def task_section(summary: TaskSummary) -> list[str]:
+    """Heading, what the task measures, the runs merged, notes, and the table of the primary metric."""
+    task = summary.task
+    lines = [f"## {task['name']}", "", f"{task['summary']}. Main metric: {metric_heading(task)}.", "",
+             f"Runs merged ({len(summary.runs)}):", "", *map(run_line, summary.runs), ""]
+    if summary.differences:
+        lines += ["**The runs differ in settings**, so their points may not be comparable:", "",
+                  *(f"- {line}" for line in summary.differences), ""]
+    if summary.disagreements:
+        lines += ["**Runs disagree** on points they both measured:", "",
+                  *(f"- {line}" for line in summary.disagreements), ""]
+    return lines + [*policy_table(summary.rows, summary.budgets, task["primary"]), ""]
+
+
+def machine_identity(machine: dict) -> dict:
+    """A machine header without what changes from run to run (free memory)."""
+    return {key: FREE_MEMORY.sub("", str(value)) for key, value in machine.items()}
+
+
+def machine_section(runs: list[Run]) -> list[str]:
+    """The machine header once if every run shares it, else once per machine with its runs."""
+    machines: dict[str, tuple[dict, list[str]]] = {}
+    for run in runs:
+        identity = machine_identity(run.report["machine"])
+        machines.setdefault(json.dumps(identity, sort_keys=True), (identity, []))[1].append(run.name)
+    if len(machines) == 1:
+        identity, _ = next(iter(machines.values()))
+        return ["## Machine", "", f"Every run ({count(len(runs), 'run')}) ran on the same machine:", "",
+                *(f"- {key}: {value}" for key, value in identity.items()), ""]
+    lines = ["## Machines", "", f"The runs ran on {len(machines)} different machines.", ""]
+    for identity, names in machines.values():
+        lines += [f"### {', '.join(f'`{n}`' for n in names)}", "",
+                  *(f"- {key}: {value}" for key, value in identity.items()), ""]
+    return lines
+
+
+def to_markdown(summaries: list[TaskSummary], runs: list[Run], skipped: list[str], prov: dict) -> str:
+    """The whole ``summary.md``."""
+    lines = [f"# tbrun eval: summary of {count(len(runs), 'run')}, {count(len(summaries), 'task')}", "",
+             f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`", f"- date: {prov['date']}", "",
+             f"![main metric vs budget, one panel per task]({SUMMARY_PNG})", ""]
+    if skipped:
+        lines += ["Skipped (unreadable):", "", *(f"- {line}" for line in skipped), ""]
+    for summary in summaries:
+        lines += task_section(summary)
+    return "\n".join(lines + machine_section(runs)).rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_summaries(summaries: list[TaskSummary], path: Path) -> None:
+    """One panel per task: the primary metric vs budget, one line per policy, dense dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(2, len(summaries))
+    rows = math.ceil(len(summaries) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.5 * rows), squeeze=False)
+    for ax, summary in zip(axes.flat, summaries):
+        first = summary.runs[0].report
+        draw_budget_plot(ax, summary.rows, summary.task["primary"], first["config"]["context"])
+        ax.set_title(f"{plot_title(first)}, {count(len(summary.runs), 'run')}", fontsize=10)
+    for ax in list(axes.flat)[len(summaries):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def write_summary(folder: Path, command: str) -> tuple[Path, Path]:
+    """Read, merge and write ``summary.md`` and ``summary.png`` into ``folder``; their paths."""
+    runs, skipped = load_runs(folder)
+    if not runs:
+        raise ConfigError(f"no tbrun eval run under {folder} (looked for */{RESULTS_FILE}): give the folder "
+                          "that holds the runs' --out folders.")
+    summaries = [summarize_task(task_runs) for task_runs in group_by_task(runs).values()]
+    markdown, png = folder / SUMMARY_MD, folder / SUMMARY_PNG
+    markdown.write_text(to_markdown(summaries, runs, skipped, provenance(command)))
+    plot_summaries(summaries, png)
+    return markdown, png
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="the folder holding one tbrun eval run per subfolder")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        markdown, png = write_summary(args.folder, " ".join([PROGRAM, *map(shlex.quote, argv)]))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {markdown} and {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""``python -m tbrun_bench.eval_summary``: the runs of one task merged into one table (dense once, every
+policy of every run), a PNG written, and dense rows that disagree between runs flagged. The runs are
+tiny fake ``results.json`` files with the structure ``tbrun eval`` writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tbrun_bench.eval_summary import SUMMARY_MD, SUMMARY_PNG, main
+
+MACHINE = {"platform": "Linux", "cpu": "x86_64", "cpu cores": "2", "host RAM": "23.5 GiB (21.5 GiB available)",
+           "python": "3.11.7", "torch": "2.13.0+cpu", "cuda": "not available"}
+
+
+def point(policy: str, budget: str, accuracy: float) -> dict:
+    """One ``summary`` row of a results.json."""
+    metrics = {"samples": 2, "accuracy": accuracy, "all_correct": accuracy}
+    return {"policy": policy, "budget": budget, "metrics": metrics, "seconds": 1.5}
+
+
+def write_run(root: Path, name: str, policy: str, dense: float, date: str, free_gib: str = "21.5") -> None:
+    """A niah run of dense + ``policy`` at 10% and 50% into ``root/name/results.json``."""
+    budgets = ["10%", "50%"]
+    summary = [point("dense", "100%", dense)] + [point(policy, b, 50.0) for b in budgets]
+    report = {
+        "task": {"name": "niah", "summary": "needle in a haystack, the four RULER variants in turn",
+                 "primary": "accuracy", "higher_is_better": True},
+        "provenance": {"command": f"tbrun eval --task niah --policy {policy} --out {name}", "commit": "abc123",
+                       "date": date},
+        "machine": {**MACHINE, "host RAM": f"23.5 GiB ({free_gib} GiB available)"},
+        "config": {"task": "niah", "policies": [policy], "budgets": budgets, "context": 2048, "samples": 2,
+                   "seed": 0, "model": None, "predictor": None, "device": "cpu", "dtype": "fp32", "sinks": 4,
+                   "window": 32, "interval": 1, "neighbors": 0},
+        "model": {"name": "/models/SmolLM2-135M-Instruct", "dtype": "torch.float32", "dims": {"num_layers": 30}},
+        "seconds": 12.0,
+        "summary": summary,
+        "breakdown": {},
+        "samples": [{"policy": r["policy"], "budget": r["budget"], "index": 0, "score": 1.0} for r in summary],
+    }
+    (root / name).mkdir()
+    (root / name / "results.json").write_text(json.dumps(report))
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of every table body row in ``markdown``."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith(("| policy", "| ---"))]
+
+
+def summarize(root: Path) -> str:
+    main([str(root)])
+    return (root / SUMMARY_MD).read_text()
+
+
+def test_runs_of_one_task_merge_into_one_table_with_dense_once(tmp_path):
+    write_run(tmp_path, "niah-tokenbutler", "tokenbutler", 100.0, "2026-11-23 13:00:00 +0000", free_gib="20.1")
+    write_run(tmp_path, "niah", "quest", 100.0, "2026-11-23 12:00:00 +0000")
+    markdown = summarize(tmp_path)
+    rows = table_rows(markdown)
+    assert [row[0] for row in rows] == ["dense", "quest", "tokenbutler"]  # dense first, then the older run's
+    assert rows[0] == ["dense", "-", "-", "100.0"] and rows[2] == ["tokenbutler", "50.0", "50.0", "-"]
+    assert "| policy | 10% | 50% | 100% |" in markdown
+    assert "`niah`: `tbrun eval --task niah --policy quest --out niah`" in markdown
+    assert "disagree" not in markdown
+    assert markdown.count("- cpu cores: 2") == 1 and "same machine" in markdown  # free memory is not the machine
+    assert "python -m tbrun_bench.eval_summary" in markdown
+    assert (tmp_path / SUMMARY_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dense_rows_that_disagree_are_flagged(tmp_path):
+    write_run(tmp_path, "niah", "quest", 100.0, "2026-11-23 12:00:00 +0000")
+    write_run(tmp_path, "niah-tokenbutler", "tokenbutler", 50.0, "2026-11-23 13:00:00 +0000")
+    markdown = summarize(tmp_path)
+    assert "Runs disagree" in markdown
+    flagged = [line for line in markdown.splitlines() if line.startswith("- dense @ 100%")]
+    assert len(flagged) == 1 and "`niah` has accuracy 100.0" in flagged[0]
+    assert "`niah-tokenbutler` has accuracy 50.0" in flagged[0]
+    assert [row[0] for row in table_rows(markdown)].count("dense") == 1
+
+
+def test_a_run_still_being_written_is_ignored(tmp_path):
+    write_run(tmp_path, "niah", "quest", 100.0, "2026-11-23 12:00:00 +0000")
+    (tmp_path / ".niah.partial-x").mkdir()
+    (tmp_path / ".niah.partial-x" / "results.json").write_text("{")
+    markdown = summarize(tmp_path)
+    assert "summary of 1 run, 1 task" in markdown and "Skipped" not in markdown
+
+
+def test_a_folder_without_runs_exits_2_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "no tbrun eval run under" in capsys.readouterr().err

@@ -38,7 +38,7 @@ test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
 
 bench-overhead: setup
-	$(BIN)/python -m tbrun_bench.overhead --out bench/reports
+	$(BIN)/python -m tbrun_bench.overhead --out bench/reports --sparse tokenbutler:10% --sparse streaming:10%
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

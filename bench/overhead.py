@@ -26,11 +26,14 @@ from pathlib import Path
 
 import torch
 
-from offload_engine import Engine, EngineConfig, KVMode, SamplingConfig, load_model, parse_context
+from offload_engine import (
+    Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, load_model, parse_context,
+)
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
 
 TARGET_RATIO = 1.1  # issue 2: at most 1.1x transformers' ms per step
+SINKS, WINDOW = 4, 32  # of the sparse runners
 
 
 class StepClock:
@@ -54,14 +57,23 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     return torch.randint(256, vocab_size, (length,), generator=generator).tolist()
 
 
-def run_tbrun(adapter, prompt: list[int], new_tokens: int) -> tuple[list[float], float, list[int]]:
-    """Per-step ms, prefill seconds and generated ids of the engine in dense-device mode."""
-    config = EngineConfig(context=len(prompt) + new_tokens + 1, mode=KVMode.DENSE_DEVICE,
-                          device=str(adapter.device))
+def run_tbrun(adapter, prompt: list[int], new_tokens: int,
+              selection: SelectionConfig | None = None) -> tuple[list[float], float, list[int]]:
+    """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
+    sparse offload under ``selection``."""
+    mode = KVMode.DENSE_DEVICE if selection is None else KVMode.SPARSE_OFFLOAD
+    config = EngineConfig(context=len(prompt) + new_tokens + 1, mode=mode, device=str(adapter.device),
+                          selection=selection or SelectionConfig())
     engine = Engine(adapter, config)
     # a fixed number of steps, like min_new_tokens on the other side
     result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
     return list(result.stats.decode_ms), result.stats.prefill_seconds, result.token_ids
+
+
+def sparse_selection(spec: str) -> SelectionConfig:
+    """``tokenbutler:10%`` -> the selection of a sparse runner (sinks 4, window 32, as in tbrun eval)."""
+    policy, _, budget = spec.partition(":")
+    return SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW)
 
 
 def run_transformers(model, prompt: list[int], new_tokens: int) -> tuple[list[float], float, list[int]]:
@@ -80,10 +92,17 @@ def run_transformers(model, prompt: list[int], new_tokens: int) -> tuple[list[fl
     return clock.step_ms(), prefill, out[0, len(prompt):].tolist()
 
 
-def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log) -> list[dict]:
-    """Interleaved repetitions at every context; returns one row per context."""
+def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log,
+            sparse: tuple[str, ...] = ()) -> list[dict]:
+    """Interleaved repetitions at every context; returns one row per context.
+
+    ``sparse``: extra tbrun runners in sparse-offload mode, as ``policy:budget`` specs.
+    """
     runners = {"tbrun": lambda p: run_tbrun(adapter, p, new_tokens),
                "transformers": lambda p: run_transformers(adapter.model, p, new_tokens)}
+    for spec in sparse:
+        selection = sparse_selection(spec)
+        runners[f"tbrun {spec}"] = lambda p, sel=selection: run_tbrun(adapter, p, new_tokens, sel)
     prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
     for name, runner in runners.items():  # warm-up, excluded
         log(f"warm-up: {name} at {contexts[0]} tokens")
@@ -101,12 +120,18 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
                 outputs[name, c] = ids
                 median = summarize_ms(steps[skip:])["median_ms"]
                 log(f"rep {rep + 1}/{repeats}, {c} tokens, {name}: median {median:.1f} ms/step")
-    return [_row(c, samples, prefill, outputs) for c in contexts]
+    return [_row(c, samples, prefill, outputs, sparse) for c in contexts]
 
 
-def _row(context: int, samples: dict, prefill: dict, outputs: dict) -> dict:
+def _row(context: int, samples: dict, prefill: dict, outputs: dict, sparse: tuple[str, ...] = ()) -> dict:
     ours, theirs = summarize_ms(samples["tbrun", context]), summarize_ms(samples["transformers", context])
+    extra = {}
+    for spec in sparse:
+        timing = summarize_ms(samples[f"tbrun {spec}", context])
+        extra[spec] = timing | {"ratio_to_transformers": timing["median_ms"] / theirs["median_ms"],
+                                "ratio_to_dense": timing["median_ms"] / ours["median_ms"]}
     return {
+        "sparse": extra,
         "context": context,
         "tbrun": ours | {"prefill_s_median": _median(prefill["tbrun", context])},
         "transformers": theirs | {"prefill_s_median": _median(prefill["transformers", context])},
@@ -136,7 +161,20 @@ def to_markdown(report: dict) -> str:
         f"Target: tbrun at most {TARGET_RATIO}x transformers' median ms per step.", "", s["timing_method"], "",
     ]
     return markdown_header("Overhead: tbrun dense-device decode vs transformers generate", report) + "\n" + \
-        "\n".join(notes) + "\n" + markdown_table(headers, rows) + "\n"
+        "\n".join(notes) + "\n" + markdown_table(headers, rows) + "\n" + _sparse_markdown(report)
+
+
+def _sparse_markdown(report: dict) -> str:
+    """The sparse-offload runners measured beside the two above, if any."""
+    rows = [[r["context"], spec, fmt(t["median_ms"]), fmt(t["p90_ms"]), fmt(t["ratio_to_dense"], 2),
+             fmt(t["ratio_to_transformers"], 2)]
+            for r in report["rows"] for spec, t in r.get("sparse", {}).items()]
+    if not rows:
+        return ""
+    headers = ["context", "sparse offload (policy:budget)", "median ms", "p90 ms", "ratio to tbrun dense",
+               "ratio to transformers"]
+    return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; sinks {SINKS}, "
+            f"window {WINDOW}.\n\n" + markdown_table(headers, rows) + "\n")
 
 
 TIMING_METHOD = (
@@ -155,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/reports"), help="report folder")
     parser.add_argument("--name", default="overhead_cpu", help="report file name (without extension)")
+    parser.add_argument("--sparse", action="append", default=[],
+                        help="also time sparse offload, as policy:budget (e.g. tokenbutler:10%%); repeatable")
     return parser.parse_args(argv)
 
 
@@ -164,14 +204,14 @@ def main(argv: list[str] | None = None) -> dict:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log("loading the model")
     adapter = load_model(args.model, dtype=torch.float32, device="cpu", progress=log)
-    rows = measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log)
+    rows = measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse))
     report = {
         "benchmark": "overhead",
         "provenance": provenance("python -m tbrun_bench.overhead"),
         "machine": machine_header(torch.device("cpu")),
         "settings": {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
-                     "seed": args.seed, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD},
+                     "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD},
         "rows": rows,
     }
     write_json(args.out / f"{args.name}.json", report)

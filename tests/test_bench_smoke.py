@@ -93,15 +93,18 @@ def test_gather_cli_times_the_cpu_method(tmp_path):
 
 def test_overhead_measures_both_sides_on_a_tiny_model():
     adapter = build_random_model("tiny-llama", device="cpu")
-    rows = measure(adapter, [64, 96], new_tokens=4, repeats=2, skip=1, seed=0, log=lambda _: None)
+    rows = measure(adapter, [64, 96], new_tokens=4, repeats=2, skip=1, seed=0, log=lambda _: None,
+                   sparse=("streaming:75%",))
     assert [r["context"] for r in rows] == [64, 96]
     for row in rows:
         assert row["tbrun"]["steps"] == 2 * 2 and row["transformers"]["steps"] == 2 * 2
         assert row["ratio_median"] > 0 and row["same_tokens"] in (True, False)
+        assert row["sparse"]["streaming:75%"]["steps"] == 2 * 2
     report = {"provenance": {"command": "x", "commit": "y", "date": "z"}, "machine": {"cpu": "c"},
               "settings": {"model": "tiny", "dtype": "fp32", "new_tokens": 4, "repeats": 2, "skip_steps": 1,
                            "timing_method": "t"}, "rows": rows}
-    assert "| 64 |" in to_markdown(report)
+    markdown = to_markdown(report)
+    assert "| 64 |" in markdown and "| 96 | streaming:75% |" in markdown
 
 
 def test_latency_append_merges_contexts_from_separate_runs(tmp_path):

@@ -221,3 +221,22 @@ def test_tasks_fit_the_embedded_models_own_tokens():
             assert all(answer in text for answer in sample.answers)
             if sample.prompt_ids:
                 assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_samples_are_the_same_in_another_process():
+    """String hashing is salted per process (PYTHONHASHSEED): samples must not depend on it."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from offload_engine.evaluation.tasks import TASKS, make_samples\n"
+              "from tiny_models import tiny_tokenizer\n"
+              "tok = tiny_tokenizer()\n"
+              "print([[list(s.prompt_ids), s.answers] for name in ('vt', 'niah', 'coref') "
+              "for s in make_samples(name, tok, 2, 512, seed=1, min_prompt=100)])\n")
+    outputs = set()
+    for salt in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": salt, "PYTHONPATH": os.path.dirname(__file__)}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        outputs.add(done.stdout)
+    assert len(outputs) == 1

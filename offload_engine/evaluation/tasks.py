@@ -145,10 +145,12 @@ def niah_samples(variant: str | None):
 
 
 def _variable_names(rng: random.Random, count: int) -> list[str]:
-    names: set[str] = set()
+    """``count`` distinct five-letter names in the order drawn (no set iteration: string hashes
+    change between processes, and so would the samples)."""
+    names: dict[str, None] = {}
     while len(names) < count:
-        names.add("".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)))
-    return sorted(names, key=lambda _: rng.random())
+        names["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))] = None
+    return list(names)
 
 
 def _vt_chains(rng: random.Random, chains: int, hops: int):

@@ -50,6 +50,9 @@ def train_predictor(
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
     held_out: int = typer.Option(8, "--held-out", help="Held-out sequences for the final report."),
+    position_offsets: bool = typer.Option(True, "--position-offsets/--no-position-offsets",
+                                          help="Start each sequence at a random position, so the predictor "
+                                               "works at every context length the model supports."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
@@ -62,7 +65,8 @@ def train_predictor(
 
     console = Console(stderr=True)
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
-                         rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out, seed=seed)
+                         rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
+                         position_offsets=position_offsets, seed=seed)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     adapter = load_model(model, dtype=dtype, device=device, progress=console.print)
     check_seq_len(adapter, seq_len)

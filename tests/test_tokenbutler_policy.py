@@ -94,9 +94,10 @@ def test_policy_is_registered_and_plans_for_its_consumers():
     assert [layer for layer in range(5) if policy.is_producer(layer)] == [0, 2]
 
 
-def test_compact_cache_holds_projected_keys_and_plan_scores_them():
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
     adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
-    policy = bound_policy(adapter)
+    policy = bound_policy(adapter, group_reduction=reduction)
     predictor = policy.predictor
     tensors = prompt_tensors(adapter, 20)
     for layer, (x, q, k, v) in enumerate(tensors):
@@ -111,8 +112,13 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them():
     assert sorted(plan) == [1, 2]
     queries = predictor.importance_queries(0, tensors[0][0][-1])  # [2, H, d']
     for layer in (1, 2):
-        heads = predictor.head_scores(queries[layer - 1].unsqueeze(0), predictor.project_keys(layer, tensors[layer][2][:, 2:17]))
-        torch.testing.assert_close(plan[layer], predictor.group_max(heads[:, 0]))
+        keys = torch.cat([predictor.project_keys(layer, tensors[layer][2]), predictor.project_keys(layer, k_new.unsqueeze(1))], 1)
+        heads = predictor.head_scores(queries[layer - 1].unsqueeze(0), keys)[:, 0]  # [H, 21]
+        if reduction == "max":
+            expected = predictor.group_max(heads)[:, 2:17]
+        else:  # log of the group's mean softmax over positions 0..19 (the token being decoded excluded)
+            expected = torch.softmax(heads[:, :20], -1).view(2, 2, 20).mean(1).log()[:, 2:17]
+        torch.testing.assert_close(plan[layer], expected)
         assert plan[layer].shape == (2, 15) and plan[layer].dtype == torch.float32
 
 

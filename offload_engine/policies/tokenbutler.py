@@ -13,6 +13,7 @@ per step; see docs/predictor.md for the measurement behind this choice).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "int8")
+GROUP_REDUCTIONS = ("mean", "max")
 # Predictors shipped in the repository, by model name (the last part of a hub id or directory).
 SHIPPED = {EMBEDDED_MODEL_NAME.lower(): "smollm2-135m-instruct"}
 
@@ -95,12 +97,17 @@ class TokenButlerPolicy(Policy):
     ``random_weights``: a randomly initialised predictor of the model's shape with the reference
     sizes (G=4, d'=16, I=512), for latency measurements only (its selections mean nothing).
     ``key_dtype``: ``"auto"`` keeps projected keys in the model dtype; ``"int8"`` quantises them.
+    ``group_reduction`` (GQA): ``"mean"`` ranks a KV head's tokens by the mean over its query heads of
+    the predicted attention probabilities (each head's softmax over every cached token), ``"max"`` by
+    the largest query-head logit (the reference's rule). Mean recalls more of the true attention
+    (docs/predictor.md); with one query head per KV head both rank alike.
     """
 
     predictor_path: str | None = None
     predictor: TokenButlerPredictor | None = None
     random_weights: bool = False
     key_dtype: str = "auto"
+    group_reduction: str = "mean"
 
     name: ClassVar[str] = "tokenbutler"
     plans_ahead: ClassVar[bool] = True
@@ -109,6 +116,8 @@ class TokenButlerPolicy(Policy):
     def __post_init__(self) -> None:
         if self.random_weights and (self.predictor is not None or self.predictor_path is not None):
             raise ConfigError("tokenbutler: random_weights excludes a predictor or predictor_path.")
+        if self.group_reduction not in GROUP_REDUCTIONS:
+            raise ConfigError(f"tokenbutler group_reduction must be one of {GROUP_REDUCTIONS}, got {self.group_reduction!r}.")
         if self.key_dtype not in KEY_DTYPES:
             raise ConfigError(f"tokenbutler key_dtype must be one of {KEY_DTYPES}, got {self.key_dtype!r}.")
         self.cache: ProjectedKeyCache | None = None
@@ -181,7 +190,26 @@ class TokenButlerPolicy(Policy):
         producer = self.predictor.config.producer_of(layer)
         if producer not in self._queries:
             raise RuntimeError(f"tokenbutler: layer {layer} scored before its producer {producer} planned")
-        queries = self._queries[producer][layer - producer - 1]  # [H, d']
-        keys, scale = self.cache.scoring_view(layer, candidates.lo, candidates.hi)  # [KvH, n, d'], [KvH, n]
-        scores = self.predictor.group_max(self.predictor.head_scores(queries.unsqueeze(0), keys)[:, 0]).float()
-        return scores if scale is None else scores * scale
+        queries = self._queries[producer][layer - producer - 1].unsqueeze(0)  # [1, H, d']
+        lo, hi = candidates.lo, candidates.hi
+        if hi <= lo:
+            return torch.empty(self.predictor.config.num_kv_heads, 0, device=queries.device)
+        if self.group_reduction == "max" or self.predictor.config.group_size == 1:
+            keys, scale = self.cache.scoring_view(layer, lo, hi)  # [KvH, n, d'], [KvH, n]
+            scores = self.predictor.group_max(self.predictor.head_scores(queries, keys)[:, 0]).float()
+            return scores if scale is None else scores * scale
+        return self._group_mean_log_probs(layer, queries, candidates.position)[:, lo:hi]
+
+    def _group_mean_log_probs(self, layer: int, queries: torch.Tensor, length: int) -> torch.Tensor:
+        """log of the group-mean predicted attention over positions ``[0, length)``: ``[KvH, length]``.
+
+        queries ``[1, H, d']``. Each query head's softmax runs over every cached token (sinks and
+        window included), so heads that look elsewhere weigh less in their group's ranking.
+        """
+        group = self.predictor.config.group_size
+        keys, scale = self.cache.scoring_view(layer, 0, length)
+        logits = self.predictor.head_scores(queries, keys)[:, 0].float()  # [H, length]
+        if scale is not None:
+            logits = logits * scale.repeat_interleave(group, dim=0)
+        log_probs = torch.log_softmax(logits, dim=-1).view(-1, group, length)
+        return torch.logsumexp(log_probs, dim=1) - math.log(group)

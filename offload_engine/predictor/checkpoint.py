@@ -148,7 +148,7 @@ def load_train_state(directory: str | Path) -> dict:
     path = Path(directory) / STATE_NAME
     if not path.is_file():
         raise PredictorError(f"checkpoint {str(directory)!r} has no training state to resume from.")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_shape(config: dict, dims: ModelDims, where: Path | str = "predictor") -> None:

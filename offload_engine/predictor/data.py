@@ -92,6 +92,15 @@ def is_held_out(path: Path) -> bool:
     return zlib.crc32(str(path).encode()) % HELD_OUT_EVERY == 0
 
 
+def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files): one in ``HELD_OUT_EVERY`` by path hash, at least one."""
+    held = [f for f in files if is_held_out(f)]
+    if not held:
+        held = files[-1:]
+    chosen = set(held)
+    return [f for f in files if f not in chosen], held
+
+
 def _tokenize_until(files: list[Path], tokenizer, limit: int, separator: list[int]) -> list[int]:
     """Concatenate token ids of ``files`` (separated by ``separator``) until ``limit`` tokens."""
     ids: list[int] = []
@@ -123,8 +132,7 @@ def load_sequences(
     files = collect_text_files(paths, seed)
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if len(files) >= HELD_OUT_EVERY:
-        train_files = [f for f in files if not is_held_out(f)]
-        held_files = [f for f in files if is_held_out(f)]
+        train_files, held_files = split_files(files)
         train_ids = _tokenize_until(train_files, tokenizer, train_count * seq_len, separator)
         held_ids = _tokenize_until(held_files, tokenizer, held_out_count * seq_len, separator)
     else:
@@ -148,7 +156,7 @@ def load_held_out(paths: list[str | Path], tokenizer, seq_len: int, count: int, 
     if len(files) < HELD_OUT_EVERY:
         raise DataError(f"--data has {len(files)} files; a separate held-out set needs {HELD_OUT_EVERY} or more.")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = _tokenize_until([f for f in files if is_held_out(f)], tokenizer, count * seq_len, separator)
+    ids = _tokenize_until(split_files(files)[1], tokenizer, count * seq_len, separator)
     sequences = _cut(ids, seq_len, count)
     if sequences.shape[0] == 0:
         raise DataError(f"the held-out files of --data hold less than one sequence of {seq_len} tokens.")

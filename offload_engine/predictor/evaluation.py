@@ -5,14 +5,14 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
 ``A_h``, the recall of a selection ``S`` is ``A_h(S) / A_h(O_h)`` where ``O_h`` is the top-k of
 ``A_h`` itself (the oracle), so 1.0 means as good as the oracle. Methods:
 
-- ``tokenbutler``: top-k per KV head of the predictor's scores, max over the group's query heads
-  (what the engine fetches);
-- ``tokenbutler_group_mean``: the same with the group's softmax probabilities averaged instead of max;
-- ``tokenbutler_per_head``: top-k per query head (each head its own set: up to G x the bytes);
-- ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``);
-- ``oracle_group``: top-k per KV head of the group's mean true attention (the best shared set);
+- ``tokenbutler``: top-k per KV head of the mean over the group's query heads of the predicted
+  attention probabilities (the policy's default ``group_reduction="mean"``);
 - ``tokenbutler_engine``: what the engine attends: the first ``sinks`` tokens and a local window of
   ``min(64, (k - sinks) // 2)`` recent tokens always, the rest of ``k`` by ``tokenbutler``;
+- ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``);
+- ``tokenbutler_group_max``: top-k per KV head of the largest query-head logit (the reference's rule);
+- ``tokenbutler_per_head``: top-k per query head (each head its own set: up to G x the bytes);
+- ``oracle_group``: top-k per KV head of the group's mean true attention (the best shared set);
 - ``streaming``: the first ``sinks`` tokens and the most recent ones;
 - ``random``: k random visible tokens per KV head.
 
@@ -34,8 +34,8 @@ from .teacher import causal_mask, distillation_loss, layer_states, sample_rows, 
 BUDGETS = (0.05, 0.10, 0.25, 0.50)
 SINKS = 4
 ENGINE_WINDOW = 64
-METHODS = ("tokenbutler", "tokenbutler_engine", "tokenbutler_int8", "tokenbutler_group_mean", "tokenbutler_per_head", "oracle_group",
-           "streaming", "random")
+METHODS = ("tokenbutler", "tokenbutler_engine", "tokenbutler_int8", "tokenbutler_group_max", "tokenbutler_per_head",
+           "oracle_group", "streaming", "random")
 
 
 def budget_counts(rows: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -79,18 +79,23 @@ def _selections(probs, logits, rows, fraction, group, generator, int8_logits=Non
     }
     if logits is not None:
         masked = logits.masked_fill(future, float("-inf"))
-        grouped = masked.view(kvh, group, *masked.shape[1:])
-        mean_prob = torch.softmax(masked, -1).view_as(grouped).mean(1).masked_fill(future, -1.0)
-        masks["tokenbutler"] = _expand(select_top(grouped.amax(1), counts), group)
+        shared = _group_mean_probs(masked, group, future)
         fixed = torch.clamp(counts, max=SINKS) + torch.clamp((counts - SINKS) // 2, min=0, max=ENGINE_WINDOW)
         always = streaming_mask(rows, fixed, probs.shape[-1])  # sinks + window, kept first
-        masks["tokenbutler_engine"] = _expand(select_top(grouped.amax(1).masked_fill(always, float("inf")), counts), group)
-        masks["tokenbutler_group_mean"] = _expand(select_top(mean_prob, counts), group)
+        masks["tokenbutler"] = _expand(select_top(shared, counts), group)
+        masks["tokenbutler_engine"] = _expand(select_top(shared.masked_fill(always, 2.0), counts), group)
+        masks["tokenbutler_group_max"] = _expand(select_top(masked.view(kvh, group, *masked.shape[1:]).amax(1), counts), group)
         masks["tokenbutler_per_head"] = select_top(masked, counts)
     if int8_logits is not None:
-        grouped8 = int8_logits.masked_fill(future, float("-inf")).view(kvh, group, *masked.shape[1:])
-        masks["tokenbutler_int8"] = _expand(select_top(grouped8.amax(1), counts), group)
+        shared8 = _group_mean_probs(int8_logits.masked_fill(future, float("-inf")), group, future)
+        masks["tokenbutler_int8"] = _expand(select_top(shared8, counts), group)
     return masks
+
+
+def _group_mean_probs(masked_logits: torch.Tensor, group: int, future: torch.Tensor) -> torch.Tensor:
+    """``[H, R, T]`` logits (future ``-inf``) -> ``[KvH, R, T]`` mean softmax over each group (future -1)."""
+    probs = torch.softmax(masked_logits, -1)
+    return probs.view(-1, group, *probs.shape[1:]).mean(1).masked_fill(future, -1.0)
 
 
 def _recalls(probs: torch.Tensor, masks: dict) -> tuple[dict[str, float], float]:
@@ -127,23 +132,25 @@ def evaluate(
     rows: int = 64,
     budgets: tuple[float, ...] = BUDGETS,
     seed: int = 0,
+    offset: int = 0,
 ) -> dict:
     """Held-out loss and recall of oracle top-k mass. sequences ``[M, T]`` long -> a JSON-able dict.
 
-    ``predictor=None`` reports only the baselines (streaming, random, oracle_group).
+    ``predictor=None`` reports only the baselines (streaming, random, oracle_group). ``offset``
+    shifts the positions (see ``teacher.layer_states``).
     """
     generator = torch.Generator().manual_seed(seed)
     tally = _Tally()
     for ids in sequences:
         row_index = sample_rows(ids.shape[0], rows, generator)
-        _evaluate_sequence(predictor, adapter, ids.unsqueeze(0), row_index, budgets, generator, tally)
+        _evaluate_sequence(predictor, adapter, ids.unsqueeze(0), row_index, budgets, generator, tally, offset)
     return _report(tally, predictor, sequences, rows, budgets, adapter.dims.num_layers)
 
 
-def _evaluate_sequence(predictor, adapter, ids, rows, budgets, generator, tally) -> None:
+def _evaluate_sequence(predictor, adapter, ids, rows, budgets, generator, tally, offset=0) -> None:
     queries = {}
     group = adapter.dims.group_size
-    for state in layer_states(adapter, ids):
+    for state in layer_states(adapter, ids, offset):
         layer = state.layer
         probs = teacher_probs(state.q[:, rows], state.k, rows, adapter.scaling).cpu()
         logits = int8_logits = None

@@ -16,12 +16,14 @@ tokens each:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..models import ModelAdapter
 from ..policies.base import expand_neighbors, extend_runs, topk_positions
 from .network import TokenButlerPredictor
-from .teacher import layer_states, teacher_probs
+from .teacher import causal_mask, layer_states, teacher_probs
 
 VARIANTS = ("fresh", "reuse", "reuse_radius1", "reuse_runs", "reuse_radius1_2x", "reuse_runs_2x")
 
@@ -95,8 +97,15 @@ def interval_recall(
     }
 
 
+def _group_mean_log_probs(logits: torch.Tensor, rows: torch.Tensor, group: int) -> torch.Tensor:
+    """``[H, R, T]`` -> ``[KvH, R, T]``: log of the group-mean causal softmax."""
+    log_probs = torch.log_softmax(logits.masked_fill(causal_mask(rows, logits.shape[-1]), float("-inf")), -1)
+    return torch.logsumexp(log_probs.view(-1, group, *log_probs.shape[1:]), dim=1) - math.log(group)
+
+
 def _layer_rows(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor):
-    """Per consumer layer: (layer, teacher probs ``[H, R, T]``, group-max scores ``[KvH, R, T]``)."""
+    """Per consumer layer: (layer, teacher probs ``[H, R, T]``, scores ``[KvH, R, T]``): the log of the
+    group's mean predicted attention, as the policy ranks tokens."""
     queries = {}
     for state in layer_states(adapter, ids.unsqueeze(0)):
         layer = state.layer
@@ -105,6 +114,6 @@ def _layer_rows(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: tor
             keys = predictor.project_keys(layer, state.k)
             logits = predictor.head_scores(queries[producer][:, layer - producer - 1], keys)
             probs = teacher_probs(state.q[:, rows], state.k, rows, adapter.scaling).cpu()
-            yield layer, probs, predictor.group_max(logits).float().cpu()
+            yield layer, probs, _group_mean_log_probs(logits.float().cpu(), rows, adapter.dims.group_size)
         if predictor.is_producer(layer):
             queries[layer] = predictor.importance_queries(layer, state.x[rows.to(state.x.device)])

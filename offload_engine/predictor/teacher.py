@@ -27,14 +27,17 @@ class LayerState:
     k: torch.Tensor
 
 
-def layer_states(adapter: ModelAdapter, ids: torch.Tensor) -> Iterator[LayerState]:
-    """Run the frozen model over ids ``[1, T]``, yielding each layer's ``LayerState`` in order.
+def layer_states(adapter: ModelAdapter, ids: torch.Tensor, offset: int = 0) -> Iterator[LayerState]:
+    """Run the frozen model over ids ``[1, T]`` at positions ``offset .. offset+T-1``, yielding each
+    layer's ``LayerState`` in order.
 
-    Gradients are off for the model's computation only (the caller may train on what it gets).
+    With RoPE the attention depends on relative positions only, so ``offset`` leaves the teacher
+    unchanged while the keys' rotation phases (which the predictor sees) move. Gradients are off
+    for the model's computation only (the caller may train on what it gets).
     """
     with torch.no_grad():
         hidden = adapter.embed(ids.to(adapter.device))
-        positions = torch.arange(ids.shape[1], device=hidden.device).unsqueeze(0)
+        positions = torch.arange(offset, offset + ids.shape[1], device=hidden.device).unsqueeze(0)
         rope = adapter.rope(hidden, positions)
     for layer in range(adapter.dims.num_layers):
         with torch.no_grad():

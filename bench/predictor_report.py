@@ -46,12 +46,16 @@ def build_report(args) -> dict:
     report = {"provenance": provenance(), "machine": machine_header(torch.device("cpu")),
               "predictor": {"path": str(args.predictor), **{k: config.get(k) for k in ("predictor", "steps", "command", "commit", "data")}},
               "overhead": overhead(predictor, adapter), "recall": {}}
-    for seq_len, count in ((args.seq_len, args.sequences), (args.long_seq_len, args.long_sequences)):
-        if count <= 0:
+    runs = [(args.seq_len, args.sequences, 0), (args.seq_len, args.long_sequences, args.shift),
+            (args.long_seq_len, args.long_sequences, 0)]
+    for seq_len, count, offset in runs:
+        if count <= 0 or seq_len <= 0 or (offset and offset + seq_len > adapter.dims.max_positions):
             continue
         sequences = load_held_out(args.data, adapter.tokenizer, seq_len, count, args.seed)
-        report["recall"][str(seq_len)] = evaluate(predictor, adapter, sequences, rows=args.rows, seed=args.seed)
-        print(f"recall at {seq_len} tokens done", flush=True)
+        label = f"{seq_len}" + (f" at positions +{offset}" if offset else "")
+        result = evaluate(predictor, adapter, sequences, rows=args.rows, seed=args.seed, offset=offset)
+        report["recall"][label] = {**result, "offset": offset}
+        print(f"recall at {label} done", flush=True)
     if args.interval > 1:
         sequences = load_held_out(args.data, adapter.tokenizer, args.seq_len, args.sequences, args.seed)
         report["interval"] = interval_recall(predictor, adapter, sequences, interval=args.interval, seed=args.seed)
@@ -66,9 +70,11 @@ def to_markdown(report: dict) -> str:
               f"cache = {o['compact_cache_percent_of_kv_bytes_same_dtype']}% of the KV bytes "
               f"({o['compact_cache_percent_of_kv_bytes_int8']}% with int8 keys). Trained with "
               f"`{report['predictor'].get('command')}`.", ""]
-    for seq_len, result in report["recall"].items():
+    for label, result in report["recall"].items():
         budgets = result["budgets"]
-        parts += [f"## {result['sequences']} held-out sequences of {seq_len} tokens, {result['rows_per_sequence']} "
+        shifted = (" (the same kind of text, positions shifted: the model's attention is unchanged, the keys' "
+                   "RoPE phases are not)") if result.get("offset") else ""
+        parts += [f"## {result['sequences']} held-out sequences of {label} tokens{shifted}, {result['rows_per_sequence']} "
                   f"query rows each (held-out loss {result['loss']:.4f})", "",
                   "Recall = attention mass on the selection / mass on the head's own top-k (1.0 = oracle), mean over "
                   "query heads, rows and consumer layers 1..L-1.", ""]
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--long-seq-len", type=int, default=4096, help="a second, longer context (0: skip)")
     parser.add_argument("--long-sequences", type=int, default=4)
+    parser.add_argument("--shift", type=int, default=6144,
+                        help="also evaluate --long-sequences of --seq-len tokens placed at this position (0: skip)")
     parser.add_argument("--rows", type=int, default=64, help="query rows per sequence")
     parser.add_argument("--interval", type=int, default=8, help="interval study length (1: skip)")
     parser.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from offload_engine.models import ModelAdapter
 from tiny_models import ARCHS, tiny_model, tiny_tokenizer
@@ -28,3 +29,12 @@ def tiny_model_dir(tmp_path_factory) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one torch thread, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

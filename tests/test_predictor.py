@@ -23,13 +23,7 @@ from offload_engine.predictor.training import TrainConfig, TrainingError, train,
 from tiny_models import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peaked_adapter(arch: str = "llama", layers: int = 4, kv_heads: int = 2, seed: int = 0) -> ModelAdapter:

@@ -21,12 +21,7 @@ from tiny_models import tiny_model
 NEW_TOKENS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def predictor_for(adapter: ModelAdapter, seed: int = 0, **sizes) -> TokenButlerPredictor:

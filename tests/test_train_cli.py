@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from tbrun_cli.main import app
@@ -15,12 +14,7 @@ SMALL = ("--seq-len", "32", "--steps", "3", "--checkpoint-every", "2", "--held-o
          "--dim", "4", "--producer-every", "2", "--rows", "8")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

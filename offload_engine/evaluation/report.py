@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -18,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import replace_directory
 from ..machine import describe_machine, git_commit
 from .scoring import METRIC_LABELS, summarize_points
 from .tasks import get_task
@@ -61,17 +61,6 @@ def check_output_dir(out_dir: Path, config: dict, overwrite: bool) -> None:
     )
 
 
-def publish(staging: Path, out_dir: Path) -> None:
-    """Move the finished ``staging`` directory to ``out_dir``, replacing whatever was there whole."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / "previous")
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_report(out_dir: Path, report: dict, overwrite: bool) -> None:
     """Write the three files into a staging directory, then move it into place."""
     check_output_dir(out_dir, report["config"], overwrite)
@@ -81,7 +70,7 @@ def write_report(out_dir: Path, report: dict, overwrite: bool) -> None:
         (staging / RESULTS_FILE).write_text(json.dumps(_finite(report), indent=1) + "\n")
         (staging / MARKDOWN_FILE).write_text(to_markdown(report))
         plot(report, staging / PLOT_FILE)
-        publish(staging, out_dir)
+        replace_directory(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

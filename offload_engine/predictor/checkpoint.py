@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import TbrunError
+from ..files import replace_directory
 from ..machine import git_commit
 from ..models import ModelDims
 from .network import PredictorConfig, TokenButlerPredictor, describe_shape
@@ -73,21 +74,10 @@ def save_checkpoint(
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         _fsync_dir(staging)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-        _swap_into_place(staging, target)
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing target is moved aside first, then removed."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, trash / "old")
-    os.rename(staging, target)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_config(directory: str | Path) -> dict:

@@ -55,6 +55,7 @@ class LatencySettings:
     device: str = "cuda"
     gather_method: str | None = None
     seed: int = 0
+    synthetic_kv: bool = False  # fill the KV with random values instead of running the prefill
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in DENSE_MODES and not m.endswith("-offload")]
@@ -126,14 +127,17 @@ def build_policy_for(variant: Variant, adapter):
 
 
 def engine_config(variant: Variant, context: int, settings: LatencySettings) -> EngineConfig:
-    """The engine's config for one variant at one context (RoPE scaling allowed: timing only)."""
+    """The engine's config for one variant at one context (RoPE scaling allowed: timing only).
+
+    Every run is profiled (per-phase breakdown): on the CPU that is a few timer reads per layer.
+    """
+    common = dict(context=context, device=settings.device, allow_rope_scaling=True, profile=True,
+                  synthetic_kv=settings.synthetic_kv)
     if variant.policy is None:
-        return EngineConfig(context=context, mode=DENSE_MODES[variant.mode], device=settings.device,
-                            allow_rope_scaling=True)
+        return EngineConfig(mode=DENSE_MODES[variant.mode], **common)
     selection = SelectionConfig(policy=variant.policy, budget=Budget(tokens=settings.budget),
                                 interval=variant.interval, neighbors=NEIGHBORS_ON if variant.neighbors else 0)
-    return EngineConfig(context=context, mode=KVMode.SPARSE_OFFLOAD, selection=selection, device=settings.device,
-                        allow_rope_scaling=True)
+    return EngineConfig(mode=KVMode.SPARSE_OFFLOAD, selection=selection, **common)
 
 
 def run_variant(adapter, variant: Variant, context: int, prompt: list[int], settings: LatencySettings) -> dict:
@@ -181,13 +185,70 @@ def measurements(stats, adapter, context: int, settings: LatencySettings, varian
         "kv_on_device_share": stats.decode_kv_bytes / kv_total,
         "peak_device_bytes": stats.peak_device_bytes,
         "gather_method": None,
-        "breakdown": None,  # per-phase CUDA events are not instrumented by the engine yet
+        "breakdown": stats.breakdown,  # over all decode steps, warm-up included
     }
+    out |= traffic_floor(adapter, context, settings, variant, bytes_per_step)
     if variant.policy is not None:
         out["gather_method"] = settings.gather_method or default_gather_method(settings.device)
         out["full_budget_bytes_per_step"] = full_budget
         out["delta_fetch_saving"] = 1.0 - bytes_per_step / full_budget if full_budget else math.nan
     return out
+
+
+def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Variant, copied: float) -> dict:
+    """Bytes a step must move through memory, at the least, and what they take at the measured rate.
+
+    Weights (read once), the KV attention reads (dense: all of it; sparse: sinks + window + the
+    budget per selecting layer, and every token of the policy's dense layers), the policy's
+    per-token metadata scored every step (TokenButler's compact key cache, Quest's page bounds),
+    and every copied byte twice on the CPU (read from the host store, written to the working set;
+    dense offload copies the whole KV). On CUDA the copies cross the bus instead: see the bus
+    columns; this floor is the device-memory side only.
+    """
+    dims = adapter.dims
+    element = torch.empty((), dtype=adapter.dtype).element_size()
+    per_token_layer = dims.num_kv_heads * 2 * dims.head_dim * element  # K and V of one token, one layer
+    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    cpu_copies = 2.0 * copied if torch.device(settings.device).type == "cpu" else 0.0
+    if variant.policy is None:
+        kv_read = per_token_layer * dims.num_layers * context
+    else:
+        dense = 1 if variant.policy == "tokenbutler" else 0  # tokenbutler keeps layer 0 whole
+        attended = min(context, settings.budget * (2 if variant.neighbors else 1))
+        kv_read = per_token_layer * ((dims.num_layers - dense) * attended + dense * context)
+    floor = weights + kv_read + cpu_copies + policy_metadata_bytes(variant.policy, dims, context, element)
+    rate = read_gbps(settings.device)
+    return {"floor_bytes_per_step": floor, "floor_ms": floor / (rate * 1e9) * 1000.0, "memory_read_gbps": rate}
+
+
+def policy_metadata_bytes(policy: str | None, dims, context: int, element: int) -> float:
+    """Per-step reads of a policy's scoring state over the whole context."""
+    if policy == "tokenbutler":  # projected keys of layers 1..L-1, d' = 16 in the reference sizes
+        return (dims.num_layers - 1) * dims.num_kv_heads * context * 16 * element
+    if policy == "quest":  # per-page min and max keys, pages of 16
+        return dims.num_layers * dims.num_kv_heads * (context / 16) * 2 * dims.head_dim * element
+    return 0.0
+
+
+_READ_GBPS: dict[str, float] = {}
+
+
+def read_gbps(device: str) -> float:
+    """Memory read rate of ``device`` now (best of 5 sums over 1 GiB), measured once per process."""
+    if device not in _READ_GBPS:
+        import time
+
+        buffer = torch.ones(2**28, dtype=torch.float32, device=device)
+        best = math.inf
+        for _ in range(5):
+            if buffer.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            buffer.sum().item()
+            best = min(best, time.perf_counter() - start)
+        _READ_GBPS[device] = buffer.nbytes / best / 1e9
+        del buffer
+    return _READ_GBPS[device]
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -199,6 +260,7 @@ def add_ratios(rows: list[dict]) -> None:
         gpu = same.get("dense-gpu", {}).get("median_ms", math.nan)
         row["speedup_vs_dense_offload"] = offload / mine if row["status"] == "ok" else math.nan
         row["ratio_to_dense_gpu"] = mine / gpu if row["status"] == "ok" else math.nan
+        row["ratio_to_floor"] = mine / row["floor_ms"] if row["status"] == "ok" else math.nan
 
 
 def memcpy_peak_gbps(device: torch.device) -> float | None:

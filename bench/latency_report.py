@@ -8,8 +8,9 @@ from pathlib import Path
 from .report import fmt, markdown_header, markdown_table, write_json
 
 COLUMNS = ["mode", "median ms/step", "p90 ms/step", "prefill s", "speed-up vs dense-offload",
-           "ratio to dense-gpu", "MiB H2D/step", "GB/s over step (% of memcpy peak)", "KV on device",
-           "gather", "status"]
+           "ratio to dense-gpu", "floor ms (ratio)", "MiB H2D/step", "GB/s over step (% of memcpy peak)",
+           "KV on device", "gather", "status"]
+BREAKDOWN_COLUMNS = ["mode", "selection", "copy", "wait", "attention", "rest"]
 
 
 def write_report(report: dict, out_dir: Path, stem: str) -> dict[str, str]:
@@ -31,10 +32,22 @@ def _row_cells(row: dict) -> list[str]:
     return [
         row["label"], fmt(row["median_ms"], 2), fmt(row["p90_ms"], 2), fmt(row["prefill_s"], 2),
         fmt(row["speedup_vs_dense_offload"], 2), fmt(row["ratio_to_dense_gpu"], 2),
+        f"{fmt(row['floor_ms'], 2)} ({fmt(row['ratio_to_floor'], 2)})",
         fmt(row["h2d_bytes_per_step"] / 2**20, 2), fmt(row["h2d_gbps_over_step"], 2) + percent,
         f"{row['kv_on_device_bytes'] / 2**20:.1f} MiB ({100 * row['kv_on_device_share']:.1f}%)",
         row["gather_method"] or "-", "ok",
     ]
+
+
+def _breakdown_cells(row: dict) -> list[str]:
+    parts = row["breakdown"]
+    return [row["label"]] + [f"{fmt(parts[p]['ms_per_step'], 2)} ({100 * parts[p]['share']:.0f}%)"
+                             for p in BREAKDOWN_COLUMNS[1:]]
+
+
+def _read_rate(report: dict) -> float:
+    rates = [row["memory_read_gbps"] for row in report["rows"] if row.get("memory_read_gbps")]
+    return rates[0] if rates else math.nan
 
 
 def to_markdown(report: dict) -> str:
@@ -52,8 +65,17 @@ def to_markdown(report: dict) -> str:
         "",
         "GB/s over step = bytes copied host-to-device per step / median step time (a lower bound of the copy "
         "rate, since copies overlap compute). Speed-up and ratio compare median ms per step at the same context. "
-        "Per-phase breakdown: not instrumented yet (null in the JSON).",
+        "Floor ms: the bytes a step must move through memory at the least (weights, the KV attention reads, the "
+        "policy's scoring state, copies counted twice on the CPU) at the memory read rate measured in this run "
+        f"({fmt(_read_rate(report))} GB/s); the ratio is median / floor.",
+        "",
+        "Breakdown: ms per step (share of the step) of each phase, timed in the same runs (CPU: timers around "
+        "each phase; CUDA: events on the current stream, so copies overlapping compute count in `copy` and the "
+        "phases need not add up). `rest` is the step minus the phases: projections, MLP, norms, sampling.",
     ]
+    if s.get("synthetic_kv"):
+        lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
+                  "decode step's time does not depend on the values, and prefill s is the fill time."]
     if len(report.get("runs", [])) > 1:
         lines += ["", "Runs merged into this report (each context measured within one run):"]
         lines += [f"- `{run['command']}` at {run['commit']}, contexts {run['contexts']}, memcpy peak "
@@ -62,6 +84,9 @@ def to_markdown(report: dict) -> str:
     for context in sorted({row["context"] for row in report["rows"]}):
         rows = [_row_cells(r) for r in report["rows"] if r["context"] == context]
         lines += ["", f"## Context {context:,} tokens", "", markdown_table(COLUMNS, rows)]
+        split = [_breakdown_cells(r) for r in report["rows"] if r["context"] == context and r.get("breakdown")]
+        if split:
+            lines += ["", markdown_table(BREAKDOWN_COLUMNS, split)]
     if report.get("files", {}).get("png"):
         lines += ["", f"![ms per step vs context]({Path(report['files']['png']).name})"]
     return "\n".join(lines) + "\n"

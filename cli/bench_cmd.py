@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
 
 def latency(
     arch: str = typer.Option("llama-3.1-8b", "--arch", help="Architecture with random weights: a name in "
-                             "bench/archs (llama-3.1-8b, qwen2.5-7b, llama-3.2-3b, tiny-llama) or a config .json."),
+                             "bench/archs (llama-3.1-8b, qwen2.5-7b, llama-3.2-3b, llama-3.2-1b, qwen2.5-0.5b, smollm2-135m, "
+                             "tiny-llama) or a config .json."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Time a real checkpoint instead of --arch."),
     contexts: str = typer.Option("32k,64k,128k,256k", "--contexts", help="KV capacities, comma-separated."),
     modes: str = typer.Option("dense-gpu,dense-offload,tokenbutler-offload,streaming-offload,random-offload",
@@ -38,6 +39,8 @@ def latency(
                                                 help="index, batched-copy, zero-copy or zero-copy-cupy "
                                                      "(default: the fastest that passes its self-check)."),
     seed: int = typer.Option(0, "--seed"),
+    synthetic_kv: bool = typer.Option(False, "--synthetic-kv", help="Fill the KV cache with random keys and values "
+                                      "instead of running the prefill (decode time does not depend on them)."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for the report files."),
     append: bool = typer.Option(False, "--append", help="Keep the other contexts already in the report at --out "
                                 "(measure long contexts in separate commands, get one report)."),
@@ -49,7 +52,7 @@ def latency(
         contexts=[parse_context(c) for c in _split(contexts)], arch=arch, model=model, modes=_split(modes),
         budget=budget, intervals=[_int(i, "--interval") for i in _split(interval)],
         neighbors=[_on_off(n) for n in _split(neighbors)], decode_steps=decode_steps, warmup=warmup,
-        device=_device(device), gather_method=gather_method, seed=seed,
+        device=_device(device), gather_method=gather_method, seed=seed, synthetic_kv=synthetic_kv,
     )
     report = run_latency(settings, out, log=lambda msg: err_console.print(msg, style="dim", markup=False),
                          append=append)

@@ -142,6 +142,10 @@ class EngineConfig:
     device: str = "cpu"
     prefill_chunk: int = 4096  # tokens per chunk of projections / MLP / attention queries in prefill
     allow_rope_scaling: bool = False  # allow a context past the model's trained positions
+    profile: bool = False  # time the phases of each decode step (stats.breakdown); off costs nothing
+    # Timing only: fill the KV cache with random keys and values instead of running the prefill
+    # (a decode step's time does not depend on the values); the generated text means nothing.
+    synthetic_kv: bool = False
 
     def __post_init__(self) -> None:
         self.context = parse_context(self.context)

@@ -23,6 +23,7 @@ from .errors import ConfigError, DeviceUnavailableError
 from .models import ModelAdapter
 from .policies import build_policy
 from .policies.base import Policy
+from .profiling import PhaseClock, breakdown
 from .sampling import sample_next
 from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
 
@@ -109,14 +110,20 @@ class Engine:
         generated: list[int] = []
         reason = "length"
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        backend = self._new_backend()
+        clock = PhaseClock(self.config.profile, self.device)
+        backend = self._new_backend(clock)
         try:
             with torch.inference_mode():
                 logits = self._prefill(prompt, backend, stats, on_prefill)
-                reason = self._decode_loop(prompt, logits, backend, sampling, generator, generated, stats, on_token)
+                reason = self._decode_loop(prompt, logits, backend, sampling, generator, generated, stats, on_token,
+                                           clock)
         except KeyboardInterrupt:
             reason, stats.interrupted = "interrupted", True
         finally:
+            stats.h2d_bytes = backend.h2d_bytes_per_step()[: len(stats.decode_ms)]
+            stats.notes = list(backend.notes)
+            if self.config.profile:
+                stats.breakdown = breakdown(clock.totals_ms(), stats.decode_ms)
             backend.close()
         stats.new_tokens = len(generated)
         stats.peak_host_bytes = peak_host_bytes()
@@ -136,6 +143,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 logits = self._prefill(prompt, backend, GenerationStats(), None)
+                on_device = torch.tensor(targets, device=self.device)  # one copy, not one per step
+                cursor = DecodeCursor(on_device[0], len(prompt), self.device)
                 for i, target in enumerate(targets):
                     log_softmax = torch.log_softmax(logits, dim=-1)
                     logprobs.append(log_softmax[target])
@@ -143,7 +152,9 @@ class Engine:
                     if keep_logits:
                         kept.append(logits.float().cpu())
                     if i + 1 < len(targets):
-                        logits = self._decode_step(target, len(prompt) + i, backend)
+                        logits = self._decode_step(cursor, backend)
+                        backend.end_step()
+                        cursor.advance(on_device[i + 1])
         finally:
             backend.close()
         return ContinuationScore(torch.stack(logprobs).float().cpu(), torch.stack(predicted).cpu(),
@@ -159,17 +170,16 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens, which does not leave room for an answer within "
                 f"--context {self.config.context}: raise --context or shorten the prompt."
             )
-        self.config.selection.check_fraction_budget(len(prompt))
         return prompt
 
-    def _new_backend(self) -> KVBackend:
+    def _new_backend(self, clock: PhaseClock | None = None) -> KVBackend:
         dims, dtype, capacity = self.adapter.dims, self.adapter.dtype, self.config.context
         if self.config.mode is KVMode.DENSE_DEVICE:
             return DenseDeviceKV(dims, capacity, dtype, self.device)
         if self.config.mode is KVMode.DENSE_OFFLOAD:
             return DenseOffloadKV(dims, capacity, dtype, self.device)
         return SparseOffloadKV(self.adapter, capacity, self.config.selection, self.policy, self.device,
-                               self.gather_method)
+                               self.gather_method, clock)
 
     def _prefill(self, prompt: list[int], backend: KVBackend, stats: GenerationStats,
                  on_prefill: ProgressCallback | None) -> torch.Tensor:
@@ -179,6 +189,8 @@ class Engine:
         the backend keeps there), and no layer's KV is ever read back from the host.
         """
         start = time.perf_counter()
+        if self.config.synthetic_kv:
+            return self._synthetic_prefill(len(prompt), backend, stats, start)
         adapter, chunk = self.adapter, self.config.prefill_chunk
         ids = torch.tensor([prompt], device=self.device)
         hidden = adapter.embed(ids)  # [1, T, E]
@@ -199,26 +211,48 @@ class Engine:
         stats.prefill_seconds = time.perf_counter() - start
         return logits
 
-    def _decode_step(self, token: int, position: int, backend: KVBackend) -> torch.Tensor:
-        """Feed ``token`` at ``position`` through every layer; returns the next logits ``[V]``."""
-        adapter = self.adapter
-        hidden = adapter.embed(torch.tensor([[token]], device=self.device))  # [1, 1, E]
-        rope = adapter.rope(hidden, torch.tensor([[position]], device=self.device))
-        backend.begin_step(position)
+    def _synthetic_prefill(self, length: int, backend: KVBackend, stats: GenerationStats, start: float) -> torch.Tensor:
+        """Timing runs: every layer gets the same random K/V ``[KvH, T, D]`` (drawn once) instead of the
+        prompt's; x and q are zero views with no memory behind them. Returns zero logits ``[V]``."""
+        dims, dtype = self.adapter.dims, self.adapter.dtype
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        shape = (dims.num_kv_heads, length, dims.head_dim)
+        k = torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
+        v = torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
+        x = torch.zeros(dims.hidden_size, device=self.device, dtype=dtype).expand(length, -1)
+        q = torch.zeros(dims.num_heads, 1, dims.head_dim, device=self.device, dtype=dtype).expand(-1, length, -1)
+        for layer in range(dims.num_layers):
+            backend.prefill_layer(layer, x, q, k, v)
+        stats.prefill_seconds = time.perf_counter() - start
+        return torch.zeros(dims.vocab_size, device=self.device)
+
+    def _decode_step(self, cursor: "DecodeCursor", backend: KVBackend,
+                     clock: PhaseClock | None = None) -> torch.Tensor:
+        """Feed the cursor's token at its position through every layer; returns the next logits ``[V]``.
+
+        Token and position live on the device: nothing in a step waits for the host.
+        """
+        adapter, clock = self.adapter, clock or PhaseClock()
+        hidden = adapter.embed(cursor.ids)  # [1, 1, E]
+        rope = adapter.rope(hidden, cursor.position_ids)
+        backend.begin_step(cursor.position)
         for layer in range(adapter.dims.num_layers):
             x = adapter.attention_input(layer, hidden)
             q, k, v = adapter.qkv(layer, x, rope)  # q [1, H, 1, D]; k, v [1, KvH, 1, D]
-            kv = backend.decode_layer(layer, position, x[0, 0], q[0, :, 0], k[0, :, 0], v[0, :, 0])
-            out = decode_attention(q[0, :, 0], kv.keys, kv.values, kv.valid, adapter.scaling)  # [H, D]
+            kv = backend.decode_layer(layer, cursor.position, x[0, 0], q[0, :, 0], k[0, :, 0], v[0, :, 0])
+            with clock.phase("attention"):
+                out = decode_attention(q[0, :, 0], kv.keys, kv.values, kv.valid, adapter.scaling)  # [H, D]
             backend.end_layer(layer)
             hidden = adapter.finish_layer(layer, hidden, out.view(1, -1, 1, out.shape[-1]))
         return adapter.logits(hidden)[0, -1]
 
-    def _decode_loop(self, prompt, logits, backend, sampling, generator, generated, stats, on_token) -> str:
+    def _decode_loop(self, prompt, logits, backend, sampling, generator, generated, stats, on_token,
+                     clock: PhaseClock) -> str:
         """Sample, stream and feed back tokens until EOS, the token limit or the context end."""
-        position = len(prompt)
         stats.decode_kv_bytes = backend.device_kv_bytes()
-        token = int(sample_next(logits, sampling, generator))
+        next_token = sample_next(logits, sampling, generator)
+        token = int(next_token)
+        cursor = DecodeCursor(next_token, len(prompt), self.device)
         while True:
             generated.append(token)
             if on_token is not None:
@@ -227,20 +261,37 @@ class Engine:
                 return "eos"
             if len(generated) >= sampling.max_new_tokens:
                 return "length"
-            if position >= self.config.context:
+            if cursor.position >= self.config.context:
                 return "context"
             start = time.perf_counter()
-            logits = self._decode_step(token, position, backend)
-            token = int(sample_next(logits, sampling, generator))  # the step's one host sync
+            logits = self._decode_step(cursor, backend, clock)
+            next_token = sample_next(logits, sampling, generator)
+            token = int(next_token)  # the step's one host sync: the token is streamed and checked for EOS
             stats.decode_ms.append(1000.0 * (time.perf_counter() - start))
-            stats.h2d_bytes.append(backend.end_step())
+            backend.end_step()
             if len(stats.decode_ms) == 1:  # staging buffers exist from the first step on
                 stats.decode_kv_bytes = backend.device_kv_bytes()
-            position += 1
+            cursor.advance(next_token)
 
     def _decode_text(self, ids: list[int]) -> str:
         tokenizer = self.adapter.tokenizer
         return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+
+
+class DecodeCursor:
+    """The token being fed and its position, on the device (``ids [1, 1]``, ``position_ids [1, 1]``)
+    and, for the position, on the host too, so no step copies a Python number to the device."""
+
+    def __init__(self, token: torch.Tensor, position: int, device: torch.device):
+        self.ids = token.view(1, 1)
+        self.position = position
+        self.position_ids = torch.full((1, 1), position, dtype=torch.long, device=device)
+
+    def advance(self, token: torch.Tensor) -> None:
+        """Feed ``token`` (0-d, on the device) at the next position."""
+        self.ids = token.view(1, 1)
+        self.position += 1
+        self.position_ids += 1
 
 
 def _chunked_qkv(adapter: ModelAdapter, layer: int, x: torch.Tensor, rope, chunk: int):

@@ -25,6 +25,8 @@ class GenerationStats:
     peak_host_bytes: int = 0
     peak_device_bytes: int = 0
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)  # things to tell the user once (budget floor, ...)
+    breakdown: dict | None = None  # per-phase ms per step and share, when EngineConfig.profile is set
 
     @property
     def ms_per_step(self) -> float:

@@ -83,7 +83,7 @@ def test_ctrl_c_returns_partial_output_and_frees_the_store(mode):
     engine = Engine(adapter, EngineConfig(context=256, mode=mode))
     backends = []
     original = engine._new_backend
-    engine._new_backend = lambda: backends.append(original()) or backends[-1]
+    engine._new_backend = lambda *args: backends.append(original(*args)) or backends[-1]
     result = engine.generate(PROMPT, SamplingConfig(max_new_tokens=20), on_token=InterruptAfter(3))
     assert result.finish_reason == "interrupted" and result.stats.interrupted
     assert len(result.token_ids) == 3

@@ -21,13 +21,14 @@ from offload_engine.cpu_cache.host_store import HostKVStore
 from offload_engine.errors import ConfigError
 from offload_engine.models import ModelDims
 from offload_engine.policies import available_policies, build_policy
-from offload_engine.policies.base import NEVER, Candidates, Policy, PolicyContext, topk_positions
+from offload_engine.policies.base import NEVER, Candidates, Policy, PolicyContext
+from offload_engine.selection import topk_positions
 from offload_engine.policies.critical import CriticalPolicy, value_norms
 from offload_engine.policies.h2o import H2OPolicy
 from offload_engine.policies.prompt_attention import causal_column_sums
 from offload_engine.policies.quest import QuestPolicy
 from offload_engine.policies.snapkv import SnapKVPolicy
-from offload_engine.selector import Selector
+from offload_engine.selection import Selector
 
 DIMS = ModelDims(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=12,
                  max_positions=256, vocab_size=32)
@@ -278,7 +279,7 @@ def test_critical_with_alpha_one_selects_exactly_like_its_base(name):
     for _ in range(5):
         for layer, (candidates, scores, selected) in driver.step().items():
             base_scores = wrapped.base.score(layer, q, candidates)
-            ours = wrapped.reweight(layer, base_scores, candidates)
+            ours = wrapped.reweight(range(layer, layer + 1), base_scores.unsqueeze(0), candidates)[0]
             assert torch.equal(topk_positions(ours, candidates.keep, candidates.lo),
                                topk_positions(base_scores, candidates.keep, candidates.lo))
 
@@ -292,7 +293,7 @@ def test_critical_two_stages_keep_the_base_top_then_the_value_aware_top():
     wrapped.observe_prefill(1, None, None, v, v)
     base = torch.randn(DIMS.num_kv_heads, count, generator=generator) * 3
     candidates = Candidates(lo=5, hi=5 + count, keep=keep, position=40)
-    chosen = topk_positions(wrapped.reweight(1, base, candidates), keep, 0)
+    chosen = topk_positions(wrapped.reweight(range(1, 2), base.unsqueeze(0), candidates)[0], keep, 0)
     attention = torch.softmax(base, dim=-1)
     value_aware = (attention + 1e-4) * wrapped.norms[1][:, 5 : 5 + count]
     for head in range(DIMS.num_kv_heads):

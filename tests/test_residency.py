@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
-from offload_engine.cpu_cache.residency import ResidencyMap
+from offload_engine.selection.residency import ResidencyMap
 from offload_engine.models import ModelAdapter
 from offload_engine.policies.random import RandomPolicy
 from tiny_models import tiny_model
 
 
 def active_sets(rmap: ResidencyMap) -> list[set[int]]:
-    return [set(row[row >= 0].tolist()) for row in rmap.active_positions()]
+    return active_sets_of(rmap.active_positions())
 
 
 def test_update_activates_exactly_the_selection_and_fetches_only_missing():
-    rmap = ResidencyMap(num_kv_heads=2, num_slots=5, device=torch.device("cpu"))
+    rmap = ResidencyMap(rows=2, num_slots=5, device=torch.device("cpu"))
     first = torch.tensor([[10, 11, 12, -1], [3, 7, -1, -1]])
     plan = rmap.update(first)
     assert plan.counts.tolist() == [3, 2]
@@ -32,7 +32,7 @@ def test_update_activates_exactly_the_selection_and_fetches_only_missing():
 
 
 def test_reselecting_a_stale_token_does_not_fetch_it_again():
-    rmap = ResidencyMap(num_kv_heads=1, num_slots=4, device=torch.device("cpu"))
+    rmap = ResidencyMap(rows=1, num_slots=4, device=torch.device("cpu"))
     rmap.update(torch.tensor([[1, 2]]))
     rmap.update(torch.tensor([[5, -1]]))  # 1 and 2 stay in their slots, inactive
     assert active_sets(rmap) == [{5}]
@@ -42,7 +42,7 @@ def test_reselecting_a_stale_token_does_not_fetch_it_again():
 
 
 def test_slots_are_never_shared_by_two_positions():
-    rmap = ResidencyMap(num_kv_heads=3, num_slots=16, device=torch.device("cpu"))
+    rmap = ResidencyMap(rows=3, num_slots=16, device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
         chosen = torch.stack([torch.randperm(40, generator=gen)[:12] for _ in range(3)])
@@ -54,39 +54,46 @@ def test_slots_are_never_shared_by_two_positions():
 
 
 class RecordingEngine:
-    """Wraps the sparse backend's fetches to see what crossed the bus at every step."""
+    """Wraps the sparse backend's copies to see what crossed the bus at every step, and checks after
+    each step that exactly the selection of every layer is active on the device."""
 
     def __init__(self, engine: Engine):
         self.fetched: list[dict[int, list[set[int]]]] = []
         self.active: list[dict[int, list[set[int]]]] = []
         original = engine._new_backend
 
-        def new_backend():
-            backend = original()
-            fetch = backend._fetch
+        def new_backend(*args):
+            backend = original(*args)
+            copy = backend._copy
 
-            def recording_fetch(layer, selected):
-                resident_before = [set(r[r >= 0].tolist()) for r in backend.working_set.layers[layer].residency.slot_pos]
-                fetch(layer, selected)
-                rmap = backend.working_set.layers[layer].residency
-                wanted = [set(r[r >= 0].tolist()) for r in selected]
-                self.fetched[-1][layer] = [w - before for w, before in zip(wanted, resident_before)]
-                self.active[-1][layer] = active_sets(rmap)
-                assert self.active[-1][layer] == wanted  # exactly the selection is on the device
+            def recording_copy(layer, plan):
+                counts = plan.counts.tolist()
+                self.fetched[-1][layer] = [set(plan.positions[h, :n].tolist()) for h, n in enumerate(counts)]
+                copy(layer, plan)
 
-            backend._fetch = recording_fetch
-            begin = backend.begin_step
+            backend._copy = recording_copy
+            begin, decode = backend.begin_step, backend.decode_layer
 
             def recording_begin(position):
                 self.fetched.append({})
                 self.active.append({})
                 begin(position)
 
-            backend.begin_step = recording_begin
+            def recording_decode(layer, position, *tensors):
+                kv = decode(layer, position, *tensors)
+                bank = backend.working_set.bank_of[layer]
+                self.active[-1][layer] = active_sets_of(bank.residency.active_positions(bank.rows([layer])))
+                return kv
+
+            backend.begin_step, backend.decode_layer = recording_begin, recording_decode
             self.backend = backend
             return backend
 
         engine._new_backend = new_backend
+
+
+def active_sets_of(positions: torch.Tensor) -> list[set[int]]:
+    return [set(row[row >= 0].tolist()) for row in positions]
 
 
 def test_sparse_steps_fetch_only_missing_and_never_sinks_or_window():
@@ -104,7 +111,11 @@ def test_sparse_steps_fetch_only_missing_and_never_sinks_or_window():
         for layer, per_head in fetched.items():
             for head, positions in enumerate(per_head):
                 assert all(sinks <= p < position - window + 1 for p in positions)
-                assert len(active[layer][head]) == 14 - sinks - window
+                assert positions <= active[layer][head]  # what was fetched is attended
+        for layer, per_head in active.items():
+            for positions in per_head:
+                assert len(positions) == 14 - sinks - window
+                assert all(sinks <= p < position - window + 1 for p in positions)
     # what was counted as moved is what the bookkeeping fetched
     fragment = 2 * adapter.dims.head_dim * 4
     for counted, fetched in zip(result.stats.h2d_bytes, recorder.fetched):
@@ -122,8 +133,8 @@ def test_dense_policy_moves_one_token_per_layer_and_head_after_the_first_step():
 
 
 def test_selector_applies_the_neighbor_rules():
-    from offload_engine.policies.base import Candidates
-    from offload_engine.selector import Selector
+    from offload_engine.selection import Candidates
+    from offload_engine.selection import Selector
 
     scores = torch.tensor([[0.0, 9, 8, 0, 0, 0, 7, 0, 0, 0]])  # candidates 10..19; best: 11, 12, 16
     candidates = Candidates(lo=10, hi=20, keep=3, position=30)

@@ -10,11 +10,12 @@ import torch
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.models import ModelAdapter
 from offload_engine.policies import build_policy
-from offload_engine.policies.base import Candidates, PolicyContext, extend_runs
+from offload_engine.policies.base import Candidates, PolicyContext
+from offload_engine.selection import extend_runs
 from offload_engine.policies.tokenbutler import TokenButlerPolicy, shipped_predictor_for
 from offload_engine.predictor.checkpoint import PredictorError, save_checkpoint
 from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
-from offload_engine.selector import Selector
+from offload_engine.selection import Selector
 
 from tiny_models import tiny_model
 
@@ -102,9 +103,10 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
         policy.observe_decode(layer, 20, x_new, None, k_new, None)
     torch.testing.assert_close(policy.cache.read(3, 0, 20), predictor.project_keys(3, tensors[3][2]))
     torch.testing.assert_close(policy.cache.read(3, 20, 21)[:, 0], predictor.project_keys(3, k_new.unsqueeze(1))[:, 0])
-    candidates = {layer: Candidates(lo=2, hi=17, keep=3, position=20) for layer in range(4)}
-    plan = policy.plan(0, tensors[0][0][-1], candidates.__getitem__)
-    assert sorted(plan) == [1, 2]
+    candidates = Candidates(lo=2, hi=17, keep=3, position=20)
+    layers, scores = policy.plan(0, tensors[0][0][-1], candidates)
+    assert list(layers) == [1, 2] and scores.shape == (2, 2, 15)
+    plan = {layer: scores[i] for i, layer in enumerate(layers)}
     queries = predictor.importance_queries(0, tensors[0][0][-1])  # [2, H, d']
     for layer in (1, 2):
         keys = torch.cat([predictor.project_keys(layer, tensors[layer][2]), predictor.project_keys(layer, k_new.unsqueeze(1))], 1)
@@ -114,7 +116,8 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
         else:  # log of the group's mean softmax over positions 0..19 (the token being decoded excluded)
             expected = torch.softmax(heads[:, :20], -1).view(2, 2, 20).mean(1).log()[:, 2:17]
         torch.testing.assert_close(plan[layer], expected)
-        assert plan[layer].shape == (2, 15) and plan[layer].dtype == torch.float32
+        assert plan[layer].dtype == torch.float32
+        torch.testing.assert_close(policy.score(layer, None, candidates), plan[layer])  # the per-layer path
 
 
 def test_int8_projected_keys_keep_the_ranking():
@@ -124,8 +127,8 @@ def test_int8_projected_keys_keep_the_ranking():
     for policy in (exact, int8):
         for layer, (x, q, k, v) in enumerate(tensors):
             policy.observe_prefill(layer, x, q, k, v)
-    candidates = lambda layer: Candidates(lo=0, hi=40, keep=8, position=40)  # noqa: E731
-    a, b = exact.plan(0, tensors[0][0][-1], candidates), int8.plan(0, tensors[0][0][-1], candidates)
+    candidates = Candidates(lo=0, hi=40, keep=8, position=40)
+    a, b = exact.plan(0, tensors[0][0][-1], candidates)[1], int8.plan(0, tensors[0][0][-1], candidates)[1]
     torch.testing.assert_close(a[1], b[1], atol=0.05, rtol=0.05)
     top_a, top_b = a[1].topk(8).indices, b[1].topk(8).indices
     overlap = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(top_a, top_b)) / top_a.numel()

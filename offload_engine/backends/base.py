@@ -41,9 +41,18 @@ class KVBackend:
     def end_layer(self, layer: int) -> None:
         """The layer's attention has been enqueued: its buffers may be refilled after it."""
 
-    def end_step(self) -> int:
-        """The step is over; returns the bytes copied host-to-device during it."""
-        return 0
+    def end_step(self) -> None:
+        """The step is over (its token has been sampled)."""
+
+    def h2d_bytes_per_step(self) -> list[int]:
+        """Host-to-device KV bytes of every decode step so far; read once, after the generation
+        (counts kept on the device are read back here, never inside a step)."""
+        return []
+
+    @property
+    def notes(self) -> list[str]:
+        """Things the user should be told once about this sequence (for example a budget floor)."""
+        return []
 
     def device_kv_bytes(self) -> int:
         """KV bytes this backend holds on the compute device now."""

@@ -26,6 +26,7 @@ class DenseOffloadKV(KVBackend):
         self.stage_v: list[torch.Tensor] = []
         self._position = 0
         self._step_bytes = 0
+        self._moved: list[int] = []
 
     def prefill_layer(self, layer, x, q, k, v):
         self.prefetcher.write_back(lambda: self.host.write(layer, 0, k, v, non_blocking=True), k, v)
@@ -71,8 +72,11 @@ class DenseOffloadKV(KVBackend):
     def end_layer(self, layer):
         self.prefetcher.release(("stage", layer % 2))
 
-    def end_step(self) -> int:
-        return self._step_bytes
+    def end_step(self) -> None:
+        self._moved.append(self._step_bytes)
+
+    def h2d_bytes_per_step(self) -> list[int]:
+        return list(self._moved)
 
     def device_kv_bytes(self) -> int:
         return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v)

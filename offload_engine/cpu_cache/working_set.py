@@ -1,42 +1,64 @@
 """The device working set of the sparse mode: what attention reads at a decode step.
 
-One buffer per layer for K and one for V, ``[KvH, S + W + n_sel + 1, D]``, in four regions:
+Layers are grouped in banks of equal shape (the selected layers in one, the dense layers in
+another). A bank holds K and V for all its layers, ``[Lb, KvH, S + W + n_sel + 1, D]``, in four
+regions along the slot axis:
 
     [ sinks (S) | local-window ring (W) | selected slots (n_sel) | trash (1) ]
 
-Sinks and the window are written from tokens computed on the device (in prefill and decode)
-and are never fetched from the host. The selected slots are filled by the prefetcher from the
-host store following the layer's ``ResidencyMap``. The trash slot absorbs padding copies and is
-never attended. Attention runs over the whole buffer with a mask of valid slots, so no
-concatenation or allocation happens per step.
+and the attention mask ``valid [Lb, KvH, S + W + n_sel + 1]``. Sinks and the window are written
+from tokens computed on the device (in prefill and decode) and are never fetched from the host.
+The selected slots are filled by the prefetcher following the bank's ``ResidencyMap``, which
+writes the selected region of ``valid`` in place; the sink and window regions of ``valid`` are
+written once per step for every layer at once. The trash slot absorbs padding copies and is
+never attended. Attention reads a prefix of the slots under the mask: no concatenation or
+allocation per layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .residency import ResidencyMap
+from ..selection.residency import ResidencyMap
 
 
-class LayerWorkingSet:
-    """Device K/V slots of one layer and the positions they hold."""
+@dataclass(slots=True)
+class LayerView:
+    """What attention reads for one layer: keys, values ``[KvH, N, D]``, valid ``[KvH, N]``."""
 
-    def __init__(self, kv_heads: int, head_dim: int, sinks: int, window: int, num_slots: int,
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+
+
+class Bank:
+    """K/V slots, mask and residency of a set of layers that share one slot count."""
+
+    def __init__(self, layers: list[int], kv_heads: int, head_dim: int, fixed: int, num_slots: int,
                  dtype: torch.dtype, device: torch.device):
-        self.sinks, self.window, self.num_slots = sinks, window, num_slots
-        total = sinks + window + num_slots + 1
-        self.keys = torch.zeros(kv_heads, total, head_dim, dtype=dtype, device=device)
+        self.layers = layers
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        self.fixed, self.num_slots, self.kv_heads = fixed, num_slots, kv_heads
+        total = fixed + num_slots + 1
+        self.keys = torch.zeros(len(layers), kv_heads, total, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.residency = ResidencyMap(kv_heads, num_slots, device)
+        self.valid = torch.zeros(len(layers), kv_heads, total, dtype=torch.bool, device=device)
+        active = self.valid[:, :, fixed:].view(len(layers) * kv_heads, num_slots + 1)
+        self.residency = ResidencyMap(len(layers) * kv_heads, num_slots, device, active=active)
 
-    @property
-    def selected_keys(self) -> torch.Tensor:
-        """``[KvH, n_sel + 1, D]``: the selected slots and the trash slot (a view)."""
-        return self.keys[:, self.sinks + self.window:]
+    def rows(self, layers: range | list[int]) -> slice:
+        """The residency rows of consecutive ``layers`` of this bank."""
+        first = self.index[layers[0]]
+        return slice(first * self.kv_heads, (first + len(layers)) * self.kv_heads)
 
-    @property
-    def selected_values(self) -> torch.Tensor:
-        return self.values[:, self.sinks + self.window:]
+    def selected_keys(self, layer: int) -> torch.Tensor:
+        """``[KvH, n_sel + 1, D]``: the selected slots and the trash slot of ``layer`` (a view)."""
+        return self.keys[self.index[layer], :, self.fixed:]
+
+    def selected_values(self, layer: int) -> torch.Tensor:
+        return self.values[self.index[layer], :, self.fixed:]
 
     @property
     def nbytes(self) -> int:
@@ -44,7 +66,7 @@ class LayerWorkingSet:
 
 
 class WorkingSet:
-    """All layers' working sets plus the shared position bookkeeping of sinks and window.
+    """Every layer's working set, in banks, plus the sink and window positions shared by all.
 
     ``ring_pos [W]``: the position held by each ring slot (-1 empty); a token at position ``p``
     (``p >= S``) lives in ring slot ``p % W`` while it is among the last W tokens.
@@ -52,50 +74,69 @@ class WorkingSet:
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, sinks: int, window: int,
                  slots_per_layer: list[int], dtype: torch.dtype, device: torch.device):
-        self.sinks, self.window = sinks, window
-        self.layers = [
-            LayerWorkingSet(kv_heads, head_dim, sinks, window, slots_per_layer[layer], dtype, device)
-            for layer in range(num_layers)
-        ]
-        self.ring_pos = torch.full((window,), -1, dtype=torch.long, device=device)
+        self.sinks, self.window, self.device = sinks, window, device
+        by_slots: dict[int, list[int]] = {}
+        for layer in range(num_layers):
+            by_slots.setdefault(slots_per_layer[layer], []).append(layer)
+        self.banks = [Bank(layers, kv_heads, head_dim, sinks + window, slots, dtype, device)
+                      for slots, layers in by_slots.items()]
+        self.bank_of = {layer: bank for bank in self.banks for layer in bank.layers}
         self.sink_pos = torch.full((sinks,), -1, dtype=torch.long, device=device)
-        self.device = device
+        self.ring_pos = torch.full((window,), -1, dtype=torch.long, device=device)
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(bank.nbytes for bank in self.banks)
+
+    def _slot(self, position: int) -> int:
+        return position if position < self.sinks else self.sinks + position % self.window
 
     def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put the prompt's sinks and last W tokens in place. k, v ``[KvH, T, D]`` on the device."""
         length = k.shape[1]
-        ws = self.layers[layer]
+        bank = self.bank_of[layer]
+        keys, values = bank.keys[bank.index[layer]], bank.values[bank.index[layer]]
         n_sinks = min(self.sinks, length)
-        ws.keys[:, :n_sinks] = k[:, :n_sinks]
-        ws.values[:, :n_sinks] = v[:, :n_sinks]
+        keys[:, :n_sinks], values[:, :n_sinks] = k[:, :n_sinks], v[:, :n_sinks]
         first = min(length, max(self.sinks, length - self.window))
         ring = torch.arange(first, length, device=self.device)
         slots = self.sinks + ring % self.window
-        ws.keys[:, slots] = k[:, first:length]
-        ws.values[:, slots] = v[:, first:length]
+        keys[:, slots], values[:, slots] = k[:, first:length], v[:, first:length]
         if layer == 0:
             self.sink_pos[:n_sinks] = torch.arange(n_sinks, device=self.device)
             self.ring_pos[ring % self.window] = ring
+            self._publish_fixed()
+
+    def begin_step(self, position: int) -> None:
+        """Position bookkeeping of the token about to be decoded, once for every layer."""
+        if position < self.sinks:
+            self.sink_pos[position] = position
+        else:
+            self.ring_pos[position % self.window] = position
+        if position < self.sinks + self.window:  # afterwards sinks and ring are full and stay valid
+            self._publish_fixed()
+
+    def _publish_fixed(self) -> None:
+        fixed_valid = torch.cat([self.sink_pos, self.ring_pos]) >= 0  # [S + W]
+        for bank in self.banks:
+            bank.valid[:, :, : bank.fixed] = fixed_valid
 
     def write_token(self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the decoded token's k, v ``[KvH, D]`` into the ring (or a sink slot)."""
-        ws = self.layers[layer]
-        slot = position if position < self.sinks else self.sinks + position % self.window
-        ws.keys[:, slot] = k
-        ws.values[:, slot] = v
-        if layer == 0:
-            if position < self.sinks:
-                self.sink_pos[position] = position
-            else:
-                self.ring_pos[position % self.window] = position
+        """Write the decoded token's k, v ``[KvH, D]`` into its ring (or sink) slot."""
+        bank = self.bank_of[layer]
+        slot = self._slot(position)
+        bank.keys[bank.index[layer], :, slot] = k
+        bank.values[bank.index[layer], :, slot] = v
 
-    def positions(self, layer: int) -> torch.Tensor:
-        """The position held by every slot of ``layer``, ``-1`` where not attended: ``[KvH, N]``."""
-        ws = self.layers[layer]
-        kv_heads = ws.keys.shape[0]
-        shared = torch.cat([self.sink_pos, self.ring_pos]).expand(kv_heads, -1)
-        return torch.cat([shared, ws.residency.active_positions()], dim=-1)
+    def view(self, layer: int, used_slots: int) -> LayerView:
+        """Sinks, window and the first ``used_slots`` selected slots of ``layer``."""
+        bank = self.bank_of[layer]
+        i, end = bank.index[layer], bank.fixed + min(used_slots, bank.num_slots)
+        return LayerView(bank.keys[i, :, :end], bank.values[i, :, :end], bank.valid[i, :, :end])
+
+    def positions(self, layer: int, used_slots: int) -> torch.Tensor:
+        """The position held by every slot of ``view(layer, used_slots)``, ``-1`` where not attended."""
+        bank = self.bank_of[layer]
+        fixed = torch.cat([self.sink_pos, self.ring_pos]).expand(bank.kv_heads, -1)
+        selected = bank.residency.active_positions(bank.rows([layer]))[:, : min(used_slots, bank.num_slots)]
+        return torch.cat([fixed, selected], dim=-1)

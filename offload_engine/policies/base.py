@@ -1,9 +1,10 @@
 """The selection-policy contract.
 
-A policy scores candidate tokens per KV head; ``Selector`` (the base machinery, shared by all
+A policy only scores candidate tokens per KV head. ``offload_engine.selection`` (shared by all
 policies) applies the budget, keeps the sinks and the local window, takes the top-k, expands
-neighbours and reuses a selection between predictions. Policies never touch the KV store layout,
-the working set or the prefetcher: the engine hands them what they need through the hooks below.
+neighbours, reuses a selection between predictions and decides residency. Policies never touch
+the KV store layout, the working set or the prefetcher: the engine hands them what they need
+through the hooks below.
 
 Positions and candidates at a decode step for the token at position ``t`` (sequence length
 ``t + 1`` once its K/V is written):
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+from ..selection.selector import Candidates
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cpu_cache.host_store import HostKVStore
@@ -45,25 +48,11 @@ class PolicyContext:
     window: int
 
 
-@dataclass(frozen=True, slots=True)
-class Candidates:
-    """The candidate positions ``[lo, hi)`` of one layer at one step, and how many to keep."""
-
-    lo: int
-    hi: int
-    keep: int  # tokens the selector will keep per KV head (before neighbour expansion)
-    position: int  # the position of the token being decoded
-
-    @property
-    def count(self) -> int:
-        return max(0, self.hi - self.lo)
-
-
 class Policy:
     """Base class of every selection policy. Subclasses are dataclasses holding their settings.
 
-    Override ``score`` (query-aware, called at the layer's attention time) or ``plan``
-    (predictive, called at producer layers to select for later layers ahead of time).
+    Override ``score`` (query-aware, called at the layer's attention time), and ``plan`` too for a
+    predictive policy (called at producer layers to select for later layers ahead of time).
     The ``observe_*`` hooks let a policy keep device-side metadata (page summaries, projected
     keys, value norms, accumulated attention) as tokens are written.
     """
@@ -113,76 +102,15 @@ class Policy:
         """q ``[H, D]`` (current query, post-RoPE) -> scores ``[KvH, candidates.count]``."""
         raise NotImplementedError(f"policy {self.name!r} does not score at attention time")
 
-    def plan(self, layer: int, x: torch.Tensor, candidates_of) -> dict[int, torch.Tensor]:
-        """Predictive policies: at producer ``layer``, x ``[E]`` -> scores for later layers.
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates) -> tuple[range, torch.Tensor]:
+        """Predictive policies: at producer ``layer``, x ``[E]`` -> the layers it serves and their scores.
 
-        ``candidates_of(l)`` gives the ``Candidates`` of layer ``l``. Returns
-        ``{l: scores [KvH, candidates_of(l).count]}``; layers left out are scored by ``score``.
+        Returns ``(layers, scores [Lg, KvH, n])``, ``layers`` a range of consecutive layers and
+        ``n = candidates.count`` (the candidates are the same for every selecting layer of a step),
+        scored in one batched call. Afterwards ``score(l, None, candidates)`` must give row ``l`` of it
+        (the per-layer reference path).
         """
-        return {}
+        raise NotImplementedError(f"policy {self.name!r} does not plan ahead")
 
     def is_producer(self, layer: int) -> bool:
         return False
-
-
-def topk_positions(scores: torch.Tensor, keep: int, lo: int) -> torch.Tensor:
-    """Top-``keep`` candidates per KV head, as sorted absolute positions.
-
-    scores ``[KvH, n]`` -> positions ``[KvH, min(keep, n)]`` long, ascending, ``-1`` where the
-    score was ``-inf`` (never selected).
-    """
-    keep = min(keep, scores.shape[-1])
-    if keep <= 0:
-        return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
-    values, index = torch.topk(scores, keep, dim=-1, sorted=False)
-    positions = torch.where(torch.isneginf(values), torch.full_like(index, -1), index + lo)
-    return sort_with_padding_last(positions)
-
-
-def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:
-    """Sort each row ascending with ``-1`` padding at the end. positions ``[KvH, k]`` long."""
-    big = torch.iinfo(positions.dtype).max
-    keyed = torch.where(positions < 0, torch.full_like(positions, big), positions)
-    keyed, _ = torch.sort(keyed, dim=-1)
-    return torch.where(keyed == big, torch.full_like(keyed, -1), keyed)
-
-
-def sorted_unique(positions: torch.Tensor) -> torch.Tensor:
-    """Sort each row ascending, drop repeats, ``-1`` padding last. positions ``[KvH, k]`` long."""
-    ordered = sort_with_padding_last(positions)
-    duplicate = torch.zeros_like(ordered, dtype=torch.bool)
-    duplicate[:, 1:] = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    return sort_with_padding_last(torch.where(duplicate, torch.full_like(ordered, -1), ordered))
-
-
-def expand_neighbors(positions: torch.Tensor, radius: int, lo: int, hi: int) -> torch.Tensor:
-    """Add the ``radius`` positions after each selected position, within ``[lo, hi)``.
-
-    positions ``[KvH, k]`` sorted with ``-1`` padding -> ``[KvH, k * (radius + 1)]`` sorted,
-    deduplicated, ``-1`` padding. Absorbs drift of importance between predictions.
-    """
-    if radius <= 0 or positions.shape[-1] == 0:
-        return positions
-    offsets = torch.arange(radius + 1, device=positions.device)
-    grown = positions.unsqueeze(-1) + offsets  # [KvH, k, r+1]
-    valid = (positions.unsqueeze(-1) >= 0) & (grown < hi) & (grown >= lo)
-    return sorted_unique(torch.where(valid, grown, torch.full_like(grown, -1)).flatten(1))
-
-
-def extend_runs(positions: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """The TokenButler reference's neighbour rule: after each run of ``c`` consecutive selected
-    positions, add the ``c`` positions that follow it (within ``[lo, hi)``), doubling the area.
-
-    positions ``[KvH, k]`` sorted with ``-1`` padding -> ``[KvH, 2k]`` sorted, deduplicated, ``-1``
-    padding. Example: ``[3, 4, 9]`` -> ``[3, 4, 5, 6, 9, 10]``.
-    """
-    if positions.shape[-1] == 0:
-        return positions
-    valid = positions >= 0
-    starts = torch.ones_like(valid)
-    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1  # a run starts where the step is not +1
-    run_id = torch.cumsum(starts.long(), dim=-1) - 1  # [KvH, k]
-    lengths = torch.zeros_like(positions).scatter_add_(-1, run_id, valid.long())
-    grown = positions + torch.gather(lengths, -1, run_id)  # p + c covers the c positions after the run
-    grown = torch.where(valid & (grown < hi) & (grown >= lo), grown, torch.full_like(grown, -1))
-    return sorted_unique(torch.cat([positions, grown], dim=-1))

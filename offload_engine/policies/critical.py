@@ -81,12 +81,12 @@ class CriticalPolicy(Policy):
         self.ctx = ctx
         self.base.bind(ctx)
         dtype = torch.float32 if ctx.dtype == torch.float32 else torch.bfloat16
-        shape = (ctx.dims.num_kv_heads, ctx.capacity)
-        self.norms = [torch.zeros(shape, dtype=dtype, device=ctx.device) for _ in range(ctx.dims.num_layers)]
+        shape = (ctx.dims.num_layers, ctx.dims.num_kv_heads, ctx.capacity)
+        self.norms = torch.zeros(shape, dtype=dtype, device=ctx.device)  # one tensor: groups slice it
 
     def release(self) -> None:
         self.base.release()
-        self.norms = []
+        self.norms = None
 
     def observe_prefill(self, layer, x, q, k, v) -> None:
         self.base.observe_prefill(layer, x, q, k, v)
@@ -105,20 +105,24 @@ class CriticalPolicy(Policy):
 
     # -- scoring -------------------------------------------------------------------------------
     def score(self, layer: int, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
-        return self.reweight(layer, self.base.score(layer, q, candidates), candidates)
+        scores = self.base.score(layer, q, candidates)
+        return self.reweight(range(layer, layer + 1), scores.unsqueeze(0), candidates)[0]
 
-    def plan(self, layer: int, x: torch.Tensor, candidates_of) -> dict[int, torch.Tensor]:
-        planned = self.base.plan(layer, x, candidates_of)
-        return {l: self.reweight(l, s, candidates_of(l)) for l, s in planned.items()}
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates) -> tuple[range, torch.Tensor]:
+        layers, scores = self.base.plan(layer, x, candidates)
+        return layers, self.reweight(layers, scores, candidates)
 
-    def reweight(self, layer: int, scores: torch.Tensor, candidates: Candidates) -> torch.Tensor:
-        """Base scores ``[KvH, n]`` -> two-stage scores ``[KvH, n]`` float32 for the selector."""
+    def reweight(self, layers: range, scores: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+        """Base scores ``[Lg, KvH, n]`` of consecutive ``layers`` -> two-stage scores ``[Lg, KvH, n]`` float32.
+
+        One batched pass for a whole producer group: the value norms enter as one slice.
+        """
         scores = scores.to(torch.float32)
         if scores.shape[-1] == 0:
             return scores
         kind = getattr(self.base, "score_kind", "logit")
         attention = attention_like(scores, kind)
-        norms = self.norms[layer][:, candidates.lo : candidates.hi].to(torch.float32)
+        norms = self.norms[layers.start : layers.stop, :, candidates.lo : candidates.hi].to(torch.float32)
         second = (attention + self.eps) * norms
         first = first_stage_mask(scores, int(self.alpha * candidates.keep))
         top = second.amax(dim=-1, keepdim=True)
@@ -140,7 +144,7 @@ def value_norms(v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
 
 
 def attention_like(scores: torch.Tensor, kind: str) -> torch.Tensor:
-    """Base scores ``[KvH, n]`` -> a distribution over the candidates ``[KvH, n]`` (0 at ``-inf``).
+    """Base scores ``[..., n]`` -> a distribution over the candidates ``[..., n]`` (0 at ``-inf``).
 
     ``"logit"``: softmax. ``"mass"``: non-negative part divided by its sum. A head whose scores
     are all ``-inf`` (or all zero mass) gets all zeros.
@@ -158,9 +162,9 @@ def attention_like(scores: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def first_stage_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """The top-``count`` base scores per row: ``[KvH, n]`` -> bool ``[KvH, n]``."""
+    """The top-``count`` base scores per row: ``[..., n]`` -> bool ``[..., n]``."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     count = min(count, scores.shape[-1])
     if count > 0:
-        mask.scatter_(1, torch.topk(scores, count, dim=-1, sorted=False).indices, True)
+        mask.scatter_(-1, torch.topk(scores, count, dim=-1, sorted=False).indices, True)
     return mask

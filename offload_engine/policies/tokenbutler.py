@@ -176,10 +176,15 @@ class TokenButlerPolicy(Policy):
             self.cache.write(layer, position, self.predictor.project_keys(layer, k.unsqueeze(1)))
 
     @torch.no_grad()
-    def plan(self, layer: int, x: torch.Tensor, candidates_of) -> dict[int, torch.Tensor]:
-        """At producer ``layer``: x ``[E]`` -> ``{consumer: scores [KvH, n] float32}``."""
-        self._queries[layer] = self.predictor.importance_queries(layer, x)  # [G', H, d']
-        return {c: self.score(c, None, candidates_of(c)) for c in self.predictor.config.consumers(layer)}
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates) -> tuple[range, torch.Tensor]:
+        """At producer ``layer``: x ``[E]`` -> (its consumer layers, scores ``[Lg, KvH, n]`` float32).
+
+        One MLP call for the importance queries of every consumer, one batched matmul against
+        their compact keys, one group reduction: no loop over layers or heads.
+        """
+        layers = self.predictor.config.consumers(layer)
+        self._queries[layer] = self.predictor.importance_queries(layer, x)  # [Lg, H, d']
+        return layers, self._group_scores(layers, self._queries[layer], candidates)
 
     @torch.no_grad()
     def score(self, layer: int, q: torch.Tensor | None, candidates: Candidates) -> torch.Tensor:
@@ -190,26 +195,31 @@ class TokenButlerPolicy(Policy):
         producer = self.predictor.config.producer_of(layer)
         if producer not in self._queries:
             raise RuntimeError(f"tokenbutler: layer {layer} scored before its producer {producer} planned")
-        queries = self._queries[producer][layer - producer - 1].unsqueeze(0)  # [1, H, d']
-        lo, hi = candidates.lo, candidates.hi
-        if hi <= lo:
-            return torch.empty(self.predictor.config.num_kv_heads, 0, device=queries.device)
-        if self.group_reduction == "max" or self.predictor.config.group_size == 1:
-            keys, scale = self.cache.scoring_view(layer, lo, hi)  # [KvH, n, d'], [KvH, n]
-            scores = self.predictor.group_max(self.predictor.head_scores(queries, keys)[:, 0]).float()
-            return scores if scale is None else scores * scale
-        return self._group_mean_log_probs(layer, queries, candidates.position)[:, lo:hi]
+        index = layer - producer - 1
+        queries = self._queries[producer][index : index + 1]  # [1, H, d']
+        return self._group_scores(range(layer, layer + 1), queries, candidates)[0]
 
-    def _group_mean_log_probs(self, layer: int, queries: torch.Tensor, length: int) -> torch.Tensor:
-        """log of the group-mean predicted attention over positions ``[0, length)``: ``[KvH, length]``.
+    def _group_scores(self, layers: range, queries: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+        """Scores of consecutive consumer ``layers`` from their queries ``[Lg, H, d']`` -> ``[Lg, KvH, n]``.
 
-        queries ``[1, H, d']``. Each query head's softmax runs over every cached token (sinks and
+        ``"max"``: the largest query-head logit of each KV group. ``"mean"``: the log of the group's
+        mean predicted attention, each head's softmax running over every cached token (sinks and
         window included), so heads that look elsewhere weigh less in their group's ranking.
         """
-        group = self.predictor.config.group_size
-        keys, scale = self.cache.scoring_view(layer, 0, length)
-        logits = self.predictor.head_scores(queries, keys)[:, 0].float()  # [H, length]
-        if scale is not None:
-            logits = logits * scale.repeat_interleave(group, dim=0)
-        log_probs = torch.log_softmax(logits, dim=-1).view(-1, group, length)
-        return torch.logsumexp(log_probs, dim=1) - math.log(group)
+        c = self.predictor.config
+        lo, hi = candidates.lo, candidates.hi
+        if hi <= lo:
+            return torch.empty(len(layers), c.num_kv_heads, 0, device=queries.device)
+        by_max = self.group_reduction == "max" or c.group_size == 1
+        start, stop = (lo, hi) if by_max else (0, candidates.position)  # consumers have not written t yet
+        keys = self.cache.keys[layers.start - 1 : layers.stop - 1, :, start:stop]  # [Lg, KvH, m, d']
+        grouped = queries.reshape(len(layers), c.num_kv_heads, c.group_size, c.dim)  # [Lg, KvH, g, d']
+        if self.cache.int8:
+            keys = keys.float()
+        logits = torch.matmul(grouped.to(keys.dtype), keys.transpose(-1, -2)).float() / math.sqrt(c.dim)  # [Lg, KvH, g, m]
+        if self.cache.int8:
+            logits = logits * self.cache.scales[layers.start - 1 : layers.stop - 1, :, start:stop].float().unsqueeze(2)
+        if by_max:
+            return logits.amax(dim=2)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return (torch.logsumexp(log_probs, dim=2) - math.log(c.group_size))[..., lo:hi]

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..models import ModelAdapter
-from ..policies.base import expand_neighbors, extend_runs, topk_positions
+from ..selection.ranking import expand_neighbors, extend_runs, topk_positions
 from .network import TokenButlerPredictor
 from .teacher import causal_mask, layer_states, teacher_probs
 

@@ -1,0 +1,74 @@
+"""Where a decode step's time goes: predictor and selection, copies, waiting, attention, the rest.
+
+``PhaseClock`` is off by default and then costs one attribute check per phase. Turned on
+(``EngineConfig.profile``, ``tbrun bench latency``), it times each phase:
+
+- on the CPU with ``time.perf_counter`` around the phase (CPU ops run synchronously, so the
+  interval is the work);
+- on CUDA with a pair of events recorded on the *current* stream around the phase, read once
+  at the end of the generation (one sync). Inside a prefetcher copy the current stream is the copy
+  stream, so ``copy`` measures the copies themselves, which overlap compute: on CUDA the phases
+  need not add up to the step. ``wait`` brackets the compute stream's wait for a layer's copies,
+  i.e. the time it stalled.
+
+Phases: ``selection`` (policy bookkeeping of the new token, predictor, top-k, residency),
+``copy`` (gathers of selected tokens, or whole layers in dense offload), ``wait`` (compute
+waiting for copies), ``attention`` (decode attention). ``rest`` is the step minus those.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+PHASES = ("selection", "copy", "wait", "attention")
+
+
+class PhaseClock:
+    """Accumulates per-phase time over the decode steps of one generation."""
+
+    def __init__(self, enabled: bool = False, device: torch.device | None = None):
+        self.enabled = enabled
+        self.cuda = enabled and device is not None and device.type == "cuda"
+        self._seconds = dict.fromkeys(PHASES, 0.0)
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def phase(self, name: str):
+        """Context manager timing ``name`` (a no-op when the clock is off)."""
+        if not self.enabled:
+            return nullcontext()
+        return self._timed(name)
+
+    @contextmanager
+    def _timed(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+            return
+        begin = time.perf_counter()
+        yield
+        self._seconds[name] += time.perf_counter() - begin
+
+    def totals_ms(self) -> dict[str, float]:
+        """Milliseconds per phase summed over the generation (reads CUDA events once)."""
+        if self._events:
+            torch.cuda.synchronize()  # once, at the end: every recorded event must have completed
+            for name, start, end in self._events:
+                self._seconds[name] += start.elapsed_time(end) / 1000.0
+            self._events.clear()
+        return {name: 1000.0 * seconds for name, seconds in self._seconds.items()}
+
+
+def breakdown(phases_ms: dict[str, float], step_ms: list[float]) -> dict[str, dict[str, float]]:
+    """Per-step ms and share of each phase, with ``rest`` = step time minus the phases."""
+    steps = max(1, len(step_ms))
+    total = sum(step_ms)
+    rows = {name: value for name, value in phases_ms.items()}
+    rows["rest"] = max(0.0, total - sum(rows.values()))
+    return {name: {"ms_per_step": value / steps, "share": value / total if total else 0.0}
+            for name, value in rows.items()}

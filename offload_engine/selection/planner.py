@@ -1,0 +1,152 @@
+"""The per-step, per-layer selection decision: what each layer attends and what must be fetched.
+
+``SelectionPlanner`` is the one object that decides residency of selected tokens. The backend
+calls ``begin_step`` before layer 0 and ``at_layer`` when a layer's query is known, and issues
+the ``LayerFetch`` orders it gets back; the policy only scores. Per step:
+
+- Layers whose candidates all fit in their budget (dense layers always; every layer while the
+  sequence is short) take every candidate: the bank's slots hold them in order, so the new ones
+  are appended for all those layers at once in ``begin_step`` (no scoring, no top-k, no search).
+- On a prediction step (every ``interval`` steps), a predictive policy's producer scores the
+  layers it serves in one batched call, the selector takes top-k for all of them in one call and
+  the residency map updates their rows in one call; their copies start right away, ahead of
+  their attention. Query-aware policies score at the layer's own attention time.
+- Between prediction steps the selection is reused and nothing is fetched; the window advances.
+
+Nothing here reads a device value back to the host: every size it needs (candidates, slots in
+use) is arithmetic on positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .residency import FetchPlan
+from .selector import Candidates, Selector
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cpu_cache.working_set import Bank, WorkingSet
+
+
+@dataclass(slots=True)
+class LayerFetch:
+    """Copies for one layer: ``plan`` rows are its KV heads (``[KvH, m]``)."""
+
+    layer: int
+    plan: FetchPlan
+
+
+@dataclass(slots=True)
+class Orders:
+    """What to issue now: per-layer fetches, and how many fragments they move.
+
+    ``moved`` is a Python int when the count is known on the host, else a 0-d device tensor.
+    """
+
+    fetches: list[LayerFetch]
+    moved: int | torch.Tensor = 0
+
+
+NOTHING = Orders([], 0)
+
+
+class SelectionPlanner:
+    """Drives a policy through the selector and the working set's residency maps.
+
+    ``batched=False`` scores, selects and updates one layer at a time (the reference the batched
+    path is tested against).
+    """
+
+    def __init__(self, selector: Selector, policy, working_set: "WorkingSet", interval: int, batched: bool = True):
+        self.selector, self.policy, self.ws = selector, policy, working_set
+        self.interval, self.batched = interval, batched
+        self.dense = selector.dense_layers
+        self._selection_steps = 0  # steps since selection (not "take everything") began
+        self._predict = False
+        self._taken_all: set[int] = set()  # layers that attend every candidate this step
+        self._planned: set[int] = set()
+        self.candidates: Candidates | None = None  # of the layers that select, this step
+        self.position = 0
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------------------ per step
+    def begin_step(self, position: int) -> Orders:
+        """Bookkeeping before layer 0; returns the appends of every layer that takes all."""
+        self.ws.begin_step(position)
+        self.position = position
+        self._planned.clear()
+        self._taken_all.clear()
+        self._note_floor(position + 1)
+        orders = Orders([])
+        selecting = False
+        for bank in self.ws.banks:
+            candidates = self.selector.candidates(bank.layers[0], position)
+            if candidates.fits and bank.residency.appending:
+                self._append(bank, candidates, orders)
+            elif bank.layers[0] not in self.dense:
+                self.candidates, selecting = candidates, True
+        self._predict = selecting and self._selection_steps % self.interval == 0
+        self._selection_steps += int(selecting)
+        return orders
+
+    def _append(self, bank: "Bank", candidates: Candidates, orders: Orders) -> None:
+        self._taken_all.update(bank.layers)
+        plan = bank.residency.append(candidates.lo, candidates.hi)
+        if plan is None:
+            return
+        heads = bank.kv_heads
+        orders.fetches += [LayerFetch(layer, plan.rows(i * heads, (i + 1) * heads)) for i, layer in enumerate(bank.layers)]
+        orders.moved += plan.width * plan.positions.shape[0]
+
+    def _note_floor(self, length: int) -> None:
+        if not self.notes and self.selector.below_floor(length):
+            budget, fixed = self.selector.config.budget, self.selector.fixed
+            self.notes.append(
+                f"--budget {budget} of {length} tokens is {budget.tokens_for(length)} tokens, below --sinks + "
+                f"--window = {fixed}: the selected layers attend their sinks and window ({min(length, fixed)} tokens) "
+                "until the share grows past them."
+            )
+
+    # ----------------------------------------------------------------------------- per layer
+    def at_layer(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> Orders:
+        """Orders to issue once ``layer``'s query is known. x ``[E]``, q ``[H, D]``."""
+        if not self._predict:
+            return NOTHING
+        orders = Orders([])
+        if self.policy.plans_ahead and self.policy.is_producer(layer):
+            self._plan_ahead(layer, x, orders)
+        if layer not in self._taken_all and layer not in self._planned and layer not in self.dense:
+            scores = self.policy.score(layer, q, self.candidates)  # [KvH, n]
+            self._select([layer], scores.unsqueeze(0), orders)
+        return orders
+
+    def _plan_ahead(self, producer: int, x: torch.Tensor, orders: Orders) -> None:
+        """A producer scores the layers it serves and their copies start now."""
+        layers, scores = self.policy.plan(producer, x, self.candidates)  # range, [Lg, KvH, n]
+        wanted = [layer for layer in layers if layer not in self.dense and layer not in self._taken_all]
+        if not wanted:
+            return
+        if self.batched:
+            keep = [i for i, layer in enumerate(layers) if layer in wanted]
+            self._select(wanted, scores if len(keep) == len(layers) else scores[keep], orders)
+        else:
+            for layer in wanted:
+                self._select([layer], self.policy.score(layer, None, self.candidates).unsqueeze(0), orders)
+        self._planned.update(wanted)
+
+    def _select(self, layers: list[int], scores: torch.Tensor, orders: Orders) -> None:
+        """Top-k of ``scores [Lg, KvH, n]`` for consecutive ``layers`` of one bank, one residency update."""
+        bank = self.ws.bank_of[layers[0]]
+        chosen = self.selector.select(scores, self.candidates, bank.num_slots)  # [Lg, KvH, k]
+        plan = bank.residency.update(chosen.flatten(0, 1), bank.rows(layers))
+        heads = bank.kv_heads
+        orders.fetches += [LayerFetch(layer, plan.rows(i * heads, (i + 1) * heads)) for i, layer in enumerate(layers)]
+        orders.moved = orders.moved + plan.counts.sum()
+
+    # ------------------------------------------------------------------------------ queries
+    def used_slots(self, layer: int) -> int:
+        """Selected slots ``layer`` may hold this step: the filled prefix bound, host arithmetic only."""
+        return min(self.ws.bank_of[layer].num_slots, self.selector.candidates(layer, self.position).count)

@@ -1,0 +1,75 @@
+"""Scores into sorted positions: top-k and the two neighbour rules.
+
+Every function works row-wise on the last dimension, so the same call serves one layer
+(``[KvH, n]``) or a whole producer group (``[Lg, KvH, n]``) at once. Positions are absolute,
+long, ascending within a row, with ``-1`` padding last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD = -1
+
+
+def topk_positions(scores: torch.Tensor, keep: int, lo: int) -> torch.Tensor:
+    """Top-``keep`` candidates per row, as sorted absolute positions.
+
+    scores ``[..., n]`` (candidate ``j`` is position ``lo + j``) -> positions ``[..., min(keep, n)]``
+    long, ascending, ``-1`` where the score was ``-inf`` (never selected).
+    """
+    keep = min(keep, scores.shape[-1])
+    if keep <= 0:
+        return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
+    values, index = torch.topk(scores, keep, dim=-1, sorted=False)
+    positions = torch.where(torch.isneginf(values), torch.full_like(index, PAD), index + lo)
+    return sort_with_padding_last(positions)
+
+
+def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:
+    """Sort each row ascending with ``-1`` padding at the end. positions ``[..., k]`` long."""
+    big = torch.iinfo(positions.dtype).max
+    keyed = torch.where(positions < 0, torch.full_like(positions, big), positions)
+    keyed, _ = torch.sort(keyed, dim=-1)
+    return torch.where(keyed == big, torch.full_like(keyed, PAD), keyed)
+
+
+def sorted_unique(positions: torch.Tensor) -> torch.Tensor:
+    """Sort each row ascending, drop repeats, ``-1`` padding last. positions ``[..., k]`` long."""
+    ordered = sort_with_padding_last(positions)
+    duplicate = torch.zeros_like(ordered, dtype=torch.bool)
+    duplicate[..., 1:] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    return sort_with_padding_last(torch.where(duplicate, torch.full_like(ordered, PAD), ordered))
+
+
+def expand_neighbors(positions: torch.Tensor, radius: int, lo: int, hi: int) -> torch.Tensor:
+    """Add the ``radius`` positions after each selected position, within ``[lo, hi)``.
+
+    positions ``[..., k]`` sorted with ``-1`` padding -> ``[..., k * (radius + 1)]`` sorted,
+    deduplicated, ``-1`` padding. Absorbs drift of importance between predictions.
+    """
+    if radius <= 0 or positions.shape[-1] == 0:
+        return positions
+    offsets = torch.arange(radius + 1, device=positions.device)
+    grown = positions.unsqueeze(-1) + offsets  # [..., k, r+1]
+    valid = (positions.unsqueeze(-1) >= 0) & (grown < hi) & (grown >= lo)
+    return sorted_unique(torch.where(valid, grown, torch.full_like(grown, PAD)).flatten(-2))
+
+
+def extend_runs(positions: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The TokenButler reference's neighbour rule: after each run of ``c`` consecutive selected
+    positions, add the ``c`` positions that follow it (within ``[lo, hi)``), doubling the area.
+
+    positions ``[..., k]`` sorted with ``-1`` padding -> ``[..., 2k]`` sorted, deduplicated, ``-1``
+    padding. Example: ``[3, 4, 9]`` -> ``[3, 4, 5, 6, 9, 10]``.
+    """
+    if positions.shape[-1] == 0:
+        return positions
+    valid = positions >= 0
+    starts = torch.ones_like(valid)
+    starts[..., 1:] = positions[..., 1:] != positions[..., :-1] + 1  # a run starts where the step is not +1
+    run_id = torch.cumsum(starts.long(), dim=-1) - 1  # [..., k]
+    lengths = torch.zeros_like(positions).scatter_add_(-1, run_id, valid.long())
+    grown = positions + torch.gather(lengths, -1, run_id)  # p + c covers the c positions after the run
+    grown = torch.where(valid & (grown < hi) & (grown >= lo), grown, torch.full_like(grown, PAD))
+    return sorted_unique(torch.cat([positions, grown], dim=-1))

@@ -1,0 +1,94 @@
+"""The policy-independent half of selection: candidates, budget arithmetic, top-k, neighbours.
+
+A policy only scores; ``Selector`` decides how many tokens each (layer, KV head) keeps at a
+step, turns scores into sorted positions and grows them by the neighbour rule.
+
+Positions at the decode step of the token at position ``t`` (its K/V already written):
+sinks ``[0, S)``, window ``[t - W + 1, t]`` (never below ``S``), candidates ``[S, t - W + 1)``.
+The budget counts every attended token per (layer, KV head), sinks and window included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SelectionConfig
+from .ranking import expand_neighbors, extend_runs, topk_positions
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """The candidate positions ``[lo, hi)`` of one layer at one step, and how many to keep."""
+
+    lo: int
+    hi: int
+    keep: int  # tokens the selector will keep per KV head (before neighbour expansion)
+    position: int  # the position of the token being decoded
+
+    @property
+    def count(self) -> int:
+        return max(0, self.hi - self.lo)
+
+    @property
+    def fits(self) -> bool:
+        """Every candidate is kept: nothing to choose, so nothing needs scoring."""
+        return self.keep >= self.count
+
+
+class Selector:
+    """Budget arithmetic and top-k for one sequence (all positions are absolute)."""
+
+    def __init__(self, config: SelectionConfig, capacity: int, dense_layers: frozenset[int]):
+        self.config = config
+        self.capacity = capacity
+        self.dense_layers = dense_layers
+
+    @property
+    def fixed(self) -> int:
+        """Sinks plus window: attended whatever the budget."""
+        return self.config.sinks + self.config.window
+
+    def budget_tokens(self, length: int) -> int:
+        """Tokens attended per (layer, KV head) at sequence ``length``, sinks and window included.
+
+        A share that comes out below sinks + window leaves nothing to select yet: the sinks and
+        the window are attended (all of a sequence shorter than them).
+        """
+        budget = self.config.budget
+        if budget is None:
+            return length
+        return min(length, max(budget.tokens_for(length), self.fixed))
+
+    def below_floor(self, length: int) -> bool:
+        """Whether a share budget is smaller than sinks + window at ``length`` tokens."""
+        budget = self.config.budget
+        return budget is not None and budget.fraction is not None and budget.tokens_for(length) < self.fixed
+
+    def candidates(self, layer: int, position: int) -> Candidates:
+        """Candidates of ``layer`` when decoding ``position`` (its K/V already written)."""
+        lo = self.config.sinks
+        hi = max(lo, position - self.config.window + 1)
+        if layer in self.dense_layers:
+            keep = hi - lo
+        else:
+            keep = max(0, self.budget_tokens(position + 1) - self.fixed)
+        return Candidates(lo=lo, hi=hi, keep=min(keep, hi - lo), position=position)
+
+    def slots_for(self, layer: int) -> int:
+        """Selected-token slots the working set of ``layer`` needs at full capacity."""
+        most = max(0, self.capacity - self.fixed)
+        if layer in self.dense_layers or self.config.budget is None:
+            return most
+        keep = max(0, self.budget_tokens(self.capacity) - self.fixed)
+        return min(most, keep * self.config.neighbor_growth)
+
+    def select(self, scores: torch.Tensor, candidates: Candidates, slots: int) -> torch.Tensor:
+        """scores ``[..., KvH, n]`` -> selected positions ``[..., KvH, <= slots]`` sorted, ``-1`` padding."""
+        chosen = topk_positions(scores, candidates.keep, candidates.lo)
+        if self.config.neighbor_rule == "runs":
+            chosen = extend_runs(chosen, candidates.lo, candidates.hi)
+        else:
+            chosen = expand_neighbors(chosen, self.config.neighbors, candidates.lo, candidates.hi)
+        return chosen[..., :slots]

@@ -1,0 +1,150 @@
+"""The selection planner: the batched path selects exactly what the per-layer path selects, the
+take-everything path costs no scoring, a share budget below sinks + window is a note, not an
+error, and the phase breakdown accounts for the step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine.errors import ConfigError
+from offload_engine.models import ModelAdapter
+from offload_engine.policies import build_policy
+from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+POLICIES = ["tokenbutler", "critical(tokenbutler)", "quest", "oracle", "h2o", "snapkv", "random", "streaming",
+            "critical(quest)"]
+PROMPT, NEW = 70, 10
+
+
+@pytest.fixture(scope="module")
+def adapter() -> ModelAdapter:
+    return ModelAdapter(tiny_model("llama", num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                   initializer_range=0.2))
+
+
+def make_policy(adapter: ModelAdapter, spec: str):
+    if "tokenbutler" not in spec:
+        return build_policy(spec)
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
+    return build_policy(spec, predictor=predictor.eval())
+
+
+def selections(adapter: ModelAdapter, spec: str, batched: bool, **selection) -> tuple[list, list[int]]:
+    """Per decode step, per layer, per KV head: the attended selected positions; and the tokens."""
+    config = SelectionConfig(policy=spec, **{"budget": Budget(tokens=24), "sinks": 2, "window": 6, **selection})
+    engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config),
+                    policy=make_policy(adapter, spec))
+    seen: list[dict] = []
+    original = engine._new_backend
+
+    def new_backend(*args):
+        backend = original(*args)
+        backend.planner.batched = batched
+        decode = backend.decode_layer
+
+        def recording(layer, position, *tensors):
+            kv = decode(layer, position, *tensors)
+            if layer == 0:
+                seen.append({})
+            bank = backend.working_set.bank_of[layer]
+            active = bank.residency.active_positions(bank.rows([layer]))
+            seen[-1][layer] = [sorted(row[row >= 0].tolist()) for row in active]
+            return kv
+
+        backend.decode_layer = recording
+        return backend
+
+    engine._new_backend = new_backend
+    prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    result = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW))
+    return seen, result.token_ids
+
+
+@pytest.mark.parametrize("interval,neighbors", [(1, {}), (4, {"neighbors": 1}), (4, {"neighbor_rule": "runs"}),
+                                                (1, {"neighbor_rule": "runs"})])
+@pytest.mark.parametrize("spec", POLICIES)
+def test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, spec, interval, neighbors):
+    batched, tokens_b = selections(adapter, spec, True, interval=interval, **neighbors)
+    per_layer, tokens_p = selections(adapter, spec, False, interval=interval, **neighbors)
+    assert len(batched) == NEW - 1
+    assert batched == per_layer
+    assert tokens_b == tokens_p
+    keep = 24 - 2 - 6
+    growth = 2 if neighbors else 1
+    for step in batched:  # and they really select: at most the budget (grown by neighbours), not everything
+        for layer, heads in step.items():
+            if spec.endswith("tokenbutler)") or spec == "tokenbutler":
+                if layer == 0:
+                    continue  # tokenbutler's dense layer
+            assert all(0 < len(h) <= keep * growth for h in heads)
+
+
+def test_predictive_scores_come_in_one_batched_call_per_producer(adapter):
+    policy = make_policy(adapter, "tokenbutler")
+    calls = {"plan": 0, "score": 0}
+    plan, score = policy.plan, policy.score
+    policy.plan = lambda *a: (calls.__setitem__("plan", calls["plan"] + 1), plan(*a))[1]
+    policy.score = lambda *a: (calls.__setitem__("score", calls["score"] + 1), score(*a))[1]
+    config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6)
+    engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
+    engine.generate(list(range(1, PROMPT + 1)), SamplingConfig(max_new_tokens=5))
+    producers = sum(policy.is_producer(layer) for layer in range(adapter.dims.num_layers))
+    assert calls == {"plan": 4 * producers, "score": 0}
+
+
+@pytest.mark.parametrize("spec", ["tokenbutler", "quest", "critical(tokenbutler)"])
+def test_while_everything_fits_nothing_is_scored_and_decoding_equals_dense(adapter, spec):
+    policy = make_policy(adapter, spec)
+
+    def refuse(*args):
+        raise AssertionError("scored although every candidate fits in the budget")
+
+    policy.score = policy.plan = refuse
+    config = SelectionConfig(policy=spec, budget=Budget(tokens=400), sinks=4, window=64)
+    prompt = list(range(1, 35))  # 34 tokens: shorter than the window
+    sparse = Engine(adapter, EngineConfig(context=512, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
+    result = sparse.generate(prompt, SamplingConfig(max_new_tokens=6))
+    dense = Engine(adapter, EngineConfig(context=512)).generate(prompt, SamplingConfig(max_new_tokens=6))
+    assert result.token_ids == dense.token_ids
+    assert result.stats.h2d_bytes == [0] * 5  # every token is in the window: nothing crosses
+    torch.testing.assert_close(sparse.score_continuation(prompt, dense.token_ids).logprobs,
+                               Engine(adapter, EngineConfig(context=512)).score_continuation(prompt, dense.token_ids).logprobs,
+                               rtol=0, atol=1e-5)
+
+
+def test_a_share_budget_below_sinks_and_window_is_a_note_not_an_error(adapter):
+    config = SelectionConfig(policy="quest", budget=Budget.parse("5%"), sinks=4, window=64)
+    engine = Engine(adapter, EngineConfig(context=512, mode=KVMode.SPARSE_OFFLOAD, selection=config))
+    result = engine.generate(list(range(1, 35)), SamplingConfig(max_new_tokens=4))
+    assert len(result.token_ids) == 4
+    assert len(result.stats.notes) == 1 and "below --sinks + --window" in result.stats.notes[0]
+    with pytest.raises(ConfigError, match="exceed the budget"):
+        SelectionConfig(policy="quest", budget=Budget(tokens=40), sinks=4, window=64)
+
+
+@pytest.mark.parametrize("mode,spec", [(KVMode.SPARSE_OFFLOAD, "tokenbutler"), (KVMode.SPARSE_OFFLOAD, "quest"),
+                                       (KVMode.DENSE_DEVICE, "dense")])
+def test_the_phase_breakdown_accounts_for_the_step(adapter, mode, spec):
+    config = SelectionConfig(policy=spec, budget=Budget(tokens=24) if spec != "dense" else None, sinks=2, window=6)
+    engine = Engine(adapter, EngineConfig(context=256, mode=mode, selection=config, profile=True),
+                    policy=make_policy(adapter, spec) if mode is KVMode.SPARSE_OFFLOAD else None)
+    stats = engine.generate(list(range(1, 150)), SamplingConfig(max_new_tokens=6)).stats
+    parts = stats.breakdown
+    assert set(parts) == {"selection", "copy", "wait", "attention", "rest"}
+    total = sum(part["ms_per_step"] for part in parts.values())
+    step = sum(stats.decode_ms) / len(stats.decode_ms)
+    assert abs(total - step) <= 0.1 * step
+    assert abs(sum(part["share"] for part in parts.values()) - 1.0) < 0.1
+    assert parts["attention"]["ms_per_step"] > 0
+    if mode is KVMode.SPARSE_OFFLOAD:
+        assert parts["selection"]["ms_per_step"] > 0 and parts["copy"]["ms_per_step"] > 0
+    unprofiled = Engine(adapter, EngineConfig(context=256, mode=mode, selection=config),
+                        policy=make_policy(adapter, spec) if mode is KVMode.SPARSE_OFFLOAD else None)
+    assert unprofiled.generate(list(range(1, 150)), SamplingConfig(max_new_tokens=3)).stats.breakdown is None

@@ -16,7 +16,7 @@ def active_sets(rmap: ResidencyMap) -> list[set[int]]:
 
 
 def test_update_activates_exactly_the_selection_and_fetches_only_missing():
-    rmap = ResidencyMap(rows=2, num_slots=5, device=torch.device("cpu"))
+    rmap = ResidencyMap(rows=2, num_slots=5, device=torch.device("cpu"), capacity=64)
     first = torch.tensor([[10, 11, 12, -1], [3, 7, -1, -1]])
     plan = rmap.update(first)
     assert plan.counts.tolist() == [3, 2]
@@ -32,7 +32,7 @@ def test_update_activates_exactly_the_selection_and_fetches_only_missing():
 
 
 def test_reselecting_a_stale_token_does_not_fetch_it_again():
-    rmap = ResidencyMap(rows=1, num_slots=4, device=torch.device("cpu"))
+    rmap = ResidencyMap(rows=1, num_slots=4, device=torch.device("cpu"), capacity=64)
     rmap.update(torch.tensor([[1, 2]]))
     rmap.update(torch.tensor([[5, -1]]))  # 1 and 2 stay in their slots, inactive
     assert active_sets(rmap) == [{5}]
@@ -42,7 +42,7 @@ def test_reselecting_a_stale_token_does_not_fetch_it_again():
 
 
 def test_slots_are_never_shared_by_two_positions():
-    rmap = ResidencyMap(rows=3, num_slots=16, device=torch.device("cpu"))
+    rmap = ResidencyMap(rows=3, num_slots=16, device=torch.device("cpu"), capacity=64)
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
         chosen = torch.stack([torch.randperm(40, generator=gen)[:12] for _ in range(3)])
@@ -51,6 +51,47 @@ def test_slots_are_never_shared_by_two_positions():
             held = row[row >= 0].tolist()
             assert len(held) == len(set(held))
             assert set(chosen_row.tolist()) <= set(held)
+
+
+class ReferenceSlots:
+    """A plain-Python model of the slot rules: resident tokens stay put; missing ones take empty
+    slots first, lowest first, then slots of tokens no longer selected, lowest first."""
+
+    def __init__(self, num_slots: int):
+        self.slots = [None] * num_slots
+
+    def update(self, selected: list[int]) -> dict[int, int]:
+        """``selected`` in row order: the i-th missing position takes the i-th free slot."""
+        resident = {p: s for s, p in enumerate(self.slots) if p is not None}
+        missing = [p for p in selected if p not in resident]
+        empty = [s for s, p in enumerate(self.slots) if p is None]
+        stale = [s for s, p in enumerate(self.slots) if p is not None and p not in selected]
+        placed = dict(zip(missing, empty + stale))
+        for position, slot in placed.items():
+            self.slots[slot] = position
+        return placed
+
+
+def test_update_follows_the_slot_rules_and_keeps_its_inverse_map(rows=3, slots=12, capacity=40):
+    rmap = ResidencyMap(rows=rows, num_slots=slots, device=torch.device("cpu"), capacity=capacity)
+    references = [ReferenceSlots(slots) for _ in range(rows)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        sizes = torch.randint(0, slots + 1, (rows,), generator=generator).tolist()
+        chosen = [torch.randperm(capacity, generator=generator)[:n].tolist() for n in sizes]
+        width = max(sizes)
+        selected = torch.tensor([row + [-1] * (width - len(row)) for row in chosen], dtype=torch.long)
+        plan = rmap.update(selected)  # any order within a row
+        for r, reference in enumerate(references):
+            placed = reference.update(chosen[r])
+            n = int(plan.counts[r])
+            got = dict(zip(plan.positions[r, :n].tolist(), plan.slots[r, :n].tolist()))
+            assert got == placed
+            assert (plan.slots[r, n:] == slots).all()  # padding goes to the trash slot
+            assert rmap.slot_pos[r, :slots].tolist() == [-1 if p is None else p for p in reference.slots]
+            assert active_sets(rmap)[r] == set(chosen[r])
+            inverse = {p: s for s, p in enumerate(reference.slots) if p is not None}
+            assert {p: int(rmap.slot_of[r, p]) for p in range(capacity) if rmap.slot_of[r, p] >= 0} == inverse
 
 
 class RecordingEngine:

@@ -113,8 +113,8 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
         heads = predictor.head_scores(queries[layer - 1].unsqueeze(0), keys)[:, 0]  # [H, 21]
         if reduction == "max":
             expected = predictor.group_max(heads)[:, 2:17]
-        else:  # log of the group's mean softmax over positions 0..19 (the token being decoded excluded)
-            expected = torch.softmax(heads[:, :20], -1).view(2, 2, 20).mean(1).log()[:, 2:17]
+        else:  # the group's mean softmax over positions 0..19 (the token being decoded excluded)
+            expected = torch.softmax(heads[:, :20], -1).view(2, 2, 20).mean(1)[:, 2:17]
         torch.testing.assert_close(plan[layer], expected)
         assert plan[layer].dtype == torch.float32
         torch.testing.assert_close(policy.score(layer, None, candidates), plan[layer])  # the per-layer path

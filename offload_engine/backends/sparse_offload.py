@@ -44,7 +44,7 @@ class SparseOffloadKV(KVBackend):
         selector = Selector(selection, capacity, policy.dense_layers())
         self.working_set = WorkingSet(
             dims.num_layers, dims.num_kv_heads, dims.head_dim, selection.sinks, selection.window,
-            [selector.slots_for(layer) for layer in range(dims.num_layers)], dtype, device,
+            [selector.slots_for(layer) for layer in range(dims.num_layers)], capacity, dtype, device,
         )
         self.planner = SelectionPlanner(selector, policy, self.working_set, selection.interval, batched=batched)
         self.prefetcher = Prefetcher(device, dims.num_layers)

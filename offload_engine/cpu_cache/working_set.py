@@ -37,7 +37,7 @@ class Bank:
     """K/V slots, mask and residency of a set of layers that share one slot count."""
 
     def __init__(self, layers: list[int], kv_heads: int, head_dim: int, fixed: int, num_slots: int,
-                 dtype: torch.dtype, device: torch.device):
+                 capacity: int, dtype: torch.dtype, device: torch.device):
         self.layers = layers
         self.index = {layer: i for i, layer in enumerate(layers)}
         self.fixed, self.num_slots, self.kv_heads = fixed, num_slots, kv_heads
@@ -46,7 +46,7 @@ class Bank:
         self.values = torch.zeros_like(self.keys)
         self.valid = torch.zeros(len(layers), kv_heads, total, dtype=torch.bool, device=device)
         active = self.valid[:, :, fixed:].view(len(layers) * kv_heads, num_slots + 1)
-        self.residency = ResidencyMap(len(layers) * kv_heads, num_slots, device, active=active)
+        self.residency = ResidencyMap(len(layers) * kv_heads, num_slots, device, capacity, active=active)
 
     def rows(self, layers: range | list[int]) -> slice:
         """The residency rows of consecutive ``layers`` of this bank."""
@@ -73,12 +73,12 @@ class WorkingSet:
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, sinks: int, window: int,
-                 slots_per_layer: list[int], dtype: torch.dtype, device: torch.device):
+                 slots_per_layer: list[int], capacity: int, dtype: torch.dtype, device: torch.device):
         self.sinks, self.window, self.device = sinks, window, device
         by_slots: dict[int, list[int]] = {}
         for layer in range(num_layers):
             by_slots.setdefault(slots_per_layer[layer], []).append(layer)
-        self.banks = [Bank(layers, kv_heads, head_dim, sinks + window, slots, dtype, device)
+        self.banks = [Bank(layers, kv_heads, head_dim, sinks + window, slots, capacity, dtype, device)
                       for slots, layers in by_slots.items()]
         self.bank_of = {layer: bank for bank in self.banks for layer in bank.layers}
         self.sink_pos = torch.full((sinks,), -1, dtype=torch.long, device=device)

@@ -111,7 +111,6 @@ class TokenButlerPolicy(Policy):
 
     name: ClassVar[str] = "tokenbutler"
     plans_ahead: ClassVar[bool] = True
-    score_kind: ClassVar[str] = "logit"
 
     def __post_init__(self) -> None:
         if self.random_weights and (self.predictor is not None or self.predictor_path is not None):
@@ -120,6 +119,8 @@ class TokenButlerPolicy(Policy):
             raise ConfigError(f"tokenbutler group_reduction must be one of {GROUP_REDUCTIONS}, got {self.group_reduction!r}.")
         if self.key_dtype not in KEY_DTYPES:
             raise ConfigError(f"tokenbutler key_dtype must be one of {KEY_DTYPES}, got {self.key_dtype!r}.")
+        # what the scores are, for wrappers (critical): probabilities under "mean", logits under "max"
+        self.score_kind = "mass" if self.group_reduction == "mean" else "logit"
         self.cache: ProjectedKeyCache | None = None
         self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
 
@@ -202,9 +203,10 @@ class TokenButlerPolicy(Policy):
     def _group_scores(self, layers: range, queries: torch.Tensor, candidates: Candidates) -> torch.Tensor:
         """Scores of consecutive consumer ``layers`` from their queries ``[Lg, H, d']`` -> ``[Lg, KvH, n]``.
 
-        ``"max"``: the largest query-head logit of each KV group. ``"mean"``: the log of the group's
-        mean predicted attention, each head's softmax running over every cached token (sinks and
-        window included), so heads that look elsewhere weigh less in their group's ranking.
+        ``"max"``: the largest query-head logit of each KV group (``score_kind`` "logit"). ``"mean"``:
+        the group's mean predicted attention probability (``score_kind`` "mass"), each head's softmax
+        running over every cached token (sinks and window included), so heads that look elsewhere
+        weigh less in their group's ranking.
         """
         c = self.predictor.config
         lo, hi = candidates.lo, candidates.hi
@@ -221,5 +223,4 @@ class TokenButlerPolicy(Policy):
             logits = logits * self.cache.scales[layers.start - 1 : layers.stop - 1, :, start:stop].float().unsqueeze(2)
         if by_max:
             return logits.amax(dim=2)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        return (torch.logsumexp(log_probs, dim=2) - math.log(c.group_size))[..., lo:hi]
+        return torch.softmax(logits, dim=-1).mean(dim=2)[..., lo:hi]  # one fused pass; no log needed to rank

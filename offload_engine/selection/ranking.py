@@ -12,18 +12,20 @@ import torch
 PAD = -1
 
 
-def topk_positions(scores: torch.Tensor, keep: int, lo: int) -> torch.Tensor:
-    """Top-``keep`` candidates per row, as sorted absolute positions.
+def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = True) -> torch.Tensor:
+    """Top-``keep`` candidates per row, as absolute positions.
 
     scores ``[..., n]`` (candidate ``j`` is position ``lo + j``) -> positions ``[..., min(keep, n)]``
-    long, ascending, ``-1`` where the score was ``-inf`` (never selected).
+    long, ``-1`` where the score was ``-inf`` (never selected); ascending with padding last when
+    ``ordered`` (the neighbour rules need it; residency does not, and the sort costs as much as the
+    top-k itself).
     """
     keep = min(keep, scores.shape[-1])
     if keep <= 0:
         return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
     values, index = torch.topk(scores, keep, dim=-1, sorted=False)
     positions = torch.where(torch.isneginf(values), torch.full_like(index, PAD), index + lo)
-    return sort_with_padding_last(positions)
+    return sort_with_padding_last(positions) if ordered else positions
 
 
 def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:

@@ -47,14 +47,20 @@ class ResidencyMap:
     """Slot bookkeeping of the selected-token regions of a bank of rows.
 
     ``slot_pos [R, num_slots + 1]``: the position held by each slot (-1: empty); the last column is
-    the trash slot that absorbs padding copies. ``active [R, num_slots + 1]``: the slot belongs to
-    the current selection (only active slots are attended); pass a view to have the map write
-    the attention mask in place.
+    the trash slot that absorbs padding copies. ``slot_of [R, capacity]`` int32: the inverse, the
+    slot holding each position (-1: not resident), so membership is a gather, not a search
+    (4 bytes per position and row: 1/32 of the K and V it indexes at head_dim 64, float32).
+    ``active [R, num_slots + 1]``: the slot belongs to the current selection (only active slots
+    are attended); pass a view to have the map write the attention mask in place.
     """
 
-    def __init__(self, rows: int, num_slots: int, device: torch.device, active: torch.Tensor | None = None):
+    def __init__(self, rows: int, num_slots: int, device: torch.device, capacity: int,
+                 active: torch.Tensor | None = None):
         self.num_slots = num_slots
         self.slot_pos = torch.full((rows, num_slots + 1), EMPTY, dtype=torch.long, device=device)
+        # one spare column (index ``capacity``) takes the writes of padding entries
+        self.slot_of = torch.full((rows, capacity + 1), EMPTY, dtype=torch.int32, device=device)
+        self._scratch = capacity
         if active is None:
             active = torch.zeros(rows, num_slots + 1, dtype=torch.bool, device=device)
         if tuple(active.shape) != (rows, num_slots + 1):
@@ -67,30 +73,41 @@ class ResidencyMap:
         self.held_upto: int | None = None
 
     def update(self, selected: torch.Tensor, rows: slice = slice(None)) -> FetchPlan:
-        """Make ``selected [r, k]`` (positions, ``-1`` padding, k <= num_slots) the active set of ``rows``.
-
-        Returns the copies that bring the missing positions in; resident ones stay where they are.
+        """Make ``selected [r, k]`` (distinct positions per row, ``-1`` padding, k <= num_slots) the
+        active set of ``rows``; any order. Returns the copies that bring the missing positions in;
+        resident ones stay where they are. Every step is a gather, scatter or prefix sum over
+        ``k`` or ``num_slots`` entries: no sort, no search, no read-back on CUDA.
         """
         if selected.shape[-1] > self.num_slots:
             raise ValueError(f"{selected.shape[-1]} selected tokens exceed {self.num_slots} slots")
         self.appending = False
-        slot_pos = self.slot_pos[rows]
-        held = slot_pos[:, : self.num_slots]
-        kept = _is_member(held, selected) & (held >= 0)  # slots whose token is selected again
-        missing = _is_member(selected, held, negate=True) & (selected >= 0)
+        slot_pos, slot_of, n, scratch = self.slot_pos[rows], self.slot_of[rows], self.num_slots, self._scratch
+        chosen = selected >= 0
+        where = torch.where(chosen, slot_of.gather(-1, torch.where(chosen, selected, scratch)).long(), EMPTY)
+        missing = chosen & (where < 0)  # [r, k]
+        kept = torch.zeros_like(slot_pos, dtype=torch.bool)  # [r, n + 1]: slots whose token stays selected
+        kept.scatter_(-1, torch.where(where >= 0, where, n), True)  # the trash column absorbs the rest
+        kept[:, n] = False
         counts = missing.sum(dim=-1)
         width = int(counts.max()) if self._exact_width and counts.numel() else selected.shape[-1]
         # The i-th missing position of a row goes to the i-th free slot: empty slots first, then
         # slots holding a token no longer selected (it stays fetchable for free until overwritten).
-        missing_first = torch.argsort((~missing).to(torch.int8), dim=-1, stable=True)[:, :width]
-        slot_rank = 2 * kept.to(torch.int8) + (held >= 0).to(torch.int8)
-        free_first = torch.argsort(slot_rank, dim=-1, stable=True)[:, :width]
-        real = torch.arange(width, device=selected.device) < counts.unsqueeze(-1)
-        positions = torch.where(real, selected.gather(-1, missing_first), torch.zeros_like(missing_first))
-        slots = torch.where(real, free_first, torch.full_like(free_first, self.num_slots))
-        slot_pos.scatter_(-1, slots, torch.where(real, positions, torch.full_like(positions, EMPTY)))
-        slot_pos[:, self.num_slots] = EMPTY
-        self.active[rows] = _is_member(slot_pos, selected) & (slot_pos >= 0)
+        held = slot_pos[:, :n] >= 0
+        rank = held.to(torch.uint8) + kept[:, :n].to(torch.uint8)  # 0 empty, 1 stale, 2 kept
+        free = _compact(torch.arange(n, device=selected.device).expand(rank.shape[0], -1), rank, 2, width, fill=n)
+        fresh = _compact(selected, (~missing).to(torch.uint8), 1, width, fill=0)
+        real = torch.arange(width, device=selected.device) < counts.unsqueeze(-1)  # [r, width]
+        slots = torch.where(real, free, n)
+        positions = torch.where(real, fresh, 0)
+        evicted = slot_pos.gather(-1, slots)  # the token each new copy overwrites, or -1
+        slot_of.scatter_(-1, torch.where(real & (evicted >= 0), evicted, scratch), EMPTY)
+        slot_of.scatter_(-1, torch.where(real, positions, scratch), slots.int())
+        slot_of[:, scratch] = EMPTY
+        slot_pos.scatter_(-1, slots, torch.where(real, positions, EMPTY))
+        slot_pos[:, n] = EMPTY
+        kept.scatter_(-1, slots, real)
+        kept[:, n] = False
+        self.active[rows] = kept
         return FetchPlan(positions=positions, slots=slots, counts=counts)
 
     def append(self, lo: int, hi: int) -> FetchPlan | None:
@@ -109,6 +126,7 @@ class ResidencyMap:
         rows, device = self.slot_pos.shape[0], self.slot_pos.device
         new = torch.arange(start, hi, device=device)
         self.slot_pos[:, start - lo : hi - lo] = new
+        self.slot_of[:, start:hi] = (new - lo).int()
         self.active[:, start - lo : hi - lo] = True
         self.held_upto = hi
         positions = new.expand(rows, -1)
@@ -120,17 +138,19 @@ class ResidencyMap:
         return torch.where(self.active[rows], self.slot_pos[rows], EMPTY)
 
 
-def _is_member(values: torch.Tensor, pool: torch.Tensor, negate: bool = False) -> torch.Tensor:
-    """Per row, whether each of ``values [R, a]`` occurs in ``pool [R, b]`` (-1 never matches).
+def _compact(values: torch.Tensor, rank: torch.Tensor, levels: int, width: int, fill: int) -> torch.Tensor:
+    """Per row, the entries of ``values [r, n]`` whose ``rank [r, n]`` is below ``levels``, lowest rank
+    first and in index order within a rank, packed into ``[r, width]`` (``fill`` where short).
 
-    Sort-and-search, so the cost is O((a + b) log b) per row with no Python loop.
+    A stable counting sort by prefix sums (``levels`` is 1 or 2): no comparison sort, no host read.
     """
-    if pool.shape[-1] == 0:
-        found = torch.zeros_like(values, dtype=torch.bool)
-    else:
-        big = torch.iinfo(torch.long).max
-        sorted_pool, _ = torch.sort(torch.where(pool < 0, torch.full_like(pool, big), pool), dim=-1)
-        probe = torch.where(values < 0, torch.full_like(values, big - 1), values)
-        index = torch.searchsorted(sorted_pool, probe).clamp(max=pool.shape[-1] - 1)
-        found = sorted_pool.gather(-1, index) == probe
-    return ~found if negate else found
+    rows = values.shape[0]
+    place = torch.full_like(values, width)  # width: the spare column for skipped or overflowing entries
+    base = torch.zeros(rows, 1, dtype=values.dtype, device=values.device)
+    for level in range(levels):
+        here = rank == level
+        place = torch.where(here, base + torch.cumsum(here, dim=-1) - 1, place)
+        base = base + here.sum(dim=-1, keepdim=True)
+    out = torch.full((rows, width + 1), fill, dtype=values.dtype, device=values.device)
+    out.scatter_(-1, place.clamp(max=width), values)
+    return out[:, :width]

@@ -85,10 +85,14 @@ class Selector:
         return min(most, keep * self.config.neighbor_growth)
 
     def select(self, scores: torch.Tensor, candidates: Candidates, slots: int) -> torch.Tensor:
-        """scores ``[..., KvH, n]`` -> selected positions ``[..., KvH, <= slots]`` sorted, ``-1`` padding."""
-        chosen = topk_positions(scores, candidates.keep, candidates.lo)
-        if self.config.neighbor_rule == "runs":
+        """scores ``[..., KvH, n]`` -> selected positions ``[..., KvH, <= slots]``, ``-1`` padding.
+
+        In no particular order unless a neighbour rule grows the selection (then sorted).
+        """
+        runs, radius = self.config.neighbor_rule == "runs", self.config.neighbors
+        chosen = topk_positions(scores, candidates.keep, candidates.lo, ordered=runs or radius > 0)
+        if runs:
             chosen = extend_runs(chosen, candidates.lo, candidates.hi)
-        else:
-            chosen = expand_neighbors(chosen, self.config.neighbors, candidates.lo, candidates.hi)
+        elif radius > 0:
+            chosen = expand_neighbors(chosen, radius, candidates.lo, candidates.hi)
         return chosen[..., :slots]

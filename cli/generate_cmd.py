@@ -192,5 +192,7 @@ def _print_summary(result: GenerationResult) -> None:
     for name, value in rows:
         table.add_row(name, value)
     err_console.print(table)
+    for note in s.notes:
+        err_console.print(f"note: {note}", markup=False, style="yellow")
     if s.interrupted:
         err_console.print("[yellow]interrupted: the text above is what was generated so far[/]")

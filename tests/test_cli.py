@@ -45,6 +45,13 @@ def test_generate_writes_text_and_summary(tiny_model_dir, tmp_path, extra):
         assert stats["mode"] in ("dense-offload", "sparse-offload")
 
 
+def test_a_share_budget_below_sinks_and_window_on_a_short_prompt_runs_and_says_so(tiny_model_dir):
+    result = generate(tiny_model_dir, "--offload", "--policy", "quest", "--budget", "5%", "--sinks", "4",
+                      "--window", "64")
+    assert result.exit_code == 0, result.output
+    assert "below --sinks + --window" in flat(result.output)
+
+
 def test_info_reports_machine_and_max_context(tiny_model_dir):
     result = run("info", "--model", tiny_model_dir)
     assert result.exit_code == 0, result.output

@@ -130,8 +130,10 @@ class SelectionPlanner:
         if not wanted:
             return
         if self.batched:
-            keep = [i for i, layer in enumerate(layers) if layer in wanted]
-            self._select(wanted, scores if len(keep) == len(layers) else scores[keep], orders)
+            bank = self.ws.bank_of[wanted[0]]
+            for run in bank.adjacent_runs(wanted):  # one run unless the group skips layers of the bank
+                first = run[0] - layers.start
+                self._select(run, scores[first : first + len(run)], orders)
         else:
             for layer in wanted:
                 self._select([layer], self.policy.score(layer, None, self.candidates).unsqueeze(0), orders)

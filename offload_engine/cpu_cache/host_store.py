@@ -95,8 +95,10 @@ class StoreLayout:
         return tensor // self.per_buffer, (tensor % self.per_buffer) * self.slot_bytes
 
 
-def store_layout(dims: ModelDims, capacity: int, dtype: torch.dtype, buffer_bytes: int = BUFFER_BYTES) -> StoreLayout:
-    """The buffers of a store of ``capacity`` tokens: as few as fit under ``buffer_bytes`` each."""
+def store_layout(dims: ModelDims, capacity: int, dtype: torch.dtype, buffer_bytes: int | None = None) -> StoreLayout:
+    """The buffers of a store of ``capacity`` tokens: as few as fit under ``buffer_bytes``
+    (default ``BUFFER_BYTES``) each."""
+    buffer_bytes = BUFFER_BYTES if buffer_bytes is None else buffer_bytes
     itemsize = torch.empty((), dtype=dtype).element_size()
     tensor_bytes = capacity * dims.num_kv_heads * dims.head_dim * itemsize
     per_buffer = max(1, buffer_bytes // _round_up(tensor_bytes, TENSOR_ALIGN))

@@ -291,3 +291,64 @@ def test_a_gather_with_counts_moves_only_the_real_entries():
     assert torch.equal(dst[0, :2], src[0, [9, 3]]) and torch.equal(dst[1, 2], src[1, 4])
     with pytest.raises(ValueError, match="counts must be"):
         gather_fragments(src, positions, slots, dst, INDEX, counts=torch.tensor([2, 1, 0]))
+
+
+# ------------------------------------------------------------------ the engine, CUDA bookkeeping forced
+
+
+class SettledCudaStreams(FakeCudaStreams):
+    """A stand-in whose events complete at once (CPU work is synchronous)."""
+
+    def new_event(self):
+        event = super().new_event()
+        event.query = lambda: True
+        return event
+
+
+@pytest.fixture
+def forced_cuda_bookkeeping(monkeypatch):
+    """Offload backends on CPU with CUDA's bookkeeping: the prefetcher's CUDA branch (streams,
+    events, kept-alive plans) and residency plans padded to the full selection width."""
+    from offload_engine.backends import dense_offload, sparse_offload
+    from offload_engine.cpu_cache import residency
+
+    prefetchers = []
+
+    def cuda_prefetcher(device, layers):
+        prefetchers.append(Prefetcher(device, layers, streams=SettledCudaStreams()))
+        return prefetchers[-1]
+
+    monkeypatch.setattr(sparse_offload, "Prefetcher", cuda_prefetcher)
+    monkeypatch.setattr(dense_offload, "Prefetcher", cuda_prefetcher)
+    original_init = residency.ResidencyMap.__init__
+
+    def padded_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        assert hasattr(self, "_exact_width"), "ResidencyMap no longer has _exact_width: update this fixture"
+        self._exact_width = False  # what CUDA does: no host read of the widest head's count
+
+    monkeypatch.setattr(residency.ResidencyMap, "__init__", padded_init)
+    return prefetchers
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mode,policy,budget", [("dense-offload", "dense", None), ("sparse-offload", "streaming", 24),
+                                                ("sparse-offload", "quest", 24)])
+def test_engine_with_cuda_bookkeeping_forced_gives_the_cpu_tokens(forced_cuda_bookkeeping, monkeypatch, mode, policy,
+                                                                  budget):
+    from offload_engine import Budget, Engine, EngineConfig, SamplingConfig, SelectionConfig
+    from offload_engine.models import ModelAdapter
+
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4, initializer_range=0.2))
+    prompt = torch.randint(0, 320, (53,), generator=torch.Generator().manual_seed(4))
+
+    def run() -> list[int]:
+        selection = SelectionConfig(policy=policy, budget=None if budget is None else Budget(tokens=budget),
+                                    sinks=2, window=4)
+        engine = Engine(adapter, EngineConfig(context=70, mode=mode, selection=selection, prefill_chunk=16))
+        return engine.generate(prompt, SamplingConfig(max_new_tokens=10)).token_ids
+
+    forced = run()
+    assert forced_cuda_bookkeeping and all(p.cuda for p in forced_cuda_bookkeeping)
+    monkeypatch.undo()
+    assert forced == run()

@@ -87,8 +87,9 @@ def interpreted_kernel():
 def compile_ptx(capability: int = 90, row_words: int = 64, has_counts: bool = True) -> str:
     """PTX of the kernel for ``sm_<capability>``, compiled on this machine with no GPU.
 
-    Integer arguments and pointers carry the divisibility-by-16 hint the launcher gives them for
-    aligned stores (the host store and working set always are), so the PTX is what runs.
+    Pointers and the store's and working set's strides carry the divisibility-by-16 hint the
+    launcher gives them at run time (16-byte aligned buffers, head dims of 64 and up), so the PTX
+    is the one that runs.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -98,7 +99,9 @@ def compile_ptx(capability: int = 90, row_words: int = 64, has_counts: bool = Tr
     pointers = {"src": "*i32", "positions": "*i64", "slots": "*i64", "counts": "*i64", "dst": "*i32"}
     integers = ("m", "src_head", "src_row", "dst_head", "dst_row", "pos_head", "slot_head")
     signature = pointers | {name: "i64" for name in integers} | {name: "constexpr" for name in constants}
-    aligned = [name for name in signature if name in pointers or name in integers[1:]]
+    # Row and head strides of the store and working set are whole 16-word multiples for head dims
+    # of 64 and up; the plan's width m (and so its strides) is arbitrary.
+    aligned = [name for name in signature if name in pointers or name in integers[1:5]]
     attrs = {(_gather_rows.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn=_gather_rows, signature=signature, constexprs=constants, attrs=attrs)
     target = GPUTarget("cuda", capability, 32)

@@ -179,7 +179,9 @@ int main() {
     uint4* dst = new uint4[heads * slots_n * vecs];
     for (long long i = 0; i < heads * slots_n * vecs; ++i) dst[i] = uint4{7, 7, 7, 7};
     gridDim = Dim3{blocks, heads, 1}; blockDim = Dim3{threads, 1, 1};
-    for (long long y = 0; y < heads; ++y) for (long long x = 0; x < blocks; ++x) for (long long t = 0; t < threads; ++t) {
+    for (long long y = 0; y < heads; ++y)
+    for (long long x = 0; x < blocks; ++x)
+    for (long long t = 0; t < threads; ++t) {
         blockIdx = Dim3{x, y, 0}; threadIdx = Dim3{t, 0, 0};
         gather_fragments_vec16(src, pos, slot, given ? counts : nullptr, dst, m, vecs,
                                vecs, heads * vecs, slots_n * vecs, vecs, m, m);

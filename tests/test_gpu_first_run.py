@@ -55,25 +55,25 @@ def test_tokenbutler_plan_ahead_on_cuda_equals_the_cpu_run():
     assert tokenbutler_run("cuda") == tokenbutler_run("cpu")
 
 
-def scored_logits(mode: KVMode) -> tuple[list[int], torch.Tensor]:
+def scored_logits(mode: KVMode) -> torch.Tensor:
+    """Teacher-forced logits ``[N, V]`` of a fixed continuation (no divergence cascade)."""
     model = lively_model(torch.bfloat16, "cuda")
     adapter = ModelAdapter(model)
     context = PROMPT_LEN + NEW_TOKENS + 3
     selection = SelectionConfig(policy="dense", budget=Budget(tokens=context), sinks=2, window=4)
     engine = Engine(adapter, EngineConfig(context=context, mode=mode, selection=selection, device="cuda",
                                           prefill_chunk=16))
-    ids = engine.generate(prompt_ids("cuda"), SamplingConfig(max_new_tokens=NEW_TOKENS)).token_ids
     target = torch.randint(0, 320, (NEW_TOKENS,), generator=torch.Generator().manual_seed(12)).tolist()
-    logits = engine.score_continuation(prompt_ids("cuda").tolist(), target, keep_logits=True).logits
-    return ids, logits.float().cpu()
+    return engine.score_continuation(prompt_ids("cuda").tolist(), target, keep_logits=True).logits.float().cpu()
 
 
 @pytest.mark.parametrize("mode", [KVMode.DENSE_OFFLOAD, KVMode.SPARSE_OFFLOAD])
 def test_bf16_offload_modes_at_full_budget_equal_dense(mode):
-    dense_ids, dense_logits = scored_logits(KVMode.DENSE_DEVICE)
-    ids, logits = scored_logits(mode)
-    assert ids == dense_ids
-    torch.testing.assert_close(logits, dense_logits, atol=0.1, rtol=0.02)  # bf16, different kernels
+    dense, logits = scored_logits(KVMode.DENSE_DEVICE), scored_logits(mode)
+    torch.testing.assert_close(logits, dense, atol=0.1, rtol=0.02)  # bf16 through different attention kernels
+    top2 = dense.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.25  # rows whose winner no rounding difference can flip
+    assert clear.any() and torch.equal(logits.argmax(-1)[clear], dense.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("method", [m for m in ALL_METHODS if m != INDEX])

@@ -8,7 +8,8 @@
 #    one report (a context that fails, say out of memory, does not lose the others).
 # Every step runs even if an earlier one failed; the end says which failed and where its log is.
 # Settings (environment): VENV (default .venv; `make setup` makes it), OUT (default bench/results),
-# CONTEXTS (default "32k 64k 128k 256k"), ARCH (default llama-3.1-8b), DRY_RUN=1 (print the steps only).
+# CONTEXTS (default "32k 64k 128k 256k"), ARCH (default llama-3.1-8b), LATENCY_ARGS (more options for
+# `tbrun bench latency`, e.g. "--interval 4"), DRY_RUN=1 (print the steps only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,7 @@ VENV=${VENV:-.venv}
 OUT=${OUT:-bench/results}
 CONTEXTS=${CONTEXTS:-32k 64k 128k 256k}
 ARCH=${ARCH:-llama-3.1-8b}
+LATENCY_ARGS=${LATENCY_ARGS:-}
 DRY_RUN=${DRY_RUN:-0}
 LOGS="$OUT/first-run-logs"
 STEPS=()
@@ -55,8 +57,9 @@ run_step gpu-tests "$VENV/bin/python" -m pytest -m gpu -ra -q
 run_step bench-gather "$VENV/bin/tbrun" bench gather --out "$OUT"
 append=()
 for context in $CONTEXTS; do
+    # shellcheck disable=SC2086  # LATENCY_ARGS is a list of options
     run_step "latency-$context" "$VENV/bin/tbrun" bench latency --arch "$ARCH" --contexts "$context" --out "$OUT" \
-        "${append[@]}"
+        "${append[@]}" $LATENCY_ARGS
     append=(--append)
 done
 

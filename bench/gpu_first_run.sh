@@ -59,7 +59,7 @@ append=()
 for context in $CONTEXTS; do
     # shellcheck disable=SC2086  # LATENCY_ARGS is a list of options
     run_step "latency-$context" "$VENV/bin/tbrun" bench latency --arch "$ARCH" --contexts "$context" --out "$OUT" \
-        "${append[@]}" $LATENCY_ARGS
+        ${append[@]+"${append[@]}"} $LATENCY_ARGS
     append=(--append)
 done
 

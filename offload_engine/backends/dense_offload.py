@@ -1,7 +1,9 @@
 """Dense offload: the KV in the host store, every layer's whole KV copied to the device each step.
 
 This is the baseline the paper beats. Two device staging buffers alternate between layers, so
-the copy of layer l+1 overlaps the computation of layer l (prefetch one layer ahead).
+the copy of layer l+1 overlaps the computation of layer l (prefetch one layer ahead). Staging is
+token-major like the host store (``[capacity, KvH, D]``), so a layer's prefix ``[:end]`` is one
+contiguous pinned range copied in one DMA; attention reads ``[KvH, end, D]`` views of it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .dense_device import check_device_memory
 
 
 class DenseOffloadKV(KVBackend):
-    """Host store + double-buffered device staging ``[2][KvH, capacity, D]`` for K and for V."""
+    """Host store + double-buffered device staging ``[2][capacity, KvH, D]`` for K and for V."""
 
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device):
         self.dims, self.capacity, self.dtype, self.device = dims, capacity, dtype, device
@@ -33,22 +35,29 @@ class DenseOffloadKV(KVBackend):
 
     def _allocate_staging(self) -> None:
         """Allocated at the first decode step, so prefill holds one layer's KV at most."""
-        shape = (self.dims.num_kv_heads, self.capacity, self.dims.head_dim)
+        shape = (self.capacity, self.dims.num_kv_heads, self.dims.head_dim)
         check_device_memory(4 * self.dims.num_kv_heads * self.capacity * self.dims.head_dim
                             * torch.empty((), dtype=self.dtype).element_size(), self.device)
         self.stage_k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
         self.stage_v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
 
+    def fetch_copies(self, layer: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device staging, host source) pairs that bring positions ``[0, end)`` of ``layer``:
+        each side one contiguous ``[end, KvH, D]`` range."""
+        buffer = layer % 2
+        return [(self.stage_k[buffer][:end], self.host.token_keys[layer][:end]),
+                (self.stage_v[buffer][:end], self.host.token_values[layer][:end])]
+
     def _fetch(self, layer: int) -> None:
         """Copy positions ``[0, position)`` of ``layer`` into its staging buffer."""
-        end, buffer = self._position, layer % 2
+        copies = self.fetch_copies(layer, self._position)
 
         def copy() -> None:
-            self.stage_k[buffer][:, :end].copy_(self.host.keys[layer][:, :end], non_blocking=True)
-            self.stage_v[buffer][:, :end].copy_(self.host.values[layer][:, :end], non_blocking=True)
+            for staging, host in copies:
+                staging.copy_(host, non_blocking=True)
 
-        self.prefetcher.issue(layer, copy, buffer=("stage", buffer))
-        self._step_bytes += 2 * self.host.keys[layer][:, :end].nbytes
+        self.prefetcher.issue(layer, copy, buffer=("stage", layer % 2))
+        self._step_bytes += sum(host.nbytes for _, host in copies)
 
     def begin_step(self, position):
         if not self.stage_k:
@@ -62,12 +71,12 @@ class DenseOffloadKV(KVBackend):
         if layer + 1 < self.dims.num_layers:
             self._fetch(layer + 1)
         buffer = layer % 2
-        self.stage_k[buffer][:, position] = k
-        self.stage_v[buffer][:, position] = v
+        self.stage_k[buffer][position] = k
+        self.stage_v[buffer][position] = v
         self.prefetcher.write_back(lambda: self.host.write(layer, position, k.unsqueeze(1), v.unsqueeze(1),
                                                            non_blocking=True), k, v)
         end = position + 1
-        return DecodeKV(self.stage_k[buffer][:, :end], self.stage_v[buffer][:, :end], None)
+        return DecodeKV(self.stage_k[buffer][:end].transpose(0, 1), self.stage_v[buffer][:end].transpose(0, 1), None)
 
     def end_layer(self, layer):
         self.prefetcher.release(("stage", layer % 2))

@@ -73,6 +73,9 @@ def to_markdown(report: dict) -> str:
         "each phase; CUDA: events on the current stream, so copies overlapping compute count in `copy` and the "
         "phases need not add up). `rest` is the step minus the phases: projections, MLP, norms, sampling.",
     ]
+    if s.get("repeats", 1) > 1:
+        lines += ["", f"Each mode ran {s['repeats']} times, interleaved with the others; its row is its fastest round "
+                  "(all rounds' medians are in the JSON as `round_medians_ms`)."]
     if s.get("synthetic_kv"):
         lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
                   "decode step's time does not depend on the values, and prefill s is the fill time."]

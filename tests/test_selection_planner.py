@@ -130,7 +130,7 @@ def test_a_share_budget_below_sinks_and_window_is_a_note_not_an_error(adapter):
 
 
 @pytest.mark.parametrize("mode,spec", [(KVMode.SPARSE_OFFLOAD, "tokenbutler"), (KVMode.SPARSE_OFFLOAD, "quest"),
-                                       (KVMode.DENSE_DEVICE, "dense")])
+                                       (KVMode.DENSE_DEVICE, "dense"), (KVMode.DENSE_OFFLOAD, "dense")])
 def test_the_phase_breakdown_accounts_for_the_step(adapter, mode, spec):
     config = SelectionConfig(policy=spec, budget=Budget(tokens=24) if spec != "dense" else None, sinks=2, window=6)
     engine = Engine(adapter, EngineConfig(context=256, mode=mode, selection=config, profile=True),
@@ -145,6 +145,8 @@ def test_the_phase_breakdown_accounts_for_the_step(adapter, mode, spec):
     assert parts["attention"]["ms_per_step"] > 0
     if mode is KVMode.SPARSE_OFFLOAD:
         assert parts["selection"]["ms_per_step"] > 0 and parts["copy"]["ms_per_step"] > 0
+    if mode is KVMode.DENSE_OFFLOAD:
+        assert parts["copy"]["ms_per_step"] > 0 and parts["selection"]["ms_per_step"] == 0
     unprofiled = Engine(adapter, EngineConfig(context=256, mode=mode, selection=config),
                         policy=make_policy(adapter, spec) if mode is KVMode.SPARSE_OFFLOAD else None)
     assert unprofiled.generate(list(range(1, 150)), SamplingConfig(max_new_tokens=3)).stats.breakdown is None

@@ -12,6 +12,7 @@ import torch
 
 from ..cpu_cache.host_store import HostKVStore
 from ..cpu_cache.prefetcher import Prefetcher
+from ..profiling import PhaseClock
 from ..models import ModelDims
 from .base import DecodeKV, KVBackend
 from .dense_device import check_device_memory
@@ -20,10 +21,12 @@ from .dense_device import check_device_memory
 class DenseOffloadKV(KVBackend):
     """Host store + double-buffered device staging ``[2][capacity, KvH, D]`` for K and for V."""
 
-    def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device,
+                 clock: PhaseClock | None = None):
         self.dims, self.capacity, self.dtype, self.device = dims, capacity, dtype, device
         self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda")
         self.prefetcher = Prefetcher(device, dims.num_layers)
+        self.clock = clock or PhaseClock()
         self.stage_k: list[torch.Tensor] = []
         self.stage_v: list[torch.Tensor] = []
         self._position = 0
@@ -53,8 +56,9 @@ class DenseOffloadKV(KVBackend):
         copies = self.fetch_copies(layer, self._position)
 
         def copy() -> None:
-            for staging, host in copies:
-                staging.copy_(host, non_blocking=True)
+            with self.clock.phase("copy"):
+                for staging, host in copies:
+                    staging.copy_(host, non_blocking=True)
 
         self.prefetcher.issue(layer, copy, buffer=("stage", layer % 2))
         self._step_bytes += sum(host.nbytes for _, host in copies)
@@ -67,7 +71,8 @@ class DenseOffloadKV(KVBackend):
         self._fetch(0)
 
     def decode_layer(self, layer, position, x, q, k, v):
-        self.prefetcher.wait(layer)
+        with self.clock.phase("wait"):
+            self.prefetcher.wait(layer)
         if layer + 1 < self.dims.num_layers:
             self._fetch(layer + 1)
         buffer = layer % 2

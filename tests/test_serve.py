@@ -31,7 +31,8 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
-def open_stream(base: str, path: str, body: dict | bytes) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def open_stream(base: str, path: str, body: dict | bytes) -> tuple[http.client.HTTPConnection,
+                                                                   http.client.HTTPResponse]:
     """POST ``body`` and return once the response headers are in; the body is read by the caller."""
     connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=120)
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -115,6 +115,9 @@ def test_chat_and_completion_answer_with_usage_and_engine_stats(client):
     done = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", **GREEDY)
     assert done.choices[0].text.strip() and done.usage.completion_tokens == 8  # greedy runs on, no EOS here
     assert done.choices[0].finish_reason == "length"
+    sampled = [client.completions.create(model="default", prompt="My favourite animal is", temperature=1.0, top_p=0.9,
+                                         seed=seed, max_tokens=8).choices[0].text for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]  # the seed makes sampling repeatable
 
 
 def test_streaming_gives_the_non_streaming_text_and_ends_with_done(client, server):

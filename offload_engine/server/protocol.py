@@ -14,7 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-FinishReason = Literal["stop", "length"]
 ENGINE_TO_OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 

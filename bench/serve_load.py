@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         timed_chat(client, [{"role": "user", "content": "Hi"}], 2)  # warm-up, not counted
         report = {"benchmark": "serve_load", "provenance": provenance("python -m tbrun_bench.serve_load"),
                   "machine": machine_header(torch.device("cpu")),
-                  "server": {k: health[k] for k in ("model", "mode", "policy", "context", "max_queue")},
+                  "server": {**{k: health[k] for k in ("model", "mode", "policy", "context", "max_queue")},
+                             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")},
                   "settings": {k: getattr(args, k) for k in ("sequential", "clients", "each", "max_tokens", "turns",
                                                             "memory_requests", "memory_max_tokens")},
                   "sequential": sequential(client, args.sequential, args.max_tokens),
@@ -203,7 +205,7 @@ def markdown(report: dict) -> str:
     return "\n".join([
         markdown_header("tbrun serve under load", report), "",
         f"Server: {server['model']}, {server['mode']} / {server['policy']}, context {server['context']}, "
-        f"queue {server['max_queue']}. Streaming chat requests, greedy, `ignore_eos`, "
+        f"queue {server['max_queue']}, OMP_NUM_THREADS={server['OMP_NUM_THREADS']}. Streaming chat requests, greedy, `ignore_eos`, "
         f"{report['settings']['max_tokens']} tokens each; times measured by the client (TTFT includes the "
         "queue wait for concurrent clients); the last column is the server's own median step time.", "",
         markdown_table(["clients", "requests", "TTFT p50 ms", "p90", "p99", "ms/step p50", "p90", "p99",

@@ -93,3 +93,21 @@ def test_requests_read_what_openai_clients_send():
     assert completion.prompt == "one prompt" and completion.token_limit == 16
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"model": "m", "prompt": ["two", "prompts"]})
+
+
+def test_serve_refuses_a_taken_port_and_a_negative_queue_before_loading_the_model():
+    import socket
+
+    from typer.testing import CliRunner
+
+    from tbrun_cli.main import app
+
+    runner = CliRunner()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--port", str(port), "--model", "/no/such/model"])
+    assert result.exit_code == 2 and "pick another --port" in " ".join(result.output.split())  # rich wraps
+    result = runner.invoke(app, ["serve", "--max-queue", "-1", "--model", "/no/such/model"])
+    assert result.exit_code == 2 and "--max-queue" in " ".join(result.output.split())

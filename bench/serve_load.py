@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     process, url = (None, args.url.rstrip("/")) if args.url else start_server(
-        args.context, args.server_arg, args.out / "serve_load.server.log")
+        args.context, args.server_arg, Path(tempfile.gettempdir()) / "tbrun_serve_load.server.log")
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
         health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=10).read())

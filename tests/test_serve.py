@@ -168,6 +168,14 @@ def test_a_client_leaving_mid_stream_cancels_it_and_the_next_request_is_served(c
     assert len(received) == 3
     state = wait_for(server, lambda s: s["requests"]["cancelled"] > before and not s["busy"], "the stream cancelled")
     assert state["cached_tokens"] == 0  # its KV was freed
+    # The same for a non-streaming request whose client goes away while it is decoding.
+    body = {"model": "default", "prompt": "Once", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    connection = http.client.HTTPConnection(server[0].removeprefix("http://"), timeout=120)
+    connection.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json"})
+    wait_for(server, lambda s: s["busy"], "the request running")
+    connection.close()
+    wait_for(server, lambda s: s["requests"]["cancelled"] > before + 1 and not s["busy"], "the request cancelled")
     assert "Paris" in chat(client, "What is the capital of France?").choices[0].message.content
 
 

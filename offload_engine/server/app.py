@@ -176,18 +176,19 @@ class _Reply:
         self.model, self.chat, self.id = model, chat, request_id
 
     async def wait(self, job: Job, request: Request) -> Response:
-        while True:
-            try:
-                kind, payload = await asyncio.wait_for(job.events.get(), POLL_SECONDS)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
+        """The finished answer as JSON; a client that leaves first cancels the job."""
+        watcher = asyncio.create_task(_cancel_when_gone(job, request))
+        try:
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "done":
+                    return JSONResponse(self._response(payload))
+                if kind == "error":
+                    raise _as_api_error(payload)
+                if kind == "cancelled":
                     return Response(status_code=499)  # nobody reads it
-                continue
-            if kind == "done":
-                return JSONResponse(self._response(payload))
-            if kind == "error":
-                raise _as_api_error(payload)
+        finally:
+            watcher.cancel()
 
     async def events(self, job: Job, include_usage: bool):
         """SSE lines: a role chunk (chat), text deltas, the finish chunk with the statistics, usage, [DONE]."""
@@ -200,6 +201,8 @@ class _Reply:
             elif kind == "error":
                 yield _sse(_as_api_error(payload).body())
                 break
+            elif kind == "cancelled":
+                return
             else:
                 yield _sse(self._chunk(None, _finish(payload), tbrun=_stats(payload)))
                 if include_usage:
@@ -231,6 +234,13 @@ class _JobStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.job.cancel()
+
+
+async def _cancel_when_gone(job: Job, request: Request) -> None:
+    """Poll the connection while the job runs or waits (tokens arriving do not delay the check)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(POLL_SECONDS)
+    job.cancel()
 
 
 def _sse(data: dict) -> str:

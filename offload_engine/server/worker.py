@@ -3,9 +3,9 @@
 The HTTP side (an asyncio event loop) builds a ``Job`` and ``submit``s it; a full queue raises
 ``QueueFull`` (the 429). The worker thread runs each job through the ``Session`` (prefix reuse)
 and posts its events back to the job's event loop: ``("text", delta)`` as tokens arrive, then
-``("done", Outcome)`` or ``("error", exception)``. ``job.cancel()`` (the client left) ends the
-generation at its next token or prefill layer and frees its KV; a cancelled job still waiting
-is skipped.
+``("done", Outcome)``, ``("error", exception)`` or ``("cancelled", None)``. ``job.cancel()`` (the
+client left) ends the generation at its next token or prefill layer and frees its KV; a cancelled
+job still waiting is skipped.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class GenerationWorker:
             try:
                 if job.cancelled.is_set():  # the client left while it waited
                     self.counters.cancelled += 1
+                    job.emit("cancelled", None)
                 else:
                     self._generate(job)
             finally:
@@ -166,6 +167,7 @@ class GenerationWorker:
             return
         if result.finish_reason == "cancelled":
             self.counters.cancelled += 1
+            job.emit("cancelled", None)
             return
         tail = stream.finish()
         if tail:

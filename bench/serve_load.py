@@ -206,9 +206,10 @@ def markdown(report: dict) -> str:
     return "\n".join([
         markdown_header("tbrun serve under load", report), "",
         f"Server: {server['model']}, {server['mode']} / {server['policy']}, context {server['context']}, "
-        f"queue {server['max_queue']}, OMP_NUM_THREADS={server['OMP_NUM_THREADS']}. Streaming chat requests, greedy, `ignore_eos`, "
-        f"{report['settings']['max_tokens']} tokens each; times measured by the client (TTFT includes the "
-        "queue wait for concurrent clients); the last column is the server's own median step time.", "",
+        f"queue {server['max_queue']}, OMP_NUM_THREADS={server['OMP_NUM_THREADS']}. Streaming chat requests, "
+        f"greedy, `ignore_eos`, {report['settings']['max_tokens']} tokens each; times measured by the client "
+        "(TTFT includes the queue wait for concurrent clients); the last column is the server's own median "
+        "step time. The machine is shared: compare the load average above with the step times.", "",
         markdown_table(["clients", "requests", "TTFT p50 ms", "p90", "p99", "ms/step p50", "p90", "p99",
                         "server ms/step"], rows), "",
         "## Prefix reuse over a conversation", "",

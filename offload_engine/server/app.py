@@ -81,6 +81,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid_request(_request, exc: RequestValidationError):
         return JSONResponse(_validation_error_body(exc.errors()), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def server_error(_request, exc: Exception):  # a bug: still an answer in the OpenAI shape
+        return JSONResponse(p.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"

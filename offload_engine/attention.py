@@ -38,6 +38,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
+def continuation_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, chunk: int,
+                           workspace_bytes: int = PREFILL_WORKSPACE_BYTES) -> torch.Tensor:
+    """Causal attention of new tokens that continue a cached prefix (prefix reuse).
+
+    q ``[1, H, N, D]`` at positions ``[P, P + N)``; k, v ``[1, KvH, P + N, D]`` (the prefix's cached
+    KV followed by the new tokens') -> ``[1, H, N, D]``. The same lower-right causal blocks as
+    ``prefill_attention``, offset by the prefix length ``P`` (>= 1).
+    """
+    heads, new, total = q.shape[1], q.shape[2], k.shape[2]
+    prefix = total - new
+    if heads != k.shape[1] and q.device.type == "cuda":
+        k, v = expand_kv_groups(k, heads), expand_kv_groups(v, heads)
+    rows = chunk if _fused_available(q, k, v, chunk, scaling) else _math_rows(heads, total, chunk, workspace_bytes)
+    outputs = [_causal_block(q[:, :, start:min(start + rows, new)], k, v, prefix + start, scaling)
+               for start in range(0, new, rows)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
 def expand_kv_groups(kv: torch.Tensor, heads: int) -> torch.Tensor:
     """``[1, KvH, T, D]`` -> ``[1, H, T, D]``, each KV head repeated for its query heads (a copy)."""
     return kv.repeat_interleave(heads // kv.shape[1], dim=1)

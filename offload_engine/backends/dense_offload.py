@@ -92,6 +92,21 @@ class DenseOffloadKV(KVBackend):
     def h2d_bytes_per_step(self) -> list[int]:
         return list(self._moved)
 
+    def rewind(self, length: int) -> bool:
+        if self.host.closed:
+            return False
+        self.prefetcher.drain()  # the earlier sequence's write-backs have landed before the prefix is read
+        self._moved = []
+        return True
+
+    def prefix_kv(self, layer, length):
+        """Read back from the host store once per layer (a copy to the device on CUDA)."""
+        keys, values = self.host.keys[layer][:, :length], self.host.values[layer][:, :length]
+        return keys.to(self.device, non_blocking=False), values.to(self.device, non_blocking=False)
+
+    def extend_layer(self, layer, start, x, q, k, v):
+        self.prefetcher.write_back(lambda: self.host.write(layer, start, k, v, non_blocking=True), k, v)
+
     def device_kv_bytes(self) -> int:
         return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v)
 

@@ -101,8 +101,10 @@ class DenseOffloadKV(KVBackend):
 
     def prefix_kv(self, layer, length):
         """Read back from the host store once per layer (a copy to the device on CUDA)."""
-        keys, values = self.host.keys[layer][:, :length], self.host.values[layer][:, :length]
-        return keys.to(self.device, non_blocking=False), values.to(self.device, non_blocking=False)
+        # one contiguous pinned range per tensor ([length, KvH, D], token-major), turned on the device
+        keys = self.host.token_keys[layer][:length].to(self.device).transpose(0, 1)
+        values = self.host.token_values[layer][:length].to(self.device).transpose(0, 1)
+        return keys, values
 
     def extend_layer(self, layer, start, x, q, k, v):
         self.prefetcher.write_back(lambda: self.host.write(layer, start, k, v, non_blocking=True), k, v)

@@ -73,19 +73,10 @@ class ProjectedKeyCache:
 
     def read(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         """Projected keys of positions ``[lo, hi)``: ``[KvH, hi-lo, d']`` (dequantised if int8)."""
-        keys, scale = self.scoring_view(layer, lo, hi)
-        return keys if scale is None else keys * scale.unsqueeze(-1)
-
-    def scoring_view(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(keys ``[KvH, n, d']``, scale ``[KvH, n]`` float32 or None) with keys = stored * scale.
-
-        With int8 the scale is left out of the keys: it is positive and shared by the group's query
-        heads, so it multiplies the group-max score afterwards (``n`` products, not ``n * d'``).
-        """
         keys = self.keys[layer - 1, :, lo:hi]
         if not self.int8:
-            return keys, None
-        return keys.float(), self.scales[layer - 1, :, lo:hi].float()
+            return keys
+        return keys.float() * self.scales[layer - 1, :, lo:hi].float().unsqueeze(-1)
 
 
 @dataclass

@@ -6,24 +6,33 @@ import torch
 import torch.nn.functional as F
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, chunk: int) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, chunk: int,
+                      window: int | None = None) -> torch.Tensor:
     """Causal attention of a whole prompt for one layer.
 
     q ``[1, H, T, D]``; k, v ``[1, KvH, T, D]`` -> ``[1, H, T, D]``. Queries are processed in
     chunks of ``chunk`` rows, each against the keys up to its last row, so the score matrix never
-    exceeds ``chunk x T`` per head.
+    exceeds ``chunk x T`` per head. ``window``: a sliding-window layer, where row ``i`` attends
+    keys ``(i - window, i]`` only (transformers' sliding-window mask).
     """
     gqa = q.shape[1] != k.shape[1]
     length = q.shape[2]
-    if length <= chunk:
+    if window is not None and window >= length:
+        window = None  # the window drops nothing
+    if length <= chunk and window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
     outputs = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
+        first = 0 if window is None else max(0, start - window + 1)  # keys before it are out of every window
         rows = torch.arange(start, end, device=q.device).unsqueeze(-1)
-        allowed = torch.arange(end, device=q.device) <= rows  # [rows, end] bottom-right causal
+        cols = torch.arange(first, end, device=q.device)
+        allowed = cols <= rows  # [rows, end - first] bottom-right causal
+        if window is not None:
+            allowed &= cols > rows - window
         outputs.append(F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scaling, enable_gqa=gqa
+            q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], attn_mask=allowed, scale=scaling,
+            enable_gqa=gqa,
         ))
     return torch.cat(outputs, dim=2)
 

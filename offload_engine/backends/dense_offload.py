@@ -1,7 +1,9 @@
 """Dense offload: the KV in the host store, every layer's whole KV copied to the device each step.
 
-This is the baseline the paper beats. Two device staging buffers alternate between layers, so
-the copy of layer l+1 overlaps the computation of layer l (prefetch one layer ahead).
+This is the baseline the paper beats. Two device staging buffers alternate between the global
+layers, so the copy of the next global layer overlaps the computation of the current one
+(prefetch one layer ahead). Sliding-window layers keep their window on the device
+(``LocalRings``) and never touch the host store.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from ..cpu_cache.prefetcher import Prefetcher
 from ..models import ModelDims
 from .base import DecodeKV, KVBackend
 from .dense_device import check_device_memory
+from .local_window import LocalRings
 
 
 class DenseOffloadKV(KVBackend):
@@ -20,7 +23,13 @@ class DenseOffloadKV(KVBackend):
 
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device):
         self.dims, self.capacity, self.dtype, self.device = dims, capacity, dtype, device
-        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda")
+        self.global_layers = dims.global_layers(capacity)
+        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=self.global_layers)
+        check_device_memory(LocalRings.bytes_needed(dims, capacity, dtype), device)
+        self.local = LocalRings(dims, capacity, dtype, device)
+        # the global layer after each global layer (prefetch order), and each one's staging buffer
+        self._next = dict(zip(self.global_layers, self.global_layers[1:]))
+        self._buffer = {layer: i % 2 for i, layer in enumerate(self.global_layers)}
         self.prefetcher = Prefetcher(device, dims.num_layers)
         self.stage_k: list[torch.Tensor] = []
         self.stage_v: list[torch.Tensor] = []
@@ -29,6 +38,9 @@ class DenseOffloadKV(KVBackend):
         self._moved: list[int] = []
 
     def prefill_layer(self, layer, x, q, k, v):
+        if layer in self.local:
+            self.local.prefill(layer, k, v)
+            return
         self.prefetcher.write_back(lambda: self.host.write(layer, 0, k, v, non_blocking=True), k, v)
 
     def _allocate_staging(self) -> None:
@@ -41,7 +53,7 @@ class DenseOffloadKV(KVBackend):
 
     def _fetch(self, layer: int) -> None:
         """Copy positions ``[0, position)`` of ``layer`` into its staging buffer."""
-        end, buffer = self._position, layer % 2
+        end, buffer = self._position, self._buffer[layer]
 
         def copy() -> None:
             self.stage_k[buffer][:, :end].copy_(self.host.keys[layer][:, :end], non_blocking=True)
@@ -51,17 +63,20 @@ class DenseOffloadKV(KVBackend):
         self._step_bytes += 2 * self.host.keys[layer][:, :end].nbytes
 
     def begin_step(self, position):
-        if not self.stage_k:
+        if not self.stage_k and self.global_layers:
             self._allocate_staging()
         self._position = position
         self._step_bytes = 0
-        self._fetch(0)
+        if self.global_layers:
+            self._fetch(self.global_layers[0])
 
     def decode_layer(self, layer, position, x, q, k, v):
+        if layer in self.local:
+            return self.local.decode(layer, position, k, v)
         self.prefetcher.wait(layer)
-        if layer + 1 < self.dims.num_layers:
-            self._fetch(layer + 1)
-        buffer = layer % 2
+        if layer in self._next:
+            self._fetch(self._next[layer])
+        buffer = self._buffer[layer]
         self.stage_k[buffer][:, position] = k
         self.stage_v[buffer][:, position] = v
         self.prefetcher.write_back(lambda: self.host.write(layer, position, k.unsqueeze(1), v.unsqueeze(1),
@@ -70,7 +85,8 @@ class DenseOffloadKV(KVBackend):
         return DecodeKV(self.stage_k[buffer][:, :end], self.stage_v[buffer][:, :end], None)
 
     def end_layer(self, layer):
-        self.prefetcher.release(("stage", layer % 2))
+        if layer not in self.local:
+            self.prefetcher.release(("stage", self._buffer[layer]))
 
     def end_step(self) -> None:
         self._moved.append(self._step_bytes)
@@ -79,9 +95,10 @@ class DenseOffloadKV(KVBackend):
         return list(self._moved)
 
     def device_kv_bytes(self) -> int:
-        return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v)
+        return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v) + self.local.nbytes
 
     def close(self) -> None:
         self.prefetcher.drain()
         self.stage_k, self.stage_v = [], []
+        self.local.close()
         self.host.close()

@@ -19,9 +19,10 @@ from ..models import ModelDims
 HOST_HEADROOM_BYTES = 512 * 1024**2
 
 
-def host_store_bytes(dims: ModelDims, capacity: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for ``capacity`` tokens over all layers and KV heads."""
-    return dims.kv_bytes_per_token(dtype) * capacity
+def host_store_bytes(dims: ModelDims, capacity: int, dtype: torch.dtype, layers: int | None = None) -> int:
+    """Bytes of K and V for ``capacity`` tokens over ``layers`` layers (default: all) and all KV heads."""
+    stored = dims.num_layers if layers is None else layers
+    return dims.kv_bytes_per_token(dtype) // dims.num_layers * stored * capacity
 
 
 def check_host_memory(needed: int, what: str = "the host KV store") -> None:
@@ -58,7 +59,7 @@ def _cupy_pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | N
 
 def allocate_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
     """Zeroed host memory, pinned when ``pin`` (cupy first, then torch's allocator)."""
-    if pin:
+    if pin and all(shape):  # nothing to pin for an empty (not stored) layer
         tensor = _cupy_pinned(shape, dtype)
         if tensor is not None:
             return tensor.zero_()
@@ -69,25 +70,31 @@ def allocate_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torc
 class HostKVStore:
     """Owns the host copy of the KV cache. Tokens are written once and never move.
 
-    ``keys[l]`` and ``values[l]``: ``[KvH, capacity, D]`` in the model dtype.
+    ``keys[l]`` and ``values[l]``: ``[KvH, capacity, D]`` in the model dtype for every stored
+    layer; ``layers`` (default: all) leaves out sliding-window layers, whose ``keys[l]`` are then
+    ``[KvH, 0, D]`` (they keep their window on the device and never come here).
     """
 
-    def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, pin: bool | None = None):
+    def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, pin: bool | None = None,
+                 layers: list[int] | None = None):
         if pin is None:
             pin = torch.cuda.is_available()
-        check_host_memory(host_store_bytes(dims, capacity, dtype))
+        self.layers = list(range(dims.num_layers)) if layers is None else list(layers)
+        check_host_memory(host_store_bytes(dims, capacity, dtype, len(self.layers)))
         self.dims = dims
         self.capacity = capacity
         self.dtype = dtype
         self.pinned = pin
-        shape = (dims.num_kv_heads, capacity, dims.head_dim)
-        self.keys = [allocate_host(shape, dtype, pin) for _ in range(dims.num_layers)]
-        self.values = [allocate_host(shape, dtype, pin) for _ in range(dims.num_layers)]
+        stored = set(self.layers)
+        shapes = [(dims.num_kv_heads, capacity if layer in stored else 0, dims.head_dim)
+                  for layer in range(dims.num_layers)]
+        self.keys = [allocate_host(shape, dtype, pin) for shape in shapes]
+        self.values = [allocate_host(shape, dtype, pin) for shape in shapes]
         self.length = 0  # tokens written to every layer
 
     @property
     def nbytes(self) -> int:
-        return host_store_bytes(self.dims, self.capacity, self.dtype)
+        return host_store_bytes(self.dims, self.capacity, self.dtype, len(self.layers))
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, non_blocking: bool = False) -> None:
         """Write k, v ``[KvH, T, D]`` (any device) at positions ``start .. start+T-1`` of ``layer``."""

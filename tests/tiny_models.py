@@ -29,7 +29,7 @@ WINDOW = 8  # the sliding window of the sliding-window tiny models
 EXTRA = {  # per architecture, on top of TINY
     "qwen3": dict(head_dim=16),
     "mistral_sw": dict(sliding_window=WINDOW, eos_token_id=None),  # its seed-0 greedy run hits id 2
-    "gemma3": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, final_logit_softcapping=3.0,
+    "gemma3": dict(eos_token_id=None, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, final_logit_softcapping=3.0,
                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                     "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}),
 }

@@ -17,14 +17,21 @@ from offload_engine.policies import build_policy
 from tiny_models import WINDOW, tiny_model
 
 NEW_TOKENS = 10
-NEW_ARCHS = ("qwen3", "gemma3", "mistral_sw")
+# name -> (tiny_models architecture, config overrides); qwen2_sw: Qwen2's sliding layers (from max_window_layers)
+MODELS = {
+    "qwen3": ("qwen3", {}),
+    "gemma3": ("gemma3", {}),
+    "mistral_sw": ("mistral_sw", {}),
+    "qwen2_sw": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=NEW_ARCHS)
+@pytest.fixture(scope="module", params=list(MODELS))
 def model(request):
-    return tiny_model(request.param)
+    arch, options = MODELS[request.param]
+    return tiny_model(arch, **options)
 
 
 def reference(model, prompt: torch.Tensor):

@@ -1,6 +1,7 @@
 """The gather methods on their own: one layer's selected K fragments from a pinned host store.
 
-Each method gathers ``budget`` random tokens per KV head from a ``[KvH, context, D]`` store into
+Each method gathers ``budget`` random tokens per KV head from a ``[KvH, context, D]`` store (a
+view of token-major ``[context, KvH, D]`` memory, the host store's layout) into
 a device buffer, ``repeats`` times after a warm-up; the time of each call is taken with CUDA
 events on the current stream (wall clock on the CPU). The rates are set against two references
 measured in the same run: the pinned memcpy peak (one large contiguous copy) and a contiguous
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from offload_engine.cpu_cache.gather import INDEX, available_gather_methods, default_gather_method, gather_fragments
+from offload_engine.cpu_cache.gather import INDEX, available_gather_methods, choose_gather_method, gather_fragments
 from offload_engine.cpu_cache.host_store import allocate_host, check_host_memory
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
@@ -70,25 +71,29 @@ def time_calls(fn, device: torch.device, repeats: int, warmup: int) -> list[floa
 def run_gather(settings: GatherSettings, out_dir: Path) -> dict:
     """Time every available method; write ``gather-<device>.{json,md}``; return the report."""
     device = torch.device(settings.device)
-    shape = (settings.kv_heads, settings.context, settings.head_dim)
+    shape = (settings.context, settings.kv_heads, settings.head_dim)  # token-major, as in the host store
     item = torch.empty((), dtype=settings.dtype).element_size()
     check_host_memory(settings.kv_heads * settings.context * settings.head_dim * item, "the gather benchmark's store")
-    store = allocate_host(shape, settings.dtype, pin=device.type == "cuda")
-    store.copy_(torch.randn(shape, dtype=torch.float32).to(settings.dtype))
+    storage = allocate_host(shape, settings.dtype, pin=device.type == "cuda")
+    storage.copy_(torch.randn(shape, dtype=torch.float32).to(settings.dtype))
+    store = storage.transpose(0, 1)  # [KvH, C, D], the gather source
     positions, slots = selection(settings, device)
+    counts = torch.full((settings.kv_heads,), settings.budget, device=device)  # every entry real
     dst = torch.zeros(settings.kv_heads, settings.budget + 1, settings.head_dim, dtype=settings.dtype, device=device)
     expected = torch.zeros_like(dst)
-    gather_fragments(store, positions, slots, expected, INDEX)
+    gather_fragments(store, positions, slots, expected, INDEX, counts)
     nbytes = settings.kv_heads * settings.budget * settings.head_dim * item
-    rows = [_method_row(m, store, positions, slots, dst, expected, nbytes, settings, device)
+    rows = [_method_row(m, (store, positions, slots, dst, m, counts), expected, nbytes, settings, device)
             for m in available_gather_methods(device)]
+    method, reason = choose_gather_method(device)
     report = {
         "benchmark": "gather",
         "provenance": provenance(),
         "machine": machine_header(device),
         "settings": asdict(settings) | {"dtype": str(settings.dtype).removeprefix("torch."),
                                         "bytes_per_gather": nbytes},
-        "default_method": default_gather_method(device),
+        "default_method": method,
+        "default_method_reason": reason,
         "references": _references(nbytes, settings, device),
         "rows": rows,
     }
@@ -99,15 +104,17 @@ def run_gather(settings: GatherSettings, out_dir: Path) -> dict:
     return report
 
 
-def _method_row(method, store, positions, slots, dst, expected, nbytes, settings, device) -> dict:
+def _method_row(method, call, expected, nbytes, settings, device) -> dict:
+    """``call``: the arguments of ``gather_fragments`` (src, positions, slots, dst, method, counts)."""
     row = {"method": method}
+    dst = call[3]
     try:
         dst.zero_()
-        gather_fragments(store, positions, slots, dst, method)
+        gather_fragments(*call)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # read the result back for the correctness check
         row["agrees_with_index"] = bool(torch.equal(dst[:, :-1].cpu(), expected[:, :-1].cpu()))
-        times = time_calls(lambda: gather_fragments(store, positions, slots, dst, method), device,
+        times = time_calls(lambda: gather_fragments(*call), device,
                            settings.repeats, settings.warmup)
         row.update(summarize_ms(times))
         row["gbps"] = nbytes / (row["median_ms"] / 1000.0) / 1e9
@@ -145,7 +152,8 @@ def to_markdown(report: dict) -> str:
         markdown_header("Gather methods: selected fragments from pinned host memory", report), "",
         f"{s['kv_heads']} KV heads x {s['budget']} random tokens of {s['head_dim']} x {s['dtype']} from a "
         f"{s['context']:,}-token store: {s['bytes_per_gather'] / 2**20:.2f} MiB per gather (one layer's K). "
-        f"{s['repeats']} timed calls after {s['warmup']} warm-up. Default method here: {report['default_method']}.",
+        f"{s['repeats']} timed calls after {s['warmup']} warm-up. Default method here: {report['default_method']} "
+        f"({report.get('default_method_reason', 'reason not recorded')}).",
         f"References: pinned memcpy peak {fmt(peak, 1)} GB/s; one contiguous copy of the same bytes "
         f"{fmt(ref['contiguous_same_bytes_gbps'], 1)} GB/s.", "",
         markdown_table(["method", "median ms", "p90 ms", "GB/s", "% of memcpy peak", "agrees with index", "error"],

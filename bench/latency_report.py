@@ -67,12 +67,17 @@ def to_markdown(report: dict) -> str:
         "rate, since copies overlap compute). Speed-up and ratio compare median ms per step at the same context. "
         "Floor ms: the bytes a step must move through memory at the least (weights, the KV attention reads, the "
         "policy's scoring state, copies counted twice on the CPU) at the memory read rate measured in this run "
-        f"({fmt(_read_rate(report))} GB/s); the ratio is median / floor.",
+        f"({fmt(_read_rate(report))} GB/s); the ratio is the mean step (prediction steps included) / floor.",
         "",
         "Breakdown: ms per step (share of the step) of each phase, timed in the same runs (CPU: timers around "
         "each phase; CUDA: events on the current stream, so copies overlapping compute count in `copy` and the "
         "phases need not add up). `rest` is the step minus the phases: projections, MLP, norms, sampling.",
     ]
+    if report.get("post_processing"):
+        lines += ["", f"Post-processing: {report['post_processing']}"]
+    if s.get("repeats", 1) > 1:
+        lines += ["", f"Each mode ran {s['repeats']} times, interleaved with the others; its row is its fastest round "
+                  "(all rounds' medians are in the JSON as `round_medians_ms`)."]
     if s.get("synthetic_kv"):
         lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
                   "decode step's time does not depend on the values, and prefill s is the fill time."]

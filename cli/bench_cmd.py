@@ -41,6 +41,8 @@ def latency(
     seed: int = typer.Option(0, "--seed"),
     synthetic_kv: bool = typer.Option(False, "--synthetic-kv", help="Fill the KV cache with random keys and values "
                                       "instead of running the prefill (decode time does not depend on them)."),
+    repeats: int = typer.Option(1, "--repeats", help="Rounds over every mode (interleaved); each mode keeps its "
+                                "fastest round (a shared machine's load only slows a round down)."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for the report files."),
     append: bool = typer.Option(False, "--append", help="Keep the other contexts already in the report at --out "
                                 "(measure long contexts in separate commands, get one report)."),
@@ -53,6 +55,7 @@ def latency(
         budget=budget, intervals=[_int(i, "--interval") for i in _split(interval)],
         neighbors=[_on_off(n) for n in _split(neighbors)], decode_steps=decode_steps, warmup=warmup,
         device=_device(device), gather_method=gather_method, seed=seed, synthetic_kv=synthetic_kv,
+        repeats=repeats,
     )
     report = run_latency(settings, out, log=lambda msg: err_console.print(msg, style="dim", markup=False),
                          append=append)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,59 +26,102 @@ def register(app: typer.Typer) -> None:
     app.command("generate")(user_errors(generate))
 
 
+# The model and where its KV lives: shared with ``tbrun serve`` (cli/serve_cmd.py), which takes the same options.
+MODEL = typer.Option(None, "--model", "-m", help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct.")
+CONTEXT = typer.Option(None, "--context", "-c",
+                       help="KV capacity: 4096, 32k, 128k, 1m. Default: the model's positions, at most 8k.")
+OFFLOAD = typer.Option(False, "--offload/--no-offload", help="Keep the KV cache in host memory.")
+POLICY = typer.Option("dense", "--policy", help="Token selection with --offload: dense, streaming, tokenbutler, ...")
+BUDGET = typer.Option(None, "--budget", help="Tokens per layer and KV head (2048) or a share (10%); default 2048.")
+SINKS = typer.Option(4, "--sinks", help="First tokens always attended.")
+WINDOW = typer.Option(64, "--window", help="Most recent tokens always attended.")
+INTERVAL = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between.")
+NEIGHBORS = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one.")
+NEIGHBOR_RULE = typer.Option("radius", "--neighbor-rule",
+                             help="radius (--neighbors N), or runs: after each run of c selected, the next c.")
+PREDICTOR = typer.Option(None, "--predictor", help="TokenButler checkpoint directory.")
+DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present).")
+DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
+ALLOW_ROPE_SCALING = typer.Option(False, "--allow-rope-scaling",
+                                  help="Allow a context past the model's trained positions.")
+
+
+@dataclass(slots=True)
+class EngineOptions:
+    """The values of the options above, as a command received them."""
+
+    model: Optional[str]
+    context: Optional[str]
+    offload: bool
+    policy: str
+    budget: Optional[str]
+    sinks: int
+    window: int
+    interval: int
+    neighbors: int
+    neighbor_rule: str
+    predictor: Optional[Path]
+    device: Optional[str]
+    dtype: Optional[str]
+    allow_rope_scaling: bool
+
+
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from a file."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
-    context: Optional[str] = typer.Option(None, "--context", "-c",
-                                          help="KV capacity: 4096, 32k, 128k, 1m. Default: the model's positions, at most 8k."),
-    offload: bool = typer.Option(False, "--offload/--no-offload", help="Keep the KV cache in host memory."),
-    policy: str = typer.Option("dense", "--policy", help="Token selection with --offload: dense, streaming, tokenbutler, ..."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="Tokens per layer and KV head (2048) or a share (10%); default 2048."),
-    sinks: int = typer.Option(4, "--sinks", help="First tokens always attended."),
-    window: int = typer.Option(64, "--window", help="Most recent tokens always attended."),
-    interval: int = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between."),
-    neighbors: int = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one."),
-    neighbor_rule: str = typer.Option("radius", "--neighbor-rule",
-                                      help="radius (--neighbors N), or runs: after each run of c selected, the next c."),
-    predictor: Optional[Path] = typer.Option(None, "--predictor", help="TokenButler checkpoint directory."),
+    model: Optional[str] = MODEL,
+    context: Optional[str] = CONTEXT,
+    offload: bool = OFFLOAD,
+    policy: str = POLICY,
+    budget: Optional[str] = BUDGET,
+    sinks: int = SINKS,
+    window: int = WINDOW,
+    interval: int = INTERVAL,
+    neighbors: int = NEIGHBORS,
+    neighbor_rule: str = NEIGHBOR_RULE,
+    predictor: Optional[Path] = PREDICTOR,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
     temperature: float = typer.Option(0.0, "--temperature", help="0 for greedy decoding."),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
-    allow_rope_scaling: bool = typer.Option(False, "--allow-rope-scaling",
-                                            help="Allow a context past the model's trained positions."),
+    allow_rope_scaling: bool = ALLOW_ROPE_SCALING,
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics as JSON here."),
 ) -> None:
     """Generate text for a prompt, streaming tokens, then print a summary of the run."""
     text = read_prompt(prompt, prompt_file)
-    device_name = device or ("cuda" if _cuda_available() else "cpu")
-    torch_device = resolve_device(device_name)
-    torch_dtype = parse_dtype(dtype or ("bf16" if torch_device.type == "cuda" else "fp32"))
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
-    mode = _mode(offload, policy)
-    policy_object = _policy(policy, predictor) if mode is KVMode.SPARSE_OFFLOAD else None
-    source = resolve_model_path(model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    dims = _dims_of(source)
-    capacity = parse_context(context) if context is not None else min(dims.max_positions, 8192)
-    selection = SelectionConfig(
-        policy=policy, budget=_budget(budget, mode, capacity), sinks=sinks, window=window,
-        interval=interval, neighbors=neighbors, neighbor_rule=neighbor_rule,
-    )
-    config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
-                          allow_rope_scaling=allow_rope_scaling)
-    _check_fits(dims, capacity, torch_dtype, torch_device, mode, allow_rope_scaling)
-    adapter = load_model(source, dtype=torch_dtype, device=device_name)
-    engine = Engine(adapter, config, policy=policy_object)
-    ids = encode_prompt(adapter.tokenizer, text, chat)
-    result = _run(engine, adapter.tokenizer, ids, sampling)
-    _print_summary(result, _sliding_window_row(dims, capacity, torch_dtype, mode))
+    engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
+                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling))
+    ids = encode_prompt(engine.adapter.tokenizer, text, chat)
+    result = _run(engine, engine.adapter.tokenizer, ids, sampling)
+    _print_summary(result, _sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype,
+                                               engine.config.mode))
     if stats_json is not None:
         stats_json.write_text(json.dumps(result.stats.to_dict(), indent=2))
+
+
+def build_engine(o: EngineOptions) -> Engine:
+    """Check the options, refuse what cannot fit before loading weights, load the model, build the engine."""
+    device_name = o.device or ("cuda" if _cuda_available() else "cpu")
+    torch_device = resolve_device(device_name)
+    torch_dtype = parse_dtype(o.dtype or ("bf16" if torch_device.type == "cuda" else "fp32"))
+    mode = _mode(o.offload, o.policy)
+    policy_object = _policy(o.policy, o.predictor) if mode is KVMode.SPARSE_OFFLOAD else None
+    source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    dims = _dims_of(source)
+    capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
+    selection = SelectionConfig(
+        policy=o.policy, budget=_budget(o.budget, mode, capacity), sinks=o.sinks, window=o.window,
+        interval=o.interval, neighbors=o.neighbors, neighbor_rule=o.neighbor_rule,
+    )
+    config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
+                          allow_rope_scaling=o.allow_rope_scaling)
+    _check_fits(dims, capacity, torch_dtype, torch_device, mode, o.allow_rope_scaling)
+    adapter = load_model(source, dtype=torch_dtype, device=device_name)
+    return Engine(adapter, config, policy=policy_object)
 
 
 def _cuda_available() -> bool:

@@ -21,7 +21,8 @@ def info(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to size contexts for (default: embedded)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="KV dtype: bf16, fp16, fp32."),
 ) -> None:
-    """Device, CUDA, pinned memory, cupy, host RAM, and the longest context that fits."""
+    """Device, CUDA, pinned memory, cupy, Triton, the gather method and why, host RAM, and the longest
+    context that fits."""
     import torch
     from transformers import AutoConfig
 

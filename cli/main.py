@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench_cmd, eval_cmd, generate_cmd, info_cmd, train_cmd
+from . import bench_cmd, eval_cmd, generate_cmd, info_cmd, serve_cmd, train_cmd
 
 app = typer.Typer(
     name="tbrun",
@@ -19,6 +19,7 @@ info_cmd.register(app)
 bench_cmd.register(app)
 train_cmd.register(app)
 eval_cmd.register(app)
+serve_cmd.register(app)
 # subcommands
 
 

@@ -177,7 +177,7 @@ class Engine:
         if self.config.mode is KVMode.DENSE_DEVICE:
             return DenseDeviceKV(dims, capacity, dtype, self.device)
         if self.config.mode is KVMode.DENSE_OFFLOAD:
-            return DenseOffloadKV(dims, capacity, dtype, self.device)
+            return DenseOffloadKV(dims, capacity, dtype, self.device, clock)
         return SparseOffloadKV(self.adapter, capacity, self.config.selection, self.policy, self.device,
                                self.gather_method, clock)
 

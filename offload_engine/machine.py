@@ -23,14 +23,41 @@ def cupy_status() -> str:
         return f"installed but unusable: {type(exc).__name__}"
 
 
+def triton_status() -> str:
+    """Whether the Triton gather can be built here (version, C compiler, Python headers)."""
+    from .cpu_cache.gather import triton_problem
+
+    problem = triton_problem()
+    if problem is not None:
+        return f"no: {problem}"
+    import triton
+
+    where = "zero-copy gather available" if torch.cuda.is_available() else "CPU: interpreter and PTX checks only"
+    return f"{triton.__version__}, C compiler and Python headers present ({where})"
+
+
+def gather_method_status(device: torch.device | str | None = None) -> str:
+    """The gather method a sparse-offload run uses here, and why."""
+    from .cpu_cache.gather import choose_gather_method
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    method, reason = choose_gather_method(device)
+    return f"{method}: {reason}"
+
+
 def pinned_memory_status() -> str:
     """Whether page-locked host memory can be allocated here."""
     if not torch.cuda.is_available():
         return "no (no CUDA): the host KV store uses ordinary memory"
+    from .cpu_cache.host_store import HostBuffer, HostRegistrar
+
     try:
-        torch.empty(1024, pin_memory=True)
-        return "yes"
-    except RuntimeError as exc:
+        registrar = HostRegistrar()
+        buffer = HostBuffer(2**20, registrar)
+        pinned = buffer.bytes.is_pinned()
+        buffer.close()
+        return f"yes (cudaHostRegister through {registrar.via})" if pinned else "no: registered memory is not pinned"
+    except Exception as exc:
         return f"no: {exc}"
 
 
@@ -66,6 +93,8 @@ def describe_machine() -> dict[str, str]:
         info["host->device copy"] = f"{measure_h2d_gbps():.1f} GB/s (pinned, 256 MiB)"
     info["pinned memory"] = pinned_memory_status()
     info["cupy"] = cupy_status()
+    info["triton"] = triton_status()
+    info["gather method"] = gather_method_status()
     return info
 
 

@@ -72,6 +72,29 @@ def test_latency_cli_writes_reports_with_a_row_or_reason_per_mode(tmp_path):
     assert "## Context 256 tokens" in markdown and "dense-offload" in markdown
 
 
+def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
+    out = tmp_path / "cpu"
+    result = runner.invoke(app, [
+        "bench", "latency", "--arch", "tiny-llama", "--contexts", "512", "--budget", "96", "--decode-steps", "2",
+        "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--repeats", "2", "--interval", "1",
+        "--neighbors", "off", "--modes", "dense-gpu,tokenbutler-offload,streaming-offload", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "latency-tiny-llama-cpu.json").read_text())
+    assert report["settings"]["synthetic_kv"] and report["settings"]["repeats"] == 2
+    rows = {row["mode"]: row for row in report["rows"]}
+    assert set(rows) == {"dense-gpu", "tokenbutler-offload", "streaming-offload"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert len(row["round_medians_ms"]) == 2 and row["median_ms"] == min(row["round_medians_ms"])
+        assert set(row["breakdown"]) == {"selection", "copy", "wait", "attention", "rest"}
+        assert row["floor_ms"] > 0 and row["ratio_to_floor"] > 0
+    assert rows["tokenbutler-offload"]["breakdown"]["selection"]["ms_per_step"] > 0
+    assert rows["dense-gpu"]["breakdown"]["selection"]["ms_per_step"] == 0
+    markdown = (out / "latency-tiny-llama-cpu.md").read_text()
+    assert "| mode | selection | copy | wait | attention | rest |" in markdown and "synthetic-kv" in markdown
+
+
 def test_latency_cli_refuses_bad_options_clearly(tmp_path):
     result = runner.invoke(app, ["bench", "latency", "--arch", "no-such-arch", "--contexts", "256",
                                  "--device", "cpu", "--out", str(tmp_path)])

@@ -1,8 +1,9 @@
 """The gather methods agree with a plain loop over fragments.
 
-CPU: the ``index`` method (the only one on a machine without CUDA). GPU (``-m gpu``): every
-method this machine has, including a store over 8 GiB, so byte and 32-bit-word offsets both
-pass 2**32.
+CPU: the ``index`` method (the only one on a machine without CUDA); the CUDA kernels themselves
+are checked on CPU in test_gather_kernels_cpu.py. GPU (``-m gpu``): every method this machine
+has, with and without per-head counts, on torch-pinned and registered token-major stores, and a
+store over 8 GiB, so byte and 32-bit-word offsets both pass 2**32.
 """
 
 from __future__ import annotations
@@ -56,15 +57,22 @@ def random_selection(heads: int, capacity: int, m: int, slots: int, padding: int
 
 
 def check_method(method: str, src: torch.Tensor, heads: int, m: int, padding: int, slot_count: int, device: str,
-                 seed: int = 0):
+                 seed: int = 0, with_counts: bool = False):
     positions, slots = random_selection(heads, src.shape[1], m, slot_count, padding, seed, device)
     dst = torch.full((heads, slot_count, src.shape[2]), -7, dtype=src.dtype, device=device)
-    expected = loop_reference(src, positions, slots, dst)
-    gather_fragments(src, positions, slots, dst, method)
+    if with_counts:  # padding entries are masked: the trash slot keeps its value
+        counts = torch.full((heads,), m, dtype=torch.long, device=device)
+        expected = loop_reference(src, positions[:, :m], slots[:, :m], dst)
+        gather_fragments(src, positions, slots, dst, method, counts)
+    else:
+        expected = loop_reference(src, positions, slots, dst)
+        gather_fragments(src, positions, slots, dst, method)
     if device != "cpu":
         torch.cuda.synchronize()
-    # The trash slot (last) holds one of several writes, unspecified which: compare the rest.
-    assert torch.equal(dst[:, :-1].cpu(), expected[:, :-1])
+    if with_counts:
+        assert torch.equal(dst.cpu(), expected)
+    else:  # the trash slot (last) holds one of several writes, unspecified which: compare the rest
+        assert torch.equal(dst[:, :-1].cpu(), expected[:, :-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,9 +81,11 @@ def check_method(method: str, src: torch.Tensor, heads: int, m: int, padding: in
 
 @pytest.mark.parametrize("m,padding", [(1, 0), (7, 3), (33, 0), (0, 0), (0, 5), (64, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_index_matches_loop(m, padding, dtype):
-    src = torch.randn(3, 97, 24).to(dtype)  # odd capacity, odd head count
-    check_method(INDEX, src, heads=3, m=m, padding=padding, slot_count=m + 2, device="cpu", seed=m)
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_index_matches_loop(m, padding, dtype, with_counts):
+    src = torch.randn(97, 3, 24).to(dtype).transpose(0, 1)  # token-major; odd capacity, odd head count
+    check_method(INDEX, src, heads=3, m=m, padding=padding, slot_count=m + 2, device="cpu", seed=m,
+                 with_counts=with_counts)
 
 
 def test_index_reads_last_token_and_writes_last_real_slot():
@@ -139,14 +149,15 @@ CUDA_METHODS = list(ALL_METHODS)
 
 
 def _pinned_store(heads: int, capacity: int, dim: int, dtype: torch.dtype, via: str) -> torch.Tensor:
-    """A pinned ``[KvH, C, D]`` store filled with distinct values, from cupy or torch."""
-    from offload_engine.cpu_cache.host_store import _cupy_pinned
+    """A pinned ``[KvH, C, D]`` store filled with distinct values: torch's pinned allocator
+    (head-major), or the host store's registered token-major memory."""
+    from offload_engine.cpu_cache.host_store import allocate_host
 
-    shape = (heads, capacity, dim)
-    store = _cupy_pinned(shape, dtype) if via == "cupy" else torch.empty(shape, dtype=dtype, pin_memory=True)
-    if store is None:
-        pytest.skip("cupy is not importable: no cupy pinned memory here")
-    store.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+    if via == "registered":
+        store = allocate_host((capacity, heads, dim), dtype, pin=True).transpose(0, 1)
+    else:
+        store = torch.empty((heads, capacity, dim), dtype=dtype, pin_memory=True)
+    store.copy_(torch.randn(store.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
     return store
 
 
@@ -161,20 +172,24 @@ def _require(method: str) -> None:
 @pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128),
                                        (torch.float16, 8)])
 @pytest.mark.parametrize("m,padding", [(1, 0), (2047, 1), (2048, 0), (333, 17), (0, 0), (0, 3)])
-def test_cuda_method_matches_loop(method, dtype, dim, m, padding):
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_cuda_method_matches_loop(method, dtype, dim, m, padding, with_counts):
     _require(method)
     src = _pinned_store(heads=8, capacity=4099, dim=dim, dtype=dtype, via="torch")
-    check_method(method, src, heads=8, m=m, padding=padding, slot_count=m + 5, device="cuda", seed=m + dim)
+    check_method(method, src, heads=8, m=m, padding=padding, slot_count=m + 5, device="cuda", seed=m + dim,
+                 with_counts=with_counts)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("method", CUDA_METHODS)
-def test_cuda_method_reads_a_cupy_pinned_store(method):
-    """The host store pins through cupy when it can: the kernels must read that memory too."""
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_cuda_method_reads_the_registered_token_major_store(method, with_counts):
+    """The host store's memory (cudaHostRegister'ed, token-major): the kernels must read it too."""
     _require(method)
-    src = _pinned_store(heads=8, capacity=4099, dim=128, dtype=torch.bfloat16, via="cupy")
-    check_method(method, src, heads=8, m=1000, padding=3, slot_count=1005, device="cuda", seed=7)
+    src = _pinned_store(heads=8, capacity=4099, dim=128, dtype=torch.bfloat16, via="registered")
+    check_method(method, src, heads=8, m=1000, padding=3, slot_count=1005, device="cuda", seed=7,
+                 with_counts=with_counts)
 
 
 @gpu
@@ -230,7 +245,9 @@ def big_store():
     need = BIG_HEADS * BIG_CAPACITY * BIG_DIM * 2
     if psutil.virtual_memory().available < need + 8 * 2**30:
         pytest.skip(f"needs {need / 2**30:.1f} GiB + 8 GiB spare host memory for the >4 GiB store")
-    store = torch.empty(BIG_HEADS, BIG_CAPACITY, BIG_DIM, dtype=torch.bfloat16, pin_memory=True)
+    from offload_engine.cpu_cache.host_store import allocate_host
+
+    store = allocate_host((BIG_HEADS, BIG_CAPACITY, BIG_DIM), torch.bfloat16, pin=True)  # registered, exact size
     yield store
     del store
 

@@ -46,7 +46,7 @@ def test_host_store_refuses_before_allocating(monkeypatch):
     fake = namedtuple("vm", "available total")(available=10 * 2**20, total=2**30)
     monkeypatch.setattr(host_store.psutil, "virtual_memory", lambda: fake)
     allocations = []
-    monkeypatch.setattr(host_store, "allocate_host", lambda *a, **k: allocations.append(a))
+    monkeypatch.setattr(host_store, "allocate_buffer", lambda *a, **k: allocations.append(a))
     with pytest.raises(InsufficientMemoryError, match=r"needs .* GiB of host memory but only 0.01 GiB"):
         HostKVStore(adapter.dims, 1_000_000, torch.float32)
     assert allocations == []

@@ -130,7 +130,7 @@ def test_a_share_budget_below_sinks_and_window_is_a_note_not_an_error(adapter):
 
 
 @pytest.mark.parametrize("mode,spec", [(KVMode.SPARSE_OFFLOAD, "tokenbutler"), (KVMode.SPARSE_OFFLOAD, "quest"),
-                                       (KVMode.DENSE_DEVICE, "dense")])
+                                       (KVMode.DENSE_DEVICE, "dense"), (KVMode.DENSE_OFFLOAD, "dense")])
 def test_the_phase_breakdown_accounts_for_the_step(adapter, mode, spec):
     config = SelectionConfig(policy=spec, budget=Budget(tokens=24) if spec != "dense" else None, sinks=2, window=6)
     engine = Engine(adapter, EngineConfig(context=256, mode=mode, selection=config, profile=True),
@@ -145,6 +145,64 @@ def test_the_phase_breakdown_accounts_for_the_step(adapter, mode, spec):
     assert parts["attention"]["ms_per_step"] > 0
     if mode is KVMode.SPARSE_OFFLOAD:
         assert parts["selection"]["ms_per_step"] > 0 and parts["copy"]["ms_per_step"] > 0
+    if mode is KVMode.DENSE_OFFLOAD:
+        assert parts["copy"]["ms_per_step"] > 0 and parts["selection"]["ms_per_step"] == 0
     unprofiled = Engine(adapter, EngineConfig(context=256, mode=mode, selection=config),
                         policy=make_policy(adapter, spec) if mode is KVMode.SPARSE_OFFLOAD else None)
     assert unprofiled.generate(list(range(1, 150)), SamplingConfig(max_new_tokens=3)).stats.breakdown is None
+
+
+class HostReadError(AssertionError):
+    pass
+
+
+@pytest.mark.parametrize("spec", ["tokenbutler", "critical(tokenbutler)", "quest", "streaming", "h2o"])
+def test_no_device_value_is_read_on_the_host_inside_a_decode_step(adapter, spec, monkeypatch):
+    """With CUDA's bookkeeping (plans padded to full width), a step never turns a tensor into a
+    Python value: no ``item``, ``int``, ``bool``, ``float`` or ``tolist`` between begin and end of a
+    step (the gather method, checked on its own, is left out)."""
+    from offload_engine.backends import sparse_offload
+    from offload_engine.selection import residency
+
+    original_init = residency.ResidencyMap.__init__
+
+    def padded(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._exact_width = False
+
+    monkeypatch.setattr(residency.ResidencyMap, "__init__", padded)
+    guard = {"on": False}
+    gather = sparse_offload.gather_fragments
+
+    def unguarded_gather(*args, **kwargs):
+        was, guard["on"] = guard["on"], False
+        try:
+            gather(*args, **kwargs)
+        finally:
+            guard["on"] = was
+
+    monkeypatch.setattr(sparse_offload, "gather_fragments", unguarded_gather)
+    for name in ("item", "__int__", "__bool__", "__float__", "tolist", "__index__"):
+        method = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _method=method, _name=name, **kwargs):
+            if guard["on"]:
+                raise HostReadError(f"Tensor.{_name} inside a decode step")
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    config = SelectionConfig(policy=spec, budget=Budget(tokens=24), sinks=2, window=6, interval=2, neighbors=1)
+    engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config),
+                    policy=make_policy(adapter, spec))
+    step = engine._decode_step
+
+    def guarded_step(*args, **kwargs):
+        guard["on"] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            guard["on"] = False
+
+    engine._decode_step = guarded_step
+    result = engine.generate(list(range(1, PROMPT + 1)), SamplingConfig(max_new_tokens=6, ignore_eos=True))
+    assert len(result.token_ids) == 6 and sum(result.stats.h2d_bytes) > 0

@@ -54,6 +54,24 @@ class KVBackend:
         """Things the user should be told once about this sequence (for example a budget floor)."""
         return []
 
+    # ------------------------------------------------------- prefix reuse (tbrun serve)
+    def rewind(self, length: int) -> bool:
+        """Keep positions ``[0, length)`` and forget the rest, so the sequence can go on from
+        ``length`` with ``extend_layer``. Returns False when this backend cannot (its policy or
+        working set hold per-sequence state): the caller then builds a new one."""
+        return False
+
+    def prefix_kv(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored k, v ``[KvH, length, D]`` of positions ``[0, length)`` of ``layer``, on the
+        compute device (only after ``rewind`` returned True)."""
+        raise NotImplementedError
+
+    def extend_layer(self, layer: int, start: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """Store new tokens' KV of one layer at positions ``[start, start + T)`` after a rewind.
+        x ``[T, E]``, q ``[H, T, D]``, k, v ``[KvH, T, D]``."""
+        raise NotImplementedError
+
     def device_kv_bytes(self) -> int:
         """KV bytes this backend holds on the compute device now."""
         return 0

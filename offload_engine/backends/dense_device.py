@@ -52,6 +52,18 @@ class DenseDeviceKV(KVBackend):
         end = position + 1
         return DecodeKV(self.keys[layer][:, :end], self.values[layer][:, :end], None)
 
+    def rewind(self, length: int) -> bool:
+        # positions past ``length`` are overwritten before they are read; a ring cannot go back
+        return bool(self.keys) and not self.local.windows
+
+    def prefix_kv(self, layer, length):
+        return self.keys[layer][:, :length], self.values[layer][:, :length]
+
+    def extend_layer(self, layer, start, x, q, k, v):
+        end = start + k.shape[1]
+        self.keys[layer][:, start:end] = k
+        self.values[layer][:, start:end] = v
+
     def device_kv_bytes(self) -> int:
         return sum(t.nbytes for t in self.keys.values()) + sum(t.nbytes for t in self.values.values()) + self.local.nbytes
 

@@ -132,10 +132,11 @@ class SparseOffloadKV(KVBackend):
 
         def copy() -> None:
             with self.clock.phase("copy"):
-                gather_fragments(host_k, plan.positions, plan.slots, keys, self.gather_method)
-                gather_fragments(host_v, plan.positions, plan.slots, values, self.gather_method)
+                gather_fragments(host_k, plan.positions, plan.slots, keys, self.gather_method, plan.counts)
+                gather_fragments(host_v, plan.positions, plan.slots, values, self.gather_method, plan.counts)
 
-        self.prefetcher.issue(layer, copy)
+        # the plan's tensors were made on the compute stream and are read on the copy stream
+        self.prefetcher.issue(layer, copy, keep_alive=(plan.positions, plan.slots, plan.counts))
 
     def end_layer(self, layer):
         if layer not in self.local:

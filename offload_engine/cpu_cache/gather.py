@@ -2,18 +2,22 @@
 
 One contract for every implementation::
 
-    gather_fragments(src, positions, slots, dst, method)
+    gather_fragments(src, positions, slots, dst, method, counts=None)
 
-- ``src``: ``[KvH, C, D]`` host tensor (one layer's K or V in the host store; pinned on CUDA
-  machines). The last dimension must be contiguous.
+- ``src``: ``[KvH, C, D]`` host tensor (one layer's K or V in the host store, a token-major
+  view there; pinned on CUDA machines). The last dimension must be contiguous.
 - ``positions``: ``[KvH, m]`` long, on ``dst``'s device: the token of each fragment to read.
 - ``slots``: ``[KvH, m]`` long, on ``dst``'s device: the slot of ``dst`` each fragment goes to.
 - ``dst``: ``[KvH, S, D]`` on the compute device, same dtype as ``src``.
+- ``counts``: ``[KvH]`` long on ``dst``'s device, or None: the real entries of each head are
+  ``j < counts[h]``; the rest is padding and moves no bytes (masked on the device, no sync).
 
-It copies ``src[h, positions[h, j]]`` into ``dst[h, slots[h, j]]`` for every ``h`` and ``j``.
-There are no masks: callers route padding entries to a spare "trash" slot (several entries
-writing the same slot leave it with one of them, unspecified which). On CUDA the copy is
-issued on the current stream (the prefetcher sets its copy stream around the call).
+It copies ``src[h, positions[h, j]]`` into ``dst[h, slots[h, j]]`` for every ``h`` and real
+``j``. Padding entries point at a spare "trash" slot, so a caller without counts may let them
+be copied there (several entries writing one slot leave it with one of them, unspecified
+which). On CUDA the copy is issued on the current stream (the prefetcher sets its copy stream
+around the call), and every tensor it reads must stay alive until that stream has run it
+(``Prefetcher.issue(..., keep_alive=...)``).
 
 Methods:
 
@@ -21,22 +25,29 @@ Methods:
   on a machine without CUDA. On CUDA it synchronises (positions go to the host first).
 - ``batched-copy``: the reference engine's approach on CUDA: ``index_select`` on the pinned
   host tensor into a pinned staging buffer, then one asynchronous host-to-device copy and a
-  scatter into the slots. Synchronises once per call (positions go to the host).
+  scatter into the slots. The CPU does the indexing, so it needs the positions on the host:
+  one device-to-host copy of positions and counts, and the host waits for the current (copy)
+  stream to deliver them. That wait is inherent to the method; the zero-copy kernels have none.
 - ``zero-copy``: a Triton kernel that reads the fragments straight out of mapped pinned host
   memory (UVA) into ``dst``: no staging, no host synchronisation, only the selected bytes cross
   the bus.
 - ``zero-copy-cupy``: the same gather as a cupy raw CUDA kernel (one thread per 16-byte vector).
 
-``default_gather_method`` picks the first zero-copy method that passes a one-time self-check
-against ``index`` on the device, else ``batched-copy``; on CPU it is always ``index``.
+``choose_gather_method`` picks the first zero-copy method that passes a one-time self-check
+against ``index`` on the device, else ``batched-copy``; on CPU it is always ``index``. It says
+why, for ``tbrun info``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import shutil
+import sysconfig
 import threading
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -49,24 +60,27 @@ VECTOR_BYTES = 16  # the zero-copy kernels move whole 16-byte vectors
 
 
 def gather_fragments(
-    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, method: str = INDEX
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, method: str = INDEX,
+    counts: torch.Tensor | None = None,
 ) -> None:
-    """Copy ``src[h, positions[h, j]]`` to ``dst[h, slots[h, j]]`` for all ``h, j``.
+    """Copy ``src[h, positions[h, j]]`` to ``dst[h, slots[h, j]]`` for all ``h`` and ``j < counts[h]``.
 
-    src ``[KvH, C, D]`` host; positions, slots ``[KvH, m]`` long on ``dst.device``;
-    dst ``[KvH, S, D]`` (same dtype as src). ``method`` is one of ``ALL_METHODS``.
+    src ``[KvH, C, D]`` host; positions, slots ``[KvH, m]`` long on ``dst.device``; dst
+    ``[KvH, S, D]`` (same dtype as src); counts ``[KvH]`` long on ``dst.device`` or None (all
+    ``m`` entries real). ``method`` is one of ``ALL_METHODS``.
     """
-    _check_shapes(src, positions, slots, dst)
+    _check_shapes(src, positions, slots, dst, counts)
     if positions.shape[1] == 0:
         return
     try:
         implementation = _IMPLEMENTATIONS[method]
     except KeyError:
         raise ValueError(f"unknown gather method {method!r}; choose one of {', '.join(ALL_METHODS)}") from None
-    implementation(src, positions, slots, dst)
+    implementation(src, positions, slots, dst, counts)
 
 
-def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
+def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor,
+                  counts: torch.Tensor | None) -> None:
     if src.dim() != 3 or dst.dim() != 3:
         raise ValueError(f"src and dst must be [KvH, tokens, D]; got {tuple(src.shape)} and {tuple(dst.shape)}")
     heads = src.shape[0]
@@ -81,8 +95,19 @@ def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
         )
     if positions.dtype != torch.long or slots.dtype != torch.long:
         raise ValueError("positions and slots must be torch.long")
+    if counts is not None and (counts.shape != (heads,) or counts.dtype != torch.long
+                               or counts.device != positions.device):
+        raise ValueError(f"counts must be [KvH={heads}] long on {positions.device}; got "
+                         f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
     if src.stride(-1) != 1 or dst.stride(-1) != 1:
         raise ValueError("the head dim of src and dst must be contiguous (stride 1)")
+
+
+def real_entries(m: int, counts: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """``[KvH, m]`` bool: entry ``j`` of head ``h`` is real (``j < counts[h]``), on counts' device."""
+    if counts is None:
+        return torch.ones(heads, m, dtype=torch.bool)
+    return torch.arange(m, device=counts.device) < counts.unsqueeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,18 +115,22 @@ def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
 
 
 def _gather_index(
-    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, counts: torch.Tensor | None
 ) -> None:
-    """Row selection on the host, one copy to the device, row copies into the slots.
+    """Row selection on the host, one copy to the device, row copies into the slots; only the real
+    fragments of each head (``counts``) move.
 
     Per KV head ``index_select`` + ``index_copy_`` (whole ``D``-rows, memcpy-like) is 3x faster on
-    the CPU than one advanced-indexing gather and scatter over ``[KvH, m]``.
+    the CPU than one advanced-indexing gather and scatter over ``[KvH, m]``. On CUDA the counts
+    are read back (a sync): this is the reference method there, not the fast one.
     """
-    positions = positions.to(src.device)
-    slots = slots.to(dst.device)
-    for head in range(src.shape[0]):
-        rows = src[head].index_select(0, positions[head])  # [m, D]
-        dst[head].index_copy_(0, slots[head], rows.to(dst.device))
+    heads, m = positions.shape
+    positions, slots = positions.to(src.device), slots.to(dst.device)
+    real = [m] * heads if counts is None else counts.tolist()
+    for head, n in enumerate(real):
+        if n:
+            rows = src[head].index_select(0, positions[head, :n])  # [n, D]
+            dst[head].index_copy_(0, slots[head, :n], rows.to(dst.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,20 +171,64 @@ class _PinnedStaging:
 _STAGING = _PinnedStaging()
 
 
-def _gather_batched_copy(
-    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
-) -> None:
-    """index_select on the host into pinned staging, one non-blocking copy, scatter on device."""
+def token_rows(src: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``src [KvH, C, D]`` as rows of its storage: ``(rows [R, D], head_step, token_step)`` with
+    fragment ``(h, p)`` at row ``h * head_step + p * token_step``. No copy (a view)."""
     heads, capacity, width = src.shape
+    if src.stride(0) % width or src.stride(1) % width:
+        raise ValueError(f"src strides {src.stride()} are not whole rows of {width}: cannot index rows")
+    head_step, token_step = src.stride(0) // width, src.stride(1) // width
+    count = (heads - 1) * head_step + (capacity - 1) * token_step + 1
+    return src.as_strided((count, width), (width, 1)), head_step, token_step
+
+
+def _to_host(positions: torch.Tensor, counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``[KvH, m]`` and counts ``[KvH]`` on the host, in one device-to-host copy.
+
+    Host wait: the CPU indexes the store, so it needs them. It waits for the current (copy)
+    stream only, which runs after the compute work that made the plan.
+    """
+    heads, m = positions.shape
+    counts = torch.full((heads,), m, device=positions.device) if counts is None else counts
+    packed = torch.cat([positions, counts.unsqueeze(1)], dim=1).to("cpu", non_blocking=True)  # pinned
+    arrived = torch.cuda.Event()
+    arrived.record()
+    arrived.synchronize()
+    return packed[:, :m], packed[:, m]
+
+
+def pick_on_host(src: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``src`` that the real entries read, and where each goes.
+
+    src ``[KvH, C, D]``; positions ``[KvH, m]``, counts ``[KvH]``, both on the host ->
+    ``(rows [n], flat [n])``: entry ``flat = h * m + j`` reads storage row ``rows`` of
+    ``token_rows(src)``, for the ``n = sum(counts)`` real entries only.
+    """
+    heads, m = positions.shape
+    real = real_entries(m, counts, heads)  # [KvH, m]
+    flat = torch.arange(heads * m).view(heads, m)[real]  # [n], in h * m + j order
+    _, head_step, token_step = token_rows(src)
+    return (flat // m) * head_step + positions[real] * token_step, flat
+
+
+def _gather_batched_copy(
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, counts: torch.Tensor | None
+) -> None:
+    """index_select of the real fragments on the host into pinned staging, one non-blocking copy,
+    a scatter on the device. Only real fragments cross the bus."""
     m = positions.shape[1]
-    # Host sync: index_select runs on the CPU and needs the positions there.
-    rows = positions.cpu() + torch.arange(heads).unsqueeze(1) * capacity  # [KvH, m] rows of src
-    staging, event = _STAGING.take(dst.device, src.dtype, heads * m, width)
-    torch.index_select(src.reshape(heads * capacity, width), 0, rows.flatten(), out=staging)
-    on_device = staging.to(dst.device, non_blocking=True).view(heads, m, width)
-    event.record()  # on the current stream, after the copy that reads the staging buffer
-    head_index = torch.arange(heads, device=dst.device).unsqueeze(1)
-    dst[head_index, slots] = on_device
+    rows, flat = pick_on_host(src, *_to_host(positions, counts))
+    if flat.numel() == 0:
+        return
+    staging, staged = _STAGING.take(dst.device, src.dtype, flat.numel(), src.shape[2])
+    torch.index_select(token_rows(src)[0], 0, rows, out=staging)
+    indices, indexed = _STAGING.take(dst.device, torch.long, 1, flat.numel())
+    indices[0].copy_(flat)
+    on_device = staging.to(dst.device, non_blocking=True)  # [n, D]
+    staged.record()  # on the current stream, after the copy that reads the staging buffer
+    flat_device = indices[0].to(dst.device, non_blocking=True)  # [n]
+    indexed.record()
+    dst[flat_device // m, slots.flatten()[flat_device]] = on_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +244,11 @@ def _check_zero_copy(src: torch.Tensor, positions: torch.Tensor, dst: torch.Tens
     if src.device.type != "cpu" or not src.is_pinned():
         # A pageable pointer would fault on the GPU and poison the CUDA context: refuse here.
         raise ValueError("the zero-copy gather reads pinned host memory; src is not pinned")
+    check_vector_alignment(src, dst)
+
+
+def check_vector_alignment(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Rows, strides and addresses of ``src`` and ``dst`` must be whole 16-byte vectors."""
     row_bytes = src.shape[2] * src.element_size()
     for name, t in (("src", src), ("dst", dst)):
         strides_ok = all((s * t.element_size()) % VECTOR_BYTES == 0 for s in t.stride()[:2])
@@ -182,21 +260,22 @@ def _check_zero_copy(src: torch.Tensor, positions: torch.Tensor, dst: torch.Tens
 
 
 def _gather_zero_copy_triton(
-    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, counts: torch.Tensor | None
 ) -> None:
     _check_zero_copy(src, positions, dst)
     from . import gather_triton  # imports Triton: only reached on CUDA machines
 
-    gather_triton.gather(src, positions.contiguous(), slots.contiguous(), dst)
+    gather_triton.gather(src, positions.contiguous(), slots.contiguous(), dst, counts)
 
 
 def _gather_zero_copy_cupy(
-    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor
+    src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, counts: torch.Tensor | None
 ) -> None:
     _check_zero_copy(src, positions, dst)
     from . import gather_cupy  # imports cupy: only reached on CUDA machines
 
-    gather_cupy.gather(src, positions.contiguous(), slots.contiguous(), dst)
+    gather_cupy.gather(src, positions.contiguous(), slots.contiguous(), dst,
+                       None if counts is None else counts.contiguous())
 
 
 _IMPLEMENTATIONS = {
@@ -218,6 +297,23 @@ def _importable(name: str) -> bool:
         return False
 
 
+def triton_problem() -> str | None:
+    """Why Triton's gather cannot be built here, or None when its prerequisites are present.
+
+    Triton compiles a small C launcher with the system C compiler at its first launch, against
+    the Python headers; without either, the first launch fails.
+    """
+    if not _importable("triton"):
+        return "Triton is not installed (pip install triton)"
+    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None or shutil.which(compiler) is None:
+        return "no C compiler (Triton builds its launcher with one at first launch: install gcc, or set CC)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return f"no Python headers ({headers} is missing: install the python3-dev package of this Python)"
+    return None
+
+
 def available_gather_methods(device: str | torch.device) -> list[str]:
     """The methods that can run for ``device`` here (libraries present; not yet run)."""
     device = torch.device(device)
@@ -231,41 +327,59 @@ def available_gather_methods(device: str | torch.device) -> list[str]:
     return methods
 
 
-def default_gather_method(device: str | torch.device) -> str:
-    """The fastest method expected to work: a zero-copy kernel that passed its self-check on
-    ``device`` (checked once per process), else ``batched-copy``; ``index`` on CPU."""
+def choose_gather_method(device: str | torch.device) -> tuple[str, str]:
+    """The method a run on ``device`` uses, and why: the first zero-copy kernel that passes its
+    self-check (once per process), else ``batched-copy``; ``index`` without CUDA."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return INDEX
+        return INDEX, "no CUDA device: the host store and the compute share one memory"
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    for method in (ZERO_COPY, ZERO_COPY_CUPY):
-        if method in available_gather_methods(device) and self_check(method, str(device)):
-            return method
-    return BATCHED_COPY
+    skipped = []
+    for method, library in ((ZERO_COPY, "triton"), (ZERO_COPY_CUPY, "cupy")):
+        problem = triton_problem() if method == ZERO_COPY else (None if _importable("cupy") else
+                                                                "cupy is not installed")
+        problem = problem or self_check_failure(method, str(device))
+        if problem is None:
+            return method, f"the {library} kernel passed its self-check on {device}"
+        skipped.append(f"{method}: {problem}")
+    return BATCHED_COPY, "no zero-copy kernel works here (" + "; ".join(skipped) + ")"
+
+
+def default_gather_method(device: str | torch.device) -> str:
+    """The fastest method expected to work on ``device`` (see ``choose_gather_method``)."""
+    return choose_gather_method(device)[0]
+
+
+def self_check(method: str, device: str) -> bool:
+    """Whether ``method`` passed its self-check on ``device`` (see ``self_check_failure``)."""
+    return self_check_failure(method, device) is None
 
 
 @functools.cache
-def self_check(method: str, device: str) -> bool:
-    """Run ``method`` once on a small pinned store and compare with ``index``; warn on failure.
+def self_check_failure(method: str, device: str) -> str | None:
+    """Run ``method`` once on a small pinned store and compare with ``index``: None when it
+    agrees, else why not (and a warning).
 
     Guards the default: an untested or miscompiled kernel never becomes the default silently.
     """
     try:
         generator = torch.Generator().manual_seed(0)
-        src = torch.randn(2, 37, 64, generator=generator).to(torch.bfloat16).pin_memory()  # [KvH, C, D]
-        positions = torch.tensor([[36, 0, 5], [1, 36, 36]], device=device)  # last token, repeats
-        slots = torch.tensor([[2, 0, 1], [0, 1, 2]], device=device)
-        expected = torch.zeros(2, 4, 64, dtype=src.dtype, device=device)
-        got = torch.zeros_like(expected)
-        gather_fragments(src, positions, slots, expected, INDEX)
-        gather_fragments(src, positions, slots, got, method)
+        # Token-major [C, KvH, D] storage seen as [KvH, C, D], like the host store.
+        src = torch.randn(37, 2, 64, generator=generator).to(torch.bfloat16).pin_memory().transpose(0, 1)
+        positions = torch.tensor([[36, 0, 5, 0], [1, 36, 36, 0]], device=device)  # last token, repeats
+        slots = torch.tensor([[2, 0, 1, 4], [0, 1, 2, 4]], device=device)  # padding into the trash slot 4
+        counts = torch.tensor([3, 3], device=device)
+        expected = torch.full((2, 5, 64), 7.0, dtype=src.dtype, device=device)
+        got = expected.clone()
+        gather_fragments(src, positions, slots, expected, INDEX, counts)
+        gather_fragments(src, positions, slots, got, method, counts)
         torch.cuda.synchronize(device)  # the check reads the result on the host
-        ok = torch.equal(expected.cpu(), got.cpu())
-        reason = "" if ok else "wrong values"
+        # The trash slot too: padding entries must not be copied.
+        reason = None if torch.equal(expected.cpu(), got.cpu()) else "wrong values"
     except Exception as exc:  # compile or launch failure: fall back, but say so
-        ok, reason = False, f"{type(exc).__name__}: {exc}"
-    if not ok:
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason is not None:
         warnings.warn(f"gather method {method!r} failed its self-check on {device} ({reason}); not using it",
                       stacklevel=2)
-    return ok
+    return reason

@@ -1,44 +1,81 @@
 """The prefetcher: every stream and event of the offload path lives here.
 
-Model code calls ``issue(layer, copy_fn)`` to start bringing a layer's tokens to the device and
-``wait(layer)`` right before that layer's attention; after the attention it calls
+Model code calls ``issue(layer, copy_fn, keep_alive=...)`` to start bringing a layer's tokens to
+the device and ``wait(layer)`` right before that layer's attention; after the attention it calls
 ``release(layer)`` so a later copy into the same buffers waits for the readers to finish.
 
 On CUDA the copies run on a dedicated copy stream with one event per layer, and the compute
 stream waits on that layer's event only. On the CPU there is one memory and nothing to overlap:
 copies run synchronously and ``wait``/``release`` do nothing. New tokens' K and V go to the host
 store through ``write_back`` (a device-to-host copy on its own stream on CUDA).
+
+Lifetimes: a copy reads tensors made on the compute stream (a fetch plan's positions, slots and
+counts). When Python drops them, the caching allocator may hand their memory to the next
+compute-stream allocation while the copy stream still reads it. ``keep_alive`` tensors are
+therefore marked with ``record_stream`` (the allocator waits for the copy stream's work queued
+so far before reusing them) and also held here until their copy's event has completed.
+
+All CUDA calls go through ``CudaStreams``; tests pass a stand-in to run this bookkeeping on CPU.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from contextlib import AbstractContextManager
+from typing import Callable, Hashable, Sequence
 
 import torch
+
+
+class CudaStreams:
+    """The few CUDA stream and event operations the prefetcher uses (torch.cuda)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def new_stream(self):
+        return torch.cuda.Stream(self.device)
+
+    def new_event(self):
+        return torch.cuda.Event()
+
+    def current(self):
+        return torch.cuda.current_stream(self.device)
+
+    def use(self, stream) -> AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    @staticmethod
+    def keep_for(tensor: torch.Tensor, stream) -> None:
+        tensor.record_stream(stream)
 
 
 class Prefetcher:
     """Owns the copy and write-back streams and the per-layer events (CUDA only)."""
 
-    def __init__(self, device: torch.device, num_layers: int):
+    def __init__(self, device: torch.device, num_layers: int, streams: CudaStreams | None = None):
         self.device = device
-        self.cuda = device.type == "cuda"
+        self.cuda = device.type == "cuda" or streams is not None
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(device)
-            self.writeback_stream = torch.cuda.Stream(device)
-            self.fetched = {layer: torch.cuda.Event() for layer in range(num_layers)}
-            self.consumed: dict[Hashable, torch.cuda.Event] = {}
+            self.streams = streams or CudaStreams(device)
+            self.copy_stream = self.streams.new_stream()
+            self.writeback_stream = self.streams.new_stream()
+            self.fetched = {layer: self.streams.new_event() for layer in range(num_layers)}
+            self.consumed: dict[Hashable, object] = {}
+            self.in_flight: list[tuple[object, tuple[torch.Tensor, ...]]] = []  # (event, tensors kept)
 
-    def issue(self, layer: int, copy_fn: Callable[[], None], buffer: Hashable | None = None) -> None:
+    def issue(self, layer: int, copy_fn: Callable[[], None], buffer: Hashable | None = None,
+              keep_alive: Sequence[torch.Tensor] = ()) -> None:
         """Run ``copy_fn`` (which enqueues copies for ``layer``) asynchronously.
 
         ``buffer`` names the device buffers the copies write (default: the layer's own); the
         copies wait until the last reader of that buffer, marked by ``release``, is done.
+        ``keep_alive``: tensors the copies read (the plan) that must outlive them.
         """
         if not self.cuda:
             copy_fn()
             return
-        compute = torch.cuda.current_stream(self.device)
+        self._forget_finished()
+        compute = self.streams.current()
         # The copy reads indices just computed on the compute stream, and host tokens that the
         # write-back stream may still be writing: order after both.
         self.copy_stream.wait_stream(compute)
@@ -47,20 +84,32 @@ class Prefetcher:
         if previous_reader is not None:
             # The last reader of these buffers (an earlier attention) must be done first.
             self.copy_stream.wait_event(previous_reader)
-        with torch.cuda.stream(self.copy_stream):
+        with self.streams.use(self.copy_stream):
             copy_fn()
-            self.fetched[layer].record(self.copy_stream)
+            done = self.fetched[layer]
+            done.record(self.copy_stream)
+        if keep_alive:
+            for tensor in keep_alive:  # the allocator must not reuse them before the copy ran
+                self.streams.keep_for(tensor, self.copy_stream)
+            # Own event: ``fetched[layer]`` is re-recorded by the next issue of this layer.
+            finished = self.streams.new_event()
+            finished.record(self.copy_stream)
+            self.in_flight.append((finished, tuple(keep_alive)))
+
+    def _forget_finished(self) -> None:
+        """Drop the references of copies known to be complete (``query`` never blocks)."""
+        self.in_flight = [entry for entry in self.in_flight if not entry[0].query()]
 
     def wait(self, layer: int) -> None:
         """Make the compute stream wait for ``layer``'s copies (not for any other layer's)."""
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.fetched[layer])
+            self.streams.current().wait_event(self.fetched[layer])
 
     def release(self, buffer: Hashable) -> None:
         """Mark ``buffer`` (a layer index by default) as read by the work enqueued so far."""
         if self.cuda:
-            event = self.consumed.setdefault(buffer, torch.cuda.Event())
-            event.record(torch.cuda.current_stream(self.device))
+            event = self.consumed.setdefault(buffer, self.streams.new_event())
+            event.record(self.streams.current())
 
     def write_back(self, write_fn: Callable[[], None], *sources: torch.Tensor) -> None:
         """Run ``write_fn`` (device-to-host copies of ``sources``) off the critical path."""
@@ -68,10 +117,10 @@ class Prefetcher:
             write_fn()
             return
         # The new token's K/V were produced on the compute stream.
-        self.writeback_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.writeback_stream.wait_stream(self.streams.current())
         for tensor in sources:  # keep the allocator from reusing them before the copy ran
-            tensor.record_stream(self.writeback_stream)
-        with torch.cuda.stream(self.writeback_stream):
+            self.streams.keep_for(tensor, self.writeback_stream)
+        with self.streams.use(self.writeback_stream):
             write_fn()
 
     def drain(self) -> None:
@@ -79,3 +128,4 @@ class Prefetcher:
         if self.cuda:
             self.copy_stream.synchronize()
             self.writeback_stream.synchronize()
+            self.in_flight.clear()

@@ -49,9 +49,21 @@ class Bank:
         self.residency = ResidencyMap(len(layers) * kv_heads, num_slots, device, capacity, active=active)
 
     def rows(self, layers: range | list[int]) -> slice:
-        """The residency rows of consecutive ``layers`` of this bank."""
+        """The residency rows of ``layers``, which must sit next to each other in this bank."""
         first = self.index[layers[0]]
+        if [self.index[layer] for layer in layers] != list(range(first, first + len(layers))):
+            raise ValueError(f"layers {list(layers)} are not adjacent in their bank")
         return slice(first * self.kv_heads, (first + len(layers)) * self.kv_heads)
+
+    def adjacent_runs(self, layers: list[int]) -> list[list[int]]:
+        """``layers`` split into runs that sit next to each other in this bank (order kept)."""
+        runs: list[list[int]] = []
+        for layer in layers:
+            if runs and self.index[layer] == self.index[runs[-1][-1]] + 1:
+                runs[-1].append(layer)
+            else:
+                runs.append([layer])
+        return runs
 
     def selected_keys(self, layer: int) -> torch.Tensor:
         """``[KvH, n_sel + 1, D]``: the selected slots and the trash slot of ``layer`` (a view)."""

@@ -116,3 +116,11 @@ class Policy:
 
     def is_producer(self, layer: int) -> bool:
         return False
+
+    def fixed_selection(self, candidates: Candidates) -> torch.Tensor | None:
+        """A selection that needs no scores and is the same for every layer, or None.
+
+        Returns positions ``[k]`` (``k = candidates.keep``), taken by every selecting layer and KV
+        head at once. Only for policies whose top-k is known without scoring (recency).
+        """
+        return None

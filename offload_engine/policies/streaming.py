@@ -23,6 +23,10 @@ class StreamingPolicy(Policy):
 
     name = "streaming"
 
+    def fixed_selection(self, candidates: Candidates) -> torch.Tensor:
+        """The ``keep`` most recent candidates: what ``score``'s top-k picks, with no top-k."""
+        return torch.arange(candidates.hi - candidates.keep, candidates.hi, device=self.ctx.device)
+
     def score(self, layer: int, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
         recency = torch.arange(candidates.lo, candidates.hi, device=q.device, dtype=torch.float32)
         return recency.expand(self.ctx.dims.num_kv_heads, -1)

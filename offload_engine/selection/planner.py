@@ -91,16 +91,31 @@ class SelectionPlanner:
                 self.candidates, selecting = candidates, True
         self._predict = selecting and self._selection_steps % self.interval == 0
         self._selection_steps += int(selecting)
+        if self._predict and self.batched:
+            self._select_fixed(orders)
         return orders
+
+    def _select_fixed(self, orders: Orders) -> None:
+        """A policy whose selection needs no scores (recency) selects for every layer now, in one update.
+
+        The neighbour rules add positions after selected ones, so they add nothing to a suffix of
+        the candidates; the selection is taken as it is.
+        """
+        fixed = self.policy.fixed_selection(self.candidates)
+        if fixed is None:
+            return
+        for bank in self.ws.banks:
+            layers = [layer for layer in bank.layers if layer not in self._taken_all and layer not in self.dense]
+            for run in bank.adjacent_runs(layers) if layers else []:
+                plan = bank.residency.update(fixed.expand(len(run) * bank.kv_heads, -1), bank.rows(run))
+                _emit(bank, run, plan, orders)
+                self._planned.update(run)
 
     def _append(self, bank: "Bank", candidates: Candidates, orders: Orders) -> None:
         self._taken_all.update(bank.layers)
         plan = bank.residency.append(candidates.lo, candidates.hi)
-        if plan is None:
-            return
-        heads = bank.kv_heads
-        orders.fetches += [LayerFetch(layer, plan.rows(i * heads, (i + 1) * heads)) for i, layer in enumerate(bank.layers)]
-        orders.moved += plan.width * plan.positions.shape[0]
+        if plan is not None:
+            _emit(bank, bank.layers, plan, orders, moved=plan.width * plan.positions.shape[0])
 
     def _note_floor(self, length: int) -> None:
         if not self.notes and self.selector.below_floor(length):
@@ -133,8 +148,10 @@ class SelectionPlanner:
         if not wanted:
             return
         if self.batched:
-            keep = [i for i, layer in enumerate(layers) if layer in wanted]
-            self._select(wanted, scores if len(keep) == len(layers) else scores[keep], orders)
+            bank = self.ws.bank_of[wanted[0]]
+            for run in bank.adjacent_runs(wanted):  # one run unless the group skips layers of the bank
+                first = run[0] - layers.start
+                self._select(run, scores[first : first + len(run)], orders)
         else:
             for layer in wanted:
                 self._select([layer], self.policy.score(layer, None, self.candidates).unsqueeze(0), orders)
@@ -144,12 +161,17 @@ class SelectionPlanner:
         """Top-k of ``scores [Lg, KvH, n]`` for consecutive ``layers`` of one bank, one residency update."""
         bank = self.ws.bank_of[layers[0]]
         chosen = self.selector.select(scores, self.candidates, bank.num_slots)  # [Lg, KvH, k]
-        plan = bank.residency.update(chosen.flatten(0, 1), bank.rows(layers))
-        heads = bank.kv_heads
-        orders.fetches += [LayerFetch(layer, plan.rows(i * heads, (i + 1) * heads)) for i, layer in enumerate(layers)]
-        orders.moved = orders.moved + plan.counts.sum()
+        _emit(bank, layers, bank.residency.update(chosen.flatten(0, 1), bank.rows(layers)), orders)
 
     # ------------------------------------------------------------------------------ queries
     def used_slots(self, layer: int) -> int:
         """Selected slots ``layer`` may hold this step: the filled prefix bound, host arithmetic only."""
         return min(self.ws.bank_of[layer].num_slots, self.selector.candidates(layer, self.position).count)
+
+
+def _emit(bank: "Bank", layers: list[int], plan: FetchPlan, orders: Orders, moved: int | None = None) -> None:
+    """Split a plan over consecutive ``layers`` of ``bank`` into per-layer fetches; count its fragments
+    (``moved`` when known on the host, else the plan's counts, on the device)."""
+    heads = bank.kv_heads
+    orders.fetches += [LayerFetch(layer, plan.rows(i * heads, (i + 1) * heads)) for i, layer in enumerate(layers)]
+    orders.moved = orders.moved + (plan.counts.sum() if moved is None else moved)

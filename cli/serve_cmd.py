@@ -1,0 +1,84 @@
+"""``tbrun serve``: the engine behind an OpenAI-compatible HTTP API (see offload_engine/server)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from offload_engine.errors import ConfigError
+
+from .common import err_console, user_errors
+from .generate_cmd import (
+    ALLOW_ROPE_SCALING, BUDGET, CONTEXT, DEVICE, DTYPE, INTERVAL, MODEL, NEIGHBOR_RULE, NEIGHBORS, OFFLOAD, POLICY,
+    PREDICTOR, SINKS, WINDOW, EngineOptions, build_engine,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(user_errors(serve))
+
+
+def serve(
+    model: Optional[str] = MODEL,
+    context: Optional[str] = CONTEXT,
+    offload: bool = OFFLOAD,
+    policy: str = POLICY,
+    budget: Optional[str] = BUDGET,
+    sinks: int = SINKS,
+    window: int = WINDOW,
+    interval: int = INTERVAL,
+    neighbors: int = NEIGHBORS,
+    neighbor_rule: str = NEIGHBOR_RULE,
+    predictor: Optional[Path] = PREDICTOR,
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    allow_rope_scaling: bool = ALLOW_ROPE_SCALING,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
+    max_queue: int = typer.Option(8, "--max-queue",
+                                  help="Requests that may wait behind the running one; more get HTTP 429."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: warning, info, debug."),
+) -> None:
+    """Serve the model over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    One request decodes at a time; a chat that goes on prefills only its new tokens (prefix reuse,
+    in the dense modes). Ctrl-C stops the server and frees the KV cache.
+    """
+    import uvicorn
+
+    from offload_engine.server import ServeConfig, create_app
+
+    config = ServeConfig(model_name=served_name(model), max_queue=max_queue)
+    check_port_free(host, port)
+    engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
+                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling))
+    app = create_app(engine, config)
+    err_console.print(f"serving [bold]{config.model_name}[/] (also as 'default'), {engine.config.mode.value}, "
+                      f"context {engine.config.context} on http://{host}:{port}/v1 — Ctrl-C to stop")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    err_console.print("stopped: the KV cache is freed")
+
+
+def served_name(model: Optional[str]) -> str:
+    """The name the model answers to besides ``default``: the embedded model's, the hub id, or the folder's."""
+    from offload_engine.models import EMBEDDED_MODEL_NAME
+
+    if model is None or model in ("", "default", "embedded"):
+        return EMBEDDED_MODEL_NAME
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port that is taken before spending time loading the model."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port (1-65535).")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port.") from None

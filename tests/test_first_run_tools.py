@@ -1,0 +1,81 @@
+"""``tbrun info``'s Triton and gather-method lines, and ``bench/gpu_first_run.sh`` run against
+stand-in commands (a real run needs a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from offload_engine.cpu_cache import gather
+from offload_engine.machine import describe_machine, triton_status
+from tbrun_cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_triton_problem_names_a_missing_compiler_or_headers(monkeypatch, tmp_path):
+    monkeypatch.delenv("CC", raising=False)
+    assert gather.triton_problem() is None  # this machine has both (the dev set-up)
+    monkeypatch.setattr(gather.shutil, "which", lambda name: None)
+    assert "no C compiler" in gather.triton_problem() and "no C compiler" in triton_status()
+    monkeypatch.undo()
+    monkeypatch.setattr(gather.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    assert "no Python headers" in gather.triton_problem()
+
+
+def test_info_says_whether_triton_works_and_which_gather_method_runs_and_why():
+    machine = describe_machine()
+    assert machine["triton"].startswith(("3.", "no:"))
+    assert machine["gather method"].startswith("index: no CUDA device")
+    result = CliRunner().invoke(app, ["info"])
+    assert result.exit_code == 0 and "gather method" in result.output and "triton" in result.output
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# -c: the CUDA check passes; -m pytest: the GPU tests fail
+if [ "$1" = "-c" ]; then exit 0; fi
+echo "1 failed, 9 passed"; exit 1
+"""
+FAKE_TBRUN = """#!/usr/bin/env bash
+echo "tbrun $*" >> "$(dirname "$0")/calls"
+case "$*" in *"--contexts 256k"*) echo "out of memory"; exit 3 ;; esac
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_venv(tmp_path):
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, text in (("python", FAKE_PYTHON), ("tbrun", FAKE_TBRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return tmp_path / "venv"
+
+
+def test_first_run_script_runs_every_step_and_says_which_failed(fake_venv, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "VENV": str(fake_venv), "OUT": str(out)}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_first_run.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode == 1
+    summary = run.stdout[run.stdout.index("=== summary"):]
+    lines = dict(line.split(None, 1) for line in summary.splitlines()[1:8])
+    assert lines["info"] == "ok" and lines["bench-gather"] == "ok" and lines["latency-128k"] == "ok"
+    assert lines["gpu-tests"] == "FAILED (exit 1)" and lines["latency-256k"] == "FAILED (exit 3)"
+    calls = (fake_venv / "bin" / "calls").read_text().splitlines()
+    assert calls[0] == "tbrun info"
+    latency = [c for c in calls if "latency" in c]
+    assert [c.split("--contexts ")[1].split()[0] for c in latency] == ["32k", "64k", "128k", "256k"]
+    assert "--append" not in latency[0] and all("--append" in c for c in latency[1:])
+    assert "out of memory" in (out / "first-run-logs" / "latency-256k.log").read_text()
+
+
+def test_first_run_script_refuses_a_machine_without_a_gpu(fake_venv, tmp_path):
+    (fake_venv / "bin" / "python").write_text("#!/usr/bin/env bash\nif [ \"$1\" = -c ]; then exit 1; fi\necho 2.13\n")
+    env = {**os.environ, "VENV": str(fake_venv), "OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_first_run.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and "no CUDA GPU" in run.stdout

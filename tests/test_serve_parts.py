@@ -1,0 +1,113 @@
+"""The server's parts without a model: streamed text and stop strings, the bounded queue, the
+request validation (tests/test_serve.py drives the whole server on the embedded model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from offload_engine.config import SamplingConfig
+from offload_engine.server.protocol import ChatCompletionRequest, CompletionRequest
+from offload_engine.server.text import ServeTokenizer, TextStream
+from offload_engine.server.worker import GenerationWorker, Job, QueueFull
+
+from tiny_models import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ServeTokenizer:
+    return ServeTokenizer(tiny_tokenizer())
+
+
+def stream_all(tokenizer: ServeTokenizer, text: str, stop: list[str]) -> tuple[list[str], TextStream]:
+    stream = TextStream(tokenizer, stop)
+    deltas = []
+    for token in tokenizer.encode_text(text):
+        deltas.append(stream.push(token))
+        if stream.stopped:
+            break
+    deltas.append(stream.finish())
+    return [d for d in deltas if d], stream
+
+
+def test_without_stop_strings_the_deltas_make_the_text(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    deltas, stream = stream_all(tokenizer, text, [])
+    assert "".join(deltas) == text == stream.text and not stream.stopped and len(deltas) > 3
+
+
+def test_a_stop_string_is_never_sent_even_across_tokens(tokenizer):
+    text = "Paris is the capital of France, famous for the Eiffel Tower."
+    deltas, stream = stream_all(tokenizer, text, ["capital of", "zzz"])
+    assert stream.stopped and "".join(deltas) == "Paris is the " == stream.text
+    assert not any("cap" in d for d in deltas)
+
+
+def test_text_that_only_looks_like_a_stop_string_start_is_sent_at_the_end(tokenizer):
+    deltas, stream = stream_all(tokenizer, "add(a, b", ["b)"])
+    assert not stream.stopped and "".join(deltas) == "add(a, b"
+
+
+def test_the_queue_admits_one_running_and_max_queue_waiting():
+    worker = GenerationWorker(session=None, tokenizer=None, max_queue=2)  # thread not started: nothing runs
+    loop = asyncio.new_event_loop()
+    jobs = [Job([1, 2], SamplingConfig(), [], loop) for _ in range(3)]
+    for job in jobs:
+        worker.submit(job)
+    with pytest.raises(QueueFull):
+        worker.submit(Job([1], SamplingConfig(), [], loop))
+    assert worker.counters.rejected == 1 and worker.waiting == 3
+    loop.close()
+
+
+def test_no_waiting_place_at_max_queue_zero():
+    worker = GenerationWorker(session=None, tokenizer=None, max_queue=0)
+    loop = asyncio.new_event_loop()
+    worker.submit(Job([1], SamplingConfig(), [], loop))
+    with pytest.raises(QueueFull):
+        worker.submit(Job([1], SamplingConfig(), [], loop))
+    loop.close()
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 3},
+    {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]}, {"messages": []},
+    {"messages": [{"role": "wizard", "content": "hi"}]},
+])
+def test_bad_chat_parameters_are_refused(bad):
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], **bad}
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_requests_read_what_openai_clients_send():
+    chat = ChatCompletionRequest.model_validate({
+        "model": "default", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                      {"type": "text", "text": "b"}]}],
+        "max_completion_tokens": 7, "stop": "x", "stream_options": {"include_usage": True}, "frequency_penalty": 0})
+    assert chat.messages[0].text() == "ab" and chat.token_limit == 7 and chat.stop_strings == ["x"]
+    assert chat.include_usage and chat.temperature == 1.0
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": ["one prompt"]})
+    assert completion.prompt == "one prompt" and completion.token_limit == 16
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": ["two", "prompts"]})
+
+
+def test_serve_refuses_a_taken_port_and_a_negative_queue_before_loading_the_model():
+    import socket
+
+    from typer.testing import CliRunner
+
+    from tbrun_cli.main import app
+
+    runner = CliRunner()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--port", str(port), "--model", "/no/such/model"])
+    assert result.exit_code == 2 and "pick another --port" in " ".join(result.output.split())  # rich wraps
+    result = runner.invoke(app, ["serve", "--max-queue", "-1", "--model", "/no/such/model"])
+    assert result.exit_code == 2 and "--max-queue" in " ".join(result.output.split())

@@ -97,7 +97,8 @@ def generate(
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling))
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
-    _print_summary(result)
+    _print_summary(result, _sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype,
+                                               engine.config.mode))
     if stats_json is not None:
         stats_json.write_text(json.dumps(result.stats.to_dict(), indent=2))
 
@@ -183,7 +184,8 @@ def _check_fits(dims, capacity, dtype, device, mode, allow_rope_scaling) -> None
     memory = MachineMemory.now(device)
     fits = memory.max_context(dims, dtype, offload)
     if capacity > fits:
-        need = dims.kv_bytes_per_token(dtype) * capacity
+        footprint = dims.kv_footprint(capacity, dtype)
+        need = footprint.global_bytes + footprint.ring_bytes
         where = "host" if offload or device.type == "cpu" else str(device)
         hint = "lower --context" if offload or device.type == "cpu" else "add --offload, or lower --context"
         raise InsufficientMemoryError(
@@ -219,7 +221,26 @@ def _run(engine: Engine, tokenizer, ids: list[int], sampling: SamplingConfig) ->
     return holder["result"]
 
 
-def _print_summary(result: GenerationResult) -> None:
+def _sliding_window_row(dims, capacity: int, dtype, mode: KVMode) -> tuple[str, str] | None:
+    """The summary row of what sliding-window layers save, or None when no layer slides at this context."""
+    local = dims.local_windows(capacity)
+    if not local:
+        return None
+    return ("sliding-window layers", sliding_window_text(dims, capacity, dtype, mode is not KVMode.DENSE_DEVICE))
+
+
+def sliding_window_text(dims, capacity: int, dtype, offload: bool) -> str:
+    """``N of L layers keep a W-token ring on the device: ...`` with the KV bytes they save."""
+    local = dims.local_windows(capacity)
+    footprint = dims.kv_footprint(capacity, dtype)
+    widths = sorted(set(local.values()))
+    where = "host KV store" if offload else "KV cache"
+    return (f"{len(local)} of {dims.num_layers} layers keep a {'/'.join(map(str, widths))}-token ring on the device "
+            f"({footprint.ring_bytes:,} bytes); {where} {footprint.global_bytes:,} bytes instead of "
+            f"{footprint.all_layers_bytes:,} (saves {footprint.saved_bytes:,} bytes)")
+
+
+def _print_summary(result: GenerationResult, sliding: tuple[str, str] | None = None) -> None:
     s = result.stats
     table = Table(title="tbrun generate", show_header=False, title_justify="left")
     rows = [
@@ -232,6 +253,8 @@ def _print_summary(result: GenerationResult) -> None:
         ("KV on device", f"prefill peak {s.prefill_peak_kv_bytes / 2**20:.1f} MiB, decode {s.decode_kv_bytes / 2**20:.1f} MiB"),
         ("peak memory", f"host {s.peak_host_bytes / 2**30:.2f} GiB, device {s.peak_device_bytes / 2**30:.2f} GiB"),
     ]
+    if sliding is not None:
+        rows.append(sliding)
     for name, value in rows:
         table.add_row(name, value)
     err_console.print(table)

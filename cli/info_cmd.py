@@ -26,7 +26,10 @@ def info(
     import torch
     from transformers import AutoConfig
 
+    from offload_engine.memory import UNBOUNDED
     from offload_engine.models import dims_from_config, resolve_model_path
+
+    from .generate_cmd import sliding_window_text
 
     machine = describe_machine()
     table = Table(title="tbrun info", show_header=False, title_justify="left")
@@ -41,9 +44,16 @@ def info(
     table.add_row("model", f"{model or 'embedded SmolLM2-135M-Instruct'} ({dims.num_layers} layers, "
                            f"{dims.num_kv_heads} KV heads x {dims.head_dim}, {dims.max_positions} positions)")
     table.add_row("KV per token", f"{per_token / 1024:.1f} KiB ({str(torch_dtype).removeprefix('torch.')})")
+    if dims.local_windows(dims.max_positions):
+        table.add_row(f"sliding-window layers (at {dims.max_positions:,} tokens)",
+                      sliding_window_text(dims, dims.max_positions, torch_dtype, offload=True))
     for offload in (False, True):
         fits = memory.max_context(dims, torch_dtype, offload)
         where = "host memory (--offload)" if offload else ("GPU memory" if device.type == "cuda" else "memory (CPU run)")
+        if fits >= UNBOUNDED:
+            table.add_row(f"max context, KV in {where}", "unbounded by KV (every layer has a sliding window); "
+                                                         f"the model's positions stop at {dims.max_positions}")
+            continue
         note = "" if fits <= dims.max_positions else f"; the model's positions stop at {dims.max_positions}"
         table.add_row(f"max context, KV in {where}", f"{fits:,} tokens{note}")
     console.print(table)

@@ -17,7 +17,7 @@ MATH_BYTES_PER_SCORE = 12  # fp32 scores, fp32 probabilities, and the mask or it
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, chunk: int,
-                      workspace_bytes: int = PREFILL_WORKSPACE_BYTES) -> torch.Tensor:
+                      workspace_bytes: int = PREFILL_WORKSPACE_BYTES, window: int | None = None) -> torch.Tensor:
     """Causal attention of a whole prompt for one layer.
 
     q ``[1, H, T, D]``; k, v ``[1, KvH, T, D]`` -> ``[1, H, T, D]``. Queries go in blocks of
@@ -25,7 +25,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     bottom right and never materialised per head: on CUDA a ``causal_lower_right`` bias, which
     PyTorch runs on the flash or memory-efficient kernel (KV groups expanded for the latter); on
     CPU a ``[rows, end]`` boolean mask for CPU flash. When only the math path can run, blocks
-    shrink so their scores stay within ``workspace_bytes``.
+    shrink so their scores stay within ``workspace_bytes``. ``window``: a sliding-window layer, row
+    ``i`` attends keys ``(i - window, i]`` only (transformers' sliding-window mask).
     """
     heads, length = q.shape[1], q.shape[2]
     if heads != k.shape[1] and q.device.type == "cuda":
@@ -33,9 +34,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
         # [1, H, T, D] once per layer: 2 GiB for Llama-3.1-8B at 128k in bf16.
         k, v = expand_kv_groups(k, heads), expand_kv_groups(v, heads)
     rows = chunk if _fused_available(q, k, v, chunk, scaling) else _math_rows(heads, length, chunk, workspace_bytes)
-    outputs = [_causal_block(q[:, :, start:min(start + rows, length)], k, v, start, scaling)
-               for start in range(0, length, rows)]
+    if window is not None and window < length:
+        outputs = [_window_block(q[:, :, start:min(start + rows, length)], k, v, start, scaling, window)
+                   for start in range(0, length, rows)]
+    else:
+        outputs = [_causal_block(q[:, :, start:min(start + rows, length)], k, v, start, scaling)
+                   for start in range(0, length, rows)]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _window_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scaling: float,
+                  window: int) -> torch.Tensor:
+    """Query rows ``[start, start + rows)`` against keys ``(row - window, row]``: keys before
+    ``start - window + 1`` are out of every row's window and are not read."""
+    rows = q.shape[2]
+    end, first = start + rows, max(0, start - window + 1)
+    positions = torch.arange(start, end, device=q.device).unsqueeze(-1)
+    cols = torch.arange(first, end, device=q.device)
+    allowed = (cols <= positions) & (cols > positions - window)  # [rows, end - first]
+    return F.scaled_dot_product_attention(q, k[:, :, first:end], v[:, :, first:end], attn_mask=allowed,
+                                          scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def continuation_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, chunk: int,

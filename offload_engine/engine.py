@@ -201,7 +201,7 @@ class Engine:
             stats.prefill_peak_kv_bytes = max(stats.prefill_peak_kv_bytes,
                                               backend.device_kv_bytes() + k.nbytes + v.nbytes)
             backend.prefill_layer(layer, x[0], q[0], k[0], v[0])
-            out = prefill_attention(q, k, v, adapter.scaling, chunk)
+            out = prefill_attention(q, k, v, adapter.scaling, chunk, window=adapter.window(layer))
             hidden = _chunked_finish(adapter, layer, hidden, out, chunk)
             if on_prefill is not None:
                 on_prefill(layer + 1, adapter.dims.num_layers)

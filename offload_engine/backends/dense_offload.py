@@ -1,9 +1,11 @@
 """Dense offload: the KV in the host store, every layer's whole KV copied to the device each step.
 
-This is the baseline the paper beats. Two device staging buffers alternate between layers, so
-the copy of layer l+1 overlaps the computation of layer l (prefetch one layer ahead). Staging is
-token-major like the host store (``[capacity, KvH, D]``), so a layer's prefix ``[:end]`` is one
-contiguous pinned range copied in one DMA; attention reads ``[KvH, end, D]`` views of it.
+This is the baseline the paper beats. Two device staging buffers alternate between the global
+layers, so the copy of the next global layer overlaps the computation of the current one
+(prefetch one layer ahead). Staging is token-major like the host store (``[capacity, KvH, D]``), so
+a layer's prefix ``[:end]`` is one contiguous pinned range copied in one DMA; attention reads
+``[KvH, end, D]`` views of it. Sliding-window layers keep their window on the device
+(``LocalRings``) and never touch the host store.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..profiling import PhaseClock
 from ..models import ModelDims
 from .base import DecodeKV, KVBackend
 from .dense_device import check_device_memory
+from .local_window import LocalRings
 
 
 class DenseOffloadKV(KVBackend):
@@ -24,7 +27,13 @@ class DenseOffloadKV(KVBackend):
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device,
                  clock: PhaseClock | None = None):
         self.dims, self.capacity, self.dtype, self.device = dims, capacity, dtype, device
-        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda")
+        self.global_layers = dims.global_layers(capacity)
+        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=self.global_layers)
+        check_device_memory(LocalRings.bytes_needed(dims, capacity, dtype), device)
+        self.local = LocalRings(dims, capacity, dtype, device)
+        # the global layer after each global layer (prefetch order), and each one's staging buffer
+        self._next = dict(zip(self.global_layers, self.global_layers[1:]))
+        self._buffer = {layer: i % 2 for i, layer in enumerate(self.global_layers)}
         self.prefetcher = Prefetcher(device, dims.num_layers)
         self.clock = clock or PhaseClock()
         self.stage_k: list[torch.Tensor] = []
@@ -34,6 +43,9 @@ class DenseOffloadKV(KVBackend):
         self._moved: list[int] = []
 
     def prefill_layer(self, layer, x, q, k, v):
+        if layer in self.local:
+            self.local.prefill(layer, k, v)
+            return
         self.prefetcher.write_back(lambda: self.host.write(layer, 0, k, v, non_blocking=True), k, v)
 
     def _allocate_staging(self) -> None:
@@ -47,7 +59,7 @@ class DenseOffloadKV(KVBackend):
     def fetch_copies(self, layer: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(device staging, host source) pairs that bring positions ``[0, end)`` of ``layer``:
         each side one contiguous ``[end, KvH, D]`` range."""
-        buffer = layer % 2
+        buffer = self._buffer[layer]
         return [(self.stage_k[buffer][:end], self.host.token_keys[layer][:end]),
                 (self.stage_v[buffer][:end], self.host.token_values[layer][:end])]
 
@@ -60,22 +72,25 @@ class DenseOffloadKV(KVBackend):
                 for staging, host in copies:
                     staging.copy_(host, non_blocking=True)
 
-        self.prefetcher.issue(layer, copy, buffer=("stage", layer % 2))
+        self.prefetcher.issue(layer, copy, buffer=("stage", self._buffer[layer]))
         self._step_bytes += sum(host.nbytes for _, host in copies)
 
     def begin_step(self, position):
-        if not self.stage_k:
+        if not self.stage_k and self.global_layers:
             self._allocate_staging()
         self._position = position
         self._step_bytes = 0
-        self._fetch(0)
+        if self.global_layers:
+            self._fetch(self.global_layers[0])
 
     def decode_layer(self, layer, position, x, q, k, v):
+        if layer in self.local:
+            return self.local.decode(layer, position, k, v)
         with self.clock.phase("wait"):
             self.prefetcher.wait(layer)
-        if layer + 1 < self.dims.num_layers:
-            self._fetch(layer + 1)
-        buffer = layer % 2
+        if layer in self._next:
+            self._fetch(self._next[layer])
+        buffer = self._buffer[layer]
         self.stage_k[buffer][position] = k
         self.stage_v[buffer][position] = v
         self.prefetcher.write_back(lambda: self.host.write(layer, position, k.unsqueeze(1), v.unsqueeze(1),
@@ -84,7 +99,8 @@ class DenseOffloadKV(KVBackend):
         return DecodeKV(self.stage_k[buffer][:end].transpose(0, 1), self.stage_v[buffer][:end].transpose(0, 1), None)
 
     def end_layer(self, layer):
-        self.prefetcher.release(("stage", layer % 2))
+        if layer not in self.local:
+            self.prefetcher.release(("stage", self._buffer[layer]))
 
     def end_step(self) -> None:
         self._moved.append(self._step_bytes)
@@ -93,7 +109,7 @@ class DenseOffloadKV(KVBackend):
         return list(self._moved)
 
     def rewind(self, length: int) -> bool:
-        if self.host.closed:
+        if self.host.closed or self.local.windows:  # a ring cannot go back: sliding models prefill again
             return False
         self.prefetcher.drain()  # the earlier sequence's write-backs have landed before the prefix is read
         self._moved = []
@@ -110,9 +126,10 @@ class DenseOffloadKV(KVBackend):
         self.prefetcher.write_back(lambda: self.host.write(layer, start, k, v, non_blocking=True), k, v)
 
     def device_kv_bytes(self) -> int:
-        return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v)
+        return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v) + self.local.nbytes
 
     def close(self) -> None:
         self.prefetcher.drain()
         self.stage_k, self.stage_v = [], []
+        self.local.close()
         self.host.close()

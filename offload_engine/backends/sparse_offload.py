@@ -10,6 +10,10 @@ Per decode step and layer l:
 3. attention waits for layer l's copies only and reads the filled prefix of its working set
    under its valid mask.
 Fragments moved are counted on the device, per step, and read back once per generation.
+
+Sliding-window layers (``LocalRings``) keep their window on the device: no host store, no
+working set, no selection; the policy still observes their tokens (a predictor's producer may
+be a local layer) but the planner never selects for them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from ..policies.base import Policy, PolicyContext
 from ..profiling import PhaseClock
 from ..selection import Orders, SelectionPlanner, Selector
 from .base import DecodeKV, KVBackend
+from .dense_device import check_device_memory
+from .local_window import LocalRings
 
 
 class SparseOffloadKV(KVBackend):
@@ -38,13 +44,19 @@ class SparseOffloadKV(KVBackend):
         dims, dtype = adapter.dims, adapter.dtype
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
-        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda")
+        global_layers = dims.global_layers(capacity)
+        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=global_layers)
+        check_device_memory(LocalRings.bytes_needed(dims, capacity, dtype), device)
+        self.local = LocalRings(dims, capacity, dtype, device)
+        local_layers = frozenset(self.local.windows)
         policy.bind(PolicyContext(dims=dims, capacity=capacity, device=device, dtype=dtype, adapter=adapter,
-                                  host_store=self.host, sinks=selection.sinks, window=selection.window))
-        selector = Selector(selection, capacity, policy.dense_layers())
+                                  host_store=self.host, sinks=selection.sinks, window=selection.window,
+                                  local_layers=local_layers))
+        selector = Selector(selection, capacity, policy.dense_layers(), local_layers)
         self.working_set = WorkingSet(
             dims.num_layers, dims.num_kv_heads, dims.head_dim, selection.sinks, selection.window,
             [selector.slots_for(layer) for layer in range(dims.num_layers)], capacity, dtype, device,
+            layers=global_layers,
         )
         self.planner = SelectionPlanner(selector, policy, self.working_set, selection.interval, batched=batched)
         self.prefetcher = Prefetcher(device, dims.num_layers)
@@ -60,6 +72,10 @@ class SparseOffloadKV(KVBackend):
 
     # ----------------------------------------------------------------------------- prefill
     def prefill_layer(self, layer, x, q, k, v):
+        if layer in self.local:
+            self.local.prefill(layer, k, v)
+            self.policy.observe_prefill(layer, x, q, k, v)
+            return
         self.prefetcher.write_back(lambda: self.host.write(layer, 0, k, v, non_blocking=True), k, v)
         self.working_set.write_prompt(layer, k, v)
         self.policy.observe_prefill(layer, x, q, k, v)
@@ -72,6 +88,8 @@ class SparseOffloadKV(KVBackend):
         self._issue(orders)
 
     def decode_layer(self, layer, position, x, q, k, v):
+        if layer in self.local:
+            return self._decode_local(layer, position, x, q, k, v)
         self.working_set.write_token(layer, position, k, v)
         self.prefetcher.write_back(
             lambda: self.host.write(layer, position, k.unsqueeze(1), v.unsqueeze(1), non_blocking=True), k, v
@@ -88,6 +106,15 @@ class SparseOffloadKV(KVBackend):
             weights = attention_weights(q, view.keys, view.valid, self.policy.ctx.adapter.scaling)
             self.policy.observe_attention(layer, self.working_set.positions(layer, used), weights)
         return DecodeKV(view.keys, view.values, view.valid)
+
+    def _decode_local(self, layer, position, x, q, k, v) -> DecodeKV:
+        """A sliding-window layer: its ring; the planner may still plan ahead here (producers)."""
+        kv = self.local.decode(layer, position, k, v)
+        with self.clock.phase("selection"):
+            self.policy.observe_decode(layer, position, x, q, k, v)
+            orders = self.planner.at_layer(layer, x, q)
+        self._issue(orders)
+        return kv
 
     def _issue(self, orders: Orders) -> None:
         """Start the copies of ``orders`` (one prefetcher issue per layer) and count the fragments."""
@@ -112,7 +139,8 @@ class SparseOffloadKV(KVBackend):
         self.prefetcher.issue(layer, copy, keep_alive=(plan.positions, plan.slots, plan.counts))
 
     def end_layer(self, layer):
-        self.prefetcher.release(layer)
+        if layer not in self.local:
+            self.prefetcher.release(layer)
 
     def end_step(self) -> None:
         self._step += 1
@@ -122,10 +150,11 @@ class SparseOffloadKV(KVBackend):
         return [(host + dev) * self._fragment_bytes for host, dev in zip(self._moved_on_host, on_device)]
 
     def device_kv_bytes(self) -> int:
-        return self.working_set.nbytes if self.working_set is not None else 0
+        return (self.working_set.nbytes if self.working_set is not None else 0) + self.local.nbytes
 
     def close(self) -> None:
         self.prefetcher.drain()
         self.policy.release()
         self.working_set = None
+        self.local.close()
         self.host.close()

@@ -43,9 +43,10 @@ class PinnedMemoryError(TbrunError):
     """The driver refused to page-lock the host KV store."""
 
 
-def host_store_bytes(dims: ModelDims, capacity: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for ``capacity`` tokens over all layers and KV heads."""
-    return dims.kv_bytes_per_token(dtype) * capacity
+def host_store_bytes(dims: ModelDims, capacity: int, dtype: torch.dtype, layers: int | None = None) -> int:
+    """Bytes of K and V for ``capacity`` tokens over ``layers`` layers (default: all) and all KV heads."""
+    stored = dims.num_layers if layers is None else layers
+    return dims.kv_bytes_per_token(dtype) // dims.num_layers * stored * capacity
 
 
 def check_host_memory(needed: int, what: str = "the host KV store") -> None:
@@ -95,14 +96,17 @@ class StoreLayout:
         return tensor // self.per_buffer, (tensor % self.per_buffer) * self.slot_bytes
 
 
-def store_layout(dims: ModelDims, capacity: int, dtype: torch.dtype, buffer_bytes: int | None = None) -> StoreLayout:
-    """The buffers of a store of ``capacity`` tokens: as few as fit under ``buffer_bytes``
-    (default ``BUFFER_BYTES``) each."""
+def store_layout(dims: ModelDims, capacity: int, dtype: torch.dtype, buffer_bytes: int | None = None,
+                 stored_layers: int | None = None) -> StoreLayout:
+    """The buffers of a store of ``capacity`` tokens for ``stored_layers`` layers (default: all;
+    sliding-window layers are not stored): as few as fit under ``buffer_bytes`` (default
+    ``BUFFER_BYTES``) each."""
     buffer_bytes = BUFFER_BYTES if buffer_bytes is None else buffer_bytes
     itemsize = torch.empty((), dtype=dtype).element_size()
     tensor_bytes = capacity * dims.num_kv_heads * dims.head_dim * itemsize
+    tensors = 2 * (dims.num_layers if stored_layers is None else stored_layers)
     per_buffer = max(1, buffer_bytes // _round_up(tensor_bytes, TENSOR_ALIGN))
-    return StoreLayout(tensor_bytes, 2 * dims.num_layers, min(per_buffer, 2 * dims.num_layers))
+    return StoreLayout(tensor_bytes, tensors, max(1, min(per_buffer, tensors)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,14 +202,17 @@ class HostKVStore:
     """Owns the host copy of the KV cache. Tokens are written once and never move.
 
     ``keys[l]`` and ``values[l]``: ``[KvH, capacity, D]`` views (gather sources) of the token-major
-    ``token_keys[l]`` / ``token_values[l]`` ``[capacity, KvH, D]``, in the model dtype.
+    ``token_keys[l]`` / ``token_values[l]`` ``[capacity, KvH, D]``, in the model dtype, for every
+    stored layer; ``layers`` (default: all) leaves out sliding-window layers, whose tensors are then
+    empty (``capacity`` 0: they keep their window on the device and never come here).
     """
 
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, pin: bool | None = None,
-                 registrar: HostRegistrar | None = None):
+                 registrar: HostRegistrar | None = None, layers: list[int] | None = None):
         if pin is None:
             pin = torch.cuda.is_available()
-        self.layout = store_layout(dims, capacity, dtype)
+        self.layers = list(range(dims.num_layers)) if layers is None else list(layers)
+        self.layout = store_layout(dims, capacity, dtype, stored_layers=len(self.layers))
         check_host_memory(self.layout.footprint)
         self.dims, self.capacity, self.dtype, self.pinned = dims, capacity, dtype, pin
         if pin and registrar is None:
@@ -215,14 +222,17 @@ class HostKVStore:
         shape = (capacity, dims.num_kv_heads, dims.head_dim)
         tensors = [self.buffers[b].view(offset, shape, dtype) for b, offset in
                    map(self.layout.place, range(self.layout.tensors))]
-        self.token_keys, self.token_values = tensors[0::2], tensors[1::2]
+        empty = torch.empty(0, dims.num_kv_heads, dims.head_dim, dtype=dtype)
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        self.token_keys = [tensors[2 * index[l]] if l in index else empty for l in range(dims.num_layers)]
+        self.token_values = [tensors[2 * index[l] + 1] if l in index else empty for l in range(dims.num_layers)]
         self.keys = [t.transpose(0, 1) for t in self.token_keys]
         self.values = [t.transpose(0, 1) for t in self.token_values]
         self.length = 0  # tokens written to every layer
 
     @property
     def nbytes(self) -> int:
-        return host_store_bytes(self.dims, self.capacity, self.dtype)
+        return host_store_bytes(self.dims, self.capacity, self.dtype, len(self.layers))
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, non_blocking: bool = False) -> None:
         """Write k, v ``[KvH, T, D]`` (any device) at positions ``start .. start+T-1`` of ``layer``.

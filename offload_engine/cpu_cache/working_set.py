@@ -85,10 +85,14 @@ class WorkingSet:
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, sinks: int, window: int,
-                 slots_per_layer: list[int], capacity: int, dtype: torch.dtype, device: torch.device):
+                 slots_per_layer: list[int], capacity: int, dtype: torch.dtype, device: torch.device,
+                 layers: list[int] | None = None):
+        """``layers``: the layers it holds (default all; sliding-window layers have none)."""
         self.sinks, self.window, self.device = sinks, window, device
+        held = list(range(num_layers)) if layers is None else list(layers)
+        self.first_layer = held[0] if held else None
         by_slots: dict[int, list[int]] = {}
-        for layer in range(num_layers):
+        for layer in held:
             by_slots.setdefault(slots_per_layer[layer], []).append(layer)
         self.banks = [Bank(layers, kv_heads, head_dim, sinks + window, slots, capacity, dtype, device)
                       for slots, layers in by_slots.items()]
@@ -114,7 +118,7 @@ class WorkingSet:
         ring = torch.arange(first, length, device=self.device)
         slots = self.sinks + ring % self.window
         keys[:, slots], values[:, slots] = k[:, first:length], v[:, first:length]
-        if layer == 0:
+        if layer == self.first_layer:
             self.sink_pos[:n_sinks] = torch.arange(n_sinks, device=self.device)
             self.ring_pos[ring % self.window] = ring
             self._publish_fixed()

@@ -46,6 +46,8 @@ class PolicyContext:
     host_store: "HostKVStore | None"  # the full KV (evaluation-only policies may read it)
     sinks: int
     window: int
+    # sliding-window layers: never selected for (no host KV); their tokens are still observed
+    local_layers: frozenset[int] = frozenset()
 
 
 class Policy:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
+from ..attention import prefill_attention
 from ..models import ModelAdapter
 
 
@@ -43,7 +43,7 @@ def layer_states(adapter: ModelAdapter, ids: torch.Tensor, offset: int = 0) -> I
         with torch.no_grad():
             x = adapter.attention_input(layer, hidden)
             q, k, v = adapter.qkv(layer, x, rope)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=adapter.scaling, enable_gqa=True)
+            out = prefill_attention(q, k, v, adapter.scaling, q.shape[2], window=adapter.window(layer))
             following = adapter.finish_layer(layer, hidden, out)
         yield LayerState(layer, x[0], q[0], k[0])
         hidden = following

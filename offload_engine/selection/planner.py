@@ -64,6 +64,7 @@ class SelectionPlanner:
         self.selector, self.policy, self.ws = selector, policy, working_set
         self.interval, self.batched = interval, batched
         self.dense = selector.dense_layers
+        self.local = selector.local_layers  # sliding-window layers: never selected for
         self._selection_steps = 0  # steps since selection (not "take everything") began
         self._predict = False
         self._taken_all: set[int] = set()  # layers that attend every candidate this step
@@ -133,7 +134,8 @@ class SelectionPlanner:
         orders = Orders([])
         if self.policy.plans_ahead and self.policy.is_producer(layer):
             self._plan_ahead(layer, x, orders)
-        if layer not in self._taken_all and layer not in self._planned and layer not in self.dense:
+        if layer not in self._taken_all and layer not in self._planned and layer not in self.dense \
+                and layer not in self.local:
             scores = self.policy.score(layer, q, self.candidates)  # [KvH, n]
             self._select([layer], scores.unsqueeze(0), orders)
         return orders
@@ -141,7 +143,8 @@ class SelectionPlanner:
     def _plan_ahead(self, producer: int, x: torch.Tensor, orders: Orders) -> None:
         """A producer scores the layers it serves and their copies start now."""
         layers, scores = self.policy.plan(producer, x, self.candidates)  # range, [Lg, KvH, n]
-        wanted = [layer for layer in layers if layer not in self.dense and layer not in self._taken_all]
+        wanted = [layer for layer in layers
+                  if layer not in self.dense and layer not in self.local and layer not in self._taken_all]
         if not wanted:
             return
         if self.batched:

@@ -40,10 +40,12 @@ class Candidates:
 class Selector:
     """Budget arithmetic and top-k for one sequence (all positions are absolute)."""
 
-    def __init__(self, config: SelectionConfig, capacity: int, dense_layers: frozenset[int]):
+    def __init__(self, config: SelectionConfig, capacity: int, dense_layers: frozenset[int],
+                 local_layers: frozenset[int] = frozenset()):
         self.config = config
         self.capacity = capacity
         self.dense_layers = dense_layers
+        self.local_layers = local_layers  # sliding-window layers: no selection, no slots
 
     @property
     def fixed(self) -> int:
@@ -79,6 +81,8 @@ class Selector:
     def slots_for(self, layer: int) -> int:
         """Selected-token slots the working set of ``layer`` needs at full capacity."""
         most = max(0, self.capacity - self.fixed)
+        if layer in self.local_layers:
+            return 0
         if layer in self.dense_layers or self.config.budget is None:
             return most
         keep = max(0, self.budget_tokens(self.capacity) - self.fixed)

@@ -378,7 +378,8 @@ def previous_report(path: Path, settings: LatencySettings) -> tuple[list[dict], 
 
 def report_stem(settings: LatencySettings) -> str:
     """``latency-<arch or model>-<device type>``."""
-    name = Path(settings.model).name if settings.model else Path(settings.arch).stem
+    arch = settings.arch or ""
+    name = Path(settings.model).name if settings.model else (Path(arch).stem if arch.endswith(".json") else arch)
     return f"latency-{name}-{torch.device(settings.device).type}"
 
 

@@ -39,7 +39,10 @@ def register(app: typer.Typer) -> None:
 
 def train_predictor(
     out: Path = typer.Option(..., "--out", help="Directory for the predictor, checkpoints and report."),
-    data: list[Path] = typer.Option(..., "--data", help="Text file or directory; repeat for more."),
+    data: list[Path] = typer.Option([], "--data", help="Text file or directory; repeat for more."),
+    corpus: list[str] = typer.Option([], "--corpus", help="PACKAGE:GLOB text shipped with an installed package, "
+                                     "recorded by name, version and hash (reproducible anywhere), e.g. "
+                                     "stdlib:pydoc_data/topics.py or transformers:models/llama/*.py; repeat for more."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
     seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per training sequence."),
     steps: int = typer.Option(500, "--steps", help="Optimizer steps (one sequence each)."),
@@ -60,10 +63,15 @@ def train_predictor(
     import torch
 
     from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
-    from offload_engine.predictor.data import load_sequences
+    from offload_engine.predictor.corpus import resolve_corpus
+    from offload_engine.predictor.data import DataError, describe_paths, load_sequences
     from offload_engine.predictor.training import TrainConfig, check_seq_len, train
 
     console = Console(stderr=True)
+    if not data and not corpus:
+        raise DataError("give training text: --corpus PACKAGE:GLOB (reproducible, e.g. stdlib:pydoc_data/topics.py) "
+                        "and/or --data FILE_OR_DIR.")
+    resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
                          rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
                          position_offsets=position_offsets, seed=seed)
@@ -73,15 +81,16 @@ def train_predictor(
     if adapter.tokenizer is None:
         raise typer.BadParameter(f"model {model!r} has no tokenizer to read --data with.", param_hint="--model")
     with console.status("reading and tokenizing --data"):
-        sequences = load_sequences(data, adapter.tokenizer, seq_len, steps, held_out, seed)
+        sequences = load_sequences(data, adapter.tokenizer, seq_len, steps, held_out, seed, corpus=resolved)
     console.print(f"data: {sequences.files} files, {sequences.train.shape[0]} training and "
                   f"{sequences.held_out.shape[0]} held-out sequences of {seq_len} tokens")
     meta = {
-        "model_name": model or EMBEDDED_MODEL_NAME,
-        "model": model or "embedded",
-        "data": {"paths": [str(p) for p in data], "files": sequences.files,
+        "model_name": _portable(model) if model else EMBEDDED_MODEL_NAME,
+        "model": _portable(model) if model else "embedded",
+        "data": {"corpus": resolved.describe() if resolved else [], "paths": describe_paths(data, seed),
+                 "files": sequences.files,
                  "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])},
-        "command": shlex.join(["tbrun", "train-predictor", *sys.argv[sys.argv.index("train-predictor") + 1:]])
+        "command": shlex.join(["tbrun", "train-predictor", *map(_portable, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
     }
     with _progress(console) as (progress, on_step):
@@ -89,6 +98,11 @@ def train_predictor(
         progress.stop()
     _print_report(console, result.report, result.predictor.num_parameters(), adapter)
     console.print(f"predictor written to {out} (use --predictor {out})")
+
+
+def _portable(arg: str) -> str:
+    """A command-line word as a checkpoint records it: an absolute path becomes its last part."""
+    return Path(arg).name if Path(arg).is_absolute() else arg
 
 
 class _progress:

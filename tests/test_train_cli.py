@@ -62,3 +62,29 @@ def test_existing_run_needs_resume(tiny_model_dir, text_dir, tmp_path):
     assert train(tiny_model_dir, text_dir, tmp_path / "out").exit_code == 0
     result = train(tiny_model_dir, text_dir, tmp_path / "out")
     assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_a_corpus_run_records_sources_by_name_version_and_hash_and_no_local_path(tiny_model_dir, text_dir, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py",
+                                 "--data", str(text_dir), "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    [source] = config["data"]["corpus"]
+    assert source["source"] == "stdlib:json/*.py" and source["version"].startswith("python-") and source["files"] > 0
+    assert config["data"]["paths"] == [{"name": "text", "files": 12, "sha256": config["data"]["paths"][0]["sha256"]}]
+    recorded = json.dumps(config)
+    for local in (str(tmp_path), str(tiny_model_dir), "/root", "/work", "/tmp"):
+        assert local not in recorded
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--corpus", "stdlib:json/*.nothing"), "matches no text files"),
+    (("--corpus", "not-a-spec"), "is not PACKAGE:GLOB"),
+    ((), "give training text"),
+])
+def test_bad_corpus_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, extra, message):
+    result = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--out", str(tmp_path / "o"), *SMALL,
+                                 *extra])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())

@@ -75,6 +75,23 @@ def _interleave(lists: list[list[Path]]) -> list[Path]:
     return out
 
 
+def describe_paths(paths: list[str | Path], seed: int = 0) -> list[dict]:
+    """Local ``--data`` paths as a checkpoint records them: the name as given (no directories above
+    it), file count and a content hash, never the machine's absolute path."""
+    import hashlib
+
+    out = []
+    for raw in paths:
+        files = collect_text_files([raw], seed)
+        root = Path(raw).expanduser()
+        base = root if root.is_dir() else root.parent
+        digest = hashlib.sha256()
+        for path in sorted(files):
+            digest.update(path.relative_to(base).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        out.append({"name": root.name, "files": len(files), "sha256": digest.hexdigest()})
+    return out
+
+
 def read_text(path: Path) -> str:
     """A file's text, or '' for binary, unreadable or very large files."""
     try:
@@ -88,13 +105,14 @@ def read_text(path: Path) -> str:
     return raw.decode("utf-8", errors="ignore")
 
 
-def is_held_out(path: Path) -> bool:
-    return zlib.crc32(str(path).encode()) % HELD_OUT_EVERY == 0
+def is_held_out(name: str | Path) -> bool:
+    return zlib.crc32(str(name).encode()) % HELD_OUT_EVERY == 0
 
 
-def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(training files, held-out files): one in ``HELD_OUT_EVERY`` by path hash, at least one."""
-    held = [f for f in files if is_held_out(f)]
+def split_files(files: list[Path], names: dict[Path, str] | None = None) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files): one in ``HELD_OUT_EVERY`` by a hash of the file's name (its
+    portable ``names`` entry when given, else its path), at least one."""
+    held = [f for f in files if is_held_out(names.get(f, f) if names else f)]
     if not held:
         held = files[-1:]
     chosen = set(held)
@@ -121,7 +139,8 @@ def _cut(ids: list[int], seq_len: int, count: int) -> torch.Tensor:
 
 
 def load_sequences(
-    paths: list[str | Path], tokenizer, seq_len: int, train_count: int, held_out_count: int, seed: int = 0
+    paths: list[str | Path], tokenizer, seq_len: int, train_count: int, held_out_count: int, seed: int = 0,
+    corpus=None,
 ) -> TokenSequences:
     """Tokenize text into ``train_count`` training and ``held_out_count`` held-out sequences.
 
@@ -129,10 +148,13 @@ def load_sequences(
     ``HELD_OUT_EVERY`` files the held-out sequences come from the end of the token stream instead.
     If the text is shorter than ``train_count`` sequences, training cycles over what there is.
     """
-    files = collect_text_files(paths, seed)
+    files = collect_text_files(paths, seed) if paths else []
+    if corpus is not None:  # a ``corpus.Corpus``: its sources take turns with the --data paths
+        files = _interleave([files, *corpus.groups]) if files else _interleave(corpus.groups)
+    names = corpus.names if corpus is not None else None
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if len(files) >= HELD_OUT_EVERY:
-        train_files, held_files = split_files(files)
+        train_files, held_files = split_files(files, names)
         train_ids = _tokenize_until(train_files, tokenizer, train_count * seq_len, separator)
         held_ids = _tokenize_until(held_files, tokenizer, held_out_count * seq_len, separator)
     else:

@@ -45,7 +45,17 @@ def train_predictor(
                                      "stdlib:pydoc_data/topics.py or transformers:models/llama/*.py; repeat for more."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
     seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per training sequence."),
-    steps: int = typer.Option(500, "--steps", help="Optimizer steps (one sequence each)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (one sequence each); default 500. "
+                                        "With --teacher-cache: --sequences x --epochs."),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Run the model once per training "
+                                                 "sequence and keep what distillation needs in this folder (built, "
+                                                 "or resumed, or reused if complete), then train on it for --epochs "
+                                                 "with only the predictor in the loop."),
+    sequences_count: int = typer.Option(200, "--sequences", help="With --teacher-cache: training sequences to cache."),
+    epochs: int = typer.Option(1, "--epochs", help="With --teacher-cache: passes over the cached sequences."),
+    cache_rows: Optional[int] = typer.Option(None, "--cache-rows", help="Query rows cached per sequence (default "
+                                             "2 x --rows; each step trains on --rows of them)."),
+    cache_dtype: str = typer.Option("float16", "--cache-dtype", help="float16, bfloat16 or float32."),
     producer_every: int = typer.Option(4, "--producer-every", help="G: a producer every G layers."),
     dim: int = typer.Option(16, "--dim", help="d': size of importance queries and projected keys."),
     hidden: int = typer.Option(512, "--hidden", help="I: inner width of the query MLP."),
@@ -64,14 +74,18 @@ def train_predictor(
 
     from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
     from offload_engine.predictor.corpus import resolve_corpus
-    from offload_engine.predictor.data import DataError, describe_paths, load_sequences
+    from offload_engine.predictor.data import DataError, TokenSequences, describe_paths, load_sequences
+    from offload_engine.predictor.teacher_cache import DTYPES as CACHE_DTYPES, cache_identity
     from offload_engine.predictor.training import TrainConfig, check_seq_len, train
 
     console = Console(stderr=True)
-    if not data and not corpus:
+    if not data and not corpus and not _complete_cache(teacher_cache):
         raise DataError("give training text: --corpus PACKAGE:GLOB (reproducible, e.g. stdlib:pydoc_data/topics.py) "
                         "and/or --data FILE_OR_DIR.")
     resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
+    steps = _steps(steps, teacher_cache, sequences_count, epochs)
+    if cache_dtype not in CACHE_DTYPES:
+        raise DataError(f"--cache-dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
                          rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
                          position_offsets=position_offsets, seed=seed)
@@ -80,10 +94,14 @@ def train_predictor(
     check_seq_len(adapter, seq_len)
     if adapter.tokenizer is None:
         raise typer.BadParameter(f"model {model!r} has no tokenizer to read --data with.", param_hint="--model")
-    with console.status("reading and tokenizing --data"):
-        sequences = load_sequences(data, adapter.tokenizer, seq_len, steps, held_out, seed, corpus=resolved)
-    console.print(f"data: {sequences.files} files, {sequences.train.shape[0]} training and "
-                  f"{sequences.held_out.shape[0]} held-out sequences of {seq_len} tokens")
+    train_count = sequences_count if teacher_cache else steps
+    if data or corpus:
+        with console.status("reading and tokenizing --data"):
+            sequences = load_sequences(data, adapter.tokenizer, seq_len, train_count, held_out, seed, corpus=resolved)
+        console.print(f"data: {sequences.files} files, {sequences.train.shape[0]} training and "
+                      f"{sequences.held_out.shape[0]} held-out sequences of {seq_len} tokens")
+    else:  # a complete cache and no text: train on the cache, no held-out report
+        sequences = TokenSequences(torch.empty(0, seq_len, dtype=torch.long), torch.empty(0, seq_len, dtype=torch.long), 0, 0)
     meta = {
         "model_name": _portable(model) if model else EMBEDDED_MODEL_NAME,
         "model": _portable(model) if model else "embedded",
@@ -93,11 +111,62 @@ def train_predictor(
         "command": shlex.join(["tbrun", "train-predictor", *map(_portable, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
     }
+    cache = None
+    if teacher_cache is not None:
+        cache = _teacher_cache(console, adapter, teacher_cache, sequences, config, meta, cache_rows or 2 * rows, cache_dtype)
+        config.teacher_cache = cache_identity(cache)
+        meta["teacher_cache"] = {"spec": cache.manifest["spec"], "sequences": len(cache), "id": config.teacher_cache}
     with _progress(console) as (progress, on_step):
-        result = train(adapter, sequences, config, out, resume=resume, meta=meta, on_step=on_step)
+        result = train(adapter, sequences, config, out, resume=resume, meta=meta, on_step=on_step, cache=cache)
         progress.stop()
     _print_report(console, result.report, result.predictor.num_parameters(), adapter)
     console.print(f"predictor written to {out} (use --predictor {out})")
+
+
+def _steps(steps: int | None, teacher_cache: Path | None, sequences: int, epochs: int) -> int:
+    """Optimizer steps: --steps (default 500), or --sequences x --epochs over a teacher cache."""
+    from offload_engine.errors import ConfigError
+
+    if teacher_cache is None:
+        return 500 if steps is None else steps
+    if steps is not None:
+        raise ConfigError("with --teacher-cache the steps are --sequences x --epochs: drop --steps.")
+    if sequences < 1 or epochs < 1:
+        raise ConfigError(f"--sequences and --epochs must be >= 1, got {sequences} and {epochs}.")
+    return sequences * epochs
+
+
+def _complete_cache(directory: Path | None) -> bool:
+    from offload_engine.predictor.teacher_cache import MANIFEST
+
+    return directory is not None and (directory / MANIFEST).exists()
+
+
+def _teacher_cache(console: Console, adapter, directory: Path, sequences, config, meta: dict, cache_rows: int,
+                   cache_dtype: str):
+    """Open the teacher cache in ``directory`` if it is complete, else build (or finish) it with a
+    progress bar; refuse one made for another model or sequence length."""
+    from offload_engine.predictor.network import PredictorConfig
+    from offload_engine.predictor.teacher_cache import CacheSpec, TeacherCache, build_teacher_cache
+    from offload_engine.predictor.training import cache_draw
+
+    shape = PredictorConfig.for_model(adapter.dims).model_shape()
+    spec = CacheSpec(model_name=meta["model_name"], model_shape=shape, seq_len=config.seq_len, rows=cache_rows,
+                     dtype=cache_dtype, position_offsets=config.position_offsets, seed=config.seed)
+    if sequences.train.shape[0] == 0:
+        cache = TeacherCache.open(directory)
+        cache.check_model(meta["model_name"], shape, config.seq_len)
+        return cache
+    data = {"corpus": meta["data"]["corpus"], "paths": meta["data"]["paths"], "command": meta["command"]}
+    progress = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    with progress:
+        task = progress.add_task("cache", total=int(sequences.train.shape[0]))
+        cache = build_teacher_cache(adapter, sequences.train, directory, spec, cache_draw(adapter, config, cache_rows),
+                                    data=data, on_shard=lambda done, total: progress.update(task, completed=done))
+    cache.check_model(meta["model_name"], shape, config.seq_len)
+    console.print(f"teacher cache: {len(cache)} sequences, {cache.bytes_on_disk() / 2**30:.2f} GiB in {directory}")
+    return cache
 
 
 def _portable(arg: str) -> str:

@@ -88,3 +88,46 @@ def test_bad_corpus_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, 
                                  *extra])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+CACHE_SMALL = tuple(w for w in SMALL if w not in ("--steps", "3"))
+
+
+def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_paths(tiny_model_dir, text_dir, tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    args = ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py", "--out", str(out),
+            "--teacher-cache", str(cache), "--sequences", "3", "--epochs", "2", *CACHE_SMALL]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "teacher cache: 3 sequences" in result.output
+    shards = sorted(p.name for p in cache.glob("seq-*.safetensors"))
+    assert shards == ["seq-000000.safetensors", "seq-000001.safetensors", "seq-000002.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 6 and config["train"]["teacher_cache"] == config["teacher_cache"]["id"]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for recorded in (json.dumps(config), json.dumps(manifest)):
+        for local in (str(tmp_path), str(tiny_model_dir), "/root", "/work", "/tmp"):
+            assert local not in recorded
+    stamp = (cache / shards[0]).stat().st_mtime_ns
+    again = runner.invoke(app, [*args[:-len(CACHE_SMALL)], *CACHE_SMALL, "--out", str(tmp_path / "out2")])
+    assert again.exit_code == 0, again.output
+    assert (cache / shards[0]).stat().st_mtime_ns == stamp  # reused, not recomputed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--steps", "5"), "drop --steps"),
+    (("--seq-len", "48"), "holds sequences of 32 tokens, not --seq-len 48"),
+    (("--cache-dtype", "int4"), "--cache-dtype 'int4' is not one of"),
+])
+def test_bad_teacher_cache_use_is_refused_with_exit_code_2(tiny_model_dir, text_dir, tmp_path, extra, message):
+    cache = tmp_path / "cache"
+    base = ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(cache), "--sequences", "2"]
+    built = runner.invoke(app, [*base, "--data", str(text_dir), "--out", str(tmp_path / "first"), *CACHE_SMALL])
+    assert built.exit_code == 0, built.output
+    small = list(CACHE_SMALL)
+    if "--seq-len" in extra:
+        small[small.index("--seq-len") + 1] = extra[1]
+        extra = ()
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "second"), *small, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())

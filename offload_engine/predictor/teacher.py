@@ -49,6 +49,24 @@ def layer_states(adapter: ModelAdapter, ids: torch.Tensor, offset: int = 0) -> I
         hidden = following
 
 
+@dataclass(slots=True)
+class RowState:
+    """What the student needs of one layer, on the sampled query rows only: x ``[R, E]`` (the
+    attention input), q ``[H, R, D]`` and k ``[KvH, T, D]`` (post-RoPE, all tokens)."""
+
+    layer: int
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+
+
+def row_states(adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor, offset: int = 0) -> Iterator[RowState]:
+    """``layer_states`` cut to the query rows ``rows`` ``[R]``: one ``RowState`` per layer, in order."""
+    for state in layer_states(adapter, ids, offset):
+        on_device = rows.to(state.x.device)
+        yield RowState(state.layer, state.x[on_device], state.q[:, on_device], state.k)
+
+
 def sample_rows(length: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Query rows to distil on: up to ``count`` from the last half of the sequence plus the last row.
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -29,7 +29,8 @@ from . import checkpoint as ckpt
 from .data import TokenSequences
 from .evaluation import evaluate
 from .network import PredictorConfig, TokenButlerPredictor
-from .teacher import distillation_loss, layer_states, sample_rows, teacher_probs
+from .teacher import RowState, distillation_loss, row_states, sample_rows, teacher_probs
+from .teacher_cache import TeacherCache
 
 
 class TrainingError(TbrunError):
@@ -56,6 +57,7 @@ class TrainConfig:
     eval_rows: int = 64
     position_offsets: bool = True  # shift each sequence to a random start position (see train)
     seed: int = 0
+    teacher_cache: str = ""  # identity of the teacher cache trained on ("" = teacher in the loop)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "steps", "rows", "checkpoint_every", "keep_checkpoints", "eval_rows"):
@@ -69,7 +71,7 @@ class TrainConfig:
     def resume_key(self) -> dict:
         """Settings a resumed run must share with the run it continues."""
         keys = ("seq_len", "steps", "producer_every", "dim", "hidden", "rows", "lr", "warmup", "position_offsets",
-                "seed")
+                "seed", "teacher_cache")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -108,23 +110,32 @@ def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
 
 def distill_step(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor,
                  offset: int = 0) -> float:
-    """Accumulate the gradients of one sequence's loss; return the loss.
+    """Accumulate the gradients of one sequence's loss with the teacher in the loop; return the loss.
 
-    ids ``[1, T]`` at positions ``offset ..``, rows ``[R]``. The teacher runs layer by layer; each consumer layer's loss is
+    ids ``[1, T]`` at positions ``offset ..``, rows ``[R]``.
+    """
+    return distill_layers(predictor, row_states(adapter, ids, rows, offset), rows, adapter.scaling)
+
+
+def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], rows: torch.Tensor, scaling: float) -> float:
+    """Accumulate the gradients of one sequence's loss from its teacher ``RowState`` stream (layer 0
+    first, from the model or from a teacher cache); return the loss.
+
+    rows ``[R]``: the positions of the sampled query rows. Each consumer layer's loss is
     back-propagated at once (into a detached copy of its producer's queries, flushed into the
     query network after the producer's last consumer), so one layer's ``[H, R, T]`` is alive at a time.
     """
     config = predictor.config
     consumers = config.num_layers - 1
-    rows_dev = rows.to(adapter.device)
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     total = 0.0
-    for state in layer_states(adapter, ids, offset):
+    for state in states:
         layer = state.layer
         if layer >= 1:
+            rows_dev = rows.to(state.k.device)
             producer = config.producer_of(layer)
             queries, leaf = pending[producer]
-            teacher = teacher_probs(state.q[:, rows_dev], state.k, rows_dev, adapter.scaling)
+            teacher = teacher_probs(state.q, state.k, rows_dev, scaling)
             keys = predictor.project_keys(layer, state.k)
             logits = predictor.head_scores(leaf[:, layer - producer - 1], keys)
             loss = distillation_loss(teacher, logits, rows_dev) / consumers
@@ -134,9 +145,28 @@ def distill_step(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: to
                 queries.backward(leaf.grad)
                 del pending[producer]
         if predictor.is_producer(layer):
-            queries = predictor.importance_queries(layer, state.x[rows_dev])  # [R, G', H, d']
+            queries = predictor.importance_queries(layer, state.x)  # [R, G', H, d']
             pending[layer] = (queries, queries.detach().requires_grad_())
     return total
+
+
+def cached_step(predictor: TokenButlerPredictor, cache: TeacherCache, index: int, rows: int, scaling: float,
+                generator: torch.Generator) -> float:
+    """``distill_layers`` on shard ``index`` of a teacher cache, on ``rows`` of its cached rows (drawn
+    with ``generator``, the last row always kept) or all of them if it holds no more."""
+    shard = cache.load(index)
+    pick = subsample_rows(shard.rows.numel(), rows, generator)
+    positions = shard.rows if pick is None else shard.rows[pick]
+    device = predictor.key_proj.device
+    return distill_layers(predictor, shard.states(pick, device), positions, scaling)
+
+
+def subsample_rows(cached: int, wanted: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Indices of ``wanted`` of ``cached`` rows plus the last one, sorted; None to take them all."""
+    if wanted + 1 >= cached:
+        return None
+    chosen = torch.randperm(cached - 1, generator=generator)[:wanted].sort().values
+    return torch.cat([chosen, torch.tensor([cached - 1])])
 
 
 def train(
@@ -147,10 +177,17 @@ def train(
     resume: bool = False,
     meta: dict | None = None,
     on_step: Callable[[StepStats], None] | None = None,
+    cache: TeacherCache | None = None,
 ) -> TrainResult:
-    """Distil a predictor for ``adapter``'s model on ``data``; checkpoints and report in ``out_dir``."""
+    """Distil a predictor for ``adapter``'s model; checkpoints and report in ``out_dir``.
+
+    The teacher is the model itself, run on ``data.train`` at every step, or, with ``cache``, the
+    stored teacher outputs of ``cache`` (epoch after epoch over its shards, each epoch in its own
+    seeded order); ``data.held_out`` feeds the final report either way.
+    """
     out = Path(out_dir)
-    _check_sequences(adapter, data, config)
+    if cache is None:
+        _check_sequences(adapter, data, config)
     torch.manual_seed(config.seed)
     shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden)
     predictor = TokenButlerPredictor(shape).to(adapter.device)
@@ -158,17 +195,21 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
     start = _restore(out, config, predictor, optimizer, schedule) if resume else _refuse_stale(out)
     meta = {"commit": ckpt.current_commit(), **(meta or {}), "train": asdict(config)}  # the commit trained from
-    order = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    order = None if cache is not None else torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(config.seed))
     last_good = ckpt.checkpoint_dirs(out)[-1] if start else None
     for step in range(start, config.steps):
         began = time.perf_counter()
-        ids = data.train[order[step % len(order)]].unsqueeze(0)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        rows = sample_rows(config.seq_len, config.rows, generator)
-        offset = _random_offset(adapter, config, generator)
         optimizer.zero_grad(set_to_none=True)
         predictor.train()
-        loss = distill_step(predictor, adapter, ids, rows, offset)
+        if cache is None:
+            ids = data.train[order[step % len(order)]].unsqueeze(0)
+            rows = sample_rows(config.seq_len, config.rows, generator)
+            offset = random_offset(adapter, config, generator)
+            loss = distill_step(predictor, adapter, ids, rows, offset)
+        else:
+            loss = cached_step(predictor, cache, epoch_order(len(cache), step, config.seed), config.rows,
+                               adapter.scaling, generator)
         norm = float(torch.nn.utils.clip_grad_norm_(predictor.parameters(), config.clip))
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise TrainingError(_nan_message(step + 1, loss, norm, last_good))
@@ -188,7 +229,15 @@ def train(
     return TrainResult(predictor, out, report, start)
 
 
-def _random_offset(adapter: ModelAdapter, config: TrainConfig, generator: torch.Generator) -> int:
+def epoch_order(shards: int, step: int, seed: int) -> int:
+    """The shard step ``step`` trains on: epoch ``step // shards`` visits every shard once, in an
+    order drawn from ``(seed, epoch)``, so a resumed run continues the same sequence of shards."""
+    epoch, position = divmod(step, shards)
+    order = torch.randperm(shards, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return int(order[position])
+
+
+def random_offset(adapter: ModelAdapter, config: TrainConfig, generator: torch.Generator) -> int:
     """A start position in ``[0, max_positions - seq_len]`` (0 without ``position_offsets``).
 
     RoPE attention depends on relative positions only, so the teacher is the same at any offset,
@@ -201,6 +250,15 @@ def _random_offset(adapter: ModelAdapter, config: TrainConfig, generator: torch.
     if not config.position_offsets or room <= 0:
         return 0
     return int(torch.randint(0, room + 1, (1,), generator=generator))
+
+
+def cache_draw(adapter: ModelAdapter, config: TrainConfig, cache_rows: int) -> Callable[[int], tuple[torch.Tensor, int]]:
+    """What a teacher cache stores of sequence ``i``: ``cache_rows`` sampled query rows (plus the
+    last) and a position offset, drawn from ``(seed, i)`` so a resumed build draws the same."""
+    def draw(index: int) -> tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+        return sample_rows(config.seq_len, cache_rows, generator), random_offset(adapter, config, generator)
+    return draw
 
 
 def check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:

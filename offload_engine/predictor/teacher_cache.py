@@ -1,0 +1,248 @@
+"""The teacher, run once: what distillation needs of the frozen model, stored in on-disk shards.
+
+Training with the teacher in the loop runs the whole model forward for every optimizer step
+(seconds per step at 2k-8k tokens on a CPU). The predictor only ever reads, per layer, the
+attention input of the sampled query rows, their queries and every token's post-RoPE keys; from
+q and k the teacher's attention rows are recomputed exactly (``teacher.teacher_probs``), so storing
+the ``[H, R, T]`` probabilities is not needed. One shard per sequence::
+
+    DIR/manifest.json             format, model name and shape, sequence length, rows, dtype, data
+    DIR/seq-000000.safetensors    rows [R] int64; x [L, R, E]; q [L-1, H, R, D]; k [L-1, KvH, T, D]
+
+(``x`` at every layer, so one cache serves predictors with any producer spacing; ``q`` and ``k``
+for the consumer layers ``1 .. L-1``; safetensors metadata holds the sequence's position offset.)
+Each shard is written to a temporary file and renamed, so an interrupted build resumes at the
+first missing shard and never leaves a torn one. Reading a shard returns the same ``RowState``
+stream ``teacher.row_states`` yields, so the training step is one function for both sources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import ConfigError, TbrunError
+from ..models import ModelAdapter
+from .teacher import RowState, row_states
+
+FORMAT = "tbrun-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class TeacherCacheError(TbrunError):
+    """A teacher cache is missing, damaged or made for another model or sequence length."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpec:
+    """What a cache holds; two caches with the same spec and data are interchangeable."""
+
+    model_name: str
+    model_shape: dict
+    seq_len: int
+    rows: int  # sampled query rows per sequence (plus the last row)
+    dtype: str = "float16"
+    position_offsets: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--cache-dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.seq_len < 4 or self.rows < 1:
+            raise ConfigError(f"a teacher cache needs --seq-len >= 4 and --rows >= 1, got {self.seq_len} and {self.rows}.")
+
+
+def shard_name(index: int) -> str:
+    return f"seq-{index:06d}.safetensors"
+
+
+def shard_path(directory: Path, index: int) -> Path:
+    return directory / shard_name(index)
+
+
+def sequence_tensors(states: Iterator[RowState], rows: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One sequence's shard tensors from the teacher's ``RowState`` stream (layer 0 first)."""
+    xs, qs, ks = [], [], []
+    for state in states:
+        xs.append(state.x.to("cpu", dtype))
+        if state.layer >= 1:
+            qs.append(state.q.to("cpu", dtype))
+            ks.append(state.k.to("cpu", dtype))
+    return {"rows": rows.to("cpu", torch.long).contiguous(), "x": torch.stack(xs).contiguous(),
+            "q": torch.stack(qs).contiguous(), "k": torch.stack(ks).contiguous()}
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], offset: int) -> None:
+    """Write one shard atomically (temporary file in the same folder, then a rename)."""
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata={"offset": str(offset)})
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def build_teacher_cache(
+    adapter: ModelAdapter,
+    sequences: torch.Tensor,
+    directory: str | Path,
+    spec: CacheSpec,
+    draw_rows: Callable[[int], tuple[torch.Tensor, int]],
+    data: dict | None = None,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> "TeacherCache":
+    """Run the teacher over ``sequences`` ``[N, T]`` once, a shard each; resume where a build stopped.
+
+    ``draw_rows(i)`` -> (rows ``[R]``, position offset) for sequence ``i`` (seeded by the caller, so a
+    resumed build draws what the first one would have). ``on_shard(done, total)`` reports progress.
+    A folder holding a cache of another spec is refused, never overwritten.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec), "data": data or {},
+                "sequences": int(sequences.shape[0])}
+    _claim(out, manifest)
+    dtype = DTYPES[spec.dtype]
+    total = int(sequences.shape[0])
+    for index in range(total):
+        path = shard_path(out, index)
+        rows, offset = draw_rows(index)
+        if not path.exists():
+            states = row_states(adapter, sequences[index].unsqueeze(0), rows, offset)
+            write_shard(path, sequence_tensors(states, rows, dtype), offset)
+        if on_shard is not None:
+            on_shard(index + 1, total)
+    return TeacherCache.open(out)
+
+
+def _claim(out: Path, manifest: dict) -> None:
+    """Write the manifest of a new cache, or check that the one in ``out`` is the same cache."""
+    path = out / MANIFEST
+    if path.exists():
+        found = _read_manifest(path)
+        if found.get("spec") != manifest["spec"] or found.get("sequences") != manifest["sequences"]:
+            raise TeacherCacheError(
+                f"{out} holds a teacher cache of another build ({_describe(found)}), not {_describe(manifest)}: "
+                "choose another --teacher-cache folder, or delete that one to rebuild it."
+            )
+        return
+    handle, temp = tempfile.mkstemp(prefix=".manifest.", dir=out)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(manifest, stream, indent=2)
+        stream.write("\n")
+    os.replace(temp, path)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TeacherCacheError(f"{path} is not a readable teacher-cache manifest ({error}): rebuild the cache.") from error
+    if manifest.get("format") != FORMAT:
+        raise TeacherCacheError(f"{path} is not a tbrun teacher cache (format {manifest.get('format')!r}).")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TeacherCacheError(f"{path} is teacher-cache format {manifest.get('format_version')}, this tbrun reads "
+                                f"{FORMAT_VERSION}: rebuild the cache.")
+    return manifest
+
+
+def _describe(manifest: dict) -> str:
+    spec = manifest.get("spec", {})
+    return (f"model {spec.get('model_name')}, {manifest.get('sequences')} sequences of {spec.get('seq_len')} tokens, "
+            f"{spec.get('rows')} rows, {spec.get('dtype')}")
+
+
+def cache_identity(cache: "TeacherCache") -> str:
+    """A short name of a cache's build (spec + sequences), recorded by the training run that uses it."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({"spec": cache.manifest["spec"], "sequences": len(cache)},
+                                       sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cache.spec.model_name}-{len(cache)}x{cache.spec.seq_len}-{digest}"
+
+
+@dataclass(slots=True)
+class CachedSequence:
+    """One shard in memory: rows ``[R]``, x ``[L, R, E]``, q ``[L-1, H, R, D]``, k ``[L-1, KvH, T, D]``."""
+
+    rows: torch.Tensor
+    offset: int
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+
+    def states(self, pick: torch.Tensor | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Iterator[RowState]:
+        """The ``RowState`` stream of this sequence, layer 0 first, restricted to row indices ``pick``
+        (indices into ``rows``; all rows when None), as ``dtype`` on ``device``."""
+        index = slice(None) if pick is None else pick
+        for layer in range(self.x.shape[0]):
+            x = self.x[layer, index].to(device, dtype)
+            if layer == 0:
+                yield RowState(0, x, None, None)
+                continue
+            yield RowState(layer, x, self.q[layer - 1][:, index].to(device, dtype), self.k[layer - 1].to(device, dtype))
+
+
+class TeacherCache:
+    """A finished (or growing) cache folder: ``len(cache)`` shards, read one at a time."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory = directory
+        self.manifest = manifest
+        self.spec = CacheSpec(**manifest["spec"])
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "TeacherCache":
+        path = Path(directory)
+        if not (path / MANIFEST).exists():
+            raise TeacherCacheError(f"{path} holds no teacher cache ({MANIFEST} missing): build one with "
+                                    "`tbrun train-predictor --teacher-cache DIR --corpus ...`.")
+        cache = cls(path, _read_manifest(path / MANIFEST))
+        missing = [i for i in range(len(cache)) if not shard_path(path, i).exists()]
+        if missing:
+            raise TeacherCacheError(f"{path} misses {len(missing)} of its {len(cache)} shards (first: "
+                                    f"{shard_name(missing[0])}): run the same command again to finish building it.")
+        return cache
+
+    def __len__(self) -> int:
+        return int(self.manifest["sequences"])
+
+    def check_model(self, model_name: str, model_shape: dict, seq_len: int | None = None) -> None:
+        """Refuse a cache made for another model or sequence length (before any training)."""
+        spec = self.spec
+        if spec.model_shape != model_shape or spec.model_name != model_name:
+            raise TeacherCacheError(
+                f"the teacher cache in {self.directory} was made for {spec.model_name} ({spec.model_shape}), not for "
+                f"{model_name} ({model_shape}): build a cache for this model in another folder."
+            )
+        if seq_len is not None and seq_len != spec.seq_len:
+            raise TeacherCacheError(
+                f"the teacher cache in {self.directory} holds sequences of {spec.seq_len} tokens, not --seq-len "
+                f"{seq_len}: pass --seq-len {spec.seq_len} or build another cache."
+            )
+
+    def load(self, index: int) -> CachedSequence:
+        path = shard_path(self.directory, index)
+        try:
+            with safe_open(str(path), framework="pt") as shard:
+                offset = int(shard.metadata().get("offset", "0"))
+                tensors = {name: shard.get_tensor(name) for name in ("rows", "x", "q", "k")}
+        except (OSError, SafetensorError) as error:
+            raise TeacherCacheError(f"{path} cannot be read ({error}): delete it and run the build again.") from error
+        return CachedSequence(offset=offset, **tensors)
+
+    def bytes_on_disk(self) -> int:
+        return sum(shard_path(self.directory, i).stat().st_size for i in range(len(self)))

@@ -1,0 +1,150 @@
+"""Distillation on a cached teacher: the same loss as the teacher in the loop, resumable builds,
+and a clear refusal of a cache made for another model or sequence length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_engine.predictor import training
+from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+from offload_engine.predictor.data import TokenSequences
+from offload_engine.predictor.teacher import sample_rows
+from offload_engine.predictor.teacher_cache import (
+    CacheSpec, TeacherCache, TeacherCacheError, build_teacher_cache, shard_path,
+)
+from offload_engine.predictor.training import TrainConfig, train
+
+from test_predictor import peaked_adapter, random_sequences
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEQ_LEN, ROWS = 96, 24
+
+
+def spec_for(adapter, dtype="float32", seq_len=SEQ_LEN, rows=ROWS) -> CacheSpec:
+    shape = PredictorConfig.for_model(adapter.dims).model_shape()
+    return CacheSpec(model_name="tiny", model_shape=shape, seq_len=seq_len, rows=rows, dtype=dtype)
+
+
+def rows_and_offsets(seed: int = 0):
+    """draw_rows for build_teacher_cache: seeded per sequence, offsets 0, 40, 80, ..."""
+    def draw(index: int):
+        return sample_rows(SEQ_LEN, ROWS, torch.Generator().manual_seed(seed + index)), 40 * index
+    return draw
+
+
+def grads_of(predictor) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in predictor.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 2e-3)])
+def test_cached_teacher_gives_the_loss_and_gradients_of_the_teacher_in_the_loop(tmp_path, dtype, tolerance):
+    adapter = peaked_adapter("qwen2", layers=5)
+    sequences = random_sequences(3, SEQ_LEN, seed=3)
+    draw = rows_and_offsets()
+    cache = build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter, dtype), draw)
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
+    for index in range(3):
+        rows, offset = draw(index)
+        predictor.zero_grad()
+        live = training.distill_step(predictor, adapter, sequences[index].unsqueeze(0), rows, offset)
+        live_grads = grads_of(predictor)
+        predictor.zero_grad()
+        shard = cache.load(index)
+        assert shard.offset == offset and torch.equal(shard.rows, rows)
+        cached = training.distill_layers(predictor, shard.states(), shard.rows, adapter.scaling)
+        assert cached == pytest.approx(live, rel=tolerance)
+        for name, grad in grads_of(predictor).items():
+            torch.testing.assert_close(grad, live_grads[name], rtol=tolerance * 10, atol=tolerance)
+
+
+def test_one_cache_serves_predictors_with_any_producer_spacing(tmp_path):
+    adapter = peaked_adapter("llama", layers=5)
+    sequences = random_sequences(1, SEQ_LEN, seed=4)
+    draw = rows_and_offsets()
+    cache = build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter), draw)
+    for every in (1, 2, 4):
+        predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=every, dim=8, hidden=16))
+        rows, offset = draw(0)
+        live = training.distill_step(predictor, adapter, sequences[:1], rows, offset)
+        assert training.distill_layers(predictor, cache.load(0).states(), rows, adapter.scaling) == pytest.approx(live, rel=1e-5)
+
+
+def test_an_interrupted_build_resumes_at_the_first_missing_shard(tmp_path):
+    adapter = peaked_adapter()
+    sequences = random_sequences(4, SEQ_LEN, seed=5)
+    spec, draw = spec_for(adapter), rows_and_offsets()
+    whole = build_teacher_cache(adapter, sequences, tmp_path / "whole", spec, draw)
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(adapter, sequences, tmp_path / "cut", spec, draw, on_shard=stop_after_two)
+    assert shard_path(tmp_path / "cut", 1).exists() and not shard_path(tmp_path / "cut", 2).exists()
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith(".")) == []  # no torn temp files
+    with pytest.raises(TeacherCacheError, match="misses 2 of its 4 shards.*run the same command again"):
+        TeacherCache.open(tmp_path / "cut")
+    first_shard = shard_path(tmp_path / "cut", 0).stat().st_mtime_ns
+    resumed = build_teacher_cache(adapter, sequences, tmp_path / "cut", spec, draw)
+    assert shard_path(tmp_path / "cut", 0).stat().st_mtime_ns == first_shard  # not recomputed
+    for index in range(4):
+        a, b = whole.load(index), resumed.load(index)
+        assert torch.equal(a.k, b.k) and torch.equal(a.x, b.x) and a.offset == b.offset
+
+
+def test_a_cache_of_another_model_length_or_build_is_refused(tmp_path):
+    adapter = peaked_adapter()
+    sequences = random_sequences(2, SEQ_LEN, seed=6)
+    cache = build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter), rows_and_offsets())
+    shape = PredictorConfig.for_model(adapter.dims).model_shape()
+    cache.check_model("tiny", shape, SEQ_LEN)
+    other = PredictorConfig.for_model(peaked_adapter(layers=6).dims).model_shape()
+    with pytest.raises(TeacherCacheError, match="made for tiny .*not for other"):
+        cache.check_model("other", other, SEQ_LEN)
+    with pytest.raises(TeacherCacheError, match="sequences of 96 tokens, not --seq-len 128"):
+        cache.check_model("tiny", shape, 128)
+    with pytest.raises(TeacherCacheError, match="another build"):  # never overwritten by a different spec
+        build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter, rows=8), rows_and_offsets())
+    with pytest.raises(TeacherCacheError, match="holds no teacher cache"):
+        TeacherCache.open(tmp_path / "empty")
+
+
+def test_training_on_a_cache_learns_like_training_with_the_teacher_in_the_loop(tmp_path):
+    """Both sources train to about the same held-out loss, and a cached run resumes to the same weights."""
+    adapter = peaked_adapter("qwen2")
+    data = TokenSequences(train=random_sequences(30, 128, seed=1), held_out=random_sequences(3, 128, seed=2),
+                          files=1, tokens=0)
+    base = dict(seq_len=128, steps=60, producer_every=2, dim=16, hidden=64, rows=48, lr=1e-2,
+                checkpoint_every=30, held_out=3, eval_rows=32)
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(index):
+        return sample_rows(128, 64, generator), 0
+    spec = CacheSpec("tiny", PredictorConfig.for_model(adapter.dims).model_shape(), 128, 64)
+    cache = build_teacher_cache(adapter, data.train, tmp_path / "cache", spec, draw)
+    live = train(adapter, data, TrainConfig(**base), tmp_path / "live").report
+    cached = train(adapter, data, TrainConfig(**base, teacher_cache="tiny-cache"), tmp_path / "cached", cache=cache)
+    untrained = live["recall"]["random"]["10%"]
+    assert cached.report["recall"]["tokenbutler"]["10%"] > 2 * untrained
+    assert cached.report["loss"] == pytest.approx(live["loss"], rel=0.15)
+
+    def stop_at_31(stats):
+        if stats.step == 31:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(adapter, data, TrainConfig(**base, teacher_cache="tiny-cache"), tmp_path / "cut", cache=cache,
+              on_step=stop_at_31)
+    resumed = train(adapter, data, TrainConfig(**base, teacher_cache="tiny-cache"), tmp_path / "cut", cache=cache,
+                    resume=True)
+    assert resumed.resumed_from == 30
+    for name, tensor in cached.predictor.state_dict().items():
+        torch.testing.assert_close(resumed.predictor.state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_epochs_visit_every_shard_once_in_a_new_order():
+    first = [training.epoch_order(5, step, seed=0) for step in range(5)]
+    second = [training.epoch_order(5, step, seed=0) for step in range(5, 10)]
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second

@@ -1,28 +1,68 @@
 """Held-out quality report of a TokenButler predictor: recall of oracle top-k attention mass.
 
     python -m tbrun_bench.predictor_report --predictor predictors/smollm2-135m-instruct \\
-        --data DIR [--data DIR ...] --out bench/reports/predictor_smollm2
+        --corpus stdlib:pydoc_data/topics.py --corpus 'torch:nn/modules/*.py' --corpus 'stdlib:*.py' \\
+        --lengths 1024:16,4096:6,8192:3 [--baseline OLD_PREDICTOR] --out bench/reports/predictor_smollm2
 
-Reads only the held-out files of ``--data`` (the same path-hash split training used), and writes
-``OUT.json`` and ``OUT.md``: recall at budgets 5/10/25/50% for tokenbutler (and its int8,
-group-mean and per-query-head variants) against the oracle's shared set, streaming and random;
+Reads only the held-out files of the training text (``--corpus`` / ``--data``, the same name-hash
+split training used), and writes ``OUT.json`` and ``OUT.md``: per context length, recall at budgets
+5/10/25/50% for tokenbutler (and its engine, int8, group-max and per-query-head variants) against the
+oracle's shared set, streaming and random, each sequence evaluated on its own so that every mean has a
+95% interval over sequences; optionally the same for a ``--baseline`` predictor on the same text;
 layer 0's concentration; the interval/neighbour study; and the parameter and memory overhead.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from offload_engine.models import load_model
 from offload_engine.predictor.checkpoint import load_checkpoint
+from offload_engine.predictor.corpus import resolve_corpus
 from offload_engine.predictor.data import load_held_out
 from offload_engine.predictor.evaluation import evaluate
 from offload_engine.predictor.interval_eval import interval_recall
 
 from .report import machine_header, markdown_header, markdown_table, provenance, write_json
+
+HEADLINE_BUDGET = "10%"
+HEADLINE_METHODS = ("tokenbutler", "tokenbutler_engine", "oracle_group", "streaming", "random")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 24: 2.064, 29: 2.045, 39: 2.023, 59: 2.001}
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean and 95% Student-t interval of ``values`` (None bounds for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T_975[max(d for d in T_975 if d <= n - 1)] if n - 1 <= 59 else 1.96
+    half = t * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def per_sequence_recall(predictor, adapter, sequences: torch.Tensor, rows: int, seed: int) -> dict:
+    """``evaluate`` on each sequence alone, merged: the usual report (means over sequences, which are
+    the means over all rows since every sequence has as many) plus ``interval[method][budget]``."""
+    results = [evaluate(predictor, adapter, ids.unsqueeze(0), rows=rows, seed=seed + i) for i, ids in enumerate(sequences)]
+    merged = dict(results[0])
+    merged["sequences"] = len(results)
+    merged["loss"] = sum(r["loss"] for r in results) / len(results)
+    budgets = merged["budgets"]
+    merged["recall"] = {m: {b: sum(r["recall"][m][b] for r in results) / len(results) for b in budgets}
+                        for m in results[0]["recall"]}
+    merged["oracle_mass"] = {b: sum(r["oracle_mass"][b] for r in results) / len(results) for b in budgets}
+    merged["interval"] = {m: {b: mean_interval([r["recall"][m][b] for r in results]) for b in budgets}
+                          for m in results[0]["recall"]}
+    merged.pop("per_layer_recall", None)
+    return merged
 
 
 def overhead(predictor, adapter) -> dict:
@@ -40,26 +80,73 @@ def overhead(predictor, adapter) -> dict:
     }
 
 
+def parse_lengths(text: str) -> list[tuple[int, int]]:
+    """``"1024:16,4096:4"`` -> ``[(1024, 16), (4096, 4)]`` (context length, held-out sequences)."""
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise SystemExit(f"--lengths {text!r}: write LENGTH:SEQUENCES[,LENGTH:SEQUENCES...], e.g. 1024:16,4096:4")
+    return pairs
+
+
 def build_report(args) -> dict:
     adapter = load_model(args.model)
     predictor, config = load_checkpoint(args.predictor, adapter.dims)
-    report = {"provenance": provenance(), "machine": machine_header(torch.device("cpu")),
-              "predictor": {"path": str(args.predictor), **{k: config.get(k) for k in ("predictor", "steps", "command", "commit", "data")}},
-              "overhead": overhead(predictor, adapter), "recall": {}}
-    runs = [(args.seq_len, args.sequences, 0), (args.seq_len, args.long_sequences, args.shift),
-            (args.long_seq_len, args.long_sequences, 0)]
-    for seq_len, count, offset in runs:
-        if count <= 0 or seq_len <= 0 or (offset and offset + seq_len > adapter.dims.max_positions):
+    baseline = load_checkpoint(args.baseline, adapter.dims)[0] if args.baseline else None
+    corpus = resolve_corpus(args.corpus, args.seed) if args.corpus else None
+    report = {"provenance": provenance("python -m tbrun_bench.predictor_report"),
+              "machine": machine_header(torch.device("cpu")),
+              "predictor": {"path": _portable(args.predictor),
+                            **{k: config.get(k) for k in ("predictor", "steps", "command", "commit", "data", "train")}},
+              "baseline": _portable(args.baseline) if args.baseline else None,
+              "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}}
+    for seq_len, count in parse_lengths(args.lengths):
+        if seq_len > adapter.dims.max_positions:
             continue
-        sequences = load_held_out(args.data, adapter.tokenizer, seq_len, count, args.seed)
-        label = f"{seq_len}" + (f" at positions +{offset}" if offset else "")
-        result = evaluate(predictor, adapter, sequences, rows=args.rows, seed=args.seed, offset=offset)
-        report["recall"][label] = {**result, "offset": offset}
+        sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus)
+        label = str(seq_len)
+        report["recall"][label] = per_sequence_recall(predictor, adapter, sequences, args.rows, args.seed)
+        if baseline is not None:
+            report["baseline_recall"][label] = per_sequence_recall(baseline, adapter, sequences, args.rows, args.seed)
         print(f"recall at {label} done", flush=True)
     if args.interval > 1:
-        sequences = load_held_out(args.data, adapter.tokenizer, args.seq_len, args.sequences, args.seed)
+        seq_len, count = parse_lengths(args.lengths)[0]
+        sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus)
         report["interval"] = interval_recall(predictor, adapter, sequences, interval=args.interval, seed=args.seed)
     return report
+
+
+def _portable(path) -> str:
+    """A predictor path as a report records it: relative to the repository when inside it, else its name."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return resolved.name
+
+
+def _cell(interval: dict) -> str:
+    if interval["low"] is None:
+        return f"{interval['mean']:.3f}"
+    return f"{interval['mean']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+def headline(report: dict) -> list[str]:
+    """One table: recall at 10% with its 95% interval, per context length and method."""
+    lengths = list(report["recall"])
+    rows = []
+    for method in HEADLINE_METHODS:
+        rows.append([method, *(_cell(report["recall"][n]["interval"][method][HEADLINE_BUDGET]) for n in lengths)])
+    for n_label, source in (("baseline tokenbutler", "tokenbutler"), ("baseline tokenbutler_engine", "tokenbutler_engine")):
+        if report.get("baseline_recall"):
+            rows.append([f"{n_label} (`{report['baseline']}`)",
+                         *(_cell(report["baseline_recall"][n]["interval"][source][HEADLINE_BUDGET])
+                           if n in report["baseline_recall"] else "-" for n in lengths)])
+    counts = ", ".join(f"{report['recall'][n]['sequences']} at {n}" for n in lengths)
+    return [f"## Recall at {HEADLINE_BUDGET}, mean [95% interval over held-out sequences: {counts}]", "",
+            markdown_table(["method", *(f"{n} tokens" for n in lengths)], rows), ""]
 
 
 def to_markdown(report: dict) -> str:
@@ -70,10 +157,10 @@ def to_markdown(report: dict) -> str:
               f"cache = {o['compact_cache_percent_of_kv_bytes_same_dtype']}% of the KV bytes "
               f"({o['compact_cache_percent_of_kv_bytes_int8']}% with int8 keys). Trained with "
               f"`{report['predictor'].get('command')}`.", ""]
+    parts += headline(report)
     for label, result in report["recall"].items():
         budgets = result["budgets"]
-        shifted = (" (the same kind of text, positions shifted: the model's attention is unchanged, the keys' "
-                   "RoPE phases are not)") if result.get("offset") else ""
+        shifted = ""
         parts += [f"## {result['sequences']} held-out sequences of {label} tokens{shifted}, {result['rows_per_sequence']} "
                   f"query rows each (held-out loss {result['loss']:.4f})", "",
                   "Recall = attention mass on the selection / mass on the head's own top-k (1.0 = oracle), mean over "
@@ -100,19 +187,18 @@ def to_markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictor", required=True, type=Path)
-    parser.add_argument("--data", required=True, action="append", help="the --data paths training used")
+    parser.add_argument("--corpus", action="append", default=[], help="PACKAGE:GLOB sources training used")
+    parser.add_argument("--data", action="append", default=[], help="the --data paths training used")
+    parser.add_argument("--baseline", type=Path, default=None, help="another predictor to evaluate on the same text")
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--sequences", type=int, default=16)
-    parser.add_argument("--long-seq-len", type=int, default=4096, help="a second, longer context (0: skip)")
-    parser.add_argument("--long-sequences", type=int, default=4)
-    parser.add_argument("--shift", type=int, default=6144,
-                        help="also evaluate --long-sequences of --seq-len tokens placed at this position (0: skip)")
+    parser.add_argument("--lengths", default="1024:16,4096:4,8192:2", help="LENGTH:SEQUENCES,... held-out contexts")
     parser.add_argument("--rows", type=int, default=64, help="query rows per sequence")
     parser.add_argument("--interval", type=int, default=8, help="interval study length (1: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="report path without extension")
     args = parser.parse_args(argv)
+    if not args.corpus and not args.data:
+        parser.error("give the training text: --corpus PACKAGE:GLOB and/or --data PATH")
     report = build_report(args)
     write_json(args.out.with_suffix(".json"), report)
     args.out.with_suffix(".md").write_text(to_markdown(report) + "\n")

@@ -56,6 +56,8 @@ def train_predictor(
     cache_rows: Optional[int] = typer.Option(None, "--cache-rows", help="Query rows cached per sequence (default "
                                              "2 x --rows; each step trains on --rows of them)."),
     cache_dtype: str = typer.Option("float16", "--cache-dtype", help="float16, bfloat16 or float32."),
+    cache_only: bool = typer.Option(False, "--cache-only", help="Build (or finish) the --teacher-cache and stop; "
+                                    "later runs with other predictor sizes train on it."),
     producer_every: int = typer.Option(4, "--producer-every", help="G: a producer every G layers."),
     dim: int = typer.Option(16, "--dim", help="d': size of importance queries and projected keys."),
     hidden: int = typer.Option(512, "--hidden", help="I: inner width of the query MLP."),
@@ -84,6 +86,8 @@ def train_predictor(
                         "and/or --data FILE_OR_DIR.")
     resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
     steps = _steps(steps, teacher_cache, sequences_count, epochs)
+    if cache_only and teacher_cache is None:
+        raise DataError("--cache-only builds a --teacher-cache: name its folder.")
     if cache_dtype not in CACHE_DTYPES:
         raise DataError(f"--cache-dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
@@ -116,6 +120,8 @@ def train_predictor(
         cache = _teacher_cache(console, adapter, teacher_cache, sequences, config, meta, cache_rows or 2 * rows, cache_dtype)
         config.teacher_cache = cache_identity(cache)
         meta["teacher_cache"] = {"spec": cache.manifest["spec"], "sequences": len(cache), "id": config.teacher_cache}
+        if cache_only:
+            return
     with _progress(console) as (progress, on_step):
         result = train(adapter, sequences, config, out, resume=resume, meta=meta, on_step=on_step, cache=cache)
         progress.stop()

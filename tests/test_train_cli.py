@@ -131,3 +131,30 @@ def test_bad_teacher_cache_use_is_refused_with_exit_code_2(tiny_model_dir, text_
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "second"), *small, *extra])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_training_speed_and_recall_reports_run_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The two report scripts of docs/predictor.md, end to end at tiny sizes: they write JSON and
+    Markdown with the numbers they promise (timings are not asserted, only their presence)."""
+    from tbrun_bench import predictor_report, train_speed
+
+    cache, out = tmp_path / "cache", tmp_path / "pred"
+    built = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py",
+                                "--corpus", "stdlib:email/*.py", "--teacher-cache", str(cache), "--sequences", "2",
+                                "--out", str(out), *CACHE_SMALL])
+    assert built.exit_code == 0, built.output
+    train_speed.main(["--teacher-cache", str(cache), "--model", tiny_model_dir, "--steps", "2", "--cached-per-live", "2",
+                      "--rows", "8", "--hidden", "16", "--dim", "4", "--producer-every", "2",
+                      "--out", str(tmp_path / "speed")])
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert speed["ms_per_step"]["teacher_cache"]["steps"] == 4 and speed["speedup_median"] > 0
+    assert "faster per step" in (tmp_path / "speed.md").read_text()
+    predictor_report.main(["--predictor", str(out), "--baseline", str(out), "--model", tiny_model_dir,
+                           "--corpus", "stdlib:json/*.py", "--corpus", "stdlib:email/*.py", "--lengths", "32:3,64:2",
+                           "--rows", "8", "--interval", "1", "--out", str(tmp_path / "recall")])
+    recall = json.loads((tmp_path / "recall.json").read_text())
+    cell = recall["recall"]["32"]["interval"]["tokenbutler"]["10%"]
+    assert recall["recall"]["32"]["sequences"] == 3 and cell["low"] <= cell["mean"] <= cell["high"]
+    assert recall["baseline_recall"]["64"]["recall"]["tokenbutler"] == recall["recall"]["64"]["recall"]["tokenbutler"]
+    assert "95% interval over held-out sequences" in (tmp_path / "recall.md").read_text()
+    assert str(tmp_path) not in json.dumps(recall["predictor"])

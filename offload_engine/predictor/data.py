@@ -138,6 +138,15 @@ def _cut(ids: list[int], seq_len: int, count: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def _sources(paths: list[str | Path], corpus, seed: int) -> tuple[list[Path], dict[Path, str] | None]:
+    """The files of ``--data`` paths and a ``corpus.Corpus`` (its sources take turns with the paths),
+    and the corpus files' portable names (for the held-out split)."""
+    files = collect_text_files(paths, seed) if paths else []
+    if corpus is not None:
+        files = _interleave([files, *corpus.groups]) if files else _interleave(corpus.groups)
+    return files, (corpus.names if corpus is not None else None)
+
+
 def load_sequences(
     paths: list[str | Path], tokenizer, seq_len: int, train_count: int, held_out_count: int, seed: int = 0,
     corpus=None,
@@ -148,10 +157,7 @@ def load_sequences(
     ``HELD_OUT_EVERY`` files the held-out sequences come from the end of the token stream instead.
     If the text is shorter than ``train_count`` sequences, training cycles over what there is.
     """
-    files = collect_text_files(paths, seed) if paths else []
-    if corpus is not None:  # a ``corpus.Corpus``: its sources take turns with the --data paths
-        files = _interleave([files, *corpus.groups]) if files else _interleave(corpus.groups)
-    names = corpus.names if corpus is not None else None
+    files, names = _sources(paths, corpus, seed)
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if len(files) >= HELD_OUT_EVERY:
         train_files, held_files = split_files(files, names)
@@ -171,14 +177,15 @@ def load_sequences(
     return TokenSequences(train=train, held_out=held_out, files=len(files), tokens=len(train_ids) + len(held_ids))
 
 
-def load_held_out(paths: list[str | Path], tokenizer, seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
+def load_held_out(paths: list[str | Path], tokenizer, seq_len: int, count: int, seed: int = 0,
+                  corpus=None) -> torch.Tensor:
     """Only the held-out sequences ``[n <= count, seq_len]`` that ``load_sequences`` would hold out
-    (files picked by path hash; never trained on), e.g. for a report after training."""
-    files = collect_text_files(paths, seed)
+    (files picked by a hash of their name; never trained on), e.g. for a report after training."""
+    files, names = _sources(paths, corpus, seed)
     if len(files) < HELD_OUT_EVERY:
-        raise DataError(f"--data has {len(files)} files; a separate held-out set needs {HELD_OUT_EVERY} or more.")
+        raise DataError(f"the training text has {len(files)} files; a separate held-out set needs {HELD_OUT_EVERY} or more.")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = _tokenize_until(split_files(files)[1], tokenizer, count * seq_len, separator)
+    ids = _tokenize_until(split_files(files, names)[1], tokenizer, count * seq_len, separator)
     sequences = _cut(ids, seq_len, count)
     if sequences.shape[0] == 0:
         raise DataError(f"the held-out files of --data hold less than one sequence of {seq_len} tokens.")

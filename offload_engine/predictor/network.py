@@ -139,6 +139,13 @@ class TokenButlerPredictor(nn.Module):
         """Real post-RoPE keys k ``[KvH, T, D]`` of consumer ``layer`` -> ``[KvH, T, d']``."""
         return torch.matmul(k.to(self.key_proj.dtype), self.key_proj[layer - 1])
 
+    def project_head_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Key-space vectors per query head, e.g. the teacher's mixed keys, ``[H, R, D]`` -> ``[H, R, d']``
+        through the key projection of each head's KV group at consumer ``layer``."""
+        kvh, heads = self.config.num_kv_heads, self.config.num_heads
+        grouped = rows.to(self.key_proj.dtype).reshape(kvh, heads // kvh * rows.shape[1], -1)  # [KvH, G*R, D]
+        return torch.matmul(grouped, self.key_proj[layer - 1]).view(heads, rows.shape[1], -1)
+
     def head_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Per-query-head logits. queries ``[R, H, d']``, keys ``[KvH, T, d']`` -> ``[H, R, T]``.
 
@@ -146,7 +153,8 @@ class TokenButlerPredictor(nn.Module):
         """
         kvh, g = self.config.num_kv_heads, self.config.group_size
         q = queries.to(keys.dtype).permute(1, 0, 2).reshape(kvh, g * queries.shape[0], -1)  # [KvH, G*R, d']
-        logits = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(self.config.dim)  # [KvH, G*R, T]
+        q = q * (1.0 / math.sqrt(self.config.dim))  # scaled here: R x d' numbers, not R x T logits
+        logits = torch.matmul(q, keys.transpose(-1, -2))  # [KvH, G*R, T]
         return logits.view(self.config.num_heads, queries.shape[0], keys.shape[1])
 
     def group_max(self, scores: torch.Tensor) -> torch.Tensor:

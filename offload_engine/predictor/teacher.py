@@ -52,12 +52,21 @@ def layer_states(adapter: ModelAdapter, ids: torch.Tensor, offset: int = 0) -> I
 @dataclass(slots=True)
 class RowState:
     """What the student needs of one layer, on the sampled query rows only: x ``[R, E]`` (the
-    attention input), q ``[H, R, D]`` and k ``[KvH, T, D]`` (post-RoPE, all tokens)."""
+    attention input), k ``[KvH, T, D]`` (post-RoPE, all tokens), and the teacher as either q
+    ``[H, R, D]`` or, already applied to the keys, ``mixed_keys`` ``[H, R, D]`` (``teacher_mixed_keys``).
+    Layer 0 (no consumer) may carry x only."""
 
     layer: int
     x: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    mixed_keys: torch.Tensor | None = None
+
+    def teacher_mix(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        """``[H, R, D]`` float32: the teacher's attention rows applied to the keys."""
+        if self.mixed_keys is not None:
+            return self.mixed_keys.float()
+        return teacher_mixed_keys(self.q, self.k, rows, scale)
 
 
 def row_states(adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor, offset: int = 0) -> Iterator[RowState]:
@@ -100,6 +109,35 @@ def teacher_logits(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, sc
 def teacher_probs(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
     """``softmax(teacher_logits)``: ``[H, R, T]`` float32, zero in the future."""
     return torch.softmax(teacher_logits(q_rows, k, rows, scale), dim=-1)
+
+
+def teacher_mixed_keys(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """``sum_t P[h, r, t] k[kv(h), t]``: each sampled row's attention applied to the keys.
+
+    q_rows ``[H, R, D]``, k ``[KvH, T, D]`` -> ``[H, R, D]`` float32. This is all of the teacher
+    that the distillation loss needs (``mixed_distillation_loss``): ``D`` numbers per row and head
+    instead of ``T``.
+    """
+    probs = teacher_probs(q_rows, k, rows, scale)  # [H, R, T]
+    heads, n_rows, length = probs.shape
+    kvh = k.shape[0]
+    mixed = torch.matmul(probs.view(kvh, heads // kvh * n_rows, length), k.float())  # [KvH, G*R, D]
+    return mixed.view(heads, n_rows, -1)
+
+
+def mixed_distillation_loss(student_logits: torch.Tensor, queries: torch.Tensor, projected_mix: torch.Tensor,
+                            rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """``distillation_loss`` without touching the teacher's ``[H, R, T]``, averaged over heads and rows.
+
+    With logits ``s_t = q' . k'_t * scale`` and ``k'_t = k_t W``, the cross-entropy of the teacher's row
+    ``P`` against ``softmax(s)`` is ``logsumexp_t s_t - sum_t P_t s_t`` and
+    ``sum_t P_t s_t = q' . (sum_t P_t k_t) W * scale``. student_logits ``[H, R, T]`` unmasked; queries
+    ``[H, R, d']``; projected_mix ``[H, R, d']`` = the teacher's mixed keys through the key projection.
+    """
+    future = causal_mask(rows.to(student_logits.device), student_logits.shape[-1])
+    normaliser = torch.logsumexp(student_logits.float().masked_fill(future, float("-inf")), dim=-1)  # [H, R]
+    expected = (queries.float() * projected_mix.float()).sum(-1) * scale  # [H, R]
+    return (normaliser - expected).mean()
 
 
 def distillation_loss(teacher: torch.Tensor, student_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

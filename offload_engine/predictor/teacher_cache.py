@@ -4,16 +4,19 @@ Training with the teacher in the loop runs the whole model forward for every opt
 (seconds per step at 2k-8k tokens on a CPU). The predictor only ever reads, per layer, the
 attention input of the sampled query rows, their queries and every token's post-RoPE keys; from
 q and k the teacher's attention rows are recomputed exactly (``teacher.teacher_probs``), so storing
-the ``[H, R, T]`` probabilities is not needed. One shard per sequence::
+the ``[H, R, T]`` probabilities is not needed: the loss only reads the teacher's rows applied to the
+keys, ``sum_t P[h, r, t] k_t`` (``teacher.teacher_mixed_keys``, ``D`` numbers per row and head).
+One shard per sequence::
 
     DIR/manifest.json             format, model name and shape, sequence length, rows, dtype, data
-    DIR/seq-000000.safetensors    rows [R] int64; x [L, R, E]; q [L-1, H, R, D]; k [L-1, KvH, T, D]
+    DIR/seq-000000.safetensors    rows [R] int64; x [L, R, E]; mixed [L-1, H, R, D]; k [L-1, KvH, T, D]
 
-(``x`` at every layer, so one cache serves predictors with any producer spacing; ``q`` and ``k``
+(``x`` at every layer, so one cache serves predictors with any producer spacing; ``mixed`` and ``k``
 for the consumer layers ``1 .. L-1``; safetensors metadata holds the sequence's position offset.)
 Each shard is written to a temporary file and renamed, so an interrupted build resumes at the
 first missing shard and never leaves a torn one. Reading a shard returns the same ``RowState``
-stream ``teacher.row_states`` yields, so the training step is one function for both sources.
+stream ``teacher.row_states`` yields (with the teacher already mixed into the keys), so the
+training step is one function for both sources.
 """
 
 from __future__ import annotations
@@ -70,16 +73,18 @@ def shard_path(directory: Path, index: int) -> Path:
     return directory / shard_name(index)
 
 
-def sequence_tensors(states: Iterator[RowState], rows: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One sequence's shard tensors from the teacher's ``RowState`` stream (layer 0 first)."""
-    xs, qs, ks = [], [], []
+def sequence_tensors(states: Iterator[RowState], rows: torch.Tensor, dtype: torch.dtype, scale: float
+                     ) -> dict[str, torch.Tensor]:
+    """One sequence's shard tensors from the teacher's ``RowState`` stream (layer 0 first); ``scale``
+    is the model's attention scaling."""
+    xs, mixed, ks = [], [], []
     for state in states:
         xs.append(state.x.to("cpu", dtype))
         if state.layer >= 1:
-            qs.append(state.q.to("cpu", dtype))
+            mixed.append(state.teacher_mix(rows.to(state.k.device), scale).to("cpu", dtype))
             ks.append(state.k.to("cpu", dtype))
     return {"rows": rows.to("cpu", torch.long).contiguous(), "x": torch.stack(xs).contiguous(),
-            "q": torch.stack(qs).contiguous(), "k": torch.stack(ks).contiguous()}
+            "mixed": torch.stack(mixed).contiguous(), "k": torch.stack(ks).contiguous()}
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], offset: int) -> None:
@@ -121,7 +126,7 @@ def build_teacher_cache(
         rows, offset = draw_rows(index)
         if not path.exists():
             states = row_states(adapter, sequences[index].unsqueeze(0), rows, offset)
-            write_shard(path, sequence_tensors(states, rows, dtype), offset)
+            write_shard(path, sequence_tensors(states, rows, dtype, adapter.scaling), offset)
         if on_shard is not None:
             on_shard(index + 1, total)
     return TeacherCache.open(out)
@@ -175,12 +180,12 @@ def cache_identity(cache: "TeacherCache") -> str:
 
 @dataclass(slots=True)
 class CachedSequence:
-    """One shard in memory: rows ``[R]``, x ``[L, R, E]``, q ``[L-1, H, R, D]``, k ``[L-1, KvH, T, D]``."""
+    """One shard in memory: rows ``[R]``, x ``[L, R, E]``, mixed ``[L-1, H, R, D]``, k ``[L-1, KvH, T, D]``."""
 
     rows: torch.Tensor
     offset: int
     x: torch.Tensor
-    q: torch.Tensor
+    mixed: torch.Tensor
     k: torch.Tensor
 
     def states(self, pick: torch.Tensor | None = None, device: str | torch.device = "cpu",
@@ -191,9 +196,10 @@ class CachedSequence:
         for layer in range(self.x.shape[0]):
             x = self.x[layer, index].to(device, dtype)
             if layer == 0:
-                yield RowState(0, x, None, None)
+                yield RowState(0, x)
                 continue
-            yield RowState(layer, x, self.q[layer - 1][:, index].to(device, dtype), self.k[layer - 1].to(device, dtype))
+            yield RowState(layer, x, k=self.k[layer - 1].to(device, dtype),
+                           mixed_keys=self.mixed[layer - 1][:, index].to(device, dtype))
 
 
 class TeacherCache:
@@ -239,7 +245,7 @@ class TeacherCache:
         try:
             with safe_open(str(path), framework="pt") as shard:
                 offset = int(shard.metadata().get("offset", "0"))
-                tensors = {name: shard.get_tensor(name) for name in ("rows", "x", "q", "k")}
+                tensors = {name: shard.get_tensor(name) for name in ("rows", "x", "mixed", "k")}
         except (OSError, SafetensorError) as error:
             raise TeacherCacheError(f"{path} cannot be read ({error}): delete it and run the build again.") from error
         return CachedSequence(offset=offset, **tensors)

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .data import TokenSequences
 from .evaluation import evaluate
 from .network import PredictorConfig, TokenButlerPredictor
-from .teacher import RowState, distillation_loss, row_states, sample_rows, teacher_probs
+from .teacher import RowState, mixed_distillation_loss, row_states, sample_rows
 from .teacher_cache import TeacherCache
 
 
@@ -127,6 +127,7 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
     """
     config = predictor.config
     consumers = config.num_layers - 1
+    scale = 1.0 / math.sqrt(config.dim)
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     total = 0.0
     for state in states:
@@ -135,10 +136,10 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
             rows_dev = rows.to(state.k.device)
             producer = config.producer_of(layer)
             queries, leaf = pending[producer]
-            teacher = teacher_probs(state.q, state.k, rows_dev, scaling)
-            keys = predictor.project_keys(layer, state.k)
-            logits = predictor.head_scores(leaf[:, layer - producer - 1], keys)
-            loss = distillation_loss(teacher, logits, rows_dev) / consumers
+            layer_queries = leaf[:, layer - producer - 1]  # [R, H, d']
+            logits = predictor.head_scores(layer_queries, predictor.project_keys(layer, state.k))
+            target = predictor.project_head_rows(layer, state.teacher_mix(rows_dev, scaling))  # [H, R, d']
+            loss = mixed_distillation_loss(logits, layer_queries.transpose(0, 1), target, rows_dev, scale) / consumers
             loss.backward()
             total += loss.item()
             if layer == config.consumers(producer)[-1]:

@@ -60,3 +60,16 @@ def test_bad_sources_are_refused_with_what_to_do(spec, message):
 def test_installed_packages_resolve_by_name():
     source = CorpusSource.parse("typer:*.py")
     assert source.version() != "unknown" and source.files()
+
+
+def test_the_held_out_set_of_a_corpus_is_what_training_held_out():
+    """predictor_report reads load_held_out: it must be the text training never saw."""
+    from offload_engine.predictor.data import load_held_out
+
+    corpus = resolve_corpus([*SPECS, "stdlib:email/*.py"], seed=3)  # >= 10 files: held out by name
+    trained = load_sequences([], tiny_tokenizer(), 64, 12, 2, seed=3, corpus=corpus)
+    held = load_held_out([], tiny_tokenizer(), 64, 2, seed=3, corpus=corpus)
+    assert held.shape == (2, 64)
+    assert torch.equal(held, trained.held_out)
+    train_rows = {tuple(row.tolist()) for row in trained.train}
+    assert not any(tuple(row.tolist()) in train_rows for row in held)

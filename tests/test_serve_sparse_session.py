@@ -74,10 +74,11 @@ def policy_state(policy, length: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("policy", REWINDABLE)
-@pytest.mark.parametrize("kept", [40, 23], ids=["whole-prompt", "mid-prompt"])
+@pytest.mark.parametrize("kept", [40, 23, 1], ids=["whole-prompt", "mid-prompt", "inside-sinks"])
 def test_continuation_and_sparse_decode_equal_a_fresh_prefill(adapter, policy, kept):
     """Cache a 40-token prompt and its answer, rewind to ``kept`` tokens (23: inside a quest page,
-    inside the window ring), continue with 21 new tokens and decode 8 selecting steps."""
+    inside the window ring; 1: inside the sinks), continue with 21 new tokens and decode 8 selecting
+    steps."""
     eng, ref = engine(adapter, policy), engine(adapter, policy)
     session = Session(eng)
     first = ids(40, 0)

@@ -122,7 +122,7 @@ class WorkingSet:
         sinks = range(start, max(start, min(self.sinks, end)))
         keys[:, sinks.start:sinks.stop] = k[:, : len(sinks)]
         values[:, sinks.start:sinks.stop] = v[:, : len(sinks)]
-        first = max(start, self.sinks, end - self.window)
+        first = min(end, max(start, self.sinks, end - self.window))
         ring = torch.arange(first, end, device=self.device)
         slots = self.sinks + ring % self.window
         keys[:, slots], values[:, slots] = k[:, first - start:], v[:, first - start:]

@@ -18,7 +18,7 @@ from offload_engine.stats import GenerationStats
 
 from tiny_models import tiny_model
 
-REWINDABLE = ["tokenbutler", "quest", "critical(quest)", "streaming", "oracle"]
+REWINDABLE = ["tokenbutler", "quest", "critical(quest)", "critical(tokenbutler)", "streaming", "oracle", "random"]
 SINKS, WINDOW, BUDGET = 2, 8, 16  # at 40+ tokens every selecting layer picks 6 of 30+ candidates
 INTERVAL = 2  # selections are reused every other step: the planner's step count must start over too
 GREEDY = SamplingConfig(max_new_tokens=6, ignore_eos=True)  # 5 decode steps: an odd count
@@ -37,7 +37,7 @@ def engine(adapter: ModelAdapter, policy: str) -> Engine:
     selection = SelectionConfig(policy=policy, budget=Budget(tokens=BUDGET), sinks=SINKS, window=WINDOW,
                                 interval=INTERVAL)
     config = EngineConfig(context=160, mode=KVMode.SPARSE_OFFLOAD, selection=selection, prefill_chunk=4)
-    if policy == "tokenbutler":  # a random predictor of the tiny model's shape: the same one in every engine
+    if "tokenbutler" in policy:  # a random predictor of the tiny model's shape: the same one in every engine
         torch.manual_seed(0)
         predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
         return Engine(adapter, config, policy=build_policy(policy, predictor=predictor.eval()))

@@ -1,12 +1,17 @@
 """Load on ``tbrun serve``: latency percentiles for sequential and concurrent clients, prefix reuse
-over a conversation, and the server's host memory before and after many requests.
+over a conversation, and the server's host memory before and after many requests; then prefix
+reuse with offloaded sparse decode over a conversation about a long document.
 
 Starts ``tbrun serve`` on a free port of 127.0.0.1 (or uses ``--url``), drives it with the
 ``openai`` client over streaming chat requests, and measures on the client side the time to the
 first token (TTFT) and the time between tokens (ms per step); the server's own per-request
 statistics (the ``tbrun`` field) are kept beside them. The memory phase sends ``--memory-requests``
 requests and compares the server's resident set size (psutil) after them with the one after the
-warm-up: it must stay within 5%. Every request loop is bounded, and only 127.0.0.1 is contacted.
+warm-up: it must stay within 5%. The sparse phase starts a second server (``--sparse-args``,
+default TokenButler at a 10% budget), sends a ``--document-words`` document with a question and
+follow-ups, then replays the last turn after an unrelated request has replaced the cache, so the
+same prompt's TTFT is measured with and without reuse. Every request loop is bounded, and only
+127.0.0.1 is contacted.
 
     nice -n 5 python -m tbrun_bench.serve_load --out bench/reports
 """
@@ -34,6 +39,11 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What i
              "Say hello in Spanish.", "What do bees make?", "Which planet is red?"]
 FOLLOW_UPS = ["Tell me more.", "Why is that?", "Give one more example.", "Summarise that in one sentence."]
 FLAT_LIMIT = 0.05  # the RSS after the memory phase may exceed the one before by at most 5%
+SPARSE_ARGS = "--offload --policy tokenbutler --budget 10%"
+DOC_SUBJECTS = ["the harbour", "the old mill", "the north bridge", "the library", "the market", "the observatory"]
+DOC_EVENTS = ["was repaired", "was painted", "was inspected", "changed owners", "was flooded", "reopened"]
+DOCUMENT_QUESTION = "According to the records, what happened to the library most recently?"
+DOCUMENT_FOLLOW_UPS = ["And the harbour?", "Which place changed owners first?", "Summarise the records in one sentence."]
 
 
 def start_server(context: str, extra: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -132,6 +142,61 @@ def conversation(client, turns: int, max_tokens: int) -> list[dict]:
     return rows
 
 
+def document(words: int) -> str:
+    """A deterministic log of events, about ``words`` words (roughly as many tokens), to ask about."""
+    lines, year = [], 1800
+    while sum(len(line.split()) for line in lines) < words:
+        i = len(lines)
+        year += 1 + (i * 7) % 3
+        lines.append(f"In {year}, {DOC_SUBJECTS[i % len(DOC_SUBJECTS)]} {DOC_EVENTS[(i * 5) % len(DOC_EVENTS)]}.")
+    return "Town records:\n" + "\n".join(lines)
+
+
+def document_conversation(client, text: str, max_tokens: int) -> dict:
+    """Turns over a long document, each sending the whole history; then the last turn again after an
+    unrelated request replaced the cache (a full prefill of the same prompt)."""
+    messages, rows = [], []
+    for turn, question in enumerate([DOCUMENT_QUESTION, *DOCUMENT_FOLLOW_UPS]):
+        messages.append({"role": "user", "content": f"{text}\n\n{question}" if turn == 0 else question})
+        result = timed_chat(client, messages, max_tokens)
+        rows.append(_turn_row(turn + 1, result))
+        messages.append({"role": "assistant", "content": result["text"]})
+    messages.pop()
+    client.completions.create(model="default", prompt="Zebras", max_tokens=2, temperature=0)  # replaces the cache
+    fresh = _turn_row(len(rows), timed_chat(client, messages, max_tokens))
+    return {"turns": rows, "last_turn_fresh": fresh}
+
+
+def _turn_row(turn: int, result: dict) -> dict:
+    server = result["server"]
+    return {"turn": turn, "prompt_tokens": server.get("prompt_tokens"), "prefill_tokens": server.get("prefill_tokens"),
+            "prefill_tokens_saved": server.get("prefill_tokens_saved"), "ttft_ms": result["ttft_ms"],
+            "prefill_seconds": server.get("prefill_seconds"), "server_ms_per_step": server.get("ms_per_step"),
+            "h2d_bytes_per_step": server.get("h2d_bytes_per_step"), "notes": server.get("notes", [])}
+
+
+def sparse_phase(args) -> dict:
+    """The document conversation on a server started with ``--sparse-args``."""
+    import openai
+
+    extra = [*args.sparse_args.split(), *args.server_arg]
+    process, url = start_server(args.sparse_context, extra,
+                                Path(tempfile.gettempdir()) / "tbrun_serve_load.sparse.server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+        health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=10).read())
+        timed_chat(client, [{"role": "user", "content": "Hi"}], 2)  # warm-up, not counted
+        started = time.perf_counter()
+        conversation = document_conversation(client, document(args.document_words), args.max_tokens)
+        return {"server": {**{k: health[k] for k in ("model", "mode", "policy", "context")},
+                           "options": " ".join(extra)},
+                "document_words": args.document_words, "max_tokens": args.max_tokens,
+                "seconds": time.perf_counter() - started, **conversation}
+    finally:
+        process.send_signal(2)
+        process.wait(timeout=120)
+
+
 def memory(client, pid: int, warmup: int, count: int, max_tokens: int) -> dict:
     process = psutil.Process(pid)
     for i in range(warmup):
@@ -159,6 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--turns", type=int, default=4, help="turns of the conversation")
     parser.add_argument("--memory-requests", type=int, default=200)
     parser.add_argument("--memory-max-tokens", type=int, default=4)
+    parser.add_argument("--sparse-args", default=SPARSE_ARGS, help="options of the sparse phase's server ('' skips it)")
+    parser.add_argument("--sparse-context", default="4096", help="--context of the sparse phase's server")
+    parser.add_argument("--document-words", type=int, default=1500, help="words of the sparse phase's document")
     parser.add_argument("--out", type=Path, default=Path("bench/reports"))
     args = parser.parse_args(argv)
 
@@ -186,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
         if process is not None:
             process.send_signal(2)  # Ctrl-C: the server's clean shutdown
             process.wait(timeout=120)
+    if args.sparse_args.strip() and not args.url:
+        report["sparse_reuse"] = sparse_phase(args)
     write_json(args.out / "serve_load.json", report)
     (args.out / "serve_load.md").write_text(markdown(report))
     print(markdown(report))
@@ -219,7 +289,31 @@ def markdown(report: dict) -> str:
         f"RSS after {mem['warmup_requests']} warm-up requests: {mem['rss_before_bytes'] / 2**20:.1f} MiB; after "
         f"{mem['requests']} more: {mem['rss_after_bytes'] / 2**20:.1f} MiB ({100 * mem['growth']:+.2f}%, "
         f"{'flat' if mem['flat_within_5_percent'] else 'NOT flat'} within 5%).", "",
+        *(sparse_markdown(report["sparse_reuse"]) if "sparse_reuse" in report else []),
     ])
+
+
+def sparse_markdown(sparse: dict) -> list[str]:
+    server = sparse["server"]
+    rows = [[r["turn"], r["prompt_tokens"], r["prefill_tokens"], r["prefill_tokens_saved"], fmt(r["ttft_ms"]),
+             fmt(r["server_ms_per_step"]), fmt((r["h2d_bytes_per_step"] or 0) / 1024)]
+            for r in sparse["turns"]]
+    fresh = sparse["last_turn_fresh"]
+    rows.append([f"{fresh['turn']} again, cache replaced", fresh["prompt_tokens"], fresh["prefill_tokens"],
+                 fresh["prefill_tokens_saved"], fmt(fresh["ttft_ms"]), fmt(fresh["server_ms_per_step"]),
+                 fmt((fresh["h2d_bytes_per_step"] or 0) / 1024)])
+    return [
+        "## Prefix reuse with offloaded sparse decode", "",
+        f"A second server: {server['model']}, {server['mode']} / {server['policy']}, context {server['context']} "
+        f"(`{server['options']}`). A conversation about a {sparse['document_words']}-word document, "
+        f"{sparse['max_tokens']} tokens per answer, each turn sending the whole history. An answer decoded while "
+        "layers selected tokens is prefilled again with the next message (its KV came from sparse attention), "
+        "so every turn answers as a fresh prefill would. The last row sends the last turn again after an "
+        f"unrelated request replaced the cache: the same prompt without reuse. Phase time: {sparse['seconds']:.0f} s.",
+        "",
+        markdown_table(["turn", "prompt tokens", "prefilled", "saved", "TTFT ms", "server ms/step",
+                        "KiB moved/step"], rows), "",
+    ]
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-    One request decodes at a time; a chat that goes on prefills only its new tokens (prefix reuse,
-    in the dense modes). Ctrl-C stops the server and frees the KV cache.
+    One request decodes at a time; a chat that goes on prefills only its new tokens (prefix reuse;
+    not with h2o, snapkv or sliding-window models). Ctrl-C stops the server and frees the KV cache.
     """
     import uvicorn
 

@@ -7,9 +7,17 @@ answer) and the token ids that KV belongs to. The next prompt's longest common p
 ids is kept (``backend.rewind``); only the tokens after it are run through the layers, each layer's
 new queries attending to the cached prefix KV and to their own (``continuation_attention``).
 
-Dense-device and dense-offload backends can rewind; the sparse-offload backend cannot (its
-policy and working set hold per-sequence state), so there every request is a full prefill and
-``PrefixReuse.note`` says so. Batch size 1: one caller at a time (the server's worker thread).
+Every backend can rewind, reading the prefix KV back from where it keeps it (the host store in
+the offload modes). Sparse offload also rebuilds its working set and its policy's state for the
+kept prefix, and offers for reuse only positions whose KV a prefill would have computed
+(``backend.reusable_tokens``): tokens decoded while layers selected were made from sparse
+attention, so they are prefilled again and the answer stays the one a fresh prefill of the whole
+conversation gives. Where a backend cannot rewind (sliding-window layers; a policy whose state
+comes from the prompt's attention, H2O or SnapKV) every request is a full prefill and
+``PrefixReuse.note`` says why. Batch size 1: one caller at a time (the server's worker thread).
+
+The session owns the engine's policy object while it holds a sparse backend (the backend bound
+it): do not run ``Engine.generate`` on the same engine meanwhile.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from .engine import Engine, GenerationResult, ProgressCallback, TokenCallback, _
 from .profiling import PhaseClock
 from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
 
-NO_REUSE_NOTE = "prefix reuse is not available in {mode} mode: every request prefills its whole prompt"
+NO_REUSE_NOTE = "prefix reuse is not available in {mode} mode ({reason}): every request prefills its whole prompt"
 
 
 class StopGeneration(Exception):
@@ -112,14 +120,16 @@ class Session:
             return self._backend, PrefixReuse(reused, len(prompt) - reused)
         self.close()
         self._backend = self.engine._new_backend(clock)
-        note = NO_REUSE_NOTE.format(mode=self.engine.config.mode.value) if not self._backend.rewind(0) else ""
+        reason = self._backend.cannot_rewind()
+        note = NO_REUSE_NOTE.format(mode=self.engine.config.mode.value, reason=reason) if reason else ""
         return self._backend, PrefixReuse(0, len(prompt), note)
 
     def _keep(self, prompt: list[int], generated: list[int], reason: str) -> None:
         """Remember which tokens the KV holds: the prompt and every generated token but the last
-        (the last one was sampled, never fed). A cancelled generation, or a backend that could not
-        continue anyway, frees its KV now."""
+        (the last one was sampled, never fed) that it offers for reuse. A cancelled generation, or
+        a backend that could not continue anyway, frees its KV now."""
         cached = prompt + generated[:-1]
+        cached = cached[: self._backend.reusable_tokens(len(cached))]
         if reason == "cancelled" or not self._backend.rewind(len(cached)):
             self.close()
             return

@@ -352,3 +352,33 @@ def test_engine_with_cuda_bookkeeping_forced_gives_the_cpu_tokens(forced_cuda_bo
     assert forced_cuda_bookkeeping and all(p.cuda for p in forced_cuda_bookkeeping)
     monkeypatch.undo()
     assert forced == run()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("policy", ["quest", "streaming"])
+def test_sparse_prefix_reuse_with_cuda_bookkeeping_forced_gives_the_cpu_tokens(forced_cuda_bookkeeping, monkeypatch,
+                                                                               policy):
+    """A follow-up turn through ``Session`` (rewind drains the write-backs, the continuation writes back
+    through the write-back stream) gives what the plain CPU path gives, and reuses the same prefix."""
+    from offload_engine import Budget, Engine, EngineConfig, SamplingConfig, SelectionConfig
+    from offload_engine.models import ModelAdapter
+    from offload_engine.session import Session
+
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4, initializer_range=0.2))
+    prompt = torch.randint(0, 320, (41,), generator=torch.Generator().manual_seed(5)).tolist()
+    greedy = SamplingConfig(max_new_tokens=6, ignore_eos=True)
+
+    def run() -> tuple[list[int], int]:
+        selection = SelectionConfig(policy=policy, budget=Budget(tokens=16), sinks=2, window=4)
+        session = Session(Engine(adapter, EngineConfig(context=96, mode="sparse-offload", selection=selection,
+                                                       prefill_chunk=16)))
+        first, _ = session.generate(prompt, greedy)
+        second, reuse = session.generate(prompt[:30] + first.token_ids + [7, 8, 9], greedy)
+        session.close()
+        return second.token_ids, reuse.reused_tokens
+
+    forced = run()
+    assert forced_cuda_bookkeeping and all(p.cuda for p in forced_cuda_bookkeeping)
+    assert forced[1] == 30
+    monkeypatch.undo()
+    assert forced == run()

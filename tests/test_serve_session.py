@@ -1,5 +1,6 @@
 """Prefix reuse (offload_engine.session) on tiny random models: a follow-up prompt prefills only its
-new tokens and gives what a fresh prefill of the whole prompt gives."""
+new tokens and gives what a fresh prefill of the whole prompt gives (dense modes; sparse offload:
+test_serve_sparse_session.py)."""
 
 from __future__ import annotations
 
@@ -78,18 +79,6 @@ def test_a_repeated_prompt_prefills_its_last_token_only(adapter, one_thread):
     again, reuse = session.generate(prompt, GREEDY)
     assert (reuse.reused_tokens, reuse.prefilled_tokens) == (16, 1)
     assert again.token_ids == first.token_ids
-
-
-def test_sparse_offload_falls_back_to_a_full_prefill_and_says_so(adapter, one_thread):
-    eng = engine(adapter, KVMode.SPARSE_OFFLOAD)
-    session = Session(eng)
-    first, _ = session.generate(ids(40, 4), GREEDY)
-    assert session.cached_tokens == 0  # nothing kept: the sparse backend cannot continue
-    follow_up = ids(40, 4) + first.token_ids + ids(5, 5)
-    second, reuse = session.generate(follow_up, GREEDY)
-    assert reuse.reused_tokens == 0 and "not available in sparse-offload" in reuse.note
-    assert reuse.note in second.stats.notes
-    assert second.token_ids == eng.generate(follow_up, GREEDY).token_ids
 
 
 def test_a_cancelled_generation_frees_its_kv_and_a_stopped_one_keeps_it(adapter, one_thread):

@@ -57,9 +57,18 @@ class KVBackend:
     # ------------------------------------------------------- prefix reuse (tbrun serve)
     def rewind(self, length: int) -> bool:
         """Keep positions ``[0, length)`` and forget the rest, so the sequence can go on from
-        ``length`` with ``extend_layer``. Returns False when this backend cannot (its policy or
-        working set hold per-sequence state): the caller then builds a new one."""
+        ``length`` with ``extend_layer``. Returns False when this backend cannot (``cannot_rewind``
+        says why): the caller then builds a new one."""
         return False
+
+    def cannot_rewind(self) -> str:
+        """Why ``rewind`` returns False, in words for the user; "" when it can rewind."""
+        return "this KV backend keeps no reusable prefix"
+
+    def reusable_tokens(self, held: int) -> int:
+        """How many of the first ``held`` positions a later prompt may reuse: those whose KV is what
+        a prefill of the same tokens computes (all of them in the dense modes)."""
+        return held
 
     def prefix_kv(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored k, v ``[KvH, length, D]`` of positions ``[0, length)`` of ``layer``, on the

@@ -53,8 +53,13 @@ class DenseDeviceKV(KVBackend):
         return DecodeKV(self.keys[layer][:, :end], self.values[layer][:, :end], None)
 
     def rewind(self, length: int) -> bool:
-        # positions past ``length`` are overwritten before they are read; a ring cannot go back
-        return bool(self.keys) and not self.local.windows
+        # positions past ``length`` are overwritten before they are read
+        return not self.cannot_rewind()
+
+    def cannot_rewind(self) -> str:
+        if self.local.windows:
+            return "its sliding-window layers keep rings, which cannot go back"
+        return "" if self.keys else "its KV is freed"
 
     def prefix_kv(self, layer, length):
         return self.keys[layer][:, :length], self.values[layer][:, :length]

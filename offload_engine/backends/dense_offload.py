@@ -108,8 +108,13 @@ class DenseOffloadKV(KVBackend):
     def h2d_bytes_per_step(self) -> list[int]:
         return list(self._moved)
 
+    def cannot_rewind(self) -> str:
+        if self.local.windows:
+            return "its sliding-window layers keep rings, which cannot go back"
+        return "its KV is freed" if self.host.closed else ""
+
     def rewind(self, length: int) -> bool:
-        if self.host.closed or self.local.windows:  # a ring cannot go back: sliding models prefill again
+        if self.cannot_rewind():
             return False
         self.prefetcher.drain()  # the earlier sequence's write-backs have landed before the prefix is read
         self._moved = []

@@ -14,6 +14,17 @@ Fragments moved are counted on the device, per step, and read back once per gene
 Sliding-window layers (``LocalRings``) keep their window on the device: no host store, no
 working set, no selection; the policy still observes their tokens (a predictor's producer may
 be a local layer) but the planner never selects for them.
+
+Prefix reuse (``tbrun serve``): the host store holds every token's K/V, so ``rewind(n)`` puts the
+sinks and the last W tokens before ``n`` back into the working set from it, empties every
+selected slot (the next step fetches what it selects, as after a prefill), starts the planner
+over and rewinds the policy (``Policy.supports_rewind``: state that is a function of the KV
+alone). ``extend_layer`` then stores a continuation chunk like a prompt chunk, at its positions.
+Only positions whose KV a prefill would have computed are offered for reuse
+(``reusable_tokens``): a token decoded while some layer selected has K/V made from sparse
+attention, which a fresh prefill of the same conversation would not reproduce. Models with
+sliding-window layers (a ring cannot go back) and policies whose state comes from the prompt's
+attention (H2O, SnapKV) cannot rewind: the session prefills the whole prompt again.
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ class SparseOffloadKV(KVBackend):
         self._step = 0
         self._moved_on_host: list[int] = []  # fragments per step, counts known on the host
         self._moved_on_device = torch.zeros(capacity + 1, dtype=torch.long, device=device)  # per step
+        self._exact_upto = 0  # positions [0, n) hold the K/V a dense prefill of their tokens computes
 
     @property
     def notes(self) -> list[str]:
@@ -72,6 +84,7 @@ class SparseOffloadKV(KVBackend):
 
     # ----------------------------------------------------------------------------- prefill
     def prefill_layer(self, layer, x, q, k, v):
+        self._exact_upto = k.shape[1]
         if layer in self.local:
             self.local.prefill(layer, k, v)
             self.policy.observe_prefill(layer, x, q, k, v)
@@ -85,6 +98,8 @@ class SparseOffloadKV(KVBackend):
         self._moved_on_host.append(0)
         with self.clock.phase("selection"):
             orders = self.planner.begin_step(position)
+        if self.planner.attends_everything and self._exact_upto == position:
+            self._exact_upto = position + 1  # every layer attends every token: the K/V a prefill computes
         self._issue(orders)
 
     def decode_layer(self, layer, position, x, q, k, v):
@@ -148,6 +163,59 @@ class SparseOffloadKV(KVBackend):
     def h2d_bytes_per_step(self) -> list[int]:
         on_device = self._moved_on_device[: self._step].tolist()  # the one read-back, at the end
         return [(host + dev) * self._fragment_bytes for host, dev in zip(self._moved_on_host, on_device)]
+
+    # ------------------------------------------------------------------------- prefix reuse
+    def cannot_rewind(self) -> str:
+        if self.host.closed:
+            return "its KV is freed"
+        if self.local.windows:
+            return "its sliding-window layers keep rings, which cannot go back"
+        if not self.policy.supports_rewind:
+            name = getattr(self.policy, "label", self.policy.name)
+            return f"policy {name} scores from the prompt's attention, which a continuation cannot rebuild"
+        return ""
+
+    def rewind(self, length: int) -> bool:
+        if self.cannot_rewind():
+            return False
+        self.prefetcher.drain()  # every write-back has landed before the host store is read
+        self._exact_upto = min(self._exact_upto, length)
+        self.working_set.forget()
+        self._restore_fixed(length)
+        self.policy.rewind(length)
+        self.planner.reset()
+        self._step, self._moved_on_host = 0, []
+        self._moved_on_device.zero_()
+        return True
+
+    def _restore_fixed(self, length: int) -> None:
+        """The sinks and the last W tokens before ``length``, from the host store into the working set."""
+        sinks = min(self.working_set.sinks, length)
+        ranges = [(0, sinks), (max(sinks, length - self.working_set.window), length)]
+        for layer in self.host.layers:
+            for lo, hi in ranges:
+                if hi > lo:
+                    self.working_set.write_range(layer, lo, *self._stored(layer, lo, hi))
+
+    def _stored(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v ``[KvH, hi - lo, D]`` of positions ``[lo, hi)`` on the device: one contiguous
+        token-major host range per tensor, turned on the device."""
+        keys = self.host.token_keys[layer][lo:hi].to(self.device).transpose(0, 1)
+        values = self.host.token_values[layer][lo:hi].to(self.device).transpose(0, 1)
+        return keys, values
+
+    def prefix_kv(self, layer, length):
+        return self._stored(layer, 0, length)
+
+    def extend_layer(self, layer, start, x, q, k, v):
+        if self._exact_upto == start:
+            self._exact_upto = start + k.shape[1]
+        self.prefetcher.write_back(lambda: self.host.write(layer, start, k, v, non_blocking=True), k, v)
+        self.working_set.write_range(layer, start, k, v)
+        self.policy.observe_extend(layer, start, x, q, k, v)
+
+    def reusable_tokens(self, held: int) -> int:
+        return min(held, self._exact_upto)
 
     def device_kv_bytes(self) -> int:
         return (self.working_set.nbytes if self.working_set is not None else 0) + self.local.nbytes

@@ -7,7 +7,8 @@ regions along the slot axis:
     [ sinks (S) | local-window ring (W) | selected slots (n_sel) | trash (1) ]
 
 and the attention mask ``valid [Lb, KvH, S + W + n_sel + 1]``. Sinks and the window are written
-from tokens computed on the device (in prefill and decode) and are never fetched from the host.
+from tokens computed on the device (in prefill and decode) and are never fetched from the host,
+except once after a rewind (prefix reuse), when the kept prefix's are read back from the host store.
 The selected slots are filled by the prefetcher following the bank's ``ResidencyMap``, which
 writes the selected region of ``valid`` in place; the sink and window regions of ``valid`` are
 written once per step for every layer at once. The trash slot absorbs padding copies and is
@@ -109,19 +110,35 @@ class WorkingSet:
 
     def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put the prompt's sinks and last W tokens in place. k, v ``[KvH, T, D]`` on the device."""
-        length = k.shape[1]
+        self.write_range(layer, 0, k, v)
+
+    def write_range(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens at positions ``[start, end)`` (k, v ``[KvH, end - start, D]`` on the device) whose
+        place is a sink or the ring once the sequence is ``end`` long: the sinks among them and the
+        last W. The ring's older slots keep what they hold (a prefix continued after ``rewind``)."""
+        end = start + k.shape[1]
         bank = self.bank_of[layer]
         keys, values = bank.keys[bank.index[layer]], bank.values[bank.index[layer]]
-        n_sinks = min(self.sinks, length)
-        keys[:, :n_sinks], values[:, :n_sinks] = k[:, :n_sinks], v[:, :n_sinks]
-        first = min(length, max(self.sinks, length - self.window))
-        ring = torch.arange(first, length, device=self.device)
+        sinks = range(start, max(start, min(self.sinks, end)))
+        keys[:, sinks.start:sinks.stop] = k[:, : len(sinks)]
+        values[:, sinks.start:sinks.stop] = v[:, : len(sinks)]
+        first = min(end, max(start, self.sinks, end - self.window))
+        ring = torch.arange(first, end, device=self.device)
         slots = self.sinks + ring % self.window
-        keys[:, slots], values[:, slots] = k[:, first:length], v[:, first:length]
+        keys[:, slots], values[:, slots] = k[:, first - start:], v[:, first - start:]
         if layer == self.first_layer:
-            self.sink_pos[:n_sinks] = torch.arange(n_sinks, device=self.device)
+            self.sink_pos[sinks.start:sinks.stop] = torch.arange(sinks.start, sinks.stop, device=self.device)
             self.ring_pos[ring % self.window] = ring
             self._publish_fixed()
+
+    def forget(self) -> None:
+        """Back to holding no token (before a ``rewind`` puts the kept prefix back): positions and
+        masks cleared, every selected slot empty. K/V stay as they are, unattended."""
+        self.sink_pos.fill_(-1)
+        self.ring_pos.fill_(-1)
+        for bank in self.banks:
+            bank.residency.clear()
+        self._publish_fixed()
 
     def begin_step(self, position: int) -> None:
         """Position bookkeeping of the token about to be decoded, once for every layer."""

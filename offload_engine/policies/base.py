@@ -66,6 +66,11 @@ class Policy:
     # What scores mean, for wrappers that turn them into an attention-like distribution:
     # "logit" (softmax of them is attention-like) or "mass" (non-negative, proportional to it).
     score_kind: ClassVar[str] = "logit"
+    # Prefix reuse (``tbrun serve``): the state is a function of the stored K/V (and x, q) of each
+    # position alone, so ``rewind`` and ``observe_extend`` rebuild exactly what a prefill of the
+    # whole sequence gives. False for state made from the prompt's attention (H2O, SnapKV): a
+    # continuation cannot reproduce it, and the session prefills the whole prompt again.
+    supports_rewind: ClassVar[bool] = False
 
     def bind(self, ctx: PolicyContext) -> None:
         """Called once before prefill: allocate per-sequence state sized by ``ctx.capacity``."""
@@ -85,6 +90,21 @@ class Policy:
 
         x ``[T, E]`` attention input; q ``[H, T, D]``; k, v ``[KvH, T, D]`` (q and k post-RoPE).
         """
+
+    def rewind(self, length: int) -> None:
+        """Forget positions ``length`` and after (only called when ``supports_rewind``): the next
+        tokens arrive through ``observe_extend`` at ``length``. Stateless policies keep the default."""
+        if not self.supports_rewind:
+            raise NotImplementedError(f"policy {self.name!r} cannot rewind (its state comes from prefill attention)")
+
+    def observe_extend(
+        self, layer: int, start: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """More prompt tokens after a ``rewind(start)``: positions ``start..start+T-1``, the shapes of
+        ``observe_prefill``. Must leave the state a prefill of positions ``0..start+T-1`` leaves.
+        The default serves policies with no per-position state."""
+        if not self.supports_rewind:
+            raise NotImplementedError(f"policy {self.name!r} cannot extend a rewound sequence")
 
     def observe_decode(
         self, layer: int, position: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

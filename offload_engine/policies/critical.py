@@ -70,6 +70,10 @@ class CriticalPolicy(Policy):
     def wants_attention(self) -> bool:  # type: ignore[override]
         return self.base.wants_attention
 
+    @property
+    def supports_rewind(self) -> bool:  # type: ignore[override]
+        return self.base.supports_rewind  # value norms are per token
+
     def dense_layers(self) -> frozenset[int]:
         return self.base.dense_layers()
 
@@ -90,10 +94,21 @@ class CriticalPolicy(Policy):
 
     def observe_prefill(self, layer, x, q, k, v) -> None:
         self.base.observe_prefill(layer, x, q, k, v)
+        self._write_norms(layer, 0, v)
+
+    def rewind(self, length: int) -> None:
+        self.base.rewind(length)  # norms past ``length`` are rewritten before they are read
+
+    def observe_extend(self, layer, start, x, q, k, v) -> None:
+        self.base.observe_extend(layer, start, x, q, k, v)
+        self._write_norms(layer, start, v)
+
+    def _write_norms(self, layer: int, start: int, v: torch.Tensor) -> None:
+        """Value norms of v ``[KvH, T, D]`` at positions ``start..start+T-1``, ``NORM_CHUNK`` tokens at a time."""
         w_o = self.ctx.adapter.output_projection(layer)
-        for start in range(0, v.shape[1], NORM_CHUNK):
-            chunk = v[:, start : start + NORM_CHUNK]
-            self.norms[layer][:, start : start + chunk.shape[1]] = value_norms(chunk, w_o)
+        for offset in range(0, v.shape[1], NORM_CHUNK):
+            chunk = v[:, offset : offset + NORM_CHUNK]
+            self.norms[layer][:, start + offset : start + offset + chunk.shape[1]] = value_norms(chunk, w_o)
 
     def observe_decode(self, layer, position, x, q, k, v) -> None:
         self.base.observe_decode(layer, position, x, q, k, v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,7 @@ class DensePolicy(Policy):
     token that leaves the window per step), which is what the exactness tests exercise."""
 
     name = "dense"
+    supports_rewind: ClassVar[bool] = True  # no state
 
     def dense_layers(self) -> frozenset[int]:
         return frozenset(range(self.ctx.dims.num_layers))

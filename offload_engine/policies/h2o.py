@@ -33,6 +33,9 @@ class H2OPolicy(Policy):
     out per step, so the live set stays at ``keep`` tokens, like H2O's fixed-size cache. A growing
     (fractional) budget gives its new room to tokens that leave the local window, never to evicted
     ones. Sinks and window tokens are attended, so they are never evicted while protected.
+
+    No prefix reuse (``supports_rewind`` False): the prompt's column sums cover every later query of
+    the prompt, which a continuation's queries would have to add to tokens already evicted or not.
     """
 
     chunk_elements: int = 1 << 24  # logits materialised at once in the prefill column sums

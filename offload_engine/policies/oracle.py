@@ -39,6 +39,7 @@ class OraclePolicy(Policy):
     name: ClassVar[str] = "oracle"
     evaluation_only: ClassVar[bool] = True
     score_kind: ClassVar[str] = "logit"
+    supports_rewind: ClassVar[bool] = True  # no state: it reads the host store
 
     def score(self, layer: int, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
         """q ``[H, D]`` -> log-probabilities ``[KvH, n]`` float32, max over the group's heads."""

@@ -32,6 +32,7 @@ class QuestPolicy(Policy):
 
     name: ClassVar[str] = "quest"
     score_kind: ClassVar[str] = "logit"
+    supports_rewind: ClassVar[bool] = True  # page bounds are a function of the stored keys
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -50,6 +51,23 @@ class QuestPolicy(Policy):
 
     def observe_prefill(self, layer, x, q, k, v) -> None:
         self.absorb(layer, 0, k)
+
+    def observe_extend(self, layer, start, x, q, k, v) -> None:
+        self.absorb(layer, start, k)
+
+    def rewind(self, length: int) -> None:
+        """Empty the pages from the one holding ``length`` on; a page cut by ``length`` gets its
+        bounds again from the keys of ``[page start, length)`` in the host store."""
+        if self.ctx.local_layers:
+            raise RuntimeError("quest cannot rewind a model with sliding-window layers (their keys are not stored)")
+        page = length // self.page_size
+        first = page * self.page_size
+        for layer in range(self.ctx.dims.num_layers):
+            self.kmin[layer][:, page:] = float("inf")
+            self.kmax[layer][:, page:] = float("-inf")
+            if first < length:
+                stored = self.ctx.host_store.token_keys[layer][first:length]  # [n, KvH, D], one contiguous range
+                self.absorb(layer, first, stored.to(self.ctx.device).transpose(0, 1))
 
     def observe_decode(self, layer, position, x, q, k, v) -> None:
         self.absorb(layer, position, k.unsqueeze(1))

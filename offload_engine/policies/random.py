@@ -29,6 +29,7 @@ class RandomPolicy(Policy):
 
     name: ClassVar[str] = "random"
     score_kind: ClassVar[str] = "mass"
+    supports_rewind: ClassVar[bool] = True  # no state: draws depend on (seed, layer, position)
 
     def score(self, layer: int, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
         generator = torch.Generator(device=q.device)

@@ -36,6 +36,9 @@ class SnapKVPolicy(Policy):
 
     The table is filled for every position at ``bind``/prefill time, so decode only reads it.
     Device state per layer: ``[KvH, capacity]`` float32.
+
+    No prefix reuse (``supports_rewind`` False): the observation window is the end of the whole
+    prompt, so a longer prompt votes again over every earlier token.
     """
 
     window: int = 32

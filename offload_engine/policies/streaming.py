@@ -11,6 +11,7 @@ the token that just left the recent region is new, so the delta fetch moves one 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +23,7 @@ class StreamingPolicy(Policy):
     """Sinks + the most recent tokens, within the budget."""
 
     name = "streaming"
+    supports_rewind: ClassVar[bool] = True  # no state
 
     def fixed_selection(self, candidates: Candidates) -> torch.Tensor:
         """The ``keep`` most recent candidates: what ``score``'s top-k picks, with no top-k."""

@@ -102,6 +102,7 @@ class TokenButlerPolicy(Policy):
 
     name: ClassVar[str] = "tokenbutler"
     plans_ahead: ClassVar[bool] = True
+    supports_rewind: ClassVar[bool] = True  # projected keys are per token
 
     def __post_init__(self) -> None:
         if self.random_weights and (self.predictor is not None or self.predictor_path is not None):
@@ -157,10 +158,18 @@ class TokenButlerPolicy(Policy):
     def is_producer(self, layer: int) -> bool:
         return self.predictor is not None and self.predictor.is_producer(layer)
 
-    @torch.no_grad()
+    def rewind(self, length: int) -> None:
+        """Projected keys past ``length`` are rewritten before they are read; the producers' queries
+        belong to the sequence that is gone."""
+        self._queries = {}
+
     def observe_prefill(self, layer, x, q, k, v) -> None:
+        self.observe_extend(layer, 0, x, q, k, v)
+
+    @torch.no_grad()
+    def observe_extend(self, layer, start, x, q, k, v) -> None:
         if layer >= 1:
-            self.cache.write(layer, 0, self.predictor.project_keys(layer, k))
+            self.cache.write(layer, start, self.predictor.project_keys(layer, k))
 
     @torch.no_grad()
     def observe_decode(self, layer, position, x, q, k, v) -> None:

@@ -71,7 +71,15 @@ class SelectionPlanner:
         self._planned: set[int] = set()
         self.candidates: Candidates | None = None  # of the layers that select, this step
         self.position = 0
+        self.attends_everything = True  # this step every layer attends every token (no layer selects)
         self.notes: list[str] = []
+
+    def reset(self) -> None:
+        """Start over, as for a new sequence (after the backend rewound its working set)."""
+        self._selection_steps, self._predict = 0, False
+        self._taken_all.clear()
+        self._planned.clear()
+        self.candidates, self.position, self.attends_everything, self.notes = None, 0, True, []
 
     # ------------------------------------------------------------------------------ per step
     def begin_step(self, position: int) -> Orders:
@@ -89,6 +97,7 @@ class SelectionPlanner:
                 self._append(bank, candidates, orders)
             elif bank.layers[0] not in self.dense:
                 self.candidates, selecting = candidates, True
+        self.attends_everything = not selecting
         self._predict = selecting and self._selection_steps % self.interval == 0
         self._selection_steps += int(selecting)
         if self._predict and self.batched:

@@ -72,6 +72,13 @@ class ResidencyMap:
         self.appending = True
         self.held_upto: int | None = None
 
+    def clear(self) -> None:
+        """Every slot empty and inactive, appending again: the state of a new map."""
+        self.slot_pos.fill_(EMPTY)
+        self.slot_of.fill_(EMPTY)
+        self.active.fill_(False)  # in place: it may be a view of the bank's attention mask
+        self.appending, self.held_upto = True, None
+
     def update(self, selected: torch.Tensor, rows: slice = slice(None)) -> FetchPlan:
         """Make ``selected [r, k]`` (distinct positions per row, ``-1`` padding, k <= num_slots) the
         active set of ``rows``; any order. Returns the copies that bring the missing positions in;

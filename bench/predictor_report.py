@@ -24,7 +24,7 @@ from offload_engine.models import load_model
 from offload_engine.predictor.checkpoint import load_checkpoint
 from offload_engine.predictor.corpus import resolve_corpus
 from offload_engine.predictor.data import load_held_out
-from offload_engine.predictor.evaluation import evaluate
+from offload_engine.predictor.evaluation import evaluate_many
 from offload_engine.predictor.interval_eval import interval_recall
 
 from .report import machine_header, markdown_header, markdown_table, provenance, write_json
@@ -48,10 +48,16 @@ def mean_interval(values: list[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def per_sequence_recall(predictor, adapter, sequences: torch.Tensor, rows: int, seed: int) -> dict:
-    """``evaluate`` on each sequence alone, merged: the usual report (means over sequences, which are
-    the means over all rows since every sequence has as many) plus ``interval[method][budget]``."""
-    results = [evaluate(predictor, adapter, ids.unsqueeze(0), rows=rows, seed=seed + i) for i, ids in enumerate(sequences)]
+def per_sequence_recall(predictors: dict, adapter, sequences: torch.Tensor, rows: int, seed: int) -> dict[str, dict]:
+    """``evaluate_many`` on each sequence alone (one teacher pass for every predictor), merged per
+    predictor: the usual report (means over sequences, which are the means over all rows since every
+    sequence has as many) plus ``interval[method][budget]`` over sequences."""
+    per_sequence = [evaluate_many(predictors, adapter, ids.unsqueeze(0), rows=rows, seed=seed + i)
+                    for i, ids in enumerate(sequences)]
+    return {name: _merge([results[name] for results in per_sequence]) for name in predictors}
+
+
+def _merge(results: list[dict]) -> dict:
     merged = dict(results[0])
     merged["sequences"] = len(results)
     merged["loss"] = sum(r["loss"] for r in results) / len(results)
@@ -107,9 +113,11 @@ def build_report(args) -> dict:
             continue
         sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus)
         label = str(seq_len)
-        report["recall"][label] = per_sequence_recall(predictor, adapter, sequences, args.rows, args.seed)
+        predictors = {"predictor": predictor, **({"baseline": baseline} if baseline is not None else {})}
+        results = per_sequence_recall(predictors, adapter, sequences, args.rows, args.seed)
+        report["recall"][label] = results["predictor"]
         if baseline is not None:
-            report["baseline_recall"][label] = per_sequence_recall(baseline, adapter, sequences, args.rows, args.seed)
+            report["baseline_recall"][label] = results["baseline"]
         print(f"recall at {label} done", flush=True)
     if args.interval > 1:
         seq_len, count = parse_lengths(args.lengths)[0]

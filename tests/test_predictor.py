@@ -290,3 +290,16 @@ def test_interval_study_reuses_the_anchor_selection():
     assert offsets["fresh"][0] == offsets["reuse"][0]  # at the anchor, reuse is the fresh prediction
     assert all(0.0 <= value <= 1.0 + 1e-6 for values in offsets.values() for value in values)
     assert set(report["mean"]) == {"fresh", "reuse", "reuse_radius1", "reuse_runs", "reuse_radius1_2x", "reuse_runs_2x"}
+
+
+def test_several_predictors_from_one_teacher_pass_report_what_each_reports_alone():
+    adapter = peaked_adapter("qwen2")
+    torch.manual_seed(0)
+    first = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 2, 8, 32))
+    second = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 1, 16, 16))
+    sequences = random_sequences(2, 96, seed=9)
+    from offload_engine.predictor.evaluation import evaluate_many
+    together = evaluate_many({"a": first, "b": second, "none": None}, adapter, sequences, rows=16, seed=4)
+    for name, predictor in (("a", first), ("b", second), ("none", None)):
+        assert together[name] == evaluate(predictor, adapter, sequences, rows=16, seed=4)
+    assert together["a"]["recall"]["tokenbutler"] != together["b"]["recall"]["tokenbutler"]

@@ -158,3 +158,15 @@ def test_training_speed_and_recall_reports_run_on_a_tiny_model(tiny_model_dir, t
     assert recall["baseline_recall"]["64"]["recall"]["tokenbutler"] == recall["recall"]["64"]["recall"]["tokenbutler"]
     assert "95% interval over held-out sequences" in (tmp_path / "recall.md").read_text()
     assert str(tmp_path) not in json.dumps(recall["predictor"])
+    from tbrun_bench import predictor_sweep
+
+    for size in ("16x4", "8x8"):
+        predictor_sweep.main(["train", "--teacher-cache", str(cache), "--size", size, "--epochs", "2", "--rows", "8",
+                              "--model", tiny_model_dir, "--runs", str(tmp_path / "sweep")])
+    assert json.loads((tmp_path / "sweep" / "I8-d8-e2" / "config.json").read_text())["steps"] == 4
+    predictor_sweep.main(["report", "--runs", str(tmp_path / "sweep"), "--model", tiny_model_dir, "--baseline", str(out),
+                          "--corpus", "stdlib:json/*.py", "--corpus", "stdlib:email/*.py", "--lengths", "32:2",
+                          "--rows", "8", "--out", str(tmp_path / "sweep-report")])
+    sweep = json.loads((tmp_path / "sweep-report.json").read_text())
+    assert sorted(sweep["recall"]["32"]) == ["I16-d4-e2", "I8-d8-e2", "shipped"]
+    assert "| I8-d8-e2 | 8 | 8 | 4 |" in (tmp_path / "sweep-report.md").read_text()

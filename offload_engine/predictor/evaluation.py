@@ -139,38 +139,57 @@ def evaluate(
     ``predictor=None`` reports only the baselines (streaming, random, oracle_group). ``offset``
     shifts the positions (see ``teacher.layer_states``).
     """
-    generator = torch.Generator().manual_seed(seed)
-    tally = _Tally()
+    return evaluate_many({"": predictor}, adapter, sequences, rows, budgets, seed, offset)[""]
+
+
+@torch.no_grad()
+def evaluate_many(
+    predictors: dict[str, TokenButlerPredictor | None],
+    adapter: ModelAdapter,
+    sequences: torch.Tensor,
+    rows: int = 64,
+    budgets: tuple[float, ...] = BUDGETS,
+    seed: int = 0,
+    offset: int = 0,
+) -> dict[str, dict]:
+    """``evaluate`` for several predictors from one teacher pass per sequence: ``{name: report}``,
+    each report the same as ``evaluate`` of that predictor alone (every predictor draws its rows and
+    random baseline from its own generator, seeded alike)."""
+    generators = {name: torch.Generator().manual_seed(seed) for name in predictors}
+    tallies = {name: _Tally() for name in predictors}
     for ids in sequences:
-        row_index = sample_rows(ids.shape[0], rows, generator)
-        _evaluate_sequence(predictor, adapter, ids.unsqueeze(0), row_index, budgets, generator, tally, offset)
-    return _report(tally, predictor, sequences, rows, budgets, adapter.dims.num_layers)
+        row_index = [sample_rows(ids.shape[0], rows, generators[name]) for name in predictors][0]
+        _evaluate_sequence(predictors, adapter, ids.unsqueeze(0), row_index, budgets, generators, tallies, offset)
+    return {name: _report(tallies[name], predictor, sequences, rows, budgets, adapter.dims.num_layers)
+            for name, predictor in predictors.items()}
 
 
-def _evaluate_sequence(predictor, adapter, ids, rows, budgets, generator, tally, offset=0) -> None:
-    queries = {}
+def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tallies, offset=0) -> None:
+    queries = {name: {} for name in predictors}
     group = adapter.dims.group_size
     for state in layer_states(adapter, ids, offset):
         layer = state.layer
         probs = teacher_probs(state.q[:, rows], state.k, rows, adapter.scaling).cpu()
-        logits = int8_logits = None
-        if predictor is not None and layer >= 1:
-            producer = predictor.config.producer_of(layer)
-            layer_queries = queries[producer][:, layer - producer - 1]
-            keys = predictor.project_keys(layer, state.k)
-            logits = predictor.head_scores(layer_queries, keys).float().cpu()
-            int8_logits = predictor.head_scores(layer_queries, dequantize_keys(*quantize_keys(keys))).float().cpu()
-            tally.add(("loss",), float(distillation_loss(probs, logits, rows)))
-        if predictor is not None and predictor.is_producer(layer):
-            queries[layer] = predictor.importance_queries(layer, state.x[rows.to(state.x.device)])
-        section = "layer0" if layer == 0 else "consumers"
-        for fraction in budgets:
-            masks = _selections(probs, logits, rows, fraction, group, generator, int8_logits)
-            recalls, mass = _recalls(probs, masks)
-            tally.add((section, "oracle_mass", fraction), mass)
-            for method, value in recalls.items():
-                tally.add((section, method, fraction), value)
-                tally.add(("per_layer", method, fraction, layer), value)
+        for name, predictor in predictors.items():
+            tally = tallies[name]
+            logits = int8_logits = None
+            if predictor is not None and layer >= 1:
+                producer = predictor.config.producer_of(layer)
+                layer_queries = queries[name][producer][:, layer - producer - 1]
+                keys = predictor.project_keys(layer, state.k)
+                logits = predictor.head_scores(layer_queries, keys).float().cpu()
+                int8_logits = predictor.head_scores(layer_queries, dequantize_keys(*quantize_keys(keys))).float().cpu()
+                tally.add(("loss",), float(distillation_loss(probs, logits, rows)))
+            if predictor is not None and predictor.is_producer(layer):
+                queries[name][layer] = predictor.importance_queries(layer, state.x[rows.to(state.x.device)])
+            section = "layer0" if layer == 0 else "consumers"
+            for fraction in budgets:
+                masks = _selections(probs, logits, rows, fraction, group, generators[name], int8_logits)
+                recalls, mass = _recalls(probs, masks)
+                tally.add((section, "oracle_mass", fraction), mass)
+                for method, value in recalls.items():
+                    tally.add((section, method, fraction), value)
+                    tally.add(("per_layer", method, fraction, layer), value)
 
 
 def _report(tally: _Tally, predictor, sequences, rows, budgets, num_layers) -> dict:

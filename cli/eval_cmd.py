@@ -62,7 +62,7 @@ def eval_command(
     )
     command = _command_line(ctx)
     report = _run_with_progress(config, out, overwrite, command)
-    console.print("\n".join(main_table(report)))
+    console.print("\n".join(main_table(report)), markup=False)
     console.print(f"report: {out / MARKDOWN_FILE} ({report['seconds']:.0f} s)")
 
 

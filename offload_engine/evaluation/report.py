@@ -124,7 +124,7 @@ def build_report(config, adapter, points, results: list[dict], command: str, sec
         "provenance": provenance(command),
         "machine": describe_machine(),
         "config": config.to_dict(),
-        "model": {"name": str(getattr(adapter.config, "_name_or_path", "")), "dtype": str(adapter.dtype),
+        "model": {"name": model_name(adapter), "dtype": str(adapter.dtype),
                   "dims": asdict(adapter.dims)},
         "seconds": round(seconds, 1),
         "points": settings or [],
@@ -144,6 +144,12 @@ def timing(results: list[dict]) -> dict:
     points = sum(r["seconds"] for r in results) / len(samples)
     return {"shared_prefill_seconds": round(prefill, 2), "points_seconds": round(points, 2),
             "sample_seconds": round(prefill + points, 2)}
+
+
+def model_name(adapter) -> str:
+    """The model's hub id, or the folder name of a local model (reports name no local path)."""
+    name = str(getattr(adapter.config, "_name_or_path", ""))
+    return Path(name).name if Path(name).is_absolute() else name
 
 
 def budget_percent(budget: str, context: int) -> float:

@@ -81,7 +81,7 @@ def _command_line(ctx: typer.Context) -> str:
         if value is False:
             continue
         flag = max(param.opts, key=len)
-        text = report_path(value) if isinstance(value, Path) or param.name == "predictor" else str(value)
+        text = report_path(value) if isinstance(value, Path) or param.name in ("predictor", "model") else str(value)
         words += [flag] if value is True else [flag, text]
     return shlex.join(words)
 

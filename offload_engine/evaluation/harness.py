@@ -171,6 +171,8 @@ class EvalConfig:
         """The resolved configuration, JSON-ready (budgets as written: ``10%`` or ``2048``)."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data.update(policies=list(self.policies), budgets=[str(b) for b in self.budgets])
+        for name in ("model", "predictor"):  # reports name no local path
+            data[name] = report_path(data[name]) if data[name] is not None else None
         return data
 
 

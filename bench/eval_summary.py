@@ -201,7 +201,14 @@ def run_line(run: Run) -> str:
     """One merged run: folder, command, commit, date, wall time, samples per point."""
     prov, config = run.report["provenance"], run.report["config"]
     return (f"- `{run.name}`: `{prov['command']}`; commit `{prov['commit']}`, {prov['date']}, "
-            f"{run.report['seconds']:.0f} s, {config['samples']} samples per point at {config['context']} tokens")
+            f"{run.report['seconds']:.0f} s, {samples_text(run.report)} per point at {config['context']} tokens")
+
+
+def samples_text(report: dict) -> str:
+    """``20 samples``, or ``8 of 20 samples (partial)`` for a run stopped early."""
+    total = report["config"]["samples"]
+    partial = report.get("partial")
+    return f"{partial['samples_done']} of {total} samples (partial)" if partial else f"{total} samples"
 
 
 def task_section(summary: TaskSummary) -> list[str]:

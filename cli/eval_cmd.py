@@ -50,6 +50,9 @@ def eval_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on CUDA)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run already in --out."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+                                                help="Start no sample after this long; report the samples done "
+                                                "(partial) and keep the progress, so the same command finishes it."),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory (results.json, report.md, plot.png)."),
 ) -> None:
     """Evaluate policies x budgets on a task through the engine; write JSON, Markdown and a plot."""
@@ -61,19 +64,22 @@ def eval_command(
         shared_prefill=shared_prefill,
     )
     command = _command_line(ctx)
-    report = _run_with_progress(config, out, overwrite, command)
+    report = _run_with_progress(config, out, overwrite, command, max_minutes)
     console.print("\n".join(main_table(report)), markup=False)
-    console.print(f"report: {out / MARKDOWN_FILE} ({report['seconds']:.0f} s)")
+    partial = report.get("partial")
+    done = f"; partial: {partial['samples_done']} of {config.samples} samples" if partial else ""
+    console.print(f"report: {out / MARKDOWN_FILE} ({report['seconds']:.0f} s{done})")
 
 
 def _command_line(ctx: typer.Context) -> str:
     """``tbrun eval`` with every option as resolved (defaults included), so the run can be repeated.
 
-    Paths are written relative to the repository when inside it (reports name no local path)."""
+    Paths are written relative to the repository when inside it (reports name no local path);
+    ``--max-minutes`` is left out (it does not change results: the command finishes a partial run)."""
     words = ["tbrun", "eval"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if value is None:
+        if value is None or param.name == "max_minutes":
             continue
         if param.secondary_opts:  # a --x/--y switch
             words.append(param.opts[0] if value else param.secondary_opts[0])
@@ -86,7 +92,8 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(words)
 
 
-def _run_with_progress(config: EvalConfig, out: Path, overwrite: bool, command: str) -> dict:
+def _run_with_progress(config: EvalConfig, out: Path, overwrite: bool, command: str,
+                       max_minutes: float | None = None) -> dict:
     """``run_eval`` under a rich progress bar over the (run point, sample) pairs (a resumed run starts
     where the interrupted one stopped)."""
     columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
@@ -106,4 +113,5 @@ def _run_with_progress(config: EvalConfig, out: Path, overwrite: bool, command: 
         def on_sample(point: RunPoint, record: dict) -> None:
             progress.update(bar, advance=1)
 
-        return run_eval(config, out, overwrite, command, on_sample=on_sample, on_ready=on_ready, on_status=on_status)
+        return run_eval(config, out, overwrite, command, on_sample=on_sample, on_ready=on_ready, on_status=on_status,
+                        max_minutes=max_minutes)

@@ -15,7 +15,7 @@ from offload_engine.engine import Engine
 from offload_engine.errors import ConfigError
 from offload_engine.evaluation import harness
 from offload_engine.evaluation.harness import (EvalConfig, PolicyVariant, evaluate, load_for_eval, prepare_samples,
-                                               run_points, split_policies)
+                                               run_points, split_policies, spread_order)
 from offload_engine.evaluation.report import PROGRESS_FILE, RESULTS_FILE, metric_cell
 from offload_engine.evaluation.scoring import intervals, ppl_interval, t95, wilson_interval
 from tbrun_cli.main import app
@@ -162,3 +162,26 @@ def test_results_record_every_selection_setting_and_no_local_path(tiny_model_dir
     low, high = report["summary"][1]["intervals"]["accuracy"]
     assert 0 <= low <= report["summary"][1]["metrics"]["accuracy"] <= high <= 100
     assert metric_cell(report["summary"][1]["metrics"]["accuracy"], "accuracy", [low, high]) in (out / "report.md").read_text()
+
+
+def test_samples_run_in_an_order_whose_prefixes_spread_over_the_sweep():
+    for count in (1, 2, 3, 8, 20, 33):
+        order = spread_order(count)
+        assert sorted(order) == list(range(count))
+    first = spread_order(20)[:4]
+    assert max(first) >= 15 and min(first) == 0  # a quarter of the run already spans the depths
+
+
+def test_a_run_stopped_by_max_minutes_reports_what_it_has_and_finishes_later(tiny_model_dir, tmp_path):
+    out = tmp_path / "niah"
+    result = CliRunner().invoke(app, [*eval_args(tiny_model_dir, out), "--max-minutes", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / RESULTS_FILE).read_text())
+    assert report["partial"] == {"samples_done": 1} and len(report["samples"]) == 3  # one sample, three points
+    assert "Partial run: 1 of 3 samples" in (out / "report.md").read_text()
+    assert "--max-minutes" not in report["provenance"]["command"]
+    assert (out / PROGRESS_FILE).is_file()
+    result = CliRunner().invoke(app, eval_args(tiny_model_dir, out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / RESULTS_FILE).read_text())
+    assert "partial" not in report and len(report["samples"]) == 3 * 3 and not (out / PROGRESS_FILE).exists()

@@ -324,27 +324,46 @@ def evaluate_one(engines: Sequence[tuple[RunPoint, Engine]], adapter: ModelAdapt
     return results
 
 
+def spread_order(count: int) -> list[int]:
+    """``0 .. count-1`` in an order whose every prefix spreads over the range (van der Corput:
+    0, 1/2, 1/4, 3/4, ... of ``count``), so a run stopped early has samples from the whole sweep
+    (needle depths, variants, haystacks), not only its start."""
+    order: dict[int, None] = {}
+    j = 0
+    while len(order) < count:
+        fraction, denominator, n = 0.0, 1.0, j
+        while n:
+            denominator *= 2
+            fraction += (n % 2) / denominator
+            n //= 2
+        order.setdefault(int(fraction * count), None)
+        j += 1
+    return list(order)
+
+
 def evaluate(config: EvalConfig, adapter: ModelAdapter, samples: Sequence[Sample],
              on_sample: SampleCallback | None = None, done: dict[int, list[dict]] | None = None,
              on_done: Callable[[Sample, list[dict]], None] | None = None,
-             on_status: StatusCallback | None = None) -> list[dict]:
-    """Every sample at every run point; one result dict per (point, sample), sample by sample.
+             on_status: StatusCallback | None = None, deadline: float | None = None) -> list[dict]:
+    """Every sample at every run point; one result dict per (point, sample), by sample index.
 
-    ``done``: results already made, by sample index (a resumed run); those samples are skipped.
-    ``on_done(sample, results)``: after each sample's every point (to save progress).
+    Samples run in ``spread_order``. ``done``: results already made, by sample index (a resumed run);
+    those samples are skipped. ``on_done(sample, results)``: after each sample's every point (to save
+    progress). ``deadline`` (``time.monotonic()`` value): start no sample after it once one is done
+    (a partial run).
     """
-    done = done or {}
+    done = dict(done or {})
     engines = [(point, build_engine(adapter, config, point)) for point in run_points(config)]
-    results = []
-    for sample in samples:
+    for position in spread_order(len(samples)):
+        sample = samples[position]
         if sample.index in done:
-            results += done[sample.index]
             continue
-        mine = evaluate_one(engines, adapter, sample, config.shared_prefill, on_sample, on_status)
+        if deadline is not None and done and time.monotonic() >= deadline:
+            break  # (a report needs one sample at least)
+        done[sample.index] = evaluate_one(engines, adapter, sample, config.shared_prefill, on_sample, on_status)
         if on_done is not None:
-            on_done(sample, mine)
-        results += mine
-    return results
+            on_done(sample, done[sample.index])
+    return [record for index in sorted(done) for record in done[index]]
 
 
 def check_budgets_fit(config: EvalConfig, samples: Sequence[Sample]) -> None:
@@ -414,12 +433,15 @@ class ProgressLog:
 
 def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str = "",
              on_sample: SampleCallback | None = None, on_ready: Callable[[int, int], None] | None = None,
-             on_status: StatusCallback | None = None) -> dict:
+             on_status: StatusCallback | None = None, max_minutes: float | None = None) -> dict:
     """Load, build samples, evaluate every point, write the report into ``out_dir``; return it.
 
     ``on_ready(total, done)`` is called once the samples exist, with the number of (point, sample)
     runs and how many of them an interrupted run of the same config already made (resumed).
+    ``max_minutes``: start no sample after that long; the report then covers the samples done (marked
+    partial) and the progress file stays beside it, so the same command finishes the run later.
     """
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     out_dir = Path(out_dir)
     check_output_dir(out_dir, config.to_dict(), overwrite)
     adapter = load_for_eval(config)
@@ -432,8 +454,11 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     if on_ready is not None:
         on_ready(len(points) * len(samples), len(points) * len(done))
     start = time.perf_counter()
-    results = evaluate(config, adapter, samples, on_sample, done, log.add, on_status)
+    results = evaluate(config, adapter, samples, on_sample, done, log.add, on_status, deadline)
     settings = [point_settings(config, adapter, point) for point in points]
-    report = build_report(config, adapter, points, results, command, time.perf_counter() - start, settings)
-    write_report(out_dir, report, overwrite=True)  # the directory holds this run (checked above)
+    finished = len({r["index"] for r in results})
+    partial = {"samples_done": finished} if finished < len(samples) else None
+    report = build_report(config, adapter, points, results, command, time.perf_counter() - start, settings, partial)
+    # the directory holds this run (checked above); a partial run keeps its progress file
+    write_report(out_dir, report, overwrite=True, keep=(PROGRESS_FILE,) if partial else ())
     return report

@@ -72,12 +72,17 @@ def check_output_dir(out_dir: Path, config: dict, overwrite: bool) -> None:
     )
 
 
-def write_report(out_dir: Path, report: dict, overwrite: bool) -> None:
-    """Write the three files into a staging directory, then move it into place."""
+def write_report(out_dir: Path, report: dict, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Write the three files into a staging directory, then move it into place.
+
+    ``keep``: files of ``out_dir`` carried over (the progress file of a partial run)."""
     check_output_dir(out_dir, report["config"], overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        for name in keep:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, staging / name)
         (staging / RESULTS_FILE).write_text(json.dumps(_finite(report), indent=1) + "\n")
         (staging / MARKDOWN_FILE).write_text(to_markdown(report))
         plot(report, staging / PLOT_FILE)
@@ -109,7 +114,7 @@ def provenance(command: str) -> dict:
 
 
 def build_report(config, adapter, points, results: list[dict], command: str, seconds: float,
-                 settings: list[dict] | None = None) -> dict:
+                 settings: list[dict] | None = None, partial: dict | None = None) -> dict:
     """Everything the three files show, as one JSON-ready dict.
 
     ``settings``: per point, every setting that changes its selection (sinks, window, interval,
@@ -121,6 +126,7 @@ def build_report(config, adapter, points, results: list[dict], command: str, sec
     return {
         "task": {"name": task.name, "summary": task.summary, "primary": task.primary,
                  "higher_is_better": task.higher_is_better},
+        **({"partial": partial} if partial else {}),
         "provenance": provenance(command),
         "machine": describe_machine(),
         "config": config.to_dict(),
@@ -235,6 +241,10 @@ def to_markdown(report: dict) -> str:
              f"- context: {config['context']} tokens, {config['samples']} samples, seed {config['seed']}, "
              f"sinks {config['sinks']}, window {config['window']}",
              f"- wall time: {report['seconds']:.0f} s"]
+    if report.get("partial"):
+        done, total = report["partial"]["samples_done"], config["samples"]
+        lines[2:2] = [f"**Partial run: {done} of {total} samples** (spread over the task's sweep; run the command "
+                      f"again to finish it: `{PROGRESS_FILE}` holds the samples done).", ""]
     lines += [f"- {key}: {value}" for key, value in report["machine"].items()]
     timing_ = report.get("timing") or {}
     if timing_:

@@ -27,7 +27,7 @@ VOLATILE = ("seconds", "prefill_seconds", "stats")  # timings differ run to run
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    config = EvalConfig(task="ppl", policies=["streaming"], budgets=[Budget.parse("100%")], context=256,
+    config = EvalConfig(task="niah-single", policies=["streaming"], budgets=[Budget.parse("100%")], context=256,
                         samples=1, model=tiny_model_dir)
     return load_for_eval(config)
 
@@ -53,20 +53,28 @@ def prefill_calls(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("task, context", [("niah-single", 256), ("coref", 384), ("ppl", 192)])
 def test_shared_prefill_gives_the_results_of_separate_runs_and_prefills_once_per_prompt(
         tiny, tiny_model_dir, prefill_calls, task, context):
+    samples = 8 if task == "ppl" else 2
+
     def run(shared: bool) -> list[dict]:
         config = EvalConfig(task=task, policies=POLICIES, budgets=[Budget.parse("25%")], context=context,
-                            samples=2, model=tiny_model_dir, shared_prefill=shared, sinks=2, window=8)
+                            samples=samples, model=tiny_model_dir, shared_prefill=shared, sinks=2, window=8)
         return evaluate(config, tiny, prepare_samples(config, tiny.tokenizer))
 
     separate = run(False)
     points = 1 + len(POLICIES)
-    assert len(prefill_calls) == 2 * points * (2 if task == "coref" else 1)  # every point prefills
+    prompts_per_sample = 2 if task == "coref" else 1  # coref: the generation prompt and the forced one
+    assert len(prefill_calls) == samples * points * prompts_per_sample  # every point prefills
     prefill_calls.clear()
     shared = run(True)
-    prompts_per_sample = 2 if task == "coref" else 1  # coref: the generation prompt and the forced one
-    assert len(prefill_calls) == 2 * prompts_per_sample
+    assert len(prefill_calls) == samples * prompts_per_sample
     assert stable(shared) == stable(separate)
     assert len({json.dumps(r.get("output", r.get("nll"))) for r in shared}) > 1  # the points differ
+
+
+def test_perplexity_needs_eight_passages_for_its_interval():
+    with pytest.raises(ConfigError, match="--samples 8"):
+        EvalConfig(task="ppl", policies=["quest"], budgets=[Budget.parse("10%")], context=1024, samples=7)
+    assert EvalConfig(task="ppl", policies=["quest"], budgets=[Budget.parse("10%")], context=1024, samples=8)
 
 
 def test_policy_variants_are_split_parsed_and_checked():

@@ -37,7 +37,8 @@ from .report import PROGRESS_FILE, REPO_ROOT, build_report, check_output_dir, wr
 from .scoring import score_forced, score_generation
 from .tasks import Sample, get_task, make_samples, min_prompt_for
 
-FORCED_TEXT_MAX_TOKENS = 64  # keep the greedy predictions' text in the report for short targets
+FORCED_TEXT_MAX_TOKENS = 64
+MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages  # keep the greedy predictions' text in the report for short targets
 
 
 SELECTION_KEYS = ("interval", "neighbors", "neighbor_rule")  # SelectionConfig fields a variant may set
@@ -133,6 +134,9 @@ class EvalConfig:
         self.context = parse_context(self.context)
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {self.samples}.")
+        if self.task == "ppl" and self.samples < MIN_PPL_PASSAGES:
+            raise ConfigError(f"--task ppl needs at least {MIN_PPL_PASSAGES} passages for its interval, got "
+                              f"--samples {self.samples}: use --samples {MIN_PPL_PASSAGES} or more.")
         self.policies = tuple(dict.fromkeys(spec.strip() for spec in self.policies if spec.strip()))
         self.budgets = tuple(dict.fromkeys(self.budgets))
         if not self.policies or not self.budgets:

@@ -3,8 +3,9 @@
     python -m tbrun_bench.eval_summary bench/reports/eval
 
 Reads ``FOLDER/*/results.json`` (one run per subfolder, as ``tbrun eval --out`` writes them; hidden
-folders, such as a run still being written, are skipped), groups the runs by task and merges their
-(policy, budget) points into one table per task: dense first, then the other policies in run order
+folders, such as a run still being written, are skipped), groups the runs by task and context and
+merges their (policy, budget) points into one table per group (cells with their 95% intervals when
+the runs recorded them), after one table of every group side by side: dense first, then the other policies in run order
 (oldest run first). A point given by two runs is shown once, from the older run; when the two
 disagree (dense appears in every run), the summary says so. Both files go into FOLDER, with the
 command, commit and date that made them.
@@ -24,14 +25,14 @@ from pathlib import Path
 
 from offload_engine.errors import ConfigError
 from offload_engine.evaluation.report import (RESULTS_FILE, budget_percent, draw_budget_plot, metric_cell,
-                                              metric_heading, plot_title, policy_table, provenance)
+                                              metric_heading, plot_title, policy_table, provenance, table_lines)
 from offload_engine.evaluation.tasks import TASKS
 
 PROGRAM = "python -m tbrun_bench.eval_summary"
 SUMMARY_MD = "summary.md"
 SUMMARY_PNG = "summary.png"
 REQUIRED_KEYS = ("task", "provenance", "machine", "config", "model", "seconds", "summary")
-PER_RUN_KEYS = ("task", "policies", "budgets", "predictor")  # config keys that may differ between merged runs
+PER_RUN_KEYS = ("task", "policies", "budgets", "predictor", "shared_prefill")  # config keys that may differ between merged runs
 FREE_MEMORY = re.compile(r"\s*\([^()]*available\)")  # the part of a machine header that changes run to run
 
 
@@ -49,6 +50,11 @@ class Run:
     @property
     def task(self) -> str:
         return self.report["config"]["task"]
+
+    @property
+    def group(self) -> tuple[str, int]:
+        """Runs are merged per task and context."""
+        return self.report["config"]["task"], int(self.report["config"]["context"])
 
 
 def read_run(path: Path) -> Run:
@@ -87,14 +93,15 @@ def load_runs(folder: Path) -> tuple[list[Run], list[str]]:
     return sorted(runs, key=run_order), skipped
 
 
-def group_by_task(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs per task, tasks in the registry's order (unknown tasks last), runs in the given order."""
-    groups: dict[str, list[Run]] = {}
+def group_by_task(runs: list[Run]) -> dict[tuple[str, int], list[Run]]:
+    """Runs per (task, context), tasks in the registry's order (unknown tasks last), then by context;
+    runs in the given order."""
+    groups: dict[tuple[str, int], list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.task, []).append(run)
+        groups.setdefault(run.group, []).append(run)
     known = list(TASKS)
-    return dict(sorted(groups.items(), key=lambda item: (known.index(item[0]) if item[0] in known else len(known),
-                                                          item[0])))
+    return dict(sorted(groups.items(), key=lambda item: (known.index(item[0][0]) if item[0][0] in known
+                                                          else len(known), item[0][0], item[0][1])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +172,7 @@ class TaskSummary:
     """The merged runs of one task."""
 
     task: dict  # the ``task`` entry of a results.json: name, summary, primary, higher_is_better
+    context: int
     runs: list[Run]
     rows: list[dict]
     budgets: list[str]
@@ -176,7 +184,8 @@ def summarize_task(runs: list[Run]) -> TaskSummary:
     """Merge the runs of one task (oldest first)."""
     task = runs[0].report["task"]
     rows, disagreements = merge_points(runs, task["primary"])
-    return TaskSummary(task, runs, rows, merged_budgets(runs), disagreements, setting_differences(runs))
+    return TaskSummary(task, runs[0].group[1], runs, rows, merged_budgets(runs), disagreements,
+                       setting_differences(runs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,13 +201,21 @@ def run_line(run: Run) -> str:
     """One merged run: folder, command, commit, date, wall time, samples per point."""
     prov, config = run.report["provenance"], run.report["config"]
     return (f"- `{run.name}`: `{prov['command']}`; commit `{prov['commit']}`, {prov['date']}, "
-            f"{run.report['seconds']:.0f} s, {config['samples']} samples per point at {config['context']} tokens")
+            f"{run.report['seconds']:.0f} s, {samples_text(run.report)} per point at {config['context']} tokens")
+
+
+def samples_text(report: dict) -> str:
+    """``20 samples``, or ``8 of 20 samples (partial)`` for a run stopped early."""
+    total = report["config"]["samples"]
+    partial = report.get("partial")
+    return f"{partial['samples_done']} of {total} samples (partial)" if partial else f"{total} samples"
 
 
 def task_section(summary: TaskSummary) -> list[str]:
     """Heading, what the task measures, the runs merged, notes, and the table of the primary metric."""
     task = summary.task
-    lines = [f"## {task['name']}", "", f"{task['summary']}. Main metric: {metric_heading(task)}.", "",
+    lines = [f"## {task['name']}, {summary.context} tokens", "",
+             f"{task['summary']}. Main metric: {metric_heading(task)}.", "",
              f"Runs merged ({len(summary.runs)}):", "", *map(run_line, summary.runs), ""]
     if summary.differences:
         lines += ["**The runs differ in settings**, so their points may not be comparable:", "",
@@ -207,6 +224,28 @@ def task_section(summary: TaskSummary) -> list[str]:
         lines += ["**Runs disagree** on points they both measured:", "",
                   *(f"- {line}" for line in summary.disagreements), ""]
     return lines + [*policy_table(summary.rows, summary.budgets, task["primary"]), ""]
+
+
+def short_context(tokens: int) -> str:
+    """``2048`` -> ``2k``; other lengths as they are."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def glance_table(summaries: list[TaskSummary]) -> list[str]:
+    """Every group side by side: one column per (task, context, sparse budget), one row per policy; the
+    dense row shows each group's dense value. Each column is its task's main metric."""
+    columns = [(s, b) for s in summaries for b in s.budgets if b != "100%"] or [(s, "100%") for s in summaries]
+    cells: dict[str, dict[int, str]] = {}
+    for index, (summary, budget) in enumerate(columns):
+        primary = summary.task["primary"]
+        for row in summary.rows:
+            if row["budget"] == budget or (row["policy"] == "dense" and row["budget"] == "100%"):
+                value = metric_cell(row["metrics"].get(primary), primary, row.get("intervals", {}).get(primary))
+                cells.setdefault(row["policy"], {})[index] = value
+    headers = ["policy"] + [f"{s.task['name']} {short_context(s.context)} @ {b}" for s, b in columns]
+    rows = [[policy] + [by_column.get(i, "-") for i in range(len(columns))] for policy, by_column in cells.items()]
+    rows.sort(key=lambda row: row[0] != "dense")
+    return table_lines(headers, rows)
 
 
 def machine_identity(machine: dict) -> dict:
@@ -238,6 +277,9 @@ def to_markdown(summaries: list[TaskSummary], runs: list[Run], skipped: list[str
              f"![main metric vs budget, one panel per task]({SUMMARY_PNG})", ""]
     if skipped:
         lines += ["Skipped (unreadable):", "", *(f"- {line}" for line in skipped), ""]
+    lines += ["## At a glance", "", "Main metric of each task (see its section); cells: value [95% interval] "
+              "where the run recorded intervals (Wilson for accuracies, t over passages for perplexity).", "",
+              *glance_table(summaries), ""]
     for summary in summaries:
         lines += task_section(summary)
     return "\n".join(lines + machine_section(runs)).rstrip("\n") + "\n"

@@ -22,7 +22,7 @@ from .config import EngineConfig, KVMode, SamplingConfig
 from .errors import ConfigError, DeviceUnavailableError
 from .models import ModelAdapter
 from .policies import build_policy
-from .policies.base import Policy
+from .policies.base import Policy, shared_prefill_observations
 from .profiling import PhaseClock, breakdown
 from .sampling import sample_next
 from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
@@ -72,6 +72,51 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+@dataclass(slots=True)
+class PrefillLayer:
+    """One layer's prompt tensors as the backend received them: x ``[T, E]``, q ``[H, T, D]``,
+    k, v ``[KvH, T, D]`` (q and k post-RoPE)."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass(slots=True)
+class PrefillRecord:
+    """A dense prefill of ``prompt``, kept so that any mode and policy can start from it.
+
+    The prefill does not depend on the policy (it is dense), so ``Engine.generate`` and
+    ``Engine.score_continuation`` given ``prefill=record`` hand the recorded tensors of each layer to
+    a fresh backend (which replays every policy's ``observe_prefill``) instead of running the model.
+    ``logits [V]``: the last prompt position's. ``observations``: what policies derived from the
+    tensors (SnapKV's observation-window vote, H2O's accumulated prompt attention), computed by the
+    first policy that needs them and reused by the others (``policies.base.shared_prefill``).
+    """
+
+    prompt: tuple[int, ...]
+    layers: list[PrefillLayer]
+    logits: torch.Tensor
+    seconds: float
+    observations: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the recorded tensors."""
+        return sum(t.nbytes for layer in self.layers for t in (layer.x, layer.q, layer.k, layer.v))
+
+
+class _RecordingKV(KVBackend):
+    """A backend that keeps each layer's prefill tensors (for ``Engine.record_prefill``)."""
+
+    def __init__(self) -> None:
+        self.layers: list[PrefillLayer] = []
+
+    def prefill_layer(self, layer, x, q, k, v):
+        self.layers.append(PrefillLayer(x, q, k, v))
+
+
 class Engine:
     """Generation with the KV cache where ``config.mode`` puts it. Batch size 1."""
 
@@ -101,11 +146,30 @@ class Engine:
         return getattr(self.policy, "label", self.policy.name)  # wrappers: "critical(quest)"
 
     # ------------------------------------------------------------------------------ public
+    def record_prefill(self, prompt_ids) -> PrefillRecord:
+        """Run the model's dense prefill of ``prompt_ids`` once and keep every layer's tensors.
+
+        Pass the record as ``prefill=`` to ``generate`` / ``score_continuation`` of any engine on the
+        same model (any mode, any policy): they then skip the model's prefill and give exactly the
+        results of a normal run. Holds ``(E + (H + 2 KvH) D) * T`` numbers per layer.
+        """
+        prompt = self._check_prompt(prompt_ids)
+        if self.config.synthetic_kv:
+            raise ConfigError("record_prefill needs the real prompt's KV, not --synthetic-kv.")
+        recorder, stats = _RecordingKV(), GenerationStats()
+        with torch.inference_mode():
+            logits = self._model_prefill(prompt, recorder, stats, None)
+        return PrefillRecord(tuple(prompt), recorder.layers, logits, stats.prefill_seconds)
+
     def generate(self, prompt_ids, sampling: SamplingConfig | None = None, on_token: TokenCallback | None = None,
-                 on_prefill: ProgressCallback | None = None) -> GenerationResult:
-        """Generate after ``prompt_ids`` (list of ints or 1-D tensor); Ctrl-C returns what was made."""
+                 on_prefill: ProgressCallback | None = None, prefill: PrefillRecord | None = None) -> GenerationResult:
+        """Generate after ``prompt_ids`` (list of ints or 1-D tensor); Ctrl-C returns what was made.
+
+        ``prefill``: a ``record_prefill`` of the same prompt, replayed instead of running the model.
+        """
         sampling = sampling or SamplingConfig()
         prompt = self._check_prompt(prompt_ids)
+        _check_record(prefill, prompt)
         stats = GenerationStats(mode=self.config.mode.value, policy=self.policy_name, prompt_tokens=len(prompt))
         generated: list[int] = []
         reason = "length"
@@ -114,7 +178,7 @@ class Engine:
         backend = self._new_backend(clock)
         try:
             with torch.inference_mode():
-                logits = self._prefill(prompt, backend, stats, on_prefill)
+                logits = self._prefill(prompt, backend, stats, on_prefill, prefill)
                 reason = self._decode_loop(prompt, logits, backend, sampling, generator, generated, stats, on_token,
                                            clock)
         except KeyboardInterrupt:
@@ -130,19 +194,22 @@ class Engine:
         stats.peak_device_bytes = peak_device_bytes(self.device)
         return GenerationResult(generated, self._decode_text(generated), prompt, reason, stats)
 
-    def score_continuation(self, prompt_ids, target_ids, keep_logits: bool = False) -> ContinuationScore:
+    def score_continuation(self, prompt_ids, target_ids, keep_logits: bool = False,
+                           prefill: PrefillRecord | None = None) -> ContinuationScore:
         """Log-probability of each target token given the prompt and the targets before it.
 
         Every target after the first is fed through a decode step (teacher forcing), so the
-        scores reflect the configured mode and policy at every position.
+        scores reflect the configured mode and policy at every position. ``prefill``: a
+        ``record_prefill`` of ``prompt_ids``, replayed instead of running the model.
         """
         prompt = self._check_prompt(list(prompt_ids) + list(target_ids)[:-1])[: len(prompt_ids)]
+        _check_record(prefill, prompt)
         targets = [int(t) for t in target_ids]
         logprobs, predicted, kept = [], [], []
         backend = self._new_backend()
         try:
             with torch.inference_mode():
-                logits = self._prefill(prompt, backend, GenerationStats(), None)
+                logits = self._prefill(prompt, backend, GenerationStats(), None, prefill)
                 on_device = torch.tensor(targets, device=self.device)  # one copy, not one per step
                 cursor = DecodeCursor(on_device[0], len(prompt), self.device)
                 for i, target in enumerate(targets):
@@ -182,7 +249,33 @@ class Engine:
                                self.gather_method, clock)
 
     def _prefill(self, prompt: list[int], backend: KVBackend, stats: GenerationStats,
-                 on_prefill: ProgressCallback | None) -> torch.Tensor:
+                 on_prefill: ProgressCallback | None, record: PrefillRecord | None = None) -> torch.Tensor:
+        """Fill ``backend`` with the prompt: from ``record`` if given, else by running the model."""
+        if record is None:
+            return self._model_prefill(prompt, backend, stats, on_prefill)
+        return self._replay_prefill(record, backend, stats, on_prefill)
+
+    def _replay_prefill(self, record: PrefillRecord, backend: KVBackend, stats: GenerationStats,
+                        on_prefill: ProgressCallback | None) -> torch.Tensor:
+        """Hand ``record``'s tensors to ``backend`` layer by layer (its policy observes them as in a
+        normal prefill, sharing derived observations through the record); returns its logits ``[V]``."""
+        start = time.perf_counter()
+        layers = self.adapter.dims.num_layers
+        if len(record.layers) != layers:
+            raise ConfigError(f"the prefill record has {len(record.layers)} layers, the model {layers}: "
+                              "record it with an engine on the same model.")
+        with shared_prefill_observations(record.observations):
+            for layer, t in enumerate(record.layers):
+                stats.prefill_peak_kv_bytes = max(stats.prefill_peak_kv_bytes,
+                                                  backend.device_kv_bytes() + t.k.nbytes + t.v.nbytes)
+                backend.prefill_layer(layer, t.x, t.q, t.k, t.v)
+                if on_prefill is not None:
+                    on_prefill(layer + 1, layers)
+        stats.prefill_seconds = time.perf_counter() - start
+        return record.logits
+
+    def _model_prefill(self, prompt: list[int], backend: KVBackend, stats: GenerationStats,
+                       on_prefill: ProgressCallback | None) -> torch.Tensor:
         """Run the prompt layer by layer; returns the last position's logits ``[V]``.
 
         Only the current layer's K and V of the prompt are on the device at a time (plus what
@@ -292,6 +385,13 @@ class DecodeCursor:
         self.ids = token.view(1, 1)
         self.position += 1
         self.position_ids += 1
+
+
+def _check_record(record: PrefillRecord | None, prompt: list[int]) -> None:
+    """A prefill record must be of the very prompt being run."""
+    if record is not None and record.prompt != tuple(prompt):
+        raise ConfigError(f"the prefill record is of another prompt ({len(record.prompt)} tokens, this one has "
+                          f"{len(prompt)}): record the prompt being run.")
 
 
 def _chunked_qkv(adapter: ModelAdapter, layer: int, x: torch.Tensor, rope, chunk: int):

@@ -21,17 +21,21 @@ def point(policy: str, budget: str, accuracy: float) -> dict:
     return {"policy": policy, "budget": budget, "metrics": metrics, "seconds": 1.5}
 
 
-def write_run(root: Path, name: str, policy: str, dense: float, date: str, free_gib: str = "21.5") -> None:
+def write_run(root: Path, name: str, policy: str, dense: float, date: str, free_gib: str = "21.5",
+              context: int = 2048, intervals: bool = False) -> None:
     """A niah run of dense + ``policy`` at 10% and 50% into ``root/name/results.json``."""
     budgets = ["10%", "50%"]
     summary = [point("dense", "100%", dense)] + [point(policy, b, 50.0) for b in budgets]
+    if intervals:
+        for row in summary:
+            row["intervals"] = {"accuracy": [row["metrics"]["accuracy"] - 10.0, min(100.0, row["metrics"]["accuracy"] + 10.0)]}
     report = {
         "task": {"name": "niah", "summary": "needle in a haystack, the four RULER variants in turn",
                  "primary": "accuracy", "higher_is_better": True},
         "provenance": {"command": f"tbrun eval --task niah --policy {policy} --out {name}", "commit": "abc123",
                        "date": date},
         "machine": {**MACHINE, "host RAM": f"23.5 GiB ({free_gib} GiB available)"},
-        "config": {"task": "niah", "policies": [policy], "budgets": budgets, "context": 2048, "samples": 2,
+        "config": {"task": "niah", "policies": [policy], "budgets": budgets, "context": context, "samples": 2,
                    "seed": 0, "model": None, "predictor": None, "device": "cpu", "dtype": "fp32", "sinks": 4,
                    "window": 32, "interval": 1, "neighbors": 0},
         "model": {"name": "/models/SmolLM2-135M-Instruct", "dtype": "torch.float32", "dims": {"num_layers": 30}},
@@ -44,9 +48,10 @@ def write_run(root: Path, name: str, policy: str, dense: float, date: str, free_
     (root / name / "results.json").write_text(json.dumps(report))
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """The cells of every table body row in ``markdown``."""
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+def table_rows(markdown: str, section: str = "## niah, 2048 tokens") -> list[list[str]]:
+    """The cells of every table body row in ``markdown``'s ``section`` (up to the next heading)."""
+    text = markdown.split(section, 1)[1].split("\n## ", 1)[0]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
             if line.startswith("| ") and not line.startswith(("| policy", "| ---"))]
 
 
@@ -93,3 +98,16 @@ def test_a_folder_without_runs_exits_2_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no tbrun eval run under" in capsys.readouterr().err
+
+
+def test_runs_at_other_contexts_get_their_own_table_and_a_column_at_a_glance(tmp_path):
+    write_run(tmp_path, "niah-2k", "quest", 100.0, "2026-11-23 12:00:00 +0000", intervals=True)
+    write_run(tmp_path, "niah-4k", "quest", 90.0, "2026-11-23 13:00:00 +0000", context=4096, intervals=True)
+    markdown = summarize(tmp_path)
+    assert "Runs disagree" not in markdown and "differ in settings" not in markdown
+    assert table_rows(markdown, "## niah, 4096 tokens")[0] == ["dense", "-", "-", "90.0 [80.0, 100.0]"]
+    glance = table_rows(markdown, "## At a glance")
+    assert "| policy | niah 2k @ 10% | niah 2k @ 50% | niah 4k @ 10% | niah 4k @ 50% |" in markdown
+    assert glance[0] == ["dense", "100.0 [90.0, 100.0]", "100.0 [90.0, 100.0]", "90.0 [80.0, 100.0]",
+                         "90.0 [80.0, 100.0]"]
+    assert glance[1][0] == "quest" and glance[1][1] == "50.0 [40.0, 60.0]"

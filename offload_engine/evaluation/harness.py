@@ -1,14 +1,24 @@
 """Run an evaluation task through the real engine for every policy x budget, and score it.
 
 One ``RunPoint`` is a (policy, budget) pair; dense (every token, KV on the device) is always the
-first point. For each point one ``Engine`` is built and every sample goes through it: generation
-tasks through ``Engine.generate`` (greedy), teacher-forced tasks through
+first point. A policy may carry its own selection settings in brackets, e.g.
+``tokenbutler[interval=4,neighbor_rule=runs]`` (keys: ``interval``, ``neighbors``, ``neighbor_rule``,
+``group_reduction``), so variants of one policy run side by side.
+
+One ``Engine`` is built per point. The samples are run one at a time: each prompt is prefilled
+once, densely (``Engine.record_prefill``), and every point starts from that record (its policy
+replays the prefill's observations), so a run costs one prefill per sample whatever the number of
+points. Generation tasks go through ``Engine.generate`` (greedy), teacher-forced tasks through
 ``Engine.score_continuation``, so every scored token is decoded under the policy.
+
+Runs are resumable: each finished sample (every point) is appended to ``progress.jsonl`` in the
+output directory; a rerun of the same config skips the samples found there.
 """
 
 from __future__ import annotations
 
-import gc
+import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -16,27 +26,85 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context
-from ..engine import Engine, resolve_device
+from ..engine import Engine, PrefillRecord, resolve_device
 from ..errors import ConfigError
 from ..memory import parse_dtype
 from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy
-from .report import build_report, check_output_dir, write_report
+from ..policies.tokenbutler import GROUP_REDUCTIONS, shipped_predictor_for
+from ..predictor.checkpoint import WEIGHTS_NAME
+from .report import PROGRESS_FILE, REPO_ROOT, build_report, check_output_dir, write_report
 from .scoring import score_forced, score_generation
 from .tasks import Sample, get_task, make_samples, min_prompt_for
 
-FORCED_TEXT_MAX_TOKENS = 64  # keep the greedy predictions' text in the report for short targets
+FORCED_TEXT_MAX_TOKENS = 64
+MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages  # keep the greedy predictions' text in the report for short targets
+
+
+SELECTION_KEYS = ("interval", "neighbors", "neighbor_rule")  # SelectionConfig fields a variant may set
+POLICY_KEYS = ("group_reduction",)  # options of the innermost policy a variant may set
+_VARIANT = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[(?P<options>[^\[\]]*)\])?$")
+
+
+def split_policies(text: str) -> list[str]:
+    """``--policy`` split at the commas outside brackets and parentheses:
+    ``"quest,tokenbutler[interval=4,neighbor_rule=runs]"`` -> two specs."""
+    specs, depth, current = [], 0, []
+    for char in text:
+        depth += char in "([" and 1 or (char in ")]" and -1 or 0)
+        if char == "," and depth == 0:
+            specs.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    return [spec.strip() for spec in [*specs, "".join(current)] if spec.strip()]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVariant:
+    """A policy spec with optional settings: ``base[key=value,...]``."""
+
+    base: str  # e.g. "critical(tokenbutler)"
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> "PolicyVariant":
+        match = _VARIANT.match(spec.strip())
+        if match is None:
+            raise ConfigError(f"--policy {spec!r} is not POLICY or POLICY[key=value,...].")
+        settings = []
+        for item in filter(None, (part.strip() for part in (match.group("options") or "").split(","))):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or key not in SELECTION_KEYS + POLICY_KEYS or not value:
+                raise ConfigError(f"--policy {spec!r}: {item!r} is not key=value with a key among "
+                                  f"{', '.join(SELECTION_KEYS + POLICY_KEYS)}.")
+            settings.append((key, value))
+        return cls(match.group("base").strip(), tuple(settings))
+
+    def selection_overrides(self) -> dict:
+        return {k: (int(v) if k in ("interval", "neighbors") else v) for k, v in self.settings if k in SELECTION_KEYS}
+
+    def policy_options(self) -> dict:
+        return {k: v for k, v in self.settings if k in POLICY_KEYS}
 
 
 def check_policy_spec(spec: str) -> None:
     """Refuse a policy spec naming a policy that does not exist, listing the valid ones."""
+    base = PolicyVariant.parse(spec).base
     valid = available_policies()
     known = {name.split("(")[0] for name in valid}
-    names = [name for name in re.split(r"[()\s]+", spec) if name]
+    names = [name for name in re.split(r"[()\s]+", base) if name]
     unknown = [name for name in names if name not in known]
-    if unknown or not names or spec.count("(") != spec.count(")"):
+    if unknown or not names or base.count("(") != base.count(")"):
         what = repr(unknown[0]) if unknown else repr(spec)
         raise ConfigError(f"--policy {what} is not a policy; valid policies: {', '.join(valid)}.")
+    variant = PolicyVariant.parse(spec)
+    for key, value in variant.settings:
+        if key == "group_reduction" and ("tokenbutler" not in base or value not in GROUP_REDUCTIONS):
+            raise ConfigError(f"--policy {spec!r}: group_reduction applies to tokenbutler and is one of "
+                              f"{', '.join(GROUP_REDUCTIONS)}.")
+        if key in ("interval", "neighbors") and not value.isdigit():
+            raise ConfigError(f"--policy {spec!r}: {key} must be a whole number, got {value!r}.")
 
 
 @dataclass(slots=True)
@@ -57,20 +125,30 @@ class EvalConfig:
     window: int = 32
     interval: int = 1
     neighbors: int = 0
+    neighbor_rule: str = "radius"
+    group_reduction: str = "mean"  # tokenbutler's GQA rule (policy[group_reduction=...] overrides it)
+    shared_prefill: bool = True  # one dense prefill per sample, replayed by every point
 
     def __post_init__(self) -> None:
         get_task(self.task)
         self.context = parse_context(self.context)
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {self.samples}.")
+        if self.task == "ppl" and self.samples < MIN_PPL_PASSAGES:
+            raise ConfigError(f"--task ppl needs at least {MIN_PPL_PASSAGES} passages for its interval, got "
+                              f"--samples {self.samples}: use --samples {MIN_PPL_PASSAGES} or more.")
         self.policies = tuple(dict.fromkeys(spec.strip() for spec in self.policies if spec.strip()))
         self.budgets = tuple(dict.fromkeys(self.budgets))
         if not self.policies or not self.budgets:
             raise ConfigError("give at least one --policy and one --budget.")
         for spec in self.policies:
             check_policy_spec(spec)
+        if self.group_reduction not in GROUP_REDUCTIONS:
+            raise ConfigError(f"--group-reduction must be one of {', '.join(GROUP_REDUCTIONS)}, "
+                              f"got {self.group_reduction!r}.")
         for budget in self.budgets:
-            self.selection(budget)  # token budgets vs sinks + window
+            for spec in self.policies:
+                self.selection(budget, spec)  # token budgets vs sinks + window, variant settings
             if budget.tokens is not None and budget.tokens > self.context:
                 raise ConfigError(f"--budget {budget} is larger than --context {self.context}: lower it.")
         parse_dtype(self.dtype)
@@ -79,13 +157,26 @@ class EvalConfig:
             raise ConfigError("--predictor is only used by the tokenbutler policy.")
 
     def selection(self, budget: Budget | None, policy: str = "dense") -> SelectionConfig:
-        return SelectionConfig(policy=policy, budget=budget, sinks=self.sinks, window=self.window,
-                               interval=self.interval, neighbors=self.neighbors)
+        """The selection settings of ``policy`` (a spec, variant settings applied) at ``budget``."""
+        variant = PolicyVariant.parse(policy)
+        settings = dict(interval=self.interval, neighbors=self.neighbors, neighbor_rule=self.neighbor_rule)
+        return SelectionConfig(policy=variant.base, budget=budget, sinks=self.sinks, window=self.window,
+                               **(settings | variant.selection_overrides()))
+
+    def policy_options(self, policy: str) -> dict:
+        """Constructor options of the innermost policy of spec ``policy``."""
+        variant = PolicyVariant.parse(policy)
+        if "tokenbutler" not in variant.base:
+            return {}
+        options = {"group_reduction": self.group_reduction} | variant.policy_options()
+        return options | ({"predictor_path": self.predictor} if self.predictor is not None else {})
 
     def to_dict(self) -> dict:
         """The resolved configuration, JSON-ready (budgets as written: ``10%`` or ``2048``)."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data.update(policies=list(self.policies), budgets=[str(b) for b in self.budgets])
+        for name in ("model", "predictor"):  # reports name no local path
+            data[name] = report_path(data[name]) if data[name] is not None else None
         return data
 
 
@@ -123,9 +214,42 @@ def build_engine(adapter: ModelAdapter, config: EvalConfig, point: RunPoint) -> 
     engine_cfg = engine_config(config, point)
     policy = None
     if engine_cfg.mode is KVMode.SPARSE_OFFLOAD:
-        wants_predictor = config.predictor is not None and "tokenbutler" in point.policy
-        policy = build_policy(point.policy, **({"predictor_path": config.predictor} if wants_predictor else {}))
+        policy = build_policy(PolicyVariant.parse(point.policy).base, **config.policy_options(point.policy))
     return Engine(adapter, engine_cfg, policy=policy)
+
+
+def report_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (reports must not name local paths)."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return Path(path).name if Path(path).is_absolute() else str(path)
+
+
+def predictor_identity(config: EvalConfig, adapter: ModelAdapter) -> dict | None:
+    """The tokenbutler predictor a run uses: its path (repository-relative) and the sha256 of its weights."""
+    path = Path(config.predictor) if config.predictor is not None else shipped_predictor_for(adapter)
+    if path is None:
+        return None
+    weights = path / WEIGHTS_NAME
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"path": report_path(path), "sha256": digest}
+
+
+def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -> dict:
+    """Every setting that changes what ``point`` selects, for results.json."""
+    entry = {"policy": point.policy, "budget": point.budget_label}
+    if point.budget is None:
+        return entry | {"mode": "dense"}
+    selection = config.selection(point.budget, point.policy)
+    entry |= {"base_policy": selection.policy, "sinks": selection.sinks, "window": selection.window,
+              "interval": selection.interval, "neighbors": selection.neighbors,
+              "neighbor_rule": selection.neighbor_rule}
+    options = config.policy_options(point.policy)
+    if "group_reduction" in options:
+        entry |= {"group_reduction": options["group_reduction"], "predictor": predictor_identity(config, adapter)}
+    return entry
 
 
 def _stats_summary(stats) -> dict:
@@ -134,17 +258,23 @@ def _stats_summary(stats) -> dict:
             "h2d_bytes_per_step": stats.h2d_bytes_per_step, "new_tokens": stats.new_tokens}
 
 
-def evaluate_sample(engine: Engine, tokenizer, sample: Sample) -> dict:
-    """Generate and/or teacher-force one sample through ``engine``; returns its metrics and output."""
+def evaluate_sample(engine: Engine, tokenizer, sample: Sample,
+                    prefills: dict[tuple[int, ...], PrefillRecord] | None = None) -> dict:
+    """Generate and/or teacher-force one sample through ``engine``; returns its metrics and output.
+
+    ``prefills``: recorded prefills by prompt, replayed instead of running the model's prefill.
+    """
+    prefills = prefills or {}
     record: dict = {}
     if sample.max_new_tokens:
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=sample.max_new_tokens)
-        result = engine.generate(list(sample.prompt_ids), sampling)
+        result = engine.generate(list(sample.prompt_ids), sampling, prefill=prefills.get(sample.prompt_ids))
         record.update(score_generation(result.text, sample.answers), output=result.text,
                       finish_reason=result.finish_reason, stats=_stats_summary(result.stats))
     if sample.forced is not None:
         forced = sample.forced
-        scored = engine.score_continuation(list(forced.prompt_ids), list(forced.target_ids))
+        scored = engine.score_continuation(list(forced.prompt_ids), list(forced.target_ids),
+                                           prefill=prefills.get(forced.prompt_ids))
         record.update(score_forced(scored.logprobs, scored.predicted, forced.target_ids))
         if len(forced.target_ids) <= FORCED_TEXT_MAX_TOKENS:
             record["forced_predicted"] = tokenizer.decode(scored.predicted.tolist())
@@ -158,25 +288,86 @@ def describe_sample(sample: Sample) -> dict:
 
 
 SampleCallback = Callable[[RunPoint, dict], None]
+StatusCallback = Callable[[str], None]
+
+
+def sample_prompts(sample: Sample) -> list[tuple[int, ...]]:
+    """The distinct prompts the engine prefills for ``sample`` (coref has two: generation and forced)."""
+    prompts = ([sample.prompt_ids] if sample.max_new_tokens else []) + ([sample.forced.prompt_ids] if sample.forced else [])
+    return list(dict.fromkeys(prompts))
+
+
+def evaluate_one(engines: Sequence[tuple[RunPoint, Engine]], adapter: ModelAdapter, sample: Sample,
+                 shared_prefill: bool, on_sample: SampleCallback | None = None,
+                 on_status: StatusCallback | None = None) -> list[dict]:
+    """One sample at every point; with ``shared_prefill`` each of its prompts is prefilled once.
+
+    Each record carries ``prefill_seconds`` (the shared prefills, the same for every point of the
+    sample, 0 without sharing) and ``seconds`` (this point's own time: replay or prefill, decode).
+    """
+    prefills: dict[tuple[int, ...], PrefillRecord] = {}
+    shared_seconds = 0.0
+    if shared_prefill:
+        if on_status is not None:
+            on_status(f"sample {sample.index}: prefill")
+        for prompt in sample_prompts(sample):
+            prefills[prompt] = engines[0][1].record_prefill(list(prompt))
+            shared_seconds += prefills[prompt].seconds
+    results = []
+    for point, engine in engines:
+        if on_status is not None:
+            on_status(f"sample {sample.index}: {point.label}")
+        start = time.perf_counter()
+        record = {"policy": point.policy, "budget": point.budget_label, **describe_sample(sample)}
+        record.update(evaluate_sample(engine, adapter.tokenizer, sample, prefills))
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record["prefill_seconds"] = round(shared_seconds, 3)
+        results.append(record)
+        if on_sample is not None:
+            on_sample(point, record)
+    return results
+
+
+def spread_order(count: int) -> list[int]:
+    """``0 .. count-1`` in an order whose every prefix spreads over the range (van der Corput:
+    0, 1/2, 1/4, 3/4, ... of ``count``), so a run stopped early has samples from the whole sweep
+    (needle depths, variants, haystacks), not only its start."""
+    order: dict[int, None] = {}
+    j = 0
+    while len(order) < count:
+        fraction, denominator, n = 0.0, 1.0, j
+        while n:
+            denominator *= 2
+            fraction += (n % 2) / denominator
+            n //= 2
+        order.setdefault(int(fraction * count), None)
+        j += 1
+    return list(order)
 
 
 def evaluate(config: EvalConfig, adapter: ModelAdapter, samples: Sequence[Sample],
-             on_sample: SampleCallback | None = None) -> list[dict]:
-    """Every sample at every run point; one result dict per (point, sample)."""
-    results = []
-    for point in run_points(config):
-        engine = build_engine(adapter, config, point)
-        for sample in samples:
-            start = time.perf_counter()
-            record = {"policy": point.policy, "budget": point.budget_label, **describe_sample(sample)}
-            record.update(evaluate_sample(engine, adapter.tokenizer, sample))
-            record["seconds"] = round(time.perf_counter() - start, 3)
-            results.append(record)
-            if on_sample is not None:
-                on_sample(point, record)
-        del engine
-        gc.collect()  # drop the point's policy state before the next engine allocates its own
-    return results
+             on_sample: SampleCallback | None = None, done: dict[int, list[dict]] | None = None,
+             on_done: Callable[[Sample, list[dict]], None] | None = None,
+             on_status: StatusCallback | None = None, deadline: float | None = None) -> list[dict]:
+    """Every sample at every run point; one result dict per (point, sample), by sample index.
+
+    Samples run in ``spread_order``. ``done``: results already made, by sample index (a resumed run);
+    those samples are skipped. ``on_done(sample, results)``: after each sample's every point (to save
+    progress). ``deadline`` (``time.monotonic()`` value): start no sample after it once one is done
+    (a partial run).
+    """
+    done = dict(done or {})
+    engines = [(point, build_engine(adapter, config, point)) for point in run_points(config)]
+    for position in spread_order(len(samples)):
+        sample = samples[position]
+        if sample.index in done:
+            continue
+        if deadline is not None and done and time.monotonic() >= deadline:
+            break  # (a report needs one sample at least)
+        done[sample.index] = evaluate_one(engines, adapter, sample, config.shared_prefill, on_sample, on_status)
+        if on_done is not None:
+            on_done(sample, done[sample.index])
+    return [record for index in sorted(done) for record in done[index]]
 
 
 def check_budgets_fit(config: EvalConfig, samples: Sequence[Sample]) -> None:
@@ -208,12 +399,53 @@ def prepare_samples(config: EvalConfig, tokenizer) -> list[Sample]:
     return samples
 
 
+def read_progress(out_dir: Path, config: dict) -> dict[int, list[dict]]:
+    """Results saved by an interrupted run of ``config`` in ``out_dir``, by sample index ({} if none)."""
+    path = out_dir / PROGRESS_FILE
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("config") != config:
+            return {}
+    except (ValueError, AttributeError):
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+            done[int(entry["index"])] = list(entry["results"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by an interruption: that sample is run again
+    return done
+
+
+class ProgressLog:
+    """``progress.jsonl``: a header line with the config, then one line per finished sample."""
+
+    def __init__(self, out_dir: Path, config: dict, done: dict[int, list[dict]]):
+        self.path = out_dir / PROGRESS_FILE
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"config": config})] + [json.dumps({"index": i, "results": r}) for i, r in done.items()]
+        self.path.write_text("\n".join(lines) + "\n")
+
+    def add(self, sample: Sample, results: list[dict]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"index": sample.index, "results": results}) + "\n")
+            handle.flush()
+
+
 def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str = "",
-             on_sample: SampleCallback | None = None, on_ready: Callable[[int], None] | None = None) -> dict:
+             on_sample: SampleCallback | None = None, on_ready: Callable[[int, int], None] | None = None,
+             on_status: StatusCallback | None = None, max_minutes: float | None = None) -> dict:
     """Load, build samples, evaluate every point, write the report into ``out_dir``; return it.
 
-    ``on_ready(total)`` is called once the samples exist, with the number of (point, sample) runs.
+    ``on_ready(total, done)`` is called once the samples exist, with the number of (point, sample)
+    runs and how many of them an interrupted run of the same config already made (resumed).
+    ``max_minutes``: start no sample after that long; the report then covers the samples done (marked
+    partial) and the progress file stays beside it, so the same command finishes the run later.
     """
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     out_dir = Path(out_dir)
     check_output_dir(out_dir, config.to_dict(), overwrite)
     adapter = load_for_eval(config)
@@ -221,10 +453,16 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     points = run_points(config)
     for point in points[1:]:
         build_engine(adapter, config, point)  # refuse a bad policy spec before hours of work
+    done = {i: r for i, r in read_progress(out_dir, config.to_dict()).items() if i < len(samples)}
+    log = ProgressLog(out_dir, config.to_dict(), done)
     if on_ready is not None:
-        on_ready(len(points) * len(samples))
+        on_ready(len(points) * len(samples), len(points) * len(done))
     start = time.perf_counter()
-    results = evaluate(config, adapter, samples, on_sample)
-    report = build_report(config, adapter, points, results, command, time.perf_counter() - start)
-    write_report(out_dir, report, overwrite)
+    results = evaluate(config, adapter, samples, on_sample, done, log.add, on_status, deadline)
+    settings = [point_settings(config, adapter, point) for point in points]
+    finished = len({r["index"] for r in results})
+    partial = {"samples_done": finished} if finished < len(samples) else None
+    report = build_report(config, adapter, points, results, command, time.perf_counter() - start, settings, partial)
+    # the directory holds this run (checked above); a partial run keeps its progress file
+    write_report(out_dir, report, overwrite=True, keep=(PROGRESS_FILE,) if partial else ())
     return report

@@ -25,6 +25,7 @@ from .tasks import get_task
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "report.md"
 PLOT_FILE = "plot.png"
+PROGRESS_FILE = "progress.jsonl"  # an unfinished run's samples (offload_engine.evaluation.harness)
 BREAKDOWN_KEYS = ("variant", "haystack")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,10 +42,20 @@ def previous_config(out_dir: Path) -> dict | None:
         return None
 
 
+def progress_config(out_dir: Path) -> dict | None:
+    """The config of an unfinished run in ``out_dir`` (its progress file's header), or None."""
+    try:
+        with open(out_dir / PROGRESS_FILE) as handle:
+            return json.loads(handle.readline())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_output_dir(out_dir: Path, config: dict, overwrite: bool) -> None:
     """Refuse an ``out_dir`` holding another run or other files, unless ``overwrite``.
 
-    A directory holding a report of the very same config may be rewritten (it is the same run).
+    A directory holding a report or an unfinished run of the very same config may be rewritten
+    (it is the same run; an unfinished one is resumed).
     """
     if overwrite or not out_dir.exists():
         return
@@ -53,7 +64,7 @@ def check_output_dir(out_dir: Path, config: dict, overwrite: bool) -> None:
     if not any(out_dir.iterdir()):
         return
     previous = previous_config(out_dir)
-    if previous == config:
+    if previous == config or progress_config(out_dir) == config:
         return
     what = "the results of a different run" if previous is not None else "files that are not an eval report"
     raise ConfigError(
@@ -61,12 +72,17 @@ def check_output_dir(out_dir: Path, config: dict, overwrite: bool) -> None:
     )
 
 
-def write_report(out_dir: Path, report: dict, overwrite: bool) -> None:
-    """Write the three files into a staging directory, then move it into place."""
+def write_report(out_dir: Path, report: dict, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Write the three files into a staging directory, then move it into place.
+
+    ``keep``: files of ``out_dir`` carried over (the progress file of a partial run)."""
     check_output_dir(out_dir, report["config"], overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        for name in keep:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, staging / name)
         (staging / RESULTS_FILE).write_text(json.dumps(_finite(report), indent=1) + "\n")
         (staging / MARKDOWN_FILE).write_text(to_markdown(report))
         plot(report, staging / PLOT_FILE)
@@ -97,24 +113,49 @@ def provenance(command: str) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
-def build_report(config, adapter, points, results: list[dict], command: str, seconds: float) -> dict:
-    """Everything the three files show, as one JSON-ready dict."""
+def build_report(config, adapter, points, results: list[dict], command: str, seconds: float,
+                 settings: list[dict] | None = None, partial: dict | None = None) -> dict:
+    """Everything the three files show, as one JSON-ready dict.
+
+    ``settings``: per point, every setting that changes its selection (sinks, window, interval,
+    neighbours and their rule, tokenbutler's GQA rule and predictor with the sha256 of its weights).
+    """
     task = get_task(config.task)
     breakdown = {key: summarize_points(points, results, key) for key in BREAKDOWN_KEYS
                  if len({str(r.get(key)) for r in results if key in r}) > 1}
     return {
         "task": {"name": task.name, "summary": task.summary, "primary": task.primary,
                  "higher_is_better": task.higher_is_better},
+        **({"partial": partial} if partial else {}),
         "provenance": provenance(command),
         "machine": describe_machine(),
         "config": config.to_dict(),
-        "model": {"name": str(getattr(adapter.config, "_name_or_path", "")), "dtype": str(adapter.dtype),
+        "model": {"name": model_name(adapter), "dtype": str(adapter.dtype),
                   "dims": asdict(adapter.dims)},
         "seconds": round(seconds, 1),
+        "points": settings or [],
+        "timing": timing(results),
         "summary": summarize_points(points, results),
         "breakdown": breakdown,
         "samples": results,
     }
+
+
+def timing(results: list[dict]) -> dict:
+    """Mean seconds per sample: the shared prefill, each point's own work, and their sum (all points)."""
+    samples = {r["index"]: r.get("prefill_seconds", 0.0) for r in results}
+    if not samples:
+        return {}
+    prefill = sum(samples.values()) / len(samples)
+    points = sum(r["seconds"] for r in results) / len(samples)
+    return {"shared_prefill_seconds": round(prefill, 2), "points_seconds": round(points, 2),
+            "sample_seconds": round(prefill + points, 2)}
+
+
+def model_name(adapter) -> str:
+    """The model's hub id, or the folder name of a local model (reports name no local path)."""
+    name = str(getattr(adapter.config, "_name_or_path", ""))
+    return Path(name).name if Path(name).is_absolute() else name
 
 
 def budget_percent(budget: str, context: int) -> float:
@@ -122,11 +163,16 @@ def budget_percent(budget: str, context: int) -> float:
     return float(budget[:-1]) if budget.endswith("%") else 100.0 * float(budget) / context
 
 
-def metric_cell(value: float | None, primary: str) -> str:
-    """One table cell of metric ``primary``: two decimals for perplexity, one otherwise, ``-`` if missing."""
+def metric_cell(value: float | None, primary: str, interval: list | None = None) -> str:
+    """One table cell of metric ``primary``: two decimals for perplexity, one otherwise, ``-`` if missing;
+    with its 95% ``interval``: ``60.0 [38.7, 78.1]``."""
     if value is None or not math.isfinite(value):
         return "-"
-    return f"{value:.2f}" if primary == "ppl" else f"{value:.1f}"
+    digits = 2 if primary == "ppl" else 1
+    cell = f"{value:.{digits}f}"
+    if interval and all(x is not None and math.isfinite(x) for x in interval):
+        cell += f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return cell
 
 
 def table_lines(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -145,10 +191,13 @@ def policy_table(summary: list[dict], budgets: list[str], primary: str) -> list[
     """Metric ``primary`` of summary rows: one row per policy in the rows' order, one column per budget
     (``budgets``, then ``100%``)."""
     columns = list(dict.fromkeys([*budgets, "100%"]))
-    values: dict[str, dict[str, float]] = {}
+    values: dict[str, dict[str, tuple]] = {}
     for row in summary:
-        values.setdefault(row["policy"], {})[row["budget"]] = row["metrics"].get(primary)
-    rows = [[policy] + [metric_cell(cells.get(b), primary) for b in columns] for policy, cells in values.items()]
+        values.setdefault(row["policy"], {})[row["budget"]] = (row["metrics"].get(primary),
+                                                               row.get("intervals", {}).get(primary))
+    missing = (None, None)
+    rows = [[policy] + [metric_cell(cells.get(b, missing)[0], primary, cells.get(b, missing)[1]) for b in columns]
+            for policy, cells in values.items()]
     return table_lines(["policy"] + columns, rows)
 
 
@@ -162,9 +211,26 @@ def metrics_table(rows: list[dict], extra: str | None = None) -> list[str]:
     names = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
     headers = ["policy", "budget"] + ([extra] if extra else []) + [METRIC_LABELS.get(n, n) for n in names]
     body = [[r["policy"], r["budget"]] + ([str(r[extra])] if extra else [])
-            + [metric_cell(r["metrics"].get(n), n) if n != "samples" else str(r["metrics"][n]) for n in names]
+            + [metric_cell(r["metrics"].get(n), n, r.get("intervals", {}).get(n)) if n != "samples"
+               else str(r["metrics"][n]) for n in names]
             for r in rows]
     return table_lines(headers + ["seconds"], [b + [f"{r['seconds']:.0f}"] for b, r in zip(body, rows)])
+
+
+INTERVAL_NOTE = ("Cells: value [95% interval]; Wilson score intervals for accuracies, a t interval over the "
+                 "passages for perplexity.")
+SETTING_KEYS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "group_reduction")
+
+
+def settings_table(points: list[dict]) -> list[str]:
+    """One row per point: what changes its selection (``-`` where a setting does not apply)."""
+    rows = []
+    for p in points:
+        predictor = p.get("predictor") or {}
+        sha = (predictor.get("sha256") or "")[:12]
+        rows.append([p["policy"], p["budget"], *(str(p.get(k, "-")) for k in SETTING_KEYS),
+                     f"{predictor['path']} ({sha})" if predictor else "-"])
+    return table_lines(["policy", "budget", *SETTING_KEYS, "predictor (sha256)"], rows)
 
 
 def to_markdown(report: dict) -> str:
@@ -175,12 +241,22 @@ def to_markdown(report: dict) -> str:
              f"- context: {config['context']} tokens, {config['samples']} samples, seed {config['seed']}, "
              f"sinks {config['sinks']}, window {config['window']}",
              f"- wall time: {report['seconds']:.0f} s"]
+    if report.get("partial"):
+        done, total = report["partial"]["samples_done"], config["samples"]
+        lines[2:2] = [f"**Partial run: {done} of {total} samples** (spread over the task's sweep; run the command "
+                      f"again to finish it: `{PROGRESS_FILE}` holds the samples done).", ""]
     lines += [f"- {key}: {value}" for key, value in report["machine"].items()]
-    lines += ["", f"## {metric_heading(task)}", "", *main_table(report),
+    timing_ = report.get("timing") or {}
+    if timing_:
+        lines += [f"- per sample: {timing_['sample_seconds']:.1f} s for every point "
+                  f"(shared prefill {timing_['shared_prefill_seconds']:.1f} s)"]
+    lines += ["", f"## {metric_heading(task)}", "", INTERVAL_NOTE, "", *main_table(report),
               "", f"![{task['primary']} vs budget]({PLOT_FILE})", "", "## All metrics", "",
               *metrics_table(report["summary"])]
     for key, rows in report["breakdown"].items():
         lines += ["", f"## By {key}", "", *metrics_table(rows, key)]
+    if report.get("points"):
+        lines += ["", "## Selection settings per point", "", *settings_table(report["points"])]
     lines += ["", "## Resolved config", "", "```json", json.dumps(config, indent=1), "```"]
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,11 @@ Per-sample metrics (each a plain float or bool, stored in the JSON report):
 - teacher forcing: ``token_error`` (fraction of target tokens whose greedy prediction differs),
   ``any_wrong``, ``nll`` (summed negative log-likelihood) and ``tokens``.
 
-``summarize`` turns a list of per-sample metrics into the numbers the report shows.
+``summarize`` turns a list of per-sample metrics into the numbers the report shows, and
+``intervals`` into their 95% confidence intervals: Wilson score intervals for the accuracies (the
+samples are Bernoulli trials; a multi-answer sample counts its fraction of answers found), a
+Student t interval for perplexity over the per-sample mean log-loss (each ppl sample is one held-out
+passage), mapped through ``exp``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,59 @@ def score_forced(logprobs: torch.Tensor, predicted: torch.Tensor, target: Sequen
     }
 
 
+Z95 = 1.959964  # two-sided 95% normal quantile
+# Two-sided 95% Student t quantiles by degrees of freedom (1-30); above 30 the table interpolates
+# towards the normal value (error < 0.01).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042)
+INTERVAL_METRICS = ("accuracy", "all_correct", "forced_accuracy", "ppl")
+
+
+def t95(dof: int) -> float:
+    """The two-sided 95% Student t quantile for ``dof`` >= 1 degrees of freedom."""
+    if dof < 1:
+        raise ValueError(f"a t interval needs at least 1 degree of freedom, got {dof}")
+    return T95[dof - 1] if dof <= len(T95) else Z95 + (T95[-1] - Z95) * len(T95) / dof
+
+
+def wilson_interval(successes: float, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion, in percent: ``(low, high)``."""
+    if trials < 1:
+        raise ValueError("a Wilson interval needs at least one trial")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def ppl_interval(nll: Sequence[float], tokens: Sequence[int]) -> tuple[float, float] | None:
+    """95% t interval of the perplexity over passages: ``exp(mean +- t s / sqrt(n))`` of the per-passage
+    mean log-loss; None with fewer than two passages."""
+    losses = [n / t for n, t in zip(nll, tokens)]
+    if len(losses) < 2:
+        return None
+    mean = _mean(losses)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
+    half = t95(len(losses) - 1) * sd / math.sqrt(len(losses))
+    return math.exp(mean - half), math.exp(mean + half)
+
+
+def intervals(metrics: Sequence[dict]) -> dict[str, list[float]]:
+    """95% intervals ``[low, high]`` of the ``summarize`` metrics that have one (see the module doc)."""
+    out: dict[str, list[float]] = {}
+    n = len(metrics)
+    if n and "score" in metrics[0]:
+        out["accuracy"] = list(wilson_interval(sum(m["score"] for m in metrics), n))
+        out["all_correct"] = list(wilson_interval(sum(float(m["correct"]) for m in metrics), n))
+    if n and "token_error" in metrics[0]:
+        out["forced_accuracy"] = list(wilson_interval(sum(0.0 if m["any_wrong"] else 1.0 for m in metrics), n))
+        ppl = ppl_interval([m["nll"] for m in metrics], [m["tokens"] for m in metrics])
+        if ppl is not None:
+            out["ppl"] = list(ppl)
+    return out
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
@@ -90,6 +147,6 @@ def summarize_points(points: Sequence, results: Sequence[dict], group: str | Non
         for key in keys:
             part = [r for r in mine if key is None or str(r.get(group)) == key]
             row = {"policy": point.policy, "budget": point.budget_label, "metrics": summarize(part),
-                   "seconds": sum(r["seconds"] for r in part)}
+                   "intervals": intervals(part), "seconds": sum(r["seconds"] for r in part)}
             rows.append(row | ({group: key} if group else {}))
     return rows

@@ -20,6 +20,9 @@ Shapes (batch 1): ``H`` query heads, ``KvH`` KV heads, ``D`` head dim, ``E`` hid
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -32,6 +35,33 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelAdapter, ModelDims
 
 NEVER = float("-inf")
+
+_SHARED_OBSERVATIONS: ContextVar[dict | None] = ContextVar("shared_prefill_observations", default=None)
+
+
+@contextmanager
+def shared_prefill_observations(store: dict) -> Iterator[None]:
+    """While a recorded prefill is replayed, ``shared_prefill`` keeps derived observations in ``store``
+    (the record's), so each is computed once per prompt however many policies replay it."""
+    token = _SHARED_OBSERVATIONS.set(store)
+    try:
+        yield
+    finally:
+        _SHARED_OBSERVATIONS.reset(token)
+
+
+def shared_prefill(key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, or its value from an earlier replay of the same recorded prefill.
+
+    ``key`` must name everything the value depends on besides the prompt (policy, layer, settings).
+    Outside a replay this is just ``compute()``. The value is shared: never modify it in place.
+    """
+    store = _SHARED_OBSERVATIONS.get()
+    if store is None:
+        return compute()
+    if key not in store:
+        store[key] = compute()
+    return store[key]
 
 
 @dataclass(slots=True)

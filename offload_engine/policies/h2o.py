@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import NEVER, Candidates, Policy, PolicyContext
+from .base import NEVER, Candidates, Policy, PolicyContext, shared_prefill
 from .prompt_attention import causal_column_sums, group_mean
 
 
@@ -56,8 +56,10 @@ class H2OPolicy(Policy):
         self.accumulated, self.scored = [], {}
 
     def observe_prefill(self, layer, x, q, k, v) -> None:
-        sums = causal_column_sums(q, k, self.ctx.adapter.scaling, self.chunk_elements)  # [H, T]
-        self.accumulated[layer][:, : k.shape[1]] += group_mean(sums, k.shape[0])
+        prompt_mass = shared_prefill(  # [KvH, T], the same for every H2O replaying one recorded prefill
+            ("h2o", layer, self.chunk_elements),
+            lambda: group_mean(causal_column_sums(q, k, self.ctx.adapter.scaling, self.chunk_elements), k.shape[0]))
+        self.accumulated[layer][:, : k.shape[1]] += prompt_mass
 
     def score(self, layer: int, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
         """The accumulated attention of the candidates ``[KvH, n]`` float32 (``-inf``: evicted)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import Candidates, Policy, PolicyContext
+from .base import Candidates, Policy, PolicyContext, shared_prefill
 from .prompt_attention import causal_probs
 
 
@@ -67,7 +67,8 @@ class SnapKVPolicy(Policy):
         table = self.scores[layer]
         table[:, start:length] = float(self.window + 2)  # the observation window: the top tier
         if start > 0:
-            table[:, :start] = self.vote(q[:, start:], k, start)
+            key = ("snapkv", layer, self.window, self.kernel, self.chunk_elements)
+            table[:, :start] = shared_prefill(key, lambda: self.vote(q[:, start:], k, start))
 
     def vote(self, window_q: torch.Tensor, k: torch.Tensor, start: int) -> torch.Tensor:
         """window_q ``[H, w, D]`` at positions ``start..``, k ``[KvH, T, D]`` -> ``[KvH, start]``."""

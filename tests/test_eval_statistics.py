@@ -1,0 +1,195 @@
+"""``tbrun eval`` with statistical power: one prefill per sample shared by every point (the same
+results as separate runs), policy variants, 95% intervals, resumable runs, reports without local paths."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from offload_engine.config import Budget
+from offload_engine.engine import Engine
+from offload_engine.errors import ConfigError
+from offload_engine.evaluation import harness
+from offload_engine.evaluation.harness import (EvalConfig, PolicyVariant, evaluate, load_for_eval, prepare_samples,
+                                               run_points, split_policies, spread_order)
+from offload_engine.evaluation.report import PROGRESS_FILE, RESULTS_FILE, metric_cell
+from offload_engine.evaluation.scoring import intervals, ppl_interval, t95, wilson_interval
+from tbrun_cli.main import app
+
+POLICIES = ["oracle", "quest", "snapkv", "h2o", "streaming", "random", "critical(h2o)",
+            "quest[interval=4,neighbor_rule=runs]"]
+VOLATILE = ("seconds", "prefill_seconds", "stats")  # timings differ run to run
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    config = EvalConfig(task="niah-single", policies=["streaming"], budgets=[Budget.parse("100%")], context=256,
+                        samples=1, model=tiny_model_dir)
+    return load_for_eval(config)
+
+
+def stable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+@pytest.fixture
+def prefill_calls(monkeypatch) -> list[int]:
+    """The number of prompt tokens of every model prefill run (recorded or not)."""
+    calls: list[int] = []
+    original = Engine._model_prefill
+
+    def counted(self, prompt, *args):
+        calls.append(len(prompt))
+        return original(self, prompt, *args)
+
+    monkeypatch.setattr(Engine, "_model_prefill", counted)
+    return calls
+
+
+@pytest.mark.parametrize("task, context", [("niah-single", 256), ("coref", 384), ("ppl", 192)])
+def test_shared_prefill_gives_the_results_of_separate_runs_and_prefills_once_per_prompt(
+        tiny, tiny_model_dir, prefill_calls, task, context):
+    samples = 8 if task == "ppl" else 2
+
+    def run(shared: bool) -> list[dict]:
+        config = EvalConfig(task=task, policies=POLICIES, budgets=[Budget.parse("25%")], context=context,
+                            samples=samples, model=tiny_model_dir, shared_prefill=shared, sinks=2, window=8)
+        return evaluate(config, tiny, prepare_samples(config, tiny.tokenizer))
+
+    separate = run(False)
+    points = 1 + len(POLICIES)
+    prompts_per_sample = 2 if task == "coref" else 1  # coref: the generation prompt and the forced one
+    assert len(prefill_calls) == samples * points * prompts_per_sample  # every point prefills
+    prefill_calls.clear()
+    shared = run(True)
+    assert len(prefill_calls) == samples * prompts_per_sample
+    assert stable(shared) == stable(separate)
+    assert len({json.dumps(r.get("output", r.get("nll"))) for r in shared}) > 1  # the points differ
+
+
+def test_perplexity_needs_eight_passages_for_its_interval():
+    with pytest.raises(ConfigError, match="--samples 8"):
+        EvalConfig(task="ppl", policies=["quest"], budgets=[Budget.parse("10%")], context=1024, samples=7)
+    assert EvalConfig(task="ppl", policies=["quest"], budgets=[Budget.parse("10%")], context=1024, samples=8)
+
+
+def test_policy_variants_are_split_parsed_and_checked():
+    specs = split_policies("quest, critical(tokenbutler),tokenbutler[interval=4,neighbor_rule=runs]")
+    assert specs == ["quest", "critical(tokenbutler)", "tokenbutler[interval=4,neighbor_rule=runs]"]
+    variant = PolicyVariant.parse(specs[2])
+    assert variant.base == "tokenbutler" and variant.selection_overrides() == {"interval": 4, "neighbor_rule": "runs"}
+    config = EvalConfig(task="niah", policies=specs, budgets=[Budget.parse("10%")])
+    assert config.selection(Budget.parse("10%"), specs[2]).interval == 4
+    assert config.selection(Budget.parse("10%"), specs[0]).interval == 1
+    assert config.policy_options(specs[1]) == {"group_reduction": "mean"}
+    assert [p.policy for p in run_points(config)] == ["dense", *specs]
+    for bad in ("quest[interval=x]", "quest[speed=2]", "quest[group_reduction=mean]", "tokenbutler[group_reduction=min]"):
+        with pytest.raises(ConfigError, match="--policy"):
+            EvalConfig(task="niah", policies=[bad], budgets=[Budget.parse("10%")])
+
+
+def test_wilson_and_t_intervals():
+    low, high = wilson_interval(12, 20)
+    assert (round(low, 1), round(high, 1)) == (38.7, 78.1)  # the textbook Wilson interval of 12/20
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 100.0
+    assert 0 < wilson_interval(0, 20)[1] < 20
+    assert t95(1) == pytest.approx(12.706) and t95(7) == pytest.approx(2.365) and t95(120) == pytest.approx(1.98, abs=0.01)
+    losses, tokens = [2.0, 2.2, 1.9, 2.1, 2.05, 1.95, 2.15, 2.0], [100] * 8
+    low, high = ppl_interval([l * t for l, t in zip(losses, tokens)], tokens)
+    mean = sum(losses) / 8
+    assert low < math.exp(mean) < high
+    assert math.log(high) - mean == pytest.approx(mean - math.log(low))  # symmetric in log space
+    assert ppl_interval([2.0], [10]) is None
+    got = intervals([{"score": 1.0, "correct": True}, {"score": 0.5, "correct": False}])
+    assert got["accuracy"] == pytest.approx(list(wilson_interval(1.5, 2)))
+
+
+def test_cells_show_the_interval():
+    assert metric_cell(60.0, "accuracy", [38.66, 78.12]) == "60.0 [38.7, 78.1]"
+    assert metric_cell(8.517, "ppl", [8.1, 8.93]) == "8.52 [8.10, 8.93]"
+    assert metric_cell(60.0, "accuracy") == "60.0"
+
+
+def eval_args(model_dir: str, out: Path, samples: int = 3) -> list[str]:
+    return ["eval", "--task", "niah-single", "--policy", "quest,quest[interval=2,neighbor_rule=runs]",
+            "--budget", "25%", "--context", "256", "--samples", str(samples), "--model", model_dir, "--out", str(out)]
+
+
+def test_an_interrupted_run_resumes_from_its_progress_file(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "niah"
+    original = harness.evaluate_one
+    seen: list[int] = []
+
+    def interrupted_after_two(engines, adapter, sample, *args):
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append(sample.index)
+        return original(engines, adapter, sample, *args)
+
+    monkeypatch.setattr(harness, "evaluate_one", interrupted_after_two)
+    result = CliRunner().invoke(app, eval_args(tiny_model_dir, out))
+    assert result.exit_code != 0 and not (out / RESULTS_FILE).exists()
+    lines = (out / PROGRESS_FILE).read_text().splitlines()
+    assert len(lines) == 1 + 2  # header + two finished samples
+
+    seen.clear()
+    monkeypatch.setattr(harness, "evaluate_one", lambda engines, adapter, sample, *args:
+                        seen.append(sample.index) or original(engines, adapter, sample, *args))
+    result = CliRunner().invoke(app, eval_args(tiny_model_dir, out))
+    assert result.exit_code == 0, result.output
+    assert seen == [2]  # only the sample the interrupted run had not finished
+    report = json.loads((out / RESULTS_FILE).read_text())
+    assert sorted({r["index"] for r in report["samples"]}) == [0, 1, 2]
+    assert len(report["samples"]) == 3 * 3
+    assert not (out / PROGRESS_FILE).exists()
+
+
+def test_a_progress_file_of_another_run_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "niah"
+    out.mkdir()
+    (out / PROGRESS_FILE).write_text(json.dumps({"config": {"task": "vt"}}) + "\n")
+    result = CliRunner().invoke(app, eval_args(tiny_model_dir, out))
+    assert result.exit_code == 2 and "--overwrite" in " ".join(result.output.split())
+
+
+def test_results_record_every_selection_setting_and_no_local_path(tiny_model_dir, tmp_path):
+    out = tmp_path / "niah"
+    result = CliRunner().invoke(app, eval_args(tiny_model_dir, out, samples=2))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / RESULTS_FILE).read_text())
+    variant = report["points"][2]
+    assert variant["policy"] == "quest[interval=2,neighbor_rule=runs]"
+    assert {"sinks": 4, "window": 32, "interval": 2, "neighbors": 0, "neighbor_rule": "runs"}.items() <= variant.items()
+    assert report["points"][1]["interval"] == 1
+    text = (out / RESULTS_FILE).read_text() + (out / "report.md").read_text()
+    assert str(tmp_path) not in text and tiny_model_dir not in text
+    low, high = report["summary"][1]["intervals"]["accuracy"]
+    assert 0 <= low <= report["summary"][1]["metrics"]["accuracy"] <= high <= 100
+    assert metric_cell(report["summary"][1]["metrics"]["accuracy"], "accuracy", [low, high]) in (out / "report.md").read_text()
+
+
+def test_samples_run_in_an_order_whose_prefixes_spread_over_the_sweep():
+    for count in (1, 2, 3, 8, 20, 33):
+        order = spread_order(count)
+        assert sorted(order) == list(range(count))
+    first = spread_order(20)[:4]
+    assert max(first) >= 15 and min(first) == 0  # a quarter of the run already spans the depths
+
+
+def test_a_run_stopped_by_max_minutes_reports_what_it_has_and_finishes_later(tiny_model_dir, tmp_path):
+    out = tmp_path / "niah"
+    result = CliRunner().invoke(app, [*eval_args(tiny_model_dir, out), "--max-minutes", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / RESULTS_FILE).read_text())
+    assert report["partial"] == {"samples_done": 1} and len(report["samples"]) == 3  # one sample, three points
+    assert "Partial run: 1 of 3 samples" in (out / "report.md").read_text()
+    assert "--max-minutes" not in report["provenance"]["command"]
+    assert (out / PROGRESS_FILE).is_file()
+    result = CliRunner().invoke(app, eval_args(tiny_model_dir, out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / RESULTS_FILE).read_text())
+    assert "partial" not in report and len(report["samples"]) == 3 * 3 and not (out / PROGRESS_FILE).exists()

@@ -108,26 +108,40 @@ def attended_positions(batch: DecodeBatch, selected: torch.Tensor) -> torch.Tens
     return torch.cat([fixed, selected], dim=-1)
 
 
-def gather_paged(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache ``[blocks, KvH, bs, D]``, slots ``[B, KvH, N]`` (-1 allowed) -> ``[B, KvH, N, D]``."""
+def dim_major(cache: torch.Tensor) -> torch.Tensor:
+    """A ``[blocks, KvH, bs, D]`` cache whose blocks hold ``[D, bs]`` (vLLM CPU's "vec" keys), seen as
+    ``[blocks, KvH, D, bs]`` without a copy."""
+    blocks, heads, block_size, dim = cache.shape
+    return cache.as_strided((blocks, heads, dim, block_size), (cache.stride(0), cache.stride(1), block_size, 1),
+                            cache.storage_offset())
+
+
+def gather_paged(cache: torch.Tensor, slots: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """cache ``[blocks, KvH, bs, D]``, slots ``[B, KvH, N]`` (-1 allowed) -> ``[B, KvH, N, D]``.
+
+    ``transposed``: the blocks hold ``[D, bs]`` (see ``dim_major``).
+    """
     block_size = cache.shape[2]
     safe = slots.clamp(min=0)
     heads = torch.arange(cache.shape[1], device=slots.device).view(1, -1, 1)
+    if transposed:  # advanced indices around a slice: their broadcast dims come first -> [B, KvH, N, D]
+        return dim_major(cache)[safe // block_size, heads, :, safe % block_size]
     return cache[safe // block_size, heads, safe % block_size]
 
 
 def sparse_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                            batch: DecodeBatch, positions: torch.Tensor, scale: float) -> torch.Tensor:
+                            batch: DecodeBatch, positions: torch.Tensor, scale: float,
+                            keys_transposed: bool = False) -> torch.Tensor:
     """Attention of each sequence's query over its attended positions only.
 
     query ``[B, H, D]``; positions ``[B, KvH, N]`` (-1 padding) -> output ``[B, H, D]`` in the query
-    dtype (softmax in float32).
+    dtype (softmax in float32). ``keys_transposed``: key blocks hold ``[D, bs]`` (``dim_major``).
     """
     count, heads, dim = query.shape
     kv_heads = key_cache.shape[1]
     slots = torch.gather(batch.slots, 1, positions.clamp(min=0).flatten(1)).view_as(positions)
     valid = (positions >= 0) & (slots >= 0)  # [B, KvH, N]
-    keys = gather_paged(key_cache, slots).float()  # [B, KvH, N, D]
+    keys = gather_paged(key_cache, slots, keys_transposed).float()  # [B, KvH, N, D]
     values = gather_paged(value_cache, slots).float()
     grouped = query.float().view(count, kv_heads, heads // kv_heads, dim)  # [B, KvH, G, D]
     logits = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # [B, KvH, G, N]

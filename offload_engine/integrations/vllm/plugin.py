@@ -22,7 +22,7 @@ from ...selection.selector import Selector
 from . import paged
 from .config import ENV_VAR, VllmPluginConfig
 
-logger = logging.getLogger("tbrun.vllm")
+logger = logging.getLogger("vllm.tbrun")  # under vLLM's logger: printed with vLLM's own messages
 
 RUNTIME: "Runtime | None" = None  # set in the worker process by the load_model patch
 _CONFIG: VllmPluginConfig | None = None
@@ -35,7 +35,7 @@ class Runtime:
         self.config, self.scorer, self.selector, self.num_layers = config, scorer, selector, num_layers
         self.dense = scorer.dense_layers(num_layers)
         self.hidden: dict[int, torch.Tensor] = {}  # producer layer -> its attention input [T, E] this step
-        self.layout_checked = False
+        self.keys_transposed: bool | None = None  # vLLM CPU's key block layout, found at the first write
         self.decode_steps = 0  # decode batches that went through selection (for reports)
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ class Runtime:
         runtime_ref.append(runtime)
         if config.needs_hidden_states:
             runtime.record_hidden_states(parents, scorer.predictor.config.producers)
-        logger.info("tbrun selection on (%s): %d layers, dense layers %s", config.describe(), len(layers), sorted(runtime.dense))
+        logger.info("tbrun selection on (%s): %d layers, %d of them dense", config.describe(), len(layers), len(runtime.dense))
         return runtime
 
     def record_hidden_states(self, parents: dict[int, torch.nn.Module], producers) -> None:
@@ -113,7 +113,8 @@ class Runtime:
             scores = self.scorer.score(layer, rows, batch)
             selected = paged.select_top(scores, batch).expand(-1, kv_heads, -1)
             positions = paged.attended_positions(batch, selected)
-        return paged.sparse_decode_attention(rows, key_cache, value_cache, batch, positions, impl.scale)
+        return paged.sparse_decode_attention(rows, key_cache, value_cache, batch, positions, impl.scale,
+                                             keys_transposed=bool(self.keys_transposed))
 
 
 def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +197,8 @@ def install(config: VllmPluginConfig) -> None:
         key, value, slots = key[:count][written], value[:count][written], slots[written]
         if slots.numel() == 0:
             return
-        if not RUNTIME.layout_checked:
-            check_layout(kv_cache, key, slots)
-            RUNTIME.layout_checked = True
+        if RUNTIME.keys_transposed is None:
+            RUNTIME.keys_transposed = key_layout(kv_cache, key, slots)
         index = layer_index(layer)
         RUNTIME.scorer.write(index, key, value, slots, kv_cache.shape[0] * kv_cache.shape[2])
 
@@ -228,12 +228,20 @@ def layer_index(layer) -> int:
     return index
 
 
-def check_layout(kv_cache: torch.Tensor, key: torch.Tensor, slots: torch.Tensor) -> None:
-    """The plugin reads keys as ``[blocks, KvH, bs, D]``; refuse a build that stores them otherwise."""
+def key_layout(kv_cache: torch.Tensor, key: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Whether vLLM stored the key blocks as ``[D, bs]`` (its "vec" kernels) rather than ``[bs, D]``.
+
+    Found by reading back the first written key; a layout neither (an ISA that packs keys, e.g.
+    AMX tiles) stops with a message instead of attending garbage.
+    """
     key_cache, _ = split_cache(kv_cache)
     block_size = key_cache.shape[2]
     slot = int(slots[0])
-    stored = key_cache[slot // block_size, :, slot % block_size]
-    if not torch.allclose(stored.float(), key[0].float(), atol=1e-2, rtol=1e-2):
-        raise RuntimeError(f"{ENV_VAR}: this vLLM build stores keys in a layout the tbrun plugin cannot read "
-                           "(packed for its ISA kernel); unset it or report the vLLM version.")
+    block, offset = slot // block_size, slot % block_size
+    want = key[0].to(key_cache.dtype)
+    if torch.equal(paged.dim_major(key_cache)[block, :, :, offset], want):
+        return True
+    if torch.equal(key_cache[block, :, offset], want):
+        return False
+    raise RuntimeError(f"{ENV_VAR}: this vLLM build stores keys in a layout the tbrun plugin cannot read "
+                       "(packed for its ISA kernel); unset TBRUN_VLLM or report the vLLM version and CPU.")

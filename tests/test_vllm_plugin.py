@@ -312,3 +312,29 @@ def test_critical_value_norms_by_slot_and_its_two_stages():
 # -- inside vLLM (CPU build) -----------------------------------------------------------------------
 def _vllm():
     return pytest.importorskip("vllm", reason="vLLM's CPU build is not installed: pip install 'tbrun[vllm]' in its own venv")
+
+
+def test_interval_reuses_each_sequences_selection_between_predictions():
+    lengths = [40, 30]
+    _, _, table, _ = paged_sequences([48, 48], seed=5)  # room to grow
+    selection = SelectionConfig(budget=Budget(tokens=16), sinks=2, window=4, interval=3)
+    reuse = paged.SelectionReuse(selection.interval)
+    calls = []
+
+    def predict(part):
+        calls.append(part.size)
+        return paged.select_top(torch.randn(part.size, KV_HEADS, part.slots.shape[1]), part)
+
+    chosen = []
+    for step in range(4):  # both sequences grow by one token per step
+        batch = make_batch([n + step for n in lengths], table, selection)
+        reuse.next_step()
+        chosen.append(reuse.select(7, batch, predict))
+    assert calls == [2, 2]  # predicted at steps 0 and 3 (interval 3), reused at 1 and 2
+    assert torch.equal(chosen[1], chosen[0]) or (chosen[1] == -1).sum() >= (chosen[0] == -1).sum()
+    kept = chosen[0][chosen[0] >= 0]
+    assert set(chosen[2][chosen[2] >= 0].tolist()) <= set(kept.tolist())
+    new_sequence = make_batch([12, 30 + 4], table, selection)  # row 0 has no selection kept: it predicts
+    reuse.next_step()
+    reuse.select(7, new_sequence, predict)
+    assert calls[-1] == 1

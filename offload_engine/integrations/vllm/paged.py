@@ -81,6 +81,52 @@ def decode_batch(rows: torch.Tensor, lengths: torch.Tensor, block_table: torch.T
                        all_fit=all(c.fits for c in found))
 
 
+def sub_batch(batch: DecodeBatch, which: torch.Tensor) -> DecodeBatch:
+    """The sequences ``which`` ``[b]`` of a batch (for scoring only the ones that predict this step)."""
+    keep = batch.keep[which]
+    return DecodeBatch(rows=batch.rows[which], lengths=batch.lengths[which], slots=batch.slots[which],
+                       fixed=batch.fixed[which], candidate=batch.candidate[which], keep=keep,
+                       most=int(keep.max()) if keep.numel() else 0, all_fit=batch.all_fit)
+
+
+class SelectionReuse:
+    """``interval``: a sequence's selection is predicted every ``interval`` engine steps and reused between.
+
+    Kept per layer by the slot of the token decoded at that step (unique to a live sequence); the next
+    step finds it by the slot of the position before its own. A sequence with none (its first decode
+    step, or one after a prediction step was skipped) predicts. Reused positions that have entered the
+    window since are dropped (the window attends them anyway).
+    """
+
+    def __init__(self, interval: int):
+        self.interval, self.step = interval, -1
+        self.kept: dict[int, dict[int, torch.Tensor]] = {}  # layer -> {slot: positions [KvH, k]}
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def select(self, layer: int, batch: DecodeBatch, predict) -> torch.Tensor:
+        """Selected positions ``[B, KvH, k]`` (-1 padding); ``predict(part)`` selects for a sub-batch."""
+        if self.interval <= 1:
+            return predict(batch)
+        previous, kept = self.kept.get(layer, {}), {}
+        prior = batch.slots.gather(1, (batch.lengths - 2).clamp(min=0).unsqueeze(1)).squeeze(1).tolist()
+        reused = [previous.get(slot) if self.step % self.interval else None for slot in prior]
+        fresh = [b for b, old in enumerate(reused) if old is None]
+        if fresh:
+            predicted = predict(sub_batch(batch, torch.tensor(fresh, device=batch.rows.device)))
+            for i, b in enumerate(fresh):
+                reused[b] = predicted[i]
+        width = max(p.shape[-1] for p in reused)
+        selected = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=PAD) for p in reused])
+        current = batch.slots.gather(1, (batch.lengths - 1).unsqueeze(1)).squeeze(1).tolist()
+        for b, slot in enumerate(current):
+            kept[slot] = selected[b]
+        self.kept[layer] = kept
+        outside = ~batch.candidate.gather(1, selected.clamp(min=0).flatten(1)).view_as(selected)
+        return selected.masked_fill(outside, PAD)
+
+
 # -- top-k and attention ---------------------------------------------------------------------------
 def select_top(scores: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
     """scores ``[B, KvH, L]`` -> each sequence's top-``keep[b]`` candidates ``[B, KvH, most]`` (-1 padding).

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,16 @@ class Runtime:
         self.dense = scorer.dense_layers(num_layers)
         self.hidden: dict[int, torch.Tensor] = {}  # producer layer -> its attention input [T, E] this step
         self.keys_transposed: bool | None = None  # vLLM CPU's key block layout, found at the first write
-        self.decode_steps = 0  # decode batches that went through selection (for reports)
+        self.enabled = True  # False: vLLM's own attention (policy state is still written; tests, benchmarks)
+        self.reuse = paged.SelectionReuse(config.selection.interval)
+        self.decode_steps = 0  # decode forward passes that went through the plugin
+        self.selecting_steps = 0  # ... of which some sequence attended fewer than all its tokens
+
+    def set_selection(self, selection) -> None:
+        """Another budget / sinks / window / interval for the same policy (tests and benchmarks)."""
+        self.config = replace(self.config, selection=selection)
+        self.selector = Selector(selection, capacity=self.selector.capacity, dense_layers=self.dense)
+        self.reuse = paged.SelectionReuse(selection.interval)
 
     # -- set-up ------------------------------------------------------------------------------------
     @classmethod
@@ -99,6 +109,9 @@ class Runtime:
             batch = paged.decode_batch(starts[which].long(), metadata.seq_lens[:requests][which].long(),
                                        metadata.block_table[:requests][which], block_size, self.selector)
             result = (batch, bool(one_token.all()))
+            self.decode_steps += 1
+            self.selecting_steps += not batch.all_fit
+            self.reuse.next_step()
         metadata._tbrun_batch = result
         return result
 
@@ -110,8 +123,8 @@ class Runtime:
         if layer in self.dense or batch.all_fit:
             positions = paged.every_position(batch, kv_heads)
         else:
-            scores = self.scorer.score(layer, rows, batch)
-            selected = paged.select_top(scores, batch).expand(-1, kv_heads, -1)
+            selected = self.reuse.select(layer, batch, lambda part: paged.select_top(
+                self.scorer.score(layer, query[part.rows], part), part).expand(-1, kv_heads, -1))
             positions = paged.attended_positions(batch, selected)
         return paged.sparse_decode_attention(rows, key_cache, value_cache, batch, positions, impl.scale,
                                              keys_transposed=bool(self.keys_transposed))
@@ -203,7 +216,7 @@ def install(config: VllmPluginConfig) -> None:
         RUNTIME.scorer.write(index, key, value, slots, kv_cache.shape[0] * kv_cache.shape[2])
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        if RUNTIME is None or attn_metadata is None or self.attn_type != "decoder" or kv_cache.numel() == 0:
+        if RUNTIME is None or not RUNTIME.enabled or attn_metadata is None or self.attn_type != "decoder" or kv_cache.numel() == 0:
             return original_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         batch, all_decode = RUNTIME.decode_batch(attn_metadata, kv_cache.shape[2])
         if batch is None:

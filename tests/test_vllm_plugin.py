@@ -338,3 +338,88 @@ def test_interval_reuses_each_sequences_selection_between_predictions():
     reuse.next_step()
     reuse.select(7, new_sequence, predict)
     assert calls[-1] == 1
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """One vLLM engine for the module, in this process, with the plugin on (tokenbutler at 10%).
+
+    ``runtime.enabled = False`` gives vLLM's own attention from the same engine (same weights, same
+    prefix cache), ``runtime.set_selection`` another budget: one engine start (~40 s) for every test.
+    """
+    vllm = _vllm()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TBRUN_VLLM", "policy=tokenbutler,budget=10%")
+    patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: RUNTIME is reachable
+    patch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    from offload_engine.integrations.vllm import plugin, register
+    from offload_engine.models import embedded_model_dir
+    from transformers import AutoTokenizer
+
+    register()  # also when vLLM loaded its plugins before this module set TBRUN_VLLM
+    model = str(embedded_model_dir())
+    llm = vllm.LLM(model, dtype="float32", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0)
+    yield SimpleNamespace(llm=llm, runtime=plugin.RUNTIME, tokenizer=AutoTokenizer.from_pretrained(model))
+    plugin.RUNTIME = None
+    patch.undo()
+
+
+def generate(llm, prompts: list[list[int]], tokens: int) -> list[tuple[int, ...]]:
+    from vllm import SamplingParams
+
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=tokens), use_tqdm=False)
+    return [tuple(o.outputs[0].token_ids) for o in outputs]
+
+
+def needle_prompts(tokenizer, count: int, context: int):
+    from offload_engine.evaluation.tasks import niah_sample
+
+    return [niah_sample(tokenizer, "single", i, count, context, 0) for i in range(count)]
+
+
+@pytest.mark.slow
+def test_full_budget_is_vllms_own_greedy_output(engine):
+    from offload_engine.evaluation.prompts import chat_text, encode
+
+    questions = ("What is the capital of France?", "Write a haiku about rain.", "Count from one to ten.")
+    prompts = [encode(engine.tokenizer, chat_text(engine.tokenizer, q)) for q in questions]
+    engine.runtime.enabled = False
+    reference = generate(engine.llm, prompts, 24)
+    engine.runtime.enabled = True
+    engine.runtime.set_selection(SelectionConfig(budget=None))
+    before = engine.runtime.decode_steps
+    assert generate(engine.llm, prompts, 24) == reference
+    assert engine.runtime.decode_steps - before >= 23  # every decode step went through the plugin's attention
+
+
+@pytest.mark.slow
+def test_a_batch_of_four_gives_each_prompt_its_tokens_alone(engine):
+    engine.runtime.enabled = True
+    engine.runtime.set_selection(SelectionConfig(budget=Budget(fraction=0.1)))
+    prompts = [list(s.prompt_ids) for s in needle_prompts(engine.tokenizer, 4, 1536)]
+    prompts = [p[: 1200 + 97 * i] for i, p in enumerate(prompts)]  # four lengths, four budgets
+    before = engine.runtime.selecting_steps
+    together = generate(engine.llm, prompts, 12)
+    assert engine.runtime.selecting_steps - before >= 11  # 10% of ~1.2k tokens: selection, not everything
+    alone = [generate(engine.llm, [p], 12)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.slow
+def test_tokenbutler_at_ten_percent_answers_a_needle_dense_answers(engine):
+    samples = needle_prompts(engine.tokenizer, 4, 2048)
+    prompts = [list(s.prompt_ids) for s in samples]
+
+    def answered():
+        texts = [engine.tokenizer.decode(ids) for ids in generate(engine.llm, prompts, 32)]
+        return [all(a in text for a in s.answers) for s, text in zip(samples, texts)]
+
+    engine.runtime.enabled = False
+    dense = answered()
+    engine.runtime.enabled = True
+    engine.runtime.set_selection(SelectionConfig(budget=Budget(fraction=0.1)))
+    before = engine.runtime.selecting_steps
+    sparse = answered()
+    assert engine.runtime.selecting_steps - before >= 31
+    assert any(d and s for d, s in zip(dense, sparse)), f"dense {dense}, tokenbutler 10% {sparse}"

@@ -81,6 +81,7 @@ def measure(llm, runtime, batch: list[list[int]], steps: int) -> list[dict]:
     rows = []
     for label, selection in modes():
         runtime.enabled = selection is not None
+        runtime.own_dense_attention = selection is not None and selection.budget is None
         if selection is not None:
             runtime.set_selection(selection)
         timed(llm, batch, 2)  # warm this mode (first-call allocations)
@@ -91,7 +92,7 @@ def measure(llm, runtime, batch: list[list[int]], steps: int) -> list[dict]:
                      "p90_ms": 1000 * percentile(times, 90), "tokens_per_s": len(batch) / median,
                      "selecting_steps": runtime.selecting_steps - before})
         print(rows[-1], flush=True)
-    runtime.enabled = True
+    runtime.enabled, runtime.own_dense_attention = True, False
     return rows
 
 

@@ -388,8 +388,12 @@ def test_full_budget_is_vllms_own_greedy_output(engine):
     reference = generate(engine.llm, prompts, 24)
     engine.runtime.enabled = True
     engine.runtime.set_selection(SelectionConfig(budget=None))
+    engine.runtime.own_dense_attention = True  # the plugin's paged attention over every token, not vLLM's kernel
     before = engine.runtime.decode_steps
-    assert generate(engine.llm, prompts, 24) == reference
+    try:
+        assert generate(engine.llm, prompts, 24) == reference
+    finally:
+        engine.runtime.own_dense_attention = False
     assert engine.runtime.decode_steps - before >= 23  # every decode step went through the plugin's attention
 
 

@@ -38,6 +38,9 @@ class Runtime:
         self.hidden: dict[int, torch.Tensor] = {}  # producer layer -> its attention input [T, E] this step
         self.keys_transposed: bool | None = None  # vLLM CPU's key block layout, found at the first write
         self.enabled = True  # False: vLLM's own attention (policy state is still written; tests, benchmarks)
+        # Layers and steps that attend every token use vLLM's kernel, except under policy=dense, whose
+        # purpose is to run the plugin's own paged attention over every token (the exactness reference).
+        self.own_dense_attention = config.base == "dense"
         self.reuse = paged.SelectionReuse(config.selection.interval)
         self.decode_steps = 0  # decode forward passes that went through the plugin
         self.selecting_steps = 0  # ... of which some sequence attended fewer than all its tokens
@@ -114,6 +117,10 @@ class Runtime:
             self.reuse.next_step()
         metadata._tbrun_batch = result
         return result
+
+    def attends_everything(self, layer: int, batch: paged.DecodeBatch) -> bool:
+        """Whether every decode sequence attends all its tokens at ``layer`` (so vLLM's kernel can run it)."""
+        return not self.own_dense_attention and (layer in self.dense or batch.all_fit)
 
     def attend(self, layer: int, impl, query: torch.Tensor, kv_cache: torch.Tensor, batch: paged.DecodeBatch) -> torch.Tensor:
         """Decode rows' attention output ``[B, H, D]`` over sinks + window + selection."""
@@ -219,7 +226,7 @@ def install(config: VllmPluginConfig) -> None:
         if RUNTIME is None or not RUNTIME.enabled or attn_metadata is None or self.attn_type != "decoder" or kv_cache.numel() == 0:
             return original_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         batch, all_decode = RUNTIME.decode_batch(attn_metadata, kv_cache.shape[2])
-        if batch is None:
+        if batch is None or RUNTIME.attends_everything(layer_index(layer), batch):
             return original_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if not all_decode:  # prefill rows by vLLM's kernel; the decode rows are overwritten below
             original_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)

@@ -427,3 +427,9 @@ def test_tokenbutler_at_ten_percent_answers_a_needle_dense_answers(engine):
     sparse = answered()
     assert engine.runtime.selecting_steps - before >= 31
     assert any(d and s for d, s in zip(dense, sparse)), f"dense {dense}, tokenbutler 10% {sparse}"
+
+
+def test_blocks_touched_counts_distinct_blocks_per_row():
+    positions = torch.tensor([[[0, 1, 17, 40, -1], [5, 6, 7, -1, -1]]])
+    assert paged.blocks_touched(positions, 16) == (7, 3 + 1)
+    assert paged.blocks_touched(positions, 1) == (7, 7)

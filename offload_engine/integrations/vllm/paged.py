@@ -162,6 +162,20 @@ def dim_major(cache: torch.Tensor) -> torch.Tensor:
                             cache.storage_offset())
 
 
+def blocks_touched(positions: torch.Tensor, block_size: int) -> tuple[int, int]:
+    """(attended positions, distinct ``block_size``-token blocks they fall in), summed over rows.
+
+    positions ``[B, KvH, N]`` (-1 padding). What a block-granular transfer of this selection would
+    move, against the token-granular one (docs/vllm.md, "Selection and vLLM's KV offloading").
+    """
+    valid = positions >= 0
+    spare = int(positions.max()) // block_size + 1 if positions.numel() else 0  # a column for padding
+    blocks = torch.where(valid, positions // block_size, spare)
+    touched = torch.zeros(*positions.shape[:-1], spare + 1, dtype=torch.bool, device=positions.device)
+    touched.scatter_(-1, blocks, True)
+    return int(valid.sum()), int(touched[..., :spare].sum())
+
+
 def gather_paged(cache: torch.Tensor, slots: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """cache ``[blocks, KvH, bs, D]``, slots ``[B, KvH, N]`` (-1 allowed) -> ``[B, KvH, N, D]``.
 

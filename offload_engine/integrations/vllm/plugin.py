@@ -41,6 +41,8 @@ class Runtime:
         # Layers and steps that attend every token use vLLM's kernel, except under policy=dense, whose
         # purpose is to run the plugin's own paged attention over every token (the exactness reference).
         self.own_dense_attention = config.base == "dense"
+        # Benchmarks: {block size: [attended tokens, distinct blocks touched]} of the selecting layers
+        self.block_coverage: dict[int, list[int]] | None = None
         self.reuse = paged.SelectionReuse(config.selection.interval)
         self.decode_steps = 0  # decode forward passes that went through the plugin
         self.selecting_steps = 0  # ... of which some sequence attended fewer than all its tokens
@@ -133,6 +135,11 @@ class Runtime:
             selected = self.reuse.select(layer, batch, lambda part: paged.select_top(
                 self.scorer.score(layer, query[part.rows], part), part).expand(-1, kv_heads, -1))
             positions = paged.attended_positions(batch, selected)
+            if self.block_coverage is not None:
+                for size, counts in self.block_coverage.items():
+                    tokens, blocks = paged.blocks_touched(positions, size)
+                    counts[0] += tokens
+                    counts[1] += blocks
         return paged.sparse_decode_attention(rows, key_cache, value_cache, batch, positions, impl.scale,
                                              keys_transposed=bool(self.keys_transposed))
 

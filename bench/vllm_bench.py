@@ -77,7 +77,8 @@ def step_times(llm, batch: list[list[int]], steps: int) -> list[float]:
 
 
 def measure(llm, runtime, batch: list[list[int]], steps: int) -> list[dict]:
-    """Median decode step per mode (the machine may be shared: medians, and p90 to show the spread)."""
+    """Decode step times per mode: the mean (what throughput sees: with ``interval`` one step in N
+    predicts and costs more), the median and p90 (the machine may be shared), and every step."""
     rows = []
     for label, selection in modes():
         runtime.enabled = selection is not None
@@ -87,10 +88,12 @@ def measure(llm, runtime, batch: list[list[int]], steps: int) -> list[dict]:
         timed(llm, batch, 2)  # warm this mode (first-call allocations)
         before = runtime.selecting_steps
         times = sorted(step_times(llm, batch, steps))
-        median = statistics.median(times)
-        rows.append({"mode": label, "batch": len(batch), "steps": len(times), "ms_per_step": 1000 * median,
-                     "p90_ms": 1000 * percentile(times, 90), "tokens_per_s": len(batch) / median,
-                     "selecting_steps": runtime.selecting_steps - before})
+        mean = statistics.fmean(times)
+        rows.append({"mode": label, "batch": len(batch), "steps": len(times), "ms_per_step": 1000 * mean,
+                     "median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * percentile(times, 90),
+                     "tokens_per_s": len(batch) / mean, "selecting_steps": runtime.selecting_steps - before,
+                     "load_average_1min": round(os.getloadavg()[0], 2),
+                     "step_ms": [round(1000 * t, 2) for t in times]})
         print(rows[-1], flush=True)
     runtime.enabled, runtime.own_dense_attention = True, False
     return rows
@@ -146,16 +149,19 @@ def write(report: dict, out: Path) -> None:
 def markdown(report: dict) -> str:
     s = report["settings"]
     dense = {r["batch"]: r["ms_per_step"] for r in report["results"] if r["mode"].startswith("vLLM dense")}
-    rows = [[r["mode"], r["batch"], fmt(r["ms_per_step"]), fmt(r["p90_ms"]), fmt(r["tokens_per_s"], 2),
-             fmt(dense[r["batch"]] / r["ms_per_step"], 2), r["selecting_steps"]] for r in report["results"]]
+    rows = [[r["mode"], r["batch"], fmt(r["ms_per_step"]), fmt(r["median_ms"]), fmt(r["p90_ms"]),
+             fmt(r["tokens_per_s"], 2), fmt(dense[r["batch"]] / r["ms_per_step"], 2), r["selecting_steps"],
+             fmt(r["load_average_1min"], 1)] for r in report["results"]]
     return "\n".join([
         markdown_header("vLLM (CPU build) with tbrun's selection", report), "",
         f"Model {Path(s['model']).name} ({s['dtype']}), {s['context']} prompt tokens per sequence, {s['steps']} "
         f"decode steps timed per mode, greedy, `ignore_eos`, vLLM {s['vllm']} in eager mode (the plugin's "
         f"TokenButler policy needs it), OMP_NUM_THREADS={s['OMP_NUM_THREADS']}. One engine, modes switched in "
         "place over the same prefix-cached prompts. `selecting steps`: timed decode passes in which some "
-        "sequence attended fewer than all its tokens.", "",
-        markdown_table(["mode", "batch", "ms/step (median)", "p90", "tokens/s", "speed-up vs dense", "selecting steps"], rows), "",
+        "sequence attended fewer than all its tokens; `load avg`: the machine's 1-minute load average after "
+        "the mode (it is shared; compare modes within a batch size).", "",
+        markdown_table(["mode", "batch", "ms/step (mean)", "median", "p90", "tokens/s", "speed-up vs dense",
+                        "selecting steps", "load avg"], rows), "",
     ])
 
 

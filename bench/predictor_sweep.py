@@ -28,7 +28,7 @@ from offload_engine.predictor.teacher_cache import TeacherCache, cache_identity
 from offload_engine.predictor.training import TrainConfig, train
 
 from .predictor_report import HEADLINE_BUDGET, _cell, overhead, parse_lengths, per_sequence_recall
-from .report import machine_header, markdown_header, markdown_table, provenance, write_json
+from .report import machine_header, markdown_header, markdown_table, provenance, write_reports
 
 PARAMETER_BUDGET_PERCENT = 2.0
 
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.corpus and not args.data:
         parser.error("give the training text: --corpus PACKAGE:GLOB and/or --data PATH")
     report = build_report(args)
-    write_json(args.out.with_suffix(".json"), report)
-    args.out.with_suffix(".md").write_text(to_markdown(report) + "\n")
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    write_reports(args.out, report, to_markdown(report))
 
 
 if __name__ == "__main__":

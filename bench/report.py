@@ -120,6 +120,13 @@ def write_json(path: Path, report: dict) -> Path:
     return path
 
 
+def write_reports(out: Path, report: dict, markdown: str) -> None:
+    """``OUT.json`` and ``OUT.md`` beside each other (``out`` without extension); say where."""
+    write_json(out.with_suffix(".json"), report)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
 def _nan_to_none(value):
     if isinstance(value, float) and math.isnan(value):
         return None

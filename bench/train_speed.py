@@ -24,7 +24,7 @@ from offload_engine.predictor.teacher import row_states, sample_rows
 from offload_engine.predictor.teacher_cache import TeacherCache, sequence_tensors
 from offload_engine.predictor.training import cached_step, distill_step
 
-from .report import machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
+from .report import machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_reports
 
 
 def measure(args) -> dict:
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="report path without extension")
     args = parser.parse_args(argv)
     report = measure(args)
-    write_json(args.out.with_suffix(".json"), report)
-    args.out.with_suffix(".md").write_text(to_markdown(report) + "\n")
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    write_reports(args.out, report, to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -46,27 +46,31 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(base URL, process, log path) of a running ``tbrun serve``."""
+def start_server(log, *options: str) -> tuple[str, subprocess.Popen]:
+    """Start ``tbrun serve OPTIONS`` on a free port (one torch thread, output to ``log``) and wait
+    until it answers /health; (base URL, process). Fails the test with the log if it does not start."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tbrun_cli.main", "serve", "--port", str(port), "--max-queue", str(MAX_QUEUE),
-             "--context", str(CONTEXT), "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
+            [sys.executable, "-m", "tbrun_cli.main", "serve", "--port", str(port), "--log-level", "warning", *options],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline and process.poll() is None:
         try:
             get_json(f"{base}/health")
-            break
+            return base, process
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"tbrun serve did not start:\n{log.read_text()}")
+    process.kill()
+    pytest.fail(f"tbrun serve did not start:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, process, log path) of a running ``tbrun serve``."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    base, process = start_server(log, "--max-queue", str(MAX_QUEUE), "--context", str(CONTEXT))
     yield base, process, log
     if process.poll() is None:
         process.kill()

@@ -4,17 +4,12 @@ of a fresh prefill of the whole conversation, with decode steps that select (a s
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.error
 
 import openai
 import pytest
 
-from test_serve import STARTUP_SECONDS, free_port, get_json
+from test_serve import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -27,24 +22,8 @@ DOCUMENT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. It i
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve-sparse") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tbrun_cli.main", "serve", "--port", str(port), "--context", "1024",
-             "--log-level", "warning", *SPARSE],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            get_json(f"{base}/health")
-            break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"tbrun serve did not start:\n{log.read_text()}")
+    base, process = start_server(log, "--context", "1024", *SPARSE)
     yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 0, log.read_text()

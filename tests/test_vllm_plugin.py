@@ -416,16 +416,17 @@ def test_tokenbutler_at_ten_percent_answers_a_needle_dense_answers(engine):
     prompts = [list(s.prompt_ids) for s in samples]
 
     def answered():
-        texts = [engine.tokenizer.decode(ids) for ids in generate(engine.llm, prompts, 32)]
-        return [all(a in text for a in s.answers) for s, text in zip(samples, texts)]
+        outputs = generate(engine.llm, prompts, 32)
+        texts = [engine.tokenizer.decode(ids) for ids in outputs]
+        return [all(a in text for a in s.answers) for s, text in zip(samples, texts)], max(map(len, outputs))
 
     engine.runtime.enabled = False
-    dense = answered()
+    dense, _ = answered()
     engine.runtime.enabled = True
     engine.runtime.set_selection(SelectionConfig(budget=Budget(fraction=0.1)))
     before = engine.runtime.selecting_steps
-    sparse = answered()
-    assert engine.runtime.selecting_steps - before >= 31
+    sparse, longest = answered()
+    assert engine.runtime.selecting_steps - before >= longest - 1  # every decode step of the batch selected
     assert any(d and s for d, s in zip(dense, sparse)), f"dense {dense}, tokenbutler 10% {sparse}"
 
 

@@ -164,6 +164,34 @@ def test_the_mixed_key_loss_is_the_cross_entropy_against_the_teachers_rows():
     logits = predictor.head_scores(queries, predictor.project_keys(1, k))
     reference = distillation_loss(teacher_probs(states[1].q, k, rows, adapter.scaling), logits, rows)
     mixed = predictor.project_head_rows(1, teacher_mixed_keys(states[1].q, k, rows, adapter.scaling))
-    got = mixed_distillation_loss(logits, queries.transpose(0, 1), mixed, rows, 1 / 8 ** 0.5)
+    got = mixed_distillation_loss(logits, queries.transpose(0, 1), mixed, rows, 1 / 8 ** 0.5).detach()
+    reference = reference.detach()
     assert float(reference) > 0.5  # a real loss, not a degenerate zero
     assert float(got) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_a_cache_that_would_not_fit_on_the_disk_is_refused_before_the_model_runs(tmp_path, monkeypatch):
+    from collections import namedtuple
+    from offload_engine.predictor import teacher_cache
+
+    adapter = peaked_adapter()
+    spec = spec_for(adapter)
+    one = teacher_cache.shard_bytes(spec, adapter.dims.num_heads, adapter.dims.num_kv_heads, adapter.dims.head_dim)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: usage(0, 0, one))  # room for one shard
+    ran = []
+    monkeypatch.setattr(teacher_cache, "row_states", lambda *args: ran.append(1))
+    with pytest.raises(TeacherCacheError, match="needs about .* GiB .* fewer --sequences"):
+        build_teacher_cache(adapter, random_sequences(3, SEQ_LEN), tmp_path / "cache", spec, rows_and_offsets())
+    assert not ran
+
+
+def test_the_shard_size_estimate_is_the_size_written(tmp_path):
+    from offload_engine.predictor import teacher_cache
+
+    adapter = peaked_adapter()
+    spec = spec_for(adapter, dtype="float16")
+    cache = build_teacher_cache(adapter, random_sequences(1, SEQ_LEN), tmp_path / "cache", spec, rows_and_offsets())
+    estimate = teacher_cache.shard_bytes(spec, adapter.dims.num_heads, adapter.dims.num_kv_heads, adapter.dims.head_dim)
+    written = cache.bytes_on_disk()
+    assert estimate <= written < estimate + 4096  # plus the safetensors header

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,6 +88,24 @@ def sequence_tensors(states: Iterator[RowState], rows: torch.Tensor, dtype: torc
             "mixed": torch.stack(mixed).contiguous(), "k": torch.stack(ks).contiguous()}
 
 
+def shard_bytes(spec: CacheSpec, heads: int, kv_heads: int, head_dim: int) -> int:
+    """Bytes of one shard: x ``[L, R, E]``, mixed ``[L-1, H, R, D]``, k ``[L-1, KvH, T, D]`` (R rows + the last)."""
+    shape = spec.model_shape
+    layers, rows = shape["num_layers"], spec.rows + 1
+    items = layers * rows * shape["hidden_size"] + (layers - 1) * head_dim * (heads * rows + kv_heads * spec.seq_len)
+    return items * DTYPES[spec.dtype].itemsize
+
+
+def check_disk(directory: Path, needed: int) -> None:
+    """Refuse a build whose shards would not fit on the disk, before the model runs once."""
+    free = shutil.disk_usage(directory).free
+    if needed > 0.95 * free:
+        raise TeacherCacheError(
+            f"the teacher cache needs about {needed / 2**30:.1f} GiB in {directory}, and {free / 2**30:.1f} GiB are free: "
+            "use fewer --sequences, fewer --cache-rows, --cache-dtype float16, or another folder."
+        )
+
+
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], offset: int) -> None:
     """Write one shard atomically (temporary file in the same folder, then a rename)."""
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -121,6 +140,8 @@ def build_teacher_cache(
     _claim(out, manifest)
     dtype = DTYPES[spec.dtype]
     total = int(sequences.shape[0])
+    missing = sum(not shard_path(out, i).exists() for i in range(total))
+    check_disk(out, missing * shard_bytes(spec, adapter.dims.num_heads, adapter.dims.num_kv_heads, adapter.dims.head_dim))
     for index in range(total):
         path = shard_path(out, index)
         rows, offset = draw_rows(index)

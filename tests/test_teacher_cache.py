@@ -153,12 +153,12 @@ def test_epochs_visit_every_shard_once_in_a_new_order():
 def test_the_mixed_key_loss_is_the_cross_entropy_against_the_teachers_rows():
     """logsumexp(s) - q'.(P k)W*scale == -sum_t P_t log softmax(s)_t, with future tokens masked."""
     from offload_engine.predictor.teacher import (
-        distillation_loss, mixed_distillation_loss, teacher_mixed_keys, teacher_probs,
+        distillation_loss, mixed_distillation_loss, row_states, teacher_mixed_keys, teacher_probs,
     )
     adapter = peaked_adapter("qwen2", layers=3)
     ids, rows = random_sequences(1, SEQ_LEN, seed=8), sample_rows(SEQ_LEN, ROWS)
     predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
-    states = list(__import__("offload_engine.predictor.teacher", fromlist=["row_states"]).row_states(adapter, ids, rows))
+    states = list(row_states(adapter, ids, rows))
     queries = predictor.importance_queries(0, states[0].x)[:, 0]  # [R, H, d']
     k = states[1].k
     logits = predictor.head_scores(queries, predictor.project_keys(1, k))

@@ -98,9 +98,11 @@ def run_gather(settings: GatherSettings, out_dir: Path) -> dict:
         "rows": rows,
     }
     stem = f"gather-{device.type}"
-    report["files"] = {"json": str(out_dir / f"{stem}.json"), "md": str(out_dir / f"{stem}.md")}
-    write_json(Path(report["files"]["json"]), report)
-    Path(report["files"]["md"]).write_text(to_markdown(report))
+    files = {"json": str(out_dir / f"{stem}.json"), "md": str(out_dir / f"{stem}.md")}
+    report["files"] = {kind: Path(path).name for kind, path in files.items()}  # no local path in the report
+    write_json(Path(files["json"]), report)
+    Path(files["md"]).write_text(to_markdown(report))
+    report["files"] = files  # the caller's view: where they are on this machine
     return report
 
 

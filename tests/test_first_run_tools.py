@@ -79,3 +79,19 @@ def test_first_run_script_refuses_a_machine_without_a_gpu(fake_venv, tmp_path):
     env = {**os.environ, "VENV": str(fake_venv), "OUT": str(tmp_path / "out")}
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_first_run.sh")], env=env, capture_output=True, text=True)
     assert run.returncode == 2 and "no CUDA GPU" in run.stdout
+
+
+def test_reports_name_the_commit_checked_out_when_the_run_began(tmp_path):
+    import subprocess
+
+    from offload_engine.machine import commit_at_start, git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "one")
+    first = commit_at_start(str(tmp_path))
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "two")
+    assert git_commit(str(tmp_path)) != first  # a commit made while the run went on
+    assert commit_at_start(str(tmp_path)) == first

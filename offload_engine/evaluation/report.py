@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..files import replace_directory
-from ..machine import describe_machine, git_commit
+from ..machine import commit_at_start, describe_machine
 from .scoring import METRIC_LABELS, summarize_points
 from .tasks import get_task
 
@@ -28,6 +28,7 @@ PLOT_FILE = "plot.png"
 PROGRESS_FILE = "progress.jsonl"  # an unfinished run's samples (offload_engine.evaluation.harness)
 BREAKDOWN_KEYS = ("variant", "haystack")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+commit_at_start(str(REPO_ROOT))  # the commit the report names: the one checked out when the run began
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def _finite(value):
 
 def provenance(command: str) -> dict:
     """Command line, commit (``uncommitted`` outside a repository with commits) and date."""
-    commit = git_commit(str(REPO_ROOT))
+    commit = commit_at_start(str(REPO_ROOT))
     return {"command": command, "commit": "uncommitted" if commit == "unknown" else commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 

@@ -138,8 +138,13 @@ class VllmRunner:
             os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # contexts past the trained positions
             from vllm import LLM
 
+            from transformers import AutoConfig
+
+            trained = AutoConfig.from_pretrained(self.model_dir).max_position_embeddings
+            # past the trained positions, vLLM's RoPE table must cover them (timing only, as in tbrun)
+            overrides = {"max_position_embeddings": self.max_len} if self.max_len > trained else None
             self.llm = LLM(self.model_dir, dtype="float32", max_model_len=self.max_len, max_num_seqs=1, seed=0,
-                           enforce_eager=self.enforce_eager)
+                           enforce_eager=self.enforce_eager, hf_overrides=overrides)
         return self.llm.llm_engine
 
     def __call__(self, prompt: list[int], synthetic_kv: bool = False) -> Run:
@@ -183,8 +188,9 @@ KV_BYTES_PER_TOKEN_EMBEDDED = 30 * 2 * 3 * 64 * 4
 
 def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log,
             sparse: tuple[str, ...] = (), synthetic_from: int | None = None,
-            vllm: VllmRunner | None = None) -> list[dict]:
-    """Interleaved repetitions at every context; returns one row per context.
+            vllm: VllmRunner | None = None, on_context: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Interleaved repetitions at every context; returns one row per context (``on_context`` gets the
+    rows so far after each context: a run cut short keeps what it measured).
 
     ``sparse``: extra tbrun runners in sparse-offload mode, as ``policy:budget`` specs.
     ``synthetic_from``: contexts from this one on fill tbrun's KV with random values and skip
@@ -207,8 +213,9 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
     samples = {(name, c): [] for name in runners for c in contexts}
     prefill = {(name, c): [] for name in runners for c in contexts}
     outputs: dict = {}
-    for rep in range(repeats):
-        for c in contexts:
+    rows = []
+    for c in contexts:  # repetitions interleaved within a context: its ratios are fair on a shared machine
+        for rep in range(repeats):
             order = list(runners) if rep % 2 == 0 else list(reversed(runners))
             for name in order:
                 run = runners[name](prompts[c], synthetic[c])
@@ -220,7 +227,10 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
                 outputs[name, c] = ids
                 median = summarize_ms(steps[skip:])["median_ms"]
                 log(f"rep {rep + 1}/{repeats}, {c} tokens, {name}: median {median:.1f} ms/step")
-    return [_row(c, samples, prefill, outputs, sparse, synthetic[c]) for c in contexts]
+        rows.append(_row(c, samples, prefill, outputs, sparse, synthetic[c]))
+        if on_context is not None:
+            on_context(rows)
+    return rows
 
 
 def _timing(samples: dict, prefill: dict, name: str, context: int) -> dict | None:
@@ -280,6 +290,8 @@ def to_markdown(report: dict) -> str:
         f"{steps} steps per cell.",
         f"Target: tbrun at most {TARGET_RATIO}x transformers' median ms per step.", "", s["timing_method"], "",
     ]
+    if report.get("partial"):
+        notes += ["**Partial**: the run stopped before its last contexts; the rows below are the contexts it finished.", ""]
     synthetic = [r["context"] for r in report["rows"] if r.get("synthetic_kv")]
     if synthetic:
         notes += [f"Contexts {', '.join(map(str, synthetic))}: tbrun's KV filled with random keys and values instead of "
@@ -356,20 +368,21 @@ def main(argv: list[str] | None = None) -> dict:
     adapter = load_model(args.model, dtype=torch.float32, device="cpu", progress=log)
     synthetic_from = parse_context(args.synthetic_kv_from) if args.synthetic_kv_from else None
     vllm = vllm_runner(args.model, contexts, args.new_tokens, args.vllm_eager, log) if args.vllm == "auto" else None
-    rows = measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse),
-                   synthetic_from, vllm)
-    report = {
-        "benchmark": "overhead",
-        "provenance": provenance("python -m tbrun_bench.overhead"),
-        "machine": machine_header(torch.device("cpu")),
-        "settings": {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
-                     "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
-                     "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
-                     "synthetic_kv_from": synthetic_from, "vllm": vllm.settings() if vllm else None},
-        "rows": rows,
-    }
-    write_json(args.out / f"{args.name}.json", report)
-    (args.out / f"{args.name}.md").write_text(to_markdown(report))
+    settings = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
+                "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
+                "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
+                "synthetic_kv_from": synthetic_from, "vllm": vllm.settings() if vllm else None}
+    report = {"benchmark": "overhead", "provenance": provenance("python -m tbrun_bench.overhead"),
+              "machine": machine_header(torch.device("cpu")), "settings": settings, "rows": []}
+
+    def write(rows: list[dict]) -> None:
+        report["rows"] = rows
+        report["partial"] = len(rows) < len(contexts)
+        write_json(args.out / f"{args.name}.json", report)
+        (args.out / f"{args.name}.md").write_text(to_markdown(report))
+
+    measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse),
+            synthetic_from, vllm, on_context=write)
     log(to_markdown(report))
     return report
 

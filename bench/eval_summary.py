@@ -26,6 +26,7 @@ from pathlib import Path
 from offload_engine.errors import ConfigError
 from offload_engine.evaluation.report import (RESULTS_FILE, budget_percent, draw_budget_plot, metric_cell,
                                               metric_heading, plot_title, policy_table, provenance, table_lines)
+from offload_engine.evaluation.scoring import paired_difference, sample_value
 from offload_engine.evaluation.tasks import TASKS
 
 PROGRAM = "python -m tbrun_bench.eval_summary"
@@ -211,6 +212,65 @@ def samples_text(report: dict) -> str:
     return f"{partial['samples_done']} of {total} samples (partial)" if partial else f"{total} samples"
 
 
+REFERENCES = ("dense", "oracle", "tokenbutler")  # each point is compared with these, at its own budget
+
+
+def sample_values(runs: list[Run], primary: str) -> dict[tuple[str, str], dict[tuple, float]]:
+    """Per (policy, budget), each sample's value of metric ``primary`` by sample identity (seed, samples
+    of the run, index: a seeded task draws the same samples then). The oldest run giving a point gives
+    its samples, as in the tables."""
+    values: dict[tuple[str, str], dict[tuple, float]] = {}
+    for run in runs:
+        config, mine = run.report["config"], {}
+        for record in run.report.get("samples", []):
+            sample = (config["seed"], config["samples"], record["index"])
+            mine.setdefault((record["policy"], record["budget"]), {})[sample] = sample_value(record, primary)
+        for point, by_sample in mine.items():
+            values.setdefault(point, by_sample)
+    return values
+
+
+def difference_cell(difference: tuple[float, float, float] | None, primary: str, pairs: int) -> str:
+    """``-30.0 [-45.1, -14.9] (20)``: points of the metric (perplexity: % change), in bold when the
+    interval excludes 0; ``-`` with fewer than two pairs."""
+    if difference is None:
+        return "-"
+    if primary == "ppl":  # differences of mean log-loss -> perplexity ratio
+        mean, low, high = (100 * (math.exp(x) - 1) for x in difference)
+        text = f"{mean:+.1f}% [{low:+.1f}%, {high:+.1f}%] ({pairs})"
+    else:
+        mean, low, high = difference
+        text = f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] ({pairs})"
+    return f"**{text}**" if low > 0 or high < 0 else text
+
+
+def paired_table(summary: TaskSummary) -> list[str]:
+    """Each sparse point minus dense, the oracle and tokenbutler at the same budget, over the samples
+    both ran (paired), with 95% t intervals; nothing when no pair exists."""
+    primary = summary.task["primary"]
+    values = sample_values(summary.runs, primary)
+    rows = []
+    for row in summary.rows:
+        point = (row["policy"], row["budget"])
+        if row["policy"] == "dense" or point not in values:
+            continue
+        cells = []
+        for reference in REFERENCES:
+            other = ("dense", "100%") if reference == "dense" else (reference, row["budget"])
+            common = sorted(values[point].keys() & values.get(other, {}).keys()) if other != point else []
+            difference = paired_difference([values[point][k] for k in common], [values[other][k] for k in common])
+            cells.append(difference_cell(difference, primary, len(common)))
+        rows.append([row["policy"], row["budget"], *cells])
+    if all(cell == "-" for row in rows for cell in row[2:]):
+        return []
+    unit = "% change of perplexity" if primary == "ppl" else "points"
+    return ["Paired differences: the point minus the reference over the samples both ran (their number in "
+            f"parentheses), in {unit}, with a 95% Student t interval over the per-sample differences; bold "
+            "where the interval excludes 0. Pairing removes what the samples share (a sample the model "
+            "itself fails counts against both), so it separates policies whose own intervals overlap.", "",
+            *table_lines(["policy", "budget", *(f"minus {r}" for r in REFERENCES)], rows), ""]
+
+
 def task_section(summary: TaskSummary) -> list[str]:
     """Heading, what the task measures, the runs merged, notes, and the table of the primary metric."""
     task = summary.task
@@ -223,7 +283,7 @@ def task_section(summary: TaskSummary) -> list[str]:
     if summary.disagreements:
         lines += ["**Runs disagree** on points they both measured:", "",
                   *(f"- {line}" for line in summary.disagreements), ""]
-    return lines + [*policy_table(summary.rows, summary.budgets, task["primary"]), ""]
+    return lines + [*policy_table(summary.rows, summary.budgets, task["primary"]), "", *paired_table(summary)]
 
 
 def short_context(tokens: int) -> str:

@@ -193,3 +193,23 @@ def test_a_run_stopped_by_max_minutes_reports_what_it_has_and_finishes_later(tin
     assert result.exit_code == 0, result.output
     report = json.loads((out / RESULTS_FILE).read_text())
     assert "partial" not in report and len(report["samples"]) == 3 * 3 and not (out / PROGRESS_FILE).exists()
+
+
+def test_paired_difference_is_the_mean_difference_with_a_t_interval():
+    from offload_engine.evaluation.scoring import paired_difference, t95
+
+    mean, low, high = paired_difference([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0])
+    half = t95(3) * math.sqrt(1 / 3) / 2  # differences 1, 0, 0, 1: sd sqrt(1/3)
+    assert mean == pytest.approx(0.5) and (low, high) == pytest.approx((0.5 - half, 0.5 + half))
+    assert paired_difference([3.0, 5.0], [1.0, 3.0]) == (2.0, 2.0, 2.0)  # the same gap on every sample
+    assert paired_difference([1.0], [0.0]) is None
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_sample_values_are_on_the_summary_scale():
+    from offload_engine.evaluation.scoring import sample_value
+
+    record = {"score": 0.5, "correct": False, "any_wrong": True, "token_error": 0.25, "nll": 6.0, "tokens": 3}
+    assert [sample_value(record, m) for m in ("accuracy", "all_correct", "forced_accuracy", "token_error", "ppl")] \
+        == [50.0, 0.0, 0.0, 25.0, 2.0]

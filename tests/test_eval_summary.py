@@ -111,3 +111,23 @@ def test_runs_at_other_contexts_get_their_own_table_and_a_column_at_a_glance(tmp
     assert glance[0] == ["dense", "100.0 [90.0, 100.0]", "100.0 [90.0, 100.0]", "90.0 [80.0, 100.0]",
                          "90.0 [80.0, 100.0]"]
     assert glance[1][0] == "quest" and glance[1][1] == "50.0 [40.0, 60.0]"
+
+
+def test_points_are_compared_pair_by_pair_with_the_oracle_and_tokenbutler(tmp_path):
+    write_run(tmp_path, "niah", "quest", 100.0, "2026-11-23 12:00:00 +0000")
+    path = tmp_path / "niah" / "results.json"
+    report = json.loads(path.read_text())
+    scores = {"dense": [1, 1, 1, 1], "oracle": [1, 1, 1, 1], "tokenbutler": [1, 1, 0, 1], "quest": [0, 0, 0, 0]}
+    report["config"]["samples"] = 4
+    report["summary"] = [point("dense", "100%", 75.0), point("oracle", "10%", 75.0), point("tokenbutler", "10%", 50.0),
+                         point("quest", "10%", 0.0)]
+    report["samples"] = [{"policy": p, "budget": "100%" if p == "dense" else "10%", "index": i, "score": float(s)}
+                         for p, values in scores.items() for i, s in enumerate(values)]
+    path.write_text(json.dumps(report))
+    markdown = summarize(tmp_path)
+    assert "| policy | budget | minus dense | minus oracle | minus tokenbutler |" in markdown
+    rows = {row[0]: row for row in table_rows(markdown) if len(row) == 5}
+    assert rows["oracle"][2] == "+0.0 [+0.0, +0.0] (4)" and rows["oracle"][4].startswith("+25.0 [")
+    assert rows["tokenbutler"][3].startswith("-25.0 [") and rows["tokenbutler"][4] == "-"
+    assert rows["quest"][2] == "**-100.0 [-100.0, -100.0] (4)**"  # the interval excludes 0: bold
+    assert not rows["quest"][4].startswith("**")  # -75 over 4 pairs, but they vary: the interval holds 0

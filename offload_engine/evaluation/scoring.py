@@ -135,6 +135,39 @@ def summarize(metrics: Sequence[dict]) -> dict[str, float]:
     return summary
 
 
+def sample_value(record: dict, primary: str) -> float:
+    """One sample's part of metric ``primary``, on the summary's scale: percent for the accuracies and
+    the token error, the mean log-loss per token for perplexity (whose pairs are compared in logs)."""
+    if primary == "accuracy":
+        return 100 * record["score"]
+    if primary == "all_correct":
+        return 100 * float(record["correct"])
+    if primary == "forced_accuracy":
+        return 0.0 if record["any_wrong"] else 100.0
+    if primary == "token_error":
+        return 100 * record["token_error"]
+    if primary == "ppl":
+        return record["nll"] / record["tokens"]
+    raise KeyError(f"no per-sample value for metric {primary!r}")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float] | None:
+    """Mean of ``a[i] - b[i]`` over paired samples, with its 95% Student t interval: ``(mean, low, high)``.
+
+    Pairing removes what the samples share (a needle the model itself cannot find counts against
+    both), so it separates two policies that their own intervals do not. None under two pairs.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in number: {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    if len(diffs) < 2:
+        return None
+    mean = _mean(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    half = t95(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
 def summarize_points(points: Sequence, results: Sequence[dict], group: str | None = None) -> list[dict]:
     """One summary per run point (``.policy``, ``.budget_label``) over its results' metrics.
 

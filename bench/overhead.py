@@ -44,6 +44,7 @@ import torch
 from offload_engine import (
     Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, load_model, parse_context,
 )
+from offload_engine.errors import ConfigError
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
 
@@ -92,9 +93,13 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int,
 
 
 def sparse_selection(spec: str) -> SelectionConfig:
-    """``tokenbutler:10%`` -> the selection of a sparse runner (sinks 4, window 32, as in tbrun eval)."""
-    policy, _, budget = spec.partition(":")
-    return SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW)
+    """``tokenbutler:10%`` or ``tokenbutler:10%:4`` (predict every 4th step) -> the selection of a sparse
+    runner (sinks 4, window 32, as in tbrun eval)."""
+    policy, budget, interval, *extra = spec.split(":") + ["", ""]
+    if any(extra) or not interval.isdigit() and interval:
+        raise ConfigError(f"--sparse {spec!r} is not POLICY:BUDGET or POLICY:BUDGET:INTERVAL (e.g. tokenbutler:10%:4).")
+    return SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW,
+                           interval=int(interval or 1))
 
 
 def run_transformers(model, prompt: list[int], new_tokens: int) -> Run:
@@ -351,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/reports"), help="report folder")
     parser.add_argument("--name", default="overhead_cpu", help="report file name (without extension)")
     parser.add_argument("--sparse", action="append", default=[],
-                        help="also time sparse offload, as policy:budget (e.g. tokenbutler:10%%); repeatable")
+                        help="also time sparse offload, as policy:budget[:interval] (e.g. tokenbutler:10%%:4); repeatable")
     parser.add_argument("--synthetic-kv-from", default=None,
                         help="contexts from this one on: random KV instead of tbrun's prefill, no transformers (e.g. 16k)")
     parser.add_argument("--vllm", choices=("auto", "off"), default="auto",

@@ -160,3 +160,15 @@ def test_latency_append_merges_contexts_from_separate_runs(tmp_path):
     assert sorted({r["context"] for r in report["rows"]}) == [256, 320]
     assert [run["contexts"] for run in report["runs"]] == [[256], [320]]
 
+
+
+def test_overhead_sparse_specs_take_an_optional_interval():
+    from offload_engine.errors import ConfigError
+    from tbrun_bench.overhead import sparse_selection
+
+    assert sparse_selection("tokenbutler:10%").interval == 1
+    chosen = sparse_selection("tokenbutler:10%:4")
+    assert (chosen.policy, chosen.interval, chosen.budget.fraction) == ("tokenbutler", 4, 0.1)
+    for bad in ("tokenbutler:10%:x", "tokenbutler:10%:4:5"):
+        with pytest.raises(ConfigError, match="POLICY:BUDGET"):
+            sparse_selection(bad)

@@ -213,3 +213,19 @@ def test_sample_values_are_on_the_summary_scale():
     record = {"score": 0.5, "correct": False, "any_wrong": True, "token_error": 0.25, "nll": 6.0, "tokens": 3}
     assert [sample_value(record, m) for m in ("accuracy", "all_correct", "forced_accuracy", "token_error", "ppl")] \
         == [50.0, 0.0, 0.0, 25.0, 2.0]
+
+
+def test_a_run_is_not_finished_with_other_predictor_weights(tmp_path):
+    from offload_engine.evaluation.tasks import Sample
+
+    config = {"task": "niah", "policies": ["tokenbutler"], "predictor": "predictors/p"}
+    log = harness.ProgressLog(tmp_path, config, {}, predictor_sha256="a" * 64)
+    log.add(Sample("niah", 0, (1, 2), ("x",), 4), [{"policy": "tokenbutler", "score": 1.0}])
+    assert list(harness.read_progress(tmp_path, config, "a" * 64)) == [0]  # the same weights: resumed
+    with pytest.raises(ConfigError, match="mix two predictors"):
+        harness.read_progress(tmp_path, config, "b" * 64)
+    header = json.loads((tmp_path / PROGRESS_FILE).read_text().splitlines()[0])
+    del header["predictor_sha256"]  # a file from before the hash was recorded: taken as it is
+    lines = (tmp_path / PROGRESS_FILE).read_text().splitlines()
+    (tmp_path / PROGRESS_FILE).write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert list(harness.read_progress(tmp_path, config, "b" * 64)) == [0]

@@ -237,6 +237,14 @@ def predictor_identity(config: EvalConfig, adapter: ModelAdapter) -> dict | None
     return {"path": report_path(path), "sha256": digest}
 
 
+def tokenbutler_weights_sha(config: EvalConfig, adapter: ModelAdapter) -> str | None:
+    """The sha256 of the predictor weights the run's tokenbutler points use (None: no such point)."""
+    if not any("tokenbutler" in policy for policy in config.policies):
+        return None
+    identity = predictor_identity(config, adapter)
+    return identity["sha256"] if identity else None
+
+
 def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -> dict:
     """Every setting that changes what ``point`` selects, for results.json."""
     entry = {"policy": point.policy, "budget": point.budget_label}
@@ -399,17 +407,30 @@ def prepare_samples(config: EvalConfig, tokenizer) -> list[Sample]:
     return samples
 
 
-def read_progress(out_dir: Path, config: dict) -> dict[int, list[dict]]:
-    """Results saved by an interrupted run of ``config`` in ``out_dir``, by sample index ({} if none)."""
+def read_progress(out_dir: Path, config: dict, predictor_sha256: str | None = None) -> dict[int, list[dict]]:
+    """Results saved by an interrupted run of ``config`` in ``out_dir``, by sample index ({} if none).
+
+    ``predictor_sha256``: the weights the tokenbutler points use now; a progress file made with other
+    weights is refused (finishing it would mix two predictors in one row). Files written before the
+    hash was recorded carry none and are taken as they are.
+    """
     path = out_dir / PROGRESS_FILE
     if not path.is_file():
         return {}
     lines = path.read_text().splitlines()
     try:
-        if not lines or json.loads(lines[0]).get("config") != config:
+        header = json.loads(lines[0]) if lines else {}
+        if header.get("config") != config:
             return {}
     except (ValueError, AttributeError):
         return {}
+    recorded = header.get("predictor_sha256")
+    if recorded is not None and predictor_sha256 is not None and recorded != predictor_sha256:
+        raise ConfigError(
+            f"{path} was made with a predictor whose weights have sha256 {recorded[:12]}..., but "
+            f"{config.get('predictor') or 'the shipped predictor'} now has {predictor_sha256[:12]}...: finishing "
+            "the run would mix two predictors. Use another --out, or --overwrite to start the run over."
+        )
     done = {}
     for line in lines[1:]:
         try:
@@ -423,10 +444,11 @@ def read_progress(out_dir: Path, config: dict) -> dict[int, list[dict]]:
 class ProgressLog:
     """``progress.jsonl``: a header line with the config, then one line per finished sample."""
 
-    def __init__(self, out_dir: Path, config: dict, done: dict[int, list[dict]]):
+    def __init__(self, out_dir: Path, config: dict, done: dict[int, list[dict]], predictor_sha256: str | None = None):
         self.path = out_dir / PROGRESS_FILE
         out_dir.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"config": config})] + [json.dumps({"index": i, "results": r}) for i, r in done.items()]
+        header = {"config": config, "predictor_sha256": predictor_sha256}
+        lines = [json.dumps(header)] + [json.dumps({"index": i, "results": r}) for i, r in done.items()]
         self.path.write_text("\n".join(lines) + "\n")
 
     def add(self, sample: Sample, results: list[dict]) -> None:
@@ -453,8 +475,9 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     points = run_points(config)
     for point in points[1:]:
         build_engine(adapter, config, point)  # refuse a bad policy spec before hours of work
-    done = {i: r for i, r in read_progress(out_dir, config.to_dict()).items() if i < len(samples)}
-    log = ProgressLog(out_dir, config.to_dict(), done)
+    sha = tokenbutler_weights_sha(config, adapter)
+    done = {i: r for i, r in read_progress(out_dir, config.to_dict(), sha).items() if i < len(samples)}
+    log = ProgressLog(out_dir, config.to_dict(), done, sha)
     if on_ready is not None:
         on_ready(len(points) * len(samples), len(points) * len(done))
     start = time.perf_counter()

@@ -174,21 +174,20 @@ class VllmRunner:
         return steps, (first_token_at or time.perf_counter()) - start, ids
 
 
-def vllm_runner(model: str | None, contexts: list[int], new_tokens: int, enforce_eager: bool, log) -> VllmRunner | None:
-    """The vLLM runner where the ``vllm`` extra is installed, else None (said once in the log)."""
+def vllm_runner(adapter, model: str | None, contexts: list[int], new_tokens: int, enforce_eager: bool,
+                log) -> VllmRunner | None:
+    """The vLLM runner where the ``vllm`` extra is installed, else None (said once in the log); its KV
+    space (``VLLM_CPU_KVCACHE_SPACE``, unless set) fits the longest context of ``adapter``'s model."""
     if importlib.util.find_spec("vllm") is None:
         log("vLLM is not installed (the `vllm` extra, docs/vllm.md): its column is left out")
         return None
     from offload_engine.models import embedded_model_dir
 
     longest = max(contexts) + new_tokens + 16
-    kv_gib = max(1, math.ceil(longest * KV_BYTES_PER_TOKEN_EMBEDDED * 1.25 / 2**30))
+    kv_gib = max(1, math.ceil(longest * adapter.dims.kv_bytes_per_token(torch.float32) * 1.25 / 2**30))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
     return VllmRunner(model or str(embedded_model_dir()), longest, new_tokens, enforce_eager)
 
-
-# SmolLM2-135M: 30 layers x 2 (K, V) x 3 KV heads x 64 x 4 bytes (fp32), for vLLM's KV space
-KV_BYTES_PER_TOKEN_EMBEDDED = 30 * 2 * 3 * 64 * 4
 
 
 def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log,
@@ -372,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     log("loading the model")
     adapter = load_model(args.model, dtype=torch.float32, device="cpu", progress=log)
     synthetic_from = parse_context(args.synthetic_kv_from) if args.synthetic_kv_from else None
-    vllm = vllm_runner(args.model, contexts, args.new_tokens, args.vllm_eager, log) if args.vllm == "auto" else None
+    vllm = vllm_runner(adapter, args.model, contexts, args.new_tokens, args.vllm_eager, log) if args.vllm == "auto" else None
     settings = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
                 "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,

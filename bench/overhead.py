@@ -96,7 +96,7 @@ def sparse_selection(spec: str) -> SelectionConfig:
     """``tokenbutler:10%`` or ``tokenbutler:10%:4`` (predict every 4th step) -> the selection of a sparse
     runner (sinks 4, window 32, as in tbrun eval)."""
     policy, budget, interval, *extra = spec.split(":") + ["", ""]
-    if any(extra) or not interval.isdigit() and interval:
+    if any(extra) or (interval and not interval.isdigit()):
         raise ConfigError(f"--sparse {spec!r} is not POLICY:BUDGET or POLICY:BUDGET:INTERVAL (e.g. tokenbutler:10%:4).")
     return SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW,
                            interval=int(interval or 1))

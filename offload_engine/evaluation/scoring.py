@@ -89,13 +89,21 @@ def wilson_interval(successes: float, trials: int, z: float = Z95) -> tuple[floa
 def ppl_interval(nll: Sequence[float], tokens: Sequence[int]) -> tuple[float, float] | None:
     """95% t interval of the perplexity over passages: ``exp(mean +- t s / sqrt(n))`` of the per-passage
     mean log-loss; None with fewer than two passages."""
-    losses = [n / t for n, t in zip(nll, tokens)]
-    if len(losses) < 2:
+    interval = t_interval([n / t for n, t in zip(nll, tokens)])
+    if interval is None:
         return None
-    mean = _mean(losses)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
-    half = t95(len(losses) - 1) * sd / math.sqrt(len(losses))
-    return math.exp(mean - half), math.exp(mean + half)
+    _, low, high = interval
+    return math.exp(low), math.exp(high)
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """``(mean, low, high)``: the mean of ``values`` with its 95% Student t interval; None under two values."""
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+    half = t95(len(values) - 1) * sd / math.sqrt(len(values))
+    return mean, mean - half, mean + half
 
 
 def intervals(metrics: Sequence[dict]) -> dict[str, list[float]]:
@@ -159,13 +167,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     """
     if len(a) != len(b):
         raise ValueError(f"paired samples differ in number: {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
-    if len(diffs) < 2:
-        return None
-    mean = _mean(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-    half = t95(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
+    return t_interval([x - y for x, y in zip(a, b)])
 
 
 def summarize_points(points: Sequence, results: Sequence[dict], group: str | None = None) -> list[dict]:

@@ -111,7 +111,8 @@ def build_report(args) -> dict:
     for seq_len, count in parse_lengths(args.lengths):
         if seq_len > adapter.dims.max_positions:
             continue
-        sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus)
+        sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus,
+                                  mix=args.mix)
         label = str(seq_len)
         predictors = {"predictor": predictor, **({"baseline": baseline} if baseline is not None else {})}
         results = per_sequence_recall(predictors, adapter, sequences, args.rows, args.seed)
@@ -121,7 +122,8 @@ def build_report(args) -> dict:
         print(f"recall at {label} done", flush=True)
     if args.interval > 1:
         seq_len, count = parse_lengths(args.lengths)[0]
-        sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus)
+        sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus,
+                                  mix=args.mix)
         report["interval"] = interval_recall(predictor, adapter, sequences, interval=args.interval, seed=args.seed)
     return report
 
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictor", required=True, type=Path)
     parser.add_argument("--corpus", action="append", default=[], help="PACKAGE:GLOB sources training used")
     parser.add_argument("--data", action="append", default=[], help="the --data paths training used")
+    parser.add_argument("--mix", default="sequences", choices=("sequences", "files"),
+                        help="how training's sources took turns (its config's data.mix; 'files' for the first predictors)")
     parser.add_argument("--baseline", type=Path, default=None, help="another predictor to evaluate on the same text")
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--lengths", default="1024:16,4096:4,8192:2", help="LENGTH:SEQUENCES,... held-out contexts")

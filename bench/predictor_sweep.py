@@ -100,7 +100,7 @@ def build_report(args) -> dict:
                                       "train": config.get("train"), "command": config.get("command"),
                                       **overhead(predictor, adapter)}
     for seq_len, count in parse_lengths(args.lengths):
-        sequences = load_held_out(args.data, adapter.tokenizer, seq_len, count, 0, corpus=corpus)
+        sequences = load_held_out(args.data, adapter.tokenizer, seq_len, count, 0, corpus=corpus, mix=args.mix)
         report["recall"][str(seq_len)] = per_sequence_recall(predictors, adapter, sequences, args.rows, 0)
         print(f"recall at {seq_len} done", flush=True)
     return report
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--checkpoint-every", type=int, default=24)
     reporter = sub.add_parser("report", help="judge every finished run in --runs")
     reporter.add_argument("--corpus", action="append", default=[])
+    reporter.add_argument("--mix", default="sequences", choices=("sequences", "files"))
     reporter.add_argument("--data", action="append", default=[])
     reporter.add_argument("--lengths", default="1024:8,4096:3,8192:2")
     reporter.add_argument("--rows", type=int, default=64)

@@ -43,6 +43,9 @@ def train_predictor(
     corpus: list[str] = typer.Option([], "--corpus", help="PACKAGE:GLOB text shipped with an installed package, "
                                      "recorded by name, version and hash (reproducible anywhere), e.g. "
                                      "stdlib:pydoc_data/topics.py or transformers:models/llama/*.py; repeat for more."),
+    mix: str = typer.Option("sequences", "--mix", help="How the sources take turns: 'sequences' (each source cut on "
+                            "its own, one sequence each in turn) or 'files' (file by file in one stream, the first "
+                            "predictors' rule, where one large first file can fill every sequence)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
     seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per training sequence."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (one sequence each); default 500. "
@@ -76,7 +79,7 @@ def train_predictor(
 
     from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
     from offload_engine.predictor.corpus import resolve_corpus
-    from offload_engine.predictor.data import DataError, TokenSequences, describe_paths, load_sequences
+    from offload_engine.predictor.data import MIXES, DataError, TokenSequences, describe_paths, load_sequences
     from offload_engine.predictor.teacher_cache import DTYPES as CACHE_DTYPES, cache_identity
     from offload_engine.predictor.training import TrainConfig, check_seq_len, train
 
@@ -84,6 +87,8 @@ def train_predictor(
     if not data and not corpus and not _complete_cache(teacher_cache):
         raise DataError("give training text: --corpus PACKAGE:GLOB (reproducible, e.g. stdlib:pydoc_data/topics.py) "
                         "and/or --data FILE_OR_DIR.")
+    if mix not in MIXES:
+        raise DataError(f"--mix {mix!r} is not one of {', '.join(MIXES)}.")
     resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
     steps = _steps(steps, teacher_cache, sequences_count, epochs)
     if cache_only and teacher_cache is None:
@@ -101,7 +106,8 @@ def train_predictor(
     train_count = sequences_count if teacher_cache else steps
     if data or corpus:
         with console.status("reading and tokenizing --data"):
-            sequences = load_sequences(data, adapter.tokenizer, seq_len, train_count, held_out, seed, corpus=resolved)
+            sequences = load_sequences(data, adapter.tokenizer, seq_len, train_count, held_out, seed, corpus=resolved,
+                                       mix=mix)
         console.print(f"data: {sequences.files} files, {sequences.train.shape[0]} training and "
                       f"{sequences.held_out.shape[0]} held-out sequences of {seq_len} tokens")
     else:  # a complete cache and no text: train on the cache, no held-out report
@@ -110,7 +116,7 @@ def train_predictor(
         "model_name": _portable(model) if model else EMBEDDED_MODEL_NAME,
         "model": _portable(model) if model else "embedded",
         "data": {"corpus": resolved.describe() if resolved else [], "paths": describe_paths(data, seed),
-                 "files": sequences.files,
+                 "files": sequences.files, "mix": mix,
                  "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])},
         "command": shlex.join(["tbrun", "train-predictor", *map(_portable, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
@@ -163,7 +169,8 @@ def _teacher_cache(console: Console, adapter, directory: Path, sequences, config
         cache = TeacherCache.open(directory)
         cache.check_model(meta["model_name"], shape, config.seq_len)
         return cache
-    data = {"corpus": meta["data"]["corpus"], "paths": meta["data"]["paths"], "command": meta["command"]}
+    data = {"corpus": meta["data"]["corpus"], "paths": meta["data"]["paths"], "mix": meta["data"]["mix"],
+            "command": meta["command"]}
     progress = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:

@@ -73,3 +73,58 @@ def test_the_held_out_set_of_a_corpus_is_what_training_held_out():
     assert torch.equal(held, trained.held_out)
     train_rows = {tuple(row.tolist()) for row in trained.train}
     assert not any(tuple(row.tolist()) in train_rows for row in held)
+
+
+# ------------------------------------------------------------------- how sources take turns
+def _two_sources(tmp_path):
+    """A source of one large file (like the Python reference) and a source of twelve small ones."""
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "reference.txt").write_text("The river runs past the old hill. " * 400)
+    (tmp_path / "small").mkdir()
+    for i in range(12):
+        (tmp_path / "small" / f"m{i}.py").write_text(f"def function_{i}(value):\n    return value * {i}\n" * 30)
+    return [tmp_path / "big", tmp_path / "small"]
+
+
+def _from(row: torch.Tensor, tokenizer) -> str:
+    text = tokenizer.decode(row)
+    return "big" if "river" in text else "small" if "def function" in text else "?"
+
+
+def test_sources_take_turns_sequence_by_sequence_and_one_large_file_does_not_fill_them_all(tmp_path):
+    tokenizer = tiny_tokenizer()
+    paths = _two_sources(tmp_path)
+    mixed = load_sequences(paths, tokenizer, 64, 8, 2)
+    assert [_from(row, tokenizer) for row in mixed.train] == ["big", "small"] * 4
+    assert {_from(row, tokenizer) for row in mixed.held_out} == {"big", "small"}  # the report sees both kinds
+    by_files = load_sequences(paths, tokenizer, 64, 8, 2, mix="files")  # the first predictors' rule
+    assert [_from(row, tokenizer) for row in by_files.train] == ["big"] * 8
+    with pytest.raises(DataError, match="--mix 'lines' is not one of"):
+        load_sequences(paths, tokenizer, 64, 8, 2, mix="lines")
+
+
+def test_a_small_sources_held_out_tail_does_not_depend_on_how_much_a_run_trains_on(tmp_path):
+    from offload_engine.predictor.data import load_held_out
+
+    tokenizer = tiny_tokenizer()
+    (tmp_path / "one.txt").write_text(" ".join(f"Line {i} of the only file." for i in range(1500)))
+    paths = [tmp_path / "one.txt"]  # fewer than ten files: held out by the tail of its token stream
+    few, many = (load_sequences(paths, tokenizer, 64, count, 2) for count in (3, 500))
+    assert few.held_out.shape[0] == 2 and torch.equal(few.held_out, many.held_out)
+    assert torch.equal(load_held_out(paths, tokenizer, 64, 2), few.held_out)
+    train_text = " ".join(tokenizer.decode(row) for row in many.train)
+    held_text = tokenizer.decode(few.held_out[0])
+    assert "Line 1499" not in train_text and held_text.split("Line ")[1].split()[0] not in {
+        t.split()[0] for t in train_text.split("Line ")[1:]}
+
+
+def test_corpus_files_of_other_names_count_when_they_are_text(tmp_path):
+    from offload_engine.predictor.corpus import is_text_file
+
+    (tmp_path / "news.cor").write_text("Hundreds of people have been forced to vacate their homes. " * 10)
+    (tmp_path / "vectors.bin").write_bytes(b"plain bytes without a nul")
+    (tmp_path / "table.dat").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "latin1.cor").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 50)
+    assert is_text_file(tmp_path / "news.cor")
+    assert not is_text_file(tmp_path / "vectors.bin")  # a binary suffix is never read as text
+    assert not is_text_file(tmp_path / "table.dat") and not is_text_file(tmp_path / "latin1.cor")

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".tex", ".c", ".h", ".toml", ".cfg", ".ini")
 MAX_FILE_BYTES = 4 * 1024 * 1024
 HELD_OUT_EVERY = 10  # one file in ten (by path hash) is held out
+MIXES = ("sequences", "files")  # how sources take turns: sequence by sequence, or file by file
 
 
 class DataError(ConfigError):
@@ -119,15 +120,16 @@ def split_files(files: list[Path], names: dict[Path, str] | None = None) -> tupl
     return [f for f in files if f not in chosen], held
 
 
-def _tokenize_until(files: list[Path], tokenizer, limit: int, separator: list[int]) -> list[int]:
-    """Concatenate token ids of ``files`` (separated by ``separator``) until ``limit`` tokens."""
+def _tokenize_until(files: list[Path], tokenizer, limit: int | None, separator: list[int]) -> list[int]:
+    """Concatenate token ids of ``files`` (separated by ``separator``) until ``limit`` tokens (all of them
+    when ``limit`` is None)."""
     ids: list[int] = []
     for path in files:
         text = read_text(path)
         if text.strip():
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             ids.extend(separator)
-        if len(ids) >= limit:
+        if limit is not None and len(ids) >= limit:
             break
     return ids
 
@@ -138,27 +140,92 @@ def _cut(ids: list[int], seq_len: int, count: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def _source_groups(paths: list[str | Path], corpus, seed: int) -> tuple[list[list[Path]], dict[Path, str] | None]:
+    """One file list per source (each ``--data`` path, then each corpus source) and the corpus files'
+    portable names (for the held-out split)."""
+    groups = [collect_text_files([path], seed) for path in paths]
+    if corpus is not None:
+        groups.extend(corpus.groups)
+    return groups, (corpus.names if corpus is not None else None)
+
+
 def _sources(paths: list[str | Path], corpus, seed: int) -> tuple[list[Path], dict[Path, str] | None]:
-    """The files of ``--data`` paths and a ``corpus.Corpus`` (its sources take turns with the paths),
-    and the corpus files' portable names (for the held-out split)."""
+    """All files of the sources in one list, the sources taking turns file by file (``mix="files"``)."""
     files = collect_text_files(paths, seed) if paths else []
     if corpus is not None:
         files = _interleave([files, *corpus.groups]) if files else _interleave(corpus.groups)
     return files, (corpus.names if corpus is not None else None)
 
 
+def _source_split(files: list[Path], names: dict[Path, str] | None, tokenizer, seq_len: int, train_count: int,
+                  held_out_count: int, separator: list[int], want_train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One source's (training ``[n, T]``, held-out ``[m, T]``) sequences.
+
+    A source of ``HELD_OUT_EVERY`` or more files holds out whole files (by a hash of their name); a smaller
+    one holds out the last tenth of its token stream, so what is held out depends only on the source,
+    never on how many sequences a run asks for or how long they are.
+    """
+    if len(files) >= HELD_OUT_EVERY:
+        train_files, held_files = split_files(files, names)
+        train_ids = _tokenize_until(train_files, tokenizer, train_count * seq_len, separator) if want_train else []
+        held_ids = _tokenize_until(held_files, tokenizer, held_out_count * seq_len, separator)
+        return _cut(train_ids, seq_len, train_count), _cut(held_ids, seq_len, held_out_count)
+    ids = _tokenize_until(files, tokenizer, None, separator)
+    boundary = len(ids) - len(ids) // HELD_OUT_EVERY  # the same tokens held out at every --seq-len
+    return _cut(ids[:boundary], seq_len, train_count), _cut(ids[boundary:], seq_len, held_out_count)
+
+
+def _take_turns(blocks: list[torch.Tensor], count: int, seq_len: int) -> torch.Tensor:
+    """Rows of ``blocks`` (each ``[n_i, T]``) round-robin, one per source in turn, up to ``count`` ``[<=count, T]``."""
+    rows = [block[i] for i in range(max((b.shape[0] for b in blocks), default=0)) for block in blocks if i < block.shape[0]]
+    rows = rows[:count]
+    return torch.stack(rows) if rows else torch.empty(0, seq_len, dtype=torch.long)
+
+
+def _separator(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _check_mix(mix: str) -> None:
+    if mix not in MIXES:
+        raise DataError(f"--mix {mix!r} is not one of {', '.join(MIXES)}: 'sequences' makes the sources take turns "
+                        "sequence by sequence; 'files' (the first predictors' rule) file by file.")
+
+
 def load_sequences(
     paths: list[str | Path], tokenizer, seq_len: int, train_count: int, held_out_count: int, seed: int = 0,
-    corpus=None,
+    corpus=None, mix: str = "sequences",
 ) -> TokenSequences:
     """Tokenize text into ``train_count`` training and ``held_out_count`` held-out sequences.
 
-    Files are read in the order of ``collect_text_files`` until there are enough tokens. With fewer than
-    ``HELD_OUT_EVERY`` files the held-out sequences come from the end of the token stream instead.
-    If the text is shorter than ``train_count`` sequences, training cycles over what there is.
+    ``mix="sequences"`` (default): each source (a ``--data`` path or a corpus source) is split and cut on
+    its own, then the sources take turns sequence by sequence, so a source of one large file (the Python
+    reference) cannot crowd out the others. ``mix="files"`` (the first predictors' rule): the sources take
+    turns file by file in one token stream, which a single large first file fills alone.
     """
+    _check_mix(mix)
+    if mix == "files":
+        return _load_file_mix(paths, tokenizer, seq_len, train_count, held_out_count, seed, corpus)
+    groups, names = _source_groups(paths, corpus, seed)
+    if not any(groups):
+        raise DataError("the training text has no files: give --corpus PACKAGE:GLOB or --data FILE_OR_DIR.")
+    separator = _separator(tokenizer)
+    splits = [_source_split(files, names, tokenizer, seq_len, train_count, held_out_count, separator) for files in groups]
+    train = _take_turns([split[0] for split in splits], train_count, seq_len)
+    held_out = _take_turns([split[1] for split in splits], held_out_count, seq_len)
+    if train.shape[0] == 0:
+        raise DataError(
+            f"the training text holds less than one sequence of --seq-len {seq_len} tokens per source: add more "
+            "text or lower --seq-len."
+        )
+    files = len({path for files in groups for path in files})
+    return TokenSequences(train=train, held_out=held_out, files=files,
+                          tokens=int(train.numel() + held_out.numel()))
+
+
+def _load_file_mix(paths, tokenizer, seq_len, train_count, held_out_count, seed, corpus) -> TokenSequences:
     files, names = _sources(paths, corpus, seed)
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    separator = _separator(tokenizer)
     if len(files) >= HELD_OUT_EVERY:
         train_files, held_files = split_files(files, names)
         train_ids = _tokenize_until(train_files, tokenizer, train_count * seq_len, separator)
@@ -178,15 +245,21 @@ def load_sequences(
 
 
 def load_held_out(paths: list[str | Path], tokenizer, seq_len: int, count: int, seed: int = 0,
-                  corpus=None) -> torch.Tensor:
-    """Only the held-out sequences ``[n <= count, seq_len]`` that ``load_sequences`` would hold out
-    (files picked by a hash of their name; never trained on), e.g. for a report after training."""
-    files, names = _sources(paths, corpus, seed)
-    if len(files) < HELD_OUT_EVERY:
-        raise DataError(f"the training text has {len(files)} files; a separate held-out set needs {HELD_OUT_EVERY} or more.")
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = _tokenize_until(split_files(files, names)[1], tokenizer, count * seq_len, separator)
-    sequences = _cut(ids, seq_len, count)
-    if sequences.shape[0] == 0:
-        raise DataError(f"the held-out files of --data hold less than one sequence of {seq_len} tokens.")
-    return sequences
+                  corpus=None, mix: str = "sequences") -> torch.Tensor:
+    """Only the held-out sequences ``[n <= count, seq_len]`` that ``load_sequences`` would hold out with the
+    same ``mix`` (never trained on), e.g. for a report after training."""
+    _check_mix(mix)
+    separator = _separator(tokenizer)
+    if mix == "sequences":
+        groups, names = _source_groups(paths, corpus, seed)
+        held = _take_turns([_source_split(files, names, tokenizer, seq_len, 0, count, separator, want_train=False)[1]
+                            for files in groups], count, seq_len)
+    else:
+        files, names = _sources(paths, corpus, seed)
+        if len(files) < HELD_OUT_EVERY:
+            raise DataError(f"the training text has {len(files)} files; a separate held-out set needs "
+                            f"{HELD_OUT_EVERY} or more.")
+        held = _cut(_tokenize_until(split_files(files, names)[1], tokenizer, count * seq_len, separator), seq_len, count)
+    if held.shape[0] == 0:
+        raise DataError(f"the held-out part of the training text holds less than one sequence of {seq_len} tokens.")
+    return held

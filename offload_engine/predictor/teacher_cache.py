@@ -136,7 +136,7 @@ def build_teacher_cache(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec), "data": data or {},
-                "sequences": int(sequences.shape[0])}
+                "sequences": int(sequences.shape[0]), "sequences_sha256": sequences_digest(sequences)}
     _claim(out, manifest)
     dtype = DTYPES[spec.dtype]
     total = int(sequences.shape[0])
@@ -153,11 +153,24 @@ def build_teacher_cache(
     return TeacherCache.open(out)
 
 
+def sequences_digest(sequences: torch.Tensor) -> str:
+    """sha256 of the token ids ``[N, T]`` a cache is built from (int64, row-major)."""
+    import hashlib
+
+    return hashlib.sha256(sequences.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def _claim(out: Path, manifest: dict) -> None:
     """Write the manifest of a new cache, or check that the one in ``out`` is the same cache."""
     path = out / MANIFEST
     if path.exists():
         found = _read_manifest(path)
+        other_text = found.get("sequences_sha256", manifest["sequences_sha256"]) != manifest["sequences_sha256"]
+        if other_text:
+            raise TeacherCacheError(
+                f"{out} holds a teacher cache built from other training text (another --corpus, --data, --mix or "
+                "--seed): choose another --teacher-cache folder, or delete that one to rebuild it."
+            )
         if found.get("spec") != manifest["spec"] or found.get("sequences") != manifest["sequences"]:
             raise TeacherCacheError(
                 f"{out} holds a teacher cache of another build ({_describe(found)}), not {_describe(manifest)}: "

@@ -172,3 +172,14 @@ def test_overhead_sparse_specs_take_an_optional_interval():
     for bad in ("tokenbutler:10%:x", "tokenbutler:10%:4:5"):
         with pytest.raises(ConfigError, match="POLICY:BUDGET"):
             sparse_selection(bad)
+
+
+def test_topk_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
+    from tbrun_bench import topk_speed
+
+    monkeypatch.setattr(topk_speed, "CASES", [(3, 8192, 500), (2, 9000, 800)])
+    topk_speed.main(["--calls", "2", "--warmup", "0", "--out", str(tmp_path / "topk")])
+    report = json.loads((tmp_path / "topk.json").read_text())
+    assert [(c["rows"], c["candidates"], c["keep"]) for c in report["cases"]] == [(3, 8192, 500), (2, 9000, 800)]
+    assert all(c["torch_topk"]["steps"] == 2 and c["sampled"]["steps"] == 2 and c["ratio"] > 0 for c in report["cases"])
+    assert "sampled ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]

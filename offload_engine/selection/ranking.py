@@ -23,9 +23,53 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
     keep = min(keep, scores.shape[-1])
     if keep <= 0:
         return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
-    values, index = torch.topk(scores, keep, dim=-1, sorted=False)
+    values, index = topk_unsorted(scores, keep)
     positions = torch.where(torch.isneginf(values), torch.full_like(index, PAD), index + lo)
     return sort_with_padding_last(positions) if ordered else positions
+
+
+# On CPU, torch.topk's per-row selection costs about as much as scoring the compact keys at long
+# context; a sampled threshold cuts the rows down first (see topk_unsorted). Below these sizes the
+# plain top-k is as fast.
+SAMPLED_TOPK_MIN_CANDIDATES = 8192
+SAMPLED_TOPK_MAX_SHARE = 0.25  # keep / n at most
+SAMPLE_STRIDE = 8
+SAMPLE_MARGIN = 1.15
+
+
+def topk_unsorted(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, keep, dim=-1, sorted=False)``: (values, indices) ``[..., keep]``, exact.
+
+    On CPU with many candidates and a small share kept, the top of every row is found in two
+    passes: a threshold from a strided sample (every 8th score's top ``keep/8``, with a margin) keeps
+    each row's scores at or above it, about 1.2 ``keep`` of them, and the top-k runs on those only.
+    When every row keeps at least ``keep`` scores, its ``keep`` largest are among them, so the result
+    is exact (the same values; among equal scores it may pick other indices); otherwise (or with a
+    ``-inf`` threshold) it falls back to the plain top-k. (At 32k candidates and 2k kept per row this takes about 60% of the plain
+    top-k's time on one thread, at 128k about half.) On other devices it is ``torch.topk``: it syncs
+    with the host, which a CUDA step must not.
+    """
+    n = scores.shape[-1]
+    if (scores.device.type != "cpu" or n < SAMPLED_TOPK_MIN_CANDIDATES or keep > SAMPLED_TOPK_MAX_SHARE * n
+            or keep < SAMPLE_STRIDE):
+        return torch.topk(scores, keep, dim=-1, sorted=False)
+    lead = scores.shape[:-1]
+    flat = scores.reshape(-1, n)
+    sample = flat[:, ::SAMPLE_STRIDE]
+    threshold = torch.topk(sample, min(sample.shape[-1], int(keep * SAMPLE_MARGIN / SAMPLE_STRIDE) + 8), dim=-1,
+                           sorted=False).values.amin(dim=-1, keepdim=True)
+    rows, cols = (flat >= threshold).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=flat.shape[0])
+    if bool(torch.isneginf(threshold).any()) or int(counts.min()) < keep:
+        return torch.topk(scores, keep, dim=-1, sorted=False)
+    width = int(counts.max())
+    place = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+    kept = torch.full((flat.shape[0], width), float("-inf"), dtype=flat.dtype)
+    kept[rows, place] = flat[rows, cols]
+    columns = torch.zeros((flat.shape[0], width), dtype=torch.long)
+    columns[rows, place] = cols
+    values, within = torch.topk(kept, keep, dim=-1, sorted=False)
+    return values.view(*lead, keep), columns.gather(-1, within).view(*lead, keep)
 
 
 def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:

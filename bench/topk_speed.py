@@ -1,0 +1,78 @@
+"""Top-k on the CPU: torch.topk against the sampled-threshold top-k, side by side in one run.
+
+    python -m tbrun_bench.topk_speed --out bench/reports/topk_cpu
+
+A producer's selection takes the top ``keep`` of ``n`` candidate scores for every (consumer layer,
+KV head) row at once. Rows: 12 (SmolLM2-135M: 4 consumer layers x 3 KV heads) and 32 (Llama-3.1-8B:
+4 x 8). Scores: softmax of Gaussian logits (peaked, like the predictor's group-mean probabilities).
+The two methods alternate call by call on the same scores, so load from other processes hits both
+alike; each cell is a median over the calls. Both return the same tokens (tests/test_ranking.py).
+Writes ``OUT.json`` and ``OUT.md`` with the machine, command and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from offload_engine.selection.ranking import topk_unsorted
+
+from .report import machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_reports
+
+CASES = [(12, 8192, 820), (12, 32768, 2048), (12, 32768, 3277), (12, 131072, 2048), (32, 32768, 2048),
+         (32, 131072, 2048)]
+
+
+def measure(args) -> dict:
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for count, n, keep in CASES:
+        scores = torch.softmax(3 * torch.randn(count, n, generator=generator), dim=-1)
+        plain, sampled = [], []
+        for call in range(args.warmup + args.calls):
+            for method, out in ((lambda: torch.topk(scores, keep, dim=-1, sorted=False), plain),
+                                (lambda: topk_unsorted(scores, keep), sampled)):
+                began = time.perf_counter()
+                method()
+                if call >= args.warmup:
+                    out.append(1000 * (time.perf_counter() - began))
+        plain_ms, sampled_ms = summarize_ms(plain), summarize_ms(sampled)
+        rows.append({"rows": count, "candidates": n, "keep": keep, "torch_topk": plain_ms, "sampled": sampled_ms,
+                     "ratio": sampled_ms["median_ms"] / plain_ms["median_ms"]})
+        print(f"{count} x {n}, keep {keep}: torch.topk {plain_ms['median_ms']:.2f} ms, sampled "
+              f"{sampled_ms['median_ms']:.2f} ms", flush=True)
+    return {"provenance": provenance("python -m tbrun_bench.topk_speed"), "machine": machine_header(torch.device("cpu")),
+            "setting": {"threads": args.threads, "calls": args.calls, "warmup": args.warmup}, "cases": rows}
+
+
+def to_markdown(report: dict) -> str:
+    table = [[str(c["rows"]), f"{c['candidates']:,}", f"{c['keep']:,}", f"{c['torch_topk']['median_ms']:.2f}",
+              f"{c['sampled']['median_ms']:.2f}", f"{c['ratio']:.2f}"] for c in report["cases"]]
+    s = report["setting"]
+    return "\n".join([
+        markdown_header("Top-k on the CPU: torch.topk against the sampled-threshold top-k", report), "",
+        f"{s['threads']} torch thread(s); {s['calls']} timed calls per method and case after {s['warmup']} warm-up "
+        "calls, the methods alternating on the same scores (softmax of Gaussian logits). Median ms per call.", "",
+        markdown_table(["rows", "candidates", "keep", "torch.topk ms", "sampled ms", "ratio"], table), "",
+        "`offload_engine.selection.ranking.topk_unsorted` takes the sampled path on the CPU when there are at "
+        "least 8,192 candidates and at most a quarter are kept; below that the plain top-k is as fast.",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", required=True, type=Path, help="report path without extension")
+    args = parser.parse_args(argv)
+    report = measure(args)
+    write_reports(args.out, report, to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,8 @@ long, ascending within a row, with ``-1`` padding last.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PAD = -1
@@ -29,20 +31,22 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
 
 
 # On CPU, torch.topk's per-row selection costs about as much as scoring the compact keys at long
-# context; a sampled threshold cuts the rows down first (see topk_unsorted). Below these sizes the
-# plain top-k is as fast.
-SAMPLED_TOPK_MIN_CANDIDATES = 8192
-SAMPLED_TOPK_MAX_SHARE = 0.25  # keep / n at most
+# context; a sampled threshold cuts the rows down first (see topk_unsorted). Outside these sizes the
+# plain top-k is as fast or faster (bench/reports/topk_cpu.md: 0.8x its time at 8k candidates, equal
+# at a 10% share of 32k).
+SAMPLED_TOPK_MIN_CANDIDATES = 16384
+SAMPLED_TOPK_MAX_SHARE = 0.07  # keep / n at most
 SAMPLE_STRIDE = 8
-SAMPLE_MARGIN = 1.15
+SAMPLE_MARGIN = 1.1
 
 
 def topk_unsorted(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, keep, dim=-1, sorted=False)``: (values, indices) ``[..., keep]``, exact.
 
     On CPU with many candidates and a small share kept, the top of every row is found in two
-    passes: a threshold from a strided sample (every 8th score's top ``keep/8``, with a margin) keeps
-    each row's scores at or above it, about 1.2 ``keep`` of them, and the top-k runs on those only.
+    passes: a threshold from a strided sample (every 8th score's top ``keep/8``, with a margin of 10%
+    and four standard deviations) keeps each row's scores at or above it, about 1.3-1.5 ``keep`` of
+    them, and the top-k runs on those only.
     When every row keeps at least ``keep`` scores, its ``keep`` largest are among them, so the result
     is exact (the same values; among equal scores it may pick other indices); otherwise (or with a
     ``-inf`` threshold) it falls back to the plain top-k. (At 32k candidates and 2k kept per row this takes about 60% of the plain
@@ -56,8 +60,9 @@ def topk_unsorted(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
     lead = scores.shape[:-1]
     flat = scores.reshape(-1, n)
     sample = flat[:, ::SAMPLE_STRIDE]
-    threshold = torch.topk(sample, min(sample.shape[-1], int(keep * SAMPLE_MARGIN / SAMPLE_STRIDE) + 8), dim=-1,
-                           sorted=False).values.amin(dim=-1, keepdim=True)
+    expected = keep / SAMPLE_STRIDE  # sampled scores above the row's keep-th largest, on average
+    take = min(sample.shape[-1], int(expected * SAMPLE_MARGIN + 4 * math.sqrt(expected)) + 8)  # 4 sd of margin
+    threshold = torch.topk(sample, take, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     rows, cols = (flat >= threshold).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=flat.shape[0])
     if bool(torch.isneginf(threshold).any()) or int(counts.min()) < keep:

@@ -32,7 +32,7 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
 
 # On CPU, torch.topk's per-row selection costs about as much as scoring the compact keys at long
 # context; a sampled threshold cuts the rows down first (see topk_unsorted). Outside these sizes the
-# plain top-k is as fast or faster (bench/reports/topk_cpu.md: 0.8x its time at 8k candidates, equal
+# plain top-k is as fast or faster (bench/reports/topk_cpu.md: equal at 8k candidates and
 # at a 10% share of 32k).
 SAMPLED_TOPK_MIN_CANDIDATES = 16384
 SAMPLED_TOPK_MAX_SHARE = 0.07  # keep / n at most

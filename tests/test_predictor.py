@@ -175,6 +175,29 @@ def test_saved_and_reloaded_predictor_gives_identical_scores(tmp_path):
     assert torch.equal(expected, got)
 
 
+def test_rotating_predictors_round_trip_and_older_checkpoints_load_without_rotation(tmp_path):
+    import json
+
+    adapter = peaked_adapter()
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 2, 8, 32, rope_pairs=4)).eval()
+    save_checkpoint(tmp_path / "rope", predictor, {"model_name": "tiny"})
+    loaded, config = load_checkpoint(tmp_path / "rope", adapter.dims)
+    assert config["predictor"]["rope_pairs"] == 4 and loaded.config.uses_positions
+    x, k = torch.randn(3, adapter.dims.hidden_size), torch.randn(2, 9, adapter.dims.head_dim)
+    for model in (predictor, loaded.eval()):
+        assert torch.equal(model.importance_queries(0, x, torch.arange(3))[:, 1], loaded.importance_queries(0, x, torch.arange(3))[:, 1])
+    plain = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 2, 8, 32))
+    save_checkpoint(tmp_path / "old", plain, {"model_name": "tiny"})
+    stored = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("rope_pairs", "rope_base"):  # what a checkpoint from before the option holds
+        stored["predictor"].pop(key)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
+    old, _ = load_checkpoint(tmp_path / "old", adapter.dims)
+    assert not old.config.uses_positions
+    with pytest.raises(ConfigError, match="rope-pairs 5"):
+        PredictorConfig.for_model(adapter.dims, 2, 8, 32, rope_pairs=5)
+
+
 def test_checkpoint_for_another_model_shape_is_refused_naming_both(tmp_path):
     other = peaked_adapter(layers=6)
     save_checkpoint(tmp_path / "ckpt", TokenButlerPredictor(PredictorConfig.for_model(other.dims)), {"model_name": "six"})

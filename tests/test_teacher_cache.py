@@ -60,6 +60,30 @@ def test_cached_teacher_gives_the_loss_and_gradients_of_the_teacher_in_the_loop(
             torch.testing.assert_close(grad, live_grads[name], rtol=tolerance * 10, atol=tolerance)
 
 
+def test_a_rotating_predictor_trains_on_the_cache_as_with_the_teacher_in_the_loop(tmp_path):
+    """rope_pairs: no mixed keys; the teacher's rows are recomputed from the cached attention inputs
+    (x) at the shard's positions, giving the loss and gradients of the teacher in the loop."""
+    adapter = peaked_adapter("llama", layers=4)
+    sequences = random_sequences(2, SEQ_LEN, seed=4)
+    draw = rows_and_offsets()
+    cache = build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter), draw)
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 2, 8, 32, rope_pairs=2))
+    for index in range(2):
+        rows, offset = draw(index)
+        predictor.zero_grad()
+        live = training.distill_step(predictor, adapter, sequences[index].unsqueeze(0), rows, offset)
+        live_grads = grads_of(predictor)
+        predictor.zero_grad()
+        cached = training.cached_step(predictor, cache, index, ROWS, adapter.scaling, torch.Generator(), adapter)
+        assert offset > 0 or index == 0
+        assert cached == pytest.approx(live, rel=1e-5)
+        for name, grad in grads_of(predictor).items():
+            torch.testing.assert_close(grad, live_grads[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="only with the model"):
+        training.cached_step(predictor, cache, 0, ROWS, adapter.scaling, torch.Generator())
+
+
 def test_one_cache_serves_predictors_with_any_producer_spacing(tmp_path):
     adapter = peaked_adapter("llama", layers=5)
     sequences = random_sequences(1, SEQ_LEN, seed=4)

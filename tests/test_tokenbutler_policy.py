@@ -159,6 +159,68 @@ def test_loads_a_checkpoint_by_path_and_finds_shipped_predictors(tmp_path):
     assert shipped_predictor_for(embedded).name == "smollm2-135m-instruct"
 
 
+def test_a_predictor_that_rotates_by_position_caches_turned_keys_and_turns_its_queries():
+    """rope_pairs: the compact cache holds each key turned by its own position (prefill and decode),
+    the producer's queries are turned by the decoded token's position, and the scores are those of
+    the predictor computed offline at the same positions."""
+    adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
+    policy = TokenButlerPolicy(predictor=predictor_for(adapter, rope_pairs=2))
+    policy.bind(PolicyContext(dims=adapter.dims, capacity=64, device=torch.device("cpu"), dtype=torch.float32,
+                              adapter=adapter, host_store=None, sinks=2, window=4))
+    predictor = policy.predictor
+    tensors = prompt_tensors(adapter, 20)
+    for layer, (x, q, k, v) in enumerate(tensors):
+        policy.observe_prefill(layer, x, q, k, v)
+    x_new, k_new = torch.randn(adapter.dims.hidden_size), torch.randn(2, adapter.dims.head_dim)
+    for layer in range(4):
+        policy.observe_decode(layer, 20, x_new, None, k_new, None)
+    turned = predictor.project_keys(3, tensors[3][2], torch.arange(20))
+    assert not torch.allclose(turned, predictor.project_unrotated(3, tensors[3][2]))  # the rotation is real
+    torch.testing.assert_close(policy.cache.read(3, 0, 20), turned)
+    torch.testing.assert_close(policy.cache.read(3, 20, 21), predictor.project_keys(3, k_new.unsqueeze(1), 20))
+    candidates = Candidates(lo=2, hi=17, keep=3, position=20)
+    layers, scores = policy.plan(0, x_new, candidates)
+    queries = predictor.importance_queries(0, x_new, torch.tensor(20))  # [2, H, d']
+    keys = torch.cat([predictor.project_keys(1, tensors[1][2], 0), predictor.project_keys(1, k_new.unsqueeze(1), 20)], 1)
+    heads = predictor.head_scores(queries[0].unsqueeze(0), keys)[:, 0]  # [H, 21]
+    expected = torch.softmax(heads[:, :20], -1).view(2, 2, 20).mean(1)[:, 2:17]
+    torch.testing.assert_close(scores[0], expected)
+
+
+def test_rotated_scores_depend_only_on_the_distance_between_query_and_key():
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=3))
+    predictor = predictor_for(adapter, rope_pairs=3)
+    x, k = torch.randn(adapter.dims.hidden_size), torch.randn(adapter.dims.num_kv_heads, 9, adapter.dims.head_dim)
+
+    def scores(query_position: int, first_key: int) -> torch.Tensor:
+        queries = predictor.importance_queries(0, x, query_position)[0]  # [H, d']
+        return predictor.head_scores(queries.unsqueeze(0), predictor.project_keys(1, k, first_key))
+
+    torch.testing.assert_close(scores(30, 10), scores(5030, 5010), rtol=1e-4, atol=1e-4)  # same distances
+    assert not torch.allclose(scores(30, 10), scores(30, 20), atol=1e-3)  # other distances, other scores
+    unturned = predictor.project_unrotated(1, k)  # what a paged cache keeps: turned by t - p when scored
+    distance = torch.arange(10, 19) - 30
+    relative = predictor.head_scores(predictor.importance_queries(0, x, 0)[0].unsqueeze(0),
+                                     predictor.rotate(unturned, distance))
+    torch.testing.assert_close(relative, scores(30, 10), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="pass the tokens' positions"):
+        predictor.project_keys(1, k)
+
+
+def test_rotating_predictors_decode_exactly_like_dense_at_full_budget():
+    model = tiny_model("llama", num_hidden_layers=5)
+    prompt = torch.randint(0, model.config.vocab_size, (37,), generator=torch.Generator().manual_seed(7))
+    adapter = ModelAdapter(model)
+    selection = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=14), sinks=2, window=4)
+    config = EngineConfig(context=37 + NEW_TOKENS + 3, mode=KVMode.SPARSE_OFFLOAD, selection=selection, prefill_chunk=16)
+    small = Engine(adapter, config, policy=TokenButlerPolicy(predictor=predictor_for(adapter, rope_pairs=2)))
+    assert len(small.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS)).token_ids) == NEW_TOKENS
+    full = EngineConfig(context=37 + NEW_TOKENS + 3, mode=KVMode.SPARSE_OFFLOAD, prefill_chunk=16,
+                        selection=SelectionConfig(policy="tokenbutler", budget=Budget(tokens=48), sinks=2, window=4))
+    engine = Engine(adapter, full, policy=TokenButlerPolicy(predictor=predictor_for(adapter, rope_pairs=2)))
+    assert engine.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS)).token_ids == reference_ids(model, prompt)
+
+
 # ------------------------------------------------------------------------------------ engine
 def reference_ids(model, prompt: torch.Tensor) -> list[int]:
     out = model.generate(prompt[None], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,

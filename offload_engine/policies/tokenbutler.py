@@ -169,12 +169,12 @@ class TokenButlerPolicy(Policy):
     @torch.no_grad()
     def observe_extend(self, layer, start, x, q, k, v) -> None:
         if layer >= 1:
-            self.cache.write(layer, start, self.predictor.project_keys(layer, k))
+            self.cache.write(layer, start, self.predictor.project_keys(layer, k, start))
 
     @torch.no_grad()
     def observe_decode(self, layer, position, x, q, k, v) -> None:
         if layer >= 1:
-            self.cache.write(layer, position, self.predictor.project_keys(layer, k.unsqueeze(1)))
+            self.cache.write(layer, position, self.predictor.project_keys(layer, k.unsqueeze(1), position))
 
     @torch.no_grad()
     def plan(self, layer: int, x: torch.Tensor, candidates: Candidates) -> tuple[range, torch.Tensor]:
@@ -184,7 +184,7 @@ class TokenButlerPolicy(Policy):
         their compact keys, one group reduction: no loop over layers or heads.
         """
         layers = self.predictor.config.consumers(layer)
-        self._queries[layer] = self.predictor.importance_queries(layer, x)  # [Lg, H, d']
+        self._queries[layer] = self.predictor.importance_queries(layer, x, candidates.position)  # [Lg, H, d']
         return layers, self._group_scores(layers, self._queries[layer], candidates)
 
     @torch.no_grad()

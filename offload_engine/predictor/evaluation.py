@@ -176,12 +176,13 @@ def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tall
             if predictor is not None and layer >= 1:
                 producer = predictor.config.producer_of(layer)
                 layer_queries = queries[name][producer][:, layer - producer - 1]
-                keys = predictor.project_keys(layer, state.k)
+                keys = predictor.project_keys(layer, state.k, offset)
                 logits = predictor.head_scores(layer_queries, keys).float().cpu()
                 int8_logits = predictor.head_scores(layer_queries, dequantize_keys(*quantize_keys(keys))).float().cpu()
                 tally.add(("loss",), float(distillation_loss(probs, logits, rows)))
             if predictor is not None and predictor.is_producer(layer):
-                queries[name][layer] = predictor.importance_queries(layer, state.x[rows.to(state.x.device)])
+                on_device = rows.to(state.x.device)
+                queries[name][layer] = predictor.importance_queries(layer, state.x[on_device], on_device + offset)
             section = "layer0" if layer == 0 else "consumers"
             for fraction in budgets:
                 masks = _selections(probs, logits, rows, fraction, group, generators[name], int8_logits)

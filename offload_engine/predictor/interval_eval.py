@@ -111,9 +111,10 @@ def _layer_rows(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: tor
         layer = state.layer
         if layer >= 1:
             producer = predictor.config.producer_of(layer)
-            keys = predictor.project_keys(layer, state.k)
+            keys = predictor.project_keys(layer, state.k, 0)
             logits = predictor.head_scores(queries[producer][:, layer - producer - 1], keys)
             probs = teacher_probs(state.q[:, rows], state.k, rows, adapter.scaling).cpu()
             yield layer, probs, _group_mean_log_probs(logits.float().cpu(), rows, adapter.dims.group_size)
         if predictor.is_producer(layer):
-            queries[layer] = predictor.importance_queries(layer, state.x[rows.to(state.x.device)])
+            on_device = rows.to(state.x.device)
+            queries[layer] = predictor.importance_queries(layer, state.x[on_device], on_device)

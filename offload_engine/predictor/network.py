@@ -38,6 +38,8 @@ class PredictorConfig:
     producer_every: int = 4  # G
     dim: int = 16  # d'
     hidden: int = 512  # I, inner width of the query MLP
+    rope_pairs: int = 0  # pairs of d' rotated by the predictor's own position (0: none, the first predictors)
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         if self.num_layers < 2:
@@ -47,9 +49,15 @@ class PredictorConfig:
         for name in ("producer_every", "dim", "hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= 2 * self.rope_pairs <= self.dim:
+            raise ConfigError(f"--rope-pairs {self.rope_pairs}: rotate between 0 and d'/2 = {self.dim // 2} pairs "
+                              "of the predictor's dimensions.")
+        if self.rope_base <= 1:
+            raise ConfigError(f"rope_base must be > 1, got {self.rope_base}.")
 
     @classmethod
-    def for_model(cls, dims: ModelDims, producer_every: int = 4, dim: int = 16, hidden: int = 512):
+    def for_model(cls, dims: ModelDims, producer_every: int = 4, dim: int = 16, hidden: int = 512,
+                  rope_pairs: int = 0):
         return cls(
             num_layers=dims.num_layers,
             num_heads=dims.num_heads,
@@ -59,6 +67,7 @@ class PredictorConfig:
             producer_every=producer_every,
             dim=dim,
             hidden=hidden,
+            rope_pairs=rope_pairs,
         )
 
     @property
@@ -87,6 +96,11 @@ class PredictorConfig:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    @property
+    def uses_positions(self) -> bool:
+        """Whether scores depend on the query's and the keys' positions (``rope_pairs`` > 0)."""
+        return self.rope_pairs > 0
 
 
 def describe_shape(shape: dict[str, int]) -> str:
@@ -128,16 +142,59 @@ class TokenButlerPredictor(nn.Module):
     def is_producer(self, layer: int) -> bool:
         return layer in self._producer_index
 
-    def importance_queries(self, producer: int, x: torch.Tensor) -> torch.Tensor:
-        """x ``[..., E]`` (attention input at ``producer``) -> ``[..., n_consumers, H, d']``."""
+    def importance_queries(self, producer: int, x: torch.Tensor, positions: torch.Tensor | int | None = None
+                           ) -> torch.Tensor:
+        """x ``[..., E]`` (attention input at ``producer``) -> ``[..., n_consumers, H, d']``.
+
+        With ``rope_pairs`` the queries are rotated by their token's ``positions`` (``[...]`` or an int)."""
         mlp = self.queries[self._producer_index[producer]]
         out = mlp(x.to(self.key_proj.dtype))
         c = self.config
-        return out.view(*x.shape[:-1], len(c.consumers(producer)), c.num_heads, c.dim)
+        out = out.view(*x.shape[:-1], len(c.consumers(producer)), c.num_heads, c.dim)
+        if not c.uses_positions:
+            return out
+        return self.rotate(out, self._positions(positions, x.shape[:-1], out.device)[..., None, None])
 
-    def project_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
-        """Real post-RoPE keys k ``[KvH, T, D]`` of consumer ``layer`` -> ``[KvH, T, d']``."""
+    def project_keys(self, layer: int, k: torch.Tensor, positions: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Real post-RoPE keys k ``[KvH, T, D]`` of consumer ``layer`` -> ``[KvH, T, d']``.
+
+        With ``rope_pairs`` the projected keys are rotated by their ``positions`` ``[T]`` (or the
+        first position, an int)."""
+        projected = self.project_unrotated(layer, k)
+        if not self.config.uses_positions:
+            return projected
+        if isinstance(positions, int):
+            positions = torch.arange(positions, positions + k.shape[-2], device=k.device)
+        return self.rotate(projected, self._positions(positions, k.shape[-2:-1], projected.device))
+
+    def project_unrotated(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """Keys ``[..., D]`` of consumer ``layer`` through its projection, not yet turned by position:
+        ``[..., d']`` (``project_keys`` without ``rotate``; a paged cache keeps them so and turns them by
+        their distance to the query when it scores)."""
         return torch.matmul(k.to(self.key_proj.dtype), self.key_proj[layer - 1])
+
+    def rotate(self, vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary position of the predictor's own: the first ``2 r`` of ``d'`` dims, pairs ``(i, i + r)``
+        turned by ``position x base^(-i/r)`` (wavelengths from 2 pi to 2 pi base^((r-1)/r) tokens), the
+        rest untouched. vectors ``[..., d']``, positions broadcastable to ``vectors.shape[:-1]``.
+
+        Scores ``q'(p) . k'(t)`` of rotated queries and keys then depend on ``t - p`` in the rotated
+        part, so the predictor can prefer recent tokens at any absolute position (the model's own
+        RoPE makes its attention relative; a predictor without it learns absolute phases)."""
+        r = self.config.rope_pairs
+        frequencies = self.config.rope_base ** (-torch.arange(r, device=vectors.device, dtype=torch.float64) / r)
+        angles = (positions.to(torch.float64).unsqueeze(-1) * frequencies).to(torch.float32)  # [..., r]
+        cos, sin = angles.cos().to(vectors.dtype), angles.sin().to(vectors.dtype)
+        first, second, rest = vectors[..., :r], vectors[..., r : 2 * r], vectors[..., 2 * r :]
+        return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
+
+    @staticmethod
+    def _positions(positions, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        if positions is None:
+            raise ValueError("this predictor rotates by position (rope_pairs > 0): pass the tokens' positions")
+        if isinstance(positions, int):
+            return torch.full(tuple(shape), positions, device=device, dtype=torch.long)
+        return positions.to(device)
 
     def project_head_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Key-space vectors per query head, e.g. the teacher's mixed keys, ``[H, R, D]`` -> ``[H, R, d']``

@@ -11,6 +11,7 @@ Checkpoints go to ``out/checkpoints/step-NNNNNN`` (each written atomically, the 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from . import checkpoint as ckpt
 from .data import TokenSequences
 from .evaluation import evaluate
 from .network import PredictorConfig, TokenButlerPredictor
-from .teacher import RowState, mixed_distillation_loss, row_states, sample_rows
+from .teacher import RowState, distillation_loss, mixed_distillation_loss, row_states, sample_rows, teacher_probs
 from .teacher_cache import TeacherCache
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     producer_every: int = 4
     dim: int = 16
     hidden: int = 512
+    rope_pairs: int = 0  # pairs of d' the predictor rotates by position (network.PredictorConfig)
     rows: int = 256  # sampled query rows per sequence (plus the last row)
     lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps with linear warm-up
@@ -70,8 +72,10 @@ class TrainConfig:
 
     def resume_key(self) -> dict:
         """Settings a resumed run must share with the run it continues."""
-        keys = ("seq_len", "steps", "producer_every", "dim", "hidden", "rows", "lr", "warmup", "position_offsets",
-                "seed", "teacher_cache")
+        keys = ("seq_len", "steps", "producer_every", "dim", "hidden", "rope_pairs", "rows", "lr", "warmup",
+                "position_offsets", "seed", "teacher_cache")
+        if not self.rope_pairs:  # runs from before the option resume as they were
+            keys = tuple(key for key in keys if key != "rope_pairs")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -114,20 +118,28 @@ def distill_step(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: to
 
     ids ``[1, T]`` at positions ``offset ..``, rows ``[R]``.
     """
-    return distill_layers(predictor, row_states(adapter, ids, rows, offset), rows, adapter.scaling)
+    return distill_layers(predictor, row_states(adapter, ids, rows, offset), rows, adapter.scaling, offset)
 
 
-def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], rows: torch.Tensor, scaling: float) -> float:
+def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], rows: torch.Tensor, scaling: float,
+                   offset: int = 0, teacher_queries: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> float:
     """Accumulate the gradients of one sequence's loss from its teacher ``RowState`` stream (layer 0
     first, from the model or from a teacher cache); return the loss.
 
-    rows ``[R]``: the positions of the sampled query rows. Each consumer layer's loss is
-    back-propagated at once (into a detached copy of its producer's queries, flushed into the
-    query network after the producer's last consumer), so one layer's ``[H, R, T]`` is alive at a time.
+    rows ``[R]``: the positions of the sampled query rows within the sequence, which starts at position
+    ``offset``. Each consumer layer's loss is back-propagated at once (into a detached copy of its
+    producer's queries, flushed into the query network after the producer's last consumer), so one
+    layer's ``[H, R, T]`` is alive at a time.
+
+    A predictor that rotates by position (``rope_pairs``) cannot use the teacher's mixed keys (its keys
+    turn with their position, so the sum over tokens no longer factors through the projection): it is
+    trained on the teacher's rows themselves, from the state's queries or, for a teacher cache (which
+    keeps the attention input ``x``), from ``teacher_queries(layer, x_rows) -> q [H, R, D]``.
     """
     config = predictor.config
     consumers = config.num_layers - 1
     scale = 1.0 / math.sqrt(config.dim)
+    positional = config.uses_positions
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     total = 0.0
     for state in states:
@@ -137,29 +149,55 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
             producer = config.producer_of(layer)
             queries, leaf = pending[producer]
             layer_queries = leaf[:, layer - producer - 1]  # [R, H, d']
-            logits = predictor.head_scores(layer_queries, predictor.project_keys(layer, state.k))
-            target = predictor.project_head_rows(layer, state.teacher_mix(rows_dev, scaling))  # [H, R, d']
-            loss = mixed_distillation_loss(logits, layer_queries.transpose(0, 1), target, rows_dev, scale) / consumers
+            logits = predictor.head_scores(layer_queries, predictor.project_keys(layer, state.k, offset))
+            if positional:
+                q = state.q if state.q is not None else _teacher_queries(teacher_queries, layer, state.x)
+                loss = distillation_loss(teacher_probs(q, state.k, rows_dev, scaling), logits, rows_dev) / consumers
+            else:
+                target = predictor.project_head_rows(layer, state.teacher_mix(rows_dev, scaling))  # [H, R, d']
+                loss = mixed_distillation_loss(logits, layer_queries.transpose(0, 1), target, rows_dev, scale) / consumers
             loss.backward()
             total += loss.item()
             if layer == config.consumers(producer)[-1]:
                 queries.backward(leaf.grad)
                 del pending[producer]
         if predictor.is_producer(layer):
-            queries = predictor.importance_queries(layer, state.x)  # [R, G', H, d']
+            positions = rows.to(state.x.device) + offset if positional else None
+            queries = predictor.importance_queries(layer, state.x, positions)  # [R, G', H, d']
             pending[layer] = (queries, queries.detach().requires_grad_())
     return total
 
 
 def cached_step(predictor: TokenButlerPredictor, cache: TeacherCache, index: int, rows: int, scaling: float,
-                generator: torch.Generator) -> float:
+                generator: torch.Generator, adapter: ModelAdapter | None = None) -> float:
     """``distill_layers`` on shard ``index`` of a teacher cache, on ``rows`` of its cached rows (drawn
-    with ``generator``, the last row always kept) or all of them if it holds no more."""
+    with ``generator``, the last row always kept) or all of them if it holds no more. A predictor that
+    rotates by position needs ``adapter`` (the teacher's queries are recomputed from the cached ``x``)."""
     shard = cache.load(index)
     pick = subsample_rows(shard.rows.numel(), rows, generator)
     positions = shard.rows if pick is None else shard.rows[pick]
     device = predictor.key_proj.device
-    return distill_layers(predictor, shard.states(pick, device), positions, scaling)
+    recompute = None
+    if predictor.config.uses_positions:
+        if adapter is None:
+            raise ValueError("a predictor with rope_pairs trains on a teacher cache only with the model (adapter)")
+        recompute = functools.partial(teacher_queries_from_x, adapter, positions + shard.offset)
+    return distill_layers(predictor, shard.states(pick, device), positions, scaling, shard.offset, recompute)
+
+
+def teacher_queries_from_x(adapter: ModelAdapter, positions: torch.Tensor, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The model's post-RoPE queries ``[H, R, D]`` of attention inputs x ``[R, E]`` at absolute ``positions`` ``[R]``."""
+    with torch.no_grad():
+        x = x.to(adapter.device, adapter.dtype).unsqueeze(0)
+        rope = adapter.rope(x, positions.to(adapter.device).unsqueeze(0))
+        q, _, _ = adapter.qkv(layer, x, rope)
+    return q[0]
+
+
+def _teacher_queries(recompute, layer: int, x: torch.Tensor) -> torch.Tensor:
+    if recompute is None:
+        raise ValueError("the teacher's rows are needed: give states with q, or teacher_queries")
+    return recompute(layer, x)
 
 
 def subsample_rows(cached: int, wanted: int, generator: torch.Generator) -> torch.Tensor | None:
@@ -190,7 +228,7 @@ def train(
     if cache is None:
         _check_sequences(adapter, data, config)
     torch.manual_seed(config.seed)
-    shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden)
+    shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden, config.rope_pairs)
     predictor = TokenButlerPredictor(shape).to(adapter.device)
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
@@ -210,7 +248,7 @@ def train(
             loss = distill_step(predictor, adapter, ids, rows, offset)
         else:
             loss = cached_step(predictor, cache, epoch_order(len(cache), step, config.seed), config.rows,
-                               adapter.scaling, generator)
+                               adapter.scaling, generator, adapter)
         norm = float(torch.nn.utils.clip_grad_norm_(predictor.parameters(), config.clip))
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise TrainingError(_nan_message(step + 1, loss, norm, last_good))

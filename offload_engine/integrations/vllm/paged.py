@@ -332,7 +332,7 @@ class TokenButlerScorer(Scorer):
             return
         c = self.predictor.config
         cache = self.keys.get(layer, (num_slots, c.num_kv_heads, c.dim), key.dtype, key.device)
-        projected = self.predictor.project_keys(layer, key.transpose(0, 1))  # [KvH, T, d']
+        projected = self.predictor.project_unrotated(layer, key.transpose(0, 1))  # [KvH, T, d'], turned when scored
         cache[slots] = projected.transpose(0, 1).to(cache.dtype)
 
     @torch.no_grad()
@@ -342,9 +342,12 @@ class TokenButlerScorer(Scorer):
         if self._step is not batch:  # one MLP call per producer and step, shared by its consumers
             self._step, self._queries = batch, {}
         if producer not in self._queries:
-            self._queries[producer] = self.predictor.importance_queries(producer, self.hidden(producer, batch))
+            self._queries[producer] = self.predictor.importance_queries(producer, self.hidden(producer, batch), 0)
         queries = self._queries[producer][:, layer - producer - 1]  # [B, H, d']
         keys = self.keys.tensors[layer][batch.slots.clamp(min=0)].float()  # [B, L, KvH, d']
+        if c.uses_positions:  # q'(p) . k'(t) = q' . k' turned by t - p: the query stays at 0
+            distance = torch.arange(keys.shape[1], device=keys.device) - (batch.lengths - 1).unsqueeze(1)  # [B, L]
+            keys = self.predictor.rotate(keys, distance.unsqueeze(-1))
         grouped = queries.float().view(batch.size, c.num_kv_heads, c.group_size, c.dim)
         logits = torch.einsum("bkgd,blkd->bkgl", grouped, keys) / math.sqrt(c.dim)  # [B, KvH, g, L]
         cached = (batch.slots >= 0) & (torch.arange(batch.slots.shape[1], device=query.device)

@@ -127,13 +127,39 @@ def describe_point(row: dict, primary: str) -> str:
     return f"{primary} {metric_cell(metrics.get(primary), primary)} ({metrics.get('samples', '?')} samples)"
 
 
+def point_predictor(run: Run, policy: str, budget: str) -> str | None:
+    """The sha256 of the predictor a point ran with (None for policies without one, or old runs)."""
+    for point in run.report.get("points", []):
+        if point.get("policy") == policy and point.get("budget") == budget:
+            return (point.get("predictor") or {}).get("sha256")
+    return None
+
+
+def predictor_names(runs: list[Run]) -> dict[str, str]:
+    """sha256 -> a short name for each predictor of the runs, when they used more than one (else empty):
+    ``@`` and the hash's first 8 digits."""
+    hashes = dict.fromkeys(sha for run in runs for row in run.report["summary"]
+                           if (sha := point_predictor(run, row["policy"], row["budget"])) is not None)
+    return {sha: f"@{sha[:8]}" for sha in hashes} if len(hashes) > 1 else {}
+
+
+def point_name(run: Run, policy: str, budget: str, names: dict[str, str]) -> str:
+    """A point's policy as the summary names it: with its predictor's short name when the runs of a task
+    used several predictors (so two predictors' tokenbutler rows stand side by side, not merged)."""
+    sha = point_predictor(run, policy, budget)
+    return f"{policy} {names[sha]}" if sha in names else policy
+
+
 def merge_points(runs: list[Run], primary: str) -> tuple[list[dict], list[str]]:
     """One summary row per (policy, budget), from the oldest run giving it; dense first, then the other
-    policies in run order. Also a line per point that a later run gives with different metrics."""
+    policies in run order. Also a line per point that a later run gives with different metrics. Points
+    of different predictors are different points (``point_name``)."""
     kept: dict[tuple[str, str], tuple[dict, str]] = {}
     disagreements = []
+    names = predictor_names(runs)
     for run in runs:
         for row in run.report["summary"]:
+            row = {**row, "policy": point_name(run, row["policy"], row["budget"], names)}
             key = (row["policy"], row["budget"])
             if key not in kept:
                 kept[key] = (row, run.name)
@@ -220,11 +246,13 @@ def sample_values(runs: list[Run], primary: str) -> dict[tuple[str, str], dict[t
     of the run, index: a seeded task draws the same samples then). The oldest run giving a point gives
     its samples, as in the tables."""
     values: dict[tuple[str, str], dict[tuple, float]] = {}
+    names = predictor_names(runs)
     for run in runs:
         config, mine = run.report["config"], {}
         for record in run.report.get("samples", []):
             sample = (config["seed"], config["samples"], record["index"])
-            mine.setdefault((record["policy"], record["budget"]), {})[sample] = sample_value(record, primary)
+            policy = point_name(run, record["policy"], record["budget"], names)
+            mine.setdefault((policy, record["budget"]), {})[sample] = sample_value(record, primary)
         for point, by_sample in mine.items():
             values.setdefault(point, by_sample)
     return values
@@ -244,6 +272,15 @@ def difference_cell(difference: tuple[float, float, float] | None, primary: str,
     return f"**{text}**" if low > 0 or high < 0 else text
 
 
+def reference_name(summary: TaskSummary, reference: str) -> str:
+    """The row a "minus ``reference``" column compares with: the reference itself, or with several
+    predictors, the reference of the oldest run's predictor (the first such row)."""
+    for row in summary.rows:
+        if row["policy"] == reference or row["policy"].startswith(f"{reference} @"):
+            return row["policy"]
+    return reference
+
+
 def paired_table(summary: TaskSummary) -> list[str]:
     """Each sparse point minus dense, the oracle and tokenbutler at the same budget, over the samples
     both ran (paired), with 95% t intervals; nothing when no pair exists."""
@@ -256,7 +293,7 @@ def paired_table(summary: TaskSummary) -> list[str]:
             continue
         cells = []
         for reference in REFERENCES:
-            other = ("dense", "100%") if reference == "dense" else (reference, row["budget"])
+            other = ("dense", "100%") if reference == "dense" else (reference_name(summary, reference), row["budget"])
             common = sorted(values[point].keys() & values.get(other, {}).keys()) if other != point else []
             difference = paired_difference([values[point][k] for k in common], [values[other][k] for k in common])
             cells.append(difference_cell(difference, primary, len(common)))
@@ -268,7 +305,7 @@ def paired_table(summary: TaskSummary) -> list[str]:
             f"parentheses), in {unit}, with a 95% Student t interval over the per-sample differences; bold "
             "where the interval excludes 0. Pairing removes what the samples share (a sample the model "
             "itself fails counts against both), so it separates policies whose own intervals overlap.", "",
-            *table_lines(["policy", "budget", *(f"minus {r}" for r in REFERENCES)], rows), ""]
+            *table_lines(["policy", "budget", *(f"minus {reference_name(summary, r)}" for r in REFERENCES)], rows), ""]
 
 
 def task_section(summary: TaskSummary) -> list[str]:
@@ -280,10 +317,26 @@ def task_section(summary: TaskSummary) -> list[str]:
     if summary.differences:
         lines += ["**The runs differ in settings**, so their points may not be comparable:", "",
                   *(f"- {line}" for line in summary.differences), ""]
+    names = predictor_names(summary.runs)
+    if names:
+        lines += ["Points are named by their predictor (`@` and its sha256's first 8 digits), since the runs used "
+                  "several: " + "; ".join(f"`{name}` = {predictor_paths(summary.runs, sha)}" for sha, name in names.items()),
+                  ""]
     if summary.disagreements:
         lines += ["**Runs disagree** on points they both measured:", "",
                   *(f"- {line}" for line in summary.disagreements), ""]
     return lines + [*policy_table(summary.rows, summary.budgets, task["primary"]), "", *paired_table(summary)]
+
+
+def predictor_paths(runs: list[Run], sha: str) -> str:
+    """Where the runs found the predictor of hash ``sha``, and which runs: ``path (run, run)``."""
+    found: dict[str, list[str]] = {}
+    for run in runs:
+        for point in run.report.get("points", []):
+            predictor = point.get("predictor") or {}
+            if predictor.get("sha256") == sha and run.name not in found.setdefault(predictor.get("path", "?"), []):
+                found[predictor.get("path", "?")].append(run.name)
+    return ", ".join(f"`{path}` ({', '.join(names)})" for path, names in found.items())
 
 
 def short_context(tokens: int) -> str:

@@ -131,3 +131,30 @@ def test_points_are_compared_pair_by_pair_with_the_oracle_and_tokenbutler(tmp_pa
     assert rows["tokenbutler"][3].startswith("-25.0 [") and rows["tokenbutler"][4] == "-"
     assert rows["quest"][2] == "**-100.0 [-100.0, -100.0] (4)**"  # the interval excludes 0: bold
     assert not rows["quest"][4].startswith("**")  # -75 over 4 pairs, but they vary: the interval holds 0
+
+
+def test_two_predictors_tokenbutler_rows_stand_side_by_side_and_pair_up(tmp_path):
+    """Runs with different predictors: each predictor's points are named by its hash, not merged into
+    one row (nor flagged as a disagreement), and the paired columns compare with the oldest run's."""
+    scores = {"old": [1, 0, 0, 1], "new": [1, 1, 1, 1]}
+    for name, date in (("old", "2026-11-23 12:00:00 +0000"), ("new", "2026-11-24 12:00:00 +0000")):
+        write_run(tmp_path, name, "tokenbutler", 100.0, date)
+        path = tmp_path / name / "results.json"
+        report = json.loads(path.read_text())
+        sha = ("a" if name == "old" else "b") * 64
+        report["config"]["samples"] = 4
+        report["summary"] = [point("dense", "100%", 100.0), point("tokenbutler", "10%", 25.0 * sum(scores[name]))]
+        report["points"] = [{"policy": "dense", "budget": "100%", "predictor": None},
+                            {"policy": "tokenbutler", "budget": "10%",
+                             "predictor": {"path": f"predictors/{name}", "sha256": sha}}]
+        report["samples"] = [{"policy": "dense", "budget": "100%", "index": i, "score": 1.0} for i in range(4)]
+        report["samples"] += [{"policy": "tokenbutler", "budget": "10%", "index": i, "score": float(s)}
+                              for i, s in enumerate(scores[name])]
+        path.write_text(json.dumps(report))
+    markdown = summarize(tmp_path)
+    assert "`@aaaaaaaa` = `predictors/old` (old)" in markdown and "`@bbbbbbbb` = `predictors/new` (new)" in markdown
+    assert "Runs disagree" not in markdown
+    assert "| policy | budget | minus dense | minus oracle | minus tokenbutler @aaaaaaaa |" in markdown
+    rows = {row[0]: row for row in table_rows(markdown) if len(row) == 5}
+    assert rows["tokenbutler @bbbbbbbb"][4].startswith("+50.0 [")  # new minus old, pair by pair
+    assert rows["tokenbutler @aaaaaaaa"][4] == "-"

@@ -266,10 +266,14 @@ def tiny_dims(layers=5):
                      max_positions=256, vocab_size=10)
 
 
-def test_tokenbutler_scores_by_slot_equal_the_policys():
+@pytest.mark.parametrize("rope_pairs", [0, 2])
+def test_tokenbutler_scores_by_slot_equal_the_policys(rope_pairs):
+    """rope_pairs: the paged cache keeps keys unturned and turns them by their distance to the query
+    when it scores; the policy turns keys and query by absolute position. The same scores."""
     torch.manual_seed(0)
     dims = tiny_dims()
-    predictor = TokenButlerPredictor(PredictorConfig.for_model(dims, producer_every=2, dim=4, hidden=8)).eval()
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(dims, producer_every=2, dim=4, hidden=8,
+                                                               rope_pairs=rope_pairs)).eval()
     length = 30
     key_cache, _, table, contiguous = paged_sequences([length], seed=2)
     k, v, slots = contiguous[0]

@@ -64,9 +64,9 @@ def train_predictor(
     producer_every: int = typer.Option(4, "--producer-every", help="G: a producer every G layers."),
     dim: int = typer.Option(16, "--dim", help="d': size of importance queries and projected keys."),
     hidden: int = typer.Option(512, "--hidden", help="I: inner width of the query MLP."),
-    rope_pairs: int = typer.Option(0, "--rope-pairs", help="Pairs of the d' dimensions the predictor rotates by "
-                                   "token position (its own RoPE), so it can prefer nearby tokens at any position; "
-                                   "0: none (the first predictors), at most d'/2."),
+    rope_pairs: Optional[int] = typer.Option(None, "--rope-pairs", help="Pairs of the d' dimensions the predictor "
+                                             "rotates by token position (its own RoPE), so it can prefer nearby tokens "
+                                             "at any position; default d'/4, 0: none (the first predictors), at most d'/2."),
     rows: int = typer.Option(256, "--rows", help="Query rows distilled per sequence (plus the last)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
@@ -99,7 +99,7 @@ def train_predictor(
     if cache_dtype not in CACHE_DTYPES:
         raise DataError(f"--cache-dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
-                         rope_pairs=rope_pairs,
+                         rope_pairs=dim // 4 if rope_pairs is None else rope_pairs,
                          rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
                          position_offsets=position_offsets, seed=seed)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

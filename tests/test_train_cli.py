@@ -37,6 +37,7 @@ def test_train_predictor_writes_predictor_checkpoints_and_report(tiny_model_dir,
     assert "held-out recall" in result.output and "% of the model" in result.output
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 3 and config["predictor"]["dim"] == 4 and config["data"]["files"] == 12
+    assert config["predictor"]["rope_pairs"] == 1  # d'/4 by default: the predictor turns by position
     assert (out / "predictor.safetensors").is_file() and (out / "report.json").is_file()
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
     again = train(tiny_model_dir, text_dir, out, "--resume")
@@ -48,6 +49,7 @@ def test_train_predictor_writes_predictor_checkpoints_and_report(tiny_model_dir,
     (lambda tmp: tmp, (), "no text files"),
     (None, ("--seq-len", "4096"), "longer than the model supports"),
     (None, ("--steps", "0"), "--steps must be >= 1"),
+    (None, ("--rope-pairs", "3"), "--rope-pairs 3: rotate between 0 and d'/2 = 2"),
 ])
 def test_bad_input_is_refused_with_exit_code_2(tiny_model_dir, text_dir, tmp_path, make_data, extra, message):
     empty = tmp_path / "empty"
@@ -104,6 +106,7 @@ def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_path
     assert shards == ["seq-000000.safetensors", "seq-000001.safetensors", "seq-000002.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 6 and config["train"]["teacher_cache"] == config["teacher_cache"]["id"]
+    assert config["predictor"]["rope_pairs"] >= 1  # trained on the teacher's rows recomputed from the cache
     manifest = json.loads((cache / "manifest.json").read_text())
     for recorded in (json.dumps(config), json.dumps(manifest)):
         for local in (str(tmp_path), str(tiny_model_dir), "/root", "/work", "/tmp"):

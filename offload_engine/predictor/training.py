@@ -65,6 +65,9 @@ class TrainConfig:
         for name in ("seq_len", "steps", "rows", "checkpoint_every", "keep_checkpoints", "eval_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= 2 * self.rope_pairs <= self.dim:
+            raise ConfigError(f"--rope-pairs {self.rope_pairs}: rotate between 0 and d'/2 = {self.dim // 2} pairs "
+                              f"of the predictor's --dim {self.dim}.")
         if self.seq_len < 4:
             raise ConfigError(f"--seq-len {self.seq_len} is too short to distil attention: use 256 or more.")
         if not 0.0 <= self.warmup < 1.0 or self.lr <= 0 or self.clip <= 0:

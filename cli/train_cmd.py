@@ -67,6 +67,10 @@ def train_predictor(
     rope_pairs: Optional[int] = typer.Option(None, "--rope-pairs", help="Pairs of the d' dimensions the predictor "
                                              "rotates by token position (its own RoPE), so it can prefer nearby tokens "
                                              "at any position; default d'/4, 0: none (the first predictors), at most d'/2."),
+    candidate_sinks: int = typer.Option(0, "--candidate-sinks", help="With --candidate-window: distil only on the "
+                                        "positions the selector chooses among, past these first tokens ..."),
+    candidate_window: int = typer.Option(0, "--candidate-window", help="... and before each row's last this many "
+                                         "(the sinks and window the engine keeps anyway); 0 and 0: every position."),
     rows: int = typer.Option(256, "--rows", help="Query rows distilled per sequence (plus the last)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
@@ -100,6 +104,7 @@ def train_predictor(
         raise DataError(f"--cache-dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
                          rope_pairs=dim // 4 if rope_pairs is None else rope_pairs,
+                         candidate_sinks=candidate_sinks, candidate_window=candidate_window,
                          rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
                          position_offsets=position_offsets, seed=seed)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

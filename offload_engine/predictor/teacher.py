@@ -148,3 +148,30 @@ def distillation_loss(teacher: torch.Tensor, student_logits: torch.Tensor, rows:
     future = causal_mask(rows.to(student_logits.device), student_logits.shape[-1])
     log_p = torch.log_softmax(student_logits.float().masked_fill(future, float("-inf")), dim=-1)
     return -(teacher * log_p.masked_fill(future, 0.0)).sum(-1).mean()
+
+
+def candidate_mask(rows: torch.Tensor, length: int, sinks: int, window: int) -> torch.Tensor:
+    """``[R, T]`` bool, True where key ``t`` is one the selector chooses among for query row ``rows[r]``:
+    past the first ``sinks`` tokens and before the row's last ``window`` tokens (those the engine keeps
+    anyway), ``sinks <= t <= rows[r] - window``."""
+    positions = torch.arange(length, device=rows.device).unsqueeze(0)
+    return (positions >= sinks) & (positions <= rows.unsqueeze(1) - window)
+
+
+def candidate_distillation_loss(teacher: torch.Tensor, student_logits: torch.Tensor, rows: torch.Tensor,
+                                sinks: int, window: int) -> torch.Tensor:
+    """``distillation_loss`` over the selector's candidates only: the teacher's rows renormalised over
+    ``candidate_mask``, the student's softmax over the same positions. The engine keeps the sinks and
+    the window whatever the predictor says, so this spends the predictor on ranking the rest (the
+    attention mass next to the query, which a predictor with ``rope_pairs`` learns readily, would
+    otherwise crowd out far tokens such as a needle). Rows without candidates are left out.
+
+    teacher ``[H, R, T]`` probabilities; student_logits ``[H, R, T]`` unmasked -> scalar float32.
+    """
+    keep = candidate_mask(rows.to(student_logits.device), student_logits.shape[-1], sinks, window)  # [R, T]
+    has = keep.any(dim=-1)
+    target = teacher * keep
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
+    log_p = torch.log_softmax(student_logits.float().masked_fill(~keep, float("-inf")), dim=-1)
+    per_row = -(target * log_p.masked_fill(~keep, 0.0)).sum(-1)  # [H, R]
+    return per_row[:, has].mean()

@@ -30,12 +30,16 @@ from . import checkpoint as ckpt
 from .data import TokenSequences
 from .evaluation import evaluate
 from .network import PredictorConfig, TokenButlerPredictor
-from .teacher import RowState, distillation_loss, mixed_distillation_loss, row_states, sample_rows, teacher_probs
+from .teacher import (RowState, candidate_distillation_loss, distillation_loss, mixed_distillation_loss,
+                      row_states, sample_rows, teacher_probs)
 from .teacher_cache import TeacherCache
 
 
 class TrainingError(TbrunError):
     """Training cannot go on (NaN loss, a resume that does not match, ...)."""
+
+
+NEWER_OPTIONS = ("rope_pairs", "candidate_sinks", "candidate_window")  # left out of resume keys while 0
 
 
 @dataclass(slots=True)
@@ -48,6 +52,8 @@ class TrainConfig:
     dim: int = 16
     hidden: int = 512
     rope_pairs: int = 0  # pairs of d' the predictor rotates by position (network.PredictorConfig)
+    candidate_sinks: int = 0  # with candidate_window: distil on the selector's candidates only
+    candidate_window: int = 0  # (teacher.candidate_distillation_loss); 0 and 0: every position
     rows: int = 256  # sampled query rows per sequence (plus the last row)
     lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps with linear warm-up
@@ -65,6 +71,8 @@ class TrainConfig:
         for name in ("seq_len", "steps", "rows", "checkpoint_every", "keep_checkpoints", "eval_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.candidate_sinks < 0 or self.candidate_window < 0:
+            raise ConfigError("--candidate-sinks and --candidate-window must be >= 0.")
         if not 0 <= 2 * self.rope_pairs <= self.dim:
             raise ConfigError(f"--rope-pairs {self.rope_pairs}: rotate between 0 and d'/2 = {self.dim // 2} pairs "
                               f"of the predictor's --dim {self.dim}.")
@@ -73,12 +81,17 @@ class TrainConfig:
         if not 0.0 <= self.warmup < 1.0 or self.lr <= 0 or self.clip <= 0:
             raise ConfigError("warm-up must be in [0, 1), the learning rate and clip positive.")
 
+    @property
+    def candidates(self) -> tuple[int, int] | None:
+        """(sinks, window) the loss leaves out, or None to distil every position."""
+        return (self.candidate_sinks, self.candidate_window) if self.candidate_sinks or self.candidate_window else None
+
     def resume_key(self) -> dict:
         """Settings a resumed run must share with the run it continues."""
         keys = ("seq_len", "steps", "producer_every", "dim", "hidden", "rope_pairs", "rows", "lr", "warmup",
                 "position_offsets", "seed", "teacher_cache")
-        if not self.rope_pairs:  # runs from before the option resume as they were
-            keys = tuple(key for key in keys if key != "rope_pairs")
+        keys += ("candidate_sinks", "candidate_window")
+        keys = tuple(key for key in keys if getattr(self, key) or key not in NEWER_OPTIONS)  # older runs resume
         return {k: getattr(self, k) for k in keys}
 
 
@@ -116,16 +129,18 @@ def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
 
 
 def distill_step(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor,
-                 offset: int = 0) -> float:
+                 offset: int = 0, candidates: tuple[int, int] | None = None) -> float:
     """Accumulate the gradients of one sequence's loss with the teacher in the loop; return the loss.
 
     ids ``[1, T]`` at positions ``offset ..``, rows ``[R]``.
     """
-    return distill_layers(predictor, row_states(adapter, ids, rows, offset), rows, adapter.scaling, offset)
+    return distill_layers(predictor, row_states(adapter, ids, rows, offset), rows, adapter.scaling, offset,
+                          candidates=candidates)
 
 
 def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], rows: torch.Tensor, scaling: float,
-                   offset: int = 0, teacher_queries: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> float:
+                   offset: int = 0, teacher_queries: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                   candidates: tuple[int, int] | None = None) -> float:
     """Accumulate the gradients of one sequence's loss from its teacher ``RowState`` stream (layer 0
     first, from the model or from a teacher cache); return the loss.
 
@@ -137,12 +152,15 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
     A predictor that rotates by position (``rope_pairs``) cannot use the teacher's mixed keys (its keys
     turn with their position, so the sum over tokens no longer factors through the projection): it is
     trained on the teacher's rows themselves, from the state's queries or, for a teacher cache (which
-    keeps the attention input ``x``), from ``teacher_queries(layer, x_rows) -> q [H, R, D]``.
+    keeps the attention input ``x``), from ``teacher_queries(layer, x_rows) -> q [H, R, D]``. So is one
+    distilled on the selector's candidates only (``candidates`` = (sinks, window) the engine keeps
+    anyway; ``teacher.candidate_distillation_loss``).
     """
     config = predictor.config
     consumers = config.num_layers - 1
     scale = 1.0 / math.sqrt(config.dim)
     positional = config.uses_positions
+    explicit = positional or candidates is not None  # the teacher's rows, not its mixed keys
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     total = 0.0
     for state in states:
@@ -153,9 +171,11 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
             queries, leaf = pending[producer]
             layer_queries = leaf[:, layer - producer - 1]  # [R, H, d']
             logits = predictor.head_scores(layer_queries, predictor.project_keys(layer, state.k, offset))
-            if positional:
+            if explicit:
                 q = state.q if state.q is not None else _teacher_queries(teacher_queries, layer, state.x)
-                loss = distillation_loss(teacher_probs(q, state.k, rows_dev, scaling), logits, rows_dev) / consumers
+                probs = teacher_probs(q, state.k, rows_dev, scaling)
+                loss = (candidate_distillation_loss(probs, logits, rows_dev, *candidates) if candidates is not None
+                        else distillation_loss(probs, logits, rows_dev)) / consumers
             else:
                 target = predictor.project_head_rows(layer, state.teacher_mix(rows_dev, scaling))  # [H, R, d']
                 loss = mixed_distillation_loss(logits, layer_queries.transpose(0, 1), target, rows_dev, scale) / consumers
@@ -172,7 +192,8 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
 
 
 def cached_step(predictor: TokenButlerPredictor, cache: TeacherCache, index: int, rows: int, scaling: float,
-                generator: torch.Generator, adapter: ModelAdapter | None = None) -> float:
+                generator: torch.Generator, adapter: ModelAdapter | None = None,
+                candidates: tuple[int, int] | None = None) -> float:
     """``distill_layers`` on shard ``index`` of a teacher cache, on ``rows`` of its cached rows (drawn
     with ``generator``, the last row always kept) or all of them if it holds no more. A predictor that
     rotates by position needs ``adapter`` (the teacher's queries are recomputed from the cached ``x``)."""
@@ -181,11 +202,13 @@ def cached_step(predictor: TokenButlerPredictor, cache: TeacherCache, index: int
     positions = shard.rows if pick is None else shard.rows[pick]
     device = predictor.key_proj.device
     recompute = None
-    if predictor.config.uses_positions:
+    if predictor.config.uses_positions or candidates is not None:
         if adapter is None:
-            raise ValueError("a predictor with rope_pairs trains on a teacher cache only with the model (adapter)")
+            raise ValueError("a predictor with rope_pairs, or distilled on candidates, trains on a teacher cache "
+                             "only with the model (adapter): it recomputes the teacher's rows")
         recompute = functools.partial(teacher_queries_from_x, adapter, positions + shard.offset)
-    return distill_layers(predictor, shard.states(pick, device), positions, scaling, shard.offset, recompute)
+    return distill_layers(predictor, shard.states(pick, device), positions, scaling, shard.offset, recompute,
+                          candidates)
 
 
 def teacher_queries_from_x(adapter: ModelAdapter, positions: torch.Tensor, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -248,10 +271,10 @@ def train(
             ids = data.train[order[step % len(order)]].unsqueeze(0)
             rows = sample_rows(config.seq_len, config.rows, generator)
             offset = random_offset(adapter, config, generator)
-            loss = distill_step(predictor, adapter, ids, rows, offset)
+            loss = distill_step(predictor, adapter, ids, rows, offset, config.candidates)
         else:
             loss = cached_step(predictor, cache, epoch_order(len(cache), step, config.seed), config.rows,
-                               adapter.scaling, generator, adapter)
+                               adapter.scaling, generator, adapter, config.candidates)
         norm = float(torch.nn.utils.clip_grad_norm_(predictor.parameters(), config.clip))
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise TrainingError(_nan_message(step + 1, loss, norm, last_good))

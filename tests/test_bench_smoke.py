@@ -183,3 +183,14 @@ def test_topk_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
     assert [(c["rows"], c["candidates"], c["keep"]) for c in report["cases"]] == [(3, 8192, 500), (2, 9000, 800)]
     assert all(c["torch_topk"]["steps"] == 2 and c["sampled"]["steps"] == 2 and c["ratio"] > 0 for c in report["cases"])
     assert "sampled ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
+
+
+def test_report_commands_name_no_folder_of_this_machine(monkeypatch, tmp_path):
+    from tbrun_bench import report
+
+    inside = report.REPO_ROOT / "predictors" / "smollm2-135m-instruct"
+    monkeypatch.setattr("sys.argv", ["x", "--predictor", str(inside), "--baseline", str(tmp_path / "old-predictor"),
+                                     "--lengths", "1024:8"])
+    command = report.provenance("python -m tbrun_bench.predictor_report")["command"]
+    assert command == ("python -m tbrun_bench.predictor_report --predictor predictors/smollm2-135m-instruct "
+                       "--baseline old-predictor --lengths 1024:8")

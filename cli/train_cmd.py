@@ -67,6 +67,9 @@ def train_predictor(
     rope_pairs: Optional[int] = typer.Option(None, "--rope-pairs", help="Pairs of the d' dimensions the predictor "
                                              "rotates by token position (its own RoPE), so it can prefer nearby tokens "
                                              "at any position; default d'/4, 0: none (the first predictors), at most d'/2."),
+    rope_base: float = typer.Option(10000.0, "--rope-base", help="The slowest of the --rope-pairs turns has a wavelength "
+                                    "of 2 pi x base^((r-1)/r) tokens: keep it above the longest context, or distances "
+                                    "past it alias with near ones."),
     candidate_sinks: int = typer.Option(0, "--candidate-sinks", help="With --candidate-window: distil only on the "
                                         "positions the selector chooses among, past these first tokens ..."),
     candidate_window: int = typer.Option(0, "--candidate-window", help="... and before each row's last this many "
@@ -104,7 +107,7 @@ def train_predictor(
         raise DataError(f"--cache-dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
                          rope_pairs=dim // 4 if rope_pairs is None else rope_pairs,
-                         candidate_sinks=candidate_sinks, candidate_window=candidate_window,
+                         rope_base=rope_base, candidate_sinks=candidate_sinks, candidate_window=candidate_window,
                          rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
                          position_offsets=position_offsets, seed=seed)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

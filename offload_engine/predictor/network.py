@@ -57,7 +57,7 @@ class PredictorConfig:
 
     @classmethod
     def for_model(cls, dims: ModelDims, producer_every: int = 4, dim: int = 16, hidden: int = 512,
-                  rope_pairs: int = 0):
+                  rope_pairs: int = 0, rope_base: float = 10000.0):
         return cls(
             num_layers=dims.num_layers,
             num_heads=dims.num_heads,
@@ -68,6 +68,7 @@ class PredictorConfig:
             dim=dim,
             hidden=hidden,
             rope_pairs=rope_pairs,
+            rope_base=rope_base,
         )
 
     @property

@@ -39,7 +39,7 @@ class TrainingError(TbrunError):
     """Training cannot go on (NaN loss, a resume that does not match, ...)."""
 
 
-NEWER_OPTIONS = ("rope_pairs", "candidate_sinks", "candidate_window")  # left out of resume keys while 0
+NEWER_OPTIONS = ("rope_pairs", "rope_base", "candidate_sinks", "candidate_window")  # left out of resume keys unless used
 
 
 @dataclass(slots=True)
@@ -52,6 +52,7 @@ class TrainConfig:
     dim: int = 16
     hidden: int = 512
     rope_pairs: int = 0  # pairs of d' the predictor rotates by position (network.PredictorConfig)
+    rope_base: float = 10000.0
     candidate_sinks: int = 0  # with candidate_window: distil on the selector's candidates only
     candidate_window: int = 0  # (teacher.candidate_distillation_loss); 0 and 0: every position
     rows: int = 256  # sampled query rows per sequence (plus the last row)
@@ -90,8 +91,8 @@ class TrainConfig:
         """Settings a resumed run must share with the run it continues."""
         keys = ("seq_len", "steps", "producer_every", "dim", "hidden", "rope_pairs", "rows", "lr", "warmup",
                 "position_offsets", "seed", "teacher_cache")
-        keys += ("candidate_sinks", "candidate_window")
-        keys = tuple(key for key in keys if getattr(self, key) or key not in NEWER_OPTIONS)  # older runs resume
+        keys += ("rope_base", "candidate_sinks", "candidate_window")
+        keys = tuple(key for key in keys if key not in NEWER_OPTIONS or self.rope_pairs or self.candidates)  # older runs resume
         return {k: getattr(self, k) for k in keys}
 
 
@@ -254,7 +255,8 @@ def train(
     if cache is None:
         _check_sequences(adapter, data, config)
     torch.manual_seed(config.seed)
-    shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden, config.rope_pairs)
+    shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden, config.rope_pairs,
+                                      config.rope_base)
     predictor = TokenButlerPredictor(shape).to(adapter.device)
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))

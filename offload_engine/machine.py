@@ -62,13 +62,21 @@ def pinned_memory_status() -> str:
         return f"no: {exc}"
 
 
+REPORT_FOLDERS = ("bench/reports/", "bench/results/")  # written by runs; not the code that runs
+
+
 def git_commit(cwd: str | None = None) -> str:
-    """The checked-out commit (with ``-dirty`` when files changed), or ``unknown``."""
+    """The checked-out commit (with ``-dirty`` when tracked files other than reports changed), or ``unknown``.
+
+    Reports that other runs are writing (an evaluation's progress file, a finished report not yet
+    committed) do not change the code, so they do not make the commit dirty."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=cwd, check=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=cwd, check=True)
+        changed = [line[3:].strip('"') for line in status.stdout.splitlines() if line.strip()]
+        dirty = any(not path.startswith(REPORT_FOLDERS) for path in changed)
+        return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

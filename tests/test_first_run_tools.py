@@ -95,3 +95,24 @@ def test_reports_name_the_commit_checked_out_when_the_run_began(tmp_path):
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "two")
     assert git_commit(str(tmp_path)) != first  # a commit made while the run went on
     assert commit_at_start(str(tmp_path)) == first
+
+
+def test_reports_being_written_do_not_make_the_commit_dirty_but_code_does(tmp_path):
+    import subprocess
+
+    from offload_engine.machine import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "bench" / "reports" / "eval").mkdir(parents=True)
+    (tmp_path / "bench" / "reports" / "eval" / "progress.jsonl").write_text("{}\n")
+    (tmp_path / "engine.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+    (tmp_path / "bench" / "reports" / "eval" / "progress.jsonl").write_text("{}\n{}\n")  # another run's progress
+    assert not git_commit(str(tmp_path)).endswith("-dirty")
+    (tmp_path / "engine.py").write_text("x = 2\n")
+    assert git_commit(str(tmp_path)).endswith("-dirty")

@@ -31,11 +31,23 @@ def predictor_for(adapter: ModelAdapter, seed: int = 0, **sizes) -> TokenButlerP
     return TokenButlerPredictor(config).eval()
 
 
-def bound_policy(adapter: ModelAdapter, capacity: int = 64, **options) -> TokenButlerPolicy:
-    policy = TokenButlerPolicy(predictor=predictor_for(adapter), **options)
+def bound_policy(adapter: ModelAdapter, capacity: int = 64, rope_pairs: int = 0, **options) -> TokenButlerPolicy:
+    policy = TokenButlerPolicy(predictor=predictor_for(adapter, rope_pairs=rope_pairs), **options)
     policy.bind(PolicyContext(dims=adapter.dims, capacity=capacity, device=torch.device("cpu"), dtype=torch.float32,
                               adapter=adapter, host_store=None, sinks=2, window=4))
     return policy
+
+
+def prefilled_and_one_decode(policy: TokenButlerPolicy, adapter: ModelAdapter, length: int = 20):
+    """Prefill a random prompt of ``length`` into ``policy``, then one decode step at position ``length``:
+    (per-layer prompt tensors, x_new ``[E]``, k_new ``[KvH, D]``)."""
+    tensors = prompt_tensors(adapter, length)
+    for layer, (x, q, k, v) in enumerate(tensors):
+        policy.observe_prefill(layer, x, q, k, v)
+    x_new, k_new = torch.randn(adapter.dims.hidden_size), torch.randn(adapter.dims.num_kv_heads, adapter.dims.head_dim)
+    for layer in range(adapter.dims.num_layers):
+        policy.observe_decode(layer, length, x_new, None, k_new, None)
+    return tensors, x_new, k_new
 
 
 def prompt_tensors(adapter: ModelAdapter, length: int, seed: int = 0):
@@ -95,12 +107,7 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
     adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
     policy = bound_policy(adapter, group_reduction=reduction)
     predictor = policy.predictor
-    tensors = prompt_tensors(adapter, 20)
-    for layer, (x, q, k, v) in enumerate(tensors):
-        policy.observe_prefill(layer, x, q, k, v)
-    x_new, k_new = torch.randn(adapter.dims.hidden_size), torch.randn(2, adapter.dims.head_dim)
-    for layer in range(4):
-        policy.observe_decode(layer, 20, x_new, None, k_new, None)
+    tensors, x_new, k_new = prefilled_and_one_decode(policy, adapter)
     torch.testing.assert_close(policy.cache.read(3, 0, 20), predictor.project_keys(3, tensors[3][2]))
     torch.testing.assert_close(policy.cache.read(3, 20, 21)[:, 0], predictor.project_keys(3, k_new.unsqueeze(1))[:, 0])
     candidates = Candidates(lo=2, hi=17, keep=3, position=20)
@@ -164,16 +171,9 @@ def test_a_predictor_that_rotates_by_position_caches_turned_keys_and_turns_its_q
     the producer's queries are turned by the decoded token's position, and the scores are those of
     the predictor computed offline at the same positions."""
     adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
-    policy = TokenButlerPolicy(predictor=predictor_for(adapter, rope_pairs=2))
-    policy.bind(PolicyContext(dims=adapter.dims, capacity=64, device=torch.device("cpu"), dtype=torch.float32,
-                              adapter=adapter, host_store=None, sinks=2, window=4))
+    policy = bound_policy(adapter, rope_pairs=2)
     predictor = policy.predictor
-    tensors = prompt_tensors(adapter, 20)
-    for layer, (x, q, k, v) in enumerate(tensors):
-        policy.observe_prefill(layer, x, q, k, v)
-    x_new, k_new = torch.randn(adapter.dims.hidden_size), torch.randn(2, adapter.dims.head_dim)
-    for layer in range(4):
-        policy.observe_decode(layer, 20, x_new, None, k_new, None)
+    tensors, x_new, k_new = prefilled_and_one_decode(policy, adapter)
     turned = predictor.project_keys(3, tensors[3][2], torch.arange(20))
     assert not torch.allclose(turned, predictor.project_unrotated(3, tensors[3][2]))  # the rotation is real
     torch.testing.assert_close(policy.cache.read(3, 0, 20), turned)

@@ -326,3 +326,26 @@ def test_several_predictors_from_one_teacher_pass_report_what_each_reports_alone
     for name, predictor in (("a", first), ("b", second), ("none", None)):
         assert together[name] == evaluate(predictor, adapter, sequences, rows=16, seed=4)
     assert together["a"]["recall"]["tokenbutler"] != together["b"]["recall"]["tokenbutler"]
+
+
+def test_candidate_distillation_leaves_the_sinks_and_window_out():
+    from offload_engine.predictor.teacher import candidate_distillation_loss, distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    rows, length = torch.tensor([20, 31]), 32
+    logits = torch.randn(3, 2, length, generator=generator)
+    teacher = torch.softmax(torch.randn(3, 2, length, generator=generator).masked_fill(
+        torch.arange(length) > rows.unsqueeze(1), float("-inf")), dim=-1)
+    # no sinks, no window: every causal position is a candidate, the plain cross-entropy
+    torch.testing.assert_close(candidate_distillation_loss(teacher, logits, rows, 0, 0),
+                               distillation_loss(teacher, logits, rows))
+    # the teacher's mass on the sinks and the window, and the student's logits there, do not count
+    moved = teacher.clone()
+    moved[..., :2] *= 5.0  # more teacher mass on the two sinks
+    base = candidate_distillation_loss(teacher, logits, rows, 2, 4)
+    torch.testing.assert_close(candidate_distillation_loss(moved, logits, rows, 2, 4), base)
+    assert not torch.allclose(distillation_loss(moved, logits, rows), distillation_loss(teacher, logits, rows))
+    window_only = logits.clone()
+    for row in range(2):
+        window_only[:, row, int(rows[row]) - 3 :] += 7.0
+    torch.testing.assert_close(candidate_distillation_loss(teacher, window_only, rows, 2, 4), base)

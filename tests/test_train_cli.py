@@ -37,7 +37,7 @@ def test_train_predictor_writes_predictor_checkpoints_and_report(tiny_model_dir,
     assert "held-out recall" in result.output and "% of the model" in result.output
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 3 and config["predictor"]["dim"] == 4 and config["data"]["files"] == 12
-    assert config["predictor"]["rope_pairs"] == 1  # d'/4 by default: the predictor turns by position
+    assert config["predictor"]["rope_pairs"] == 0  # off by default (it lost needles on niah)
     assert (out / "predictor.safetensors").is_file() and (out / "report.json").is_file()
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
     again = train(tiny_model_dir, text_dir, out, "--resume")
@@ -98,7 +98,8 @@ CACHE_SMALL = tuple(w for w in SMALL if w not in ("--steps", "3"))
 def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_paths(tiny_model_dir, text_dir, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
     args = ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py", "--out", str(out),
-            "--teacher-cache", str(cache), "--sequences", "3", "--epochs", "2", *CACHE_SMALL]
+            "--teacher-cache", str(cache), "--sequences", "3", "--epochs", "2", "--rope-pairs", "1",
+            "--candidate-sinks", "2", "--candidate-window", "4", *CACHE_SMALL]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "teacher cache: 3 sequences" in result.output
@@ -106,7 +107,8 @@ def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_path
     assert shards == ["seq-000000.safetensors", "seq-000001.safetensors", "seq-000002.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 6 and config["train"]["teacher_cache"] == config["teacher_cache"]["id"]
-    assert config["predictor"]["rope_pairs"] >= 1  # trained on the teacher's rows recomputed from the cache
+    assert config["predictor"]["rope_pairs"] == 1  # trained on the teacher's rows recomputed from the cache
+    assert config["train"]["candidate_window"] == 4
     manifest = json.loads((cache / "manifest.json").read_text())
     for recorded in (json.dumps(config), json.dumps(manifest)):
         for local in (str(tmp_path), str(tiny_model_dir), "/root", "/work", "/tmp"):

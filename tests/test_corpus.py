@@ -77,11 +77,12 @@ def test_the_held_out_set_of_a_corpus_is_what_training_held_out():
 
 # ------------------------------------------------------------------- how sources take turns
 def _two_sources(tmp_path):
-    """A source of one large file (like the Python reference) and a source of twelve small ones."""
+    """A source of one large file (like the Python reference) and a source of eight small ones (nine
+    files in all: fewer than ten, so no file is held out by a hash of its temporary path)."""
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "reference.txt").write_text("The river runs past the old hill. " * 400)
     (tmp_path / "small").mkdir()
-    for i in range(12):
+    for i in range(8):
         (tmp_path / "small" / f"m{i}.py").write_text(f"def function_{i}(value):\n    return value * {i}\n" * 30)
     return [tmp_path / "big", tmp_path / "small"]
 

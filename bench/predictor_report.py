@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from offload_engine.machine import portable_path
 from offload_engine.models import load_model
 from offload_engine.predictor.checkpoint import load_checkpoint
 from offload_engine.predictor.corpus import resolve_corpus
@@ -104,9 +105,9 @@ def build_report(args) -> dict:
     corpus = resolve_corpus(args.corpus, args.seed) if args.corpus else None
     report = {"provenance": provenance("python -m tbrun_bench.predictor_report"),
               "machine": machine_header(torch.device("cpu")),
-              "predictor": {"path": _portable(args.predictor),
+              "predictor": {"path": portable_path(args.predictor),
                             **{k: config.get(k) for k in ("predictor", "steps", "command", "commit", "data", "train")}},
-              "baseline": _portable(args.baseline) if args.baseline else None,
+              "baseline": portable_path(args.baseline) if args.baseline else None,
               "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}}
     for seq_len, count in parse_lengths(args.lengths):
         if seq_len > adapter.dims.max_positions:
@@ -126,15 +127,6 @@ def build_report(args) -> dict:
                                   mix=args.mix)
         report["interval"] = interval_recall(predictor, adapter, sequences, interval=args.interval, seed=args.seed)
     return report
-
-
-def _portable(path) -> str:
-    """A predictor path as a report records it: relative to the repository when inside it, else its name."""
-    resolved = Path(path).resolve()
-    try:
-        return str(resolved.relative_to(Path(__file__).resolve().parent.parent))
-    except ValueError:
-        return resolved.name
 
 
 def _cell(interval: dict) -> str:

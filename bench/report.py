@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from offload_engine.machine import commit_at_start, cupy_status
+from offload_engine.machine import commit_at_start, cupy_status, portable_word
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 commit_at_start(str(REPO_ROOT))  # the commit the reports name: the one checked out when the run began
@@ -104,24 +104,12 @@ def machine_header(device: torch.device) -> dict:
     return header
 
 
-def portable_arg(arg: str) -> str:
-    """A command-line word as a report records it: an absolute path inside the repository becomes
-    relative to it, any other absolute path its last part (a report never names this machine's folders)."""
-    path = Path(arg)
-    if not path.is_absolute():
-        return arg
-    try:
-        return path.resolve().relative_to(REPO_ROOT.resolve()).as_posix()
-    except ValueError:
-        return path.name
-
-
 def provenance(program: str | None = None) -> dict:
     """The command line (``program`` replaces argv[0], e.g. ``python -m ...``; absolute paths made
     portable), commit and time."""
     program = program or Path(sys.argv[0]).name
     return {
-        "command": " ".join([program, *(shlex.quote(portable_arg(arg)) for arg in sys.argv[1:])]),
+        "command": " ".join([program, *(shlex.quote(portable_word(arg)) for arg in sys.argv[1:])]),
         "commit": commit_at_start(str(REPO_ROOT)),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }

@@ -10,9 +10,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from offload_engine.config import Budget
-from offload_engine.evaluation.harness import EvalConfig, RunPoint, report_path, run_eval, split_policies
+from offload_engine.evaluation.harness import EvalConfig, RunPoint, run_eval, split_policies
 from offload_engine.evaluation.report import MARKDOWN_FILE, main_table
 from offload_engine.evaluation.tasks import TASKS
+from offload_engine.machine import portable_path
 
 from .common import console, err_console, user_errors
 
@@ -87,7 +88,7 @@ def _command_line(ctx: typer.Context) -> str:
         if value is False:
             continue
         flag = max(param.opts, key=len)
-        text = report_path(value) if isinstance(value, Path) or param.name in ("predictor", "model") else str(value)
+        text = portable_path(value) if isinstance(value, Path) or param.name in ("predictor", "model") else str(value)
         words += [flag] if value is True else [flag, text]
     return shlex.join(words)
 

@@ -88,6 +88,7 @@ def train_predictor(
 ) -> None:
     import torch
 
+    from offload_engine.machine import portable_word
     from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
     from offload_engine.predictor.corpus import resolve_corpus
     from offload_engine.predictor.data import MIXES, DataError, TokenSequences, describe_paths, load_sequences
@@ -126,12 +127,12 @@ def train_predictor(
     else:  # a complete cache and no text: train on the cache, no held-out report
         sequences = TokenSequences(torch.empty(0, seq_len, dtype=torch.long), torch.empty(0, seq_len, dtype=torch.long), 0, 0)
     meta = {
-        "model_name": _portable(model) if model else EMBEDDED_MODEL_NAME,
-        "model": _portable(model) if model else "embedded",
+        "model_name": portable_word(model) if model else EMBEDDED_MODEL_NAME,
+        "model": portable_word(model) if model else "embedded",
         "data": {"corpus": resolved.describe() if resolved else [], "paths": describe_paths(data, seed),
                  "files": sequences.files, "mix": mix,
                  "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])},
-        "command": shlex.join(["tbrun", "train-predictor", *map(_portable, sys.argv[sys.argv.index("train-predictor") + 1:])])
+        "command": shlex.join(["tbrun", "train-predictor", *map(portable_word, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
     }
     cache = None
@@ -193,11 +194,6 @@ def _teacher_cache(console: Console, adapter, directory: Path, sequences, config
     cache.check_model(meta["model_name"], shape, config.seq_len)
     console.print(f"teacher cache: {len(cache)} sequences, {cache.bytes_on_disk() / 2**30:.2f} GiB in {directory}")
     return cache
-
-
-def _portable(arg: str) -> str:
-    """A command-line word as a checkpoint records it: an absolute path becomes its last part."""
-    return Path(arg).name if Path(arg).is_absolute() else arg
 
 
 class _progress:

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import psutil
 import torch
@@ -63,6 +64,23 @@ def pinned_memory_status() -> str:
 
 
 REPORT_FOLDERS = ("bench/reports/", "bench/results/")  # written by runs; not the code that runs
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as a report or checkpoint records it, never naming this machine's folders: inside the
+    repository relative to it, any other absolute path by its last part, a relative one as given."""
+    given = Path(path)
+    try:
+        return given.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return given.name if given.is_absolute() else str(path)
+
+
+def portable_word(word: str) -> str:
+    """A command-line word as a recorded command shows it: ``portable_path`` for an absolute path,
+    any other word unchanged."""
+    return portable_path(word) if Path(word).is_absolute() else word
 
 
 def git_commit(cwd: str | None = None) -> str:

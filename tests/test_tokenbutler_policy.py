@@ -265,3 +265,15 @@ def test_random_weights_give_a_predictor_of_the_models_shape_for_timing():
                               adapter=adapter, host_store=None, sinks=2, window=4))
     assert policy.predictor.config.producer_every == 4 and policy.predictor.config.dim == 16
     assert [layer for layer in range(5) if policy.is_producer(layer)] == [0]
+
+
+def test_rotation_stays_exact_when_the_predictor_takes_the_models_dtype():
+    """vLLM casts the predictor to the model's dtype: the rotation's frequencies must stay float64."""
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=3))
+    predictor = predictor_for(adapter, rope_pairs=3)
+    x = torch.randn(adapter.dims.hidden_size)
+    half = predictor.to(torch.bfloat16)
+    got = half.importance_queries(0, x.to(torch.bfloat16), 7000).float()
+    unturned = half.importance_queries(0, x.to(torch.bfloat16), 0).float()
+    assert half._frequencies.dtype == torch.float64
+    torch.testing.assert_close(got, predictor.float().rotate(unturned, 7000), rtol=0.02, atol=0.02)

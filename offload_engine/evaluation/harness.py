@@ -28,12 +28,13 @@ from pathlib import Path
 from ..config import Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context
 from ..engine import Engine, PrefillRecord, resolve_device
 from ..errors import ConfigError
+from ..machine import portable_path  # reports must not name local paths
 from ..memory import parse_dtype
 from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy
 from ..policies.tokenbutler import GROUP_REDUCTIONS, shipped_predictor_for
 from ..predictor.checkpoint import WEIGHTS_NAME
-from .report import PROGRESS_FILE, REPO_ROOT, build_report, check_output_dir, write_report
+from .report import PROGRESS_FILE, build_report, check_output_dir, write_report
 from .scoring import score_forced, score_generation
 from .tasks import Sample, get_task, make_samples, min_prompt_for
 
@@ -176,7 +177,7 @@ class EvalConfig:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data.update(policies=list(self.policies), budgets=[str(b) for b in self.budgets])
         for name in ("model", "predictor"):  # reports name no local path
-            data[name] = report_path(data[name]) if data[name] is not None else None
+            data[name] = portable_path(data[name]) if data[name] is not None else None
         return data
 
 
@@ -218,15 +219,6 @@ def build_engine(adapter: ModelAdapter, config: EvalConfig, point: RunPoint) -> 
     return Engine(adapter, engine_cfg, policy=policy)
 
 
-def report_path(path: Path) -> str:
-    """``path`` relative to the repository when inside it (reports must not name local paths)."""
-    resolved = Path(path).resolve()
-    try:
-        return resolved.relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return Path(path).name if Path(path).is_absolute() else str(path)
-
-
 def predictor_identity(config: EvalConfig, adapter: ModelAdapter) -> dict | None:
     """The tokenbutler predictor a run uses: its path (repository-relative) and the sha256 of its weights."""
     path = Path(config.predictor) if config.predictor is not None else shipped_predictor_for(adapter)
@@ -234,7 +226,7 @@ def predictor_identity(config: EvalConfig, adapter: ModelAdapter) -> dict | None
         return None
     weights = path / WEIGHTS_NAME
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    return {"path": report_path(path), "sha256": digest}
+    return {"path": portable_path(path), "sha256": digest}
 
 
 def tokenbutler_weights_sha(config: EvalConfig, adapter: ModelAdapter) -> str | None:

@@ -138,6 +138,9 @@ class TokenButlerPredictor(nn.Module):
         )
         key_proj = torch.randn(c.num_layers - 1, c.num_kv_heads, c.head_dim, c.dim) / math.sqrt(c.head_dim)
         self.key_proj = nn.Parameter(key_proj)
+        # The rotation's frequencies, once, in float64 (positions up to millions keep their phase); a plain
+        # attribute, not a buffer, so that casting the predictor to the model's dtype leaves them exact.
+        self._frequencies = c.rope_base ** (-torch.arange(c.rope_pairs, dtype=torch.float64) / max(1, c.rope_pairs))
         self._producer_index = {p: i for i, p in enumerate(c.producers)}
 
     def is_producer(self, layer: int) -> bool:
@@ -154,7 +157,9 @@ class TokenButlerPredictor(nn.Module):
         out = out.view(*x.shape[:-1], len(c.consumers(producer)), c.num_heads, c.dim)
         if not c.uses_positions:
             return out
-        return self.rotate(out, self._positions(positions, x.shape[:-1], out.device)[..., None, None])
+        if isinstance(positions, torch.Tensor):
+            positions = positions[..., None, None]  # [...] -> over consumers and heads
+        return self.rotate(out, positions)
 
     def project_keys(self, layer: int, k: torch.Tensor, positions: torch.Tensor | int | None = None) -> torch.Tensor:
         """Real post-RoPE keys k ``[KvH, T, D]`` of consumer ``layer`` -> ``[KvH, T, d']``.
@@ -166,7 +171,7 @@ class TokenButlerPredictor(nn.Module):
             return projected
         if isinstance(positions, int):
             positions = torch.arange(positions, positions + k.shape[-2], device=k.device)
-        return self.rotate(projected, self._positions(positions, k.shape[-2:-1], projected.device))
+        return self.rotate(projected, positions)
 
     def project_unrotated(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """Keys ``[..., D]`` of consumer ``layer`` through its projection, not yet turned by position:
@@ -174,28 +179,27 @@ class TokenButlerPredictor(nn.Module):
         their distance to the query when it scores)."""
         return torch.matmul(k.to(self.key_proj.dtype), self.key_proj[layer - 1])
 
-    def rotate(self, vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def rotate(self, vectors: torch.Tensor, positions: torch.Tensor | int | None) -> torch.Tensor:
         """Rotary position of the predictor's own: the first ``2 r`` of ``d'`` dims, pairs ``(i, i + r)``
         turned by ``position x base^(-i/r)`` (wavelengths from 2 pi to 2 pi base^((r-1)/r) tokens), the
-        rest untouched. vectors ``[..., d']``, positions broadcastable to ``vectors.shape[:-1]``.
+        rest untouched. vectors ``[..., d']``, positions broadcastable to ``vectors.shape[:-1]`` (or one int).
 
         Scores ``q'(p) . k'(t)`` of rotated queries and keys then depend on ``t - p`` in the rotated
         part, so the predictor can prefer recent tokens at any absolute position (the model's own
         RoPE makes its attention relative; a predictor without it learns absolute phases)."""
+        if positions is None:
+            raise ValueError("this predictor rotates by position (rope_pairs > 0): pass the tokens' positions")
         r = self.config.rope_pairs
-        frequencies = self.config.rope_base ** (-torch.arange(r, device=vectors.device, dtype=torch.float64) / r)
-        angles = (positions.to(torch.float64).unsqueeze(-1) * frequencies).to(torch.float32)  # [..., r]
+        if self._frequencies.device != vectors.device:  # moved once per device, not per call
+            self._frequencies = self._frequencies.to(vectors.device)
+        frequencies = self._frequencies
+        if isinstance(positions, int):
+            angles = (positions * frequencies).float()  # [r]
+        else:
+            angles = (positions.to(vectors.device, torch.float64).unsqueeze(-1) * frequencies).float()  # [..., r]
         cos, sin = angles.cos().to(vectors.dtype), angles.sin().to(vectors.dtype)
         first, second, rest = vectors[..., :r], vectors[..., r : 2 * r], vectors[..., 2 * r :]
         return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
-
-    @staticmethod
-    def _positions(positions, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        if positions is None:
-            raise ValueError("this predictor rotates by position (rope_pairs > 0): pass the tokens' positions")
-        if isinstance(positions, int):
-            return torch.full(tuple(shape), positions, device=device, dtype=torch.long)
-        return positions.to(device)
 
     def project_head_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Key-space vectors per query head, e.g. the teacher's mixed keys, ``[H, R, D]`` -> ``[H, R, d']``

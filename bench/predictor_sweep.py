@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from offload_engine.machine import portable_word
 from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
 from offload_engine.predictor import checkpoint as ckpt
 from offload_engine.predictor.corpus import resolve_corpus
@@ -78,7 +79,7 @@ def _model_name(model: str | None) -> str:
     """The model's name as ``tbrun train-predictor`` records it (an absolute path by its last part)."""
     if model is None:
         return EMBEDDED_MODEL_NAME
-    return Path(model).name if Path(model).is_absolute() else model
+    return portable_word(model)
 
 
 def build_report(args) -> dict:

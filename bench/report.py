@@ -19,9 +19,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from offload_engine.machine import commit_at_start, cupy_status, portable_word
+from offload_engine.machine import REPO_ROOT, commit_at_start, cupy_status, portable_word
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 commit_at_start(str(REPO_ROOT))  # the commit the reports name: the one checked out when the run began
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..files import replace_directory
+from ..machine import REPO_ROOT, portable_word
 from ..machine import commit_at_start, describe_machine
 from .scoring import METRIC_LABELS, summarize_points
 from .tasks import get_task
@@ -27,7 +28,6 @@ MARKDOWN_FILE = "report.md"
 PLOT_FILE = "plot.png"
 PROGRESS_FILE = "progress.jsonl"  # an unfinished run's samples (offload_engine.evaluation.harness)
 BREAKDOWN_KEYS = ("variant", "haystack")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 commit_at_start(str(REPO_ROOT))  # the commit the report names: the one checked out when the run began
 
 
@@ -156,7 +156,7 @@ def timing(results: list[dict]) -> dict:
 def model_name(adapter) -> str:
     """The model's hub id, or the folder name of a local model (reports name no local path)."""
     name = str(getattr(adapter.config, "_name_or_path", ""))
-    return Path(name).name if Path(name).is_absolute() else name
+    return portable_word(name)
 
 
 def budget_percent(budget: str, context: int) -> float:

@@ -46,6 +46,9 @@ def train_predictor(
     mix: str = typer.Option("sequences", "--mix", help="How the sources take turns: 'sequences' (each source cut on "
                             "its own, one sequence each in turn) or 'files' (file by file in one stream, the first "
                             "predictors' rule, where one large first file can fill every sequence)."),
+    recall: float = typer.Option(0.0, "--recall", help="Fraction of each training sequence overwritten by copies of "
+                                 "earlier spans of 8-64 tokens, so the teacher shows far, narrow lookups (what a "
+                                 "needle needs) and not only the local attention plain text is full of; 0: off."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
     seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per training sequence."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (one sequence each); default 500. "
@@ -92,6 +95,7 @@ def train_predictor(
     from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
     from offload_engine.predictor.corpus import resolve_corpus
     from offload_engine.predictor.data import MIXES, DataError, TokenSequences, describe_paths, load_sequences
+    from offload_engine.predictor.recall import RecallSpans, add_recall_spans
     from offload_engine.predictor.teacher_cache import DTYPES as CACHE_DTYPES, cache_identity
     from offload_engine.predictor.training import TrainConfig, check_seq_len, train
 
@@ -102,6 +106,7 @@ def train_predictor(
     if mix not in MIXES:
         raise DataError(f"--mix {mix!r} is not one of {', '.join(MIXES)}.")
     resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
+    spans = RecallSpans(fraction=recall)
     steps = _steps(steps, teacher_cache, sequences_count, epochs)
     if cache_only and teacher_cache is None:
         raise DataError("--cache-only builds a --teacher-cache: name its folder.")
@@ -122,6 +127,7 @@ def train_predictor(
         with console.status("reading and tokenizing --data"):
             sequences = load_sequences(data, adapter.tokenizer, seq_len, train_count, held_out, seed, corpus=resolved,
                                        mix=mix)
+            sequences.train = add_recall_spans(sequences.train, spans, seed)[0]  # held-out text stays as written
         console.print(f"data: {sequences.files} files, {sequences.train.shape[0]} training and "
                       f"{sequences.held_out.shape[0]} held-out sequences of {seq_len} tokens")
     else:  # a complete cache and no text: train on the cache, no held-out report
@@ -130,7 +136,7 @@ def train_predictor(
         "model_name": portable_word(model) if model else EMBEDDED_MODEL_NAME,
         "model": portable_word(model) if model else "embedded",
         "data": {"corpus": resolved.describe() if resolved else [], "paths": describe_paths(data, seed),
-                 "files": sequences.files, "mix": mix,
+                 "files": sequences.files, "mix": mix, "recall": spans.describe(),
                  "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])},
         "command": shlex.join(["tbrun", "train-predictor", *map(portable_word, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
@@ -183,8 +189,7 @@ def _teacher_cache(console: Console, adapter, directory: Path, sequences, config
         cache = TeacherCache.open(directory)
         cache.check_model(meta["model_name"], shape, config.seq_len)
         return cache
-    data = {"corpus": meta["data"]["corpus"], "paths": meta["data"]["paths"], "mix": meta["data"]["mix"],
-            "command": meta["command"]}
+    data = {key: meta["data"][key] for key in ("corpus", "paths", "mix", "recall")} | {"command": meta["command"]}
     progress = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:

@@ -27,6 +27,7 @@ from offload_engine.predictor.corpus import resolve_corpus
 from offload_engine.predictor.data import load_held_out
 from offload_engine.predictor.evaluation import evaluate_many
 from offload_engine.predictor.interval_eval import interval_recall
+from offload_engine.predictor.recall import RecallSpans, add_recall_spans
 
 from .report import machine_header, markdown_header, markdown_table, provenance, write_reports
 
@@ -49,11 +50,14 @@ def mean_interval(values: list[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def per_sequence_recall(predictors: dict, adapter, sequences: torch.Tensor, rows: int, seed: int) -> dict[str, dict]:
+def per_sequence_recall(predictors: dict, adapter, sequences: torch.Tensor, rows: int, seed: int,
+                        row_pool: torch.Tensor | None = None) -> dict[str, dict]:
     """``evaluate_many`` on each sequence alone (one teacher pass for every predictor), merged per
     predictor: the usual report (means over sequences, which are the means over all rows since every
-    sequence has as many) plus ``interval[method][budget]`` over sequences."""
-    per_sequence = [evaluate_many(predictors, adapter, ids.unsqueeze(0), rows=rows, seed=seed + i)
+    sequence has as many) plus ``interval[method][budget]`` over sequences. ``row_pool`` ``[M, T]``:
+    query rows only where it is True."""
+    per_sequence = [evaluate_many(predictors, adapter, ids.unsqueeze(0), rows=rows, seed=seed + i,
+                                  row_pool=None if row_pool is None else row_pool[i : i + 1])
                     for i, ids in enumerate(sequences)]
     return {name: _merge([results[name] for results in per_sequence]) for name in predictors}
 
@@ -108,7 +112,7 @@ def build_report(args) -> dict:
               "predictor": {"path": portable_path(args.predictor),
                             **{k: config.get(k) for k in ("predictor", "steps", "command", "commit", "data", "train")}},
               "baseline": portable_path(args.baseline) if args.baseline else None,
-              "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}}
+              "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}, "lookups": args.lookups}
     for seq_len, count in parse_lengths(args.lengths):
         if seq_len > adapter.dims.max_positions:
             continue
@@ -120,6 +124,12 @@ def build_report(args) -> dict:
         report["recall"][label] = results["predictor"]
         if baseline is not None:
             report["baseline_recall"][label] = results["baseline"]
+        if args.lookups > 0:
+            copied_text, copied = add_recall_spans(sequences, RecallSpans(fraction=args.lookups), seed=args.seed + 1)
+            lookups = per_sequence_recall(predictors, adapter, copied_text, args.rows, args.seed, row_pool=copied)
+            report.setdefault("lookup_recall", {})[label] = lookups["predictor"]
+            if baseline is not None:
+                report.setdefault("baseline_lookup_recall", {})[label] = lookups["baseline"]
         print(f"recall at {label} done", flush=True)
     if args.interval > 1:
         seq_len, count = parse_lengths(args.lengths)[0]
@@ -135,19 +145,21 @@ def _cell(interval: dict) -> str:
     return f"{interval['mean']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
 
 
-def headline(report: dict) -> list[str]:
-    """One table: recall at 10% with its 95% interval, per context length and method."""
-    lengths = list(report["recall"])
+def headline(report: dict, key: str = "recall", rows_are: str = "") -> list[str]:
+    """One table: recall at 10% with its 95% interval, per context length and method, from
+    ``report[key]`` (and the baseline's ``report["baseline_" + key]``)."""
+    lengths = list(report[key])
     rows = []
     for method in HEADLINE_METHODS:
-        rows.append([method, *(_cell(report["recall"][n]["interval"][method][HEADLINE_BUDGET]) for n in lengths)])
+        rows.append([method, *(_cell(report[key][n]["interval"][method][HEADLINE_BUDGET]) for n in lengths)])
+    baseline = report.get(f"baseline_{key}")
     for n_label, source in (("baseline tokenbutler", "tokenbutler"), ("baseline tokenbutler_engine", "tokenbutler_engine")):
-        if report.get("baseline_recall"):
+        if baseline:
             rows.append([f"{n_label} (`{report['baseline']}`)",
-                         *(_cell(report["baseline_recall"][n]["interval"][source][HEADLINE_BUDGET])
-                           if n in report["baseline_recall"] else "-" for n in lengths)])
-    counts = ", ".join(f"{report['recall'][n]['sequences']} at {n}" for n in lengths)
-    return [f"## Recall at {HEADLINE_BUDGET}, mean [95% interval over held-out sequences: {counts}]", "",
+                         *(_cell(baseline[n]["interval"][source][HEADLINE_BUDGET]) if n in baseline else "-"
+                           for n in lengths)])
+    counts = ", ".join(f"{report[key][n]['sequences']} at {n}" for n in lengths)
+    return [f"## Recall at {HEADLINE_BUDGET}{rows_are}, mean [95% interval over held-out sequences: {counts}]", "",
             markdown_table(["method", *(f"{n} tokens" for n in lengths)], rows), ""]
 
 
@@ -160,6 +172,12 @@ def to_markdown(report: dict) -> str:
               f"({o['compact_cache_percent_of_kv_bytes_int8']}% with int8 keys). Trained with "
               f"`{report['predictor'].get('command')}`.", ""]
     parts += headline(report)
+    if report.get("lookup_recall"):
+        parts += headline(report, "lookup_recall", ", lookup rows only")
+        parts += [f"Lookup rows: the held-out text with {report['lookups']:.0%} of each sequence overwritten by copies of earlier "
+                  "spans (train-predictor --recall's rule, other spans), query rows drawn only from the copies: "
+                  "rows whose model looks far back for one earlier passage, as an answer to a needle does. "
+                  "Ordinary rows put most attention near the query, where the window keeps it anyway.", ""]
     for label, result in report["recall"].items():
         budgets = result["budgets"]
         shifted = ""
@@ -198,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", default="1024:16,4096:4,8192:2", help="LENGTH:SEQUENCES,... held-out contexts")
     parser.add_argument("--rows", type=int, default=64, help="query rows per sequence")
     parser.add_argument("--interval", type=int, default=8, help="interval study length (1: skip)")
+    parser.add_argument("--lookups", type=float, default=0.25, help="also judge lookups: copy this fraction of each "
+                        "held-out sequence to later places (train-predictor --recall's rule, other spans) and draw "
+                        "rows only from the copies; 0: skip")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="report path without extension")
     args = parser.parse_args(argv)

@@ -328,6 +328,31 @@ def test_several_predictors_from_one_teacher_pass_report_what_each_reports_alone
     assert together["a"]["recall"]["tokenbutler"] != together["b"]["recall"]["tokenbutler"]
 
 
+def test_a_row_pool_restricts_the_query_rows_to_it():
+    from offload_engine.predictor.evaluation import evaluate_many, sample_rows_from
+    from offload_engine.predictor.teacher import sample_rows
+
+    adapter = peaked_adapter("qwen2")
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 2, 8, 32))
+    sequences = random_sequences(1, 96, seed=9)
+    free = evaluate_many({"p": predictor}, adapter, sequences, rows=16, seed=4)["p"]
+    drawn = sample_rows(96, 16, torch.Generator().manual_seed(4))  # the rows the free draw used
+    pool = torch.zeros(1, 96, dtype=torch.bool)
+    pool[0, drawn] = True
+    pooled = evaluate_many({"p": predictor}, adapter, sequences, rows=64, seed=4, row_pool=pool)["p"]
+    assert pooled["rows_per_sequence"] == 64 and free["rows_per_sequence"] == 17
+    for method in ("tokenbutler", "oracle_group", "streaming"):
+        assert pooled["recall"][method] == free["recall"][method]
+    other = pool.clone()
+    other[0, drawn[:-1]] = False
+    other[0, 40:48] = True
+    assert evaluate_many({"p": predictor}, adapter, sequences, rows=64, seed=4, row_pool=other)["p"]["recall"] \
+        != pooled["recall"]
+    picked = sample_rows_from(other[0], 5, torch.Generator().manual_seed(0))
+    assert picked.numel() == 5 and bool(other[0, picked].all()) and torch.equal(picked, picked.sort().values)
+
+
 def test_candidate_distillation_leaves_the_sinks_and_window_out():
     from offload_engine.predictor.teacher import candidate_distillation_loss, distillation_loss
 

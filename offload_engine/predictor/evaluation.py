@@ -151,17 +151,35 @@ def evaluate_many(
     budgets: tuple[float, ...] = BUDGETS,
     seed: int = 0,
     offset: int = 0,
+    row_pool: torch.Tensor | None = None,
 ) -> dict[str, dict]:
     """``evaluate`` for several predictors from one teacher pass per sequence: ``{name: report}``,
     each report the same as ``evaluate`` of that predictor alone (every predictor draws its rows and
-    random baseline from its own generator, seeded alike)."""
+    random baseline from its own generator, seeded alike).
+
+    ``row_pool`` ``[M, T]`` bool: draw each sequence's query rows only where it is True (for example
+    the copies ``recall.add_recall_spans`` wrote, to measure lookups apart from ordinary rows).
+    """
     generators = {name: torch.Generator().manual_seed(seed) for name in predictors}
     tallies = {name: _Tally() for name in predictors}
-    for ids in sequences:
-        row_index = [sample_rows(ids.shape[0], rows, generators[name]) for name in predictors][0]
+    for index, ids in enumerate(sequences):
+        draw = (lambda g: sample_rows(ids.shape[0], rows, g)) if row_pool is None else \
+            (lambda g: sample_rows_from(row_pool[index], rows, g))
+        row_index = [draw(generators[name]) for name in predictors][0]
+        if row_index.numel() == 0:
+            continue
         _evaluate_sequence(predictors, adapter, ids.unsqueeze(0), row_index, budgets, generators, tallies, offset)
-    return {name: _report(tallies[name], predictor, sequences, rows, budgets, adapter.dims.num_layers)
+    drawn = rows + 1 if row_pool is None else rows  # sample_rows adds the last row
+    return {name: _report(tallies[name], predictor, sequences, drawn, budgets, adapter.dims.num_layers)
             for name, predictor in predictors.items()}
+
+
+def sample_rows_from(pool: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to ``count`` of the positions where ``pool`` ``[T]`` bool is True, sorted ``[R]`` long."""
+    positions = pool.nonzero().flatten()
+    if count < positions.numel():
+        positions = positions[torch.randperm(positions.numel(), generator=generator)[:count]]
+    return positions.sort().values
 
 
 def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tallies, offset=0) -> None:
@@ -193,7 +211,7 @@ def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tall
                     tally.add(("per_layer", method, fraction, layer), value)
 
 
-def _report(tally: _Tally, predictor, sequences, rows, budgets, num_layers) -> dict:
+def _report(tally: _Tally, predictor, sequences, rows_per_sequence, budgets, num_layers) -> dict:
     methods = [m for m in METHODS if ("consumers", m, budgets[0]) in tally.sums]
     table = {m: {_label(b): tally.mean(("consumers", m, b)) for b in budgets} for m in methods}
     layer0 = {m: {_label(b): tally.mean(("layer0", m, b)) for b in budgets} for m in ("oracle_mass", "streaming", "random")}
@@ -206,7 +224,7 @@ def _report(tally: _Tally, predictor, sequences, rows, budgets, num_layers) -> d
     return {
         "sequences": int(sequences.shape[0]),
         "seq_len": int(sequences.shape[1]),
-        "rows_per_sequence": rows + 1,
+        "rows_per_sequence": rows_per_sequence,
         "budgets": [_label(b) for b in budgets],
         "loss": tally.mean(("loss",)) if ("loss",) in tally.sums else math.nan,
         "recall": table,

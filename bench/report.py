@@ -44,6 +44,19 @@ def summarize_ms(values: list[float]) -> dict[str, float]:
     }
 
 
+def time_alternating(methods: dict, calls: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Time zero-argument ``methods`` call by call in turn (so load from other processes hits them
+    alike): ``{name: summarize_ms(times of the calls after the warm-up)}``."""
+    times = {name: [] for name in methods}
+    for call in range(warmup + calls):
+        for name, method in methods.items():
+            began = time.perf_counter()
+            method()
+            if call >= warmup:
+                times[name].append(1000 * (time.perf_counter() - began))
+    return {name: summarize_ms(values) for name, values in times.items()}
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform reports."""
     try:

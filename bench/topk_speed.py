@@ -13,14 +13,13 @@ Writes ``OUT.json`` and ``OUT.md`` with the machine, command and commit.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from offload_engine.selection.ranking import topk_unsorted
 
-from .report import machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_reports
+from .report import machine_header, markdown_header, markdown_table, provenance, time_alternating, write_reports
 
 CASES = [(12, 8192, 820), (12, 16384, 1024), (12, 32768, 2048), (12, 32768, 3277), (12, 131072, 2048),
          (32, 32768, 2048), (32, 131072, 2048)]
@@ -32,15 +31,9 @@ def measure(args) -> dict:
     rows = []
     for count, n, keep in CASES:
         scores = torch.softmax(3 * torch.randn(count, n, generator=generator), dim=-1)
-        plain, sampled = [], []
-        for call in range(args.warmup + args.calls):
-            for method, out in ((lambda: torch.topk(scores, keep, dim=-1, sorted=False), plain),
-                                (lambda: topk_unsorted(scores, keep), sampled)):
-                began = time.perf_counter()
-                method()
-                if call >= args.warmup:
-                    out.append(1000 * (time.perf_counter() - began))
-        plain_ms, sampled_ms = summarize_ms(plain), summarize_ms(sampled)
+        timed = time_alternating({"plain": lambda: torch.topk(scores, keep, dim=-1, sorted=False),
+                                  "sampled": lambda: topk_unsorted(scores, keep)}, args.calls, args.warmup)
+        plain_ms, sampled_ms = timed["plain"], timed["sampled"]
         rows.append({"rows": count, "candidates": n, "keep": keep, "torch_topk": plain_ms, "sampled": sampled_ms,
                      "ratio": sampled_ms["median_ms"] / plain_ms["median_ms"]})
         print(f"{count} x {n}, keep {keep}: torch.topk {plain_ms['median_ms']:.2f} ms, sampled "

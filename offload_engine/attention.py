@@ -133,9 +133,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     """One query token over gathered KV.
 
     q ``[H, D]``; k, v ``[KvH, N, D]``; valid ``[KvH, N]`` bool or None (all valid) -> ``[H, D]``.
-    Without a mask (dense modes) GQA runs on the flash kernel. With one (sparse mode), flash does
-    not apply and the memory-efficient kernel has no GQA: the KV groups are expanded first (N is
-    the small working set) so the sparse mode gets a fused kernel too, not the math path.
+    On CPU ``grouped_decode_attention``, elsewhere ``fused_decode_attention``.
+    """
+    if q.device.type == "cpu":
+        return grouped_decode_attention(q, k, v, valid, scaling)
+    return fused_decode_attention(q, k, v, valid, scaling)
+
+
+def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                           scaling: float) -> torch.Tensor:
+    """``decode_attention`` on PyTorch's fused kernels (the CUDA path). Without a mask (dense modes)
+    GQA runs on the flash kernel. With one (sparse mode), flash does not apply and the
+    memory-efficient kernel has no GQA: the KV groups are expanded first (N is the small working
+    set) so the sparse mode gets a fused kernel too, not the math path.
     """
     heads, kv_heads = q.shape[0], k.shape[0]
     mask = None
@@ -151,8 +161,26 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     return out.view(heads, -1)
 
 
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                             scaling: float) -> torch.Tensor:
+    """``decode_attention`` as two batched matmuls over the KV groups, the form the CPU runs fastest.
+
+    q ``[H, D]``; k, v ``[KvH, N, D]``; valid ``[KvH, N]`` or None -> ``[H, D]``. Each KV head's keys
+    are read once for its whole group of query heads and nothing is expanded; scores ``[KvH, G, N]``
+    are one query's, small. On one CPU thread this takes 0.6x the time of PyTorch's fused kernel at
+    8k-32k tokens (``bench/reports/decode_attention_cpu.md``); softmax runs in float32.
+    """
+    heads, kv_heads = q.shape[0], k.shape[0]
+    grouped = q.view(kv_heads, heads // kv_heads, q.shape[-1]).to(k.dtype)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float().mul_(scaling)  # [KvH, G, N]
+    if valid is not None:
+        scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).view(heads, v.shape[-1])
+
+
 def expand_groups_for_masked_decode(device: torch.device) -> bool:
-    """Whether masked decode attention expands KV groups: on CUDA (see ``decode_attention``)."""
+    """Whether masked decode attention expands KV groups: on CUDA (see ``fused_decode_attention``)."""
     return device.type == "cuda"
 
 

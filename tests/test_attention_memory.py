@@ -89,9 +89,28 @@ def test_cuda_kernel_checks_run_with_this_torch():
 
 
 def test_masked_decode_with_expanded_groups_equals_gqa(monkeypatch):
+    """The CUDA path's fused kernels, run on CPU tensors: expanding the KV groups changes nothing."""
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(8, 16, generator=g), torch.randn(2, 11, 16, generator=g), torch.randn(2, 11, 16, generator=g)
     valid = torch.rand(2, 11, generator=g) > 0.3
-    grouped = decode_attention(q, k, v, valid, 0.25)
+    grouped = attention.fused_decode_attention(q, k, v, valid, 0.25)
     monkeypatch.setattr(attention, "expand_groups_for_masked_decode", lambda device: True)
-    torch.testing.assert_close(decode_attention(q, k, v, valid, 0.25), grouped, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(attention.fused_decode_attention(q, k, v, valid, 0.25), grouped, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_cpu_grouped_decode_equals_the_fused_kernel(dtype, masked, kv_heads):
+    """What the CPU runs (two grouped matmuls) against PyTorch's attention, every GQA shape."""
+    g = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(8, 32, generator=g).to(dtype)
+    k, v = (torch.randn(kv_heads, 300, 32, generator=g).to(dtype) for _ in range(2))
+    valid = (torch.rand(kv_heads, 300, generator=g) > 0.5) if masked else None
+    if valid is not None:
+        valid[:, 0] = True
+    expected = attention.fused_decode_attention(q.float(), k.float(), v.float(), valid, 0.2)
+    got = decode_attention(q, k, v, valid, 0.2)
+    assert got.dtype == dtype and got.shape == (8, 32)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)

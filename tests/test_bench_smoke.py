@@ -185,6 +185,18 @@ def test_topk_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
     assert "sampled ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
 
 
+def test_attention_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
+    from tbrun_bench import attention_speed
+
+    monkeypatch.setattr(attention_speed, "SHAPES", {"tiny": (4, 2, 8)})
+    monkeypatch.setattr(attention_speed, "LENGTHS", (64, 96))
+    attention_speed.main(["--calls", "2", "--warmup", "0", "--out", str(tmp_path / "attention")])
+    report = json.loads((tmp_path / "attention.json").read_text())
+    assert [(c["tokens"], c["masked"]) for c in report["cases"]] == [(64, True), (64, False), (96, True), (96, False)]
+    assert all(c["fused"]["steps"] == 2 and c["grouped"]["steps"] == 2 and c["ratio"] > 0 for c in report["cases"])
+    assert "grouped ms" in (tmp_path / "attention.md").read_text() and "commit" in report["provenance"]
+
+
 def test_report_commands_name_no_folder_of_this_machine(monkeypatch, tmp_path):
     from tbrun_bench import report
 

@@ -167,8 +167,8 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     q ``[H, D]``; k, v ``[KvH, N, D]``; valid ``[KvH, N]`` or None -> ``[H, D]``. Each KV head's keys
     are read once for its whole group of query heads and nothing is expanded; scores ``[KvH, G, N]``
-    are one query's, small. On one CPU thread this takes 0.6x the time of PyTorch's fused kernel at
-    8k-32k tokens (``bench/reports/decode_attention_cpu.md``); softmax runs in float32.
+    are one query's, small. On one CPU thread this takes 0.4-0.6x the time of PyTorch's fused kernel
+    at 8k-32k tokens, 0.6-0.9x at 2k (``bench/reports/decode_attention_cpu.md``); softmax runs in float32.
     """
     heads, kv_heads = q.shape[0], k.shape[0]
     grouped = q.view(kv_heads, heads // kv_heads, q.shape[-1]).to(k.dtype)

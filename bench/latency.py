@@ -57,6 +57,7 @@ class LatencySettings:
     seed: int = 0
     synthetic_kv: bool = False  # fill the KV with random values instead of running the prefill
     repeats: int = 1  # rounds over every variant of a context; each row keeps its fastest round
+    predictor_shape: str = "4:512:16"  # G:I:d' of tokenbutler's random-weight predictor (the reference sizes)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in DENSE_MODES and not m.endswith("-offload")]
@@ -66,6 +67,7 @@ class LatencySettings:
             raise ConfigError("--decode-steps must be >= 1 and --warmup >= 0.")
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}.")
+        parse_predictor_shape(self.predictor_shape)
         if not self.contexts or not self.intervals or not self.neighbors:
             raise ConfigError("--contexts, --interval and --neighbors each need at least one value.")
         steps = self.new_tokens
@@ -115,14 +117,40 @@ def synthetic_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
 
-def build_policy_for(variant: Variant, adapter):
+def parse_predictor_shape(text: str) -> tuple[int, int, int]:
+    """``"G:I:D"`` -> (producer every G layers, hidden width I, d' = D), each >= 1."""
+    try:
+        every, hidden, dim = (int(part) for part in text.split(":"))
+    except ValueError:
+        every = hidden = dim = 0
+    if min(every, hidden, dim) < 1:
+        raise ConfigError(f"--predictor-shape {text!r}: write G:I:D (a producer every G layers, hidden width I, "
+                          "d' = D), e.g. 4:512:16 (the reference sizes) or 2:128:16 (the shipped SmolLM2 predictor).")
+    return every, hidden, dim
+
+
+def random_predictor(dims, shape: str):
+    """A seeded random-weight predictor of the model's shape and ``shape`` ``"G:I:D"``: its selections mean
+    nothing, its cost is the shipped one's when the sizes match."""
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+    every, hidden, dim = parse_predictor_shape(shape)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        return TokenButlerPredictor(PredictorConfig.for_model(dims, every, dim, hidden)).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16"):
     """The policy object of a sparse variant, or ``PolicyUnavailable`` with the reason."""
     from offload_engine.policies import POLICIES, build_policy
 
     name = variant.policy
     if name not in POLICIES:
         raise PolicyUnavailable(f"offload_engine.policies has no {name!r} policy in this checkout")
-    options = {"random_weights": True} if name == "tokenbutler" else {}  # a predictor of the model's shape
+    options = {"predictor": random_predictor(adapter.dims, predictor_shape)} if name == "tokenbutler" else {}
     try:
         return build_policy(name, **options)
     except (TypeError, TbrunError) as exc:
@@ -149,7 +177,7 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
            "neighbors": variant.neighbors, "status": "ok", "reason": ""}
     device = torch.device(settings.device)
     try:
-        policy = build_policy_for(variant, adapter) if variant.policy else None
+        policy = build_policy_for(variant, adapter, settings.predictor_shape) if variant.policy else None
         config = engine_config(variant, context, settings)
         engine = Engine(adapter, config, policy=policy, gather_method=settings.gather_method)
         if device.type == "cuda":
@@ -221,17 +249,18 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
         dense = 1 if variant.policy == "tokenbutler" else 0  # tokenbutler keeps layer 0 whole
         attended = min(context, settings.budget * (2 if variant.neighbors else 1))
         kv_read = per_token_layer * ((dims.num_layers - dense) * attended + dense * context)
-    scoring = policy_metadata_bytes(variant.policy, dims, context, element) / (variant.interval or 1)
+    dim = parse_predictor_shape(settings.predictor_shape)[2]
+    scoring = policy_metadata_bytes(variant.policy, dims, context, element, dim) / (variant.interval or 1)
     floor = weights + kv_read + cpu_copies + scoring
     rate = read_gbps(settings.device)
     return {"floor_bytes_per_step": floor, "floor_ms": floor / (rate * 1e9) * 1000.0, "memory_read_gbps": rate,
             "scoring_bytes_per_step": scoring}
 
 
-def policy_metadata_bytes(policy: str | None, dims, context: int, element: int) -> float:
+def policy_metadata_bytes(policy: str | None, dims, context: int, element: int, dim: int = 16) -> float:
     """Per-step reads of a policy's scoring state over the whole context."""
-    if policy == "tokenbutler":  # projected keys of layers 1..L-1, d' = 16 in the reference sizes
-        return (dims.num_layers - 1) * dims.num_kv_heads * context * 16 * element
+    if policy == "tokenbutler":  # projected keys of layers 1..L-1 (d' = 16 in the reference and shipped sizes)
+        return (dims.num_layers - 1) * dims.num_kv_heads * context * dim * element
     if policy == "quest":  # per-page min and max keys, pages of 16
         return dims.num_layers * dims.num_kv_heads * (context / 16) * 2 * dims.head_dim * element
     return 0.0
@@ -358,7 +387,7 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
     }
 
 
-SAME_SETUP = ("arch", "model", "device", "budget", "decode_steps", "warmup", "gather_method")
+SAME_SETUP = ("arch", "model", "device", "budget", "decode_steps", "warmup", "gather_method", "predictor_shape")
 
 
 def previous_report(path: Path, settings: LatencySettings) -> tuple[list[dict], list[dict]]:

@@ -56,12 +56,14 @@ def to_markdown(report: dict) -> str:
     """Header, settings, then one table per context."""
     s, peaks = report["settings"], report["pinned_memcpy_peak_gbps"]
     model = s["model"] or f"{s['arch']} (random weights)"
+    shape = s.get("predictor_shape", "4:512:16").split(":")  # reports before the option: the reference sizes
     peak_text = ("not measured (no CUDA)" if peaks["before"] is None
                  else f"{fmt(peaks['before'])} GB/s before, {fmt(peaks['after'])} GB/s after the modes ran "
                       "(latest run; % of peak uses the larger)")
     lines = [
         markdown_header("Decode latency per step: tbrun modes side by side", report), "",
-        f"Model {model}, {s['dtype']}; budget {s['budget']} tokens per (layer, KV head); "
+        f"Model {model}, {s['dtype']}; budget {s['budget']} tokens per (layer, KV head); tokenbutler's predictor "
+        f"(random weights) a producer every {shape[0]} layers, hidden width {shape[1]}, d' {shape[2]}; "
         f"{s['warmup']} warm-up steps excluded, {s['decode_steps']} timed steps per mode; the prompt fills the "
         f"context less the {s['new_tokens_per_run']} new tokens. Pinned host-to-device memcpy peak: {peak_text}.",
         "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tbrun_bench.archs import arch_config, arch_names, build_random_model
@@ -80,10 +81,12 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
         "bench", "latency", "--arch", "tiny-llama", "--contexts", "512", "--budget", "96", "--decode-steps", "2",
         "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--repeats", "2", "--interval", "1",
         "--neighbors", "off", "--modes", "dense-gpu,tokenbutler-offload,streaming-offload", "--out", str(out),
+        "--predictor-shape", "2:32:8",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "latency-tiny-llama-cpu.json").read_text())
     assert report["settings"]["synthetic_kv"] and report["settings"]["repeats"] == 2
+    assert report["settings"]["predictor_shape"] == "2:32:8"
     rows = {row["mode"]: row for row in report["rows"]}
     assert set(rows) == {"dense-gpu", "tokenbutler-offload", "streaming-offload"}
     for row in rows.values():
@@ -95,6 +98,7 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
     assert rows["dense-gpu"]["breakdown"]["selection"]["ms_per_step"] == 0
     markdown = (out / "latency-tiny-llama-cpu.md").read_text()
     assert "| mode | selection | copy | wait | attention | rest |" in markdown and "synthetic-kv" in markdown
+    assert "a producer every 2 layers, hidden width 32, d' 8" in markdown
 
 
 def test_latency_cli_refuses_bad_options_clearly(tmp_path):
@@ -104,6 +108,19 @@ def test_latency_cli_refuses_bad_options_clearly(tmp_path):
     result = runner.invoke(app, ["bench", "latency", "--arch", "tiny-llama", "--neighbors", "maybe",
                                  "--device", "cpu", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--neighbors" in result.output
+    result = runner.invoke(app, ["bench", "latency", "--arch", "tiny-llama", "--predictor-shape", "2:128",
+                                 "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--predictor-shape" in result.output and "G:I:D" in result.output
+
+
+def test_the_random_predictor_has_the_asked_sizes():
+    from tbrun_bench.latency import random_predictor
+
+    adapter = build_random_model("tiny-llama", device="cpu")
+    predictor = random_predictor(adapter.dims, "2:32:8")
+    assert (predictor.config.producer_every, predictor.config.hidden, predictor.config.dim) == (2, 32, 8)
+    again = random_predictor(adapter.dims, "2:32:8")
+    assert all(torch.equal(a, b) for a, b in zip(predictor.parameters(), again.parameters()))  # seeded
 
 
 def test_gather_cli_times_the_cpu_method(tmp_path):

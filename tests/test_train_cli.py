@@ -84,6 +84,7 @@ def test_a_corpus_run_records_sources_by_name_version_and_hash_and_no_local_path
     (("--corpus", "stdlib:json/*.nothing"), "matches no text files"),
     (("--corpus", "not-a-spec"), "is not PACKAGE:GLOB"),
     ((), "give training text"),
+    (("--corpus", "stdlib:json/*.py", "--recall", "0.7"), "--recall 0.7 must be between 0 (off) and 0.5"),
 ])
 def test_bad_corpus_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, extra, message):
     result = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--out", str(tmp_path / "o"), *SMALL,
@@ -109,6 +110,7 @@ def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_path
     assert config["steps"] == 6 and config["train"]["teacher_cache"] == config["teacher_cache"]["id"]
     assert config["predictor"]["rope_pairs"] == 1  # trained on the teacher's rows recomputed from the cache
     assert config["train"]["candidate_window"] == 4
+    assert config["data"]["recall"] == {"fraction": 0.0, "min_span": 8, "max_span": 64}
     manifest = json.loads((cache / "manifest.json").read_text())
     for recorded in (json.dumps(config), json.dumps(manifest)):
         for local in (str(tmp_path), str(tiny_model_dir), "/root", "/work", "/tmp"):
@@ -123,6 +125,7 @@ def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_path
     (("--steps", "5"), "drop --steps"),
     (("--seq-len", "48"), "holds sequences of 32 tokens, not --seq-len 48"),
     (("--cache-dtype", "int4"), "--cache-dtype 'int4' is not one of"),
+    (("--data", "TEXT", "--recall", "0.25"), "--recall or --seed): choose another --teacher-cache folder"),
 ])
 def test_bad_teacher_cache_use_is_refused_with_exit_code_2(tiny_model_dir, text_dir, tmp_path, extra, message):
     cache = tmp_path / "cache"
@@ -133,6 +136,7 @@ def test_bad_teacher_cache_use_is_refused_with_exit_code_2(tiny_model_dir, text_
     if "--seq-len" in extra:
         small[small.index("--seq-len") + 1] = extra[1]
         extra = ()
+    extra = tuple(str(text_dir) if word == "TEXT" else word for word in extra)
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "second"), *small, *extra])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())

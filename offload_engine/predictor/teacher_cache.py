@@ -168,7 +168,7 @@ def _claim(out: Path, manifest: dict) -> None:
         other_text = found.get("sequences_sha256", manifest["sequences_sha256"]) != manifest["sequences_sha256"]
         if other_text:
             raise TeacherCacheError(
-                f"{out} holds a teacher cache built from other training text (another --corpus, --data, --mix or "
+                f"{out} holds a teacher cache built from other training text (another --corpus, --data, --mix, --recall or "
                 "--seed): choose another --teacher-cache folder, or delete that one to rebuild it."
             )
         if found.get("spec") != manifest["spec"] or found.get("sequences") != manifest["sequences"]:

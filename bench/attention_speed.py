@@ -13,14 +13,12 @@ Writes ``OUT.json`` and ``OUT.md`` with the machine, command and commit.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 from offload_engine.attention import fused_decode_attention, grouped_decode_attention
 
-from .report import machine_header, markdown_header, markdown_table, provenance, time_alternating, write_reports
+from .report import (machine_header, markdown_header, markdown_table, micro_benchmark_main, provenance,
+                     time_alternating)
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.1-8b": (32, 8, 128)}
 LENGTHS = (2048, 8192, 32768)
@@ -66,14 +64,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", required=True, type=Path, help="report path without extension")
-    args = parser.parse_args(argv)
-    report = measure(args)
-    write_reports(args.out, report, to_markdown(report))
+    micro_benchmark_main(argv, __doc__, measure, to_markdown, calls=30)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,21 @@ def time_alternating(methods: dict, calls: int, warmup: int) -> dict[str, dict[s
     return {name: summarize_ms(values) for name, values in times.items()}
 
 
+def micro_benchmark_main(argv: list[str] | None, doc: str, measure, to_markdown, calls: int) -> None:
+    """The command line of a one-thread micro-benchmark module: ``--threads --calls --warmup --out``;
+    runs ``measure(args)`` and writes ``OUT.json`` and ``OUT.md`` (``to_markdown(report)``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=calls)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", required=True, type=Path, help="report path without extension")
+    args = parser.parse_args(argv)
+    report = measure(args)
+    write_reports(args.out, report, to_markdown(report))
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform reports."""
     try:

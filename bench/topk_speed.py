@@ -12,14 +12,12 @@ Writes ``OUT.json`` and ``OUT.md`` with the machine, command and commit.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 from offload_engine.selection.ranking import topk_unsorted
 
-from .report import machine_header, markdown_header, markdown_table, provenance, time_alternating, write_reports
+from .report import (machine_header, markdown_header, markdown_table, micro_benchmark_main, provenance,
+                     time_alternating)
 
 CASES = [(12, 8192, 820), (12, 16384, 1024), (12, 32768, 2048), (12, 32768, 3277), (12, 131072, 2048),
          (32, 32768, 2048), (32, 131072, 2048)]
@@ -58,14 +56,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", required=True, type=Path, help="report path without extension")
-    args = parser.parse_args(argv)
-    report = measure(args)
-    write_reports(args.out, report, to_markdown(report))
+    micro_benchmark_main(argv, __doc__, measure, to_markdown, calls=40)
 
 
 if __name__ == "__main__":

@@ -132,15 +132,10 @@ def parse_predictor_shape(text: str) -> tuple[int, int, int]:
 def random_predictor(dims, shape: str):
     """A seeded random-weight predictor of the model's shape and ``shape`` ``"G:I:D"``: its selections mean
     nothing, its cost is the shipped one's when the sizes match."""
-    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+    from offload_engine.predictor.network import PredictorConfig, seeded_random_predictor
 
     every, hidden, dim = parse_predictor_shape(shape)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        return TokenButlerPredictor(PredictorConfig.for_model(dims, every, dim, hidden)).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
+    return seeded_random_predictor(PredictorConfig.for_model(dims, every, dim, hidden)).eval()
 
 
 def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16"):

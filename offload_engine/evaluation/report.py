@@ -18,8 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..files import replace_directory
-from ..machine import REPO_ROOT, portable_word
-from ..machine import commit_at_start, describe_machine
+from ..machine import REPO_ROOT, commit_at_start, describe_machine, portable_word
 from .scoring import METRIC_LABELS, summarize_points
 from .tasks import get_task
 

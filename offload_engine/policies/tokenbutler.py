@@ -24,7 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
 from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint
-from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys
+from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "int8")
@@ -130,11 +130,7 @@ class TokenButlerPolicy(Policy):
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
         if self.random_weights:
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(0)
-            predictor = TokenButlerPredictor(PredictorConfig.for_model(ctx.dims))
-            torch.random.set_rng_state(generator_state)
-            return predictor
+            return seeded_random_predictor(PredictorConfig.for_model(ctx.dims))
         path = self.predictor_path
         if path is None:
             shipped = shipped_predictor_for(ctx.adapter)

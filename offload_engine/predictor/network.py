@@ -228,6 +228,17 @@ class TokenButlerPredictor(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def seeded_random_predictor(config: PredictorConfig, seed: int = 0) -> TokenButlerPredictor:
+    """A predictor of random weights drawn from ``seed``, the global generator left as it was: its
+    selections mean nothing, its cost is that of a trained one of the same sizes (for timing)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return TokenButlerPredictor(config)
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per (KV head, token): keys ``[..., d']`` -> (int8 ``[..., d']``, fp16 scale ``[...]``)."""
     scale = keys.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0

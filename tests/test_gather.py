@@ -17,6 +17,7 @@ from offload_engine.cpu_cache.gather import (
     INDEX,
     ZERO_COPY,
     ZERO_COPY_CUPY,
+    as_wide_rows,
     available_gather_methods,
     default_gather_method,
     gather_fragments,
@@ -82,10 +83,25 @@ def check_method(method: str, src: torch.Tensor, heads: int, m: int, padding: in
 @pytest.mark.parametrize("m,padding", [(1, 0), (7, 3), (33, 0), (0, 0), (0, 5), (64, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_counts", [False, True])
-def test_index_matches_loop(m, padding, dtype, with_counts):
-    src = torch.randn(97, 3, 24).to(dtype).transpose(0, 1)  # token-major; odd capacity, odd head count
+@pytest.mark.parametrize("dim", [24, 6])  # rows of a multiple of 16 bytes (moved as 16-byte elements), and not
+def test_index_matches_loop(m, padding, dtype, with_counts, dim):
+    src = torch.randn(97, 3, dim).to(dtype).transpose(0, 1)  # token-major; odd capacity, odd head count
     check_method(INDEX, src, heads=3, m=m, padding=padding, slot_count=m + 2, device="cpu", seed=m,
                  with_counts=with_counts)
+
+
+def test_index_gathers_from_a_store_at_an_odd_offset():
+    """A store whose rows start off a 16-byte boundary cannot be viewed wide: the plain rows move."""
+    src = torch.randn(97 * 3 * 8 + 1)[1:].view(97, 3, 8).transpose(0, 1)
+    assert as_wide_rows(src) is src
+    check_method(INDEX, src, heads=3, m=20, padding=2, slot_count=23, device="cpu", seed=1)
+
+
+def test_wide_rows_are_the_same_bytes():
+    rows = torch.randn(5, 3, 64)
+    wide = as_wide_rows(rows)
+    assert wide.dtype == torch.complex128 and wide.shape == (5, 3, 16) and wide.data_ptr() == rows.data_ptr()
+    assert as_wide_rows(torch.randn(5, 3)).dtype == torch.float32  # 12-byte rows stay as they are
 
 
 def test_index_reads_last_token_and_writes_last_real_slot():

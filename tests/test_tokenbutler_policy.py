@@ -277,3 +277,12 @@ def test_rotation_stays_exact_when_the_predictor_takes_the_models_dtype():
     unturned = half.importance_queries(0, x.to(torch.bfloat16), 0).float()
     assert half._frequencies.dtype == torch.float64
     torch.testing.assert_close(got, predictor.float().rotate(unturned, 7000), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_group_mean_probabilities_is_the_mean_of_the_heads_softmaxes(group):
+    from offload_engine.policies.tokenbutler import group_mean_probabilities
+
+    logits = 4 * torch.randn(2, 3, group, 50, generator=torch.Generator().manual_seed(group))
+    expected = torch.softmax(logits, dim=-1).mean(dim=-2)
+    assert torch.allclose(group_mean_probabilities(logits.clone()), expected, atol=1e-7, rtol=1e-5)

@@ -227,9 +227,13 @@ def group_mean_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """The mean over query heads of each head's softmax: logits ``[..., g, m]`` -> ``[..., m]``.
 
     Overwrites ``logits``. Each head is exponentiated in place and the normalisation and the mean
-    become one weighted sum over heads (a ``[1, g] x [g, m]`` product): no second ``[g, m]``
-    tensor is allocated, and the ``[g, m]`` values are read four times instead of about seven.
+    become one weighted sum over heads, accumulated head by head (``g`` is small: a ``[1, g] x [g, m]``
+    product costs 4-7x more on the CPU): no second ``[g, m]`` tensor is allocated, and the ``[g, m]``
+    values are read four times instead of about seven.
     """
     logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
     weights = logits.sum(dim=-1, keepdim=True).mul_(logits.shape[-2]).reciprocal_()  # [..., g, 1]
-    return torch.matmul(weights.transpose(-1, -2), logits).squeeze(-2)
+    mean = logits[..., 0, :] * weights[..., 0, :]
+    for head in range(1, logits.shape[-2]):
+        mean.addcmul_(logits[..., head, :], weights[..., head, :])
+    return mean

@@ -144,9 +144,9 @@ def as_wide_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` ``[..., D]`` viewed with 16-byte elements along its last dimension, when its layout
     allows (rows of a multiple of 16 bytes, strides and offset to match); else ``t`` itself.
 
-    The same bytes: only how row copies count them changes. CPU ``index_copy_`` costs per element,
-    so a 256-byte row moved as 16 elements instead of 64 float32 takes about half the time
-    (bench/reports/gather_cpu.md).
+    The same bytes: only how row copies count them changes. CPU ``index_select``/``index_copy_``
+    cost per element as well as per byte: one layer's gather takes 0.65x the time in bfloat16 and
+    0.86-0.93x in float32 (bench/reports/gather_cpu.md).
     """
     width = WIDE_ELEMENT.itemsize
     if t.shape[-1] * t.element_size() % width:

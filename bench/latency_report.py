@@ -52,6 +52,17 @@ def _read_rate(report: dict) -> float:
     return rates[0] if rates else math.nan
 
 
+SCORING_MODES = ("tokenbutler-offload", "quest-offload")  # their selection follows the scores
+
+
+def _fetched_share(report: dict) -> tuple[float, float] | None:
+    """Lowest and highest share of the selected budget fetched per step by the scoring policies at interval 1."""
+    shares = [1.0 - row["delta_fetch_saving"] for row in report["rows"]
+              if row["status"] == "ok" and row.get("interval") == 1 and row["mode"] in SCORING_MODES
+              and not math.isnan(row.get("delta_fetch_saving", math.nan))]
+    return (min(shares), max(shares)) if shares else None
+
+
 def to_markdown(report: dict) -> str:
     """Header, settings, then one table per context."""
     s, peaks = report["settings"], report["pinned_memcpy_peak_gbps"]
@@ -85,6 +96,13 @@ def to_markdown(report: dict) -> str:
     if s.get("synthetic_kv"):
         lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
                   "decode step's time does not depend on the values, and prefill s is the fill time."]
+    churn = _fetched_share(report)
+    if churn and not s["model"]:
+        lines += ["", f"Random predictor weights redraw the selection at every prediction step: at interval 1 a step "
+                  f"of tokenbutler or quest fetched {churn[0]:.0%}-{churn[1]:.0%} of the selected budget (`1 - delta_fetch_saving`). The "
+                  "shipped predictor on the embedded model fetches far less per step (its churn is in "
+                  "bench/reports/bytes_per_step.md), so `copy`, and part of `selection` (the residency update), "
+                  "are upper bounds here."]
     if len(report.get("runs", [])) > 1:
         lines += ["", "Runs merged into this report (each context measured within one run):"]
         lines += [f"- `{run['command']}` at {run['commit']}, contexts {run['contexts']}, memcpy peak "

@@ -141,6 +141,8 @@ def train_predictor(
         "command": shlex.join(["tbrun", "train-predictor", *map(portable_word, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
     }
+    if teacher_cache is None:  # the text itself is trained on: a resumed run must read the same
+        config.data = text_digest(meta["data"])
     cache = None
     if teacher_cache is not None:
         cache = _teacher_cache(console, adapter, teacher_cache, sequences, config, meta, cache_rows or 2 * rows, cache_dtype)
@@ -153,6 +155,14 @@ def train_predictor(
         progress.stop()
     _print_report(console, result.report, result.predictor.num_parameters(), adapter)
     console.print(f"predictor written to {out} (use --predictor {out})")
+
+
+def text_digest(data: dict) -> str:
+    """A short digest of what the training text is (corpus sources, files, mix, recall spans, count)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _steps(steps: int | None, teacher_cache: Path | None, sequences: int, epochs: int) -> int:

@@ -66,6 +66,17 @@ def test_existing_run_needs_resume(tiny_model_dir, text_dir, tmp_path):
     assert result.exit_code == 2 and "--resume" in result.output
 
 
+def test_resume_refuses_other_training_text(tiny_model_dir, text_dir, tmp_path):
+    """Teacher in the loop, the text is what is trained on: a resume must read the same text."""
+    out = tmp_path / "out"
+    assert train(tiny_model_dir, text_dir, out).exit_code == 0
+    result = train(tiny_model_dir, text_dir, out, "--resume", "--recall", "0.25")
+    assert result.exit_code == 2 and "use the same options" in " ".join(result.output.split())
+    (text_dir / "doc0.txt").write_text("Other words entirely. " * 40)
+    result = train(tiny_model_dir, text_dir, out, "--resume")
+    assert result.exit_code == 2 and "use the same options" in " ".join(result.output.split())
+
+
 def test_a_corpus_run_records_sources_by_name_version_and_hash_and_no_local_path(tiny_model_dir, text_dir, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py",

@@ -67,6 +67,7 @@ class TrainConfig:
     position_offsets: bool = True  # shift each sequence to a random start position (see train)
     seed: int = 0
     teacher_cache: str = ""  # identity of the teacher cache trained on ("" = teacher in the loop)
+    data: str = ""  # digest of the training text's description (teacher in the loop; a cache pins its own)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "steps", "rows", "checkpoint_every", "keep_checkpoints", "eval_rows"):
@@ -93,6 +94,7 @@ class TrainConfig:
                 "position_offsets", "seed", "teacher_cache")
         keys += ("rope_base", "candidate_sinks", "candidate_window")
         keys = tuple(key for key in keys if key not in NEWER_OPTIONS or self.rope_pairs or self.candidates)  # older runs resume
+        keys += ("data",) if self.data else ()
         return {k: getattr(self, k) for k in keys}
 
 

@@ -88,11 +88,14 @@ def train_predictor(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this predictor's weights (same shape) instead "
+                                        "of a random init: fine-tune it, e.g. on longer sequences after shorter ones."),
 ) -> None:
     import torch
 
     from offload_engine.machine import portable_word
     from offload_engine.models import EMBEDDED_MODEL_NAME, load_model
+    from offload_engine.predictor.checkpoint import check_shape, load_checkpoint
     from offload_engine.predictor.corpus import resolve_corpus
     from offload_engine.predictor.data import MIXES, DataError, TokenSequences, describe_paths, load_sequences
     from offload_engine.predictor.recall import RecallSpans, add_recall_spans
@@ -106,6 +109,7 @@ def train_predictor(
     if mix not in MIXES:
         raise DataError(f"--mix {mix!r} is not one of {', '.join(MIXES)}.")
     resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
+    start, start_config = load_checkpoint(init) if init is not None else (None, None)  # a bad --init: before the model
     spans = RecallSpans(fraction=recall)
     steps = _steps(steps, teacher_cache, sequences_count, epochs)
     if cache_only and teacher_cache is None:
@@ -116,10 +120,13 @@ def train_predictor(
                          rope_pairs=rope_pairs,
                          rope_base=rope_base, candidate_sinks=candidate_sinks, candidate_window=candidate_window,
                          rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
-                         position_offsets=position_offsets, seed=seed)
+                         position_offsets=position_offsets, seed=seed,
+                         init=start_config["weights_sha256"] if start_config else "")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     adapter = load_model(model, dtype=dtype, device=device, progress=console.print)
     check_seq_len(adapter, seq_len)
+    if start_config is not None:
+        check_shape(start_config, adapter.dims, init)
     if adapter.tokenizer is None:
         raise typer.BadParameter(f"model {model!r} has no tokenizer to read --data with.", param_hint="--model")
     train_count = sequences_count if teacher_cache else steps
@@ -135,6 +142,7 @@ def train_predictor(
     meta = {
         "model_name": portable_word(model) if model else EMBEDDED_MODEL_NAME,
         "model": portable_word(model) if model else "embedded",
+        "init": {"name": portable_word(str(init)), "weights_sha256": start_config["weights_sha256"]} if init else None,
         "data": {"corpus": resolved.describe() if resolved else [], "paths": describe_paths(data, seed),
                  "files": sequences.files, "mix": mix, "recall": spans.describe(),
                  "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])},
@@ -151,7 +159,8 @@ def train_predictor(
         if cache_only:
             return
     with _progress(console) as (progress, on_step):
-        result = train(adapter, sequences, config, out, resume=resume, meta=meta, on_step=on_step, cache=cache)
+        result = train(adapter, sequences, config, out, resume=resume, meta=meta, on_step=on_step, cache=cache,
+                       init_from=start)
         progress.stop()
     _print_report(console, result.report, result.predictor.num_parameters(), adapter)
     console.print(f"predictor written to {out} (use --predictor {out})")

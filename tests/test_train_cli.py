@@ -77,6 +77,23 @@ def test_resume_refuses_other_training_text(tiny_model_dir, text_dir, tmp_path):
     assert result.exit_code == 2 and "use the same options" in " ".join(result.output.split())
 
 
+def test_init_fine_tunes_a_predictor_of_the_same_shape_and_records_it(tiny_model_dir, text_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train(tiny_model_dir, text_dir, first).exit_code == 0
+    started = json.loads((first / "config.json").read_text())["weights_sha256"]
+    result = train(tiny_model_dir, text_dir, second, "--init", str(first))
+    assert result.exit_code == 0, result.output
+    config = json.loads((second / "config.json").read_text())
+    assert config["init"] == {"name": "first", "weights_sha256": started}
+    assert config["weights_sha256"] != started  # it trained from there
+    other = train(tiny_model_dir, text_dir, tmp_path / "third", "--init", str(first), "--dim", "8")
+    assert other.exit_code == 2 and "another shape" in " ".join(other.output.split())
+    unstarted = train(tiny_model_dir, text_dir, second, "--resume")  # the resumed run must start where it did
+    assert unstarted.exit_code == 2 and "use the same options" in " ".join(unstarted.output.split())
+    missing = train(tiny_model_dir, text_dir, tmp_path / "fourth", "--init", str(tmp_path / "nowhere"))
+    assert missing.exit_code == 2, missing.output
+
+
 def test_a_corpus_run_records_sources_by_name_version_and_hash_and_no_local_path(tiny_model_dir, text_dir, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py",

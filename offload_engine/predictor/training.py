@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     teacher_cache: str = ""  # identity of the teacher cache trained on ("" = teacher in the loop)
     data: str = ""  # digest of the training text's description (teacher in the loop; a cache pins its own)
+    init: str = ""  # sha256 of the weights training started from ("": a random init)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "steps", "rows", "checkpoint_every", "keep_checkpoints", "eval_rows"):
@@ -94,7 +95,7 @@ class TrainConfig:
                 "position_offsets", "seed", "teacher_cache")
         keys += ("rope_base", "candidate_sinks", "candidate_window")
         keys = tuple(key for key in keys if key not in NEWER_OPTIONS or self.rope_pairs or self.candidates)  # older runs resume
-        keys += ("data",) if self.data else ()
+        keys += tuple(key for key in ("data", "init") if getattr(self, key))
         return {k: getattr(self, k) for k in keys}
 
 
@@ -246,12 +247,14 @@ def train(
     meta: dict | None = None,
     on_step: Callable[[StepStats], None] | None = None,
     cache: TeacherCache | None = None,
+    init_from: TokenButlerPredictor | None = None,
 ) -> TrainResult:
     """Distil a predictor for ``adapter``'s model; checkpoints and report in ``out_dir``.
 
     The teacher is the model itself, run on ``data.train`` at every step, or, with ``cache``, the
     stored teacher outputs of ``cache`` (epoch after epoch over its shards, each epoch in its own
-    seeded order); ``data.held_out`` feeds the final report either way.
+    seeded order); ``data.held_out`` feeds the final report either way. ``init_from``: a predictor
+    of the same shape to start from (fine-tuning) instead of a random init.
     """
     out = Path(out_dir)
     if cache is None:
@@ -260,6 +263,11 @@ def train(
     shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden, config.rope_pairs,
                                       config.rope_base)
     predictor = TokenButlerPredictor(shape).to(adapter.device)
+    if init_from is not None:
+        if init_from.config != shape:
+            raise TrainingError(f"--init is a predictor of another shape ({init_from.config}) than this run's ({shape}): "
+                                "give the same --producer-every, --dim, --hidden and --rope-pairs, or another --init.")
+        predictor.load_state_dict(init_from.state_dict())
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
     start = _restore(out, config, predictor, optimizer, schedule) if resume else _refuse_stale(out)

@@ -1,10 +1,13 @@
-"""The CPU index gather: rows moved as their own dtype against rows moved as 16-byte elements.
+"""The CPU index gather: per head with rows as their dtype, against what ``gather_fragments`` runs.
 
     python -m tbrun_bench.gather_rows_speed --out bench/reports/gather_cpu
 
 One layer's delta fetch on the CPU (``gather_fragments(..., method="index")``): ``count`` random
 tokens per KV head from a token-major host store ``[context, KvH, D]`` into ascending free slots
-of a ``[KvH, slots, D]`` working set, as the residency map hands them out. The two methods
+of a ``[KvH, slots, D]`` working set, as the residency map hands them out: per KV head
+``index_select`` + ``index_copy_`` of ``D``-rows (the gather before 2026-12-03), against
+``gather_fragments``, which moves every head at once over flat row tables with 16-byte elements
+where the layout allows. The two methods
 alternate call by call on the same fragments; each cell is a median over the calls. Both write the
 same bytes (tests/test_gather.py). Writes ``OUT.json`` and ``OUT.md`` with the machine, command and commit.
 """
@@ -25,7 +28,7 @@ CASES = [("smollm2-135m", 3, 64, torch.float32, 32768, 2048), ("smollm2-135m", 3
 
 
 def gather_as_dtype(src, positions, slots, dst) -> None:
-    """The index gather without the wide view: per head ``index_select`` + ``index_copy_`` of ``D``-rows."""
+    """The index gather as it was: per head ``index_select`` + ``index_copy_`` of ``D``-rows."""
     for head in range(src.shape[0]):
         dst[head].index_copy_(0, slots[head], src[head].index_select(0, positions[head]))
 
@@ -52,7 +55,7 @@ def measure(args) -> dict:
         rows.append({"shape": name, "kv_heads": heads, "head_dim": dim, "dtype": str(dtype).removeprefix("torch."),
                      "context": context, "fragments_per_head": count, "mib": mib, "as_dtype": timed["as_dtype"],
                      "wide": timed["wide"], "ratio": timed["wide"]["median_ms"] / timed["as_dtype"]["median_ms"]})
-        print(f"{name} {dtype} {context}: as dtype {timed['as_dtype']['median_ms']:.2f} ms, 16-byte rows "
+        print(f"{name} {dtype} {context}: per head {timed['as_dtype']['median_ms']:.2f} ms, gather_fragments "
               f"{timed['wide']['median_ms']:.2f} ms", flush=True)
         del store, src, dst
     return {"provenance": provenance("python -m tbrun_bench.gather_rows_speed"),
@@ -66,14 +69,15 @@ def to_markdown(report: dict) -> str:
               f"{c['ratio']:.2f}"] for c in report["cases"]]
     s = report["setting"]
     return "\n".join([
-        markdown_header("The CPU index gather: rows as their dtype against 16-byte elements", report), "",
+        markdown_header("The CPU index gather: per head against all heads at once in 16-byte rows", report), "",
         f"{s['threads']} torch thread(s); {s['calls']} timed calls per method and case after {s['warmup']} warm-up "
         "calls, the methods alternating on the same fragments (random tokens of a token-major host store into "
         "ascending slots). Median ms per call of one layer's K (or V).", "",
-        markdown_table(["shape", "dtype", "context", "fragments", "MiB", "as dtype ms", "16-byte rows ms", "ratio"],
+        markdown_table(["shape", "dtype", "context", "fragments", "MiB", "per head ms", "gather_fragments ms", "ratio"],
                        table), "",
-        "`offload_engine.cpu_cache.gather` moves rows as 16-byte elements on the CPU whenever a row is a multiple "
-        "of 16 bytes (`as_wide_rows`): the same bytes, fewer elements for `index_copy_` to step through.",
+        "On the CPU `gather_fragments` sees the host store and the working set as flat tables of rows (`row_table`), "
+        "so one `index_select` and one `index_copy_` move every head, and moves rows as 16-byte elements whenever "
+        "a row is a multiple of 16 bytes (`as_wide_rows`): the same bytes, fewer elements to step through.",
     ])
 
 

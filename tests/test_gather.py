@@ -97,6 +97,20 @@ def test_index_gathers_from_a_store_at_an_odd_offset():
     check_method(INDEX, src, heads=3, m=20, padding=2, slot_count=23, device="cpu", seed=1)
 
 
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_index_writes_a_bank_slice_and_nothing_around_it(with_counts):
+    """The working set hands the gather a slice of a bank's rows ``[KvH, slots, D]`` inside ``[KvH, T, D]``."""
+    src = torch.randn(50, 3, 16).transpose(0, 1)
+    bank = torch.full((3, 40, 16), -7.0)
+    dst = bank[:, 5:25]
+    positions, slots = random_selection(3, 50, 12, 20, 2, seed=3)
+    counts = torch.full((3,), 12) if with_counts else None
+    gather_fragments(src, positions, slots, dst, INDEX, counts)
+    expected = loop_reference(src, positions[:, :12], slots[:, :12], torch.full((3, 20, 16), -7.0))
+    assert torch.equal(dst[:, :-1], expected[:, :-1])
+    assert (bank[:, :5] == -7).all() and (bank[:, 25:] == -7).all()
+
+
 def test_wide_rows_are_the_same_bytes():
     rows = torch.randn(5, 3, 64)
     wide = as_wide_rows(rows)

@@ -48,6 +48,7 @@ import sysconfig
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -120,21 +121,66 @@ def _gather_index(
     """Row selection on the host, one copy to the device, row copies into the slots; only the real
     fragments of each head (``counts``) move.
 
-    Per KV head ``index_select`` + ``index_copy_`` (whole ``D``-rows, memcpy-like) is 3x faster on
-    the CPU than one advanced-indexing gather and scatter over ``[KvH, m]``. On CUDA the counts
-    are read back (a sync): this is the reference method there, not the fast one.
+    On the CPU every head moves at once: ``src`` and ``dst`` are seen as flat tables of ``D``-rows
+    (``row_table``), so one ``index_select`` and one ``index_copy_`` serve all heads. Elsewhere (or a
+    layout without such a table), per KV head ``index_select`` + ``index_copy_`` (whole ``D``-rows,
+    memcpy-like), 3x faster than one advanced-indexing gather and scatter over ``[KvH, m]``. On
+    CUDA the counts are read back (a sync): this is the reference method there, not the fast one.
     """
     heads, m = positions.shape
+    if src.device.type == dst.device.type == "cpu":
+        from_rows, to_rows = row_table(src), row_table(dst)
+        if from_rows is not None and to_rows is not None:
+            _gather_rows(from_rows, to_rows, positions, slots, counts)
+            return
     positions, slots = positions.to(src.device), slots.to(dst.device)
     real = [m] * heads if counts is None else counts.tolist()
-    if src.device.type == dst.device.type == "cpu":
-        wide_src, wide_dst = as_wide_rows(src), as_wide_rows(dst)
-        if wide_src.dtype == wide_dst.dtype:  # both or neither
-            src, dst = wide_src, wide_dst
     for head, n in enumerate(real):
         if n:
             rows = src[head].index_select(0, positions[head, :n])  # [n, D]
             dst[head].index_copy_(0, slots[head, :n], rows.to(dst.device))
+
+
+class RowTable(NamedTuple):
+    """``[H, N, D]`` seen as one table of rows: entry ``(h, j)`` is ``rows[h * head_step + j * row_step]``."""
+
+    rows: torch.Tensor  # [R, W]: the rows, as 16-byte elements where the layout allows
+    head_step: int
+    row_step: int
+
+    def index(self, entries: torch.Tensor) -> torch.Tensor:
+        """entries ``[H, m]`` (row ``j`` of head ``h``) -> row numbers ``[H, m]``."""
+        heads = torch.arange(entries.shape[0], device=entries.device).unsqueeze(-1)
+        return entries * self.row_step + heads * self.head_step
+
+
+def row_table(t: torch.Tensor) -> RowTable | None:
+    """``t`` ``[H, N, D]`` (any strides that keep whole ``D``-rows: contiguous rows, head and row
+    strides multiples of ``D``, like the token-major host store or a slice of a bank) as a flat table
+    of rows over the same memory; None when the layout has no such table."""
+    width = t.shape[-1]
+    if t.stride(-1) != 1 or t.stride(0) % width or t.stride(1) % width or t.numel() == 0:
+        return None
+    head_step, row_step = t.stride(0) // width, t.stride(1) // width
+    count = (t.shape[0] - 1) * head_step + (t.shape[1] - 1) * row_step + 1
+    rows = t.as_strided((count, width), (width, 1), t.storage_offset())
+    wide = as_wide_rows(rows)
+    return RowTable(wide if wide.dtype != rows.dtype else rows, head_step, row_step)
+
+
+def _gather_rows(src: RowTable, dst: RowTable, positions: torch.Tensor, slots: torch.Tensor,
+                 counts: torch.Tensor | None) -> None:
+    """Every head's fragments in one ``index_select`` and one ``index_copy_`` (CPU)."""
+    if src.rows.dtype != dst.rows.dtype:  # one of them could not be seen as 16-byte rows: neither is
+        plain = dst.rows.dtype if src.rows.dtype == WIDE_ELEMENT else src.rows.dtype
+        src, dst = src._replace(rows=src.rows.view(plain)), dst._replace(rows=dst.rows.view(plain))
+    sources, targets = src.index(positions), dst.index(slots)  # [H, m]
+    if counts is None:
+        sources, targets = sources.flatten(), targets.flatten()
+    else:
+        real = torch.arange(positions.shape[1]) < counts.unsqueeze(-1)
+        sources, targets = sources[real], targets[real]
+    dst.rows.index_copy_(0, targets, src.rows.index_select(0, sources))
 
 
 WIDE_ELEMENT = torch.complex128  # 16 bytes: a row of D values moved as D * itemsize / 16 elements

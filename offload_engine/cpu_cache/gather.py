@@ -159,13 +159,12 @@ def row_table(t: torch.Tensor) -> RowTable | None:
     strides multiples of ``D``, like the token-major host store or a slice of a bank) as a flat table
     of rows over the same memory; None when the layout has no such table."""
     width = t.shape[-1]
-    if t.stride(-1) != 1 or t.stride(0) % width or t.stride(1) % width or t.numel() == 0:
+    if t.stride(-1) != 1 or t.stride(0) % width or t.stride(1) % width or t.numel() == 0 \
+            or min(t.stride(0), t.stride(1)) <= 0:  # expanded (overlapping) rows are no table
         return None
     head_step, row_step = t.stride(0) // width, t.stride(1) // width
     count = (t.shape[0] - 1) * head_step + (t.shape[1] - 1) * row_step + 1
-    rows = t.as_strided((count, width), (width, 1), t.storage_offset())
-    wide = as_wide_rows(rows)
-    return RowTable(wide if wide.dtype != rows.dtype else rows, head_step, row_step)
+    return RowTable(as_wide_rows(t.as_strided((count, width), (width, 1), t.storage_offset())), head_step, row_step)
 
 
 def _gather_rows(src: RowTable, dst: RowTable, positions: torch.Tensor, slots: torch.Tensor,

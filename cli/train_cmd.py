@@ -100,7 +100,8 @@ def train_predictor(
     from offload_engine.predictor.data import MIXES, DataError, TokenSequences, describe_paths, load_sequences
     from offload_engine.predictor.recall import RecallSpans, add_recall_spans
     from offload_engine.predictor.teacher_cache import DTYPES as CACHE_DTYPES, cache_identity
-    from offload_engine.predictor.training import TrainConfig, check_seq_len, train
+    from offload_engine.predictor.network import PredictorConfig
+    from offload_engine.predictor.training import TrainConfig, check_init_shape, check_seq_len, train
 
     console = Console(stderr=True)
     if not data and not corpus and not _complete_cache(teacher_cache):
@@ -125,8 +126,10 @@ def train_predictor(
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     adapter = load_model(model, dtype=dtype, device=device, progress=console.print)
     check_seq_len(adapter, seq_len)
-    if start_config is not None:
+    if start is not None:  # before any teacher pass: the same shape as this run's predictor, for this model
         check_shape(start_config, adapter.dims, init)
+        check_init_shape(start.config, PredictorConfig.for_model(adapter.dims, producer_every, dim, hidden, rope_pairs,
+                                                                 rope_base))
     if adapter.tokenizer is None:
         raise typer.BadParameter(f"model {model!r} has no tokenizer to read --data with.", param_hint="--model")
     train_count = sequences_count if teacher_cache else steps

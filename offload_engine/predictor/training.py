@@ -238,6 +238,13 @@ def subsample_rows(cached: int, wanted: int, generator: torch.Generator) -> torc
     return torch.cat([chosen, torch.tensor([cached - 1])])
 
 
+def check_init_shape(have: PredictorConfig, want: PredictorConfig) -> None:
+    """Refuse an ``--init`` predictor whose shape is not this run's."""
+    if have != want:
+        raise TrainingError(f"--init is a predictor of another shape ({have}) than this run's ({want}): give the "
+                            "same --producer-every, --dim, --hidden and --rope-pairs, or another --init.")
+
+
 def train(
     adapter: ModelAdapter,
     data: TokenSequences,
@@ -264,9 +271,7 @@ def train(
                                       config.rope_base)
     predictor = TokenButlerPredictor(shape).to(adapter.device)
     if init_from is not None:
-        if init_from.config != shape:
-            raise TrainingError(f"--init is a predictor of another shape ({init_from.config}) than this run's ({shape}): "
-                                "give the same --producer-every, --dim, --hidden and --rope-pairs, or another --init.")
+        check_init_shape(init_from.config, shape)
         predictor.load_state_dict(init_from.state_dict())
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))

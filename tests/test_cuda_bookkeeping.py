@@ -308,7 +308,8 @@ class SettledCudaStreams(FakeCudaStreams):
 @pytest.fixture
 def forced_cuda_bookkeeping(monkeypatch):
     """Offload backends on CPU with CUDA's bookkeeping: the prefetcher's CUDA branch (streams,
-    events, kept-alive plans) and residency plans padded to the full selection width."""
+    events, kept-alive plans) and residency plans padded to the full selection width, made by the
+    torch bookkeeping a GPU runs."""
     from offload_engine.backends import dense_offload, sparse_offload
     from offload_engine.selection import residency
 
@@ -324,8 +325,10 @@ def forced_cuda_bookkeeping(monkeypatch):
 
     def padded_init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        assert hasattr(self, "_exact_width"), "ResidencyMap no longer has _exact_width: update this fixture"
+        assert hasattr(self, "_exact_width") and hasattr(self, "on_host"), \
+            "ResidencyMap no longer has _exact_width or on_host: update this fixture"
         self._exact_width = False  # what CUDA does: no host read of the widest head's count
+        self.on_host = False  # and its torch bookkeeping, not the CPU's numpy one
 
     monkeypatch.setattr(residency.ResidencyMap, "__init__", padded_init)
     return prefetchers

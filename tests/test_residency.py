@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
@@ -11,12 +12,17 @@ from offload_engine.policies.random import RandomPolicy
 from tiny_models import tiny_model
 
 
+# numpy on the CPU tensors' memory (what the CPU runs) and torch (what a GPU runs, here on CPU tensors)
+BOOKKEEPING = pytest.mark.parametrize("on_host", [True, False], ids=["numpy", "torch"])
+
+
 def active_sets(rmap: ResidencyMap) -> list[set[int]]:
     return active_sets_of(rmap.active_positions())
 
 
-def test_update_activates_exactly_the_selection_and_fetches_only_missing():
-    rmap = ResidencyMap(rows=2, num_slots=5, device=torch.device("cpu"), capacity=64)
+@BOOKKEEPING
+def test_update_activates_exactly_the_selection_and_fetches_only_missing(on_host):
+    rmap = ResidencyMap(rows=2, num_slots=5, device=torch.device("cpu"), capacity=64, on_host=on_host)
     first = torch.tensor([[10, 11, 12, -1], [3, 7, -1, -1]])
     plan = rmap.update(first)
     assert plan.counts.tolist() == [3, 2]
@@ -31,8 +37,9 @@ def test_update_activates_exactly_the_selection_and_fetches_only_missing():
     assert (plan.slots[1, 1:] == rmap.num_slots).all()
 
 
-def test_reselecting_a_stale_token_does_not_fetch_it_again():
-    rmap = ResidencyMap(rows=1, num_slots=4, device=torch.device("cpu"), capacity=64)
+@BOOKKEEPING
+def test_reselecting_a_stale_token_does_not_fetch_it_again(on_host):
+    rmap = ResidencyMap(rows=1, num_slots=4, device=torch.device("cpu"), capacity=64, on_host=on_host)
     rmap.update(torch.tensor([[1, 2]]))
     rmap.update(torch.tensor([[5, -1]]))  # 1 and 2 stay in their slots, inactive
     assert active_sets(rmap) == [{5}]
@@ -41,8 +48,9 @@ def test_reselecting_a_stale_token_does_not_fetch_it_again():
     assert active_sets(rmap) == [{1, 5}]
 
 
-def test_slots_are_never_shared_by_two_positions():
-    rmap = ResidencyMap(rows=3, num_slots=16, device=torch.device("cpu"), capacity=64)
+@BOOKKEEPING
+def test_slots_are_never_shared_by_two_positions(on_host):
+    rmap = ResidencyMap(rows=3, num_slots=16, device=torch.device("cpu"), capacity=64, on_host=on_host)
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
         chosen = torch.stack([torch.randperm(40, generator=gen)[:12] for _ in range(3)])
@@ -72,8 +80,9 @@ class ReferenceSlots:
         return placed
 
 
-def test_update_follows_the_slot_rules_and_keeps_its_inverse_map(rows=3, slots=12, capacity=40):
-    rmap = ResidencyMap(rows=rows, num_slots=slots, device=torch.device("cpu"), capacity=capacity)
+@BOOKKEEPING
+def test_update_follows_the_slot_rules_and_keeps_its_inverse_map(on_host, rows=3, slots=12, capacity=40):
+    rmap = ResidencyMap(rows=rows, num_slots=slots, device=torch.device("cpu"), capacity=capacity, on_host=on_host)
     references = [ReferenceSlots(slots) for _ in range(rows)]
     generator = torch.Generator().manual_seed(1)
     for _ in range(60):
@@ -92,6 +101,24 @@ def test_update_follows_the_slot_rules_and_keeps_its_inverse_map(rows=3, slots=1
             assert active_sets(rmap)[r] == set(chosen[r])
             inverse = {p: s for s, p in enumerate(reference.slots) if p is not None}
             assert {p: int(rmap.slot_of[r, p]) for p in range(capacity) if rmap.slot_of[r, p] >= 0} == inverse
+
+
+def test_numpy_and_torch_bookkeeping_agree_on_row_ranges_and_a_mask_view(rows=6, slots=10, capacity=50):
+    """The planner updates a producer's rows of a bank at a time, and the mask is a view of the bank's."""
+    masks = [torch.zeros(rows, 3, slots + 1, dtype=torch.bool) for _ in range(2)]
+    maps = [ResidencyMap(rows, slots, torch.device("cpu"), capacity, active=mask[:, 1], on_host=on_host)
+            for mask, on_host in zip(masks, (True, False))]
+    generator = torch.Generator().manual_seed(2)
+    for step in range(40):
+        part = slice(0, 2) if step % 3 == 0 else slice(2, 6) if step % 3 == 1 else slice(None)
+        count = len(range(rows)[part])
+        chosen = torch.stack([torch.randperm(capacity, generator=generator)[:slots] for _ in range(count)])
+        chosen[:, torch.randint(0, slots + 1, (1,), generator=generator).item():] = -1  # padding at the end
+        plans = [m.update(chosen, part) for m in maps]
+        for field in ("positions", "slots", "counts"):
+            assert torch.equal(getattr(plans[0], field), getattr(plans[1], field)), (step, field)
+        assert torch.equal(maps[0].slot_pos, maps[1].slot_pos) and torch.equal(maps[0].slot_of, maps[1].slot_of)
+        assert torch.equal(masks[0], masks[1]) and not masks[0][:, [0, 2]].any()
 
 
 class RecordingEngine:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 EMPTY = -1
@@ -55,8 +56,12 @@ class ResidencyMap:
     """
 
     def __init__(self, rows: int, num_slots: int, device: torch.device, capacity: int,
-                 active: torch.Tensor | None = None):
+                 active: torch.Tensor | None = None, on_host: bool | None = None):
         self.num_slots = num_slots
+        # CPU tensors: the update runs as numpy array operations on the same memory (a few
+        # microseconds each where a torch call costs ten or more: the map is ~40 small operations
+        # per producer and step). Device tensors: torch, with no read-back.
+        self.on_host = device.type == "cpu" if on_host is None else on_host
         self.slot_pos = torch.full((rows, num_slots + 1), EMPTY, dtype=torch.long, device=device)
         # one spare column (index ``capacity``) takes the writes of padding entries
         self.slot_of = torch.full((rows, capacity + 1), EMPTY, dtype=torch.int32, device=device)
@@ -88,6 +93,8 @@ class ResidencyMap:
         if selected.shape[-1] > self.num_slots:
             raise ValueError(f"{selected.shape[-1]} selected tokens exceed {self.num_slots} slots")
         self.appending = False
+        if self.on_host:
+            return self._update_on_host(selected, rows)
         slot_pos, slot_of, n, scratch = self.slot_pos[rows], self.slot_of[rows], self.num_slots, self._scratch
         chosen = selected >= 0
         where = torch.where(chosen, slot_of.gather(-1, torch.where(chosen, selected, scratch)).long(), EMPTY)
@@ -116,6 +123,40 @@ class ResidencyMap:
         kept[:, n] = False
         self.active[rows] = kept
         return FetchPlan(positions=positions, slots=slots, counts=counts)
+
+    def _update_on_host(self, selected: torch.Tensor, rows: slice) -> FetchPlan:
+        """``update`` as numpy operations on the CPU tensors' memory: the same slots, the same plan."""
+        if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
+            raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
+        chosen_all = selected.numpy()
+        slot_pos, slot_of, active = self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy()
+        n, count = self.num_slots, chosen_all.shape[0]
+        chosen = chosen_all >= 0
+        where = np.take_along_axis(slot_of, np.where(chosen, chosen_all, self._scratch), axis=-1)  # -1: not resident
+        missing = chosen & (where < 0)
+        kept = np.zeros((count, n + 1), dtype=bool)
+        np.put_along_axis(kept, np.where(where >= 0, where, n), True, axis=-1)
+        kept[:, n] = False
+        counts = missing.sum(axis=-1)
+        width = int(counts.max()) if count else 0
+        # free slots: empty first, then stale (held, no longer selected), each lowest first; kept last
+        rank = (slot_pos[:, :n] >= 0).astype(np.int8) + kept[:, :n]
+        free = np.argsort(rank, axis=-1, kind="stable")[:, :width]
+        fresh = np.take_along_axis(chosen_all, np.argsort(~missing, axis=-1, kind="stable")[:, :width], axis=-1)
+        real = np.arange(width) < counts[:, None]
+        slots = np.where(real, free, n)
+        positions = np.where(real, fresh, 0)
+        at_row, at = np.nonzero(real)
+        into, new = slots[at_row, at], positions[at_row, at]
+        evicted = slot_pos[at_row, into]
+        gone = evicted >= 0
+        slot_of[at_row[gone], evicted[gone]] = EMPTY
+        slot_of[at_row, new] = into
+        slot_pos[at_row, into] = new
+        kept[at_row, into] = True
+        active[...] = kept
+        return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
+                         counts=torch.from_numpy(counts))
 
     def append(self, lo: int, hi: int) -> FetchPlan | None:
         """Select every candidate ``[lo, hi)`` of every row, slot ``j`` holding position ``lo + j``.

@@ -137,7 +137,7 @@ class ResidencyMap:
         kept = np.zeros((count, n + 1), dtype=bool)
         np.put_along_axis(kept, np.where(where >= 0, where, n), True, axis=-1)
         kept[:, n] = False
-        counts = missing.sum(axis=-1)
+        counts = missing.sum(axis=-1, dtype=np.int64)
         width = int(counts.max()) if count else 0
         # free slots: empty first, then stale (held, no longer selected), each lowest first; kept last
         rank = (slot_pos[:, :n] >= 0).astype(np.int8) + kept[:, :n]

@@ -2,8 +2,9 @@
 
 ``ResidencyMap`` is bookkeeping only: it holds token positions, never K or V. One map serves a
 bank of rows, one row per (layer, KV head), so a producer's whole group of layers is updated by
-one call with no Python loop over layers or heads. It runs with plain tensor operations on the
-device its tensors live on, so it is tested on the CPU.
+one call with no Python loop over layers or heads. On a device it runs with plain tensor
+operations there (no read-back), tested on CPU tensors (``on_host=False``); on the CPU the same
+rules run as numpy operations on the tensors' memory, tested against the torch path.
 
 A token fetched once stays in its slot until the slot is needed for another token; tokens that
 were selected at the previous step and are selected again are not fetched again (delta fetch).

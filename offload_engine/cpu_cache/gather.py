@@ -144,7 +144,7 @@ def _gather_index(
 class RowTable(NamedTuple):
     """``[H, N, D]`` seen as one table of rows: entry ``(h, j)`` is ``rows[h * head_step + j * row_step]``."""
 
-    rows: torch.Tensor  # [R, W]: the rows, as 16-byte elements where the layout allows
+    rows: torch.Tensor  # [R, D]
     head_step: int
     row_step: int
 
@@ -164,22 +164,23 @@ def row_table(t: torch.Tensor) -> RowTable | None:
         return None
     head_step, row_step = t.stride(0) // width, t.stride(1) // width
     count = (t.shape[0] - 1) * head_step + (t.shape[1] - 1) * row_step + 1
-    return RowTable(as_wide_rows(t.as_strided((count, width), (width, 1), t.storage_offset())), head_step, row_step)
+    return RowTable(t.as_strided((count, width), (width, 1), t.storage_offset()), head_step, row_step)
 
 
 def _gather_rows(src: RowTable, dst: RowTable, positions: torch.Tensor, slots: torch.Tensor,
                  counts: torch.Tensor | None) -> None:
-    """Every head's fragments in one ``index_select`` and one ``index_copy_`` (CPU)."""
-    if src.rows.dtype != dst.rows.dtype:  # one of them could not be seen as 16-byte rows: neither is
-        plain = dst.rows.dtype if src.rows.dtype == WIDE_ELEMENT else src.rows.dtype
-        src, dst = src._replace(rows=src.rows.view(plain)), dst._replace(rows=dst.rows.view(plain))
+    """Every head's fragments in one ``index_select`` and one ``index_copy_`` (CPU), as 16-byte rows
+    when both tables can be seen so."""
+    from_rows, to_rows = as_wide_rows(src.rows), as_wide_rows(dst.rows)
+    if from_rows.dtype != to_rows.dtype:
+        from_rows, to_rows = src.rows, dst.rows
     sources, targets = src.index(positions), dst.index(slots)  # [H, m]
     if counts is None:
         sources, targets = sources.flatten(), targets.flatten()
     else:
         real = torch.arange(positions.shape[1]) < counts.unsqueeze(-1)
         sources, targets = sources[real], targets[real]
-    dst.rows.index_copy_(0, targets, src.rows.index_select(0, sources))
+    to_rows.index_copy_(0, targets, from_rows.index_select(0, sources))
 
 
 WIDE_ELEMENT = torch.complex128  # 16 bytes: a row of D values moved as D * itemsize / 16 elements

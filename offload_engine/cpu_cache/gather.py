@@ -191,8 +191,8 @@ def as_wide_rows(t: torch.Tensor) -> torch.Tensor:
     allows (rows of a multiple of 16 bytes, strides and offset to match); else ``t`` itself.
 
     The same bytes: only how row copies count them changes. CPU ``index_select``/``index_copy_``
-    cost per element as well as per byte: one layer's gather takes 0.65x the time in bfloat16 and
-    0.86-0.93x in float32 (bench/reports/gather_cpu.md).
+    cost per element as well as per byte: with every head at once, one layer's gather takes
+    0.59-0.75x the per-head time in bfloat16 and 0.89-0.98x in float32 (bench/reports/gather_cpu.md).
     """
     width = WIDE_ELEMENT.itemsize
     if t.shape[-1] * t.element_size() % width:

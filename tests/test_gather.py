@@ -21,6 +21,7 @@ from offload_engine.cpu_cache.gather import (
     available_gather_methods,
     default_gather_method,
     gather_fragments,
+    gather_pairs,
     self_check,
 )
 
@@ -109,6 +110,34 @@ def test_index_writes_a_bank_slice_and_nothing_around_it(with_counts):
     expected = loop_reference(src, positions[:, :12], slots[:, :12], torch.full((3, 20, 16), -7.0))
     assert torch.equal(dst[:, :-1], expected[:, :-1])
     assert (bank[:, :5] == -7).all() and (bank[:, 25:] == -7).all()
+
+
+@pytest.mark.parametrize("with_counts", [False, True])
+@pytest.mark.parametrize("same_layout", [True, False], ids=["shared-rows", "per-pair"])
+def test_pairs_gather_each_pair_as_gather_fragments_does(with_counts, same_layout):
+    """A layer's keys and values from one plan: the same result as two ``gather_fragments`` calls,
+    whether the row numbers are shared (one layout) or each pair is gathered alone (two layouts)."""
+    keys = torch.randn(61, 3, 16).transpose(0, 1)  # token-major store
+    values = torch.randn(61, 3, 16).transpose(0, 1) if same_layout else torch.randn(3, 61, 16)  # head-major
+    positions, slots = random_selection(3, 61, 9, 12, 2, seed=5)
+    counts = torch.tensor([9, 4, 0]) if with_counts else None
+    got = [torch.full((3, 12, 16), -7.0) for _ in range(2)]
+    expected = [g.clone() for g in got]
+    gather_pairs(((keys, got[0]), (values, got[1])), positions, slots, INDEX, counts)
+    for src, dst in zip((keys, values), expected):
+        gather_fragments(src, positions, slots, dst, INDEX, counts)
+    assert all(torch.equal(g[:, :-1], e[:, :-1]) for g, e in zip(got, expected))
+    if with_counts:  # padding moved nothing, the trash slot included
+        assert torch.equal(got[0], expected[0]) and (got[1][2] == -7).all()
+
+
+def test_pairs_refuse_a_mismatched_pair_before_copying():
+    keys, values = torch.randn(3, 20, 8), torch.randn(3, 20, 4)
+    dst_k, dst_v = torch.zeros(3, 5, 8), torch.zeros(3, 5, 8)
+    positions, slots = torch.tensor([[1], [2], [3]]), torch.tensor([[0], [1], [2]])
+    with pytest.raises(ValueError, match="head dim"):
+        gather_pairs(((keys, dst_k), (values, dst_v)), positions, slots, INDEX)
+    assert dst_k.abs().sum() == 0
 
 
 def test_wide_rows_are_the_same_bytes():

@@ -172,7 +172,7 @@ def test_no_device_value_is_read_on_the_host_inside_a_decode_step(adapter, spec,
 
     monkeypatch.setattr(residency.ResidencyMap, "__init__", padded)
     guard = {"on": False}
-    gather = sparse_offload.gather_fragments
+    gather = sparse_offload.gather_pairs
 
     def unguarded_gather(*args, **kwargs):
         was, guard["on"] = guard["on"], False
@@ -181,7 +181,7 @@ def test_no_device_value_is_read_on_the_host_inside_a_decode_step(adapter, spec,
         finally:
             guard["on"] = was
 
-    monkeypatch.setattr(sparse_offload, "gather_fragments", unguarded_gather)
+    monkeypatch.setattr(sparse_offload, "gather_pairs", unguarded_gather)
     for name in ("item", "__int__", "__bool__", "__float__", "tolist", "__index__"):
         method = getattr(torch.Tensor, name)
 

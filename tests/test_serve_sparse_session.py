@@ -66,8 +66,8 @@ def policy_state(policy, length: int) -> list[torch.Tensor]:
     state = []
     if hasattr(inner, "kmin"):  # quest: every page (those past the prompt empty: +-inf)
         state += [torch.stack(inner.kmin), torch.stack(inner.kmax)]
-    if getattr(inner, "cache", None) is not None:  # tokenbutler's projected keys [L-1, KvH, capacity, d']
-        state.append(inner.cache.keys[:, :, :length])
+    if getattr(inner, "cache", None) is not None:  # tokenbutler's projected keys [L-1, KvH, d', capacity]
+        state.append(inner.cache.keys[..., :length])
     if getattr(policy, "norms", None) is not None:  # critical's value norms [L, KvH, capacity]
         state.append(policy.norms[..., :length])
     return state

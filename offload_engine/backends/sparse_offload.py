@@ -33,7 +33,7 @@ import torch
 
 from ..attention import attention_weights
 from ..config import SelectionConfig
-from ..cpu_cache.gather import default_gather_method, gather_fragments
+from ..cpu_cache.gather import default_gather_method, gather_pairs
 from ..cpu_cache.host_store import HostKVStore
 from ..cpu_cache.prefetcher import Prefetcher
 from ..cpu_cache.working_set import WorkingSet
@@ -147,8 +147,8 @@ class SparseOffloadKV(KVBackend):
 
         def copy() -> None:
             with self.clock.phase("copy"):
-                gather_fragments(host_k, plan.positions, plan.slots, keys, self.gather_method, plan.counts)
-                gather_fragments(host_v, plan.positions, plan.slots, values, self.gather_method, plan.counts)
+                gather_pairs(((host_k, keys), (host_v, values)), plan.positions, plan.slots, self.gather_method,
+                             plan.counts)
 
         # the plan's tensors were made on the compute stream and are read on the copy stream
         self.prefetcher.issue(layer, copy, keep_alive=(plan.positions, plan.slots, plan.counts))

@@ -48,6 +48,7 @@ import sysconfig
 import threading
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -171,16 +172,47 @@ def _gather_rows(src: RowTable, dst: RowTable, positions: torch.Tensor, slots: t
                  counts: torch.Tensor | None) -> None:
     """Every head's fragments in one ``index_select`` and one ``index_copy_`` (CPU), as 16-byte rows
     when both tables can be seen so."""
+    _copy_rows(src, dst, *_row_numbers(src, dst, positions, slots, counts))
+
+
+def _row_numbers(src: RowTable, dst: RowTable, positions: torch.Tensor, slots: torch.Tensor,
+                 counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows the real fragments read in ``src`` and write in ``dst``: two ``[n]`` long tensors."""
+    sources, targets = src.index(positions), dst.index(slots)  # [H, m]
+    if counts is None:
+        return sources.flatten(), targets.flatten()
+    real = torch.arange(positions.shape[1]) < counts.unsqueeze(-1)
+    return sources[real], targets[real]
+
+
+def _copy_rows(src: RowTable, dst: RowTable, sources: torch.Tensor, targets: torch.Tensor) -> None:
+    """``dst.rows[targets] = src.rows[sources]``, as 16-byte rows when both tables can be seen so."""
     from_rows, to_rows = as_wide_rows(src.rows), as_wide_rows(dst.rows)
     if from_rows.dtype != to_rows.dtype:
         from_rows, to_rows = src.rows, dst.rows
-    sources, targets = src.index(positions), dst.index(slots)  # [H, m]
-    if counts is None:
-        sources, targets = sources.flatten(), targets.flatten()
-    else:
-        real = torch.arange(positions.shape[1]) < counts.unsqueeze(-1)
-        sources, targets = sources[real], targets[real]
     to_rows.index_copy_(0, targets, from_rows.index_select(0, sources))
+
+
+def gather_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor, slots: torch.Tensor,
+                 method: str = INDEX, counts: torch.Tensor | None = None) -> None:
+    """``gather_fragments(src, positions, slots, dst, method, counts)`` for every ``(src, dst)`` of
+    ``pairs`` (a layer's keys and values): one plan, several tensors of one layout.
+
+    On the CPU (``index``) the row numbers are computed once for all pairs when their tables share
+    one layout; otherwise each pair is gathered on its own.
+    """
+    if method == INDEX and positions.shape[1] and all(s.device.type == d.device.type == "cpu" for s, d in pairs):
+        tables = [(row_table(s), row_table(d)) for s, d in pairs]
+        layout = [(t.head_step, t.row_step) if t is not None else None for pair in tables for t in pair]
+        if None not in layout and len(set(layout[0::2])) == 1 and len(set(layout[1::2])) == 1:
+            for src, dst in pairs:
+                _check_shapes(src, positions, slots, dst, counts)
+            sources, targets = _row_numbers(*tables[0], positions, slots, counts)
+            for from_rows, to_rows in tables:
+                _copy_rows(from_rows, to_rows, sources, targets)
+            return
+    for src, dst in pairs:
+        gather_fragments(src, positions, slots, dst, method, counts)
 
 
 WIDE_ELEMENT = torch.complex128  # 16 bytes: a row of D values moved as D * itemsize / 16 elements

@@ -46,18 +46,21 @@ def shipped_predictor_for(adapter) -> Path | None:
 
 
 class ProjectedKeyCache:
-    """The compact key cache ``[L-1, KvH, capacity, d']`` of consumer layers ``1 .. L-1``.
+    """The compact key cache of consumer layers ``1 .. L-1``, stored ``[L-1, KvH, d', capacity]``.
 
-    ``int8``: keys stored as int8 with one float16 scale per (layer, KV head, token)
-    (``d' + 2`` bytes per entry instead of ``2 d'`` in bfloat16 or ``4 d'`` in float32).
+    Dimension-major (each of the ``d'`` numbers of every token in one row): scoring is then a
+    ``[g, d'] x [d', m]`` product over contiguous rows, 1.3x faster on the CPU than over token-major
+    ``[m, d']`` keys read transposed (measured cold, 14 producers a step, 7.5k and 32k tokens), and
+    no slower on a GPU. ``int8``: keys stored as int8 with one float16 scale per (layer, KV head,
+    token) (``d' + 2`` bytes per entry instead of ``2 d'`` in bfloat16 or ``4 d'`` in float32).
     """
 
     def __init__(self, layers: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype,
                  device: torch.device, int8: bool = False):
         self.int8 = int8
-        shape = (layers, kv_heads, capacity, dim)
-        self.keys = torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device)
-        self.scales = torch.zeros(shape[:-1], dtype=torch.float16, device=device) if int8 else None
+        self.keys = torch.zeros((layers, kv_heads, dim, capacity), dtype=torch.int8 if int8 else dtype,
+                                device=device)
+        self.scales = torch.zeros((layers, kv_heads, capacity), dtype=torch.float16, device=device) if int8 else None
 
     @property
     def nbytes(self) -> int:
@@ -67,16 +70,22 @@ class ProjectedKeyCache:
         """keys ``[KvH, T, d']`` of consumer ``layer`` at positions ``start .. start+T-1``."""
         end = start + keys.shape[1]
         if not self.int8:
-            self.keys[layer - 1, :, start:end] = keys.to(self.keys.dtype)
+            self.keys[layer - 1, :, :, start:end] = keys.transpose(-1, -2).to(self.keys.dtype)
             return
-        self.keys[layer - 1, :, start:end], self.scales[layer - 1, :, start:end] = quantize_keys(keys)
+        quantized, self.scales[layer - 1, :, start:end] = quantize_keys(keys)
+        self.keys[layer - 1, :, :, start:end] = quantized.transpose(-1, -2)
 
     def read(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         """Projected keys of positions ``[lo, hi)``: ``[KvH, hi-lo, d']`` (dequantised if int8)."""
-        keys = self.keys[layer - 1, :, lo:hi]
+        keys = self.keys[layer - 1, :, :, lo:hi].transpose(-1, -2)
         if not self.int8:
             return keys
         return keys.float() * self.scales[layer - 1, :, lo:hi].float().unsqueeze(-1)
+
+    def columns(self, layers: range, lo: int, hi: int) -> torch.Tensor:
+        """Keys of consumer ``layers`` at positions ``[lo, hi)`` as stored: ``[Lg, KvH, d', m]``
+        (int8 codes when quantised; ``scales`` has their factors)."""
+        return self.keys[layers.start - 1 : layers.stop - 1, :, :, lo:hi]
 
 
 @dataclass
@@ -210,12 +219,12 @@ class TokenButlerPolicy(Policy):
             return torch.empty(len(layers), c.num_kv_heads, 0, device=queries.device)
         by_max = self.group_reduction == "max" or c.group_size == 1
         start, stop = (lo, hi) if by_max else (0, candidates.position)  # consumers have not written t yet
-        keys = self.cache.keys[layers.start - 1 : layers.stop - 1, :, start:stop]  # [Lg, KvH, m, d']
+        keys = self.cache.columns(layers, start, stop)  # [Lg, KvH, d', m]
         # 1/sqrt(d') folded into the few queries, not applied to the [Lg, KvH, g, m] logits
         grouped = queries.reshape(len(layers), c.num_kv_heads, c.group_size, c.dim) * (1.0 / math.sqrt(c.dim))
         if self.cache.int8:
             keys = keys.float()
-        logits = torch.matmul(grouped.to(keys.dtype), keys.transpose(-1, -2)).float()  # [Lg, KvH, g, m]
+        logits = torch.matmul(grouped.to(keys.dtype), keys).float()  # [Lg, KvH, g, m]
         if self.cache.int8:
             logits.mul_(self.cache.scales[layers.start - 1 : layers.stop - 1, :, start:stop].float().unsqueeze(2))
         if by_max:

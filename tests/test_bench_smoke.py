@@ -198,8 +198,8 @@ def test_topk_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
     topk_speed.main(["--calls", "2", "--warmup", "0", "--out", str(tmp_path / "topk")])
     report = json.loads((tmp_path / "topk.json").read_text())
     assert [(c["rows"], c["candidates"], c["keep"]) for c in report["cases"]] == [(3, 8192, 500), (2, 9000, 800)]
-    assert all(c["torch_topk"]["steps"] == 2 and c["sampled"]["steps"] == 2 and c["ratio"] > 0 for c in report["cases"])
-    assert "sampled ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
+    assert all(c["torch_topk"]["steps"] == 2 and c["partition"]["steps"] == 2 and c["ratio"] > 0 for c in report["cases"])
+    assert "partition ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
 
 
 def test_attention_speed_writes_both_methods_per_case(tmp_path, monkeypatch):

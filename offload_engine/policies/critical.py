@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..selection.ranking import topk_unsorted
 from .base import NEVER, Candidates, Policy, PolicyContext
 
 NORM_CHUNK = 256  # tokens whose projected values are materialised at once ([H, chunk, E])
@@ -181,5 +182,5 @@ def first_stage_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     count = min(count, scores.shape[-1])
     if count > 0:
-        mask.scatter_(-1, torch.topk(scores, count, dim=-1, sorted=False).indices, True)
+        mask.scatter_(-1, topk_unsorted(scores, count)[1], True)  # the selector's own top-k, ties alike
     return mask

@@ -7,8 +7,7 @@ long, ascending within a row, with ``-1`` padding last.
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 PAD = -1
@@ -30,51 +29,27 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
     return sort_with_padding_last(positions) if ordered else positions
 
 
-# On CPU, torch.topk's per-row selection costs about as much as scoring the compact keys at long
-# context; a sampled threshold cuts the rows down first (see topk_unsorted). Outside these sizes the
-# plain top-k is as fast or faster (bench/reports/topk_cpu.md: equal at 8k candidates and
-# at a 10% share of 32k).
-SAMPLED_TOPK_MIN_CANDIDATES = 16384
-SAMPLED_TOPK_MAX_SHARE = 0.07  # keep / n at most
-SAMPLE_STRIDE = 8
-SAMPLE_MARGIN = 1.1
+# numpy's introselect partition; torch.topk's CPU kernel takes 4-6x longer on a producer's rows
+# (bench/reports/topk_cpu.md). Half precision and bfloat16 stay with torch (numpy has no bfloat16).
+PARTITION_DTYPES = (torch.float32, torch.float64)
 
 
 def topk_unsorted(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, keep, dim=-1, sorted=False)``: (values, indices) ``[..., keep]``, exact.
 
-    On CPU with many candidates and a small share kept, the top of every row is found in two
-    passes: a threshold from a strided sample (every 8th score's top ``keep/8``, with a margin of 10%
-    and four standard deviations) keeps each row's scores at or above it, about 1.3-1.5 ``keep`` of
-    them, and the top-k runs on those only.
-    When every row keeps at least ``keep`` scores, its ``keep`` largest are among them, so the result
-    is exact (the same values; among equal scores it may pick other indices); otherwise (or with a
-    ``-inf`` threshold) it falls back to the plain top-k. (At 32k candidates and 2k kept per row this takes about 60% of the plain
-    top-k's time on one thread, at 128k about half.) On other devices it is ``torch.topk``: it syncs
-    with the host, which a CUDA step must not.
+    On the CPU (float32 or float64) every row is partitioned by ``numpy.argpartition`` (linear-time
+    selection: the ``keep`` largest land after the ``n - keep``-th, in no order), read through a numpy
+    view of the tensor's memory; among equal scores at the cut it may keep other indices than
+    ``torch.topk``. Elsewhere ``torch.topk``, which on a GPU never syncs with the host.
     """
     n = scores.shape[-1]
-    if (scores.device.type != "cpu" or n < SAMPLED_TOPK_MIN_CANDIDATES or keep > SAMPLED_TOPK_MAX_SHARE * n
-            or keep < SAMPLE_STRIDE):
+    if scores.device.type != "cpu" or scores.dtype not in PARTITION_DTYPES or not 0 < keep <= n:
         return torch.topk(scores, keep, dim=-1, sorted=False)
+    rows = scores.detach().reshape(-1, n).numpy()
+    index = np.argpartition(rows, n - keep, axis=-1)[:, n - keep :]
+    values = np.take_along_axis(rows, index, axis=-1)
     lead = scores.shape[:-1]
-    flat = scores.reshape(-1, n)
-    sample = flat[:, ::SAMPLE_STRIDE]
-    expected = keep / SAMPLE_STRIDE  # sampled scores above the row's keep-th largest, on average
-    take = min(sample.shape[-1], int(expected * SAMPLE_MARGIN + 4 * math.sqrt(expected)) + 8)  # 4 sd of margin
-    threshold = torch.topk(sample, take, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    rows, cols = (flat >= threshold).nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=flat.shape[0])
-    if bool(torch.isneginf(threshold).any()) or int(counts.min()) < keep:
-        return torch.topk(scores, keep, dim=-1, sorted=False)
-    width = int(counts.max())
-    place = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
-    kept = torch.full((flat.shape[0], width), float("-inf"), dtype=flat.dtype)
-    kept[rows, place] = flat[rows, cols]
-    columns = torch.zeros((flat.shape[0], width), dtype=torch.long)
-    columns[rows, place] = cols
-    values, within = torch.topk(kept, keep, dim=-1, sorted=False)
-    return values.view(*lead, keep), columns.gather(-1, within).view(*lead, keep)
+    return torch.from_numpy(values).view(*lead, keep), torch.from_numpy(index).view(*lead, keep)
 
 
 def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ A producer's selection takes the top ``keep`` of ``n`` candidate scores for ever
 KV head) row at once. Rows: 12 (SmolLM2-135M: 4 consumer layers x 3 KV heads) and 32 (Llama-3.1-8B:
 4 x 8). Scores: softmax of Gaussian logits (peaked, like the predictor's group-mean probabilities).
 The two methods alternate call by call on the same scores, so load from other processes hits both
-alike; each cell is a median over the calls. Both return the same tokens (tests/test_ranking.py).
+alike; each cell is a median over the calls. Both return the same tokens, ties at the cut aside (tests/test_ranking.py).
 Writes ``OUT.json`` and ``OUT.md`` with the machine, command and commit.
 """
 
@@ -50,7 +50,7 @@ def to_markdown(report: dict) -> str:
         "calls, the methods alternating on the same scores (softmax of Gaussian logits). Median ms per call.", "",
         markdown_table(["rows", "candidates", "keep", "torch.topk ms", "partition ms", "ratio"], table), "",
         "`offload_engine.selection.ranking.topk_unsorted` partitions every row with `numpy.argpartition` on the "
-        "CPU (float32 and float64 scores; the same tokens as torch.topk, tests/test_ranking.py) and calls "
+        "CPU (float32 and float64 scores; the same tokens as torch.topk but for ties at the cut, tests/test_ranking.py) and calls "
         "torch.topk elsewhere.",
     ])
 

@@ -131,13 +131,27 @@ def test_pairs_gather_each_pair_as_gather_fragments_does(with_counts, same_layou
         assert torch.equal(got[0], expected[0]) and (got[1][2] == -7).all()
 
 
-def test_pairs_refuse_a_mismatched_pair_before_copying():
-    keys, values = torch.randn(3, 20, 8), torch.randn(3, 20, 4)
+@pytest.mark.parametrize("values_layout", ["token-major", "head-major"])  # shared row numbers, or pair by pair
+def test_pairs_refuse_a_mismatched_pair_before_copying(values_layout):
+    keys = torch.randn(20, 3, 8).transpose(0, 1)
+    values = torch.randn(20, 3, 4).transpose(0, 1) if values_layout == "token-major" else torch.randn(3, 20, 4)
     dst_k, dst_v = torch.zeros(3, 5, 8), torch.zeros(3, 5, 8)
     positions, slots = torch.tensor([[1], [2], [3]]), torch.tensor([[0], [1], [2]])
     with pytest.raises(ValueError, match="head dim"):
         gather_pairs(((keys, dst_k), (values, dst_v)), positions, slots, INDEX)
     assert dst_k.abs().sum() == 0
+
+
+def test_pairs_of_one_layout_compute_row_numbers_once(monkeypatch):
+    from offload_engine.cpu_cache import gather as gather_module
+
+    calls = []
+    original = gather_module._row_numbers
+    monkeypatch.setattr(gather_module, "_row_numbers", lambda *a: calls.append(1) or original(*a))
+    keys, values = (torch.randn(40, 3, 16).transpose(0, 1) for _ in range(2))
+    positions, slots = random_selection(3, 40, 6, 8, 0, seed=2)
+    gather_pairs(((keys, torch.zeros(3, 8, 16)), (values, torch.zeros(3, 8, 16))), positions, slots, INDEX)
+    assert calls == [1]
 
 
 def test_wide_rows_are_the_same_bytes():

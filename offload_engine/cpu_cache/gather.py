@@ -201,12 +201,12 @@ def gather_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: 
     On the CPU (``index``) the row numbers are computed once for all pairs when their tables share
     one layout; otherwise each pair is gathered on its own.
     """
+    for src, dst in pairs:  # every pair refused before any is copied
+        _check_shapes(src, positions, slots, dst, counts)
     if method == INDEX and positions.shape[1] and all(s.device.type == d.device.type == "cpu" for s, d in pairs):
         tables = [(row_table(s), row_table(d)) for s, d in pairs]
         layout = [(t.head_step, t.row_step) if t is not None else None for pair in tables for t in pair]
         if None not in layout and len(set(layout[0::2])) == 1 and len(set(layout[1::2])) == 1:
-            for src, dst in pairs:
-                _check_shapes(src, positions, slots, dst, counts)
             sources, targets = _row_numbers(*tables[0], positions, slots, counts)
             for from_rows, to_rows in tables:
                 _copy_rows(from_rows, to_rows, sources, targets)

@@ -29,8 +29,9 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
     return sort_with_padding_last(positions) if ordered else positions
 
 
-# numpy's introselect partition; torch.topk's CPU kernel takes 4-6x longer on a producer's rows
-# (bench/reports/topk_cpu.md). Half precision and bfloat16 stay with torch (numpy has no bfloat16).
+# numpy's introselect partition; torch.topk's CPU kernel takes 2-3.4x longer on a producer's rows on one
+# thread (bench/reports/topk_cpu.md), and was slower still with two threads here (numpy uses one; not
+# measured on machines with many cores). Half precision and bfloat16 stay with torch (numpy has no bfloat16).
 PARTITION_DTYPES = (torch.float32, torch.float64)
 
 
@@ -40,13 +41,14 @@ def topk_unsorted(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
     On the CPU (float32 or float64) every row is partitioned by ``numpy.argpartition`` (linear-time
     selection: the ``keep`` largest land after the ``n - keep``-th, in no order), read through a numpy
     view of the tensor's memory; among equal scores at the cut it may keep other indices than
-    ``torch.topk``. Elsewhere ``torch.topk``, which on a GPU never syncs with the host.
+    ``torch.topk`` (a CPU and a CUDA run may break such ties apart). No gradient reaches the values.
+    Elsewhere ``torch.topk``, which on a GPU never syncs with the host.
     """
     n = scores.shape[-1]
     if scores.device.type != "cpu" or scores.dtype not in PARTITION_DTYPES or not 0 < keep <= n:
         return torch.topk(scores, keep, dim=-1, sorted=False)
     rows = scores.detach().reshape(-1, n).numpy()
-    index = np.argpartition(rows, n - keep, axis=-1)[:, n - keep :]
+    index = np.ascontiguousarray(np.argpartition(rows, n - keep, axis=-1)[:, n - keep :])  # not a view of [r, n]
     values = np.take_along_axis(rows, index, axis=-1)
     lead = scores.shape[:-1]
     return torch.from_numpy(values).view(*lead, keep), torch.from_numpy(index).view(*lead, keep)

@@ -59,3 +59,8 @@ def test_other_dtypes_use_torch_topk_and_gradients_are_no_obstacle(monkeypatch):
     topk_unsorted(torch.randn(2, 1200).bfloat16(), 40)  # numpy has no bfloat16: torch.topk
     _, index = topk_unsorted(torch.randn(2, 1200, requires_grad=True), 40)  # read detached: no error
     assert calls == [torch.bfloat16] and index.shape == (2, 40)
+    doubles = torch.randn(3, 500, dtype=torch.float64)
+    values, index = topk_unsorted(doubles, 30)  # float64 partitions too
+    assert values.dtype == torch.float64 and _as_sets(index) == _as_sets(original(doubles, 30).indices)
+    values, index = topk_unsorted(torch.randn(0, 4, 700), 50)  # no rows: empty, shaped
+    assert values.shape == index.shape == (0, 4, 50) and index.dtype == torch.long and calls == [torch.bfloat16]

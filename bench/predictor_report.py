@@ -105,13 +105,15 @@ def parse_lengths(text: str) -> list[tuple[int, int]]:
 def build_report(args) -> dict:
     adapter = load_model(args.model)
     predictor, config = load_checkpoint(args.predictor, adapter.dims)
-    baseline = load_checkpoint(args.baseline, adapter.dims)[0] if args.baseline else None
+    baseline, baseline_config = load_checkpoint(args.baseline, adapter.dims) if args.baseline else (None, {})
     corpus = resolve_corpus(args.corpus, args.seed) if args.corpus else None
     report = {"provenance": provenance("python -m tbrun_bench.predictor_report"),
               "machine": machine_header(torch.device("cpu")),
               "predictor": {"path": portable_path(args.predictor),
-                            **{k: config.get(k) for k in ("predictor", "steps", "command", "commit", "data", "train")}},
+                            **{k: config.get(k) for k in ("weights_sha256", "predictor", "steps", "command", "commit",
+                                                          "data", "train")}},
               "baseline": portable_path(args.baseline) if args.baseline else None,
+              "baseline_sha256": baseline_config.get("weights_sha256"),
               "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}, "lookups": args.lookups}
     for seq_len, count in parse_lengths(args.lengths):
         if seq_len > adapter.dims.max_positions:
@@ -139,6 +141,11 @@ def build_report(args) -> dict:
     return report
 
 
+def _short_hash(sha256: str | None) -> str:
+    """``, weights sha256 1234abcd...`` or nothing when the report predates recording it."""
+    return f", weights sha256 `{sha256[:8]}...`" if sha256 else ""
+
+
 def _cell(interval: dict) -> str:
     if interval["low"] is None:
         return f"{interval['mean']:.3f}"
@@ -155,7 +162,7 @@ def headline(report: dict, key: str = "recall", rows_are: str = "") -> list[str]
     baseline = report.get(f"baseline_{key}")
     for n_label, source in (("baseline tokenbutler", "tokenbutler"), ("baseline tokenbutler_engine", "tokenbutler_engine")):
         if baseline:
-            rows.append([f"{n_label} (`{report['baseline']}`)",
+            rows.append([f"{n_label} (`{report['baseline']}`{_short_hash(report.get('baseline_sha256'))})",
                          *(_cell(baseline[n]["interval"][source][HEADLINE_BUDGET]) if n in baseline else "-"
                            for n in lengths)])
     counts = ", ".join(f"{report[key][n]['sequences']} at {n}" for n in lengths)
@@ -166,7 +173,10 @@ def headline(report: dict, key: str = "recall", rows_are: str = "") -> list[str]
 def to_markdown(report: dict) -> str:
     parts = [markdown_header("TokenButler predictor: held-out recall of oracle top-k attention mass", report), ""]
     o = report["overhead"]
-    parts += [f"Predictor `{report['predictor']['path']}`: {o['predictor_parameters']:,} parameters = "
+    if report.get("post_processing"):
+        parts += [f"Post-processing: {report['post_processing']}", ""]
+    parts += [f"Predictor `{report['predictor']['path']}`{_short_hash(report['predictor'].get('weights_sha256'))}: "
+              f"{o['predictor_parameters']:,} parameters = "
               f"**{o['parameters_percent_of_model']}% of the model** ({o['model_parameters']:,}); compact key "
               f"cache = {o['compact_cache_percent_of_kv_bytes_same_dtype']}% of the KV bytes "
               f"({o['compact_cache_percent_of_kv_bytes_int8']}% with int8 keys). Trained with "

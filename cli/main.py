@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from . import bench_cmd, eval_cmd, generate_cmd, info_cmd, serve_cmd, train_cmd
@@ -20,7 +22,23 @@ bench_cmd.register(app)
 train_cmd.register(app)
 eval_cmd.register(app)
 serve_cmd.register(app)
-# subcommands
+
+
+@app.callback()
+def configure(
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Torch CPU threads (before the command: tbrun --threads 2 generate ...). Default: "
+        "$OMP_NUM_THREADS, else the usable cores less those other processes keep busy (one thread more than the "
+        "free cores makes every CPU kernel wait for a descheduled thread)."),
+) -> None:
+    """Long-context LLM inference with the KV cache in host memory and learned token selection."""
+    from offload_engine.machine import apply_cpu_threads
+
+    try:
+        apply_cpu_threads(threads)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

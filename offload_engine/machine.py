@@ -115,6 +115,7 @@ def describe_machine() -> dict[str, str]:
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu cores": str(os.cpu_count()),
+        "cpu threads": cpu_threads_text(),
         "host RAM": f"{memory.total / 2**30:.1f} GiB ({memory.available / 2**30:.1f} GiB available)",
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -145,3 +146,47 @@ def measure_h2d_gbps(size_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1000.0)
     return size_bytes / best / 1e9
+
+
+# ------------------------------------------------------------------------------- CPU threads
+CPU_THREADS_ENV = "OMP_NUM_THREADS"
+
+
+def choose_cpu_threads(requested: int | None = None, sample_seconds: float = 0.1) -> tuple[int, str]:
+    """Torch's CPU threads for this run, and why: ``requested`` (``--threads``), else
+    ``$OMP_NUM_THREADS``, else the usable cores less those other processes keep busy now.
+
+    Torch's CPU kernels wait at a barrier for every thread of every parallel region: with one more
+    thread than free cores, each region waits for a descheduled thread, and a decode step of the
+    embedded model took 2 s instead of 60 ms beside one busy process on two cores (35x; measured
+    2026-12-03). Busy cores: the CPU utilisation of the whole machine over ``sample_seconds``
+    (this process idle), rounded to the nearest core.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads {requested}: give at least 1 (or leave it out to choose from the free cores)")
+        return requested, "--threads"
+    from_env = os.environ.get(CPU_THREADS_ENV, "").strip()
+    if from_env.isdigit() and int(from_env) >= 1:
+        return int(from_env), f"${CPU_THREADS_ENV}"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(psutil.cpu_percent(interval=sample_seconds) / 100 * (os.cpu_count() or usable))
+    threads = max(1, usable - busy)
+    return threads, f"auto: {usable} usable cores, {busy} busy with other processes"
+
+
+_THREADS_CHOSEN: list[str] = []  # why the threads were set, once apply_cpu_threads ran
+
+
+def apply_cpu_threads(requested: int | None = None) -> int:
+    """Set torch's CPU threads (``choose_cpu_threads``) and remember why, for ``describe_machine``."""
+    threads, why = choose_cpu_threads(requested)
+    torch.set_num_threads(threads)
+    _THREADS_CHOSEN[:] = [why]
+    return threads
+
+
+def cpu_threads_text() -> str:
+    """Torch's CPU threads now, and why when tbrun chose them."""
+    why = f" ({_THREADS_CHOSEN[0]})" if _THREADS_CHOSEN else ""
+    return f"{torch.get_num_threads()}{why}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -34,11 +36,18 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread_for_the_suite():
     """Every test on one torch thread: tiny models gain nothing from more, and on a busy 2-core
-    machine two threads per test made the suite several times slower (72 s -> 2.4 s for one file)."""
-    threads = torch.get_num_threads()
+    machine two threads per test made the suite several times slower (72 s -> 2.4 s for one file).
+    ``OMP_NUM_THREADS=1`` too, so that ``tbrun`` invoked in a test (its callback sets the threads)
+    and the processes tests start keep to one thread."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture

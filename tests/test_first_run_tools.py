@@ -116,3 +116,28 @@ def test_reports_being_written_do_not_make_the_commit_dirty_but_code_does(tmp_pa
     assert not git_commit(str(tmp_path)).endswith("-dirty")
     (tmp_path / "engine.py").write_text("x = 2\n")
     assert git_commit(str(tmp_path)).endswith("-dirty")
+
+
+# ------------------------------------------------------------------------------- CPU threads
+def test_cpu_threads_follow_the_option_then_the_environment_then_the_free_cores(monkeypatch):
+    from offload_engine import machine
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert machine.choose_cpu_threads(2) == (2, "--threads")
+    assert machine.choose_cpu_threads(None)[0] == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        machine.choose_cpu_threads(0)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 4)
+    for utilisation, busy, threads in ((0.0, 0, 4), (10.0, 0, 4), (24.0, 1, 3), (50.0, 2, 2), (100.0, 4, 1)):
+        monkeypatch.setattr(machine.psutil, "cpu_percent", lambda interval, u=utilisation: u)
+        chosen, why = machine.choose_cpu_threads(None)
+        assert chosen == threads and why == f"auto: 4 usable cores, {busy} busy with other processes"
+
+
+def test_tbrun_refuses_zero_threads_and_info_says_how_many(tiny_model_dir):
+    refused = CliRunner().invoke(app, ["--threads", "0", "info"])
+    assert refused.exit_code == 2 and "--threads 0" in refused.output
+    shown = CliRunner().invoke(app, ["info", "--model", tiny_model_dir])  # $OMP_NUM_THREADS=1 in the suite
+    assert shown.exit_code == 0 and "1 ($OMP_NUM_THREADS)" in shown.output

@@ -47,8 +47,8 @@ import shutil
 import sysconfig
 import threading
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch

@@ -88,8 +88,6 @@ def to_markdown(report: dict) -> str:
         "each phase; CUDA: events on the current stream, so copies overlapping compute count in `copy` and the "
         "phases need not add up). `rest` is the step minus the phases: projections, MLP, norms, sampling.",
     ]
-    if report.get("post_processing"):
-        lines += ["", f"Post-processing: {report['post_processing']}"]
     if s.get("repeats", 1) > 1:
         lines += ["", f"Each mode ran {s['repeats']} times, interleaved with the others; its row is its fastest round "
                   "(all rounds' medians are in the JSON as `round_medians_ms`)."]

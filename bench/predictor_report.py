@@ -173,8 +173,6 @@ def headline(report: dict, key: str = "recall", rows_are: str = "") -> list[str]
 def to_markdown(report: dict) -> str:
     parts = [markdown_header("TokenButler predictor: held-out recall of oracle top-k attention mass", report), ""]
     o = report["overhead"]
-    if report.get("post_processing"):
-        parts += [f"Post-processing: {report['post_processing']}", ""]
     parts += [f"Predictor `{report['predictor']['path']}`{_short_hash(report['predictor'].get('weights_sha256'))}: "
               f"{o['predictor_parameters']:,} parameters = "
               f"**{o['parameters_percent_of_model']}% of the model** ({o['model_parameters']:,}); compact key "

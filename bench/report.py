@@ -174,11 +174,13 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown_header(title: str, report: dict) -> str:
-    """Title, command, commit, date and the machine as a bullet list."""
+    """Title, command, commit, date and the machine as a bullet list, then any post-processing note."""
     prov, machine = report["provenance"], report["machine"]
     lines = [f"# {title}", "", f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`",
              f"- date: {prov['date']}"]
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in machine.items()]
+    if report.get("post_processing"):  # a report changed after its run says how
+        lines += ["", f"Post-processing: {report['post_processing']}"]
     return "\n".join(lines)
 
 

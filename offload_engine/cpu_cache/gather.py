@@ -71,14 +71,7 @@ def gather_fragments(
     ``[KvH, S, D]`` (same dtype as src); counts ``[KvH]`` long on ``dst.device`` or None (all
     ``m`` entries real). ``method`` is one of ``ALL_METHODS``.
     """
-    _check_shapes(src, positions, slots, dst, counts)
-    if positions.shape[1] == 0:
-        return
-    try:
-        implementation = _IMPLEMENTATIONS[method]
-    except KeyError:
-        raise ValueError(f"unknown gather method {method!r}; choose one of {', '.join(ALL_METHODS)}") from None
-    implementation(src, positions, slots, dst, counts)
+    gather_pairs(((src, dst),), positions, slots, method, counts)
 
 
 def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor,
@@ -198,12 +191,19 @@ def gather_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: 
     """``gather_fragments(src, positions, slots, dst, method, counts)`` for every ``(src, dst)`` of
     ``pairs`` (a layer's keys and values): one plan, several tensors of one layout.
 
-    On the CPU (``index``) the row numbers are computed once for all pairs when their tables share
-    one layout; otherwise each pair is gathered on its own.
+    Every pair is checked before any is copied. On the CPU (``index``) the row numbers are computed
+    once for all pairs when their tables share one layout; otherwise each pair is gathered on its own
+    (``gather_fragments`` is this with one pair).
     """
+    try:
+        implementation = _IMPLEMENTATIONS[method]
+    except KeyError:
+        raise ValueError(f"unknown gather method {method!r}; choose one of {', '.join(ALL_METHODS)}") from None
     for src, dst in pairs:  # every pair refused before any is copied
         _check_shapes(src, positions, slots, dst, counts)
-    if method == INDEX and positions.shape[1] and all(s.device.type == d.device.type == "cpu" for s, d in pairs):
+    if positions.shape[1] == 0:
+        return
+    if method == INDEX and len(pairs) > 1 and all(s.device.type == d.device.type == "cpu" for s, d in pairs):
         tables = [(row_table(s), row_table(d)) for s, d in pairs]
         layout = [(t.head_step, t.row_step) if t is not None else None for pair in tables for t in pair]
         if None not in layout and len(set(layout[0::2])) == 1 and len(set(layout[1::2])) == 1:
@@ -212,7 +212,7 @@ def gather_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: 
                 _copy_rows(from_rows, to_rows, sources, targets)
             return
     for src, dst in pairs:
-        gather_fragments(src, positions, slots, dst, method, counts)
+        implementation(src, positions, slots, dst, counts)
 
 
 WIDE_ELEMENT = torch.complex128  # 16 bytes: a row of D values moved as D * itemsize / 16 elements

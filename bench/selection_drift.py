@@ -90,14 +90,22 @@ def kept_share(now: dict, before: dict) -> float:
 
 def coverage(selection: dict, needle: set[int]) -> float:
     """Mean over selecting (layer, head) of the share of ``needle`` positions selected."""
-    return statistics.fmean(len(needle & cur) / len(needle) for heads in selection.values() for cur in heads)
+    return statistics.fmean(layer_coverage(selection, needle).values())
 
 
-def measure_sample(engine: Engine, sample, tokenizer, steps: int) -> dict:
-    """Run one sample at interval 1; its per-lag kept shares and needle coverages."""
+def layer_coverage(selection: dict, needle: set[int]) -> dict[int, float]:
+    """Per selecting layer, the mean over its KV heads of the share of ``needle`` positions selected."""
+    return {layer: statistics.fmean(len(needle & cur) / len(needle) for cur in heads)
+            for layer, heads in selection.items()}
+
+
+def measure_sample(engine: Engine, sample, tokenizer) -> dict:
+    """Run one sample at interval 1 (greedy, the eval's answer length); its per-lag kept shares and
+    needle coverages (mean over answer steps; per layer too)."""
     log: list[dict] = []
     with recorded_selections(log):
-        result = engine.generate(list(sample.prompt_ids), SamplingConfig(temperature=0.0, max_new_tokens=steps))
+        result = engine.generate(list(sample.prompt_ids),
+                                 SamplingConfig(temperature=0.0, max_new_tokens=sample.max_new_tokens))
     generated = result.token_ids
     # log[j] is the selection of decode step j + 1, which produced generated[j + 1]
     needle = needle_positions(list(sample.prompt_ids), sample.answers, tokenizer)
@@ -105,25 +113,39 @@ def measure_sample(engine: Engine, sample, tokenizer, steps: int) -> dict:
     kept = {lag: [kept_share(log[j], log[j - lag]) for j in range(lag, len(log))] for lag in LAGS[1:]}
     answer_steps = [j for j in range(len(log)) if j + 1 < len(generated) and generated[j + 1] in answer_tokens]
     cover = {lag: [coverage(log[j - lag], needle) for j in answer_steps if j >= lag] for lag in LAGS} if needle else {}
+    by_layer = {}
+    if needle and answer_steps and min(answer_steps) >= LAGS[-1]:
+        for lag in (LAGS[0], LAGS[-1]):
+            per_step = [layer_coverage(log[j - lag], needle) for j in answer_steps]
+            by_layer[str(lag)] = {str(layer): statistics.fmean(step[layer] for step in per_step) for layer in per_step[0]}
     return {"index": sample.index, "variant": sample.meta.get("variant"), "output": result.text,
             **score_generation(result.text, sample.answers), "needle_tokens": len(needle),
             "answer_steps": len(answer_steps),
             "kept": {str(lag): statistics.fmean(v) for lag, v in kept.items() if v},
-            "needle_coverage": {str(lag): statistics.fmean(v) for lag, v in cover.items() if v}}
+            "needle_coverage": {str(lag): statistics.fmean(v) for lag, v in cover.items() if v},
+            "needle_coverage_by_layer": by_layer}
 
 
 def summarize(rows: list[dict]) -> dict:
     """Mean [95% interval] over samples of every per-lag measure."""
-    out: dict = {"kept": {}, "needle_coverage": {}, "needle_coverage_interval4": None}
+    out: dict = {"kept": {}, "needle_coverage": {}, "needle_coverage_interval4": None, "needle_coverage_loss": {}}
     for measure in ("kept", "needle_coverage"):
         for lag in LAGS:
             values = [r[measure][str(lag)] for r in rows if str(lag) in r[measure]]
             if values:
                 out[measure][str(lag)] = interval_entry(values)
-    mixed = [statistics.fmean(r["needle_coverage"][str(lag)] for lag in LAGS) for r in rows
-             if all(str(lag) in r["needle_coverage"] for lag in LAGS)]
-    if mixed:
-        out["needle_coverage_interval4"] = interval_entry(mixed)
+    complete = [r["needle_coverage"] for r in rows if all(str(lag) in r["needle_coverage"] for lag in LAGS)]
+    if complete:
+        out["needle_coverage_interval4"] = interval_entry([statistics.fmean(c[str(lag)] for lag in LAGS) for c in complete])
+        out["needle_coverage_loss"] = {str(lag): interval_entry([c["0"] - c[str(lag)] for c in complete])
+                                       for lag in LAGS[1:]}
+    layered = [r["needle_coverage_by_layer"] for r in rows if r.get("needle_coverage_by_layer")]
+    if layered:
+        layers = layered[0]["0"]
+        out["needle_coverage_by_layer"] = {
+            layer: {lag: statistics.fmean(r[lag][layer] for r in layered) for lag in ("0", str(LAGS[-1]))}
+            for layer in layers}
+        out["needle_coverage_by_layer_samples"] = len(layered)
     return out
 
 
@@ -138,7 +160,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", default="4k")
     parser.add_argument("--budget", default="10%")
     parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=24, help="new tokens per sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/reports/selection_drift"))
     args = parser.parse_args(argv)
@@ -151,12 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     with Progress() as progress:
         task = progress.add_task("selection drift (niah samples)", total=len(samples))
         for sample in samples:
-            rows.append(measure_sample(engine, sample, adapter.tokenizer, args.steps))
+            rows.append(measure_sample(engine, sample, adapter.tokenizer))
             progress.advance(task)
     report = {"benchmark": "selection_drift", "provenance": provenance("python -m tbrun_bench.selection_drift"),
               "machine": machine_header(torch.device("cpu")),
               "settings": {"task": "niah", "context": context, "budget": str(budget), "sinks": SINKS, "window": WINDOW,
-                           "interval": 1, "samples": args.samples, "steps": args.steps, "seed": args.seed,
+                           "interval": 1, "samples": args.samples, "seed": args.seed,
                            "predictor": "predictors/smollm2-135m-instruct (shipped)"},
               "summary": summarize(rows), "samples": rows}
     write_reports(args.out, report, to_markdown(report))
@@ -177,7 +198,8 @@ def to_markdown(report: dict) -> str:
     lines = [markdown_header("Selection drift: what a reused tokenbutler selection misses", report), "",
              f"Embedded SmolLM2-135M-Instruct (fp32), the shipped predictor, niah at {s['context']} tokens "
              f"(the four variants in turn), {s['samples']} samples, budget {s['budget']}, sinks {s['sinks']}, window "
-             f"{s['window']}, interval 1, greedy, {s['steps']} new tokens; interval 1 answered {correct} of "
+             f"{s['window']}, interval 1, greedy, the eval's answer length (32 tokens, 64 for lists); interval 1 "
+             f"answered {correct} of "
              f"{len(report['samples'])} fully. Cells: mean over samples in % [95% t interval] (samples).", "",
              "Lag L compares step t with the selection made L steps earlier (the one interval L+1 could still be "
              "attending at t). *Kept*: share of step t's selected tokens already in that earlier selection. *Needle "
@@ -186,8 +208,18 @@ def to_markdown(report: dict) -> str:
              markdown_table(["measure", "lag 0 (interval 1)", "lag 1", "lag 2", "lag 3"],
                             [["kept", "100 (by definition)"] + [cell(summary["kept"].get(str(lag))) for lag in LAGS[1:]],
                              ["needle coverage"] + [cell(summary["needle_coverage"].get(str(lag))) for lag in LAGS]]),
+             "", "Needle coverage lost against interval 1 (lag 0 minus lag L, paired per sample): "
+             + ", ".join(f"lag {lag} {cell(summary['needle_coverage_loss'].get(str(lag)))}" for lag in LAGS[1:]) + ".",
              "", f"Needle coverage averaged over lags 0-3 (interval 4 with uniformly placed prediction steps, no "
              f"neighbours): {cell(summary['needle_coverage_interval4'])}."]
+    layered = summary.get("needle_coverage_by_layer")
+    if layered:
+        top = sorted(layered, key=lambda layer: -layered[layer]["0"])[:8]
+        lines += ["", f"The {len(top)} layers that select the most of the needle at interval 1 (means over "
+                  f"{summary['needle_coverage_by_layer_samples']} samples whose answer starts at least 3 steps in):", "",
+                  markdown_table(["layer", "needle coverage, lag 0 (%)", f"lag {LAGS[-1]} (%)"],
+                                 [[layer, fmt(100 * layered[layer]["0"]), fmt(100 * layered[layer][str(LAGS[-1])])]
+                                  for layer in top])]
     return "\n".join(lines)
 
 

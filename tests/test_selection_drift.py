@@ -38,6 +38,8 @@ def test_summary_gives_a_mean_with_an_interval_per_lag():
     assert summary["kept"]["1"]["mean"] == pytest.approx(0.7)
     assert summary["kept"]["1"]["low"] < 0.7 < summary["kept"]["1"]["high"]
     assert summary["needle_coverage_interval4"]["mean"] == pytest.approx((0.35 + 0.55) / 2)
+    assert summary["needle_coverage_loss"]["3"]["mean"] == pytest.approx(0.3)  # paired: 0.3 in both samples
+    assert summary["needle_coverage_loss"]["3"]["low"] == pytest.approx(0.3)
 
 
 def test_recording_holds_each_selecting_step_and_restores_the_planner():

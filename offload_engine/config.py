@@ -87,6 +87,21 @@ class Budget:
         return f"{self.tokens}" if self.tokens is not None else f"{self.fraction * 100:g}%"
 
 
+_LAYERS_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_layers(text: str) -> frozenset[int]:
+    """Layer numbers from ``"14-23"``, ``"3,7,20-23"`` or ``"3+7+20-23"`` (ranges inclusive); ``""``: none."""
+    layers: set[int] = set()
+    for item in filter(None, (part.strip() for part in re.split(r"[,+]", text))):
+        match = _LAYERS_RE.match(item)
+        if match is None or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
+            raise ConfigError(f"--refresh-layers {text!r}: {item!r} is not a layer N or a range A-B with A <= B.")
+        first = int(match.group(1))
+        layers.update(range(first, int(match.group(2) or first) + 1))
+    return frozenset(layers)
+
+
 @dataclass(slots=True)
 class SelectionConfig:
     """How the sparse mode picks tokens: sinks and window always, the policy for the rest."""
@@ -98,8 +113,16 @@ class SelectionConfig:
     interval: int = 1  # run the (predictive) policy every N steps, reuse between
     neighbors: int = 0  # "radius" rule: also fetch this many positions after each selected one
     neighbor_rule: str = "radius"  # "radius", or "runs": after each run of c selected, the next c
+    # layers selected afresh at every step whatever the interval (those whose selection drifts
+    # fastest: bench/reports/selection_drift.md); a string as in ``parse_layers`` is accepted
+    refresh_layers: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
+        if isinstance(self.refresh_layers, str):
+            self.refresh_layers = parse_layers(self.refresh_layers)
+        self.refresh_layers = frozenset(self.refresh_layers)
+        if any(layer < 0 for layer in self.refresh_layers):
+            raise ConfigError(f"--refresh-layers must be layer numbers >= 0, got {sorted(self.refresh_layers)}.")
         if self.sinks < 0 or self.window < 1:
             raise ConfigError(f"--sinks must be >= 0 and --window >= 1 (got {self.sinks}, {self.window}).")
         if self.interval < 1:

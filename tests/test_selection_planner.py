@@ -68,7 +68,8 @@ def selections(adapter: ModelAdapter, spec: str, batched: bool, **selection) -> 
 
 
 @pytest.mark.parametrize("interval,neighbors", [(1, {}), (4, {"neighbors": 1}), (4, {"neighbor_rule": "runs"}),
-                                                (1, {"neighbor_rule": "runs"})])
+                                                (1, {"neighbor_rule": "runs"}),
+                                                (4, {"neighbor_rule": "runs", "refresh_layers": "1,3"})])
 @pytest.mark.parametrize("spec", POLICIES)
 def test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, spec, interval, neighbors):
     batched, tokens_b = selections(adapter, spec, True, interval=interval, **neighbors)
@@ -84,6 +85,38 @@ def test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, s
                 if layer == 0:
                     continue  # tokenbutler's dense layer
             assert all(0 < len(h) <= keep * growth for h in heads)
+
+
+def test_refresh_layers_select_every_step_and_the_others_reuse(adapter):
+    """Interval 4 with layer 1 refreshed: producer 0 (layers 1-2) plans at every step, producer 2
+    (layers 3-4) only on prediction steps; layers 3-4 keep their selection between predictions."""
+    policy = make_policy(adapter, "tokenbutler")
+    planned: list[int] = []
+    plan = policy.plan
+    policy.plan = lambda layer, *a: (planned.append(layer), plan(layer, *a))[1]
+    config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6, interval=4,
+                             refresh_layers="1")
+    engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
+    engine.generate(list(range(1, PROMPT + 1)), SamplingConfig(max_new_tokens=9, ignore_eos=True))
+    assert planned.count(0) == 8 and planned.count(2) == 2  # 8 decode steps: predictions at steps 0 and 4
+
+    seen, _ = selections(adapter, "tokenbutler", True, interval=4, refresh_layers=frozenset({1}))
+    for step in range(1, len(seen)):
+        if step % 4:
+            assert seen[step][3] == seen[step - 1][3] and seen[step][4] == seen[step - 1][4]
+    assert any(seen[step][1] != seen[step - 1][1] for step in range(1, len(seen)) if step % 4)
+
+
+@pytest.mark.parametrize("text,layers", [("14-16", {14, 15, 16}), ("3,7+9-10", {3, 7, 9, 10}), ("", set()),
+                                         (" 5 ", {5})])
+def test_refresh_layers_parse_numbers_and_ranges(text, layers):
+    assert SelectionConfig(refresh_layers=text).refresh_layers == frozenset(layers)
+
+
+@pytest.mark.parametrize("text", ["9-3", "a", "1-", "-2"])
+def test_bad_refresh_layers_say_what_is_wrong(text):
+    with pytest.raises(ConfigError, match="refresh-layers"):
+        SelectionConfig(refresh_layers=text)
 
 
 def test_predictive_scores_come_in_one_batched_call_per_producer(adapter):

@@ -69,7 +69,8 @@ class SparseOffloadKV(KVBackend):
             [selector.slots_for(layer) for layer in range(dims.num_layers)], capacity, dtype, device,
             layers=global_layers,
         )
-        self.planner = SelectionPlanner(selector, policy, self.working_set, selection.interval, batched=batched)
+        self.planner = SelectionPlanner(selector, policy, self.working_set, selection.interval, batched=batched,
+                                        refresh=selection.refresh_layers)
         self.prefetcher = Prefetcher(device, dims.num_layers)
         self.gather_method = gather_method or default_gather_method(device)
         self._fragment_bytes = 2 * dims.head_dim * torch.empty((), dtype=dtype).element_size()

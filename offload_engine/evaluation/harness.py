@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context
+from ..config import Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context, parse_layers
 from ..engine import Engine, PrefillRecord, resolve_device
 from ..errors import ConfigError
 from ..machine import portable_path  # reports must not name local paths
@@ -42,7 +42,7 @@ FORCED_TEXT_MAX_TOKENS = 64
 MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages  # keep the greedy predictions' text in the report for short targets
 
 
-SELECTION_KEYS = ("interval", "neighbors", "neighbor_rule")  # SelectionConfig fields a variant may set
+SELECTION_KEYS = ("interval", "neighbors", "neighbor_rule", "refresh_layers")  # SelectionConfig fields a variant may set
 POLICY_KEYS = ("group_reduction",)  # options of the innermost policy a variant may set
 _VARIANT = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[(?P<options>[^\[\]]*)\])?$")
 
@@ -106,6 +106,8 @@ def check_policy_spec(spec: str) -> None:
                               f"{', '.join(GROUP_REDUCTIONS)}.")
         if key in ("interval", "neighbors") and not value.isdigit():
             raise ConfigError(f"--policy {spec!r}: {key} must be a whole number, got {value!r}.")
+        if key == "refresh_layers":
+            parse_layers(value)
 
 
 @dataclass(slots=True)
@@ -246,6 +248,8 @@ def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -
     entry |= {"base_policy": selection.policy, "sinks": selection.sinks, "window": selection.window,
               "interval": selection.interval, "neighbors": selection.neighbors,
               "neighbor_rule": selection.neighbor_rule}
+    if selection.refresh_layers:
+        entry["refresh_layers"] = sorted(selection.refresh_layers)
     options = config.policy_options(point.policy)
     if "group_reduction" in options:
         entry |= {"group_reduction": options["group_reduction"], "predictor": predictor_identity(config, adapter)}

@@ -167,6 +167,10 @@ class Policy:
     def is_producer(self, layer: int) -> bool:
         return False
 
+    def served_by(self, producer: int) -> range:
+        """The layers ``plan(producer, ...)`` scores (empty for a layer that is no producer)."""
+        return range(0)
+
     def fixed_selection(self, candidates: Candidates) -> torch.Tensor | None:
         """A selection that needs no scores and is the same for every layer, or None.
 

@@ -81,6 +81,9 @@ class CriticalPolicy(Policy):
     def is_producer(self, layer: int) -> bool:
         return self.base.is_producer(layer)
 
+    def served_by(self, producer: int) -> range:
+        return self.base.served_by(producer)
+
     # -- state ---------------------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx

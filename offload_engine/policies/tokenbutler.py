@@ -163,6 +163,9 @@ class TokenButlerPolicy(Policy):
     def is_producer(self, layer: int) -> bool:
         return self.predictor is not None and self.predictor.is_producer(layer)
 
+    def served_by(self, producer: int) -> range:
+        return self.predictor.config.consumers(producer) if self.is_producer(producer) else range(0)
+
     def rewind(self, length: int) -> None:
         """Projected keys past ``length`` are rewritten before they are read; the producers' queries
         belong to the sequence that is gone."""

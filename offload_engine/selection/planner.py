@@ -11,7 +11,8 @@ the ``LayerFetch`` orders it gets back; the policy only scores. Per step:
   layers it serves in one batched call, the selector takes top-k for all of them in one call and
   the residency map updates their rows in one call; their copies start right away, ahead of
   their attention. Query-aware policies score at the layer's own attention time.
-- Between prediction steps the selection is reused and nothing is fetched; the window advances.
+- Between prediction steps the selection is reused and nothing is fetched; the window advances,
+  except in ``refresh`` layers, which select afresh at every step (their producers plan only them).
 
 Nothing here reads a device value back to the host: every size it needs (candidates, slots in
 use) is arithmetic on positions.
@@ -60,13 +61,16 @@ class SelectionPlanner:
     path is tested against).
     """
 
-    def __init__(self, selector: Selector, policy, working_set: "WorkingSet", interval: int, batched: bool = True):
+    def __init__(self, selector: Selector, policy, working_set: "WorkingSet", interval: int, batched: bool = True,
+                 refresh: frozenset[int] = frozenset()):
         self.selector, self.policy, self.ws = selector, policy, working_set
         self.interval, self.batched = interval, batched
+        self.refresh = refresh if interval > 1 else frozenset()  # layers selected at every step
         self.dense = selector.dense_layers
         self.local = selector.local_layers  # sliding-window layers: never selected for
         self._selection_steps = 0  # steps since selection (not "take everything") began
         self._predict = False
+        self._refreshing = False  # a step between predictions on which the refresh layers select
         self._taken_all: set[int] = set()  # layers that attend every candidate this step
         self._planned: set[int] = set()
         self.candidates: Candidates | None = None  # of the layers that select, this step
@@ -76,7 +80,7 @@ class SelectionPlanner:
 
     def reset(self) -> None:
         """Start over, as for a new sequence (after the backend rewound its working set)."""
-        self._selection_steps, self._predict = 0, False
+        self._selection_steps, self._predict, self._refreshing = 0, False, False
         self._taken_all.clear()
         self._planned.clear()
         self.candidates, self.position, self.attends_everything, self.notes = None, 0, True, []
@@ -99,6 +103,8 @@ class SelectionPlanner:
                 self.candidates, selecting = candidates, True
         self.attends_everything = not selecting
         self._predict = selecting and self._selection_steps % self.interval == 0
+        # the first selecting step predicts for every layer; after it the refresh layers select every step
+        self._refreshing = selecting and not self._predict and bool(self.refresh)
         self._selection_steps += int(selecting)
         if self._predict and self.batched:
             self._select_fixed(orders)
@@ -138,24 +144,24 @@ class SelectionPlanner:
     # ----------------------------------------------------------------------------- per layer
     def at_layer(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> Orders:
         """Orders to issue once ``layer``'s query is known. x ``[E]``, q ``[H, D]``."""
-        if not self._predict:
+        if not (self._predict or self._refreshing):
             return NOTHING
         orders = Orders([])
         if self.policy.plans_ahead and self.policy.is_producer(layer):
             self._plan_ahead(layer, x, orders)
         if layer not in self._taken_all and layer not in self._planned and layer not in self.dense \
-                and layer not in self.local:
+                and layer not in self.local and self._selects_now(layer):
             scores = self.policy.score(layer, q, self.candidates)  # [KvH, n]
             self._select([layer], scores.unsqueeze(0), orders)
         return orders
 
     def _plan_ahead(self, producer: int, x: torch.Tensor, orders: Orders) -> None:
         """A producer scores the layers it serves and their copies start now."""
-        layers, scores = self.policy.plan(producer, x, self.candidates)  # range, [Lg, KvH, n]
-        wanted = [layer for layer in layers
-                  if layer not in self.dense and layer not in self.local and layer not in self._taken_all]
+        wanted = [layer for layer in self.policy.served_by(producer) if layer not in self.dense
+                  and layer not in self.local and layer not in self._taken_all and self._selects_now(layer)]
         if not wanted:
             return
+        layers, scores = self.policy.plan(producer, x, self.candidates)  # range, [Lg, KvH, n]
         if self.batched:
             bank = self.ws.bank_of[wanted[0]]
             for run in bank.adjacent_runs(wanted):  # one run unless the group skips layers of the bank
@@ -165,6 +171,10 @@ class SelectionPlanner:
             for layer in wanted:
                 self._select([layer], self.policy.score(layer, None, self.candidates).unsqueeze(0), orders)
         self._planned.update(wanted)
+
+    def _selects_now(self, layer: int) -> bool:
+        """Whether ``layer`` selects at this step: every layer on a prediction step, else the refresh ones."""
+        return self._predict or layer in self.refresh
 
     def _select(self, layers: list[int], scores: torch.Tensor, orders: Orders) -> None:
         """Top-k of ``scores [Lg, KvH, n]`` for consecutive ``layers`` of one bank, one residency update."""

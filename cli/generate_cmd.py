@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, encode_prompt
-from offload_engine.config import parse_context
+from offload_engine.config import parse_context, parse_layers
 from offload_engine.engine import GenerationResult, resolve_device
 from offload_engine.errors import ConfigError
 from offload_engine.memory import MachineMemory, parse_dtype
@@ -36,6 +36,9 @@ BUDGET = typer.Option(None, "--budget", help="Tokens per layer and KV head (2048
 SINKS = typer.Option(4, "--sinks", help="First tokens always attended.")
 WINDOW = typer.Option(64, "--window", help="Most recent tokens always attended.")
 INTERVAL = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between.")
+REFRESH_LAYERS = typer.Option("", "--refresh-layers",
+                              help="With --interval N > 1: layers that still select at every step, e.g. 14-23 "
+                                   "(those whose selection drifts fastest).")
 NEIGHBORS = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one.")
 NEIGHBOR_RULE = typer.Option("radius", "--neighbor-rule",
                              help="radius (--neighbors N), or runs: after each run of c selected, the next c.")
@@ -64,6 +67,7 @@ class EngineOptions:
     device: Optional[str]
     dtype: Optional[str]
     allow_rope_scaling: bool
+    refresh_layers: str = ""
 
 
 def generate(
@@ -77,6 +81,7 @@ def generate(
     sinks: int = SINKS,
     window: int = WINDOW,
     interval: int = INTERVAL,
+    refresh_layers: str = REFRESH_LAYERS,
     neighbors: int = NEIGHBORS,
     neighbor_rule: str = NEIGHBOR_RULE,
     predictor: Optional[Path] = PREDICTOR,
@@ -94,13 +99,21 @@ def generate(
     text = read_prompt(prompt, prompt_file)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
-                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling))
+                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers))
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
     _print_summary(result, _sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype,
                                                engine.config.mode))
     if stats_json is not None:
         stats_json.write_text(json.dumps(result.stats.to_dict(), indent=2))
+
+
+def _check_refresh_layers(text: str, num_layers: int) -> None:
+    """Refuse --refresh-layers past the model's layers before its weights are loaded."""
+    beyond = sorted(layer for layer in parse_layers(text) if layer >= num_layers)
+    if beyond:
+        raise ConfigError(f"--refresh-layers {beyond} past the model's last layer {num_layers - 1}: "
+                          "name layers 0 to that.")
 
 
 def build_engine(o: EngineOptions) -> Engine:
@@ -113,9 +126,10 @@ def build_engine(o: EngineOptions) -> Engine:
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     dims = _dims_of(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
+    _check_refresh_layers(o.refresh_layers, dims.num_layers)
     selection = SelectionConfig(
         policy=o.policy, budget=_budget(o.budget, mode, capacity), sinks=o.sinks, window=o.window,
-        interval=o.interval, neighbors=o.neighbors, neighbor_rule=o.neighbor_rule,
+        interval=o.interval, neighbors=o.neighbors, neighbor_rule=o.neighbor_rule, refresh_layers=o.refresh_layers,
     )
     config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
                           allow_rope_scaling=o.allow_rope_scaling)

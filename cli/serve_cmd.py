@@ -13,7 +13,7 @@ from offload_engine.errors import ConfigError
 from .common import err_console, user_errors
 from .generate_cmd import (
     ALLOW_ROPE_SCALING, BUDGET, CONTEXT, DEVICE, DTYPE, INTERVAL, MODEL, NEIGHBOR_RULE, NEIGHBORS, OFFLOAD, POLICY,
-    PREDICTOR, SINKS, WINDOW, EngineOptions, build_engine,
+    PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions, build_engine,
 )
 
 
@@ -30,6 +30,7 @@ def serve(
     sinks: int = SINKS,
     window: int = WINDOW,
     interval: int = INTERVAL,
+    refresh_layers: str = REFRESH_LAYERS,
     neighbors: int = NEIGHBORS,
     neighbor_rule: str = NEIGHBOR_RULE,
     predictor: Optional[Path] = PREDICTOR,
@@ -54,7 +55,7 @@ def serve(
     config = ServeConfig(model_name=served_name(model), max_queue=max_queue)
     check_port_free(host, port)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
-                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling))
+                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers))
     app = create_app(engine, config)
     err_console.print(f"serving [bold]{config.model_name}[/] (also as 'default'), {engine.config.mode.value}, "
                       f"context {engine.config.context} on http://{host}:{port}/v1 — Ctrl-C to stop")

@@ -133,6 +133,10 @@ class Engine:
                 f"--context {config.context} is longer than the {positions} positions the model was trained "
                 "for: lower --context, or opt in to RoPE extrapolation with --allow-rope-scaling."
             )
+        beyond = sorted(layer for layer in config.selection.refresh_layers if layer >= adapter.dims.num_layers)
+        if beyond:
+            raise ConfigError(f"--refresh-layers {beyond} past the model's last layer {adapter.dims.num_layers - 1}: "
+                              "name layers 0 to that.")
         self.policy = None
         if config.mode is KVMode.SPARSE_OFFLOAD:
             self.policy = policy if policy is not None else build_policy(config.selection.policy)

@@ -71,6 +71,8 @@ def test_info_reports_machine_and_max_context(tiny_model_dir):
     (("--offload", "--policy", "nonsense"), "unknown policy 'nonsense'; valid: dense"),
     (("--policy", "streaming"), "add --offload"),
     (("--dtype", "int3"), "is not one of"),
+    (("--offload", "--policy", "streaming", "--interval", "4", "--refresh-layers", "1,99"), "[99] past the model's last layer"),
+    (("--offload", "--policy", "streaming", "--interval", "4", "--refresh-layers", "5-2"), "is not a layer N or a range"),
 ])
 def test_bad_input_is_a_clear_error(tiny_model_dir, extra, message):
     args = ["generate", "--model", tiny_model_dir, "--prompt", "hello there", "--no-chat", "--context", "256"]

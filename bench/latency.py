@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine.config import parse_layers
 from offload_engine.cpu_cache.gather import default_gather_method
 from offload_engine.errors import ConfigError, TbrunError
 
@@ -58,8 +59,10 @@ class LatencySettings:
     synthetic_kv: bool = False  # fill the KV with random values instead of running the prefill
     repeats: int = 1  # rounds over every variant of a context; each row keeps its fastest round
     predictor_shape: str = "4:512:16"  # G:I:d' of tokenbutler's random-weight predictor (the reference sizes)
+    refresh_layers: str = ""  # also run each interval > 1 with these layers selecting at every step
 
     def __post_init__(self) -> None:
+        parse_layers(self.refresh_layers)
         unknown = [m for m in self.modes if m not in DENSE_MODES and not m.endswith("-offload")]
         if unknown:
             raise ConfigError(f"--modes {', '.join(unknown)}: use dense-gpu, dense-offload or <policy>-offload.")
@@ -88,6 +91,7 @@ class Variant:
     mode: str
     interval: int | None = None
     neighbors: bool | None = None
+    refresh: str = ""  # layers that select at every step (``parse_layers``), with interval > 1
 
     @property
     def policy(self) -> str | None:
@@ -97,7 +101,8 @@ class Variant:
     def label(self) -> str:
         if self.policy is None:
             return self.mode
-        return f"{self.mode} (interval {self.interval}, neighbors {'on' if self.neighbors else 'off'})"
+        refresh = f", refresh {self.refresh}" if self.refresh else ""
+        return f"{self.mode} (interval {self.interval}, neighbors {'on' if self.neighbors else 'off'}{refresh})"
 
 
 def variants(settings: LatencySettings) -> list[Variant]:
@@ -108,6 +113,9 @@ def variants(settings: LatencySettings) -> list[Variant]:
             out.append(Variant(mode))
         else:
             out += [Variant(mode, i, n) for i in settings.intervals for n in settings.neighbors]
+            if settings.refresh_layers:
+                out += [Variant(mode, i, n, settings.refresh_layers)
+                        for i in settings.intervals if i > 1 for n in settings.neighbors]
     return out
 
 
@@ -162,14 +170,15 @@ def engine_config(variant: Variant, context: int, settings: LatencySettings) -> 
     if variant.policy is None:
         return EngineConfig(mode=DENSE_MODES[variant.mode], **common)
     selection = SelectionConfig(policy=variant.policy, budget=Budget(tokens=settings.budget),
-                                interval=variant.interval, neighbors=NEIGHBORS_ON if variant.neighbors else 0)
+                                interval=variant.interval, neighbors=NEIGHBORS_ON if variant.neighbors else 0,
+                                refresh_layers=variant.refresh)
     return EngineConfig(mode=KVMode.SPARSE_OFFLOAD, selection=selection, **common)
 
 
 def run_variant(adapter, variant: Variant, context: int, prompt: list[int], settings: LatencySettings) -> dict:
     """Generate once and summarise the timed steps; a failure becomes a row with its reason."""
     row = {"context": context, "mode": variant.mode, "label": variant.label, "interval": variant.interval,
-           "neighbors": variant.neighbors, "status": "ok", "reason": ""}
+           "neighbors": variant.neighbors, "refresh_layers": variant.refresh, "status": "ok", "reason": ""}
     device = torch.device(settings.device)
     try:
         policy = build_policy_for(variant, adapter, settings.predictor_shape) if variant.policy else None

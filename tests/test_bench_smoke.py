@@ -14,6 +14,7 @@ from tbrun_bench.latency import ALL_MODES
 from tbrun_bench.overhead import measure, to_markdown
 from tbrun_cli.main import app
 
+from offload_engine.errors import ConfigError
 from offload_engine.models import dims_from_config
 from offload_engine.policies import POLICIES
 
@@ -223,3 +224,18 @@ def test_report_commands_name_no_folder_of_this_machine(monkeypatch, tmp_path):
     command = report.provenance("python -m tbrun_bench.predictor_report")["command"]
     assert command == ("python -m tbrun_bench.predictor_report --predictor predictors/smollm2-135m-instruct "
                        "--baseline old-predictor --lengths 1024:8")
+
+
+def test_latency_runs_each_interval_above_one_again_with_refresh_layers():
+    from tbrun_bench.latency import LatencySettings, engine_config, variants
+
+    settings = LatencySettings(contexts=[4096], modes=["dense-gpu", "tokenbutler-offload"], intervals=[1, 4],
+                               neighbors=[False], refresh_layers="20-23", device="cpu")
+    labels = [v.label for v in variants(settings)]
+    assert labels == ["dense-gpu", "tokenbutler-offload (interval 1, neighbors off)",
+                      "tokenbutler-offload (interval 4, neighbors off)",
+                      "tokenbutler-offload (interval 4, neighbors off, refresh 20-23)"]
+    refreshed = engine_config(variants(settings)[-1], 4096, settings)
+    assert refreshed.selection.refresh_layers == frozenset({20, 21, 22, 23})
+    with pytest.raises(ConfigError, match="refresh-layers"):
+        LatencySettings(contexts=[4096], refresh_layers="x", device="cpu")

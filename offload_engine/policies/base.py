@@ -168,7 +168,10 @@ class Policy:
         return False
 
     def served_by(self, producer: int) -> range:
-        """The layers ``plan(producer, ...)`` scores (empty for a layer that is no producer)."""
+        """The layers ``plan(producer, ...)`` scores (empty for a layer that is no producer); a
+        policy that plans ahead must say."""
+        if self.plans_ahead:
+            raise NotImplementedError(f"policy {self.name!r} plans ahead but does not say which layers a producer serves")
         return range(0)
 
     def fixed_selection(self, candidates: Candidates) -> torch.Tensor | None:

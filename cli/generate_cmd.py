@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, encode_prompt
-from offload_engine.config import parse_context, parse_layers
+from offload_engine.config import check_refresh_layers, parse_context, parse_layers
 from offload_engine.engine import GenerationResult, resolve_device
 from offload_engine.errors import ConfigError
 from offload_engine.memory import MachineMemory, parse_dtype
@@ -108,14 +108,6 @@ def generate(
         stats_json.write_text(json.dumps(result.stats.to_dict(), indent=2))
 
 
-def _check_refresh_layers(text: str, num_layers: int) -> None:
-    """Refuse --refresh-layers past the model's layers before its weights are loaded."""
-    beyond = sorted(layer for layer in parse_layers(text) if layer >= num_layers)
-    if beyond:
-        raise ConfigError(f"--refresh-layers {beyond} past the model's last layer {num_layers - 1}: "
-                          "name layers 0 to that.")
-
-
 def build_engine(o: EngineOptions) -> Engine:
     """Check the options, refuse what cannot fit before loading weights, load the model, build the engine."""
     device_name = o.device or ("cuda" if _cuda_available() else "cpu")
@@ -126,7 +118,7 @@ def build_engine(o: EngineOptions) -> Engine:
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     dims = _dims_of(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
-    _check_refresh_layers(o.refresh_layers, dims.num_layers)
+    check_refresh_layers(parse_layers(o.refresh_layers), dims.num_layers)  # before the weights load
     selection = SelectionConfig(
         policy=o.policy, budget=_budget(o.budget, mode, capacity), sinks=o.sinks, window=o.window,
         interval=o.interval, neighbors=o.neighbors, neighbor_rule=o.neighbor_rule, refresh_layers=o.refresh_layers,

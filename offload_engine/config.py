@@ -102,6 +102,14 @@ def parse_layers(text: str) -> frozenset[int]:
     return frozenset(layers)
 
 
+def check_refresh_layers(layers: frozenset[int], num_layers: int) -> None:
+    """Refuse refresh layers past a model of ``num_layers`` layers."""
+    beyond = sorted(layer for layer in layers if layer >= num_layers)
+    if beyond:
+        raise ConfigError(f"--refresh-layers {beyond} past the model's last layer {num_layers - 1}: "
+                          "name layers 0 to that.")
+
+
 @dataclass(slots=True)
 class SelectionConfig:
     """How the sparse mode picks tokens: sinks and window always, the policy for the rest."""

@@ -18,7 +18,7 @@ from .backends.base import KVBackend
 from .backends.dense_device import DenseDeviceKV
 from .backends.dense_offload import DenseOffloadKV
 from .backends.sparse_offload import SparseOffloadKV
-from .config import EngineConfig, KVMode, SamplingConfig
+from .config import EngineConfig, KVMode, SamplingConfig, check_refresh_layers
 from .errors import ConfigError, DeviceUnavailableError
 from .models import ModelAdapter
 from .policies import build_policy
@@ -133,10 +133,7 @@ class Engine:
                 f"--context {config.context} is longer than the {positions} positions the model was trained "
                 "for: lower --context, or opt in to RoPE extrapolation with --allow-rope-scaling."
             )
-        beyond = sorted(layer for layer in config.selection.refresh_layers if layer >= adapter.dims.num_layers)
-        if beyond:
-            raise ConfigError(f"--refresh-layers {beyond} past the model's last layer {adapter.dims.num_layers - 1}: "
-                              "name layers 0 to that.")
+        check_refresh_layers(config.selection.refresh_layers, adapter.dims.num_layers)
         self.policy = None
         if config.mode is KVMode.SPARSE_OFFLOAD:
             self.policy = policy if policy is not None else build_policy(config.selection.policy)

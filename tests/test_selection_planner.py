@@ -113,6 +113,14 @@ def test_refresh_layers_parse_numbers_and_ranges(text, layers):
     assert SelectionConfig(refresh_layers=text).refresh_layers == frozenset(layers)
 
 
+def test_the_engine_refuses_refresh_layers_past_the_model(adapter):
+    config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6, interval=4,
+                             refresh_layers="3-7")
+    with pytest.raises(ConfigError, match=r"\[5, 6, 7\] past the model's last layer 4"):
+        Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config),
+               policy=make_policy(adapter, "tokenbutler"))
+
+
 @pytest.mark.parametrize("text", ["9-3", "a", "1-", "-2"])
 def test_bad_refresh_layers_say_what_is_wrong(text):
     with pytest.raises(ConfigError, match="refresh-layers"):

@@ -79,6 +79,10 @@ def train_predictor(
     candidate_window: int = typer.Option(0, "--candidate-window", help="... and before each row's last this many "
                                          "(the sinks and window the engine keeps anyway); 0 and 0: every position."),
     rows: int = typer.Option(256, "--rows", help="Query rows distilled per sequence (plus the last)."),
+    lookahead: int = typer.Option(1, "--lookahead", help="N: distil each row on the mean attention of it and the N-1 "
+                                  "rows after it (over the tokens up to it), what a selection reused for "
+                                  "--interval N steps must cover; 1: the row's own attention. Recorded in a "
+                                  "--teacher-cache, which then serves only that N."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
     held_out: int = typer.Option(8, "--held-out", help="Held-out sequences for the final report."),
@@ -120,8 +124,8 @@ def train_predictor(
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
                          rope_pairs=rope_pairs,
                          rope_base=rope_base, candidate_sinks=candidate_sinks, candidate_window=candidate_window,
-                         rows=rows, lr=lr, checkpoint_every=checkpoint_every, held_out=held_out,
-                         position_offsets=position_offsets, seed=seed,
+                         rows=rows, lookahead=lookahead, lr=lr, checkpoint_every=checkpoint_every,
+                         held_out=held_out, position_offsets=position_offsets, seed=seed,
                          init=start_config["weights_sha256"] if start_config else "")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     adapter = load_model(model, dtype=dtype, device=device, progress=console.print)
@@ -206,7 +210,8 @@ def _teacher_cache(console: Console, adapter, directory: Path, sequences, config
 
     shape = PredictorConfig.for_model(adapter.dims).model_shape()
     spec = CacheSpec(model_name=meta["model_name"], model_shape=shape, seq_len=config.seq_len, rows=cache_rows,
-                     dtype=cache_dtype, position_offsets=config.position_offsets, seed=config.seed)
+                     dtype=cache_dtype, position_offsets=config.position_offsets, seed=config.seed,
+                     lookahead=config.lookahead)
     if sequences.train.shape[0] == 0:
         cache = TeacherCache.open(directory)
         cache.check_model(meta["model_name"], shape, config.seq_len)

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SEQ_LEN, ROWS = 96, 24
 
 
-def spec_for(adapter, dtype="float32", seq_len=SEQ_LEN, rows=ROWS) -> CacheSpec:
+def spec_for(adapter, dtype="float32", seq_len=SEQ_LEN, rows=ROWS, lookahead=1) -> CacheSpec:
     shape = PredictorConfig.for_model(adapter.dims).model_shape()
-    return CacheSpec(model_name="tiny", model_shape=shape, seq_len=seq_len, rows=rows, dtype=dtype)
+    return CacheSpec(model_name="tiny", model_shape=shape, seq_len=seq_len, rows=rows, dtype=dtype, lookahead=lookahead)
 
 
 def rows_and_offsets(seed: int = 0):
@@ -38,18 +38,20 @@ def grads_of(predictor) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in predictor.named_parameters()}
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 2e-3)])
-def test_cached_teacher_gives_the_loss_and_gradients_of_the_teacher_in_the_loop(tmp_path, dtype, tolerance):
+@pytest.mark.parametrize("dtype, tolerance, lookahead", [("float32", 1e-5, 1), ("float16", 2e-3, 1), ("float32", 1e-5, 3)])
+def test_cached_teacher_gives_the_loss_and_gradients_of_the_teacher_in_the_loop(tmp_path, dtype, tolerance, lookahead):
     adapter = peaked_adapter("qwen2", layers=5)
     sequences = random_sequences(3, SEQ_LEN, seed=3)
     draw = rows_and_offsets()
-    cache = build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter, dtype), draw)
+    cache = build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter, dtype, lookahead=lookahead),
+                                draw)
     torch.manual_seed(0)
     predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
     for index in range(3):
         rows, offset = draw(index)
         predictor.zero_grad()
-        live = training.distill_step(predictor, adapter, sequences[index].unsqueeze(0), rows, offset)
+        live = training.distill_step(predictor, adapter, sequences[index].unsqueeze(0), rows, offset,
+                                     lookahead=lookahead)
         live_grads = grads_of(predictor)
         predictor.zero_grad()
         shard = cache.load(index)
@@ -195,6 +197,55 @@ def test_the_mixed_key_loss_is_the_cross_entropy_against_the_teachers_rows():
     reference = reference.detach()
     assert float(reference) > 0.5  # a real loss, not a degenerate zero
     assert float(got) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_a_lookahead_teacher_is_the_mean_attention_of_the_next_rows_over_the_tokens_up_to_the_row():
+    """Row r's target with lookahead N: rows r .. r+N-1 (the last row repeating), each one's softmax over
+    the tokens up to r only, averaged; applied to the keys. Lookahead 1 is the row's own attention."""
+    from offload_engine.predictor.teacher import ahead_rows, layer_states, row_states, teacher_mixed_keys
+
+    adapter = peaked_adapter("qwen2", layers=2)
+    ids = random_sequences(1, SEQ_LEN, seed=11)
+    rows = torch.tensor([10, 40, SEQ_LEN - 2, SEQ_LEN - 1])
+    full = list(layer_states(adapter, ids))[1]  # q [H, T, D], k [KvH, T, D]
+    keys = full.k.float().repeat_interleave(adapter.dims.num_heads // adapter.dims.num_kv_heads, 0)  # [H, T, D]
+    expected = []
+    for r in rows.tolist():
+        ahead = [min(r + j, SEQ_LEN - 1) for j in range(3)]
+        logits = torch.einsum("hjd,htd->hjt", full.q[:, ahead].float(), keys) * adapter.scaling
+        logits[..., r + 1:] = float("-inf")
+        probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [H, T]
+        expected.append(torch.einsum("ht,htd->hd", probs, keys))
+    expected = torch.stack(expected, dim=1)  # [H, R, D]
+    state = list(row_states(adapter, ids, rows, lookahead=3))[1]
+    assert state.q.shape[1] == 3 * len(rows) and torch.equal(state.x, full.x[rows])
+    assert ahead_rows(rows, SEQ_LEN, 3).tolist()[-3:] == [SEQ_LEN - 1] * 3
+    torch.testing.assert_close(state.teacher_mix(rows, adapter.scaling), expected, rtol=1e-5, atol=1e-6)
+    own = teacher_mixed_keys(full.q[:, rows], full.k, rows, adapter.scaling)
+    torch.testing.assert_close(list(row_states(adapter, ids, rows))[1].teacher_mix(rows, adapter.scaling), own)
+    assert not torch.allclose(expected, own, atol=1e-3)  # looking ahead changes the target
+
+
+def test_a_lookahead_cache_is_its_own_build_and_trains_only_that_lookahead(tmp_path):
+    from offload_engine.errors import ConfigError
+
+    adapter = peaked_adapter()
+    sequences = random_sequences(2, SEQ_LEN, seed=6)
+    plain = build_teacher_cache(adapter, sequences, tmp_path / "plain", spec_for(adapter), rows_and_offsets())
+    assert "lookahead" not in plain.manifest["spec"]  # caches built before the option keep their identity
+    with pytest.raises(TeacherCacheError, match="another build"):
+        build_teacher_cache(adapter, sequences, tmp_path / "plain", spec_for(adapter, lookahead=4), rows_and_offsets())
+    ahead = build_teacher_cache(adapter, sequences, tmp_path / "ahead", spec_for(adapter, lookahead=4), rows_and_offsets())
+    assert TeacherCache.open(tmp_path / "ahead").spec.lookahead == 4 and ahead.manifest["spec"]["lookahead"] == 4
+    config = TrainConfig(seq_len=SEQ_LEN, steps=2, producer_every=2, dim=8, hidden=16, rows=8, held_out=0)
+    data = TokenSequences(train=sequences[:0], held_out=sequences[:0], files=[], tokens=0)
+    with pytest.raises(ConfigError, match="--lookahead 4, not 1"):
+        train(adapter, data, config, tmp_path / "out", cache=ahead)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="cannot be combined with --rope-pairs"):
+        TrainConfig(seq_len=SEQ_LEN, lookahead=4, rope_pairs=2, dim=8)
+    with pytest.raises(ConfigError, match="--lookahead must be >= 1"):
+        TrainConfig(seq_len=SEQ_LEN, lookahead=0)
 
 
 def test_a_cache_that_would_not_fit_on_the_disk_is_refused_before_the_model_runs(tmp_path, monkeypatch):

@@ -53,27 +53,43 @@ def layer_states(adapter: ModelAdapter, ids: torch.Tensor, offset: int = 0) -> I
 class RowState:
     """What the student needs of one layer, on the sampled query rows only: x ``[R, E]`` (the
     attention input), k ``[KvH, T, D]`` (post-RoPE, all tokens), and the teacher as either q
-    ``[H, R, D]`` or, already applied to the keys, ``mixed_keys`` ``[H, R, D]`` (``teacher_mixed_keys``).
-    Layer 0 (no consumer) may carry x only."""
+    ``[H, R * lookahead, D]`` (each row's query and those of the ``lookahead - 1`` rows after it,
+    ``ahead_rows``) or, already applied to the keys, ``mixed_keys`` ``[H, R, D]``
+    (``teacher_mixed_keys``). Layer 0 (no consumer) may carry x only."""
 
     layer: int
     x: torch.Tensor
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
     mixed_keys: torch.Tensor | None = None
+    lookahead: int = 1
 
     def teacher_mix(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
         """``[H, R, D]`` float32: the teacher's attention rows applied to the keys."""
         if self.mixed_keys is not None:
             return self.mixed_keys.float()
-        return teacher_mixed_keys(self.q, self.k, rows, scale)
+        return teacher_mixed_keys(self.q, self.k, rows, scale, self.lookahead)
 
 
-def row_states(adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor, offset: int = 0) -> Iterator[RowState]:
-    """``layer_states`` cut to the query rows ``rows`` ``[R]``: one ``RowState`` per layer, in order."""
+def ahead_rows(rows: torch.Tensor, length: int, lookahead: int) -> torch.Tensor:
+    """Each row followed by the ``lookahead - 1`` rows after it (the last row repeats at the end of
+    the sequence): rows ``[R]`` -> ``[R * lookahead]``, row-major (``r, r+1, .., r+N-1, r', ..``)."""
+    grown = rows.unsqueeze(1) + torch.arange(lookahead, device=rows.device)
+    return grown.clamp(max=length - 1).flatten()
+
+
+def row_states(adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor, offset: int = 0,
+               lookahead: int = 1) -> Iterator[RowState]:
+    """``layer_states`` cut to the query rows ``rows`` ``[R]``: one ``RowState`` per layer, in order.
+
+    ``lookahead`` N > 1: the teacher of row ``r`` becomes the mean attention of rows ``r .. r+N-1``
+    over the tokens up to ``r`` (``teacher_mixed_keys``), what a selection made at ``r`` and reused
+    for N steps is asked to cover.
+    """
     for state in layer_states(adapter, ids, offset):
         on_device = rows.to(state.x.device)
-        yield RowState(state.layer, state.x[on_device], state.q[:, on_device], state.k)
+        queries = ahead_rows(on_device, ids.shape[1], lookahead)
+        yield RowState(state.layer, state.x[on_device], state.q[:, queries], state.k, lookahead=lookahead)
 
 
 def sample_rows(length: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -111,18 +127,25 @@ def teacher_probs(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, sca
     return torch.softmax(teacher_logits(q_rows, k, rows, scale), dim=-1)
 
 
-def teacher_mixed_keys(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+def teacher_mixed_keys(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float,
+                       lookahead: int = 1) -> torch.Tensor:
     """``sum_t P[h, r, t] k[kv(h), t]``: each sampled row's attention applied to the keys.
 
     q_rows ``[H, R, D]``, k ``[KvH, T, D]`` -> ``[H, R, D]`` float32. This is all of the teacher
     that the distillation loss needs (``mixed_distillation_loss``): ``D`` numbers per row and head
     instead of ``T``.
+
+    ``lookahead`` N > 1: q_rows ``[H, R * N, D]`` holds the queries of rows ``r .. r+N-1`` of every
+    row (``ahead_rows``), and ``P[h, r]`` is the mean over them of their attention restricted to
+    the tokens up to ``r`` (each renormalised there: the later tokens sit in the window).
+    Mixing is linear in ``P``, so this is the mean of those rows' mixed keys.
     """
-    probs = teacher_probs(q_rows, k, rows, scale)  # [H, R, T]
+    base = rows.repeat_interleave(lookahead) if lookahead > 1 else rows
+    probs = teacher_probs(q_rows, k, base, scale)  # [H, R * N, T], zero after each row's base r
     heads, n_rows, length = probs.shape
     kvh = k.shape[0]
-    mixed = torch.matmul(probs.view(kvh, heads // kvh * n_rows, length), k.float())  # [KvH, G*R, D]
-    return mixed.view(heads, n_rows, -1)
+    mixed = torch.matmul(probs.view(kvh, heads // kvh * n_rows, length), k.float())  # [KvH, G*R*N, D]
+    return mixed.view(heads, n_rows // lookahead, lookahead, -1).mean(dim=2)
 
 
 def mixed_distillation_loss(student_logits: torch.Tensor, queries: torch.Tensor, projected_mix: torch.Tensor,

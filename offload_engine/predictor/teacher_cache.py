@@ -58,12 +58,24 @@ class CacheSpec:
     dtype: str = "float16"
     position_offsets: bool = True
     seed: int = 0
+    lookahead: int = 1  # the teacher of a row is the mean attention of the next ``lookahead`` rows (teacher.row_states)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"--cache-dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.lookahead < 1:
+            raise ConfigError(f"--lookahead must be >= 1, got {self.lookahead}.")
         if self.seq_len < 4 or self.rows < 1:
             raise ConfigError(f"a teacher cache needs --seq-len >= 4 and --rows >= 1, got {self.seq_len} and {self.rows}.")
+
+
+def spec_record(spec: CacheSpec) -> dict:
+    """The manifest's ``spec``: every field, but ``lookahead`` only when it is not 1 (so the caches built
+    before it existed keep their identity and are still recognised as the same build)."""
+    record = asdict(spec)
+    if record["lookahead"] == 1:
+        del record["lookahead"]
+    return record
 
 
 def shard_name(index: int) -> str:
@@ -135,7 +147,7 @@ def build_teacher_cache(
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec), "data": data or {},
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec_record(spec), "data": data or {},
                 "sequences": int(sequences.shape[0]), "sequences_sha256": sequences_digest(sequences)}
     _claim(out, manifest)
     dtype = DTYPES[spec.dtype]
@@ -146,7 +158,7 @@ def build_teacher_cache(
         path = shard_path(out, index)
         rows, offset = draw_rows(index)
         if not path.exists():
-            states = row_states(adapter, sequences[index].unsqueeze(0), rows, offset)
+            states = row_states(adapter, sequences[index].unsqueeze(0), rows, offset, spec.lookahead)
             write_shard(path, sequence_tensors(states, rows, dtype, adapter.scaling), offset)
         if on_shard is not None:
             on_shard(index + 1, total)

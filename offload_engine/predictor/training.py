@@ -39,7 +39,7 @@ class TrainingError(TbrunError):
     """Training cannot go on (NaN loss, a resume that does not match, ...)."""
 
 
-NEWER_OPTIONS = ("rope_pairs", "rope_base", "candidate_sinks", "candidate_window")  # left out of resume keys unless used
+NEWER_OPTIONS = ("rope_pairs", "rope_base", "candidate_sinks", "candidate_window", "lookahead")  # left out of resume keys unless used
 
 
 @dataclass(slots=True)
@@ -56,6 +56,7 @@ class TrainConfig:
     candidate_sinks: int = 0  # with candidate_window: distil on the selector's candidates only
     candidate_window: int = 0  # (teacher.candidate_distillation_loss); 0 and 0: every position
     rows: int = 256  # sampled query rows per sequence (plus the last row)
+    lookahead: int = 1  # teacher of a row: the mean attention of it and the next lookahead - 1 rows (teacher.row_states)
     lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps with linear warm-up
     weight_decay: float = 0.0
@@ -79,6 +80,11 @@ class TrainConfig:
         if not 0 <= 2 * self.rope_pairs <= self.dim:
             raise ConfigError(f"--rope-pairs {self.rope_pairs}: rotate between 0 and d'/2 = {self.dim // 2} pairs "
                               f"of the predictor's --dim {self.dim}.")
+        if self.lookahead < 1:
+            raise ConfigError(f"--lookahead must be >= 1, got {self.lookahead}.")
+        if self.lookahead > 1 and (self.rope_pairs or self.candidates):
+            raise ConfigError("--lookahead > 1 trains on the teacher's mixed keys: it cannot be combined with "
+                              "--rope-pairs or --candidate-sinks/--candidate-window.")
         if self.seq_len < 4:
             raise ConfigError(f"--seq-len {self.seq_len} is too short to distil attention: use 256 or more.")
         if not 0.0 <= self.warmup < 1.0 or self.lr <= 0 or self.clip <= 0:
@@ -95,6 +101,7 @@ class TrainConfig:
                 "position_offsets", "seed", "teacher_cache")
         keys += ("rope_base", "candidate_sinks", "candidate_window")
         keys = tuple(key for key in keys if key not in NEWER_OPTIONS or self.rope_pairs or self.candidates)  # older runs resume
+        keys += ("lookahead",) if self.lookahead > 1 else ()
         keys += tuple(key for key in ("data", "init") if getattr(self, key))
         return {k: getattr(self, k) for k in keys}
 
@@ -133,12 +140,12 @@ def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
 
 
 def distill_step(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: torch.Tensor, rows: torch.Tensor,
-                 offset: int = 0, candidates: tuple[int, int] | None = None) -> float:
+                 offset: int = 0, candidates: tuple[int, int] | None = None, lookahead: int = 1) -> float:
     """Accumulate the gradients of one sequence's loss with the teacher in the loop; return the loss.
 
-    ids ``[1, T]`` at positions ``offset ..``, rows ``[R]``.
+    ids ``[1, T]`` at positions ``offset ..``, rows ``[R]``; ``lookahead``: see ``teacher.row_states``.
     """
-    return distill_layers(predictor, row_states(adapter, ids, rows, offset), rows, adapter.scaling, offset,
+    return distill_layers(predictor, row_states(adapter, ids, rows, offset, lookahead), rows, adapter.scaling, offset,
                           candidates=candidates)
 
 
@@ -266,6 +273,9 @@ def train(
     out = Path(out_dir)
     if cache is None:
         _check_sequences(adapter, data, config)
+    elif cache.spec.lookahead != config.lookahead:
+        raise ConfigError(f"the teacher cache holds targets of --lookahead {cache.spec.lookahead}, not "
+                          f"{config.lookahead}: pass --lookahead {cache.spec.lookahead} or build another cache.")
     torch.manual_seed(config.seed)
     shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden, config.rope_pairs,
                                       config.rope_base)
@@ -288,7 +298,7 @@ def train(
             ids = data.train[order[step % len(order)]].unsqueeze(0)
             rows = sample_rows(config.seq_len, config.rows, generator)
             offset = random_offset(adapter, config, generator)
-            loss = distill_step(predictor, adapter, ids, rows, offset, config.candidates)
+            loss = distill_step(predictor, adapter, ids, rows, offset, config.candidates, config.lookahead)
         else:
             loss = cached_step(predictor, cache, epoch_order(len(cache), step, config.seed), config.rows,
                                adapter.scaling, generator, adapter, config.candidates)

@@ -92,13 +92,24 @@ def test_refresh_layers_select_every_step_and_the_others_reuse(adapter):
     (layers 3-4) only on prediction steps; layers 3-4 keep their selection between predictions."""
     policy = make_policy(adapter, "tokenbutler")
     planned: list[int] = []
+    scored: list[tuple[int, range, int]] = []  # (producer, layers scored, score rows)
     plan = policy.plan
-    policy.plan = lambda layer, *a: (planned.append(layer), plan(layer, *a))[1]
+
+    def recording_plan(layer, *a):
+        layers, scores = plan(layer, *a)
+        planned.append(layer)
+        scored.append((layer, layers, scores.shape[0]))
+        return layers, scores
+
+    policy.plan = recording_plan
     config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6, interval=4,
                              refresh_layers="1")
     engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
     engine.generate(list(range(1, PROMPT + 1)), SamplingConfig(max_new_tokens=9, ignore_eos=True))
     assert planned.count(0) == 8 and planned.count(2) == 2  # 8 decode steps: predictions at steps 0 and 4
+    # on a prediction step producer 0 scores both its layers; between them only the refreshed layer 1
+    assert [entry for entry in scored if entry[0] == 0] == [(0, range(1, 3), 2)] + [(0, range(1, 2), 1)] * 3 \
+        + [(0, range(1, 3), 2)] + [(0, range(1, 2), 1)] * 3
 
     seen, _ = selections(adapter, "tokenbutler", True, interval=4, refresh_layers=frozenset({1}))
     for step in range(1, len(seen)):

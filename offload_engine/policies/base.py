@@ -154,13 +154,15 @@ class Policy:
         """q ``[H, D]`` (current query, post-RoPE) -> scores ``[KvH, candidates.count]``."""
         raise NotImplementedError(f"policy {self.name!r} does not score at attention time")
 
-    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates) -> tuple[range, torch.Tensor]:
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates,
+             only: range | None = None) -> tuple[range, torch.Tensor]:
         """Predictive policies: at producer ``layer``, x ``[E]`` -> the layers it serves and their scores.
 
-        Returns ``(layers, scores [Lg, KvH, n])``, ``layers`` a range of consecutive layers and
+        Returns ``(layers, scores [Lg, KvH, n])``, ``layers`` a range of consecutive layers (``only``,
+        a sub-range of ``served_by(layer)``, when given: the rest need no scores this step) and
         ``n = candidates.count`` (the candidates are the same for every selecting layer of a step),
         scored in one batched call. Afterwards ``score(l, None, candidates)`` must give row ``l`` of it
-        (the per-layer reference path).
+        for every layer the producer serves (the per-layer reference path).
         """
         raise NotImplementedError(f"policy {self.name!r} does not plan ahead")
 

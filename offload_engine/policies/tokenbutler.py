@@ -185,15 +185,23 @@ class TokenButlerPolicy(Policy):
             self.cache.write(layer, position, self.predictor.project_keys(layer, k.unsqueeze(1), position))
 
     @torch.no_grad()
-    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates) -> tuple[range, torch.Tensor]:
-        """At producer ``layer``: x ``[E]`` -> (its consumer layers, scores ``[Lg, KvH, n]`` float32).
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates,
+             only: range | None = None) -> tuple[range, torch.Tensor]:
+        """At producer ``layer``: x ``[E]`` -> (its consumer layers, or ``only`` of them, and their
+        scores ``[Lg, KvH, n]`` float32).
 
-        One MLP call for the importance queries of every consumer, one batched matmul against
-        their compact keys, one group reduction: no loop over layers or heads.
+        One MLP call for the importance queries of every consumer (kept for ``score``), one batched
+        matmul against the compact keys of the layers scored, one group reduction: no loop over
+        layers or heads.
         """
-        layers = self.predictor.config.consumers(layer)
+        served = self.predictor.config.consumers(layer)
+        layers = served if only is None else only
+        if layers.step != 1 or (len(layers) and (layers.start < served.start or layers.stop > served.stop)):
+            raise ValueError(f"tokenbutler: producer {layer} serves layers {served.start}-{served.stop - 1}, "
+                             f"not {list(layers)}")
         self._queries[layer] = self.predictor.importance_queries(layer, x, candidates.position)  # [Lg, H, d']
-        return layers, self._group_scores(layers, self._queries[layer], candidates)
+        first = layers.start - served.start
+        return layers, self._group_scores(layers, self._queries[layer][first : first + len(layers)], candidates)
 
     @torch.no_grad()
     def score(self, layer: int, q: torch.Tensor | None, candidates: Candidates) -> torch.Tensor:

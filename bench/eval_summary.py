@@ -6,9 +6,11 @@ Reads ``FOLDER/*/results.json`` (one run per subfolder, as ``tbrun eval --out`` 
 folders, such as a run still being written, are skipped), groups the runs by task and context and
 merges their (policy, budget) points into one table per group (cells with their 95% intervals when
 the runs recorded them), after one table of every group side by side: dense first, then the other policies in run order
-(oldest run first). A point given by two runs is shown once, from the older run; when the two
-disagree (dense appears in every run), the summary says so. Both files go into FOLDER, with the
-command, commit and date that made them.
+(oldest run first). A point given by two runs is shown once, from the run with the most samples
+(the older one of equals); when two runs of the same samples disagree (dense appears in every run),
+the summary says so. The paired differences pool every sample of every run giving a point (runs
+with another seed or sample count draw other samples). Both files go into FOLDER, with the command,
+commit and date that made them.
 """
 
 from __future__ import annotations
@@ -150,11 +152,18 @@ def point_name(run: Run, policy: str, budget: str, names: dict[str, str]) -> str
     return f"{policy} {names[sha]}" if sha in names else policy
 
 
+def sample_set(run: Run) -> tuple[int, int]:
+    """Which samples a run drew: (seed, samples); runs with the same pair ran the same samples."""
+    config = run.report["config"]
+    return config["seed"], config["samples"]
+
+
 def merge_points(runs: list[Run], primary: str) -> tuple[list[dict], list[str]]:
-    """One summary row per (policy, budget), from the oldest run giving it; dense first, then the other
-    policies in run order. Also a line per point that a later run gives with different metrics. Points
-    of different predictors are different points (``point_name``)."""
-    kept: dict[tuple[str, str], tuple[dict, str]] = {}
+    """One summary row per (policy, budget), from the run giving it with the most samples (the oldest
+    of equals); dense first, then the other policies in the order they first appear. Also a line per
+    point that a later run of the same samples gives with different metrics. Points of different
+    predictors are different points (``point_name``)."""
+    kept: dict[tuple[str, str], tuple[dict, Run]] = {}
     disagreements = []
     names = predictor_names(runs)
     for run in runs:
@@ -162,13 +171,16 @@ def merge_points(runs: list[Run], primary: str) -> tuple[list[dict], list[str]]:
             row = {**row, "policy": point_name(run, row["policy"], row["budget"], names)}
             key = (row["policy"], row["budget"])
             if key not in kept:
-                kept[key] = (row, run.name)
+                kept[key] = (row, run)
                 continue
             first, owner = kept[key]
-            if not same_metrics(first["metrics"], row["metrics"]):
-                disagreements.append(f"{row['policy']} @ {row['budget']}: `{owner}` has "
-                                     f"{describe_point(first, primary)}, `{run.name}` has "
-                                     f"{describe_point(row, primary)}; the table shows `{owner}`'s")
+            if sample_set(owner) == sample_set(run):
+                if not same_metrics(first["metrics"], row["metrics"]):
+                    disagreements.append(f"{row['policy']} @ {row['budget']}: `{owner.name}` has "
+                                         f"{describe_point(first, primary)}, `{run.name}` has "
+                                         f"{describe_point(row, primary)}; the table shows `{owner.name}`'s")
+            elif row["metrics"].get("samples", 0) > first["metrics"].get("samples", 0):
+                kept[key] = (row, run)
     rows = [row for row, _ in kept.values()]
     return sorted(rows, key=lambda row: row["policy"] != "dense"), disagreements
 
@@ -243,18 +255,16 @@ REFERENCES = ("dense", "oracle", "tokenbutler")  # each point is compared with t
 
 def sample_values(runs: list[Run], primary: str) -> dict[tuple[str, str], dict[tuple, float]]:
     """Per (policy, budget), each sample's value of metric ``primary`` by sample identity (seed, samples
-    of the run, index: a seeded task draws the same samples then). The oldest run giving a point gives
-    its samples, as in the tables."""
+    of the run, index: a seeded task draws the same samples then), pooled over every run giving the
+    point; of two runs of the same samples, the older gives them."""
     values: dict[tuple[str, str], dict[tuple, float]] = {}
     names = predictor_names(runs)
     for run in runs:
-        config, mine = run.report["config"], {}
+        seed, samples = sample_set(run)
         for record in run.report.get("samples", []):
-            sample = (config["seed"], config["samples"], record["index"])
+            sample = (seed, samples, record["index"])
             policy = point_name(run, record["policy"], record["budget"], names)
-            mine.setdefault((policy, record["budget"]), {})[sample] = sample_value(record, primary)
-        for point, by_sample in mine.items():
-            values.setdefault(point, by_sample)
+            values.setdefault((policy, record["budget"]), {}).setdefault(sample, sample_value(record, primary))
     return values
 
 

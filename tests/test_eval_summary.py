@@ -158,3 +158,32 @@ def test_two_predictors_tokenbutler_rows_stand_side_by_side_and_pair_up(tmp_path
     rows = {row[0]: row for row in table_rows(markdown) if len(row) == 5}
     assert rows["tokenbutler @bbbbbbbb"][4].startswith("+50.0 [")  # new minus old, pair by pair
     assert rows["tokenbutler @aaaaaaaa"][4] == "-"
+
+
+def test_runs_of_other_samples_pool_in_the_paired_differences_and_the_larger_run_gives_the_cell(tmp_path):
+    """A second seed with more samples: its cells are shown (not the older run's), no disagreement is
+    flagged (other samples), and each paired difference runs over the samples of both runs."""
+    runs = {"small": (0, [1, 0, 1, 1], [1, 1, 1, 1]), "large": (1, [1, 0, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1])}
+    for name, (seed, tokenbutler, oracle) in runs.items():
+        date = "2026-11-23 12:00:00 +0000" if name == "small" else "2026-11-24 12:00:00 +0000"
+        write_run(tmp_path, name, "tokenbutler", 100.0, date)
+        path = tmp_path / name / "results.json"
+        report = json.loads(path.read_text())
+        count = len(tokenbutler)
+        report["config"].update(seed=seed, samples=count, policies=["oracle", "tokenbutler"], budgets=["10%"])
+        report["summary"] = [point("dense", "100%", 100.0)] + [
+            {**point(policy, "10%", 100.0 * sum(scores) / count), "metrics": {"samples": count,
+             "accuracy": 100.0 * sum(scores) / count, "all_correct": 100.0 * sum(scores) / count}}
+            for policy, scores in (("oracle", oracle), ("tokenbutler", tokenbutler))]
+        report["samples"] = [{"policy": "dense", "budget": "100%", "index": i, "score": 1.0} for i in range(count)]
+        report["samples"] += [{"policy": policy, "budget": "10%", "index": i, "score": float(v)}
+                              for policy, scores in (("oracle", oracle), ("tokenbutler", tokenbutler))
+                              for i, v in enumerate(scores)]
+        path.write_text(json.dumps(report))
+    markdown = summarize(tmp_path)
+    assert "Runs disagree" not in markdown
+    cells = {row[0]: row for row in table_rows(markdown) if len(row) == 3}
+    assert cells["tokenbutler"][1] == "50.0"  # the 6-sample run's 3 of 6, not the 4-sample run's 75.0
+    paired = {row[0]: row for row in table_rows(markdown) if len(row) == 5}
+    cell = paired["tokenbutler"][3].strip("*")  # minus oracle: 4 misses in 10 pairs
+    assert cell.startswith("-40.0 [") and cell.endswith("(10)")

@@ -122,8 +122,9 @@ class SelectionConfig:
     neighbors: int = 0  # "radius" rule: also fetch this many positions after each selected one
     neighbor_rule: str = "radius"  # "radius", or "runs": after each run of c selected, the next c
     # layers selected afresh at every step whatever the interval (those whose selection drifts
-    # fastest: bench/reports/selection_drift.md); a string as in ``parse_layers`` is accepted
-    refresh_layers: frozenset[int] = frozenset()
+    # fastest: bench/reports/selection_drift.md); given as layer numbers or a ``parse_layers`` string
+    # ("14-23", "3,7+20-23"), always a frozenset after construction
+    refresh_layers: frozenset[int] | str = frozenset()
 
     def __post_init__(self) -> None:
         if isinstance(self.refresh_layers, str):

@@ -18,6 +18,7 @@ from offload_engine.errors import ConfigError
 from offload_engine.memory import MachineMemory, parse_dtype
 from offload_engine.models import dims_from_config, load_model, resolve_model_path
 from offload_engine.policies import build_policy
+from offload_engine.policies.tokenbutler import shipped_predictor_named
 
 from .common import console, err_console, read_prompt, user_errors
 
@@ -114,8 +115,11 @@ def build_engine(o: EngineOptions) -> Engine:
     torch_device = resolve_device(device_name)
     torch_dtype = parse_dtype(o.dtype or ("bf16" if torch_device.type == "cuda" else "fp32"))
     mode = _mode(o.offload, o.policy)
-    policy_object = _policy(o.policy, o.predictor) if mode is KVMode.SPARSE_OFFLOAD else None
+    if o.predictor is not None and "tokenbutler" not in o.policy:
+        raise ConfigError("--predictor is only used by --policy tokenbutler.")
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    predictor = o.predictor or interval_predictor(o.policy, source, o.interval)
+    policy_object = _policy(o.policy, predictor) if mode is KVMode.SPARSE_OFFLOAD else None
     dims = _dims_of(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
     check_refresh_layers(parse_layers(o.refresh_layers), dims.num_layers)  # before the weights load
@@ -146,9 +150,21 @@ def _mode(offload: bool, policy: str) -> KVMode:
 
 def _policy(spec: str, predictor: Optional[Path]):
     options = {"predictor_path": str(predictor)} if predictor is not None else {}
-    if predictor is not None and "tokenbutler" not in spec:
-        raise ConfigError("--predictor is only used by --policy tokenbutler.")
     return build_policy(spec, **options)
+
+
+def interval_predictor(policy: str, source: str, interval: int) -> Optional[Path]:
+    """For tokenbutler at ``--interval N > 1`` without ``--predictor``: the shipped predictor trained for
+    that interval (``--lookahead N``), said once on stderr; None otherwise (the policy then loads the
+    model's default predictor)."""
+    if "tokenbutler" not in policy or interval <= 1:
+        return None
+    default, chosen = shipped_predictor_named(source), shipped_predictor_named(source, interval)
+    if chosen is None or chosen == default or not chosen.is_dir():
+        return None
+    err_console.print(f"[dim]--interval {interval}: using the predictor trained for it, {chosen.name} "
+                      "(docs/predictor.md); --predictor DIR overrides[/]")
+    return chosen
 
 
 def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -115,3 +116,42 @@ def test_prompt_file_and_missing_prompt(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     result = run("generate", "--model", tiny_model_dir, "--context", "128")
     assert result.exit_code == 2 and "no prompt" in flat(result.output)
+
+
+def test_interval_4_takes_the_predictor_trained_for_it_when_none_is_given(tmp_path, monkeypatch):
+    """A model whose name has a shipped predictor trained with --lookahead 4: `--interval 4` without
+    --predictor loads that one and says so; interval 1 loads the default one; an explicit --predictor
+    wins; a missing interval folder falls back to the default."""
+    from offload_engine.predictor.checkpoint import save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+    from offload_engine.models import ModelAdapter
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "models" / "SmolLM2-135M-Instruct"  # the name the shipped predictors are keyed by
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    shipped = tmp_path / "predictors"
+    shape = PredictorConfig.for_model(ModelAdapter(model).dims, producer_every=2, dim=8, hidden=16)
+    save_checkpoint(shipped / "smollm2-135m-instruct", TokenButlerPredictor(shape))
+    monkeypatch.setenv("TBRUN_PREDICTORS", str(shipped))
+    loads = []
+    from offload_engine.policies import tokenbutler
+    original = tokenbutler.load_checkpoint
+    monkeypatch.setattr(tokenbutler, "load_checkpoint", lambda path, *a: loads.append(Path(path).name) or original(path, *a))
+    sparse = ("--offload", "--policy", "tokenbutler", "--budget", "40", "--sinks", "2", "--window", "8")
+
+    result = generate(str(model_dir), *sparse, "--interval", "4")
+    assert result.exit_code == 0, result.output
+    assert loads == ["smollm2-135m-instruct"] and "trained for it" not in result.output  # no interval folder yet
+
+    save_checkpoint(shipped / "smollm2-135m-instruct-interval4", TokenButlerPredictor(shape))
+    result = generate(str(model_dir), *sparse, "--interval", "4")
+    assert result.exit_code == 0, result.output
+    assert loads[-1] == "smollm2-135m-instruct-interval4"
+    assert "--interval 4: using the predictor trained for it, smollm2-135m-instruct-interval4" in flat(result.output)
+    assert generate(str(model_dir), *sparse, "--interval", "1").exit_code == 0 and loads[-1] == "smollm2-135m-instruct"
+    assert generate(str(model_dir), *sparse, "--interval", "2").exit_code == 0 and loads[-1] == "smollm2-135m-instruct"
+    explicit = generate(str(model_dir), *sparse, "--interval", "4", "--predictor", str(shipped / "smollm2-135m-instruct"))
+    assert explicit.exit_code == 0 and loads[-1] == "smollm2-135m-instruct"

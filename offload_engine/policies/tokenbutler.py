@@ -31,6 +31,9 @@ KEY_DTYPES = ("auto", "int8")
 GROUP_REDUCTIONS = ("mean", "max")
 # Predictors shipped in the repository, by model name (the last part of a hub id or directory).
 SHIPPED = {EMBEDDED_MODEL_NAME.lower(): "smollm2-135m-instruct"}
+# ... and those trained for a prediction interval (``tbrun train-predictor --lookahead N``): by model
+# name, then interval. The CLI takes one when --interval asks for it and no --predictor is given.
+SHIPPED_FOR_INTERVAL = {EMBEDDED_MODEL_NAME.lower(): {4: "smollm2-135m-instruct-interval4"}}
 
 
 def shipped_predictors_dir() -> Path:
@@ -40,8 +43,14 @@ def shipped_predictors_dir() -> Path:
 
 def shipped_predictor_for(adapter) -> Path | None:
     """The shipped predictor directory for the adapter's model, or None."""
-    source = str(getattr(adapter.config, "_name_or_path", "") or "")
-    folder = SHIPPED.get(Path(source.rstrip("/")).name.lower())
+    return shipped_predictor_named(str(getattr(adapter.config, "_name_or_path", "") or ""))
+
+
+def shipped_predictor_named(source: str, interval: int = 1) -> Path | None:
+    """The shipped predictor for the model at ``source`` (hub id or directory; its last part names it):
+    the one trained for ``interval`` if there is one, else the default one, or None."""
+    name = Path(source.rstrip("/")).name.lower()
+    folder = SHIPPED_FOR_INTERVAL.get(name, {}).get(interval) or SHIPPED.get(name)
     return shipped_predictors_dir() / folder if folder else None
 
 

@@ -13,7 +13,7 @@ from offload_engine.policies import build_policy
 from offload_engine.policies.base import Candidates, PolicyContext
 from offload_engine.selection import extend_runs
 from offload_engine.policies.tokenbutler import TokenButlerPolicy, shipped_predictor_for
-from offload_engine.predictor.checkpoint import PredictorError, save_checkpoint
+from offload_engine.predictor.checkpoint import PredictorError, load_checkpoint, save_checkpoint
 from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
 from offload_engine.selection import Selector
 
@@ -286,3 +286,17 @@ def test_group_mean_probabilities_is_the_mean_of_the_heads_softmaxes(group):
     logits = 4 * torch.randn(2, 3, group, 50, generator=torch.Generator().manual_seed(group))
     expected = torch.softmax(logits, dim=-1).mean(dim=-2)
     assert torch.allclose(group_mean_probabilities(logits.clone()), expected, atol=1e-7, rtol=1e-5)
+
+
+def test_every_shipped_interval_predictor_was_trained_for_its_interval_and_fits_the_default_ones_model():
+    """SHIPPED_FOR_INTERVAL names folders that exist, whose training looked ahead by that interval
+    (``--lookahead``), for the same model shape as the model's default predictor."""
+    from offload_engine.policies.tokenbutler import SHIPPED, SHIPPED_FOR_INTERVAL, shipped_predictors_dir
+
+    for model, by_interval in SHIPPED_FOR_INTERVAL.items():
+        _, default = load_checkpoint(shipped_predictors_dir() / SHIPPED[model])
+        for interval, folder in by_interval.items():
+            _, config = load_checkpoint(shipped_predictors_dir() / folder)
+            assert config["train"]["lookahead"] == interval > 1
+            assert config["model_shape"] == default["model_shape"]
+            assert config["model_name"] == default["model_name"]

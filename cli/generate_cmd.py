@@ -18,7 +18,7 @@ from offload_engine.errors import ConfigError
 from offload_engine.memory import MachineMemory, parse_dtype
 from offload_engine.models import dims_from_config, load_model, resolve_model_path
 from offload_engine.policies import build_policy
-from offload_engine.policies.tokenbutler import shipped_predictor_named
+from offload_engine.policies.tokenbutler import shipped_interval_predictor
 
 from .common import console, err_console, read_prompt, user_errors
 
@@ -157,10 +157,8 @@ def interval_predictor(policy: str, source: str, interval: int) -> Optional[Path
     """For tokenbutler at ``--interval N > 1`` without ``--predictor``: the shipped predictor trained for
     that interval (``--lookahead N``), said once on stderr; None otherwise (the policy then loads the
     model's default predictor)."""
-    if "tokenbutler" not in policy or interval <= 1:
-        return None
-    default, chosen = shipped_predictor_named(source), shipped_predictor_named(source, interval)
-    if chosen is None or chosen == default or not chosen.is_dir():
+    chosen = shipped_interval_predictor(source, interval) if "tokenbutler" in policy else None
+    if chosen is None:
         return None
     err_console.print(f"[dim]--interval {interval}: using the predictor trained for it, {chosen.name} "
                       "(docs/predictor.md); --predictor DIR overrides[/]")

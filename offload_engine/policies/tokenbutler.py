@@ -46,12 +46,23 @@ def shipped_predictor_for(adapter) -> Path | None:
     return shipped_predictor_named(str(getattr(adapter.config, "_name_or_path", "") or ""))
 
 
-def shipped_predictor_named(source: str, interval: int = 1) -> Path | None:
-    """The shipped predictor for the model at ``source`` (hub id or directory; its last part names it):
-    the one trained for ``interval`` if there is one, else the default one, or None."""
-    name = Path(source.rstrip("/")).name.lower()
-    folder = SHIPPED_FOR_INTERVAL.get(name, {}).get(interval) or SHIPPED.get(name)
+def _model_key(source: str) -> str:
+    """The name shipped predictors are keyed by: the last part of a hub id or directory, lower case."""
+    return Path(source.rstrip("/")).name.lower()
+
+
+def shipped_predictor_named(source: str) -> Path | None:
+    """The shipped predictor for the model at ``source`` (hub id or directory), or None."""
+    folder = SHIPPED.get(_model_key(source))
     return shipped_predictors_dir() / folder if folder else None
+
+
+def shipped_interval_predictor(source: str, interval: int) -> Path | None:
+    """The shipped predictor trained for prediction ``interval`` > 1 (``--lookahead``) of the model at
+    ``source``, if that folder is there; None otherwise (the default predictor serves)."""
+    folder = SHIPPED_FOR_INTERVAL.get(_model_key(source), {}).get(interval) if interval > 1 else None
+    path = shipped_predictors_dir() / folder if folder else None
+    return path if path is not None and path.is_dir() else None
 
 
 class ProjectedKeyCache:

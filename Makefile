@@ -73,7 +73,8 @@ bench-overhead: setup
 # The same beside vLLM's CPU build decoding densely (its own venv), at 7.5k and, with random KV in tbrun, 32k.
 bench-overhead-vllm: setup-vllm
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m tbrun_bench.overhead --out bench/reports --name overhead_vllm_cpu \
-		--contexts 7.5k,32k --synthetic-kv-from 16k --repeats 2 --sparse tokenbutler:10% --sparse streaming:10%
+		--contexts 7.5k,32k --synthetic-kv-from 16k --repeats 2 --sparse tokenbutler:10% --sparse tokenbutler:10%:4 \
+		--sparse streaming:10%
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -211,8 +211,9 @@ def _read_manifest(path: Path) -> dict:
 
 def _describe(manifest: dict) -> str:
     spec = manifest.get("spec", {})
+    ahead = f", lookahead {spec['lookahead']}" if spec.get("lookahead", 1) != 1 else ""
     return (f"model {spec.get('model_name')}, {manifest.get('sequences')} sequences of {spec.get('seq_len')} tokens, "
-            f"{spec.get('rows')} rows, {spec.get('dtype')}")
+            f"{spec.get('rows')} rows, {spec.get('dtype')}{ahead}")
 
 
 def cache_identity(cache: "TeacherCache") -> str:

@@ -39,7 +39,7 @@ class TrainingError(TbrunError):
     """Training cannot go on (NaN loss, a resume that does not match, ...)."""
 
 
-NEWER_OPTIONS = ("rope_pairs", "rope_base", "candidate_sinks", "candidate_window", "lookahead")  # left out of resume keys unless used
+NEWER_OPTIONS = ("rope_pairs", "rope_base", "candidate_sinks", "candidate_window")  # left out of resume keys unless used
 
 
 @dataclass(slots=True)
@@ -101,7 +101,7 @@ class TrainConfig:
                 "position_offsets", "seed", "teacher_cache")
         keys += ("rope_base", "candidate_sinks", "candidate_window")
         keys = tuple(key for key in keys if key not in NEWER_OPTIONS or self.rope_pairs or self.candidates)  # older runs resume
-        keys += ("lookahead",) if self.lookahead > 1 else ()
+        keys += ("lookahead",) if self.lookahead > 1 else ()  # newer too: runs before it resume
         keys += tuple(key for key in ("data", "init") if getattr(self, key))
         return {k: getattr(self, k) for k in keys}
 

@@ -86,22 +86,10 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int,
     config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
                           selection=selection or SelectionConfig(), synthetic_kv=synthetic_kv,
                           allow_rope_scaling=context > adapter.dims.max_positions)
-    engine = Engine(adapter, config, policy=sparse_policy(adapter, selection))
+    engine = Engine(adapter, config)
     # a fixed number of steps, like min_new_tokens on the other side
     result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
     return list(result.stats.decode_ms), result.stats.prefill_seconds, result.token_ids
-
-
-def sparse_policy(adapter, selection: SelectionConfig | None):
-    """tokenbutler at an interval with a shipped predictor trained for it takes that one, as ``tbrun
-    generate`` does; None (the engine builds the policy itself) otherwise."""
-    from offload_engine.policies import build_policy
-    from offload_engine.policies.tokenbutler import shipped_interval_predictor
-
-    if selection is None or "tokenbutler" not in selection.policy:
-        return None
-    chosen = shipped_interval_predictor(str(getattr(adapter.config, "_name_or_path", "") or ""), selection.interval)
-    return build_policy(selection.policy, predictor_path=str(chosen)) if chosen is not None else None
 
 
 def sparse_selection(spec: str) -> SelectionConfig:
@@ -328,7 +316,7 @@ def _sparse_markdown(report: dict) -> str:
     headers = ["context", "sparse offload (policy:budget)", "median ms", "p90 ms", "ratio to tbrun dense",
                "ratio to transformers", "ratio to vLLM dense"]
     return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; sinks {SINKS}, "
-            f"window {WINDOW}; tokenbutler predicting every N steps (`:N`) uses the shipped predictor trained for "
+            f"window {WINDOW}; tokenbutler predicting every N steps (`:N`) loads the shipped predictor trained for "
             "that interval where there is one (`predictors/smollm2-135m-instruct-interval4` for N = 4, as `tbrun "
             "generate` does).\n\n" + markdown_table(headers, rows) + "\n")
 

@@ -18,7 +18,7 @@ from offload_engine.errors import ConfigError
 from offload_engine.memory import MachineMemory, parse_dtype
 from offload_engine.models import dims_from_config, load_model, resolve_model_path
 from offload_engine.policies import build_policy
-from offload_engine.policies.tokenbutler import shipped_interval_predictor
+from offload_engine.policies.tokenbutler import shipped_predictor_named
 
 from .common import console, err_console, read_prompt, user_errors
 
@@ -118,8 +118,9 @@ def build_engine(o: EngineOptions) -> Engine:
     if o.predictor is not None and "tokenbutler" not in o.policy:
         raise ConfigError("--predictor is only used by --policy tokenbutler.")
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    predictor = o.predictor or interval_predictor(o.policy, source, o.interval)
-    policy_object = _policy(o.policy, predictor) if mode is KVMode.SPARSE_OFFLOAD else None
+    if mode is KVMode.SPARSE_OFFLOAD and o.predictor is None:
+        _say_interval_predictor(o.policy, source, o.interval)
+    policy_object = _policy(o.policy, o.predictor) if mode is KVMode.SPARSE_OFFLOAD else None
     dims = _dims_of(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
     check_refresh_layers(parse_layers(o.refresh_layers), dims.num_layers)  # before the weights load
@@ -153,16 +154,15 @@ def _policy(spec: str, predictor: Optional[Path]):
     return build_policy(spec, **options)
 
 
-def interval_predictor(policy: str, source: str, interval: int) -> Optional[Path]:
-    """For tokenbutler at ``--interval N > 1`` without ``--predictor``: the shipped predictor trained for
-    that interval (``--lookahead N``), said once on stderr; None otherwise (the policy then loads the
-    model's default predictor)."""
-    chosen = shipped_interval_predictor(source, interval) if "tokenbutler" in policy else None
-    if chosen is None:
-        return None
-    err_console.print(f"[dim]--interval {interval}: using the predictor trained for it, {chosen.name} "
-                      "(docs/predictor.md); --predictor DIR overrides[/]")
-    return chosen
+def _say_interval_predictor(policy: str, source: str, interval: int) -> None:
+    """Say on stderr when tokenbutler will load the shipped predictor trained for ``--interval`` (the
+    policy chooses it: ``shipped_predictor_named``), not the model's default one."""
+    if "tokenbutler" not in policy or interval <= 1:
+        return
+    chosen = shipped_predictor_named(source, interval)
+    if chosen is not None and chosen != shipped_predictor_named(source):
+        err_console.print(f"[dim]--interval {interval}: using the predictor trained for it, {chosen.name} "
+                          "(docs/predictor.md); --predictor DIR overrides[/]")
 
 
 def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:

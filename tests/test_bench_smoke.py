@@ -192,22 +192,6 @@ def test_overhead_sparse_specs_take_an_optional_interval():
             sparse_selection(bad)
 
 
-def test_overhead_times_tokenbutler_at_interval_4_with_the_predictor_trained_for_it():
-    """As `tbrun generate`: on the embedded model `:4` takes the shipped interval-4 predictor; interval 1
-    and other policies leave the engine to build its default policy."""
-    from types import SimpleNamespace
-
-    from tbrun_bench.overhead import sparse_policy, sparse_selection
-
-    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"))
-    policy = sparse_policy(embedded, sparse_selection("tokenbutler:10%:4"))
-    assert policy.predictor_path.endswith("smollm2-135m-instruct-interval4")
-    assert sparse_policy(embedded, sparse_selection("tokenbutler:10%")) is None
-    assert sparse_policy(embedded, sparse_selection("streaming:10%:4")) is None
-    other = SimpleNamespace(config=SimpleNamespace(_name_or_path="meta-llama/Llama-3.1-8B"))
-    assert sparse_policy(other, sparse_selection("tokenbutler:10%:4")) is None
-
-
 def test_topk_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
     from tbrun_bench import topk_speed
 

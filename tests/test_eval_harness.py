@@ -171,3 +171,20 @@ def test_coref_is_scored_teacher_forced_and_by_generation(tiny, tiny_model_dir):
         assert record["tokens"] == len(samples[0].forced.target_ids)
         assert 0.0 <= record["token_error"] <= 1.0
         assert torch.isfinite(torch.tensor(record["nll"]))
+
+
+def test_each_tokenbutler_point_records_the_predictor_of_its_interval():
+    """Without --predictor a point at interval 4 runs (and records) the shipped interval-4 predictor, a
+    point at interval 1 the default one; the run's resume key names both."""
+    from types import SimpleNamespace
+
+    from offload_engine.evaluation.harness import RunPoint, point_settings, tokenbutler_weights_sha
+
+    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"))
+    config = EvalConfig(task="niah", policies=["tokenbutler", "tokenbutler[interval=4,neighbor_rule=runs]"],
+                        budgets=[Budget.parse("10%")])
+    every, fourth = (point_settings(config, embedded, RunPoint(spec, config.budgets[0])) for spec in config.policies)
+    assert every["predictor"]["path"].endswith("predictors/smollm2-135m-instruct")
+    assert fourth["predictor"]["path"].endswith("predictors/smollm2-135m-instruct-interval4")
+    assert every["predictor"]["sha256"] != fourth["predictor"]["sha256"]
+    assert tokenbutler_weights_sha(config, embedded) == f"{every['predictor']['sha256']}+{fourth['predictor']['sha256']}"

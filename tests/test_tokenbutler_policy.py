@@ -164,6 +164,12 @@ def test_loads_a_checkpoint_by_path_and_finds_shipped_predictors(tmp_path):
                                                dtype=torch.float32, adapter=adapter, host_store=None, sinks=2, window=4))
     embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/home/u/.cache/tbrun/models/SmolLM2-135M-Instruct"))
     assert shipped_predictor_for(embedded).name == "smollm2-135m-instruct"
+    # a predictor trained for the interval wins where one is shipped (generate, serve, eval, the overhead
+    # bench and the vLLM plugin all load through here); other intervals and models keep the default
+    assert shipped_predictor_for(embedded, 4).name == "smollm2-135m-instruct-interval4"
+    assert shipped_predictor_for(embedded, 1).name == shipped_predictor_for(embedded, 2).name == "smollm2-135m-instruct"
+    other = SimpleNamespace(config=SimpleNamespace(_name_or_path="meta-llama/Llama-3.1-8B"))
+    assert shipped_predictor_for(other, 4) is None
 
 
 def test_a_predictor_that_rotates_by_position_caches_turned_keys_and_turns_its_queries():

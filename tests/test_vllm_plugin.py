@@ -119,6 +119,9 @@ def test_the_shipped_predictor_is_found_by_model_name_and_a_missing_one_named():
     config = parse_config("policy=tokenbutler,budget=10%")
     predictor = load_predictor(config, *fake_vllm_config("/cache/SmolLM2-135M-Instruct/"), num_layers=30)
     assert predictor.config.num_layers == 30
+    every_fourth = load_predictor(parse_config("policy=tokenbutler,budget=10%,interval=4"),
+                                  *fake_vllm_config("/cache/SmolLM2-135M-Instruct/"), num_layers=30)
+    assert not torch.equal(every_fourth.key_proj, predictor.key_proj)  # the predictor trained for interval 4
     with pytest.raises(ConfigError, match="predictor=DIR"):
         load_predictor(config, *fake_vllm_config("/models/Unknown-7B"), num_layers=30)
 

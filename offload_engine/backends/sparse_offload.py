@@ -62,7 +62,7 @@ class SparseOffloadKV(KVBackend):
         local_layers = frozenset(self.local.windows)
         policy.bind(PolicyContext(dims=dims, capacity=capacity, device=device, dtype=dtype, adapter=adapter,
                                   host_store=self.host, sinks=selection.sinks, window=selection.window,
-                                  local_layers=local_layers))
+                                  local_layers=local_layers, interval=selection.interval))
         selector = Selector(selection, capacity, policy.dense_layers(), local_layers)
         self.working_set = WorkingSet(
             dims.num_layers, dims.num_kv_heads, dims.head_dim, selection.sinks, selection.window,

@@ -221,9 +221,10 @@ def build_engine(adapter: ModelAdapter, config: EvalConfig, point: RunPoint) -> 
     return Engine(adapter, engine_cfg, policy=policy)
 
 
-def predictor_identity(config: EvalConfig, adapter: ModelAdapter) -> dict | None:
-    """The tokenbutler predictor a run uses: its path (repository-relative) and the sha256 of its weights."""
-    path = Path(config.predictor) if config.predictor is not None else shipped_predictor_for(adapter)
+def predictor_identity(config: EvalConfig, adapter: ModelAdapter, interval: int = 1) -> dict | None:
+    """The tokenbutler predictor a point at prediction ``interval`` uses (``--predictor``, else the one
+    shipped for the model and interval): its path (repository-relative) and the sha256 of its weights."""
+    path = Path(config.predictor) if config.predictor is not None else shipped_predictor_for(adapter, interval)
     if path is None:
         return None
     weights = path / WEIGHTS_NAME
@@ -232,11 +233,13 @@ def predictor_identity(config: EvalConfig, adapter: ModelAdapter) -> dict | None
 
 
 def tokenbutler_weights_sha(config: EvalConfig, adapter: ModelAdapter) -> str | None:
-    """The sha256 of the predictor weights the run's tokenbutler points use (None: no such point)."""
-    if not any("tokenbutler" in policy for policy in config.policies):
-        return None
-    identity = predictor_identity(config, adapter)
-    return identity["sha256"] if identity else None
+    """The sha256 of the predictor weights the run's tokenbutler points use, ``+``-joined in point order
+    when they use several (one per interval); None: no such point."""
+    intervals = dict.fromkeys(config.selection(point.budget, point.policy).interval for point in run_points(config)
+                              if point.budget is not None and "tokenbutler" in point.policy)
+    identities = [predictor_identity(config, adapter, interval) for interval in intervals]
+    shas = dict.fromkeys(identity["sha256"] for identity in identities if identity)
+    return "+".join(shas) if shas else None
 
 
 def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -> dict:
@@ -252,7 +255,8 @@ def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -
         entry["refresh_layers"] = sorted(selection.refresh_layers)
     options = config.policy_options(point.policy)
     if "group_reduction" in options:
-        entry |= {"group_reduction": options["group_reduction"], "predictor": predictor_identity(config, adapter)}
+        entry |= {"group_reduction": options["group_reduction"],
+                  "predictor": predictor_identity(config, adapter, selection.interval)}
     return entry
 
 

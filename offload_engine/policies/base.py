@@ -78,6 +78,7 @@ class PolicyContext:
     window: int
     # sliding-window layers: never selected for (no host KV); their tokens are still observed
     local_layers: frozenset[int] = frozenset()
+    interval: int = 1  # prediction interval (a predictive policy may have a predictor trained for it)
 
 
 class Policy:

@@ -32,7 +32,7 @@ GROUP_REDUCTIONS = ("mean", "max")
 # Predictors shipped in the repository, by model name (the last part of a hub id or directory).
 SHIPPED = {EMBEDDED_MODEL_NAME.lower(): "smollm2-135m-instruct"}
 # ... and those trained for a prediction interval (``tbrun train-predictor --lookahead N``): by model
-# name, then interval. The CLI takes one when --interval asks for it and no --predictor is given.
+# name, then interval. A policy without a predictor given takes the one for its interval if shipped.
 SHIPPED_FOR_INTERVAL = {EMBEDDED_MODEL_NAME.lower(): {4: "smollm2-135m-instruct-interval4"}}
 
 
@@ -41,28 +41,20 @@ def shipped_predictors_dir() -> Path:
     return Path(os.environ.get("TBRUN_PREDICTORS") or Path(__file__).resolve().parents[2] / "predictors")
 
 
-def shipped_predictor_for(adapter) -> Path | None:
-    """The shipped predictor directory for the adapter's model, or None."""
-    return shipped_predictor_named(str(getattr(adapter.config, "_name_or_path", "") or ""))
+def shipped_predictor_for(adapter, interval: int = 1) -> Path | None:
+    """The shipped predictor directory for the adapter's model at prediction ``interval``, or None."""
+    return shipped_predictor_named(str(getattr(adapter.config, "_name_or_path", "") or ""), interval)
 
 
-def _model_key(source: str) -> str:
-    """The name shipped predictors are keyed by: the last part of a hub id or directory, lower case."""
-    return Path(source.rstrip("/")).name.lower()
-
-
-def shipped_predictor_named(source: str) -> Path | None:
-    """The shipped predictor for the model at ``source`` (hub id or directory), or None."""
-    folder = SHIPPED.get(_model_key(source))
-    return shipped_predictors_dir() / folder if folder else None
-
-
-def shipped_interval_predictor(source: str, interval: int) -> Path | None:
-    """The shipped predictor trained for prediction ``interval`` > 1 (``--lookahead``) of the model at
-    ``source``, if that folder is there; None otherwise (the default predictor serves)."""
-    folder = SHIPPED_FOR_INTERVAL.get(_model_key(source), {}).get(interval) if interval > 1 else None
-    path = shipped_predictors_dir() / folder if folder else None
-    return path if path is not None and path.is_dir() else None
+def shipped_predictor_named(source: str, interval: int = 1) -> Path | None:
+    """The shipped predictor for the model at ``source`` (hub id or directory; its last part, lower case,
+    names it): the one trained for prediction ``interval`` (``--lookahead``) when that folder is
+    there, else the model's default one; None when nothing is shipped for the model."""
+    name = Path(source.rstrip("/")).name.lower()
+    trained = SHIPPED_FOR_INTERVAL.get(name, {}).get(interval)
+    if trained is not None and (shipped_predictors_dir() / trained).is_dir():
+        return shipped_predictors_dir() / trained
+    return shipped_predictors_dir() / SHIPPED[name] if name in SHIPPED else None
 
 
 class ProjectedKeyCache:
@@ -162,7 +154,7 @@ class TokenButlerPolicy(Policy):
             return seeded_random_predictor(PredictorConfig.for_model(ctx.dims))
         path = self.predictor_path
         if path is None:
-            shipped = shipped_predictor_for(ctx.adapter)
+            shipped = shipped_predictor_for(ctx.adapter, ctx.interval)
             if shipped is None:
                 raise PredictorError(
                     "--policy tokenbutler needs a predictor for this model: pass --predictor DIR (train one with "

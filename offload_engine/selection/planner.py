@@ -161,11 +161,8 @@ class SelectionPlanner:
                   and layer not in self.local and layer not in self._taken_all and self._selects_now(layer)]
         if not wanted:
             return
-        span = range(wanted[0], wanted[-1] + 1)
-        if span == self.policy.served_by(producer):
-            layers, scores = self.policy.plan(producer, x, self.candidates)  # range, [Lg, KvH, n]
-        else:  # a refresh step (or dense layers among those served): score only the layers that select
-            layers, scores = self.policy.plan(producer, x, self.candidates, span)
+        # only the layers that select now (on a refresh step, the refresh layers): range, [Lg, KvH, n]
+        layers, scores = self.policy.plan(producer, x, self.candidates, range(wanted[0], wanted[-1] + 1))
         if self.batched:
             bank = self.ws.bank_of[wanted[0]]
             for run in bank.adjacent_runs(wanted):  # one run unless the group skips layers of the bank

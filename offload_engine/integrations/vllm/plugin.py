@@ -173,17 +173,16 @@ def build_scorer(config: VllmPluginConfig, vllm_config, hf, parents, impl, hidde
 def load_predictor(config: VllmPluginConfig, vllm_config, hf, num_layers: int):
     """The TokenButler predictor for this model (``predictor=`` or the one shipped for it), shape-checked."""
     from ...models import ModelDims
-    from ...policies.tokenbutler import SHIPPED, shipped_predictors_dir
+    from ...policies.tokenbutler import SHIPPED, shipped_predictor_named
     from ...predictor.checkpoint import load_checkpoint
 
     path = config.predictor
     if path is None:
-        model_name = Path(str(vllm_config.model_config.model).rstrip("/")).name.lower()
-        folder = SHIPPED.get(model_name)
-        if folder is None:
+        shipped = shipped_predictor_named(str(vllm_config.model_config.model), config.selection.interval)
+        if shipped is None:
             raise ConfigError(f"{ENV_VAR}: policy={config.policy} needs a predictor for {vllm_config.model_config.model}: add "
                               f"predictor=DIR (train one with `tbrun train-predictor`); shipped predictors exist for: {', '.join(SHIPPED)}.")
-        path = str(shipped_predictors_dir() / folder)
+        path = str(shipped)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     dims = ModelDims(num_layers=num_layers, num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
                      head_dim=head_dim, hidden_size=hf.hidden_size, max_positions=vllm_config.model_config.max_model_len,

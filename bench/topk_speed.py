@@ -1,4 +1,5 @@
-"""Top-k on the CPU: torch.topk against the engine's top-k (numpy's partition), side by side in one run.
+"""Top-k on the CPU: torch.topk against the engine's top-k (numpy's partition after a sampled cut),
+side by side in one run.
 
     python -m tbrun_bench.topk_speed --out bench/reports/topk_cpu
 
@@ -45,13 +46,16 @@ def to_markdown(report: dict) -> str:
               f"{c['partition']['median_ms']:.2f}", f"{c['ratio']:.2f}"] for c in report["cases"]]
     s = report["setting"]
     return "\n".join([
-        markdown_header("Top-k on the CPU: torch.topk against numpy's partition", report), "",
+        markdown_header("Top-k on the CPU: torch.topk against the engine's (numpy's partition after a sampled cut)",
+                        report), "",
         f"{s['threads']} torch thread(s); {s['calls']} timed calls per method and case after {s['warmup']} warm-up "
         "calls, the methods alternating on the same scores (softmax of Gaussian logits). Median ms per call.", "",
         markdown_table(["rows", "candidates", "keep", "torch.topk ms", "partition ms", "ratio"], table), "",
         "`offload_engine.selection.ranking.topk_unsorted` partitions every row with `numpy.argpartition` on the "
-        "CPU (float32 and float64 scores; the same tokens as torch.topk but for ties at the cut, tests/test_ranking.py) and calls "
-        "torch.topk elsewhere.",
+        "CPU (float32 and float64 scores); rows of 4,096 candidates or more keeping at most a quarter are first cut to "
+        "the entries at or above a threshold read from every 8th entry, and only those are partitioned (a row the "
+        "sample misjudges is partitioned whole). The same tokens as torch.topk but for ties at the cut "
+        "(tests/test_ranking.py); torch.topk elsewhere.",
     ])
 
 

@@ -35,6 +35,27 @@ def test_the_cpu_top_k_selects_the_same_tokens_as_torch_topk(shape, keep, kind, 
     assert all(len(row) == keep for row in _as_sets(index))  # no index twice
 
 
+def test_long_rows_are_cut_by_a_sampled_threshold_and_a_misjudged_row_is_partitioned_whole(monkeypatch):
+    """Rows of 32k candidates keeping 2k: only entries at or above a sampled threshold are partitioned;
+    a row whose sampled entries all rank above the others (the threshold overshoots, too few pass) is
+    partitioned whole, and both give torch.topk's tokens."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.softmax(3 * torch.randn(4, 32768, generator=generator), dim=-1)
+    unsampled = torch.arange(32768) % ranking.PREFILTER_STRIDE != 0  # positions the sample never reads
+    spread = torch.rand(32768, generator=generator)
+    scores[2] = torch.where(unsampled, spread, 1.0 + spread)  # the sampled 4k above the rest: too few pass
+    expected = torch.topk(scores, 2048, dim=-1, sorted=False).indices
+    partitioned = []
+    original = ranking.np.argpartition
+    monkeypatch.setattr(ranking.np, "argpartition",
+                        lambda a, *args, **kw: partitioned.append(a.shape) or original(a, *args, **kw))
+    monkeypatch.setattr(ranking.torch, "topk", _forbidden)
+    _, index = topk_unsorted(scores, 2048)
+    assert _as_sets(index) == _as_sets(expected)
+    assert partitioned.count((32768,)) == 1  # only the misjudged row whole
+    assert all(shape[-1] < 32768 // 4 for shape in partitioned if shape != (32768,))  # the others cut first
+
+
 def _forbidden(*args, **kwargs):
     raise AssertionError("torch.topk ran where the partition should have")
 

@@ -7,6 +7,8 @@ long, ascending within a row, with ``-1`` padding last.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -33,25 +35,63 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
 # thread (bench/reports/topk_cpu.md), and was slower still with two threads here (numpy uses one; not
 # measured on machines with many cores). Half precision and bfloat16 stay with torch (numpy has no bfloat16).
 PARTITION_DTYPES = (torch.float32, torch.float64)
+# Long rows with a small keep are first cut to the entries at or above a threshold read from every
+# STRIDE-th entry, and only those are partitioned (``_partition_rows``).
+PREFILTER_MIN_CANDIDATES = 4096
+PREFILTER_MAX_SHARE = 0.25
+PREFILTER_STRIDE = 8
 
 
 def topk_unsorted(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, keep, dim=-1, sorted=False)``: (values, indices) ``[..., keep]``, exact.
 
-    On the CPU (float32 or float64) every row is partitioned by ``numpy.argpartition`` (linear-time
-    selection: the ``keep`` largest land after the ``n - keep``-th, in no order), read through a numpy
-    view of the tensor's memory; among equal scores at the cut it may keep other indices than
-    ``torch.topk`` (a CPU and a CUDA run may break such ties apart). No gradient reaches the values.
-    Elsewhere ``torch.topk``, which on a GPU never syncs with the host.
+    On the CPU (float32 or float64) every row is partitioned with numpy (``_partition_rows``), read
+    through a numpy view of the tensor's memory; among equal scores at the cut it may keep other
+    indices than ``torch.topk`` (a CPU and a CUDA run may break such ties apart). No gradient reaches
+    the values. Elsewhere ``torch.topk``, which on a GPU never syncs with the host.
     """
     n = scores.shape[-1]
     if scores.device.type != "cpu" or scores.dtype not in PARTITION_DTYPES or not 0 < keep <= n:
         return torch.topk(scores, keep, dim=-1, sorted=False)
     rows = scores.detach().reshape(-1, n).numpy()
-    index = np.ascontiguousarray(np.argpartition(rows, n - keep, axis=-1)[:, n - keep :])  # not a view of [r, n]
+    index = _partition_rows(rows, keep)
     values = np.take_along_axis(rows, index, axis=-1)
     lead = scores.shape[:-1]
     return torch.from_numpy(values).view(*lead, keep), torch.from_numpy(index).view(*lead, keep)
+
+
+def _partition_rows(rows: np.ndarray, keep: int) -> np.ndarray:
+    """Indices ``[r, keep]`` of the ``keep`` largest entries of each row of ``rows [r, n]``, in no order.
+
+    ``numpy.argpartition`` (linear-time selection). Where rows are long and ``keep`` a small share
+    of them, each row is first cut to its entries at or above a threshold that a strided sample puts
+    safely below its ``keep``-th largest entry, and only those are partitioned: the same entries,
+    3-5x faster at 32k-128k candidates (bench/reports/topk_cpu.md). A row the sample misjudged
+    (fewer than ``keep`` entries pass) is partitioned whole, so the result is always exact.
+    """
+    r, n = rows.shape
+    if n < PREFILTER_MIN_CANDIDATES or keep > PREFILTER_MAX_SHARE * n or r == 0:
+        return np.ascontiguousarray(np.argpartition(rows, n - keep, axis=-1)[:, n - keep :])
+    thresholds = _sampled_thresholds(rows, keep)
+    index = np.empty((r, keep), dtype=np.int64)
+    for i, (row, threshold) in enumerate(zip(rows, thresholds)):
+        passed = np.flatnonzero(row >= threshold)
+        if passed.size < keep:
+            index[i] = np.argpartition(row, n - keep)[n - keep :]
+        else:
+            index[i] = passed[np.argpartition(row[passed], passed.size - keep)[passed.size - keep :]]
+    return index
+
+
+def _sampled_thresholds(rows: np.ndarray, keep: int) -> np.ndarray:
+    """Per row, a value that about ``keep + 4 sigma`` entries reach: the ``j``-th largest of every
+    ``PREFILTER_STRIDE``-th entry, ``j`` the sample's share of ``keep`` plus four standard deviations
+    of the count it stands for (and 8). ``rows [r, n]`` -> ``[r]``."""
+    sample = rows[:, ::PREFILTER_STRIDE]
+    size = sample.shape[1]
+    expected = keep / PREFILTER_STRIDE
+    rank = min(size, int(math.ceil(expected + 4.0 * math.sqrt(expected))) + 8)
+    return np.partition(sample, size - rank, axis=-1)[:, size - rank]
 
 
 def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:

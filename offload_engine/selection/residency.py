@@ -133,10 +133,13 @@ class ResidencyMap:
         slot_pos, slot_of, active = self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy()
         n, count = self.num_slots, chosen_all.shape[0]
         chosen = chosen_all >= 0
-        where = np.take_along_axis(slot_of, np.where(chosen, chosen_all, self._scratch), axis=-1)  # -1: not resident
+        # gathers and scatters through flat row-offset indices (numpy's *_along_axis build 2-D index arrays)
+        row_starts = np.arange(count, dtype=np.int64)[:, None]
+        looked_up = np.where(chosen, chosen_all, self._scratch) + row_starts * slot_of.shape[1]
+        where = slot_of.reshape(-1).take(looked_up)  # [r, k]; -1: not resident
         missing = chosen & (where < 0)
         kept = np.zeros((count, n + 1), dtype=bool)
-        np.put_along_axis(kept, np.where(where >= 0, where, n), True, axis=-1)
+        kept.reshape(-1)[np.where(where >= 0, where, n) + row_starts * (n + 1)] = True
         kept[:, n] = False
         counts = missing.sum(axis=-1, dtype=np.int64)
         width = int(counts.max()) if count else 0

@@ -258,14 +258,9 @@ class TokenButlerPolicy(Policy):
 def group_mean_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """The mean over query heads of each head's softmax: logits ``[..., g, m]`` -> ``[..., m]``.
 
-    Overwrites ``logits``. Each head is exponentiated in place and the normalisation and the mean
-    become one weighted sum over heads, accumulated head by head (``g`` is small: a ``[1, g] x [g, m]``
-    product costs 4-7x more on the CPU): no second ``[g, m]`` tensor is allocated, and the ``[g, m]``
-    values are read four times instead of about seven.
+    ATen's fused softmax works row by row (max, exponentials and sum, scaling), so a head's row is
+    read from memory once and its passes run in the cache; then one mean over the ``g`` heads. Half
+    the time of exponentiating in place and accumulating the weighted heads (7.7k-131k tokens, one
+    CPU thread, measured 2026-12-04 on an AMD EPYC). ``logits`` is not modified.
     """
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    weights = logits.sum(dim=-1, keepdim=True).mul_(logits.shape[-2]).reciprocal_()  # [..., g, 1]
-    mean = logits[..., 0, :] * weights[..., 0, :]
-    for head in range(1, logits.shape[-2]):
-        mean.addcmul_(logits[..., head, :], weights[..., head, :])
-    return mean
+    return torch.softmax(logits, dim=-1).mean(dim=-2)

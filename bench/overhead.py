@@ -21,6 +21,10 @@ How a step is timed:
   decode steps (the prompt's prefill steps are excluded). The engine people would pick instead of
   tbrun on a CPU.
 
+tbrun's runs are profiled (``EngineConfig.profile``: a clock read around each phase of each layer,
+microseconds per step on the CPU): each tbrun row comes with where its steps went (selection,
+copy, wait, attention, rest; ``offload_engine.profiling``) and the KV bytes it copied per step.
+
 Contexts from ``--synthetic-kv-from`` on (past the model's trained positions, where a real prefill
 on the CPU takes many minutes): tbrun's runners fill their KV cache with random keys and values
 instead of prefilling (a decode step's time does not depend on the values), RoPE runs past its
@@ -50,6 +54,7 @@ from .report import fmt, machine_header, markdown_header, markdown_table, proven
 
 TARGET_RATIO = 1.1  # issue 2: at most 1.1x transformers' ms per step
 SINKS, WINDOW = 4, 32  # of the sparse runners
+BREAKDOWN_PHASES = ("selection", "copy", "wait", "attention", "rest")
 
 
 class StepClock:
@@ -75,20 +80,24 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
 
 Run = tuple[list[float], float, list[int]]  # per-step ms, prefill seconds, generated ids
 Runner = Callable[[list[int], bool], "Run | None"]  # (prompt, synthetic KV) -> run, None: not at this context
+Profile = tuple[dict, list[int]]  # a run's breakdown (offload_engine.profiling) and its H2D bytes per step
 
 
-def run_tbrun(adapter, prompt: list[int], new_tokens: int,
-              selection: SelectionConfig | None = None, synthetic_kv: bool = False) -> Run:
+def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionConfig | None = None,
+              synthetic_kv: bool = False, profiles: list[Profile] | None = None) -> Run:
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
-    sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill."""
+    sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill.
+    ``profiles``: the run is profiled and its breakdown and bytes per step appended there."""
     mode = KVMode.DENSE_DEVICE if selection is None else KVMode.SPARSE_OFFLOAD
     context = len(prompt) + new_tokens + 1
     config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
                           selection=selection or SelectionConfig(), synthetic_kv=synthetic_kv,
-                          allow_rope_scaling=context > adapter.dims.max_positions)
+                          allow_rope_scaling=context > adapter.dims.max_positions, profile=profiles is not None)
     engine = Engine(adapter, config)
     # a fixed number of steps, like min_new_tokens on the other side
     result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    if profiles is not None:
+        profiles.append((result.stats.breakdown, list(result.stats.h2d_bytes)))
     return list(result.stats.decode_ms), result.stats.prefill_seconds, result.token_ids
 
 
@@ -200,13 +209,17 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
     ``synthetic_from``: contexts from this one on fill tbrun's KV with random values and skip
     transformers. ``vllm``: vLLM's dense decode beside them.
     """
+    profiles: dict[str, list[Profile]] = {"tbrun": []}  # of tbrun's runners, the latest run last
     runners: dict[str, Runner] = {
-        "tbrun": lambda p, synthetic: run_tbrun(adapter, p, new_tokens, synthetic_kv=synthetic),
+        "tbrun": lambda p, synthetic: run_tbrun(adapter, p, new_tokens, synthetic_kv=synthetic,
+                                                profiles=profiles["tbrun"]),
         "transformers": lambda p, synthetic: None if synthetic else run_transformers(adapter.model, p, new_tokens),
     }
     for spec in sparse:
-        selection = sparse_selection(spec)
-        runners[f"tbrun {spec}"] = lambda p, synthetic, sel=selection: run_tbrun(adapter, p, new_tokens, sel, synthetic)
+        selection, name = sparse_selection(spec), f"tbrun {spec}"
+        profiles[name] = []
+        runners[name] = lambda p, synthetic, sel=selection, sink=profiles[name]: run_tbrun(
+            adapter, p, new_tokens, sel, synthetic, sink)
     if vllm is not None:
         runners["vllm"] = vllm
     prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
@@ -216,6 +229,7 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
         runner(prompts[contexts[0]], synthetic[contexts[0]])
     samples = {(name, c): [] for name in runners for c in contexts}
     prefill = {(name, c): [] for name in runners for c in contexts}
+    profiled = {(name, c): [] for name in profiles for c in contexts}
     outputs: dict = {}
     rows = []
     for c in contexts:  # repetitions interleaved within a context: its ratios are fair on a shared machine
@@ -228,19 +242,36 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
                 steps, prefill_s, ids = run
                 samples[name, c] += steps[skip:]
                 prefill[name, c].append(prefill_s)
+                if name in profiles:
+                    profiled[name, c].append(profiles[name][-1])
                 outputs[name, c] = ids
                 median = summarize_ms(steps[skip:])["median_ms"]
                 log(f"rep {rep + 1}/{repeats}, {c} tokens, {name}: median {median:.1f} ms/step")
-        rows.append(_row(c, samples, prefill, outputs, sparse, synthetic[c]))
+        rows.append(_row(c, samples, prefill, outputs, sparse, synthetic[c], profiled, skip))
         if on_context is not None:
             on_context(rows)
     return rows
 
 
-def _timing(samples: dict, prefill: dict, name: str, context: int) -> dict | None:
+def _timing(samples: dict, prefill: dict, name: str, context: int, profiled: dict | None = None,
+            skip: int = 0) -> dict | None:
     if not samples.get((name, context)):
         return None
-    return summarize_ms(samples[name, context]) | {"prefill_s_median": _median(prefill[name, context])}
+    timing = summarize_ms(samples[name, context]) | {"prefill_s_median": _median(prefill[name, context])}
+    runs = (profiled or {}).get((name, context))
+    if runs:
+        timing["breakdown"] = mean_breakdown([breakdown for breakdown, _ in runs])
+        copied = [b for _, per_step in runs for b in per_step[skip:]]
+        timing["h2d_mib_per_step"] = sum(copied) / len(copied) / 2**20 if copied else 0.0
+    return timing
+
+
+def mean_breakdown(breakdowns: list[dict]) -> dict:
+    """The phases' ms per step averaged over runs, shares recomputed from those means."""
+    phases = list(breakdowns[0])
+    means = {phase: sum(b[phase]["ms_per_step"] for b in breakdowns) / len(breakdowns) for phase in phases}
+    total = sum(means.values())
+    return {phase: {"ms_per_step": ms, "share": ms / total if total else 0.0} for phase, ms in means.items()}
 
 
 def _ratio(a: dict | None, b: dict | None) -> float | None:
@@ -248,12 +279,12 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
 
 
 def _row(context: int, samples: dict, prefill: dict, outputs: dict, sparse: tuple[str, ...] = (),
-         synthetic: bool = False) -> dict:
-    ours, theirs = _timing(samples, prefill, "tbrun", context), _timing(samples, prefill, "transformers", context)
-    vllm = _timing(samples, prefill, "vllm", context)
+         synthetic: bool = False, profiled: dict | None = None, skip: int = 0) -> dict:
+    ours = _timing(samples, prefill, "tbrun", context, profiled, skip)
+    theirs, vllm = _timing(samples, prefill, "transformers", context), _timing(samples, prefill, "vllm", context)
     extra = {}
     for spec in sparse:
-        timing = _timing(samples, prefill, f"tbrun {spec}", context)
+        timing = _timing(samples, prefill, f"tbrun {spec}", context, profiled, skip)
         extra[spec] = timing | {"ratio_to_transformers": _ratio(timing, theirs), "ratio_to_dense": _ratio(timing, ours),
                                 "ratio_to_vllm": _ratio(timing, vllm)}
     row = {
@@ -303,7 +334,7 @@ def to_markdown(report: dict) -> str:
                   "positions (timing only); transformers not run there.", ""]
     return markdown_header("Overhead: tbrun dense-device decode vs transformers generate", report) + "\n" + \
         "\n".join(notes) + "\n" + markdown_table(headers, rows) + "\n" + _sparse_markdown(report) + \
-        _vllm_markdown(report)
+        _breakdown_markdown(report) + _vllm_markdown(report)
 
 
 def _sparse_markdown(report: dict) -> str:
@@ -319,6 +350,25 @@ def _sparse_markdown(report: dict) -> str:
             f"window {WINDOW}; tokenbutler predicting every N steps (`:N`) loads the shipped predictor trained for "
             "that interval where there is one (`predictors/smollm2-135m-instruct-interval4` for N = 4, as `tbrun "
             "generate` does).\n\n" + markdown_table(headers, rows) + "\n")
+
+
+def _breakdown_markdown(report: dict) -> str:
+    """Where tbrun's steps went, per runner and context, where the runs were profiled."""
+    rows = []
+    for r in report["rows"]:
+        timed = [("tbrun dense", r["tbrun"])] + [(spec, t) for spec, t in r.get("sparse", {}).items()]
+        for name, timing in timed:
+            parts = (timing or {}).get("breakdown")
+            if parts:
+                cells = [f"{fmt(parts[p]['ms_per_step'], 2)} ({100 * parts[p]['share']:.0f}%)" for p in BREAKDOWN_PHASES]
+                rows.append([r["context"], name] + cells + [fmt(timing["h2d_mib_per_step"], 2)])
+    if not rows:
+        return ""
+    return ("\n## Where tbrun's steps went\n\nms per step (share) of each phase, mean over the timed runs (every decode "
+            "step, the first included, so a sparse runner's first fetch of its whole selection counts here); `rest` is "
+            "the step less the phases: projections, MLP, norms, logits, sampling. MiB copied per step: KV bytes "
+            "gathered from the host store into the working set, the first steps excluded as in the timings.\n\n"
+            + markdown_table(["context", "runner"] + list(BREAKDOWN_PHASES) + ["MiB copied/step"], rows) + "\n")
 
 
 def _vllm_markdown(report: dict) -> str:

@@ -149,6 +149,14 @@ def test_overhead_measures_both_sides_on_a_tiny_model():
                            "timing_method": "t"}, "rows": rows}
     markdown = to_markdown(report)
     assert "| 64 |" in markdown and "| 96 | streaming:75% |" in markdown
+    for row in rows:  # every tbrun runner profiled: its phases add up to its mean step, and its bytes are counted
+        for timing in (row["tbrun"], row["sparse"]["streaming:75%"]):
+            parts = timing["breakdown"]
+            assert set(parts) == {"selection", "copy", "wait", "attention", "rest"}
+            assert abs(sum(p["share"] for p in parts.values()) - 1.0) < 1e-6 and parts["attention"]["ms_per_step"] > 0
+        assert row["tbrun"]["h2d_mib_per_step"] == 0.0 and row["transformers"].get("breakdown") is None
+        assert row["sparse"]["streaming:75%"]["breakdown"]["selection"]["ms_per_step"] > 0
+    assert "## Where tbrun's steps went" in markdown and "| 96 | tbrun dense |" in markdown
 
 
 def test_overhead_fills_random_kv_from_a_context_on_and_leaves_transformers_out_there():

@@ -200,15 +200,33 @@ def test_overhead_sparse_specs_take_an_optional_interval():
             sparse_selection(bad)
 
 
-def test_topk_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
+def test_topk_speed_writes_the_three_methods_per_case(tmp_path, monkeypatch):
+    from offload_engine.selection import ranking
     from tbrun_bench import topk_speed
 
     monkeypatch.setattr(topk_speed, "CASES", [(3, 8192, 500), (2, 9000, 800)])
     topk_speed.main(["--calls", "2", "--warmup", "0", "--out", str(tmp_path / "topk")])
     report = json.loads((tmp_path / "topk.json").read_text())
     assert [(c["rows"], c["candidates"], c["keep"]) for c in report["cases"]] == [(3, 8192, 500), (2, 9000, 800)]
-    assert all(c["torch_topk"]["steps"] == 2 and c["partition"]["steps"] == 2 and c["ratio"] > 0 for c in report["cases"])
-    assert "partition ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
+    assert all(c[method]["steps"] == 2 for c in report["cases"] for method in ("torch_topk", "partition_whole", "partition"))
+    assert all(c["ratio"] > 0 and c["cut_speedup"] > 0 for c in report["cases"])
+    assert "partition, no cut ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
+    assert ranking.PREFILTER_MIN_CANDIDATES == 4096  # the switch-off is undone
+
+
+def test_topk_without_the_cut_partitions_every_row_whole_and_returns_the_same_tokens(monkeypatch):
+    from offload_engine.selection import ranking
+    from tbrun_bench.topk_speed import topk_without_cut
+
+    scores = torch.softmax(3 * torch.randn(2, 8192, generator=torch.Generator().manual_seed(0)), dim=-1)
+    shapes = []
+    original = ranking.np.argpartition
+    monkeypatch.setattr(ranking.np, "argpartition", lambda a, *args, **kw: shapes.append(a.shape) or original(a, *args, **kw))
+    whole = topk_without_cut(scores, 500)[1]
+    assert shapes == [(2, 8192)]
+    cut = ranking.topk_unsorted(scores, 500)[1]
+    assert all(shape[-1] < 8192 for shape in shapes[1:])
+    assert [set(row.tolist()) for row in whole] == [set(row.tolist()) for row in cut]
 
 
 def test_attention_speed_writes_both_methods_per_case(tmp_path, monkeypatch):

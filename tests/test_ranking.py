@@ -56,6 +56,21 @@ def test_long_rows_are_cut_by_a_sampled_threshold_and_a_misjudged_row_is_partiti
     assert all(shape[-1] < 32768 // 4 for shape in partitioned if shape != (32768,))  # the others cut first
 
 
+def test_the_cut_keeps_nan_scores_as_the_plain_partition_and_torch_topk_rank_them_first(monkeypatch):
+    """A few NaN scores in a long row fall below no threshold: the cut path returns what the plain
+    partition (and torch.topk) return, NaN positions among them; a row of NaNs only is partitioned whole."""
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.softmax(3 * torch.randn(3, 32768, generator=generator), dim=-1)
+    scores[0, [7, 1001, 20000]] = float("nan")  # unsampled positions (not multiples of 8)
+    scores[1, ::ranking.PREFILTER_STRIDE] = float("nan")  # the whole sample NaN: its threshold is NaN
+    expected = torch.topk(scores, 2048, dim=-1, sorted=False).indices
+    monkeypatch.setattr(ranking.torch, "topk", _forbidden)
+    _, index = topk_unsorted(scores, 2048)
+    assert _as_sets(index)[0::2] == _as_sets(expected)[0::2] and {7, 1001, 20000} <= _as_sets(index)[0]
+    assert scores[1, index[1]].isnan().all()  # 2,048 of the 4,096 NaNs, which ones is a tie
+    assert all(len(row) == 2048 for row in _as_sets(index))
+
+
 def _forbidden(*args, **kwargs):
     raise AssertionError("torch.topk ran where the partition should have")
 

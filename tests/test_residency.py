@@ -37,6 +37,17 @@ def test_update_activates_exactly_the_selection_and_fetches_only_missing(on_host
     assert (plan.slots[1, 1:] == rmap.num_slots).all()
 
 
+def test_a_position_past_the_capacity_is_refused_before_any_row_changes():
+    """On the host the lookups run through flat indices, where position ``capacity`` of row 0 would
+    read row 1's entries: the map refuses it and stays as it was."""
+    rmap = ResidencyMap(rows=2, num_slots=4, device=torch.device("cpu"), capacity=16, on_host=True)
+    rmap.update(torch.tensor([[1, 2], [3, -1]]))
+    state = (rmap.slot_pos.clone(), rmap.slot_of.clone(), rmap.active.clone())
+    with pytest.raises(ValueError, match="past the capacity 16"):
+        rmap.update(torch.tensor([[1, 16], [3, -1]]))
+    assert all(torch.equal(a, b) for a, b in zip(state, (rmap.slot_pos, rmap.slot_of, rmap.active)))
+
+
 @BOOKKEEPING
 def test_reselecting_a_stale_token_does_not_fetch_it_again(on_host):
     rmap = ResidencyMap(rows=1, num_slots=4, device=torch.device("cpu"), capacity=64, on_host=on_host)

@@ -290,8 +290,13 @@ def test_group_mean_probabilities_is_the_mean_of_the_heads_softmaxes(group):
     from offload_engine.policies.tokenbutler import group_mean_probabilities
 
     logits = 4 * torch.randn(2, 3, group, 50, generator=torch.Generator().manual_seed(group))
-    expected = torch.softmax(logits, dim=-1).mean(dim=-2)
-    assert torch.allclose(group_mean_probabilities(logits.clone()), expected, atol=1e-7, rtol=1e-5)
+    before = logits.clone()
+    weights = (logits.double() - logits.double().amax(dim=-1, keepdim=True)).exp()  # in float64, by hand
+    expected = (weights / weights.sum(dim=-1, keepdim=True)).sum(dim=-2) / group
+    mean = group_mean_probabilities(logits)
+    assert mean.shape == (2, 3, 50) and torch.allclose(mean.double(), expected, atol=1e-7, rtol=1e-5)
+    assert torch.allclose(mean.sum(dim=-1), torch.ones(2, 3))  # still a distribution over the tokens
+    assert torch.equal(logits, before)  # the caller's logits are not modified
 
 
 def test_every_shipped_interval_predictor_was_trained_for_its_interval_and_fits_the_default_ones_model():

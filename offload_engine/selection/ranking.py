@@ -31,7 +31,7 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
     return sort_with_padding_last(positions) if ordered else positions
 
 
-# numpy's introselect partition; torch.topk's CPU kernel takes 2-3.4x longer on a producer's rows on one
+# numpy's introselect partition; torch.topk's CPU kernel takes 1.7-4x longer on a producer's rows on one
 # thread (bench/reports/topk_cpu.md), and was slower still with two threads here (numpy uses one; not
 # measured on machines with many cores). Half precision and bfloat16 stay with torch (numpy has no bfloat16).
 PARTITION_DTYPES = (torch.float32, torch.float64)
@@ -75,7 +75,7 @@ def _partition_rows(rows: np.ndarray, keep: int) -> np.ndarray:
     thresholds = _sampled_thresholds(rows, keep)
     index = np.empty((r, keep), dtype=np.int64)
     for i, (row, threshold) in enumerate(zip(rows, thresholds)):
-        passed = np.flatnonzero(row >= threshold)
+        passed = np.flatnonzero(~(row < threshold))  # NaN passes: both partitions rank it above all
         if passed.size < keep:
             index[i] = np.argpartition(row, n - keep)[n - keep :]
         else:

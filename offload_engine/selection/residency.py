@@ -132,6 +132,8 @@ class ResidencyMap:
         chosen_all = selected.numpy()
         slot_pos, slot_of, active = self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy()
         n, count = self.num_slots, chosen_all.shape[0]
+        if chosen_all.size and chosen_all.max() >= self._scratch:  # a flat lookup would read the next row
+            raise ValueError(f"selected position {int(chosen_all.max())} is past the capacity {self._scratch}")
         chosen = chosen_all >= 0
         # gathers and scatters through flat row-offset indices (numpy's *_along_axis build 2-D index arrays)
         row_starts = np.arange(count, dtype=np.int64)[:, None]

@@ -31,8 +31,9 @@ def topk_positions(scores: torch.Tensor, keep: int, lo: int, ordered: bool = Tru
     return sort_with_padding_last(positions) if ordered else positions
 
 
-# numpy's introselect partition; torch.topk's CPU kernel takes 1.7-4x longer on a producer's rows on one
-# thread (bench/reports/topk_cpu.md), and was slower still with two threads here (numpy uses one; not
+# numpy's introselect partition after the sampled cut: torch.topk's CPU kernel takes 1.7-4.5x longer on a
+# producer's rows on one thread (bench/reports/topk_cpu.md, AMD EPYC; the partition alone matched torch.topk
+# there and beat it 2-3.4x on an Intel Xeon), and was slower still with two threads (numpy uses one; not
 # measured on machines with many cores). Half precision and bfloat16 stay with torch (numpy has no bfloat16).
 PARTITION_DTYPES = (torch.float32, torch.float64)
 # Long rows with a small keep are first cut to the entries at or above a threshold read from every
@@ -66,7 +67,7 @@ def _partition_rows(rows: np.ndarray, keep: int) -> np.ndarray:
     ``numpy.argpartition`` (linear-time selection). Where rows are long and ``keep`` a small share
     of them, each row is first cut to its entries at or above a threshold that a strided sample puts
     safely below its ``keep``-th largest entry, and only those are partitioned: the same entries,
-    3-5x faster at 32k-128k candidates (bench/reports/topk_cpu.md). A row the sample misjudged
+    about 2x faster at 8k-32k candidates and 4-5x at 128k (bench/reports/topk_cpu.md). A row the sample misjudged
     (fewer than ``keep`` entries pass) is partitioned whole, so the result is always exact.
     """
     r, n = rows.shape

@@ -139,6 +139,12 @@ class VllmRunner:
     def __init__(self, model_dir: str, max_len: int, new_tokens: int, enforce_eager: bool, llm=None):
         self.model_dir, self.max_len, self.new_tokens, self.enforce_eager = model_dir, max_len, new_tokens, enforce_eager
         self.llm = llm  # an engine already built (tests), else built at the first call
+        # process CPU seconds and wall seconds over every timed step: how many cores vLLM's steps used
+        self.cpu_seconds = self.wall_seconds = 0.0
+
+    def cores_used(self) -> float | None:
+        """Process CPU time / wall time over the timed steps (1.0: one core busy), None before any."""
+        return self.cpu_seconds / self.wall_seconds if self.wall_seconds > 0 else None
 
     def settings(self) -> dict:
         import vllm
@@ -170,13 +176,15 @@ class VllmRunner:
         engine.add_request(f"overhead-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
         steps, ids, first_token_at = [], [], None
         while engine.has_unfinished_requests():
-            before = time.perf_counter()
+            before, cpu_before = time.perf_counter(), time.process_time()
             outputs = engine.step()
-            after = time.perf_counter()
+            after, cpu_after = time.perf_counter(), time.process_time()
             produced = [list(o.outputs[0].token_ids) for o in outputs if o.outputs]
             if produced and len(produced[0]) > len(ids):
                 if ids:
                     steps.append(1000.0 * (after - before))
+                    self.cpu_seconds += cpu_after - cpu_before
+                    self.wall_seconds += after - before
                 else:
                     first_token_at = after
                 ids = produced[0]
@@ -386,8 +394,16 @@ def _vllm_markdown(report: dict) -> str:
     settings = report["settings"].get("vllm") or {}
     return (f"\n## vLLM's CPU build, dense, in the same run\n\nvLLM {settings.get('vllm')} "
             f"({'eager' if settings.get('enforce_eager') else 'compiled (its default)'}), batch 1, greedy, its own "
-            "attention kernel; one engine step timed per decode step (`LLMEngine.step`, in this process). "
-            "Ratios below 1: tbrun's step is faster.\n\n" + markdown_table(headers, rows) + "\n")
+            "attention kernel; one engine step timed per decode step (`LLMEngine.step`, in this process)"
+            f"{_cores_text(settings.get('cores_used'))}. Ratios below 1: tbrun's step is faster.\n\n"
+            + markdown_table(headers, rows) + "\n")
+
+
+def _cores_text(cores: float | None) -> str:
+    """How many cores vLLM's timed steps kept busy, as the report says it."""
+    if cores is None:
+        return ""
+    return f"; process CPU time / wall time over its timed steps {cores:.2f} (1.00: one core busy)"
 
 
 TIMING_METHOD = (
@@ -433,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def write(rows: list[dict]) -> None:
         report["rows"] = rows
+        if vllm is not None:
+            settings["vllm"]["cores_used"] = vllm.cores_used()
         report["partial"] = len(rows) < len(contexts)
         write_json(args.out / f"{args.name}.json", report)
         (args.out / f"{args.name}.md").write_text(to_markdown(report))

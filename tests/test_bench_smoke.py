@@ -265,3 +265,16 @@ def test_latency_runs_each_interval_above_one_again_with_refresh_layers():
     assert refreshed.selection.refresh_layers == frozenset({20, 21, 22, 23})
     with pytest.raises(ConfigError, match="refresh-layers"):
         LatencySettings(contexts=[4096], refresh_layers="x", device="cpu")
+
+
+def test_the_vllm_section_says_how_many_cores_its_steps_used():
+    from tbrun_bench.overhead import _vllm_markdown
+
+    row = {"context": 7680, "vllm": {"median_ms": 74.7, "p90_ms": 85.2, "prefill_s_median": 1.2},
+           "tbrun_ratio_to_vllm": 1.74, "same_tokens_as_vllm": True,
+           "sparse": {"streaming:10%": {"ratio_to_vllm": 0.92}}}
+    report = {"rows": [row], "settings": {"vllm": {"vllm": "0.32.0", "enforce_eager": False, "cores_used": 1.013}}}
+    text = _vllm_markdown(report)
+    assert "process CPU time / wall time over its timed steps 1.01" in text and "| 7680 | 74.7 |" in text
+    report["settings"]["vllm"]["cores_used"] = None  # no step timed: nothing claimed
+    assert "wall time" not in _vllm_markdown(report)

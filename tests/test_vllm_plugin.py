@@ -426,9 +426,12 @@ def test_the_overhead_bench_times_each_of_vllms_decode_steps(engine):
 
     engine.runtime.enabled = False  # vLLM's own attention, as the bench runs it
     prompt = list(needle_prompts(engine.tokenizer, 1, 1024)[0].prompt_ids)
-    steps, prefill_s, ids = VllmRunner("unused", 2048, new_tokens=6, enforce_eager=True, llm=engine.llm)(prompt)
+    runner = VllmRunner("unused", 2048, new_tokens=6, enforce_eager=True, llm=engine.llm)
+    assert runner.cores_used() is None  # nothing timed yet
+    steps, prefill_s, ids = runner(prompt)
     assert len(ids) == 6 and len(steps) == 5  # one timed step per token after the first
     assert all(ms > 0 for ms in steps) and prefill_s > 0
+    assert runner.wall_seconds * 1000 == pytest.approx(sum(steps)) and 0 < runner.cores_used() < 8
     reference = generate(engine.llm, [prompt], 6)[0]
     assert tuple(ids[: len(reference)]) == reference
 

@@ -291,18 +291,20 @@ def reference_name(summary: TaskSummary, reference: str) -> str:
     return reference
 
 
-def paired_table(summary: TaskSummary) -> list[str]:
-    """Each sparse point minus dense, the oracle and tokenbutler at the same budget, over the samples
-    both ran (paired), with 95% t intervals; nothing when no pair exists."""
+def paired_table(summary: TaskSummary, versus: tuple[str, ...] = ()) -> list[str]:
+    """Each sparse point minus dense, the oracle, tokenbutler and each point named in ``versus`` (e.g.
+    ``"tokenbutler @b539d0fa"``) at the same budget, over the samples both ran (paired), with 95% t
+    intervals; a ``versus`` column no point pairs with is left out; nothing when no pair exists."""
     primary = summary.task["primary"]
     values = sample_values(summary.runs, primary)
+    references = (*REFERENCES, *(name for name in versus if name not in REFERENCES))
     rows = []
     for row in summary.rows:
         point = (row["policy"], row["budget"])
         if row["policy"] == "dense" or point not in values:
             continue
         cells = []
-        for reference in REFERENCES:
+        for reference in references:
             other = ("dense", "100%") if reference == "dense" else (reference_name(summary, reference), row["budget"])
             common = sorted(values[point].keys() & values.get(other, {}).keys()) if other != point else []
             difference = paired_difference([values[point][k] for k in common], [values[other][k] for k in common])
@@ -310,15 +312,19 @@ def paired_table(summary: TaskSummary) -> list[str]:
         rows.append([row["policy"], row["budget"], *cells])
     if all(cell == "-" for row in rows for cell in row[2:]):
         return []
+    # the usual three always; a ``versus`` point only where some point pairs with it
+    paired = [j for j in range(len(references)) if j < len(REFERENCES) or any(r[2 + j] != "-" for r in rows)]
+    rows = [[*r[:2], *(r[2 + j] for j in paired)] for r in rows]
     unit = "% change of perplexity" if primary == "ppl" else "points"
     return ["Paired differences: the point minus the reference over the samples both ran (their number in "
             f"parentheses), in {unit}, with a 95% Student t interval over the per-sample differences; bold "
             "where the interval excludes 0. Pairing removes what the samples share (a sample the model "
             "itself fails counts against both), so it separates policies whose own intervals overlap.", "",
-            *table_lines(["policy", "budget", *(f"minus {reference_name(summary, r)}" for r in REFERENCES)], rows), ""]
+            *table_lines(["policy", "budget", *(f"minus {reference_name(summary, references[j])}" for j in paired)], rows),
+            ""]
 
 
-def task_section(summary: TaskSummary) -> list[str]:
+def task_section(summary: TaskSummary, versus: tuple[str, ...] = ()) -> list[str]:
     """Heading, what the task measures, the runs merged, notes, and the table of the primary metric."""
     task = summary.task
     lines = [f"## {task['name']}, {summary.context} tokens", "",
@@ -335,7 +341,7 @@ def task_section(summary: TaskSummary) -> list[str]:
     if summary.disagreements:
         lines += ["**Runs disagree** on points they both measured:", "",
                   *(f"- {line}" for line in summary.disagreements), ""]
-    return lines + [*policy_table(summary.rows, summary.budgets, task["primary"]), "", *paired_table(summary)]
+    return lines + [*policy_table(summary.rows, summary.budgets, task["primary"]), "", *paired_table(summary, versus)]
 
 
 def predictor_paths(runs: list[Run], sha: str) -> str:
@@ -393,8 +399,9 @@ def machine_section(runs: list[Run]) -> list[str]:
     return lines
 
 
-def to_markdown(summaries: list[TaskSummary], runs: list[Run], skipped: list[str], prov: dict) -> str:
-    """The whole ``summary.md``."""
+def to_markdown(summaries: list[TaskSummary], runs: list[Run], skipped: list[str], prov: dict,
+                versus: tuple[str, ...] = ()) -> str:
+    """The whole ``summary.md``; ``versus``: points to pair every point with, besides the usual three."""
     lines = [f"# tbrun eval: summary of {count(len(runs), 'run')}, {count(len(summaries), 'task')}", "",
              f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`", f"- date: {prov['date']}", "",
              f"![main metric vs budget, one panel per task]({SUMMARY_PNG})", ""]
@@ -404,7 +411,7 @@ def to_markdown(summaries: list[TaskSummary], runs: list[Run], skipped: list[str
               "where the run recorded intervals (Wilson for accuracies, t over passages for perplexity).", "",
               *glance_table(summaries), ""]
     for summary in summaries:
-        lines += task_section(summary)
+        lines += task_section(summary, versus)
     return "\n".join(lines + machine_section(runs)).rstrip("\n") + "\n"
 
 
@@ -437,7 +444,7 @@ def plot_summaries(summaries: list[TaskSummary], path: Path) -> None:
 # Command line
 
 
-def write_summary(folder: Path, command: str) -> tuple[Path, Path]:
+def write_summary(folder: Path, command: str, versus: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Read, merge and write ``summary.md`` and ``summary.png`` into ``folder``; their paths."""
     runs, skipped = load_runs(folder)
     if not runs:
@@ -445,7 +452,7 @@ def write_summary(folder: Path, command: str) -> tuple[Path, Path]:
                           "that holds the runs' --out folders.")
     summaries = [summarize_task(task_runs) for task_runs in group_by_task(runs).values()]
     markdown, png = folder / SUMMARY_MD, folder / SUMMARY_PNG
-    markdown.write_text(to_markdown(summaries, runs, skipped, provenance(command)))
+    markdown.write_text(to_markdown(summaries, runs, skipped, provenance(command), versus))
     plot_summaries(summaries, png)
     return markdown, png
 
@@ -453,10 +460,13 @@ def write_summary(folder: Path, command: str) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="the folder holding one tbrun eval run per subfolder")
+    parser.add_argument("--versus", action="append", default=[], metavar="POINT",
+                        help="also pair every point with this one at its budget, named as in the tables "
+                             "(e.g. 'tokenbutler @b539d0fa'); repeatable")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        markdown, png = write_summary(args.folder, " ".join([PROGRAM, *map(shlex.quote, argv)]))
+        markdown, png = write_summary(args.folder, " ".join([PROGRAM, *map(shlex.quote, argv)]), tuple(args.versus))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None

@@ -187,3 +187,30 @@ def test_runs_of_other_samples_pool_in_the_paired_differences_and_the_larger_run
     paired = {row[0]: row for row in table_rows(markdown) if len(row) == 5}
     cell = paired["tokenbutler"][3].strip("*")  # minus oracle: 4 misses in 10 pairs
     assert cell.startswith("-40.0 [") and cell.endswith("(10)")
+
+
+def test_versus_adds_a_paired_column_only_where_its_point_exists(tmp_path):
+    """``--versus 'tokenbutler @bbbbbbbb'``: every point is also paired with that one at its budget;
+    a named point no run has gives no column."""
+    scores = {"old": [1, 0, 0, 1], "new": [1, 1, 1, 1]}
+    for name, date in (("old", "2026-11-23 12:00:00 +0000"), ("new", "2026-11-24 12:00:00 +0000")):
+        write_run(tmp_path, name, "tokenbutler", 100.0, date)
+        path = tmp_path / name / "results.json"
+        report = json.loads(path.read_text())
+        report["config"]["samples"] = 4
+        report["summary"] = [point("dense", "100%", 100.0), point("tokenbutler", "10%", 25.0 * sum(scores[name]))]
+        report["points"] = [{"policy": "dense", "budget": "100%", "predictor": None},
+                            {"policy": "tokenbutler", "budget": "10%",
+                             "predictor": {"path": f"predictors/{name}", "sha256": ("a" if name == "old" else "b") * 64}}]
+        report["samples"] = [{"policy": "dense", "budget": "100%", "index": i, "score": 1.0} for i in range(4)]
+        report["samples"] += [{"policy": "tokenbutler", "budget": "10%", "index": i, "score": float(s)}
+                              for i, s in enumerate(scores[name])]
+        path.write_text(json.dumps(report))
+    main([str(tmp_path), "--versus", "tokenbutler @bbbbbbbb", "--versus", "tokenbutler @cccccccc"])
+    markdown = (tmp_path / SUMMARY_MD).read_text()
+    assert ("| policy | budget | minus dense | minus oracle | minus tokenbutler @aaaaaaaa | minus tokenbutler @bbbbbbbb |"
+            in markdown) and "@cccccccc" not in markdown.split("## Machines")[0].split("- command")[1].split("\n", 1)[1]
+    rows = {row[0]: row for row in table_rows(markdown) if len(row) == 6}
+    assert rows["tokenbutler @aaaaaaaa"][5].startswith("-50.0 [")  # old minus new, pair by pair
+    assert rows["tokenbutler @bbbbbbbb"][5] == "-"  # not with itself
+    assert "--versus 'tokenbutler @bbbbbbbb'" in markdown  # the command that made it

@@ -113,6 +113,10 @@ def machine_header(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "device": str(device),
     }
+    if device.type == "cpu":
+        from offload_engine import native
+
+        header["cpu_selection_kernel"] = native.status()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         header.update(

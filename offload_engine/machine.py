@@ -38,6 +38,13 @@ def triton_status() -> str:
     return f"{triton.__version__}, C compiler and Python headers present ({where})"
 
 
+def native_status() -> str:
+    """The native CPU selection kernel: in use, or why not (offload_engine/native)."""
+    from . import native
+
+    return native.status()
+
+
 def gather_method_status(device: torch.device | str | None = None) -> str:
     """The gather method a sparse-offload run uses here, and why."""
     from .cpu_cache.gather import choose_gather_method
@@ -130,6 +137,7 @@ def describe_machine() -> dict[str, str]:
     info["cupy"] = cupy_status()
     info["triton"] = triton_status()
     info["gather method"] = gather_method_status()
+    info["cpu selection kernel"] = native_status()
     return info
 
 

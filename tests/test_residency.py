@@ -5,15 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, native
 from offload_engine.selection.residency import ResidencyMap
 from offload_engine.models import ModelAdapter
 from offload_engine.policies.random import RandomPolicy
 from tiny_models import tiny_model
 
 
-# numpy on the CPU tensors' memory (what the CPU runs) and torch (what a GPU runs, here on CPU tensors)
-BOOKKEEPING = pytest.mark.parametrize("on_host", [True, False], ids=["numpy", "torch"])
+# On the CPU tensors' memory: the native kernel (what the CPU runs where it is built) and numpy (where it
+# is not); torch (what a GPU runs, here on CPU tensors).
+BOOKKEEPING = pytest.mark.parametrize("on_host", ["native", "numpy", "torch"], indirect=True)
+
+
+@pytest.fixture
+def on_host(request, monkeypatch):
+    """``on_host`` for the map under test, with the native kernels switched on or off to match."""
+    kind = request.param
+    monkeypatch.setenv("TBRUN_NATIVE", "0" if kind == "numpy" else "1")
+    native.reset()
+    if kind == "native" and native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    yield kind != "torch"
+    native.reset()
 
 
 def active_sets(rmap: ResidencyMap) -> list[set[int]]:
@@ -114,7 +127,8 @@ def test_update_follows_the_slot_rules_and_keeps_its_inverse_map(on_host, rows=3
             assert {p: int(rmap.slot_of[r, p]) for p in range(capacity) if rmap.slot_of[r, p] >= 0} == inverse
 
 
-def test_numpy_and_torch_bookkeeping_agree_on_row_ranges_and_a_mask_view(rows=6, slots=10, capacity=50):
+@pytest.mark.parametrize("on_host", ["native", "numpy"], indirect=True)
+def test_host_and_torch_bookkeeping_agree_on_row_ranges_and_a_mask_view(on_host, rows=6, slots=10, capacity=50):
     """The planner updates a producer's rows of a bank at a time, and the mask is a view of the bank's."""
     masks = [torch.zeros(rows, 3, slots + 1, dtype=torch.bool) for _ in range(2)]
     maps = [ResidencyMap(rows, slots, torch.device("cpu"), capacity, active=mask[:, 1], on_host=on_host)

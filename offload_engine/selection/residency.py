@@ -4,7 +4,8 @@
 bank of rows, one row per (layer, KV head), so a producer's whole group of layers is updated by
 one call with no Python loop over layers or heads. On a device it runs with plain tensor
 operations there (no read-back), tested on CPU tensors (``on_host=False``); on the CPU the same
-rules run as numpy operations on the tensors' memory, tested against the torch path.
+rules run in one native call on the tensors' memory (``offload_engine/native``), or as numpy
+operations where the native kernels are not built; both tested against the torch path.
 
 A token fetched once stays in its slot until the slot is needed for another token; tokens that
 were selected at the previous step and are selected again are not fetched again (delta fetch).
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .. import native
 
 EMPTY = -1
 
@@ -126,7 +129,8 @@ class ResidencyMap:
         return FetchPlan(positions=positions, slots=slots, counts=counts)
 
     def _update_on_host(self, selected: torch.Tensor, rows: slice) -> FetchPlan:
-        """``update`` as numpy operations on the CPU tensors' memory: the same slots, the same plan."""
+        """``update`` on the CPU tensors' memory, by the native kernel where it is built, else as numpy
+        operations: the same slots, the same plan."""
         if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
             raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
         chosen_all = selected.numpy()
@@ -134,6 +138,11 @@ class ResidencyMap:
         n, count = self.num_slots, chosen_all.shape[0]
         if chosen_all.size and chosen_all.max() >= self._scratch:  # a flat lookup would read the next row
             raise ValueError(f"selected position {int(chosen_all.max())} is past the capacity {self._scratch}")
+        kernels = native.kernels()
+        if kernels is not None:
+            positions, slots, counts = kernels.residency_update(chosen_all, slot_pos, slot_of, active)
+            return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
+                             counts=torch.from_numpy(counts))
         chosen = chosen_all >= 0
         # gathers and scatters through flat row-offset indices (numpy's *_along_axis build 2-D index arrays)
         row_starts = np.arange(count, dtype=np.int64)[:, None]

@@ -1,0 +1,195 @@
+"""Native CPU kernels of token selection, built with the machine's C++ compiler at first use.
+
+On the CPU a producer's selection in torch is a batched matmul, a softmax, a mean and a top-k: four
+passes over ``[Lg, KvH, g, m]`` numbers and a Python loop over rows. ``selection.cpp`` does the
+scoring in one pass over the compact keys and the top-k of every row in one call
+(bench/reports/selection_cpu.md measures both against torch).
+
+The library is compiled once per source, compiler and CPU into ``$TBRUN_NATIVE_CACHE`` (default
+``~/.cache/tbrun/native``) with ``-O3 -march=native``; the build writes a temporary file and renames
+it, so two processes never load a half-written library. Where there is no compiler, or the build
+fails, or ``TBRUN_NATIVE=0``, ``kernels()`` returns None and callers keep their torch path; why is in
+``status()`` (``tbrun info`` prints it). GPUs never come here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("selection.cpp")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC")
+_ENV_SWITCH = "TBRUN_NATIVE"
+
+_lock = threading.Lock()
+_loaded: "SelectionKernels | None" = None
+_status = "not built yet"
+_tried = False
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$TBRUN_NATIVE_CACHE`` or ``~/.cache/tbrun/native``."""
+    return Path(os.environ.get("TBRUN_NATIVE_CACHE") or Path.home() / ".cache" / "tbrun" / "native")
+
+
+def enabled() -> bool:
+    """False when ``TBRUN_NATIVE=0`` (the torch path everywhere)."""
+    return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def status() -> str:
+    """One line: whether the native kernels are in use, and if not, why."""
+    kernels()
+    return _status
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(dict.fromkeys(wanted))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _library_path(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    return cache_dir() / f"tbrun_selection_{key}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-400:]}")
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
+def kernels() -> "SelectionKernels | None":
+    """The loaded kernels, building them on first use; None where they cannot be had (see ``status``)."""
+    global _loaded, _status, _tried
+    if not enabled():
+        _status = f"off ({_ENV_SWITCH}=0): torch kernels"
+        return None
+    if _tried:
+        return _loaded
+    with _lock:
+        if _tried:
+            return _loaded
+        compiler = _compiler()
+        try:
+            if compiler is None:
+                raise RuntimeError("no C++ compiler (g++, c++ or clang++, or $CXX) on PATH")
+            path = _library_path(compiler)
+            if not path.exists():
+                _build(compiler, path)
+            _loaded = SelectionKernels(ctypes.CDLL(str(path)))
+            _status = f"on: {path.name} ({Path(compiler).name} -march=native)"
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            _loaded, _status = None, f"unavailable, torch kernels instead: {exc}"
+        _tried = True
+    return _loaded
+
+
+def reset() -> None:
+    """Forget the loaded library (tests that switch ``TBRUN_NATIVE`` or the cache directory)."""
+    global _loaded, _status, _tried
+    with _lock:
+        _loaded, _status, _tried = None, "not built yet", False
+
+
+def _pointer(array: np.ndarray, ctype) -> ctypes.c_void_p:
+    return array.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+@dataclass(frozen=True)
+class SelectionKernels:
+    """Typed wrappers of the library's two functions; shapes and strides are checked here."""
+
+    library: ctypes.CDLL
+
+    def __post_init__(self) -> None:
+        i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
+        scores = self.library.tbrun_group_mean_scores
+        scores.argtypes = [f32p, i64, i64, i64, f32p, i64, i64, i64, f32p, f32p]
+        scores.restype = ctypes.c_int
+        i64p, i32p, u8p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_uint8))
+        update = self.library.tbrun_residency_update
+        update.argtypes = [i64p, i64, i64, i64p, i64, i32p, i64, u8p, i64, i64, i64p, i64p, i64p]
+        update.restype = ctypes.c_int
+
+    def group_mean_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]``, keys ``[R, d, m]``
+        (float32, CPU; tokens contiguous, rows and dims at any uniform strides) -> ``[R, m]`` float32."""
+        rows, g, d = queries.shape
+        if keys.dim() != 3 or keys.shape[0] != rows or keys.shape[1] != d or keys.stride(2) != 1:
+            raise ValueError(f"keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
+                             f"{tuple(queries.shape)} with tokens contiguous")
+        if queries.dtype != torch.float32 or keys.dtype != torch.float32:
+            raise TypeError(f"float32 only, got {queries.dtype} and {keys.dtype}")
+        m = keys.shape[2]
+        q = np.ascontiguousarray(queries.detach().numpy())
+        out = np.empty((rows, m), dtype=np.float32)
+        if m == 0 or rows == 0:
+            return torch.from_numpy(out)
+        buffer = np.empty(g * m, dtype=np.float32)
+        # keys: the numpy view of the tensor's own memory (no copy), read through its strides
+        base = keys.detach()
+        start = base.data_ptr()
+        self.library.tbrun_group_mean_scores(
+            _pointer(q, ctypes.c_float), rows, g, d, ctypes.cast(start, ctypes.POINTER(ctypes.c_float)),
+            base.stride(0), base.stride(1), m, _pointer(out, ctypes.c_float), _pointer(buffer, ctypes.c_float))
+        return torch.from_numpy(out)
+
+    def residency_update(self, selected: np.ndarray, slot_pos: np.ndarray, slot_of: np.ndarray,
+                         active: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``ResidencyMap.update`` on numpy views of the map's rows (written in place): selected ``[r, k]``
+        int64, slot_pos ``[r, n + 1]`` int64, slot_of ``[r, capacity + 1]`` int32, active ``[r, n + 1]``
+        bool, each with contiguous rows -> (positions, slots ``[r, width]``, counts ``[r]``), ``width`` the
+        largest count, padded with position 0 and slot ``n``."""
+        r, k = selected.shape
+        n = slot_pos.shape[1] - 1
+        arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
+        for name, (array, dtype) in arrays.items():
+            if array.dtype != dtype or array.shape[0] != r or (array.shape[1] > 1 and array.strides[1] != array.itemsize):
+                raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{r}, *] "
+                                 f"{np.dtype(dtype)} with contiguous rows")
+        chosen = np.ascontiguousarray(selected, dtype=np.int64)
+        positions, slots = np.empty((r, k), dtype=np.int64), np.empty((r, k), dtype=np.int64)
+        counts = np.zeros(r, dtype=np.int64)
+        if r and k:
+            i64p, i32p, u8p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_uint8))
+            status = self.library.tbrun_residency_update(
+                _pointer(chosen, ctypes.c_int64), r, k, _pointer(slot_pos, ctypes.c_int64),
+                slot_pos.strides[0] // 8, _pointer(slot_of, ctypes.c_int32), slot_of.strides[0] // 4,
+                active.ctypes.data_as(u8p), active.strides[0], n, _pointer(positions, ctypes.c_int64),
+                _pointer(slots, ctypes.c_int64), _pointer(counts, ctypes.c_int64))
+            if status != 0:
+                raise ValueError(f"more missing positions than the {n} slots of a row")
+        width = int(counts.max()) if r else 0
+        return positions[:, :width], slots[:, :width], counts

@@ -1,0 +1,260 @@
+// CPU kernels of token selection: TokenButler's group-mean score and the residency update, one call
+// per producer each.
+//
+// Built at first use by offload_engine/native/__init__.py (g++ -O3 -march=native, cached by source,
+// compiler and CPU), called through ctypes with raw pointers. Single-threaded.
+//
+// tbrun_group_mean_scores: for each row r (a (layer, KV head) pair), g query heads of d' dims against
+// the row's compact keys stored dimension-major (key dim j of token t at keys[r * row_stride + j * dim_stride + t]):
+//   logits[h, t] = q[r, h, :] . k[r, :, t]
+//   out[r, t]    = mean_h softmax_t(logits[h, :])[t]
+// The keys are streamed once, a tile of tokens at a time: each key vector feeds every head's
+// accumulators in registers, and the tile's logits are exponentiated against each head's running
+// maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (L2) rescales
+// each tile to the final maximum and averages the heads. The same result as
+// torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py).
+//
+// tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
+// plan as its numpy form (tests/test_native.py), without ~40 array operations per producer.
+//
+// A top-k was tried here too and was no faster than numpy's partition after the sampled cut
+// (ranking.py), which numpy runs with AVX-512 sorting networks on the AMD EPYC it was measured on.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp); written so that the compiler
+// vectorises the loop that calls it (no libm call, no branch).
+inline float exp_nonpositive(float x) {
+    x = std::max(x, -87.0f);
+    const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+    float r = x - fx * 0.693359375f;
+    r = r + fx * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return y * scale;
+}
+
+constexpr int64_t LANES = 16;  // floats per vector; also independent partial maxima and sums
+
+// max over row[0, n), in LANES independent chains (a serial max or sum waits ~4 cycles per element)
+float row_max(const float* row, int64_t n) {
+    float lanes[LANES];
+    std::fill(lanes, lanes + LANES, -std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + LANES <= n; t += LANES)
+        for (int64_t i = 0; i < LANES; ++i) lanes[i] = std::max(lanes[i], row[t + i]);
+    float top = -std::numeric_limits<float>::infinity();
+    for (; t < n; ++t) top = std::max(top, row[t]);
+    for (int64_t i = 0; i < LANES; ++i) top = std::max(top, lanes[i]);
+    return top;
+}
+
+// row[t] = exp(row[t] - top) in place; returns their sum
+float exp_in_place(float* row, int64_t n, float top) {
+    float lanes[LANES] = {};
+    int64_t t = 0;
+    for (; t + LANES <= n; t += LANES)
+        for (int64_t i = 0; i < LANES; ++i) {
+            const float e = exp_nonpositive(row[t + i] - top);
+            row[t + i] = e;
+            lanes[i] += e;
+        }
+    float total = 0.0f;
+    for (; t < n; ++t) {
+        const float e = exp_nonpositive(row[t] - top);
+        row[t] = e;
+        total += e;
+    }
+    for (int64_t i = 0; i < LANES; ++i) total += lanes[i];
+    return total;
+}
+
+// GCC/Clang vector extension: 16 floats, lowered to whatever the CPU has (one AVX-512 register, two AVX2 ones)
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+
+inline vfloat load(const float* p) {
+    vfloat v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+// logits of G heads for tokens [start, start + n) into buffer [G, m]: per LANES tokens, each key vector
+// is loaded once and feeds all G heads' accumulators, which stay in registers. (Two vectors of tokens
+// per iteration, and software prefetch a tile ahead, were faster hot but slower with the keys cold.)
+template <int G>
+void logits_span(const float* q, int64_t d, const float* keys, int64_t dim_stride, int64_t start, int64_t n,
+                 float* buffer, int64_t m) {
+    int64_t t = 0;
+    for (; t + LANES <= n; t += LANES) {
+        vfloat acc[G];
+        for (int h = 0; h < G; ++h) acc[h] = vfloat{};
+        for (int64_t j = 0; j < d; ++j) {
+            const vfloat kj = load(keys + j * dim_stride + start + t);
+            for (int h = 0; h < G; ++h) acc[h] += q[h * d + j] * kj;
+        }
+        for (int h = 0; h < G; ++h) store(buffer + h * m + start + t, acc[h]);
+    }
+    for (; t < n; ++t)
+        for (int h = 0; h < G; ++h) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < d; ++j) sum += q[h * d + j] * keys[j * dim_stride + start + t];
+            buffer[h * m + start + t] = sum;
+        }
+}
+
+// any number of heads, in blocks of at most 4 (their accumulators fit in registers)
+void logits_all(const float* q, int64_t g, int64_t d, const float* keys, int64_t dim_stride, int64_t start,
+                int64_t n, float* buffer, int64_t m) {
+    for (int64_t h = 0; h < g;) {
+        const int64_t block = std::min<int64_t>(4, g - h);
+        const float* qh = q + h * d;
+        float* out = buffer + h * m;
+        switch (block) {
+            case 4: logits_span<4>(qh, d, keys, dim_stride, start, n, out, m); break;
+            case 3: logits_span<3>(qh, d, keys, dim_stride, start, n, out, m); break;
+            case 2: logits_span<2>(qh, d, keys, dim_stride, start, n, out, m); break;
+            default: logits_span<1>(qh, d, keys, dim_stride, start, n, out, m); break;
+        }
+        h += block;
+    }
+}
+
+constexpr int64_t TILE = 512;  // tokens per tile: its g rows of logits stay in L1 between the passes
+
+// One row: logits, softmax per head and the mean over heads, the keys streamed once. Per tile the logits
+// are exponentiated against the head's running maximum while they are in L1 (an online softmax); pass 2
+// rescales each tile's exponentials to the final maximum and sums the heads, over the [g, m] buffer in L2.
+void score_row(const float* q, int64_t g, int64_t d, const float* keys, int64_t dim_stride, int64_t m,
+               float* out, float* buffer, std::vector<float>& shift) {
+    const int64_t tiles = (m + TILE - 1) / TILE;
+    shift.assign(static_cast<size_t>(g * tiles), 0.0f);
+    std::vector<float> top(static_cast<size_t>(g), -std::numeric_limits<float>::infinity());
+    std::vector<float> total(static_cast<size_t>(g), 0.0f);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t start = tile * TILE, n = std::min(TILE, m - start);
+        logits_all(q, g, d, keys, dim_stride, start, n, buffer, m);
+        for (int64_t h = 0; h < g; ++h) {
+            float* row = buffer + h * m + start;
+            const float tile_top = row_max(row, n);
+            float& head_top = top[static_cast<size_t>(h)];
+            float& head_total = total[static_cast<size_t>(h)];
+            if (tile_top > head_top) {
+                if (head_total > 0.0f) head_total *= std::exp(head_top - tile_top);
+                head_top = tile_top;
+            }
+            shift[static_cast<size_t>(h * tiles + tile)] = head_top;
+            head_total += exp_in_place(row, n, head_top);
+        }
+    }
+    // pass 2: out = sum_h exp(logit - top_h) / (g * total_h), each tile's exponentials rescaled once
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t start = tile * TILE, n = std::min(TILE, m - start);
+        for (int64_t h = 0; h < g; ++h) {
+            const float head_top = top[static_cast<size_t>(h)];
+            const float tile_shift = shift[static_cast<size_t>(h * tiles + tile)];
+            const float factor = (tile_shift == head_top ? 1.0f : std::exp(tile_shift - head_top)) /
+                                 (total[static_cast<size_t>(h)] * static_cast<float>(g));
+            const float* row = buffer + h * m + start;
+            float* dst = out + start;
+            if (h == 0)
+                for (int64_t t = 0; t < n; ++t) dst[t] = row[t] * factor;
+            else
+                for (int64_t t = 0; t < n; ++t) dst[t] += row[t] * factor;
+        }
+    }
+}
+
+// One row of ResidencyMap.update (see residency.py for the rules): the missing positions go to the free
+// slots, empty ones first, then stale ones (held, no longer selected), each lowest first.
+int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_t* slot_of, uint8_t* active,
+                   int64_t n, int64_t* positions, int64_t* slots, std::vector<int64_t>& missing,
+                   std::vector<uint8_t>& kept) {
+    kept.assign(static_cast<size_t>(n), 0);
+    missing.clear();
+    for (int64_t i = 0; i < k; ++i) {
+        const int64_t p = selected[i];
+        if (p < 0) continue;
+        const int32_t s = slot_of[p];
+        if (s >= 0)
+            kept[static_cast<size_t>(s)] = 1;
+        else
+            missing.push_back(p);
+    }
+    const int64_t count = static_cast<int64_t>(missing.size());
+    int64_t placed = 0;
+    for (int pass = 0; pass < 2 && placed < count; ++pass)  // pass 0: empty slots, pass 1: stale ones
+        for (int64_t s = 0; s < n && placed < count; ++s) {
+            const bool empty = slot_pos[s] < 0;
+            if (pass == 0 ? !empty : (empty || kept[static_cast<size_t>(s)])) continue;
+            const int64_t p = missing[static_cast<size_t>(placed)];
+            if (!empty) slot_of[slot_pos[s]] = -1;  // the stale token it overwrites
+            slot_of[p] = static_cast<int32_t>(s);
+            slot_pos[s] = p;
+            kept[static_cast<size_t>(s)] = 1;  // selected now: pass 1 must not take it as stale
+            positions[placed] = p;
+            slots[placed] = s;
+            ++placed;
+        }
+    for (int64_t s = 0; s < n; ++s) active[s] = kept[static_cast<size_t>(s)];
+    active[n] = 0;
+    return placed;
+}
+
+}  // namespace
+
+extern "C" {
+
+// q [rows, g, d] contiguous; keys row r at keys + r * row_stride, dims dim_stride apart, tokens contiguous;
+// out [rows, m] contiguous; buffer [g * m] scratch. Returns 0.
+int tbrun_group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
+                            int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer) {
+    std::vector<float> shift;
+    for (int64_t r = 0; r < rows; ++r)
+        score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, buffer, shift);
+    return 0;
+}
+
+// ResidencyMap.update on r rows: selected [r, k] (distinct positions, -1 padding); slot_pos [*, n + 1]
+// int64, slot_of [*, capacity + 1] int32 and active [*, n + 1] bool, rows at the given strides (elements);
+// positions and slots [r, k] receive each row's copies first (padding: position 0, slot n), counts [r].
+// Returns 0, or -1 if a row has more missing positions than free slots (the caller checks k <= n).
+int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_t* slot_pos, int64_t pos_stride,
+                           int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
+                           int64_t n, int64_t* positions, int64_t* slots, int64_t* counts) {
+    std::vector<int64_t> missing;
+    std::vector<uint8_t> kept;
+    missing.reserve(static_cast<size_t>(k));
+    int status = 0;
+    for (int64_t row = 0; row < r; ++row) {
+        int64_t* row_positions = positions + row * k;
+        int64_t* row_slots = slots + row * k;
+        const int64_t placed = update_row(selected + row * k, k, slot_pos + row * pos_stride, slot_of + row * of_stride,
+                                          active + row * active_stride, n, row_positions, row_slots, missing, kept);
+        if (placed < static_cast<int64_t>(missing.size())) status = -1;
+        for (int64_t i = placed; i < k; ++i) {
+            row_positions[i] = 0;
+            row_slots[i] = n;
+        }
+        counts[row] = placed;
+    }
+    return status;
+}
+
+}  // extern "C"

@@ -1,0 +1,185 @@
+"""The native CPU selection kernel (offload_engine/native): built with the machine's compiler, the same
+scores as torch, the same selections, and a torch fallback wherever it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from offload_engine import native
+from offload_engine.policies.tokenbutler import (
+    ProjectedKeyCache,
+    fused_group_mean_scores,
+    group_mean_probabilities,
+    padded_row_length,
+)
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("clang++") is None,
+    reason="no C++ compiler on PATH: the native kernel cannot be built here (the torch path is tested elsewhere)",
+)
+
+
+@pytest.fixture
+def fresh_native(tmp_path, monkeypatch):
+    """A native module with no library loaded and its cache in a temporary folder."""
+    monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(tmp_path / "native"))
+    monkeypatch.delenv("TBRUN_NATIVE", raising=False)
+    native.reset()
+    yield tmp_path / "native"
+    native.reset()
+
+
+def _torch_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return group_mean_probabilities(torch.matmul(grouped, keys))
+
+
+@needs_compiler
+@pytest.mark.parametrize("layers, kv_heads, group, dim, tokens", [
+    (2, 3, 3, 16, 5000),   # SmolLM2's shape at G = 2
+    (1, 2, 7, 16, 700),    # Qwen2.5-0.5B's group (7 query heads per KV head: a block of 4, then 3)
+    (4, 8, 4, 32, 1500),   # Llama-3.1-8B's group, d' 32
+    (1, 1, 1, 5, 1),       # one token, odd d'
+    (1, 2, 5, 8, 33),      # shorter than one vector pair: the scalar tail only
+    (1, 1, 2, 16, 1025),   # two tiles and a tail of one token
+])
+def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim, tokens, fresh_native):
+    generator = torch.Generator().manual_seed(tokens + dim)
+    capacity = tokens + 37
+    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, torch.float32, torch.device("cpu"))
+    cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    keys = cache.columns(range(1, layers + 1), 0, tokens)  # a view with the cache's padded strides
+    grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
+    fused = fused_group_mean_scores(grouped, keys)
+    assert fused is not None, native.status()
+    expected = _torch_scores(grouped, keys)
+    assert fused.shape == expected.shape == (layers, kv_heads, tokens)
+    torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(fused.sum(-1), torch.ones(layers, kv_heads), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_the_running_maximum_rescales_earlier_tiles(fresh_native):
+    """Logits that grow along the row: every later tile raises the maximum, so each earlier tile's
+    exponentials are rescaled (the online softmax); with one spike late in the row the rest are tiny."""
+    tokens = 4096
+    keys = torch.zeros(1, 1, 16, tokens)
+    keys[0, 0, 0] = torch.linspace(-30, 30, tokens)
+    keys[0, 0, 1, 3900] = 50.0
+    grouped = torch.zeros(1, 1, 3, 16)
+    grouped[0, 0, :, 0] = torch.tensor([1.0, 0.5, -1.0])
+    grouped[0, 0, :, 1] = torch.tensor([0.0, 1.0, 0.0])
+    fused = fused_group_mean_scores(grouped, keys)
+    torch.testing.assert_close(fused, _torch_scores(grouped, keys), rtol=2e-5, atol=1e-9)
+
+
+@needs_compiler
+def test_selections_from_the_kernels_scores_are_torchs_but_for_near_ties(fresh_native):
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, 16, 20000, generator=generator)
+    grouped = torch.randn(2, 3, 3, 16, generator=generator) * 0.5
+    fused, expected = fused_group_mean_scores(grouped, keys), _torch_scores(grouped, keys)
+    keep = 2000
+    chosen = torch.topk(fused, keep, dim=-1).indices
+    wanted = torch.topk(expected, keep, dim=-1).indices
+    kth = torch.topk(expected, keep, dim=-1).values[..., -1:]
+    for got, want, row, cut in zip(chosen.flatten(0, 1), wanted.flatten(0, 1), expected.flatten(0, 1),
+                                   kth.flatten(0, 1)):
+        differ = set(got.tolist()) ^ set(want.tolist())
+        assert len(differ) <= 4  # only tokens whose scores sit at the cut, within float rounding
+        assert all(abs(row[i].item() - cut.item()) <= 1e-5 * cut.item() for i in differ)
+
+
+@needs_compiler
+def test_the_library_is_built_once_and_reused_from_the_cache(fresh_native):
+    assert native.kernels() is not None, native.status()
+    assert native.status().startswith("on:")
+    built = list(fresh_native.glob("tbrun_selection_*.so"))
+    assert len(built) == 1 and not list(fresh_native.glob("*.tmp*"))
+    stamp = built[0].stat().st_mtime_ns
+    native.reset()
+    assert native.kernels() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not compiled again
+
+
+def test_switched_off_the_torch_path_runs(fresh_native, monkeypatch):
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
+    native.reset()
+    assert native.kernels() is None and "TBRUN_NATIVE=0" in native.status()
+    keys, grouped = torch.randn(1, 2, 16, 300), torch.randn(1, 2, 3, 16)
+    assert fused_group_mean_scores(grouped, keys) is None
+    assert not fresh_native.exists()  # nothing was built
+
+
+def test_without_a_working_compiler_the_status_says_why_and_nothing_breaks(fresh_native, monkeypatch, tmp_path):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    assert native.kernels() is None
+    assert "unavailable" in native.status() and "broken" in native.status()
+    assert not list(fresh_native.glob("*.so"))  # no half-written library left behind
+    keys, grouped = torch.randn(1, 2, 16, 300), torch.randn(1, 2, 3, 16)
+    assert fused_group_mean_scores(grouped, keys) is None
+
+
+def test_the_kernel_is_not_used_off_the_cpu_float32_path(fresh_native):
+    grouped = torch.randn(1, 2, 3, 16)
+    assert fused_group_mean_scores(grouped, torch.randn(1, 2, 16, 300).double()) is None
+    assert fused_group_mean_scores(grouped, torch.randn(1, 2, 300, 16).transpose(-1, -2)) is None  # tokens strided
+
+
+@pytest.mark.parametrize("capacity", [1, 1000, 4096, 32768, 131072])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_long_compact_key_rows_are_padded_a_line_past_a_multiple_of_four_kib(capacity, dtype):
+    """Rows a multiple of 4 KiB apart map to the same cache sets: the d' rows the kernel streams side
+    by side would evict each other (measured 2.3x slower at 32k). Rows under 4 KiB are not padded."""
+    length = padded_row_length(capacity, dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    if capacity * size < 4096:
+        assert length == capacity
+    else:
+        assert capacity <= length and (length * size) % 4096 == 64
+        assert (length - capacity) * size <= 4096 + 64
+    cache = ProjectedKeyCache(2, 3, capacity, 16, dtype if dtype != torch.int8 else torch.float32,
+                              torch.device("cpu"), int8=dtype == torch.int8)
+    assert cache.keys.shape == (2, 3, 16, capacity)
+    assert cache.keys.stride(-2) == padded_row_length(capacity, cache.keys.dtype)
+    assert cache.nbytes >= cache.keys.numel() * cache.keys.element_size()
+
+
+@needs_compiler
+def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(fresh_native, monkeypatch):
+    """6 rows of 2,048 slots over 40k positions, selections that keep 0-100% of the last one and end in
+    padding: the same plans, slot maps and masks as the numpy form, step after step."""
+    from offload_engine.selection.residency import ResidencyMap
+
+    rows, slots, capacity = 6, 2048, 40000
+    maps = {}
+    for kind in ("native", "numpy"):
+        monkeypatch.setenv("TBRUN_NATIVE", "1" if kind == "native" else "0")
+        native.reset()
+        maps[kind] = ResidencyMap(rows, slots, torch.device("cpu"), capacity)
+    generator = torch.Generator().manual_seed(5)
+    current = torch.stack([torch.randperm(capacity, generator=generator)[:slots] for _ in range(rows)])
+    for step in range(12):
+        keep = int(slots * torch.rand((), generator=generator))  # how many of the last selection stay
+        fresh = torch.stack([torch.randperm(capacity, generator=generator)[: 2 * slots] for _ in range(rows)])
+        chosen = torch.full((rows, slots), -1, dtype=torch.long)
+        for r in range(rows):
+            new = fresh[r][~torch.isin(fresh[r], current[r, :keep])][: slots - keep - step]
+            row = torch.cat([current[r, :keep], new])
+            chosen[r, : len(row)] = row[torch.randperm(len(row), generator=generator)]
+        part = slice(None) if step % 2 else slice(1, 4)
+        plans = {}
+        for kind, rmap in maps.items():
+            monkeypatch.setenv("TBRUN_NATIVE", "1" if kind == "native" else "0")
+            native.reset()
+            plans[kind] = rmap.update(chosen[part], part)
+        for field in ("positions", "slots", "counts"):
+            assert torch.equal(getattr(plans["native"], field), getattr(plans["numpy"], field)), (step, field)
+        for field in ("slot_pos", "slot_of", "active"):
+            assert torch.equal(getattr(maps["native"], field), getattr(maps["numpy"], field)), (step, field)
+        current = torch.where(chosen >= 0, chosen, current) if part == slice(None) else current

@@ -17,8 +17,10 @@
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
 // plan as its numpy form (tests/test_native.py), without ~40 array operations per producer.
 //
-// A top-k was tried here too and was no faster than numpy's partition after the sampled cut
-// (ranking.py), which numpy runs with AVX-512 sorting networks on the AMD EPYC it was measured on.
+// Tried and not kept, both measured on an AMD EPYC: a row copy for the CPU gather (random 256-byte rows of
+// the host store, with or without prefetching ahead: no faster than index_select + index_copy_, both bound
+// by memory latency), and a top-k, no faster than numpy's partition after the sampled cut (ranking.py),
+// which numpy runs with AVX-512 sorting networks.
 
 #include <algorithm>
 #include <cmath>

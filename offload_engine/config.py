@@ -178,6 +178,9 @@ class EngineConfig:
     # Timing only: fill the KV cache with random keys and values instead of running the prefill
     # (a decode step's time does not depend on the values); the generated text means nothing.
     synthetic_kv: bool = False
+    # Count the tokens each decode step attends (sparse offload: one device-side sum per layer, read
+    # once per call) for the attended share in stats and ContinuationScore; off costs nothing.
+    count_attended: bool = False
 
     def __post_init__(self) -> None:
         self.context = parse_context(self.context)

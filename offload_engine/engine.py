@@ -53,6 +53,7 @@ class ContinuationScore:
     logprobs: torch.Tensor
     predicted: torch.Tensor
     logits: torch.Tensor | None = None
+    attended_share: float | None = None  # with EngineConfig.count_attended, sparse offload only
 
 
 def resolve_device(name: str) -> torch.device:
@@ -186,6 +187,7 @@ class Engine:
             reason, stats.interrupted = "interrupted", True
         finally:
             stats.h2d_bytes = backend.h2d_bytes_per_step()[: len(stats.decode_ms)]
+            stats.attended_share = backend.attended_share()
             stats.notes = list(backend.notes)
             if self.config.profile:
                 stats.breakdown = breakdown(clock.totals_ms(), stats.decode_ms)
@@ -223,10 +225,11 @@ class Engine:
                         logits = self._decode_step(cursor, backend)
                         backend.end_step()
                         cursor.advance(on_device[i + 1])
+            attended = backend.attended_share()
         finally:
             backend.close()
         return ContinuationScore(torch.stack(logprobs).float().cpu(), torch.stack(predicted).cpu(),
-                                 torch.stack(kept) if keep_logits else None)
+                                 torch.stack(kept) if keep_logits else None, attended)
 
     # -------------------------------------------------------------------------- internals
     def _check_prompt(self, prompt_ids) -> list[int]:
@@ -247,7 +250,7 @@ class Engine:
         if self.config.mode is KVMode.DENSE_OFFLOAD:
             return DenseOffloadKV(dims, capacity, dtype, self.device, clock)
         return SparseOffloadKV(self.adapter, capacity, self.config.selection, self.policy, self.device,
-                               self.gather_method, clock)
+                               self.gather_method, clock, count_attended=self.config.count_attended)
 
     def _prefill(self, prompt: list[int], backend: KVBackend, stats: GenerationStats,
                  on_prefill: ProgressCallback | None, record: PrefillRecord | None = None) -> torch.Tensor:

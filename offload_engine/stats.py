@@ -27,6 +27,7 @@ class GenerationStats:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)  # things to tell the user once (budget floor, ...)
     breakdown: dict | None = None  # per-phase ms per step and share, when EngineConfig.profile is set
+    attended_share: float | None = None  # share of the cached tokens attended, with EngineConfig.count_attended
 
     @property
     def ms_per_step(self) -> float:

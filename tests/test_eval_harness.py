@@ -61,6 +61,18 @@ def test_every_sample_of_every_point_is_recorded(report_dir):
         assert {"prefill_seconds", "ms_per_step", "h2d_bytes_per_step", "new_tokens"} <= record["stats"].keys()
 
 
+def test_sparse_points_record_the_share_of_tokens_they_attended(report_dir):
+    """Streaming at 25% of a ~220-token prompt attends its sinks + window + selection, below the whole
+    cache; at 50% more; dense records nothing (it attends everything) and has no attended column."""
+    report = json.loads((report_dir / RESULTS_FILE).read_text())
+    shares = {(r["policy"], r["budget"]): r["metrics"].get("attended") for r in report["summary"]}
+    assert shares[("dense", "100%")] is None
+    assert all("attended" not in r for r in report["samples"] if r["policy"] == "dense")
+    assert 0 < shares[("streaming", "25%")] < shares[("streaming", "50%")] < 100
+    assert 0 < shares[("quest", "25%")] < 100
+    assert "tokens attended, share of the cache (%)" in (report_dir / "report.md").read_text()
+
+
 def test_report_records_command_commit_machine_and_config(report_dir):
     report = json.loads((report_dir / RESULTS_FILE).read_text())
     assert "--task niah-single" in report["provenance"]["command"]

@@ -60,3 +60,26 @@ def test_streaming_with_a_budget_covering_everything_decodes_like_dense():
     result = sparse.generate(prompt, SamplingConfig(max_new_tokens=8))
     assert result.token_ids == dense.token_ids
     assert all(moved == result.stats.h2d_bytes[1] for moved in result.stats.h2d_bytes[1:])  # one token a step
+
+
+@pytest.mark.parametrize("rule", ["radius", "runs"])
+def test_the_attended_share_counts_what_the_steps_attended(adapter, prompt, rule):
+    """Streaming under a budget of sinks + window attends exactly 12 tokens per (layer, KV head) and step
+    (decode positions 40..47 see 41..48 tokens); an oracle whose runs rule doubles its selection attends
+    more than the budget, and the count says so. Nothing is counted unless asked for."""
+    targets = list(range(1, 10))  # 9 targets: 8 decode steps, at positions 40..47
+    selection = SelectionConfig(policy="streaming", budget=Budget(tokens=12), sinks=4, window=8)
+    counting = EngineConfig(context=CONTEXT, mode=KVMode.SPARSE_OFFLOAD, selection=selection, count_attended=True)
+    share = Engine(adapter, counting).score_continuation(prompt, targets).attended_share
+    assert share == pytest.approx(8 * 12 / sum(range(41, 49)))
+    generated = Engine(adapter, counting).generate(prompt, SamplingConfig(max_new_tokens=9, ignore_eos=True))
+    assert generated.stats.attended_share == pytest.approx(8 * 12 / sum(range(41, 49)))
+    silent = EngineConfig(context=CONTEXT, mode=KVMode.SPARSE_OFFLOAD, selection=selection)
+    assert Engine(adapter, silent).score_continuation(prompt, targets).attended_share is None
+
+    budget = Budget(tokens=20)  # sinks 4 + window 8 + 8 selected, then grown by the neighbour rule
+    grown = SelectionConfig(policy="oracle", budget=budget, sinks=4, window=8, neighbor_rule=rule,
+                            neighbors=1 if rule == "radius" else 0)
+    config = EngineConfig(context=CONTEXT, mode=KVMode.SPARSE_OFFLOAD, selection=grown, count_attended=True)
+    share = Engine(adapter, config).score_continuation(prompt, targets).attended_share
+    assert 8 * 20 / sum(range(41, 49)) < share <= 8 * 28 / sum(range(41, 49)) + 1e-9

@@ -44,6 +44,11 @@ class KVBackend:
     def end_step(self) -> None:
         """The step is over (its token has been sampled)."""
 
+    def attended_share(self) -> float | None:
+        """The share of the cached tokens the decode steps attended (over layers, KV heads and steps, each
+        step's tokens up to its own), when counted (sparse offload with ``count_attended``); else None."""
+        return None
+
     def h2d_bytes_per_step(self) -> list[int]:
         """Host-to-device KV bytes of every decode step so far; read once, after the generation
         (counts kept on the device are read back here, never inside a step)."""

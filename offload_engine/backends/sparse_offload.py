@@ -51,7 +51,7 @@ class SparseOffloadKV(KVBackend):
 
     def __init__(self, adapter: ModelAdapter, capacity: int, selection: SelectionConfig, policy: Policy,
                  device: torch.device, gather_method: str | None = None, clock: PhaseClock | None = None,
-                 batched: bool = True):
+                 batched: bool = True, count_attended: bool = False):
         dims, dtype = adapter.dims, adapter.dtype
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
@@ -78,6 +78,10 @@ class SparseOffloadKV(KVBackend):
         self._moved_on_host: list[int] = []  # fragments per step, counts known on the host
         self._moved_on_device = torch.zeros(capacity + 1, dtype=torch.long, device=device)  # per step
         self._exact_upto = 0  # positions [0, n) hold the K/V a dense prefill of their tokens computes
+        # attended tokens summed over the selecting layers' KV heads and the steps (device), and what
+        # they could have attended (host arithmetic); only with count_attended
+        self._attended = torch.zeros((), dtype=torch.long, device=device) if count_attended else None
+        self._attendable = 0
 
     @property
     def notes(self) -> list[str]:
@@ -118,6 +122,9 @@ class SparseOffloadKV(KVBackend):
             self.prefetcher.wait(layer)
         used = self.planner.used_slots(layer)
         view = self.working_set.view(layer, used)
+        if self._attended is not None:
+            self._attended += view.valid.sum()
+            self._attendable += view.valid.shape[0] * (position + 1)
         if self.policy.wants_attention:
             weights = attention_weights(q, view.keys, view.valid, self.policy.ctx.adapter.scaling)
             self.policy.observe_attention(layer, self.working_set.positions(layer, used), weights)
@@ -160,6 +167,12 @@ class SparseOffloadKV(KVBackend):
 
     def end_step(self) -> None:
         self._step += 1
+
+    def attended_share(self) -> float | None:
+        """Sliding-window layers are not counted (their ring is no selection)."""
+        if self._attended is None or not self._attendable:
+            return None
+        return int(self._attended) / self._attendable  # the one read-back
 
     def h2d_bytes_per_step(self) -> list[int]:
         on_device = self._moved_on_device[: self._step].tolist()  # the one read-back, at the end

@@ -206,10 +206,11 @@ def run_points(config: EvalConfig) -> list[RunPoint]:
 
 
 def engine_config(config: EvalConfig, point: RunPoint) -> EngineConfig:
-    """Dense keeps its KV on the device; every other policy runs the sparse offload path."""
+    """Dense keeps its KV on the device; every other policy runs the sparse offload path, counting the
+    tokens it attends (a neighbour rule may attend more than the budget)."""
     mode = KVMode.DENSE_DEVICE if point.budget is None else KVMode.SPARSE_OFFLOAD
     return EngineConfig(context=config.context, mode=mode, selection=config.selection(point.budget, point.policy),
-                        device=config.device)
+                        device=config.device, count_attended=mode is KVMode.SPARSE_OFFLOAD)
 
 
 def build_engine(adapter: ModelAdapter, config: EvalConfig, point: RunPoint) -> Engine:
@@ -279,11 +280,15 @@ def evaluate_sample(engine: Engine, tokenizer, sample: Sample,
         result = engine.generate(list(sample.prompt_ids), sampling, prefill=prefills.get(sample.prompt_ids))
         record.update(score_generation(result.text, sample.answers), output=result.text,
                       finish_reason=result.finish_reason, stats=_stats_summary(result.stats))
+        if result.stats.attended_share is not None:
+            record["attended"] = result.stats.attended_share
     if sample.forced is not None:
         forced = sample.forced
         scored = engine.score_continuation(list(forced.prompt_ids), list(forced.target_ids),
                                            prefill=prefills.get(forced.prompt_ids))
         record.update(score_forced(scored.logprobs, scored.predicted, forced.target_ids))
+        if scored.attended_share is not None:  # the forced pass's share where a sample has both
+            record["attended"] = scored.attended_share
         if len(forced.target_ids) <= FORCED_TEXT_MAX_TOKENS:
             record["forced_predicted"] = tokenizer.decode(scored.predicted.tolist())
     return record

@@ -6,6 +6,8 @@ Per-sample metrics (each a plain float or bool, stored in the JSON report):
   ``correct`` (all of them found). A match is case-insensitive, on whole words/numbers.
 - teacher forcing: ``token_error`` (fraction of target tokens whose greedy prediction differs),
   ``any_wrong``, ``nll`` (summed negative log-likelihood) and ``tokens``.
+- sparse points: ``attended``, the share of the cached tokens the decode steps attended (over
+  layers, KV heads and steps), which a neighbour rule may take past the budget.
 
 ``summarize`` turns a list of per-sample metrics into the numbers the report shows, and
 ``intervals`` into their 95% confidence intervals: Wilson score intervals for the accuracies (the
@@ -28,6 +30,7 @@ METRIC_LABELS = {
     "forced_accuracy": "answer tokens all right, teacher-forced (%)",
     "token_error": "answer tokens wrong, teacher-forced (%)",
     "ppl": "perplexity of the scored tokens",
+    "attended": "tokens attended, share of the cache (%)",
     "samples": "samples",
 }
 
@@ -130,7 +133,8 @@ def summarize(metrics: Sequence[dict]) -> dict[str, float]:
 
     ``accuracy`` = mean ``score`` x 100; ``all_correct`` = samples with every answer x 100;
     ``forced_accuracy`` = samples with no wrong answer token x 100; ``token_error`` = mean x 100;
-    ``ppl`` = exp(total nll / total tokens), over all samples together.
+    ``ppl`` = exp(total nll / total tokens), over all samples together; ``attended`` = the mean share
+    of the cached tokens the decode steps attended x 100 (sparse points, runs that counted it).
     """
     summary: dict[str, float] = {"samples": len(metrics)}
     if metrics and "score" in metrics[0]:
@@ -140,6 +144,8 @@ def summarize(metrics: Sequence[dict]) -> dict[str, float]:
         summary["forced_accuracy"] = 100 * _mean([0.0 if m["any_wrong"] else 1.0 for m in metrics])
         summary["token_error"] = 100 * _mean([m["token_error"] for m in metrics])
         summary["ppl"] = math.exp(sum(m["nll"] for m in metrics) / sum(m["tokens"] for m in metrics))
+    if metrics and all("attended" in m for m in metrics):
+        summary["attended"] = 100 * _mean([m["attended"] for m in metrics])
     return summary
 
 

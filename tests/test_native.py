@@ -42,7 +42,7 @@ def _torch_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     (1, 2, 7, 16, 700),    # Qwen2.5-0.5B's group (7 query heads per KV head: a block of 4, then 3)
     (4, 8, 4, 32, 1500),   # Llama-3.1-8B's group, d' 32
     (1, 1, 1, 5, 1),       # one token, odd d'
-    (1, 2, 5, 8, 33),      # shorter than one vector pair: the scalar tail only
+    (1, 2, 5, 8, 33),      # two vectors of 16 tokens and a scalar tail of one
     (1, 1, 2, 16, 1025),   # two tiles and a tail of one token
 ])
 def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim, tokens, fresh_native):
@@ -97,7 +97,7 @@ def test_the_library_is_built_once_and_reused_from_the_cache(fresh_native):
     assert native.kernels() is not None, native.status()
     assert native.status().startswith("on:")
     built = list(fresh_native.glob("tbrun_selection_*.so"))
-    assert len(built) == 1 and not list(fresh_native.glob("*.tmp*"))
+    assert len(built) == 1 and not list(fresh_native.glob("tmp*"))  # no scratch file of the build left
     stamp = built[0].stat().st_mtime_ns
     native.reset()
     assert native.kernels() is not None
@@ -120,7 +120,7 @@ def test_without_a_working_compiler_the_status_says_why_and_nothing_breaks(fresh
     monkeypatch.setenv("CXX", str(broken))
     assert native.kernels() is None
     assert "unavailable" in native.status() and "broken" in native.status()
-    assert not list(fresh_native.glob("*.so"))  # no half-written library left behind
+    assert not list(fresh_native.glob("*"))  # no half-written library or scratch file left behind
     keys, grouped = torch.randn(1, 2, 16, 300), torch.randn(1, 2, 3, 16)
     assert fused_group_mean_scores(grouped, keys) is None
 
@@ -183,3 +183,64 @@ def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(fresh_nati
         for field in ("slot_pos", "slot_of", "active"):
             assert torch.equal(getattr(maps["native"], field), getattr(maps["numpy"], field)), (step, field)
         current = torch.where(chosen >= 0, chosen, current) if part == slice(None) else current
+
+
+@needs_compiler
+def test_a_nan_logit_makes_its_rows_nan_as_in_torch(fresh_native):
+    keys, grouped = torch.randn(1, 2, 16, 700), torch.randn(1, 2, 3, 16)
+    keys[0, 1, 3, 123] = float("nan")
+    fused, expected = fused_group_mean_scores(grouped, keys), _torch_scores(grouped, keys)
+    assert expected[0, 1].isnan().all() and fused[0, 1].isnan().all()
+    torch.testing.assert_close(fused[0, 0], expected[0, 0], rtol=2e-5, atol=1e-9)
+
+
+@needs_compiler
+def test_an_empty_selection_or_no_rows_is_what_numpy_does(fresh_native, monkeypatch):
+    """k = 0 clears the rows' masks (after an append had filled them); zero rows is a no-op."""
+    from offload_engine.selection.residency import ResidencyMap
+
+    maps = {}
+    for kind in ("native", "numpy"):
+        monkeypatch.setenv("TBRUN_NATIVE", "1" if kind == "native" else "0")
+        native.reset()
+        maps[kind] = ResidencyMap(2, 8, torch.device("cpu"), 64)
+        maps[kind].append(4, 9)
+        assert maps[kind].active.any()
+        plan = maps[kind].update(torch.empty(2, 0, dtype=torch.long))
+        assert plan.positions.shape == (2, 0) and plan.counts.tolist() == [0, 0]
+        assert maps[kind].update(torch.empty(0, 3, dtype=torch.long), slice(1, 1)).counts.numel() == 0
+    for field in ("slot_pos", "slot_of", "active"):
+        assert torch.equal(getattr(maps["native"], field), getattr(maps["numpy"], field)), field
+    assert not maps["native"].active.any()
+
+
+@needs_compiler
+def test_a_changed_source_builds_a_new_library(fresh_native, monkeypatch, tmp_path):
+    assert native.kernels() is not None
+    source = tmp_path / "selection.cpp"
+    source.write_text(native.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    native.reset()
+    assert native.kernels() is not None
+    assert len(list(fresh_native.glob("tbrun_selection_*.so"))) == 2
+    assert all(path.stat().st_mode & 0o044 for path in fresh_native.glob("*.so"))  # readable by others
+
+
+def test_switched_off_then_on_the_status_follows(fresh_native, monkeypatch):
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
+    assert "off" in native.status()
+    monkeypatch.setenv("TBRUN_NATIVE", "1")
+    assert "off" not in native.status()
+
+
+def test_bad_arguments_are_refused_before_the_kernel_runs(fresh_native):
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    with pytest.raises(ValueError, match="no query heads"):
+        kernels.group_mean_scores(torch.randn(2, 0, 16), torch.randn(2, 16, 10))
+    with pytest.raises(ValueError, match="past the capacity"):
+        import numpy as np
+
+        kernels.residency_update(np.array([[5]]), np.full((1, 3), -1), np.full((1, 6), -1, dtype=np.int32),
+                                 np.zeros((1, 3), dtype=bool))

@@ -17,10 +17,17 @@ from tiny_models import tiny_model
 BOOKKEEPING = pytest.mark.parametrize("on_host", ["native", "numpy", "torch"], indirect=True)
 
 
+@pytest.fixture(scope="module")
+def native_cache(tmp_path_factory):
+    """The native kernels built once for this module, in a temporary folder."""
+    return tmp_path_factory.mktemp("native")
+
+
 @pytest.fixture
-def on_host(request, monkeypatch):
+def on_host(request, monkeypatch, native_cache):
     """``on_host`` for the map under test, with the native kernels switched on or off to match."""
     kind = request.param
+    monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(native_cache))
     monkeypatch.setenv("TBRUN_NATIVE", "0" if kind == "numpy" else "1")
     native.reset()
     if kind == "native" and native.kernels() is None:

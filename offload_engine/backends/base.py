@@ -45,8 +45,9 @@ class KVBackend:
         """The step is over (its token has been sampled)."""
 
     def attended_share(self) -> float | None:
-        """The share of the cached tokens the decode steps attended (over layers, KV heads and steps, each
-        step's tokens up to its own), when counted (sparse offload with ``count_attended``); else None."""
+        """The share of the cached tokens the decode steps attended (over layers, dense ones included, KV
+        heads and steps, each step's tokens up to its own; sliding-window layers not counted), when
+        counted (sparse offload with ``count_attended``); else None."""
         return None
 
     def h2d_bytes_per_step(self) -> list[int]:

@@ -78,8 +78,9 @@ class SparseOffloadKV(KVBackend):
         self._moved_on_host: list[int] = []  # fragments per step, counts known on the host
         self._moved_on_device = torch.zeros(capacity + 1, dtype=torch.long, device=device)  # per step
         self._exact_upto = 0  # positions [0, n) hold the K/V a dense prefill of their tokens computes
-        # attended tokens summed over the selecting layers' KV heads and the steps (device), and what
-        # they could have attended (host arithmetic); only with count_attended
+        # attended tokens summed over the steps and the KV heads of every layer but the sliding-window ones
+        # (dense layers included: they attend everything), on the device, and what those could have
+        # attended (host arithmetic); only with count_attended
         self._attended = torch.zeros((), dtype=torch.long, device=device) if count_attended else None
         self._attendable = 0
 
@@ -200,6 +201,9 @@ class SparseOffloadKV(KVBackend):
         self.planner.reset()
         self._step, self._moved_on_host = 0, []
         self._moved_on_device.zero_()
+        if self._attended is not None:
+            self._attended.zero_()
+            self._attendable = 0
         return True
 
     def _restore_fixed(self, length: int) -> None:

@@ -1,9 +1,9 @@
 """Native CPU kernels of token selection, built with the machine's C++ compiler at first use.
 
-On the CPU a producer's selection in torch is a batched matmul, a softmax, a mean and a top-k: four
-passes over ``[Lg, KvH, g, m]`` numbers and a Python loop over rows. ``selection.cpp`` does the
-scoring in one pass over the compact keys and the top-k of every row in one call
-(bench/reports/selection_cpu.md measures both against torch).
+On the CPU a producer's scoring in torch is a batched matmul, a softmax and a mean: three passes over
+``[Lg, KvH, g, m]`` numbers; its residency update about 40 numpy operations. ``selection.cpp`` scores
+in one pass over the compact keys (bench/reports/selection_cpu.md against torch) and updates the
+residency map in one call.
 
 The library is compiled once per source, compiler and CPU into ``$TBRUN_NATIVE_CACHE`` (default
 ``~/.cache/tbrun/native``) with ``-O3 -march=native``; the build writes a temporary file and renames
@@ -50,6 +50,8 @@ def enabled() -> bool:
 
 def status() -> str:
     """One line: whether the native kernels are in use, and if not, why."""
+    if not enabled():
+        return f"off ({_ENV_SWITCH}=0): torch kernels"
     kernels()
     return _status
 
@@ -68,22 +70,27 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(),
+def _library_path(compiler: str, source: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace",
+                             timeout=30).stdout
+    key = hashlib.sha256("\0".join([source, " ".join(FLAGS), version, _cpu_signature(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     return cache_dir() / f"tbrun_selection_{key}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, source: str, target: Path) -> None:
+    """Compile ``source`` (the text the library's name was hashed from, on stdin) into ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    handle, scratch = tempfile.mkstemp(prefix="tmp-", suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([compiler, *FLAGS, "-x", "c++", "-", "-o", scratch], input=source,
+                              capture_output=True, text=True, errors="replace", timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-400:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(scratch, 0o755 & ~umask)  # mkstemp made it 0600: readable by whoever shares the cache
         os.replace(scratch, target)
     finally:
         if os.path.exists(scratch):
@@ -94,7 +101,6 @@ def kernels() -> "SelectionKernels | None":
     """The loaded kernels, building them on first use; None where they cannot be had (see ``status``)."""
     global _loaded, _status, _tried
     if not enabled():
-        _status = f"off ({_ENV_SWITCH}=0): torch kernels"
         return None
     if _tried:
         return _loaded
@@ -105,13 +111,14 @@ def kernels() -> "SelectionKernels | None":
         try:
             if compiler is None:
                 raise RuntimeError("no C++ compiler (g++, c++ or clang++, or $CXX) on PATH")
-            path = _library_path(compiler)
+            source = SOURCE.read_text()
+            path = _library_path(compiler, source)
             if not path.exists():
-                _build(compiler, path)
+                _build(compiler, source, path)
             _loaded = SelectionKernels(ctypes.CDLL(str(path)))
             _status = f"on: {path.name} ({Path(compiler).name} -march=native)"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            _loaded, _status = None, f"unavailable, torch kernels instead: {exc}"
+        except Exception as exc:  # whatever went wrong, the torch path runs and status() says why
+            _loaded, _status = None, f"unavailable, torch kernels instead: {type(exc).__name__}: {exc}"
         _tried = True
     return _loaded
 
@@ -147,6 +154,10 @@ class SelectionKernels:
         """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]``, keys ``[R, d, m]``
         (float32, CPU; tokens contiguous, rows and dims at any uniform strides) -> ``[R, m]`` float32."""
         rows, g, d = queries.shape
+        if queries.device.type != "cpu" or keys.device.type != "cpu":
+            raise ValueError(f"CPU tensors only, got {queries.device} and {keys.device}")
+        if g == 0 or d == 0:
+            raise ValueError(f"queries {tuple(queries.shape)}: no query heads or no dimensions to score with")
         if keys.dim() != 3 or keys.shape[0] != rows or keys.shape[1] != d or keys.stride(2) != 1:
             raise ValueError(f"keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
                              f"{tuple(queries.shape)} with tokens contiguous")
@@ -174,22 +185,27 @@ class SelectionKernels:
         largest count, padded with position 0 and slot ``n``."""
         r, k = selected.shape
         n = slot_pos.shape[1] - 1
+        if r == 0:
+            empty = np.zeros((0, 0), dtype=np.int64)
+            return empty, empty.copy(), np.zeros(0, dtype=np.int64)
         arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
         for name, (array, dtype) in arrays.items():
             if array.dtype != dtype or array.shape[0] != r or (array.shape[1] > 1 and array.strides[1] != array.itemsize):
                 raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{r}, *] "
                                  f"{np.dtype(dtype)} with contiguous rows")
         chosen = np.ascontiguousarray(selected, dtype=np.int64)
+        if chosen.size and chosen.max() >= slot_of.shape[1] - 1:  # unchecked in the kernel; the last is scratch
+            raise ValueError(f"selected position {int(chosen.max())} is past the capacity {slot_of.shape[1] - 1}")
         positions, slots = np.empty((r, k), dtype=np.int64), np.empty((r, k), dtype=np.int64)
         counts = np.zeros(r, dtype=np.int64)
-        if r and k:
+        if r:  # k == 0 too: every row's selection becomes empty and its mask is cleared
             i64p, i32p, u8p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_uint8))
             status = self.library.tbrun_residency_update(
                 _pointer(chosen, ctypes.c_int64), r, k, _pointer(slot_pos, ctypes.c_int64),
                 slot_pos.strides[0] // 8, _pointer(slot_of, ctypes.c_int32), slot_of.strides[0] // 4,
                 active.ctypes.data_as(u8p), active.strides[0], n, _pointer(positions, ctypes.c_int64),
                 _pointer(slots, ctypes.c_int64), _pointer(counts, ctypes.c_int64))
-            if status != 0:
+            if status != 0:  # cannot happen with k <= n (ResidencyMap.update checks it before)
                 raise ValueError(f"more missing positions than the {n} slots of a row")
         width = int(counts.max()) if r else 0
         return positions[:, :width], slots[:, :width], counts

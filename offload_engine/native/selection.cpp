@@ -10,7 +10,8 @@
 //   out[r, t]    = mean_h softmax_t(logits[h, :])[t]
 // The keys are streamed once, a tile of tokens at a time: each key vector feeds every head's
 // accumulators in registers, and the tile's logits are exponentiated against each head's running
-// maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (L2) rescales
+// maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (in L2 up to
+// about 16k tokens, beyond in L3) rescales
 // each tile to the final maximum and averages the heads. The same result as
 // torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py).
 //
@@ -31,12 +32,14 @@
 
 namespace {
 
-// exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp); written so that the compiler
-// vectorises the loop that calls it (no libm call, no branch).
+// exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp; 0 below -87, where torch still gives
+// denormals down to about -104: only the order of that far tail differs); written so that the compiler
+// vectorises the loop that calls it (no libm call, no branch). NaN gives NaN with no undefined conversion.
 inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);
-    const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-    float r = x - fx * 0.693359375f;
+    const float clamped = std::max(x, -87.0f);
+    float fx = std::floor(clamped * 1.44269504088896341f + 0.5f);
+    fx = std::fmin(std::fmax(fx, -126.0f), 0.0f);  // a NaN becomes a defined exponent; x keeps it
+    float r = clamped - fx * 0.693359375f;
     r = r + fx * 2.12194440e-4f;
     float y = 1.9875691500e-4f;
     y = y * r + 1.3981999507e-3f;
@@ -45,10 +48,10 @@ inline float exp_nonpositive(float x) {
     y = y * r + 1.6666665459e-1f;
     y = y * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
-    return y * scale;
+    return x < -87.0f ? 0.0f : y * scale;
 }
 
 constexpr int64_t LANES = 16;  // floats per vector; also independent partial maxima and sums
@@ -142,7 +145,7 @@ constexpr int64_t TILE = 512;  // tokens per tile: its g rows of logits stay in 
 
 // One row: logits, softmax per head and the mean over heads, the keys streamed once. Per tile the logits
 // are exponentiated against the head's running maximum while they are in L1 (an online softmax); pass 2
-// rescales each tile's exponentials to the final maximum and sums the heads, over the [g, m] buffer in L2.
+// rescales each tile's exponentials to the final maximum and sums the heads, over the [g, m] buffer.
 void score_row(const float* q, int64_t g, int64_t d, const float* keys, int64_t dim_stride, int64_t m,
                float* out, float* buffer, std::vector<float>& shift) {
     const int64_t tiles = (m + TILE - 1) / TILE;

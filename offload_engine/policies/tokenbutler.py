@@ -73,8 +73,8 @@ class ProjectedKeyCache:
         self.int8 = int8
         dtype = torch.int8 if int8 else dtype
         # rows padded a cache line past a multiple of 4 KiB: at a power-of-two capacity the d' rows a
-        # scoring kernel streams side by side would fall in the same CPU cache sets (2.3x slower logits
-        # at 32k, measured on an AMD EPYC)
+        # scoring kernel streams side by side would fall in the same CPU cache sets (the kernel's logits
+        # 2.3x slower at 32k, measured on an AMD EPYC)
         padded = padded_row_length(capacity, dtype) if device.type == "cpu" else capacity
         self._storage = torch.zeros((layers, kv_heads, dim, padded), dtype=dtype, device=device)
         self.keys = self._storage[..., :capacity]  # [L-1, KvH, d', capacity] view
@@ -110,8 +110,7 @@ def padded_row_length(capacity: int, dtype: torch.dtype) -> int:
     """A row length of at least ``capacity`` elements whose bytes are one 64-byte cache line past a multiple
     of 4 KiB, so that rows read side by side start in different cache sets (rows a multiple of 4 KiB apart
     share one set and evict each other). At most 4 KiB + 64 bytes more per row; rows under 4 KiB are left
-    as they are. (An odd number of lines, the least padding that also separates the sets, scored 1.25x
-    slower at 32k in the engine, on an AMD EPYC.)"""
+    as they are."""
     size = torch.empty((), dtype=dtype).element_size()
     if capacity * size < 4096:
         return capacity
@@ -166,8 +165,6 @@ class TokenButlerPolicy(Policy):
         self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, ctx.dtype,
                                        ctx.device, int8=self.key_dtype == "int8")
         self._queries = {}
-        if ctx.device.type == "cpu":
-            native.kernels()  # built (first time on this machine) now, not inside a timed decode step
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
         if self.random_weights:

@@ -66,6 +66,8 @@ class ResidencyMap:
         # microseconds each where a torch call costs ten or more: the map is ~40 small operations
         # per producer and step). Device tensors: torch, with no read-back.
         self.on_host = device.type == "cpu" if on_host is None else on_host
+        if self.on_host:
+            native.kernels()  # built (the first time on this machine) or loaded now, not in a timed step
         self.slot_pos = torch.full((rows, num_slots + 1), EMPTY, dtype=torch.long, device=device)
         # one spare column (index ``capacity``) takes the writes of padding entries
         self.slot_of = torch.full((rows, capacity + 1), EMPTY, dtype=torch.int32, device=device)

@@ -244,3 +244,34 @@ def test_bad_arguments_are_refused_before_the_kernel_runs(fresh_native):
 
         kernels.residency_update(np.array([[5]]), np.full((1, 3), -1), np.full((1, 6), -1, dtype=np.int32),
                                  np.zeros((1, 3), dtype=bool))
+
+
+@needs_compiler
+def test_the_scores_do_not_depend_on_the_number_of_threads(fresh_native):
+    """Rows are split among as many threads as torch uses; each row is computed alike."""
+    generator = torch.Generator().manual_seed(11)
+    keys = torch.randn(2, 3, 16, 3000, generator=generator)
+    grouped = torch.randn(2, 3, 3, 16, generator=generator)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused_group_mean_scores(grouped, keys)
+        torch.set_num_threads(4)  # more threads than cores is allowed; 6 rows over 4 threads: 2, 2, 2
+        several = fused_group_mean_scores(grouped, keys)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, several)
+
+
+@needs_compiler
+def test_a_library_of_other_signatures_is_not_used(fresh_native, monkeypatch, tmp_path):
+    """A source edited under a running process (or an old library) must not be called through wrappers
+    of other signatures: the library's ABI number is checked, and the torch path runs instead."""
+    source = tmp_path / "selection.cpp"
+    source.write_text(native.SOURCE.read_text().replace("int tbrun_kernels_abi() { return 2; }",
+                                                        "int tbrun_kernels_abi() { return 999; }"))
+    monkeypatch.setattr(native, "SOURCE", source)
+    native.reset()
+    assert native.kernels() is None
+    assert "ABI 999" in native.status()
+    assert fused_group_mean_scores(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 16, 300)) is None

@@ -29,13 +29,28 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("selection.cpp")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC")
+# The wrappers below and the library must agree on every signature: the library says which version of
+# them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
+# read when this module is imported, so an edit of selection.cpp under a running process cannot build
+# a library the loaded wrappers do not match.
+ABI = 2
+_SOURCE_TEXT: str | None = None
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
+         "-pthread")
 _ENV_SWITCH = "TBRUN_NATIVE"
 
 _lock = threading.Lock()
 _loaded: "SelectionKernels | None" = None
 _status = "not built yet"
 _tried = False
+
+
+def _source() -> str:
+    """The kernels' source as it was when this module was first asked for it (see ``ABI``)."""
+    global _SOURCE_TEXT
+    if _SOURCE_TEXT is None:
+        _SOURCE_TEXT = SOURCE.read_text()
+    return _SOURCE_TEXT
 
 
 def cache_dir() -> Path:
@@ -111,11 +126,15 @@ def kernels() -> "SelectionKernels | None":
         try:
             if compiler is None:
                 raise RuntimeError("no C++ compiler (g++, c++ or clang++, or $CXX) on PATH")
-            source = SOURCE.read_text()
+            source = _source()
             path = _library_path(compiler, source)
             if not path.exists():
                 _build(compiler, source, path)
-            _loaded = SelectionKernels(ctypes.CDLL(str(path)))
+            library = ctypes.CDLL(str(path))
+            abi = library.tbrun_kernels_abi()
+            if abi != ABI:
+                raise RuntimeError(f"{path.name} implements kernel ABI {abi}, these wrappers ABI {ABI}")
+            _loaded = SelectionKernels(library)
             _status = f"on: {path.name} ({Path(compiler).name} -march=native)"
         except Exception as exc:  # whatever went wrong, the torch path runs and status() says why
             _loaded, _status = None, f"unavailable, torch kernels instead: {type(exc).__name__}: {exc}"
@@ -125,9 +144,9 @@ def kernels() -> "SelectionKernels | None":
 
 def reset() -> None:
     """Forget the loaded library (tests that switch ``TBRUN_NATIVE`` or the cache directory)."""
-    global _loaded, _status, _tried
+    global _loaded, _status, _tried, _SOURCE_TEXT
     with _lock:
-        _loaded, _status, _tried = None, "not built yet", False
+        _loaded, _status, _tried, _SOURCE_TEXT = None, "not built yet", False, None
 
 
 def _pointer(array: np.ndarray, ctype) -> ctypes.c_void_p:
@@ -143,7 +162,7 @@ class SelectionKernels:
     def __post_init__(self) -> None:
         i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
         scores = self.library.tbrun_group_mean_scores
-        scores.argtypes = [f32p, i64, i64, i64, f32p, i64, i64, i64, f32p, f32p]
+        scores.argtypes = [f32p, i64, i64, i64, f32p, i64, i64, i64, f32p, f32p, i64]
         scores.restype = ctypes.c_int
         i64p, i32p, u8p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_uint8))
         update = self.library.tbrun_residency_update
@@ -168,13 +187,16 @@ class SelectionKernels:
         out = np.empty((rows, m), dtype=np.float32)
         if m == 0 or rows == 0:
             return torch.from_numpy(out)
-        buffer = np.empty(g * m, dtype=np.float32)
+        # as many threads as torch uses (the path it replaces would), at most one per row
+        threads = max(1, min(torch.get_num_threads(), rows))
+        buffer = np.empty(threads * g * m, dtype=np.float32)
         # keys: the numpy view of the tensor's own memory (no copy), read through its strides
         base = keys.detach()
         start = base.data_ptr()
         self.library.tbrun_group_mean_scores(
             _pointer(q, ctypes.c_float), rows, g, d, ctypes.cast(start, ctypes.POINTER(ctypes.c_float)),
-            base.stride(0), base.stride(1), m, _pointer(out, ctypes.c_float), _pointer(buffer, ctypes.c_float))
+            base.stride(0), base.stride(1), m, _pointer(out, ctypes.c_float), _pointer(buffer, ctypes.c_float),
+            threads)
         return torch.from_numpy(out)
 
     def residency_update(self, selected: np.ndarray, slot_pos: np.ndarray, slot_of: np.ndarray,
@@ -209,3 +231,6 @@ class SelectionKernels:
                 raise ValueError(f"more missing positions than the {n} slots of a row")
         width = int(counts.max()) if r else 0
         return positions[:, :width], slots[:, :width], counts
+
+
+_source()  # read now, with the wrappers above (see ABI)

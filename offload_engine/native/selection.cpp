@@ -2,7 +2,7 @@
 // per producer each.
 //
 // Built at first use by offload_engine/native/__init__.py (g++ -O3 -march=native, cached by source,
-// compiler and CPU), called through ctypes with raw pointers. Single-threaded.
+// compiler and CPU), called through ctypes with raw pointers. The scores split rows among threads.
 //
 // tbrun_group_mean_scores: for each row r (a (layer, KV head) pair), g query heads of d' dims against
 // the row's compact keys stored dimension-major (key dim j of token t at keys[r * row_stride + j * dim_stride + t]):
@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -226,13 +227,32 @@ int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_
 
 extern "C" {
 
+// The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
+int tbrun_kernels_abi() { return 2; }
+
 // q [rows, g, d] contiguous; keys row r at keys + r * row_stride, dims dim_stride apart, tokens contiguous;
 // out [rows, m] contiguous; buffer [g * m] scratch. Returns 0.
+// threads > 1: the rows are split among that many threads (each with its own g * m of buffer, which
+// must then hold threads * g * m floats); every row is computed alike, so the result does not depend on it.
 int tbrun_group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
-                            int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer) {
-    std::vector<float> shift;
-    for (int64_t r = 0; r < rows; ++r)
-        score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, buffer, shift);
+                            int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer,
+                            int64_t threads) {
+    auto score_rows = [=](int64_t first, int64_t last, float* scratch) {
+        std::vector<float> shift;
+        for (int64_t r = first; r < last; ++r)
+            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, scratch, shift);
+    };
+    threads = std::max<int64_t>(1, std::min(threads, rows));
+    if (threads == 1) {
+        score_rows(0, rows, buffer);
+        return 0;
+    }
+    std::vector<std::thread> workers;
+    const int64_t per = (rows + threads - 1) / threads;
+    for (int64_t i = 1; i < threads; ++i)
+        if (i * per < rows) workers.emplace_back(score_rows, i * per, std::min(rows, (i + 1) * per), buffer + i * g * m);
+    score_rows(0, std::min(rows, per), buffer);
+    for (auto& worker : workers) worker.join();
     return 0;
 }
 

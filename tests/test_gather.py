@@ -143,7 +143,11 @@ def test_pairs_refuse_a_mismatched_pair_before_copying(values_layout):
 
 
 def test_pairs_of_one_layout_compute_row_numbers_once(monkeypatch):
+    """The torch path (no native kernels): one set of row numbers for a layer's K and V."""
+    from offload_engine import native
     from offload_engine.cpu_cache import gather as gather_module
+
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
 
     calls = []
     original = gather_module._row_numbers

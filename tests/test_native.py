@@ -3,6 +3,7 @@ scores as torch, the same selections, and a torch fallback wherever it cannot be
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -267,11 +268,49 @@ def test_the_scores_do_not_depend_on_the_number_of_threads(fresh_native):
 def test_a_library_of_other_signatures_is_not_used(fresh_native, monkeypatch, tmp_path):
     """A source edited under a running process (or an old library) must not be called through wrappers
     of other signatures: the library's ABI number is checked, and the torch path runs instead."""
+    text = native.SOURCE.read_text()
+    assert re.search(r"int tbrun_kernels_abi\(\) \{ return (\d+); \}", text).group(1) == str(native.ABI)
     source = tmp_path / "selection.cpp"
-    source.write_text(native.SOURCE.read_text().replace("int tbrun_kernels_abi() { return 2; }",
-                                                        "int tbrun_kernels_abi() { return 999; }"))
+    source.write_text(re.sub(r"(int tbrun_kernels_abi\(\) \{ return )\d+(; \})", r"\g<1>999\2", text))
     monkeypatch.setattr(native, "SOURCE", source)
     native.reset()
     assert native.kernels() is None
     assert "ABI 999" in native.status()
     assert fused_group_mean_scores(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 16, 300)) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_gather_moves_what_index_select_moves(dtype, fresh_native, monkeypatch):
+    """A layer's K and V from a token-major store into a bank's slots: the same bytes as the torch path,
+    untouched slots untouched, and an entry past a table refused before anything moves."""
+    from offload_engine.cpu_cache.gather import gather_pairs
+
+    generator = torch.Generator().manual_seed(7)
+    capacity, heads, width, slots = 3000, 3, 64, 300
+    store_k = torch.randn(capacity, heads, width, generator=generator).to(dtype)
+    store_v = torch.randn(capacity, heads, width, generator=generator).to(dtype)
+    positions = torch.stack([torch.randperm(capacity, generator=generator)[:slots] for _ in range(heads)])
+    targets = torch.stack([torch.randperm(slots + 20, generator=generator)[:slots] for _ in range(heads)])
+    counts = torch.tensor([slots, 17, 0])
+    results = {}
+    for kind in ("native", "torch"):
+        monkeypatch.setenv("TBRUN_NATIVE", "1" if kind == "native" else "0")
+        native.reset()
+        bank = torch.full((2, heads, slots + 21, width), -7.0, dtype=dtype)  # a working set's K and V
+        gather_pairs([(store_k.transpose(0, 1), bank[0]), (store_v.transpose(0, 1), bank[1])], positions, targets,
+                     counts=counts)
+        results[kind] = bank
+    assert torch.equal(results["native"], results["torch"])
+    assert (results["native"][:, 2] == -7).all()  # a head with count 0 moved nothing
+    assert ((results["native"][:, 1] != -7).any(dim=-1).sum(dim=-1) == 17).all()
+
+    monkeypatch.setenv("TBRUN_NATIVE", "1")
+    native.reset()
+    bank = torch.zeros(2, heads, slots + 21, width, dtype=dtype)
+    bad = positions.clone()
+    bad[2, 5] = capacity  # one row past the store, in the last head: found before the first copy
+    with pytest.raises(IndexError, match="nothing was copied"):
+        native.kernels().gather_pairs([(store_k.transpose(0, 1), bank[0]), (store_v.transpose(0, 1), bank[1])],
+                                      bad, targets, None)
+    assert (bank == 0).all()

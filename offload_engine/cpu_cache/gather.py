@@ -22,7 +22,9 @@ around the call), and every tensor it reads must stay alive until that stream ha
 Methods:
 
 - ``index``: advanced indexing on the host, then one copy. The reference, and the only method
-  on a machine without CUDA. On CUDA it synchronises (positions go to the host first).
+  on a machine without CUDA. On CUDA it synchronises (positions go to the host first). With host
+  and working set both in CPU memory, one native call per layer copies K and V where
+  ``offload_engine.native`` is built (else ``index_select`` + ``index_copy_``).
 - ``batched-copy``: the reference engine's approach on CUDA: ``index_select`` on the pinned
   host tensor into a pinned staging buffer, then one asynchronous host-to-device copy and a
   scatter into the slots. The CPU does the indexing, so it needs the positions on the host:
@@ -52,6 +54,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from .. import native
 
 INDEX = "index"
 BATCHED_COPY = "batched-copy"
@@ -203,7 +207,11 @@ def gather_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: 
         _check_shapes(src, positions, slots, dst, counts)
     if positions.shape[1] == 0:
         return
-    if method == INDEX and len(pairs) > 1 and all(s.device.type == d.device.type == "cpu" for s, d in pairs):
+    on_cpu = all(s.device.type == d.device.type == "cpu" for s, d in pairs)
+    kernels = native.kernels() if method == INDEX and on_cpu else None
+    if kernels is not None and kernels.gather_pairs(pairs, positions, slots, counts):
+        return
+    if method == INDEX and len(pairs) > 1 and on_cpu:
         tables = [(row_table(s), row_table(d)) for s, d in pairs]
         layout = [(t.head_step, t.row_step) if t is not None else None for pair in tables for t in pair]
         if None not in layout and len(set(layout[0::2])) == 1 and len(set(layout[1::2])) == 1:

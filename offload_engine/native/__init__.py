@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 2
+ABI = 3
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -168,6 +168,10 @@ class SelectionKernels:
         update = self.library.tbrun_residency_update
         update.argtypes = [i64p, i64, i64, i64p, i64, i32p, i64, u8p, i64, i64, i64p, i64p, i64p]
         update.restype = ctypes.c_int
+        gather = self.library.tbrun_gather_pairs
+        gather.argtypes = [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64, i64p,
+                           i64p, i64p, i64, i64, i64, i64, i64, i64, i64]
+        gather.restype = ctypes.c_int
 
     def group_mean_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]``, keys ``[R, d, m]``
@@ -231,6 +235,35 @@ class SelectionKernels:
                 raise ValueError(f"more missing positions than the {n} slots of a row")
         width = int(counts.max()) if r else 0
         return positions[:, :width], slots[:, :width], counts
+
+    def gather_pairs(self, pairs, positions: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor | None) -> bool:
+        """``dst[h, slots[h, j]] = src[h, positions[h, j]]`` for every ``(src, dst)`` of ``pairs`` (``[H, N, D]``
+        CPU tensors of one dtype, D contiguous, all sources at the same strides, all destinations too) and
+        ``j < counts[h]``; positions, slots ``[H, m]`` long, counts ``[H]`` long or None (all ``m``).
+        False (nothing copied) where the layout does not fit; an out-of-range entry raises IndexError."""
+        src0, dst0 = pairs[0]
+        if any(s.stride() != src0.stride() or d.stride() != dst0.stride() or s.shape != src0.shape
+               or d.shape != dst0.shape or s.dtype != src0.dtype or d.dtype != src0.dtype
+               or s.device.type != "cpu" or d.device.type != "cpu" for s, d in pairs):
+            return False
+        if src0.stride(-1) != 1 or dst0.stride(-1) != 1 or positions.device.type != "cpu":
+            return False
+        heads, m = positions.shape
+        positions, slots = positions.contiguous(), slots.contiguous()
+        counts = (torch.full((heads,), m, dtype=torch.long) if counts is None else counts).contiguous()
+        size = src0.element_size()
+        sources = (ctypes.c_void_p * len(pairs))(*(s.data_ptr() for s, _ in pairs))
+        targets = (ctypes.c_void_p * len(pairs))(*(d.data_ptr() for _, d in pairs))
+        i64p = ctypes.POINTER(ctypes.c_int64)
+        status = self.library.tbrun_gather_pairs(
+            len(pairs), sources, targets, heads, m, ctypes.cast(positions.data_ptr(), i64p),
+            ctypes.cast(slots.data_ptr(), i64p), ctypes.cast(counts.data_ptr(), i64p),
+            src0.stride(0) * size, src0.stride(1) * size, src0.shape[1], dst0.stride(0) * size,
+            dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size)
+        if status != 0:
+            raise IndexError(f"a fetch entry is outside its tables ({src0.shape[1]} source rows, "
+                             f"{dst0.shape[1]} slots) or a count outside [0, {m}]: nothing was copied")
+        return True
 
 
 _source()  # read now, with the wrappers above (see ABI)

@@ -18,9 +18,12 @@
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
 // plan as its numpy form (tests/test_native.py), without ~40 array operations per producer.
 //
-// Tried and not kept, both measured on an AMD EPYC: a row copy for the CPU gather (random 256-byte rows of
-// the host store, with or without prefetching ahead: no faster than index_select + index_copy_, both bound
-// by memory latency), and a top-k, no faster than numpy's partition after the sampled cut (ranking.py),
+// tbrun_gather_pairs: a layer's K and V fetch plan in one call. Large plans are bound by memory latency
+// (random 256-byte rows of the host store, as fast as index_select + index_copy_ with or without
+// prefetching ahead); small ones, the real predictor's few new tokens a step, save the ~15 torch
+// operations a layer's row numbers and copies took.
+//
+// Tried and not kept, measured on an AMD EPYC: a top-k, no faster than numpy's partition after the sampled cut (ranking.py),
 // which numpy runs with AVX-512 sorting networks.
 
 #include <algorithm>
@@ -228,7 +231,7 @@ int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 2; }
+int tbrun_kernels_abi() { return 3; }
 
 // q [rows, g, d] contiguous; keys row r at keys + r * row_stride, dims dim_stride apart, tokens contiguous;
 // out [rows, m] contiguous; buffer [g * m] scratch. Returns 0.
@@ -280,6 +283,34 @@ int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_
         counts[row] = placed;
     }
     return status;
+}
+
+// A layer's fetch plan on the CPU: for every pair (a layer's keys, its values) and head h, row
+// positions[h, j] of the pair's source to row slots[h, j] of its destination, j < counts[h]. Sources
+// and destinations are [H, rows, row_bytes] at byte strides (head, row) shared by all pairs; rows are
+// contiguous. Every entry is checked against src_rows / dst_rows before any byte moves. Returns 0,
+// or -1 (nothing copied) if an entry is out of range.
+int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* const* targets, int64_t heads,
+                       int64_t m, const int64_t* positions, const int64_t* slots, const int64_t* counts,
+                       int64_t src_head, int64_t src_row, int64_t src_rows, int64_t dst_head, int64_t dst_row,
+                       int64_t dst_rows, int64_t row_bytes) {
+    for (int64_t h = 0; h < heads; ++h) {
+        const int64_t n = counts[h];
+        if (n < 0 || n > m) return -1;
+        for (int64_t j = 0; j < n; ++j) {
+            const int64_t p = positions[h * m + j], s = slots[h * m + j];
+            if (p < 0 || p >= src_rows || s < 0 || s >= dst_rows) return -1;
+        }
+    }
+    for (int64_t pair = 0; pair < pairs; ++pair)
+        for (int64_t h = 0; h < heads; ++h) {
+            const uint8_t* from = sources[pair] + h * src_head;
+            uint8_t* to = targets[pair] + h * dst_head;
+            for (int64_t j = 0; j < counts[h]; ++j)
+                std::memcpy(to + slots[h * m + j] * dst_row, from + positions[h * m + j] * src_row,
+                            static_cast<size_t>(row_bytes));
+        }
+    return 0;
 }
 
 }  // extern "C"

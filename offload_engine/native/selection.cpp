@@ -42,7 +42,9 @@ namespace {
 inline float exp_nonpositive(float x) {
     const float clamped = std::max(x, -87.0f);
     float fx = std::floor(clamped * 1.44269504088896341f + 0.5f);
-    fx = std::fmin(std::fmax(fx, -126.0f), 0.0f);  // a NaN becomes a defined exponent; x keeps it
+    // a NaN becomes -126, a defined exponent (x keeps the NaN); std::max/min, not fmaxf/fminf, which
+    // the compiler does not vectorise here (the loop ran 3x slower)
+    fx = std::min(0.0f, std::max(-126.0f, fx));
     float r = clamped - fx * 0.693359375f;
     r = r + fx * 2.12194440e-4f;
     float y = 1.9875691500e-4f;

@@ -2,8 +2,8 @@
 
 On the CPU a producer's scoring in torch is a batched matmul, a softmax and a mean: three passes over
 ``[Lg, KvH, g, m]`` numbers; its residency update about 40 numpy operations. ``selection.cpp`` scores
-in one pass over the compact keys (bench/reports/selection_cpu.md against torch) and updates the
-residency map in one call.
+in one pass over the compact keys (bench/reports/selection_cpu.md against torch), updates the
+residency map in one call, and copies a layer's fetch plan (K and V) in one call.
 
 The library is compiled once per source, compiler and CPU into ``$TBRUN_NATIVE_CACHE`` (default
 ``~/.cache/tbrun/native``) with ``-O3 -march=native``; the build writes a temporary file and renames
@@ -155,7 +155,7 @@ def _pointer(array: np.ndarray, ctype) -> ctypes.c_void_p:
 
 @dataclass(frozen=True)
 class SelectionKernels:
-    """Typed wrappers of the library's two functions; shapes and strides are checked here."""
+    """Typed wrappers of the library's kernels; shapes, strides and ranges are checked here."""
 
     library: ctypes.CDLL
 

@@ -1,5 +1,5 @@
-// CPU kernels of token selection: TokenButler's group-mean score and the residency update, one call
-// per producer each.
+// CPU kernels of token selection: TokenButler's group-mean score and the residency update (one call per
+// producer each), and the fetch of a layer's selected K and V (one call per layer).
 //
 // Built at first use by offload_engine/native/__init__.py (g++ -O3 -march=native, cached by source,
 // compiler and CPU), called through ctypes with raw pointers. The scores split rows among threads.
@@ -11,8 +11,7 @@
 // The keys are streamed once, a tile of tokens at a time: each key vector feeds every head's
 // accumulators in registers, and the tile's logits are exponentiated against each head's running
 // maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (in L2 up to
-// about 16k tokens, beyond in L3) rescales
-// each tile to the final maximum and averages the heads. The same result as
+// about 16k tokens, beyond in L3) rescales each tile to the final maximum and averages the heads. The same result as
 // torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py).
 //
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
@@ -23,8 +22,8 @@
 // prefetching ahead); small ones, the real predictor's few new tokens a step, save the ~15 torch
 // operations a layer's row numbers and copies took.
 //
-// Tried and not kept, measured on an AMD EPYC: a top-k, no faster than numpy's partition after the sampled cut (ranking.py),
-// which numpy runs with AVX-512 sorting networks.
+// Tried and not kept, measured on an AMD EPYC: a top-k, no faster than numpy's partition after the
+// sampled cut (ranking.py), which numpy runs with AVX-512 sorting networks.
 
 #include <algorithm>
 #include <cmath>

@@ -40,6 +40,7 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=
 _ENV_SWITCH = "TBRUN_NATIVE"
 
 _lock = threading.Lock()
+_scratch_buffers = threading.local()  # SelectionKernels._scratch
 _loaded: "SelectionKernels | None" = None
 _status = "not built yet"
 _tried = False
@@ -173,6 +174,15 @@ class SelectionKernels:
                            i64p, i64p, i64, i64, i64, i64, i64, i64, i64]
         gather.restype = ctypes.c_int
 
+    def _scratch(self, size: int) -> np.ndarray:
+        """A float32 work buffer of at least ``size`` floats, kept per thread and grown as the sequence
+        grows, so that a decode step allocates none (the kernel overwrites what it reads)."""
+        held = getattr(_scratch_buffers, "buffer", None)
+        if held is None or held.size < size:
+            held = _scratch_buffers.buffer = np.empty(max(size, 2 * (held.size if held is not None else 0)),
+                                                      dtype=np.float32)
+        return held
+
     def group_mean_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]``, keys ``[R, d, m]``
         (float32, CPU; tokens contiguous, rows and dims at any uniform strides) -> ``[R, m]`` float32."""
@@ -193,7 +203,7 @@ class SelectionKernels:
             return torch.from_numpy(out)
         # as many threads as torch uses (the path it replaces would), at most one per row
         threads = max(1, min(torch.get_num_threads(), rows))
-        buffer = np.empty(threads * g * m, dtype=np.float32)
+        buffer = self._scratch(threads * g * m)
         # keys: the numpy view of the tensor's own memory (no copy), read through its strides
         base = keys.detach()
         start = base.data_ptr()

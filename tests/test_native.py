@@ -12,6 +12,7 @@ import torch
 from offload_engine import native
 from offload_engine.policies.tokenbutler import (
     ProjectedKeyCache,
+    compact_key_dtype,
     fused_group_mean_scores,
     group_mean_probabilities,
     padded_row_length,
@@ -46,16 +47,19 @@ def _torch_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     (1, 2, 5, 8, 33),      # two vectors of 16 tokens and a scalar tail of one
     (1, 1, 2, 16, 1025),   # two tiles and a tail of one token
 ])
-def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim, tokens, fresh_native):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim, tokens, dtype, fresh_native):
+    """float32 keys, and bfloat16 ones, which the kernel widens as it reads them: torch's scores of the
+    widened keys."""
     generator = torch.Generator().manual_seed(tokens + dim)
     capacity = tokens + 37
-    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, torch.float32, torch.device("cpu"))
+    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
     cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
     keys = cache.columns(range(1, layers + 1), 0, tokens)  # a view with the cache's padded strides
     grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
     fused = fused_group_mean_scores(grouped, keys)
     assert fused is not None, native.status()
-    expected = _torch_scores(grouped, keys)
+    expected = _torch_scores(grouped, keys.float())
     assert fused.shape == expected.shape == (layers, kv_heads, tokens)
     torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(fused.sum(-1), torch.ones(layers, kv_heads), rtol=1e-5, atol=1e-5)
@@ -126,9 +130,10 @@ def test_without_a_working_compiler_the_status_says_why_and_nothing_breaks(fresh
     assert fused_group_mean_scores(grouped, keys) is None
 
 
-def test_the_kernel_is_not_used_off_the_cpu_float32_path(fresh_native):
+def test_the_kernel_is_not_used_off_the_cpu_float32_and_bfloat16_path(fresh_native):
     grouped = torch.randn(1, 2, 3, 16)
     assert fused_group_mean_scores(grouped, torch.randn(1, 2, 16, 300).double()) is None
+    assert fused_group_mean_scores(grouped, torch.randn(1, 2, 16, 300).half()) is None
     assert fused_group_mean_scores(grouped, torch.randn(1, 2, 300, 16).transpose(-1, -2)) is None  # tokens strided
 
 
@@ -314,3 +319,16 @@ def test_the_native_gather_moves_what_index_select_moves(dtype, fresh_native, mo
         native.kernels().gather_pairs([(store_k.transpose(0, 1), bank[0]), (store_v.transpose(0, 1), bank[1])],
                                       bad, targets, None)
     assert (bank == 0).all()
+
+
+def test_auto_keys_are_bfloat16_on_the_cpu_only_where_the_kernel_reads_them(fresh_native, monkeypatch):
+    """A float32 model's compact keys on the CPU: bfloat16 with the native kernels, float32 without them
+    (torch would widen them every call); other dtypes and devices keep the model's; explicit ones win."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compact_key_dtype("auto", torch.float32, cpu) == torch.bfloat16, native.status()
+    assert compact_key_dtype("auto", torch.float32, cuda) == torch.float32
+    assert compact_key_dtype("auto", torch.float16, cuda) == torch.float16
+    assert compact_key_dtype("float32", torch.float32, cpu) == torch.float32
+    assert compact_key_dtype("bfloat16", torch.float16, cuda) == torch.bfloat16
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
+    assert compact_key_dtype("auto", torch.float32, cpu) == torch.float32

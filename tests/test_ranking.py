@@ -1,12 +1,34 @@
-"""Top-k on the CPU (a numpy partition) gives what torch.topk gives; positions and the neighbour rules."""
+"""Top-k on the CPU (the native kernel where it is built, else a numpy partition) gives what torch.topk
+gives; positions and the neighbour rules."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from offload_engine import native
 from offload_engine.selection import ranking
 from offload_engine.selection.ranking import topk_positions, topk_unsorted
+
+# float32 rows on the CPU: the native kernel (where it is built) and numpy's partition (where it is not)
+CPU_PATHS = pytest.mark.parametrize("cpu_topk", ["native", "numpy"], indirect=True)
+
+
+@pytest.fixture(scope="module")
+def native_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("native")
+
+
+@pytest.fixture
+def cpu_topk(request, monkeypatch, native_cache):
+    """The CPU top-k path under test, the native kernels switched on or off to match."""
+    monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(native_cache))
+    monkeypatch.setenv("TBRUN_NATIVE", "1" if request.param == "native" else "0")
+    native.reset()
+    if request.param == "native" and native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    yield request.param
+    native.reset()
 
 
 def _as_sets(index: torch.Tensor) -> list[set[int]]:
@@ -17,7 +39,8 @@ def _as_sets(index: torch.Tensor) -> list[set[int]]:
 @pytest.mark.parametrize("shape, keep", [((3, 4, 17000), 1000), ((12, 20000), 1400), ((2, 3, 33000), 64),
                                          ((5, 300), 300), ((7, 50), 1)])
 @pytest.mark.parametrize("kind", ["gauss", "peaked", "ties"])
-def test_the_cpu_top_k_selects_the_same_tokens_as_torch_topk(shape, keep, kind, monkeypatch):
+@CPU_PATHS
+def test_the_cpu_top_k_selects_the_same_tokens_as_torch_topk(shape, keep, kind, cpu_topk, monkeypatch):
     generator = torch.Generator().manual_seed(sum(shape) + keep)
     scores = torch.randn(shape, generator=generator)
     if kind == "peaked":  # softmax-like: a few large scores, a long flat tail
@@ -35,15 +58,31 @@ def test_the_cpu_top_k_selects_the_same_tokens_as_torch_topk(shape, keep, kind, 
     assert all(len(row) == keep for row in _as_sets(index))  # no index twice
 
 
-def test_long_rows_are_cut_by_a_sampled_threshold_and_a_misjudged_row_is_partitioned_whole(monkeypatch):
-    """Rows of 32k candidates keeping 2k: only entries at or above a sampled threshold are partitioned;
-    a row whose sampled entries all rank above the others (the threshold overshoots, too few pass) is
-    partitioned whole, and both give torch.topk's tokens."""
+def _rows_with_a_misjudged_one() -> torch.Tensor:
+    """``[4, 32768]`` softmax rows; in row 2 the entries a strided sample reads all rank above the rest,
+    so its threshold overshoots and too few entries pass it."""
     generator = torch.Generator().manual_seed(3)
     scores = torch.softmax(3 * torch.randn(4, 32768, generator=generator), dim=-1)
     unsampled = torch.arange(32768) % ranking.PREFILTER_STRIDE != 0  # positions the sample never reads
     spread = torch.rand(32768, generator=generator)
     scores[2] = torch.where(unsampled, spread, 1.0 + spread)  # the sampled 4k above the rest: too few pass
+    return scores
+
+
+@CPU_PATHS
+def test_a_row_the_sample_misjudges_still_gets_its_exact_top_k(cpu_topk, monkeypatch):
+    scores = _rows_with_a_misjudged_one()
+    expected = torch.topk(scores, 2048, dim=-1, sorted=False).indices
+    monkeypatch.setattr(ranking.torch, "topk", _forbidden)
+    values, index = topk_unsorted(scores, 2048)
+    assert _as_sets(index) == _as_sets(expected) and torch.equal(scores.gather(-1, index), values)
+
+
+def test_long_rows_are_cut_by_a_sampled_threshold_and_a_misjudged_row_is_partitioned_whole(monkeypatch):
+    """numpy's path. Rows of 32k candidates keeping 2k: only entries at or above a sampled threshold are
+    partitioned; the misjudged row is partitioned whole, and both give torch.topk's tokens."""
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
+    scores = _rows_with_a_misjudged_one()
     expected = torch.topk(scores, 2048, dim=-1, sorted=False).indices
     partitioned = []
     original = ranking.np.argpartition
@@ -56,7 +95,8 @@ def test_long_rows_are_cut_by_a_sampled_threshold_and_a_misjudged_row_is_partiti
     assert all(shape[-1] < 32768 // 4 for shape in partitioned if shape != (32768,))  # the others cut first
 
 
-def test_the_cut_keeps_nan_scores_as_the_plain_partition_and_torch_topk_rank_them_first(monkeypatch):
+@CPU_PATHS
+def test_the_cut_keeps_nan_scores_as_the_plain_partition_and_torch_topk_rank_them_first(cpu_topk, monkeypatch):
     """A few NaN scores in a long row fall below no threshold: the cut path returns what the plain
     partition (and torch.topk) return, NaN positions among them; a row of NaNs only is partitioned whole."""
     generator = torch.Generator().manual_seed(5)
@@ -75,7 +115,8 @@ def _forbidden(*args, **kwargs):
     raise AssertionError("torch.topk ran where the partition should have")
 
 
-def test_minus_infinity_is_never_a_position_and_strided_scores_rank_like_their_copy(monkeypatch):
+@CPU_PATHS
+def test_minus_infinity_is_never_a_position_and_strided_scores_rank_like_their_copy(cpu_topk, monkeypatch):
     """-inf candidates (not selectable) become padding, last; a non-contiguous view ranks like its copy."""
     scores = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))
     scores[1, 1500:] = float("-inf")  # 1,500 finite candidates, keep 1,600: 100 of them -inf
@@ -100,3 +141,38 @@ def test_other_dtypes_use_torch_topk_and_gradients_are_no_obstacle(monkeypatch):
     assert values.dtype == torch.float64 and _as_sets(index) == _as_sets(original(doubles, 30).indices)
     values, index = topk_unsorted(torch.randn(0, 4, 700), 50)  # no rows: empty, shaped
     assert values.shape == index.shape == (0, 4, 50) and index.dtype == torch.long and calls == [torch.bfloat16]
+
+
+@CPU_PATHS
+def test_a_row_slice_of_a_wider_tensor_ranks_like_its_copy(cpu_topk, monkeypatch):
+    """Scores cut from wider rows (the candidates of ``[lo, hi)`` of a producer's scores): rows at a
+    stride larger than their length rank like their copy, and small or full keeps are exact."""
+    wide = torch.softmax(2 * torch.randn(2, 3, 9000, generator=torch.Generator().manual_seed(4)), dim=-1)
+    view = wide[..., 100:8800]
+    monkeypatch.setattr(ranking.torch, "topk", _forbidden)
+    for keep in (1, 1000, 2175, 8700):
+        values, index = topk_unsorted(view, keep)
+        assert _as_sets(index) == _as_sets(topk_unsorted(view.contiguous(), keep)[1])
+        assert torch.equal(view.gather(-1, index), values)
+    assert _as_sets(topk_unsorted(view, 1)[1]) == _as_sets(view.argmax(-1, keepdim=True))
+
+
+def test_the_native_top_k_keeps_the_first_of_equal_scores_at_the_cut(monkeypatch, native_cache):
+    """Every score above the cut, then the first of those equal to it: a defined choice among ties."""
+    monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(native_cache))
+    monkeypatch.delenv("TBRUN_NATIVE", raising=False)
+    native.reset()
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    row = torch.zeros(1, 10000)
+    row[0, [5, 50, 9000]] = torch.tensor([3.0, -1.0, 2.0])  # two above the zeros, one below
+    values, index = kernels.topk_rows(row, 6)
+    assert sorted(index[0].tolist()) == [0, 1, 2, 3, 5, 9000] and sorted(values[0].tolist()) == [0, 0, 0, 0, 2, 3]
+    negative = -torch.arange(1, 5001, dtype=torch.float32).view(1, -1)  # negative scores order too
+    assert set(kernels.topk_rows(negative, 3)[1][0].tolist()) == {0, 1, 2}
+    with pytest.raises(ValueError, match="keep 0 of 10000"):
+        kernels.topk_rows(row, 0)
+    with pytest.raises(TypeError, match="float32 CPU rows"):
+        kernels.topk_rows(row.double(), 3)
+    native.reset()

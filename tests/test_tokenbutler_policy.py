@@ -102,14 +102,20 @@ def test_policy_is_registered_and_plans_for_its_consumers():
     assert [layer for layer in range(5) if policy.is_producer(layer)] == [0, 2]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "max"])
-def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
+@pytest.mark.parametrize("reduction, key_dtype", [("mean", "float32"), ("max", "float32"), ("mean", "bfloat16"),
+                                                  ("max", "bfloat16")])
+def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_dtype):
+    """The cache holds the projected keys in its dtype; the plan's scores are those of the stored keys
+    (bfloat16 ones widened: what a float32 model on the CPU stores by default with the native kernels)."""
     adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
-    policy = bound_policy(adapter, group_reduction=reduction)
+    policy = bound_policy(adapter, group_reduction=reduction, key_dtype=key_dtype)
     predictor = policy.predictor
     tensors, x_new, k_new = prefilled_and_one_decode(policy, adapter)
-    torch.testing.assert_close(policy.cache.read(3, 0, 20), predictor.project_keys(3, tensors[3][2]))
-    torch.testing.assert_close(policy.cache.read(3, 20, 21)[:, 0], predictor.project_keys(3, k_new.unsqueeze(1))[:, 0])
+    stored = getattr(torch, key_dtype)
+    assert policy.cache.keys.dtype == stored
+    torch.testing.assert_close(policy.cache.read(3, 0, 20), predictor.project_keys(3, tensors[3][2]).to(stored))
+    torch.testing.assert_close(policy.cache.read(3, 20, 21)[:, 0],
+                               predictor.project_keys(3, k_new.unsqueeze(1))[:, 0].to(stored))
     candidates = Candidates(lo=2, hi=17, keep=3, position=20)
     layers, scores = policy.plan(0, tensors[0][0][-1], candidates)
     assert list(layers) == [1, 2] and scores.shape == (2, 2, 15)
@@ -117,6 +123,7 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
     queries = predictor.importance_queries(0, tensors[0][0][-1])  # [2, H, d']
     for layer in (1, 2):
         keys = torch.cat([predictor.project_keys(layer, tensors[layer][2]), predictor.project_keys(layer, k_new.unsqueeze(1))], 1)
+        keys = keys.to(stored).float()
         heads = predictor.head_scores(queries[layer - 1].unsqueeze(0), keys)[:, 0]  # [H, 21]
         if reduction == "max":
             expected = predictor.group_max(heads)[:, 2:17]
@@ -127,9 +134,12 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction):
         torch.testing.assert_close(policy.score(layer, None, candidates), plan[layer])  # the per-layer path
 
 
-def test_int8_projected_keys_keep_the_ranking():
+@pytest.mark.parametrize("stored, share", [("int8", 0.35), ("bfloat16", 0.51)])
+def test_rounded_projected_keys_keep_the_ranking(stored, share):
+    """int8 (+ a float16 scale per token) and bfloat16 keys rank nearly as float32 ones, in a fraction
+    of the bytes."""
     adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
-    exact, int8 = bound_policy(adapter), bound_policy(adapter, key_dtype="int8")
+    exact, int8 = bound_policy(adapter, key_dtype="float32"), bound_policy(adapter, key_dtype=stored)
     tensors = prompt_tensors(adapter, 40)
     for policy in (exact, int8):
         for layer, (x, q, k, v) in enumerate(tensors):
@@ -140,7 +150,7 @@ def test_int8_projected_keys_keep_the_ranking():
     top_a, top_b = a[1].topk(8).indices, b[1].topk(8).indices
     overlap = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(top_a, top_b)) / top_a.numel()
     assert overlap >= 0.85
-    assert int8.cache.nbytes < 0.35 * exact.cache.nbytes  # int8 + fp16 scale vs float32
+    assert int8.cache.nbytes < share * exact.cache.nbytes
 
 
 def test_predictor_for_another_model_is_refused_at_bind():
@@ -177,7 +187,7 @@ def test_a_predictor_that_rotates_by_position_caches_turned_keys_and_turns_its_q
     the producer's queries are turned by the decoded token's position, and the scores are those of
     the predictor computed offline at the same positions."""
     adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
-    policy = bound_policy(adapter, rope_pairs=2)
+    policy = bound_policy(adapter, rope_pairs=2, key_dtype="float32")  # the exact keys, to compare them
     predictor = policy.predictor
     tensors, x_new, k_new = prefilled_and_one_decode(policy, adapter)
     turned = predictor.project_keys(3, tensors[3][2], torch.arange(20))

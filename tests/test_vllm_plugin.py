@@ -284,7 +284,7 @@ def test_tokenbutler_scores_by_slot_equal_the_policys(rope_pairs):
     key_cache, _, table, contiguous = paged_sequences([length], seed=2)
     k, v, slots = contiguous[0]
     x = torch.randn(16)
-    policy = TokenButlerPolicy(predictor=predictor)
+    policy = TokenButlerPolicy(predictor=predictor, key_dtype="float32")  # the paged scorer keeps float32 keys
     policy.bind(PolicyContext(dims=dims, capacity=64, device=torch.device("cpu"), dtype=torch.float32,
                               adapter=None, host_store=None, sinks=2, window=4))
     batch = make_batch([length], table)

@@ -1,9 +1,10 @@
 """Native CPU kernels of token selection, built with the machine's C++ compiler at first use.
 
 On the CPU a producer's scoring in torch is a batched matmul, a softmax and a mean: three passes over
-``[Lg, KvH, g, m]`` numbers; its residency update about 40 numpy operations. ``selection.cpp`` scores
-in one pass over the compact keys (bench/reports/selection_cpu.md against torch), updates the
-residency map in one call, and copies a layer's fetch plan (K and V) in one call.
+``[Lg, KvH, g, m]`` numbers; its top-k a numpy partition per row; its residency update about 40 numpy
+operations. ``selection.cpp`` scores in one pass over the compact keys (bench/reports/selection_cpu.md
+against torch), finds each row's top-k by counting, updates the residency map in one call, and copies
+a layer's fetch plan (K and V) in one call.
 
 The library is compiled once per source, compiler and CPU into ``$TBRUN_NATIVE_CACHE`` (default
 ``~/.cache/tbrun/native``) with ``-O3 -march=native``; the build writes a temporary file and renames
@@ -33,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 3
+ABI = 4
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -165,6 +166,9 @@ class SelectionKernels:
         scores = self.library.tbrun_group_mean_scores
         scores.argtypes = [f32p, i64, i64, i64, f32p, i64, i64, i64, f32p, f32p, i64]
         scores.restype = ctypes.c_int
+        scores_bf16 = self.library.tbrun_group_mean_scores_bf16
+        scores_bf16.argtypes = [f32p, i64, i64, i64, ctypes.POINTER(ctypes.c_uint16), i64, i64, i64, f32p, f32p, i64]
+        scores_bf16.restype = ctypes.c_int
         i64p, i32p, u8p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_uint8))
         update = self.library.tbrun_residency_update
         update.argtypes = [i64p, i64, i64, i64p, i64, i32p, i64, u8p, i64, i64, i64p, i64p, i64p]
@@ -173,6 +177,9 @@ class SelectionKernels:
         gather.argtypes = [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64, i64p,
                            i64p, i64p, i64, i64, i64, i64, i64, i64, i64]
         gather.restype = ctypes.c_int
+        topk = self.library.tbrun_topk_rows
+        topk.argtypes = [f32p, i64, i64, i64, i64, i64p, f32p, i64]
+        topk.restype = ctypes.c_int
 
     def _scratch(self, size: int) -> np.ndarray:
         """A float32 work buffer of at least ``size`` floats, kept per thread and grown as the sequence
@@ -184,8 +191,10 @@ class SelectionKernels:
         return held
 
     def group_mean_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]``, keys ``[R, d, m]``
-        (float32, CPU; tokens contiguous, rows and dims at any uniform strides) -> ``[R, m]`` float32."""
+        """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]`` float32, keys
+        ``[R, d, m]`` float32 or bfloat16 (CPU; tokens contiguous, rows and dims at any uniform strides)
+        -> ``[R, m]`` float32. bfloat16 keys are widened exactly as they are read: the scores of
+        ``keys.float()``, from half the bytes."""
         rows, g, d = queries.shape
         if queries.device.type != "cpu" or keys.device.type != "cpu":
             raise ValueError(f"CPU tensors only, got {queries.device} and {keys.device}")
@@ -194,8 +203,8 @@ class SelectionKernels:
         if keys.dim() != 3 or keys.shape[0] != rows or keys.shape[1] != d or keys.stride(2) != 1:
             raise ValueError(f"keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
                              f"{tuple(queries.shape)} with tokens contiguous")
-        if queries.dtype != torch.float32 or keys.dtype != torch.float32:
-            raise TypeError(f"float32 only, got {queries.dtype} and {keys.dtype}")
+        if queries.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"float32 queries and float32 or bfloat16 keys only, got {queries.dtype} and {keys.dtype}")
         m = keys.shape[2]
         q = np.ascontiguousarray(queries.detach().numpy())
         out = np.empty((rows, m), dtype=np.float32)
@@ -206,12 +215,33 @@ class SelectionKernels:
         buffer = self._scratch(threads * g * m)
         # keys: the numpy view of the tensor's own memory (no copy), read through its strides
         base = keys.detach()
-        start = base.data_ptr()
-        self.library.tbrun_group_mean_scores(
-            _pointer(q, ctypes.c_float), rows, g, d, ctypes.cast(start, ctypes.POINTER(ctypes.c_float)),
-            base.stride(0), base.stride(1), m, _pointer(out, ctypes.c_float), _pointer(buffer, ctypes.c_float),
-            threads)
+        kernel, element = ((self.library.tbrun_group_mean_scores, ctypes.c_float) if keys.dtype == torch.float32
+                           else (self.library.tbrun_group_mean_scores_bf16, ctypes.c_uint16))
+        kernel(_pointer(q, ctypes.c_float), rows, g, d, ctypes.cast(base.data_ptr(), ctypes.POINTER(element)),
+               base.stride(0), base.stride(1), m, _pointer(out, ctypes.c_float), _pointer(buffer, ctypes.c_float),
+               threads)
         return torch.from_numpy(out)
+
+    def topk_rows(self, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``keep`` largest entries of each row, exactly, in no order: rows ``[r, n]`` float32 (CPU,
+        entries contiguous, rows at any stride) -> (values ``[r, keep]`` float32, indices ``[r, keep]``
+        long). NaN ranks above everything, as in numpy; ties at the cut keep the first in the row."""
+        if rows.device.type != "cpu" or rows.dtype != torch.float32 or rows.dim() != 2:
+            raise TypeError(f"[r, n] float32 CPU rows only, got {tuple(rows.shape)} {rows.dtype} on {rows.device}")
+        r, n = rows.shape
+        if not 0 < keep <= n or n >= 2**31:
+            raise ValueError(f"keep {keep} of {n} entries: needs 0 < keep <= n < 2^31")
+        base = rows.detach()
+        if n > 1 and base.stride(1) != 1:
+            base = base.contiguous()
+        index = torch.empty((r, keep), dtype=torch.long)
+        values = torch.empty((r, keep), dtype=torch.float32)
+        if r:
+            f32p, i64p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+            self.library.tbrun_topk_rows(
+                ctypes.cast(base.data_ptr(), f32p), r, n, base.stride(0), keep, ctypes.cast(index.data_ptr(), i64p),
+                ctypes.cast(values.data_ptr(), f32p), max(1, min(torch.get_num_threads(), r)))
+        return values, index
 
     def residency_update(self, selected: np.ndarray, slot_pos: np.ndarray, slot_of: np.ndarray,
                          active: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

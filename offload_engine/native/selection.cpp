@@ -1,5 +1,5 @@
-// CPU kernels of token selection: TokenButler's group-mean score and the residency update (one call per
-// producer each), and the fetch of a layer's selected K and V (one call per layer).
+// CPU kernels of token selection: TokenButler's group-mean score, the top-k and the residency update (one
+// call per producer each), and the fetch of a layer's selected K and V (one call per layer).
 //
 // Built at first use by offload_engine/native/__init__.py (g++ -O3 -march=native, cached by source,
 // compiler and CPU), called through ctypes with raw pointers. The scores split rows among threads.
@@ -22,8 +22,13 @@
 // prefetching ahead); small ones, the real predictor's few new tokens a step, save the ~15 torch
 // operations a layer's row numbers and copies took.
 //
-// Tried and not kept, measured on an AMD EPYC: a top-k, no faster than numpy's partition after the
-// sampled cut (ranking.py), which numpy runs with AVX-512 sorting networks.
+// tbrun_topk_rows: the top-k of each row (ranking.topk_unsorted's CPU float32 path), the cut found by
+// counting rather than partitioning: ranking.py's sampled threshold, a compaction of the entries at or
+// above it, then the k-th largest by bisection on its bits, each step one vectorised count.
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -105,11 +110,33 @@ inline vfloat load(const float* p) {
 
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
+// bfloat16 keys (the top half of a float32's bits): widened exactly, by a shift, as they are loaded
+typedef uint16_t vbf16 __attribute__((vector_size(LANES * sizeof(uint16_t))));
+typedef uint32_t vbits __attribute__((vector_size(LANES * sizeof(uint32_t))));
+
+inline vfloat load(const uint16_t* p) {
+    vbf16 half;
+    std::memcpy(&half, p, sizeof(half));
+    const vbits bits = __builtin_convertvector(half, vbits) << 16;
+    vfloat v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+}
+
+inline float scalar(float x) { return x; }
+
+inline float scalar(uint16_t x) {
+    const uint32_t bits = static_cast<uint32_t>(x) << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+}
+
 // logits of G heads for tokens [start, start + n) into buffer [G, m]: per LANES tokens, each key vector
 // is loaded once and feeds all G heads' accumulators, which stay in registers. (Two vectors of tokens
 // per iteration, and software prefetch a tile ahead, were faster hot but slower with the keys cold.)
-template <int G>
-void logits_span(const float* q, int64_t d, const float* keys, int64_t dim_stride, int64_t start, int64_t n,
+template <int G, typename Key>
+void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride, int64_t start, int64_t n,
                  float* buffer, int64_t m) {
     int64_t t = 0;
     for (; t + LANES <= n; t += LANES) {
@@ -124,13 +151,14 @@ void logits_span(const float* q, int64_t d, const float* keys, int64_t dim_strid
     for (; t < n; ++t)
         for (int h = 0; h < G; ++h) {
             float sum = 0.0f;
-            for (int64_t j = 0; j < d; ++j) sum += q[h * d + j] * keys[j * dim_stride + start + t];
+            for (int64_t j = 0; j < d; ++j) sum += q[h * d + j] * scalar(keys[j * dim_stride + start + t]);
             buffer[h * m + start + t] = sum;
         }
 }
 
 // any number of heads, in blocks of at most 4 (their accumulators fit in registers)
-void logits_all(const float* q, int64_t g, int64_t d, const float* keys, int64_t dim_stride, int64_t start,
+template <typename Key>
+void logits_all(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t start,
                 int64_t n, float* buffer, int64_t m) {
     for (int64_t h = 0; h < g;) {
         const int64_t block = std::min<int64_t>(4, g - h);
@@ -151,7 +179,8 @@ constexpr int64_t TILE = 512;  // tokens per tile: its g rows of logits stay in 
 // One row: logits, softmax per head and the mean over heads, the keys streamed once. Per tile the logits
 // are exponentiated against the head's running maximum while they are in L1 (an online softmax); pass 2
 // rescales each tile's exponentials to the final maximum and sums the heads, over the [g, m] buffer.
-void score_row(const float* q, int64_t g, int64_t d, const float* keys, int64_t dim_stride, int64_t m,
+template <typename Key>
+void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t m,
                float* out, float* buffer, std::vector<float>& shift) {
     const int64_t tiles = (m + TILE - 1) / TILE;
     shift.assign(static_cast<size_t>(g * tiles), 0.0f);
@@ -227,12 +256,134 @@ int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_
     return placed;
 }
 
+// ---- top-k: the keep largest entries of a row, exactly, in no order ----
+// Floats are compared as order-preserving unsigned keys (NaN largest, as numpy ranks it); the keep-th
+// largest key is found by setting its bits from the top, each bit one vectorised count over the keys.
+// Long rows with a small keep first keep only the entries at or above a threshold that a strided sample
+// puts safely below the cut (ranking.py's rule), so the counts run over a few thousand keys.
+
+inline uint32_t order_key(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
+    return v != v ? 0xFFFFFFFFu : bits ^ flip;
+}
+
+int64_t count_at_least(const uint32_t* keys, int64_t n, uint32_t bound) {
+    uint32_t lanes[LANES] = {};
+    int64_t t = 0;
+    for (; t + LANES <= n; t += LANES)
+        for (int64_t i = 0; i < LANES; ++i) lanes[i] += keys[t + i] >= bound;
+    int64_t count = 0;
+    for (; t < n; ++t) count += keys[t] >= bound;
+    for (int64_t i = 0; i < LANES; ++i) count += lanes[i];
+    return count;
+}
+
+// the rank-th largest of keys[0, n) (1 <= rank <= n): the largest bound that rank keys reach
+uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t rank) {
+    uint32_t bound = 0;
+    for (int bit = 31; bit >= 0; --bit) {
+        const uint32_t trial = bound | (1u << bit);
+        if (count_at_least(keys, n, trial) >= rank) bound = trial;
+    }
+    return bound;
+}
+
+// keys and positions of row[t] with order_key >= bound; both buffers need n + LANES entries
+int64_t keep_at_least(const float* row, int64_t n, uint32_t bound, uint32_t* keys, int32_t* where) {
+    int64_t count = 0, t = 0;
+#if defined(__AVX512F__)
+    // compress in registers, then a plain store (a compressing store to memory is slow on some CPUs)
+    const __m512i step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u)), all = _mm512_set1_epi32(-1);
+    const __m512i threshold = _mm512_set1_epi32(static_cast<int>(bound));
+    for (; t + 16 <= n; t += 16) {
+        const __m512 v = _mm512_loadu_ps(row + t);
+        const __m512i bits = _mm512_castps_si512(v);
+        __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), sign));
+        key = _mm512_mask_mov_epi32(key, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), all);
+        const __mmask16 pass = _mm512_cmpge_epu32_mask(key, threshold);
+        _mm512_storeu_si512(keys + count, _mm512_maskz_compress_epi32(pass, key));
+        _mm512_storeu_si512(where + count, _mm512_maskz_compress_epi32(
+                                               pass, _mm512_add_epi32(step, _mm512_set1_epi32(static_cast<int>(t)))));
+        count += __builtin_popcount(static_cast<unsigned>(pass));
+    }
+#endif
+    for (; t < n; ++t) {  // branch-free: write always, advance when kept
+        const uint32_t key = order_key(row[t]);
+        keys[count] = key;
+        where[count] = static_cast<int32_t>(t);
+        count += key >= bound;
+    }
+    return count;
+}
+
+struct TopkWork {
+    std::vector<uint32_t> keys, sample;
+    std::vector<int32_t> where;
+};
+
+constexpr int64_t SAMPLE_MIN = 4096, SAMPLE_STRIDE = 8;  // ranking.py's PREFILTER_MIN_CANDIDATES, _STRIDE
+
+void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* values, TopkWork& work) {
+    work.keys.resize(static_cast<size_t>(n + LANES));
+    work.where.resize(static_cast<size_t>(n + LANES));
+    uint32_t* keys = work.keys.data();
+    int32_t* where = work.where.data();
+    int64_t count = -1;
+    if (n >= SAMPLE_MIN && 4 * keep <= n) {
+        const int64_t size = (n + SAMPLE_STRIDE - 1) / SAMPLE_STRIDE;
+        work.sample.resize(static_cast<size_t>(size));
+        for (int64_t i = 0; i < size; ++i) work.sample[static_cast<size_t>(i)] = order_key(row[i * SAMPLE_STRIDE]);
+        const double expected = static_cast<double>(keep) / SAMPLE_STRIDE;
+        const int64_t rank = std::min<int64_t>(size, static_cast<int64_t>(std::ceil(expected + 4.0 * std::sqrt(expected))) + 8);
+        count = keep_at_least(row, n, kth_largest(work.sample.data(), size, rank), keys, where);
+    }
+    if (count < keep) count = keep_at_least(row, n, 0, keys, where);  // no sample, or it misjudged the row
+    const uint32_t cut = kth_largest(keys, count, keep);
+    int64_t j = 0;
+    for (int64_t i = 0; i < count; ++i)  // everything above the cut, then ties at it until keep
+        if (keys[i] > cut) {
+            index[j] = where[i];
+            values[j++] = row[where[i]];
+        }
+    for (int64_t i = 0; i < count && j < keep; ++i)
+        if (keys[i] == cut) {
+            index[j] = where[i];
+            values[j++] = row[where[i]];
+        }
+}
+
+// rows split into contiguous blocks, one per thread (the first on the caller's); each row alike
+template <typename Work>
+void split_rows(int64_t rows, int64_t threads, Work work) {
+    threads = std::max<int64_t>(1, std::min(threads, rows));
+    const int64_t per = (rows + threads - 1) / threads;
+    std::vector<std::thread> workers;
+    for (int64_t i = 1; i < threads; ++i)
+        if (i * per < rows) workers.emplace_back(work, i, i * per, std::min(rows, (i + 1) * per));
+    work(0, 0, std::min(rows, per));
+    for (auto& worker : workers) worker.join();
+}
+
+template <typename Key>
+void group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
+                       int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads) {
+    split_rows(rows, threads, [=](int64_t worker, int64_t first, int64_t last) {
+        std::vector<float> shift;
+        float* scratch = buffer + worker * g * m;
+        for (int64_t r = first; r < last; ++r)
+            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, scratch, shift);
+    });
+}
+
 }  // namespace
 
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 3; }
+int tbrun_kernels_abi() { return 4; }
 
 // q [rows, g, d] contiguous; keys row r at keys + r * row_stride, dims dim_stride apart, tokens contiguous;
 // out [rows, m] contiguous; buffer [g * m] scratch. Returns 0.
@@ -241,22 +392,28 @@ int tbrun_kernels_abi() { return 3; }
 int tbrun_group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
                             int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer,
                             int64_t threads) {
-    auto score_rows = [=](int64_t first, int64_t last, float* scratch) {
-        std::vector<float> shift;
-        for (int64_t r = first; r < last; ++r)
-            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, scratch, shift);
-    };
-    threads = std::max<int64_t>(1, std::min(threads, rows));
-    if (threads == 1) {
-        score_rows(0, rows, buffer);
-        return 0;
-    }
-    std::vector<std::thread> workers;
-    const int64_t per = (rows + threads - 1) / threads;
-    for (int64_t i = 1; i < threads; ++i)
-        if (i * per < rows) workers.emplace_back(score_rows, i * per, std::min(rows, (i + 1) * per), buffer + i * g * m);
-    score_rows(0, std::min(rows, per), buffer);
-    for (auto& worker : workers) worker.join();
+    group_mean_scores(q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads);
+    return 0;
+}
+
+// The same with bfloat16 keys (raw 16-bit words; strides in elements), widened to float32 as they are read.
+int tbrun_group_mean_scores_bf16(const float* q, int64_t rows, int64_t g, int64_t d, const uint16_t* keys,
+                                 int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer,
+                                 int64_t threads) {
+    group_mean_scores(q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads);
+    return 0;
+}
+
+// The keep largest entries of each of r rows (row i at scores + i * row_stride, n floats, contiguous) in
+// no order: index and values [r, keep]. Ties at the cut: the first in the row. 1 <= keep <= n < 2^31.
+// Rows split among threads as above. Returns 0.
+int tbrun_topk_rows(const float* scores, int64_t r, int64_t n, int64_t row_stride, int64_t keep, int64_t* index,
+                    float* values, int64_t threads) {
+    split_rows(r, threads, [=](int64_t, int64_t first, int64_t last) {
+        thread_local TopkWork work;  // grown once per thread, not allocated per call
+        for (int64_t i = first; i < last; ++i)
+            topk_row(scores + i * row_stride, n, keep, index + i * keep, values + i * keep, work);
+    });
     return 0;
 }
 

@@ -28,7 +28,7 @@ from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
 from .base import Candidates, Policy, PolicyContext
 
-KEY_DTYPES = ("auto", "int8")
+KEY_DTYPES = ("auto", "float32", "bfloat16", "int8")
 GROUP_REDUCTIONS = ("mean", "max")
 # Predictors shipped in the repository, by model name (the last part of a hub id or directory).
 SHIPPED = {EMBEDDED_MODEL_NAME.lower(): "smollm2-135m-instruct"}
@@ -106,6 +106,24 @@ class ProjectedKeyCache:
         return self.keys[layers.start - 1 : layers.stop - 1, :, :, lo:hi]
 
 
+def compact_key_dtype(key_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the compact cache stores projected keys in, for the policy's ``key_dtype``.
+
+    ``"auto"`` is the model's dtype, except a float32 model on the CPU with the native kernels built:
+    bfloat16 there. The score kernel widens bfloat16 keys exactly as it reads them, so scoring reads half
+    the bytes (0.65-0.75x the float32 time per producer at 32k, bench/reports/selection_cpu.md) for keys
+    rounded to 8 significant bits, which a GPU model in bfloat16 stores anyway; held-out recall moves by
+    less than its interval (``tokenbutler_bf16`` in bench/reports/predictor_key_dtype.md). Without the
+    kernels torch would widen the keys on every call, so they stay float32. int8 is stored as int8
+    (``ProjectedKeyCache``), whatever this returns.
+    """
+    if key_dtype in ("float32", "bfloat16"):
+        return getattr(torch, key_dtype)
+    if key_dtype == "auto" and model_dtype == torch.float32 and device.type == "cpu" and native.kernels() is not None:
+        return torch.bfloat16
+    return model_dtype
+
+
 def padded_row_length(capacity: int, dtype: torch.dtype) -> int:
     """A row length of at least ``capacity`` elements whose bytes are one 64-byte cache line past a multiple
     of 4 KiB, so that rows read side by side start in different cache sets (rows a multiple of 4 KiB apart
@@ -125,7 +143,9 @@ class TokenButlerPolicy(Policy):
     an in-memory predictor (tests); with neither, the predictor shipped for the model, if any.
     ``random_weights``: a randomly initialised predictor of the model's shape with the reference
     sizes (G=4, d'=16, I=512), for latency measurements only (its selections mean nothing).
-    ``key_dtype``: ``"auto"`` keeps projected keys in the model dtype; ``"int8"`` quantises them.
+    ``key_dtype``: how the compact cache stores projected keys. ``"auto"``: the model dtype, but
+    bfloat16 for a float32 model on the CPU where the native kernels are built (``compact_key_dtype``);
+    ``"float32"`` / ``"bfloat16"``: that dtype; ``"int8"``: quantised, one scale per token and head.
     ``group_reduction`` (GQA): ``"mean"`` ranks a KV head's tokens by the mean over its query heads of
     the predicted attention probabilities (each head's softmax over every cached token), ``"max"`` by
     the largest query-head logit (the reference's rule). Mean recalls more of the true attention
@@ -162,8 +182,9 @@ class TokenButlerPolicy(Policy):
                     self.predictor_path or "the given predictor")
         self.predictor = self.predictor.to(ctx.device).eval()
         c = self.predictor.config
-        self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, ctx.dtype,
-                                       ctx.device, int8=self.key_dtype == "int8")
+        self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim,
+                                       compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device), ctx.device,
+                                       int8=self.key_dtype == "int8")
         self._queries = {}
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
@@ -266,8 +287,8 @@ class TokenButlerPolicy(Policy):
             fused = fused_group_mean_scores(grouped, keys)
             if fused is not None:
                 return fused[..., lo:hi]
-        if self.cache.int8:
-            keys = keys.float()
+        if self.cache.int8 or (keys.device.type == "cpu" and keys.dtype == torch.bfloat16):
+            keys = keys.float()  # (no int8 matmul; torch's bfloat16 one on the CPU is slower than float32's)
         logits = torch.matmul(grouped.to(keys.dtype), keys).float()  # [Lg, KvH, g, m]
         if self.cache.int8:
             logits.mul_(self.cache.scales[layers.start - 1 : layers.stop - 1, :, start:stop].float().unsqueeze(2))
@@ -279,9 +300,11 @@ class TokenButlerPolicy(Policy):
 def fused_group_mean_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
     """``group_mean_probabilities(grouped @ keys)`` by the native CPU kernel, in one pass over the keys:
     grouped ``[Lg, KvH, g, d']``, keys ``[Lg, KvH, d', m]`` -> ``[Lg, KvH, m]`` float32. None where the
-    kernel does not apply (a device other than the CPU, another dtype, no compiler: ``native.status()``);
-    the caller then takes the torch path. The same scores up to float rounding (tests/test_native.py)."""
-    if keys.device.type != "cpu" or keys.dtype != torch.float32 or keys.shape[-1] == 0 or keys.stride(-1) != 1:
+    kernel does not apply (a device other than the CPU, keys neither float32 nor bfloat16, no compiler:
+    ``native.status()``); the caller then takes the torch path. The same scores up to float rounding
+    (tests/test_native.py)."""
+    if (keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16) or keys.shape[-1] == 0
+            or keys.stride(-1) != 1):
         return None
     kernels = native.kernels()
     lg, kvh, d, m = keys.shape

@@ -10,6 +10,8 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
 - ``tokenbutler_engine``: what the engine attends: the first ``sinks`` tokens and a local window of
   ``min(64, (k - sinks) // 2)`` recent tokens always, the rest of ``k`` by ``tokenbutler``;
 - ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``);
+- ``tokenbutler_bf16``: ``tokenbutler`` with the projected keys rounded to bfloat16 (the CPU engine's
+  compact key cache: ``ProjectedKeyCache`` in policies/tokenbutler.py);
 - ``tokenbutler_group_max``: top-k per KV head of the largest query-head logit (the reference's rule);
 - ``tokenbutler_per_head``: top-k per query head (each head its own set: up to G x the bytes);
 - ``oracle_group``: top-k per KV head of the group's mean true attention (the best shared set);
@@ -34,7 +36,8 @@ from .teacher import causal_mask, distillation_loss, layer_states, sample_rows, 
 BUDGETS = (0.05, 0.10, 0.25, 0.50)
 SINKS = 4
 ENGINE_WINDOW = 64
-METHODS = ("tokenbutler", "tokenbutler_engine", "tokenbutler_int8", "tokenbutler_group_max", "tokenbutler_per_head",
+METHODS = ("tokenbutler", "tokenbutler_engine", "tokenbutler_int8", "tokenbutler_bf16", "tokenbutler_group_max",
+           "tokenbutler_per_head",
            "oracle_group", "streaming", "random")
 
 
@@ -65,8 +68,9 @@ def _expand(mask: torch.Tensor, group: int) -> torch.Tensor:
     return mask.repeat_interleave(group, dim=0)
 
 
-def _selections(probs, logits, rows, fraction, group, generator, int8_logits=None):
-    """Masks ``{method: bool [H or 1, R, T]}`` for one layer and budget; logits None at layer 0."""
+def _selections(probs, logits, rows, fraction, group, generator, stored_logits=None):
+    """Masks ``{method: bool [H or 1, R, T]}`` for one layer and budget; logits None at layer 0;
+    ``stored_logits``: ``{method: [H, R, T]}``, the logits from keys stored another way (int8, bfloat16)."""
     future = causal_mask(rows, probs.shape[-1])
     counts = budget_counts(rows, fraction)
     kvh = probs.shape[0] // group
@@ -86,9 +90,9 @@ def _selections(probs, logits, rows, fraction, group, generator, int8_logits=Non
         masks["tokenbutler_engine"] = _expand(select_top(shared.masked_fill(always, 2.0), counts), group)
         masks["tokenbutler_group_max"] = _expand(select_top(masked.view(kvh, group, *masked.shape[1:]).amax(1), counts), group)
         masks["tokenbutler_per_head"] = select_top(masked, counts)
-    if int8_logits is not None:
-        shared8 = _group_mean_probs(int8_logits.masked_fill(future, float("-inf")), group, future)
-        masks["tokenbutler_int8"] = _expand(select_top(shared8, counts), group)
+    for method, variant in (stored_logits or {}).items():
+        shared_variant = _group_mean_probs(variant.masked_fill(future, float("-inf")), group, future)
+        masks[method] = _expand(select_top(shared_variant, counts), group)
     return masks
 
 
@@ -190,20 +194,22 @@ def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tall
         probs = teacher_probs(state.q[:, rows], state.k, rows, adapter.scaling).cpu()
         for name, predictor in predictors.items():
             tally = tallies[name]
-            logits = int8_logits = None
+            logits, stored = None, {}
             if predictor is not None and layer >= 1:
                 producer = predictor.config.producer_of(layer)
                 layer_queries = queries[name][producer][:, layer - producer - 1]
                 keys = predictor.project_keys(layer, state.k, offset)
                 logits = predictor.head_scores(layer_queries, keys).float().cpu()
-                int8_logits = predictor.head_scores(layer_queries, dequantize_keys(*quantize_keys(keys))).float().cpu()
+                stored = {method: predictor.head_scores(layer_queries, rounded).float().cpu() for method, rounded in
+                          (("tokenbutler_int8", dequantize_keys(*quantize_keys(keys))),
+                           ("tokenbutler_bf16", keys.bfloat16().float()))}
                 tally.add(("loss",), float(distillation_loss(probs, logits, rows)))
             if predictor is not None and predictor.is_producer(layer):
                 on_device = rows.to(state.x.device)
                 queries[name][layer] = predictor.importance_queries(layer, state.x[on_device], on_device + offset)
             section = "layer0" if layer == 0 else "consumers"
             for fraction in budgets:
-                masks = _selections(probs, logits, rows, fraction, group, generators[name], int8_logits)
+                masks = _selections(probs, logits, rows, fraction, group, generators[name], stored)
                 recalls, mass = _recalls(probs, masks)
                 tally.add((section, "oracle_mass", fraction), mass)
                 for method, value in recalls.items():

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from .. import native
+
 PAD = -1
 
 
@@ -46,14 +48,20 @@ PREFILTER_STRIDE = 8
 def topk_unsorted(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, keep, dim=-1, sorted=False)``: (values, indices) ``[..., keep]``, exact.
 
-    On the CPU (float32 or float64) every row is partitioned with numpy (``_partition_rows``), read
-    through a numpy view of the tensor's memory; among equal scores at the cut it may keep other
+    On the CPU, float32 rows go to the native kernel (``native.kernels().topk_rows``: the cut found by
+    counting, 6-7x faster than the partition at 32k candidates); float64 rows, or float32 ones where the
+    kernel is not built (``native.status()``), are partitioned with numpy (``_partition_rows``), read
+    through a numpy view of the tensor's memory. Among equal scores at the cut either may keep other
     indices than ``torch.topk`` (a CPU and a CUDA run may break such ties apart). No gradient reaches
     the values. Elsewhere ``torch.topk``, which on a GPU never syncs with the host.
     """
     n = scores.shape[-1]
     if scores.device.type != "cpu" or scores.dtype not in PARTITION_DTYPES or not 0 < keep <= n:
         return torch.topk(scores, keep, dim=-1, sorted=False)
+    kernels = native.kernels() if scores.dtype == torch.float32 and n < 2**31 else None
+    if kernels is not None:
+        values, index = kernels.topk_rows(scores.detach().reshape(-1, n), keep)
+        return values.view(*scores.shape[:-1], keep), index.view(*scores.shape[:-1], keep)
     rows = scores.detach().reshape(-1, n).numpy()
     index = _partition_rows(rows, keep)
     values = np.take_along_axis(rows, index, axis=-1)

@@ -49,8 +49,8 @@ def _torch_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim, tokens, dtype, fresh_native):
-    """float32 keys, and bfloat16 ones, which the kernel widens as it reads them: torch's scores of the
-    widened keys."""
+    """float32 keys, and bfloat16 ones: torch's scores of the widened keys, against the query rounded to
+    bfloat16 where the kernel takes pair products (AVX512-BF16, even d'; the odd d' here takes the other path)."""
     generator = torch.Generator().manual_seed(tokens + dim)
     capacity = tokens + 37
     cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
@@ -59,7 +59,8 @@ def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim
     grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
     fused = fused_group_mean_scores(grouped, keys)
     assert fused is not None, native.status()
-    expected = _torch_scores(grouped, keys.float())
+    pairs = dtype == torch.bfloat16 and dim % 2 == 0 and native.kernels().bf16_pair_products
+    expected = _torch_scores(grouped.bfloat16().float() if pairs else grouped, keys.float())
     assert fused.shape == expected.shape == (layers, kv_heads, tokens)
     torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(fused.sum(-1), torch.ones(layers, kv_heads), rtol=1e-5, atol=1e-5)

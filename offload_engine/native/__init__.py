@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 4
+ABI = 5
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -137,7 +137,8 @@ def kernels() -> "SelectionKernels | None":
             if abi != ABI:
                 raise RuntimeError(f"{path.name} implements kernel ABI {abi}, these wrappers ABI {ABI}")
             _loaded = SelectionKernels(library)
-            _status = f"on: {path.name} ({Path(compiler).name} -march=native)"
+            pairs = ", bfloat16 scores by AVX512-BF16 pair products" if _loaded.bf16_pair_products else ""
+            _status = f"on: {path.name} ({Path(compiler).name} -march=native{pairs})"
         except Exception as exc:  # whatever went wrong, the torch path runs and status() says why
             _loaded, _status = None, f"unavailable, torch kernels instead: {type(exc).__name__}: {exc}"
         _tried = True
@@ -181,6 +182,12 @@ class SelectionKernels:
         topk.argtypes = [f32p, i64, i64, i64, i64, i64p, f32p, i64]
         topk.restype = ctypes.c_int
 
+    @property
+    def bf16_pair_products(self) -> bool:
+        """Whether bfloat16 keys are scored against the query rounded to bfloat16 (the CPU has AVX512-BF16:
+        exact products of bfloat16 pairs summed in float32), rather than widened against the float32 query."""
+        return bool(self.library.tbrun_bf16_pair_products())
+
     def _scratch(self, size: int) -> np.ndarray:
         """A float32 work buffer of at least ``size`` floats, kept per thread and grown as the sequence
         grows, so that a decode step allocates none (the kernel overwrites what it reads)."""
@@ -193,8 +200,9 @@ class SelectionKernels:
     def group_mean_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]`` float32, keys
         ``[R, d, m]`` float32 or bfloat16 (CPU; tokens contiguous, rows and dims at any uniform strides)
-        -> ``[R, m]`` float32. bfloat16 keys are widened exactly as they are read: the scores of
-        ``keys.float()``, from half the bytes."""
+        -> ``[R, m]`` float32. bfloat16 keys: the scores of ``keys.float()`` from half the bytes; where
+        ``bf16_pair_products`` (AVX512-BF16, d even) with the query rounded to bfloat16 as well, as a GPU's
+        bfloat16 matmul takes it."""
         rows, g, d = queries.shape
         if queries.device.type != "cpu" or keys.device.type != "cpu":
             raise ValueError(f"CPU tensors only, got {queries.device} and {keys.device}")

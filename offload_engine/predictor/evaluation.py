@@ -10,8 +10,9 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
 - ``tokenbutler_engine``: what the engine attends: the first ``sinks`` tokens and a local window of
   ``min(64, (k - sinks) // 2)`` recent tokens always, the rest of ``k`` by ``tokenbutler``;
 - ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``);
-- ``tokenbutler_bf16``: ``tokenbutler`` with the projected keys rounded to bfloat16 (the CPU engine's
-  compact key cache: ``ProjectedKeyCache`` in policies/tokenbutler.py);
+- ``tokenbutler_bf16``: ``tokenbutler`` with the projected keys and the importance queries rounded to
+  bfloat16 (the CPU engine's compact key cache, scored with AVX512-BF16 pair products: ``compact_key_dtype``
+  in policies/tokenbutler.py; where the CPU widens the keys instead, only the keys are rounded);
 - ``tokenbutler_group_max``: top-k per KV head of the largest query-head logit (the reference's rule);
 - ``tokenbutler_per_head``: top-k per query head (each head its own set: up to G x the bytes);
 - ``oracle_group``: top-k per KV head of the group's mean true attention (the best shared set);
@@ -200,9 +201,9 @@ def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tall
                 layer_queries = queries[name][producer][:, layer - producer - 1]
                 keys = predictor.project_keys(layer, state.k, offset)
                 logits = predictor.head_scores(layer_queries, keys).float().cpu()
-                stored = {method: predictor.head_scores(layer_queries, rounded).float().cpu() for method, rounded in
-                          (("tokenbutler_int8", dequantize_keys(*quantize_keys(keys))),
-                           ("tokenbutler_bf16", keys.bfloat16().float()))}
+                stored = {method: predictor.head_scores(q, k).float().cpu() for method, q, k in (
+                    ("tokenbutler_int8", layer_queries, dequantize_keys(*quantize_keys(keys))),
+                    ("tokenbutler_bf16", layer_queries.bfloat16().float(), keys.bfloat16().float()))}
                 tally.add(("loss",), float(distillation_loss(probs, logits, rows)))
             if predictor is not None and predictor.is_producer(layer):
                 on_device = rows.to(state.x.device)

@@ -152,8 +152,10 @@ def reset() -> None:
         _loaded, _status, _tried, _SOURCE_TEXT = None, "not built yet", False, None
 
 
-def _pointer(array: np.ndarray, ctype) -> ctypes.c_void_p:
-    return array.ctypes.data_as(ctypes.POINTER(ctype))
+def _address(array: np.ndarray) -> int:
+    """The address of a numpy array's first element, for a ``c_void_p`` argument (``ctypes.data_as``
+    costs ~3 µs a call, several per kernel call)."""
+    return array.__array_interface__["data"][0]
 
 
 @dataclass(frozen=True)
@@ -163,24 +165,19 @@ class SelectionKernels:
     library: ctypes.CDLL
 
     def __post_init__(self) -> None:
-        i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
-        scores = self.library.tbrun_group_mean_scores
-        scores.argtypes = [f32p, i64, i64, i64, f32p, i64, i64, i64, f32p, f32p, i64]
-        scores.restype = ctypes.c_int
-        scores_bf16 = self.library.tbrun_group_mean_scores_bf16
-        scores_bf16.argtypes = [f32p, i64, i64, i64, ctypes.POINTER(ctypes.c_uint16), i64, i64, i64, f32p, f32p, i64]
-        scores_bf16.restype = ctypes.c_int
-        i64p, i32p, u8p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_uint8))
-        update = self.library.tbrun_residency_update
-        update.argtypes = [i64p, i64, i64, i64p, i64, i32p, i64, u8p, i64, i64, i64p, i64p, i64p]
-        update.restype = ctypes.c_int
-        gather = self.library.tbrun_gather_pairs
-        gather.argtypes = [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64, i64p,
-                           i64p, i64p, i64, i64, i64, i64, i64, i64, i64]
-        gather.restype = ctypes.c_int
-        topk = self.library.tbrun_topk_rows
-        topk.argtypes = [f32p, i64, i64, i64, i64, i64p, f32p, i64]
-        topk.restype = ctypes.c_int
+        # pointers as c_void_p: plain integer addresses (tensor.data_ptr(), _address) pass without conversion
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        signatures = {
+            "tbrun_group_mean_scores": [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
+            "tbrun_group_mean_scores_bf16": [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
+            "tbrun_residency_update": [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr],
+            "tbrun_gather_pairs": [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64,
+                                   ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64],
+            "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
+        }
+        for name, argtypes in signatures.items():
+            kernel = getattr(self.library, name)
+            kernel.argtypes, kernel.restype = argtypes, ctypes.c_int
 
     @property
     def bf16_pair_products(self) -> bool:
@@ -223,11 +220,10 @@ class SelectionKernels:
         buffer = self._scratch(threads * g * m)
         # keys: the numpy view of the tensor's own memory (no copy), read through its strides
         base = keys.detach()
-        kernel, element = ((self.library.tbrun_group_mean_scores, ctypes.c_float) if keys.dtype == torch.float32
-                           else (self.library.tbrun_group_mean_scores_bf16, ctypes.c_uint16))
-        kernel(_pointer(q, ctypes.c_float), rows, g, d, ctypes.cast(base.data_ptr(), ctypes.POINTER(element)),
-               base.stride(0), base.stride(1), m, _pointer(out, ctypes.c_float), _pointer(buffer, ctypes.c_float),
-               threads)
+        kernel = (self.library.tbrun_group_mean_scores if keys.dtype == torch.float32
+                  else self.library.tbrun_group_mean_scores_bf16)
+        kernel(_address(q), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, _address(out),
+               _address(buffer), threads)
         return torch.from_numpy(out)
 
     def topk_rows(self, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,10 +241,8 @@ class SelectionKernels:
         index = torch.empty((r, keep), dtype=torch.long)
         values = torch.empty((r, keep), dtype=torch.float32)
         if r:
-            f32p, i64p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
-            self.library.tbrun_topk_rows(
-                ctypes.cast(base.data_ptr(), f32p), r, n, base.stride(0), keep, ctypes.cast(index.data_ptr(), i64p),
-                ctypes.cast(values.data_ptr(), f32p), max(1, min(torch.get_num_threads(), r)))
+            self.library.tbrun_topk_rows(base.data_ptr(), r, n, base.stride(0), keep, index.data_ptr(),
+                                         values.data_ptr(), max(1, min(torch.get_num_threads(), r)))
         return values, index
 
     def residency_update(self, selected: np.ndarray, slot_pos: np.ndarray, slot_of: np.ndarray,
@@ -273,12 +267,10 @@ class SelectionKernels:
         positions, slots = np.empty((r, k), dtype=np.int64), np.empty((r, k), dtype=np.int64)
         counts = np.zeros(r, dtype=np.int64)
         if r:  # k == 0 too: every row's selection becomes empty and its mask is cleared
-            i64p, i32p, u8p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_uint8))
             status = self.library.tbrun_residency_update(
-                _pointer(chosen, ctypes.c_int64), r, k, _pointer(slot_pos, ctypes.c_int64),
-                slot_pos.strides[0] // 8, _pointer(slot_of, ctypes.c_int32), slot_of.strides[0] // 4,
-                active.ctypes.data_as(u8p), active.strides[0], n, _pointer(positions, ctypes.c_int64),
-                _pointer(slots, ctypes.c_int64), _pointer(counts, ctypes.c_int64))
+                _address(chosen), r, k, _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of),
+                slot_of.strides[0] // 4, _address(active), active.strides[0], n, _address(positions),
+                _address(slots), _address(counts))
             if status != 0:  # cannot happen with k <= n (ResidencyMap.update checks it before)
                 raise ValueError(f"more missing positions than the {n} slots of a row")
         width = int(counts.max()) if r else 0
@@ -302,10 +294,8 @@ class SelectionKernels:
         size = src0.element_size()
         sources = (ctypes.c_void_p * len(pairs))(*(s.data_ptr() for s, _ in pairs))
         targets = (ctypes.c_void_p * len(pairs))(*(d.data_ptr() for _, d in pairs))
-        i64p = ctypes.POINTER(ctypes.c_int64)
         status = self.library.tbrun_gather_pairs(
-            len(pairs), sources, targets, heads, m, ctypes.cast(positions.data_ptr(), i64p),
-            ctypes.cast(slots.data_ptr(), i64p), ctypes.cast(counts.data_ptr(), i64p),
+            len(pairs), sources, targets, heads, m, positions.data_ptr(), slots.data_ptr(), counts.data_ptr(),
             src0.stride(0) * size, src0.stride(1) * size, src0.shape[1], dst0.stride(0) * size,
             dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size)
         if status != 0:

@@ -330,36 +330,47 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
 
 // One row of ResidencyMap.update (see residency.py for the rules): the missing positions go to the free
 // slots, empty ones first, then stale ones (held, no longer selected), each lowest first.
+// Which slots stay and which positions are missing come from a bitmap of the selected positions
+// (capacity bits, 4 KiB at 32k tokens: in L1), not from slot_of: its row is capacity entries that
+// the rest of a decode step evicts from the caches, and k random reads of it cost more than the
+// whole update. slot_of is only written, for the positions placed and the ones they evict. The
+// bitmap is all zeros on entry and on return.
 int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_t* slot_of, uint8_t* active,
                    int64_t n, int64_t* positions, int64_t* slots, std::vector<int64_t>& missing,
-                   std::vector<uint8_t>& kept) {
-    kept.assign(static_cast<size_t>(n), 0);
-    missing.clear();
+                   uint64_t* wanted) {
     for (int64_t i = 0; i < k; ++i) {
         const int64_t p = selected[i];
-        if (p < 0) continue;
-        const int32_t s = slot_of[p];
-        if (s >= 0)
-            kept[static_cast<size_t>(s)] = 1;
-        else
+        if (p >= 0) wanted[p >> 6] |= uint64_t{1} << (p & 63);
+    }
+    for (int64_t s = 0; s < n; ++s) {  // a held position still selected stays, and is not missing
+        const int64_t p = slot_pos[s];
+        const bool keep = p >= 0 && ((wanted[p >> 6] >> (p & 63)) & 1u);
+        active[s] = keep;
+        if (keep) wanted[p >> 6] &= ~(uint64_t{1} << (p & 63));
+    }
+    missing.clear();
+    for (int64_t i = 0; i < k; ++i) {  // in the order selected, as the numpy form; clears the bitmap
+        const int64_t p = selected[i];
+        if (p >= 0 && ((wanted[p >> 6] >> (p & 63)) & 1u)) {
             missing.push_back(p);
+            wanted[p >> 6] &= ~(uint64_t{1} << (p & 63));
+        }
     }
     const int64_t count = static_cast<int64_t>(missing.size());
     int64_t placed = 0;
     for (int pass = 0; pass < 2 && placed < count; ++pass)  // pass 0: empty slots, pass 1: stale ones
         for (int64_t s = 0; s < n && placed < count; ++s) {
             const bool empty = slot_pos[s] < 0;
-            if (pass == 0 ? !empty : (empty || kept[static_cast<size_t>(s)])) continue;
+            if (pass == 0 ? !empty : (empty || active[s])) continue;
             const int64_t p = missing[static_cast<size_t>(placed)];
             if (!empty) slot_of[slot_pos[s]] = -1;  // the stale token it overwrites
             slot_of[p] = static_cast<int32_t>(s);
             slot_pos[s] = p;
-            kept[static_cast<size_t>(s)] = 1;  // selected now: pass 1 must not take it as stale
+            active[s] = 1;  // selected now: pass 1 must not take it as stale
             positions[placed] = p;
             slots[placed] = s;
             ++placed;
         }
-    for (int64_t s = 0; s < n; ++s) active[s] = kept[static_cast<size_t>(s)];
     active[n] = 0;
     return placed;
 }
@@ -538,14 +549,17 @@ int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_
                            int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
                            int64_t n, int64_t* positions, int64_t* slots, int64_t* counts) {
     std::vector<int64_t> missing;
-    std::vector<uint8_t> kept;
     missing.reserve(static_cast<size_t>(k));
+    thread_local std::vector<uint64_t> wanted;  // update_row's bitmap: zeros between calls
+    const size_t words = static_cast<size_t>((of_stride + 63) / 64);  // of_stride >= capacity + 1
+    if (wanted.size() < words) wanted.resize(words, 0);
     int status = 0;
     for (int64_t row = 0; row < r; ++row) {
         int64_t* row_positions = positions + row * k;
         int64_t* row_slots = slots + row * k;
         const int64_t placed = update_row(selected + row * k, k, slot_pos + row * pos_stride, slot_of + row * of_stride,
-                                          active + row * active_stride, n, row_positions, row_slots, missing, kept);
+                                          active + row * active_stride, n, row_positions, row_slots, missing,
+                                          wanted.data());
         if (placed < static_cast<int64_t>(missing.size())) status = -1;
         for (int64_t i = placed; i < k; ++i) {
             row_positions[i] = 0;

@@ -1,5 +1,6 @@
 """TokenButler's group-mean scores on the CPU: torch (batched matmul, softmax, mean) against the native
-kernel (offload_engine/native), per producer, side by side in one run.
+kernel (offload_engine/native) on float32 keys and on bfloat16 keys (what the engine stores for a float32
+model on the CPU), per producer, side by side in one run.
 
     python -m tbrun_bench.selection_speed --out bench/reports/selection_cpu
 
@@ -10,7 +11,7 @@ heads each) and Llama-3.1-8B at the reference G = 4 (4 x 8 KV heads, 4 query hea
 cold, as in a decode step, where the weights and the KV of the other layers pass through the caches
 between two producers: each call reads the next of 15 producers' caches (each method its own turn
 through them, far apart), built like the engine's (``ProjectedKeyCache``, rows padded). The methods
-alternate call by call, so load from other processes hits both alike; each cell is a median.
+alternate call by call, so load from other processes hits all alike; each cell is a median.
 Writes ``OUT.json`` and ``OUT.md`` with the machine, command and commit.
 """
 
@@ -38,11 +39,12 @@ def torch_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return group_mean_probabilities(torch.matmul(grouped, keys))
 
 
-def producer_caches(layers: int, kv_heads: int, dim: int, tokens: int, generator) -> list[torch.Tensor]:
+def producer_caches(layers: int, kv_heads: int, dim: int, tokens: int, generator,
+                    dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """``PRODUCERS`` key views ``[Lg, KvH, d', tokens]`` of separately allocated, padded caches."""
     views = []
     for _ in range(PRODUCERS):
-        cache = ProjectedKeyCache(layers, kv_heads, tokens, dim, torch.float32, torch.device("cpu"))
+        cache = ProjectedKeyCache(layers, kv_heads, tokens, dim, dtype, torch.device("cpu"))
         cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator))
         views.append(cache.columns(range(1, layers + 1), 0, tokens))
     return views
@@ -56,31 +58,40 @@ def measure(args) -> dict:
     rows = []
     for name, layers, kv_heads, group, dim, tokens in CASES:
         caches = producer_caches(layers, kv_heads, dim, tokens, generator)
+        halves = producer_caches(layers, kv_heads, dim, tokens, generator, torch.bfloat16)
         grouped = torch.randn(layers, kv_heads, group, dim, generator=generator) / dim ** 0.5
         torch_turn = itertools.cycle(caches)
         native_turn = itertools.cycle(caches[PRODUCERS // 2 :] + caches[: PRODUCERS // 2])
+        half_turn = itertools.cycle(halves[PRODUCERS // 3 :] + halves[: PRODUCERS // 3])
         timed = time_alternating({"torch": lambda: torch_scores(grouped, next(torch_turn)),
-                                  "native": lambda: fused_group_mean_scores(grouped, next(native_turn))},
+                                  "native": lambda: fused_group_mean_scores(grouped, next(native_turn)),
+                                  "bf16": lambda: fused_group_mean_scores(grouped, next(half_turn))},
                                  args.calls, args.warmup)
         difference = (fused_group_mean_scores(grouped, caches[0]) - torch_scores(grouped, caches[0])).abs().max()
+        # bfloat16 keys against torch on the same keys widened (and the query rounded where the kernel does)
+        query = grouped.bfloat16().float() if native.kernels().bf16_pair_products and dim % 2 == 0 else grouped
+        half_difference = (fused_group_mean_scores(grouped, halves[0]) - torch_scores(query, halves[0].float())).abs().max()
         key_bytes = layers * kv_heads * dim * tokens * 4
-        torch_ms, native_ms = timed["torch"]["median_ms"], timed["native"]["median_ms"]
+        torch_ms, native_ms, half_ms = (timed[method]["median_ms"] for method in ("torch", "native", "bf16"))
         rows.append({"shape": name, "layers": layers, "kv_heads": kv_heads, "group": group, "dim": dim,
-                     "tokens": tokens, "torch": timed["torch"], "native": timed["native"],
-                     "speedup": torch_ms / native_ms, "key_mib": key_bytes / 2**20,
-                     "native_key_gbps": key_bytes / native_ms / 1e6, "max_abs_difference": float(difference)})
-        print(f"{name}, {tokens} tokens: torch {torch_ms:.2f} ms, native {native_ms:.2f} ms", flush=True)
-        del caches
+                     "tokens": tokens, "torch": timed["torch"], "native": timed["native"], "native_bf16": timed["bf16"],
+                     "speedup": torch_ms / native_ms, "bf16_vs_float32": half_ms / native_ms,
+                     "key_mib": key_bytes / 2**20, "native_key_gbps": key_bytes / native_ms / 1e6,
+                     "max_abs_difference": float(difference), "bf16_max_abs_difference": float(half_difference)})
+        print(f"{name}, {tokens} tokens: torch {torch_ms:.2f} ms, native {native_ms:.2f} ms, "
+              f"native on bf16 keys {half_ms:.2f} ms", flush=True)
+        del caches, halves
     return {"provenance": provenance("python -m tbrun_bench.selection_speed"),
             "machine": machine_header(torch.device("cpu")),
             "setting": {"threads": args.threads, "calls": args.calls, "warmup": args.warmup,
-                        "producers_cycled": PRODUCERS}, "cases": rows}
+                        "producers_cycled": PRODUCERS, "native": native.status()}, "cases": rows}
 
 
 def to_markdown(report: dict) -> str:
     table = [[c["shape"], f"{c['layers']} x {c['kv_heads']}", str(c["group"]), str(c["dim"]), f"{c['tokens']:,}",
               f"{c['key_mib']:.1f}", f"{c['torch']['median_ms']:.2f}", f"{c['native']['median_ms']:.2f}",
-              f"{c['speedup']:.2f}", f"{c['native_key_gbps']:.1f}", f"{c['max_abs_difference']:.1e}"]
+              f"{c['speedup']:.2f}", f"{c['native_key_gbps']:.1f}", f"{c['max_abs_difference']:.1e}",
+              f"{c['native_bf16']['median_ms']:.2f}", f"{c['bf16_vs_float32']:.2f}", f"{c['bf16_max_abs_difference']:.1e}"]
              for c in report["cases"]]
     s = report["setting"]
     return "\n".join([
@@ -89,13 +100,18 @@ def to_markdown(report: dict) -> str:
         f"warm-up calls, alternating, each call reading the keys of the next of {s['producers_cycled']} producers' "
         "caches (cold, as in a decode step). Median ms per call. speed-up: torch / native; GB/s: the compact keys "
         "read per call / the native kernel's time; max |difference|: the largest gap between the two methods' "
-        "scores (probabilities, each row summing to 1).", "",
-        markdown_table(["shape", "layers x KV heads", "query heads per KV head", "d'", "tokens", "keys MiB",
-                        "torch ms", "native ms", "speed-up", "native GB/s", "max abs difference"], table), "",
+        "scores (probabilities, each row summing to 1). bf16: the native kernel on bfloat16 copies of the keys "
+        "(half the bytes), its time / the float32 kernel's, and its largest gap to torch on the same keys widened "
+        f"(the query rounded to bfloat16 too where the kernel takes AVX512-BF16 pair products). Native kernels: "
+        f"{s.get('native', 'not recorded')}.", "",
+        markdown_table(["shape", "layers x KV heads", "query heads per KV head", "d'", "tokens", "keys MiB (fp32)",
+                        "torch ms", "native ms", "speed-up", "native GB/s", "max abs difference", "native bf16 ms",
+                        "bf16 / fp32", "bf16 max abs difference"], table), "",
         "torch: `softmax(matmul(q', k'), -1).mean(-2)` over `[Lg, KvH, g, m]`, as `TokenButlerPolicy` runs it without "
         "the kernel. native: `offload_engine/native/selection.cpp`, one pass over the keys (each key vector feeding "
         "every query head of its group in registers, an online softmax per tile of 512 tokens) and one over a "
-        "`[g, m]` buffer.",
+        "`[g, m]` buffer; bfloat16 keys are multiplied in pairs by vdpbf16ps where the CPU has AVX512-BF16, else "
+        "widened as they are read.",
     ])
 
 

@@ -215,6 +215,23 @@ def test_topk_speed_writes_the_three_methods_per_case(tmp_path, monkeypatch):
     assert "numpy cut + partition ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
 
 
+def test_selection_speed_writes_torch_and_both_native_key_dtypes_per_case(tmp_path, monkeypatch):
+    from offload_engine import native
+    from tbrun_bench import selection_speed
+
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    monkeypatch.setattr(selection_speed, "CASES", [("tiny", 2, 3, 3, 16, 2000), ("odd d'", 1, 2, 2, 5, 700)])
+    monkeypatch.setattr(selection_speed, "PRODUCERS", 3)
+    selection_speed.main(["--calls", "2", "--warmup", "0", "--out", str(tmp_path / "selection")])
+    report = json.loads((tmp_path / "selection.json").read_text())
+    assert [c["tokens"] for c in report["cases"]] == [2000, 700]
+    for case in report["cases"]:
+        assert all(case[method]["steps"] == 2 for method in ("torch", "native", "native_bf16"))
+        assert case["max_abs_difference"] < 1e-5 and case["bf16_max_abs_difference"] < 1e-5  # probabilities
+    assert "native bf16 ms" in (tmp_path / "selection.md").read_text() and "commit" in report["provenance"]
+
+
 def test_the_topk_benchs_numpy_path_is_the_engines_fallback_and_returns_the_same_tokens():
     from offload_engine.selection import ranking
     from tbrun_bench.topk_speed import numpy_topk

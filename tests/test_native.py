@@ -158,10 +158,14 @@ def test_long_compact_key_rows_are_padded_a_line_past_a_multiple_of_four_kib(cap
 
 
 @needs_compiler
-def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(fresh_native, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, fresh_native, monkeypatch):
     """6 rows of 2,048 slots over 40k positions, selections that keep 0-100% of the last one and end in
-    padding: the same plans, slot maps and masks as the numpy form, step after step."""
+    padding: the same plans, slot maps and masks as the numpy form, step after step (with 4 threads the
+    rows are split among them: 2, 2, 2 or, for 3 rows, 1, 1, 1)."""
     from offload_engine.selection.residency import ResidencyMap
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the wrapper passes the kernel
 
     rows, slots, capacity = 6, 2048, 40000
     maps = {}
@@ -286,14 +290,16 @@ def test_a_library_of_other_signatures_is_not_used(fresh_native, monkeypatch, tm
 
 
 @needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_native_gather_moves_what_index_select_moves(dtype, fresh_native, monkeypatch):
-    """A layer's K and V from a token-major store into a bank's slots: the same bytes as the torch path,
-    untouched slots untouched, and an entry past a table refused before anything moves."""
+@pytest.mark.parametrize("dtype, threads", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3)])
+def test_the_native_gather_moves_what_index_select_moves(dtype, threads, fresh_native, monkeypatch):
+    """A layer's K and V from a token-major store into a bank's slots: the same bytes as the torch path
+    (with 3 threads the plan, over 4,096 rows, is split among them), untouched slots untouched, and an
+    entry past a table refused before anything moves."""
     from offload_engine.cpu_cache.gather import gather_pairs
 
     generator = torch.Generator().manual_seed(7)
-    capacity, heads, width, slots = 3000, 3, 64, 300
+    capacity, heads, width, slots = 3000, 3, 64, 2100
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the wrapper passes the kernel
     store_k = torch.randn(capacity, heads, width, generator=generator).to(dtype)
     store_v = torch.randn(capacity, heads, width, generator=generator).to(dtype)
     positions = torch.stack([torch.randperm(capacity, generator=generator)[:slots] for _ in range(heads)])

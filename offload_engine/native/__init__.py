@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 5
+ABI = 7
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -170,9 +170,9 @@ class SelectionKernels:
         signatures = {
             "tbrun_group_mean_scores": [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
             "tbrun_group_mean_scores_bf16": [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
-            "tbrun_residency_update": [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr],
+            "tbrun_residency_update": [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_gather_pairs": [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64,
-                                   ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64],
+                                   ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64],
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
         }
         for name, argtypes in signatures.items():
@@ -270,7 +270,7 @@ class SelectionKernels:
             status = self.library.tbrun_residency_update(
                 _address(chosen), r, k, _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of),
                 slot_of.strides[0] // 4, _address(active), active.strides[0], n, _address(positions),
-                _address(slots), _address(counts))
+                _address(slots), _address(counts), torch.get_num_threads())
             if status != 0:  # cannot happen with k <= n (ResidencyMap.update checks it before)
                 raise ValueError(f"more missing positions than the {n} slots of a row")
         width = int(counts.max()) if r else 0
@@ -280,7 +280,8 @@ class SelectionKernels:
         """``dst[h, slots[h, j]] = src[h, positions[h, j]]`` for every ``(src, dst)`` of ``pairs`` (``[H, N, D]``
         CPU tensors of one dtype, D contiguous, all sources at the same strides, all destinations too) and
         ``j < counts[h]``; positions, slots ``[H, m]`` long, counts ``[H]`` long or None (all ``m``).
-        False (nothing copied) where the layout does not fit; an out-of-range entry raises IndexError."""
+        False (nothing copied) where the layout does not fit; an out-of-range entry raises IndexError. Large
+        plans split their copies among torch's threads."""
         src0, dst0 = pairs[0]
         if any(s.stride() != src0.stride() or d.stride() != dst0.stride() or s.shape != src0.shape
                or d.shape != dst0.shape or s.dtype != src0.dtype or d.dtype != src0.dtype
@@ -297,7 +298,7 @@ class SelectionKernels:
         status = self.library.tbrun_gather_pairs(
             len(pairs), sources, targets, heads, m, positions.data_ptr(), slots.data_ptr(), counts.data_ptr(),
             src0.stride(0) * size, src0.stride(1) * size, src0.shape[1], dst0.stride(0) * size,
-            dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size)
+            dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size, torch.get_num_threads())
         if status != 0:
             raise IndexError(f"a fetch entry is outside its tables ({src0.shape[1]} source rows, "
                              f"{dst0.shape[1]} slots) or a count outside [0, {m}]: nothing was copied")

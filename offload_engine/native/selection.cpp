@@ -31,6 +31,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -502,7 +503,7 @@ void group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 5; }
+int tbrun_kernels_abi() { return 7; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -541,44 +542,57 @@ int tbrun_topk_rows(const float* scores, int64_t r, int64_t n, int64_t row_strid
     return 0;
 }
 
+constexpr int64_t THREADED_UPDATE_ENTRIES = 8192;
+
 // ResidencyMap.update on r rows: selected [r, k] (distinct positions, -1 padding); slot_pos [*, n + 1]
 // int64, slot_of [*, capacity + 1] int32 and active [*, n + 1] bool, rows at the given strides (elements);
 // positions and slots [r, k] receive each row's copies first (padding: position 0, slot n), counts [r].
 // Returns 0, or -1 if a row has more missing positions than free slots (the caller checks k <= n).
+// threads > 1: the rows are split among them where r * max(k, n) >= THREADED_UPDATE_ENTRIES.
 int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_t* slot_pos, int64_t pos_stride,
                            int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
-                           int64_t n, int64_t* positions, int64_t* slots, int64_t* counts) {
-    std::vector<int64_t> missing;
-    missing.reserve(static_cast<size_t>(k));
-    thread_local std::vector<uint64_t> wanted;  // update_row's bitmap: zeros between calls
-    const size_t words = static_cast<size_t>((of_stride + 63) / 64);  // of_stride >= capacity + 1
-    if (wanted.size() < words) wanted.resize(words, 0);
-    int status = 0;
-    for (int64_t row = 0; row < r; ++row) {
-        int64_t* row_positions = positions + row * k;
-        int64_t* row_slots = slots + row * k;
-        const int64_t placed = update_row(selected + row * k, k, slot_pos + row * pos_stride, slot_of + row * of_stride,
-                                          active + row * active_stride, n, row_positions, row_slots, missing,
-                                          wanted.data());
-        if (placed < static_cast<int64_t>(missing.size())) status = -1;
-        for (int64_t i = placed; i < k; ++i) {
-            row_positions[i] = 0;
-            row_slots[i] = n;
+                           int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
+    std::atomic<int> status{0};
+    auto update_rows = [=, &status](int64_t, int64_t first, int64_t last) {
+        std::vector<int64_t> missing;
+        missing.reserve(static_cast<size_t>(k));
+        thread_local std::vector<uint64_t> wanted;  // update_row's bitmap: zeros between calls
+        const size_t words = static_cast<size_t>((of_stride + 63) / 64);  // of_stride >= capacity + 1
+        if (wanted.size() < words) wanted.resize(words, 0);
+        for (int64_t row = first; row < last; ++row) {
+            int64_t* row_positions = positions + row * k;
+            int64_t* row_slots = slots + row * k;
+            const int64_t placed = update_row(selected + row * k, k, slot_pos + row * pos_stride,
+                                              slot_of + row * of_stride, active + row * active_stride, n,
+                                              row_positions, row_slots, missing, wanted.data());
+            if (placed < static_cast<int64_t>(missing.size())) status = -1;
+            for (int64_t i = placed; i < k; ++i) {
+                row_positions[i] = 0;
+                row_slots[i] = n;
+            }
+            counts[row] = placed;
         }
-        counts[row] = placed;
-    }
-    return status;
+    };
+    // rows are independent (each its own slice of every table): split among threads where there is enough
+    // work to pay for starting them
+    split_rows(r, r * std::max(k, n) >= THREADED_UPDATE_ENTRIES ? threads : 1, update_rows);
+    return status.load();
 }
 
 // A layer's fetch plan on the CPU: for every pair (a layer's keys, its values) and head h, row
 // positions[h, j] of the pair's source to row slots[h, j] of its destination, j < counts[h]. Sources
 // and destinations are [H, rows, row_bytes] at byte strides (head, row) shared by all pairs; rows are
 // contiguous. Every entry is checked against src_rows / dst_rows before any byte moves. Returns 0,
-// or -1 (nothing copied) if an entry is out of range.
+// or -1 (nothing copied) if an entry is out of range. threads > 1: plans of GATHER_THREADED_ROWS rows
+// or more split their (pair, head) copies among that many threads (a random gather waits on memory:
+// two cores keep twice the misses in flight); smaller ones are not worth starting a thread for.
+constexpr int64_t GATHER_THREADED_ROWS = 4096;
+
 int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* const* targets, int64_t heads,
                        int64_t m, const int64_t* positions, const int64_t* slots, const int64_t* counts,
                        int64_t src_head, int64_t src_row, int64_t src_rows, int64_t dst_head, int64_t dst_row,
-                       int64_t dst_rows, int64_t row_bytes) {
+                       int64_t dst_rows, int64_t row_bytes, int64_t threads) {
+    int64_t total = 0;
     for (int64_t h = 0; h < heads; ++h) {
         const int64_t n = counts[h];
         if (n < 0 || n > m) return -1;
@@ -586,15 +600,18 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
             const int64_t p = positions[h * m + j], s = slots[h * m + j];
             if (p < 0 || p >= src_rows || s < 0 || s >= dst_rows) return -1;
         }
+        total += n * pairs;
     }
-    for (int64_t pair = 0; pair < pairs; ++pair)
-        for (int64_t h = 0; h < heads; ++h) {
+    split_rows(pairs * heads, total >= GATHER_THREADED_ROWS ? threads : 1, [=](int64_t, int64_t first, int64_t last) {
+        for (int64_t item = first; item < last; ++item) {  // item: pair * heads + h
+            const int64_t pair = item / heads, h = item % heads;
             const uint8_t* from = sources[pair] + h * src_head;
             uint8_t* to = targets[pair] + h * dst_head;
             for (int64_t j = 0; j < counts[h]; ++j)
                 std::memcpy(to + slots[h * m + j] * dst_row, from + positions[h * m + j] * src_row,
                             static_cast<size_t>(row_bytes));
         }
+    });
     return 0;
 }
 

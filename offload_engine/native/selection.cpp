@@ -2,7 +2,8 @@
 // call per producer each), and the fetch of a layer's selected K and V (one call per layer).
 //
 // Built at first use by offload_engine/native/__init__.py (g++ -O3 -march=native, cached by source,
-// compiler and CPU), called through ctypes with raw pointers. The scores split rows among threads.
+// compiler and CPU), called through ctypes with raw pointers. The scores and the top-k split rows among
+// threads; the residency update and the gather do where the plan is large enough to pay for them.
 //
 // tbrun_group_mean_scores: for each row r (a (layer, KV head) pair), g query heads of d' dims against
 // the row's compact keys stored dimension-major (key dim j of token t at keys[r * row_stride + j * dim_stride + t]):
@@ -12,10 +13,13 @@
 // accumulators in registers, and the tile's logits are exponentiated against each head's running
 // maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (in L2 up to
 // about 16k tokens, beyond in L3) rescales each tile to the final maximum and averages the heads. The same result as
-// torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py).
+// torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py). bfloat16 keys: half the
+// bytes, multiplied in pairs by AVX512-BF16's vdpbf16ps against the query rounded to bfloat16 where the
+// CPU has it, else widened to float32 as they are read.
 //
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
-// plan as its numpy form (tests/test_native.py), without ~40 array operations per producer.
+// plan as its numpy form (tests/test_native.py), without ~40 array operations per producer; which slots
+// stay is read from a bitmap of the selection, not from random reads of the position -> slot table.
 //
 // tbrun_gather_pairs: a layer's K and V fetch plan in one call. Large plans are bound by memory latency
 // (random 256-byte rows of the host store, as fast as index_select + index_copy_ with or without

@@ -110,12 +110,13 @@ def compact_key_dtype(key_dtype: str, model_dtype: torch.dtype, device: torch.de
     """The dtype the compact cache stores projected keys in, for the policy's ``key_dtype``.
 
     ``"auto"`` is the model's dtype, except a float32 model on the CPU with the native kernels built:
-    bfloat16 there. The score kernel widens bfloat16 keys exactly as it reads them, so scoring reads half
-    the bytes (0.65-0.75x the float32 time per producer at 32k, bench/reports/selection_cpu.md) for keys
-    rounded to 8 significant bits, which a GPU model in bfloat16 stores anyway; held-out recall moves by
-    less than its interval (``tokenbutler_bf16`` in bench/reports/predictor_key_dtype.md). Without the
-    kernels torch would widen the keys on every call, so they stay float32. int8 is stored as int8
-    (``ProjectedKeyCache``), whatever this returns.
+    bfloat16 there. The score kernel reads half the bytes and, with AVX512-BF16, multiplies bfloat16
+    pairs against the query rounded to bfloat16 (else it widens the keys as it reads them): keys and
+    query to 8 significant bits, as a GPU model in bfloat16 computes them anyway. Its speed against
+    float32 keys is in bench/reports/selection_cpu.md, held-out recall with both rounded in the
+    ``tokenbutler_bf16`` row of bench/reports/predictor_key_dtype.md. Without the kernels torch would
+    widen the keys on every call, so they stay float32. int8 is stored as int8 (``ProjectedKeyCache``),
+    whatever this returns.
     """
     if key_dtype in ("float32", "bfloat16"):
         return getattr(torch, key_dtype)

@@ -38,8 +38,7 @@ BUDGETS = (0.05, 0.10, 0.25, 0.50)
 SINKS = 4
 ENGINE_WINDOW = 64
 METHODS = ("tokenbutler", "tokenbutler_engine", "tokenbutler_int8", "tokenbutler_bf16", "tokenbutler_group_max",
-           "tokenbutler_per_head",
-           "oracle_group", "streaming", "random")
+           "tokenbutler_per_head", "oracle_group", "streaming", "random")
 
 
 def budget_counts(rows: torch.Tensor, fraction: float) -> torch.Tensor:

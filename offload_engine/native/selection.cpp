@@ -277,28 +277,36 @@ void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, co
 
 constexpr int64_t TILE = 512;  // tokens per tile: its g rows of logits stay in L1 between the passes
 
+// small per-row state of score_row, kept by each worker across its rows (no allocation per row)
+struct RowWork {
+    std::vector<float> shift, top, total, rounded;
+    std::vector<uint32_t> pairs;
+};
+
 // One row: logits, softmax per head and the mean over heads, the keys streamed once. Per tile the logits
 // are exponentiated against the head's running maximum while they are in L1 (an online softmax); pass 2
 // rescales each tile's exponentials to the final maximum and sums the heads, over the [g, m] buffer.
 template <typename Key>
 void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t m,
-               float* out, float* buffer, std::vector<float>& shift) {
+               float* out, float* buffer, RowWork& work) {
     const int64_t tiles = (m + TILE - 1) / TILE;
-    std::vector<float> rounded;
-    std::vector<uint32_t> pairs;
+    const uint32_t* qpairs = nullptr;
     if (std::is_same_v<Key, uint16_t> && BF16_PAIRS && d % 2 == 0) {  // the pair kernel: a bfloat16 query
-        rounded.resize(static_cast<size_t>(g * d));
-        pairs.resize(static_cast<size_t>(g * d / 2));
-        for (int64_t i = 0; i < g * d; ++i) rounded[static_cast<size_t>(i)] = scalar(to_bf16(q[i]));
+        work.rounded.resize(static_cast<size_t>(g * d));
+        work.pairs.resize(static_cast<size_t>(g * d / 2));
+        for (int64_t i = 0; i < g * d; ++i) work.rounded[static_cast<size_t>(i)] = scalar(to_bf16(q[i]));
         for (int64_t i = 0; i < g * d / 2; ++i)
-            pairs[static_cast<size_t>(i)] = static_cast<uint32_t>(to_bf16(q[2 * i])) |
-                                            static_cast<uint32_t>(to_bf16(q[2 * i + 1])) << 16;
-        q = rounded.data();
+            work.pairs[static_cast<size_t>(i)] = static_cast<uint32_t>(to_bf16(q[2 * i])) |
+                                                 static_cast<uint32_t>(to_bf16(q[2 * i + 1])) << 16;
+        q = work.rounded.data();
+        qpairs = work.pairs.data();
     }
-    const uint32_t* qpairs = pairs.empty() ? nullptr : pairs.data();
+    std::vector<float>& shift = work.shift;
     shift.assign(static_cast<size_t>(g * tiles), 0.0f);
-    std::vector<float> top(static_cast<size_t>(g), -std::numeric_limits<float>::infinity());
-    std::vector<float> total(static_cast<size_t>(g), 0.0f);
+    std::vector<float>& top = work.top;
+    std::vector<float>& total = work.total;
+    top.assign(static_cast<size_t>(g), -std::numeric_limits<float>::infinity());
+    total.assign(static_cast<size_t>(g), 0.0f);
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t start = tile * TILE, n = std::min(TILE, m - start);
         logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m);
@@ -495,10 +503,10 @@ template <typename Key>
 void group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
                        int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads) {
     split_rows(rows, threads, [=](int64_t worker, int64_t first, int64_t last) {
-        std::vector<float> shift;
+        RowWork work;
         float* scratch = buffer + worker * g * m;
         for (int64_t r = first; r < last; ++r)
-            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, scratch, shift);
+            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, scratch, work);
     });
 }
 

@@ -1,6 +1,7 @@
 """TokenButler's group-mean scores on the CPU: torch (batched matmul, softmax, mean) against the native
 kernel (offload_engine/native) on float32 keys and on bfloat16 keys (what the engine stores for a float32
-model on the CPU), per producer, side by side in one run.
+model on the CPU), per producer, side by side in one run; and the producer's query network on one token
+(``LayerNorm -> Linear -> SiLU -> Linear``), torch against the native kernel, weights cold.
 
     python -m tbrun_bench.selection_speed --out bench/reports/selection_cpu
 
@@ -23,6 +24,7 @@ import torch
 
 from offload_engine import native
 from offload_engine.policies.tokenbutler import ProjectedKeyCache, fused_group_mean_scores, group_mean_probabilities
+from offload_engine.predictor.network import query_mlp
 
 from .report import (machine_header, markdown_header, markdown_table, micro_benchmark_main, provenance,
                      time_alternating)
@@ -32,6 +34,8 @@ PRODUCERS = 15  # caches cycled through, so that every call reads its keys from 
 CASES = [("smollm2-135m G=2", 2, 3, 3, 16, 8192), ("smollm2-135m G=2", 2, 3, 3, 16, 32768),
          ("smollm2-135m G=2", 2, 3, 3, 16, 131072), ("qwen2.5-0.5b G=2", 2, 2, 7, 16, 32768),
          ("llama-3.1-8b G=4", 4, 8, 4, 16, 32768)]
+# name, hidden size E, inner width I, outputs (consumers x query heads x d')
+NETWORKS = [("smollm2-135m G=2 I=128", 576, 128, 2 * 9 * 16), ("llama-3.1-8b G=4 I=512", 4096, 512, 4 * 32 * 16)]
 
 
 def torch_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,29 @@ def measure(args) -> dict:
     return {"provenance": provenance("python -m tbrun_bench.selection_speed"),
             "machine": machine_header(torch.device("cpu")),
             "setting": {"threads": args.threads, "calls": args.calls, "warmup": args.warmup,
-                        "producers_cycled": PRODUCERS, "native": native.status()}, "cases": rows}
+                        "producers_cycled": PRODUCERS, "native": native.status()}, "cases": rows,
+            "query_networks": [measure_network(*shape, args) for shape in NETWORKS]}
+
+
+@torch.no_grad()
+def measure_network(name: str, hidden: int, inner: int, outputs: int, args) -> dict:
+    """One token through ``PRODUCERS`` producers' query networks in turn (weights cold): torch's modules
+    against ``SelectionKernels.query_mlp`` on the same weights."""
+    torch.manual_seed(hidden)
+    networks = [query_mlp(hidden, inner, outputs).eval() for _ in range(PRODUCERS)]
+    arguments = [(n[0].weight, n[0].bias, n[0].eps, n[1].weight, n[3].weight) for n in networks]
+    x = torch.randn(hidden)
+    kernels = native.kernels()
+    torch_turn = itertools.cycle(networks)
+    native_turn = itertools.cycle(arguments[PRODUCERS // 2 :] + arguments[: PRODUCERS // 2])
+    timed = time_alternating({"torch": lambda: next(torch_turn)(x),
+                              "native": lambda: kernels.query_mlp(x, *next(native_turn))}, args.calls, args.warmup)
+    difference = (kernels.query_mlp(x, *arguments[0]) - networks[0](x)).abs().max()
+    torch_ms, native_ms = timed["torch"]["median_ms"], timed["native"]["median_ms"]
+    print(f"query network {name}: torch {torch_ms:.3f} ms, native {native_ms:.3f} ms", flush=True)
+    return {"shape": name, "hidden": hidden, "inner": inner, "outputs": outputs, "torch": timed["torch"],
+            "native": timed["native"], "speedup": torch_ms / native_ms,
+            "weight_mib": (hidden * inner + inner * outputs) * 4 / 2**20, "max_abs_difference": float(difference)}
 
 
 def to_markdown(report: dict) -> str:
@@ -111,7 +137,16 @@ def to_markdown(report: dict) -> str:
         "the kernel. native: `offload_engine/native/selection.cpp`, one pass over the keys (each key vector feeding "
         "every query head of its group in registers, an online softmax per tile of 512 tokens) and one over a "
         "`[g, m]` buffer; bfloat16 keys are multiplied in pairs by vdpbf16ps where the CPU has AVX512-BF16, else "
-        "widened as they are read.",
+        "widened as they are read.", "",
+        "## The query network, one token per producer", "",
+        "A producer's importance queries at a decode step: `LayerNorm(E) -> Linear(E, I) -> SiLU -> Linear(I, out)` "
+        f"on one token, each call on the next of {s['producers_cycled']} producers' networks (weights cold), torch's "
+        "modules against the native kernel (`tbrun_query_mlp`: the rows of each matrix streamed in order), both in "
+        "float32. Median ms per call.", "",
+        markdown_table(["shape", "E x I x out", "weights MiB", "torch ms", "native ms", "speed-up", "max abs difference"],
+                       [[n["shape"], f"{n['hidden']} x {n['inner']} x {n['outputs']}", f"{n['weight_mib']:.2f}",
+                         f"{n['torch']['median_ms']:.3f}", f"{n['native']['median_ms']:.3f}", f"{n['speedup']:.1f}",
+                         f"{n['max_abs_difference']:.1e}"] for n in report.get("query_networks", [])]),
     ])
 
 

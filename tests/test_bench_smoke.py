@@ -223,13 +223,17 @@ def test_selection_speed_writes_torch_and_both_native_key_dtypes_per_case(tmp_pa
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     monkeypatch.setattr(selection_speed, "CASES", [("tiny", 2, 3, 3, 16, 2000), ("odd d'", 1, 2, 2, 5, 700)])
     monkeypatch.setattr(selection_speed, "PRODUCERS", 3)
+    monkeypatch.setattr(selection_speed, "NETWORKS", [("tiny network", 40, 24, 18)])
     selection_speed.main(["--calls", "2", "--warmup", "0", "--out", str(tmp_path / "selection")])
     report = json.loads((tmp_path / "selection.json").read_text())
     assert [c["tokens"] for c in report["cases"]] == [2000, 700]
     for case in report["cases"]:
         assert all(case[method]["steps"] == 2 for method in ("torch", "native", "native_bf16"))
         assert case["max_abs_difference"] < 1e-5 and case["bf16_max_abs_difference"] < 1e-5  # probabilities
-    assert "native bf16 ms" in (tmp_path / "selection.md").read_text() and "commit" in report["provenance"]
+    [network] = report["query_networks"]
+    assert network["torch"]["steps"] == network["native"]["steps"] == 2 and network["max_abs_difference"] < 1e-4
+    markdown = (tmp_path / "selection.md").read_text()
+    assert "native bf16 ms" in markdown and "tiny network" in markdown and "commit" in report["provenance"]
 
 
 def test_the_topk_benchs_numpy_path_is_the_engines_fallback_and_returns_the_same_tokens():

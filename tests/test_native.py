@@ -339,3 +339,41 @@ def test_auto_keys_are_bfloat16_on_the_cpu_only_where_the_kernel_reads_them(fres
     assert compact_key_dtype("bfloat16", torch.float16, cuda) == torch.bfloat16
     monkeypatch.setenv("TBRUN_NATIVE", "0")
     assert compact_key_dtype("auto", torch.float32, cpu) == torch.float32
+
+
+@needs_compiler
+@pytest.mark.parametrize("hidden, inner, out, bias", [
+    (576, 128, 288, True),  # SmolLM2's producer at G = 2, I = 128
+    (37, 19, 23, True),     # no size a multiple of the vector width: every tail runs
+    (64, 32, 16, False),    # a norm without bias
+])
+def test_the_native_query_network_is_the_predictors(hidden, inner, out, bias, fresh_native):
+    """``query_mlp`` computes ``predictor.network.query_mlp`` (LayerNorm, Linear, SiLU, Linear) for one token."""
+    from offload_engine.predictor.network import query_mlp
+
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    torch.manual_seed(hidden)
+    mlp = query_mlp(hidden, inner, out)
+    norm, first, _, second = mlp
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+        if not bias:
+            norm.bias = None
+    x = torch.randn(hidden) * 4 + 2  # a mean and a spread for the norm to take out
+    got = kernels.query_mlp(x, norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), norm.eps,
+                            first.weight.detach(), second.weight.detach())
+    with torch.no_grad():
+        expected = mlp(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_native_query_network_refuses_shapes_that_do_not_chain(fresh_native):
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.query_mlp(torch.randn(8), torch.ones(8), None, 1e-5, torch.randn(4, 9), torch.randn(3, 4))
+    with pytest.raises(TypeError, match="float32"):
+        kernels.query_mlp(torch.randn(8).double(), torch.ones(8), None, 1e-5, torch.randn(4, 8), torch.randn(3, 4))

@@ -134,6 +134,24 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_
         torch.testing.assert_close(policy.score(layer, None, candidates), plan[layer])  # the per-layer path
 
 
+def test_decode_queries_come_from_the_native_query_network_where_it_is_built():
+    """On the CPU with the native kernels, a float32 predictor's decode-step queries come from the kernel and
+    equal the predictor's own; a rotating predictor keeps the torch path (its queries turn by position)."""
+    from offload_engine import native
+
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=5))
+    policy = bound_policy(adapter)
+    if native.kernels() is None:
+        assert policy._native_mlps == {}
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    assert sorted(policy._native_mlps) == [0, 2]
+    x = torch.randn(adapter.dims.hidden_size) * 3
+    for producer in (0, 2):
+        torch.testing.assert_close(policy._importance_queries(producer, x, 7),
+                                   policy.predictor.importance_queries(producer, x, 7), rtol=1e-4, atol=1e-5)
+    assert bound_policy(adapter, rope_pairs=2)._native_mlps == {}
+
+
 @pytest.mark.parametrize("stored, share", [("int8", 0.35), ("bfloat16", 0.51)])
 def test_rounded_projected_keys_keep_the_ranking(stored, share):
     """int8 (+ a float16 scale per token) and bfloat16 keys rank nearly as float32 ones, in a fraction

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 7
+ABI = 8
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -174,6 +174,7 @@ class SelectionKernels:
             "tbrun_gather_pairs": [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64,
                                    ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64],
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
+            "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -225,6 +226,30 @@ class SelectionKernels:
         kernel(_address(q), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, _address(out),
                _address(buffer), threads)
         return torch.from_numpy(out)
+
+    def query_mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
+                  w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """``w2 @ silu(w1 @ layer_norm(x))`` for one token, float32: x ``[E]``, norm weight and bias ``[E]``
+        (bias may be None), w1 ``[I, E]``, w2 ``[O, I]`` (CPU, contiguous) -> ``[O]``. The predictor's query
+        network (``predictor.network.query_mlp``) at a decode step, where torch's matrix-vector products with
+        weights out of the caches took 5-8x as long."""
+        tensors = {"x": x, "norm weight": norm_weight, "w1": w1, "w2": w2,
+                   **({"norm bias": norm_bias} if norm_bias is not None else {})}
+        for name, tensor in tensors.items():
+            if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+                raise TypeError(f"query_mlp: {name} must be a contiguous float32 CPU tensor, got {tensor.dtype} "
+                                f"on {tensor.device}")
+        e, inner, size = x.numel(), w1.shape[0], w2.shape[0]
+        if (norm_weight.numel() != e or (norm_bias is not None and norm_bias.numel() != e) or w1.dim() != 2
+                or w1.shape[1] != e or w2.dim() != 2 or w2.shape[1] != inner or e == 0):
+            raise ValueError(f"query_mlp: x {tuple(x.shape)}, norm {tuple(norm_weight.shape)}, w1 {tuple(w1.shape)}, "
+                             f"w2 {tuple(w2.shape)} do not chain as [E] -> [I, E] -> [O, I]")
+        work = self._scratch(e + inner)
+        out = torch.empty(size, dtype=torch.float32)
+        self.library.tbrun_query_mlp(x.data_ptr(), e, norm_weight.data_ptr(),
+                                     norm_bias.data_ptr() if norm_bias is not None else None, eps, w1.data_ptr(),
+                                     inner, w2.data_ptr(), size, _address(work), out.data_ptr())
+        return out
 
     def topk_rows(self, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``keep`` largest entries of each row, exactly, in no order: rows ``[r, n]`` float32 (CPU,

@@ -510,12 +510,33 @@ void group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const
     });
 }
 
+// y[r] = w[r, :] . x for r < rows (w row-major, rows cols apart): the rows streamed in order, two
+// accumulators per row, so a cold weight matrix is read at the memory's pace (torch's matrix-vector
+// product took 5-8x as long with the weights out of the caches, as a decode step leaves them)
+void matvec(const float* w, int64_t rows, int64_t cols, const float* x, float* y) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* row = w + r * cols;
+        vfloat a0{}, a1{};
+        int64_t j = 0;
+        for (; j + 2 * LANES <= cols; j += 2 * LANES) {
+            a0 += load(row + j) * load(x + j);
+            a1 += load(row + j + LANES) * load(x + j + LANES);
+        }
+        for (; j + LANES <= cols; j += LANES) a0 += load(row + j) * load(x + j);
+        const vfloat a = a0 + a1;
+        float sum = 0.0f;
+        for (int i = 0; i < LANES; ++i) sum += a[i];
+        for (; j < cols; ++j) sum += row[j] * x[j];
+        y[r] = sum;
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 7; }
+int tbrun_kernels_abi() { return 8; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -551,6 +572,26 @@ int tbrun_topk_rows(const float* scores, int64_t r, int64_t n, int64_t row_strid
         for (int64_t i = first; i < last; ++i)
             topk_row(scores + i * row_stride, n, keep, index + i * keep, values + i * keep, work);
     });
+    return 0;
+}
+
+// The predictor's query network on one token: out = W2 silu(W1 layer_norm(x)), float32 throughout.
+// x [e]; norm_weight, norm_bias [e] (bias may be null); w1 [inner, e], w2 [out_size, inner] row-major;
+// work [e + inner] scratch; out [out_size]. The layer norm as torch's: biased variance, eps inside the root.
+int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const float* norm_bias, float eps,
+                    const float* w1, int64_t inner, const float* w2, int64_t out_size, float* work, float* out) {
+    double sum = 0.0, squares = 0.0;
+    for (int64_t i = 0; i < e; ++i) sum += x[i];
+    const double mean = sum / static_cast<double>(e);
+    for (int64_t i = 0; i < e; ++i) squares += (x[i] - mean) * (x[i] - mean);
+    const float inverse = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(e) + eps));
+    float* normed = work;
+    float* hidden = work + e;
+    for (int64_t i = 0; i < e; ++i)
+        normed[i] = static_cast<float>(x[i] - mean) * inverse * norm_weight[i] + (norm_bias ? norm_bias[i] : 0.0f);
+    matvec(w1, inner, e, normed, hidden);
+    for (int64_t i = 0; i < inner; ++i) hidden[i] = hidden[i] / (1.0f + std::exp(-hidden[i]));
+    matvec(w2, out_size, inner, hidden, out);
     return 0;
 }
 

@@ -174,6 +174,7 @@ class TokenButlerPolicy(Policy):
         self.score_kind = "mass" if self.group_reduction == "mean" else "logit"
         self.cache: ProjectedKeyCache | None = None
         self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
+        self._native_mlps: dict[int, tuple] = {}  # producer -> native_query_mlps' arguments
 
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
@@ -187,6 +188,7 @@ class TokenButlerPolicy(Policy):
                                        compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device), ctx.device,
                                        int8=self.key_dtype == "int8")
         self._queries = {}
+        self._native_mlps = native_query_mlps(self.predictor)
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
         if self.random_weights:
@@ -206,6 +208,7 @@ class TokenButlerPolicy(Policy):
     def release(self) -> None:
         self.cache = None
         self._queries = {}
+        self._native_mlps = {}
 
     def dense_layers(self) -> frozenset[int]:
         """Layer 0 has no producer ahead of it: all its tokens stay resident."""
@@ -250,9 +253,19 @@ class TokenButlerPolicy(Policy):
         if layers.step != 1 or (len(layers) and (layers.start < served.start or layers.stop > served.stop)):
             raise ValueError(f"tokenbutler: producer {layer} serves layers {served.start}-{served.stop - 1}, "
                              f"not {list(layers)}")
-        self._queries[layer] = self.predictor.importance_queries(layer, x, candidates.position)  # [Lg, H, d']
+        self._queries[layer] = self._importance_queries(layer, x, candidates.position)  # [Lg, H, d']
         first = layers.start - served.start
         return layers, self._group_scores(layers, self._queries[layer][first : first + len(layers)], candidates)
+
+    def _importance_queries(self, producer: int, x: torch.Tensor, position: int) -> torch.Tensor:
+        """x ``[E]`` -> ``[Lg, H, d']``: the predictor's queries, through the native kernel where it applies
+        (``native_query_mlps``), else the predictor itself."""
+        weights = self._native_mlps.get(producer)
+        if weights is None or x.numel() != x.shape[-1] or x.dtype != torch.float32:
+            return self.predictor.importance_queries(producer, x, position)
+        c = self.predictor.config
+        out = native.kernels().query_mlp(x.reshape(-1).contiguous(), *weights)
+        return out.view(len(c.consumers(producer)), c.num_heads, c.dim)
 
     @torch.no_grad()
     def score(self, layer: int, q: torch.Tensor | None, candidates: Candidates) -> torch.Tensor:
@@ -296,6 +309,24 @@ class TokenButlerPolicy(Policy):
         if by_max:
             return logits.amax(dim=2)
         return group_mean_probabilities(logits)[..., lo:hi]
+
+
+def native_query_mlps(predictor: TokenButlerPredictor) -> dict[int, tuple]:
+    """Per producer, the arguments of the native query network (``SelectionKernels.query_mlp``: norm weight,
+    norm bias, eps, W1, W2, views of the predictor's own float32 weights), where the native kernels are
+    built and the predictor is a float32 one on the CPU without rotation; else empty (the torch path).
+    One decode token's queries take 0.2 ms in torch with the weights out of the caches (as every step
+    leaves them), tens of microseconds in the kernel."""
+    kernels = native.kernels()
+    if (kernels is None or predictor.key_proj.device.type != "cpu" or predictor.key_proj.dtype != torch.float32
+            or predictor.config.uses_positions):
+        return {}
+    out = {}
+    for index, producer in enumerate(predictor.config.producers):  # queries[i] is producers[i]'s network
+        norm, first, _, second = predictor.queries[index]
+        out[producer] = (norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), float(norm.eps),
+                         first.weight.detach(), second.weight.detach())
+    return out
 
 
 def fused_group_mean_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:

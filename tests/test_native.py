@@ -165,7 +165,7 @@ def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, f
     rows are split among them: 2, 2, 2 or, for 3 rows, 1, 1, 1)."""
     from offload_engine.selection.residency import ResidencyMap
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the wrapper passes the kernel
+    monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))  # what the wrapper passes the kernel
 
     rows, slots, capacity = 6, 2048, 40000
     maps = {}
@@ -258,20 +258,30 @@ def test_bad_arguments_are_refused_before_the_kernel_runs(fresh_native):
 
 
 @needs_compiler
-def test_the_scores_do_not_depend_on_the_number_of_threads(fresh_native):
-    """Rows are split among as many threads as torch uses; each row is computed alike."""
+def test_the_scores_do_not_depend_on_the_number_of_threads(fresh_native, monkeypatch):
+    """Rows are split among ``TBRUN_NATIVE_THREADS`` threads; each row is computed alike."""
     generator = torch.Generator().manual_seed(11)
     keys = torch.randn(2, 3, 16, 3000, generator=generator)
     grouped = torch.randn(2, 3, 3, 16, generator=generator)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fused_group_mean_scores(grouped, keys)
-        torch.set_num_threads(4)  # more threads than cores is allowed; 6 rows over 4 threads: 2, 2, 2
-        several = fused_group_mean_scores(grouped, keys)
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
+    one = fused_group_mean_scores(grouped, keys)  # the default: one thread, whatever torch uses
+    monkeypatch.setenv(native.THREADS_VARIABLE, "4")  # more threads than cores is allowed; 6 rows: 2, 2, 2
+    several = fused_group_mean_scores(grouped, keys)
     assert torch.equal(one, several)
+
+
+def test_kernels_run_on_one_thread_unless_told_and_a_bad_count_is_refused(monkeypatch):
+    """torch's thread count does not start kernel threads (they would wait for torch's spinning workers);
+    ``TBRUN_NATIVE_THREADS`` does, and a count that is not a whole number >= 1 says what to write."""
+    monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert native.kernel_threads() == 1
+    monkeypatch.setenv(native.THREADS_VARIABLE, "3")
+    assert native.kernel_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(native.THREADS_VARIABLE, bad)
+        with pytest.raises(ValueError, match="whole number of threads"):
+            native.kernel_threads()
 
 
 @needs_compiler
@@ -299,7 +309,7 @@ def test_the_native_gather_moves_what_index_select_moves(dtype, threads, fresh_n
 
     generator = torch.Generator().manual_seed(7)
     capacity, heads, width, slots = 3000, 3, 64, 2100
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the wrapper passes the kernel
+    monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))  # what the wrapper passes the kernel
     store_k = torch.randn(capacity, heads, width, generator=generator).to(dtype)
     store_v = torch.randn(capacity, heads, width, generator=generator).to(dtype)
     positions = torch.stack([torch.randperm(capacity, generator=generator)[:slots] for _ in range(heads)])

@@ -65,12 +65,38 @@ def enabled() -> bool:
     return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+THREADS_VARIABLE = "TBRUN_NATIVE_THREADS"
+
+
+def kernel_threads() -> int:
+    """How many threads a kernel may split its rows (or a large plan) among: ``$TBRUN_NATIVE_THREADS``,
+    default 1, whatever torch uses.
+
+    Torch's OpenMP workers keep spinning on the other cores for a while after each parallel region, and a
+    decode step is hundreds of them, so a thread a kernel starts waits for a core: with torch on 2 threads
+    (2 cores), the native top-k of a producer took 1 ms instead of 57 µs and the scores 3.3x as long,
+    and tokenbutler's selection 41 ms a step instead of 17.5 at 7.5k on the embedded model
+    (measured 2026-12-04). The kernels give the same results at any count (tests/test_native.py).
+    """
+    text = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{THREADS_VARIABLE}={text!r}: write a whole number of threads, 1 or more (1 is the default)")
+    return int(text)
+
+
 def status() -> str:
     """One line: whether the native kernels are in use, and if not, why."""
     if not enabled():
         return f"off ({_ENV_SWITCH}=0): torch kernels"
-    kernels()
-    return _status
+    if kernels() is None:
+        return _status
+    try:
+        threads = f"{kernel_threads()} kernel thread(s)"
+    except ValueError as error:
+        threads = str(error)
+    return f"{_status}; {threads}"
 
 
 def _compiler() -> str | None:
@@ -216,8 +242,7 @@ class SelectionKernels:
         out = np.empty((rows, m), dtype=np.float32)
         if m == 0 or rows == 0:
             return torch.from_numpy(out)
-        # as many threads as torch uses (the path it replaces would), at most one per row
-        threads = max(1, min(torch.get_num_threads(), rows))
+        threads = max(1, min(kernel_threads(), rows))
         buffer = self._scratch(threads * g * m)
         # keys: the numpy view of the tensor's own memory (no copy), read through its strides
         base = keys.detach()
@@ -267,7 +292,7 @@ class SelectionKernels:
         values = torch.empty((r, keep), dtype=torch.float32)
         if r:
             self.library.tbrun_topk_rows(base.data_ptr(), r, n, base.stride(0), keep, index.data_ptr(),
-                                         values.data_ptr(), max(1, min(torch.get_num_threads(), r)))
+                                         values.data_ptr(), max(1, min(kernel_threads(), r)))
         return values, index
 
     def residency_update(self, selected: np.ndarray, slot_pos: np.ndarray, slot_of: np.ndarray,
@@ -295,7 +320,7 @@ class SelectionKernels:
             status = self.library.tbrun_residency_update(
                 _address(chosen), r, k, _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of),
                 slot_of.strides[0] // 4, _address(active), active.strides[0], n, _address(positions),
-                _address(slots), _address(counts), torch.get_num_threads())
+                _address(slots), _address(counts), kernel_threads())
             if status != 0:  # cannot happen with k <= n (ResidencyMap.update checks it before)
                 raise ValueError(f"more missing positions than the {n} slots of a row")
         width = int(counts.max()) if r else 0
@@ -306,7 +331,7 @@ class SelectionKernels:
         CPU tensors of one dtype, D contiguous, all sources at the same strides, all destinations too) and
         ``j < counts[h]``; positions, slots ``[H, m]`` long, counts ``[H]`` long or None (all ``m``).
         False (nothing copied) where the layout does not fit; an out-of-range entry raises IndexError. Large
-        plans split their copies among torch's threads."""
+        plans split their copies among ``kernel_threads()``."""
         src0, dst0 = pairs[0]
         if any(s.stride() != src0.stride() or d.stride() != dst0.stride() or s.shape != src0.shape
                or d.shape != dst0.shape or s.dtype != src0.dtype or d.dtype != src0.dtype
@@ -323,7 +348,7 @@ class SelectionKernels:
         status = self.library.tbrun_gather_pairs(
             len(pairs), sources, targets, heads, m, positions.data_ptr(), slots.data_ptr(), counts.data_ptr(),
             src0.stride(0) * size, src0.stride(1) * size, src0.shape[1], dst0.stride(0) * size,
-            dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size, torch.get_num_threads())
+            dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size, kernel_threads())
         if status != 0:
             raise IndexError(f"a fetch entry is outside its tables ({src0.shape[1]} source rows, "
                              f"{dst0.shape[1]} slots) or a count outside [0, {m}]: nothing was copied")

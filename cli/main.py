@@ -32,10 +32,12 @@ def configure(
         "free cores makes every CPU kernel wait for a descheduled thread)."),
 ) -> None:
     """Long-context LLM inference with the KV cache in host memory and learned token selection."""
+    from offload_engine import native
     from offload_engine.machine import apply_cpu_threads
 
     try:
         apply_cpu_threads(threads)
+        native.kernel_threads()  # $TBRUN_NATIVE_THREADS, checked before any command allocates anything
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -141,3 +141,9 @@ def test_tbrun_refuses_zero_threads_and_info_says_how_many(tiny_model_dir):
     assert refused.exit_code == 2 and "--threads 0" in refused.output
     shown = CliRunner().invoke(app, ["info", "--model", tiny_model_dir])  # $OMP_NUM_THREADS=1 in the suite
     assert shown.exit_code == 0 and "1 ($OMP_NUM_THREADS)" in shown.output
+
+
+def test_tbrun_refuses_a_native_thread_count_that_is_not_a_number_before_any_command(monkeypatch):
+    monkeypatch.setenv("TBRUN_NATIVE_THREADS", "all")
+    refused = CliRunner().invoke(app, ["info"])
+    assert refused.exit_code == 2 and "TBRUN_NATIVE_THREADS='all'" in refused.output

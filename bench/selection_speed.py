@@ -1,7 +1,7 @@
 """TokenButler's group-mean scores on the CPU: torch (batched matmul, softmax, mean) against the native
 kernel (offload_engine/native) on float32 keys and on bfloat16 keys (what the engine stores for a float32
 model on the CPU), per producer, side by side in one run; and the producer's query network on one token
-(``LayerNorm -> Linear -> SiLU -> Linear``), torch against the native kernel, weights cold.
+(``LayerNorm -> Linear -> SiLU -> Linear``), torch against the native kernel, cycling 15 producers' weights.
 
     python -m tbrun_bench.selection_speed --out bench/reports/selection_cpu
 
@@ -94,7 +94,7 @@ def measure(args) -> dict:
 
 @torch.no_grad()
 def measure_network(name: str, hidden: int, inner: int, outputs: int, args) -> dict:
-    """One token through ``PRODUCERS`` producers' query networks in turn (weights cold): torch's modules
+    """One token through ``PRODUCERS`` producers' query networks in turn: torch's modules
     against ``SelectionKernels.query_mlp`` on the same weights."""
     torch.manual_seed(hidden)
     networks = [query_mlp(hidden, inner, outputs).eval() for _ in range(PRODUCERS)]
@@ -140,7 +140,9 @@ def to_markdown(report: dict) -> str:
         "widened as they are read.", "",
         "## The query network, one token per producer", "",
         "A producer's importance queries at a decode step: `LayerNorm(E) -> Linear(E, I) -> SiLU -> Linear(I, out)` "
-        f"on one token, each call on the next of {s['producers_cycled']} producers' networks (weights cold), torch's "
+        f"on one token, each call on the next of {s['producers_cycled']} producers' networks (SmolLM2's 15 hold 6.6 "
+        "MiB of weights, which a large last-level cache may keep; in a decode step the model's layers pass between "
+        "two producers and evict them), torch's "
         "modules against the native kernel (`tbrun_query_mlp`: the rows of each matrix streamed in order), both in "
         "float32. Median ms per call.", "",
         markdown_table(["shape", "E x I x out", "weights MiB", "torch ms", "native ms", "speed-up", "max abs difference"],

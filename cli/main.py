@@ -29,7 +29,8 @@ def configure(
     threads: Optional[int] = typer.Option(
         None, "--threads", help="Torch CPU threads (before the command: tbrun --threads 2 generate ...). Default: "
         "$OMP_NUM_THREADS, else the usable cores less those other processes keep busy (one thread more than the "
-        "free cores makes every CPU kernel wait for a descheduled thread)."),
+        "free cores makes every CPU kernel wait for a descheduled thread). tbrun's native selection kernels run on "
+        "one thread whatever this is; TBRUN_NATIVE_THREADS=N splits their rows among N."),
 ) -> None:
     """Long-context LLM inference with the KV cache in host memory and learned token selection."""
     from offload_engine import native

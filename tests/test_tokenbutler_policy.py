@@ -134,21 +134,39 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_
         torch.testing.assert_close(policy.score(layer, None, candidates), plan[layer])  # the per-layer path
 
 
-def test_decode_queries_come_from_the_native_query_network_where_it_is_built():
+def test_decode_queries_come_from_the_native_query_network_where_it_is_built(monkeypatch):
     """On the CPU with the native kernels, a float32 predictor's decode-step queries come from the kernel and
-    equal the predictor's own; a rotating predictor keeps the torch path (its queries turn by position)."""
+    equal the predictor's own, the last producer's (one consumer) too; weights replaced after bind are the
+    ones used; without the kernels the torch path answers; a rotating predictor keeps the torch path."""
     from offload_engine import native
 
-    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=5))
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))  # producers 0 (layers 1-2) and 2 (layer 3)
     policy = bound_policy(adapter)
     if native.kernels() is None:
         assert policy._native_mlps == {}
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     assert sorted(policy._native_mlps) == [0, 2]
+    predictor = policy.predictor
+    with torch.no_grad():  # a norm that is not the identity, so its weight and bias are tested too
+        for network in predictor.queries:
+            network[0].weight.normal_(1.0, 0.5)
+            network[0].bias.normal_(0.0, 0.5)
     x = torch.randn(adapter.dims.hidden_size) * 3
-    for producer in (0, 2):
-        torch.testing.assert_close(policy._importance_queries(producer, x, 7),
-                                   policy.predictor.importance_queries(producer, x, 7), rtol=1e-4, atol=1e-5)
+    for producer, consumers in ((0, 2), (2, 1)):
+        got = policy._importance_queries(producer, x, 7)
+        assert got.shape == (consumers, adapter.dims.num_heads, 8)
+        torch.testing.assert_close(got, predictor.importance_queries(producer, x, 7), rtol=1e-4, atol=1e-5)
+    replacement = {name: torch.randn_like(value) for name, value in predictor.state_dict().items()}
+    predictor.load_state_dict(replacement, assign=True)  # new parameter tensors after bind
+    torch.testing.assert_close(policy._importance_queries(0, x, 7), predictor.importance_queries(0, x, 7),
+                               rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("TBRUN_NATIVE", "0")  # kernels switched off after bind: the predictor answers
+    native.reset()
+    try:
+        torch.testing.assert_close(policy._importance_queries(0, x, 7), predictor.importance_queries(0, x, 7))
+    finally:
+        monkeypatch.delenv("TBRUN_NATIVE")
+        native.reset()
     assert bound_policy(adapter, rope_pairs=2)._native_mlps == {}
 
 

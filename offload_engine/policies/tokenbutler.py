@@ -174,7 +174,7 @@ class TokenButlerPolicy(Policy):
         self.score_kind = "mass" if self.group_reduction == "mean" else "logit"
         self.cache: ProjectedKeyCache | None = None
         self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
-        self._native_mlps: dict[int, tuple] = {}  # producer -> native_query_mlps' arguments
+        self._native_mlps: dict[int, tuple] = {}  # producer -> its query network's modules (native_query_mlps)
 
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
@@ -259,12 +259,18 @@ class TokenButlerPolicy(Policy):
 
     def _importance_queries(self, producer: int, x: torch.Tensor, position: int) -> torch.Tensor:
         """x ``[E]`` -> ``[Lg, H, d']``: the predictor's queries, through the native kernel where it applies
-        (``native_query_mlps``), else the predictor itself."""
-        weights = self._native_mlps.get(producer)
-        if weights is None or x.numel() != x.shape[-1] or x.dtype != torch.float32:
+        (``native_query_mlps``), else the predictor itself. The weights are read from the predictor's
+        modules at every call, so a predictor whose parameters were replaced since ``bind`` is still the
+        one that answers."""
+        modules = self._native_mlps.get(producer)
+        kernels = native.kernels() if modules is not None and x.dim() == 1 else None
+        if kernels is None:
             return self.predictor.importance_queries(producer, x, position)
+        norm, first, second = modules
         c = self.predictor.config
-        out = native.kernels().query_mlp(x.reshape(-1).contiguous(), *weights)
+        out = kernels.query_mlp(x.to(torch.float32).contiguous(), norm.weight.detach(),
+                                None if norm.bias is None else norm.bias.detach(), float(norm.eps),
+                                first.weight.detach(), second.weight.detach())
         return out.view(len(c.consumers(producer)), c.num_heads, c.dim)
 
     @torch.no_grad()
@@ -312,11 +318,11 @@ class TokenButlerPolicy(Policy):
 
 
 def native_query_mlps(predictor: TokenButlerPredictor) -> dict[int, tuple]:
-    """Per producer, the arguments of the native query network (``SelectionKernels.query_mlp``: norm weight,
-    norm bias, eps, W1, W2, views of the predictor's own float32 weights), where the native kernels are
-    built and the predictor is a float32 one on the CPU without rotation; else empty (the torch path).
-    One decode token's queries take 0.2 ms in torch with the weights out of the caches (as every step
-    leaves them), tens of microseconds in the kernel."""
+    """Per producer, the modules of its query network (``LayerNorm``, first ``Linear``, second ``Linear``)
+    for the native kernel (``SelectionKernels.query_mlp``, which checks their weights are float32 on the
+    CPU at every call), where the native kernels are built and the predictor is a float32 one on the CPU
+    without rotation; else empty (the torch path). One decode token's queries take 0.2 ms in torch with
+    the weights out of the caches (as every step leaves them), tens of microseconds in the kernel."""
     kernels = native.kernels()
     if (kernels is None or predictor.key_proj.device.type != "cpu" or predictor.key_proj.dtype != torch.float32
             or predictor.config.uses_positions):
@@ -324,8 +330,7 @@ def native_query_mlps(predictor: TokenButlerPredictor) -> dict[int, tuple]:
     out = {}
     for index, producer in enumerate(predictor.config.producers):  # queries[i] is producers[i]'s network
         norm, first, _, second = predictor.queries[index]
-        out[producer] = (norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), float(norm.eps),
-                         first.weight.detach(), second.weight.detach())
+        out[producer] = (norm, first, second)
     return out
 
 

@@ -2,8 +2,9 @@
 // call per producer each), and the fetch of a layer's selected K and V (one call per layer).
 //
 // Built at first use by offload_engine/native/__init__.py (g++ -O3 -march=native, cached by source,
-// compiler and CPU), called through ctypes with raw pointers. The scores and the top-k split rows among
-// threads; the residency update and the gather do where the plan is large enough to pay for them.
+// compiler and CPU), called through ctypes with raw pointers. Given threads > 1 (the wrappers pass
+// $TBRUN_NATIVE_THREADS, default 1), the scores and the top-k split rows among them; the residency update
+// and the gather do where the plan is large enough to pay for them.
 //
 // tbrun_group_mean_scores: for each row r (a (layer, KV head) pair), g query heads of d' dims against
 // the row's compact keys stored dimension-major (key dim j of token t at keys[r * row_stride + j * dim_stride + t]):
@@ -503,7 +504,7 @@ template <typename Key>
 void group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
                        int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads) {
     split_rows(rows, threads, [=](int64_t worker, int64_t first, int64_t last) {
-        RowWork work;
+        thread_local RowWork work;  // grown once per thread, not allocated per call
         float* scratch = buffer + worker * g * m;
         for (int64_t r = first; r < last; ++r)
             score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, scratch, work);
@@ -607,8 +608,7 @@ int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_
                            int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
     std::atomic<int> status{0};
     auto update_rows = [=, &status](int64_t, int64_t first, int64_t last) {
-        std::vector<int64_t> missing;
-        missing.reserve(static_cast<size_t>(k));
+        thread_local std::vector<int64_t> missing;  // update_row clears it per row; grown once per thread
         thread_local std::vector<uint64_t> wanted;  // update_row's bitmap: zeros between calls
         const size_t words = static_cast<size_t>((of_stride + 63) / 64);  // of_stride >= capacity + 1
         if (wanted.size() < words) wanted.resize(words, 0);

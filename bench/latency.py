@@ -60,9 +60,14 @@ class LatencySettings:
     repeats: int = 1  # rounds over every variant of a context; each row keeps its fastest round
     predictor_shape: str = "4:512:16"  # G:I:d' of tokenbutler's random-weight predictor (the reference sizes)
     refresh_layers: str = ""  # also run each interval > 1 with these layers selecting at every step
+    # CPU: offload modes copy (and tokenbutler selects) on one more thread; dense-gpu, which copies nothing,
+    # gets one more torch thread instead, so that every mode uses the same cores
+    copy_thread: bool = False
 
     def __post_init__(self) -> None:
         parse_layers(self.refresh_layers)
+        if self.copy_thread and torch.device(self.device).type != "cpu":
+            raise ConfigError("--copy-thread is for --device cpu (on CUDA copies have a stream of their own).")
         unknown = [m for m in self.modes if m not in DENSE_MODES and not m.endswith("-offload")]
         if unknown:
             raise ConfigError(f"--modes {', '.join(unknown)}: use dense-gpu, dense-offload or <policy>-offload.")
@@ -168,7 +173,9 @@ def engine_config(variant: Variant, context: int, settings: LatencySettings) -> 
     common = dict(context=context, device=settings.device, allow_rope_scaling=True, profile=True,
                   synthetic_kv=settings.synthetic_kv)
     if variant.policy is None:
-        return EngineConfig(mode=DENSE_MODES[variant.mode], **common)
+        copies = settings.copy_thread and DENSE_MODES[variant.mode] is KVMode.DENSE_OFFLOAD
+        return EngineConfig(mode=DENSE_MODES[variant.mode], copy_thread=copies, **common)
+    common["copy_thread"] = settings.copy_thread
     selection = SelectionConfig(policy=variant.policy, budget=Budget(tokens=settings.budget),
                                 interval=variant.interval, neighbors=NEIGHBORS_ON if variant.neighbors else 0,
                                 refresh_layers=variant.refresh)
@@ -180,12 +187,16 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
     row = {"context": context, "mode": variant.mode, "label": variant.label, "interval": variant.interval,
            "neighbors": variant.neighbors, "refresh_layers": variant.refresh, "status": "ok", "reason": ""}
     device = torch.device(settings.device)
+    threads = torch.get_num_threads()
     try:
         policy = build_policy_for(variant, adapter, settings.predictor_shape) if variant.policy else None
         config = engine_config(variant, context, settings)
         engine = Engine(adapter, config, policy=policy, gather_method=settings.gather_method)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if settings.copy_thread and not config.copy_thread:  # the core the copy thread would take: the model's
+            torch.set_num_threads(threads + 1)
+        row.update(model_threads=torch.get_num_threads(), copy_thread=config.copy_thread)
         result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True))
         row.update(measurements(result.stats, adapter, context, settings, variant))
     except PolicyUnavailable as exc:
@@ -196,6 +207,7 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
         traceback.print_exc()
         row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
     finally:
+        torch.set_num_threads(threads)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -391,7 +403,9 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
     }
 
 
-SAME_SETUP = ("arch", "model", "device", "budget", "decode_steps", "warmup", "gather_method", "predictor_shape")
+SAME_SETUP = ("arch", "model", "device", "budget", "decode_steps", "warmup", "gather_method", "predictor_shape",
+              "copy_thread")
+ADDED_LATER = {"copy_thread": False}  # settings older reports do not record: what they ran with
 
 
 def previous_report(path: Path, settings: LatencySettings) -> tuple[list[dict], list[dict]]:
@@ -400,7 +414,8 @@ def previous_report(path: Path, settings: LatencySettings) -> tuple[list[dict], 
         return [], []
     previous = json.loads(path.read_text())
     mine = asdict(settings)
-    differs = [key for key in SAME_SETUP if previous.get("settings", {}).get(key) != mine[key]]
+    earlier = previous.get("settings", {})
+    differs = [key for key in SAME_SETUP if earlier.get(key, ADDED_LATER.get(key)) != mine[key]]
     if differs:
         raise ConfigError(f"--append: {path} was made with different {', '.join(differs)}; "
                           "use another --out, or run without --append to replace it.")

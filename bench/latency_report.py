@@ -91,6 +91,14 @@ def to_markdown(report: dict) -> str:
     if s.get("repeats", 1) > 1:
         lines += ["", f"Each mode ran {s['repeats']} times, interleaved with the others; its row is its fastest round "
                   "(all rounds' medians are in the JSON as `round_medians_ms`)."]
+    if s.get("copy_thread"):
+        threads = sorted({row.get("model_threads") for row in report["rows"] if row.get("model_threads")})
+        lines += ["", "`--copy-thread`: every mode used the same cores. The offload modes ran the model on "
+                  f"{min(threads, default='?')} torch thread(s) and their copies on one more thread (tokenbutler's "
+                  "selections too, made there ahead of their copies, as a GPU's copy engine and side stream would); "
+                  f"dense-gpu, which copies nothing, ran the model on {max(threads, default='?')} torch threads. Work "
+                  "on the copy thread is off the step's path: it is not in `selection` or `copy`, and `wait` is the "
+                  "time the step stalled for it."]
     if s.get("synthetic_kv"):
         lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
                   "decode step's time does not depend on the values, and prefill s is the fill time."]

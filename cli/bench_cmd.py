@@ -48,6 +48,9 @@ def latency(
                                         "reference sizes; 2:128:16: the shipped SmolLM2-135M predictor."),
     refresh_layers: str = typer.Option("", "--refresh-layers", help="Also run every interval > 1 with these layers "
                                        "selecting at every step (e.g. 20-23)."),
+    copy_thread: bool = typer.Option(False, "--copy-thread", help="CPU: offload modes copy (tokenbutler also "
+                                     "selects) on one more thread while the model computes; dense-gpu gets one "
+                                     "more torch thread instead, so every mode uses the same cores."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for the report files."),
     append: bool = typer.Option(False, "--append", help="Keep the other contexts already in the report at --out "
                                 "(measure long contexts in separate commands, get one report)."),
@@ -60,7 +63,7 @@ def latency(
         budget=budget, intervals=[_int(i, "--interval") for i in _split(interval)],
         neighbors=[_on_off(n) for n in _split(neighbors)], decode_steps=decode_steps, warmup=warmup,
         device=_device(device), gather_method=gather_method, seed=seed, synthetic_kv=synthetic_kv,
-        repeats=repeats, predictor_shape=predictor_shape, refresh_layers=refresh_layers,
+        repeats=repeats, predictor_shape=predictor_shape, refresh_layers=refresh_layers, copy_thread=copy_thread,
     )
     report = run_latency(settings, out, log=lambda msg: err_console.print(msg, style="dim", markup=False),
                          append=append)

@@ -40,6 +40,9 @@ INTERVAL = typer.Option(1, "--interval", help="Predict every N steps, reuse the 
 REFRESH_LAYERS = typer.Option("", "--refresh-layers",
                               help="With --interval N > 1: layers that still select at every step, e.g. 14-23 "
                                    "(those whose selection drifts fastest).")
+COPY_THREAD = typer.Option(False, "--copy-thread/--no-copy-thread",
+                           help="CPU offload: run the copies, and tokenbutler's selections ahead of them, on one more "
+                                "thread while the model computes (for a core that --threads leaves free).")
 NEIGHBORS = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one.")
 NEIGHBOR_RULE = typer.Option("radius", "--neighbor-rule",
                              help="radius (--neighbors N), or runs: after each run of c selected, the next c.")
@@ -69,6 +72,7 @@ class EngineOptions:
     dtype: Optional[str]
     allow_rope_scaling: bool
     refresh_layers: str = ""
+    copy_thread: bool = False
 
 
 def generate(
@@ -94,13 +98,15 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
     allow_rope_scaling: bool = ALLOW_ROPE_SCALING,
+    copy_thread: bool = COPY_THREAD,
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics as JSON here."),
 ) -> None:
     """Generate text for a prompt, streaming tokens, then print a summary of the run."""
     text = read_prompt(prompt, prompt_file)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
-                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers))
+                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
+                                        copy_thread))
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
     _print_summary(result, _sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype,
@@ -129,7 +135,7 @@ def build_engine(o: EngineOptions) -> Engine:
         interval=o.interval, neighbors=o.neighbors, neighbor_rule=o.neighbor_rule, refresh_layers=o.refresh_layers,
     )
     config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
-                          allow_rope_scaling=o.allow_rope_scaling)
+                          allow_rope_scaling=o.allow_rope_scaling, copy_thread=o.copy_thread)
     _check_fits(dims, capacity, torch_dtype, torch_device, mode, o.allow_rope_scaling)
     adapter = load_model(source, dtype=torch_dtype, device=device_name)
     return Engine(adapter, config, policy=policy_object)

@@ -181,6 +181,10 @@ class EngineConfig:
     # Count the tokens each decode step attends (sparse offload: one device-side sum per layer, read
     # once per call) for the attended share in stats and ContinuationScore; off costs nothing.
     count_attended: bool = False
+    # Offload modes on the CPU: copies (and tokenbutler's selections, made ahead of them) run on one more
+    # thread while the model goes on with earlier layers, as a GPU's copy engine does: for a machine with
+    # a core the model's own threads (--threads) leave free. On CUDA the copies have their own stream.
+    copy_thread: bool = False
 
     def __post_init__(self) -> None:
         self.context = parse_context(self.context)
@@ -194,6 +198,9 @@ class EngineConfig:
             raise ConfigError(
                 f"--budget {budget.tokens} is larger than --context {self.context}: lower the budget."
             )
+        if self.copy_thread and self.device != "cpu":
+            raise ConfigError(f"--copy-thread is for --device cpu; on {self.device} the copies run on a CUDA stream "
+                              "of their own: drop --copy-thread.")
         sparse = self.mode is KVMode.SPARSE_OFFLOAD
         if sparse and self.selection.sinks + self.selection.window > self.context:
             raise ConfigError("--sinks + --window exceed --context: lower them.")

@@ -248,9 +248,10 @@ class Engine:
         if self.config.mode is KVMode.DENSE_DEVICE:
             return DenseDeviceKV(dims, capacity, dtype, self.device)
         if self.config.mode is KVMode.DENSE_OFFLOAD:
-            return DenseOffloadKV(dims, capacity, dtype, self.device, clock)
+            return DenseOffloadKV(dims, capacity, dtype, self.device, clock, copy_thread=self.config.copy_thread)
         return SparseOffloadKV(self.adapter, capacity, self.config.selection, self.policy, self.device,
-                               self.gather_method, clock, count_attended=self.config.count_attended)
+                               self.gather_method, clock, count_attended=self.config.count_attended,
+                               copy_thread=self.config.copy_thread)
 
     def _prefill(self, prompt: list[int], backend: KVBackend, stats: GenerationStats,
                  on_prefill: ProgressCallback | None, record: PrefillRecord | None = None) -> torch.Tensor:

@@ -11,6 +11,9 @@
   need not add up to the step. ``wait`` brackets the compute stream's wait for a layer's copies,
   i.e. the time it stalled.
 
+With a copy thread on the CPU (``EngineConfig.copy_thread``) the copies, and the selections made
+there, run off the step's path: they are not timed, and ``wait`` is the time the step stalled for them.
+
 Phases: ``selection`` (policy bookkeeping of the new token, predictor, top-k, residency),
 ``copy`` (gathers of selected tokens, or whole layers in dense offload), ``wait`` (compute
 waiting for copies), ``attention`` (decode attention). ``rest`` is the step minus those.
@@ -18,6 +21,7 @@ waiting for copies), ``attention`` (decode attention). ``rest`` is the step minu
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -31,13 +35,15 @@ class PhaseClock:
 
     def __init__(self, enabled: bool = False, device: torch.device | None = None):
         self.enabled = enabled
+        # phases are the step's own: work another thread does meanwhile (a copy thread) is not timed
+        self._thread = threading.get_ident()
         self.cuda = enabled and device is not None and device.type == "cuda"
         self._seconds = dict.fromkeys(PHASES, 0.0)
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def phase(self, name: str):
         """Context manager timing ``name`` (a no-op when the clock is off)."""
-        if not self.enabled:
+        if not self.enabled or threading.get_ident() != self._thread:
             return nullcontext()
         return self._timed(name)
 

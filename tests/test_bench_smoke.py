@@ -102,6 +102,34 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
     assert "a producer every 2 layers, hidden width 32, d' 8" in markdown
 
 
+def test_cpu_latency_with_a_copy_thread_gives_every_mode_the_same_cores(tmp_path):
+    """--copy-thread: the offload modes copy (tokenbutler also selects) on one more thread; dense-gpu runs
+    the model on one more torch thread instead; the report says so, and torch's thread count is restored."""
+    out = tmp_path / "copy-thread"
+    threads = torch.get_num_threads()
+    result = runner.invoke(app, [
+        "bench", "latency", "--arch", "tiny-llama", "--contexts", "512", "--budget", "96", "--decode-steps", "2",
+        "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--interval", "1", "--neighbors", "off",
+        "--modes", "dense-gpu,dense-offload,tokenbutler-offload", "--out", str(out), "--predictor-shape", "2:32:8",
+        "--copy-thread",
+    ])
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == threads
+    report = json.loads((out / "latency-tiny-llama-cpu.json").read_text())
+    assert report["settings"]["copy_thread"]
+    rows = {row["mode"]: row for row in report["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert rows["dense-gpu"]["model_threads"] == threads + 1 and not rows["dense-gpu"]["copy_thread"]
+    for mode in ("dense-offload", "tokenbutler-offload"):
+        assert rows[mode]["model_threads"] == threads and rows[mode]["copy_thread"]
+        assert rows[mode]["breakdown"]["copy"]["ms_per_step"] == 0  # off the step's path
+    assert "`--copy-thread`: every mode used the same cores" in (out / "latency-tiny-llama-cpu.md").read_text()
+    from tbrun_bench.latency import LatencySettings
+
+    with pytest.raises(ConfigError, match="--copy-thread is for --device cpu"):
+        LatencySettings(contexts=[512], device="cuda", copy_thread=True)
+
+
 def test_latency_cli_refuses_bad_options_clearly(tmp_path):
     result = runner.invoke(app, ["bench", "latency", "--arch", "no-such-arch", "--contexts", "256",
                                  "--device", "cpu", "--out", str(tmp_path)])

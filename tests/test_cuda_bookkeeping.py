@@ -315,7 +315,8 @@ def forced_cuda_bookkeeping(monkeypatch):
 
     prefetchers = []
 
-    def cuda_prefetcher(device, layers):
+    def cuda_prefetcher(device, layers, copy_thread=False):
+        assert not copy_thread, "CUDA copies run on a copy stream, never on a copy thread"
         prefetchers.append(Prefetcher(device, layers, streams=SettledCudaStreams()))
         return prefetchers[-1]
 

@@ -387,3 +387,85 @@ def test_the_native_query_network_refuses_shapes_that_do_not_chain(fresh_native)
         kernels.query_mlp(torch.randn(8), torch.ones(8), None, 1e-5, torch.randn(4, 9), torch.randn(3, 4))
     with pytest.raises(TypeError, match="float32"):
         kernels.query_mlp(torch.randn(8).double(), torch.ones(8), None, 1e-5, torch.randn(4, 8), torch.randn(3, 4))
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layers, kv_heads, group, dim, tokens, lo, keep, slots", [
+    (2, 3, 3, 16, 5000, 4, 480, 500),   # SmolLM2's producer at G = 2: a long row, the sampled top-k cut
+    (1, 2, 7, 8, 300, 2, 40, 40),       # Qwen2.5's group of 7, every slot used
+    (3, 1, 1, 5, 37, 1, 30, 64),        # one query head, odd d', a scalar tail, keep close to the candidates
+])
+def test_one_call_selects_and_places_what_the_three_calls_do(layers, kv_heads, group, dim, tokens, lo, keep, slots,
+                                                              dtype, threads, fresh_native, monkeypatch):
+    """ResidencyMap.select (scores, top-k and residency update in one native call) against the steps it
+    replaces (the scores kernel, topk_positions, ResidencyMap.update), step after step on two maps: the
+    same plans, slot maps and masks. The query drifts a little each step, so part of the selection stays."""
+    from offload_engine.selection.ranking import topk_positions
+    from offload_engine.selection.residency import ResidencyMap
+    from offload_engine.selection.scores import MeanAttentionScores
+
+    monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))
+    generator = torch.Generator().manual_seed(tokens + keep)
+    rows, capacity = layers * kv_heads, tokens + 40
+    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
+    cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    fused_map, reference_map = (ResidencyMap(rows + 2, slots, torch.device("cpu"), capacity) for _ in range(2))
+    part = slice(1, rows + 1)  # the producer's rows inside a bigger bank
+    query = torch.randn(layers, kv_heads, group, dim, generator=generator)
+    for step in range(5):
+        query = query + 0.3 * torch.randn(query.shape, generator=generator)
+        hi = tokens - 6 + step  # the sequence grows
+        scores = MeanAttentionScores(query, cache.columns(range(1, layers + 1), 0, hi + 3), lo, hi)
+        fused = fused_map.select(scores, keep, part)
+        chosen = topk_positions(scores.compute(), keep, lo, ordered=False).flatten(0, 1)
+        reference = reference_map.update(chosen, part)
+        assert fused is not None
+        for field in ("positions", "slots", "counts"):
+            assert torch.equal(getattr(fused, field), getattr(reference, field)), (step, field)
+        for field in ("slot_pos", "slot_of", "active"):
+            assert torch.equal(getattr(fused_map, field), getattr(reference_map, field)), (step, field)
+        assert 0 < int(fused.counts.sum()) <= rows * keep
+
+
+@needs_compiler
+def test_one_call_selection_declines_what_it_does_not_do(fresh_native, monkeypatch):
+    """None, with the map untouched, where the caller must take the separate steps: nothing to keep, more
+    than the slots, positions past the map's capacity, a map kept off the host, the kernels switched off."""
+    from offload_engine.selection.residency import ResidencyMap
+    from offload_engine.selection.scores import MeanAttentionScores
+
+    keys = torch.randn(1, 2, 8, 100)
+    scores = MeanAttentionScores(torch.randn(1, 2, 2, 8), keys, 4, 90)
+    rmap = ResidencyMap(2, 16, torch.device("cpu"), 128)
+    before = rmap.slot_pos.clone()
+    assert rmap.select(scores, 0, slice(None)) is None
+    assert rmap.select(scores, 17, slice(None)) is None  # more than the 16 slots
+    assert ResidencyMap(2, 16, torch.device("cpu"), 80).select(scores, 8, slice(None)) is None  # hi 90 > 80
+    assert ResidencyMap(2, 16, torch.device("cpu"), 128, on_host=False).select(scores, 8, slice(None)) is None
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
+    native.reset()
+    assert rmap.select(scores, 8, slice(None)) is None
+    assert torch.equal(rmap.slot_pos, before) and rmap.appending
+    monkeypatch.setenv("TBRUN_NATIVE", "1")
+    native.reset()
+    assert rmap.select(scores, 8, slice(None)).counts.tolist() == [8, 8]
+
+
+def test_one_call_selection_refuses_bad_arguments(fresh_native):
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    import numpy as np
+
+    queries, keys = torch.randn(2, 3, 8), torch.randn(2, 8, 50)
+    tables = (np.full((2, 9), -1), np.full((2, 61), -1, dtype=np.int32), np.zeros((2, 9), dtype=bool))
+    with pytest.raises(ValueError, match="needs 0 < keep <= hi - lo"):
+        kernels.select_rows(queries, keys, 4, 10, 7, *tables)  # 7 of 6 candidates
+    with pytest.raises(ValueError, match="needs 0 < keep <= hi - lo"):
+        kernels.select_rows(queries, keys, 4, 40, 9, *tables)  # 9 of 8 slots
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.select_rows(queries, torch.randn(2, 4, 50), 4, 40, 5, *tables)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.select_rows(queries.double(), keys, 4, 40, 5, *tables)

@@ -12,6 +12,7 @@ from offload_engine.errors import ConfigError
 from offload_engine.models import ModelAdapter
 from offload_engine.policies import build_policy
 from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+from offload_engine.selection.scores import MeanAttentionScores
 
 from tiny_models import tiny_model
 
@@ -95,10 +96,11 @@ def test_refresh_layers_select_every_step_and_the_others_reuse(adapter):
     scored: list[tuple[int, range, int]] = []  # (producer, layers scored, score rows)
     plan = policy.plan
 
-    def recording_plan(layer, *a):
-        layers, scores = plan(layer, *a)
+    def recording_plan(layer, *a, **kw):
+        layers, scores = plan(layer, *a, **kw)
         planned.append(layer)
-        scored.append((layer, layers, scores.shape[0]))
+        rows = scores.queries if isinstance(scores, MeanAttentionScores) else scores  # described or computed
+        scored.append((layer, layers, rows.shape[0]))
         return layers, scores
 
     policy.plan = recording_plan
@@ -142,7 +144,7 @@ def test_predictive_scores_come_in_one_batched_call_per_producer(adapter):
     policy = make_policy(adapter, "tokenbutler")
     calls = {"plan": 0, "score": 0}
     plan, score = policy.plan, policy.score
-    policy.plan = lambda *a: (calls.__setitem__("plan", calls["plan"] + 1), plan(*a))[1]
+    policy.plan = lambda *a, **kw: (calls.__setitem__("plan", calls["plan"] + 1), plan(*a, **kw))[1]
     policy.score = lambda *a: (calls.__setitem__("score", calls["score"] + 1), score(*a))[1]
     config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6)
     engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
@@ -155,7 +157,7 @@ def test_predictive_scores_come_in_one_batched_call_per_producer(adapter):
 def test_while_everything_fits_nothing_is_scored_and_decoding_equals_dense(adapter, spec):
     policy = make_policy(adapter, spec)
 
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise AssertionError("scored although every candidate fits in the budget")
 
     policy.score = policy.plan = refuse
@@ -258,3 +260,24 @@ def test_no_device_value_is_read_on_the_host_inside_a_decode_step(adapter, spec,
     engine._decode_step = guarded_step
     result = engine.generate(list(range(1, PROMPT + 1)), SamplingConfig(max_new_tokens=6, ignore_eos=True))
     assert len(result.token_ids) == 6 and sum(result.stats.h2d_bytes) > 0
+
+
+@pytest.mark.parametrize("neighbors, fused", [({}, True), ({"neighbors": 1}, False), ({"neighbor_rule": "runs"}, False)])
+def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(adapter, neighbors, fused, monkeypatch):
+    """On the CPU with the native kernels, tokenbutler's producers score, rank and place their layers in one
+    call (ResidencyMap.select) when the selection is the top-k as it is; a neighbour rule needs the ranked
+    positions, so it keeps the separate steps (and selects what the per-layer path selects: above)."""
+    from offload_engine import native
+
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    calls = []
+    original = type(kernels).select_rows
+    monkeypatch.setattr(type(kernels), "select_rows", lambda self, *a: calls.append(1) or original(self, *a))
+    _, tokens = selections(adapter, "tokenbutler", True, **neighbors)
+    producers = sum(make_policy(adapter, "tokenbutler").predictor.is_producer(layer) for layer in range(5))
+    assert len(tokens) == NEW
+    assert (len(calls) > 0) == fused
+    if fused:  # every prediction step (once the candidates outgrow the budget), every producer
+        assert len(calls) % producers == 0 and len(calls) >= producers

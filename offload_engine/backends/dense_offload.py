@@ -25,7 +25,7 @@ class DenseOffloadKV(KVBackend):
     """Host store + double-buffered device staging ``[2][capacity, KvH, D]`` for K and for V."""
 
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device,
-                 clock: PhaseClock | None = None):
+                 clock: PhaseClock | None = None, copy_thread: bool = False):
         self.dims, self.capacity, self.dtype, self.device = dims, capacity, dtype, device
         self.global_layers = dims.global_layers(capacity)
         self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=self.global_layers)
@@ -34,7 +34,7 @@ class DenseOffloadKV(KVBackend):
         # the global layer after each global layer (prefetch order), and each one's staging buffer
         self._next = dict(zip(self.global_layers, self.global_layers[1:]))
         self._buffer = {layer: i % 2 for i, layer in enumerate(self.global_layers)}
-        self.prefetcher = Prefetcher(device, dims.num_layers)
+        self.prefetcher = Prefetcher(device, dims.num_layers, copy_thread=copy_thread)
         self.clock = clock or PhaseClock()
         self.stage_k: list[torch.Tensor] = []
         self.stage_v: list[torch.Tensor] = []
@@ -134,7 +134,7 @@ class DenseOffloadKV(KVBackend):
         return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v) + self.local.nbytes
 
     def close(self) -> None:
-        self.prefetcher.drain()
+        self.prefetcher.close()
         self.stage_k, self.stage_v = [], []
         self.local.close()
         self.host.close()

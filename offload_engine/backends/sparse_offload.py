@@ -40,7 +40,7 @@ from ..cpu_cache.working_set import WorkingSet
 from ..models import ModelAdapter
 from ..policies.base import Policy, PolicyContext
 from ..profiling import PhaseClock
-from ..selection import Orders, SelectionPlanner, Selector
+from ..selection import DeferredRows, FetchPlan, Orders, SelectionPlanner, Selector
 from .base import DecodeKV, KVBackend
 from .dense_device import check_device_memory
 from .local_window import LocalRings
@@ -51,7 +51,7 @@ class SparseOffloadKV(KVBackend):
 
     def __init__(self, adapter: ModelAdapter, capacity: int, selection: SelectionConfig, policy: Policy,
                  device: torch.device, gather_method: str | None = None, clock: PhaseClock | None = None,
-                 batched: bool = True, count_attended: bool = False):
+                 batched: bool = True, count_attended: bool = False, copy_thread: bool = False):
         dims, dtype = adapter.dims, adapter.dtype
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
@@ -71,11 +71,13 @@ class SparseOffloadKV(KVBackend):
         )
         self.planner = SelectionPlanner(selector, policy, self.working_set, selection.interval, batched=batched,
                                         refresh=selection.refresh_layers)
-        self.prefetcher = Prefetcher(device, dims.num_layers)
+        self.prefetcher = Prefetcher(device, dims.num_layers, copy_thread=copy_thread)
+        self.planner.defer = copy_thread  # the copy thread also makes the selections it can, ahead of their copies
         self.gather_method = gather_method or default_gather_method(device)
         self._fragment_bytes = 2 * dims.head_dim * torch.empty((), dtype=dtype).element_size()
         self._step = 0
         self._moved_on_host: list[int] = []  # fragments per step, counts known on the host
+        self._moved_on_thread: dict[int, int] = {}  # step -> fragments of the selections the copy thread made
         self._moved_on_device = torch.zeros(capacity + 1, dtype=torch.long, device=device)  # per step
         self._exact_upto = 0  # positions [0, n) hold the K/V a dense prefill of their tokens computes
         # attended tokens summed over the steps and the KV heads of every layer but the sliding-window ones
@@ -149,13 +151,24 @@ class SparseOffloadKV(KVBackend):
         for fetch in orders.fetches:
             self._copy(fetch.layer, fetch.plan)
 
-    def _copy(self, layer: int, plan) -> None:
+    def _copy(self, layer: int, plan: FetchPlan | DeferredRows) -> None:
         bank = self.working_set.bank_of[layer]
         host_k, host_v = self.host.keys[layer], self.host.values[layer]
         keys, values = bank.selected_keys(layer), bank.selected_values(layer)
+        if isinstance(plan, DeferredRows):  # the copy thread selects first (planner.defer), then copies
+            step, moved = self._step, self._moved_on_thread
+
+            def select_and_copy() -> None:
+                rows = plan.resolve()
+                moved[step] = moved.get(step, 0) + int(rows.counts.sum())  # only this thread writes it
+                gather_pairs(((host_k, keys), (host_v, values)), rows.positions, rows.slots, self.gather_method,
+                             rows.counts)
+
+            self.prefetcher.issue(layer, select_and_copy)
+            return
 
         def copy() -> None:
-            with self.clock.phase("copy"):
+            with self.clock.phase("copy"):  # (not timed on a copy thread: off the step's path)
                 gather_pairs(((host_k, keys), (host_v, values)), plan.positions, plan.slots, self.gather_method,
                              plan.counts)
 
@@ -176,8 +189,10 @@ class SparseOffloadKV(KVBackend):
         return int(self._attended) / self._attendable  # the one read-back
 
     def h2d_bytes_per_step(self) -> list[int]:
+        self.prefetcher.drain()  # the copy thread's counts are complete
         on_device = self._moved_on_device[: self._step].tolist()  # the one read-back, at the end
-        return [(host + dev) * self._fragment_bytes for host, dev in zip(self._moved_on_host, on_device)]
+        return [(host + dev + self._moved_on_thread.get(step, 0)) * self._fragment_bytes
+                for step, (host, dev) in enumerate(zip(self._moved_on_host, on_device))]
 
     # ------------------------------------------------------------------------- prefix reuse
     def cannot_rewind(self) -> str:
@@ -199,7 +214,7 @@ class SparseOffloadKV(KVBackend):
         self._restore_fixed(length)
         self.policy.rewind(length)
         self.planner.reset()
-        self._step, self._moved_on_host = 0, []
+        self._step, self._moved_on_host, self._moved_on_thread = 0, [], {}
         self._moved_on_device.zero_()
         if self._attended is not None:
             self._attended.zero_()
@@ -239,7 +254,7 @@ class SparseOffloadKV(KVBackend):
         return (self.working_set.nbytes if self.working_set is not None else 0) + self.local.nbytes
 
     def close(self) -> None:
-        self.prefetcher.drain()
+        self.prefetcher.close()
         self.policy.release()
         self.working_set = None
         self.local.close()

@@ -5,9 +5,13 @@ the device and ``wait(layer)`` right before that layer's attention; after the at
 ``release(layer)`` so a later copy into the same buffers waits for the readers to finish.
 
 On CUDA the copies run on a dedicated copy stream with one event per layer, and the compute
-stream waits on that layer's event only. On the CPU there is one memory and nothing to overlap:
-copies run synchronously and ``wait``/``release`` do nothing. New tokens' K and V go to the host
-store through ``write_back`` (a device-to-host copy on its own stream on CUDA).
+stream waits on that layer's event only. On the CPU there is one memory: copies run synchronously
+and ``wait``/``release`` do nothing, unless the prefetcher has a copy thread (``copy_thread``, for a
+machine with a core the model does not use): then each ``copy_fn`` runs on that one thread, in
+the order issued, while the caller goes on with earlier layers, and ``wait(layer)`` blocks until
+that layer's last copy is done (re-raising what it raised). The thread plays the copy engine's
+part; the native kernels it calls release the GIL. New tokens' K and V go to the host store
+through ``write_back`` (a device-to-host copy on its own stream on CUDA, synchronous on the CPU).
 
 Lifetimes: a copy reads tensors made on the compute stream (a fetch plan's positions, slots and
 counts). When Python drops them, the caching allocator may hand their memory to the next
@@ -20,6 +24,7 @@ All CUDA calls go through ``CudaStreams``; tests pass a stand-in to run this boo
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Callable, Hashable, Sequence
 
@@ -52,9 +57,15 @@ class CudaStreams:
 class Prefetcher:
     """Owns the copy and write-back streams and the per-layer events (CUDA only)."""
 
-    def __init__(self, device: torch.device, num_layers: int, streams: CudaStreams | None = None):
+    def __init__(self, device: torch.device, num_layers: int, streams: CudaStreams | None = None,
+                 copy_thread: bool = False):
         self.device = device
         self.cuda = device.type == "cuda" or streams is not None
+        if copy_thread and self.cuda:
+            raise ValueError("a copy thread is for copies on the CPU; on CUDA they run on a copy stream")
+        # the CPU's copy engine: one thread, so copies run in the order issued
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tbrun-copy") if copy_thread else None
+        self._pending: dict[int, list[Future]] = {}  # layer -> its copies issued to the thread, not waited for
         if self.cuda:
             self.streams = streams or CudaStreams(device)
             self.copy_stream = self.streams.new_stream()
@@ -72,7 +83,11 @@ class Prefetcher:
         ``keep_alive``: tensors the copies read (the plan) that must outlive them.
         """
         if not self.cuda:
-            copy_fn()
+            if self._thread is None:
+                copy_fn()
+            else:
+                self._pending.setdefault(layer, []).append(
+                    self._thread.submit(_in_mode, copy_fn, torch.is_inference_mode_enabled()))
             return
         self._forget_finished()
         compute = self.streams.current()
@@ -101,7 +116,10 @@ class Prefetcher:
         self.in_flight = [entry for entry in self.in_flight if not entry[0].query()]
 
     def wait(self, layer: int) -> None:
-        """Make the compute stream wait for ``layer``'s copies (not for any other layer's)."""
+        """Make the compute stream wait for ``layer``'s copies (not for any other layer's); with a copy
+        thread, block until they are done."""
+        for future in self._pending.pop(layer, ()):
+            future.result()  # re-raises what the copy raised
         if self.cuda:
             self.streams.current().wait_event(self.fetched[layer])
 
@@ -125,7 +143,28 @@ class Prefetcher:
 
     def drain(self) -> None:
         """Wait for every outstanding copy (end of a sequence, before freeing host memory)."""
+        pending, self._pending = [future for futures in self._pending.values() for future in futures], {}
+        for future in pending:  # every one, even after one raised: none may still write afterwards
+            future.exception()
+        for future in pending:
+            future.result()
         if self.cuda:
             self.copy_stream.synchronize()
             self.writeback_stream.synchronize()
             self.in_flight.clear()
+
+    def close(self) -> None:
+        """Drain, then stop the copy thread (if any). The prefetcher is not used afterwards."""
+        try:
+            self.drain()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+                self._thread = None
+
+
+def _in_mode(copy_fn: Callable[[], None], inference: bool) -> None:
+    """``copy_fn`` on the copy thread, in the caller's inference mode (thread-local in torch: an inference
+    tensor cannot be written outside it) and without autograd (copies need none)."""
+    with torch.inference_mode(inference), torch.no_grad():
+        copy_fn()

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 8
+ABI = 9
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -201,6 +201,10 @@ class SelectionKernels:
                                    ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64],
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
+            "tbrun_select_rows": [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr,
+                                  i64, i64, ptr, ptr, ptr, i64],
+            "tbrun_select_rows_bf16": [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
+                                       ptr, i64, i64, ptr, ptr, ptr, i64],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -251,6 +255,46 @@ class SelectionKernels:
         kernel(_address(q), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, _address(out),
                _address(buffer), threads)
         return torch.from_numpy(out)
+
+    def select_rows(self, queries: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, keep: int,
+                    slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A producer's selection in one call: per row, ``group_mean_scores`` over the ``m`` tokens, the top
+        ``keep`` of candidates ``[lo, hi)`` (``topk_rows``; candidate ``j`` is position ``lo + j``) and
+        ``residency_update`` with them. queries ``[R, g, d]`` float32, keys ``[R, d, m]`` as for
+        ``group_mean_scores``; the map's tables as for ``residency_update`` (written in place). Needs
+        ``0 < keep <= hi - lo``, ``0 <= lo``, ``hi <= m``, ``keep <= n`` and ``hi`` within the map's
+        capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them."""
+        rows, g, d = queries.shape
+        if queries.device.type != "cpu" or keys.device.type != "cpu" or queries.dtype != torch.float32 \
+                or keys.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"select_rows: float32 CPU queries and float32 or bfloat16 CPU keys, got "
+                            f"{queries.dtype} on {queries.device} and {keys.dtype} on {keys.device}")
+        m, n = (keys.shape[2] if keys.dim() == 3 else -1), slot_pos.shape[1] - 1
+        if keys.dim() != 3 or keys.shape[:2] != (rows, d) or keys.stride(2) != 1 or g == 0 or d == 0:
+            raise ValueError(f"select_rows: keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
+                             f"{tuple(queries.shape)} with tokens contiguous")
+        if not (0 <= lo and 0 < keep <= hi - lo and hi <= m and keep <= n and hi < slot_of.shape[1]):
+            raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo, "
+                             f"hi <= {m} tokens scored, keep <= {n} slots, hi < {slot_of.shape[1]} table entries")
+        arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
+        for name, (array, dtype) in arrays.items():
+            if array.dtype != dtype or array.shape[0] != rows or (array.shape[1] > 1 and array.strides[1] != array.itemsize):
+                raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{rows}, *] "
+                                 f"{np.dtype(dtype)} with contiguous rows")
+        q = queries.detach().contiguous()
+        positions, slots = np.empty((rows, keep), dtype=np.int64), np.empty((rows, keep), dtype=np.int64)
+        counts = np.zeros(rows, dtype=np.int64)
+        base = keys.detach()
+        kernel = self.library.tbrun_select_rows if keys.dtype == torch.float32 else self.library.tbrun_select_rows_bf16
+        status = kernel(q.data_ptr(), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, lo, hi, keep,
+                        _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of), slot_of.strides[0] // 4,
+                        _address(active), active.strides[0], n, _address(positions), _address(slots),
+                        _address(counts), max(1, min(kernel_threads(), rows)))
+        if status != 0:  # cannot happen with keep <= n (checked above)
+            raise ValueError(f"more missing positions than the {n} slots of a row")
+        width = int(counts.max()) if rows else 0
+        return positions[:, :width], slots[:, :width], counts
 
     def query_mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
                   w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

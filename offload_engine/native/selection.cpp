@@ -30,6 +30,10 @@
 // tbrun_topk_rows: the top-k of each row (ranking.topk_unsorted's CPU float32 path), the cut found by
 // counting rather than partitioning: ranking.py's sampled threshold, a compaction of the entries at or
 // above it, then the k-th largest by bisection on its bits, each step one vectorised count.
+//
+// tbrun_select_rows: a producer's selection in one call, row by row: the scores, the top-k of the
+// candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
+// the Python between them cost about as much again as the kernels (profiled at 7.5k and 32k).
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -348,45 +352,59 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
 // (capacity bits, 4 KiB at 32k tokens: in L1), not from slot_of: its row is capacity entries that
 // the rest of a decode step evicts from the caches, and k random reads of it cost more than the
 // whole update. slot_of is only written, for the positions placed and the ones they evict. The
-// bitmap is all zeros on entry and on return.
+// bitmap is all zeros on entry and on return. The loops over slots and selected positions branch on
+// nothing that depends on the data (which slots stay is a coin toss to a branch predictor): lists are
+// compacted by writing every entry and advancing by the test's 0 or 1.
+struct UpdateWork {
+    std::vector<int64_t> missing, free;  // the positions to fetch; free slots, empty then stale
+};
+
+inline uint64_t bit_of(const uint64_t* bits, int64_t p) { return (bits[p >> 6] >> (p & 63)) & 1u; }
+
 int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_t* slot_of, uint8_t* active,
-                   int64_t n, int64_t* positions, int64_t* slots, std::vector<int64_t>& missing,
-                   uint64_t* wanted) {
+                   int64_t n, int64_t* positions, int64_t* slots, UpdateWork& work, uint64_t* wanted) {
     for (int64_t i = 0; i < k; ++i) {
         const int64_t p = selected[i];
-        if (p >= 0) wanted[p >> 6] |= uint64_t{1} << (p & 63);
+        if (p >= 0) wanted[p >> 6] |= uint64_t{1} << (p & 63);  // -1 padding only at the end: predictable
     }
     for (int64_t s = 0; s < n; ++s) {  // a held position still selected stays, and is not missing
-        const int64_t p = slot_pos[s];
-        const bool keep = p >= 0 && ((wanted[p >> 6] >> (p & 63)) & 1u);
-        active[s] = keep;
-        if (keep) wanted[p >> 6] &= ~(uint64_t{1} << (p & 63));
+        const int64_t p = slot_pos[s], at = p >= 0 ? p : 0;
+        const uint64_t keep = (p >= 0) & bit_of(wanted, at);
+        active[s] = static_cast<uint8_t>(keep);
+        wanted[at >> 6] &= ~(keep << (at & 63));
     }
-    missing.clear();
+    work.missing.resize(static_cast<size_t>(k));
+    int64_t count = 0;
     for (int64_t i = 0; i < k; ++i) {  // in the order selected, as the numpy form; clears the bitmap
-        const int64_t p = selected[i];
-        if (p >= 0 && ((wanted[p >> 6] >> (p & 63)) & 1u)) {
-            missing.push_back(p);
-            wanted[p >> 6] &= ~(uint64_t{1} << (p & 63));
-        }
+        const int64_t p = selected[i], at = p >= 0 ? p : 0;
+        const uint64_t take = (p >= 0) & bit_of(wanted, at);
+        work.missing[static_cast<size_t>(count)] = p;
+        wanted[at >> 6] &= ~(take << (at & 63));
+        count += static_cast<int64_t>(take);
     }
-    const int64_t count = static_cast<int64_t>(missing.size());
-    int64_t placed = 0;
-    for (int pass = 0; pass < 2 && placed < count; ++pass)  // pass 0: empty slots, pass 1: stale ones
-        for (int64_t s = 0; s < n && placed < count; ++s) {
-            const bool empty = slot_pos[s] < 0;
-            if (pass == 0 ? !empty : (empty || active[s])) continue;
-            const int64_t p = missing[static_cast<size_t>(placed)];
-            if (!empty) slot_of[slot_pos[s]] = -1;  // the stale token it overwrites
-            slot_of[p] = static_cast<int32_t>(s);
-            slot_pos[s] = p;
-            active[s] = 1;  // selected now: pass 1 must not take it as stale
-            positions[placed] = p;
-            slots[placed] = s;
-            ++placed;
-        }
+    work.free.resize(static_cast<size_t>(n));
+    int64_t free = 0;
+    for (int64_t s = 0; s < n; ++s) {  // empty slots, lowest first
+        work.free[static_cast<size_t>(free)] = s;
+        free += slot_pos[s] < 0;
+    }
+    for (int64_t s = 0; s < n && free < count; ++s) {  // then stale ones (held, not kept)
+        work.free[static_cast<size_t>(free)] = s;
+        free += (slot_pos[s] >= 0) & (active[s] == 0);
+    }
+    const int64_t placed = std::min(count, free);
+    for (int64_t i = 0; i < placed; ++i) {
+        const int64_t s = work.free[static_cast<size_t>(i)], p = work.missing[static_cast<size_t>(i)];
+        const int64_t evicted = slot_pos[s];
+        if (evicted >= 0) slot_of[evicted] = -1;  // the stale token it overwrites
+        slot_of[p] = static_cast<int32_t>(s);
+        slot_pos[s] = p;
+        active[s] = 1;
+        positions[i] = p;
+        slots[i] = s;
+    }
     active[n] = 0;
-    return placed;
+    return placed < count ? -1 : placed;
 }
 
 // ---- top-k: the keep largest entries of a row, exactly, in no order ----
@@ -532,12 +550,70 @@ void matvec(const float* w, int64_t rows, int64_t cols, const float* x, float* y
     }
 }
 
+// update_row, then the row's unused plan entries padded (position 0, slot n) and its count written;
+// false if the row had more missing positions than free slots
+bool update_row_padded(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_t* slot_of, uint8_t* active,
+                       int64_t n, int64_t* positions, int64_t* slots, int64_t* count, UpdateWork& work,
+                       uint64_t* wanted) {
+    const int64_t placed = update_row(selected, k, slot_pos, slot_of, active, n, positions, slots, work, wanted);
+    for (int64_t i = std::max<int64_t>(placed, 0); i < k; ++i) {
+        positions[i] = 0;
+        slots[i] = n;
+    }
+    *count = std::max<int64_t>(placed, 0);
+    return placed >= 0;
+}
+
+// update_row's bitmap, one bit per position of a slot_of row of of_stride entries (>= capacity + 1)
+void grow_bitmap(std::vector<uint64_t>& wanted, int64_t of_stride) {
+    const size_t words = static_cast<size_t>((of_stride + 63) / 64);
+    if (wanted.size() < words) wanted.resize(words, 0);
+}
+
+// A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (score_row over the
+// m cached tokens), the top keep of the candidates [lo, hi) (topk_row, on the row while it is in L2),
+// and the residency update with them (update_row). What group_mean_scores, topk_rows and
+// residency_update do in three calls, with no [rows, m] scores written out and read back.
+template <typename Key>
+int select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
+                int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
+                int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
+                int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
+    std::atomic<int> status{0};
+    split_rows(rows, threads, [=, &status](int64_t, int64_t first, int64_t last) {
+        // per thread, grown once: the row's scores, score_row's [g, m] logits, the top-k's output
+        thread_local RowWork work;
+        thread_local TopkWork topk;
+        thread_local std::vector<float> scores, logits, values;
+        thread_local std::vector<int64_t> chosen;
+        thread_local UpdateWork update;
+        thread_local std::vector<uint64_t> wanted;  // zeros between calls (update_row)
+        scores.resize(static_cast<size_t>(m));
+        logits.resize(static_cast<size_t>(g * m));
+        values.resize(static_cast<size_t>(keep));
+        chosen.resize(static_cast<size_t>(keep));
+        grow_bitmap(wanted, of_stride);
+        for (int64_t r = first; r < last; ++r) {
+            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, scores.data(), logits.data(), work);
+            topk_row(scores.data() + lo, hi - lo, keep, chosen.data(), values.data(), topk);
+            for (int64_t i = 0; i < keep; ++i)  // candidate j is position lo + j; a -inf score is never selected
+                chosen[static_cast<size_t>(i)] = values[static_cast<size_t>(i)] == -std::numeric_limits<float>::infinity()
+                                                     ? -1 : chosen[static_cast<size_t>(i)] + lo;
+            if (!update_row_padded(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
+                                   active + r * active_stride, n, positions + r * keep, slots + r * keep, counts + r,
+                                   update, wanted.data()))
+                status = -1;
+        }
+    });
+    return status.load();
+}
+
 }  // namespace
 
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 8; }
+int tbrun_kernels_abi() { return 9; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -608,23 +684,14 @@ int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_
                            int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
     std::atomic<int> status{0};
     auto update_rows = [=, &status](int64_t, int64_t first, int64_t last) {
-        thread_local std::vector<int64_t> missing;  // update_row clears it per row; grown once per thread
+        thread_local UpdateWork work;  // update_row's lists, grown once per thread
         thread_local std::vector<uint64_t> wanted;  // update_row's bitmap: zeros between calls
-        const size_t words = static_cast<size_t>((of_stride + 63) / 64);  // of_stride >= capacity + 1
-        if (wanted.size() < words) wanted.resize(words, 0);
-        for (int64_t row = first; row < last; ++row) {
-            int64_t* row_positions = positions + row * k;
-            int64_t* row_slots = slots + row * k;
-            const int64_t placed = update_row(selected + row * k, k, slot_pos + row * pos_stride,
-                                              slot_of + row * of_stride, active + row * active_stride, n,
-                                              row_positions, row_slots, missing, wanted.data());
-            if (placed < static_cast<int64_t>(missing.size())) status = -1;
-            for (int64_t i = placed; i < k; ++i) {
-                row_positions[i] = 0;
-                row_slots[i] = n;
-            }
-            counts[row] = placed;
-        }
+        grow_bitmap(wanted, of_stride);
+        for (int64_t row = first; row < last; ++row)
+            if (!update_row_padded(selected + row * k, k, slot_pos + row * pos_stride, slot_of + row * of_stride,
+                                   active + row * active_stride, n, positions + row * k, slots + row * k,
+                                   counts + row, work, wanted.data()))
+                status = -1;
     };
     // rows are independent (each its own slice of every table): split among threads where there is enough
     // work to pay for starting them
@@ -666,6 +733,30 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
         }
     });
     return 0;
+}
+
+// A producer's selection in one call (select_rows): for each of the rows, the scores of
+// tbrun_group_mean_scores over the m tokens (q [rows, g, d]; keys as there), the top keep of candidates
+// [lo, hi) (0 <= lo, keep <= hi - lo, hi <= m), and tbrun_residency_update with those positions (tables
+// and outputs as there, k = keep; keep <= n). Returns 0, or -1 if a row had more missing positions than
+// free slots. threads > 1: rows split among them, as the scores are.
+int tbrun_select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const float* keys, int64_t row_stride,
+                      int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
+                      int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active,
+                      int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts,
+                      int64_t threads) {
+    return select_rows(q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride, slot_of,
+                       of_stride, active, active_stride, n, positions, slots, counts, threads);
+}
+
+// The same with bfloat16 keys (as tbrun_group_mean_scores_bf16)
+int tbrun_select_rows_bf16(const float* q, int64_t rows, int64_t g, int64_t d, const uint16_t* keys,
+                           int64_t row_stride, int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep,
+                           int64_t* slot_pos, int64_t pos_stride, int32_t* slot_of, int64_t of_stride,
+                           uint8_t* active, int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots,
+                           int64_t* counts, int64_t threads) {
+    return select_rows(q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride, slot_of,
+                       of_stride, active, active_stride, n, positions, slots, counts, threads);
 }
 
 }  // extern "C"

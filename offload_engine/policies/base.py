@@ -155,15 +155,17 @@ class Policy:
         """q ``[H, D]`` (current query, post-RoPE) -> scores ``[KvH, candidates.count]``."""
         raise NotImplementedError(f"policy {self.name!r} does not score at attention time")
 
-    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates,
-             only: range | None = None) -> tuple[range, torch.Tensor]:
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
+             describe: bool = False) -> tuple[range, torch.Tensor]:
         """Predictive policies: at producer ``layer``, x ``[E]`` -> the layers it serves and their scores.
 
         Returns ``(layers, scores [Lg, KvH, n])``, ``layers`` a range of consecutive layers (``only``,
         a sub-range of ``served_by(layer)``, when given: the rest need no scores this step) and
         ``n = candidates.count`` (the candidates are the same for every selecting layer of a step),
         scored in one batched call. Afterwards ``score(l, None, candidates)`` must give row ``l`` of it
-        for every layer the producer serves (the per-layer reference path).
+        for every layer the producer serves (the per-layer reference path). ``describe``: the policy
+        may return ``selection.scores.MeanAttentionScores`` in place of the tensor (scores of that form,
+        not yet computed); a policy that does not is always right to return the tensor.
         """
         raise NotImplementedError(f"policy {self.name!r} does not plan ahead")
 

@@ -127,9 +127,9 @@ class CriticalPolicy(Policy):
         scores = self.base.score(layer, q, candidates)
         return self.reweight(range(layer, layer + 1), scores.unsqueeze(0), candidates)[0]
 
-    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates,
-             only: range | None = None) -> tuple[range, torch.Tensor]:
-        layers, scores = self.base.plan(layer, x, candidates, only)
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
+             describe: bool = False) -> tuple[range, torch.Tensor]:
+        layers, scores = self.base.plan(layer, x, candidates, only)  # a tensor: the value norms re-weight it
         return layers, self.reweight(layers, scores, candidates)
 
     def reweight(self, layers: range, scores: torch.Tensor, candidates: Candidates) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
 from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
+from ..selection.scores import MeanAttentionScores, fused_group_mean_scores, group_mean_probabilities
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -239,10 +240,10 @@ class TokenButlerPolicy(Policy):
             self.cache.write(layer, position, self.predictor.project_keys(layer, k.unsqueeze(1), position))
 
     @torch.no_grad()
-    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates,
-             only: range | None = None) -> tuple[range, torch.Tensor]:
+    def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
+             describe: bool = False) -> tuple[range, torch.Tensor | MeanAttentionScores]:
         """At producer ``layer``: x ``[E]`` -> (its consumer layers, or ``only`` of them, and their
-        scores ``[Lg, KvH, n]`` float32).
+        scores ``[Lg, KvH, n]`` float32; with ``describe``, under the mean rule, their ``MeanAttentionScores``).
 
         One MLP call for the importance queries of every consumer (kept for ``score``), one batched
         matmul against the compact keys of the layers scored, one group reduction: no loop over
@@ -255,7 +256,8 @@ class TokenButlerPolicy(Policy):
                              f"not {list(layers)}")
         self._queries[layer] = self._importance_queries(layer, x, candidates.position)  # [Lg, H, d']
         first = layers.start - served.start
-        return layers, self._group_scores(layers, self._queries[layer][first : first + len(layers)], candidates)
+        return layers, self._group_scores(layers, self._queries[layer][first : first + len(layers)], candidates,
+                                          describe)
 
     def _importance_queries(self, producer: int, x: torch.Tensor, position: int) -> torch.Tensor:
         """x ``[E]`` -> ``[Lg, H, d']``: the predictor's queries, through the native kernel where it applies
@@ -286,13 +288,15 @@ class TokenButlerPolicy(Policy):
         queries = self._queries[producer][index : index + 1]  # [1, H, d']
         return self._group_scores(range(layer, layer + 1), queries, candidates)[0]
 
-    def _group_scores(self, layers: range, queries: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+    def _group_scores(self, layers: range, queries: torch.Tensor, candidates: Candidates,
+                      describe: bool = False) -> torch.Tensor | MeanAttentionScores:
         """Scores of consecutive consumer ``layers`` from their queries ``[Lg, H, d']`` -> ``[Lg, KvH, n]``.
 
         ``"max"``: the largest query-head logit of each KV group (``score_kind`` "logit"). ``"mean"``:
         the group's mean predicted attention probability (``score_kind`` "mass"), each head's softmax
         running over every cached token (sinks and window included), so heads that look elsewhere
-        weigh less in their group's ranking.
+        weigh less in their group's ranking. ``describe``: the mean rule's scores as a
+        ``MeanAttentionScores`` (not computed; the selection may fuse them with its top-k).
         """
         c = self.predictor.config
         lo, hi = candidates.lo, candidates.hi
@@ -304,9 +308,8 @@ class TokenButlerPolicy(Policy):
         # 1/sqrt(d') folded into the few queries, not applied to the [Lg, KvH, g, m] logits
         grouped = queries.reshape(len(layers), c.num_kv_heads, c.group_size, c.dim) * (1.0 / math.sqrt(c.dim))
         if not by_max and not self.cache.int8:
-            fused = fused_group_mean_scores(grouped, keys)
-            if fused is not None:
-                return fused[..., lo:hi]
+            described = MeanAttentionScores(grouped, keys, lo, hi)
+            return described if describe else described.compute()
         if self.cache.int8 or (keys.device.type == "cpu" and keys.dtype == torch.bfloat16):
             keys = keys.float()  # (no int8 matmul; torch's bfloat16 one on the CPU is slower than float32's)
         logits = torch.matmul(grouped.to(keys.dtype), keys).float()  # [Lg, KvH, g, m]
@@ -332,31 +335,3 @@ def native_query_mlps(predictor: TokenButlerPredictor) -> dict[int, tuple]:
         norm, first, _, second = predictor.queries[index]
         out[producer] = (norm, first, second)
     return out
-
-
-def fused_group_mean_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
-    """``group_mean_probabilities(grouped @ keys)`` by the native CPU kernel, in one pass over the keys:
-    grouped ``[Lg, KvH, g, d']``, keys ``[Lg, KvH, d', m]`` -> ``[Lg, KvH, m]`` float32. None where the
-    kernel does not apply (a device other than the CPU, keys neither float32 nor bfloat16, no compiler:
-    ``native.status()``); the caller then takes the torch path. The same scores up to float rounding
-    (tests/test_native.py)."""
-    if (keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16) or keys.shape[-1] == 0
-            or keys.stride(-1) != 1):
-        return None
-    kernels = native.kernels()
-    lg, kvh, d, m = keys.shape
-    if kernels is None or (lg > 1 and keys.stride(0) != kvh * keys.stride(1)):
-        return None
-    scores = kernels.group_mean_scores(grouped.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m))
-    return scores.view(lg, kvh, m)
-
-
-def group_mean_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """The mean over query heads of each head's softmax: logits ``[..., g, m]`` -> ``[..., m]``.
-
-    ATen's fused softmax works row by row (max, exponentials and sum, scaling), so a head's row is
-    read from memory once and its passes run in the cache; then one mean over the ``g`` heads. Half
-    the time of exponentiating in place and accumulating the weighted heads (7.7k-131k tokens, one
-    CPU thread, measured 2026-12-04 on an AMD EPYC). ``logits`` is not modified.
-    """
-    return torch.softmax(logits, dim=-1).mean(dim=-2)

@@ -5,12 +5,14 @@ which device slots; delta fetch), ``SelectionPlanner`` (the per-step, per-layer 
 only score; backends only write, copy and wait.
 """
 
-from .planner import LayerFetch, Orders, SelectionPlanner
+from .planner import DeferredRows, LayerFetch, Orders, SelectionPlanner
 from .ranking import expand_neighbors, extend_runs, sort_with_padding_last, sorted_unique, topk_positions
 from .residency import FetchPlan, ResidencyMap
+from .scores import MeanAttentionScores
 from .selector import Candidates, Selector
 
 __all__ = [
-    "Candidates", "FetchPlan", "LayerFetch", "Orders", "ResidencyMap", "SelectionPlanner", "Selector",
+    "Candidates", "DeferredRows", "FetchPlan", "LayerFetch", "MeanAttentionScores", "Orders", "ResidencyMap",
+    "SelectionPlanner", "Selector",
     "expand_neighbors", "extend_runs", "sort_with_padding_last", "sorted_unique", "topk_positions",
 ]

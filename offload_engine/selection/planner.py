@@ -20,24 +20,55 @@ use) is arithmetic on positions.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .residency import FetchPlan
+from .scores import MeanAttentionScores
 from .selector import Candidates, Selector
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cpu_cache.working_set import Bank, WorkingSet
 
 
+class DeferredPlan:
+    """A producer group's fetch plan, made by the first to ask for it: the copy thread, which runs the
+    selection (``ResidencyMap.prepare_select``) ahead of the first layer's copies while the model goes on."""
+
+    def __init__(self, make: Callable[[], FetchPlan]):
+        self._make: Callable[[], FetchPlan] | None = make
+        self._plan: FetchPlan | None = None
+        self._lock = threading.Lock()
+
+    def result(self) -> FetchPlan:
+        with self._lock:
+            if self._plan is None:
+                self._plan, self._make = self._make(), None
+            return self._plan
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredRows:
+    """Rows ``[start, stop)`` of a ``DeferredPlan``: one layer's part, known once the plan is made."""
+
+    source: DeferredPlan
+    start: int
+    stop: int
+
+    def resolve(self) -> FetchPlan:
+        return self.source.result().rows(self.start, self.stop)
+
+
 @dataclass(slots=True)
 class LayerFetch:
-    """Copies for one layer: ``plan`` rows are its KV heads (``[KvH, m]``)."""
+    """Copies for one layer: ``plan`` rows are its KV heads (``[KvH, m]``); a ``DeferredRows`` where the
+    selection itself is left to the copy thread (``SelectionPlanner.defer``)."""
 
     layer: int
-    plan: FetchPlan
+    plan: FetchPlan | DeferredRows
 
 
 @dataclass(slots=True)
@@ -58,13 +89,15 @@ class SelectionPlanner:
     """Drives a policy through the selector and the working set's residency maps.
 
     ``batched=False`` scores, selects and updates one layer at a time (the reference the batched
-    path is tested against).
+    path is tested against). ``defer``: selections the residency map makes in one native call are
+    handed to the backend as ``DeferredRows``, to be made on the copy thread ahead of their copies.
     """
 
     def __init__(self, selector: Selector, policy, working_set: "WorkingSet", interval: int, batched: bool = True,
                  refresh: frozenset[int] = frozenset()):
         self.selector, self.policy, self.ws = selector, policy, working_set
         self.interval, self.batched = interval, batched
+        self.defer = False  # set by a backend whose copies run on a copy thread
         self.refresh = refresh if interval > 1 else frozenset()  # layers selected at every step
         self.dense = selector.dense_layers
         self.local = selector.local_layers  # sliding-window layers: never selected for
@@ -162,12 +195,17 @@ class SelectionPlanner:
         if not wanted:
             return
         # only the layers that select now (on a refresh step, the refresh layers): range, [Lg, KvH, n]
-        layers, scores = self.policy.plan(producer, x, self.candidates, range(wanted[0], wanted[-1] + 1))
+        # (or their MeanAttentionScores, which the residency map may score, rank and place in one call)
+        layers, scores = self.policy.plan(producer, x, self.candidates, range(wanted[0], wanted[-1] + 1),
+                                          describe=self.batched)
         if self.batched:
             bank = self.ws.bank_of[wanted[0]]
             for run in bank.adjacent_runs(wanted):  # one run unless the group skips layers of the bank
                 first = run[0] - layers.start
-                self._select(run, scores[first : first + len(run)], orders)
+                if isinstance(scores, MeanAttentionScores):
+                    self._select_described(run, scores.layers(first, len(run)), orders)
+                else:
+                    self._select(run, scores[first : first + len(run)], orders)
         else:
             for layer in wanted:
                 self._select([layer], self.policy.score(layer, None, self.candidates).unsqueeze(0), orders)
@@ -176,6 +214,23 @@ class SelectionPlanner:
     def _selects_now(self, layer: int) -> bool:
         """Whether ``layer`` selects at this step: every layer on a prediction step, else the refresh ones."""
         return self._predict or layer in self.refresh
+
+    def _select_described(self, layers: list[int], scores: MeanAttentionScores, orders: Orders) -> None:
+        """``_select`` of described scores: scored, ranked and placed by the residency map in one call
+        where the selector keeps a plain top-k (no neighbour rule), else computed and selected as usual."""
+        bank = self.ws.bank_of[layers[0]]
+        run = None
+        if self.selector.plain_topk:
+            keep = min(self.candidates.keep, self.candidates.count)
+            run = bank.residency.prepare_select(scores, keep, bank.rows(layers))
+        if run is None:
+            self._select(layers, scores.compute(), orders)
+        elif self.defer:  # the copy thread selects, then copies; what moved it counts itself
+            deferred, heads = DeferredPlan(run), bank.kv_heads
+            orders.fetches += [LayerFetch(layer, DeferredRows(deferred, i * heads, (i + 1) * heads))
+                               for i, layer in enumerate(layers)]
+        else:
+            _emit(bank, layers, run(), orders)
 
     def _select(self, layers: list[int], scores: torch.Tensor, orders: Orders) -> None:
         """Top-k of ``scores [Lg, KvH, n]`` for consecutive ``layers`` of one bank, one residency update."""

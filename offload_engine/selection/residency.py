@@ -17,11 +17,13 @@ in ``[lo, hi)``. Attention reads only that prefix, a bound known on the host wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .. import native
+from .scores import MeanAttentionScores
 
 EMPTY = -1
 
@@ -174,6 +176,39 @@ class ResidencyMap:
         active[...] = kept
         return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                          counts=torch.from_numpy(counts))
+
+    def select(self, scores: MeanAttentionScores, keep: int, rows: slice) -> FetchPlan | None:
+        """``update(topk_positions(scores.compute(), keep, scores.lo, ordered=False), rows)`` in one native
+        call: each row scored, its top ``keep`` taken and its residency updated while its scores are in the
+        cache. None (nothing done) where that call does not apply: a map off the host, no native kernels,
+        keys the kernel does not read, ``keep`` not in ``[1, min(candidates, num_slots)]``; the caller then
+        takes the separate steps. ``rows``: the map's rows of ``scores``' ``[Lg * KvH]`` rows, a slice.
+        """
+        run = self.prepare_select(scores, keep, rows)
+        return None if run is None else run()
+
+    def prepare_select(self, scores: MeanAttentionScores, keep: int, rows: slice) -> Callable[[], FetchPlan] | None:
+        """``select`` in two halves: everything checked now, and the native call returned to be made later,
+        on another thread (the copy thread), before anything reads the rows. None where ``select`` is."""
+        keys, lo, hi = scores.keys, scores.lo, scores.hi
+        kernels = native.kernels() if self.on_host else None
+        if (kernels is None or not 0 < keep <= min(hi - lo, self.num_slots) or hi > self._scratch
+                or keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16)
+                or keys.stride(-1) != 1 or (keys.shape[0] > 1 and keys.stride(0) != keys.shape[1] * keys.stride(1))):
+            return None
+        if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
+            raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
+        self.appending = False
+        lg, kvh, d, m = keys.shape
+        queries, rows_keys = scores.queries.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m)
+        tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
+
+        def run() -> FetchPlan:
+            positions, slots, counts = kernels.select_rows(queries, rows_keys, lo, hi, keep, *tables)
+            return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
+                             counts=torch.from_numpy(counts))
+
+        return run
 
     def append(self, lo: int, hi: int) -> FetchPlan | None:
         """Select every candidate ``[lo, hi)`` of every row, slot ``j`` holding position ``lo + j``.

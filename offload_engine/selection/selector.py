@@ -88,6 +88,11 @@ class Selector:
         keep = max(0, self.budget_tokens(self.capacity) - self.fixed)
         return min(most, keep * self.config.neighbor_growth)
 
+    @property
+    def plain_topk(self) -> bool:
+        """The selection is the top ``keep`` as it is: no neighbour rule grows it (nor needs it ordered)."""
+        return self.config.neighbor_rule != "runs" and self.config.neighbors <= 0
+
     def select(self, scores: torch.Tensor, candidates: Candidates, slots: int) -> torch.Tensor:
         """scores ``[..., KvH, n]`` -> selected positions ``[..., KvH, <= slots]``, ``-1`` padding.
 

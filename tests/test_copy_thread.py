@@ -1,0 +1,161 @@
+"""The CPU copy thread (``EngineConfig.copy_thread``): copies, and tokenbutler's selections made ahead of
+them, run on one more thread while the model goes on. It must change when work happens, never what is
+computed: the same tokens, logits, selections and bytes moved as without it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine.cpu_cache.prefetcher import Prefetcher
+from offload_engine.errors import ConfigError
+from offload_engine.models import ModelAdapter
+from offload_engine.policies import build_policy
+from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+from offload_engine.selection import planner as planner_module
+
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT, NEW = 90, 8
+
+
+@pytest.fixture(scope="module")
+def adapter() -> ModelAdapter:
+    return ModelAdapter(tiny_model("llama", num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                   initializer_range=0.2))
+
+
+def make_policy(adapter: ModelAdapter, spec: str):
+    if "tokenbutler" not in spec:
+        return build_policy(spec)
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
+    return build_policy(spec, predictor=predictor.eval())
+
+
+# ------------------------------------------------------------------------------------------ prefetcher
+def test_copies_run_on_one_other_thread_in_the_order_issued_and_wait_blocks_until_done():
+    prefetcher = Prefetcher(torch.device("cpu"), 3, copy_thread=True)
+    release = threading.Event()
+    ran: list[tuple[int, int]] = []
+
+    def copy(layer: int, block: bool = False):
+        def run():
+            if block:
+                release.wait(5)
+            ran.append((layer, threading.get_ident()))
+        return run
+
+    prefetcher.issue(0, copy(0, block=True))
+    prefetcher.issue(1, copy(1))
+    prefetcher.issue(0, copy(0))
+    assert ran == []  # the first copy holds the thread; nothing ran on the caller's
+    release.set()
+    prefetcher.wait(1)
+    assert [layer for layer, _ in ran][:2] == [0, 1]  # in order: layer 1's wait saw layer 0's first copy done
+    prefetcher.wait(0)
+    assert [layer for layer, _ in ran] == [0, 1, 0]
+    assert {thread for _, thread in ran} != {threading.get_ident()} and len({thread for _, thread in ran}) == 1
+    prefetcher.close()
+
+
+def test_a_failed_copy_is_raised_at_its_wait_and_at_drain():
+    prefetcher = Prefetcher(torch.device("cpu"), 2, copy_thread=True)
+
+    def broken():
+        raise IndexError("a fetch entry is outside its tables")
+
+    prefetcher.issue(1, broken)
+    prefetcher.issue(0, lambda: None)
+    prefetcher.wait(0)  # another layer's copy is not affected
+    with pytest.raises(IndexError, match="outside its tables"):
+        prefetcher.wait(1)
+    prefetcher.issue(1, broken)
+    with pytest.raises(IndexError):
+        prefetcher.close()  # drains first: the error is not lost, and the thread still stops
+    assert prefetcher._thread is None
+
+
+def test_copies_on_the_thread_run_in_the_callers_inference_mode():
+    prefetcher = Prefetcher(torch.device("cpu"), 1, copy_thread=True)
+    with torch.inference_mode():
+        target = torch.zeros(4)  # an inference tensor: written outside inference mode it would raise
+        prefetcher.issue(0, lambda: target.copy_(torch.arange(4.0)))
+        prefetcher.wait(0)
+    assert target.tolist() == [0.0, 1.0, 2.0, 3.0]
+    prefetcher.close()
+
+
+def test_a_copy_thread_is_refused_where_copies_have_a_stream():
+    with pytest.raises(ValueError, match="copy stream"):
+        Prefetcher(torch.device("cpu"), 1, streams=object(), copy_thread=True)
+    with pytest.raises(ConfigError, match="--copy-thread is for --device cpu"):
+        EngineConfig(device="cuda", mode=KVMode.DENSE_OFFLOAD, copy_thread=True)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+def _run(adapter, spec: str, copy_thread: bool, profile: bool = False, score: bool = True, **selection):
+    mode = KVMode.DENSE_OFFLOAD if spec == "dense" else KVMode.SPARSE_OFFLOAD
+    config = SelectionConfig(policy=spec, **({} if spec == "dense" else
+                                            {"budget": Budget(tokens=24), "sinks": 2, "window": 6, **selection}))
+    engine = Engine(adapter, EngineConfig(context=160, mode=mode, selection=config, copy_thread=copy_thread,
+                                          profile=profile),
+                    policy=make_policy(adapter, spec) if mode is KVMode.SPARSE_OFFLOAD else None)
+    prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    result = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW))
+    return result, engine.score_continuation(prompt, result.token_ids) if score else None
+
+
+@pytest.mark.parametrize("spec, selection", [
+    ("tokenbutler", {}),
+    ("tokenbutler", {"interval": 4, "neighbor_rule": "runs"}),
+    ("tokenbutler", {"interval": 4, "refresh_layers": "3"}),
+    ("critical(tokenbutler)", {}),
+    ("quest", {"neighbors": 1}),
+    ("streaming", {}),
+    ("dense", {}),
+])
+def test_the_copy_thread_changes_when_work_happens_not_what_is_computed(adapter, spec, selection):
+    plain, plain_scores = _run(adapter, spec, False, **selection)
+    threaded, threaded_scores = _run(adapter, spec, True, **selection)
+    assert threaded.token_ids == plain.token_ids
+    assert threaded.stats.h2d_bytes == plain.stats.h2d_bytes and sum(plain.stats.h2d_bytes) > 0
+    torch.testing.assert_close(threaded_scores.logprobs, plain_scores.logprobs, rtol=0, atol=0)
+
+
+def test_tokenbutlers_selections_are_made_on_the_copy_thread(adapter, monkeypatch):
+    """With plain top-k, each producer's selection (scores, top-k, residency) runs on the copy thread,
+    once per prediction step and producer, never on the thread that runs the model."""
+    made: list[int] = []
+    original = planner_module.DeferredPlan.result
+
+    def recording(self):
+        if self._plan is None:
+            made.append(threading.get_ident())
+        return original(self)
+
+    monkeypatch.setattr(planner_module.DeferredPlan, "result", recording)
+    _run(adapter, "tokenbutler", True, score=False)
+    if not made:
+        pytest.skip("the native kernels are not built here: selections run in the separate steps")
+    assert threading.get_ident() not in made and len(set(made)) == 1
+    producers = sum(make_policy(adapter, "tokenbutler").predictor.is_producer(layer) for layer in range(5))
+    assert len(made) % producers == 0 and 0 < len(made) // producers <= NEW - 1  # at most one per decode step
+
+
+@pytest.mark.parametrize("spec", ["tokenbutler", "dense"])
+def test_with_a_copy_thread_the_breakdown_is_the_steps_own_path(adapter, spec):
+    """Work on the copy thread is not timed (it overlaps the step); the phases still account for the step."""
+    result, _ = _run(adapter, spec, True, profile=True, score=False)
+    parts, steps = result.stats.breakdown, result.stats.decode_ms
+    assert parts["copy"]["ms_per_step"] == 0
+    total = sum(part["ms_per_step"] for part in parts.values())
+    step = sum(steps) / len(steps)
+    assert abs(total - step) <= 0.1 * step
+    if spec == "tokenbutler":
+        assert parts["selection"]["ms_per_step"] > 0  # the predictor's queries and bookkeeping stay on the step

@@ -67,7 +67,8 @@ class LatencySettings:
     def __post_init__(self) -> None:
         parse_layers(self.refresh_layers)
         if self.copy_thread and torch.device(self.device).type != "cpu":
-            raise ConfigError("--copy-thread is for --device cpu (on CUDA copies have a stream of their own).")
+            raise ConfigError("--copy-thread is for --device cpu (on CUDA copies have a stream of their own): "
+                              "drop it, or add --device cpu.")
         unknown = [m for m in self.modes if m not in DENSE_MODES and not m.endswith("-offload")]
         if unknown:
             raise ConfigError(f"--modes {', '.join(unknown)}: use dense-gpu, dense-offload or <policy>-offload.")
@@ -345,6 +346,10 @@ def run_latency(settings: LatencySettings, out_dir: Path, log=print, append: boo
     from .latency_report import write_report
 
     device = torch.device(settings.device)
+    if settings.copy_thread and torch.get_num_threads() != 1:
+        # torch's parallel loops on the copy thread would take a team of that many threads too
+        raise ConfigError(f"--copy-thread compares every mode on the same cores with one torch thread for the "
+                          f"model (torch has {torch.get_num_threads()}): run `tbrun --threads 1 bench latency ...`.")
     stem = report_stem(settings)
     earlier_rows, earlier_runs = previous_report(out_dir / f"{stem}.json", settings) if append else ([], [])
     adapter = load_adapter(settings)

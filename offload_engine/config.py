@@ -201,6 +201,9 @@ class EngineConfig:
         if self.copy_thread and self.device != "cpu":
             raise ConfigError(f"--copy-thread is for --device cpu; on {self.device} the copies run on a CUDA stream "
                               "of their own: drop --copy-thread.")
+        if self.copy_thread and self.mode is KVMode.DENSE_DEVICE:
+            raise ConfigError("--copy-thread runs the copies of an offloaded KV cache, and dense-device copies "
+                              "nothing: add --offload or drop --copy-thread.")
         sparse = self.mode is KVMode.SPARSE_OFFLOAD
         if sparse and self.selection.sinks + self.selection.window > self.context:
             raise ConfigError("--sinks + --window exceed --context: lower them.")

@@ -186,12 +186,14 @@ class Engine:
         except KeyboardInterrupt:
             reason, stats.interrupted = "interrupted", True
         finally:
-            stats.h2d_bytes = backend.h2d_bytes_per_step()[: len(stats.decode_ms)]
-            stats.attended_share = backend.attended_share()
-            stats.notes = list(backend.notes)
-            if self.config.profile:
-                stats.breakdown = breakdown(clock.totals_ms(), stats.decode_ms)
-            backend.close()
+            try:
+                stats.h2d_bytes = backend.h2d_bytes_per_step()[: len(stats.decode_ms)]
+                stats.attended_share = backend.attended_share()
+                stats.notes = list(backend.notes)
+                if self.config.profile:
+                    stats.breakdown = breakdown(clock.totals_ms(), stats.decode_ms)
+            finally:
+                backend.close()  # whatever happened above: the KV and the copy thread are freed
         stats.new_tokens = len(generated)
         stats.peak_host_bytes = peak_host_bytes()
         stats.peak_device_bytes = peak_device_bytes(self.device)

@@ -72,9 +72,9 @@ class Session:
 
     def close(self) -> None:
         """Free the cached KV (pinned host memory included)."""
-        if self._backend is not None:
-            self._backend.close()
-        self._backend, self._cached = None, []
+        backend, self._backend, self._cached = self._backend, None, []
+        if backend is not None:
+            backend.close()
 
     def generate(self, prompt_ids, sampling: SamplingConfig | None = None, on_token: TokenCallback | None = None,
                  on_prefill: ProgressCallback | None = None) -> tuple[GenerationResult, PrefixReuse]:

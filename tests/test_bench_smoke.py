@@ -102,11 +102,13 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
     assert "a producer every 2 layers, hidden width 32, d' 8" in markdown
 
 
-def test_cpu_latency_with_a_copy_thread_gives_every_mode_the_same_cores(tmp_path):
+def test_cpu_latency_with_a_copy_thread_gives_every_mode_the_same_cores(tmp_path, one_thread):
     """--copy-thread: the offload modes copy (tokenbutler also selects) on one more thread; dense-gpu runs
-    the model on one more torch thread instead; the report says so, and torch's thread count is restored."""
+    the model on one more torch thread instead; the report says so, and torch's thread count is restored.
+    Only with one torch thread for the model (torch's loops on the copy thread would take more cores)."""
     out = tmp_path / "copy-thread"
     threads = torch.get_num_threads()
+    assert threads == 1
     result = runner.invoke(app, [
         "bench", "latency", "--arch", "tiny-llama", "--contexts", "512", "--budget", "96", "--decode-steps", "2",
         "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--interval", "1", "--neighbors", "off",
@@ -124,10 +126,16 @@ def test_cpu_latency_with_a_copy_thread_gives_every_mode_the_same_cores(tmp_path
         assert rows[mode]["model_threads"] == threads and rows[mode]["copy_thread"]
         assert rows[mode]["breakdown"]["copy"]["ms_per_step"] == 0  # off the step's path
     assert "`--copy-thread`: every mode used the same cores" in (out / "latency-tiny-llama-cpu.md").read_text()
-    from tbrun_bench.latency import LatencySettings
+    from tbrun_bench.latency import LatencySettings, run_latency
 
     with pytest.raises(ConfigError, match="--copy-thread is for --device cpu"):
         LatencySettings(contexts=[512], device="cuda", copy_thread=True)
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ConfigError, match="tbrun --threads 1 bench latency"):
+            run_latency(LatencySettings(contexts=[512], arch="tiny-llama", device="cpu", copy_thread=True), tmp_path)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_latency_cli_refuses_bad_options_clearly(tmp_path):

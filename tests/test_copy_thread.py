@@ -9,7 +9,9 @@ import threading
 import pytest
 import torch
 
-from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, native
+from offload_engine.backends import sparse_offload
+from offload_engine.cpu_cache import prefetcher as prefetcher_module
 from offload_engine.cpu_cache.prefetcher import Prefetcher
 from offload_engine.errors import ConfigError
 from offload_engine.models import ModelAdapter
@@ -64,6 +66,26 @@ def test_copies_run_on_one_other_thread_in_the_order_issued_and_wait_blocks_unti
     prefetcher.close()
 
 
+def test_a_layers_wait_lets_all_its_copies_finish_before_raising_the_first_error():
+    prefetcher = Prefetcher(torch.device("cpu"), 1, copy_thread=True)
+    release, finished = threading.Event(), []
+
+    def broken():
+        raise IndexError("first")
+
+    def slow():
+        release.wait(5)
+        finished.append(1)
+
+    prefetcher.issue(0, broken)
+    prefetcher.issue(0, slow)
+    threading.Timer(0.05, release.set).start()
+    with pytest.raises(IndexError, match="first"):
+        prefetcher.wait(0)
+    assert finished == [1]  # nothing of the layer still writes once wait has raised
+    prefetcher.close()
+
+
 def test_a_failed_copy_is_raised_at_its_wait_and_at_drain():
     prefetcher = Prefetcher(torch.device("cpu"), 2, copy_thread=True)
 
@@ -77,7 +99,9 @@ def test_a_failed_copy_is_raised_at_its_wait_and_at_drain():
         prefetcher.wait(1)
     prefetcher.issue(1, broken)
     with pytest.raises(IndexError):
-        prefetcher.close()  # drains first: the error is not lost, and the thread still stops
+        prefetcher.drain()  # a copy no layer waited for: its error is not lost
+    prefetcher.issue(1, broken)
+    prefetcher.close()  # on a path already failing: drains without raising again, and the thread stops
     assert prefetcher._thread is None
 
 
@@ -96,6 +120,23 @@ def test_a_copy_thread_is_refused_where_copies_have_a_stream():
         Prefetcher(torch.device("cpu"), 1, streams=object(), copy_thread=True)
     with pytest.raises(ConfigError, match="--copy-thread is for --device cpu"):
         EngineConfig(device="cuda", mode=KVMode.DENSE_OFFLOAD, copy_thread=True)
+    with pytest.raises(ConfigError, match="add --offload or drop --copy-thread"):
+        EngineConfig(mode=KVMode.DENSE_DEVICE, copy_thread=True)
+
+
+def test_a_deferred_plan_is_made_once_and_its_failure_raised_to_every_layer():
+    calls = []
+
+    def make():
+        calls.append(1)
+        raise RuntimeError("select_rows failed")
+
+    deferred = planner_module.DeferredPlan(make)
+    rows = [planner_module.DeferredRows(deferred, 0, 2), planner_module.DeferredRows(deferred, 2, 4)]
+    for part in rows:
+        with pytest.raises(RuntimeError, match="select_rows failed"):
+            part.resolve()
+    assert calls == [1]  # never retried on rows the first attempt may have half written
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -111,6 +152,16 @@ def _run(adapter, spec: str, copy_thread: bool, profile: bool = False, score: bo
     return result, engine.score_continuation(prompt, result.token_ids) if score else None
 
 
+@pytest.fixture
+def copy_threads(monkeypatch) -> list[int]:
+    """The threads every copy issued to a copy thread ran on."""
+    seen: list[int] = []
+    original = prefetcher_module._in_mode
+    monkeypatch.setattr(prefetcher_module, "_in_mode",
+                        lambda fn, inference: seen.append(threading.get_ident()) or original(fn, inference))
+    return seen
+
+
 @pytest.mark.parametrize("spec, selection", [
     ("tokenbutler", {}),
     ("tokenbutler", {"interval": 4, "neighbor_rule": "runs"}),
@@ -120,9 +171,11 @@ def _run(adapter, spec: str, copy_thread: bool, profile: bool = False, score: bo
     ("streaming", {}),
     ("dense", {}),
 ])
-def test_the_copy_thread_changes_when_work_happens_not_what_is_computed(adapter, spec, selection):
+def test_the_copy_thread_changes_when_work_happens_not_what_is_computed(adapter, spec, selection, copy_threads):
     plain, plain_scores = _run(adapter, spec, False, **selection)
+    assert copy_threads == []
     threaded, threaded_scores = _run(adapter, spec, True, **selection)
+    assert copy_threads and threading.get_ident() not in copy_threads  # the copies did go through the thread
     assert threaded.token_ids == plain.token_ids
     assert threaded.stats.h2d_bytes == plain.stats.h2d_bytes and sum(plain.stats.h2d_bytes) > 0
     torch.testing.assert_close(threaded_scores.logprobs, plain_scores.logprobs, rtol=0, atol=0)
@@ -140,9 +193,9 @@ def test_tokenbutlers_selections_are_made_on_the_copy_thread(adapter, monkeypatc
         return original(self)
 
     monkeypatch.setattr(planner_module.DeferredPlan, "result", recording)
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels are not built here, so selections take the separate steps: {native.status()}")
     _run(adapter, "tokenbutler", True, score=False)
-    if not made:
-        pytest.skip("the native kernels are not built here: selections run in the separate steps")
     assert threading.get_ident() not in made and len(set(made)) == 1
     producers = sum(make_policy(adapter, "tokenbutler").predictor.is_producer(layer) for layer in range(5))
     assert len(made) % producers == 0 and 0 < len(made) // producers <= NEW - 1  # at most one per decode step
@@ -159,3 +212,45 @@ def test_with_a_copy_thread_the_breakdown_is_the_steps_own_path(adapter, spec):
     assert abs(total - step) <= 0.1 * step
     if spec == "tokenbutler":
         assert parts["selection"]["ms_per_step"] > 0  # the predictor's queries and bookkeeping stay on the step
+
+
+@pytest.mark.parametrize("spec", ["tokenbutler", "quest", "dense"])
+def test_a_copy_that_fails_on_the_thread_fails_the_generation_and_everything_is_freed(adapter, spec, monkeypatch):
+    """The error raised on the copy thread surfaces from generate (at the layer that waited for it); the
+    backend is closed all the same: its copy thread stopped, its host store freed. (Dense offload copies
+    with torch's copy_, sparse offload with gather_pairs; the third one on the copy thread fails.)"""
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise IndexError("a fetch entry is outside its tables")
+        return real_gather(*args, **kwargs)
+
+    real_gather = sparse_offload.gather_pairs
+    monkeypatch.setattr(sparse_offload, "gather_pairs", failing)
+    copy = torch.Tensor.copy_
+
+    def failing_copy(self, *args, **kwargs):
+        if threading.current_thread().name.startswith("tbrun-copy"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise IndexError("a fetch entry is outside its tables")
+        return copy(self, *args, **kwargs)
+
+    if spec == "dense":
+        monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
+    backends = []
+    original = Engine._new_backend
+
+    def recording(self, *args):
+        backends.append(original(self, *args))
+        return backends[-1]
+
+    monkeypatch.setattr(Engine, "_new_backend", recording)
+    with pytest.raises(IndexError, match="outside its tables"):
+        _run(adapter, spec, True, score=False)
+    assert calls["n"] >= 3 and len(backends) == 1
+    backend = backends[0]
+    assert backend.prefetcher._thread is None and backend.host.closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("tbrun-copy") and t.is_alive()]

@@ -134,7 +134,9 @@ class DenseOffloadKV(KVBackend):
         return sum(t.nbytes for t in self.stage_k) + sum(t.nbytes for t in self.stage_v) + self.local.nbytes
 
     def close(self) -> None:
-        self.prefetcher.close()
-        self.stage_k, self.stage_v = [], []
-        self.local.close()
-        self.host.close()
+        try:
+            self.prefetcher.close()
+        finally:
+            self.stage_k, self.stage_v = [], []
+            self.local.close()
+            self.host.close()

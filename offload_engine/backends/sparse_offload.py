@@ -189,7 +189,8 @@ class SparseOffloadKV(KVBackend):
         return int(self._attended) / self._attendable  # the one read-back
 
     def h2d_bytes_per_step(self) -> list[int]:
-        self.prefetcher.drain()  # the copy thread's counts are complete
+        self.prefetcher.drain(raise_errors=False)  # the copy thread's counts are complete (its errors were raised
+        # at the layers that waited for them)
         on_device = self._moved_on_device[: self._step].tolist()  # the one read-back, at the end
         return [(host + dev + self._moved_on_thread.get(step, 0)) * self._fragment_bytes
                 for step, (host, dev) in enumerate(zip(self._moved_on_host, on_device))]
@@ -254,8 +255,10 @@ class SparseOffloadKV(KVBackend):
         return (self.working_set.nbytes if self.working_set is not None else 0) + self.local.nbytes
 
     def close(self) -> None:
-        self.prefetcher.close()
-        self.policy.release()
-        self.working_set = None
-        self.local.close()
-        self.host.close()
+        try:
+            self.prefetcher.close()
+        finally:
+            self.policy.release()
+            self.working_set = None
+            self.local.close()
+            self.host.close()

@@ -55,7 +55,7 @@ class CudaStreams:
 
 
 class Prefetcher:
-    """Owns the copy and write-back streams and the per-layer events (CUDA only)."""
+    """Owns the copy and write-back streams and the per-layer events (CUDA), or the copy thread (CPU)."""
 
     def __init__(self, device: torch.device, num_layers: int, streams: CudaStreams | None = None,
                  copy_thread: bool = False):
@@ -118,8 +118,10 @@ class Prefetcher:
     def wait(self, layer: int) -> None:
         """Make the compute stream wait for ``layer``'s copies (not for any other layer's); with a copy
         thread, block until they are done."""
-        for future in self._pending.pop(layer, ()):
-            future.result()  # re-raises what the copy raised
+        pending = self._pending.pop(layer, ())
+        errors = [future.exception() for future in pending]  # every one done before anything is raised
+        if any(errors):
+            raise next(error for error in errors if error is not None)
         if self.cuda:
             self.streams.current().wait_event(self.fetched[layer])
 
@@ -141,22 +143,27 @@ class Prefetcher:
         with self.streams.use(self.writeback_stream):
             write_fn()
 
-    def drain(self) -> None:
-        """Wait for every outstanding copy (end of a sequence, before freeing host memory)."""
+    def drain(self, raise_errors: bool = True) -> None:
+        """Wait for every outstanding copy (end of a sequence, before freeing host memory). With a copy
+        thread: everything issued so far has run when this returns, and the first error of a copy no
+        one waited for is raised (unless ``raise_errors`` is False: on a path already failing)."""
         pending, self._pending = [future for futures in self._pending.values() for future in futures], {}
-        for future in pending:  # every one, even after one raised: none may still write afterwards
-            future.exception()
-        for future in pending:
-            future.result()
+        if self._thread is not None:
+            self._thread.submit(lambda: None).result()  # one thread, in order: every earlier copy is done
+        errors = [error for error in (future.exception() for future in pending) if error is not None]
+        if errors and raise_errors:
+            raise errors[0]
         if self.cuda:
             self.copy_stream.synchronize()
             self.writeback_stream.synchronize()
             self.in_flight.clear()
 
     def close(self) -> None:
-        """Drain, then stop the copy thread (if any). The prefetcher is not used afterwards."""
+        """Drain, then stop the copy thread (if any). The prefetcher is not used afterwards. Every copy was
+        waited for by its layer, so an error left here belongs to a sequence that already failed with its
+        own: it is not raised again."""
         try:
-            self.drain()
+            self.drain(raise_errors=False)
         finally:
             if self._thread is not None:
                 self._thread.shutdown(wait=True)

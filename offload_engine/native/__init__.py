@@ -274,8 +274,8 @@ class SelectionKernels:
         if keys.dim() != 3 or keys.shape[:2] != (rows, d) or keys.stride(2) != 1 or g == 0 or d == 0:
             raise ValueError(f"select_rows: keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
                              f"{tuple(queries.shape)} with tokens contiguous")
-        if not (0 <= lo and 0 < keep <= hi - lo and hi <= m and keep <= n and hi < slot_of.shape[1]):
-            raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo, "
+        if not (0 <= lo and 0 < keep <= hi - lo < 2**31 and hi <= m and keep <= n and hi < slot_of.shape[1]):
+            raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo < 2^31, "
                              f"hi <= {m} tokens scored, keep <= {n} slots, hi < {slot_of.shape[1]} table entries")
         arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
         for name, (array, dtype) in arrays.items():

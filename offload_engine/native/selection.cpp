@@ -365,7 +365,7 @@ int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_
                    int64_t n, int64_t* positions, int64_t* slots, UpdateWork& work, uint64_t* wanted) {
     for (int64_t i = 0; i < k; ++i) {
         const int64_t p = selected[i];
-        if (p >= 0) wanted[p >> 6] |= uint64_t{1} << (p & 63);  // -1 padding only at the end: predictable
+        if (p >= 0) wanted[p >> 6] |= uint64_t{1} << (p & 63);  // -1 is rare (padding, never-selected scores)
     }
     for (int64_t s = 0; s < n; ++s) {  // a held position still selected stays, and is not missing
         const int64_t p = slot_pos[s], at = p >= 0 ? p : 0;
@@ -581,7 +581,8 @@ int select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const Key* k
                 int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
     std::atomic<int> status{0};
     split_rows(rows, threads, [=, &status](int64_t, int64_t first, int64_t last) {
-        // per thread, grown once: the row's scores, score_row's [g, m] logits, the top-k's output
+        // per thread (grown once on the caller's; threads split_rows starts are new at every call): the
+        // row's scores, score_row's [g, m] logits, the top-k's output
         thread_local RowWork work;
         thread_local TopkWork topk;
         thread_local std::vector<float> scores, logits, values;

@@ -33,6 +33,7 @@ from ..selection.selector import Candidates
 if TYPE_CHECKING:  # pragma: no cover
     from ..cpu_cache.host_store import HostKVStore
     from ..models import ModelAdapter, ModelDims
+    from ..selection.scores import MeanAttentionScores
 
 NEVER = float("-inf")
 
@@ -156,7 +157,7 @@ class Policy:
         raise NotImplementedError(f"policy {self.name!r} does not score at attention time")
 
     def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
-             describe: bool = False) -> tuple[range, torch.Tensor]:
+             describe: bool = False) -> tuple[range, torch.Tensor | MeanAttentionScores]:
         """Predictive policies: at producer ``layer``, x ``[E]`` -> the layers it serves and their scores.
 
         Returns ``(layers, scores [Lg, KvH, n])``, ``layers`` a range of consecutive layers (``only``,

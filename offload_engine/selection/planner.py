@@ -41,12 +41,21 @@ class DeferredPlan:
     def __init__(self, make: Callable[[], FetchPlan]):
         self._make: Callable[[], FetchPlan] | None = make
         self._plan: FetchPlan | None = None
+        self._error: BaseException | None = None
         self._lock = threading.Lock()
 
     def result(self) -> FetchPlan:
+        """The plan, made at the first call; a failure is raised to every caller, never retried (the
+        first attempt may have written part of the rows)."""
         with self._lock:
-            if self._plan is None:
-                self._plan, self._make = self._make(), None
+            if self._make is not None:
+                make, self._make = self._make, None
+                try:
+                    self._plan = make()
+                except BaseException as error:
+                    self._error = error
+            if self._error is not None:
+                raise self._error
             return self._plan
 
 

@@ -181,8 +181,9 @@ class ResidencyMap:
         """``update(topk_positions(scores.compute(), keep, scores.lo, ordered=False), rows)`` in one native
         call: each row scored, its top ``keep`` taken and its residency updated while its scores are in the
         cache. None (nothing done) where that call does not apply: a map off the host, no native kernels,
-        keys the kernel does not read, ``keep`` not in ``[1, min(candidates, num_slots)]``; the caller then
-        takes the separate steps. ``rows``: the map's rows of ``scores``' ``[Lg * KvH]`` rows, a slice.
+        keys the kernel does not read, ``keep`` not in ``[1, min(candidates, num_slots)]``, candidates past
+        the map's capacity or the keys' tokens, rows that are not the scores' rows; the caller then takes the
+        separate steps. ``rows``: the map's rows of ``scores``' ``[Lg * KvH]`` rows, a slice.
         """
         run = self.prepare_select(scores, keep, rows)
         return None if run is None else run()
@@ -192,12 +193,14 @@ class ResidencyMap:
         on another thread (the copy thread), before anything reads the rows. None where ``select`` is."""
         keys, lo, hi = scores.keys, scores.lo, scores.hi
         kernels = native.kernels() if self.on_host else None
-        if (kernels is None or not 0 < keep <= min(hi - lo, self.num_slots) or hi > self._scratch
+        if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
+            raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
+        if (kernels is None or not 0 <= lo < hi <= min(self._scratch, keys.shape[-1])
+                or not 0 < keep <= min(hi - lo, self.num_slots)
+                or len(range(self.slot_pos.shape[0])[rows]) != keys.shape[0] * keys.shape[1]
                 or keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16)
                 or keys.stride(-1) != 1 or (keys.shape[0] > 1 and keys.stride(0) != keys.shape[1] * keys.stride(1))):
             return None
-        if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
-            raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
         self.appending = False
         lg, kvh, d, m = keys.shape
         queries, rows_keys = scores.queries.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m)

@@ -10,11 +10,9 @@ import torch
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.errors import ConfigError
 from offload_engine.models import ModelAdapter
-from offload_engine.policies import build_policy
-from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
 from offload_engine.selection.scores import MeanAttentionScores
 
-from tiny_models import tiny_model
+from tiny_models import seeded_policy, selecting_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,16 +23,10 @@ PROMPT, NEW = 70, 10
 
 @pytest.fixture(scope="module")
 def adapter() -> ModelAdapter:
-    return ModelAdapter(tiny_model("llama", num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                                   initializer_range=0.2))
+    return selecting_model()
 
 
-def make_policy(adapter: ModelAdapter, spec: str):
-    if "tokenbutler" not in spec:
-        return build_policy(spec)
-    torch.manual_seed(0)
-    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
-    return build_policy(spec, predictor=predictor.eval())
+make_policy = seeded_policy
 
 
 def selections(adapter: ModelAdapter, spec: str, batched: bool, **selection) -> tuple[list, list[int]]:

@@ -66,3 +66,21 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+def selecting_model() -> ModelAdapter:
+    """Five layers, 4 query and 2 KV heads, init std 0.2 (varied tokens): the selection tests' model."""
+    return ModelAdapter(tiny_model("llama", num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                   initializer_range=0.2))
+
+
+def seeded_policy(adapter: ModelAdapter, spec: str):
+    """``build_policy(spec)``; a tokenbutler spec gets a small seeded predictor (a producer every 2 layers,
+    d' 8, I 32) for ``adapter``."""
+    from offload_engine.policies import build_policy
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+    if "tokenbutler" not in spec:
+        return build_policy(spec)
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
+    return build_policy(spec, predictor=predictor.eval())
+

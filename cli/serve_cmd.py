@@ -12,8 +12,8 @@ from offload_engine.errors import ConfigError
 
 from .common import err_console, user_errors
 from .generate_cmd import (
-    ALLOW_ROPE_SCALING, BUDGET, CONTEXT, DEVICE, DTYPE, INTERVAL, MODEL, NEIGHBOR_RULE, NEIGHBORS, OFFLOAD, POLICY,
-    PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions, build_engine,
+    ALLOW_ROPE_SCALING, BUDGET, CONTEXT, COPY_THREAD, DEVICE, DTYPE, INTERVAL, MODEL, NEIGHBOR_RULE, NEIGHBORS,
+    OFFLOAD, POLICY, PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions, build_engine,
 )
 
 
@@ -37,6 +37,7 @@ def serve(
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     allow_rope_scaling: bool = ALLOW_ROPE_SCALING,
+    copy_thread: bool = COPY_THREAD,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     max_queue: int = typer.Option(8, "--max-queue",
@@ -55,7 +56,8 @@ def serve(
     config = ServeConfig(model_name=served_name(model), max_queue=max_queue)
     check_port_free(host, port)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
-                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers))
+                                        neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
+                                        copy_thread))
     app = create_app(engine, config)
     err_console.print(f"serving [bold]{config.model_name}[/] (also as 'default'), {engine.config.mode.value}, "
                       f"context {engine.config.context} on http://{host}:{port}/v1 — Ctrl-C to stop")

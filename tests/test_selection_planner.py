@@ -254,7 +254,8 @@ def test_no_device_value_is_read_on_the_host_inside_a_decode_step(adapter, spec,
     assert len(result.token_ids) == 6 and sum(result.stats.h2d_bytes) > 0
 
 
-@pytest.mark.parametrize("neighbors, fused", [({}, True), ({"neighbors": 1}, False), ({"neighbor_rule": "runs"}, False)])
+@pytest.mark.parametrize("neighbors, fused", [({}, True), ({"neighbors": 1}, False),
+                                              ({"neighbor_rule": "runs"}, False)])
 def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(adapter, neighbors, fused, monkeypatch):
     """On the CPU with the native kernels, tokenbutler's producers score, rank and place their layers in one
     call (ResidencyMap.select) when the selection is the top-k as it is; a neighbour rule needs the ranked

@@ -32,11 +32,12 @@ def adapter() -> ModelAdapter:
     return ModelAdapter(tiny_model("llama", num_hidden_layers=4, initializer_range=0.2))
 
 
-def engine(adapter: ModelAdapter, policy: str) -> Engine:
+def engine(adapter: ModelAdapter, policy: str, copy_thread: bool = False) -> Engine:
     """A sparse-offload engine with its own policy object (a session's backend keeps its policy bound)."""
     selection = SelectionConfig(policy=policy, budget=Budget(tokens=BUDGET), sinks=SINKS, window=WINDOW,
                                 interval=INTERVAL)
-    config = EngineConfig(context=160, mode=KVMode.SPARSE_OFFLOAD, selection=selection, prefill_chunk=4)
+    config = EngineConfig(context=160, mode=KVMode.SPARSE_OFFLOAD, selection=selection, prefill_chunk=4,
+                          copy_thread=copy_thread)
     if "tokenbutler" in policy:  # a random predictor of the tiny model's shape: the same one in every engine
         torch.manual_seed(0)
         predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
@@ -125,11 +126,13 @@ def test_quest_rewind_rebuilds_the_cut_page_from_the_host_store(adapter):
     session.close()
 
 
-@pytest.mark.parametrize("policy", REWINDABLE)
-def test_a_follow_up_turn_matches_a_fresh_generation(adapter, policy):
+@pytest.mark.parametrize("policy, copy_thread", [(policy, False) for policy in REWINDABLE]
+                         + [("tokenbutler", True), ("quest", True)])
+def test_a_follow_up_turn_matches_a_fresh_generation(adapter, policy, copy_thread):
     """Through ``Session.generate``: a short first turn decodes densely (under sinks + window), so its
-    answer is reused too; the long follow-up decodes sparsely and gives the fresh run's tokens."""
-    eng, ref = engine(adapter, policy), engine(adapter, policy)
+    answer is reused too; the long follow-up decodes sparsely and gives the fresh run's tokens. With a copy
+    thread on the session's engine (its rewinds drain it first), against a fresh engine without one."""
+    eng, ref = engine(adapter, policy, copy_thread), engine(adapter, policy)
     session = Session(eng)
     first, reuse = session.generate(ids(4, 5), SamplingConfig(max_new_tokens=4, ignore_eos=True))
     assert reuse.reused_tokens == 0 and session.cached_tokens == 4 + 3  # answer included: dense steps

@@ -302,7 +302,8 @@ def test_interval_predicts_every_n_steps_and_small_budgets_run(monkeypatch):
     prompt = torch.randint(0, model.config.vocab_size, (50,), generator=torch.Generator().manual_seed(8))
     calls = []
     original = TokenButlerPolicy.plan
-    monkeypatch.setattr(TokenButlerPolicy, "plan", lambda self, layer, *a, **k: calls.append(layer) or original(self, layer, *a, **k))
+    monkeypatch.setattr(TokenButlerPolicy, "plan",
+                        lambda self, layer, *a, **k: calls.append(layer) or original(self, layer, *a, **k))
     engine = tokenbutler_engine(adapter, 50, budget=12, interval=3, neighbors=1)
     result = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS))
     assert len(result.token_ids) == NEW_TOKENS

@@ -277,11 +277,7 @@ class SelectionKernels:
         if not (0 <= lo and 0 < keep <= hi - lo < 2**31 and hi <= m and keep <= n and hi < slot_of.shape[1]):
             raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo < 2^31, "
                              f"hi <= {m} tokens scored, keep <= {n} slots, hi < {slot_of.shape[1]} table entries")
-        arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
-        for name, (array, dtype) in arrays.items():
-            if array.dtype != dtype or array.shape[0] != rows or (array.shape[1] > 1 and array.strides[1] != array.itemsize):
-                raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{rows}, *] "
-                                 f"{np.dtype(dtype)} with contiguous rows")
+        _check_tables(rows, slot_pos, slot_of, active)
         q = queries.detach().contiguous()
         positions, slots = np.empty((rows, keep), dtype=np.int64), np.empty((rows, keep), dtype=np.int64)
         counts = np.zeros(rows, dtype=np.int64)
@@ -350,11 +346,7 @@ class SelectionKernels:
         if r == 0:
             empty = np.zeros((0, 0), dtype=np.int64)
             return empty, empty.copy(), np.zeros(0, dtype=np.int64)
-        arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
-        for name, (array, dtype) in arrays.items():
-            if array.dtype != dtype or array.shape[0] != r or (array.shape[1] > 1 and array.strides[1] != array.itemsize):
-                raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{r}, *] "
-                                 f"{np.dtype(dtype)} with contiguous rows")
+        _check_tables(r, slot_pos, slot_of, active)
         chosen = np.ascontiguousarray(selected, dtype=np.int64)
         if chosen.size and chosen.max() >= slot_of.shape[1] - 1:  # unchecked in the kernel; the last is scratch
             raise ValueError(f"selected position {int(chosen.max())} is past the capacity {slot_of.shape[1] - 1}")
@@ -397,6 +389,16 @@ class SelectionKernels:
             raise IndexError(f"a fetch entry is outside its tables ({src0.shape[1]} source rows, "
                              f"{dst0.shape[1]} slots) or a count outside [0, {m}]: nothing was copied")
         return True
+
+
+def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray) -> None:
+    """A residency map's tables as the kernels read them: ``rows`` rows each, contiguous within a row."""
+    arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
+    for name, (array, dtype) in arrays.items():
+        contiguous = array.shape[1] <= 1 or array.strides[1] == array.itemsize
+        if array.dtype != dtype or array.shape[0] != rows or not contiguous:
+            raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{rows}, *] "
+                             f"{np.dtype(dtype)} with contiguous rows")
 
 
 _source()  # read now, with the wrappers above (see ABI)

@@ -84,18 +84,25 @@ Profile = tuple[dict, list[int]]  # a run's breakdown (offload_engine.profiling)
 
 
 def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionConfig | None = None,
-              synthetic_kv: bool = False, profiles: list[Profile] | None = None) -> Run:
+              synthetic_kv: bool = False, profiles: list[Profile] | None = None, copy_thread: bool = False) -> Run:
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
     sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill.
-    ``profiles``: the run is profiled and its breakdown and bytes per step appended there."""
+    ``profiles``: the run is profiled and its breakdown and bytes per step appended there.
+    ``copy_thread`` (sparse offload): copies and selections on a copy thread, the model on one torch
+    thread fewer than the process's, so that the run uses the process's cores and no more."""
     mode = KVMode.DENSE_DEVICE if selection is None else KVMode.SPARSE_OFFLOAD
     context = len(prompt) + new_tokens + 1
     config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
                           selection=selection or SelectionConfig(), synthetic_kv=synthetic_kv,
-                          allow_rope_scaling=context > adapter.dims.max_positions, profile=profiles is not None)
+                          allow_rope_scaling=context > adapter.dims.max_positions, profile=profiles is not None,
+                          copy_thread=copy_thread)
     engine = Engine(adapter, config)
-    # a fixed number of steps, like min_new_tokens on the other side
-    result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1) if copy_thread else threads)
+    try:  # a fixed number of steps, like min_new_tokens on the other side
+        result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    finally:
+        torch.set_num_threads(threads)
     if profiles is not None:
         profiles.append((result.stats.breakdown, list(result.stats.h2d_bytes)))
     return list(result.stats.decode_ms), result.stats.prefill_seconds, result.token_ids
@@ -209,7 +216,8 @@ def vllm_runner(adapter, model: str | None, contexts: list[int], new_tokens: int
 
 def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log,
             sparse: tuple[str, ...] = (), synthetic_from: int | None = None,
-            vllm: VllmRunner | None = None, on_context: Callable[[list[dict]], None] | None = None) -> list[dict]:
+            vllm: VllmRunner | None = None, on_context: Callable[[list[dict]], None] | None = None,
+            copy_thread: bool = False) -> list[dict]:
     """Interleaved repetitions at every context; returns one row per context (``on_context`` gets the
     rows so far after each context: a run cut short keeps what it measured).
 
@@ -227,7 +235,7 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
         selection, name = sparse_selection(spec), f"tbrun {spec}"
         profiles[name] = []
         runners[name] = lambda p, synthetic, sel=selection, sink=profiles[name]: run_tbrun(
-            adapter, p, new_tokens, sel, synthetic, sink)
+            adapter, p, new_tokens, sel, synthetic, sink, copy_thread)
     if vllm is not None:
         runners["vllm"] = vllm
     prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
@@ -357,7 +365,19 @@ def _sparse_markdown(report: dict) -> str:
     return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; sinks {SINKS}, "
             f"window {WINDOW}; tokenbutler predicting every N steps (`:N`) loads the shipped predictor trained for "
             "that interval where there is one (`predictors/smollm2-135m-instruct-interval4` for N = 4, as `tbrun "
-            "generate` does).\n\n" + markdown_table(headers, rows) + "\n")
+            "generate` does)." + _copy_thread_note(report) + "\n\n" + markdown_table(headers, rows) + "\n")
+
+
+def _copy_thread_note(report: dict) -> str:
+    """How the cores were shared when the sparse runners had a copy thread."""
+    s = report["settings"]
+    if not s.get("copy_thread"):
+        return ""
+    threads = s["torch_threads"]
+    return (f" With `--copy-thread`: the sparse runners ran the model on {threads - 1} torch thread(s) and their "
+            f"copies and selections on one more thread; tbrun dense and transformers on {threads} torch threads, "
+            "vLLM on its own (its cores used are below): every runner had the same cores. Work on the copy thread "
+            "is not in the breakdown's `selection` or `copy`; `wait` is what the step stalled for it.")
 
 
 def _breakdown_markdown(report: dict) -> str:
@@ -429,7 +449,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm", choices=("auto", "off"), default="auto",
                         help="auto: time vLLM's CPU build beside tbrun where the vllm extra is installed")
     parser.add_argument("--vllm-eager", action="store_true", help="run vLLM in eager mode (default: compiled)")
-    return parser.parse_args(argv)
+    parser.add_argument("--copy-thread", action="store_true",
+                        help="sparse runners copy and select on a copy thread and run the model on one torch thread "
+                             "fewer; the others use every torch thread (OMP_NUM_THREADS=2 on 2 cores: the same cores)")
+    args = parser.parse_args(argv)
+    if args.copy_thread and torch.get_num_threads() < 2:
+        parser.error("--copy-thread needs 2 or more torch threads (OMP_NUM_THREADS=2): the sparse runners give one "
+                     "of them to the copy thread, so that every runner uses the same cores")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -443,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
                 "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
-                "synthetic_kv_from": synthetic_from, "vllm": vllm.settings() if vllm else None}
+                "synthetic_kv_from": synthetic_from, "vllm": vllm.settings() if vllm else None,
+                "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads()}
     report = {"benchmark": "overhead", "provenance": provenance("python -m tbrun_bench.overhead"),
               "machine": machine_header(torch.device("cpu")), "settings": settings, "rows": []}
 
@@ -456,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / f"{args.name}.md").write_text(to_markdown(report))
 
     measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse),
-            synthetic_from, vllm, on_context=write)
+            synthetic_from, vllm, on_context=write, copy_thread=args.copy_thread)
     log(to_markdown(report))
     return report
 

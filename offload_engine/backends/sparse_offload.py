@@ -155,22 +155,25 @@ class SparseOffloadKV(KVBackend):
         bank = self.working_set.bank_of[layer]
         host_k, host_v = self.host.keys[layer], self.host.values[layer]
         keys, values = bank.selected_keys(layer), bank.selected_values(layer)
+
+        def move(rows: FetchPlan) -> None:
+            gather_pairs(((host_k, keys), (host_v, values)), rows.positions, rows.slots, self.gather_method,
+                         rows.counts)
+
         if isinstance(plan, DeferredRows):  # the copy thread selects first (planner.defer), then copies
             step, moved = self._step, self._moved_on_thread
 
             def select_and_copy() -> None:
                 rows = plan.resolve()
                 moved[step] = moved.get(step, 0) + int(rows.counts.sum())  # only this thread writes it
-                gather_pairs(((host_k, keys), (host_v, values)), rows.positions, rows.slots, self.gather_method,
-                             rows.counts)
+                move(rows)
 
             self.prefetcher.issue(layer, select_and_copy)
             return
 
         def copy() -> None:
             with self.clock.phase("copy"):  # (not timed on a copy thread: off the step's path)
-                gather_pairs(((host_k, keys), (host_v, values)), plan.positions, plan.slots, self.gather_method,
-                             plan.counts)
+                move(plan)
 
         # the plan's tensors were made on the compute stream and are read on the copy stream
         self.prefetcher.issue(layer, copy, keep_alive=(plan.positions, plan.slots, plan.counts))

@@ -232,15 +232,7 @@ class SelectionKernels:
         ``bf16_pair_products`` (AVX512-BF16, d even) with the query rounded to bfloat16 as well, as a GPU's
         bfloat16 matmul takes it."""
         rows, g, d = queries.shape
-        if queries.device.type != "cpu" or keys.device.type != "cpu":
-            raise ValueError(f"CPU tensors only, got {queries.device} and {keys.device}")
-        if g == 0 or d == 0:
-            raise ValueError(f"queries {tuple(queries.shape)}: no query heads or no dimensions to score with")
-        if keys.dim() != 3 or keys.shape[0] != rows or keys.shape[1] != d or keys.stride(2) != 1:
-            raise ValueError(f"keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
-                             f"{tuple(queries.shape)} with tokens contiguous")
-        if queries.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"float32 queries and float32 or bfloat16 keys only, got {queries.dtype} and {keys.dtype}")
+        _check_scoring(queries, keys)
         m = keys.shape[2]
         q = np.ascontiguousarray(queries.detach().numpy())
         out = np.empty((rows, m), dtype=np.float32)
@@ -266,14 +258,8 @@ class SelectionKernels:
         ``0 < keep <= hi - lo``, ``0 <= lo``, ``hi <= m``, ``keep <= n`` and ``hi`` within the map's
         capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them."""
         rows, g, d = queries.shape
-        if queries.device.type != "cpu" or keys.device.type != "cpu" or queries.dtype != torch.float32 \
-                or keys.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"select_rows: float32 CPU queries and float32 or bfloat16 CPU keys, got "
-                            f"{queries.dtype} on {queries.device} and {keys.dtype} on {keys.device}")
-        m, n = (keys.shape[2] if keys.dim() == 3 else -1), slot_pos.shape[1] - 1
-        if keys.dim() != 3 or keys.shape[:2] != (rows, d) or keys.stride(2) != 1 or g == 0 or d == 0:
-            raise ValueError(f"select_rows: keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
-                             f"{tuple(queries.shape)} with tokens contiguous")
+        _check_scoring(queries, keys)
+        m, n = keys.shape[2], slot_pos.shape[1] - 1
         if not (0 <= lo and 0 < keep <= hi - lo < 2**31 and hi <= m and keep <= n and hi < slot_of.shape[1]):
             raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo < 2^31, "
                              f"hi <= {m} tokens scored, keep <= {n} slots, hi < {slot_of.shape[1]} table entries")
@@ -389,6 +375,21 @@ class SelectionKernels:
             raise IndexError(f"a fetch entry is outside its tables ({src0.shape[1]} source rows, "
                              f"{dst0.shape[1]} slots) or a count outside [0, {m}]: nothing was copied")
         return True
+
+
+def _check_scoring(queries: torch.Tensor, keys: torch.Tensor) -> None:
+    """What the scoring kernels read: queries ``[R, g, d]`` float32 with ``g, d > 0``, keys ``[R, d, m]``
+    float32 or bfloat16 with tokens contiguous, both on the CPU."""
+    rows, g, d = queries.shape
+    if queries.device.type != "cpu" or keys.device.type != "cpu":
+        raise ValueError(f"CPU tensors only, got {queries.device} and {keys.device}")
+    if g == 0 or d == 0:
+        raise ValueError(f"queries {tuple(queries.shape)}: no query heads or no dimensions to score with")
+    if keys.dim() != 3 or keys.shape[0] != rows or keys.shape[1] != d or keys.stride(2) != 1:
+        raise ValueError(f"keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
+                         f"{tuple(queries.shape)} with tokens contiguous")
+    if queries.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"float32 queries and float32 or bfloat16 keys only, got {queries.dtype} and {keys.dtype}")
 
 
 def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray) -> None:

@@ -191,19 +191,17 @@ class ResidencyMap:
     def prepare_select(self, scores: MeanAttentionScores, keep: int, rows: slice) -> Callable[[], FetchPlan] | None:
         """``select`` in two halves: everything checked now, and the native call returned to be made later,
         on another thread (the copy thread), before anything reads the rows. None where ``select`` is."""
-        keys, lo, hi = scores.keys, scores.lo, scores.hi
-        kernels = native.kernels() if self.on_host else None
+        lo, hi = scores.lo, scores.hi
         if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
             raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
-        if (kernels is None or not 0 <= lo < hi <= min(self._scratch, keys.shape[-1])
+        kernels = native.kernels() if self.on_host else None
+        native_rows = scores.native_rows() if kernels is not None else None
+        if (native_rows is None or not 0 <= lo < hi <= min(self._scratch, scores.keys.shape[-1])
                 or not 0 < keep <= min(hi - lo, self.num_slots)
-                or len(range(self.slot_pos.shape[0])[rows]) != keys.shape[0] * keys.shape[1]
-                or keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16)
-                or keys.stride(-1) != 1 or (keys.shape[0] > 1 and keys.stride(0) != keys.shape[1] * keys.stride(1))):
+                or len(range(self.slot_pos.shape[0])[rows]) != native_rows[0].shape[0]):
             return None
         self.appending = False
-        lg, kvh, d, m = keys.shape
-        queries, rows_keys = scores.queries.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m)
+        queries, rows_keys = native_rows
         tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
 
         def run() -> FetchPlan:

@@ -35,6 +35,11 @@ class MeanAttentionScores:
         return MeanAttentionScores(self.queries[first : first + count], self.keys[first : first + count],
                                    self.lo, self.hi)
 
+    def native_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The scores' rows as the native kernels read them: (queries ``[Lg * KvH, g, d']`` float32, keys
+        ``[Lg * KvH, d', m]``, a view), or None where they cannot (see ``native_rows``)."""
+        return native_rows(self.queries, self.keys)
+
     def compute(self) -> torch.Tensor:
         """The scores as a float32 tensor ``[Lg, KvH, hi - lo]``."""
         fused = fused_group_mean_scores(self.queries, self.keys)
@@ -53,15 +58,24 @@ def fused_group_mean_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.
     kernel does not apply (a device other than the CPU, keys neither float32 nor bfloat16, no compiler:
     ``native.status()``); the caller then takes the torch path. The same scores up to float rounding
     (tests/test_native.py)."""
-    if (keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16) or keys.shape[-1] == 0
-            or keys.stride(-1) != 1):
-        return None
     kernels = native.kernels()
-    lg, kvh, d, m = keys.shape
-    if kernels is None or (lg > 1 and keys.stride(0) != kvh * keys.stride(1)):
+    rows = native_rows(grouped, keys) if kernels is not None else None
+    if rows is None or keys.shape[-1] == 0:
         return None
-    scores = kernels.group_mean_scores(grouped.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m))
-    return scores.view(lg, kvh, m)
+    lg, kvh, _, m = keys.shape
+    return kernels.group_mean_scores(*rows).view(lg, kvh, m)
+
+
+def native_rows(grouped: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """grouped ``[Lg, KvH, g, d']`` and keys ``[Lg, KvH, d', m]`` as the native kernels' rows: (queries
+    ``[Lg * KvH, g, d']`` float32, keys ``[Lg * KvH, d', m]``, a view of the same memory), or None where
+    the keys are not float32 or bfloat16 CPU columns with tokens contiguous and layers at a uniform stride."""
+    if keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16) or keys.stride(-1) != 1:
+        return None
+    lg, kvh, d, m = keys.shape
+    if lg > 1 and keys.stride(0) != kvh * keys.stride(1):
+        return None
+    return grouped.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m)
 
 
 def group_mean_probabilities(logits: torch.Tensor) -> torch.Tensor:

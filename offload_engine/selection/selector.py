@@ -98,10 +98,9 @@ class Selector:
 
         In no particular order unless a neighbour rule grows the selection (then sorted).
         """
-        runs, radius = self.config.neighbor_rule == "runs", self.config.neighbors
-        chosen = topk_positions(scores, candidates.keep, candidates.lo, ordered=runs or radius > 0)
-        if runs:
+        chosen = topk_positions(scores, candidates.keep, candidates.lo, ordered=not self.plain_topk)
+        if self.config.neighbor_rule == "runs":
             chosen = extend_runs(chosen, candidates.lo, candidates.hi)
-        elif radius > 0:
-            chosen = expand_neighbors(chosen, radius, candidates.lo, candidates.hi)
+        elif self.config.neighbors > 0:
+            chosen = expand_neighbors(chosen, self.config.neighbors, candidates.lo, candidates.hi)
         return chosen[..., :slots]

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from . import native
 from .attention import decode_attention, prefill_attention
 from .backends.base import KVBackend
 from .backends.dense_device import DenseDeviceKV
@@ -140,6 +141,8 @@ class Engine:
             self.policy = policy if policy is not None else build_policy(config.selection.policy)
         self.gather_method = gather_method
         self.eos_ids = _eos_ids(adapter)
+        if self.device.type == "cpu":
+            native.kernels()  # built now (once per machine, seconds), not in the middle of the first decode step
 
     @property
     def policy_name(self) -> str:

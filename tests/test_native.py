@@ -469,3 +469,90 @@ def test_one_call_selection_refuses_bad_arguments(fresh_native):
         kernels.select_rows(queries, torch.randn(2, 4, 50), 4, 40, 5, *tables)
     with pytest.raises(TypeError, match="float32"):
         kernels.select_rows(queries.double(), keys, 4, 40, 5, *tables)
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows, cols, bias, shape", [
+    (288, 576, False, (576,)),        # SmolLM2's attention projections, a bare vector
+    (37, 19, True, (1, 1, 19)),       # no size a multiple of the vector width; the adapter's [1, T, E]
+    (1, 1, True, (1, 1)),
+    (1024, 4096, True, (1, 4096)),    # 4M entries: split among threads where there are several
+])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_native_linear_is_torchs_for_one_token(rows, cols, bias, shape, threads, fresh_native, monkeypatch):
+    """``linear`` computes ``F.linear`` for one token, at any thread count, in the input's leading shape."""
+    monkeypatch.setenv(native.THREADS_VARIABLE, threads)
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(rows + cols)
+    weight = torch.randn(rows, cols, generator=generator)
+    b = torch.randn(rows, generator=generator) if bias else None
+    x = torch.randn(shape, generator=generator)
+    got = kernels.linear(x, weight, b)
+    assert got is not None and got.shape == (*shape[:-1], rows)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    magnitude = torch.nn.functional.linear(x.double().abs(), weight.double().abs(), None if b is None else b.double().abs())
+    assert ((got.double() - exact).abs() <= 1e-6 * magnitude + 1e-7).all()  # float32 rounding of a sum, no more
+
+
+def test_the_native_linear_declines_what_it_does_not_compute(fresh_native):
+    """More than one token, another dtype, a strided weight or bias, a mismatched width, or a product that
+    needs a gradient: None, and the caller runs torch."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    weight, x = torch.randn(8, 6), torch.randn(1, 1, 6)
+    assert kernels.linear(x, weight, None) is not None
+    declined = {
+        "two tokens": (torch.randn(1, 2, 6), weight, None),
+        "bfloat16": (x.bfloat16(), weight.bfloat16(), None),
+        "float64 weight": (x, weight.double(), None),
+        "strided weight": (x, torch.randn(6, 8).t(), None),
+        "width": (torch.randn(1, 1, 5), weight, None),
+        "reshaped token": (torch.randn(2, 3), weight, None),
+        "bias length": (x, weight, torch.randn(7)),
+        "gradient": (x, weight.clone().requires_grad_(), None),
+    }
+    for name, (xs, w, b) in declined.items():
+        assert kernels.linear(xs, w, b) is None, name
+    with torch.no_grad():  # no gradient wanted: the kernel runs
+        assert kernels.linear(x, weight.clone().requires_grad_(), None) is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, fresh_native, monkeypatch):
+    """Every projection of a one-token step (q, k, v, o, the gated MLP's three, the LM head) goes through the
+    native kernel, and the logits are torch's to float rounding; ``TBRUN_NATIVE=0`` keeps torch's."""
+    from offload_engine import Engine, EngineConfig, KVMode
+    from offload_engine.models import ModelAdapter
+
+    from tiny_models import tiny_model
+
+    calls = []
+    original = native.SelectionKernels.linear
+
+    def counted(self, *args):
+        out = original(self, *args)
+        if out is not None:  # the prompt's projections (several tokens) are declined
+            calls.append(args[1].shape)
+        return out
+
+    monkeypatch.setattr(native.SelectionKernels, "linear", counted)
+    model = tiny_model(arch, initializer_range=0.2)
+    prompt = torch.randint(1, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        engine = Engine(ModelAdapter(model), EngineConfig(context=32, mode=KVMode.DENSE_DEVICE))
+        return engine.score_continuation(prompt.tolist()[:6], prompt.tolist()[6:], keep_logits=True).logits
+
+    native_logits = run()
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 5 * (7 * layers + 1) + 1  # 5 decode steps through every projection; the prefill's head
+    assert (model.config.vocab_size, model.config.hidden_size) in calls  # the LM head
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
+    native.reset()
+    calls.clear()
+    torch_logits = run()
+    assert calls == []
+    torch.testing.assert_close(native_logits, torch_logits, rtol=1e-4, atol=1e-4)

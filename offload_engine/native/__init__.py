@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 9
+ABI = 10
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -201,6 +201,7 @@ class SelectionKernels:
                                    ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64],
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
+            "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_select_rows": [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr,
                                   i64, i64, ptr, ptr, ptr, i64],
             "tbrun_select_rows_bf16": [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
@@ -300,6 +301,26 @@ class SelectionKernels:
         self.library.tbrun_query_mlp(x.data_ptr(), e, norm_weight.data_ptr(),
                                      norm_bias.data_ptr() if norm_bias is not None else None, eps, w1.data_ptr(),
                                      inner, w2.data_ptr(), size, _address(work), out.data_ptr())
+        return out
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``torch.nn.functional.linear`` for one token on the CPU: x with ``E`` float32 entries (any shape
+        ``[..., E]`` holding one token), weight ``[O, E]`` and bias ``[O]`` (or None) float32 and contiguous
+        -> ``[..., O]``. None (nothing done) for anything else, so the caller takes torch's path: more than
+        one token, another dtype or device, strided weights, or a tensor that needs a gradient."""
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
+                or x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1] or weight.device.type != "cpu" or not weight.is_contiguous()
+                or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                                          or bias.numel() != weight.shape[0]))
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                 or (bias is not None and bias.requires_grad)))):
+            return None
+        rows, cols = weight.shape
+        source = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
+        self.library.tbrun_linear(source.data_ptr(), cols, weight.data_ptr(), rows,
+                                  bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                                  max(1, kernel_threads()))
         return out
 
     def topk_rows(self, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,9 @@
 // counting rather than partitioning: ranking.py's sampled threshold, a compaction of the entries at or
 // above it, then the k-th largest by bisection on its bits, each step one vectorised count.
 //
+// tbrun_linear: a model's linear layer for one token (a matrix-vector product), what a decode step
+// spends most of its time on outside attention on the CPU.
+//
 // tbrun_select_rows: a producer's selection in one call, row by row: the scores, the top-k of the
 // candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
 // the Python between them cost about as much again as the kernels (profiled at 7.5k and 32k).
@@ -614,7 +617,7 @@ int select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const Key* k
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 9; }
+int tbrun_kernels_abi() { return 10; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -670,6 +673,24 @@ int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const f
     matvec(w1, inner, e, normed, hidden);
     for (int64_t i = 0; i < inner; ++i) hidden[i] = hidden[i] / (1.0f + std::exp(-hidden[i]));
     matvec(w2, out_size, inner, hidden, out);
+    return 0;
+}
+
+// A model's linear layer at a decode step (one token): out = w x (+ bias), x [cols], w [rows, cols]
+// row-major, bias [rows] or null, out [rows]. matvec streams the weights in order, which reads them at
+// about twice the rate torch's one-row matrix product reaches on one core (the weights are out of the
+// caches at every step: a step reads all of them once). threads > 1: the rows are split among them where
+// the matrix has LINEAR_THREADED_ENTRIES entries or more (a language model's output head); smaller ones
+// are not worth starting a thread for. Returns 0.
+constexpr int64_t LINEAR_THREADED_ENTRIES = int64_t{1} << 22;
+
+int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, const float* bias, float* out,
+                 int64_t threads) {
+    split_rows(rows, rows * cols >= LINEAR_THREADED_ENTRIES ? threads : 1, [=](int64_t, int64_t first, int64_t last) {
+        matvec(w + first * cols, last - first, cols, x, out + first);
+        if (bias != nullptr)
+            for (int64_t r = first; r < last; ++r) out[r] += bias[r];
+    });
     return 0;
 }
 

@@ -20,7 +20,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 CONTEXT = 600
-GENERATING = [name for name in TASKS if name != "ppl"]
+GENERATING = [name for name in TASKS if TASKS[name].primary != "ppl"]
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +156,34 @@ def test_ppl_chunks_are_held_out_text_scored_after_a_prefix(tokenizer, built):
         assert chunk in haystack.held_out_text()
 
 
+def _words(text: str) -> str:
+    """Text as its words, one space apart: the source file's quotes, escapes and line breaks gone."""
+    return " ".join(re.findall(r"[A-Za-z]+", text.replace("\\n", " ")))
+
+
+def test_ppl_held_out_reads_only_text_the_predictors_never_trained_on(tokenizer, built):
+    """``ppl-held-out``'s chunks come from topics that ``--corpus stdlib:pydoc_data/topics.py`` leaves out of
+    every training sequence (the file's last tenth), while ``ppl``'s reach the text trained on."""
+    from offload_engine.predictor.corpus import resolve_corpus
+    from offload_engine.predictor.data import load_sequences
+
+    corpus = resolve_corpus(["stdlib:pydoc_data/topics.py"])
+    data = load_sequences([], tokenizer, 64, 10**6, 1, corpus=corpus)  # every training sequence there is
+    trained = _words(tokenizer.decode(data.train.flatten().tolist()))
+    held_text = haystack.predictor_held_out_text(tokenizer)
+    assert 0 < len(held_text) < len(haystack.held_out_text()) / 10
+    samples = built["ppl-held-out"]
+    assert len({s.meta["chunk"] for s in samples}) == 4
+    for sample in samples:
+        chunk = tokenizer.decode(list(sample.forced.prompt_ids) + list(sample.forced.target_ids))
+        assert chunk in held_text
+        words = _words(chunk).split()
+        spans = [" ".join(words[i:i + 12]) for i in range(0, len(words) - 12, 6)]
+        assert spans and not any(span in trained for span in spans)
+    first_topic = _words(haystack.held_out_text()[:2000]).split()
+    assert " ".join(first_topic[:12]) in trained  # the check can see what training read
+
+
 def test_ppl_refuses_more_samples_than_chunks(tokenizer):
     with pytest.raises(ConfigError, match="chunks"):
         make_samples("ppl", tokenizer, 100000, CONTEXT)
@@ -217,7 +245,7 @@ def test_tasks_fit_the_embedded_models_own_tokens():
         for sample in make_samples(name, tok, 2, 4096, seed=0, min_prompt=720):
             text = tok.decode(list(sample.prompt_ids or sample.forced.prompt_ids))
             assert sample.longest_prompt + max(sample.max_new_tokens, 1) <= 4096
-            assert sample.longest_prompt > 3500 or name == "ppl"
+            assert sample.longest_prompt > 3500 or TASKS[name].primary == "ppl"
             assert all(answer in text for answer in sample.answers)
             if sample.prompt_ids:
                 assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")

@@ -137,8 +137,8 @@ class EvalConfig:
         self.context = parse_context(self.context)
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {self.samples}.")
-        if self.task == "ppl" and self.samples < MIN_PPL_PASSAGES:
-            raise ConfigError(f"--task ppl needs at least {MIN_PPL_PASSAGES} passages for its interval, got "
+        if get_task(self.task).primary == "ppl" and self.samples < MIN_PPL_PASSAGES:
+            raise ConfigError(f"--task {self.task} needs at least {MIN_PPL_PASSAGES} passages for its interval, got "
                               f"--samples {self.samples}: use --samples {MIN_PPL_PASSAGES} or more.")
         self.policies = tuple(dict.fromkeys(spec.strip() for spec in self.policies if spec.strip()))
         self.budgets = tuple(dict.fromkeys(self.budgets))

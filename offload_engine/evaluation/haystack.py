@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -164,12 +165,7 @@ def coref_location(rng: random.Random) -> str:
 # Held-out text for perplexity.
 
 
-def held_out_text() -> str:
-    """English technical prose for perplexity: the Python reference's topic texts (stdlib).
-
-    ``pydoc_data.topics`` ships with CPython (about 460k characters); sorted by topic so the text
-    is the same on every machine with the same Python minor version.
-    """
+def _topics() -> dict[str, str]:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # pragma: no cover - stripped Python builds
@@ -177,4 +173,44 @@ def held_out_text() -> str:
             "the ppl task reads Python's pydoc_data.topics, which this Python lacks; "
             "install the full standard library (e.g. the python3-stdlib package)."
         ) from None
+    return topics
+
+
+def held_out_text() -> str:
+    """English technical prose for perplexity: the Python reference's topic texts (stdlib).
+
+    ``pydoc_data.topics`` ships with CPython (about 460k characters); sorted by topic so the text
+    is the same on every machine with the same Python minor version.
+    """
+    topics = _topics()
     return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def predictor_held_out_text(tokenizer) -> str:
+    """The topics of ``held_out_text`` that a predictor trained on ``--corpus stdlib:pydoc_data/topics.py``
+    never read, in the same order.
+
+    Training holds out the last tenth of a one-file source's tokens (``predictor.data``: the file's
+    source text, ``tokenizer``'s ids, its separator after them). The topics whose entry in the source
+    file starts after that boundary are held out; the one it cuts through is left out.
+    """
+    from pydoc_data import topics as module
+
+    from ..predictor.data import HELD_OUT_EVERY, read_text
+
+    source = read_text(Path(module.__file__))
+    encoded = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
+    separator = 1 if tokenizer.eos_token_id is not None else 0
+    length = len(encoded["input_ids"]) + separator
+    boundary = length - length // HELD_OUT_EVERY
+    offsets = encoded["offset_mapping"]
+    first_char = offsets[boundary][0] if boundary < len(offsets) else len(source)
+    topics, held, start = _topics(), [], 0
+    for name in sorted(topics):
+        start = source.find(f"'{name}': ", start)
+        if start < 0:
+            raise ConfigError(f"pydoc_data/topics.py has no entry {name!r} in key order: this Python's file is "
+                              "not laid out as the held-out split assumes; use --task ppl.")
+        if start >= first_char:
+            held.append(name)
+    return "\n\n".join(topics[name] for name in held)

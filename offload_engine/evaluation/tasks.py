@@ -11,7 +11,8 @@ has one (instruct models answer questions only inside it).
 - ``vt``: RULER's variable tracking: chains ``VAR B = VAR A``, ``VAR A = 12345`` in filler.
 - ``coref``: TokenButler's co-referential retrieval: who put what where, unrelated statements,
   then a question whose answer is the place; scored teacher-forced and by generation.
-- ``ppl``: fixed chunks of held-out text, every token after a prefix scored teacher-forced.
+- ``ppl``: fixed chunks of held-out text, every token after a prefix scored teacher-forced;
+  ``ppl-held-out`` the same from the text's topics that no predictor trained on the text read.
 """
 
 from __future__ import annotations
@@ -249,18 +250,22 @@ def coref_samples(tokenizer, count: int, context: int, seed: int, min_prompt: in
 # ppl
 
 
-def ppl_samples(tokenizer, count: int, context: int, seed: int, min_prompt: int = 0) -> list[Sample]:
+def ppl_samples(tokenizer, count: int, context: int, seed: int, min_prompt: int = 0,
+                predictor_held_out: bool = False) -> list[Sample]:
     """Chunks of ``context`` tokens of held-out text; the first ``prefix`` tokens are the prompt.
 
     ``prefix = max(min_prompt, 64)``: ``min_prompt`` is the shortest prompt at which every budget
-    asked for still covers the sinks and the local window.
+    asked for still covers the sinks and the local window. ``predictor_held_out``: only the topics a
+    predictor trained on the text never read (``ppl-held-out``).
     """
-    ids = encode(tokenizer, text.held_out_text())
+    ids = encode(tokenizer, text.predictor_held_out_text(tokenizer) if predictor_held_out else text.held_out_text())
     chunks = len(ids) // context
     prefix = max(min_prompt, PPL_MIN_PREFIX)
     if count > chunks:
+        where = "the text the predictors hold out" if predictor_held_out else "the held-out text"
         raise ConfigError(
-            f"the held-out text has {chunks} chunks of {context} tokens; ask for --samples {chunks} or fewer."
+            f"{where} has {chunks} chunks of {context} tokens; ask for --samples {chunks} or fewer"
+            f"{' or a shorter --context' if predictor_held_out else ''}."
         )
     if prefix >= context:
         raise ConfigError(f"--context {context} leaves nothing to score after a {prefix}-token prefix.")
@@ -272,6 +277,13 @@ def ppl_samples(tokenizer, count: int, context: int, seed: int, min_prompt: int 
         meta = {"chunk": chunk, "prefix": prefix, "scored": context - prefix}
         samples.append(Sample("ppl", index, (), (), 0, forced, meta))
     return samples
+
+
+def ppl_held_out_samples(tokenizer, count: int, context: int, seed: int, min_prompt: int = 0) -> list[Sample]:
+    """``ppl`` on the topics a predictor trained on ``--corpus stdlib:pydoc_data/topics.py`` never read
+    (``haystack.predictor_held_out_text``: the last tenth of the file), so that tokenbutler's perplexity
+    is a held-out measurement; ``ppl`` samples the whole text, most of which the shipped predictors read."""
+    return ppl_samples(tokenizer, count, context, seed, min_prompt, predictor_held_out=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +312,8 @@ TASKS: dict[str, Task] = {
         Task("vt", "RULER variable tracking (2 chains, 4 hops)", vt_samples, "accuracy"),
         Task("coref", "TokenButler co-referential retrieval", coref_samples, "forced_accuracy"),
         Task("ppl", "perplexity on held-out text, teacher-forced", ppl_samples, "ppl", higher_is_better=False),
+        Task("ppl-held-out", "perplexity on the part of that text which predictors trained on it never read",
+             ppl_held_out_samples, "ppl", higher_is_better=False),
     )
 }
 

@@ -309,7 +309,8 @@ class SelectionKernels:
         -> ``[..., O]``. None (nothing done) for anything else, so the caller takes torch's path: more than
         one token, another dtype or device, strided weights, or a tensor that needs a gradient."""
         if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
-                or x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1] or weight.device.type != "cpu" or not weight.is_contiguous()
+                or x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1]
+                or weight.device.type != "cpu" or not weight.is_contiguous()
                 or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
                                           or bias.numel() != weight.shape[0]))
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

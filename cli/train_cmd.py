@@ -53,10 +53,12 @@ def train_predictor(
     seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per training sequence."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (one sequence each); default 500. "
                                         "With --teacher-cache: --sequences x --epochs."),
-    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Run the model once per training "
-                                                 "sequence and keep what distillation needs in this folder (built, "
-                                                 "or resumed, or reused if complete), then train on it for --epochs "
-                                                 "with only the predictor in the loop."),
+    teacher_caches: list[Path] = typer.Option([], "--teacher-cache", help="Run the model once per training "
+                                              "sequence and keep what distillation needs in this folder (built, "
+                                              "or resumed, or reused if complete), then train on it for --epochs "
+                                              "with only the predictor in the loop. Repeat to train on several "
+                                              "complete caches in one run, taking turns shard by shard (e.g. 1k "
+                                              "sequences at position 0 and 4k at random offsets)."),
     sequences_count: int = typer.Option(200, "--sequences", help="With --teacher-cache: training sequences to cache."),
     epochs: int = typer.Option(1, "--epochs", help="With --teacher-cache: passes over the cached sequences."),
     cache_rows: Optional[int] = typer.Option(None, "--cache-rows", help="Query rows cached per sequence (default "
@@ -108,7 +110,11 @@ def train_predictor(
     from offload_engine.predictor.training import TrainConfig, check_init_shape, check_seq_len, train
 
     console = Console(stderr=True)
-    if not data and not corpus and not _complete_cache(teacher_cache):
+    cache_mix = _open_mix(teacher_caches, data, corpus, cache_only)  # several caches: checked before the model loads
+    teacher_cache = teacher_caches[0] if len(teacher_caches) == 1 else None
+    if cache_mix is not None:
+        seq_len = cache_mix.seq_len
+    if cache_mix is None and not data and not corpus and not _complete_cache(teacher_cache):
         raise DataError("give training text: --corpus PACKAGE:GLOB (reproducible, e.g. stdlib:pydoc_data/topics.py) "
                         "and/or --data FILE_OR_DIR.")
     if mix not in MIXES:
@@ -116,7 +122,10 @@ def train_predictor(
     resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
     start, start_config = load_checkpoint(init) if init is not None else (None, None)  # a bad --init: before the model
     spans = RecallSpans(fraction=recall)
-    steps = _steps(steps, teacher_cache, sequences_count, epochs)
+    if cache_mix is None:
+        steps = _steps(steps, teacher_cache, sequences_count, epochs)
+    else:
+        steps = _mix_steps(steps, cache_mix, epochs)
     if cache_only and teacher_cache is None:
         raise DataError("--cache-only builds a --teacher-cache: name its folder.")
     if cache_dtype not in CACHE_DTYPES:
@@ -156,9 +165,14 @@ def train_predictor(
         "command": shlex.join(["tbrun", "train-predictor", *map(portable_word, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
     }
-    if teacher_cache is None:  # the text itself is trained on: a resumed run must read the same
+    if teacher_cache is None and cache_mix is None:  # the text itself is trained on: a resumed run reads the same
         config.data = text_digest(meta["data"])
     cache = None
+    if cache_mix is not None:
+        cache_mix.check_model(meta["model_name"], PredictorConfig.for_model(adapter.dims).model_shape())
+        cache = cache_mix
+        config.teacher_cache = "+".join(part["id"] for part in cache_mix.describe())
+        meta["teacher_cache"] = {"mix": cache_mix.describe(), "sequences": len(cache_mix), "id": config.teacher_cache}
     if teacher_cache is not None:
         cache = _teacher_cache(console, adapter, teacher_cache, sequences, config, meta, cache_rows or 2 * rows, cache_dtype)
         config.teacher_cache = cache_identity(cache)
@@ -192,6 +206,37 @@ def _steps(steps: int | None, teacher_cache: Path | None, sequences: int, epochs
     if sequences < 1 or epochs < 1:
         raise ConfigError(f"--sequences and --epochs must be >= 1, got {sequences} and {epochs}.")
     return sequences * epochs
+
+
+def _mix_steps(steps: int | None, cache_mix, epochs: int) -> int:
+    """Steps over a mix of caches: every shard of every cache once per epoch."""
+    from offload_engine.errors import ConfigError
+
+    if steps is not None:
+        raise ConfigError("with --teacher-cache the steps are the cached sequences x --epochs: drop --steps.")
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}.")
+    return len(cache_mix) * epochs
+
+
+def _open_mix(directories: list[Path], data: list[Path], corpus: list[str], cache_only: bool):
+    """A ``TeacherCacheMix`` of two or more complete caches, or None for zero or one ``--teacher-cache``."""
+    from offload_engine.predictor.data import DataError
+    from offload_engine.predictor.teacher_cache import TeacherCache, TeacherCacheMix
+
+    if len(directories) < 2:
+        return None
+    if cache_only or data or corpus:
+        raise DataError("several --teacher-cache train on complete caches only: build each with its own "
+                        "`--teacher-cache DIR --corpus ... --cache-only` run, then train on them without "
+                        "--corpus, --data or --cache-only (held-out recall: python -m tbrun_bench.predictor_report).")
+    if len(set(directories)) < len(directories):
+        raise DataError("the same --teacher-cache is named twice: name each cache once.")
+    for directory in directories:
+        if not _complete_cache(directory):
+            raise DataError(f"{directory} is not a complete teacher cache: build it first with its own "
+                            f"`--teacher-cache {directory} --corpus ... --cache-only` run.")
+    return TeacherCacheMix([TeacherCache.open(directory) for directory in directories])
 
 
 def _complete_cache(directory: Path | None) -> bool:

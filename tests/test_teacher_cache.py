@@ -11,7 +11,7 @@ from offload_engine.predictor.network import PredictorConfig, TokenButlerPredict
 from offload_engine.predictor.data import TokenSequences
 from offload_engine.predictor.teacher import sample_rows
 from offload_engine.predictor.teacher_cache import (
-    CacheSpec, TeacherCache, TeacherCacheError, build_teacher_cache, shard_path,
+    CacheSpec, TeacherCache, TeacherCacheError, TeacherCacheMix, build_teacher_cache, shard_path,
 )
 from offload_engine.predictor.training import TrainConfig, train
 
@@ -273,3 +273,29 @@ def test_the_shard_size_estimate_is_the_size_written(tmp_path):
     estimate = teacher_cache.shard_bytes(spec, adapter.dims.num_heads, adapter.dims.num_kv_heads, adapter.dims.head_dim)
     written = cache.bytes_on_disk()
     assert estimate <= written < estimate + 4096  # plus the safetensors header
+
+
+def test_a_mix_of_caches_serves_each_caches_shards_in_turn_and_refuses_other_lookaheads(tmp_path):
+    adapter = peaked_adapter("qwen2", layers=5)
+    short = build_teacher_cache(adapter, random_sequences(3, SEQ_LEN, seed=3), tmp_path / "short", spec_for(adapter),
+                                rows_and_offsets())
+    long_spec = spec_for(adapter, seq_len=2 * SEQ_LEN)
+
+    def draw_long(index):
+        return sample_rows(2 * SEQ_LEN, ROWS, torch.Generator().manual_seed(index)), 7 * index
+    long = build_teacher_cache(adapter, random_sequences(2, 2 * SEQ_LEN, seed=4), tmp_path / "long", long_spec, draw_long)
+    mix = TeacherCacheMix([short, long])
+    assert len(mix) == 5 and mix.seq_len == 2 * SEQ_LEN and mix.lookahead == 1
+    for index, (cache, inner) in enumerate([(short, 0), (short, 1), (short, 2), (long, 0), (long, 1)]):
+        shard, direct = mix.load(index), cache.load(inner)
+        assert shard.offset == direct.offset and torch.equal(shard.k, direct.k) and torch.equal(shard.rows, direct.rows)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32))
+    seen = {training.cached_step(predictor, mix, training.epoch_order(len(mix), step, 0), ROWS, adapter.scaling,
+                                 torch.Generator().manual_seed(step)) for step in range(5)}
+    assert len(seen) == 5 and all(loss > 0 for loss in seen)
+    with pytest.raises(IndexError):
+        mix.load(5)
+    ahead = build_teacher_cache(adapter, random_sequences(1, SEQ_LEN, seed=5), tmp_path / "ahead",
+                                spec_for(adapter, lookahead=2), rows_and_offsets())
+    with pytest.raises(TeacherCacheError, match="--lookahead 1 and 2"):
+        TeacherCacheMix([short, ahead])

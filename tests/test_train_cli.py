@@ -210,3 +210,42 @@ def test_training_speed_and_recall_reports_run_on_a_tiny_model(tiny_model_dir, t
     sweep = json.loads((tmp_path / "sweep-report.json").read_text())
     assert sorted(sweep["recall"]["32"]) == ["I16-d4-e2", "I8-d8-e2", "shipped"]
     assert "| I8-d8-e2 | 8 | 8 | 4 |" in (tmp_path / "sweep-report.md").read_text()
+
+
+def test_several_complete_caches_train_as_one_mix_taking_turns(tiny_model_dir, tmp_path):
+    short, long = tmp_path / "short", tmp_path / "long"
+    small = list(CACHE_SMALL)
+    for cache, seq_len, count, offsets in ((short, "32", "3", "--no-position-offsets"),
+                                           (long, "48", "2", "--position-offsets")):
+        small[small.index("--seq-len") + 1] = seq_len
+        built = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py",
+                                    "--teacher-cache", str(cache), "--sequences", count, offsets, "--cache-only",
+                                    "--out", str(tmp_path / "unused"), *small])
+        assert built.exit_code == 0, built.output
+    out = tmp_path / "mixed"
+    mixed = ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(short), "--teacher-cache", str(long),
+             "--epochs", "2", "--out", str(out), *CACHE_SMALL]
+    result = runner.invoke(app, mixed)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == (3 + 2) * 2  # every shard of both caches, each epoch
+    parts = config["teacher_cache"]["mix"]
+    assert [(part["spec"]["seq_len"], part["spec"]["position_offsets"], part["sequences"]) for part in parts] == [
+        (32, False, 3), (48, True, 2)]
+    assert config["train"]["teacher_cache"] == "+".join(part["id"] for part in parts)
+    assert config["train"]["seq_len"] == 48
+    assert str(tmp_path) not in json.dumps(config)
+    resumed = runner.invoke(app, [*mixed, "--resume"])  # finished: the same run, nothing lost
+    assert resumed.exit_code == 0, resumed.output
+    swapped = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(long),
+                                  "--teacher-cache", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
+                                  *CACHE_SMALL])
+    assert swapped.exit_code == 2 and "is not a complete teacher cache" in " ".join(swapped.output.split())
+    for extra, message in ((("--corpus", "stdlib:json/*.py"), "train on complete caches only"),
+                           (("--steps", "4"), "drop --steps"),
+                           (("--teacher-cache", str(short)), "named twice")):
+        refused = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(short),
+                                      "--teacher-cache", str(long), "--out", str(tmp_path / "refused"), *CACHE_SMALL,
+                                      *extra])
+        assert refused.exit_code == 2, refused.output
+        assert message in " ".join(refused.output.split())

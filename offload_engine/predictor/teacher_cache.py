@@ -21,6 +21,7 @@ training step is one function for both sources.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -270,6 +271,14 @@ class TeacherCache:
                                     f"{shard_name(missing[0])}): run the same command again to finish building it.")
         return cache
 
+    @property
+    def lookahead(self) -> int:
+        return self.spec.lookahead
+
+    @property
+    def seq_len(self) -> int:
+        return self.spec.seq_len
+
     def __len__(self) -> int:
         return int(self.manifest["sequences"])
 
@@ -299,3 +308,55 @@ class TeacherCache:
 
     def bytes_on_disk(self) -> int:
         return sum(shard_path(self.directory, i).stat().st_size for i in range(len(self)))
+
+
+class TeacherCacheMix:
+    """Several complete teacher caches of one model trained on as one (``--teacher-cache A --teacher-cache
+    B``): shard ``i`` of the mix is shard ``i - start`` of the cache it falls in, so an epoch's random order
+    (``training.epoch_order``) takes turns between the caches' lengths and position rules, e.g. 1k
+    sequences at position 0 and 4k sequences at random offsets in one run."""
+
+    def __init__(self, caches: list[TeacherCache]):
+        if len(caches) < 2:
+            raise ConfigError("a mix of teacher caches needs two or more; train on a single cache as it is.")
+        first = caches[0]
+        for cache in caches[1:]:
+            cache.check_model(first.spec.model_name, first.spec.model_shape)
+            if cache.spec.lookahead != first.spec.lookahead:
+                raise TeacherCacheError(
+                    f"the teacher caches in {first.directory} and {cache.directory} hold targets of --lookahead "
+                    f"{first.spec.lookahead} and {cache.spec.lookahead}: mix caches of one lookahead.")
+        self.caches = caches
+        self.starts = [0]
+        for cache in caches:
+            self.starts.append(self.starts[-1] + len(cache))
+
+    @property
+    def lookahead(self) -> int:
+        return self.caches[0].spec.lookahead
+
+    @property
+    def seq_len(self) -> int:
+        """The longest sequence in the mix."""
+        return max(cache.spec.seq_len for cache in self.caches)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def check_model(self, model_name: str, model_shape: dict, seq_len: int | None = None) -> None:
+        for cache in self.caches:
+            cache.check_model(model_name, model_shape)
+
+    def load(self, index: int) -> CachedSequence:
+        if not 0 <= index < len(self):
+            raise IndexError(f"shard {index} of a mix of {len(self)}")
+        which = bisect.bisect_right(self.starts, index) - 1
+        return self.caches[which].load(index - self.starts[which])
+
+    def describe(self) -> list[dict]:
+        """Each cache's spec, size and identity, in order (recorded by the training run)."""
+        return [{"spec": cache.manifest["spec"], "sequences": len(cache), "id": cache_identity(cache)}
+                for cache in self.caches]
+
+    def bytes_on_disk(self) -> int:
+        return sum(cache.bytes_on_disk() for cache in self.caches)

@@ -32,7 +32,7 @@ from .evaluation import evaluate
 from .network import PredictorConfig, TokenButlerPredictor
 from .teacher import (RowState, candidate_distillation_loss, distillation_loss, mixed_distillation_loss,
                       row_states, sample_rows, teacher_probs)
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, TeacherCacheMix
 
 
 class TrainingError(TbrunError):
@@ -202,8 +202,8 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
     return total
 
 
-def cached_step(predictor: TokenButlerPredictor, cache: TeacherCache, index: int, rows: int, scaling: float,
-                generator: torch.Generator, adapter: ModelAdapter | None = None,
+def cached_step(predictor: TokenButlerPredictor, cache: TeacherCache | TeacherCacheMix, index: int, rows: int,
+                scaling: float, generator: torch.Generator, adapter: ModelAdapter | None = None,
                 candidates: tuple[int, int] | None = None) -> float:
     """``distill_layers`` on shard ``index`` of a teacher cache, on ``rows`` of its cached rows (drawn
     with ``generator``, the last row always kept) or all of them if it holds no more. A predictor that
@@ -260,7 +260,7 @@ def train(
     resume: bool = False,
     meta: dict | None = None,
     on_step: Callable[[StepStats], None] | None = None,
-    cache: TeacherCache | None = None,
+    cache: TeacherCache | TeacherCacheMix | None = None,
     init_from: TokenButlerPredictor | None = None,
 ) -> TrainResult:
     """Distil a predictor for ``adapter``'s model; checkpoints and report in ``out_dir``.
@@ -273,9 +273,9 @@ def train(
     out = Path(out_dir)
     if cache is None:
         _check_sequences(adapter, data, config)
-    elif cache.spec.lookahead != config.lookahead:
-        raise ConfigError(f"the teacher cache holds targets of --lookahead {cache.spec.lookahead}, not "
-                          f"{config.lookahead}: pass --lookahead {cache.spec.lookahead} or build another cache.")
+    elif cache.lookahead != config.lookahead:
+        raise ConfigError(f"the teacher cache holds targets of --lookahead {cache.lookahead}, not "
+                          f"{config.lookahead}: pass --lookahead {cache.lookahead} or build another cache.")
     torch.manual_seed(config.seed)
     shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden, config.rope_pairs,
                                       config.rope_base)

@@ -297,7 +297,10 @@ def paired_table(summary: TaskSummary, versus: tuple[str, ...] = ()) -> list[str
     intervals; a ``versus`` column no point pairs with is left out; nothing when no pair exists."""
     primary = summary.task["primary"]
     values = sample_values(summary.runs, primary)
-    references = (*REFERENCES, *(name for name in versus if name not in REFERENCES))
+    references = []  # a ``versus`` point the usual tokenbutler column already names is not repeated
+    for name in (*REFERENCES, *versus):
+        if all(reference_name(summary, name) != reference_name(summary, seen) for seen in references):
+            references.append(name)
     rows = []
     for row in summary.rows:
         point = (row["policy"], row["budget"])

@@ -228,10 +228,15 @@ def main(argv: list[str] | None = None) -> None:
                         "held-out sequence to later places (train-predictor --recall's rule, other spans) and draw "
                         "rows only from the copies; 0: skip")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (beside other jobs on a small machine, "
+                        "two made it crawl)")
     parser.add_argument("--out", required=True, type=Path, help="report path without extension")
     args = parser.parse_args(argv)
     if not args.corpus and not args.data:
         parser.error("give the training text: --corpus PACKAGE:GLOB and/or --data PATH")
+    if args.threads < 1:
+        parser.error(f"--threads must be 1 or more, got {args.threads}")
+    torch.set_num_threads(args.threads)
     report = build_report(args)
     write_reports(args.out, report, to_markdown(report))
 

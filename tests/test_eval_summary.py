@@ -214,3 +214,6 @@ def test_versus_adds_a_paired_column_only_where_its_point_exists(tmp_path):
     assert rows["tokenbutler @aaaaaaaa"][5].startswith("-50.0 [")  # old minus new, pair by pair
     assert rows["tokenbutler @bbbbbbbb"][5] == "-"  # not with itself
     assert "--versus 'tokenbutler @bbbbbbbb'" in markdown  # the command that made it
+    main([str(tmp_path), "--versus", "tokenbutler @aaaaaaaa", "--versus", "tokenbutler @bbbbbbbb"])
+    header = [line for line in (tmp_path / SUMMARY_MD).read_text().splitlines() if line.startswith("| policy | budget | minus")]
+    assert header and all(line.count("minus tokenbutler @aaaaaaaa") == 1 for line in header)  # the usual column, once

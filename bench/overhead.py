@@ -28,7 +28,10 @@ copy, wait, attention, rest; ``offload_engine.profiling``) and the KV bytes it c
 Contexts from ``--synthetic-kv-from`` on (past the model's trained positions, where a real prefill
 on the CPU takes many minutes): tbrun's runners fill their KV cache with random keys and values
 instead of prefilling (a decode step's time does not depend on the values), RoPE runs past its
-trained positions (timing only), transformers is not run, and vLLM prefills for real.
+trained positions (timing only), transformers is not run, and vLLM prefills for real. Random keys
+renew most of a sparse policy's selection at every step, so its copies there bound the real ones
+from above; ``--synthetic-kv-tile N`` prefills the prompt's first N tokens for real and repeats their
+KV instead, so selections change from step to step as on a real prefix.
 
 Run: ``python -m tbrun_bench.overhead --out bench/reports`` (``make bench-overhead``).
 """
@@ -84,9 +87,11 @@ Profile = tuple[dict, list[int]]  # a run's breakdown (offload_engine.profiling)
 
 
 def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionConfig | None = None,
-              synthetic_kv: bool = False, profiles: list[Profile] | None = None, copy_thread: bool = False) -> Run:
+              synthetic_kv: bool = False, profiles: list[Profile] | None = None, copy_thread: bool = False,
+              synthetic_tile: int = 0) -> Run:
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
-    sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill.
+    sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill, or with
+    ``synthetic_tile`` N, the prompt's first N tokens prefilled and their KV repeated to its length.
     ``profiles``: the run is profiled and its breakdown and bytes per step appended there.
     ``copy_thread`` (sparse offload): copies and selections on a copy thread, the model on one torch
     thread fewer than the process's, so that the run uses the process's cores and no more."""
@@ -94,6 +99,7 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
     context = len(prompt) + new_tokens + 1
     config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
                           selection=selection or SelectionConfig(), synthetic_kv=synthetic_kv,
+                          synthetic_kv_tile=synthetic_tile if synthetic_kv else 0,
                           allow_rope_scaling=context > adapter.dims.max_positions, profile=profiles is not None,
                           copy_thread=copy_thread)
     engine = Engine(adapter, config)
@@ -217,25 +223,26 @@ def vllm_runner(adapter, model: str | None, contexts: list[int], new_tokens: int
 def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log,
             sparse: tuple[str, ...] = (), synthetic_from: int | None = None,
             vllm: VllmRunner | None = None, on_context: Callable[[list[dict]], None] | None = None,
-            copy_thread: bool = False) -> list[dict]:
+            copy_thread: bool = False, synthetic_tile: int = 0) -> list[dict]:
     """Interleaved repetitions at every context; returns one row per context (``on_context`` gets the
     rows so far after each context: a run cut short keeps what it measured).
 
     ``sparse``: extra tbrun runners in sparse-offload mode, as ``policy:budget`` specs.
-    ``synthetic_from``: contexts from this one on fill tbrun's KV with random values and skip
-    transformers. ``vllm``: vLLM's dense decode beside them.
+    ``synthetic_from``: contexts from this one on fill tbrun's KV with random values (or, with
+    ``synthetic_tile`` N, the first N tokens' real KV repeated) and skip transformers. ``vllm``: vLLM's
+    dense decode beside them.
     """
     profiles: dict[str, list[Profile]] = {"tbrun": []}  # of tbrun's runners, the latest run last
     runners: dict[str, Runner] = {
         "tbrun": lambda p, synthetic: run_tbrun(adapter, p, new_tokens, synthetic_kv=synthetic,
-                                                profiles=profiles["tbrun"]),
+                                                profiles=profiles["tbrun"], synthetic_tile=synthetic_tile),
         "transformers": lambda p, synthetic: None if synthetic else run_transformers(adapter.model, p, new_tokens),
     }
     for spec in sparse:
         selection, name = sparse_selection(spec), f"tbrun {spec}"
         profiles[name] = []
         runners[name] = lambda p, synthetic, sel=selection, sink=profiles[name]: run_tbrun(
-            adapter, p, new_tokens, sel, synthetic, sink, copy_thread)
+            adapter, p, new_tokens, sel, synthetic, sink, copy_thread, synthetic_tile)
     if vllm is not None:
         runners["vllm"] = vllm
     prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
@@ -344,7 +351,14 @@ def to_markdown(report: dict) -> str:
     if report.get("partial"):
         notes += ["**Partial**: the run stopped before its last contexts; the rows below are the contexts it finished.", ""]
     synthetic = [r["context"] for r in report["rows"] if r.get("synthetic_kv")]
-    if synthetic:
+    tile = s.get("synthetic_kv_tile") or 0
+    if synthetic and tile:
+        notes += [f"Contexts {', '.join(map(str, synthetic))}: tbrun's KV filled with the real keys and values of the "
+                  f"prompt's first {tile} tokens, repeated along the positions, instead of a prefill of the whole "
+                  "prompt (a decode step's time does not depend on the values, but a sparse policy's selections "
+                  "change from step to step as they do on a real prefix, where random keys renew most of them at "
+                  "every step); RoPE past the model's trained positions (timing only); transformers not run there.", ""]
+    elif synthetic:
         notes += [f"Contexts {', '.join(map(str, synthetic))}: tbrun's KV filled with random keys and values instead of "
                   "a prefill (a decode step's time does not depend on the values), RoPE past the model's trained "
                   "positions (timing only); transformers not run there.", ""]
@@ -446,6 +460,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time sparse offload, as policy:budget[:interval] (e.g. tokenbutler:10%%:4); repeatable")
     parser.add_argument("--synthetic-kv-from", default=None,
                         help="contexts from this one on: random KV instead of tbrun's prefill, no transformers (e.g. 16k)")
+    parser.add_argument("--synthetic-kv-tile", default=None,
+                        help="with --synthetic-kv-from: instead of random KV, prefill the prompt's first N tokens for "
+                             "real and repeat their KV to the context (e.g. 4k), so sparse selections churn as on a "
+                             "real prefix")
     parser.add_argument("--vllm", choices=("auto", "off"), default="auto",
                         help="auto: time vLLM's CPU build beside tbrun where the vllm extra is installed")
     parser.add_argument("--vllm-eager", action="store_true", help="run vLLM in eager mode (default: compiled)")
@@ -453,6 +471,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sparse runners copy and select on a copy thread and run the model on one torch thread "
                              "fewer; the others use every torch thread (OMP_NUM_THREADS=2 on 2 cores: the same cores)")
     args = parser.parse_args(argv)
+    if args.synthetic_kv_tile and not args.synthetic_kv_from:
+        parser.error("--synthetic-kv-tile repeats a real prefix where --synthetic-kv-from fills the KV: give both")
     if args.copy_thread and torch.get_num_threads() < 2:
         parser.error("--copy-thread needs 2 or more torch threads (OMP_NUM_THREADS=2): the sparse runners give one "
                      "of them to the copy thread, so that every runner uses the same cores")
@@ -466,11 +486,12 @@ def main(argv: list[str] | None = None) -> dict:
     log("loading the model")
     adapter = load_model(args.model, dtype=torch.float32, device="cpu", progress=log)
     synthetic_from = parse_context(args.synthetic_kv_from) if args.synthetic_kv_from else None
+    synthetic_tile = parse_context(args.synthetic_kv_tile) if args.synthetic_kv_tile else 0
     vllm = vllm_runner(adapter, args.model, contexts, args.new_tokens, args.vllm_eager, log) if args.vllm == "auto" else None
     settings = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
                 "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
-                "synthetic_kv_from": synthetic_from, "vllm": vllm.settings() if vllm else None,
+                "synthetic_kv_from": synthetic_from, "synthetic_kv_tile": synthetic_tile, "vllm": vllm.settings() if vllm else None,
                 "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads()}
     report = {"benchmark": "overhead", "provenance": provenance("python -m tbrun_bench.overhead"),
               "machine": machine_header(torch.device("cpu")), "settings": settings, "rows": []}
@@ -484,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / f"{args.name}.md").write_text(to_markdown(report))
 
     measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse),
-            synthetic_from, vllm, on_context=write, copy_thread=args.copy_thread)
+            synthetic_from, vllm, on_context=write, copy_thread=args.copy_thread, synthetic_tile=synthetic_tile)
     log(to_markdown(report))
     return report
 

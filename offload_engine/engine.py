@@ -292,8 +292,16 @@ class Engine:
         the backend keeps there), and no layer's KV is ever read back from the host.
         """
         start = time.perf_counter()
-        if self.config.synthetic_kv:
+        tile = self.config.synthetic_kv_tile
+        if self.config.synthetic_kv and not tile:
             return self._synthetic_prefill(len(prompt), backend, stats, start)
+        store = backend.prefill_layer
+        if tile:  # the real prefix's tensors, repeated to the prompt's length
+            prompt, length = prompt[:tile], len(prompt)
+
+            def store(layer, x, q, k, v):
+                backend.prefill_layer(layer, repeat_positions(x, 0, length), repeat_positions(q, 1, length),
+                                      repeat_positions(k, 1, length), repeat_positions(v, 1, length))
         adapter, chunk = self.adapter, self.config.prefill_chunk
         ids = torch.tensor([prompt], device=self.device)
         hidden = adapter.embed(ids)  # [1, T, E]
@@ -303,7 +311,7 @@ class Engine:
             q, k, v = _chunked_qkv(adapter, layer, x, rope, chunk)
             stats.prefill_peak_kv_bytes = max(stats.prefill_peak_kv_bytes,
                                               backend.device_kv_bytes() + k.nbytes + v.nbytes)
-            backend.prefill_layer(layer, x[0], q[0], k[0], v[0])
+            store(layer, x[0], q[0], k[0], v[0])
             out = prefill_attention(q, k, v, adapter.scaling, chunk, window=adapter.window(layer))
             hidden = _chunked_finish(adapter, layer, hidden, out, chunk)
             if on_prefill is not None:
@@ -402,6 +410,18 @@ def _check_record(record: PrefillRecord | None, prompt: list[int]) -> None:
     if record is not None and record.prompt != tuple(prompt):
         raise ConfigError(f"the prefill record is of another prompt ({len(record.prompt)} tokens, this one has "
                           f"{len(prompt)}): record the prompt being run.")
+
+
+def repeat_positions(tensor: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """``tensor`` repeated along its positions ``dim`` and cut to ``length`` positions: x ``[N, E]``
+    (dim 0) or q, k, v ``[heads, N, D]`` (dim 1) -> the same with ``length`` positions, position ``t``
+    holding position ``t mod N`` (a synthetic KV cache of real text's keys)."""
+    count = tensor.shape[dim]
+    if count >= length:
+        return tensor.narrow(dim, 0, length)
+    times = [1] * tensor.dim()
+    times[dim] = -(-length // count)
+    return tensor.repeat(*times).narrow(dim, 0, length)
 
 
 def _chunked_qkv(adapter: ModelAdapter, layer: int, x: torch.Tensor, rope, chunk: int):

@@ -333,3 +333,14 @@ def test_the_vllm_section_says_how_many_cores_its_steps_used():
     assert "process CPU time / wall time over its timed steps 1.01" in text and "| 7680 | 74.7 |" in text
     report["settings"]["vllm"]["cores_used"] = None  # no step timed: nothing claimed
     assert "wall time" not in _vllm_markdown(report)
+
+
+def test_overhead_can_fill_long_contexts_with_a_repeated_real_prefix():
+    adapter = build_random_model("tiny-llama", device="cpu")
+    rows = measure(adapter, [96], new_tokens=4, repeats=1, skip=1, seed=0, log=lambda _: None,
+                   sparse=("streaming:75%",), synthetic_from=96, synthetic_tile=32)
+    assert rows[0]["synthetic_kv"] and rows[0]["tbrun"]["steps"] == 2
+    report = {"provenance": {"command": "x", "commit": "y", "date": "z"}, "machine": {"cpu": "c"},
+              "settings": {"model": "tiny", "dtype": "fp32", "new_tokens": 4, "repeats": 1, "skip_steps": 1,
+                           "timing_method": "t", "synthetic_kv_tile": 32}, "rows": rows}
+    assert "the real keys and values of the prompt's first 32 tokens, repeated" in to_markdown(report)

@@ -11,7 +11,7 @@ import torch
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.cpu_cache import host_store
 from offload_engine.cpu_cache.host_store import HostKVStore
-from offload_engine.errors import InsufficientMemoryError
+from offload_engine.errors import ConfigError, InsufficientMemoryError
 from offload_engine.models import ModelAdapter
 from tiny_models import tiny_model
 
@@ -132,3 +132,31 @@ def test_host_store_is_pinned_on_cuda_and_not_leaked():
         gc.collect()
         after = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
         assert after <= before
+
+
+def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():
+    """synthetic_kv_tile N: the prompt's first N tokens are prefilled for real, and every layer's x, q,
+    k and v are that prefix's, repeated to the prompt's length (position t holds position t mod N)."""
+    from offload_engine.engine import GenerationStats, _RecordingKV
+
+    adapter = ModelAdapter(tiny_model("llama"))
+    prompt = torch.randint(5, adapter.dims.vocab_size, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    tiled = Engine(adapter, EngineConfig(context=96, synthetic_kv=True, synthetic_kv_tile=32))
+    recorder = _RecordingKV()
+    with torch.inference_mode():
+        logits = tiled._model_prefill(prompt, recorder, GenerationStats(), None)
+    real = Engine(adapter, EngineConfig(context=96)).record_prefill(prompt[:32])
+    assert torch.equal(logits, real.logits) and len(recorder.layers) == adapter.dims.num_layers
+    source = torch.arange(70) % 32
+    for layer, prefix in zip(recorder.layers, real.layers):
+        assert layer.k.shape[1] == layer.v.shape[1] == layer.q.shape[1] == layer.x.shape[0] == 70
+        assert torch.equal(layer.k, prefix.k[:, source]) and torch.equal(layer.v, prefix.v[:, source])
+        assert torch.equal(layer.q, prefix.q[:, source]) and torch.equal(layer.x, prefix.x[source])
+    selection = SelectionConfig(policy="streaming", budget=Budget.parse("50%"), sinks=4, window=8)
+    sparse = Engine(adapter, EngineConfig(context=96, mode=KVMode.SPARSE_OFFLOAD, selection=selection,
+                                          synthetic_kv=True, synthetic_kv_tile=32))
+    result = sparse.generate(prompt, SamplingConfig(max_new_tokens=3, ignore_eos=True))
+    assert len(result.token_ids) == 3 and result.stats.prompt_tokens == 70
+    for bad in (dict(synthetic_kv_tile=8), dict(synthetic_kv=True, synthetic_kv_tile=-1)):
+        with pytest.raises(ConfigError, match="synthetic_kv_tile"):
+            EngineConfig(context=96, **bad)

@@ -312,7 +312,8 @@ def _print_report(console: Console, report: dict, parameters: int, adapter) -> N
     model_parameters = sum(p.numel() for p in adapter.model.parameters())
     console.print(f"predictor: {parameters:,} parameters, {100 * parameters / model_parameters:.2f}% of the model")
     if not report:
-        console.print("no held-out text: no report (give --data more files, or more text).")
+        console.print("no held-out text: no report (give --data more files or more text; on a complete teacher "
+                      "cache without text: python -m tbrun_bench.predictor_report --predictor OUT ...).")
         return
     table = Table(title=f"held-out recall of oracle top-k attention mass (loss {report['loss']:.4f})")
     table.add_column("method")

@@ -122,10 +122,8 @@ def train_predictor(
     resolved = resolve_corpus(corpus, seed) if corpus else None  # refuses a bad spec before the model loads
     start, start_config = load_checkpoint(init) if init is not None else (None, None)  # a bad --init: before the model
     spans = RecallSpans(fraction=recall)
-    if cache_mix is None:
-        steps = _steps(steps, teacher_cache, sequences_count, epochs)
-    else:
-        steps = _mix_steps(steps, cache_mix, epochs)
+    steps = _steps(steps, teacher_cache is not None or cache_mix is not None,
+                   sequences_count if cache_mix is None else len(cache_mix), epochs)
     if cache_only and teacher_cache is None:
         raise DataError("--cache-only builds a --teacher-cache: name its folder.")
     if cache_dtype not in CACHE_DTYPES:
@@ -195,28 +193,18 @@ def text_digest(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _steps(steps: int | None, teacher_cache: Path | None, sequences: int, epochs: int) -> int:
-    """Optimizer steps: --steps (default 500), or --sequences x --epochs over a teacher cache."""
+def _steps(steps: int | None, cached: bool, sequences: int, epochs: int) -> int:
+    """Optimizer steps: --steps (default 500), or ``sequences`` x --epochs over a teacher cache (or a
+    mix of caches, whose sequences are all of theirs)."""
     from offload_engine.errors import ConfigError
 
-    if teacher_cache is None:
+    if not cached:
         return 500 if steps is None else steps
     if steps is not None:
-        raise ConfigError("with --teacher-cache the steps are --sequences x --epochs: drop --steps.")
+        raise ConfigError("with --teacher-cache the steps are the cached sequences x --epochs: drop --steps.")
     if sequences < 1 or epochs < 1:
         raise ConfigError(f"--sequences and --epochs must be >= 1, got {sequences} and {epochs}.")
     return sequences * epochs
-
-
-def _mix_steps(steps: int | None, cache_mix, epochs: int) -> int:
-    """Steps over a mix of caches: every shard of every cache once per epoch."""
-    from offload_engine.errors import ConfigError
-
-    if steps is not None:
-        raise ConfigError("with --teacher-cache the steps are the cached sequences x --epochs: drop --steps.")
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}.")
-    return len(cache_mix) * epochs
 
 
 def _open_mix(directories: list[Path], data: list[Path], corpus: list[str], cache_only: bool):

@@ -333,7 +333,7 @@ class TeacherCacheMix:
 
     @property
     def lookahead(self) -> int:
-        return self.caches[0].spec.lookahead
+        return self.caches[0].lookahead
 
     @property
     def seq_len(self) -> int:

@@ -131,25 +131,34 @@ def synthetic_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
 
-def parse_predictor_shape(text: str) -> tuple[int, int, int]:
-    """``"G:I:D"`` -> (producer every G layers, hidden width I, d' = D), each >= 1."""
+def parse_predictor_shape(text: str) -> tuple[int, int, int, int | None]:
+    """``"G:I:D"`` or ``"G:I:D:Q"`` -> (producer every G layers, hidden width I, d' = D, Q query heads per KV
+    head or None for the model's), each >= 1."""
+    parts = text.split(":")
     try:
-        every, hidden, dim = (int(part) for part in text.split(":"))
+        every, hidden, dim, *rest = (int(part) for part in parts)
     except ValueError:
         every = hidden = dim = 0
-    if min(every, hidden, dim) < 1:
+        rest = []
+    per_kv = rest[0] if len(rest) == 1 else None
+    if len(parts) not in (3, 4) or min(every, hidden, dim, 1 if per_kv is None else per_kv) < 1:
         raise ConfigError(f"--predictor-shape {text!r}: write G:I:D (a producer every G layers, hidden width I, "
-                          "d' = D), e.g. 4:512:16 (the reference sizes) or 2:128:16 (the shipped SmolLM2 predictor).")
-    return every, hidden, dim
+                          "d' = D) or G:I:D:Q (Q query heads per KV head), e.g. 4:512:16 (the reference sizes), "
+                          "2:128:16 (the shipped SmolLM2 predictor) or 2:128:16:1 (one query head per KV head).")
+    return every, hidden, dim, per_kv
 
 
 def random_predictor(dims, shape: str):
-    """A seeded random-weight predictor of the model's shape and ``shape`` ``"G:I:D"``: its selections mean
-    nothing, its cost is the shipped one's when the sizes match."""
+    """A seeded random-weight predictor of the model's shape and ``shape`` ``"G:I:D[:Q]"``: its selections
+    mean nothing, its cost is the shipped one's when the sizes match."""
     from offload_engine.predictor.network import PredictorConfig, seeded_random_predictor
 
-    every, hidden, dim = parse_predictor_shape(shape)
-    return seeded_random_predictor(PredictorConfig.for_model(dims, every, dim, hidden)).eval()
+    every, hidden, dim, per_kv = parse_predictor_shape(shape)
+    if per_kv is not None and dims.num_heads // dims.num_kv_heads % per_kv:
+        raise ConfigError(f"--predictor-shape {shape!r}: Q = {per_kv} query heads per KV head must divide the model's "
+                          f"{dims.num_heads // dims.num_kv_heads} heads per KV head.")
+    query_heads = dims.num_kv_heads * per_kv if per_kv is not None else None
+    return seeded_random_predictor(PredictorConfig.for_model(dims, every, dim, hidden, query_heads=query_heads)).eval()
 
 
 def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16"):

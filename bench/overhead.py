@@ -52,6 +52,8 @@ from offload_engine import (
     Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, load_model, parse_context,
 )
 from offload_engine.errors import ConfigError
+from offload_engine.policies import build_policy
+from offload_engine.predictor.checkpoint import PredictorError, read_config
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
 
@@ -88,13 +90,14 @@ Profile = tuple[dict, list[int]]  # a run's breakdown (offload_engine.profiling)
 
 def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionConfig | None = None,
               synthetic_kv: bool = False, profiles: list[Profile] | None = None, copy_thread: bool = False,
-              synthetic_tile: int = 0) -> Run:
+              synthetic_tile: int = 0, predictor: str | None = None) -> Run:
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
     sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill, or with
     ``synthetic_tile`` N, the prompt's first N tokens prefilled and their KV repeated to its length.
     ``profiles``: the run is profiled and its breakdown and bytes per step appended there.
     ``copy_thread`` (sparse offload): copies and selections on a copy thread, the model on one torch
-    thread fewer than the process's, so that the run uses the process's cores and no more."""
+    thread fewer than the process's, so that the run uses the process's cores and no more. ``predictor``:
+    tokenbutler's checkpoint directory (default: the shipped one for the model and interval)."""
     mode = KVMode.DENSE_DEVICE if selection is None else KVMode.SPARSE_OFFLOAD
     context = len(prompt) + new_tokens + 1
     config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
@@ -102,7 +105,8 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
                           synthetic_kv_tile=synthetic_tile if synthetic_kv else 0,
                           allow_rope_scaling=context > adapter.dims.max_positions, profile=profiles is not None,
                           copy_thread=copy_thread)
-    engine = Engine(adapter, config)
+    policy = build_policy(selection.policy, predictor_path=predictor) if predictor is not None else None
+    engine = Engine(adapter, config, policy=policy)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1) if copy_thread else threads)
     try:  # a fixed number of steps, like min_new_tokens on the other side
@@ -114,14 +118,39 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
     return list(result.stats.decode_ms), result.stats.prefill_seconds, result.token_ids
 
 
-def sparse_selection(spec: str) -> SelectionConfig:
+def sparse_selection(spec: str, predictors: dict[str, str] | None = None) -> tuple[SelectionConfig, str | None]:
     """``tokenbutler:10%`` or ``tokenbutler:10%:4`` (predict every 4th step) -> the selection of a sparse
-    runner (sinks 4, window 32, as in tbrun eval)."""
+    runner (sinks 4, window 32, as in tbrun eval), and its predictor directory: ``tokenbutler@LABEL:10%``
+    takes the one ``--predictor LABEL=DIR`` names, else None (the shipped one)."""
     policy, budget, interval, *extra = spec.split(":") + ["", ""]
     if any(extra) or (interval and not interval.isdigit()):
         raise ConfigError(f"--sparse {spec!r} is not POLICY:BUDGET or POLICY:BUDGET:INTERVAL (e.g. tokenbutler:10%:4).")
-    return SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW,
-                           interval=int(interval or 1))
+    policy, _, label = policy.partition("@")
+    if label and label not in (predictors or {}):
+        raise ConfigError(f"--sparse {spec!r} names predictor {label!r}: give --predictor {label}=DIR.")
+    if label and "tokenbutler" not in policy:
+        raise ConfigError(f"--sparse {spec!r}: only tokenbutler (or a wrapper of it) takes a predictor.")
+    selection = SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW,
+                                interval=int(interval or 1))
+    return selection, (predictors or {}).get(label) if label else None
+
+
+def parse_predictors(items: list[str]) -> dict[str, str]:
+    """``--predictor LABEL=DIR`` items -> {label: directory}, each checked to be a predictor checkpoint."""
+    predictors = {}
+    for item in items:
+        label, _, directory = item.partition("=")
+        if not label or not directory or ":" in label or "@" in label:
+            raise ConfigError(f"--predictor {item!r} is not LABEL=DIR (e.g. q1=runs/pred-q1).")
+        read_config(directory)  # a missing or foreign folder: refused before the model loads
+        predictors[label] = directory
+    return predictors
+
+
+def describe_predictors(predictors: dict[str, str]) -> dict[str, dict]:
+    """What a report records of each labelled predictor: its folder's name and weights' hash, no local path."""
+    return {label: {"name": Path(directory).name, "weights_sha256": read_config(directory)["weights_sha256"]}
+            for label, directory in predictors.items()}
 
 
 def run_transformers(model, prompt: list[int], new_tokens: int) -> Run:
@@ -223,11 +252,12 @@ def vllm_runner(adapter, model: str | None, contexts: list[int], new_tokens: int
 def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: int, seed: int, log,
             sparse: tuple[str, ...] = (), synthetic_from: int | None = None,
             vllm: VllmRunner | None = None, on_context: Callable[[list[dict]], None] | None = None,
-            copy_thread: bool = False, synthetic_tile: int = 0) -> list[dict]:
+            copy_thread: bool = False, synthetic_tile: int = 0, predictors: dict[str, str] | None = None) -> list[dict]:
     """Interleaved repetitions at every context; returns one row per context (``on_context`` gets the
     rows so far after each context: a run cut short keeps what it measured).
 
-    ``sparse``: extra tbrun runners in sparse-offload mode, as ``policy:budget`` specs.
+    ``sparse``: extra tbrun runners in sparse-offload mode, as ``policy:budget`` specs (``policy@label``:
+    tokenbutler with the predictor ``predictors[label]``).
     ``synthetic_from``: contexts from this one on fill tbrun's KV with random values (or, with
     ``synthetic_tile`` N, the first N tokens' real KV repeated) and skip transformers. ``vllm``: vLLM's
     dense decode beside them.
@@ -239,10 +269,10 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
         "transformers": lambda p, synthetic: None if synthetic else run_transformers(adapter.model, p, new_tokens),
     }
     for spec in sparse:
-        selection, name = sparse_selection(spec), f"tbrun {spec}"
+        (selection, predictor), name = sparse_selection(spec, predictors), f"tbrun {spec}"
         profiles[name] = []
-        runners[name] = lambda p, synthetic, sel=selection, sink=profiles[name]: run_tbrun(
-            adapter, p, new_tokens, sel, synthetic, sink, copy_thread, synthetic_tile)
+        runners[name] = lambda p, synthetic, sel=selection, sink=profiles[name], pred=predictor: run_tbrun(
+            adapter, p, new_tokens, sel, synthetic, sink, copy_thread, synthetic_tile, pred)
     if vllm is not None:
         runners["vllm"] = vllm
     prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
@@ -457,7 +487,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/reports"), help="report folder")
     parser.add_argument("--name", default="overhead_cpu", help="report file name (without extension)")
     parser.add_argument("--sparse", action="append", default=[],
-                        help="also time sparse offload, as policy:budget[:interval] (e.g. tokenbutler:10%%:4); repeatable")
+                        help="also time sparse offload, as policy:budget[:interval] (e.g. tokenbutler:10%%:4; "
+                             "tokenbutler@LABEL:10%% with the predictor of --predictor LABEL=DIR); repeatable")
+    parser.add_argument("--predictor", action="append", default=[], metavar="LABEL=DIR",
+                        help="a tokenbutler checkpoint that --sparse specs name as POLICY@LABEL; repeatable")
     parser.add_argument("--synthetic-kv-from", default=None,
                         help="contexts from this one on: random KV instead of tbrun's prefill, no transformers (e.g. 16k)")
     parser.add_argument("--synthetic-kv-tile", default=None,
@@ -471,6 +504,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sparse runners copy and select on a copy thread and run the model on one torch thread "
                              "fewer; the others use every torch thread (OMP_NUM_THREADS=2 on 2 cores: the same cores)")
     args = parser.parse_args(argv)
+    try:
+        args.predictors = parse_predictors(args.predictor)
+        for spec in args.sparse:
+            sparse_selection(spec, args.predictors)
+    except (ConfigError, PredictorError) as error:
+        parser.error(str(error))
     if args.synthetic_kv_tile and not args.synthetic_kv_from:
         parser.error("--synthetic-kv-tile repeats a real prefix where --synthetic-kv-from fills the KV: give both")
     if args.copy_thread and torch.get_num_threads() < 2:
@@ -492,7 +531,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
                 "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
                 "synthetic_kv_from": synthetic_from, "synthetic_kv_tile": synthetic_tile, "vllm": vllm.settings() if vllm else None,
-                "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads()}
+                "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads(),
+                "predictors": describe_predictors(args.predictors)}
     report = {"benchmark": "overhead", "provenance": provenance("python -m tbrun_bench.overhead"),
               "machine": machine_header(torch.device("cpu")), "settings": settings, "rows": []}
 
@@ -505,7 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / f"{args.name}.md").write_text(to_markdown(report))
 
     measure(adapter, contexts, args.new_tokens, args.repeats, args.skip, args.seed, log, tuple(args.sparse),
-            synthetic_from, vllm, on_context=write, copy_thread=args.copy_thread, synthetic_tile=synthetic_tile)
+            synthetic_from, vllm, on_context=write, copy_thread=args.copy_thread, synthetic_tile=synthetic_tile,
+            predictors=args.predictors)
     log(to_markdown(report))
     return report
 

@@ -23,8 +23,9 @@ import itertools
 import torch
 
 from offload_engine import native
-from offload_engine.policies.tokenbutler import ProjectedKeyCache, fused_group_mean_scores, group_mean_probabilities
+from offload_engine.policies.tokenbutler import ProjectedKeyCache
 from offload_engine.predictor.network import query_mlp
+from offload_engine.selection.scores import fused_group_scores, group_mean_probabilities
 
 from .report import (machine_header, markdown_header, markdown_table, micro_benchmark_main, provenance,
                      time_alternating)
@@ -68,13 +69,13 @@ def measure(args) -> dict:
         native_turn = itertools.cycle(caches[PRODUCERS // 2 :] + caches[: PRODUCERS // 2])
         half_turn = itertools.cycle(halves[PRODUCERS // 3 :] + halves[: PRODUCERS // 3])
         timed = time_alternating({"torch": lambda: torch_scores(grouped, next(torch_turn)),
-                                  "native": lambda: fused_group_mean_scores(grouped, next(native_turn)),
-                                  "bf16": lambda: fused_group_mean_scores(grouped, next(half_turn))},
+                                  "native": lambda: fused_group_scores(grouped, next(native_turn)),
+                                  "bf16": lambda: fused_group_scores(grouped, next(half_turn))},
                                  args.calls, args.warmup)
-        difference = (fused_group_mean_scores(grouped, caches[0]) - torch_scores(grouped, caches[0])).abs().max()
+        difference = (fused_group_scores(grouped, caches[0]) - torch_scores(grouped, caches[0])).abs().max()
         # bfloat16 keys against torch on the same keys widened (and the query rounded where the kernel does)
         query = grouped.bfloat16().float() if native.kernels().bf16_pair_products and dim % 2 == 0 else grouped
-        half_difference = (fused_group_mean_scores(grouped, halves[0]) - torch_scores(query, halves[0].float())).abs().max()
+        half_difference = (fused_group_scores(grouped, halves[0]) - torch_scores(query, halves[0].float())).abs().max()
         key_bytes = layers * kv_heads * dim * tokens * 4
         torch_ms, native_ms, half_ms = (timed[method]["median_ms"] for method in ("torch", "native", "bf16"))
         rows.append({"shape": name, "layers": layers, "kv_heads": kv_heads, "group": group, "dim": dim,

@@ -43,9 +43,10 @@ def latency(
                                       "instead of running the prefill (decode time does not depend on them)."),
     repeats: int = typer.Option(1, "--repeats", help="Rounds over every mode (interleaved); each mode keeps its "
                                 "fastest round (a shared machine's load only slows a round down)."),
-    predictor_shape: str = typer.Option("4:512:16", "--predictor-shape", help="G:I:D of tokenbutler's random-weight "
-                                        "predictor: a producer every G layers, hidden width I, d' = D. 4:512:16: the "
-                                        "reference sizes; 2:128:16: the shipped SmolLM2-135M predictor."),
+    predictor_shape: str = typer.Option("4:512:16", "--predictor-shape", help="G:I:D[:Q] of tokenbutler's random-weight "
+                                        "predictor: a producer every G layers, hidden width I, d' = D, Q query heads "
+                                        "per KV head (default: the model's). 4:512:16: the reference sizes; 2:128:16: "
+                                        "the shipped SmolLM2-135M predictor; 2:128:16:1: one query head per KV head."),
     refresh_layers: str = typer.Option("", "--refresh-layers", help="Also run every interval > 1 with these layers "
                                        "selecting at every step (e.g. 20-23)."),
     copy_thread: bool = typer.Option(False, "--copy-thread", help="CPU: offload modes copy (tokenbutler also "

@@ -69,6 +69,10 @@ def train_predictor(
     producer_every: int = typer.Option(4, "--producer-every", help="G: a producer every G layers."),
     dim: int = typer.Option(16, "--dim", help="d': size of importance queries and projected keys."),
     hidden: int = typer.Option(512, "--hidden", help="I: inner width of the query MLP."),
+    query_heads: int = typer.Option(0, "--query-heads", help="The predictor's query heads (0: the model's). Down to "
+                                    "one per KV head, each stands for a block of its group's heads and learns their "
+                                    "mean attention: one product per token to score and no softmax to rank. With "
+                                    "--init of more heads, starts from their means."),
     rope_pairs: int = typer.Option(0, "--rope-pairs", help="Pairs of the d' dimensions the predictor rotates by "
                                    "token position (its own RoPE), so it can rank by distance at any position; at "
                                    "most d'/2. Off by default: it raised held-out recall but lost needles on niah "
@@ -95,7 +99,9 @@ def train_predictor(
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this predictor's weights (same shape) instead "
-                                        "of a random init: fine-tune it, e.g. on longer sequences after shorter ones."),
+                                        "of a random init: fine-tune it, e.g. on longer sequences after shorter ones. A --hidden "
+                                        "wider than its own widens it (new units start silent); --query-heads fewer "
+                                        "than its own pools them."),
 ) -> None:
     import torch
 
@@ -129,7 +135,7 @@ def train_predictor(
     if cache_dtype not in CACHE_DTYPES:
         raise DataError(f"--cache-dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
     config = TrainConfig(seq_len=seq_len, steps=steps, producer_every=producer_every, dim=dim, hidden=hidden,
-                         rope_pairs=rope_pairs,
+                         rope_pairs=rope_pairs, query_heads=query_heads,
                          rope_base=rope_base, candidate_sinks=candidate_sinks, candidate_window=candidate_window,
                          rows=rows, lookahead=lookahead, lr=lr, checkpoint_every=checkpoint_every,
                          held_out=held_out, position_offsets=position_offsets, seed=seed,
@@ -137,10 +143,11 @@ def train_predictor(
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     adapter = load_model(model, dtype=dtype, device=device, progress=console.print)
     check_seq_len(adapter, seq_len)
+    shape = PredictorConfig.for_model(adapter.dims, producer_every, dim, hidden, rope_pairs, rope_base,
+                                      query_heads or None)  # a bad --query-heads: before any teacher pass
     if start is not None:  # before any teacher pass: the same shape as this run's predictor, for this model
         check_shape(start_config, adapter.dims, init)
-        check_init_shape(start.config, PredictorConfig.for_model(adapter.dims, producer_every, dim, hidden, rope_pairs,
-                                                                 rope_base))
+        check_init_shape(start.config, shape)
     if adapter.tokenizer is None:
         raise typer.BadParameter(f"model {model!r} has no tokenizer to read --data with.", param_hint="--model")
     train_count = sequences_count if teacher_cache else steps

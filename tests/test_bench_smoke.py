@@ -150,6 +150,22 @@ def test_latency_cli_refuses_bad_options_clearly(tmp_path):
     assert result.exit_code == 2 and "--predictor-shape" in result.output and "G:I:D" in result.output
 
 
+def test_latency_predictor_shape_takes_query_heads_per_kv_head():
+    from offload_engine.errors import ConfigError
+    from tbrun_bench.latency import parse_predictor_shape, random_predictor
+
+    assert parse_predictor_shape("2:128:16") == (2, 128, 16, None)
+    assert parse_predictor_shape("2:128:16:1") == (2, 128, 16, 1)
+    for bad in ("2:128:16:0", "2:128:16:1:1", "2:128:x"):
+        with pytest.raises(ConfigError, match="G:I:D:Q"):
+            parse_predictor_shape(bad)
+    dims = build_random_model("tiny-llama", device="cpu").dims  # 4 query heads, 2 KV heads
+    assert random_predictor(dims, "2:32:8:1").config.query_heads == dims.num_kv_heads
+    assert random_predictor(dims, "2:32:8").config.query_heads == dims.num_heads
+    with pytest.raises(ConfigError, match="must divide"):
+        random_predictor(dims, "2:32:8:3")
+
+
 def test_the_random_predictor_has_the_asked_sizes():
     from tbrun_bench.latency import random_predictor
 
@@ -224,16 +240,50 @@ def test_latency_append_merges_contexts_from_separate_runs(tmp_path):
 
 
 
-def test_overhead_sparse_specs_take_an_optional_interval():
+def test_overhead_sparse_specs_take_an_optional_interval_and_a_labelled_predictor():
     from offload_engine.errors import ConfigError
     from tbrun_bench.overhead import sparse_selection
 
-    assert sparse_selection("tokenbutler:10%").interval == 1
-    chosen = sparse_selection("tokenbutler:10%:4")
-    assert (chosen.policy, chosen.interval, chosen.budget.fraction) == ("tokenbutler", 4, 0.1)
+    assert sparse_selection("tokenbutler:10%")[0].interval == 1
+    chosen, predictor = sparse_selection("tokenbutler:10%:4")
+    assert (chosen.policy, chosen.interval, chosen.budget.fraction, predictor) == ("tokenbutler", 4, 0.1, None)
     for bad in ("tokenbutler:10%:x", "tokenbutler:10%:4:5"):
         with pytest.raises(ConfigError, match="POLICY:BUDGET"):
             sparse_selection(bad)
+    chosen, predictor = sparse_selection("critical(tokenbutler)@q1:10%", {"q1": "runs/pred-q1"})
+    assert (chosen.policy, predictor) == ("critical(tokenbutler)", "runs/pred-q1")
+    with pytest.raises(ConfigError, match="--predictor q2=DIR"):
+        sparse_selection("tokenbutler@q2:10%", {"q1": "runs/pred-q1"})
+    with pytest.raises(ConfigError, match="only tokenbutler"):
+        sparse_selection("quest@q1:10%", {"q1": "runs/pred-q1"})
+
+
+def test_overhead_times_a_labelled_predictor_and_records_it_without_its_path(tmp_path, capsys):
+    """``--predictor q1=DIR`` with ``--sparse tokenbutler@q1:...``: that predictor's runner (here one query head
+    per KV head) is timed beside the others, and the report names it by folder and hash only."""
+    from offload_engine.predictor.checkpoint import save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+    from tbrun_bench.overhead import describe_predictors, parse_args
+
+    adapter = build_random_model("tiny-llama", device="cpu")
+    dims = adapter.dims
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(dims, 2, 8, 32, query_heads=dims.num_kv_heads))
+    folder = tmp_path / "pred-q1"
+    save_checkpoint(folder, predictor, {"model_name": "tiny"})
+    rows = measure(adapter, [256], new_tokens=4, repeats=1, skip=1, seed=0, log=lambda _: None,
+                   sparse=("tokenbutler@q1:25%",), predictors={"q1": str(folder)})  # 64 tokens: past sinks + window
+    timing = rows[0]["sparse"]["tokenbutler@q1:25%"]
+    assert timing["steps"] == 2 and timing["breakdown"]["selection"]["ms_per_step"] > 0
+    assert timing["h2d_mib_per_step"] > 0  # it selects, so what it selects is copied
+    described = describe_predictors({"q1": str(folder)})
+    assert described == {"q1": {"name": "pred-q1", "weights_sha256": json.loads((folder / "config.json").read_text())
+                                ["weights_sha256"]}}
+    assert str(tmp_path) not in json.dumps(described)
+    for argv in (["--predictor", f"q1={tmp_path / 'nowhere'}"], ["--predictor", "q1"],
+                 ["--sparse", "tokenbutler@q1:10%"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "predictor" in capsys.readouterr().err
 
 
 def test_topk_speed_writes_the_three_methods_per_case(tmp_path, monkeypatch):

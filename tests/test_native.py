@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from offload_engine import native
-from offload_engine.policies.tokenbutler import (
-    ProjectedKeyCache,
-    compact_key_dtype,
-    fused_group_mean_scores,
-    group_mean_probabilities,
-    padded_row_length,
-)
+from offload_engine.policies.tokenbutler import ProjectedKeyCache, compact_key_dtype, padded_row_length
+from offload_engine.selection.scores import fused_group_scores, group_mean_probabilities
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("clang++") is None,
@@ -57,7 +52,7 @@ def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim
     cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
     keys = cache.columns(range(1, layers + 1), 0, tokens)  # a view with the cache's padded strides
     grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
-    fused = fused_group_mean_scores(grouped, keys)
+    fused = fused_group_scores(grouped, keys)
     assert fused is not None, native.status()
     pairs = dtype == torch.bfloat16 and dim % 2 == 0 and native.kernels().bf16_pair_products
     expected = _torch_scores(grouped.bfloat16().float() if pairs else grouped, keys.float())
@@ -77,7 +72,7 @@ def test_the_running_maximum_rescales_earlier_tiles(fresh_native):
     grouped = torch.zeros(1, 1, 3, 16)
     grouped[0, 0, :, 0] = torch.tensor([1.0, 0.5, -1.0])
     grouped[0, 0, :, 1] = torch.tensor([0.0, 1.0, 0.0])
-    fused = fused_group_mean_scores(grouped, keys)
+    fused = fused_group_scores(grouped, keys)
     torch.testing.assert_close(fused, _torch_scores(grouped, keys), rtol=2e-5, atol=1e-9)
 
 
@@ -86,7 +81,7 @@ def test_selections_from_the_kernels_scores_are_torchs_but_for_near_ties(fresh_n
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 3, 16, 20000, generator=generator)
     grouped = torch.randn(2, 3, 3, 16, generator=generator) * 0.5
-    fused, expected = fused_group_mean_scores(grouped, keys), _torch_scores(grouped, keys)
+    fused, expected = fused_group_scores(grouped, keys), _torch_scores(grouped, keys)
     keep = 2000
     chosen = torch.topk(fused, keep, dim=-1).indices
     wanted = torch.topk(expected, keep, dim=-1).indices
@@ -115,7 +110,7 @@ def test_switched_off_the_torch_path_runs(fresh_native, monkeypatch):
     native.reset()
     assert native.kernels() is None and "TBRUN_NATIVE=0" in native.status()
     keys, grouped = torch.randn(1, 2, 16, 300), torch.randn(1, 2, 3, 16)
-    assert fused_group_mean_scores(grouped, keys) is None
+    assert fused_group_scores(grouped, keys) is None
     assert not fresh_native.exists()  # nothing was built
 
 
@@ -128,14 +123,14 @@ def test_without_a_working_compiler_the_status_says_why_and_nothing_breaks(fresh
     assert "unavailable" in native.status() and "broken" in native.status()
     assert not list(fresh_native.glob("*"))  # no half-written library or scratch file left behind
     keys, grouped = torch.randn(1, 2, 16, 300), torch.randn(1, 2, 3, 16)
-    assert fused_group_mean_scores(grouped, keys) is None
+    assert fused_group_scores(grouped, keys) is None
 
 
 def test_the_kernel_is_not_used_off_the_cpu_float32_and_bfloat16_path(fresh_native):
     grouped = torch.randn(1, 2, 3, 16)
-    assert fused_group_mean_scores(grouped, torch.randn(1, 2, 16, 300).double()) is None
-    assert fused_group_mean_scores(grouped, torch.randn(1, 2, 16, 300).half()) is None
-    assert fused_group_mean_scores(grouped, torch.randn(1, 2, 300, 16).transpose(-1, -2)) is None  # tokens strided
+    assert fused_group_scores(grouped, torch.randn(1, 2, 16, 300).double()) is None
+    assert fused_group_scores(grouped, torch.randn(1, 2, 16, 300).half()) is None
+    assert fused_group_scores(grouped, torch.randn(1, 2, 300, 16).transpose(-1, -2)) is None  # tokens strided
 
 
 @pytest.mark.parametrize("capacity", [1, 1000, 4096, 32768, 131072])
@@ -200,7 +195,7 @@ def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, f
 def test_a_nan_logit_makes_its_rows_nan_as_in_torch(fresh_native):
     keys, grouped = torch.randn(1, 2, 16, 700), torch.randn(1, 2, 3, 16)
     keys[0, 1, 3, 123] = float("nan")
-    fused, expected = fused_group_mean_scores(grouped, keys), _torch_scores(grouped, keys)
+    fused, expected = fused_group_scores(grouped, keys), _torch_scores(grouped, keys)
     assert expected[0, 1].isnan().all() and fused[0, 1].isnan().all()
     torch.testing.assert_close(fused[0, 0], expected[0, 0], rtol=2e-5, atol=1e-9)
 
@@ -249,7 +244,7 @@ def test_bad_arguments_are_refused_before_the_kernel_runs(fresh_native):
     if kernels is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     with pytest.raises(ValueError, match="no query heads"):
-        kernels.group_mean_scores(torch.randn(2, 0, 16), torch.randn(2, 16, 10))
+        kernels.group_scores(torch.randn(2, 0, 16), torch.randn(2, 16, 10))
     with pytest.raises(ValueError, match="past the capacity"):
         import numpy as np
 
@@ -264,9 +259,9 @@ def test_the_scores_do_not_depend_on_the_number_of_threads(fresh_native, monkeyp
     keys = torch.randn(2, 3, 16, 3000, generator=generator)
     grouped = torch.randn(2, 3, 3, 16, generator=generator)
     monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
-    one = fused_group_mean_scores(grouped, keys)  # the default: one thread, whatever torch uses
+    one = fused_group_scores(grouped, keys)  # the default: one thread, whatever torch uses
     monkeypatch.setenv(native.THREADS_VARIABLE, "4")  # more threads than cores is allowed; 6 rows: 2, 2, 2
-    several = fused_group_mean_scores(grouped, keys)
+    several = fused_group_scores(grouped, keys)
     assert torch.equal(one, several)
 
 
@@ -296,7 +291,7 @@ def test_a_library_of_other_signatures_is_not_used(fresh_native, monkeypatch, tm
     native.reset()
     assert native.kernels() is None
     assert "ABI 999" in native.status()
-    assert fused_group_mean_scores(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 16, 300)) is None
+    assert fused_group_scores(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 16, 300)) is None
 
 
 @needs_compiler
@@ -390,6 +385,34 @@ def test_the_native_query_network_refuses_shapes_that_do_not_chain(fresh_native)
 
 
 @needs_compiler
+@pytest.mark.parametrize("layers, kv_heads, group, dim, tokens", [
+    (2, 3, 3, 16, 5000),   # SmolLM2's shape at G = 2, the reference's max rule
+    (2, 3, 1, 16, 5000),   # one predictor query head per KV head: the logits themselves
+    (1, 2, 7, 8, 700),     # a group of 7: blocks of 4 and 3
+    (1, 1, 1, 5, 33),      # odd d', a scalar tail
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_gives_torchs_group_max_of_logits(layers, kv_heads, group, dim, tokens, dtype, fresh_native):
+    """The max rule: the largest query-head logit per token, as torch's matmul and amax give it (bfloat16
+    keys against the query rounded to bfloat16 where the kernel takes pair products)."""
+    generator = torch.Generator().manual_seed(tokens + dim + group)
+    cache = ProjectedKeyCache(layers, kv_heads, tokens + 37, dim, dtype, torch.device("cpu"))
+    cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    keys = cache.columns(range(1, layers + 1), 0, tokens)
+    grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
+    fused = fused_group_scores(grouped, keys, "max")
+    assert fused is not None, native.status()
+    pairs = dtype == torch.bfloat16 and dim % 2 == 0 and native.kernels().bf16_pair_products
+    expected = torch.matmul(grouped.bfloat16().float() if pairs else grouped, keys.float()).amax(dim=-2)
+    assert fused.shape == expected.shape == (layers, kv_heads, tokens)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        native.kernels().group_scores(grouped.reshape(layers * kv_heads, group, dim), keys.reshape(-1, dim, tokens),
+                                      "sum")
+
+
+@needs_compiler
+@pytest.mark.parametrize("reduction", ["mean", "max"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers, kv_heads, group, dim, tokens, lo, keep, slots", [
@@ -398,13 +421,13 @@ def test_the_native_query_network_refuses_shapes_that_do_not_chain(fresh_native)
     (3, 1, 1, 5, 37, 1, 30, 64),        # one query head, odd d', a scalar tail, keep close to the candidates
 ])
 def test_one_call_selects_and_places_what_the_three_calls_do(layers, kv_heads, group, dim, tokens, lo, keep, slots,
-                                                              dtype, threads, fresh_native, monkeypatch):
+                                                              dtype, threads, reduction, fresh_native, monkeypatch):
     """ResidencyMap.select (scores, top-k and residency update in one native call) against the steps it
     replaces (the scores kernel, topk_positions, ResidencyMap.update), step after step on two maps: the
     same plans, slot maps and masks. The query drifts a little each step, so part of the selection stays."""
     from offload_engine.selection.ranking import topk_positions
     from offload_engine.selection.residency import ResidencyMap
-    from offload_engine.selection.scores import MeanAttentionScores
+    from offload_engine.selection.scores import GroupScores
 
     monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))
     generator = torch.Generator().manual_seed(tokens + keep)
@@ -417,7 +440,7 @@ def test_one_call_selects_and_places_what_the_three_calls_do(layers, kv_heads, g
     for step in range(5):
         query = query + 0.3 * torch.randn(query.shape, generator=generator)
         hi = tokens - 6 + step  # the sequence grows
-        scores = MeanAttentionScores(query, cache.columns(range(1, layers + 1), 0, hi + 3), lo, hi)
+        scores = GroupScores(query, cache.columns(range(1, layers + 1), 0, hi + 3), lo, hi, reduction)
         fused = fused_map.select(scores, keep, part)
         chosen = topk_positions(scores.compute(), keep, lo, ordered=False).flatten(0, 1)
         reference = reference_map.update(chosen, part)
@@ -434,10 +457,10 @@ def test_one_call_selection_declines_what_it_does_not_do(fresh_native, monkeypat
     """None, with the map untouched, where the caller must take the separate steps: nothing to keep, more
     than the slots, positions past the map's capacity, a map kept off the host, the kernels switched off."""
     from offload_engine.selection.residency import ResidencyMap
-    from offload_engine.selection.scores import MeanAttentionScores
+    from offload_engine.selection.scores import GroupScores
 
     keys = torch.randn(1, 2, 8, 100)
-    scores = MeanAttentionScores(torch.randn(1, 2, 2, 8), keys, 4, 90)
+    scores = GroupScores(torch.randn(1, 2, 2, 8), keys, 4, 90)
     rmap = ResidencyMap(2, 16, torch.device("cpu"), 128)
     before = rmap.slot_pos.clone()
     assert rmap.select(scores, 0, slice(None)) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from offload_engine.predictor.checkpoint import (
 )
 from offload_engine.predictor.data import DataError, TokenSequences, collect_text_files, load_sequences
 from offload_engine.predictor.evaluation import budget_counts, evaluate, select_top, streaming_mask
-from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
-from offload_engine.predictor.teacher import layer_states, sample_rows, teacher_probs
+from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor, pool_query_heads, widen_hidden
+from offload_engine.predictor.teacher import (distillation_loss, layer_states, mixed_distillation_loss, sample_rows,
+                                              teacher_mixed_keys, teacher_probs)
 from offload_engine.predictor import training
 from offload_engine.predictor.training import TrainConfig, TrainingError, train, warmup_cosine
 
@@ -76,6 +78,96 @@ def test_head_scores_pair_each_query_head_with_its_kv_group():
         expected = queries[:, head] @ keys[head // 3].T / math.sqrt(4)
         torch.testing.assert_close(scores[head], expected)
     torch.testing.assert_close(predictor.group_max(scores)[1], scores[3:6].amax(0))
+
+
+def test_fewer_query_heads_stand_for_blocks_of_their_group():
+    """Two query heads for 6 heads in 2 KV groups: query head j scores its group's keys and stands for model
+    heads 3j..3j+2 (``pool_heads`` / ``expand_heads``); pooling a predictor's heads averages their queries,
+    so its logits are the means of the old heads' logits."""
+    config = PredictorConfig(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=16, dim=4, hidden=8,
+                             producer_every=2)
+    full = TokenButlerPredictor(config)
+    pooled = pool_query_heads(full, 2)
+    assert pooled.config.query_heads == 2 and pooled.config.query_group == 1 and full.config.query_heads == 6
+    x, keys = torch.randn(5, 16), torch.randn(2, 7, 4)
+    queries = pooled.importance_queries(0, x)
+    assert queries.shape == (5, 2, 2, 4)
+    torch.testing.assert_close(queries, full.importance_queries(0, x).view(5, 2, 2, 3, 4).mean(dim=3))
+    scores = pooled.head_scores(queries[:, 1], keys)
+    for head in range(2):
+        torch.testing.assert_close(scores[head], queries[:, 1, head] @ keys[head].T / math.sqrt(4))
+    full_scores = full.head_scores(full.importance_queries(0, x)[:, 1], keys)  # [6, R, T]
+    torch.testing.assert_close(scores, full_scores.view(2, 3, 5, 7).mean(dim=1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(pooled.expand_heads(scores), scores.repeat_interleave(3, dim=0))
+    assert torch.equal(pooled.pool_heads(torch.arange(6.0)), torch.tensor([1.0, 4.0]))
+    assert pooled.num_parameters() < full.num_parameters()
+
+
+def test_widening_keeps_what_the_predictor_computes_and_refuses_to_narrow():
+    config = PredictorConfig(num_layers=5, num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=16, dim=4, hidden=8,
+                             producer_every=2)
+    narrow = TokenButlerPredictor(config).eval()
+    wide = widen_hidden(narrow, 20).eval()
+    assert wide.config.hidden == 20 and wide.config == replace(config, hidden=20)
+    x, k = torch.randn(5, 16), torch.randn(2, 7, 8)
+    for producer in (0, 2):
+        torch.testing.assert_close(wide.importance_queries(producer, x), narrow.importance_queries(producer, x))
+    assert torch.equal(wide.project_keys(3, k), narrow.project_keys(3, k))
+    assert wide.queries[0][1].weight[8:].abs().sum() > 0  # the new units have inputs, and learn
+    assert widen_hidden(narrow, 8) is narrow
+    with pytest.raises(ConfigError, match="cannot narrow"):
+        widen_hidden(narrow, 4)
+    training.check_init_shape(config, replace(config, hidden=20, query_heads=2))  # both taken
+    with pytest.raises(TrainingError, match="another shape"):
+        training.check_init_shape(replace(config, hidden=20), config)
+    adapted = training.adapt_init(narrow, replace(config, hidden=20, query_heads=2))
+    assert (adapted.config.hidden, adapted.config.query_heads) == (20, 2)
+
+
+def test_pooled_teacher_rows_give_each_model_heads_loss_against_its_query_head():
+    """The loss of a predictor with one query head per KV group is the model heads' cross-entropies against
+    the query head standing for each, however it is computed: on the teacher's mixed keys pooled over the
+    group (training's default), on its rows pooled, or on every model head against expanded logits."""
+    adapter = peaked_adapter("qwen2", kv_heads=2)
+    dims = adapter.dims
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(dims, 2, 8, 32, query_heads=dims.num_kv_heads))
+    generator = torch.Generator().manual_seed(3)
+    length, rows = 40, torch.tensor([10, 25, 39])
+    q = torch.randn(dims.num_heads, len(rows), dims.head_dim, generator=generator) * 3
+    k = torch.randn(dims.num_kv_heads, length, dims.head_dim, generator=generator)
+    probs = teacher_probs(q, k, rows, adapter.scaling)  # [H, R, T]
+    mix = teacher_mixed_keys(q, k, rows, adapter.scaling)  # [H, R, D]
+    queries = torch.randn(len(rows), dims.num_kv_heads, 8, generator=generator)  # [R, Hq, d']
+    logits = predictor.head_scores(queries, predictor.project_keys(1, k))  # [Hq, R, T]
+    target = predictor.project_head_rows(1, predictor.pool_heads(mix))
+    mixed = mixed_distillation_loss(logits, queries.transpose(0, 1), target, rows, 1 / math.sqrt(8))
+    pooled = distillation_loss(predictor.pool_heads(probs), logits, rows)
+    per_head = distillation_loss(probs, predictor.expand_heads(logits), rows)
+    torch.testing.assert_close(mixed, per_head, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pooled, per_head, rtol=1e-4, atol=1e-5)
+
+
+def test_query_heads_must_split_the_groups_evenly():
+    with pytest.raises(ConfigError, match=r"--query-heads 4: .* choose one of \[2, 6\]"):
+        PredictorConfig(num_layers=4, num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=16, query_heads=4)
+    with pytest.raises(ConfigError, match="--query-heads 0"):
+        PredictorConfig(num_layers=4, num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=16, query_heads=0)
+    assert PredictorConfig(num_layers=4, num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=16).query_heads == 6
+
+
+def test_one_query_head_per_kv_group_learns_the_groups_attention(tmp_path):
+    """Trained with --query-heads = KvH on the group's mean attention, the predictor selects far better than
+    random and it reloads with its own head count."""
+    adapter, data, config = tiny_training()
+    assert adapter.dims.group_size > 1
+    config.query_heads = adapter.dims.num_kv_heads
+    result = train(adapter, data, config, tmp_path / "out")
+    assert result.predictor.config.query_heads == adapter.dims.num_kv_heads
+    recall, random_recall = result.report["recall"]["tokenbutler"]["10%"], result.report["recall"]["random"]["10%"]
+    assert recall > 2 * random_recall
+    loaded, stored = load_checkpoint(tmp_path / "out", adapter.dims)
+    assert stored["predictor"]["query_heads"] == adapter.dims.num_kv_heads
+    assert loaded.config == result.predictor.config
 
 
 def test_predictor_refuses_bad_sizes():
@@ -191,11 +283,11 @@ def test_rotating_predictors_round_trip_and_older_checkpoints_load_without_rotat
     plain = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 2, 8, 32))
     save_checkpoint(tmp_path / "old", plain, {"model_name": "tiny"})
     stored = json.loads((tmp_path / "old" / "config.json").read_text())
-    for key in ("rope_pairs", "rope_base"):  # what a checkpoint from before the option holds
+    for key in ("rope_pairs", "rope_base", "query_heads"):  # what a checkpoint from before the options holds
         stored["predictor"].pop(key)
     (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
     old, _ = load_checkpoint(tmp_path / "old", adapter.dims)
-    assert not old.config.uses_positions
+    assert not old.config.uses_positions and old.config.query_heads == adapter.dims.num_heads
     with pytest.raises(ConfigError, match="rope-pairs 5"):
         PredictorConfig.for_model(adapter.dims, 2, 8, 32, rope_pairs=5)
 

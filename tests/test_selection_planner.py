@@ -10,14 +10,15 @@ import torch
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.errors import ConfigError
 from offload_engine.models import ModelAdapter
-from offload_engine.selection.scores import MeanAttentionScores
+from offload_engine.selection.scores import GroupScores
 
 from tiny_models import seeded_policy, selecting_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-POLICIES = ["tokenbutler", "critical(tokenbutler)", "quest", "oracle", "h2o", "snapkv", "random", "streaming",
-            "critical(quest)"]
+# "/q1": the policy's predictor has one query head per KV head (ranked by its logits, no softmax)
+POLICIES = ["tokenbutler", "critical(tokenbutler)", "tokenbutler/q1", "critical(tokenbutler)/q1", "quest", "oracle",
+            "h2o", "snapkv", "random", "streaming", "critical(quest)"]
 PROMPT, NEW = 70, 10
 
 
@@ -26,12 +27,16 @@ def adapter() -> ModelAdapter:
     return selecting_model()
 
 
-make_policy = seeded_policy
+def make_policy(adapter: ModelAdapter, spec: str):
+    """``seeded_policy`` of ``spec``; with the suffix "/q1", a predictor of one query head per KV head."""
+    name, _, variant = spec.partition("/")
+    return seeded_policy(adapter, name, query_heads=adapter.dims.num_kv_heads if variant == "q1" else None)
 
 
 def selections(adapter: ModelAdapter, spec: str, batched: bool, **selection) -> tuple[list, list[int]]:
     """Per decode step, per layer, per KV head: the attended selected positions; and the tokens."""
-    config = SelectionConfig(policy=spec, **{"budget": Budget(tokens=24), "sinks": 2, "window": 6, **selection})
+    config = SelectionConfig(policy=spec.partition("/")[0],
+                             **{"budget": Budget(tokens=24), "sinks": 2, "window": 6, **selection})
     engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config),
                     policy=make_policy(adapter, spec))
     seen: list[dict] = []
@@ -74,7 +79,7 @@ def test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, s
     growth = 2 if neighbors else 1
     for step in batched:  # and they really select: at most the budget (grown by neighbours), not everything
         for layer, heads in step.items():
-            if spec.endswith("tokenbutler)") or spec == "tokenbutler":
+            if "tokenbutler" in spec:
                 if layer == 0:
                     continue  # tokenbutler's dense layer
             assert all(0 < len(h) <= keep * growth for h in heads)
@@ -91,7 +96,7 @@ def test_refresh_layers_select_every_step_and_the_others_reuse(adapter):
     def recording_plan(layer, *a, **kw):
         layers, scores = plan(layer, *a, **kw)
         planned.append(layer)
-        rows = scores.queries if isinstance(scores, MeanAttentionScores) else scores  # described or computed
+        rows = scores.queries if isinstance(scores, GroupScores) else scores  # described or computed
         scored.append((layer, layers, rows.shape[0]))
         return layers, scores
 

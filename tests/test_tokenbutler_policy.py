@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, native
 from offload_engine.models import ModelAdapter
 from offload_engine.policies import build_policy
 from offload_engine.policies.base import Candidates, PolicyContext
@@ -31,8 +32,9 @@ def predictor_for(adapter: ModelAdapter, seed: int = 0, **sizes) -> TokenButlerP
     return TokenButlerPredictor(config).eval()
 
 
-def bound_policy(adapter: ModelAdapter, capacity: int = 64, rope_pairs: int = 0, **options) -> TokenButlerPolicy:
-    policy = TokenButlerPolicy(predictor=predictor_for(adapter, rope_pairs=rope_pairs), **options)
+def bound_policy(adapter: ModelAdapter, capacity: int = 64, rope_pairs: int = 0, query_heads: int | None = None,
+                 **options) -> TokenButlerPolicy:
+    policy = TokenButlerPolicy(predictor=predictor_for(adapter, rope_pairs=rope_pairs, query_heads=query_heads), **options)
     policy.bind(PolicyContext(dims=adapter.dims, capacity=capacity, device=torch.device("cpu"), dtype=torch.float32,
                               adapter=adapter, host_store=None, sinks=2, window=4))
     return policy
@@ -121,6 +123,11 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_
     assert list(layers) == [1, 2] and scores.shape == (2, 2, 15)
     plan = {layer: scores[i] for i, layer in enumerate(layers)}
     queries = predictor.importance_queries(0, tensors[0][0][-1])  # [2, H, d']
+    kernels = native.kernels()
+    if key_dtype == "bfloat16" and kernels is not None and kernels.bf16_pair_products and predictor.config.dim % 2 == 0:
+        # the native kernel takes bfloat16 pair products: the scaled query rounded to bfloat16, as a GPU's matmul
+        scale = 1.0 / math.sqrt(predictor.config.dim)
+        queries = (queries * scale).bfloat16().float() / scale
     for layer in (1, 2):
         keys = torch.cat([predictor.project_keys(layer, tensors[layer][2]), predictor.project_keys(layer, k_new.unsqueeze(1))], 1)
         keys = keys.to(stored).float()
@@ -132,6 +139,33 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_
         torch.testing.assert_close(plan[layer], expected)
         assert plan[layer].dtype == torch.float32
         torch.testing.assert_close(policy.score(layer, None, candidates), plan[layer])  # the per-layer path
+
+
+@pytest.mark.parametrize("key_dtype", ["float32", "bfloat16", "int8"])
+def test_one_query_head_per_kv_group_ranks_by_its_logits(key_dtype):
+    """A predictor of one query head per KV head: its scores are its logits over the candidates (the mean
+    rule's one softmax ranks alike), said to wrappers as "logit" scores; critical(...) over it re-weights them."""
+    adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
+    kvh = adapter.dims.num_kv_heads
+    assert adapter.dims.group_size > 1
+    policy = bound_policy(adapter, query_heads=kvh, key_dtype=key_dtype)
+    assert policy.by_max and policy.score_kind == "logit"
+    assert not bound_policy(adapter).by_max and bound_policy(adapter).score_kind == "mass"
+    predictor = policy.predictor
+    tensors, _, k_new = prefilled_and_one_decode(policy, adapter)
+    candidates = Candidates(lo=2, hi=17, keep=3, position=20)
+    layers, scores = policy.plan(0, tensors[0][0][-1], candidates)
+    queries = predictor.importance_queries(0, tensors[0][0][-1])  # [2, KvH, d']
+    assert queries.shape[1] == kvh and scores.shape == (2, kvh, 15)
+    for i, layer in enumerate(layers):
+        keys = policy.cache.read(layer, 0, 21).float()  # as stored (int8 dequantised)
+        logits = predictor.head_scores(queries[i].unsqueeze(0), keys)[:, 0]  # [KvH, 21]
+        torch.testing.assert_close(scores[i], logits[:, 2:17], rtol=2e-2 if key_dtype == "bfloat16" else 1e-5,
+                                   atol=1e-2 if key_dtype == "bfloat16" else 1e-5)
+        ranked = torch.softmax(logits[:, :20], -1)[:, 2:17].topk(3).indices.sort().values
+        assert torch.equal(scores[i].topk(3).indices.sort().values, ranked)
+    critical = build_policy("critical(tokenbutler)", predictor=predictor)
+    assert critical.base.score_kind == "logit"
 
 
 def test_decode_queries_come_from_the_native_query_network_where_it_is_built(monkeypatch):

@@ -94,6 +94,29 @@ def test_init_fine_tunes_a_predictor_of_the_same_shape_and_records_it(tiny_model
     assert missing.exit_code == 2, missing.output
 
 
+def test_query_heads_trains_one_per_kv_group_and_init_pools_a_predictor_of_every_head(tiny_model_dir, text_dir,
+                                                                                      tmp_path):
+    full, fewer = tmp_path / "full", tmp_path / "fewer"
+    assert train(tiny_model_dir, text_dir, full).exit_code == 0
+    shape = json.loads((full / "config.json").read_text())["predictor"]
+    assert shape["query_heads"] == shape["num_heads"] > shape["num_kv_heads"]
+    kv = shape["num_kv_heads"]
+    result = train(tiny_model_dir, text_dir, fewer, "--init", str(full), "--query-heads", str(kv))
+    assert result.exit_code == 0, result.output
+    config = json.loads((fewer / "config.json").read_text())
+    assert config["predictor"]["query_heads"] == kv and config["train"]["query_heads"] == kv
+    assert config["init"]["weights_sha256"] == json.loads((full / "config.json").read_text())["weights_sha256"]
+    assert config["parameters"] < json.loads((full / "config.json").read_text())["parameters"]
+    bad = train(tiny_model_dir, text_dir, tmp_path / "bad", "--query-heads", str(kv + 1))
+    assert bad.exit_code == 2 and f"--query-heads {kv + 1}" in " ".join(bad.output.split())
+    more = train(tiny_model_dir, text_dir, tmp_path / "more", "--init", str(fewer))  # cannot un-pool
+    assert more.exit_code == 2 and "another shape" in " ".join(more.output.split())
+    wider = train(tiny_model_dir, text_dir, tmp_path / "wider", "--init", str(fewer), "--query-heads", str(kv),
+                  "--hidden", "32")  # SMALL's --hidden is 16: widened, new units silent at the start
+    assert wider.exit_code == 0, wider.output
+    assert json.loads((tmp_path / "wider" / "config.json").read_text())["predictor"]["hidden"] == 32
+
+
 def test_a_corpus_run_records_sources_by_name_version_and_hash_and_no_local_path(tiny_model_dir, text_dir, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py",

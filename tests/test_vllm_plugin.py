@@ -272,14 +272,15 @@ def tiny_dims(layers=5):
                      max_positions=256, vocab_size=10)
 
 
-@pytest.mark.parametrize("rope_pairs", [0, 2])
-def test_tokenbutler_scores_by_slot_equal_the_policys(rope_pairs):
+@pytest.mark.parametrize("rope_pairs, query_heads", [(0, None), (2, None), (0, KV_HEADS)])
+def test_tokenbutler_scores_by_slot_equal_the_policys(rope_pairs, query_heads):
     """rope_pairs: the paged cache keeps keys unturned and turns them by their distance to the query
-    when it scores; the policy turns keys and query by absolute position. The same scores."""
+    when it scores; the policy turns keys and query by absolute position. The same scores. One query
+    head per KV head: the policy ranks its logits, the paged scorer their softmax: the same top-k."""
     torch.manual_seed(0)
     dims = tiny_dims()
     predictor = TokenButlerPredictor(PredictorConfig.for_model(dims, producer_every=2, dim=4, hidden=8,
-                                                               rope_pairs=rope_pairs)).eval()
+                                                               rope_pairs=rope_pairs, query_heads=query_heads)).eval()
     length = 30
     key_cache, _, table, contiguous = paged_sequences([length], seed=2)
     k, v, slots = contiguous[0]
@@ -296,7 +297,12 @@ def test_tokenbutler_scores_by_slot_equal_the_policys(rope_pairs):
     layers, expected = policy.plan(2, x, candidates)  # producer 2 serves layers 3 and 4
     for row, layer in enumerate(layers):
         got = scorer.score(layer, torch.zeros(1, HEADS, DIM), batch)[0, :, candidates.lo : candidates.hi]
-        torch.testing.assert_close(got, expected[row])
+        if query_heads is None:
+            torch.testing.assert_close(got, expected[row])
+        else:
+            assert policy.score_kind == "logit"
+            assert torch.equal(got.topk(5).indices.sort().values, expected[row].topk(5).indices.sort().values)
+            torch.testing.assert_close(got / got.sum(-1, keepdim=True), torch.softmax(expected[row], -1))
 
 
 def test_critical_value_norms_by_slot_and_its_two_stages():

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 10
+ABI = 11
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -194,17 +194,17 @@ class SelectionKernels:
         # pointers as c_void_p: plain integer addresses (tensor.data_ptr(), _address) pass without conversion
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         signatures = {
-            "tbrun_group_mean_scores": [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
-            "tbrun_group_mean_scores_bf16": [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
+            "tbrun_group_scores": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
+            "tbrun_group_scores_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
             "tbrun_residency_update": [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_gather_pairs": [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64,
                                    ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64],
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
-            "tbrun_select_rows": [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr,
+            "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr,
                                   i64, i64, ptr, ptr, ptr, i64],
-            "tbrun_select_rows_bf16": [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
+            "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
                                        ptr, i64, i64, ptr, ptr, ptr, i64],
         }
         for name, argtypes in signatures.items():
@@ -226,12 +226,14 @@ class SelectionKernels:
                                                       dtype=np.float32)
         return held
 
-    def group_mean_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``softmax(queries @ keys, -1).mean(-2)`` in one pass: queries ``[R, g, d]`` float32, keys
-        ``[R, d, m]`` float32 or bfloat16 (CPU; tokens contiguous, rows and dims at any uniform strides)
-        -> ``[R, m]`` float32. bfloat16 keys: the scores of ``keys.float()`` from half the bytes; where
-        ``bf16_pair_products`` (AVX512-BF16, d even) with the query rounded to bfloat16 as well, as a GPU's
-        bfloat16 matmul takes it."""
+    def group_scores(self, queries: torch.Tensor, keys: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """In one pass over the keys, ``softmax(queries @ keys, -1).mean(-2)`` (``reduction`` "mean") or
+        ``(queries @ keys).amax(-2)`` ("max"; for g = 1 the logits, no exponentials): queries ``[R, g, d]``
+        float32, keys ``[R, d, m]`` float32 or bfloat16 (CPU; tokens contiguous, rows and dims at any uniform
+        strides) -> ``[R, m]`` float32. bfloat16 keys: the scores of ``keys.float()`` from half the bytes;
+        where ``bf16_pair_products`` (AVX512-BF16, d even) with the query rounded to bfloat16 as well, as a
+        GPU's bfloat16 matmul takes it."""
+        reduce = _reduce_code(reduction)
         rows, g, d = queries.shape
         _check_scoring(queries, keys)
         m = keys.shape[2]
@@ -243,21 +245,23 @@ class SelectionKernels:
         buffer = self._scratch(threads * g * m)
         # keys: the numpy view of the tensor's own memory (no copy), read through its strides
         base = keys.detach()
-        kernel = (self.library.tbrun_group_mean_scores if keys.dtype == torch.float32
-                  else self.library.tbrun_group_mean_scores_bf16)
-        kernel(_address(q), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, _address(out),
+        kernel = (self.library.tbrun_group_scores if keys.dtype == torch.float32
+                  else self.library.tbrun_group_scores_bf16)
+        kernel(reduce, _address(q), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, _address(out),
                _address(buffer), threads)
         return torch.from_numpy(out)
 
     def select_rows(self, queries: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, keep: int,
-                    slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray
+                    slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray, reduction: str = "mean"
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A producer's selection in one call: per row, ``group_mean_scores`` over the ``m`` tokens, the top
-        ``keep`` of candidates ``[lo, hi)`` (``topk_rows``; candidate ``j`` is position ``lo + j``) and
-        ``residency_update`` with them. queries ``[R, g, d]`` float32, keys ``[R, d, m]`` as for
-        ``group_mean_scores``; the map's tables as for ``residency_update`` (written in place). Needs
+        """A producer's selection in one call: per row, ``group_scores`` under ``reduction`` (the mean over
+        the ``m`` tokens, the max over the candidates), the top ``keep`` of candidates ``[lo, hi)``
+        (``topk_rows``; candidate ``j`` is position ``lo + j``) and ``residency_update`` with them. queries
+        ``[R, g, d]`` float32, keys ``[R, d, m]`` as for ``group_scores``; the map's tables as for
+        ``residency_update`` (written in place). Needs
         ``0 < keep <= hi - lo``, ``0 <= lo``, ``hi <= m``, ``keep <= n`` and ``hi`` within the map's
         capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them."""
+        reduce = _reduce_code(reduction)
         rows, g, d = queries.shape
         _check_scoring(queries, keys)
         m, n = keys.shape[2], slot_pos.shape[1] - 1
@@ -270,7 +274,7 @@ class SelectionKernels:
         counts = np.zeros(rows, dtype=np.int64)
         base = keys.detach()
         kernel = self.library.tbrun_select_rows if keys.dtype == torch.float32 else self.library.tbrun_select_rows_bf16
-        status = kernel(q.data_ptr(), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, lo, hi, keep,
+        status = kernel(reduce, q.data_ptr(), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, lo, hi, keep,
                         _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of), slot_of.strides[0] // 4,
                         _address(active), active.strides[0], n, _address(positions), _address(slots),
                         _address(counts), max(1, min(kernel_threads(), rows)))
@@ -397,6 +401,15 @@ class SelectionKernels:
             raise IndexError(f"a fetch entry is outside its tables ({src0.shape[1]} source rows, "
                              f"{dst0.shape[1]} slots) or a count outside [0, {m}]: nothing was copied")
         return True
+
+
+REDUCTIONS = ("mean", "max")  # the kernels' reduce codes 0 and 1
+
+
+def _reduce_code(reduction: str) -> int:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return REDUCTIONS.index(reduction)
 
 
 def _check_scoring(queries: torch.Tensor, keys: torch.Tensor) -> None:

@@ -6,10 +6,12 @@
 // $TBRUN_NATIVE_THREADS, default 1), the scores and the top-k split rows among them; the residency update
 // and the gather do where the plan is large enough to pay for them.
 //
-// tbrun_group_mean_scores: for each row r (a (layer, KV head) pair), g query heads of d' dims against
+// tbrun_group_scores: for each row r (a (layer, KV head) pair), g query heads of d' dims against
 // the row's compact keys stored dimension-major (key dim j of token t at keys[r * row_stride + j * dim_stride + t]):
 //   logits[h, t] = q[r, h, :] . k[r, :, t]
-//   out[r, t]    = mean_h softmax_t(logits[h, :])[t]
+//   out[r, t]    = mean_h softmax_t(logits[h, :])[t]      (reduce 0, the mean rule)
+//   out[r, t]    = max_h logits[h, t]                     (reduce 1, the max rule; with g = 1 the logits,
+//                                                          which rank as the softmax does: no exponentials)
 // The keys are streamed once, a tile of tokens at a time: each key vector feeds every head's
 // accumulators in registers, and the tile's logits are exponentiated against each head's running
 // maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (in L2 up to
@@ -291,6 +293,21 @@ struct RowWork {
     std::vector<uint32_t> pairs;
 };
 
+// The query as the logits kernels read it: for bfloat16 keys where the pair kernel runs, q is replaced by
+// its bfloat16 rounding and the pairs are returned; else q stays and null is returned.
+template <typename Key>
+const uint32_t* prepare_query(const float*& q, int64_t g, int64_t d, RowWork& work) {
+    if (!(std::is_same_v<Key, uint16_t> && BF16_PAIRS && d % 2 == 0)) return nullptr;
+    work.rounded.resize(static_cast<size_t>(g * d));
+    work.pairs.resize(static_cast<size_t>(g * d / 2));
+    for (int64_t i = 0; i < g * d; ++i) work.rounded[static_cast<size_t>(i)] = scalar(to_bf16(q[i]));
+    for (int64_t i = 0; i < g * d / 2; ++i)
+        work.pairs[static_cast<size_t>(i)] = static_cast<uint32_t>(to_bf16(q[2 * i])) |
+                                             static_cast<uint32_t>(to_bf16(q[2 * i + 1])) << 16;
+    q = work.rounded.data();
+    return work.pairs.data();
+}
+
 // One row: logits, softmax per head and the mean over heads, the keys streamed once. Per tile the logits
 // are exponentiated against the head's running maximum while they are in L1 (an online softmax); pass 2
 // rescales each tile's exponentials to the final maximum and sums the heads, over the [g, m] buffer.
@@ -298,17 +315,7 @@ template <typename Key>
 void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t m,
                float* out, float* buffer, RowWork& work) {
     const int64_t tiles = (m + TILE - 1) / TILE;
-    const uint32_t* qpairs = nullptr;
-    if (std::is_same_v<Key, uint16_t> && BF16_PAIRS && d % 2 == 0) {  // the pair kernel: a bfloat16 query
-        work.rounded.resize(static_cast<size_t>(g * d));
-        work.pairs.resize(static_cast<size_t>(g * d / 2));
-        for (int64_t i = 0; i < g * d; ++i) work.rounded[static_cast<size_t>(i)] = scalar(to_bf16(q[i]));
-        for (int64_t i = 0; i < g * d / 2; ++i)
-            work.pairs[static_cast<size_t>(i)] = static_cast<uint32_t>(to_bf16(q[2 * i])) |
-                                                 static_cast<uint32_t>(to_bf16(q[2 * i + 1])) << 16;
-        q = work.rounded.data();
-        qpairs = work.pairs.data();
-    }
+    const uint32_t* qpairs = prepare_query<Key>(q, g, d, work);
     std::vector<float>& shift = work.shift;
     shift.assign(static_cast<size_t>(g * tiles), 0.0f);
     std::vector<float>& top = work.top;
@@ -347,6 +354,40 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
                 for (int64_t t = 0; t < n; ++t) dst[t] += row[t] * factor;
         }
     }
+}
+
+// One row under the max rule, tokens [lo, hi) of out: the largest of the g heads' logits (with g = 1 the
+// logits themselves, written straight to out: one pass over the keys, no exponentials).
+template <typename Key>
+void max_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t lo, int64_t hi,
+             int64_t m, float* out, float* buffer, RowWork& work) {
+    const uint32_t* qpairs = prepare_query<Key>(q, g, d, work);
+    if (g == 1) {
+        logits_all(q, qpairs, 1, d, keys, dim_stride, lo, hi - lo, out, m);
+        return;
+    }
+    for (int64_t start = lo; start < hi; start += TILE) {
+        const int64_t n = std::min(TILE, hi - start);
+        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m);
+        for (int64_t t = start; t < start + n; ++t) {
+            float best = buffer[t];
+            for (int64_t h = 1; h < g; ++h) best = std::max(best, buffer[h * m + t]);
+            out[t] = best;
+        }
+    }
+}
+
+constexpr int64_t REDUCE_MEAN = 0, REDUCE_MAX = 1;
+
+// A row's scores under either rule: score_row over [0, m) (the softmax runs over every cached token), or
+// max_row over the candidates [lo, hi) only (out's other entries are left as they were).
+template <typename Key>
+void reduce_row(int64_t reduce, const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride,
+                int64_t lo, int64_t hi, int64_t m, float* out, float* buffer, RowWork& work) {
+    if (reduce == REDUCE_MAX)
+        max_row(q, g, d, keys, dim_stride, lo, hi, m, out, buffer, work);
+    else
+        score_row(q, g, d, keys, dim_stride, m, out, buffer, work);
 }
 
 // One row of ResidencyMap.update (see residency.py for the rules): the missing positions go to the free
@@ -522,13 +563,14 @@ void split_rows(int64_t rows, int64_t threads, Work work) {
 }
 
 template <typename Key>
-void group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
-                       int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads) {
+void group_scores(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys,
+                  int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads) {
     split_rows(rows, threads, [=](int64_t worker, int64_t first, int64_t last) {
         thread_local RowWork work;  // grown once per thread, not allocated per call
         float* scratch = buffer + worker * g * m;
         for (int64_t r = first; r < last; ++r)
-            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, out + r * m, scratch, work);
+            reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, 0, m, m, out + r * m, scratch,
+                       work);
     });
 }
 
@@ -573,12 +615,13 @@ void grow_bitmap(std::vector<uint64_t>& wanted, int64_t of_stride) {
     if (wanted.size() < words) wanted.resize(words, 0);
 }
 
-// A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (score_row over the
-// m cached tokens), the top keep of the candidates [lo, hi) (topk_row, on the row while it is in L2),
-// and the residency update with them (update_row). What group_mean_scores, topk_rows and
-// residency_update do in three calls, with no [rows, m] scores written out and read back.
+// A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (reduce_row: the mean
+// rule over the m cached tokens, the max rule over the candidates), the top keep of the candidates [lo, hi)
+// (topk_row, on the row while it is in L2), and the residency update with them (update_row). What
+// group_scores, topk_rows and residency_update do in three calls, with no [rows, m] scores written out
+// and read back.
 template <typename Key>
-int select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
+int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
                 int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                 int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
                 int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
@@ -598,7 +641,8 @@ int select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const Key* k
         chosen.resize(static_cast<size_t>(keep));
         grow_bitmap(wanted, of_stride);
         for (int64_t r = first; r < last; ++r) {
-            score_row(q + r * g * d, g, d, keys + r * row_stride, dim_stride, m, scores.data(), logits.data(), work);
+            reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
+                       logits.data(), work);
             topk_row(scores.data() + lo, hi - lo, keep, chosen.data(), values.data(), topk);
             for (int64_t i = 0; i < keep; ++i)  // candidate j is position lo + j; a -inf score is never selected
                 chosen[static_cast<size_t>(i)] = values[static_cast<size_t>(i)] == -std::numeric_limits<float>::infinity()
@@ -617,29 +661,31 @@ int select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const Key* k
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 10; }
+int tbrun_kernels_abi() { return 11; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
 
-// q [rows, g, d] contiguous; keys row r at keys + r * row_stride, dims dim_stride apart, tokens contiguous;
-// out [rows, m] contiguous; buffer [g * m] scratch. Returns 0.
+// reduce 0 (mean of the heads' softmaxes) or 1 (max of their logits); q [rows, g, d] contiguous; keys row r
+// at keys + r * row_stride, dims dim_stride apart, tokens contiguous; out [rows, m] contiguous; buffer
+// [g * m] scratch. Returns 0, or -1 for an unknown reduce.
 // threads > 1: the rows are split among that many threads (each with its own g * m of buffer, which
 // must then hold threads * g * m floats); every row is computed alike, so the result does not depend on it.
-int tbrun_group_mean_scores(const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
-                            int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer,
-                            int64_t threads) {
-    group_mean_scores(q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads);
+int tbrun_group_scores(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
+                       int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads) {
+    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -1;
+    group_scores(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads);
     return 0;
 }
 
 // The same with bfloat16 keys (raw 16-bit words; strides in elements). Where the CPU has AVX512-BF16
 // (tbrun_bf16_pair_products) the query is rounded to bfloat16 and pairs of products are taken by
 // vdpbf16ps, exact products summed in float32; elsewhere the keys are widened to float32 as they are read.
-int tbrun_group_mean_scores_bf16(const float* q, int64_t rows, int64_t g, int64_t d, const uint16_t* keys,
-                                 int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer,
-                                 int64_t threads) {
-    group_mean_scores(q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads);
+int tbrun_group_scores_bf16(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const uint16_t* keys,
+                            int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer,
+                            int64_t threads) {
+    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -1;
+    group_scores(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads);
     return 0;
 }
 
@@ -757,28 +803,31 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
     return 0;
 }
 
-// A producer's selection in one call (select_rows): for each of the rows, the scores of
-// tbrun_group_mean_scores over the m tokens (q [rows, g, d]; keys as there), the top keep of candidates
-// [lo, hi) (0 <= lo, keep <= hi - lo, hi <= m), and tbrun_residency_update with those positions (tables
-// and outputs as there, k = keep; keep <= n). Returns 0, or -1 if a row had more missing positions than
-// free slots. threads > 1: rows split among them, as the scores are.
-int tbrun_select_rows(const float* q, int64_t rows, int64_t g, int64_t d, const float* keys, int64_t row_stride,
+// A producer's selection in one call (select_rows): for each of the rows, the scores of tbrun_group_scores
+// under rule reduce (q [rows, g, d]; keys as there), the top keep of candidates [lo, hi) (0 <= lo,
+// keep <= hi - lo, hi <= m), and tbrun_residency_update with those positions (tables and outputs as there,
+// k = keep; keep <= n). Returns 0, -1 if a row had more missing positions than free slots, -2 for an
+// unknown reduce. threads > 1: rows split among them, as the scores are.
+int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
+                      int64_t row_stride,
                       int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                       int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active,
                       int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts,
                       int64_t threads) {
-    return select_rows(q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride, slot_of,
-                       of_stride, active, active_stride, n, positions, slots, counts, threads);
+    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
+    return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
+                       slot_of, of_stride, active, active_stride, n, positions, slots, counts, threads);
 }
 
-// The same with bfloat16 keys (as tbrun_group_mean_scores_bf16)
-int tbrun_select_rows_bf16(const float* q, int64_t rows, int64_t g, int64_t d, const uint16_t* keys,
+// The same with bfloat16 keys (as tbrun_group_scores_bf16)
+int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const uint16_t* keys,
                            int64_t row_stride, int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep,
                            int64_t* slot_pos, int64_t pos_stride, int32_t* slot_of, int64_t of_stride,
                            uint8_t* active, int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots,
                            int64_t* counts, int64_t threads) {
-    return select_rows(q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride, slot_of,
-                       of_stride, active, active_stride, n, positions, slots, counts, threads);
+    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
+    return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
+                       slot_of, of_stride, active, active_stride, n, positions, slots, counts, threads);
 }
 
 }  // extern "C"

@@ -33,7 +33,7 @@ from ..selection.selector import Candidates
 if TYPE_CHECKING:  # pragma: no cover
     from ..cpu_cache.host_store import HostKVStore
     from ..models import ModelAdapter, ModelDims
-    from ..selection.scores import MeanAttentionScores
+    from ..selection.scores import GroupScores
 
 NEVER = float("-inf")
 
@@ -157,7 +157,7 @@ class Policy:
         raise NotImplementedError(f"policy {self.name!r} does not score at attention time")
 
     def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
-             describe: bool = False) -> tuple[range, torch.Tensor | MeanAttentionScores]:
+             describe: bool = False) -> tuple[range, torch.Tensor | GroupScores]:
         """Predictive policies: at producer ``layer``, x ``[E]`` -> the layers it serves and their scores.
 
         Returns ``(layers, scores [Lg, KvH, n])``, ``layers`` a range of consecutive layers (``only``,
@@ -165,7 +165,7 @@ class Policy:
         ``n = candidates.count`` (the candidates are the same for every selecting layer of a step),
         scored in one batched call. Afterwards ``score(l, None, candidates)`` must give row ``l`` of it
         for every layer the producer serves (the per-layer reference path). ``describe``: the policy
-        may return ``selection.scores.MeanAttentionScores`` in place of the tensor (scores of that form,
+        may return ``selection.scores.GroupScores`` in place of the tensor (scores of that form,
         not yet computed); a policy that does not is always right to return the tensor.
         """
         raise NotImplementedError(f"policy {self.name!r} does not plan ahead")

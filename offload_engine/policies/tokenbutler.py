@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
 from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
-from ..selection.scores import MeanAttentionScores, fused_group_mean_scores, group_mean_probabilities
+from ..selection.scores import GroupScores, group_mean_probabilities
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -151,7 +151,8 @@ class TokenButlerPolicy(Policy):
     ``group_reduction`` (GQA): ``"mean"`` ranks a KV head's tokens by the mean over its query heads of
     the predicted attention probabilities (each head's softmax over every cached token), ``"max"`` by
     the largest query-head logit (the reference's rule). Mean recalls more of the true attention
-    (docs/predictor.md); with one query head per KV head both rank alike.
+    (docs/predictor.md); with one query head per KV head (``--query-heads`` at training) both rank
+    alike, and the logits are ranked as they are (no softmax: ``score_kind`` "logit").
     """
 
     predictor_path: str | None = None
@@ -171,11 +172,21 @@ class TokenButlerPolicy(Policy):
             raise ConfigError(f"tokenbutler group_reduction must be one of {GROUP_REDUCTIONS}, got {self.group_reduction!r}.")
         if self.key_dtype not in KEY_DTYPES:
             raise ConfigError(f"tokenbutler key_dtype must be one of {KEY_DTYPES}, got {self.key_dtype!r}.")
-        # what the scores are, for wrappers (critical): probabilities under "mean", logits under "max"
-        self.score_kind = "mass" if self.group_reduction == "mean" else "logit"
         self.cache: ProjectedKeyCache | None = None
         self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
         self._native_mlps: dict[int, tuple] = {}  # producer -> its query network's modules (native_query_mlps)
+
+    @property
+    def by_max(self) -> bool:
+        """Whether rows rank by their largest query-head logit: the "max" rule, or one query head per KV head
+        (where the mean of one softmax ranks as its logits do)."""
+        return self.group_reduction == "max" or (self.predictor is not None and self.predictor.config.query_group == 1)
+
+    @property
+    def score_kind(self) -> str:
+        """What the scores are, for wrappers (critical): "logit" when ranked ``by_max``, else "mass" (the
+        group's mean predicted probabilities)."""
+        return "logit" if self.by_max else "mass"
 
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
@@ -241,9 +252,9 @@ class TokenButlerPolicy(Policy):
 
     @torch.no_grad()
     def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
-             describe: bool = False) -> tuple[range, torch.Tensor | MeanAttentionScores]:
+             describe: bool = False) -> tuple[range, torch.Tensor | GroupScores]:
         """At producer ``layer``: x ``[E]`` -> (its consumer layers, or ``only`` of them, and their
-        scores ``[Lg, KvH, n]`` float32; with ``describe``, under the mean rule, their ``MeanAttentionScores``).
+        scores ``[Lg, KvH, n]`` float32; with ``describe``, under the mean rule, their ``GroupScores``).
 
         One MLP call for the importance queries of every consumer (kept for ``score``), one batched
         matmul against the compact keys of the layers scored, one group reduction: no loop over
@@ -254,13 +265,13 @@ class TokenButlerPolicy(Policy):
         if layers.step != 1 or (len(layers) and (layers.start < served.start or layers.stop > served.stop)):
             raise ValueError(f"tokenbutler: producer {layer} serves layers {served.start}-{served.stop - 1}, "
                              f"not {list(layers)}")
-        self._queries[layer] = self._importance_queries(layer, x, candidates.position)  # [Lg, H, d']
+        self._queries[layer] = self._importance_queries(layer, x, candidates.position)  # [Lg, Hq, d']
         first = layers.start - served.start
         return layers, self._group_scores(layers, self._queries[layer][first : first + len(layers)], candidates,
                                           describe)
 
     def _importance_queries(self, producer: int, x: torch.Tensor, position: int) -> torch.Tensor:
-        """x ``[E]`` -> ``[Lg, H, d']``: the predictor's queries, through the native kernel where it applies
+        """x ``[E]`` -> ``[Lg, Hq, d']``: the predictor's queries, through the native kernel where it applies
         (``native_query_mlps``), else the predictor itself. The weights are read from the predictor's
         modules at every call, so a predictor whose parameters were replaced since ``bind`` is still the
         one that answers."""
@@ -273,7 +284,7 @@ class TokenButlerPolicy(Policy):
         out = kernels.query_mlp(x.to(torch.float32).contiguous(), norm.weight.detach(),
                                 None if norm.bias is None else norm.bias.detach(), float(norm.eps),
                                 first.weight.detach(), second.weight.detach())
-        return out.view(len(c.consumers(producer)), c.num_heads, c.dim)
+        return out.view(len(c.consumers(producer)), c.query_heads, c.dim)
 
     @torch.no_grad()
     def score(self, layer: int, q: torch.Tensor | None, candidates: Candidates) -> torch.Tensor:
@@ -285,37 +296,36 @@ class TokenButlerPolicy(Policy):
         if producer not in self._queries:
             raise RuntimeError(f"tokenbutler: layer {layer} scored before its producer {producer} planned")
         index = layer - producer - 1
-        queries = self._queries[producer][index : index + 1]  # [1, H, d']
+        queries = self._queries[producer][index : index + 1]  # [1, Hq, d']
         return self._group_scores(range(layer, layer + 1), queries, candidates)[0]
 
     def _group_scores(self, layers: range, queries: torch.Tensor, candidates: Candidates,
-                      describe: bool = False) -> torch.Tensor | MeanAttentionScores:
-        """Scores of consecutive consumer ``layers`` from their queries ``[Lg, H, d']`` -> ``[Lg, KvH, n]``.
+                      describe: bool = False) -> torch.Tensor | GroupScores:
+        """Scores of consecutive consumer ``layers`` from their queries ``[Lg, Hq, d']`` -> ``[Lg, KvH, n]``.
 
-        ``"max"``: the largest query-head logit of each KV group (``score_kind`` "logit"). ``"mean"``:
-        the group's mean predicted attention probability (``score_kind`` "mass"), each head's softmax
-        running over every cached token (sinks and window included), so heads that look elsewhere
-        weigh less in their group's ranking. ``describe``: the mean rule's scores as a
-        ``MeanAttentionScores`` (not computed; the selection may fuse them with its top-k).
+        ``by_max``: the largest query-head logit of each KV group (``score_kind`` "logit"; with one query
+        head per KV head its logits). Else the group's mean predicted attention probability (``score_kind``
+        "mass"), each head's softmax running over every cached token (sinks and window included), so heads
+        that look elsewhere weigh less in their group's ranking. ``describe``: the scores as a
+        ``GroupScores`` (not computed; the selection may fuse them with its top-k).
         """
         c = self.predictor.config
         lo, hi = candidates.lo, candidates.hi
         if hi <= lo:
             return torch.empty(len(layers), c.num_kv_heads, 0, device=queries.device)
-        by_max = self.group_reduction == "max" or c.group_size == 1
-        start, stop = (lo, hi) if by_max else (0, candidates.position)  # consumers have not written t yet
-        keys = self.cache.columns(layers, start, stop)  # [Lg, KvH, d', m]
+        reduction = "max" if self.by_max else "mean"
+        # the softmax of the mean rule runs over every cached token (consumers have not written t yet)
+        keys = self.cache.columns(layers, 0, candidates.position)  # [Lg, KvH, d', m]
         # 1/sqrt(d') folded into the few queries, not applied to the [Lg, KvH, g, m] logits
-        grouped = queries.reshape(len(layers), c.num_kv_heads, c.group_size, c.dim) * (1.0 / math.sqrt(c.dim))
-        if not by_max and not self.cache.int8:
-            described = MeanAttentionScores(grouped, keys, lo, hi)
+        grouped = queries.reshape(len(layers), c.num_kv_heads, c.query_group, c.dim) * (1.0 / math.sqrt(c.dim))
+        if not self.cache.int8:
+            described = GroupScores(grouped, keys, lo, hi, reduction)
             return described if describe else described.compute()
-        if self.cache.int8 or (keys.device.type == "cpu" and keys.dtype == torch.bfloat16):
-            keys = keys.float()  # (no int8 matmul; torch's bfloat16 one on the CPU is slower than float32's)
-        logits = torch.matmul(grouped.to(keys.dtype), keys).float()  # [Lg, KvH, g, m]
-        if self.cache.int8:
-            logits.mul_(self.cache.scales[layers.start - 1 : layers.stop - 1, :, start:stop].float().unsqueeze(2))
-        if by_max:
+        # int8: no native kernel; the max rule needs the candidates only
+        start, stop = (lo, hi) if self.by_max else (0, candidates.position)
+        logits = torch.matmul(grouped, keys[..., start:stop].float()).float()  # [Lg, KvH, g, stop - start]
+        logits.mul_(self.cache.scales[layers.start - 1 : layers.stop - 1, :, start:stop].float().unsqueeze(2))
+        if self.by_max:
             return logits.amax(dim=2)
         return group_mean_probabilities(logits)[..., lo:hi]
 

@@ -199,8 +199,10 @@ def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tall
                 producer = predictor.config.producer_of(layer)
                 layer_queries = queries[name][producer][:, layer - producer - 1]
                 keys = predictor.project_keys(layer, state.k, offset)
-                logits = predictor.head_scores(layer_queries, keys).float().cpu()
-                stored = {method: predictor.head_scores(q, k).float().cpu() for method, q, k in (
+                # per model head (a predictor with fewer query heads: each of its heads' logits for the
+                # heads it stands for), so the group reductions below are the policy's over its query heads
+                logits = predictor.expand_heads(predictor.head_scores(layer_queries, keys)).float().cpu()
+                stored = {method: predictor.expand_heads(predictor.head_scores(q, k)).float().cpu() for method, q, k in (
                     ("tokenbutler_int8", layer_queries, dequantize_keys(*quantize_keys(keys))),
                     ("tokenbutler_bf16", layer_queries.bfloat16().float(), keys.bfloat16().float()))}
                 tally.add(("loss",), float(distillation_loss(probs, logits, rows)))

@@ -114,7 +114,7 @@ def _layer_rows(predictor: TokenButlerPredictor, adapter: ModelAdapter, ids: tor
             keys = predictor.project_keys(layer, state.k, 0)
             logits = predictor.head_scores(queries[producer][:, layer - producer - 1], keys)
             probs = teacher_probs(state.q[:, rows], state.k, rows, adapter.scaling).cpu()
-            yield layer, probs, _group_mean_log_probs(logits.float().cpu(), rows, adapter.dims.group_size)
+            yield layer, probs, _group_mean_log_probs(logits.float().cpu(), rows, predictor.config.query_group)
         if predictor.is_producer(layer):
             on_device = rows.to(state.x.device)
             queries[layer] = predictor.importance_queries(layer, state.x[on_device], on_device)

@@ -6,18 +6,24 @@ head) for its consumers ``p+1 .. p+G`` (clipped at the last layer). Every consum
 one learned key projection per KV head, applied to the model's real post-RoPE keys; the projected
 keys form the compact key cache (``d'`` numbers per token, layer and KV head). The importance of
 token ``t`` for head ``h`` of layer ``l`` is ``q'[l, h] . k'[l, kv(h), t] / sqrt(d')``; with GQA the
-scores of a group's query heads are reduced with max so selection is per (layer, KV head).
+scores of a group's query heads are reduced (mean of their softmaxes, or max) so selection is per
+(layer, KV head).
+
+The predictor's own query heads (``query_heads``, ``Hq``) are the model's by default. Fewer, down to one
+per KV head, each stands for a block of its group's heads and is distilled on their mean attention: a
+predictor with one query per KV head scores a token with one product and needs no softmax to rank
+(``docs/predictor.md``, "One query per KV head").
 
 Layer 0 has no producer before it: it is not a consumer (``TokenButlerPolicy`` keeps it dense).
 
 Shapes: ``E`` hidden size, ``H`` query heads, ``KvH`` KV heads, ``D`` head dim, ``d'`` = ``dim``,
-``T`` tokens, ``R`` query rows.
+``T`` tokens, ``R`` query rows, ``Hq`` the predictor's query heads (``query_heads``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -40,6 +46,7 @@ class PredictorConfig:
     hidden: int = 512  # I, inner width of the query MLP
     rope_pairs: int = 0  # pairs of d' rotated by the predictor's own position (0: none, the first predictors)
     rope_base: float = 10000.0
+    query_heads: int | None = None  # Hq, the predictor's query heads; None: the model's num_heads
 
     def __post_init__(self) -> None:
         if self.num_layers < 2:
@@ -54,10 +61,17 @@ class PredictorConfig:
                               "of the predictor's dimensions.")
         if self.rope_base <= 1:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}.")
+        if self.query_heads is None:
+            object.__setattr__(self, "query_heads", self.num_heads)
+        per_kv, blocks = divmod(self.query_heads, self.num_kv_heads) if self.query_heads >= 1 else (0, 1)
+        if blocks or per_kv < 1 or self.group_size % per_kv:
+            choices = [self.num_kv_heads * q for q in range(1, self.group_size + 1) if self.group_size % q == 0]
+            raise ConfigError(f"--query-heads {self.query_heads}: the predictor's query heads must split each of the "
+                              f"{self.num_kv_heads} KV groups of {self.group_size} heads evenly; choose one of {choices}.")
 
     @classmethod
     def for_model(cls, dims: ModelDims, producer_every: int = 4, dim: int = 16, hidden: int = 512,
-                  rope_pairs: int = 0, rope_base: float = 10000.0):
+                  rope_pairs: int = 0, rope_base: float = 10000.0, query_heads: int | None = None):
         return cls(
             num_layers=dims.num_layers,
             num_heads=dims.num_heads,
@@ -69,11 +83,18 @@ class PredictorConfig:
             hidden=hidden,
             rope_pairs=rope_pairs,
             rope_base=rope_base,
+            query_heads=query_heads,
         )
 
     @property
     def group_size(self) -> int:
+        """The model's query heads per KV head."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def query_group(self) -> int:
+        """The predictor's query heads per KV head (``Hq / KvH``): scores of a row reduce over these."""
+        return self.query_heads // self.num_kv_heads
 
     @property
     def producers(self) -> tuple[int, ...]:
@@ -134,7 +155,7 @@ class TokenButlerPredictor(nn.Module):
         self.config = config
         c = config
         self.queries = nn.ModuleList(
-            query_mlp(c.hidden_size, c.hidden, len(c.consumers(p)) * c.num_heads * c.dim) for p in c.producers
+            query_mlp(c.hidden_size, c.hidden, len(c.consumers(p)) * c.query_heads * c.dim) for p in c.producers
         )
         key_proj = torch.randn(c.num_layers - 1, c.num_kv_heads, c.head_dim, c.dim) / math.sqrt(c.head_dim)
         self.key_proj = nn.Parameter(key_proj)
@@ -148,13 +169,13 @@ class TokenButlerPredictor(nn.Module):
 
     def importance_queries(self, producer: int, x: torch.Tensor, positions: torch.Tensor | int | None = None
                            ) -> torch.Tensor:
-        """x ``[..., E]`` (attention input at ``producer``) -> ``[..., n_consumers, H, d']``.
+        """x ``[..., E]`` (attention input at ``producer``) -> ``[..., n_consumers, Hq, d']``.
 
         With ``rope_pairs`` the queries are rotated by their token's ``positions`` (``[...]`` or an int)."""
         mlp = self.queries[self._producer_index[producer]]
         out = mlp(x.to(self.key_proj.dtype))
         c = self.config
-        out = out.view(*x.shape[:-1], len(c.consumers(producer)), c.num_heads, c.dim)
+        out = out.view(*x.shape[:-1], len(c.consumers(producer)), c.query_heads, c.dim)
         if not c.uses_positions:
             return out
         if isinstance(positions, torch.Tensor):
@@ -202,26 +223,43 @@ class TokenButlerPredictor(nn.Module):
         return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
 
     def project_head_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Key-space vectors per query head, e.g. the teacher's mixed keys, ``[H, R, D]`` -> ``[H, R, d']``
-        through the key projection of each head's KV group at consumer ``layer``."""
-        kvh, heads = self.config.num_kv_heads, self.config.num_heads
-        grouped = rows.to(self.key_proj.dtype).reshape(kvh, heads // kvh * rows.shape[1], -1)  # [KvH, G*R, D]
+        """Key-space vectors per predictor query head, e.g. the teacher's mixed keys pooled by ``pool_heads``,
+        ``[Hq, R, D]`` -> ``[Hq, R, d']`` through the key projection of each head's KV group at consumer ``layer``."""
+        kvh, heads = self.config.num_kv_heads, self.config.query_heads
+        grouped = rows.to(self.key_proj.dtype).reshape(kvh, heads // kvh * rows.shape[1], -1)  # [KvH, Gq*R, D]
         return torch.matmul(grouped, self.key_proj[layer - 1]).view(heads, rows.shape[1], -1)
 
+    def pool_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """The model's per-head teacher rows ``[H, ...]`` (attention rows or mixed keys, linear in the rows) ->
+        ``[Hq, ...]``: each predictor query head's target is the mean over the model heads it stands for
+        (consecutive blocks of ``H / Hq`` heads, within one KV group). The same tensor when ``Hq = H``."""
+        c = self.config
+        if c.query_heads == c.num_heads:
+            return per_head
+        return per_head.reshape(c.query_heads, c.num_heads // c.query_heads, *per_head.shape[1:]).mean(dim=1)
+
+    def expand_heads(self, per_query_head: torch.Tensor) -> torch.Tensor:
+        """Per predictor query head ``[Hq, ...]`` -> per model head ``[H, ...]``, each model head taking the
+        scores of the query head that stands for it (``pool_heads``' blocks). The same tensor when ``Hq = H``."""
+        c = self.config
+        if c.query_heads == c.num_heads:
+            return per_query_head
+        return per_query_head.repeat_interleave(c.num_heads // c.query_heads, dim=0)
+
     def head_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Per-query-head logits. queries ``[R, H, d']``, keys ``[KvH, T, d']`` -> ``[H, R, T]``.
+        """Per-query-head logits. queries ``[R, Hq, d']``, keys ``[KvH, T, d']`` -> ``[Hq, R, T]``.
 
         Each query head scores the projected keys of its KV group; no mask is applied.
         """
-        kvh, g = self.config.num_kv_heads, self.config.group_size
-        q = queries.to(keys.dtype).permute(1, 0, 2).reshape(kvh, g * queries.shape[0], -1)  # [KvH, G*R, d']
+        kvh, g = self.config.num_kv_heads, self.config.query_group
+        q = queries.to(keys.dtype).permute(1, 0, 2).reshape(kvh, g * queries.shape[0], -1)  # [KvH, Gq*R, d']
         q = q * (1.0 / math.sqrt(self.config.dim))  # scaled here: R x d' numbers, not R x T logits
-        logits = torch.matmul(q, keys.transpose(-1, -2))  # [KvH, G*R, T]
-        return logits.view(self.config.num_heads, queries.shape[0], keys.shape[1])
+        logits = torch.matmul(q, keys.transpose(-1, -2))  # [KvH, Gq*R, T]
+        return logits.view(self.config.query_heads, queries.shape[0], keys.shape[1])
 
     def group_max(self, scores: torch.Tensor) -> torch.Tensor:
-        """Reduce per-head scores ``[H, ...]`` to per-KV-head scores ``[KvH, ...]`` by max."""
-        kvh, g = self.config.num_kv_heads, self.config.group_size
+        """Reduce per-query-head scores ``[Hq, ...]`` to per-KV-head scores ``[KvH, ...]`` by max."""
+        kvh, g = self.config.num_kv_heads, self.config.query_group
         return scores.view(kvh, g, *scores.shape[1:]).amax(dim=1)
 
     def num_parameters(self) -> int:
@@ -237,6 +275,57 @@ def seeded_random_predictor(config: PredictorConfig, seed: int = 0) -> TokenButl
         return TokenButlerPredictor(config)
     finally:
         torch.random.set_rng_state(state)
+
+
+def pool_query_heads(predictor: TokenButlerPredictor, query_heads: int) -> TokenButlerPredictor:
+    """A predictor with ``query_heads`` query heads whose queries are the means of ``predictor``'s over the
+    blocks of its heads each new head stands for (``pool_heads``' blocks): its logits are the means of the
+    old heads' logits. A start for training fewer query heads (``--init`` with ``--query-heads``); the same
+    predictor when the count is its own. Key projections are shared as they are."""
+    c = predictor.config
+    if query_heads == c.query_heads:
+        return predictor
+    pooled = TokenButlerPredictor(replace(c, query_heads=query_heads)).to(predictor.key_proj.device,
+                                                                         predictor.key_proj.dtype)
+    block = c.query_heads // pooled.config.query_heads  # PredictorConfig checked query_heads divides the groups
+    if block * pooled.config.query_heads != c.query_heads:
+        raise ConfigError(f"cannot pool {c.query_heads} query heads into {query_heads}: it must divide them.")
+    state = predictor.state_dict()
+    for index, producer in enumerate(c.producers):
+        name = f"queries.{index}.3.weight"  # the second Linear: [n_consumers * Hq * d', I]
+        weight = state[name].view(len(c.consumers(producer)), query_heads, block, c.dim, -1).mean(dim=2)
+        state[name] = weight.reshape(-1, weight.shape[-1])
+    pooled.load_state_dict(state)
+    return pooled
+
+
+def widen_hidden(predictor: TokenButlerPredictor, hidden: int, seed: int = 0) -> TokenButlerPredictor:
+    """A predictor whose query MLPs are ``hidden`` wide (at least its own width) and compute what
+    ``predictor``'s do: the old units are kept, the new ones get fresh input weights (drawn from ``seed``)
+    and zero output weights, so they start silent and learn from the first step. A start for a wider
+    predictor (``--init`` with a larger ``--hidden``); the same predictor when the width is its own."""
+    c = predictor.config
+    if hidden == c.hidden:
+        return predictor
+    if hidden < c.hidden:
+        raise ConfigError(f"cannot narrow a predictor's query MLPs from {c.hidden} to {hidden} units.")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        wider = TokenButlerPredictor(replace(c, hidden=hidden)).to(predictor.key_proj.device, predictor.key_proj.dtype)
+    finally:
+        torch.random.set_rng_state(state)
+    new = wider.state_dict()
+    for name, old in predictor.state_dict().items():
+        if name.endswith(".1.weight"):  # the first Linear [I, E]: the old units' rows, new rows as drawn
+            new[name][: c.hidden] = old
+        elif name.endswith(".3.weight"):  # the second Linear [out, I]: the new units' columns silent
+            new[name].zero_()
+            new[name][:, : c.hidden] = old
+        else:
+            new[name] = old
+    wider.load_state_dict(new)
+    return wider
 
 
 def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,7 +29,7 @@ from ..models import ModelAdapter
 from . import checkpoint as ckpt
 from .data import TokenSequences
 from .evaluation import evaluate
-from .network import PredictorConfig, TokenButlerPredictor
+from .network import PredictorConfig, TokenButlerPredictor, pool_query_heads, widen_hidden
 from .teacher import (RowState, candidate_distillation_loss, distillation_loss, mixed_distillation_loss,
                       row_states, sample_rows, teacher_probs)
 from .teacher_cache import TeacherCache, TeacherCacheMix
@@ -53,6 +53,7 @@ class TrainConfig:
     hidden: int = 512
     rope_pairs: int = 0  # pairs of d' the predictor rotates by position (network.PredictorConfig)
     rope_base: float = 10000.0
+    query_heads: int = 0  # the predictor's query heads (network.PredictorConfig.query_heads); 0: the model's
     candidate_sinks: int = 0  # with candidate_window: distil on the selector's candidates only
     candidate_window: int = 0  # (teacher.candidate_distillation_loss); 0 and 0: every position
     rows: int = 256  # sampled query rows per sequence (plus the last row)
@@ -75,6 +76,8 @@ class TrainConfig:
         for name in ("seq_len", "steps", "rows", "checkpoint_every", "keep_checkpoints", "eval_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.query_heads < 0:
+            raise ConfigError(f"--query-heads must be >= 1 (or 0 for the model's), got {self.query_heads}.")
         if self.candidate_sinks < 0 or self.candidate_window < 0:
             raise ConfigError("--candidate-sinks and --candidate-window must be >= 0.")
         if not 0 <= 2 * self.rope_pairs <= self.dim:
@@ -102,6 +105,7 @@ class TrainConfig:
         keys += ("rope_base", "candidate_sinks", "candidate_window")
         keys = tuple(key for key in keys if key not in NEWER_OPTIONS or self.rope_pairs or self.candidates)  # older runs resume
         keys += ("lookahead",) if self.lookahead > 1 else ()  # newer too: runs before it resume
+        keys += ("query_heads",) if self.query_heads else ()
         keys += tuple(key for key in ("data", "init") if getattr(self, key))
         return {k: getattr(self, k) for k in keys}
 
@@ -180,15 +184,16 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
             rows_dev = rows.to(state.k.device)
             producer = config.producer_of(layer)
             queries, leaf = pending[producer]
-            layer_queries = leaf[:, layer - producer - 1]  # [R, H, d']
+            layer_queries = leaf[:, layer - producer - 1]  # [R, Hq, d']
             logits = predictor.head_scores(layer_queries, predictor.project_keys(layer, state.k, offset))
             if explicit:
                 q = state.q if state.q is not None else _teacher_queries(teacher_queries, layer, state.x)
-                probs = teacher_probs(q, state.k, rows_dev, scaling)
+                probs = predictor.pool_heads(teacher_probs(q, state.k, rows_dev, scaling))  # [Hq, R, T]
                 loss = (candidate_distillation_loss(probs, logits, rows_dev, *candidates) if candidates is not None
                         else distillation_loss(probs, logits, rows_dev)) / consumers
             else:
-                target = predictor.project_head_rows(layer, state.teacher_mix(rows_dev, scaling))  # [H, R, d']
+                mix = predictor.pool_heads(state.teacher_mix(rows_dev, scaling))  # [Hq, R, D]
+                target = predictor.project_head_rows(layer, mix)  # [Hq, R, d']
                 loss = mixed_distillation_loss(logits, layer_queries.transpose(0, 1), target, rows_dev, scale) / consumers
             loss.backward()
             total += loss.item()
@@ -197,7 +202,7 @@ def distill_layers(predictor: TokenButlerPredictor, states: Iterable[RowState], 
                 del pending[producer]
         if predictor.is_producer(layer):
             positions = rows.to(state.x.device) + offset if positional else None
-            queries = predictor.importance_queries(layer, state.x, positions)  # [R, G', H, d']
+            queries = predictor.importance_queries(layer, state.x, positions)  # [R, G', Hq, d']
             pending[layer] = (queries, queries.detach().requires_grad_())
     return total
 
@@ -246,10 +251,19 @@ def subsample_rows(cached: int, wanted: int, generator: torch.Generator) -> torc
 
 
 def check_init_shape(have: PredictorConfig, want: PredictorConfig) -> None:
-    """Refuse an ``--init`` predictor whose shape is not this run's."""
-    if have != want:
+    """Refuse an ``--init`` predictor whose shape is not this run's. Two differences are taken (``adapt_init``):
+    more query heads than this run's (it starts from their means) and a narrower query MLP (widened)."""
+    if (replace(have, query_heads=want.query_heads, hidden=want.hidden) != want or have.query_heads % want.query_heads
+            or have.hidden > want.hidden):
         raise TrainingError(f"--init is a predictor of another shape ({have}) than this run's ({want}): give the "
-                            "same --producer-every, --dim, --hidden and --rope-pairs, or another --init.")
+                            "same --producer-every, --dim and --rope-pairs, --hidden no smaller and --query-heads no "
+                            "more than its own (dividing them), or another --init.")
+
+
+def adapt_init(start: TokenButlerPredictor, shape: PredictorConfig) -> TokenButlerPredictor:
+    """``start`` (checked by ``check_init_shape``) made into a predictor of ``shape``: its query heads pooled
+    (``pool_query_heads``), then its query MLPs widened (``widen_hidden``)."""
+    return widen_hidden(pool_query_heads(start, shape.query_heads), shape.hidden)
 
 
 def train(
@@ -278,11 +292,11 @@ def train(
                           f"{config.lookahead}: pass --lookahead {cache.lookahead} or build another cache.")
     torch.manual_seed(config.seed)
     shape = PredictorConfig.for_model(adapter.dims, config.producer_every, config.dim, config.hidden, config.rope_pairs,
-                                      config.rope_base)
+                                      config.rope_base, config.query_heads or None)
     predictor = TokenButlerPredictor(shape).to(adapter.device)
     if init_from is not None:
         check_init_shape(init_from.config, shape)
-        predictor.load_state_dict(init_from.state_dict())
+        predictor.load_state_dict(adapt_init(init_from, shape).state_dict())
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
     start = _restore(out, config, predictor, optimizer, schedule) if resume else _refuse_stale(out)

@@ -8,11 +8,11 @@ only score; backends only write, copy and wait.
 from .planner import DeferredRows, LayerFetch, Orders, SelectionPlanner
 from .ranking import expand_neighbors, extend_runs, sort_with_padding_last, sorted_unique, topk_positions
 from .residency import FetchPlan, ResidencyMap
-from .scores import MeanAttentionScores
+from .scores import GroupScores
 from .selector import Candidates, Selector
 
 __all__ = [
-    "Candidates", "DeferredRows", "FetchPlan", "LayerFetch", "MeanAttentionScores", "Orders", "ResidencyMap",
+    "Candidates", "DeferredRows", "FetchPlan", "LayerFetch", "GroupScores", "Orders", "ResidencyMap",
     "SelectionPlanner", "Selector",
     "expand_neighbors", "extend_runs", "sort_with_padding_last", "sorted_unique", "topk_positions",
 ]

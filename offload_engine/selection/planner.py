@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .residency import FetchPlan
-from .scores import MeanAttentionScores
+from .scores import GroupScores
 from .selector import Candidates, Selector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,14 +204,14 @@ class SelectionPlanner:
         if not wanted:
             return
         # only the layers that select now (on a refresh step, the refresh layers): range, [Lg, KvH, n]
-        # (or their MeanAttentionScores, which the residency map may score, rank and place in one call)
+        # (or their GroupScores, which the residency map may score, rank and place in one call)
         layers, scores = self.policy.plan(producer, x, self.candidates, range(wanted[0], wanted[-1] + 1),
                                           describe=self.batched)
         if self.batched:
             bank = self.ws.bank_of[wanted[0]]
             for run in bank.adjacent_runs(wanted):  # one run unless the group skips layers of the bank
                 first = run[0] - layers.start
-                if isinstance(scores, MeanAttentionScores):
+                if isinstance(scores, GroupScores):
                     self._select_described(run, scores.layers(first, len(run)), orders)
                 else:
                     self._select(run, scores[first : first + len(run)], orders)
@@ -224,7 +224,7 @@ class SelectionPlanner:
         """Whether ``layer`` selects at this step: every layer on a prediction step, else the refresh ones."""
         return self._predict or layer in self.refresh
 
-    def _select_described(self, layers: list[int], scores: MeanAttentionScores, orders: Orders) -> None:
+    def _select_described(self, layers: list[int], scores: GroupScores, orders: Orders) -> None:
         """``_select`` of described scores: scored, ranked and placed by the residency map in one call
         where the selector keeps a plain top-k (no neighbour rule), else computed and selected as usual."""
         bank = self.ws.bank_of[layers[0]]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import native
-from .scores import MeanAttentionScores
+from .scores import GroupScores
 
 EMPTY = -1
 
@@ -177,7 +177,7 @@ class ResidencyMap:
         return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                          counts=torch.from_numpy(counts))
 
-    def select(self, scores: MeanAttentionScores, keep: int, rows: slice) -> FetchPlan | None:
+    def select(self, scores: GroupScores, keep: int, rows: slice) -> FetchPlan | None:
         """``update(topk_positions(scores.compute(), keep, scores.lo, ordered=False), rows)`` in one native
         call: each row scored, its top ``keep`` taken and its residency updated while its scores are in the
         cache. None (nothing done) where that call does not apply: a map off the host, no native kernels,
@@ -188,7 +188,7 @@ class ResidencyMap:
         run = self.prepare_select(scores, keep, rows)
         return None if run is None else run()
 
-    def prepare_select(self, scores: MeanAttentionScores, keep: int, rows: slice) -> Callable[[], FetchPlan] | None:
+    def prepare_select(self, scores: GroupScores, keep: int, rows: slice) -> Callable[[], FetchPlan] | None:
         """``select`` in two halves: everything checked now, and the native call returned to be made later,
         on another thread (the copy thread), before anything reads the rows. None where ``select`` is."""
         lo, hi = scores.lo, scores.hi
@@ -203,9 +203,10 @@ class ResidencyMap:
         self.appending = False
         queries, rows_keys = native_rows
         tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
+        reduction = scores.reduction
 
         def run() -> FetchPlan:
-            positions, slots, counts = kernels.select_rows(queries, rows_keys, lo, hi, keep, *tables)
+            positions, slots, counts = kernels.select_rows(queries, rows_keys, lo, hi, keep, *tables, reduction)
             return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                              counts=torch.from_numpy(counts))
 

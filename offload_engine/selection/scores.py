@@ -1,10 +1,12 @@
 """Scores a policy can describe instead of computing, so that the selection computes them where it selects.
 
-TokenButler's mean rule scores each (layer, KV head) row by the mean over its query heads of each head's
-softmax over every cached token. ``MeanAttentionScores`` holds the queries and the compact keys that
-define those scores; ``compute`` gives them as a tensor (the native kernel on the CPU, else torch), and
-on the CPU ``ResidencyMap.select`` takes a producer's rows through scoring, top-k and residency update in
-one native call, without the ``[Lg, KvH, m]`` scores ever leaving the kernel.
+TokenButler scores each (layer, KV head) row from its query heads' logits against the compact keys,
+reduced over the group: by the mean over the heads of each head's softmax over every cached token
+("mean"), or by the largest logit ("max"; with one query head per KV head the logits themselves, which
+rank as its softmax does). ``GroupScores`` holds the queries, the compact keys and the rule that define
+those scores; ``compute`` gives them as a tensor (the native kernel on the CPU, else torch), and on the
+CPU ``ResidencyMap.select`` takes a producer's rows through scoring, top-k and residency update in one
+native call, without the ``[Lg, KvH, m]`` scores ever leaving the kernel.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import torch
 
 from .. import native
 
+REDUCTIONS = native.REDUCTIONS  # "mean", "max"
+
 
 @dataclass(frozen=True, slots=True)
-class MeanAttentionScores:
-    """Scores ``[Lg, KvH, hi - lo]``: for each row, ``mean_h softmax_t(queries[.., h, :] . keys[.., :, t])``
-    over the ``m`` tokens ``t`` of ``keys``, at the candidates ``[lo, hi)``.
+class GroupScores:
+    """Scores ``[Lg, KvH, hi - lo]`` at the candidates ``[lo, hi)`` of the ``m`` tokens of ``keys``: for each
+    row, ``mean_h softmax_t(queries[.., h, :] . keys[.., :, t])`` (``reduction`` "mean", the softmax over all
+    ``m`` tokens) or ``max_h queries[.., h, :] . keys[.., :, t]`` ("max").
 
     queries ``[Lg, KvH, g, d']`` float32 (any scale already folded in); keys ``[Lg, KvH, d', m]``, the
     compact cache's columns of positions ``[0, m)`` (tokens contiguous), float32 or bfloat16.
@@ -29,11 +34,16 @@ class MeanAttentionScores:
     keys: torch.Tensor
     lo: int
     hi: int
+    reduction: str = "mean"
 
-    def layers(self, first: int, count: int) -> "MeanAttentionScores":
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+
+    def layers(self, first: int, count: int) -> "GroupScores":
         """The scores of ``count`` layers from the ``first``-th (views)."""
-        return MeanAttentionScores(self.queries[first : first + count], self.keys[first : first + count],
-                                   self.lo, self.hi)
+        return GroupScores(self.queries[first : first + count], self.keys[first : first + count], self.lo, self.hi,
+                           self.reduction)
 
     def native_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The scores' rows as the native kernels read them: (queries ``[Lg * KvH, g, d']`` float32, keys
@@ -42,18 +52,20 @@ class MeanAttentionScores:
 
     def compute(self) -> torch.Tensor:
         """The scores as a float32 tensor ``[Lg, KvH, hi - lo]``."""
-        fused = fused_group_mean_scores(self.queries, self.keys)
+        fused = fused_group_scores(self.queries, self.keys, self.reduction)
         if fused is not None:
             return fused[..., self.lo : self.hi]
-        keys = self.keys
+        keys = self.keys if self.reduction == "mean" else self.keys[..., self.lo : self.hi]
         if keys.device.type == "cpu" and keys.dtype == torch.bfloat16:
             keys = keys.float()  # torch's bfloat16 matmul on the CPU is slower than float32's
-        logits = torch.matmul(self.queries.to(keys.dtype), keys).float()  # [Lg, KvH, g, m]
+        logits = torch.matmul(self.queries.to(keys.dtype), keys).float()  # [Lg, KvH, g, m or hi - lo]
+        if self.reduction == "max":
+            return logits.amax(dim=-2)
         return group_mean_probabilities(logits)[..., self.lo : self.hi]
 
 
-def fused_group_mean_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
-    """``group_mean_probabilities(grouped @ keys)`` by the native CPU kernel, in one pass over the keys:
+def fused_group_scores(grouped: torch.Tensor, keys: torch.Tensor, reduction: str = "mean") -> torch.Tensor | None:
+    """``GroupScores``' scores over all ``m`` tokens by the native CPU kernel, in one pass over the keys:
     grouped ``[Lg, KvH, g, d']``, keys ``[Lg, KvH, d', m]`` -> ``[Lg, KvH, m]`` float32. None where the
     kernel does not apply (a device other than the CPU, keys neither float32 nor bfloat16, no compiler:
     ``native.status()``); the caller then takes the torch path. The same scores up to float rounding
@@ -63,7 +75,7 @@ def fused_group_mean_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.
     if rows is None or keys.shape[-1] == 0:
         return None
     lg, kvh, _, m = keys.shape
-    return kernels.group_mean_scores(*rows).view(lg, kvh, m)
+    return kernels.group_scores(*rows, reduction).view(lg, kvh, m)
 
 
 def native_rows(grouped: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

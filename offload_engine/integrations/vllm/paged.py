@@ -343,12 +343,12 @@ class TokenButlerScorer(Scorer):
             self._step, self._queries = batch, {}
         if producer not in self._queries:
             self._queries[producer] = self.predictor.importance_queries(producer, self.hidden(producer, batch), 0)
-        queries = self._queries[producer][:, layer - producer - 1]  # [B, H, d']
+        queries = self._queries[producer][:, layer - producer - 1]  # [B, Hq, d']
         keys = self.keys.tensors[layer][batch.slots.clamp(min=0)].float()  # [B, L, KvH, d']
         if c.uses_positions:  # q'(p) . k'(t) = q' . k' turned by t - p: the query stays at 0
             distance = torch.arange(keys.shape[1], device=keys.device) - (batch.lengths - 1).unsqueeze(1)  # [B, L]
             keys = self.predictor.rotate(keys, distance.unsqueeze(-1))
-        grouped = queries.float().view(batch.size, c.num_kv_heads, c.group_size, c.dim)
+        grouped = queries.float().view(batch.size, c.num_kv_heads, c.query_group, c.dim)
         logits = torch.einsum("bkgd,blkd->bkgl", grouped, keys) / math.sqrt(c.dim)  # [B, KvH, g, L]
         cached = (batch.slots >= 0) & (torch.arange(batch.slots.shape[1], device=query.device)
                                        < (batch.lengths - 1).unsqueeze(1))

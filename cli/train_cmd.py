@@ -50,7 +50,8 @@ def train_predictor(
                                  "earlier spans of 8-64 tokens, so the teacher shows far, narrow lookups (what a "
                                  "needle needs) and not only the local attention plain text is full of; 0: off."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local path; default: the embedded SmolLM2-135M-Instruct."),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per training sequence."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per training sequence (default 1024, or a "
+                                          "complete --teacher-cache's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (one sequence each); default 500. "
                                         "With --teacher-cache: --sequences x --epochs."),
     teacher_caches: list[Path] = typer.Option([], "--teacher-cache", help="Run the model once per training "
@@ -59,7 +60,8 @@ def train_predictor(
                                               "with only the predictor in the loop. Repeat to train on several "
                                               "complete caches in one run, taking turns shard by shard (e.g. 1k "
                                               "sequences at position 0 and 4k at random offsets)."),
-    sequences_count: int = typer.Option(200, "--sequences", help="With --teacher-cache: training sequences to cache."),
+    sequences_count: Optional[int] = typer.Option(None, "--sequences", help="With --teacher-cache: training sequences "
+                                                  "to cache (default 200; a complete cache's own count)."),
     epochs: int = typer.Option(1, "--epochs", help="With --teacher-cache: passes over the cached sequences."),
     cache_rows: Optional[int] = typer.Option(None, "--cache-rows", help="Query rows cached per sequence (default "
                                              "2 x --rows; each step trains on --rows of them)."),
@@ -120,6 +122,10 @@ def train_predictor(
     teacher_cache = teacher_caches[0] if len(teacher_caches) == 1 else None
     if cache_mix is not None:
         seq_len = cache_mix.seq_len
+    elif _complete_cache(teacher_caches[0] if teacher_caches else None):
+        seq_len, sequences_count = _complete_cache_shape(teacher_caches[0], seq_len, sequences_count)
+    seq_len = 1024 if seq_len is None else seq_len
+    sequences_count = 200 if sequences_count is None else sequences_count
     if cache_mix is None and not data and not corpus and not _complete_cache(teacher_cache):
         raise DataError("give training text: --corpus PACKAGE:GLOB (reproducible, e.g. stdlib:pydoc_data/topics.py) "
                         "and/or --data FILE_OR_DIR.")
@@ -232,6 +238,20 @@ def _open_mix(directories: list[Path], data: list[Path], corpus: list[str], cach
             raise DataError(f"{directory} is not a complete teacher cache: build it first with its own "
                             f"`--teacher-cache {directory} --corpus ... --cache-only` run.")
     return TeacherCacheMix([TeacherCache.open(directory) for directory in directories])
+
+
+def _complete_cache_shape(directory: Path, seq_len: int | None, sequences: int | None) -> tuple[int, int]:
+    """(sequence length, sequences) of training on the complete teacher cache in ``directory``: the cache's own.
+    A different --sequences is refused (a complete cache is not extended; steps are its sequences x --epochs);
+    a different --seq-len is kept, to be refused with the cache's when it is opened."""
+    from offload_engine.predictor.data import DataError
+    from offload_engine.predictor.teacher_cache import TeacherCache
+
+    cache = TeacherCache.open(directory)
+    if sequences is not None and sequences != len(cache):
+        raise DataError(f"{directory} is a complete teacher cache of {len(cache)} sequences, not --sequences "
+                        f"{sequences}: drop --sequences (each epoch visits its {len(cache)}), or build another cache.")
+    return (cache.seq_len if seq_len is None else seq_len), len(cache)
 
 
 def _complete_cache(directory: Path | None) -> bool:

@@ -170,6 +170,21 @@ def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_path
     again = runner.invoke(app, [*args[:-len(CACHE_SMALL)], *CACHE_SMALL, "--out", str(tmp_path / "out2")])
     assert again.exit_code == 0, again.output
     assert (cache / shards[0]).stat().st_mtime_ns == stamp  # reused, not recomputed
+    # a complete cache alone, no text, no --sequences or --seq-len: its own sequences and length, x --epochs
+    alone = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(cache), "--epochs",
+                                "3", "--rope-pairs", "1", "--out", str(tmp_path / "out3"), *_without_seq_len()])
+    assert alone.exit_code == 0, alone.output
+    assert json.loads((tmp_path / "out3" / "config.json").read_text())["steps"] == 9
+    other = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(cache),
+                                "--sequences", "5", "--out", str(tmp_path / "out4"), *_without_seq_len()])
+    assert other.exit_code == 2 and "complete teacher cache of 3 sequences" in " ".join(other.output.split())
+
+
+def _without_seq_len() -> list[str]:
+    """CACHE_SMALL without its --seq-len and value."""
+    words = list(CACHE_SMALL)
+    at = words.index("--seq-len")
+    return words[:at] + words[at + 2 :]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -187,7 +187,10 @@ def train_predictor(
     if teacher_cache is not None:
         cache = _teacher_cache(console, adapter, teacher_cache, sequences, config, meta, cache_rows or 2 * rows, cache_dtype)
         config.teacher_cache = cache_identity(cache)
-        meta["teacher_cache"] = {"spec": cache.manifest["spec"], "sequences": len(cache), "id": config.teacher_cache}
+        # the text the cache was built from (corpus by name, version and hash): a run on a complete cache alone
+        # reads no --corpus itself, and the checkpoint must still say what it was trained on
+        meta["teacher_cache"] = {"spec": cache.manifest["spec"], "sequences": len(cache), "id": config.teacher_cache,
+                                 "data": cache.manifest.get("data", {})}
         if cache_only:
             return
     with _progress(console) as (progress, on_step):

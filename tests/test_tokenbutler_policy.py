@@ -273,6 +273,26 @@ def test_a_predictor_that_rotates_by_position_caches_turned_keys_and_turns_its_q
     torch.testing.assert_close(scores[0], expected)
 
 
+def test_decode_keys_use_the_steps_folded_projection_and_follow_a_changed_predictor():
+    """A decode step's keys go through one projection per step with the rotation folded in: the same keys as
+    project_keys at that position, at every layer and at a far position; changing the predictor's projection
+    in place (training) or moving on a position is seen at the next write."""
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
+    policy = bound_policy(adapter, capacity=100_010, rope_pairs=2, key_dtype="float32")
+    predictor = policy.predictor
+    k = torch.randn(adapter.dims.num_kv_heads, adapter.dims.head_dim)
+    for position in (5, 100_000):
+        for layer in range(1, 4):
+            policy.observe_decode(layer, position, None, None, k, None)
+            torch.testing.assert_close(policy.cache.read(layer, position, position + 1),
+                                       predictor.project_keys(layer, k.unsqueeze(1), position))
+    with torch.no_grad():
+        predictor.key_proj.mul_(2.0)
+    policy.observe_decode(2, 100_000, None, None, k, None)
+    torch.testing.assert_close(policy.cache.read(2, 100_000, 100_001),
+                               predictor.project_keys(2, k.unsqueeze(1), 100_000))
+
+
 def test_rotated_scores_depend_only_on_the_distance_between_query_and_key():
     adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=3))
     predictor = predictor_for(adapter, rope_pairs=3)

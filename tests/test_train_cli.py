@@ -174,7 +174,11 @@ def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_path
     alone = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(cache), "--epochs",
                                 "3", "--rope-pairs", "1", "--out", str(tmp_path / "out3"), *_without_seq_len()])
     assert alone.exit_code == 0, alone.output
-    assert json.loads((tmp_path / "out3" / "config.json").read_text())["steps"] == 9
+    trained_alone = json.loads((tmp_path / "out3" / "config.json").read_text())
+    assert trained_alone["steps"] == 9
+    # no --corpus on this run: the checkpoint names the cache's text, by package, version and hash
+    [source] = trained_alone["teacher_cache"]["data"]["corpus"]
+    assert source["source"] == "stdlib:json/*.py" and len(source["sha256"]) == 64 and source["version"]
     other = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(cache),
                                 "--sequences", "5", "--out", str(tmp_path / "out4"), *_without_seq_len()])
     assert other.exit_code == 2 and "complete teacher cache of 3 sequences" in " ".join(other.output.split())
@@ -271,6 +275,7 @@ def test_several_complete_caches_train_as_one_mix_taking_turns(tiny_model_dir, t
     assert [(part["spec"]["seq_len"], part["spec"]["position_offsets"], part["sequences"]) for part in parts] == [
         (32, False, 3), (48, True, 2)]
     assert config["train"]["teacher_cache"] == "+".join(part["id"] for part in parts)
+    assert [part["data"]["corpus"][0]["source"] for part in parts] == ["stdlib:json/*.py"] * 2
     assert config["train"]["seq_len"] == 48
     assert str(tmp_path) not in json.dumps(config)
     resumed = runner.invoke(app, [*mixed, "--resume"])  # finished: the same run, nothing lost

@@ -94,6 +94,13 @@ class ProjectedKeyCache:
         quantized, self.scales[layer - 1, :, start:end] = quantize_keys(keys)
         self.keys[layer - 1, :, :, start:end] = quantized.transpose(-1, -2)
 
+    def write_token(self, layer: int, position: int, keys: torch.Tensor) -> None:
+        """keys ``[KvH, d']`` of consumer ``layer`` at one ``position``: ``write`` of a decode step, in one copy."""
+        if self.int8:
+            self.write(layer, position, keys.unsqueeze(1))
+            return
+        self.keys[layer - 1, :, :, position].copy_(keys)
+
     def read(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         """Projected keys of positions ``[lo, hi)``: ``[KvH, hi-lo, d']`` (dequantised if int8)."""
         keys = self.keys[layer - 1, :, :, lo:hi].transpose(-1, -2)
@@ -201,6 +208,7 @@ class TokenButlerPolicy(Policy):
                                        int8=self.key_dtype == "int8")
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
+        self._decode_projections = None  # (position, projection's address and version) -> key_projections_at
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
         if self.random_weights:
@@ -221,6 +229,7 @@ class TokenButlerPolicy(Policy):
         self.cache = None
         self._queries = {}
         self._native_mlps = {}
+        self._decode_projections = None
 
     def dense_layers(self) -> frozenset[int]:
         """Layer 0 has no producer ahead of it: all its tokens stay resident."""
@@ -247,8 +256,21 @@ class TokenButlerPolicy(Policy):
 
     @torch.no_grad()
     def observe_decode(self, layer, position, x, q, k, v) -> None:
-        if layer >= 1:
-            self.cache.write(layer, position, self.predictor.project_keys(layer, k.unsqueeze(1), position))
+        """k ``[KvH, D]``: the new token's key, projected with the step's rotation folded in (``_projections_at``)."""
+        if layer < 1:
+            return
+        projected = torch.matmul(k.unsqueeze(1).to(self.predictor.key_proj.dtype),
+                                 self._projections_at(position)[layer - 1])  # [KvH, 1, d']
+        self.cache.write_token(layer, position, projected.squeeze(1))
+
+    def _projections_at(self, position: int) -> torch.Tensor:
+        """``predictor.key_projections_at(position)``, made at the step's first layer and kept for its others
+        (remade if the predictor's projection was replaced or changed in place since)."""
+        proj = self.predictor.key_proj
+        key = (position, proj.data_ptr(), proj._version)
+        if self._decode_projections is None or self._decode_projections[0] != key:
+            self._decode_projections = (key, self.predictor.key_projections_at(position))
+        return self._decode_projections[1]
 
     @torch.no_grad()
     def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,

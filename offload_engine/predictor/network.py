@@ -194,6 +194,18 @@ class TokenButlerPredictor(nn.Module):
             positions = torch.arange(positions, positions + k.shape[-2], device=k.device)
         return self.rotate(projected, positions)
 
+    def key_projections_at(self, position: int) -> torch.Tensor:
+        """Every consumer layer's key projection with the rotation of ``position`` folded in:
+        ``[L-1, KvH, D, d']``, so that ``k @ key_projections_at(p)[layer - 1]`` is ``project_keys(layer, k, p)``
+        for keys at position ``p`` (to float rounding). A decode step's keys are all at one position: one
+        product per step, then one per layer, where ``project_keys`` takes a projection and a rotation's
+        half-dozen operations per layer."""
+        if not self.config.uses_positions:
+            return self.key_proj.detach()
+        # rotate() is linear in its vectors: the rotation of x is x @ M, M's rows the rotations of the unit vectors
+        eye = torch.eye(self.config.dim, dtype=self.key_proj.dtype, device=self.key_proj.device)
+        return torch.matmul(self.key_proj.detach(), self.rotate(eye, position))
+
     def project_unrotated(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """Keys ``[..., D]`` of consumer ``layer`` through its projection, not yet turned by position:
         ``[..., d']`` (``project_keys`` without ``rotate``; a paged cache keeps them so and turns them by

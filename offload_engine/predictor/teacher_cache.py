@@ -354,9 +354,10 @@ class TeacherCacheMix:
         return self.caches[which].load(index - self.starts[which])
 
     def describe(self) -> list[dict]:
-        """Each cache's spec, size and identity, in order (recorded by the training run)."""
-        return [{"spec": cache.manifest["spec"], "sequences": len(cache), "id": cache_identity(cache)}
-                for cache in self.caches]
+        """Each cache's spec, size, identity and training text (its corpus by name, version and hash, and the
+        command that built it), in order (recorded by the training run)."""
+        return [{"spec": cache.manifest["spec"], "sequences": len(cache), "id": cache_identity(cache),
+                 "data": cache.manifest.get("data", {})} for cache in self.caches]
 
     def bytes_on_disk(self) -> int:
         return sum(cache.bytes_on_disk() for cache in self.caches)

@@ -3,6 +3,7 @@ scores as torch, the same selections, and a torch fallback wherever it cannot be
 
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 
@@ -411,10 +412,71 @@ def test_the_kernel_gives_torchs_group_max_of_logits(layers, kv_heads, group, di
                                       "sum")
 
 
+def _int8_cache(layers: int, kv_heads: int, capacity: int, dim: int, generator: torch.Generator) -> ProjectedKeyCache:
+    """An int8 compact cache of random codes and scales: normal float16 scales, subnormal ones (the keys of
+    a token near zero) and zeros."""
+    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, torch.float32, torch.device("cpu"), int8=True)
+    cache.keys.copy_(torch.randint(-127, 128, cache.keys.shape, generator=generator, dtype=torch.int8))
+    scales = torch.rand(cache.scales.shape, generator=generator) * 0.05
+    tiny = torch.rand(cache.scales.shape, generator=generator) < 0.1
+    scales = torch.where(tiny, scales * 1e-3, scales)  # below 6.1e-5: float16 subnormals
+    scales[..., ::97] = 0.0
+    cache.scales.copy_(scales.half())
+    return cache
+
+
+@needs_compiler
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+@pytest.mark.parametrize("layers, kv_heads, group, dim, tokens", [
+    (2, 3, 3, 16, 5000),   # SmolLM2's producer with its 3 query heads per KV head
+    (2, 3, 1, 16, 5000),   # one query head per KV head: the logits themselves under the max rule
+    (1, 2, 7, 8, 700),     # Qwen2.5-0.5B's group
+    (1, 2, 5, 5, 33),      # odd d', two vectors of 16 tokens and a scalar tail
+])
+def test_the_kernel_scores_int8_keys_as_torch_does_with_their_scales(layers, kv_heads, group, dim, tokens, reduction,
+                                                                   fresh_native):
+    """int8 codes with one float16 scale per token: each token's logits are the codes' times its scale (the
+    scales widened exactly, subnormals and zeros included), then the group's rule, as torch computes them."""
+    generator = torch.Generator().manual_seed(tokens + group + dim)
+    cache = _int8_cache(layers, kv_heads, tokens + 37, dim, generator)
+    keys = cache.columns(range(1, layers + 1), 0, tokens)
+    scales = cache.scales[0:layers, :, :tokens]
+    grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
+    fused = fused_group_scores(grouped, keys, reduction, scales)
+    assert fused is not None, native.status()
+    logits = torch.matmul(grouped, keys.float()) * scales.float().unsqueeze(-2)
+    expected = logits.amax(dim=-2) if reduction == "max" else group_mean_probabilities(logits)
+    # logits up to ~100 summed in another order: a few ulps of the products where they cancel to near 0
+    torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-5 if reduction == "max" else 1e-6)
+    assert fused_group_scores(grouped, keys, reduction) is None  # int8 keys without their scales: not scored
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set levels only")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, monkeypatch):
+    """The library built for an older x86 CPU (AVX2 and F16C; or neither): the int8 codes, float16 scales and
+    bfloat16 keys take the other loads, and give torch's scores as on this machine."""
+    monkeypatch.setattr(native, "FLAGS", tuple(f"-march={march}" if flag == "-march=native" else flag
+                                               for flag in native.FLAGS))
+    generator = torch.Generator().manual_seed(7)
+    cache = _int8_cache(2, 3, 1100, 16, generator)
+    keys, scales = cache.columns(range(1, 3), 0, 1061), cache.scales[0:2, :, :1061]
+    grouped = torch.randn(2, 3, 3, 16, generator=generator)
+    fused = fused_group_scores(grouped, keys, "mean", scales)
+    assert fused is not None, native.status()
+    assert f"-march={march}" in native.FLAGS and not native.kernels().bf16_pair_products
+    logits = torch.matmul(grouped, keys.float()) * scales.float().unsqueeze(-2)
+    torch.testing.assert_close(fused, group_mean_probabilities(logits), rtol=2e-5, atol=1e-6)
+    halves = torch.randn(2, 3, 16, 1061, generator=generator).bfloat16()
+    torch.testing.assert_close(fused_group_scores(grouped, halves, "max"),
+                               torch.matmul(grouped, halves.float()).amax(dim=-2), rtol=1e-5, atol=1e-4)
+
+
 @needs_compiler
 @pytest.mark.parametrize("reduction", ["mean", "max"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("layers, kv_heads, group, dim, tokens, lo, keep, slots", [
     (2, 3, 3, 16, 5000, 4, 480, 500),   # SmolLM2's producer at G = 2: a long row, the sampled top-k cut
     (1, 2, 7, 8, 300, 2, 40, 40),       # Qwen2.5's group of 7, every slot used
@@ -432,15 +494,19 @@ def test_one_call_selects_and_places_what_the_three_calls_do(layers, kv_heads, g
     monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))
     generator = torch.Generator().manual_seed(tokens + keep)
     rows, capacity = layers * kv_heads, tokens + 40
-    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
-    cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    if dtype == torch.int8:
+        cache = _int8_cache(layers, kv_heads, capacity, dim, generator)
+    else:
+        cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
+        cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
     fused_map, reference_map = (ResidencyMap(rows + 2, slots, torch.device("cpu"), capacity) for _ in range(2))
     part = slice(1, rows + 1)  # the producer's rows inside a bigger bank
     query = torch.randn(layers, kv_heads, group, dim, generator=generator)
     for step in range(5):
         query = query + 0.3 * torch.randn(query.shape, generator=generator)
         hi = tokens - 6 + step  # the sequence grows
-        scores = GroupScores(query, cache.columns(range(1, layers + 1), 0, hi + 3), lo, hi, reduction)
+        scales = cache.scales[0:layers, :, : hi + 3] if cache.int8 else None
+        scores = GroupScores(query, cache.columns(range(1, layers + 1), 0, hi + 3), lo, hi, reduction, scales)
         fused = fused_map.select(scores, keep, part)
         chosen = topk_positions(scores.compute(), keep, lo, ordered=False).flatten(0, 1)
         reference = reference_map.update(chosen, part)
@@ -492,6 +558,13 @@ def test_one_call_selection_refuses_bad_arguments(fresh_native):
         kernels.select_rows(queries, torch.randn(2, 4, 50), 4, 40, 5, *tables)
     with pytest.raises(TypeError, match="float32"):
         kernels.select_rows(queries.double(), keys, 4, 40, 5, *tables)
+    codes = torch.zeros(2, 8, 50, dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8 keys need their scales"):
+        kernels.select_rows(queries, codes, 4, 40, 5, *tables)
+    with pytest.raises(TypeError, match="int8 keys need their scales"):
+        kernels.select_rows(queries, keys, 4, 40, 5, *tables, scales=torch.ones(2, 50).half())
+    with pytest.raises(ValueError, match="scales"):
+        kernels.select_rows(queries, codes, 4, 40, 5, *tables, scales=torch.ones(2, 49).half())  # short of m = 50
 
 
 @needs_compiler

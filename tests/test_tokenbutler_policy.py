@@ -388,7 +388,7 @@ def test_rotation_stays_exact_when_the_predictor_takes_the_models_dtype():
 
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_group_mean_probabilities_is_the_mean_of_the_heads_softmaxes(group):
-    from offload_engine.policies.tokenbutler import group_mean_probabilities
+    from offload_engine.selection.scores import group_mean_probabilities
 
     logits = 4 * torch.randn(2, 3, group, 50, generator=torch.Generator().manual_seed(group))
     before = logits.clone()

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 11
+ABI = 12
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -206,6 +206,9 @@ class SelectionKernels:
                                   i64, i64, ptr, ptr, ptr, i64],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
                                        ptr, i64, i64, ptr, ptr, ptr, i64],
+            "tbrun_group_scores_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64],
+            "tbrun_select_rows_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
+                                       ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -226,16 +229,18 @@ class SelectionKernels:
                                                       dtype=np.float32)
         return held
 
-    def group_scores(self, queries: torch.Tensor, keys: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def group_scores(self, queries: torch.Tensor, keys: torch.Tensor, reduction: str = "mean",
+                     scales: torch.Tensor | None = None) -> torch.Tensor:
         """In one pass over the keys, ``softmax(queries @ keys, -1).mean(-2)`` (``reduction`` "mean") or
         ``(queries @ keys).amax(-2)`` ("max"; for g = 1 the logits, no exponentials): queries ``[R, g, d]``
         float32, keys ``[R, d, m]`` float32 or bfloat16 (CPU; tokens contiguous, rows and dims at any uniform
         strides) -> ``[R, m]`` float32. bfloat16 keys: the scores of ``keys.float()`` from half the bytes;
         where ``bf16_pair_products`` (AVX512-BF16, d even) with the query rounded to bfloat16 as well, as a
-        GPU's bfloat16 matmul takes it."""
+        GPU's bfloat16 matmul takes it. int8 keys: codes, with ``scales`` ``[R, >= m]`` float16 (tokens
+        contiguous), each token's logits the codes' times its scale."""
         reduce = _reduce_code(reduction)
         rows, g, d = queries.shape
-        _check_scoring(queries, keys)
+        _check_scoring(queries, keys, scales)
         m = keys.shape[2]
         q = np.ascontiguousarray(queries.detach().numpy())
         out = np.empty((rows, m), dtype=np.float32)
@@ -245,6 +250,11 @@ class SelectionKernels:
         buffer = self._scratch(threads * g * m)
         # keys: the numpy view of the tensor's own memory (no copy), read through its strides
         base = keys.detach()
+        if keys.dtype == torch.int8:
+            self.library.tbrun_group_scores_int8(reduce, _address(q), rows, g, d, base.data_ptr(), base.stride(0),
+                                                 base.stride(1), m, scales.data_ptr(), scales.stride(0), _address(out),
+                                                 _address(buffer), threads)
+            return torch.from_numpy(out)
         kernel = (self.library.tbrun_group_scores if keys.dtype == torch.float32
                   else self.library.tbrun_group_scores_bf16)
         kernel(reduce, _address(q), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, _address(out),
@@ -252,18 +262,18 @@ class SelectionKernels:
         return torch.from_numpy(out)
 
     def select_rows(self, queries: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, keep: int,
-                    slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray, reduction: str = "mean"
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray, reduction: str = "mean",
+                    scales: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A producer's selection in one call: per row, ``group_scores`` under ``reduction`` (the mean over
         the ``m`` tokens, the max over the candidates), the top ``keep`` of candidates ``[lo, hi)``
         (``topk_rows``; candidate ``j`` is position ``lo + j``) and ``residency_update`` with them. queries
-        ``[R, g, d]`` float32, keys ``[R, d, m]`` as for ``group_scores``; the map's tables as for
+        ``[R, g, d]`` float32, keys ``[R, d, m]`` (and int8 keys' ``scales``) as for ``group_scores``; the map's tables as for
         ``residency_update`` (written in place). Needs
         ``0 < keep <= hi - lo``, ``0 <= lo``, ``hi <= m``, ``keep <= n`` and ``hi`` within the map's
         capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them."""
         reduce = _reduce_code(reduction)
         rows, g, d = queries.shape
-        _check_scoring(queries, keys)
+        _check_scoring(queries, keys, scales)
         m, n = keys.shape[2], slot_pos.shape[1] - 1
         if not (0 <= lo and 0 < keep <= hi - lo < 2**31 and hi <= m and keep <= n and hi < slot_of.shape[1]):
             raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo < 2^31, "
@@ -273,11 +283,17 @@ class SelectionKernels:
         positions, slots = np.empty((rows, keep), dtype=np.int64), np.empty((rows, keep), dtype=np.int64)
         counts = np.zeros(rows, dtype=np.int64)
         base = keys.detach()
-        kernel = self.library.tbrun_select_rows if keys.dtype == torch.float32 else self.library.tbrun_select_rows_bf16
-        status = kernel(reduce, q.data_ptr(), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, lo, hi, keep,
-                        _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of), slot_of.strides[0] // 4,
-                        _address(active), active.strides[0], n, _address(positions), _address(slots),
-                        _address(counts), max(1, min(kernel_threads(), rows)))
+        tables = (keep, _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of), slot_of.strides[0] // 4,
+                  _address(active), active.strides[0], n, _address(positions), _address(slots), _address(counts),
+                  max(1, min(kernel_threads(), rows)))
+        if keys.dtype == torch.int8:
+            status = self.library.tbrun_select_rows_int8(reduce, q.data_ptr(), rows, g, d, base.data_ptr(),
+                                                         base.stride(0), base.stride(1), m, scales.data_ptr(),
+                                                         scales.stride(0), lo, hi, *tables)
+        else:
+            kernel = self.library.tbrun_select_rows if keys.dtype == torch.float32 else self.library.tbrun_select_rows_bf16
+            status = kernel(reduce, q.data_ptr(), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, lo, hi,
+                            *tables)
         if status != 0:  # cannot happen with keep <= n (checked above)
             raise ValueError(f"more missing positions than the {n} slots of a row")
         width = int(counts.max()) if rows else 0
@@ -412,9 +428,10 @@ def _reduce_code(reduction: str) -> int:
     return REDUCTIONS.index(reduction)
 
 
-def _check_scoring(queries: torch.Tensor, keys: torch.Tensor) -> None:
+def _check_scoring(queries: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None = None) -> None:
     """What the scoring kernels read: queries ``[R, g, d]`` float32 with ``g, d > 0``, keys ``[R, d, m]``
-    float32 or bfloat16 with tokens contiguous, both on the CPU."""
+    float32, bfloat16 or int8 with tokens contiguous, all on the CPU; int8 keys (only they) with their
+    ``scales`` ``[R, >= m]`` float16, tokens contiguous."""
     rows, g, d = queries.shape
     if queries.device.type != "cpu" or keys.device.type != "cpu":
         raise ValueError(f"CPU tensors only, got {queries.device} and {keys.device}")
@@ -423,8 +440,15 @@ def _check_scoring(queries: torch.Tensor, keys: torch.Tensor) -> None:
     if keys.dim() != 3 or keys.shape[0] != rows or keys.shape[1] != d or keys.stride(2) != 1:
         raise ValueError(f"keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
                          f"{tuple(queries.shape)} with tokens contiguous")
-    if queries.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"float32 queries and float32 or bfloat16 keys only, got {queries.dtype} and {keys.dtype}")
+    if queries.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise TypeError(f"float32 queries and float32, bfloat16 or int8 keys only, got {queries.dtype} and {keys.dtype}")
+    if (keys.dtype == torch.int8) != (scales is not None):
+        raise TypeError("int8 keys need their scales, and only int8 keys have scales")
+    if scales is not None and (scales.device.type != "cpu" or scales.dtype != torch.float16 or scales.dim() != 2
+                               or scales.shape[0] != rows or scales.shape[1] < keys.shape[2]
+                               or (scales.shape[1] > 1 and scales.stride(1) != 1)):
+        raise ValueError(f"scales {scales.dtype} {tuple(scales.shape)} strides {scales.stride()} on {scales.device} are "
+                         f"not [{rows}, >= {keys.shape[2]}] float16 CPU with tokens contiguous")
 
 
 def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray) -> None:

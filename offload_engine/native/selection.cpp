@@ -18,7 +18,10 @@
 // about 16k tokens, beyond in L3) rescales each tile to the final maximum and averages the heads. The same result as
 // torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py). bfloat16 keys: half the
 // bytes, multiplied in pairs by AVX512-BF16's vdpbf16ps against the query rounded to bfloat16 where the
-// CPU has it, else widened to float32 as they are read.
+// CPU has it, else widened to float32 as they are read. int8 keys (tbrun_*_int8): codes with one float16
+// scale per token, widened as they are read and each token's dot products multiplied by its scale: 18
+// bytes a token and head at d' = 16 against bfloat16's 32, and the scores of a long context are bound by
+// the bytes the keys take in memory.
 //
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
 // plan as its numpy form (tests/test_native.py), without ~40 array operations per producer; which slots
@@ -40,7 +43,7 @@
 // candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
 // the Python between them cost about as much again as the kernels (profiled at 7.5k and 32k).
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -170,6 +173,66 @@ inline vfloat load(const uint16_t* p) {
     return v;
 }
 
+// int8 keys (codes; each token's float16 scale multiplies its logits, see logits_span)
+typedef int8_t vcode __attribute__((vector_size(LANES)));
+
+// (GCC 12 scalarises __builtin_convertvector from 16 int8s, one cvtsi2ss a lane: 5x the time of the
+// bfloat16 path; hence the intrinsics where the CPU has them)
+inline vfloat load(const int8_t* p) {
+    vfloat v;
+#if defined(__AVX512F__)
+    const __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    std::memcpy(&v, &wide, sizeof(v));
+#elif defined(__AVX2__)
+    const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+    std::memcpy(&v, &low, sizeof(low));
+    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(low), &high, sizeof(high));
+#else
+    for (int i = 0; i < LANES; ++i) v[i] = static_cast<float>(p[i]);
+#endif
+    return v;
+}
+
+// float16 bits -> float32, exactly for finite numbers (normal or subnormal): by the CPU's conversion where
+// it has one (F16C), else the exponent and mantissa moved into a float32's place and scaled by 2^112 (the
+// exponents' bias difference), the sign put back. Infinities and NaNs: only F16C keeps them (the scales
+// are finite).
+inline vfloat load_half(const uint16_t* p) {
+    vfloat v;
+#if defined(__AVX512F__)
+    const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    std::memcpy(&v, &wide, sizeof(v));
+#elif defined(__F16C__)
+    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(&v, &low, sizeof(low));
+    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(low), &high, sizeof(high));
+#else
+    vbf16 half;
+    std::memcpy(&half, p, sizeof(half));
+    const vbits bits = __builtin_convertvector(half, vbits);
+    const vbits magnitude = (bits & 0x7FFFu) << 13;
+    std::memcpy(&v, &magnitude, sizeof(v));
+    v *= 0x1p112f;
+    vbits out;
+    std::memcpy(&out, &v, sizeof(out));
+    out |= (bits & 0x8000u) << 16;
+    std::memcpy(&v, &out, sizeof(v));
+#endif
+    return v;
+}
+
+inline float half_scalar(uint16_t h) {
+    const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;
+    float v;
+    std::memcpy(&v, &magnitude, sizeof(v));
+    v *= 0x1p112f;
+    return (h & 0x8000u) ? -v : v;
+}
+
+inline float scalar(int8_t x) { return static_cast<float>(x); }
+
 inline float scalar(float x) { return x; }
 
 inline float scalar(uint16_t x) {
@@ -182,9 +245,11 @@ inline float scalar(uint16_t x) {
 // logits of G heads for tokens [start, start + n) into buffer [G, m]: per LANES tokens, each key vector
 // is loaded once and feeds all G heads' accumulators, which stay in registers. (Two vectors of tokens
 // per iteration, and software prefetch a tile ahead, were faster hot but slower with the keys cold.)
+// int8 keys: scales [m] (float16 bits) hold each token's factor, applied to its dot products (the codes
+// times the scale are the key: q . (s c) = s (q . c)); null for float32 and bfloat16 keys.
 template <int G, typename Key>
 void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride, int64_t start, int64_t n,
-                 float* buffer, int64_t m) {
+                 float* buffer, int64_t m, const uint16_t* scales) {
     int64_t t = 0;
     for (; t + LANES <= n; t += LANES) {
         vfloat acc[G];
@@ -193,12 +258,17 @@ void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride,
             const vfloat kj = load(keys + j * dim_stride + start + t);
             for (int h = 0; h < G; ++h) acc[h] += q[h * d + j] * kj;
         }
+        if constexpr (std::is_same_v<Key, int8_t>) {
+            const vfloat factor = load_half(scales + start + t);
+            for (int h = 0; h < G; ++h) acc[h] *= factor;
+        }
         for (int h = 0; h < G; ++h) store(buffer + h * m + start + t, acc[h]);
     }
     for (; t < n; ++t)
         for (int h = 0; h < G; ++h) {
             float sum = 0.0f;
             for (int64_t j = 0; j < d; ++j) sum += q[h * d + j] * scalar(keys[j * dim_stride + start + t]);
+            if constexpr (std::is_same_v<Key, int8_t>) sum *= half_scalar(scales[start + t]);
             buffer[h * m + start + t] = sum;
         }
 }
@@ -256,7 +326,7 @@ inline uint16_t to_bf16(float x) {
 // bfloat16 query pairs where the pair kernel runs (bfloat16 keys, AVX512-BF16, d even), else null
 template <typename Key>
 void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, const Key* keys,
-                int64_t dim_stride, int64_t start, int64_t n, float* buffer, int64_t m) {
+                int64_t dim_stride, int64_t start, int64_t n, float* buffer, int64_t m, const uint16_t* scales) {
     for (int64_t h = 0; h < g;) {
         const int64_t block = std::min<int64_t>(4, g - h);
         const float* qh = q + h * d;
@@ -276,10 +346,10 @@ void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, co
         }
 #endif
         switch (block) {  // the rest (all of it without the pair kernel), from the same (rounded) query
-            case 4: logits_span<4>(qh, d, keys, dim_stride, start + done, n - done, out, m); break;
-            case 3: logits_span<3>(qh, d, keys, dim_stride, start + done, n - done, out, m); break;
-            case 2: logits_span<2>(qh, d, keys, dim_stride, start + done, n - done, out, m); break;
-            default: logits_span<1>(qh, d, keys, dim_stride, start + done, n - done, out, m); break;
+            case 4: logits_span<4>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
+            case 3: logits_span<3>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
+            case 2: logits_span<2>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
+            default: logits_span<1>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
         }
         h += block;
     }
@@ -313,7 +383,7 @@ const uint32_t* prepare_query(const float*& q, int64_t g, int64_t d, RowWork& wo
 // rescales each tile's exponentials to the final maximum and sums the heads, over the [g, m] buffer.
 template <typename Key>
 void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t m,
-               float* out, float* buffer, RowWork& work) {
+               float* out, float* buffer, RowWork& work, const uint16_t* scales) {
     const int64_t tiles = (m + TILE - 1) / TILE;
     const uint32_t* qpairs = prepare_query<Key>(q, g, d, work);
     std::vector<float>& shift = work.shift;
@@ -324,7 +394,7 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
     total.assign(static_cast<size_t>(g), 0.0f);
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t start = tile * TILE, n = std::min(TILE, m - start);
-        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m);
+        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales);
         for (int64_t h = 0; h < g; ++h) {
             float* row = buffer + h * m + start;
             const float tile_top = row_max(row, n);
@@ -360,15 +430,15 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
 // logits themselves, written straight to out: one pass over the keys, no exponentials).
 template <typename Key>
 void max_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t lo, int64_t hi,
-             int64_t m, float* out, float* buffer, RowWork& work) {
+             int64_t m, float* out, float* buffer, RowWork& work, const uint16_t* scales) {
     const uint32_t* qpairs = prepare_query<Key>(q, g, d, work);
     if (g == 1) {
-        logits_all(q, qpairs, 1, d, keys, dim_stride, lo, hi - lo, out, m);
+        logits_all(q, qpairs, 1, d, keys, dim_stride, lo, hi - lo, out, m, scales);
         return;
     }
     for (int64_t start = lo; start < hi; start += TILE) {
         const int64_t n = std::min(TILE, hi - start);
-        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m);
+        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales);
         for (int64_t t = start; t < start + n; ++t) {
             float best = buffer[t];
             for (int64_t h = 1; h < g; ++h) best = std::max(best, buffer[h * m + t]);
@@ -383,11 +453,16 @@ constexpr int64_t REDUCE_MEAN = 0, REDUCE_MAX = 1;
 // max_row over the candidates [lo, hi) only (out's other entries are left as they were).
 template <typename Key>
 void reduce_row(int64_t reduce, const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride,
-                int64_t lo, int64_t hi, int64_t m, float* out, float* buffer, RowWork& work) {
+                int64_t lo, int64_t hi, int64_t m, float* out, float* buffer, RowWork& work, const uint16_t* scales) {
     if (reduce == REDUCE_MAX)
-        max_row(q, g, d, keys, dim_stride, lo, hi, m, out, buffer, work);
+        max_row(q, g, d, keys, dim_stride, lo, hi, m, out, buffer, work, scales);
     else
-        score_row(q, g, d, keys, dim_stride, m, out, buffer, work);
+        score_row(q, g, d, keys, dim_stride, m, out, buffer, work, scales);
+}
+
+// row r's scales (int8 keys), or null
+inline const uint16_t* row_scales(const uint16_t* scales, int64_t scale_stride, int64_t r) {
+    return scales == nullptr ? nullptr : scales + r * scale_stride;
 }
 
 // One row of ResidencyMap.update (see residency.py for the rules): the missing positions go to the free
@@ -564,13 +639,14 @@ void split_rows(int64_t rows, int64_t threads, Work work) {
 
 template <typename Key>
 void group_scores(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys,
-                  int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads) {
+                  int64_t row_stride, int64_t dim_stride, int64_t m, float* out, float* buffer, int64_t threads,
+                  const uint16_t* scales = nullptr, int64_t scale_stride = 0) {
     split_rows(rows, threads, [=](int64_t worker, int64_t first, int64_t last) {
         thread_local RowWork work;  // grown once per thread, not allocated per call
         float* scratch = buffer + worker * g * m;
         for (int64_t r = first; r < last; ++r)
             reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, 0, m, m, out + r * m, scratch,
-                       work);
+                       work, row_scales(scales, scale_stride, r));
     });
 }
 
@@ -624,7 +700,8 @@ template <typename Key>
 int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
                 int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                 int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
-                int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
+                int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
+                const uint16_t* scales = nullptr, int64_t scale_stride = 0) {
     std::atomic<int> status{0};
     split_rows(rows, threads, [=, &status](int64_t, int64_t first, int64_t last) {
         // per thread (grown once on the caller's; threads split_rows starts are new at every call): the
@@ -642,7 +719,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         grow_bitmap(wanted, of_stride);
         for (int64_t r = first; r < last; ++r) {
             reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
-                       logits.data(), work);
+                       logits.data(), work, row_scales(scales, scale_stride, r));
             topk_row(scores.data() + lo, hi - lo, keep, chosen.data(), values.data(), topk);
             for (int64_t i = 0; i < keep; ++i)  // candidate j is position lo + j; a -inf score is never selected
                 chosen[static_cast<size_t>(i)] = values[static_cast<size_t>(i)] == -std::numeric_limits<float>::infinity()
@@ -661,7 +738,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 11; }
+int tbrun_kernels_abi() { return 12; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -686,6 +763,16 @@ int tbrun_group_scores_bf16(int64_t reduce, const float* q, int64_t rows, int64_
                             int64_t threads) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -1;
     group_scores(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads);
+    return 0;
+}
+
+// The same with int8 keys (codes) and each token's float16 scale (raw 16-bit words): row r's scales at
+// scales + r * scale_stride, one per token, contiguous; logits are the codes' dot products times the scale.
+int tbrun_group_scores_int8(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const int8_t* keys,
+                            int64_t row_stride, int64_t dim_stride, int64_t m, const uint16_t* scales,
+                            int64_t scale_stride, float* out, float* buffer, int64_t threads) {
+    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -1;
+    group_scores(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, out, buffer, threads, scales, scale_stride);
     return 0;
 }
 
@@ -828,6 +915,19 @@ int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, active, active_stride, n, positions, slots, counts, threads);
+}
+
+// The same with int8 keys and their scales (as tbrun_group_scores_int8)
+int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const int8_t* keys,
+                           int64_t row_stride, int64_t dim_stride, int64_t m, const uint16_t* scales,
+                           int64_t scale_stride, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
+                           int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active,
+                           int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts,
+                           int64_t threads) {
+    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
+    return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
+                       slot_of, of_stride, active, active_stride, n, positions, slots, counts, threads, scales,
+                       scale_stride);
 }
 
 }  // extern "C"

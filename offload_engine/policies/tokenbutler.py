@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
 from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
-from ..selection.scores import GroupScores, group_mean_probabilities
+from ..selection.scores import GroupScores
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -124,7 +124,8 @@ def compact_key_dtype(key_dtype: str, model_dtype: torch.dtype, device: torch.de
     float32 keys is in bench/reports/selection_cpu.md, held-out recall with both rounded in the
     ``tokenbutler_bf16`` row of bench/reports/predictor_key_dtype.md. Without the kernels torch would
     widen the keys on every call, so they stay float32. int8 is stored as int8 (``ProjectedKeyCache``),
-    whatever this returns.
+    whatever this returns; the native kernels score its codes and scales in place, as fast as bfloat16
+    keys on one CPU thread from 56% of their bytes (docs/predictor.md, "int8 projected keys").
     """
     if key_dtype in ("float32", "bfloat16"):
         return getattr(torch, key_dtype)
@@ -340,16 +341,11 @@ class TokenButlerPolicy(Policy):
         keys = self.cache.columns(layers, 0, candidates.position)  # [Lg, KvH, d', m]
         # 1/sqrt(d') folded into the few queries, not applied to the [Lg, KvH, g, m] logits
         grouped = queries.reshape(len(layers), c.num_kv_heads, c.query_group, c.dim) * (1.0 / math.sqrt(c.dim))
-        if not self.cache.int8:
-            described = GroupScores(grouped, keys, lo, hi, reduction)
-            return described if describe else described.compute()
-        # int8: no native kernel; the max rule needs the candidates only
-        start, stop = (lo, hi) if self.by_max else (0, candidates.position)
-        logits = torch.matmul(grouped, keys[..., start:stop].float()).float()  # [Lg, KvH, g, stop - start]
-        logits.mul_(self.cache.scales[layers.start - 1 : layers.stop - 1, :, start:stop].float().unsqueeze(2))
-        if self.by_max:
-            return logits.amax(dim=2)
-        return group_mean_probabilities(logits)[..., lo:hi]
+        scales = None  # int8 keys: each token's factor, [Lg, KvH, m]
+        if self.cache.int8:
+            scales = self.cache.scales[layers.start - 1 : layers.stop - 1, :, : candidates.position]
+        described = GroupScores(grouped, keys, lo, hi, reduction, scales)
+        return described if describe else described.compute()
 
 
 def native_query_mlps(predictor: TokenButlerPredictor) -> dict[int, tuple]:

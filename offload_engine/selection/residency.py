@@ -201,12 +201,13 @@ class ResidencyMap:
                 or len(range(self.slot_pos.shape[0])[rows]) != native_rows[0].shape[0]):
             return None
         self.appending = False
-        queries, rows_keys = native_rows
+        queries, rows_keys, rows_scales = native_rows
         tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
         reduction = scores.reduction
 
         def run() -> FetchPlan:
-            positions, slots, counts = kernels.select_rows(queries, rows_keys, lo, hi, keep, *tables, reduction)
+            positions, slots, counts = kernels.select_rows(queries, rows_keys, lo, hi, keep, *tables, reduction,
+                                                           rows_scales)
             return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                              counts=torch.from_numpy(counts))
 

@@ -27,7 +27,8 @@ class GroupScores:
     ``m`` tokens) or ``max_h queries[.., h, :] . keys[.., :, t]`` ("max").
 
     queries ``[Lg, KvH, g, d']`` float32 (any scale already folded in); keys ``[Lg, KvH, d', m]``, the
-    compact cache's columns of positions ``[0, m)`` (tokens contiguous), float32 or bfloat16.
+    compact cache's columns of positions ``[0, m)`` (tokens contiguous), float32 or bfloat16, or int8 codes
+    with ``scales`` ``[Lg, KvH, m]`` float16, each token's factor (the key is its codes times its scale).
     """
 
     queries: torch.Tensor
@@ -35,59 +36,78 @@ class GroupScores:
     lo: int
     hi: int
     reduction: str = "mean"
+    scales: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if (self.keys.dtype == torch.int8) != (self.scales is not None):
+            raise ValueError("int8 keys need their scales, and only int8 keys have scales")
 
     def layers(self, first: int, count: int) -> "GroupScores":
         """The scores of ``count`` layers from the ``first``-th (views)."""
+        scales = None if self.scales is None else self.scales[first : first + count]
         return GroupScores(self.queries[first : first + count], self.keys[first : first + count], self.lo, self.hi,
-                           self.reduction)
+                           self.reduction, scales)
 
-    def native_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def native_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The scores' rows as the native kernels read them: (queries ``[Lg * KvH, g, d']`` float32, keys
-        ``[Lg * KvH, d', m]``, a view), or None where they cannot (see ``native_rows``)."""
-        return native_rows(self.queries, self.keys)
+        ``[Lg * KvH, d', m]``, a view, and int8 keys' scales ``[Lg * KvH, m]`` or None), or None where they
+        cannot (see ``native_rows``)."""
+        return native_rows(self.queries, self.keys, self.scales)
 
     def compute(self) -> torch.Tensor:
         """The scores as a float32 tensor ``[Lg, KvH, hi - lo]``."""
-        fused = fused_group_scores(self.queries, self.keys, self.reduction)
+        fused = fused_group_scores(self.queries, self.keys, self.reduction, self.scales)
         if fused is not None:
             return fused[..., self.lo : self.hi]
-        keys = self.keys if self.reduction == "mean" else self.keys[..., self.lo : self.hi]
-        if keys.device.type == "cpu" and keys.dtype == torch.bfloat16:
+        span = slice(None) if self.reduction == "mean" else slice(self.lo, self.hi)
+        keys = self.keys[..., span]
+        if keys.dtype == torch.int8 or (keys.device.type == "cpu" and keys.dtype == torch.bfloat16):
             keys = keys.float()  # torch's bfloat16 matmul on the CPU is slower than float32's
         logits = torch.matmul(self.queries.to(keys.dtype), keys).float()  # [Lg, KvH, g, m or hi - lo]
+        if self.scales is not None:  # each token's factor, shared by the group's heads
+            logits.mul_(self.scales[..., span].float().unsqueeze(-2))
         if self.reduction == "max":
             return logits.amax(dim=-2)
         return group_mean_probabilities(logits)[..., self.lo : self.hi]
 
 
-def fused_group_scores(grouped: torch.Tensor, keys: torch.Tensor, reduction: str = "mean") -> torch.Tensor | None:
+def fused_group_scores(grouped: torch.Tensor, keys: torch.Tensor, reduction: str = "mean",
+                       scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """``GroupScores``' scores over all ``m`` tokens by the native CPU kernel, in one pass over the keys:
     grouped ``[Lg, KvH, g, d']``, keys ``[Lg, KvH, d', m]`` -> ``[Lg, KvH, m]`` float32. None where the
-    kernel does not apply (a device other than the CPU, keys neither float32 nor bfloat16, no compiler:
-    ``native.status()``); the caller then takes the torch path. The same scores up to float rounding
-    (tests/test_native.py)."""
+    kernel does not apply (a device other than the CPU, keys neither float32, bfloat16 nor int8 with
+    ``scales`` ``[Lg, KvH, m]``, no compiler: ``native.status()``); the caller then takes the torch path. The
+    same scores up to float rounding (tests/test_native.py)."""
     kernels = native.kernels()
-    rows = native_rows(grouped, keys) if kernels is not None else None
+    rows = native_rows(grouped, keys, scales) if kernels is not None else None
     if rows is None or keys.shape[-1] == 0:
         return None
     lg, kvh, _, m = keys.shape
-    return kernels.group_scores(*rows, reduction).view(lg, kvh, m)
+    queries, row_keys, row_scales = rows
+    return kernels.group_scores(queries, row_keys, reduction, row_scales).view(lg, kvh, m)
 
 
-def native_rows(grouped: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """grouped ``[Lg, KvH, g, d']`` and keys ``[Lg, KvH, d', m]`` as the native kernels' rows: (queries
-    ``[Lg * KvH, g, d']`` float32, keys ``[Lg * KvH, d', m]``, a view of the same memory), or None where
-    the keys are not float32 or bfloat16 CPU columns with tokens contiguous and layers at a uniform stride."""
-    if keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16) or keys.stride(-1) != 1:
+def native_rows(grouped: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """grouped ``[Lg, KvH, g, d']``, keys ``[Lg, KvH, d', m]`` (and int8 keys' scales ``[Lg, KvH, m]``) as the
+    native kernels' rows: (queries ``[Lg * KvH, g, d']`` float32, keys ``[Lg * KvH, d', m]`` and scales
+    ``[Lg * KvH, m]`` or None, views of the same memory), or None where the keys are not float32, bfloat16
+    or int8 CPU columns with tokens contiguous and layers (and scales' layers) at a uniform stride."""
+    if keys.device.type != "cpu" or keys.dtype not in (torch.float32, torch.bfloat16, torch.int8) or keys.stride(-1) != 1:
         return None
     lg, kvh, d, m = keys.shape
     if lg > 1 and keys.stride(0) != kvh * keys.stride(1):
         return None
-    return grouped.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m)
+    row_scales = None
+    if keys.dtype == torch.int8:
+        if (scales is None or scales.device.type != "cpu" or scales.dtype != torch.float16
+                or tuple(scales.shape) != (lg, kvh, m) or (m > 1 and scales.stride(-1) != 1)
+                or (lg > 1 and scales.stride(0) != kvh * scales.stride(1))):
+            return None
+        row_scales = scales.reshape(lg * kvh, m)
+    return grouped.reshape(lg * kvh, -1, d).float(), keys.reshape(lg * kvh, d, m), row_scales
 
 
 def group_mean_probabilities(logits: torch.Tensor) -> torch.Tensor:

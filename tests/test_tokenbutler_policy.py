@@ -141,6 +141,32 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_
         torch.testing.assert_close(policy.score(layer, None, candidates), plan[layer])  # the per-layer path
 
 
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_int8_keys_score_alike_in_the_native_kernels_and_in_torch(reduction, monkeypatch):
+    """int8 keys: the CPU's native scores (codes times each token's scale, in the kernel) are torch's, the
+    path a GPU takes, which dequantises nothing either (the scale multiplies the logits); and they are the
+    scores of the dequantised keys."""
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
+    policy = bound_policy(adapter, group_reduction=reduction, key_dtype="int8")
+    tensors, _, _ = prefilled_and_one_decode(policy, adapter)
+    candidates = Candidates(lo=2, hi=17, keep=3, position=20)
+    x = tensors[0][0][-1]
+    _, described = policy.plan(0, x, candidates, describe=True)
+    assert described.scales is not None and described.native_rows()[2] is not None
+    native_scores = described.compute()
+    monkeypatch.setenv("TBRUN_NATIVE", "0")
+    torch_scores = policy.plan(0, x, candidates)[1]
+    torch.testing.assert_close(native_scores, torch_scores, rtol=2e-5, atol=1e-5)
+    c = policy.predictor.config
+    grouped = policy._queries[0].reshape(2, c.num_kv_heads, c.query_group, c.dim) / math.sqrt(c.dim)
+    dequantised = torch.stack([policy.cache.read(layer, 0, 20).transpose(-1, -2) for layer in (1, 2)])
+    logits = torch.matmul(grouped, dequantised)  # [2, KvH, g, 20]
+    expected = logits.amax(-2)[..., 2:17] if reduction == "max" else torch.softmax(logits, -1).mean(-2)[..., 2:17]
+    torch.testing.assert_close(torch_scores, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("key_dtype", ["float32", "bfloat16", "int8"])
 def test_one_query_head_per_kv_group_ranks_by_its_logits(key_dtype):
     """A predictor of one query head per KV head: its scores are its logits over the candidates (the mean

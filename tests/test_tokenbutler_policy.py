@@ -319,6 +319,26 @@ def test_decode_keys_use_the_steps_folded_projection_and_follow_a_changed_predic
                                predictor.project_keys(2, k.unsqueeze(1), 100_000))
 
 
+@pytest.mark.parametrize("key_dtype", ["bfloat16", "int8"])
+def test_decode_keys_are_written_as_the_cache_stores_them_even_under_inference_mode(key_dtype):
+    """A predictor made under torch.inference_mode (its tensors count no versions) decodes; each decode key
+    is stored as the prefill's keys are (rounded to bfloat16, or int8 codes and a scale)."""
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=3))
+    with torch.inference_mode():
+        policy = bound_policy(adapter, rope_pairs=2, key_dtype=key_dtype)
+        k = torch.randn(adapter.dims.num_kv_heads, adapter.dims.head_dim, generator=torch.Generator().manual_seed(3))
+        policy.observe_decode(1, 9, None, None, k, None)
+        policy.observe_decode(2, 9, None, None, k, None)
+    reference = bound_policy(adapter, rope_pairs=2, key_dtype=key_dtype)
+    reference.predictor.load_state_dict(policy.predictor.state_dict())
+    for layer in (1, 2):
+        reference.observe_extend(layer, 9, None, None, k.unsqueeze(1), None)
+        expected = reference.cache.read(layer, 9, 10).float()
+        # the folded projection rounds differently: one bfloat16 ulp, or one int8 step of the token's scale
+        step = float(reference.cache.scales[layer - 1, :, 9].float().max()) if key_dtype == "int8" else 0.0
+        torch.testing.assert_close(policy.cache.read(layer, 9, 10).float(), expected, rtol=1e-2, atol=1e-3 + 1.01 * step)
+
+
 def test_rotated_scores_depend_only_on_the_distance_between_query_and_key():
     adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=3))
     predictor = predictor_for(adapter, rope_pairs=3)

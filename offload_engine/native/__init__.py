@@ -233,8 +233,8 @@ class SelectionKernels:
                      scales: torch.Tensor | None = None) -> torch.Tensor:
         """In one pass over the keys, ``softmax(queries @ keys, -1).mean(-2)`` (``reduction`` "mean") or
         ``(queries @ keys).amax(-2)`` ("max"; for g = 1 the logits, no exponentials): queries ``[R, g, d]``
-        float32, keys ``[R, d, m]`` float32 or bfloat16 (CPU; tokens contiguous, rows and dims at any uniform
-        strides) -> ``[R, m]`` float32. bfloat16 keys: the scores of ``keys.float()`` from half the bytes;
+        float32, keys ``[R, d, m]`` float32, bfloat16 or int8 (CPU; tokens contiguous, rows and dims at any
+        uniform strides) -> ``[R, m]`` float32. bfloat16 keys: the scores of ``keys.float()`` from half the bytes;
         where ``bf16_pair_products`` (AVX512-BF16, d even) with the query rounded to bfloat16 as well, as a
         GPU's bfloat16 matmul takes it. int8 keys: codes, with ``scales`` ``[R, >= m]`` float16 (tokens
         contiguous), each token's logits the codes' times its scale."""

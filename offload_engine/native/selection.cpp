@@ -174,8 +174,6 @@ inline vfloat load(const uint16_t* p) {
 }
 
 // int8 keys (codes; each token's float16 scale multiplies its logits, see logits_span)
-typedef int8_t vcode __attribute__((vector_size(LANES)));
-
 // (GCC 12 scalarises __builtin_convertvector from 16 int8s, one cvtsi2ss a lane: 5x the time of the
 // bfloat16 path; hence the intrinsics where the CPU has them)
 inline vfloat load(const int8_t* p) {
@@ -194,10 +192,26 @@ inline vfloat load(const int8_t* p) {
     return v;
 }
 
-// float16 bits -> float32, exactly for finite numbers (normal or subnormal): by the CPU's conversion where
-// it has one (F16C), else the exponent and mantissa moved into a float32's place and scaled by 2^112 (the
-// exponents' bias difference), the sign put back. Infinities and NaNs: only F16C keeps them (the scales
-// are finite).
+// float16 bits -> float32, exactly for every finite number (normal, subnormal, zero, either sign): by the
+// CPU's conversion where it has one (F16C: infinities and NaNs kept too), else from the exponent and
+// mantissa in integer arithmetic (no float32 denormal is formed, so a CPU flushing denormals still gets
+// the subnormal scales right). The scales are finite.
+inline float half_scalar(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+    const float magnitude = exponent == 0 ? static_cast<float>(mantissa) * 0x1p-24f  // subnormal or zero
+                                          : [&] {
+                                                const uint32_t bits = ((exponent + 112u) << 23) | (mantissa << 13);
+                                                float v;
+                                                std::memcpy(&v, &bits, sizeof(v));
+                                                return v;
+                                            }();
+    return (h & 0x8000u) ? -magnitude : magnitude;
+#endif
+}
+
 inline vfloat load_half(const uint16_t* p) {
     vfloat v;
 #if defined(__AVX512F__)
@@ -209,26 +223,9 @@ inline vfloat load_half(const uint16_t* p) {
     std::memcpy(&v, &low, sizeof(low));
     std::memcpy(reinterpret_cast<char*>(&v) + sizeof(low), &high, sizeof(high));
 #else
-    vbf16 half;
-    std::memcpy(&half, p, sizeof(half));
-    const vbits bits = __builtin_convertvector(half, vbits);
-    const vbits magnitude = (bits & 0x7FFFu) << 13;
-    std::memcpy(&v, &magnitude, sizeof(v));
-    v *= 0x1p112f;
-    vbits out;
-    std::memcpy(&out, &v, sizeof(out));
-    out |= (bits & 0x8000u) << 16;
-    std::memcpy(&v, &out, sizeof(v));
+    for (int i = 0; i < LANES; ++i) v[i] = half_scalar(p[i]);
 #endif
     return v;
-}
-
-inline float half_scalar(uint16_t h) {
-    const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;
-    float v;
-    std::memcpy(&v, &magnitude, sizeof(v));
-    v *= 0x1p112f;
-    return (h & 0x8000u) ? -v : v;
 }
 
 inline float scalar(int8_t x) { return static_cast<float>(x); }

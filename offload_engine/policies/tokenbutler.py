@@ -209,7 +209,7 @@ class TokenButlerPolicy(Policy):
                                        int8=self.key_dtype == "int8")
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
-        self._decode_projections = None  # (position, projection's address and version) -> key_projections_at
+        self._decode_projections = None  # (position, projection, its version, key_projections_at(position))
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
         if self.random_weights:
@@ -266,18 +266,22 @@ class TokenButlerPolicy(Policy):
 
     def _projections_at(self, position: int) -> torch.Tensor:
         """``predictor.key_projections_at(position)``, made at the step's first layer and kept for its others
-        (remade if the predictor's projection was replaced or changed in place since)."""
+        (remade if the predictor's projection was replaced since, or changed in place through autograd's
+        view of it; an inference tensor, made under ``torch.inference_mode``, counts no versions and is
+        taken as it is)."""
         proj = self.predictor.key_proj
-        key = (position, proj.data_ptr(), proj._version)
-        if self._decode_projections is None or self._decode_projections[0] != key:
-            self._decode_projections = (key, self.predictor.key_projections_at(position))
-        return self._decode_projections[1]
+        version = None if proj.is_inference() else proj._version
+        held = self._decode_projections
+        if held is None or held[0] != position or held[1] is not proj or held[2] != version:
+            # the projection itself is held (compared by identity): its memory cannot be reused by another
+            self._decode_projections = (position, proj, version, self.predictor.key_projections_at(position))
+        return self._decode_projections[3]
 
     @torch.no_grad()
     def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
              describe: bool = False) -> tuple[range, torch.Tensor | GroupScores]:
         """At producer ``layer``: x ``[E]`` -> (its consumer layers, or ``only`` of them, and their
-        scores ``[Lg, KvH, n]`` float32; with ``describe``, under the mean rule, their ``GroupScores``).
+        scores ``[Lg, KvH, n]`` float32; with ``describe``, their ``GroupScores``, not yet computed).
 
         One MLP call for the importance queries of every consumer (kept for ``score``), one batched
         matmul against the compact keys of the layers scored, one group reduction: no loop over

@@ -64,7 +64,8 @@ class GroupScores:
         span = slice(None) if self.reduction == "mean" else slice(self.lo, self.hi)
         keys = self.keys[..., span]
         if keys.dtype == torch.int8 or (keys.device.type == "cpu" and keys.dtype == torch.bfloat16):
-            keys = keys.float()  # torch's bfloat16 matmul on the CPU is slower than float32's
+            # int8: torch has no int8 x float matmul; bfloat16 on the CPU: its matmul is slower than float32's
+            keys = keys.float()
         logits = torch.matmul(self.queries.to(keys.dtype), keys).float()  # [Lg, KvH, g, m or hi - lo]
         if self.scales is not None:  # each token's factor, shared by the group's heads
             logits.mul_(self.scales[..., span].float().unsqueeze(-2))

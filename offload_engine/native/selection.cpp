@@ -20,8 +20,8 @@
 // bytes, multiplied in pairs by AVX512-BF16's vdpbf16ps against the query rounded to bfloat16 where the
 // CPU has it, else widened to float32 as they are read. int8 keys (tbrun_*_int8): codes with one float16
 // scale per token, widened as they are read and each token's dot products multiplied by its scale: 18
-// bytes a token and head at d' = 16 against bfloat16's 32, and the scores of a long context are bound by
-// the bytes the keys take in memory.
+// bytes a token and head at d' = 16 against bfloat16's 32, scored as fast as bfloat16 keys on one core
+// (the widening costs what the bytes save): an option for memory, not for speed.
 //
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
 // plan as its numpy form (tests/test_native.py), without ~40 array operations per producer; which slots

@@ -113,7 +113,7 @@ def train_predictor(
     from offload_engine.predictor.corpus import resolve_corpus
     from offload_engine.predictor.data import MIXES, DataError, TokenSequences, describe_paths, load_sequences
     from offload_engine.predictor.recall import RecallSpans, add_recall_spans
-    from offload_engine.predictor.teacher_cache import DTYPES as CACHE_DTYPES, cache_identity
+    from offload_engine.predictor.teacher_cache import DTYPES as CACHE_DTYPES
     from offload_engine.predictor.network import PredictorConfig
     from offload_engine.predictor.training import TrainConfig, check_init_shape, check_seq_len, train
 
@@ -186,11 +186,10 @@ def train_predictor(
         meta["teacher_cache"] = {"mix": cache_mix.describe(), "sequences": len(cache_mix), "id": config.teacher_cache}
     if teacher_cache is not None:
         cache = _teacher_cache(console, adapter, teacher_cache, sequences, config, meta, cache_rows or 2 * rows, cache_dtype)
-        config.teacher_cache = cache_identity(cache)
-        # the text the cache was built from (corpus by name, version and hash): a run on a complete cache alone
-        # reads no --corpus itself, and the checkpoint must still say what it was trained on
-        meta["teacher_cache"] = {"spec": cache.manifest["spec"], "sequences": len(cache), "id": config.teacher_cache,
-                                 "data": cache.manifest.get("data", {})}
+        # with the text the cache was built from: a run on a complete cache alone reads no --corpus itself, and
+        # the checkpoint must still say what it was trained on
+        meta["teacher_cache"] = cache.describe()
+        config.teacher_cache = meta["teacher_cache"]["id"]
         if cache_only:
             return
     with _progress(console) as (progress, on_step):

@@ -297,11 +297,11 @@ def pool_query_heads(predictor: TokenButlerPredictor, query_heads: int) -> Token
     c = predictor.config
     if query_heads == c.query_heads:
         return predictor
+    block = c.query_heads // query_heads if query_heads >= 1 else 0
+    if block * query_heads != c.query_heads:
+        raise ConfigError(f"cannot pool {c.query_heads} query heads into {query_heads}: it must divide them.")
     pooled = TokenButlerPredictor(replace(c, query_heads=query_heads)).to(predictor.key_proj.device,
                                                                          predictor.key_proj.dtype)
-    block = c.query_heads // pooled.config.query_heads  # PredictorConfig checked query_heads divides the groups
-    if block * pooled.config.query_heads != c.query_heads:
-        raise ConfigError(f"cannot pool {c.query_heads} query heads into {query_heads}: it must divide them.")
     state = predictor.state_dict()
     for index, producer in enumerate(c.producers):
         name = f"queries.{index}.3.weight"  # the second Linear: [n_consumers * Hq * d', I]

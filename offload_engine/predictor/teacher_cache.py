@@ -306,6 +306,12 @@ class TeacherCache:
             raise TeacherCacheError(f"{path} cannot be read ({error}): delete it and run the build again.") from error
         return CachedSequence(offset=offset, **tensors)
 
+    def describe(self) -> dict:
+        """What a training run records of the cache: its spec, size, identity and training text (its corpus by
+        name, version and hash, and the command that built it)."""
+        return {"spec": self.manifest["spec"], "sequences": len(self), "id": cache_identity(self),
+                "data": self.manifest.get("data", {})}
+
     def bytes_on_disk(self) -> int:
         return sum(shard_path(self.directory, i).stat().st_size for i in range(len(self)))
 
@@ -354,10 +360,8 @@ class TeacherCacheMix:
         return self.caches[which].load(index - self.starts[which])
 
     def describe(self) -> list[dict]:
-        """Each cache's spec, size, identity and training text (its corpus by name, version and hash, and the
-        command that built it), in order (recorded by the training run)."""
-        return [{"spec": cache.manifest["spec"], "sequences": len(cache), "id": cache_identity(cache),
-                 "data": cache.manifest.get("data", {})} for cache in self.caches]
+        """Each cache's ``TeacherCache.describe``, in order (recorded by the training run)."""
+        return [cache.describe() for cache in self.caches]
 
     def bytes_on_disk(self) -> int:
         return sum(cache.bytes_on_disk() for cache in self.caches)

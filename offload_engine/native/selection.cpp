@@ -12,16 +12,17 @@
 //   out[r, t]    = mean_h softmax_t(logits[h, :])[t]      (reduce 0, the mean rule)
 //   out[r, t]    = max_h logits[h, t]                     (reduce 1, the max rule; with g = 1 the logits,
 //                                                          which rank as the softmax does: no exponentials)
-// The keys are streamed once, a tile of tokens at a time: each key vector feeds every head's
-// accumulators in registers, and the tile's logits are exponentiated against each head's running
-// maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (in L2 up to
-// about 16k tokens, beyond in L3) rescales each tile to the final maximum and averages the heads. The same result as
-// torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py). bfloat16 keys: half the
-// bytes, multiplied in pairs by AVX512-BF16's vdpbf16ps against the query rounded to bfloat16 where the
-// CPU has it, else widened to float32 as they are read. int8 keys (tbrun_*_int8): codes with one float16
-// scale per token, widened as they are read and each token's dot products multiplied by its scale: 18
-// bytes a token and head at d' = 16 against bfloat16's 32, scored as fast as bfloat16 keys on one core
-// (the widening costs what the bytes save): an option for memory, not for speed.
+// The keys are streamed once, a tile of tokens at a time: each key vector feeds every head's accumulators in
+// registers (each head's tile maximum is taken there too, as the logits are stored: a separate pass over them
+// was 10% of a producer's selection at 32k), and the tile's logits are exponentiated against each head's
+// running maximum while still in L1 (an online softmax); a second pass over the [g, m] buffer (in L2 up to
+// about 16k tokens, beyond in L3) rescales each tile to the final maximum and averages the heads. The same
+// result as torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py). bfloat16 keys: half
+// the bytes, multiplied in pairs by AVX512-BF16's vdpbf16ps against the query rounded to bfloat16 where the
+// CPU has it, else widened to float32 as they are read. int8 keys (tbrun_*_int8): codes with one float16 scale
+// per token, widened as they are read and each token's dot products multiplied by its scale: 18 bytes a token
+// and head at d' = 16 against bfloat16's 32, scored as fast as bfloat16 keys on one core (the widening costs
+// what the bytes save): an option for memory, not for speed.
 //
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
 // plan as its numpy form (tests/test_native.py), without ~40 array operations per producer; which slots
@@ -83,20 +84,7 @@ inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : y * scale;
 }
 
-constexpr int64_t LANES = 16;  // floats per vector; also independent partial maxima and sums
-
-// max over row[0, n), in LANES independent chains (a serial max or sum waits ~4 cycles per element)
-float row_max(const float* row, int64_t n) {
-    float lanes[LANES];
-    std::fill(lanes, lanes + LANES, -std::numeric_limits<float>::infinity());
-    int64_t t = 0;
-    for (; t + LANES <= n; t += LANES)
-        for (int64_t i = 0; i < LANES; ++i) lanes[i] = std::max(lanes[i], row[t + i]);
-    float top = -std::numeric_limits<float>::infinity();
-    for (; t < n; ++t) top = std::max(top, row[t]);
-    for (int64_t i = 0; i < LANES; ++i) top = std::max(top, lanes[i]);
-    return top;
-}
+constexpr int64_t LANES = 16;  // floats per vector; also independent partial sums
 
 #if defined(__AVX512F__)
 // exp_nonpositive on 16 floats, the power of two applied by vscalefps: no integer conversion, no clamp
@@ -246,7 +234,9 @@ inline float scalar(uint16_t x) {
 // times the scale are the key: q . (s c) = s (q . c)); null for float32 and bfloat16 keys.
 template <int G, typename Key>
 void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride, int64_t start, int64_t n,
-                 float* buffer, int64_t m, const uint16_t* scales) {
+                 float* buffer, int64_t m, const uint16_t* scales, float* maxima) {
+    vfloat top[G];
+    for (int h = 0; h < G; ++h) top[h] = vfloat{} - std::numeric_limits<float>::infinity();
     int64_t t = 0;
     for (; t + LANES <= n; t += LANES) {
         vfloat acc[G];
@@ -259,14 +249,20 @@ void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride,
             const vfloat factor = load_half(scales + start + t);
             for (int h = 0; h < G; ++h) acc[h] *= factor;
         }
-        for (int h = 0; h < G; ++h) store(buffer + h * m + start + t, acc[h]);
+        for (int h = 0; h < G; ++h) {
+            store(buffer + h * m + start + t, acc[h]);
+            top[h] = top[h] < acc[h] ? acc[h] : top[h];  // a NaN logit is passed over (std::max's rule)
+        }
     }
+    for (int h = 0; h < G; ++h)
+        for (int i = 0; i < LANES; ++i) maxima[h] = std::max(maxima[h], top[h][i]);
     for (; t < n; ++t)
         for (int h = 0; h < G; ++h) {
             float sum = 0.0f;
             for (int64_t j = 0; j < d; ++j) sum += q[h * d + j] * scalar(keys[j * dim_stride + start + t]);
             if constexpr (std::is_same_v<Key, int8_t>) sum *= half_scalar(scales[start + t]);
             buffer[h * m + start + t] = sum;
+            maxima[h] = std::max(maxima[h], sum);
         }
 }
 
@@ -281,10 +277,12 @@ constexpr bool BF16_PAIRS = true;
 
 template <int G>
 int64_t logits_span_pairs(const uint32_t* qpairs, int64_t d, const uint16_t* keys, int64_t dim_stride,
-                          int64_t start, int64_t n, float* buffer, int64_t m) {
+                          int64_t start, int64_t n, float* buffer, int64_t m, float* maxima) {
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     const int64_t pairs = d / 2;
+    __m512 top[G];
+    for (int h = 0; h < G; ++h) top[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     int64_t t = 0;
     for (; t + 32 <= n; t += 32) {
         __m512 low[G], high[G];  // tokens {0-3, 8-11, 16-19, 24-27} and {4-7, 12-15, 20-23, 28-31}
@@ -303,8 +301,11 @@ int64_t logits_span_pairs(const uint32_t* qpairs, int64_t d, const uint16_t* key
         for (int h = 0; h < G; ++h) {
             _mm512_storeu_ps(buffer + h * m + start + t, _mm512_permutex2var_ps(low[h], first, high[h]));
             _mm512_storeu_ps(buffer + h * m + start + t + 16, _mm512_permutex2var_ps(low[h], second, high[h]));
+            // max_ps returns its second operand where either is NaN: a NaN logit is passed over
+            top[h] = _mm512_max_ps(low[h], _mm512_max_ps(high[h], top[h]));
         }
     }
+    for (int h = 0; h < G; ++h) maxima[h] = std::max(maxima[h], _mm512_reduce_max_ps(top[h]));
     return t;
 }
 #else
@@ -323,30 +324,32 @@ inline uint16_t to_bf16(float x) {
 // bfloat16 query pairs where the pair kernel runs (bfloat16 keys, AVX512-BF16, d even), else null
 template <typename Key>
 void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, const Key* keys,
-                int64_t dim_stride, int64_t start, int64_t n, float* buffer, int64_t m, const uint16_t* scales) {
+                int64_t dim_stride, int64_t start, int64_t n, float* buffer, int64_t m, const uint16_t* scales,
+                float* maxima) {
     for (int64_t h = 0; h < g;) {
         const int64_t block = std::min<int64_t>(4, g - h);
         const float* qh = q + h * d;
         float* out = buffer + h * m;
+        float* top = maxima + h;
         int64_t done = 0;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<Key, uint16_t>) {
             if (qpairs != nullptr) {
                 const uint32_t* ph = qpairs + h * (d / 2);
                 switch (block) {
-                    case 4: done = logits_span_pairs<4>(ph, d, keys, dim_stride, start, n, out, m); break;
-                    case 3: done = logits_span_pairs<3>(ph, d, keys, dim_stride, start, n, out, m); break;
-                    case 2: done = logits_span_pairs<2>(ph, d, keys, dim_stride, start, n, out, m); break;
-                    default: done = logits_span_pairs<1>(ph, d, keys, dim_stride, start, n, out, m); break;
+                    case 4: done = logits_span_pairs<4>(ph, d, keys, dim_stride, start, n, out, m, top); break;
+                    case 3: done = logits_span_pairs<3>(ph, d, keys, dim_stride, start, n, out, m, top); break;
+                    case 2: done = logits_span_pairs<2>(ph, d, keys, dim_stride, start, n, out, m, top); break;
+                    default: done = logits_span_pairs<1>(ph, d, keys, dim_stride, start, n, out, m, top); break;
                 }
             }
         }
 #endif
         switch (block) {  // the rest (all of it without the pair kernel), from the same (rounded) query
-            case 4: logits_span<4>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
-            case 3: logits_span<3>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
-            case 2: logits_span<2>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
-            default: logits_span<1>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales); break;
+            case 4: logits_span<4>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales, top); break;
+            case 3: logits_span<3>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales, top); break;
+            case 2: logits_span<2>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales, top); break;
+            default: logits_span<1>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales, top); break;
         }
         h += block;
     }
@@ -356,7 +359,7 @@ constexpr int64_t TILE = 512;  // tokens per tile: its g rows of logits stay in 
 
 // small per-row state of score_row, kept by each worker across its rows (no allocation per row)
 struct RowWork {
-    std::vector<float> shift, top, total, rounded;
+    std::vector<float> shift, top, total, rounded, tile_tops;
     std::vector<uint32_t> pairs;
 };
 
@@ -389,12 +392,15 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
     std::vector<float>& total = work.total;
     top.assign(static_cast<size_t>(g), -std::numeric_limits<float>::infinity());
     total.assign(static_cast<size_t>(g), 0.0f);
+    std::vector<float>& tile_tops = work.tile_tops;
+    tile_tops.resize(static_cast<size_t>(g));
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t start = tile * TILE, n = std::min(TILE, m - start);
-        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales);
+        std::fill(tile_tops.begin(), tile_tops.end(), -std::numeric_limits<float>::infinity());
+        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales, tile_tops.data());
         for (int64_t h = 0; h < g; ++h) {
             float* row = buffer + h * m + start;
-            const float tile_top = row_max(row, n);
+            const float tile_top = tile_tops[static_cast<size_t>(h)];
             float& head_top = top[static_cast<size_t>(h)];
             float& head_total = total[static_cast<size_t>(h)];
             if (tile_top > head_top) {
@@ -429,13 +435,14 @@ template <typename Key>
 void max_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t lo, int64_t hi,
              int64_t m, float* out, float* buffer, RowWork& work, const uint16_t* scales) {
     const uint32_t* qpairs = prepare_query<Key>(q, g, d, work);
+    work.tile_tops.assign(static_cast<size_t>(g), -std::numeric_limits<float>::infinity());  // not needed here
     if (g == 1) {
-        logits_all(q, qpairs, 1, d, keys, dim_stride, lo, hi - lo, out, m, scales);
+        logits_all(q, qpairs, 1, d, keys, dim_stride, lo, hi - lo, out, m, scales, work.tile_tops.data());
         return;
     }
     for (int64_t start = lo; start < hi; start += TILE) {
         const int64_t n = std::min(TILE, hi - start);
-        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales);
+        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales, work.tile_tops.data());
         for (int64_t t = start; t < start + n; ++t) {
             float best = buffer[t];
             for (int64_t h = 1; h < g; ++h) best = std::max(best, buffer[h * m + t]);

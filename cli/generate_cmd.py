@@ -124,11 +124,11 @@ def build_engine(o: EngineOptions) -> Engine:
     if o.predictor is not None and "tokenbutler" not in o.policy:
         raise ConfigError("--predictor is only used by --policy tokenbutler.")
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    if mode is KVMode.SPARSE_OFFLOAD and o.predictor is None:
-        _say_interval_predictor(o.policy, source, o.interval)
     policy_object = _policy(o.policy, o.predictor) if mode is KVMode.SPARSE_OFFLOAD else None
     dims = _dims_of(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
+    if mode is KVMode.SPARSE_OFFLOAD and o.predictor is None:
+        _say_chosen_predictor(o.policy, source, o.interval, capacity)
     check_refresh_layers(parse_layers(o.refresh_layers), dims.num_layers)  # before the weights load
     selection = SelectionConfig(
         policy=o.policy, budget=_budget(o.budget, mode, capacity), sinks=o.sinks, window=o.window,
@@ -160,15 +160,18 @@ def _policy(spec: str, predictor: Optional[Path]):
     return build_policy(spec, **options)
 
 
-def _say_interval_predictor(policy: str, source: str, interval: int) -> None:
-    """Say on stderr when tokenbutler will load the shipped predictor trained for ``--interval`` (the
-    policy chooses it: ``shipped_predictor_named``), not the model's default one."""
-    if "tokenbutler" not in policy or interval <= 1:
+def _say_chosen_predictor(policy: str, source: str, interval: int, capacity: int) -> None:
+    """Say on stderr when tokenbutler will load a shipped predictor other than the model's default one: the
+    one trained for ``--interval``, or the one fine-tuned for short contexts at ``--context`` (the policy
+    chooses it: ``shipped_predictor_named``)."""
+    if "tokenbutler" not in policy:
         return
-    chosen = shipped_predictor_named(source, interval)
-    if chosen is not None and chosen != shipped_predictor_named(source):
-        err_console.print(f"[dim]--interval {interval}: using the predictor trained for it, {chosen.name} "
-                          "(docs/predictor.md); --predictor DIR overrides[/]")
+    chosen = shipped_predictor_named(source, interval, capacity)
+    if chosen is None or chosen == shipped_predictor_named(source):
+        return
+    reason = f"--interval {interval}" if interval > 1 else f"--context {capacity}"
+    err_console.print(f"[dim]{reason}: using the predictor trained for it, {chosen.name} "
+                      "(docs/predictor.md); --predictor DIR overrides[/]")
 
 
 def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:

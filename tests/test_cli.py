@@ -118,10 +118,11 @@ def test_prompt_file_and_missing_prompt(tiny_model_dir, tmp_path):
     assert result.exit_code == 2 and "no prompt" in flat(result.output)
 
 
-def test_interval_4_takes_the_predictor_trained_for_it_when_none_is_given(tmp_path, monkeypatch):
+def test_interval_4_and_a_short_context_take_the_predictors_trained_for_them_when_none_is_given(tmp_path, monkeypatch):
     """A model whose name has a shipped predictor trained with --lookahead 4: `--interval 4` without
     --predictor loads that one and says so; interval 1 loads the default one; an explicit --predictor
-    wins; a missing interval folder falls back to the default."""
+    wins; a missing interval folder falls back to the default. A short --context at interval 1 loads the
+    short-context predictor once it is shipped, and says so; --interval 4 keeps its own."""
     from offload_engine.predictor.checkpoint import save_checkpoint
     from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
     from offload_engine.models import ModelAdapter
@@ -155,3 +156,14 @@ def test_interval_4_takes_the_predictor_trained_for_it_when_none_is_given(tmp_pa
     assert generate(str(model_dir), *sparse, "--interval", "2").exit_code == 0 and loads[-1] == "smollm2-135m-instruct"
     explicit = generate(str(model_dir), *sparse, "--interval", "4", "--predictor", str(shipped / "smollm2-135m-instruct"))
     assert explicit.exit_code == 0 and loads[-1] == "smollm2-135m-instruct"
+
+    # a short --context takes the predictor fine-tuned for short contexts at interval 1 (and says so)
+    from offload_engine.policies.tokenbutler import SHIPPED_FOR_SHORT_CONTEXT, SHORT_CONTEXT_TOKENS
+    _, short = SHIPPED_FOR_SHORT_CONTEXT["smollm2-135m-instruct"]
+    save_checkpoint(shipped / short, TokenButlerPredictor(shape))
+    result = generate(str(model_dir), *sparse, "--context", "256")
+    assert result.exit_code == 0, result.output
+    assert loads[-1] == short and f"--context 256: using the predictor trained for it, {short}" in flat(result.output)
+    result = generate(str(model_dir), *sparse, "--context", "256", "--interval", "4")
+    assert result.exit_code == 0 and loads[-1] == "smollm2-135m-instruct-interval4"
+    assert SHORT_CONTEXT_TOKENS >= 256

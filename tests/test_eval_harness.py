@@ -200,3 +200,24 @@ def test_each_tokenbutler_point_records_the_predictor_of_its_interval():
     assert fourth["predictor"]["path"].endswith("predictors/smollm2-135m-instruct-interval4")
     assert every["predictor"]["sha256"] != fourth["predictor"]["sha256"]
     assert tokenbutler_weights_sha(config, embedded) == f"{every['predictor']['sha256']}+{fourth['predictor']['sha256']}"
+
+
+def test_a_tokenbutler_point_at_a_short_context_records_the_short_context_predictor():
+    """Without --predictor, --context up to SHORT_CONTEXT_TOKENS runs (and records) the predictor shipped for
+    short contexts at interval 1; interval 4 keeps its own; a longer context the default one."""
+    from types import SimpleNamespace
+
+    from offload_engine.evaluation.harness import RunPoint, point_settings
+    from offload_engine.policies.tokenbutler import SHIPPED_FOR_SHORT_CONTEXT, SHORT_CONTEXT_TOKENS
+
+    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"))
+    _, short = SHIPPED_FOR_SHORT_CONTEXT["smollm2-135m-instruct"]
+    recorded = {}
+    for context in (SHORT_CONTEXT_TOKENS, SHORT_CONTEXT_TOKENS + 1):
+        config = EvalConfig(task="ppl", policies=["tokenbutler", "tokenbutler[interval=4,neighbor_rule=runs]"],
+                            budgets=[Budget.parse("10%")], context=context)
+        recorded[context] = [point_settings(config, embedded, RunPoint(spec, config.budgets[0]))["predictor"]["path"]
+                             for spec in config.policies]
+    assert recorded[SHORT_CONTEXT_TOKENS][0].endswith(f"predictors/{short}")
+    assert recorded[SHORT_CONTEXT_TOKENS + 1][0].endswith("predictors/smollm2-135m-instruct")
+    assert all(paths[1].endswith("predictors/smollm2-135m-instruct-interval4") for paths in recorded.values())

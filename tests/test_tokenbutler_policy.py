@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -278,6 +279,49 @@ def test_loads_a_checkpoint_by_path_and_finds_shipped_predictors(tmp_path):
     assert shipped_predictor_for(other, 4) is None
 
 
+def test_a_short_context_takes_the_predictor_fine_tuned_for_it_at_interval_1_only(monkeypatch, tmp_path):
+    """At interval 1 a cache of at most SHORT_CONTEXT_TOKENS takes the short-context predictor where it is
+    shipped; a longer or unknown one, or interval 4, does not; without the folder the default one."""
+    from offload_engine.policies.tokenbutler import SHIPPED_FOR_SHORT_CONTEXT, SHORT_CONTEXT_TOKENS
+
+    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"))
+    longest, short = SHIPPED_FOR_SHORT_CONTEXT["smollm2-135m-instruct"]
+    assert longest == SHORT_CONTEXT_TOKENS
+    assert shipped_predictor_for(embedded, 1, longest).name == short
+    assert shipped_predictor_for(embedded, 1, 256).name == short
+    assert shipped_predictor_for(embedded, 1, longest + 1).name == "smollm2-135m-instruct"
+    assert shipped_predictor_for(embedded, 1).name == "smollm2-135m-instruct"  # context unknown
+    assert shipped_predictor_for(embedded, 4, longest).name == "smollm2-135m-instruct-interval4"
+    assert shipped_predictor_for(embedded, 2, longest).name == "smollm2-135m-instruct"
+    for folder in ("smollm2-135m-instruct", "smollm2-135m-instruct-interval4"):  # a shipped set without it
+        (tmp_path / folder).mkdir()
+    monkeypatch.setenv("TBRUN_PREDICTORS", str(tmp_path))
+    assert shipped_predictor_for(embedded, 1, longest).name == "smollm2-135m-instruct"
+
+
+def test_the_policy_loads_the_short_context_predictor_for_a_short_cache(monkeypatch, tmp_path):
+    """bind() asks for the predictor of its own capacity: a cache of SHORT_CONTEXT_TOKENS or fewer loads the
+    short-context folder, a longer one the default (shipped folders of a tiny model's shape)."""
+    from offload_engine.policies import tokenbutler
+    from offload_engine.policies.tokenbutler import SHIPPED_FOR_SHORT_CONTEXT, SHORT_CONTEXT_TOKENS
+
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
+    adapter.config._name_or_path = "/models/SmolLM2-135M-Instruct"
+    _, short = SHIPPED_FOR_SHORT_CONTEXT["smollm2-135m-instruct"]
+    save_checkpoint(tmp_path / "smollm2-135m-instruct", predictor_for(adapter, seed=1))
+    save_checkpoint(tmp_path / short, predictor_for(adapter, seed=2))
+    monkeypatch.setenv("TBRUN_PREDICTORS", str(tmp_path))
+    loads = []
+    original = tokenbutler.load_checkpoint
+    monkeypatch.setattr(tokenbutler, "load_checkpoint", lambda path, *a: loads.append(Path(path).name) or original(path, *a))
+    for capacity in (SHORT_CONTEXT_TOKENS, SHORT_CONTEXT_TOKENS + 1):
+        policy = TokenButlerPolicy()
+        policy.bind(PolicyContext(dims=adapter.dims, capacity=capacity, device=torch.device("cpu"),
+                                  dtype=torch.float32, adapter=adapter, host_store=None, sinks=2, window=4))
+    assert loads == [short, "smollm2-135m-instruct"]
+    assert torch.equal(policy.predictor.key_proj, predictor_for(adapter, seed=1).key_proj)
+
+
 def test_a_predictor_that_rotates_by_position_caches_turned_keys_and_turns_its_queries():
     """rope_pairs: the compact cache holds each key turned by its own position (prefill and decode),
     the producer's queries are turned by the decoded token's position, and the scores are those of
@@ -458,3 +502,16 @@ def test_every_shipped_interval_predictor_was_trained_for_its_interval_and_fits_
             assert config["train"]["lookahead"] == interval > 1
             assert config["model_shape"] == default["model_shape"]
             assert config["model_name"] == default["model_name"]
+
+
+def test_every_shipped_short_context_predictor_was_trained_on_sequences_as_short_and_fits_the_default_ones_model():
+    """SHIPPED_FOR_SHORT_CONTEXT names folders that exist, trained (lookahead 1) on sequences no longer than
+    the longest context they are taken for, for the same model shape as the model's default predictor."""
+    from offload_engine.policies.tokenbutler import SHIPPED, SHIPPED_FOR_SHORT_CONTEXT, shipped_predictors_dir
+
+    for model, (longest, folder) in SHIPPED_FOR_SHORT_CONTEXT.items():
+        _, default = load_checkpoint(shipped_predictors_dir() / SHIPPED[model])
+        _, config = load_checkpoint(shipped_predictors_dir() / folder)
+        assert config["train"]["lookahead"] == 1 and config["train"]["seq_len"] <= longest
+        assert config["model_shape"] == default["model_shape"]
+        assert config["model_name"] == default["model_name"]

@@ -96,10 +96,12 @@ def test_register_stops_on_a_bad_value(monkeypatch):
         register()
 
 
-def fake_vllm_config(model: str, layers: int = 30, heads: int = 9, kv_heads: int = 3, hidden: int = 576):
+def fake_vllm_config(model: str, layers: int = 30, heads: int = 9, kv_heads: int = 3, hidden: int = 576,
+                     max_model_len: int = 8192):
     hf = SimpleNamespace(head_dim=hidden // heads, hidden_size=hidden, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, vocab_size=49152)
-    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model=model, max_model_len=8192, dtype=torch.float32))
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model=model, max_model_len=max_model_len,
+                                                               dtype=torch.float32))
     return vllm_config, hf
 
 
@@ -122,6 +124,8 @@ def test_the_shipped_predictor_is_found_by_model_name_and_a_missing_one_named():
     every_fourth = load_predictor(parse_config("policy=tokenbutler,budget=10%,interval=4"),
                                   *fake_vllm_config("/cache/SmolLM2-135M-Instruct/"), num_layers=30)
     assert not torch.equal(every_fourth.key_proj, predictor.key_proj)  # the predictor trained for interval 4
+    short = load_predictor(config, *fake_vllm_config("/cache/SmolLM2-135M-Instruct/", max_model_len=1024), num_layers=30)
+    assert not torch.equal(short.key_proj, predictor.key_proj)  # max_model_len 1024: the short-context one
     with pytest.raises(ConfigError, match="predictor=DIR"):
         load_predictor(config, *fake_vllm_config("/models/Unknown-7B"), num_layers=30)
 

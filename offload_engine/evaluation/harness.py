@@ -224,8 +224,9 @@ def build_engine(adapter: ModelAdapter, config: EvalConfig, point: RunPoint) -> 
 
 def predictor_identity(config: EvalConfig, adapter: ModelAdapter, interval: int = 1) -> dict | None:
     """The tokenbutler predictor a point at prediction ``interval`` uses (``--predictor``, else the one
-    shipped for the model and interval): its path (repository-relative) and the sha256 of its weights."""
-    path = Path(config.predictor) if config.predictor is not None else shipped_predictor_for(adapter, interval)
+    shipped for the model, interval and ``--context``): its path (repository-relative) and the sha256 of its weights."""
+    path = (Path(config.predictor) if config.predictor is not None
+            else shipped_predictor_for(adapter, interval, config.context))
     if path is None:
         return None
     weights = path / WEIGHTS_NAME

@@ -30,12 +30,18 @@ from ..selection.scores import GroupScores
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "float32", "bfloat16", "int8")
+SHORT_CONTEXT_TOKENS = 1024  # the longest cache the short-context predictor is taken for (measured up to it)
 GROUP_REDUCTIONS = ("mean", "max")
 # Predictors shipped in the repository, by model name (the last part of a hub id or directory).
 SHIPPED = {EMBEDDED_MODEL_NAME.lower(): "smollm2-135m-instruct"}
 # ... and those trained for a prediction interval (``tbrun train-predictor --lookahead N``): by model
 # name, then interval. A policy without a predictor given takes the one for its interval if shipped.
 SHIPPED_FOR_INTERVAL = {EMBEDDED_MODEL_NAME.lower(): {4: "smollm2-135m-instruct-interval4"}}
+# ... and those fine-tuned for short contexts: by model name, (the longest context they are taken for, the
+# folder). At interval 1, a cache of at most that many tokens (the engine's --context, vLLM's max_model_len)
+# takes it: the default predictor learned long-range attention, and a short cache's attention differs
+# (docs/predictor.md, "A predictor for short contexts").
+SHIPPED_FOR_SHORT_CONTEXT = {EMBEDDED_MODEL_NAME.lower(): (SHORT_CONTEXT_TOKENS, "smollm2-135m-instruct-1k")}
 
 
 def shipped_predictors_dir() -> Path:
@@ -43,19 +49,24 @@ def shipped_predictors_dir() -> Path:
     return Path(os.environ.get("TBRUN_PREDICTORS") or Path(__file__).resolve().parents[2] / "predictors")
 
 
-def shipped_predictor_for(adapter, interval: int = 1) -> Path | None:
-    """The shipped predictor directory for the adapter's model at prediction ``interval``, or None."""
-    return shipped_predictor_named(str(getattr(adapter.config, "_name_or_path", "") or ""), interval)
+def shipped_predictor_for(adapter, interval: int = 1, context: int | None = None) -> Path | None:
+    """The shipped predictor directory for the adapter's model at prediction ``interval`` and a cache of
+    ``context`` tokens (None: unknown, the default one), or None."""
+    return shipped_predictor_named(str(getattr(adapter.config, "_name_or_path", "") or ""), interval, context)
 
 
-def shipped_predictor_named(source: str, interval: int = 1) -> Path | None:
+def shipped_predictor_named(source: str, interval: int = 1, context: int | None = None) -> Path | None:
     """The shipped predictor for the model at ``source`` (hub id or directory; its last part, lower case,
     names it): the one trained for prediction ``interval`` (``--lookahead``) when that folder is
-    there, else the model's default one; None when nothing is shipped for the model."""
+    there; at interval 1 with a cache of at most its ``context`` tokens, the one fine-tuned for short
+    contexts when there is one; else the model's default one. None when nothing is shipped for the model."""
     name = Path(source.rstrip("/")).name.lower()
     trained = SHIPPED_FOR_INTERVAL.get(name, {}).get(interval)
     if trained is not None and (shipped_predictors_dir() / trained).is_dir():
         return shipped_predictors_dir() / trained
+    longest, short = SHIPPED_FOR_SHORT_CONTEXT.get(name, (0, None))
+    if interval == 1 and context is not None and context <= longest and (shipped_predictors_dir() / short).is_dir():
+        return shipped_predictors_dir() / short
     return shipped_predictors_dir() / SHIPPED[name] if name in SHIPPED else None
 
 
@@ -216,7 +227,7 @@ class TokenButlerPolicy(Policy):
             return seeded_random_predictor(PredictorConfig.for_model(ctx.dims))
         path = self.predictor_path
         if path is None:
-            shipped = shipped_predictor_for(ctx.adapter, ctx.interval)
+            shipped = shipped_predictor_for(ctx.adapter, ctx.interval, ctx.capacity)
             if shipped is None:
                 raise PredictorError(
                     "--policy tokenbutler needs a predictor for this model: pass --predictor DIR (train one with "

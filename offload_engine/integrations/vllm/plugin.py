@@ -178,7 +178,8 @@ def load_predictor(config: VllmPluginConfig, vllm_config, hf, num_layers: int):
 
     path = config.predictor
     if path is None:
-        shipped = shipped_predictor_named(str(vllm_config.model_config.model), config.selection.interval)
+        shipped = shipped_predictor_named(str(vllm_config.model_config.model), config.selection.interval,
+                                          vllm_config.model_config.max_model_len)
         if shipped is None:
             raise ConfigError(f"{ENV_VAR}: policy={config.policy} needs a predictor for {vllm_config.model_config.model}: add "
                               f"predictor=DIR (train one with `tbrun train-predictor`); shipped predictors exist for: {', '.join(SHIPPED)}.")

@@ -231,7 +231,8 @@ inline float scalar(uint16_t x) {
 // is loaded once and feeds all G heads' accumulators, which stay in registers. (Two vectors of tokens
 // per iteration, and software prefetch a tile ahead, were faster hot but slower with the keys cold.)
 // int8 keys: scales [m] (float16 bits) hold each token's factor, applied to its dot products (the codes
-// times the scale are the key: q . (s c) = s (q . c)); null for float32 and bfloat16 keys.
+// times the scale are the key: q . (s c) = s (q . c)); null for float32 and bfloat16 keys. maxima [G]:
+// each head's maximum so far, raised to the largest of the span's logits (NaN logits passed over).
 template <int G, typename Key>
 void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride, int64_t start, int64_t n,
                  float* buffer, int64_t m, const uint16_t* scales, float* maxima) {
@@ -321,7 +322,8 @@ inline uint16_t to_bf16(float x) {
 }
 
 // any number of heads, in blocks of at most 4 (their accumulators fit in registers); qpairs: the
-// bfloat16 query pairs where the pair kernel runs (bfloat16 keys, AVX512-BF16, d even), else null
+// bfloat16 query pairs where the pair kernel runs (bfloat16 keys, AVX512-BF16, d even), else null;
+// maxima [g] as for logits_span
 template <typename Key>
 void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, const Key* keys,
                 int64_t dim_stride, int64_t start, int64_t n, float* buffer, int64_t m, const uint16_t* scales,

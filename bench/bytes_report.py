@@ -22,8 +22,10 @@ from rich.progress import Progress
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.config import parse_context
+from offload_engine.evaluation.harness import predictor_record
 from offload_engine.evaluation.tasks import niah_sample
 from offload_engine.models import load_model
+from offload_engine.policies.tokenbutler import shipped_predictor_for
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, write_json
 
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": machine_header(torch.device("cpu")),
               "settings": {"context": context, "prompt_tokens": len(prompt), "budget": str(budget), "sinks": SINKS,
                            "window": WINDOW, "steps": args.steps, "big_budget": args.big_budget, "big_shape": BIG,
-                           "buses_gbps": BUSES, "predictor": "predictors/smollm2-135m-instruct (shipped)"},
+                           "buses_gbps": BUSES,
+                           "predictor": {f"interval {interval}": predictor_record(shipped_predictor_for(adapter, interval, context))
+                                         for interval in sorted({variant[1] for variant in VARIANTS})}},
               "dense_offload_bytes_per_step": dense_steady, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "bytes_per_step.json", report)
@@ -122,13 +126,22 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def predictors_sentence(records) -> str:
+    """The predictors the variants loaded (``predictor_record`` per interval), as a sentence; older reports named none."""
+    if not isinstance(records, dict):
+        return ""
+    named = [f"{label}: `{r['path']}` (sha256 `{(r['sha256'] or '?')[:8]}...`)" for label, r in records.items() if r]
+    return " Predictors (shipped, by interval): " + "; ".join(named) + "." if named else ""
+
+
 def to_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [markdown_header("Bytes that cross per decode step (measured), and a projection for Llama-3.1-8B", report),
              "", f"Measured: embedded SmolLM2-135M-Instruct (fp32), one needle-in-a-haystack prompt of "
              f"{s['prompt_tokens']} tokens, budget {s['budget']} per (layer, KV head) with sinks {s['sinks']} and window "
              f"{s['window']}, {s['steps']} decode steps; steady state = every step after the first (which fills the "
-             f"working set). Dense offload moves {report['dense_offload_bytes_per_step'] / 2**20:.1f} MiB per step.",
+             f"working set). Dense offload moves {report['dense_offload_bytes_per_step'] / 2**20:.1f} MiB per step."
+             + predictors_sentence(s.get("predictor")),
              "", markdown_table(
                  ["variant", "first step MiB", "steady MiB/step", "share of dense offload", "churn"],
                  [[r["label"], fmt(r["first_step_bytes"] / 2**20, 2), fmt(r["steady_bytes_per_step"] / 2**20, 3),

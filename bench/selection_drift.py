@@ -28,9 +28,11 @@ from rich.progress import Progress
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.config import parse_context
+from offload_engine.evaluation.harness import predictor_record
 from offload_engine.evaluation.scoring import score_generation, t_interval
 from offload_engine.evaluation.tasks import make_samples
 from offload_engine.models import load_model
+from offload_engine.policies.tokenbutler import shipped_predictor_for
 from offload_engine.selection.planner import SelectionPlanner
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, write_reports
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": machine_header(torch.device("cpu")),
               "settings": {"task": "niah", "context": context, "budget": str(budget), "sinks": SINKS, "window": WINDOW,
                            "interval": 1, "samples": args.samples, "seed": args.seed,
-                           "predictor": "predictors/smollm2-135m-instruct (shipped)"},
+                           "predictor": predictor_record(shipped_predictor_for(adapter, 1, context))},
               "summary": summarize(rows), "samples": rows}
     write_reports(args.out, report, to_markdown(report))
     return report
@@ -192,11 +194,19 @@ def cell(entry: dict | None) -> str:
     return f"{fmt(100 * entry['mean'])} [{fmt(100 * entry['low'])}, {fmt(100 * entry['high'])}] ({entry['samples']})"
 
 
+def predictor_name(record: dict | str | None) -> str:
+    """A report's predictor record (``predictor_record``; a plain name in reports before it) as the text names it."""
+    if isinstance(record, dict):
+        return f"`{record['path']}`, weights sha256 `{(record['sha256'] or '?')[:8]}...`"
+    return str(record)
+
+
 def to_markdown(report: dict) -> str:
     s, summary = report["settings"], report["summary"]
     correct = sum(r["correct"] for r in report["samples"])
     lines = [markdown_header("Selection drift: what a reused tokenbutler selection misses", report), "",
-             f"Embedded SmolLM2-135M-Instruct (fp32), the shipped predictor, niah at {s['context']} tokens "
+             f"Embedded SmolLM2-135M-Instruct (fp32), the shipped predictor ({predictor_name(s['predictor'])}), niah "
+             f"at {s['context']} tokens "
              f"(the four variants in turn), {s['samples']} samples, budget {s['budget']}, sinks {s['sinks']}, window "
              f"{s['window']}, interval 1, greedy, the eval's answer length (32 tokens, 64 for lists); interval 1 "
              f"answered {correct} of "

@@ -169,7 +169,7 @@ def _say_chosen_predictor(policy: str, source: str, interval: int, capacity: int
     chosen = shipped_predictor_named(source, interval, capacity)
     if chosen is None or chosen == shipped_predictor_named(source):
         return
-    reason = f"--interval {interval}" if interval > 1 else f"--context {capacity}"
+    reason = f"--interval {interval}" if interval > 1 else f"a context of {capacity} tokens"
     err_console.print(f"[dim]{reason}: using the predictor trained for it, {chosen.name} "
                       "(docs/predictor.md); --predictor DIR overrides[/]")
 

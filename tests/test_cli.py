@@ -163,7 +163,10 @@ def test_interval_4_and_a_short_context_take_the_predictors_trained_for_them_whe
     save_checkpoint(shipped / short, TokenButlerPredictor(shape))
     result = generate(str(model_dir), *sparse, "--context", "256")
     assert result.exit_code == 0, result.output
-    assert loads[-1] == short and f"--context 256: using the predictor trained for it, {short}" in flat(result.output)
+    assert loads[-1] == short and f"a context of 256 tokens: using the predictor trained for it, {short}" in flat(result.output)
     result = generate(str(model_dir), *sparse, "--context", "256", "--interval", "4")
     assert result.exit_code == 0 and loads[-1] == "smollm2-135m-instruct-interval4"
-    assert SHORT_CONTEXT_TOKENS >= 256
+    explicit = generate(str(model_dir), *sparse, "--context", "256", "--predictor", str(shipped / "smollm2-135m-instruct"))
+    assert explicit.exit_code == 0 and loads[-1] == "smollm2-135m-instruct" and "trained for it" not in explicit.output
+    longer = generate(str(model_dir), *sparse, "--context", str(SHORT_CONTEXT_TOKENS + 1), "--allow-rope-scaling")
+    assert longer.exit_code == 0 and loads[-1] == "smollm2-135m-instruct", longer.output

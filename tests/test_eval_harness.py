@@ -221,3 +221,18 @@ def test_a_tokenbutler_point_at_a_short_context_records_the_short_context_predic
     assert recorded[SHORT_CONTEXT_TOKENS][0].endswith(f"predictors/{short}")
     assert recorded[SHORT_CONTEXT_TOKENS + 1][0].endswith("predictors/smollm2-135m-instruct")
     assert all(paths[1].endswith("predictors/smollm2-135m-instruct-interval4") for paths in recorded.values())
+
+
+def test_a_predictor_record_names_the_folder_portably_with_its_weights_hash():
+    """What reports write of a predictor: the repository-relative folder and its weights' sha256 (as its
+    checkpoint config records it); nothing for no folder."""
+    import json
+
+    from offload_engine.evaluation.harness import predictor_record
+    from offload_engine.policies.tokenbutler import shipped_predictors_dir
+
+    folder = shipped_predictors_dir() / "smollm2-135m-instruct-1k"
+    record = predictor_record(folder)
+    assert record["path"] == "predictors/smollm2-135m-instruct-1k"
+    assert record["sha256"] == json.loads((folder / "config.json").read_text())["weights_sha256"]
+    assert predictor_record(None) is None

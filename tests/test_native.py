@@ -78,6 +78,41 @@ def test_the_running_maximum_rescales_earlier_tiles(fresh_native):
 
 
 @needs_compiler
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_a_tiles_maximum_is_found_wherever_in_the_tile_it_is(group, dtype, fresh_native):
+    """Each row holds one logit about 10 above the rest, at a place of its own: the first token, the last of
+    a tile, the vector part of the last tile, the first token after the pair kernel's 32-token blocks, and the
+    scalar tail. The kernel takes each tile's maximum from its logits as they are stored; had it missed the
+    spike, the spike's exponential would be taken of a positive number, which the scalar exponential clamps
+    (and a larger gap would overflow the vector one): the row would not be torch's softmax, in which the
+    spike holds about 0.9. int8 keys: the spike's code and scale both negative (the scale applied first)."""
+    tokens, places = 1061, (0, 511, 1040, 1056, 1060)  # 2 tiles of 512 and 37 tokens: a 32-block and 5
+    generator = torch.Generator().manual_seed(group)
+    grouped = torch.randn(1, len(places), group, 16, generator=generator) * 0.1
+    grouped[..., 0] = 2.0  # every head reads the spike's dimension
+    if dtype == torch.int8:
+        keys = torch.randint(-20, 21, (1, len(places), 16, tokens), generator=generator, dtype=torch.int8)
+        scales = torch.full((1, len(places), tokens), 0.01, dtype=torch.float16)
+        for row, place in enumerate(places):
+            keys[0, row, 0, place], scales[0, row, place] = -100, -0.05  # key 5 at dim 0: logit ~10
+        values = keys.float() * scales.float().unsqueeze(-2)
+    else:
+        values = torch.randn(1, len(places), 16, tokens, generator=generator) * 0.1
+        for row, place in enumerate(places):
+            values[0, row, 0, place] = 5.0
+        keys, scales = values.to(dtype), None
+        values = keys.float()
+    fused = fused_group_scores(grouped, keys, "mean", scales)
+    assert fused is not None, native.status()
+    pairs = dtype == torch.bfloat16 and native.kernels().bf16_pair_products
+    expected = _torch_scores(grouped.bfloat16().float() if pairs else grouped, values)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-7)
+    assert fused[0, torch.arange(len(places)), torch.tensor(places)].min() > 0.5  # each spike holds most of its row
+
+
+@needs_compiler
 def test_selections_from_the_kernels_scores_are_torchs_but_for_near_ties(fresh_native):
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 3, 16, 20000, generator=generator)

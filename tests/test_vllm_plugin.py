@@ -24,7 +24,7 @@ from offload_engine.policies.base import Candidates, PolicyContext
 from offload_engine.policies.critical import value_norms
 from offload_engine.policies.quest import page_bounds, page_scores
 from offload_engine.policies.tokenbutler import TokenButlerPolicy
-from offload_engine.predictor.checkpoint import save_checkpoint
+from offload_engine.predictor.checkpoint import load_checkpoint, save_checkpoint
 from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
 from offload_engine.selection import Selector
 
@@ -125,7 +125,9 @@ def test_the_shipped_predictor_is_found_by_model_name_and_a_missing_one_named():
                                   *fake_vllm_config("/cache/SmolLM2-135M-Instruct/"), num_layers=30)
     assert not torch.equal(every_fourth.key_proj, predictor.key_proj)  # the predictor trained for interval 4
     short = load_predictor(config, *fake_vllm_config("/cache/SmolLM2-135M-Instruct/", max_model_len=1024), num_layers=30)
-    assert not torch.equal(short.key_proj, predictor.key_proj)  # max_model_len 1024: the short-context one
+    shipped_short, _ = load_checkpoint(REPO / "predictors" / "smollm2-135m-instruct-1k")
+    assert torch.equal(short.key_proj, shipped_short.key_proj)  # max_model_len 1024: the short-context one
+    assert not torch.equal(short.key_proj, predictor.key_proj)
     with pytest.raises(ConfigError, match="predictor=DIR"):
         load_predictor(config, *fake_vllm_config("/models/Unknown-7B"), num_layers=30)
 

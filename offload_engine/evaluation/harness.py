@@ -227,6 +227,12 @@ def predictor_identity(config: EvalConfig, adapter: ModelAdapter, interval: int 
     shipped for the model, interval and ``--context``): its path (repository-relative) and the sha256 of its weights."""
     path = (Path(config.predictor) if config.predictor is not None
             else shipped_predictor_for(adapter, interval, config.context))
+    return predictor_record(path)
+
+
+def predictor_record(path: Path | None) -> dict | None:
+    """A predictor folder as reports name it: its path (repository-relative) and the sha256 of its weights
+    (None where the folder has none); None for no folder."""
     if path is None:
         return None
     weights = path / WEIGHTS_NAME

@@ -40,7 +40,7 @@ SHIPPED_FOR_INTERVAL = {EMBEDDED_MODEL_NAME.lower(): {4: "smollm2-135m-instruct-
 # ... and those fine-tuned for short contexts: by model name, (the longest context they are taken for, the
 # folder). At interval 1, a cache of at most that many tokens (the engine's --context, vLLM's max_model_len)
 # takes it: the default predictor learned long-range attention, and a short cache's attention differs
-# (docs/predictor.md, "A predictor for short contexts").
+# (docs/predictor.md, "Shipped for short contexts").
 SHIPPED_FOR_SHORT_CONTEXT = {EMBEDDED_MODEL_NAME.lower(): (SHORT_CONTEXT_TOKENS, "smollm2-135m-instruct-1k")}
 
 

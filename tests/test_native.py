@@ -497,7 +497,8 @@ def test_the_kernel_scores_int8_keys_as_torch_does_with_their_scales(layers, kv_
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, monkeypatch):
     """The library built for an older x86 CPU (AVX2 and F16C; or neither): the int8 codes, float16 scales and
-    bfloat16 keys take the other loads, and give torch's scores as on this machine."""
+    bfloat16 keys take the other loads, and give torch's scores as on this machine; the top-k and the
+    residency update take their scalar loops and select and place what they do here."""
     monkeypatch.setattr(native, "FLAGS", tuple(f"-march={march}" if flag == "-march=native" else flag
                                                for flag in native.FLAGS))
     generator = torch.Generator().manual_seed(7)
@@ -512,6 +513,13 @@ def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, mon
     halves = torch.randn(2, 3, 16, 1061, generator=generator).bfloat16()
     torch.testing.assert_close(fused_group_scores(grouped, halves, "max"),
                                torch.matmul(grouped, halves.float()).amax(dim=-2), rtol=1e-5, atol=1e-4)
+    # the top-k's and the residency update's scalar loops: one call as the three, a long row sampled
+    _assert_one_call_is_three(2, 3, 3, 16, 5000, 4, 480, 500, torch.bfloat16, "mean")
+    clustered = (torch.arange(0, 6000, dtype=torch.int32) * 3 + 0x3F000000).view(torch.float32)  # 0.5 + 3k ulp
+    clustered = clustered[torch.randperm(6000, generator=generator)].view(1, -1)
+    for keep in (1, 1200, 5999):
+        assert set(native.kernels().topk_rows(clustered, keep)[1][0].tolist()) == \
+            set(torch.topk(clustered, keep).indices[0].tolist())
 
 
 @needs_compiler
@@ -528,11 +536,15 @@ def test_one_call_selects_and_places_what_the_three_calls_do(layers, kv_heads, g
     """ResidencyMap.select (scores, top-k and residency update in one native call) against the steps it
     replaces (the scores kernel, topk_positions, ResidencyMap.update), step after step on two maps: the
     same plans, slot maps and masks. The query drifts a little each step, so part of the selection stays."""
+    monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))
+    _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype, reduction)
+
+
+def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype, reduction):
     from offload_engine.selection.ranking import topk_positions
     from offload_engine.selection.residency import ResidencyMap
     from offload_engine.selection.scores import GroupScores
 
-    monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))
     generator = torch.Generator().manual_seed(tokens + keep)
     rows, capacity = layers * kv_heads, tokens + 40
     if dtype == torch.int8:

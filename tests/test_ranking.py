@@ -176,3 +176,27 @@ def test_the_native_top_k_keeps_the_first_of_equal_scores_at_the_cut(monkeypatch
     with pytest.raises(TypeError, match="float32 CPU rows"):
         kernels.topk_rows(row.double(), 3)
     native.reset()
+
+
+@pytest.mark.parametrize("keep", [1, 700, 4999, 5000])
+def test_the_native_top_k_is_exact_where_most_scores_share_their_leading_bits(keep, monkeypatch, native_cache):
+    """The cut's bits are found 8 at a time, and only the scores sharing the bits found so far are counted
+    for the next ones: here thousands of distinct scores share their first 9 to 31 bits (consecutive
+    floats above 1, a cluster a few units in the last place apart, negatives, an infinity), so every
+    narrowing keeps many and the cut falls inside the clusters."""
+    monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(native_cache))
+    monkeypatch.delenv("TBRUN_NATIVE", raising=False)
+    native.reset()
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    generator = torch.Generator().manual_seed(keep)
+    above_one = (torch.arange(1, 3001, dtype=torch.int32) + 0x3F800000).view(torch.float32)  # 1 + k ulp
+    cluster = (torch.arange(0, 1500, dtype=torch.int32) * 3 + 0x3F000000).view(torch.float32)  # 0.5 + 3k ulp
+    negatives = -(torch.arange(1, 500, dtype=torch.int32) + 0x3F800000).view(torch.float32)
+    row = torch.cat([above_one, cluster, negatives, torch.tensor([float("inf")])])
+    row = row[torch.randperm(row.numel(), generator=generator)].view(1, -1)
+    expected = set(torch.topk(row, keep, dim=-1).indices[0].tolist())  # the scores are distinct
+    values, index = kernels.topk_rows(row, keep)
+    assert set(index[0].tolist()) == expected and torch.equal(row.gather(-1, index), values)
+    native.reset()

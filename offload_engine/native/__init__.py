@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 12
+ABI = 13
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -60,12 +60,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TBRUN_NATIVE_CACHE") or Path.home() / ".cache" / "tbrun" / "native")
 
 
+# os.environ's own mapping of encoded names to encoded values, where the interpreter keeps one (CPython
+# does): the kernels' wrappers ask for the two variables below about 500 times a decode step, and
+# os.environ.get (encode the name, look up, decode the value) took ~0.8 µs a time, 0.4 ms a step; a look-up
+# in the mapping itself ~30 ns. Values set through os.environ (tests switch the kernels live) land there too.
+_RAW_ENVIRONMENT = getattr(os.environ, "_data", None)
+THREADS_VARIABLE = "TBRUN_NATIVE_THREADS"
+_ENCODED = {name: os.environ.encodekey(name) for name in (_ENV_SWITCH, THREADS_VARIABLE)} \
+    if _RAW_ENVIRONMENT is not None else {}
+_parsed: dict[str, tuple[object, object]] = {}  # variable -> (its raw value when parsed, what it parsed to)
+
+
+def _parsed_variable(name: str, parse):
+    """``parse(os.environ.get(name))``, parsed again only when the variable's value changed."""
+    if _RAW_ENVIRONMENT is None:
+        return parse(os.environ.get(name))
+    raw = _RAW_ENVIRONMENT.get(_ENCODED.get(name) or os.environ.encodekey(name))
+    held = _parsed.get(name)
+    if held is not None and held[0] == raw:
+        return held[1]
+    value = parse(None if raw is None else os.environ.decodevalue(raw))
+    _parsed[name] = (raw, value)
+    return value
+
+
+def _switch_on(text: str | None) -> bool:
+    return (text or "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """False when ``TBRUN_NATIVE=0`` (the torch path everywhere)."""
-    return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-THREADS_VARIABLE = "TBRUN_NATIVE_THREADS"
+    return _parsed_variable(_ENV_SWITCH, _switch_on)
 
 
 def kernel_threads() -> int:
@@ -78,11 +103,19 @@ def kernel_threads() -> int:
     and tokenbutler's selection 41 ms a step instead of 17.5 at 7.5k on the embedded model
     (measured 2026-12-04). The kernels give the same results at any count (tests/test_native.py).
     """
-    text = os.environ.get(THREADS_VARIABLE, "").strip()
+    threads = _parsed_variable(THREADS_VARIABLE, _thread_count)
+    if isinstance(threads, str):  # what was wrong, kept as parsed, refused at every call
+        raise ValueError(threads)
+    return threads
+
+
+def _thread_count(text: str | None) -> int | str:
+    """The count ``$TBRUN_NATIVE_THREADS`` asks for, or what is wrong with it."""
+    text = (text or "").strip()
     if not text:
         return 1
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{THREADS_VARIABLE}={text!r}: write a whole number of threads, 1 or more (1 is the default)")
+        return f"{THREADS_VARIABLE}={text!r}: write a whole number of threads, 1 or more (1 is the default)"
     return int(text)
 
 

@@ -26,7 +26,7 @@
 //
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
 // plan as its numpy form (tests/test_native.py), without ~40 array operations per producer; which slots
-// stay is read from a bitmap of the selection, not from random reads of the position -> slot table.
+// stay is read from a byte map of the selection, not from random reads of the position -> slot table.
 //
 // tbrun_gather_pairs: a layer's K and V fetch plan in one call. Large plans are bound by memory latency
 // (random 256-byte rows of the host store, as fast as index_select + index_copy_ with or without
@@ -35,7 +35,8 @@
 //
 // tbrun_topk_rows: the top-k of each row (ranking.topk_unsorted's CPU float32 path), the cut found by
 // counting rather than partitioning: ranking.py's sampled threshold, a compaction of the entries at or
-// above it, then the k-th largest by bisection on its bits, each step one vectorised count.
+// above it, then the k-th largest by bisection on its bits, each step one vectorised count over the entries
+// that share the bits found so far (narrowed every 8 bits).
 //
 // tbrun_linear: a model's linear layer for one token (a matrix-vector product), what a decode step
 // spends most of its time on outside attention on the CPU.
@@ -473,53 +474,61 @@ inline const uint16_t* row_scales(const uint16_t* scales, int64_t scale_stride, 
 
 // One row of ResidencyMap.update (see residency.py for the rules): the missing positions go to the free
 // slots, empty ones first, then stale ones (held, no longer selected), each lowest first.
-// Which slots stay and which positions are missing come from a bitmap of the selected positions
-// (capacity bits, 4 KiB at 32k tokens: in L1), not from slot_of: its row is capacity entries that
-// the rest of a decode step evicts from the caches, and k random reads of it cost more than the
-// whole update. slot_of is only written, for the positions placed and the ones they evict. The
-// bitmap is all zeros on entry and on return. The loops over slots and selected positions branch on
-// nothing that depends on the data (which slots stay is a coin toss to a branch predictor): lists are
-// compacted by writing every entry and advancing by the test's 0 or 1.
+// Which slots stay and which positions are missing come from a byte map of the selected positions
+// (capacity + 1 bytes, one per position and a last one that padding and empty slots write to: in L1 or
+// L2), not from slot_of: its row is capacity entries that the rest of a decode step evicts from the caches,
+// and k random reads of it cost more than the whole update. slot_of is only written, for the positions
+// placed and the ones they evict. The map is all zeros on entry and on return. Bytes rather than bits: a
+// bit is set or cleared by a read-modify-write of its word, and the next position's bit, often in the same
+// word, waited for it (a bitmap made the update a sixth of a producer's selection at 32k); a byte is
+// stored alone, and each loop below stores unconditionally (0 or 1) and counts by the test's 0 or 1, so
+// nothing branches on the data (which slots stay is a coin toss to a branch predictor).
 struct UpdateWork {
-    std::vector<int64_t> missing, free;  // the positions to fetch; free slots, empty then stale
+    std::vector<int64_t> missing, empty, stale;  // the positions to fetch; empty slots; stale ones
 };
 
-inline uint64_t bit_of(const uint64_t* bits, int64_t p) { return (bits[p >> 6] >> (p & 63)) & 1u; }
+// update_row's map, one byte per position of a slot_of row of of_stride entries (>= capacity + 1)
+void grow_map(std::vector<uint8_t>& wanted, int64_t of_stride) {
+    if (wanted.size() < static_cast<size_t>(of_stride)) wanted.resize(static_cast<size_t>(of_stride), 0);
+}
 
 int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_t* slot_of, uint8_t* active,
-                   int64_t n, int64_t* positions, int64_t* slots, UpdateWork& work, uint64_t* wanted) {
+                   int64_t n, int64_t* positions, int64_t* slots, UpdateWork& work, uint8_t* wanted,
+                   int64_t spare) {
+    // spare: the map's last byte (of_stride - 1), past every position; -1 (padding, an empty slot) goes there
     for (int64_t i = 0; i < k; ++i) {
         const int64_t p = selected[i];
-        if (p >= 0) wanted[p >> 6] |= uint64_t{1} << (p & 63);  // -1 is rare (padding, never-selected scores)
+        wanted[p >= 0 ? p : spare] = 1;
     }
-    for (int64_t s = 0; s < n; ++s) {  // a held position still selected stays, and is not missing
-        const int64_t p = slot_pos[s], at = p >= 0 ? p : 0;
-        const uint64_t keep = (p >= 0) & bit_of(wanted, at);
+    // a held position still selected stays, and is not missing; the others are free: empty slots, then
+    // stale ones (held, not kept), each list lowest first
+    work.empty.resize(static_cast<size_t>(n));
+    work.stale.resize(static_cast<size_t>(n));
+    int64_t empty = 0, stale = 0;
+    for (int64_t s = 0; s < n; ++s) {
+        const int64_t p = slot_pos[s], at = p >= 0 ? p : spare;
+        const int64_t held = p >= 0, keep = held & wanted[at];
         active[s] = static_cast<uint8_t>(keep);
-        wanted[at >> 6] &= ~(keep << (at & 63));
+        wanted[at] = 0;  // held: not missing (it was 0 already if not selected)
+        work.empty[static_cast<size_t>(empty)] = s;
+        work.stale[static_cast<size_t>(stale)] = s;
+        empty += 1 - held;
+        stale += held - keep;
     }
     work.missing.resize(static_cast<size_t>(k));
     int64_t count = 0;
-    for (int64_t i = 0; i < k; ++i) {  // in the order selected, as the numpy form; clears the bitmap
-        const int64_t p = selected[i], at = p >= 0 ? p : 0;
-        const uint64_t take = (p >= 0) & bit_of(wanted, at);
+    for (int64_t i = 0; i < k; ++i) {  // in the order selected, as the numpy form; clears the map
+        const int64_t p = selected[i], at = p >= 0 ? p : spare;
+        const int64_t take = (p >= 0) & wanted[at];
         work.missing[static_cast<size_t>(count)] = p;
-        wanted[at >> 6] &= ~(take << (at & 63));
-        count += static_cast<int64_t>(take);
+        wanted[at] = 0;
+        count += take;
     }
-    work.free.resize(static_cast<size_t>(n));
-    int64_t free = 0;
-    for (int64_t s = 0; s < n; ++s) {  // empty slots, lowest first
-        work.free[static_cast<size_t>(free)] = s;
-        free += slot_pos[s] < 0;
-    }
-    for (int64_t s = 0; s < n && free < count; ++s) {  // then stale ones (held, not kept)
-        work.free[static_cast<size_t>(free)] = s;
-        free += (slot_pos[s] >= 0) & (active[s] == 0);
-    }
-    const int64_t placed = std::min(count, free);
+    wanted[spare] = 0;
+    const int64_t placed = std::min(count, empty + stale);
     for (int64_t i = 0; i < placed; ++i) {
-        const int64_t s = work.free[static_cast<size_t>(i)], p = work.missing[static_cast<size_t>(i)];
+        const int64_t s = i < empty ? work.empty[static_cast<size_t>(i)] : work.stale[static_cast<size_t>(i - empty)];
+        const int64_t p = work.missing[static_cast<size_t>(i)];
         const int64_t evicted = slot_pos[s];
         if (evicted >= 0) slot_of[evicted] = -1;  // the stale token it overwrites
         slot_of[p] = static_cast<int32_t>(s);
@@ -532,9 +541,24 @@ int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_
     return placed < count ? -1 : placed;
 }
 
+// Rows [0, r) of a plan whose row i holds counts[i] copies: each padded to the largest count (position 0,
+// slot n), the width the wrappers return; the entries past it are left unwritten (a plan at interval 1 moves
+// a tenth of the budget: padding every row to k wrote ten times the plan). Returns the width.
+int64_t pad_rows(int64_t r, int64_t k, int64_t n, int64_t* positions, int64_t* slots, const int64_t* counts) {
+    int64_t width = 0;
+    for (int64_t i = 0; i < r; ++i) width = std::max(width, counts[i]);
+    for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = counts[i]; j < width; ++j) {
+            positions[i * k + j] = 0;
+            slots[i * k + j] = n;
+        }
+    return width;
+}
+
 // ---- top-k: the keep largest entries of a row, exactly, in no order ----
 // Floats are compared as order-preserving unsigned keys (NaN largest, as numpy ranks it); the keep-th
-// largest key is found by setting its bits from the top, each bit one vectorised count over the keys.
+// largest key is found by setting its bits from the top, each bit one vectorised count over the keys that
+// share the bits above it (kth_largest).
 // Long rows with a small keep first keep only the entries at or above a threshold that a strided sample
 // puts safely below the cut (ranking.py's rule), so the counts run over a few thousand keys.
 
@@ -556,12 +580,50 @@ int64_t count_at_least(const uint32_t* keys, int64_t n, uint32_t bound) {
     return count;
 }
 
-// the rank-th largest of keys[0, n) (1 <= rank <= n): the largest bound that rank keys reach
-uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t rank) {
+// keys[t] of keys[0, n) with lo <= keys[t] <= hi, packed into out (n + LANES entries; out may be keys);
+// returns how many, and adds to *above those past hi
+int64_t keep_between(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out, int64_t* above) {
+    int64_t count = 0, over = 0, t = 0;
+#if defined(__AVX512F__)
+    const __m512i low = _mm512_set1_epi32(static_cast<int>(lo)), high = _mm512_set1_epi32(static_cast<int>(hi));
+    for (; t + 16 <= n; t += 16) {
+        const __m512i key = _mm512_loadu_si512(keys + t);
+        const __mmask16 past = _mm512_cmpgt_epu32_mask(key, high);
+        const __mmask16 in = _mm512_mask_cmpge_epu32_mask(static_cast<__mmask16>(~past), key, low);
+        _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi32(in, key));
+        count += __builtin_popcount(static_cast<unsigned>(in));
+        over += __builtin_popcount(static_cast<unsigned>(past));
+    }
+#endif
+    for (; t < n; ++t) {
+        const uint32_t key = keys[t];
+        out[count] = key;
+        count += (key >= lo) & (key <= hi);
+        over += key > hi;
+    }
+    *above += over;
+    return count;
+}
+
+// Keys of more than NARROW_MIN entries are narrowed every NARROW_BITS bits: once those bits of the answer
+// are known, only the keys that share them can decide the rest (those above are counted out of the rank)
+constexpr int64_t NARROW_MIN = 256;
+constexpr int NARROW_BITS = 8;
+
+// the rank-th largest of keys[0, n) (1 <= rank <= n): the largest bound that rank keys reach, its bits
+// set from the top, each one vectorised count; every NARROW_BITS bits the keys still in question are
+// copied to scratch (n + LANES entries), so most of the 32 counts run over a small part of them
+uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t rank, uint32_t* scratch) {
     uint32_t bound = 0;
     for (int bit = 31; bit >= 0; --bit) {
         const uint32_t trial = bound | (1u << bit);
         if (count_at_least(keys, n, trial) >= rank) bound = trial;
+        if (bit > 0 && bit % NARROW_BITS == 0 && n > NARROW_MIN) {
+            int64_t above = 0;  // the answer is in [bound, bound + 2^bit - 1]; keys past that are above it
+            n = keep_between(keys, n, bound, bound | ((1u << bit) - 1u), scratch, &above);
+            rank -= above;
+            keys = scratch;
+        }
     }
     return bound;
 }
@@ -596,13 +658,16 @@ int64_t keep_at_least(const float* row, int64_t n, uint32_t bound, uint32_t* key
 }
 
 struct TopkWork {
-    std::vector<uint32_t> keys, sample;
+    std::vector<uint32_t> keys, sample, scratch;
     std::vector<int32_t> where;
 };
 
 constexpr int64_t SAMPLE_MIN = 4096, SAMPLE_STRIDE = 8;  // ranking.py's PREFILTER_MIN_CANDIDATES, _STRIDE
 
-void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* values, TopkWork& work) {
+// The top keep of row[0, n) up to the cut: work.keys and work.where hold the entries at or above a bound
+// (all of the row, or those a sample puts safely above the cut), *count of them; returns the cut, the
+// keep-th largest key. Everything above the cut is kept, then ties at it in row order until keep.
+uint32_t topk_cut(const float* row, int64_t n, int64_t keep, TopkWork& work, int64_t* count_out) {
     work.keys.resize(static_cast<size_t>(n + LANES));
     work.where.resize(static_cast<size_t>(n + LANES));
     uint32_t* keys = work.keys.data();
@@ -610,14 +675,24 @@ void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* 
     int64_t count = -1;
     if (n >= SAMPLE_MIN && 4 * keep <= n) {
         const int64_t size = (n + SAMPLE_STRIDE - 1) / SAMPLE_STRIDE;
-        work.sample.resize(static_cast<size_t>(size));
+        work.sample.resize(static_cast<size_t>(size + LANES));
+        work.scratch.resize(static_cast<size_t>(size + LANES));
         for (int64_t i = 0; i < size; ++i) work.sample[static_cast<size_t>(i)] = order_key(row[i * SAMPLE_STRIDE]);
         const double expected = static_cast<double>(keep) / SAMPLE_STRIDE;
         const int64_t rank = std::min<int64_t>(size, static_cast<int64_t>(std::ceil(expected + 4.0 * std::sqrt(expected))) + 8);
-        count = keep_at_least(row, n, kth_largest(work.sample.data(), size, rank), keys, where);
+        count = keep_at_least(row, n, kth_largest(work.sample.data(), size, rank, work.scratch.data()), keys, where);
     }
     if (count < keep) count = keep_at_least(row, n, 0, keys, where);  // no sample, or it misjudged the row
-    const uint32_t cut = kth_largest(keys, count, keep);
+    work.scratch.resize(std::max(work.scratch.size(), static_cast<size_t>(count + LANES)));
+    *count_out = count;
+    return kth_largest(keys, count, keep, work.scratch.data());
+}
+
+void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* values, TopkWork& work) {
+    int64_t count = 0;
+    const uint32_t cut = topk_cut(row, n, keep, work, &count);
+    const uint32_t* keys = work.keys.data();
+    const int32_t* where = work.where.data();
     int64_t j = 0;
     for (int64_t i = 0; i < count; ++i)  // everything above the cut, then ties at it until keep
         if (keys[i] > cut) {
@@ -629,6 +704,36 @@ void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* 
             index[j] = where[i];
             values[j++] = row[where[i]];
         }
+}
+
+constexpr uint32_t NEG_INF_KEY = 0x007FFFFFu;  // order_key(-inf): only -inf has it, and nothing is below it
+
+// topk_row's selection as positions: entry j of the row is position lo + j, a -inf score none (-1, never
+// selected; only where the cut itself is -inf). The entries above the cut are packed 16 at a time.
+void topk_positions(const float* row, int64_t n, int64_t keep, int64_t lo, int64_t* out, TopkWork& work) {
+    int64_t count = 0;
+    const uint32_t cut = topk_cut(row, n, keep, work, &count);
+    const uint32_t* keys = work.keys.data();
+    const int32_t* where = work.where.data();
+    int64_t j = 0, i = 0;
+#if defined(__AVX512F__)
+    const __m512i bound = _mm512_set1_epi32(static_cast<int>(cut));
+    const __m512i first = _mm512_set1_epi64(lo);
+    for (; i + 16 <= count; i += 16) {  // keep - j >= the entries above the cut still to come: no overrun
+        const __mmask16 above = _mm512_cmpgt_epu32_mask(_mm512_loadu_si512(keys + i), bound);
+        const __m512i packed = _mm512_maskz_compress_epi32(above, _mm512_loadu_si512(where + i));
+        const int taken = __builtin_popcount(static_cast<unsigned>(above));
+        int64_t lanes[16];
+        _mm512_storeu_si512(lanes, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(packed)), first));
+        _mm512_storeu_si512(lanes + 8, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(packed, 1)), first));
+        std::memcpy(out + j, lanes, static_cast<size_t>(taken) * sizeof(int64_t));
+        j += taken;
+    }
+#endif
+    for (; i < count; ++i)
+        if (keys[i] > cut) out[j++] = where[i] + lo;
+    for (i = 0; i < count && j < keep; ++i)
+        if (keys[i] == cut) out[j++] = cut == NEG_INF_KEY ? -1 : where[i] + lo;
 }
 
 // rows split into contiguous blocks, one per thread (the first on the caller's); each row alike
@@ -677,26 +782,6 @@ void matvec(const float* w, int64_t rows, int64_t cols, const float* x, float* y
     }
 }
 
-// update_row, then the row's unused plan entries padded (position 0, slot n) and its count written;
-// false if the row had more missing positions than free slots
-bool update_row_padded(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_t* slot_of, uint8_t* active,
-                       int64_t n, int64_t* positions, int64_t* slots, int64_t* count, UpdateWork& work,
-                       uint64_t* wanted) {
-    const int64_t placed = update_row(selected, k, slot_pos, slot_of, active, n, positions, slots, work, wanted);
-    for (int64_t i = std::max<int64_t>(placed, 0); i < k; ++i) {
-        positions[i] = 0;
-        slots[i] = n;
-    }
-    *count = std::max<int64_t>(placed, 0);
-    return placed >= 0;
-}
-
-// update_row's bitmap, one bit per position of a slot_of row of of_stride entries (>= capacity + 1)
-void grow_bitmap(std::vector<uint64_t>& wanted, int64_t of_stride) {
-    const size_t words = static_cast<size_t>((of_stride + 63) / 64);
-    if (wanted.size() < words) wanted.resize(words, 0);
-}
-
 // A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (reduce_row: the mean
 // rule over the m cached tokens, the max rule over the candidates), the top keep of the candidates [lo, hi)
 // (topk_row, on the row while it is in L2), and the residency update with them (update_row). What
@@ -711,31 +796,29 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
     std::atomic<int> status{0};
     split_rows(rows, threads, [=, &status](int64_t, int64_t first, int64_t last) {
         // per thread (grown once on the caller's; threads split_rows starts are new at every call): the
-        // row's scores, score_row's [g, m] logits, the top-k's output
+        // row's scores, score_row's [g, m] logits, the selected positions
         thread_local RowWork work;
         thread_local TopkWork topk;
-        thread_local std::vector<float> scores, logits, values;
+        thread_local std::vector<float> scores, logits;
         thread_local std::vector<int64_t> chosen;
         thread_local UpdateWork update;
-        thread_local std::vector<uint64_t> wanted;  // zeros between calls (update_row)
+        thread_local std::vector<uint8_t> wanted;  // zeros between calls (update_row)
         scores.resize(static_cast<size_t>(m));
         logits.resize(static_cast<size_t>(g * m));
-        values.resize(static_cast<size_t>(keep));
         chosen.resize(static_cast<size_t>(keep));
-        grow_bitmap(wanted, of_stride);
+        grow_map(wanted, of_stride);
         for (int64_t r = first; r < last; ++r) {
             reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
                        logits.data(), work, row_scales(scales, scale_stride, r));
-            topk_row(scores.data() + lo, hi - lo, keep, chosen.data(), values.data(), topk);
-            for (int64_t i = 0; i < keep; ++i)  // candidate j is position lo + j; a -inf score is never selected
-                chosen[static_cast<size_t>(i)] = values[static_cast<size_t>(i)] == -std::numeric_limits<float>::infinity()
-                                                     ? -1 : chosen[static_cast<size_t>(i)] + lo;
-            if (!update_row_padded(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
-                                   active + r * active_stride, n, positions + r * keep, slots + r * keep, counts + r,
-                                   update, wanted.data()))
-                status = -1;
+            topk_positions(scores.data() + lo, hi - lo, keep, lo, chosen.data(), topk);
+            const int64_t placed = update_row(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
+                                              active + r * active_stride, n, positions + r * keep, slots + r * keep,
+                                              update, wanted.data(), of_stride - 1);
+            counts[r] = std::max<int64_t>(placed, 0);
+            if (placed < 0) status = -1;
         }
     });
+    pad_rows(rows, keep, n, positions, slots, counts);
     return status.load();
 }
 
@@ -744,7 +827,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 12; }
+int tbrun_kernels_abi() { return 13; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -837,8 +920,8 @@ constexpr int64_t THREADED_UPDATE_ENTRIES = 8192;
 
 // ResidencyMap.update on r rows: selected [r, k] (distinct positions, -1 padding); slot_pos [*, n + 1]
 // int64, slot_of [*, capacity + 1] int32 and active [*, n + 1] bool, rows at the given strides (elements);
-// positions and slots [r, k] receive each row's copies first (padding: position 0, slot n), counts [r].
-// Returns 0, or -1 if a row has more missing positions than free slots (the caller checks k <= n).
+// positions and slots [r, k] receive each row's copies first, every row padded to the largest count (position
+// 0, slot n; the columns past it are left as they were), counts [r]. Returns 0, or -1 if a row has more missing positions than free slots (the caller checks k <= n).
 // threads > 1: the rows are split among them where r * max(k, n) >= THREADED_UPDATE_ENTRIES.
 int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_t* slot_pos, int64_t pos_stride,
                            int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
@@ -846,17 +929,20 @@ int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_
     std::atomic<int> status{0};
     auto update_rows = [=, &status](int64_t, int64_t first, int64_t last) {
         thread_local UpdateWork work;  // update_row's lists, grown once per thread
-        thread_local std::vector<uint64_t> wanted;  // update_row's bitmap: zeros between calls
-        grow_bitmap(wanted, of_stride);
-        for (int64_t row = first; row < last; ++row)
-            if (!update_row_padded(selected + row * k, k, slot_pos + row * pos_stride, slot_of + row * of_stride,
-                                   active + row * active_stride, n, positions + row * k, slots + row * k,
-                                   counts + row, work, wanted.data()))
-                status = -1;
+        thread_local std::vector<uint8_t> wanted;  // update_row's map: zeros between calls
+        grow_map(wanted, of_stride);
+        for (int64_t row = first; row < last; ++row) {
+            const int64_t placed = update_row(selected + row * k, k, slot_pos + row * pos_stride,
+                                              slot_of + row * of_stride, active + row * active_stride, n,
+                                              positions + row * k, slots + row * k, work, wanted.data(), of_stride - 1);
+            counts[row] = std::max<int64_t>(placed, 0);
+            if (placed < 0) status = -1;
+        }
     };
     // rows are independent (each its own slice of every table): split among threads where there is enough
     // work to pay for starting them
     split_rows(r, r * std::max(k, n) >= THREADED_UPDATE_ENTRIES ? threads : 1, update_rows);
+    pad_rows(r, k, n, positions, slots, counts);
     return status.load();
 }
 

@@ -8,7 +8,8 @@ Reads only the held-out files of the training text (``--corpus`` / ``--data``, t
 split training used), and writes ``OUT.json`` and ``OUT.md``: per context length, recall at budgets
 5/10/25/50% for tokenbutler (and its engine, int8, group-max and per-query-head variants) against the
 oracle's shared set, streaming and random, each sequence evaluated on its own so that every mean has a
-95% interval over sequences; optionally the same for a ``--baseline`` predictor on the same text;
+95% interval over sequences; optionally the same for a ``--baseline`` predictor on the same text, with
+the difference paired by sequence (each sequence's recall is kept in the JSON);
 layer 0's concentration; the interval/neighbour study; and the parameter and memory overhead.
 """
 
@@ -72,8 +73,23 @@ def _merge(results: list[dict]) -> dict:
     merged["oracle_mass"] = {b: sum(r["oracle_mass"][b] for r in results) / len(results) for b in budgets}
     merged["interval"] = {m: {b: mean_interval([r["recall"][m][b] for r in results]) for b in budgets}
                           for m in results[0]["recall"]}
+    # each sequence's recall, in the order evaluated: a baseline's on the same text pairs with it
+    merged["per_sequence"] = {m: {b: [r["recall"][m][b] for r in results] for b in budgets}
+                              for m in results[0]["recall"]}
     merged.pop("per_layer_recall", None)
     return merged
+
+
+PAIRED_METHODS = ("tokenbutler", "tokenbutler_engine")
+
+
+def paired_differences(results: dict, baseline: dict) -> dict:
+    """Per method of ``PAIRED_METHODS`` and budget: the mean and 95% interval of predictor minus baseline over
+    the sequences both were judged on (the same text, query rows and teacher pass: ``per_sequence_recall``), so
+    that a difference smaller than either interval can still be told from noise."""
+    return {m: {b: mean_interval([x - y for x, y in zip(results["per_sequence"][m][b], baseline["per_sequence"][m][b])])
+                for b in results["budgets"]}
+            for m in PAIRED_METHODS if m in results["per_sequence"] and m in baseline.get("per_sequence", {})}
 
 
 def overhead(predictor, adapter) -> dict:
@@ -126,12 +142,15 @@ def build_report(args) -> dict:
         report["recall"][label] = results["predictor"]
         if baseline is not None:
             report["baseline_recall"][label] = results["baseline"]
+            report.setdefault("paired", {})[label] = paired_differences(results["predictor"], results["baseline"])
         if args.lookups > 0:
             copied_text, copied = add_recall_spans(sequences, RecallSpans(fraction=args.lookups), seed=args.seed + 1)
             lookups = per_sequence_recall(predictors, adapter, copied_text, args.rows, args.seed, row_pool=copied)
             report.setdefault("lookup_recall", {})[label] = lookups["predictor"]
             if baseline is not None:
                 report.setdefault("baseline_lookup_recall", {})[label] = lookups["baseline"]
+                report.setdefault("paired_lookup", {})[label] = paired_differences(lookups["predictor"],
+                                                                                   lookups["baseline"])
         print(f"recall at {label} done", flush=True)
     if args.interval > 1:
         seq_len, count = parse_lengths(args.lengths)[0]
@@ -170,6 +189,25 @@ def headline(report: dict, key: str = "recall", rows_are: str = "") -> list[str]
             markdown_table(["method", *(f"{n} tokens" for n in lengths)], rows), ""]
 
 
+def paired_table(report: dict, key: str = "paired", rows_are: str = "") -> list[str]:
+    """Predictor minus baseline at 10%, paired over the same held-out sequences, per method and length."""
+    paired = report.get(key)
+    if not paired:
+        return []
+    lengths = list(paired)
+    rows = [[method, *(_signed_cell(paired[n][method][HEADLINE_BUDGET]) if method in paired[n] else "-" for n in lengths)]
+            for method in PAIRED_METHODS]
+    return [f"## Predictor minus baseline at {HEADLINE_BUDGET}{rows_are}, paired by sequence (mean [95% interval])", "",
+            markdown_table(["method", *(f"{n} tokens" for n in lengths)], rows), "",
+            "An interval that excludes 0 tells the two apart on this text; one that includes it does not.", ""]
+
+
+def _signed_cell(interval: dict) -> str:
+    if interval["low"] is None:
+        return f"{interval['mean']:+.3f}"
+    return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+
+
 def to_markdown(report: dict) -> str:
     parts = [markdown_header("TokenButler predictor: held-out recall of oracle top-k attention mass", report), ""]
     o = report["overhead"]
@@ -180,8 +218,10 @@ def to_markdown(report: dict) -> str:
               f"({o['compact_cache_percent_of_kv_bytes_int8']}% with int8 keys). Trained with "
               f"`{report['predictor'].get('command')}`.", ""]
     parts += headline(report)
+    parts += paired_table(report)
     if report.get("lookup_recall"):
         parts += headline(report, "lookup_recall", ", lookup rows only")
+        parts += paired_table(report, "paired_lookup", ", lookup rows only")
         parts += [f"Lookup rows: the held-out text with {report['lookups']:.0%} of each sequence overwritten by copies of earlier "
                   "spans (train-predictor --recall's rule, other spans), query rows drawn only from the copies: "
                   "rows whose model looks far back for one earlier passage, as an answer to a needle does. "

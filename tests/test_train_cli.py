@@ -239,6 +239,14 @@ def test_training_speed_and_recall_reports_run_on_a_tiny_model(tiny_model_dir, t
     lookups = recall["lookup_recall"]["64"]
     assert lookups["rows_per_sequence"] == 8 and lookups["recall"] != recall["recall"]["64"]["recall"]
     assert "lookup rows only" in (tmp_path / "recall.md").read_text()
+    # the baseline is the predictor itself: paired by sequence, every difference is 0 (misaligned pairs would
+    # not be, since the sequences' recalls differ), and the per-sequence values are kept
+    per_sequence = recall["recall"]["32"]["per_sequence"]["tokenbutler"]["10%"]
+    assert len(per_sequence) == 3 and len(set(per_sequence)) > 1
+    paired = recall["paired"]["32"]["tokenbutler_engine"]["10%"]
+    assert paired["n"] == 3 and paired["mean"] == paired["low"] == paired["high"] == 0.0
+    assert recall["paired_lookup"]["64"]["tokenbutler"]["10%"]["mean"] == 0.0
+    assert "paired by sequence" in (tmp_path / "recall.md").read_text()
     assert str(tmp_path) not in json.dumps(recall["predictor"])
     from tbrun_bench import predictor_sweep
 

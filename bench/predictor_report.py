@@ -87,7 +87,8 @@ def paired_differences(results: dict, baseline: dict) -> dict:
     """Per method of ``PAIRED_METHODS`` and budget: the mean and 95% interval of predictor minus baseline over
     the sequences both were judged on (the same text, query rows and teacher pass: ``per_sequence_recall``), so
     that a difference smaller than either interval can still be told from noise."""
-    return {m: {b: mean_interval([x - y for x, y in zip(results["per_sequence"][m][b], baseline["per_sequence"][m][b])])
+    return {m: {b: mean_interval([x - y for x, y in zip(results["per_sequence"][m][b], baseline["per_sequence"][m][b],
+                                                        strict=True)])
                 for b in results["budgets"]}
             for m in PAIRED_METHODS if m in results["per_sequence"] and m in baseline.get("per_sequence", {})}
 
@@ -197,9 +198,13 @@ def paired_table(report: dict, key: str = "paired", rows_are: str = "") -> list[
     lengths = list(paired)
     rows = [[method, *(_signed_cell(paired[n][method][HEADLINE_BUDGET]) if method in paired[n] else "-" for n in lengths)]
             for method in PAIRED_METHODS]
-    return [f"## Predictor minus baseline at {HEADLINE_BUDGET}{rows_are}, paired by sequence (mean [95% interval])", "",
+    counts = ", ".join(f"{next(iter(paired[n].values()))[HEADLINE_BUDGET]['n']} at {n}" for n in lengths if paired[n])
+    baseline = f"`{report['baseline']}`{_short_hash(report.get('baseline_sha256'))}"
+    return [f"## Predictor minus baseline ({baseline}) at {HEADLINE_BUDGET}{rows_are}, paired by sequence "
+            f"(mean [95% interval]; sequences: {counts})", "",
             markdown_table(["method", *(f"{n} tokens" for n in lengths)], rows), "",
-            "An interval that excludes 0 tells the two apart on this text; one that includes it does not.", ""]
+            "An interval that excludes 0 tells the two apart on this text; one that includes it does not (one "
+            "sequence gives no interval).", ""]
 
 
 def _signed_cell(interval: dict) -> str:

@@ -233,6 +233,33 @@ def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, f
         current = torch.where(chosen >= 0, chosen, current) if part == slice(None) else current
 
 
+
+@needs_compiler
+def test_a_one_row_table_of_any_stride_is_read_by_its_length_and_overlapping_rows_are_refused(fresh_native):
+    """numpy gives a row made by ``[None]`` the stride 0, and the update's map of positions is as long as a
+    slot_of row's stride: a one-row table is read by its length, the same plan as a plain [1, n] table, and
+    rows closer than their length are refused before the kernel runs."""
+    import numpy as np
+
+    kernels = native.kernels()
+    slots, capacity = 8, 50
+
+    def tables():
+        return np.full(slots + 1, -1, np.int64), np.full(capacity + 1, -1, np.int32), np.zeros(slots + 1, np.bool_)
+
+    viewed, plain = [a[None] for a in tables()], [a.reshape(1, -1).copy() for a in tables()]
+    assert viewed[1].strides[0] == 0
+    for selected in ([3, 7, 20, 41, -1], [7, 44, 3, 5, 6]):
+        chosen = np.array([selected], dtype=np.int64)
+        got, want = kernels.residency_update(chosen, *viewed), kernels.residency_update(chosen, *plain)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert all(np.array_equal(a, b) for a, b in zip(viewed, plain))
+    two = np.full(2 * (capacity + 1), -1, np.int32)
+    overlapping = np.lib.stride_tricks.as_strided(two, shape=(2, capacity + 1), strides=(4 * capacity, 4))
+    with pytest.raises(ValueError, match="apart by their length"):
+        kernels.residency_update(np.zeros((2, 2), np.int64), np.full((2, slots + 1), -1, np.int64), overlapping,
+                                 np.zeros((2, slots + 1), np.bool_))
+
 @needs_compiler
 def test_a_nan_logit_makes_its_rows_nan_as_in_torch(fresh_native):
     keys, grouped = torch.randn(1, 2, 16, 700), torch.randn(1, 2, 3, 16)
@@ -320,6 +347,23 @@ def test_kernels_run_on_one_thread_unless_told_and_a_bad_count_is_refused(monkey
         with pytest.raises(ValueError, match="whole number of threads"):
             native.kernel_threads()
 
+
+
+def test_the_kernel_variables_follow_the_environment_however_it_changes(monkeypatch):
+    """Read from the environment's own mapping and parsed again only when a value changes: a set, a deletion
+    and an ``os.environ`` replaced by a plain mapping are all seen at the next call."""
+    import os
+
+    monkeypatch.setenv(native.THREADS_VARIABLE, "2")
+    assert native.kernel_threads() == 2
+    monkeypatch.setenv(native.THREADS_VARIABLE, "3")
+    monkeypatch.setenv("TBRUN_NATIVE", "off")
+    assert native.kernel_threads() == 3 and not native.enabled()
+    monkeypatch.delenv(native.THREADS_VARIABLE)
+    monkeypatch.delenv("TBRUN_NATIVE")
+    assert native.kernel_threads() == 1 and native.enabled()
+    monkeypatch.setattr(os, "environ", {native.THREADS_VARIABLE: "4", "TBRUN_NATIVE": "0"})
+    assert native.kernel_threads() == 4 and not native.enabled()
 
 @needs_compiler
 def test_a_library_of_other_signatures_is_not_used(fresh_native, monkeypatch, tmp_path):

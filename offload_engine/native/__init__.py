@@ -64,22 +64,26 @@ def cache_dir() -> Path:
 # does): the kernels' wrappers ask for the two variables below about 500 times a decode step, and
 # os.environ.get (encode the name, look up, decode the value) took ~0.8 µs a time, 0.4 ms a step; a look-up
 # in the mapping itself ~30 ns. Values set through os.environ (tests switch the kernels live) land there too.
-_RAW_ENVIRONMENT = getattr(os.environ, "_data", None)
 THREADS_VARIABLE = "TBRUN_NATIVE_THREADS"
-_ENCODED = {name: os.environ.encodekey(name) for name in (_ENV_SWITCH, THREADS_VARIABLE)} \
-    if _RAW_ENVIRONMENT is not None else {}
+_encoded: dict[str, object] = {}  # variable -> its name as os.environ keeps it
 _parsed: dict[str, tuple[object, object]] = {}  # variable -> (its raw value when parsed, what it parsed to)
 
 
 def _parsed_variable(name: str, parse):
-    """``parse(os.environ.get(name))``, parsed again only when the variable's value changed."""
-    if _RAW_ENVIRONMENT is None:
-        return parse(os.environ.get(name))
-    raw = _RAW_ENVIRONMENT.get(_ENCODED.get(name) or os.environ.encodekey(name))
+    """``parse(os.environ.get(name))``, parsed again only when the variable's value changed. The mapping is
+    looked up at every call, so an ``os.environ`` replaced since import (a test's patch) is the one read."""
+    environ = os.environ
+    raw_environment = getattr(environ, "_data", None)
+    if raw_environment is None or not hasattr(environ, "encodekey") or not hasattr(environ, "decodevalue"):
+        return parse(environ.get(name))
+    key = _encoded.get(name)
+    if key is None:
+        key = _encoded[name] = environ.encodekey(name)
+    raw = raw_environment.get(key)
     held = _parsed.get(name)
     if held is not None and held[0] == raw:
         return held[1]
-    value = parse(None if raw is None else os.environ.decodevalue(raw))
+    value = parse(None if raw is None else environ.decodevalue(raw))
     _parsed[name] = (raw, value)
     return value
 
@@ -316,8 +320,8 @@ class SelectionKernels:
         positions, slots = np.empty((rows, keep), dtype=np.int64), np.empty((rows, keep), dtype=np.int64)
         counts = np.zeros(rows, dtype=np.int64)
         base = keys.detach()
-        tables = (keep, _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of), slot_of.strides[0] // 4,
-                  _address(active), active.strides[0], n, _address(positions), _address(slots), _address(counts),
+        tables = (keep, _address(slot_pos), _row_stride(slot_pos), _address(slot_of), _row_stride(slot_of),
+                  _address(active), _row_stride(active), n, _address(positions), _address(slots), _address(counts),
                   max(1, min(kernel_threads(), rows)))
         if keys.dtype == torch.int8:
             status = self.library.tbrun_select_rows_int8(reduce, q.data_ptr(), rows, g, d, base.data_ptr(),
@@ -415,8 +419,8 @@ class SelectionKernels:
         counts = np.zeros(r, dtype=np.int64)
         if r:  # k == 0 too: every row's selection becomes empty and its mask is cleared
             status = self.library.tbrun_residency_update(
-                _address(chosen), r, k, _address(slot_pos), slot_pos.strides[0] // 8, _address(slot_of),
-                slot_of.strides[0] // 4, _address(active), active.strides[0], n, _address(positions),
+                _address(chosen), r, k, _address(slot_pos), _row_stride(slot_pos), _address(slot_of),
+                _row_stride(slot_of), _address(active), _row_stride(active), n, _address(positions),
                 _address(slots), _address(counts), kernel_threads())
             if status != 0:  # cannot happen with k <= n (ResidencyMap.update checks it before)
                 raise ValueError(f"more missing positions than the {n} slots of a row")
@@ -485,13 +489,22 @@ def _check_scoring(queries: torch.Tensor, keys: torch.Tensor, scales: torch.Tens
 
 
 def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray) -> None:
-    """A residency map's tables as the kernels read them: ``rows`` rows each, contiguous within a row."""
+    """A residency map's tables as the kernels read them: ``rows`` rows each, contiguous within a row, rows
+    apart by at least their length (the kernels take a slot_of row's stride as its length: the update's map of
+    positions has one entry per element of it, the last for padding)."""
     arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
     for name, (array, dtype) in arrays.items():
         contiguous = array.shape[1] <= 1 or array.strides[1] == array.itemsize
-        if array.dtype != dtype or array.shape[0] != rows or not contiguous:
+        apart = array.shape[0] <= 1 or array.strides[0] >= array.shape[1] * array.itemsize
+        if array.dtype != dtype or array.shape[0] != rows or not contiguous or not apart:
             raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{rows}, *] "
-                             f"{np.dtype(dtype)} with contiguous rows")
+                             f"{np.dtype(dtype)} with contiguous rows apart by their length")
+
+
+def _row_stride(table: np.ndarray) -> int:
+    """A checked table's row stride in elements, as the kernels take it: a one-row table's, whatever numpy
+    says it is (0 for a row made by ``[None]``), is its length."""
+    return table.strides[0] // table.itemsize if table.shape[0] > 1 else table.shape[1]
 
 
 _source()  # read now, with the wrappers above (see ABI)

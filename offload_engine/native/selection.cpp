@@ -475,8 +475,8 @@ inline const uint16_t* row_scales(const uint16_t* scales, int64_t scale_stride, 
 // One row of ResidencyMap.update (see residency.py for the rules): the missing positions go to the free
 // slots, empty ones first, then stale ones (held, no longer selected), each lowest first.
 // Which slots stay and which positions are missing come from a byte map of the selected positions
-// (capacity + 1 bytes, one per position and a last one that padding and empty slots write to: in L1 or
-// L2), not from slot_of: its row is capacity entries that the rest of a decode step evicts from the caches,
+// (of_stride >= capacity + 1 bytes, one per position and a last one that padding and empty slots write to:
+// in L1 or L2), not from slot_of: its row is capacity entries that the rest of a decode step evicts from the caches,
 // and k random reads of it cost more than the whole update. slot_of is only written, for the positions
 // placed and the ones they evict. The map is all zeros on entry and on return. Bytes rather than bits: a
 // bit is set or cleared by a read-modify-write of its word, and the next position's bit, often in the same
@@ -784,7 +784,7 @@ void matvec(const float* w, int64_t rows, int64_t cols, const float* x, float* y
 
 // A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (reduce_row: the mean
 // rule over the m cached tokens, the max rule over the candidates), the top keep of the candidates [lo, hi)
-// (topk_row, on the row while it is in L2), and the residency update with them (update_row). What
+// (topk_positions, on the row while it is in L2), and the residency update with them (update_row). What
 // group_scores, topk_rows and residency_update do in three calls, with no [rows, m] scores written out
 // and read back.
 template <typename Key>

@@ -157,14 +157,21 @@ def test_a_row_slice_of_a_wider_tensor_ranks_like_its_copy(cpu_topk, monkeypatch
     assert _as_sets(topk_unsorted(view, 1)[1]) == _as_sets(view.argmax(-1, keepdim=True))
 
 
-def test_the_native_top_k_keeps_the_first_of_equal_scores_at_the_cut(monkeypatch, native_cache):
-    """Every score above the cut, then the first of those equal to it: a defined choice among ties."""
+@pytest.fixture
+def kernels(monkeypatch, native_cache):
+    """The native kernels, built (or the test skipped, saying why), switched off again after the test."""
     monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(native_cache))
     monkeypatch.delenv("TBRUN_NATIVE", raising=False)
     native.reset()
-    kernels = native.kernels()
-    if kernels is None:
+    built = native.kernels()
+    if built is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    yield built
+    native.reset()
+
+
+def test_the_native_top_k_keeps_the_first_of_equal_scores_at_the_cut(kernels):
+    """Every score above the cut, then the first of those equal to it: a defined choice among ties."""
     row = torch.zeros(1, 10000)
     row[0, [5, 50, 9000]] = torch.tensor([3.0, -1.0, 2.0])  # two above the zeros, one below
     values, index = kernels.topk_rows(row, 6)
@@ -175,21 +182,14 @@ def test_the_native_top_k_keeps_the_first_of_equal_scores_at_the_cut(monkeypatch
         kernels.topk_rows(row, 0)
     with pytest.raises(TypeError, match="float32 CPU rows"):
         kernels.topk_rows(row.double(), 3)
-    native.reset()
 
 
 @pytest.mark.parametrize("keep", [1, 700, 4999, 5000])
-def test_the_native_top_k_is_exact_where_most_scores_share_their_leading_bits(keep, monkeypatch, native_cache):
+def test_the_native_top_k_is_exact_where_most_scores_share_their_leading_bits(keep, kernels):
     """The cut's bits are found 8 at a time, and only the scores sharing the bits found so far are counted
     for the next ones: here thousands of distinct scores share their first 9 to 31 bits (consecutive
     floats above 1, a cluster a few units in the last place apart, negatives, an infinity), so every
     narrowing keeps many and the cut falls inside the clusters."""
-    monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(native_cache))
-    monkeypatch.delenv("TBRUN_NATIVE", raising=False)
-    native.reset()
-    kernels = native.kernels()
-    if kernels is None:
-        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     generator = torch.Generator().manual_seed(keep)
     above_one = (torch.arange(1, 3001, dtype=torch.int32) + 0x3F800000).view(torch.float32)  # 1 + k ulp
     cluster = (torch.arange(0, 1500, dtype=torch.int32) * 3 + 0x3F000000).view(torch.float32)  # 0.5 + 3k ulp
@@ -199,4 +199,3 @@ def test_the_native_top_k_is_exact_where_most_scores_share_their_leading_bits(ke
     expected = set(torch.topk(row, keep, dim=-1).indices[0].tolist())  # the scores are distinct
     values, index = kernels.topk_rows(row, keep)
     assert set(index[0].tolist()) == expected and torch.equal(row.gather(-1, index), values)
-    native.reset()

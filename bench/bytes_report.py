@@ -27,7 +27,7 @@ from offload_engine.evaluation.tasks import niah_sample
 from offload_engine.models import load_model
 from offload_engine.policies.tokenbutler import shipped_predictor_for
 
-from .report import fmt, machine_header, markdown_header, markdown_table, provenance, write_json
+from .report import fmt, machine_header, markdown_header, markdown_table, predictor_label, provenance, write_json
 
 SINKS, WINDOW = 4, 32
 VARIANTS = (  # label, interval, neighbors, rule
@@ -130,7 +130,7 @@ def predictors_sentence(records) -> str:
     """The predictors the variants loaded (``predictor_record`` per interval), as a sentence; older reports named none."""
     if not isinstance(records, dict):
         return ""
-    named = [f"{label}: `{r['path']}` (sha256 `{(r['sha256'] or '?')[:8]}...`)" for label, r in records.items() if r]
+    named = [f"{label}: {predictor_label(record)}" for label, record in records.items() if record]
     return " Predictors (shipped, by interval): " + "; ".join(named) + "." if named else ""
 
 

@@ -188,6 +188,14 @@ def markdown_header(title: str, report: dict) -> str:
     return "\n".join(lines)
 
 
+def predictor_label(record: dict | str | None) -> str:
+    """A predictor as reports name it, from its record (``evaluation.harness.predictor_record``: repository path and
+    weights sha256): "`path` (weights sha256 `1234abcd...`)"; a plain name (older reports) as it is."""
+    if not isinstance(record, dict):
+        return str(record)
+    return f"`{record['path']}` (weights sha256 `{(record['sha256'] or '?')[:8]}...`)"
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     """A number for a table, ``-`` when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

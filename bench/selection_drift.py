@@ -35,7 +35,7 @@ from offload_engine.models import load_model
 from offload_engine.policies.tokenbutler import shipped_predictor_for
 from offload_engine.selection.planner import SelectionPlanner
 
-from .report import fmt, machine_header, markdown_header, markdown_table, provenance, write_reports
+from .report import fmt, machine_header, markdown_header, markdown_table, predictor_label, provenance, write_reports
 
 SINKS, WINDOW = 4, 32
 LAGS = (0, 1, 2, 3)
@@ -194,18 +194,11 @@ def cell(entry: dict | None) -> str:
     return f"{fmt(100 * entry['mean'])} [{fmt(100 * entry['low'])}, {fmt(100 * entry['high'])}] ({entry['samples']})"
 
 
-def predictor_name(record: dict | str | None) -> str:
-    """A report's predictor record (``predictor_record``; a plain name in reports before it) as the text names it."""
-    if isinstance(record, dict):
-        return f"`{record['path']}`, weights sha256 `{(record['sha256'] or '?')[:8]}...`"
-    return str(record)
-
-
 def to_markdown(report: dict) -> str:
     s, summary = report["settings"], report["summary"]
     correct = sum(r["correct"] for r in report["samples"])
     lines = [markdown_header("Selection drift: what a reused tokenbutler selection misses", report), "",
-             f"Embedded SmolLM2-135M-Instruct (fp32), the shipped predictor ({predictor_name(s['predictor'])}), niah "
+             f"Embedded SmolLM2-135M-Instruct (fp32), the shipped predictor, {predictor_label(s['predictor'])}, niah "
              f"at {s['context']} tokens "
              f"(the four variants in turn), {s['samples']} samples, budget {s['budget']}, sinks {s['sinks']}, window "
              f"{s['window']}, interval 1, greedy, the eval's answer length (32 tokens, 64 for lists); interval 1 "

@@ -688,29 +688,13 @@ uint32_t topk_cut(const float* row, int64_t n, int64_t keep, TopkWork& work, int
     return kth_largest(keys, count, keep, work.scratch.data());
 }
 
-void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* values, TopkWork& work) {
-    int64_t count = 0;
-    const uint32_t cut = topk_cut(row, n, keep, work, &count);
-    const uint32_t* keys = work.keys.data();
-    const int32_t* where = work.where.data();
-    int64_t j = 0;
-    for (int64_t i = 0; i < count; ++i)  // everything above the cut, then ties at it until keep
-        if (keys[i] > cut) {
-            index[j] = where[i];
-            values[j++] = row[where[i]];
-        }
-    for (int64_t i = 0; i < count && j < keep; ++i)
-        if (keys[i] == cut) {
-            index[j] = where[i];
-            values[j++] = row[where[i]];
-        }
-}
-
 constexpr uint32_t NEG_INF_KEY = 0x007FFFFFu;  // order_key(-inf): only -inf has it, and nothing is below it
 
-// topk_row's selection as positions: entry j of the row is position lo + j, a -inf score none (-1, never
-// selected; only where the cut itself is -inf). The entries above the cut are packed 16 at a time.
-void topk_positions(const float* row, int64_t n, int64_t keep, int64_t lo, int64_t* out, TopkWork& work) {
+// The top keep of row[0, n) as positions: entry j is position lo + j; with minus_inf_none a -inf score is
+// none (-1, never selected; only where the cut itself is -inf). Everything above the cut in row order, packed
+// 16 at a time, then ties at it in row order until keep.
+void topk_positions(const float* row, int64_t n, int64_t keep, int64_t lo, bool minus_inf_none, int64_t* out,
+                    TopkWork& work) {
     int64_t count = 0;
     const uint32_t cut = topk_cut(row, n, keep, work, &count);
     const uint32_t* keys = work.keys.data();
@@ -732,8 +716,15 @@ void topk_positions(const float* row, int64_t n, int64_t keep, int64_t lo, int64
 #endif
     for (; i < count; ++i)
         if (keys[i] > cut) out[j++] = where[i] + lo;
+    const bool none = minus_inf_none && cut == NEG_INF_KEY;
     for (i = 0; i < count && j < keep; ++i)
-        if (keys[i] == cut) out[j++] = cut == NEG_INF_KEY ? -1 : where[i] + lo;
+        if (keys[i] == cut) out[j++] = none ? -1 : where[i] + lo;
+}
+
+// tbrun_topk_rows' row: the indices of topk_positions (every one, -inf too) and their values
+void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* values, TopkWork& work) {
+    topk_positions(row, n, keep, 0, false, index, work);
+    for (int64_t j = 0; j < keep; ++j) values[j] = row[index[j]];
 }
 
 // rows split into contiguous blocks, one per thread (the first on the caller's); each row alike
@@ -810,7 +801,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         for (int64_t r = first; r < last; ++r) {
             reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
                        logits.data(), work, row_scales(scales, scale_stride, r));
-            topk_positions(scores.data() + lo, hi - lo, keep, lo, chosen.data(), topk);
+            topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);
             const int64_t placed = update_row(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
                                               active + r * active_stride, n, positions + r * keep, slots + r * keep,
                                               update, wanted.data(), of_stride - 1);

@@ -56,11 +56,19 @@ def per_sequence_recall(predictors: dict, adapter, sequences: torch.Tensor, rows
     """``evaluate_many`` on each sequence alone (one teacher pass for every predictor), merged per
     predictor: the usual report (means over sequences, which are the means over all rows since every
     sequence has as many) plus ``interval[method][budget]`` over sequences. ``row_pool`` ``[M, T]``:
-    query rows only where it is True."""
-    per_sequence = [evaluate_many(predictors, adapter, ids.unsqueeze(0), rows=rows, seed=seed + i,
+    query rows only where it is True; a sequence with none there is left out (every predictor alike, so
+    pairs stay aligned) and counted in ``sequences_without_rows``."""
+    judged = [i for i in range(len(sequences)) if row_pool is None or bool(row_pool[i].any())]
+    if not judged:
+        raise SystemExit("no held-out sequence has a query row in the pool (--lookups wrote no copies): "
+                         "raise --lookups or use longer --lengths.")
+    per_sequence = [evaluate_many(predictors, adapter, sequences[i].unsqueeze(0), rows=rows, seed=seed + i,
                                   row_pool=None if row_pool is None else row_pool[i : i + 1])
-                    for i, ids in enumerate(sequences)]
-    return {name: _merge([results[name] for results in per_sequence]) for name in predictors}
+                    for i in judged]
+    merged = {name: _merge([results[name] for results in per_sequence]) for name in predictors}
+    for report in merged.values():
+        report["sequences_without_rows"] = len(sequences) - len(judged)
+    return merged
 
 
 def _merge(results: list[dict]) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tbrun_cli.main import app
@@ -260,6 +261,27 @@ def test_training_speed_and_recall_reports_run_on_a_tiny_model(tiny_model_dir, t
     sweep = json.loads((tmp_path / "sweep-report.json").read_text())
     assert sorted(sweep["recall"]["32"]) == ["I16-d4-e2", "I8-d8-e2", "shipped"]
     assert "| I8-d8-e2 | 8 | 8 | 4 |" in (tmp_path / "sweep-report.md").read_text()
+
+
+def test_recall_on_a_row_pool_leaves_out_sequences_without_rows_and_pairs_the_rest(llama_adapter):
+    """A sequence where the pool has no row (no copy was written there) used to stop the report with a
+    KeyError; it is left out for every predictor alike, counted, and the rest still pair."""
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+    from tbrun_bench.predictor_report import paired_differences, per_sequence_recall
+
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(llama_adapter.dims, 2, 8, 32))
+    sequences = torch.randint(0, llama_adapter.dims.vocab_size, (3, 48))
+    pool = torch.zeros(3, 48, dtype=torch.bool)
+    pool[0, 30:40] = pool[2, 20:48] = True
+    results = per_sequence_recall({"predictor": predictor, "baseline": predictor}, llama_adapter, sequences, rows=4,
+                                  seed=0, row_pool=pool)
+    assert results["predictor"]["sequences"] == 2 and results["predictor"]["sequences_without_rows"] == 1
+    assert len(results["predictor"]["per_sequence"]["tokenbutler"]["10%"]) == 2
+    assert paired_differences(results["predictor"], results["baseline"])["tokenbutler"]["10%"]["mean"] == 0.0
+    with pytest.raises(SystemExit, match="--lookups"):
+        per_sequence_recall({"predictor": predictor}, llama_adapter, sequences, rows=4, seed=0,
+                            row_pool=torch.zeros_like(pool))
 
 
 def test_several_complete_caches_train_as_one_mix_taking_turns(tiny_model_dir, tmp_path):

@@ -394,3 +394,34 @@ def test_overhead_can_fill_long_contexts_with_a_repeated_real_prefix():
               "settings": {"model": "tiny", "dtype": "fp32", "new_tokens": 4, "repeats": 1, "skip_steps": 1,
                            "timing_method": "t", "synthetic_kv_tile": 32}, "rows": rows}
     assert "the real keys and values of the prompt's first 32 tokens, repeated" in to_markdown(report)
+
+
+def test_page_bounds_hold_every_token_of_their_page_and_the_prefilter_report_runs(tiny_model_dir, tmp_path):
+    """The page bound is >= the logit of each token of its page (Quest's bound on the compact keys), and
+    bench/page_prefilter.py writes its paired report end to end on a tiny model."""
+    from offload_engine.models import load_model
+    from offload_engine.predictor.checkpoint import save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+    from tbrun_bench import page_prefilter
+
+    adapter = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, 2, 8, 32))
+    keys = torch.randn(adapter.dims.num_kv_heads, 37, 8)  # a last page left partial
+    queries = torch.randn(5, predictor.config.query_heads, 8)
+    logits = predictor.expand_heads(predictor.head_scores(queries, keys))
+    for page in (1, 4, 16):
+        bound = page_prefilter.bound_logits(predictor, queries, keys, page)
+        assert (bound >= logits - 1e-5).all()
+        assert page > 1 or torch.allclose(bound, logits, atol=1e-5)  # a page of one token: the logit itself
+    assert not torch.allclose(page_prefilter.bound_logits(predictor, queries, keys, 16), logits)
+    save_checkpoint(tmp_path / "pred", predictor, {"model_name": "tiny"})
+    page_prefilter.main(["--predictor", str(tmp_path / "pred"), "--model", tiny_model_dir, "--corpus",
+                         "stdlib:json/*.py", "--lengths", "64:2", "--pages", "4,64", "--factors", "1,100",
+                         "--rows", "16", "--out", str(tmp_path / "pages")])
+    report = json.loads((tmp_path / "pages.json").read_text())["lengths"]["64"]
+    assert len(report["per_sequence"]["engine"]) == 2
+    # candidates of 100x the budget are every token: the engine's own selection, to the last digit
+    assert report["minus_engine"]["P4 x100"]["mean"] == 0.0 and report["recall"]["P4 x100 share"]["mean"] == 1.0
+    assert report["recall"]["P4 x1 share"]["mean"] < 1.0
+    assert "minus engine, paired" in (tmp_path / "pages.md").read_text()

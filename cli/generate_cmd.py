@@ -16,7 +16,7 @@ from offload_engine.config import check_refresh_layers, parse_context, parse_lay
 from offload_engine.engine import GenerationResult, resolve_device
 from offload_engine.errors import ConfigError
 from offload_engine.memory import MachineMemory, parse_dtype
-from offload_engine.models import dims_from_config, load_model, resolve_model_path
+from offload_engine.models import EMBEDDED_MODEL_NAME, load_model, model_dims, resolve_model_path
 from offload_engine.policies import build_policy
 from offload_engine.policies.tokenbutler import shipped_predictor_named
 
@@ -125,10 +125,12 @@ def build_engine(o: EngineOptions) -> Engine:
         raise ConfigError("--predictor is only used by --policy tokenbutler.")
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     policy_object = _policy(o.policy, o.predictor) if mode is KVMode.SPARSE_OFFLOAD else None
-    dims = _dims_of(source)
+    dims = model_dims(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
     if mode is KVMode.SPARSE_OFFLOAD and o.predictor is None:
         _say_chosen_predictor(o.policy, source, o.interval, capacity)
+    if mode is KVMode.SPARSE_OFFLOAD and o.predictor is not None:
+        _check_predictor_model(o.predictor, o.model, dims)
     check_refresh_layers(parse_layers(o.refresh_layers), dims.num_layers)  # before the weights load
     selection = SelectionConfig(
         policy=o.policy, budget=_budget(o.budget, mode, capacity), sinks=o.sinks, window=o.window,
@@ -174,6 +176,23 @@ def _say_chosen_predictor(policy: str, source: str, interval: int, capacity: int
                       "(docs/predictor.md); --predictor DIR overrides[/]")
 
 
+def _check_predictor_model(predictor: Path, model: Optional[str], dims) -> None:
+    """Before the weights load: refuse a ``--predictor`` that is not a checkpoint or was trained for a model of
+    another shape (``PredictorError``), and say on stderr when it was trained for a model of another name with
+    this shape (a fine-tune of the same base can share a predictor; another model of equal shape cannot)."""
+    from offload_engine.predictor.checkpoint import check_shape, read_config, resolve_checkpoint_dir
+
+    path = resolve_checkpoint_dir(predictor)
+    recorded = read_config(path)
+    check_shape(recorded, dims, path)
+    trained = recorded.get("model_name")
+    running = model or EMBEDDED_MODEL_NAME
+    if trained and Path(trained).name.lower() != Path(running).name.lower():
+        err_console.print(f"[yellow]note: predictor {str(predictor)!r} was trained for {trained}, not {running} "
+                          "(same shape): if that is another model, its selections mean little; train one for this "
+                          "model with `tbrun train-predictor`.[/]")
+
+
 def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:
     if mode is not KVMode.SPARSE_OFFLOAD:
         if text is not None:
@@ -185,19 +204,6 @@ def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:
     if budget.tokens is not None and budget.tokens > capacity:
         raise ConfigError(f"--budget {budget.tokens} is above --context {capacity}: lower it.")
     return budget
-
-
-def _dims_of(source: str):
-    from transformers import AutoConfig
-
-    from offload_engine.errors import ModelLoadError
-
-    try:
-        return dims_from_config(AutoConfig.from_pretrained(source))
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ModelLoadError(f"could not read the model config of {source!r}: {exc}") from None
 
 
 def _check_fits(dims, capacity, dtype, device, mode, allow_rope_scaling) -> None:

@@ -24,10 +24,9 @@ def info(
     """Device, CUDA, pinned memory, cupy, Triton, the gather method and why, host RAM, and the longest
     context that fits."""
     import torch
-    from transformers import AutoConfig
 
     from offload_engine.memory import UNBOUNDED
-    from offload_engine.models import dims_from_config, resolve_model_path
+    from offload_engine.models import model_dims, resolve_model_path
 
     from .generate_cmd import sliding_window_text
 
@@ -38,7 +37,7 @@ def info(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype or ("bf16" if device.type == "cuda" else "fp32"))
     source = resolve_model_path(model)
-    dims = dims_from_config(AutoConfig.from_pretrained(source))
+    dims = model_dims(source)
     memory = MachineMemory.now(device)
     per_token = dims.kv_bytes_per_token(torch_dtype)
     table.add_row("model", f"{model or 'embedded SmolLM2-135M-Instruct'} ({dims.num_layers} layers, "

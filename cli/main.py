@@ -24,6 +24,14 @@ eval_cmd.register(app)
 serve_cmd.register(app)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"tbrun {version('tbrun')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def configure(
     threads: Optional[int] = typer.Option(
@@ -31,6 +39,8 @@ def configure(
         "$OMP_NUM_THREADS, else the usable cores less those other processes keep busy (one thread more than the "
         "free cores makes every CPU kernel wait for a descheduled thread). tbrun's native selection kernels run on "
         "one thread whatever this is; TBRUN_NATIVE_THREADS=N splits their rows among N."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print tbrun's version and exit."),
 ) -> None:
     """Long-context LLM inference with the KV cache in host memory and learned token selection."""
     from offload_engine import native

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from pathlib import Path
 from typing import Optional
@@ -84,4 +85,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:  # the host, not the port
+                raise ConfigError(f"cannot listen on {host}:{port}: --host {host!r} is not an address of this "
+                                  f"machine ({exc.strerror}); use 127.0.0.1, 0.0.0.0 or one of its own addresses."
+                                  ) from None
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port.") from None

@@ -136,6 +136,9 @@ class SelectionConfig:
             raise ConfigError(f"--sinks must be >= 0 and --window >= 1 (got {self.sinks}, {self.window}).")
         if self.interval < 1:
             raise ConfigError(f"--interval must be >= 1, got {self.interval}.")
+        if self.refresh_layers and self.interval == 1:
+            raise ConfigError("--refresh-layers names the layers that select at every step despite --interval N > 1; "
+                              "at --interval 1 every layer does: add --interval N or drop --refresh-layers.")
         if self.neighbors < 0:
             raise ConfigError(f"--neighbors must be >= 0, got {self.neighbors}.")
         if self.neighbor_rule not in ("radius", "runs"):

@@ -59,7 +59,10 @@ class ContinuationScore:
 
 def resolve_device(name: str) -> torch.device:
     """``cpu`` / ``cuda`` / ``cuda:N`` -> a device, refusing CUDA where there is none."""
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu.")
     return device

@@ -138,6 +138,19 @@ def _refuse_unsupported_options(config) -> None:
         )
 
 
+def model_dims(source: str) -> ModelDims:
+    """The dims of the model at ``source`` (a resolved ``resolve_model_path``) from its config alone, before any
+    weights load; ``ModelLoadError`` when the config cannot be read, ``UnsupportedArchitectureError`` when it is
+    not a supported architecture."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the model config of {source!r}: {exc}") from None
+    return dims_from_config(config)
+
+
 def dims_from_config(config) -> ModelDims:
     """Read ``ModelDims`` from a transformers config, refusing architectures the adapter lacks."""
     model_type = getattr(config, "model_type", None)
@@ -400,7 +413,10 @@ def load_model(
             "or make the hub id available in the local hub cache."
         ) from None
     dims_from_config(config)  # refuse an unsupported architecture before loading weights
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
+    except OSError as exc:  # a config without weights beside it, an unreadable or truncated weights file
+        raise ModelLoadError(f"could not load the weights of {model_id!r}: {exc}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError):

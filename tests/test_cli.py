@@ -65,6 +65,7 @@ def test_info_reports_machine_and_max_context(tiny_model_dir):
     (("--context", "4k"), "longer than the 512 positions"),
     (("--context", "2"), "does not leave room"),
     (("--device", "cuda"), "no CUDA GPU"),
+    (("--device", "GPU"), "--device 'GPU' is not cpu, cuda or cuda:N"),
     (("--offload", "--policy", "streaming", "--budget", "-5"), "at least 1 token"),
     (("--offload", "--policy", "streaming", "--budget", "9999"), "above --context"),
     (("--offload", "--policy", "streaming", "--budget", "150%"), "outside (0, 100%]"),
@@ -74,6 +75,7 @@ def test_info_reports_machine_and_max_context(tiny_model_dir):
     (("--dtype", "int3"), "is not one of"),
     (("--offload", "--policy", "streaming", "--interval", "4", "--refresh-layers", "1,99"), "[99] past the model's last layer"),
     (("--offload", "--policy", "streaming", "--interval", "4", "--refresh-layers", "5-2"), "is not a layer N or a range"),
+    (("--offload", "--policy", "streaming", "--refresh-layers", "1"), "add --interval N or drop --refresh-layers"),
 ])
 def test_bad_input_is_a_clear_error(tiny_model_dir, extra, message):
     args = ["generate", "--model", tiny_model_dir, "--prompt", "hello there", "--no-chat", "--context", "256"]
@@ -93,6 +95,61 @@ def test_missing_model_path_and_unsupported_architecture(tmp_path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     result = run("generate", "--model", str(tmp_path / "gpt2"), "--prompt", "hi")
     assert result.exit_code == 2 and "'gpt2' is not supported" in flat(result.output)
+
+
+def test_a_model_folder_without_weights_or_config_is_a_clear_error(tiny_model_dir, tmp_path):
+    """A folder with a config but no weights (a half-finished download or copy) and a folder without a config,
+    for generate and info: one message and exit code 2, no traceback."""
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "no-weights")
+    result = run("generate", "--model", str(tmp_path / "no-weights"), "--prompt", "hi", "--context", "128")
+    assert result.exit_code == 2 and "could not load the weights" in flat(result.output), result.output
+    (tmp_path / "empty").mkdir()
+    for command in (("info",), ("generate", "--prompt", "hi")):
+        result = run(*command, "--model", str(tmp_path / "empty"))
+        assert result.exit_code == 2 and "could not read the model config" in flat(result.output), result.output
+        assert "Traceback" not in result.output
+
+
+def test_a_predictor_of_another_model_name_is_noted_and_of_another_shape_refused_before_the_weights(
+        tiny_model_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    from offload_engine.models import model_dims
+    from offload_engine.predictor.checkpoint import save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+    dims = model_dims(tiny_model_dir)
+    sparse = ("--offload", "--policy", "tokenbutler", "--budget", "40", "--sinks", "2", "--window", "8")
+    for name, trained_for in (("other", "Llama-3.2-1B"), ("same", f"someone/{Path(tiny_model_dir).name}")):
+        save_checkpoint(tmp_path / name, TokenButlerPredictor(PredictorConfig.for_model(dims, 2, 8, 16)),
+                        {"model_name": trained_for})
+    result = generate(tiny_model_dir, *sparse, "--predictor", str(tmp_path / "other"))
+    assert result.exit_code == 0 and "was trained for Llama-3.2-1B" in flat(result.output), result.output
+    result = generate(tiny_model_dir, *sparse, "--predictor", str(tmp_path / "same"))  # the same model by its hub id
+    assert result.exit_code == 0 and "was trained for" not in flat(result.output), result.output
+    wider = dataclasses.replace(dims, num_layers=dims.num_layers + 1)
+    save_checkpoint(tmp_path / "wider", TokenButlerPredictor(PredictorConfig.for_model(wider, 2, 8, 16)))
+    from tbrun_cli import generate_cmd
+
+    monkeypatch.setattr(generate_cmd, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    result = generate(tiny_model_dir, *sparse, "--predictor", str(tmp_path / "wider"))
+    assert result.exit_code == 2 and "was trained for another model" in flat(result.output), result.output
+
+
+def test_serve_says_a_bad_host_is_the_host(monkeypatch):
+    import socket
+
+    from offload_engine.errors import ConfigError
+    from tbrun_cli.serve_cmd import check_port_free
+
+    def refuse(self, address):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket.socket, "bind", refuse)
+    with pytest.raises(ConfigError, match="--host 'no-such-host' is not an address of this machine"):
+        check_port_free("no-such-host", 8080)
 
 
 def test_not_enough_host_memory_is_refused_with_numbers(tiny_model_dir, monkeypatch):

@@ -120,7 +120,13 @@ def test_refresh_layers_select_every_step_and_the_others_reuse(adapter):
 @pytest.mark.parametrize("text,layers", [("14-16", {14, 15, 16}), ("3,7+9-10", {3, 7, 9, 10}), ("", set()),
                                          (" 5 ", {5})])
 def test_refresh_layers_parse_numbers_and_ranges(text, layers):
-    assert SelectionConfig(refresh_layers=text).refresh_layers == frozenset(layers)
+    assert SelectionConfig(interval=4, refresh_layers=text).refresh_layers == frozenset(layers)
+
+
+def test_refresh_layers_without_an_interval_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match="add --interval N or drop --refresh-layers"):
+        SelectionConfig(refresh_layers="14-16")
+    assert SelectionConfig(refresh_layers="").refresh_layers == frozenset()
 
 
 def test_the_engine_refuses_refresh_layers_past_the_model(adapter):

@@ -288,6 +288,8 @@ def _print_summary(result: GenerationResult, sliding: tuple[str, str] | None = N
         ("KV on device", f"prefill peak {s.prefill_peak_kv_bytes / 2**20:.1f} MiB, decode {s.decode_kv_bytes / 2**20:.1f} MiB"),
         ("peak memory", f"host {s.peak_host_bytes / 2**30:.2f} GiB, device {s.peak_device_bytes / 2**30:.2f} GiB"),
     ]
+    if s.predictor:
+        rows.insert(1, ("predictor", s.predictor))
     if sliding is not None:
         rows.append(sliding)
     for name, value in rows:

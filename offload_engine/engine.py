@@ -153,6 +153,13 @@ class Engine:
             return "dense"
         return getattr(self.policy, "label", self.policy.name)  # wrappers: "critical(quest)"
 
+    @property
+    def predictor_source(self) -> str:
+        """The predictor that selects (a checkpoint's folder and weights hash), or "" for a policy without one;
+        a wrapper's (critical) is its base's."""
+        policy = getattr(self.policy, "base", self.policy)
+        return getattr(policy, "predictor_source", "")
+
     # ------------------------------------------------------------------------------ public
     def record_prefill(self, prompt_ids) -> PrefillRecord:
         """Run the model's dense prefill of ``prompt_ids`` once and keep every layer's tensors.
@@ -201,6 +208,7 @@ class Engine:
             finally:
                 backend.close()  # whatever happened above: the KV and the copy thread are freed
         stats.new_tokens = len(generated)
+        stats.predictor = self.predictor_source  # known once the backend has bound the policy
         stats.peak_host_bytes = peak_host_bytes()
         stats.peak_device_bytes = peak_device_bytes(self.device)
         return GenerationResult(generated, self._decode_text(generated), prompt, reason, stats)

@@ -15,6 +15,7 @@ class GenerationStats:
 
     mode: str = ""
     policy: str = ""
+    predictor: str = ""  # tokenbutler's checkpoint folder and weights hash (TokenButlerPolicy.predictor_source)
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0

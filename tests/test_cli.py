@@ -129,6 +129,12 @@ def test_a_predictor_of_another_model_name_is_noted_and_of_another_shape_refused
     assert result.exit_code == 0 and "was trained for Llama-3.2-1B" in flat(result.output), result.output
     result = generate(tiny_model_dir, *sparse, "--predictor", str(tmp_path / "same"))  # the same model by its hub id
     assert result.exit_code == 0 and "was trained for" not in flat(result.output), result.output
+    # the run's statistics name the predictor that selected, through a wrapper too
+    critical = ("--offload", "--policy", "critical(tokenbutler)", "--budget", "40", "--sinks", "2", "--window", "8")
+    result = generate(tiny_model_dir, *critical, "--predictor", str(tmp_path / "same"), "--stats-json",
+                      str(tmp_path / "stats.json"))
+    recorded = json.loads((tmp_path / "stats.json").read_text())["predictor"]
+    assert result.exit_code == 0 and recorded.startswith("same (weights ") and len(recorded) == len("same (weights )") + 8
     wider = dataclasses.replace(dims, num_layers=dims.num_layers + 1)
     save_checkpoint(tmp_path / "wider", TokenButlerPredictor(PredictorConfig.for_model(wider, 2, 8, 16)))
     from tbrun_cli import generate_cmd
@@ -221,6 +227,7 @@ def test_interval_4_and_a_short_context_take_the_predictors_trained_for_them_whe
     result = generate(str(model_dir), *sparse, "--context", "256")
     assert result.exit_code == 0, result.output
     assert loads[-1] == short and f"a context of 256 tokens: using the predictor trained for it, {short}" in flat(result.output)
+    assert f"{short} (weights " in flat(result.output)  # the summary names the one that selected
     result = generate(str(model_dir), *sparse, "--context", "256", "--interval", "4")
     assert result.exit_code == 0 and loads[-1] == "smollm2-135m-instruct-interval4"
     explicit = generate(str(model_dir), *sparse, "--context", "256", "--predictor", str(shipped / "smollm2-135m-instruct"))

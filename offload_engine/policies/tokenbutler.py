@@ -196,6 +196,9 @@ class TokenButlerPolicy(Policy):
         self.cache: ProjectedKeyCache | None = None
         self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
         self._native_mlps: dict[int, tuple] = {}  # producer -> its query network's modules (native_query_mlps)
+        # what answers, for a run's statistics: a checkpoint's folder and weights hash (set when loaded)
+        self.predictor_source = "random weights (seeded)" if self.random_weights else (
+            "given in memory" if self.predictor is not None else "")
 
     @property
     def by_max(self) -> bool:
@@ -236,7 +239,8 @@ class TokenButlerPolicy(Policy):
                     f"`tbrun train-predictor`); shipped predictors exist for: {', '.join(SHIPPED)}."
                 )
             path = str(shipped)
-        predictor, _ = load_checkpoint(path, ctx.dims)
+        predictor, config = load_checkpoint(path, ctx.dims)
+        self.predictor_source = f"{Path(path).name} (weights {str(config.get('weights_sha256'))[:8]})"
         return predictor
 
     def release(self) -> None:

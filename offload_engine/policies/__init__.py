@@ -50,7 +50,12 @@ def build_policy(spec: str, **options) -> Policy:
         wrapper = POLICIES.get(match.group(1))
         if wrapper is None or not getattr(wrapper, "wraps", False):
             raise ConfigError(f"{match.group(1)!r} does not wrap a policy; valid: {', '.join(available_policies())}.")
-        return wrapper(base=build_policy(match.group(2), **options))
+        base = build_policy(match.group(2), **options)
+        if isinstance(base, DensePolicy):  # it keeps every token of every layer: nothing to re-weight
+            raise ConfigError(f"{spec.strip()!r} attends every token, as dense does: {match.group(1)} re-weights a "
+                              "sparse policy's scores; use --policy dense, or wrap a sparse policy, e.g. "
+                              f"{match.group(1)}(tokenbutler).")
+        return wrapper(base=base)
     cls = POLICIES.get(spec.strip())
     if cls is None or getattr(cls, "wraps", False):
         raise ConfigError(f"unknown policy {spec!r}; valid: {', '.join(available_policies())}.")

@@ -382,7 +382,35 @@ def resolve_model_path(model_id: str | None, progress=None) -> str:
         return expanded
     if looks_like_path or model_id.count("/") > 1:
         raise ModelLoadError(f"model path {model_id!r} does not exist: check the path or pass a hub id.")
+    check_hub_reachable(model_id)
     return model_id
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """Refuse now, in one message, a hub id that is not in the local hub cache when the hub's host does not even
+    resolve (no network): the hub client would otherwise retry five times, about 30 seconds of warnings, before
+    failing. A cached id, ``HF_HUB_OFFLINE`` (transformers then answers from the cache, quickly) or a host that
+    resolves go on as before."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid hub id: transformers says so itself
+        return
+    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
+        return
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the local hub cache and the hub ({host}) cannot be reached from this "
+            f"machine: pass a local model directory (`hf download {repo_id} --local-dir DIR` where there is a "
+            "network, then --model DIR)."
+        ) from None
 
 
 def load_model(

@@ -145,6 +145,29 @@ def test_a_predictor_of_another_model_name_is_noted_and_of_another_shape_refused
     assert result.exit_code == 2 and "was trained for another model" in flat(result.output), result.output
 
 
+def test_a_hub_id_neither_cached_nor_reachable_fails_at_once(monkeypatch):
+    """No network: one message before the hub client's retries (about 30 s of warnings); a cached id or a hub
+    host that resolves goes on to transformers as before."""
+    import socket
+
+    from offload_engine import models
+    from offload_engine.errors import ModelLoadError
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelLoadError, match="not in the local hub cache and the hub .* cannot be reached"):
+        models.resolve_model_path("someone/not-cached")
+    result = run("info", "--model", "someone/not-cached")
+    assert result.exit_code == 2 and "hf download someone/not-cached --local-dir DIR" in flat(result.output)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+    assert models.resolve_model_path("someone/not-cached") == "someone/not-cached"
+
+
 def test_serve_says_a_bad_host_is_the_host(monkeypatch):
     import socket
 

@@ -237,8 +237,8 @@ def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, f
 @needs_compiler
 def test_a_one_row_table_of_any_stride_is_read_by_its_length_and_overlapping_rows_are_refused(fresh_native):
     """numpy gives a row made by ``[None]`` the stride 0, and the update's map of positions is as long as a
-    slot_of row's stride: a one-row table is read by its length, the same plan as a plain [1, n] table, and
-    rows closer than their length are refused before the kernel runs."""
+    slot_of row (its length, passed apart from its stride): a one-row table and rows cut from wider ones give
+    the same plan as a plain table, and rows closer than their length are refused before the kernel runs."""
     import numpy as np
 
     kernels = native.kernels()
@@ -254,6 +254,12 @@ def test_a_one_row_table_of_any_stride_is_read_by_its_length_and_overlapping_row
         got, want = kernels.residency_update(chosen, *viewed), kernels.residency_update(chosen, *plain)
         assert all(np.array_equal(a, b) for a, b in zip(got, want))
         assert all(np.array_equal(a, b) for a, b in zip(viewed, plain))
+    wide = [np.concatenate([np.repeat(a[None], 2, 0), np.zeros((2, 5), a.dtype)], 1)[:, : a.size] for a in tables()]
+    narrow = [np.repeat(a[None], 2, 0) for a in tables()]
+    assert wide[1].strides[0] == 4 * (capacity + 6)
+    chosen = np.array([[3, 7, 20, 41, -1], [7, 44, 3, 5, 6]], dtype=np.int64)
+    got, want = kernels.residency_update(chosen, *wide), kernels.residency_update(chosen, *narrow)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want)) and all(np.array_equal(a, b) for a, b in zip(wide, narrow))
     two = np.full(2 * (capacity + 1), -1, np.int32)
     overlapping = np.lib.stride_tricks.as_strided(two, shape=(2, capacity + 1), strides=(4 * capacity, 4))
     with pytest.raises(ValueError, match="apart by their length"):

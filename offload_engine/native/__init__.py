@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 13
+ABI = 14
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -233,19 +233,19 @@ class SelectionKernels:
         signatures = {
             "tbrun_group_scores": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
             "tbrun_group_scores_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
-            "tbrun_residency_update": [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
+            "tbrun_residency_update": [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_gather_pairs": [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), i64, i64,
                                    ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64],
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
-            "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr,
-                                  i64, i64, ptr, ptr, ptr, i64],
+            "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
+                                  ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
-                                       ptr, i64, i64, ptr, ptr, ptr, i64],
+                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_group_scores_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_select_rows_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
-                                       ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
+                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -321,8 +321,8 @@ class SelectionKernels:
         counts = np.zeros(rows, dtype=np.int64)
         base = keys.detach()
         tables = (keep, _address(slot_pos), _row_stride(slot_pos), _address(slot_of), _row_stride(slot_of),
-                  _address(active), _row_stride(active), n, _address(positions), _address(slots), _address(counts),
-                  max(1, min(kernel_threads(), rows)))
+                  slot_of.shape[1], _address(active), _row_stride(active), n, _address(positions), _address(slots),
+                  _address(counts), max(1, min(kernel_threads(), rows)))
         if keys.dtype == torch.int8:
             status = self.library.tbrun_select_rows_int8(reduce, q.data_ptr(), rows, g, d, base.data_ptr(),
                                                          base.stride(0), base.stride(1), m, scales.data_ptr(),
@@ -420,7 +420,7 @@ class SelectionKernels:
         if r:  # k == 0 too: every row's selection becomes empty and its mask is cleared
             status = self.library.tbrun_residency_update(
                 _address(chosen), r, k, _address(slot_pos), _row_stride(slot_pos), _address(slot_of),
-                _row_stride(slot_of), _address(active), _row_stride(active), n, _address(positions),
+                _row_stride(slot_of), slot_of.shape[1], _address(active), _row_stride(active), n, _address(positions),
                 _address(slots), _address(counts), kernel_threads())
             if status != 0:  # cannot happen with k <= n (ResidencyMap.update checks it before)
                 raise ValueError(f"more missing positions than the {n} slots of a row")
@@ -490,8 +490,9 @@ def _check_scoring(queries: torch.Tensor, keys: torch.Tensor, scales: torch.Tens
 
 def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray) -> None:
     """A residency map's tables as the kernels read them: ``rows`` rows each, contiguous within a row, rows
-    apart by at least their length (the kernels take a slot_of row's stride as its length: the update's map of
-    positions has one entry per element of it, the last for padding)."""
+    apart by at least their length (the kernels write every row; rows closer than that would overlap). The
+    kernels take a slot_of row's length apart from its stride (the update's map of positions has one entry
+    per element of a row, the last for padding)."""
     arrays = {"slot_pos": (slot_pos, np.int64), "slot_of": (slot_of, np.int32), "active": (active, np.bool_)}
     for name, (array, dtype) in arrays.items():
         contiguous = array.shape[1] <= 1 or array.strides[1] == array.itemsize
@@ -502,9 +503,9 @@ def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: 
 
 
 def _row_stride(table: np.ndarray) -> int:
-    """A checked table's row stride in elements, as the kernels take it: a one-row table's, whatever numpy
-    says it is (0 for a row made by ``[None]``), is its length."""
-    return table.strides[0] // table.itemsize if table.shape[0] > 1 else table.shape[1]
+    """A checked table's row stride in elements (0 for a one-row table made by ``[None]``: its one row is
+    addressed alike; the kernels size a row by ``slot_of``'s length, passed apart)."""
+    return table.strides[0] // table.itemsize
 
 
 _source()  # read now, with the wrappers above (see ABI)

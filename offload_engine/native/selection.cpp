@@ -475,7 +475,7 @@ inline const uint16_t* row_scales(const uint16_t* scales, int64_t scale_stride, 
 // One row of ResidencyMap.update (see residency.py for the rules): the missing positions go to the free
 // slots, empty ones first, then stale ones (held, no longer selected), each lowest first.
 // Which slots stay and which positions are missing come from a byte map of the selected positions
-// (of_stride >= capacity + 1 bytes, one per position and a last one that padding and empty slots write to:
+// (of_length >= capacity + 1 bytes, one per position and a last one that padding and empty slots write to:
 // in L1 or L2), not from slot_of: its row is capacity entries that the rest of a decode step evicts from the caches,
 // and k random reads of it cost more than the whole update. slot_of is only written, for the positions
 // placed and the ones they evict. The map is all zeros on entry and on return. Bytes rather than bits: a
@@ -487,15 +487,15 @@ struct UpdateWork {
     std::vector<int64_t> missing, empty, stale;  // the positions to fetch; empty slots; stale ones
 };
 
-// update_row's map, one byte per position of a slot_of row of of_stride entries (>= capacity + 1)
-void grow_map(std::vector<uint8_t>& wanted, int64_t of_stride) {
-    if (wanted.size() < static_cast<size_t>(of_stride)) wanted.resize(static_cast<size_t>(of_stride), 0);
+// update_row's map, one byte per position of a slot_of row of of_length entries (>= capacity + 1)
+void grow_map(std::vector<uint8_t>& wanted, int64_t of_length) {
+    if (wanted.size() < static_cast<size_t>(of_length)) wanted.resize(static_cast<size_t>(of_length), 0);
 }
 
 int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_t* slot_of, uint8_t* active,
                    int64_t n, int64_t* positions, int64_t* slots, UpdateWork& work, uint8_t* wanted,
                    int64_t spare) {
-    // spare: the map's last byte (of_stride - 1), past every position; -1 (padding, an empty slot) goes there
+    // spare: the map's last byte (of_length - 1), past every position; -1 (padding, an empty slot) goes there
     for (int64_t i = 0; i < k; ++i) {
         const int64_t p = selected[i];
         wanted[p >= 0 ? p : spare] = 1;
@@ -781,8 +781,8 @@ void matvec(const float* w, int64_t rows, int64_t cols, const float* x, float* y
 template <typename Key>
 int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
                 int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
-                int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
-                int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
+                int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
+                int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
                 const uint16_t* scales = nullptr, int64_t scale_stride = 0) {
     std::atomic<int> status{0};
     split_rows(rows, threads, [=, &status](int64_t, int64_t first, int64_t last) {
@@ -797,14 +797,14 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         scores.resize(static_cast<size_t>(m));
         logits.resize(static_cast<size_t>(g * m));
         chosen.resize(static_cast<size_t>(keep));
-        grow_map(wanted, of_stride);
+        grow_map(wanted, of_length);
         for (int64_t r = first; r < last; ++r) {
             reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
                        logits.data(), work, row_scales(scales, scale_stride, r));
             topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);
             const int64_t placed = update_row(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
                                               active + r * active_stride, n, positions + r * keep, slots + r * keep,
-                                              update, wanted.data(), of_stride - 1);
+                                              update, wanted.data(), of_length - 1);
             counts[r] = std::max<int64_t>(placed, 0);
             if (placed < 0) status = -1;
         }
@@ -818,7 +818,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 13; }
+int tbrun_kernels_abi() { return 14; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -910,22 +910,24 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
 constexpr int64_t THREADED_UPDATE_ENTRIES = 8192;
 
 // ResidencyMap.update on r rows: selected [r, k] (distinct positions, -1 padding); slot_pos [*, n + 1]
-// int64, slot_of [*, capacity + 1] int32 and active [*, n + 1] bool, rows at the given strides (elements);
+// int64, slot_of [*, of_length] int32 (of_length >= capacity + 1) and active [*, n + 1] bool, rows at the given
+// strides (elements; a stride below a row's length only for one row);
 // positions and slots [r, k] receive each row's copies first, every row padded to the largest count (position
 // 0, slot n; the columns past it are left as they were), counts [r]. Returns 0, or -1 if a row has more missing positions than free slots (the caller checks k <= n).
 // threads > 1: the rows are split among them where r * max(k, n) >= THREADED_UPDATE_ENTRIES.
 int tbrun_residency_update(const int64_t* selected, int64_t r, int64_t k, int64_t* slot_pos, int64_t pos_stride,
-                           int32_t* slot_of, int64_t of_stride, uint8_t* active, int64_t active_stride,
-                           int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads) {
+                           int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
+                           int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts,
+                           int64_t threads) {
     std::atomic<int> status{0};
     auto update_rows = [=, &status](int64_t, int64_t first, int64_t last) {
         thread_local UpdateWork work;  // update_row's lists, grown once per thread
         thread_local std::vector<uint8_t> wanted;  // update_row's map: zeros between calls
-        grow_map(wanted, of_stride);
+        grow_map(wanted, of_length);
         for (int64_t row = first; row < last; ++row) {
             const int64_t placed = update_row(selected + row * k, k, slot_pos + row * pos_stride,
                                               slot_of + row * of_stride, active + row * active_stride, n,
-                                              positions + row * k, slots + row * k, work, wanted.data(), of_stride - 1);
+                                              positions + row * k, slots + row * k, work, wanted.data(), of_length - 1);
             counts[row] = std::max<int64_t>(placed, 0);
             if (placed < 0) status = -1;
         }
@@ -981,35 +983,36 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
 int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
                       int64_t row_stride,
                       int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
-                      int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active,
+                      int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
                       int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts,
                       int64_t threads) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
-                       slot_of, of_stride, active, active_stride, n, positions, slots, counts, threads);
+                       slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads);
 }
 
 // The same with bfloat16 keys (as tbrun_group_scores_bf16)
 int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const uint16_t* keys,
                            int64_t row_stride, int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep,
                            int64_t* slot_pos, int64_t pos_stride, int32_t* slot_of, int64_t of_stride,
-                           uint8_t* active, int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots,
-                           int64_t* counts, int64_t threads) {
+                           int64_t of_length, uint8_t* active, int64_t active_stride, int64_t n, int64_t* positions,
+                           int64_t* slots, int64_t* counts, int64_t threads) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
-                       slot_of, of_stride, active, active_stride, n, positions, slots, counts, threads);
+                       slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads);
 }
 
 // The same with int8 keys and their scales (as tbrun_group_scores_int8)
 int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const int8_t* keys,
                            int64_t row_stride, int64_t dim_stride, int64_t m, const uint16_t* scales,
                            int64_t scale_stride, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
-                           int64_t pos_stride, int32_t* slot_of, int64_t of_stride, uint8_t* active,
-                           int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts,
-                           int64_t threads) {
+                           int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length,
+                           uint8_t* active, int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots,
+                           int64_t* counts, int64_t threads) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
-                       slot_of, of_stride, active, active_stride, n, positions, slots, counts, threads, scales,
+                       slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads,
+                       scales,
                        scale_stride);
 }
 

@@ -389,8 +389,8 @@ def resolve_model_path(model_id: str | None, progress=None) -> str:
 def check_hub_reachable(repo_id: str) -> None:
     """Refuse now, in one message, a hub id that is not in the local hub cache when the hub's host does not even
     resolve (no network): the hub client would otherwise retry five times, about 30 seconds of warnings, before
-    failing. A cached id, ``HF_HUB_OFFLINE`` (transformers then answers from the cache, quickly) or a host that
-    resolves go on as before."""
+    failing. A cached id, ``HF_HUB_OFFLINE`` (transformers then answers from the cache, quickly), a proxy in the
+    environment (it resolves the host, not this machine) or a host that resolves go on as before."""
     import socket
     from urllib.parse import urlparse
 
@@ -400,7 +400,8 @@ def check_hub_reachable(repo_id: str) -> None:
         cached = try_to_load_from_cache(repo_id, "config.json")
     except ValueError:  # not a valid hub id: transformers says so itself
         return
-    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if isinstance(cached, str) or constants.HF_HUB_OFFLINE or proxied:
         return
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:

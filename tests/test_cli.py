@@ -160,10 +160,15 @@ def test_a_hub_id_neither_cached_nor_reachable_fails_at_once(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     with pytest.raises(ModelLoadError, match="not in the local hub cache and the hub .* cannot be reached"):
         models.resolve_model_path("someone/not-cached")
     result = run("info", "--model", "someone/not-cached")
     assert result.exit_code == 2 and "hf download someone/not-cached --local-dir DIR" in flat(result.output)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the proxy resolves the hub, not this machine
+    assert models.resolve_model_path("someone/not-cached") == "someone/not-cached"
+    monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
     assert models.resolve_model_path("someone/not-cached") == "someone/not-cached"
 

@@ -28,10 +28,10 @@ from offload_engine.models import load_model
 from offload_engine.predictor.checkpoint import load_checkpoint
 from offload_engine.predictor.corpus import resolve_corpus
 from offload_engine.predictor.data import load_held_out
-from offload_engine.predictor.evaluation import ENGINE_WINDOW, SINKS, budget_counts, select_top, streaming_mask
+from offload_engine.predictor.evaluation import budget_counts, engine_fixed_mask, group_mean_probs, select_top
 from offload_engine.predictor.teacher import causal_mask, layer_states, sample_rows, teacher_probs
 
-from .predictor_report import mean_interval, parse_lengths
+from .predictor_report import mean_interval, parse_lengths, signed_cell
 from .report import machine_header, markdown_header, markdown_table, provenance, write_reports
 
 BUDGET = 0.10
@@ -52,23 +52,16 @@ def bound_logits(predictor, queries: torch.Tensor, keys: torch.Tensor, page: int
     return predictor.expand_heads(bound).float()
 
 
-def group_mean_probabilities(logits: torch.Tensor, group: int, future: torch.Tensor) -> torch.Tensor:
-    """``[H, R, T]`` logits -> ``[KvH, R, T]``: the mean over each group of its heads' softmax (future -1)."""
-    probs = torch.softmax(logits.masked_fill(future, float("-inf")), -1)
-    return probs.view(-1, group, *probs.shape[1:]).mean(1).masked_fill(future, -1.0)
-
-
 def selections(logits, bounds: dict, rows, length: int, group: int, factors) -> dict[str, torch.Tensor]:
     """Per KV head ``[KvH, R, T]`` masks at 10%: ``engine`` and, per (page, factor), the engine's rule restricted
     to the tokens of the ``factor * k / page`` best pages (sinks and window always in), plus their shares."""
     future = causal_mask(rows, length)
     counts = budget_counts(rows, BUDGET)
-    fixed = torch.clamp(counts, max=SINKS) + torch.clamp((counts - SINKS) // 2, min=0, max=ENGINE_WINDOW)
-    always = streaming_mask(rows, fixed, length)
-    shared = group_mean_probabilities(logits, group, future)
+    always = engine_fixed_mask(rows, counts, length)
+    shared = group_mean_probs(logits.masked_fill(future, float("-inf")), group, future)
     out = {"engine": select_top(shared.masked_fill(always, 2.0), counts)}
     for page, page_logits in bounds.items():
-        by_page = group_mean_probabilities(page_logits, group, future).masked_fill(always, 2.0)
+        by_page = group_mean_probs(page_logits.masked_fill(future, float("-inf")), group, future).masked_fill(always, 2.0)
         for factor in factors:
             kept = torch.clamp(torch.ceil(factor * counts / page).long() * page, max=length)
             candidates = (select_top(by_page, kept) & ~future) | always
@@ -144,7 +137,7 @@ def to_markdown(report: dict) -> str:
             for result in lengths.values():
                 d = result["minus_engine"][name]
                 cells.append(f"{result['recall'][name + ' share']['mean']:.0%} / {result['recall'][name]['mean']:.3f} / "
-                             f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+                             f"{signed_cell(d)}")
             rows.append([f"pages of {page}, {factor:g} x the budget", scored, *cells])
     rows.append(["engine (every token scored)", "100%",
                  *(f"100% / {r['recall']['engine']['mean']:.3f}" for r in lengths.values())])

@@ -204,7 +204,7 @@ def paired_table(report: dict, key: str = "paired", rows_are: str = "") -> list[
     if not paired:
         return []
     lengths = list(paired)
-    rows = [[method, *(_signed_cell(paired[n][method][HEADLINE_BUDGET]) if method in paired[n] else "-" for n in lengths)]
+    rows = [[method, *(signed_cell(paired[n][method][HEADLINE_BUDGET]) if method in paired[n] else "-" for n in lengths)]
             for method in PAIRED_METHODS]
     counts = ", ".join(f"{next(iter(paired[n].values()))[HEADLINE_BUDGET]['n']} at {n}" for n in lengths if paired[n])
     baseline = f"`{report['baseline']}`{_short_hash(report.get('baseline_sha256'))}"
@@ -215,7 +215,7 @@ def paired_table(report: dict, key: str = "paired", rows_are: str = "") -> list[
             "sequence gives no interval).", ""]
 
 
-def _signed_cell(interval: dict) -> str:
+def signed_cell(interval: dict) -> str:
     if interval["low"] is None:
         return f"{interval['mean']:+.3f}"
     return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"

@@ -186,7 +186,7 @@ def _check_predictor_model(predictor: Path, model: Optional[str], dims) -> None:
     recorded = read_config(path)
     check_shape(recorded, dims, path)
     trained = recorded.get("model_name")
-    running = model or EMBEDDED_MODEL_NAME
+    running = EMBEDDED_MODEL_NAME if model in (None, "", "default", "embedded") else model
     if trained and Path(trained).name.lower() != Path(running).name.lower():
         err_console.print(f"[yellow]note: predictor {str(predictor)!r} was trained for {trained}, not {running} "
                           "(same shape): if that is another model, its selections mean little; train one for this "

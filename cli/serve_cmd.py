@@ -86,7 +86,7 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:  # the host, not the port
-                raise ConfigError(f"cannot listen on {host}:{port}: --host {host!r} is not an address of this "
-                                  f"machine ({exc.strerror}); use 127.0.0.1, 0.0.0.0 or one of its own addresses."
-                                  ) from None
+                problem = "does not resolve" if isinstance(exc, socket.gaierror) else "is not an address of this machine"
+                raise ConfigError(f"cannot listen on {host}:{port}: --host {host!r} {problem} ({exc.strerror}); "
+                                  "use 127.0.0.1, 0.0.0.0 or one of this machine's own addresses.") from None
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port.") from None

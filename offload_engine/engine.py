@@ -62,7 +62,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not cpu, cuda or cuda:N.") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu.")
     return device

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import native
@@ -144,8 +145,11 @@ def model_dims(source: str) -> ModelDims:
     not a supported architecture."""
     from transformers import AutoConfig
 
+    extra = {}
+    if source.endswith(".gguf") and os.path.isfile(source):  # as load_model reads one
+        extra, source = {"gguf_file": os.path.basename(source)}, os.path.dirname(os.path.abspath(source))
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **extra)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the model config of {source!r}: {exc}") from None
     return dims_from_config(config)
@@ -444,8 +448,8 @@ def load_model(
     dims_from_config(config)  # refuse an unsupported architecture before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
-    except OSError as exc:  # a config without weights beside it, an unreadable or truncated weights file
-        raise ModelLoadError(f"could not load the weights of {model_id!r}: {exc}") from None
+    except (OSError, SafetensorError) as exc:  # a config without weights beside it, an unreadable or truncated file
+        raise ModelLoadError(f"could not load the weights of {model_id or EMBEDDED_MODEL_NAME!r}: {exc}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError):

@@ -417,7 +417,7 @@ def test_page_bounds_hold_every_token_of_their_page_and_the_prefilter_report_run
     assert not torch.allclose(page_prefilter.bound_logits(predictor, queries, keys, 16), logits)
     save_checkpoint(tmp_path / "pred", predictor, {"model_name": "tiny"})
     page_prefilter.main(["--predictor", str(tmp_path / "pred"), "--model", tiny_model_dir, "--corpus",
-                         "stdlib:json/*.py", "--lengths", "64:2", "--pages", "4,64", "--factors", "1,100",
+                         "stdlib:json/*.py", "--lengths", "64:2,48:1", "--pages", "4,64", "--factors", "1,100",
                          "--rows", "16", "--out", str(tmp_path / "pages")])
     report = json.loads((tmp_path / "pages.json").read_text())["lengths"]["64"]
     assert len(report["per_sequence"]["engine"]) == 2

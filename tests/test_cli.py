@@ -66,6 +66,7 @@ def test_info_reports_machine_and_max_context(tiny_model_dir):
     (("--context", "2"), "does not leave room"),
     (("--device", "cuda"), "no CUDA GPU"),
     (("--device", "GPU"), "--device 'GPU' is not cpu, cuda or cuda:N"),
+    (("--device", "meta"), "--device 'meta' is not cpu, cuda or cuda:N"),
     (("--offload", "--policy", "streaming", "--budget", "-5"), "at least 1 token"),
     (("--offload", "--policy", "streaming", "--budget", "9999"), "above --context"),
     (("--offload", "--policy", "streaming", "--budget", "150%"), "outside (0, 100%]"),
@@ -106,6 +107,13 @@ def test_a_model_folder_without_weights_or_config_is_a_clear_error(tiny_model_di
     AutoConfig.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "no-weights")
     result = run("generate", "--model", str(tmp_path / "no-weights"), "--prompt", "hi", "--context", "128")
     assert result.exit_code == 2 and "could not load the weights" in flat(result.output), result.output
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "truncated")  # a download cut short
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run("generate", "--model", str(tmp_path / "truncated"), "--prompt", "hi", "--context", "128")
+    assert result.exit_code == 2 and "could not load the weights" in flat(result.output), result.output
     (tmp_path / "empty").mkdir()
     for command in (("info",), ("generate", "--prompt", "hi")):
         result = run(*command, "--model", str(tmp_path / "empty"))
@@ -114,7 +122,7 @@ def test_a_model_folder_without_weights_or_config_is_a_clear_error(tiny_model_di
 
 
 def test_a_predictor_of_another_model_name_is_noted_and_of_another_shape_refused_before_the_weights(
-        tiny_model_dir, tmp_path, monkeypatch):
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
     import dataclasses
 
     from offload_engine.models import model_dims
@@ -130,6 +138,15 @@ def test_a_predictor_of_another_model_name_is_noted_and_of_another_shape_refused
     assert result.exit_code == 0 and "was trained for Llama-3.2-1B" in flat(result.output), result.output
     result = generate(tiny_model_dir, *sparse, "--predictor", str(tmp_path / "same"))  # the same model by its hub id
     assert result.exit_code == 0 and "was trained for" not in flat(result.output), result.output
+    from tbrun_cli.generate_cmd import _check_predictor_model
+
+    save_checkpoint(tmp_path / "for-embedded", TokenButlerPredictor(PredictorConfig.for_model(dims, 2, 8, 16)),
+                    {"model_name": "SmolLM2-135M-Instruct"})
+    for name in (None, "default", "embedded"):  # every spelling of the embedded model is that model
+        _check_predictor_model(tmp_path / "for-embedded", name, dims)
+    assert "was trained for" not in capsys.readouterr().err
+    _check_predictor_model(tmp_path / "for-embedded", "someone/Other-1B", dims)
+    assert "was trained for SmolLM2-135M-Instruct, not someone/Other-1B" in " ".join(capsys.readouterr().err.split())
     # the run's statistics name the predictor that selected, through a wrapper too
     critical = ("--offload", "--policy", "critical(tokenbutler)", "--budget", "40", "--sinks", "2", "--window", "8")
     result = generate(tiny_model_dir, *critical, "--predictor", str(tmp_path / "same"), "--stats-json",
@@ -183,8 +200,17 @@ def test_serve_says_a_bad_host_is_the_host(monkeypatch):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket.socket, "bind", refuse)
-    with pytest.raises(ConfigError, match="--host 'no-such-host' is not an address of this machine"):
+    with pytest.raises(ConfigError, match="--host 'no-such-host' does not resolve"):
         check_port_free("no-such-host", 8080)
+
+    def elsewhere(self, address):
+        raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+
+    import errno
+
+    monkeypatch.setattr(socket.socket, "bind", elsewhere)
+    with pytest.raises(ConfigError, match="--host '192.0.2.1' is not an address of this machine"):
+        check_port_free("192.0.2.1", 8080)
 
 
 def test_not_enough_host_memory_is_refused_with_numbers(tiny_model_dir, monkeypatch):

@@ -24,7 +24,7 @@ import torch
 from .. import native
 from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
-from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint
+from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint, resolve_checkpoint_dir
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
 from ..selection.scores import GroupScores
 from .base import Candidates, Policy, PolicyContext
@@ -240,7 +240,8 @@ class TokenButlerPolicy(Policy):
                 )
             path = str(shipped)
         predictor, config = load_checkpoint(path, ctx.dims)
-        self.predictor_source = f"{Path(path).name} (weights {str(config.get('weights_sha256'))[:8]})"
+        loaded = resolve_checkpoint_dir(path)  # a training run's folder: its latest checkpoint
+        self.predictor_source = f"{loaded.name} (weights {str(config.get('weights_sha256'))[:8]})"
         return predictor
 
     def release(self) -> None:

@@ -83,20 +83,26 @@ def _selections(probs, logits, rows, fraction, group, generator, stored_logits=N
     }
     if logits is not None:
         masked = logits.masked_fill(future, float("-inf"))
-        shared = _group_mean_probs(masked, group, future)
-        fixed = torch.clamp(counts, max=SINKS) + torch.clamp((counts - SINKS) // 2, min=0, max=ENGINE_WINDOW)
-        always = streaming_mask(rows, fixed, probs.shape[-1])  # sinks + window, kept first
+        shared = group_mean_probs(masked, group, future)
+        always = engine_fixed_mask(rows, counts, probs.shape[-1])  # sinks + window, kept first
         masks["tokenbutler"] = _expand(select_top(shared, counts), group)
         masks["tokenbutler_engine"] = _expand(select_top(shared.masked_fill(always, 2.0), counts), group)
         masks["tokenbutler_group_max"] = _expand(select_top(masked.view(kvh, group, *masked.shape[1:]).amax(1), counts), group)
         masks["tokenbutler_per_head"] = select_top(masked, counts)
     for method, variant in (stored_logits or {}).items():
-        shared_variant = _group_mean_probs(variant.masked_fill(future, float("-inf")), group, future)
+        shared_variant = group_mean_probs(variant.masked_fill(future, float("-inf")), group, future)
         masks[method] = _expand(select_top(shared_variant, counts), group)
     return masks
 
 
-def _group_mean_probs(masked_logits: torch.Tensor, group: int, future: torch.Tensor) -> torch.Tensor:
+def engine_fixed_mask(rows: torch.Tensor, counts: torch.Tensor, length: int) -> torch.Tensor:
+    """What the engine attends whatever the scores, bool ``[1, R, T]``: the first ``min(SINKS, k)`` tokens and a
+    window of ``min(ENGINE_WINDOW, (k - SINKS) // 2)`` recent ones, for ``counts`` ``[R]`` = k per row."""
+    fixed = torch.clamp(counts, max=SINKS) + torch.clamp((counts - SINKS) // 2, min=0, max=ENGINE_WINDOW)
+    return streaming_mask(rows, fixed, length)
+
+
+def group_mean_probs(masked_logits: torch.Tensor, group: int, future: torch.Tensor) -> torch.Tensor:
     """``[H, R, T]`` logits (future ``-inf``) -> ``[KvH, R, T]`` mean softmax over each group (future -1)."""
     probs = torch.softmax(masked_logits, -1)
     return probs.view(-1, group, *probs.shape[1:]).mean(1).masked_fill(future, -1.0)

@@ -143,16 +143,28 @@ def model_dims(source: str) -> ModelDims:
     """The dims of the model at ``source`` (a resolved ``resolve_model_path``) from its config alone, before any
     weights load; ``ModelLoadError`` when the config cannot be read, ``UnsupportedArchitectureError`` when it is
     not a supported architecture."""
+    return dims_from_config(read_config(*transformers_source(source)))
+
+
+def transformers_source(source: str) -> tuple[str, dict]:
+    """A resolved model source as transformers takes it: (a directory or hub id, extra keyword arguments);
+    a ``.gguf`` file becomes its directory and ``gguf_file``."""
+    if source.endswith(".gguf") and os.path.isfile(source):
+        return os.path.dirname(os.path.abspath(source)), {"gguf_file": os.path.basename(source)}
+    return source, {}
+
+
+def read_config(source: str, extra: dict):
+    """The transformers config at ``transformers_source``'s answer; ``ModelLoadError`` when it cannot be read."""
     from transformers import AutoConfig
 
-    extra = {}
-    if source.endswith(".gguf") and os.path.isfile(source):  # as load_model reads one
-        extra, source = {"gguf_file": os.path.basename(source)}, os.path.dirname(os.path.abspath(source))
     try:
-        config = AutoConfig.from_pretrained(source, **extra)
+        return AutoConfig.from_pretrained(source, **extra)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not read the model config of {source!r}: {exc}") from None
-    return dims_from_config(config)
+        raise ModelLoadError(
+            f"could not read the model config of {source!r}: {exc}. Pass a local model directory, "
+            "or make the hub id available in the local hub cache."
+        ) from None
 
 
 def dims_from_config(config) -> ModelDims:
@@ -429,23 +441,12 @@ def load_model(
     ``model_id``: a local directory, a ``.gguf`` file, a hub id (from the local hub cache when
     offline), or ``None`` for the embedded SmolLM2-135M-Instruct.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # tbrun shows its own progress
-    source = resolve_model_path(model_id, progress)
-    extra = {}
-    if source.endswith(".gguf") and os.path.isfile(source):
-        extra = {"gguf_file": os.path.basename(source)}
-        source = os.path.dirname(os.path.abspath(source))
-    try:
-        config = AutoConfig.from_pretrained(source, **extra)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not read the config of {model_id!r}: {exc}. Pass a local model directory, "
-            "or make the hub id available in the local hub cache."
-        ) from None
-    dims_from_config(config)  # refuse an unsupported architecture before loading weights
+    source, extra = transformers_source(resolve_model_path(model_id, progress))
+    dims_from_config(read_config(source, extra))  # refuse an unsupported architecture before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
     except (OSError, SafetensorError) as exc:  # a config without weights beside it, an unreadable or truncated file

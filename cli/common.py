@@ -21,12 +21,34 @@ def user_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            configure_cpu()
             return command(*args, **kwargs)
         except TbrunError as exc:
             err_console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+_REQUESTED_THREADS: list[int | None] = [None]
+
+
+def request_cpu_threads(threads: int | None) -> None:
+    """Remember ``tbrun --threads`` (the root command's callback runs before the command's options are parsed)."""
+    _REQUESTED_THREADS[0] = threads
+
+
+def configure_cpu() -> None:
+    """Apply the requested ``--threads`` and check ``$TBRUN_NATIVE_THREADS`` as a command starts, before it
+    allocates anything (not in the root callback: a command's --help then loads no torch)."""
+    from offload_engine import native
+    from offload_engine.machine import apply_cpu_threads
+
+    try:
+        apply_cpu_threads(_REQUESTED_THREADS[0])
+        native.kernel_threads()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:

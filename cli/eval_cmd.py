@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from offload_engine.config import Budget
-from offload_engine.evaluation.harness import EvalConfig, RunPoint, run_eval, split_policies
-from offload_engine.evaluation.report import MARKDOWN_FILE, main_table
 from offload_engine.evaluation.tasks import TASKS
-from offload_engine.machine import portable_path
 
 from .common import console, err_console, user_errors
+
+if TYPE_CHECKING:
+    from offload_engine.evaluation.harness import EvalConfig
 
 DEFAULT_BUDGETS = "5%,10%,25%,50%"
 
@@ -57,6 +57,9 @@ def eval_command(
     out: Path = typer.Option(..., "--out", "-o", help="Report directory (results.json, report.md, plot.png)."),
 ) -> None:
     """Evaluate policies x budgets on a task through the engine; write JSON, Markdown and a plot."""
+    from offload_engine.evaluation.harness import EvalConfig, split_policies
+    from offload_engine.evaluation.report import MARKDOWN_FILE, main_table
+
     config = EvalConfig(
         task=task, policies=split_policies(policy), budgets=[Budget.parse(b) for b in budget.split(",") if b.strip()],
         context=context, samples=samples, seed=seed, model=model, predictor=predictor, device=device,
@@ -77,6 +80,8 @@ def _command_line(ctx: typer.Context) -> str:
 
     Paths are written relative to the repository when inside it (reports name no local path);
     ``--max-minutes`` is left out (it does not change results: the command finishes a partial run)."""
+    from offload_engine.machine import portable_path
+
     words = ["tbrun", "eval"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
@@ -97,6 +102,8 @@ def _run_with_progress(config: EvalConfig, out: Path, overwrite: bool, command: 
                        max_minutes: float | None = None) -> dict:
     """``run_eval`` under a rich progress bar over the (run point, sample) pairs (a resumed run starts
     where the interrupted one stopped)."""
+    from offload_engine.evaluation.harness import RunPoint, run_eval
+
     columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console) as progress:

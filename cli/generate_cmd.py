@@ -5,22 +5,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, encode_prompt
-from offload_engine.config import check_refresh_layers, parse_context, parse_layers
-from offload_engine.engine import GenerationResult, resolve_device
+from offload_engine.config import (
+    Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, check_refresh_layers, parse_context, parse_layers,
+)
 from offload_engine.errors import ConfigError
-from offload_engine.memory import MachineMemory, parse_dtype
-from offload_engine.models import EMBEDDED_MODEL_NAME, load_model, model_dims, resolve_model_path
-from offload_engine.policies import build_policy
-from offload_engine.policies.tokenbutler import shipped_predictor_named
 
 from .common import console, err_console, read_prompt, user_errors
+
+if TYPE_CHECKING:
+    from offload_engine.engine import Engine, GenerationResult
+
+# The engine, the models and the policies (torch, transformers) are imported inside the functions that use them,
+# so that `tbrun --help` and an option refused at parsing answer without loading them.
 
 
 def register(app: typer.Typer) -> None:
@@ -102,6 +104,8 @@ def generate(
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics as JSON here."),
 ) -> None:
     """Generate text for a prompt, streaming tokens, then print a summary of the run."""
+    from offload_engine.engine import encode_prompt
+
     text = read_prompt(prompt, prompt_file)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
@@ -117,6 +121,10 @@ def generate(
 
 def build_engine(o: EngineOptions) -> Engine:
     """Check the options, refuse what cannot fit before loading weights, load the model, build the engine."""
+    from offload_engine.engine import Engine, resolve_device
+    from offload_engine.memory import parse_dtype
+    from offload_engine.models import load_model, model_dims, resolve_model_path
+
     device_name = o.device or ("cuda" if _cuda_available() else "cpu")
     torch_device = resolve_device(device_name)
     torch_dtype = parse_dtype(o.dtype or ("bf16" if torch_device.type == "cuda" else "fp32"))
@@ -158,6 +166,8 @@ def _mode(offload: bool, policy: str) -> KVMode:
 
 
 def _policy(spec: str, predictor: Optional[Path]):
+    from offload_engine.policies import build_policy
+
     options = {"predictor_path": str(predictor)} if predictor is not None else {}
     return build_policy(spec, **options)
 
@@ -168,6 +178,8 @@ def _say_chosen_predictor(policy: str, source: str, interval: int, capacity: int
     chooses it: ``shipped_predictor_named``)."""
     if "tokenbutler" not in policy:
         return
+    from offload_engine.policies.tokenbutler import shipped_predictor_named
+
     chosen = shipped_predictor_named(source, interval, capacity)
     if chosen is None or chosen == shipped_predictor_named(source):
         return
@@ -180,6 +192,7 @@ def _check_predictor_model(predictor: Path, model: Optional[str], dims) -> None:
     """Before the weights load: refuse a ``--predictor`` that is not a checkpoint or was trained for a model of
     another shape (``PredictorError``), and say on stderr when it was trained for a model of another name with
     this shape (a fine-tune of the same base can share a predictor; another model of equal shape cannot)."""
+    from offload_engine.models import EMBEDDED_MODEL_NAME
     from offload_engine.predictor.checkpoint import check_shape, read_config, resolve_checkpoint_dir
 
     path = resolve_checkpoint_dir(predictor)
@@ -209,6 +222,7 @@ def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:
 def _check_fits(dims, capacity, dtype, device, mode, allow_rope_scaling) -> None:
     """Refuse, before loading weights, a context the model or the machine cannot hold."""
     from offload_engine.errors import InsufficientMemoryError
+    from offload_engine.memory import MachineMemory
 
     if capacity > dims.max_positions and not allow_rope_scaling:
         raise ConfigError(

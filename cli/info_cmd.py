@@ -7,9 +7,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from offload_engine.machine import describe_machine
-from offload_engine.memory import MachineMemory, parse_dtype
-
 from .common import console, user_errors
 
 
@@ -25,7 +22,8 @@ def info(
     context that fits."""
     import torch
 
-    from offload_engine.memory import UNBOUNDED
+    from offload_engine.machine import describe_machine
+    from offload_engine.memory import UNBOUNDED, MachineMemory, parse_dtype
     from offload_engine.models import model_dims, resolve_model_path
 
     from .generate_cmd import sliding_window_text

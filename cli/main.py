@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from . import bench_cmd, eval_cmd, generate_cmd, info_cmd, serve_cmd, train_cmd
+from .common import request_cpu_threads
 
 app = typer.Typer(
     name="tbrun",
@@ -43,15 +44,8 @@ def configure(
                                  help="Print tbrun's version and exit."),
 ) -> None:
     """Long-context LLM inference with the KV cache in host memory and learned token selection."""
-    from offload_engine import native
-    from offload_engine.machine import apply_cpu_threads
-
-    try:
-        apply_cpu_threads(threads)
-        native.kernel_threads()  # $TBRUN_NATIVE_THREADS, checked before any command allocates anything
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    request_cpu_threads(threads)  # applied as the command starts (common.user_errors), after its options are
+    # parsed: a command's --help, or an option it refuses, answers without loading torch
 
 
 def main() -> None:

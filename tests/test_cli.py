@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -51,6 +53,28 @@ def test_a_share_budget_below_sinks_and_window_on_a_short_prompt_runs_and_says_s
                       "--window", "64")
     assert result.exit_code == 0, result.output
     assert "below --sinks + --window" in flat(result.output)
+
+
+def test_help_version_and_refused_options_answer_without_loading_torch():
+    """``tbrun --help``, every command's ``--help``, ``--version`` and an option refused while parsing run in a
+    fresh process that never imports torch or transformers (they take seconds to load; help should not)."""
+    script = """
+import sys
+from typer.testing import CliRunner
+from tbrun_cli.main import app
+asks = [["--help"], ["--version"], ["generate", "--help"], ["eval", "--help"], ["info", "--help"],
+        ["serve", "--help"], ["train-predictor", "--help"], ["bench", "latency", "--help"],
+        ["bench", "gather", "--help"], ["--threads", "2", "generate", "--help"]]
+for args in asks:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and result.output.strip(), (args, result.exit_code, result.output)
+refused = CliRunner().invoke(app, ["generate", "--sinks", "four"])
+assert refused.exit_code == 2 and "'--sinks'" in refused.output, refused.output
+print(" ".join(name for name in ("torch", "transformers", "offload_engine.engine") if name in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"loaded: {done.stdout.strip()}"
 
 
 def test_info_reports_machine_and_max_context(tiny_model_dir):
@@ -155,9 +179,9 @@ def test_a_predictor_of_another_model_name_is_noted_and_of_another_shape_refused
     assert result.exit_code == 0 and recorded.startswith("same (weights ") and len(recorded) == len("same (weights )") + 8
     wider = dataclasses.replace(dims, num_layers=dims.num_layers + 1)
     save_checkpoint(tmp_path / "wider", TokenButlerPredictor(PredictorConfig.for_model(wider, 2, 8, 16)))
-    from tbrun_cli import generate_cmd
+    from offload_engine import models
 
-    monkeypatch.setattr(generate_cmd, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
     result = generate(tiny_model_dir, *sparse, "--predictor", str(tmp_path / "wider"))
     assert result.exit_code == 2 and "was trained for another model" in flat(result.output), result.output
 

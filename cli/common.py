@@ -16,7 +16,8 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn a ``TbrunError`` into one clear message and exit code 2 (no traceback)."""
+    """Every command's boundary: apply ``--threads`` as it starts (``configure_cpu``), and turn a ``TbrunError``
+    into one clear message and exit code 2 (no traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import re
 import shlex
 import sys
@@ -25,11 +27,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import psutil
+
 from offload_engine.errors import ConfigError
 from offload_engine.evaluation.report import (RESULTS_FILE, budget_percent, draw_budget_plot, metric_cell,
                                               metric_heading, plot_title, policy_table, provenance, table_lines)
 from offload_engine.evaluation.scoring import paired_difference, sample_value
 from offload_engine.evaluation.tasks import TASKS
+
+from .report import cpu_model
 
 PROGRAM = "python -m tbrun_bench.eval_summary"
 SUMMARY_MD = "summary.md"
@@ -402,11 +408,20 @@ def machine_section(runs: list[Run]) -> list[str]:
     return lines
 
 
+def summary_machine() -> str:
+    """The machine this summary was written on, in one line: CPU, cores, RAM, Python."""
+    memory = psutil.virtual_memory()
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {memory.total / 2**30:.1f} GiB RAM, "
+            f"Python {platform.python_version()}")
+
+
 def to_markdown(summaries: list[TaskSummary], runs: list[Run], skipped: list[str], prov: dict,
                 versus: tuple[str, ...] = ()) -> str:
     """The whole ``summary.md``; ``versus``: points to pair every point with, besides the usual three."""
     lines = [f"# tbrun eval: summary of {count(len(runs), 'run')}, {count(len(summaries), 'task')}", "",
-             f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`", f"- date: {prov['date']}", "",
+             f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`", f"- date: {prov['date']}",
+             f"- merged on: {summary_machine()} (merging computes nothing: the machines the runs were measured on "
+             "are listed at the end)", "",
              f"![main metric vs budget, one panel per task]({SUMMARY_PNG})", ""]
     if skipped:
         lines += ["Skipped (unreadable):", "", *(f"- {line}" for line in skipped), ""]

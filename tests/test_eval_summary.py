@@ -217,3 +217,12 @@ def test_versus_adds_a_paired_column_only_where_its_point_exists(tmp_path):
     main([str(tmp_path), "--versus", "tokenbutler @aaaaaaaa", "--versus", "tokenbutler @bbbbbbbb"])
     header = [line for line in (tmp_path / SUMMARY_MD).read_text().splitlines() if line.startswith("| policy | budget | minus")]
     assert header and all(line.count("minus tokenbutler @aaaaaaaa") == 1 for line in header)  # the usual column, once
+
+
+def test_the_summary_names_the_machine_it_was_merged_on_and_each_runs_machine(tmp_path):
+    write_run(tmp_path, "a", "tokenbutler", 60.0, "2026-12-01 10:00:00 +0000")
+    markdown = summarize(tmp_path)
+    header = markdown.split("## At a glance", 1)[0]
+    merged_on = [line for line in header.splitlines() if line.startswith("- merged on: ")]
+    assert len(merged_on) == 1 and "cores" in merged_on[0] and "GiB RAM" in merged_on[0]
+    assert "## Machine" in markdown and "- cpu: x86_64" in markdown.split("## Machine", 1)[1]

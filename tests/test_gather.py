@@ -25,6 +25,8 @@ from offload_engine.cpu_cache.gather import (
     self_check,
 )
 
+from gpu_helpers import require_gather_method
+
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -230,7 +232,7 @@ def _pinned_store(heads: int, capacity: int, dim: int, dtype: torch.dtype, via: 
     (head-major), or the host store's registered token-major memory."""
     from offload_engine.cpu_cache.host_store import allocate_host
 
-    if via == "registered":
+    if via == "registered":  # the view alone keeps the memory page-locked (allocate_host's promise)
         store = allocate_host((capacity, heads, dim), dtype, pin=True).transpose(0, 1)
     else:
         store = torch.empty((heads, capacity, dim), dtype=dtype, pin_memory=True)
@@ -239,8 +241,7 @@ def _pinned_store(heads: int, capacity: int, dim: int, dtype: torch.dtype, via: 
 
 
 def _require(method: str) -> None:
-    if method not in available_gather_methods("cuda"):
-        pytest.skip(f"gather method {method!r} needs a library this machine lacks")
+    require_gather_method(method)
 
 
 @gpu

@@ -14,12 +14,13 @@ import torch
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.attention import prefill_attention
-from offload_engine.cpu_cache.gather import ALL_METHODS, INDEX, available_gather_methods, gather_fragments
+from offload_engine.cpu_cache.gather import ALL_METHODS, INDEX, gather_fragments
 from offload_engine.cpu_cache.host_store import HostKVStore
 from offload_engine.models import ModelAdapter
 from offload_engine.policies.tokenbutler import TokenButlerPolicy
 from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
 
+from gpu_helpers import require_gather_method
 from tiny_models import tiny_model
 
 pytestmark = [
@@ -78,8 +79,7 @@ def test_bf16_offload_modes_at_full_budget_equal_dense(mode):
 
 @pytest.mark.parametrize("method", [m for m in ALL_METHODS if m != INDEX])
 def test_kernels_move_exactly_the_real_entries(method):
-    if method not in available_gather_methods("cuda"):
-        pytest.skip(f"gather method {method!r} needs a library this machine lacks")
+    require_gather_method(method)
     store = HostKVStore(ModelAdapter(tiny_model("llama", num_key_value_heads=4)).dims, 4099, torch.bfloat16,
                         pin=True)
     src = store.keys[0]

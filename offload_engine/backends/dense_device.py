@@ -12,9 +12,12 @@ from .local_window import LocalRings
 
 
 def check_device_memory(needed: int, device: torch.device) -> None:
-    """Refuse before allocating when the device cannot hold ``needed`` bytes of KV."""
+    """Refuse before allocating when the device cannot hold ``needed`` bytes of KV. On CUDA, free is
+    what the driver reports plus what torch's caching allocator holds unused (a prefill leaves that
+    cache full; torch returns it to the driver when an allocation needs it)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
         if needed > free:
             raise InsufficientMemoryError(
                 f"the KV cache needs {needed / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB "

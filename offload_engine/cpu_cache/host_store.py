@@ -23,6 +23,7 @@ import mmap
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import psutil
 import torch
 
@@ -147,18 +148,32 @@ class HostRegistrar:
         self._unregister(address)
 
 
+class _Mapping:
+    """An anonymous page-aligned, zero-filled mapping of ``nbytes``, handed to numpy (and so to torch)
+    through ``__array_interface__``: every tensor over it keeps this object alive through its storage,
+    so a finalizer attached here runs only once the last view is gone, and before the mapping is
+    unmapped (an object's weak-reference callbacks run before its attributes are released)."""
+
+    def __init__(self, nbytes: int):
+        self.map = mmap.mmap(-1, nbytes)
+        if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+            self.map.madvise(mmap.MADV_HUGEPAGE)  # fewer pages for the driver to lock and map
+        self.address = np.frombuffer(self.map, dtype=np.uint8).ctypes.data  # the export ends with the array
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.address, False),
+                                    "version": 3}
+
+
 class HostBuffer:
     """One page-aligned host allocation of exactly ``nbytes`` (whole pages), page-locked when
-    ``registrar`` is given. Freed when the last tensor viewing it is gone; unpinned by
-    ``close()`` (or when this object is collected), whichever comes first."""
+    ``registrar`` is given. Freed when this object and the last tensor viewing it are gone; unpinned
+    then, or by ``close()`` if that comes first (a view that outlives this object, e.g. a transpose
+    of ``allocate_host``'s tensor, keeps the memory pinned)."""
 
     def __init__(self, nbytes: int, registrar: HostRegistrar | None = None):
         self.nbytes = _round_up(max(nbytes, 1), PAGE_BYTES)
-        self._map = mmap.mmap(-1, self.nbytes)  # anonymous: page-aligned, zero-filled
-        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-            self._map.madvise(mmap.MADV_HUGEPAGE)  # fewer pages for the driver to lock and map
-        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)  # keeps the mapping alive
-        self.address = self.bytes.data_ptr()
+        memory = _Mapping(self.nbytes)
+        self.bytes = torch.from_numpy(np.asarray(memory))  # its storage holds the mapping
+        self.address = memory.address
         self._release = None
         if registrar is not None:
             try:
@@ -168,7 +183,7 @@ class HostBuffer:
                     f"could not page-lock {self.nbytes / 2**30:.2f} GiB of host memory ({exc}); "
                     "check the locked-memory limit (ulimit -l) and free host memory, or lower --context."
                 ) from exc
-            self._release = weakref.finalize(self, registrar.unregister, self.address)
+            self._release = weakref.finalize(memory, registrar.unregister, self.address)
 
     @property
     def pinned(self) -> bool:
@@ -188,14 +203,13 @@ class HostBuffer:
             self._release()
 
 
-def allocate_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A zeroed host tensor in its own buffer, page-locked when ``pin`` (unpinned when the tensor
-    and its views are collected)."""
+def allocate_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool,
+                  registrar: HostRegistrar | None = None) -> torch.Tensor:
+    """A zeroed host tensor in its own buffer, page-locked when ``pin`` (by ``registrar``, default
+    ``HostRegistrar()``); unpinned when the tensor and every view of it are collected."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    buffer = HostBuffer(math.prod(shape) * itemsize, HostRegistrar() if pin else None)
-    tensor = buffer.view(0, shape, dtype)
-    tensor._tbrun_host_buffer = buffer  # unregistered when the tensor goes
-    return tensor
+    buffer = HostBuffer(math.prod(shape) * itemsize, (registrar or HostRegistrar()) if pin else None)
+    return buffer.view(0, shape, dtype)
 
 
 class HostKVStore:

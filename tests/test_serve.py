@@ -192,6 +192,14 @@ def test_bad_requests_get_400_in_the_openai_error_shape(client, server):
     with pytest.raises(openai.BadRequestError) as caught:
         chat(client, "word " * CONTEXT)
     assert caught.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:  # the prompt fits, the answer asked for would not
+        chat(client, "hi", max_tokens=CONTEXT)
+    assert caught.value.body["code"] == "context_length_exceeded" and caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as caught:  # refused, not silently dropped
+        chat(client, "hi", logprobs=True)
+    assert caught.value.body["code"] == "unsupported_parameter" and caught.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError):
+        chat(client, "hi", seed=2**64)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="default", messages=[], max_tokens=4)
     with pytest.raises(openai.NotFoundError):
@@ -200,6 +208,12 @@ def test_bad_requests_get_400_in_the_openai_error_shape(client, server):
     error = json.loads(response.read())["error"]
     connection.close()
     assert response.status == 400 and "JSON" in error["message"] and error["type"] == "invalid_request_error"
+    nulls = {"model": "default", "prompt": "One, two,", "max_tokens": 2, "temperature": None, "top_p": None,
+             "n": None, "stream": None, "seed": None, "stop": None}  # what some clients send: the defaults
+    connection, response = open_stream(server[0], "/v1/completions", nulls)
+    answer = json.loads(response.read())
+    connection.close()
+    assert response.status == 200 and answer["usage"]["completion_tokens"] >= 1
     assert health(server)["status"] == "ok"
 
 

@@ -50,6 +50,40 @@ def test_text_that_only_looks_like_a_stop_string_start_is_sent_at_the_end(tokeni
     assert not stream.stopped and "".join(deltas) == "add(a, b"
 
 
+class ByteTokenizer:
+    """Tokens that are byte strings, decoded as a byte-level tokenizer does (an unfinished UTF-8
+    character comes out as U+FFFD)."""
+
+    chat_template = None
+
+    def __init__(self, tokens: list[bytes]):
+        self.tokens = tokens
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.tokens[i] for i in ids).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("then_finish", [False, True])
+def test_a_stop_string_completed_by_a_token_that_ends_inside_a_character_is_not_sent(then_finish):
+    """"END" arrives with the first byte of a three-byte character: the answer stops there, whether or
+    not another token follows (the generation may end at that token, by length or EOS)."""
+    stream = TextStream(ServeTokenizer(ByteTokenizer([b"hi ", b"END \xe4", b"\xbd\xa0"])), ["END"])
+    sent = [stream.push(0), stream.push(1)]
+    if then_finish:
+        sent.append(stream.finish())
+    assert stream.stopped and "".join(sent) == "hi " == stream.text
+
+
+def test_messages_a_chat_template_refuses_are_a_400_on_messages():
+    from offload_engine.server.protocol import ApiError
+
+    refusing = tiny_tokenizer()
+    refusing.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(ApiError, match="refuses these messages: System role not supported") as caught:
+        ServeTokenizer(refusing).encode_chat([{"role": "system", "content": "be brief"}])
+    assert caught.value.status == 400 and caught.value.param == "messages"
+
+
 def test_the_queue_admits_one_running_and_max_queue_waiting():
     worker = GenerationWorker(session=None, tokenizer=None, max_queue=2)  # thread not started: nothing runs
     loop = asyncio.new_event_loop()
@@ -71,10 +105,25 @@ def test_no_waiting_place_at_max_queue_zero():
     loop.close()
 
 
+def test_a_client_that_left_while_waiting_gives_its_place_up_at_once():
+    worker = GenerationWorker(session=None, tokenizer=None, max_queue=1)  # thread not started: nothing runs
+    loop = asyncio.new_event_loop()
+    first, second = Job([1], SamplingConfig(), [], loop), Job([1], SamplingConfig(), [], loop)
+    worker.submit(first)
+    worker.submit(second)
+    with pytest.raises(QueueFull):
+        worker.submit(Job([1], SamplingConfig(), [], loop))
+    second.cancel()  # its client disconnected
+    assert worker.waiting == 1
+    worker.submit(Job([1], SamplingConfig(), [], loop))
+    assert worker.waiting == 2 and worker.counters.rejected == 1
+    loop.close()
+
+
 @pytest.mark.parametrize("bad", [
     {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 3},
     {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]}, {"messages": []},
-    {"messages": [{"role": "wizard", "content": "hi"}]},
+    {"messages": [{"role": "wizard", "content": "hi"}]}, {"seed": 2**64}, {"seed": -(2**63) - 1},
 ])
 def test_bad_chat_parameters_are_refused(bad):
     body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], **bad}
@@ -93,6 +142,26 @@ def test_requests_read_what_openai_clients_send():
     assert completion.prompt == "one prompt" and completion.token_limit == 16
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"model": "m", "prompt": ["two", "prompts"]})
+
+
+def test_an_explicit_null_means_the_default():
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "temperature": None, "top_p": None,
+            "n": None, "stream": None, "seed": None, "max_tokens": None, "stop": None, "ignore_eos": None}
+    chat = ChatCompletionRequest.model_validate(body)
+    assert (chat.temperature, chat.top_p, chat.n, chat.stream, chat.ignore_eos) == (1.0, 1.0, 1, False, False)
+    assert chat.seed is None and chat.token_limit is None and chat.stop_strings == []
+
+
+@pytest.mark.parametrize("option,value,refused", [
+    ("logprobs", True, True), ("logprobs", False, False), ("top_logprobs", 3, True), ("echo", True, True),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], True), ("tools", [], False),
+    ("logit_bias", {"42": 100}, True), ("presence_penalty", 0.5, True), ("frequency_penalty", 0, False),
+    ("response_format", {"type": "json_object"}, True), ("response_format", {"type": "text"}, False),
+    ("best_of", 2, True), ("user", "someone", False), ("metadata", {"k": "v"}, False),
+])
+def test_options_tbrun_cannot_honour_are_named_when_set_not_dropped(option, value, refused):
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], option: value}
+    assert ChatCompletionRequest.model_validate(body).unsupported_option() == (option if refused else None)
 
 
 def test_serve_refuses_a_taken_port_and_a_negative_queue_before_loading_the_model():

@@ -110,14 +110,14 @@ class _Routes:
         self.engine, self.config, self.tokenizer, self.worker = engine, config, tokenizer, worker
 
     async def chat(self, body: p.ChatCompletionRequest, request: Request):
-        self._check_model(body.model)
+        self._check_request(body)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                     for m in body.messages]
         ids = self.tokenizer.encode_chat(messages)
         return await self._answer(body, ids, request, chat=True)
 
     async def completions(self, body: p.CompletionRequest, request: Request):
-        self._check_model(body.model)
+        self._check_request(body)
         prompt = body.prompt
         ids = [int(t) for t in prompt] if isinstance(prompt, list) else self.tokenizer.encode_text(prompt)
         return await self._answer(body, ids, request, chat=False)
@@ -136,21 +136,34 @@ class _Routes:
                              "rejected": counters.rejected, "failed": counters.failed}}
 
     # ------------------------------------------------------------------------ internals
-    def _check_model(self, name: str) -> None:
-        if name not in self.config.served_names:
-            raise p.ApiError(404, f"the model {name!r} does not exist here: use one of {self.config.served_names}.",
-                             "invalid_request_error", "model", "model_not_found")
+    def _check_request(self, body: p.SamplingRequest) -> None:
+        """A model served here, and no option tbrun cannot honour (``protocol.UNSUPPORTED``)."""
+        if body.model not in self.config.served_names:
+            raise p.ApiError(404, f"the model {body.model!r} does not exist here: use one of "
+                                  f"{self.config.served_names}.", "invalid_request_error", "model", "model_not_found")
+        option = body.unsupported_option()
+        if option is not None:
+            raise p.ApiError(400, f"{option} is not supported by tbrun serve: leave it out (it answers with text, "
+                                  "one choice, no log-probabilities, tools or penalties).", param=option,
+                             code="unsupported_parameter")
 
-    def _sampling(self, body: p.SamplingRequest, prompt_tokens: int) -> SamplingConfig:
-        context = self.engine.config.context
+    def _sampling(self, body: p.SamplingRequest, prompt_tokens: int, chat: bool) -> SamplingConfig:
+        context, prompt_param = self.engine.config.context, "messages" if chat else "prompt"
         if prompt_tokens == 0:
-            raise p.ApiError(400, "the prompt is empty.", param="prompt")
+            raise p.ApiError(400, "the prompt is empty.", param=prompt_param)
         if prompt_tokens >= context:
             raise p.ApiError(400, f"the prompt has {prompt_tokens} tokens; this server's context is {context} "
                                   "tokens, which leaves no room for an answer: shorten the prompt.",
-                             param="messages", code="context_length_exceeded")
+                             param=prompt_param, code="context_length_exceeded")
         room = context - prompt_tokens
-        limit = min(body.token_limit or room, room)
+        asked = body.token_limit
+        limit_param = next((name for name in ("max_completion_tokens", "max_tokens")
+                            if getattr(body, name, None) is not None and name in body.model_fields_set), None)
+        if asked is not None and asked > room and limit_param is not None:  # a default (completions' 16) is cut
+            raise p.ApiError(400, f"{limit_param} is {asked}, but the prompt has {prompt_tokens} tokens of this "
+                                  f"server's {context}: at most {room} can be generated. Lower {limit_param} or "
+                                  "shorten the prompt.", param=limit_param, code="context_length_exceeded")
+        limit = min(asked or room, room)
         seed = body.seed if body.seed is not None else random.getrandbits(63)
         try:
             return SamplingConfig(temperature=body.temperature, top_p=body.top_p, seed=seed, max_new_tokens=limit,
@@ -162,7 +175,7 @@ class _Routes:
         vocab = self.engine.adapter.dims.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise p.ApiError(400, f"a prompt token id is outside the vocabulary [0, {vocab}).", param="prompt")
-        job = Job(ids, self._sampling(body, len(ids)), body.stop_strings, asyncio.get_running_loop())
+        job = Job(ids, self._sampling(body, len(ids), chat), body.stop_strings, asyncio.get_running_loop())
         try:
             self.worker.submit(job)
         except QueueFull:

@@ -2,8 +2,12 @@
 
 Only what tbrun can honour is accepted: one choice (``n == 1``), text content, and the sampling
 parameters ``temperature``, ``top_p``, ``max_tokens`` (``max_completion_tokens`` for chat),
-``seed`` and ``stop``; ``ignore_eos`` is the vLLM extension (decode exactly ``max_tokens``).
-Unknown fields are ignored, as OpenAI-compatible servers do.
+``seed`` and ``stop``; ``ignore_eos`` is the vLLM extension (decode exactly ``max_tokens``). An
+explicit ``null`` means the default, as in OpenAI's API. Options that would change the answer's
+content or shape and that tbrun does not implement (``UNSUPPORTED``: log-probabilities, echo,
+tools, a JSON response format, logit bias, penalties, best_of, suffix) are refused when set to
+anything but their neutral value, never silently dropped; other unknown fields are ignored, as
+OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -37,21 +41,46 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _neutral_response_format(value) -> bool:
+    return value is None or (isinstance(value, dict) and value.get("type") == "text")
+
+
+# option -> whether a value of it is neutral (what tbrun does anyway)
+UNSUPPORTED = {
+    "logprobs": lambda v: not v, "top_logprobs": lambda v: not v, "echo": lambda v: not v,
+    "tools": lambda v: not v, "functions": lambda v: not v, "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: not v, "frequency_penalty": lambda v: not v,
+    "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v, "response_format": _neutral_response_format,
+}
+DEFAULTS_FOR_NULL = {"temperature": 1.0, "top_p": 1.0, "n": 1, "stream": False, "ignore_eos": False}
+
+
 class SamplingRequest(BaseModel):
     """What chat and completion requests share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to be checked against UNSUPPORTED, else unused
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
+
+    @field_validator(*DEFAULTS_FOR_NULL, mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value, info):
+        return DEFAULTS_FOR_NULL[info.field_name] if value is None else value
+
+    def unsupported_option(self) -> str | None:
+        """The first option set that tbrun cannot honour (``UNSUPPORTED``), or None."""
+        extra = self.model_extra or {}
+        return next((name for name, neutral in UNSUPPORTED.items() if name in extra and not neutral(extra[name])),
+                    None)
 
     @field_validator("n")
     @classmethod

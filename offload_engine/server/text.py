@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 
+from jinja2 import TemplateError
+
 from .protocol import ApiError
 
 
@@ -27,7 +29,11 @@ class ServeTokenizer:
             raise ApiError(400, "this model has no chat template: use /v1/completions with a plain prompt.",
                            param="messages")
         with self._lock:
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            try:
+                encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except (TemplateError, ValueError) as exc:  # the template refuses these messages (roles, order)
+                raise ApiError(400, f"this model's chat template refuses these messages: {exc}",
+                               param="messages") from None
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return [int(i) for i in ids]
 
@@ -57,16 +63,16 @@ class TextStream:
         """Add a generated token; returns the new text that is safe to send (may be empty)."""
         self.ids.append(token)
         full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):
-            return ""
-        cut = self._first_stop(full)
+        cut = self._first_stop(full)  # before the unfinished-character check: the token may end in one
         if cut is not None:
             self.stopped = True
             return self._advance(full[:cut])
+        if full.endswith("\ufffd"):
+            return ""
         return self._advance(full[: len(full) - self._held_back(full)])
 
     def finish(self) -> str:
-        """The text held back at the end (no stop string came)."""
+        """The text held back at the end (no stop string came: ``push`` looks for one at every token)."""
         if self.stopped:
             return ""
         return self._advance(self.tokenizer.decode(self.ids))

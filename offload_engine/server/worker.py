@@ -79,7 +79,6 @@ class GenerationWorker:
         self.max_queue = max_queue
         self.counters = Counters()
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._admitted = 0  # jobs submitted and not finished: the running one and those waiting
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tbrun-generation", daemon=True)
         self._current: Job | None = None
@@ -87,7 +86,10 @@ class GenerationWorker:
 
     @property
     def waiting(self) -> int:
-        return max(0, self._admitted - (1 if self.busy else 0))
+        """Jobs queued whose clients are still there (one that left gives its place up at once, though the
+        thread skips it only when it reaches it)."""
+        with self._lock:
+            return sum(1 for job in self._waiting if not job.cancelled.is_set())
 
     @property
     def busy(self) -> bool:
@@ -99,10 +101,10 @@ class GenerationWorker:
     def submit(self, job: Job) -> None:
         """Queue ``job``; ``QueueFull`` when one job runs and ``max_queue`` wait already."""
         with self._lock:
-            if self._admitted >= self.max_queue + 1:
+            waiting = sum(1 for queued in self._waiting if not queued.cancelled.is_set())
+            if waiting + (self._current is not None) >= self.max_queue + 1:
                 self.counters.rejected += 1
                 raise QueueFull
-            self._admitted += 1
             self._waiting.append(job)
         self._queue.put(job)
 
@@ -132,7 +134,6 @@ class GenerationWorker:
             finally:
                 with self._lock:
                     self._current = None
-                    self._admitted -= 1
 
     def _generate(self, job: Job) -> None:
         started = time.perf_counter()

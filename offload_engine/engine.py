@@ -283,6 +283,7 @@ class Engine:
         """Hand ``record``'s tensors to ``backend`` layer by layer (its policy observes them as in a
         normal prefill, sharing derived observations through the record); returns its logits ``[V]``."""
         start = time.perf_counter()
+        self.adapter.reset_rope()  # as a model prefill does (a dynamic RoPE then grows as the decode goes on)
         layers = self.adapter.dims.num_layers
         if len(record.layers) != layers:
             raise ConfigError(f"the prefill record has {len(record.layers)} layers, the model {layers}: "
@@ -305,6 +306,7 @@ class Engine:
         the backend keeps there), and no layer's KV is ever read back from the host.
         """
         start = time.perf_counter()
+        self.adapter.reset_rope()  # a sequence from position 0: no RoPE state from the one before
         tile = self.config.synthetic_kv_tile
         if self.config.synthetic_kv and not tile:
             return self._synthetic_prefill(len(prompt), backend, stats, start)

@@ -108,14 +108,18 @@ def layer_windows(config) -> tuple[int | None, ...]:
     """Per layer, the sliding window the transformers module applies, or None (global).
 
     ``layer_types`` (Gemma 3, Qwen2/3) marks the sliding layers; Mistral applies its
-    ``sliding_window`` on every layer. ``()`` when no layer slides.
+    ``sliding_window`` on every layer; any other family ignores a ``sliding_window`` without
+    ``layer_types`` (a Llama config keeps unknown keys, and transformers' Llama never reads it).
+    ``()`` when no layer slides.
     """
     window = getattr(config, "sliding_window", None)
     if not window:
         return ()
     types = getattr(config, "layer_types", None)
-    if getattr(config, "model_type", None) == "mistral" or types is None:
+    if getattr(config, "model_type", None) == "mistral":
         windows = [int(window)] * config.num_hidden_layers
+    elif types is None:
+        return ()
     else:
         windows = [int(window) if kind == "sliding_attention" else None for kind in types]
     return tuple(windows) if any(w is not None for w in windows) else ()
@@ -184,10 +188,24 @@ def dims_from_config(config) -> ModelDims:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         hidden_size=config.hidden_size,
-        max_positions=config.max_position_embeddings,
+        max_positions=trained_positions(config),
         vocab_size=config.vocab_size,
         windows=layer_windows(config),
     )
+
+
+def trained_positions(config) -> int:
+    """The positions the model as configured is made for: ``max_position_embeddings``, or, for a YaRN
+    RoPE (static: the same scaling at every length, as Qwen2.5 / Qwen3 model cards configure it),
+    ``factor`` times its ``original_max_position_embeddings`` where that is more."""
+    positions = config.max_position_embeddings
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    tables = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for table in tables:
+        if (table.get("rope_type") or table.get("type")) == "yarn" and table.get("factor"):
+            original = table.get("original_max_position_embeddings") or config.max_position_embeddings
+            positions = max(positions, int(float(table["factor"]) * original))
+    return positions
 
 
 class ModelAdapter:
@@ -238,6 +256,33 @@ class ModelAdapter:
             return rotary(hidden, position_ids=positions)
         tables = [rotary(hidden, positions, kind) for kind in self._rope_types]
         return torch.cat([cos for cos, _ in tables]), torch.cat([sin for _, sin in tables])
+
+    def _dynamic_rope_kinds(self) -> list[str | None]:
+        """The RoPE tables (None, or layer types) whose ``rope_type`` is dynamic (NTK)."""
+        rotary = self._decoder.rotary_emb
+        kinds = getattr(rotary, "rope_type", None)
+        if isinstance(kinds, dict):
+            return [kind for kind in self._rope_types if kind is not None and "dynamic" in str(kinds.get(kind))]
+        return [None] if kinds is not None and "dynamic" in str(kinds) else []
+
+    def rope_varies_with_length(self, context: int) -> bool:
+        """Whether a position's RoPE may depend on how long its sequence has grown: a dynamic (NTK) RoPE
+        rescales its frequencies once positions pass the trained ones (``--allow-rope-scaling``), so
+        the K/V of a prefix depend on what followed it and cannot be reused for another prompt."""
+        return bool(self._dynamic_rope_kinds()) and context > self.dims.max_positions
+
+    def reset_rope(self) -> None:
+        """Start a sequence as a freshly loaded model would: a dynamic RoPE keeps the frequencies of the
+        longest sequence it has seen (transformers' ``dynamic_rope_update`` only resets them for a
+        sequence shorter than the trained length), so one run's would leak into the next. Its reset,
+        as transformers does it; other RoPE types keep no state."""
+        rotary = self._decoder.rotary_emb
+        for kind in self._dynamic_rope_kinds():
+            prefix = "" if kind is None else f"{kind}_"
+            current = getattr(rotary, f"{prefix}inv_freq")
+            rotary.register_buffer(f"{prefix}inv_freq", getattr(rotary, f"{prefix}original_inv_freq").to(current.device),
+                                   persistent=False)
+            setattr(rotary, f"{prefix}max_seq_len_cached", rotary.original_max_seq_len)
 
     def window(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (None: global attention)."""

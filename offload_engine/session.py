@@ -117,11 +117,13 @@ class Session:
         """
         reused = min(_common_prefix(self._cached, prompt), len(prompt) - 1)
         self._cached = []  # stale from here until this generation ends
-        if self._backend is not None and self._backend.rewind(reused):
+        varying = self.engine.adapter.rope_varies_with_length(self.engine.config.context)
+        if self._backend is not None and not varying and self._backend.rewind(reused):
             return self._backend, PrefixReuse(reused, len(prompt) - reused)
         self.close()
         self._backend = self.engine._new_backend(clock)
-        reason = self._backend.cannot_rewind()
+        reason = ("the model's dynamic RoPE rescales every position once the sequence passes its trained length"
+                  if varying else self._backend.cannot_rewind())
         note = NO_REUSE_NOTE.format(mode=self.engine.config.mode.value, reason=reason) if reason else ""
         return self._backend, PrefixReuse(0, len(prompt), note)
 

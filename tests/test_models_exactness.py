@@ -83,6 +83,47 @@ def test_windows_come_from_the_config():
     assert layer_windows(tiny_model("gemma3", num_hidden_layers=4).config) == (WINDOW, None, WINDOW, None)
     qwen2 = tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1).config
     assert layer_windows(qwen2) == (None, 16, 16)  # Qwen2/3: layers from max_window_layers on slide
+    # a Llama config keeps a stray sliding_window as an attribute; transformers' Llama never applies it
+    assert layer_windows(tiny_model("llama", sliding_window=8).config) == ()
+
+
+def test_a_yarn_rope_serves_factor_times_its_original_positions():
+    """Qwen2.5 / Qwen3 model cards add YaRN (factor 4 over 32k) and keep max_position_embeddings: the
+    scaled positions are what the model is configured for, no --allow-rope-scaling needed."""
+    from offload_engine.models import trained_positions
+
+    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64)
+    assert trained_positions(tiny_model("qwen2", max_position_embeddings=64, rope_parameters=yarn).config) == 256
+    llama3 = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=64,
+                  low_freq_factor=1.0, high_freq_factor=4.0)
+    assert trained_positions(tiny_model("llama", max_position_embeddings=512, rope_parameters=llama3).config) == 512
+    assert trained_positions(tiny_model("gemma3").config) == tiny_model("gemma3").config.max_position_embeddings
+
+
+def test_a_dynamic_rope_past_its_positions_gives_every_run_a_fresh_models_logits():
+    """A dynamic (NTK) RoPE rescales once positions pass the trained ones and keeps its frequencies;
+    each sequence must start from the model's own (a second run of the same prompt, or a scoring
+    after a generation, gave other logits), and a server cannot reuse a prefix under it."""
+    from offload_engine.session import Session
+
+    dynamic = dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)
+    model = tiny_model("llama", max_position_embeddings=16, rope_parameters=dynamic)
+    prompt = torch.randint(1, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(7))
+    ids, logits = reference(model, prompt)  # transformers, fresh: its RoPE grows from 16 to 30 positions
+    adapter = ModelAdapter(model)
+    engine = Engine(adapter, EngineConfig(context=40, mode=KVMode.DENSE_DEVICE, allow_rope_scaling=True,
+                                          selection=SelectionConfig(policy="dense", budget=None, sinks=2, window=4)))
+    assert adapter.rope_varies_with_length(40) and not adapter.rope_varies_with_length(16)
+    long_ids = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS + 8, ignore_eos=True)).token_ids
+    scored = engine.score_continuation(prompt.tolist(), ids, keep_logits=True).logits
+    torch.testing.assert_close(scored, logits, atol=1e-4, rtol=1e-4)
+    again = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW_TOKENS + 8, ignore_eos=True)).token_ids
+    assert again == long_ids and long_ids[:NEW_TOKENS] == ids
+    session = Session(engine)
+    first, _ = session.generate(prompt.tolist(), SamplingConfig(max_new_tokens=2, ignore_eos=True))
+    _, reuse = session.generate(prompt.tolist() + first.token_ids, SamplingConfig(max_new_tokens=2, ignore_eos=True))
+    assert reuse.reused_tokens == 0 and "dynamic RoPE" in reuse.note
+    session.close()
 
 
 def test_keys_are_post_norm_post_rope_as_the_model_caches_them():

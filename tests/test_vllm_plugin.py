@@ -115,6 +115,22 @@ def test_a_predictor_for_another_model_is_refused_at_load():
     assert str(error.value).startswith("TBRUN_VLLM") and "train" in str(error.value)
 
 
+@pytest.mark.parametrize("parallel,speculative,words", [
+    (dict(tensor_parallel_size=2, pipeline_parallel_size=1), None, "parallelism"),
+    (dict(tensor_parallel_size=1, pipeline_parallel_size=2), None, "parallelism"),  # each worker: its own layers
+    (dict(tensor_parallel_size=1, pipeline_parallel_size=1), SimpleNamespace(method="eagle"), "speculative"),
+])
+def test_set_ups_the_plugin_cannot_select_in_are_refused_before_any_request(parallel, speculative, words):
+    from offload_engine.integrations.vllm.plugin import refuse_unsupported_setup
+
+    config = SimpleNamespace(parallel_config=SimpleNamespace(**parallel), speculative_config=speculative)
+    with pytest.raises(ConfigError, match=f"TBRUN_VLLM: .*{words}"):
+        refuse_unsupported_setup(config)
+    refuse_unsupported_setup(SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1,
+                                                                             pipeline_parallel_size=1),
+                                             speculative_config=None))
+
+
 def test_the_shipped_predictor_is_found_by_model_name_and_a_missing_one_named():
     from offload_engine.integrations.vllm.plugin import load_predictor
 
@@ -360,6 +376,29 @@ def test_interval_reuses_each_sequences_selection_between_predictions():
     reuse.next_step()
     reuse.select(7, new_sequence, predict)
     assert calls[-1] == 1
+
+
+def test_a_selection_kept_steps_ago_is_never_reused():
+    """Steps in which a layer selected nothing (every sequence fit its budget, or only prefills ran) leave
+    its kept selections behind; by then their slots may be another sequence's: it predicts instead."""
+    _, _, table, _ = paged_sequences([48], seed=5)
+    selection = SelectionConfig(budget=Budget(tokens=16), sinks=2, window=4, interval=4)
+    reuse = paged.SelectionReuse(selection.interval)
+    calls = []
+
+    def predict(part):
+        calls.append(part.size)
+        return paged.select_top(torch.randn(part.size, KV_HEADS, part.slots.shape[1]), part)
+
+    reuse.next_step()
+    reuse.select(7, make_batch([40], table, selection), predict)  # step 0 predicts, kept by position 39's slot
+    reuse.next_step()
+    reuse.select(7, make_batch([41], table, selection), predict)  # step 1 reuses it (the previous step's)
+    assert calls == [1]
+    for _ in range(2):
+        reuse.next_step()  # steps 2 and 3: the layer selects nothing
+    reuse.select(7, make_batch([42], table, selection), predict)  # position 40's slot, kept at step 1: stale
+    assert calls == [1, 1]
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,7 @@ class SelectionReuse:
     def __init__(self, interval: int):
         self.interval, self.step = interval, -1
         self.kept: dict[int, dict[int, torch.Tensor]] = {}  # layer -> {slot: positions [KvH, k]}
+        self.kept_at: dict[int, int] = {}  # layer -> the step its kept selections were made at
 
     def next_step(self) -> None:
         self.step += 1
@@ -109,7 +110,10 @@ class SelectionReuse:
         """Selected positions ``[B, KvH, k]`` (-1 padding); ``predict(part)`` selects for a sub-batch."""
         if self.interval <= 1:
             return predict(batch)
-        previous, kept = self.kept.get(layer, {}), {}
+        # only the last step's: older ones may be keyed by slots that another sequence holds now (steps in
+        # between where the layer did not select, every sequence fitting its budget or prefilling)
+        previous = self.kept.get(layer, {}) if self.kept_at.get(layer) == self.step - 1 else {}
+        kept = {}
         prior = batch.slots.gather(1, (batch.lengths - 2).clamp(min=0).unsqueeze(1)).squeeze(1).tolist()
         reused = [previous.get(slot) if self.step % self.interval else None for slot in prior]
         fresh = [b for b, old in enumerate(reused) if old is None]
@@ -122,7 +126,7 @@ class SelectionReuse:
         current = batch.slots.gather(1, (batch.lengths - 1).unsqueeze(1)).squeeze(1).tolist()
         for b, slot in enumerate(current):
             kept[slot] = selected[b]
-        self.kept[layer] = kept
+        self.kept[layer], self.kept_at[layer] = kept, self.step
         outside = ~batch.candidate.gather(1, selected.clamp(min=0).flatten(1)).view_as(selected)
         return selected.masked_fill(outside, PAD)
 

@@ -60,8 +60,7 @@ class Runtime:
         from vllm.model_executor.layers.attention import Attention
         from vllm.model_executor.models.utils import extract_layer_index
 
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
-            raise ConfigError(f"{ENV_VAR}: tensor parallelism is not supported by the tbrun plugin yet; unset {ENV_VAR} or use one worker.")
+        refuse_unsupported_setup(vllm_config)
         layers = {extract_layer_index(m.layer_name): (name, m) for name, m in model.named_modules() if isinstance(m, Attention)}
         if not layers:
             raise ConfigError(f"{ENV_VAR}: the model has no attention layers the tbrun plugin can select for.")
@@ -70,6 +69,9 @@ class Runtime:
             if impl.sliding_window not in (-1, None) or impl.alibi_slopes is not None or impl.logits_soft_cap or impl.sinks is not None:
                 raise ConfigError(f"{ENV_VAR}: layer {name} uses sliding windows, ALiBi, soft-capping or attention sinks, "
                                   "which the tbrun plugin does not handle yet; unset it for this model.")
+            if getattr(impl, "kv_cache_dtype", "auto") != "auto":
+                raise ConfigError(f"{ENV_VAR}: kv_cache_dtype={impl.kv_cache_dtype} stores quantised K/V the tbrun plugin "
+                                  f"cannot read; leave kv_cache_dtype at auto, or unset {ENV_VAR}.")
         parents = {index: model.get_submodule(name.rsplit(".", 1)[0]) for index, (name, _) in layers.items()}
         first = layers[min(layers)][1].impl
         hf = vllm_config.model_config.hf_text_config
@@ -116,7 +118,7 @@ class Runtime:
             result = (batch, bool(one_token.all()))
             self.decode_steps += 1
             self.selecting_steps += not batch.all_fit
-            self.reuse.next_step()
+        self.reuse.next_step()  # every forward pass, prefill-only ones too: a kept selection is one step old or unused
         metadata._tbrun_batch = result
         return result
 
@@ -142,6 +144,19 @@ class Runtime:
                     counts[1] += blocks
         return paged.sparse_decode_attention(rows, key_cache, value_cache, batch, positions, impl.scale,
                                              keys_transposed=bool(self.keys_transposed))
+
+
+def refuse_unsupported_setup(vllm_config) -> None:
+    """Engine set-ups the plugin cannot select in, refused before the first request: several workers
+    (each sees only its share of the heads or layers) and speculative decoding (the drafter's attention
+    layers run through the same backend, with layer numbers of their own)."""
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or getattr(parallel, "pipeline_parallel_size", 1) > 1:
+        raise ConfigError(f"{ENV_VAR}: tensor and pipeline parallelism are not supported by the tbrun plugin yet; "
+                          f"unset {ENV_VAR} or use one worker.")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ConfigError(f"{ENV_VAR}: speculative decoding is not supported by the tbrun plugin (the draft model's "
+                          f"layers would go through its selection); drop speculative_config or unset {ENV_VAR}.")
 
 
 def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -511,3 +511,23 @@ def test_blocks_touched_counts_distinct_blocks_per_row():
     positions = torch.tensor([[[0, 1, 17, 40, -1], [5, 6, 7, -1, -1]]])
     assert paged.blocks_touched(positions, 16) == (7, 3 + 1)
     assert paged.blocks_touched(positions, 1) == (7, 7)
+
+
+def test_layers_predicting_for_the_same_sequences_in_a_step_share_one_sub_batch():
+    """So TokenButler's query network runs once per producer and step, not once per consumer layer."""
+    _, _, table, _ = paged_sequences([48, 48], seed=5)
+    selection = SelectionConfig(budget=Budget(tokens=16), sinks=2, window=4, interval=4)
+    reuse = paged.SelectionReuse(selection.interval)
+    seen = []
+
+    def predict(part):
+        seen.append(part)
+        return paged.select_top(torch.randn(part.size, KV_HEADS, part.slots.shape[1]), part)
+
+    for step in range(2):
+        reuse.next_step()
+        batch = make_batch([40 + 4 * step, 30 + 4 * step], table, selection)  # a step later: nothing kept fits
+        for layer in (3, 4, 5):
+            reuse.select(layer, batch, predict)
+    assert len(seen) == 6 and seen[0] is seen[1] is seen[2] and seen[3] is seen[4] is seen[5]
+    assert seen[0] is not seen[3]

@@ -102,6 +102,7 @@ class SelectionReuse:
         self.interval, self.step = interval, -1
         self.kept: dict[int, dict[int, torch.Tensor]] = {}  # layer -> {slot: positions [KvH, k]}
         self.kept_at: dict[int, int] = {}  # layer -> the step its kept selections were made at
+        self._part: tuple[tuple, DecodeBatch] | None = None  # (step, rows) -> the sub-batch that predicts them
 
     def next_step(self) -> None:
         self.step += 1
@@ -118,7 +119,7 @@ class SelectionReuse:
         reused = [previous.get(slot) if self.step % self.interval else None for slot in prior]
         fresh = [b for b, old in enumerate(reused) if old is None]
         if fresh:
-            predicted = predict(sub_batch(batch, torch.tensor(fresh, device=batch.rows.device)))
+            predicted = predict(self._sub_batch(batch, fresh))
             for i, b in enumerate(fresh):
                 reused[b] = predicted[i]
         width = max(p.shape[-1] for p in reused)
@@ -129,6 +130,15 @@ class SelectionReuse:
         self.kept[layer], self.kept_at[layer] = kept, self.step
         outside = ~batch.candidate.gather(1, selected.clamp(min=0).flatten(1)).view_as(selected)
         return selected.masked_fill(outside, PAD)
+
+    def _sub_batch(self, batch: DecodeBatch, rows: list[int]) -> DecodeBatch:
+        """The sub-batch of ``rows``, one object per step and rows: the layers of a step that predict for the
+        same sequences share it, so a scorer's per-batch work (TokenButler's query network, once per
+        producer) is done once, not once per consumer layer."""
+        key = (self.step, tuple(rows))
+        if self._part is None or self._part[0] != key:
+            self._part = (key, sub_batch(batch, torch.tensor(rows, device=batch.rows.device)))
+        return self._part[1]
 
 
 # -- top-k and attention ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from offload_engine.errors import ConfigError, TbrunError
 
@@ -25,7 +26,7 @@ def user_errors(command: Callable) -> Callable:
             configure_cpu()
             return command(*args, **kwargs)
         except TbrunError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}")
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")  # user text: no markup
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -50,6 +51,14 @@ def configure_cpu() -> None:
         native.kernel_threads()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, a file to write that is a folder or whose folder does not exist."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder: give a file name, e.g. {path / 'stats.json'}.")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist; create it or choose another path.")
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:

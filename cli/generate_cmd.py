@@ -16,7 +16,7 @@ from offload_engine.config import (
 )
 from offload_engine.errors import ConfigError
 
-from .common import console, err_console, read_prompt, user_errors
+from .common import check_output_file, console, err_console, read_prompt, user_errors
 
 if TYPE_CHECKING:
     from offload_engine.engine import Engine, GenerationResult
@@ -108,6 +108,8 @@ def generate(
 
     text = read_prompt(prompt, prompt_file)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+    if stats_json is not None:
+        check_output_file(stats_json, "--stats-json")
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
                                         copy_thread))
@@ -131,7 +133,7 @@ def build_engine(o: EngineOptions) -> Engine:
     mode = _mode(o.offload, o.policy)
     if o.predictor is not None and "tokenbutler" not in o.policy:
         raise ConfigError("--predictor is only used by --policy tokenbutler.")
-    source = resolve_model_path(o.model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    source = resolve_model_path(o.model, progress=lambda msg: err_console.print(msg, style="dim", markup=False))
     policy_object = _policy(o.policy, o.predictor) if mode is KVMode.SPARSE_OFFLOAD else None
     dims = model_dims(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
@@ -184,8 +186,8 @@ def _say_chosen_predictor(policy: str, source: str, interval: int, capacity: int
     if chosen is None or chosen == shipped_predictor_named(source):
         return
     reason = f"--interval {interval}" if interval > 1 else f"a context of {capacity} tokens"
-    err_console.print(f"[dim]{reason}: using the predictor trained for it, {chosen.name} "
-                      "(docs/predictor.md); --predictor DIR overrides[/]")
+    err_console.print(f"{reason}: using the predictor trained for it, {chosen.name} (docs/predictor.md); "
+                      "--predictor DIR overrides", style="dim", markup=False)
 
 
 def _check_predictor_model(predictor: Path, model: Optional[str], dims) -> None:
@@ -201,9 +203,9 @@ def _check_predictor_model(predictor: Path, model: Optional[str], dims) -> None:
     trained = recorded.get("model_name")
     running = EMBEDDED_MODEL_NAME if model in (None, "", "default", "embedded") else model
     if trained and Path(trained).name.lower() != Path(running).name.lower():
-        err_console.print(f"[yellow]note: predictor {str(predictor)!r} was trained for {trained}, not {running} "
+        err_console.print(f"note: predictor {str(predictor)!r} was trained for {trained}, not {running} "
                           "(same shape): if that is another model, its selections mean little; train one for this "
-                          "model with `tbrun train-predictor`.[/]")
+                          "model with `tbrun train-predictor`.", style="yellow", markup=False)
 
 
 def _budget(text: Optional[str], mode: KVMode, capacity: int) -> Budget | None:

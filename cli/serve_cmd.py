@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from offload_engine.errors import ConfigError
 
@@ -16,6 +17,8 @@ from .generate_cmd import (
     ALLOW_ROPE_SCALING, BUDGET, CONTEXT, COPY_THREAD, DEVICE, DTYPE, INTERVAL, MODEL, NEIGHBOR_RULE, NEIGHBORS,
     OFFLOAD, POLICY, PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions, build_engine,
 )
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # what uvicorn takes
 
 
 def register(app: typer.Typer) -> None:
@@ -54,15 +57,17 @@ def serve(
 
     from offload_engine.server import ServeConfig, create_app
 
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}.")
     config = ServeConfig(model_name=served_name(model), max_queue=max_queue)
     check_port_free(host, port)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
                                         copy_thread))
     app = create_app(engine, config)
-    err_console.print(f"serving [bold]{config.model_name}[/] (also as 'default'), {engine.config.mode.value}, "
+    err_console.print(f"serving [bold]{escape(config.model_name)}[/] (also as 'default'), {engine.config.mode.value}, "
                       f"context {engine.config.context} on http://{host}:{port}/v1 — Ctrl-C to stop")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
     err_console.print("stopped: the KV cache is freed")
 
 
@@ -90,3 +95,4 @@ def check_port_free(host: str, port: int) -> None:
                 raise ConfigError(f"cannot listen on {host}:{port}: --host {host!r} {problem} ({exc.strerror}); "
                                   "use 127.0.0.1, 0.0.0.0 or one of this machine's own addresses.") from None
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port.") from None
+

@@ -115,9 +115,13 @@ def train_predictor(
     from offload_engine.predictor.recall import RecallSpans, add_recall_spans
     from offload_engine.predictor.teacher_cache import DTYPES as CACHE_DTYPES
     from offload_engine.predictor.network import PredictorConfig
-    from offload_engine.predictor.training import TrainConfig, check_init_shape, check_seq_len, train
+    from offload_engine.predictor.training import TrainConfig, check_init_shape, check_out_dir, check_seq_len, train
 
     console = Console(stderr=True)
+    if not cache_only:
+        check_out_dir(out, resume)  # a file, or an earlier run's predictor or checkpoints: before anything loads
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DataError(f"--device {device!r}: use cpu or cuda (cuda:N).")
     cache_mix = _open_mix(teacher_caches, data, corpus, cache_only)  # several caches: checked before the model loads
     teacher_cache = teacher_caches[0] if len(teacher_caches) == 1 else None
     if cache_mix is not None:

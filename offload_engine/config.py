@@ -71,6 +71,8 @@ class Budget:
             number = float(raw[:-1] if percent else raw)
         except ValueError:
             raise ConfigError(f"--budget {text!r} is neither a token count (2048) nor a percentage (10%).") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"--budget {text!r} is not a finite number: give a token count (2048) or a percentage (10%).")
         if percent:
             return cls(fraction=number / 100.0)
         if number != int(number):
@@ -237,8 +239,8 @@ class SamplingConfig:
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}.")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature must be a finite number >= 0, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}.")
         if self.max_new_tokens < 1:

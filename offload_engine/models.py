@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,12 +163,14 @@ def read_config(source: str, extra: dict):
     """The transformers config at ``transformers_source``'s answer; ``ModelLoadError`` when it cannot be read."""
     from transformers import AutoConfig
 
+    named = os.path.join(source, extra["gguf_file"]) if "gguf_file" in extra else source
     try:
         return AutoConfig.from_pretrained(source, **extra)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, struct.error, KeyError) as exc:  # struct/KeyError: a truncated or foreign GGUF
+        what = "the GGUF file" if "gguf_file" in extra else "the model config of"
         raise ModelLoadError(
-            f"could not read the model config of {source!r}: {exc}. Pass a local model directory, "
-            "or make the hub id available in the local hub cache."
+            f"could not read {what} {named!r}: {type(exc).__name__}: {exc}. Pass a complete local model directory "
+            "or .gguf file (a partial download? fetch it again), or make the hub id available in the local hub cache."
         ) from None
 
 
@@ -410,6 +413,12 @@ def embedded_model_dir(progress=None) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = embedded_gguf_path()
+    try:  # the cache folder must take the converted copy: known before the conversion's seconds, not after
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=target.parent).cleanup()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the converted embedded model under {target.parent} ({exc.strerror or exc}): "
+                             "set $TBRUN_CACHE to a writable folder.") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress is not None:

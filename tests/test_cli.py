@@ -102,6 +102,11 @@ def test_info_reports_machine_and_max_context(tiny_model_dir):
     (("--offload", "--policy", "streaming", "--interval", "4", "--refresh-layers", "1,99"), "[99] past the model's last layer"),
     (("--offload", "--policy", "streaming", "--interval", "4", "--refresh-layers", "5-2"), "is not a layer N or a range"),
     (("--offload", "--policy", "streaming", "--refresh-layers", "1"), "add --interval N or drop --refresh-layers"),
+    (("--offload", "--policy", "streaming", "--budget", "inf"), "is not a finite number"),
+    (("--offload", "--policy", "streaming", "--budget", "nan%"), "is not a finite number"),
+    (("--temperature", "nan"), "--temperature must be a finite number >= 0"),
+    (("--offload", "--policy", "quest[/x]", "--budget", "10%"), "quest[/x]"),  # printed as text, not rich markup
+    (("--stats-json", "/no/such/folder/stats.json"), "the folder /no/such/folder does not exist"),
 ])
 def test_bad_input_is_a_clear_error(tiny_model_dir, extra, message):
     args = ["generate", "--model", tiny_model_dir, "--prompt", "hello there", "--no-chat", "--context", "256"]
@@ -313,3 +318,41 @@ def test_interval_4_and_a_short_context_take_the_predictors_trained_for_them_whe
     assert explicit.exit_code == 0 and loads[-1] == "smollm2-135m-instruct" and "trained for it" not in explicit.output
     longer = generate(str(model_dir), *sparse, "--context", str(SHORT_CONTEXT_TOKENS + 1), "--allow-rope-scaling")
     assert longer.exit_code == 0 and loads[-1] == "smollm2-135m-instruct", longer.output
+
+
+def test_stats_json_on_a_folder_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import offload_engine.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    result = run("generate", "--model", tiny_model_dir, "--prompt", "hi", "--stats-json", str(tmp_path))
+    assert result.exit_code == 2 and "is a folder" in flat(result.output), result.output
+
+
+def test_a_truncated_gguf_file_is_named_in_a_clear_error(tmp_path):
+    from offload_engine.models import embedded_gguf_path
+
+    truncated = tmp_path / "model.gguf"
+    truncated.write_bytes(embedded_gguf_path().read_bytes()[:100_000])
+    result = run("info", "--model", str(truncated))
+    assert result.exit_code == 2, result.output
+    assert "could not read the GGUF file" in flat(result.output) and "model.gguf" in flat(result.output)
+    assert "Traceback" not in result.output
+
+
+def test_serve_refuses_an_unknown_log_level_before_loading_the_model(monkeypatch):
+    import offload_engine.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    result = run("serve", "--log-level", "loud", "--port", "0")
+    assert result.exit_code == 2 and "--log-level 'loud' is not one of" in flat(result.output), result.output
+
+
+def test_an_unwritable_model_cache_is_refused_before_converting(tmp_path, monkeypatch):
+    from offload_engine.errors import ModelLoadError
+    from offload_engine.models import embedded_model_dir
+
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    monkeypatch.setenv("TBRUN_CACHE", str(afile / "cache"))
+    with pytest.raises(ModelLoadError, match=r"cannot write the converted embedded model .* set \$TBRUN_CACHE"):
+        embedded_model_dir(progress=lambda message: pytest.fail(f"the conversion started: {message}"))

@@ -128,6 +128,7 @@ def test_overwrite_replaces_the_run_whole(tiny_model_dir, tmp_path):
     (("--samples", "0"), "--samples must be at least 1"),
     (("--context", "1k"), "longer than the model's 512 positions"),
     (("--device", "cuda"), "no CUDA GPU"),
+    (("--policy", "tokenbutler", "--predictor", "/no/such/predictor"), "/no/such/predictor"),
 ])
 def test_bad_input_exits_2_with_a_message(tiny_model_dir, tmp_path, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -236,3 +237,14 @@ def test_a_predictor_record_names_the_folder_portably_with_its_weights_hash():
     assert record["path"] == "predictors/smollm2-135m-instruct-1k"
     assert record["sha256"] == json.loads((folder / "config.json").read_text())["weights_sha256"]
     assert predictor_record(None) is None
+
+
+def test_an_out_folder_under_a_file_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import offload_engine.evaluation.harness as harness
+
+    monkeypatch.setattr(harness, "load_for_eval", lambda config: pytest.fail("the model loaded"))
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    result = run_cli(*eval_args(tiny_model_dir, afile / "sub"))
+    assert result.exit_code == 2 and "is a file, not a directory" in flat(result.output), result.output
+    assert afile.read_text() == "mine"

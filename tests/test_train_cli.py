@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,10 @@ def test_train_predictor_writes_predictor_checkpoints_and_report(tiny_model_dir,
     (None, ("--seq-len", "4096"), "longer than the model supports"),
     (None, ("--steps", "0"), "--steps must be >= 1"),
     (None, ("--rope-pairs", "3"), "--rope-pairs 3: rotate between 0 and d'/2 = 2"),
+    (None, ("--lr", "nan"), "--lr must be a positive finite number"),
+    (None, ("--lr", "inf"), "--lr must be a positive finite number"),
+    (None, ("--held-out", "-1"), "--held-out must be >= 0"),
+    (None, ("--device", "foo"), "--device 'foo': use cpu or cuda"),
 ])
 def test_bad_input_is_refused_with_exit_code_2(tiny_model_dir, text_dir, tmp_path, make_data, extra, message):
     empty = tmp_path / "empty"
@@ -65,6 +70,25 @@ def test_existing_run_needs_resume(tiny_model_dir, text_dir, tmp_path):
     assert train(tiny_model_dir, text_dir, tmp_path / "out").exit_code == 0
     result = train(tiny_model_dir, text_dir, tmp_path / "out")
     assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_a_finished_predictor_or_a_file_as_out_is_never_overwritten(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    """A copy of a shipped predictor (no checkpoints) as --out, or --out a file: refused before the model loads."""
+    import shutil
+
+    import offload_engine.models as models
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "predictors" / "smollm2-135m-instruct", shipped)
+    before = {f.name: f.read_bytes() for f in shipped.iterdir() if f.is_file()}
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    result = train(tiny_model_dir, text_dir, shipped)
+    assert result.exit_code == 2 and "already holds a trained predictor" in " ".join(result.output.split())
+    assert {f.name: f.read_bytes() for f in shipped.iterdir() if f.is_file()} == before
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    result = train(tiny_model_dir, text_dir, afile)
+    assert result.exit_code == 2 and "is a file" in " ".join(result.output.split()) and afile.read_text() == "mine"
 
 
 def test_resume_refuses_other_training_text(tiny_model_dir, text_dir, tmp_path):

@@ -33,7 +33,7 @@ from ..memory import parse_dtype
 from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy
 from ..policies.tokenbutler import GROUP_REDUCTIONS, shipped_predictor_for
-from ..predictor.checkpoint import WEIGHTS_NAME
+from ..predictor.checkpoint import WEIGHTS_NAME, load_checkpoint
 from .report import PROGRESS_FILE, build_report, check_output_dir, write_report
 from .scoring import score_forced, score_generation
 from .tasks import Sample, get_task, make_samples, min_prompt_for
@@ -481,6 +481,8 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     """
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     out_dir = Path(out_dir)
+    if config.predictor is not None and any("tokenbutler" in point.policy for point in run_points(config)):
+        load_checkpoint(config.predictor)  # missing, incomplete or corrupted: refused before anything is written
     check_output_dir(out_dir, config.to_dict(), overwrite)
     adapter = load_for_eval(config)
     samples = prepare_samples(config, adapter.tokenizer)

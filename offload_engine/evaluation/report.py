@@ -57,10 +57,11 @@ def check_output_dir(out_dir: Path, config: dict, overwrite: bool) -> None:
     A directory holding a report or an unfinished run of the very same config may be rewritten
     (it is the same run; an unfinished one is resumed).
     """
+    blocking = next((parent for parent in (out_dir, *out_dir.parents) if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:  # --out itself, or a folder on its way, is a file: nothing could be written there
+        raise ConfigError(f"--out {out_dir}: {blocking} is a file, not a directory: choose a directory.")
     if overwrite or not out_dir.exists():
         return
-    if not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file, not a directory: choose a directory.")
     if not any(out_dir.iterdir()):
         return
     previous = previous_config(out_dir)

@@ -90,8 +90,12 @@ class TrainConfig:
                               "--rope-pairs or --candidate-sinks/--candidate-window.")
         if self.seq_len < 4:
             raise ConfigError(f"--seq-len {self.seq_len} is too short to distil attention: use 256 or more.")
-        if not 0.0 <= self.warmup < 1.0 or self.lr <= 0 or self.clip <= 0:
-            raise ConfigError("warm-up must be in [0, 1), the learning rate and clip positive.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive finite number, got {self.lr}.")
+        if not 0.0 <= self.warmup < 1.0 or not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError("warm-up must be in [0, 1) and the gradient clip positive and finite.")
+        if self.held_out < 0:
+            raise ConfigError(f"--held-out must be >= 0, got {self.held_out}.")
 
     @property
     def candidates(self) -> tuple[int, int] | None:
@@ -390,12 +394,26 @@ def _nan_message(step: int, loss: float, norm: float, last_good: Path | None) ->
     )
 
 
-def _refuse_stale(out: Path) -> int:
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse, before the model loads, an --out that is a file or that holds an earlier run's checkpoints
+    (without --resume) or a finished predictor: training would overwrite it."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file: give a folder for the predictor (new, or an earlier run's "
+                            "to --resume).")
+    if resume:
+        return
     if ckpt.checkpoint_dirs(out):
         raise TrainingError(
             f"{out} already holds checkpoints of an earlier run: pass --resume to continue it, or choose "
             "another --out."
         )
+    if out.is_dir() and any((out / name).exists() for name in (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME)):
+        raise TrainingError(f"{out} already holds a trained predictor, which this run would overwrite: choose "
+                            "another --out (or move that one away).")
+
+
+def _refuse_stale(out: Path) -> int:
+    check_out_dir(out, resume=False)
     return 0
 
 

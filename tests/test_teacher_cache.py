@@ -134,6 +134,10 @@ def test_a_cache_of_another_model_length_or_build_is_refused(tmp_path):
         cache.check_model("tiny", shape, 128)
     with pytest.raises(TeacherCacheError, match="another build"):  # never overwritten by a different spec
         build_teacher_cache(adapter, sequences, tmp_path / "cache", spec_for(adapter, rows=8), rows_and_offsets())
+    with pytest.raises(TeacherCacheError, match=r"another build .*sequences of 96 tokens.*not .*of 48 tokens"):
+        # another --seq-len cuts other text too: the length is what the message names
+        build_teacher_cache(adapter, random_sequences(2, SEQ_LEN // 2, seed=6), tmp_path / "cache",
+                            spec_for(adapter, seq_len=SEQ_LEN // 2), rows_and_offsets())
     with pytest.raises(TeacherCacheError, match="other training text"):  # same shape, other tokens: not resumed into
         build_teacher_cache(adapter, random_sequences(2, SEQ_LEN, seed=7), tmp_path / "cache", spec_for(adapter),
                             rows_and_offsets())

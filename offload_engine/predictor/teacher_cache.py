@@ -178,16 +178,17 @@ def _claim(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if path.exists():
         found = _read_manifest(path)
+        # the build first (model, sequence length, rows, ...: what the user sees), then the text it was cut from
+        if found.get("spec") != manifest["spec"] or found.get("sequences") != manifest["sequences"]:
+            raise TeacherCacheError(
+                f"{out} holds a teacher cache of another build ({_describe(found)}), not {_describe(manifest)}: "
+                "choose another --teacher-cache folder, or delete that one to rebuild it."
+            )
         other_text = found.get("sequences_sha256", manifest["sequences_sha256"]) != manifest["sequences_sha256"]
         if other_text:
             raise TeacherCacheError(
                 f"{out} holds a teacher cache built from other training text (another --corpus, --data, --mix, --recall or "
                 "--seed): choose another --teacher-cache folder, or delete that one to rebuild it."
-            )
-        if found.get("spec") != manifest["spec"] or found.get("sequences") != manifest["sequences"]:
-            raise TeacherCacheError(
-                f"{out} holds a teacher cache of another build ({_describe(found)}), not {_describe(manifest)}: "
-                "choose another --teacher-cache folder, or delete that one to rebuild it."
             )
         return
     handle, temp = tempfile.mkstemp(prefix=".manifest.", dir=out)

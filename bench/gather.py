@@ -18,8 +18,11 @@ import torch
 
 from offload_engine.cpu_cache.gather import INDEX, available_gather_methods, choose_gather_method, gather_fragments
 from offload_engine.cpu_cache.host_store import allocate_host, check_host_memory
+from offload_engine.errors import ConfigError
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
+
+FILL_CHUNK = 65536  # tokens of the store filled with random values at a time
 
 
 @dataclass(slots=True)
@@ -32,6 +35,13 @@ class GatherSettings:
     warmup: int = 5
     device: str = "cuda"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "kv_heads", "head_dim", "repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.budget > self.context:
+            raise ConfigError(f"--budget {self.budget} is above --context {self.context}: gather at most every token.")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,7 +85,9 @@ def run_gather(settings: GatherSettings, out_dir: Path) -> dict:
     item = torch.empty((), dtype=settings.dtype).element_size()
     check_host_memory(settings.kv_heads * settings.context * settings.head_dim * item, "the gather benchmark's store")
     storage = allocate_host(shape, settings.dtype, pin=device.type == "cuda")
-    storage.copy_(torch.randn(shape, dtype=torch.float32).to(settings.dtype))
+    for token in range(0, settings.context, FILL_CHUNK):  # in chunks: a float32 temporary of the whole store may not fit
+        part = storage[token: token + FILL_CHUNK]
+        part.copy_(torch.randn(part.shape, dtype=torch.float32).to(settings.dtype))
     store = storage.transpose(0, 1)  # [KvH, C, D], the gather source
     positions, slots = selection(settings, device)
     counts = torch.full((settings.kv_heads,), settings.budget, device=device)  # every entry real

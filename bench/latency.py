@@ -26,7 +26,7 @@ import torch
 
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.config import parse_layers
-from offload_engine.cpu_cache.gather import default_gather_method
+from offload_engine.cpu_cache.gather import ALL_METHODS, default_gather_method
 from offload_engine.errors import ConfigError, TbrunError
 
 from .report import machine_header, provenance, summarize_ms
@@ -79,6 +79,12 @@ class LatencySettings:
         parse_predictor_shape(self.predictor_shape)
         if not self.contexts or not self.intervals or not self.neighbors:
             raise ConfigError("--contexts, --interval and --neighbors each need at least one value.")
+        if any(interval < 1 for interval in self.intervals):
+            raise ConfigError(f"--interval {self.intervals}: every prediction interval must be >= 1.")
+        if self.budget < 1:
+            raise ConfigError(f"--budget must be at least 1 token, got {self.budget}.")
+        if self.gather_method is not None and self.gather_method not in ALL_METHODS:
+            raise ConfigError(f"--gather-method {self.gather_method!r} is not one of {', '.join(ALL_METHODS)}.")
         steps = self.new_tokens
         small = [c for c in self.contexts if c <= steps]
         if small:

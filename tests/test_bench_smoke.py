@@ -425,3 +425,27 @@ def test_page_bounds_hold_every_token_of_their_page_and_the_prefilter_report_run
     assert report["minus_engine"]["P4 x100"]["mean"] == 0.0 and report["recall"]["P4 x100 share"]["mean"] == 1.0
     assert report["recall"]["P4 x1 share"]["mean"] < 1.0
     assert "minus engine, paired" in (tmp_path / "pages.md").read_text()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(budget=0), "--budget must be at least 1 token"),
+    (dict(intervals=[0]), "every prediction interval must be >= 1"),
+    (dict(gather_method="foo"), "--gather-method 'foo' is not one of"),
+])
+def test_latency_settings_refuse_values_no_mode_could_run(options, message):
+    from tbrun_bench.latency import LatencySettings
+
+    with pytest.raises(ConfigError, match=message):
+        LatencySettings(**{"contexts": [512], "device": "cpu", **options})
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(budget=0), "--budget must be >= 1"), (dict(kv_heads=0), "--kv-heads must be >= 1"),
+    (dict(head_dim=-1), "--head-dim must be >= 1"), (dict(repeats=0), "--repeats must be >= 1"),
+    (dict(context=100, budget=200), "--budget 200 is above --context 100"),
+])
+def test_gather_settings_refuse_bad_sizes(options, message):
+    from tbrun_bench.gather import GatherSettings
+
+    with pytest.raises(ConfigError, match=message):
+        GatherSettings(**{"device": "cpu", **options})

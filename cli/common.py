@@ -66,9 +66,19 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give --prompt or --prompt-file, not both.")
     if prompt_file is not None:
-        if not prompt_file.is_file():
+        if prompt_file.is_dir():
+            raise ConfigError(f"--prompt-file {prompt_file} is a folder: give a text file.")
+        if not prompt_file.exists():
             raise ConfigError(f"--prompt-file {prompt_file} does not exist.")
-        return prompt_file.read_text(encoding="utf-8", errors="replace")
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--prompt-file {prompt_file} is not UTF-8 text (byte {exc.start}): give a text "
+                              "file.") from None
+        except OSError as exc:
+            raise ConfigError(f"--prompt-file {prompt_file} cannot be read ({exc.strerror or exc}).") from None
     if prompt is None:
         raise ConfigError("no prompt: pass --prompt TEXT or --prompt-file FILE.")
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: pass some text with --prompt or --prompt-file.")
     return prompt

@@ -356,3 +356,18 @@ def test_an_unwritable_model_cache_is_refused_before_converting(tmp_path, monkey
     monkeypatch.setenv("TBRUN_CACHE", str(afile / "cache"))
     with pytest.raises(ModelLoadError, match=r"cannot write the converted embedded model .* set \$TBRUN_CACHE"):
         embedded_model_dir(progress=lambda message: pytest.fail(f"the conversion started: {message}"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: ["--prompt-file", str(tmp)], "is a folder: give a text file"),
+    (lambda tmp: ["--prompt-file", str(tmp / "missing.txt")], "does not exist"),
+    (lambda tmp: (tmp / "b.bin").write_bytes(b"\x00\xff\xfe\x80") and ["--prompt-file", str(tmp / "b.bin")],
+     "is not UTF-8 text"),
+    (lambda tmp: ["--prompt", "  \n"], "the prompt is empty"),
+])
+def test_a_prompt_that_is_no_text_is_refused_before_the_model_loads(tmp_path, monkeypatch, make, message):
+    import offload_engine.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    result = run("generate", *make(tmp_path))
+    assert result.exit_code == 2 and message in flat(result.output), result.output

@@ -352,30 +352,35 @@ def _vllm():
     return pytest.importorskip("vllm", reason="vLLM's CPU build is not installed: pip install 'tbrun[vllm]' in its own venv")
 
 
+def random_predictor(seen: list):
+    """A ``SelectionReuse`` predict callback: random scores' top-k for each sub-batch, which it records."""
+    def predict(part):
+        seen.append(part)
+        return paged.select_top(torch.randn(part.size, KV_HEADS, part.slots.shape[1]), part)
+    return predict
+
+
 def test_interval_reuses_each_sequences_selection_between_predictions():
     lengths = [40, 30]
     _, _, table, _ = paged_sequences([48, 48], seed=5)  # room to grow
     selection = SelectionConfig(budget=Budget(tokens=16), sinks=2, window=4, interval=3)
     reuse = paged.SelectionReuse(selection.interval)
-    calls = []
-
-    def predict(part):
-        calls.append(part.size)
-        return paged.select_top(torch.randn(part.size, KV_HEADS, part.slots.shape[1]), part)
+    seen = []
+    predict = random_predictor(seen)
 
     chosen = []
     for step in range(4):  # both sequences grow by one token per step
         batch = make_batch([n + step for n in lengths], table, selection)
         reuse.next_step()
         chosen.append(reuse.select(7, batch, predict))
-    assert calls == [2, 2]  # predicted at steps 0 and 3 (interval 3), reused at 1 and 2
+    assert [part.size for part in seen] == [2, 2]  # predicted at steps 0 and 3 (interval 3), reused at 1 and 2
     assert torch.equal(chosen[1], chosen[0]) or (chosen[1] == -1).sum() >= (chosen[0] == -1).sum()
     kept = chosen[0][chosen[0] >= 0]
     assert set(chosen[2][chosen[2] >= 0].tolist()) <= set(kept.tolist())
     new_sequence = make_batch([12, 30 + 4], table, selection)  # row 0 has no selection kept: it predicts
     reuse.next_step()
     reuse.select(7, new_sequence, predict)
-    assert calls[-1] == 1
+    assert seen[-1].size == 1
 
 
 def test_a_selection_kept_steps_ago_is_never_reused():
@@ -384,21 +389,18 @@ def test_a_selection_kept_steps_ago_is_never_reused():
     _, _, table, _ = paged_sequences([48], seed=5)
     selection = SelectionConfig(budget=Budget(tokens=16), sinks=2, window=4, interval=4)
     reuse = paged.SelectionReuse(selection.interval)
-    calls = []
-
-    def predict(part):
-        calls.append(part.size)
-        return paged.select_top(torch.randn(part.size, KV_HEADS, part.slots.shape[1]), part)
+    seen = []
+    predict = random_predictor(seen)
 
     reuse.next_step()
     reuse.select(7, make_batch([40], table, selection), predict)  # step 0 predicts, kept by position 39's slot
     reuse.next_step()
     reuse.select(7, make_batch([41], table, selection), predict)  # step 1 reuses it (the previous step's)
-    assert calls == [1]
+    assert [part.size for part in seen] == [1]
     for _ in range(2):
         reuse.next_step()  # steps 2 and 3: the layer selects nothing
     reuse.select(7, make_batch([42], table, selection), predict)  # position 40's slot, kept at step 1: stale
-    assert calls == [1, 1]
+    assert [part.size for part in seen] == [1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -519,10 +521,7 @@ def test_layers_predicting_for_the_same_sequences_in_a_step_share_one_sub_batch(
     selection = SelectionConfig(budget=Budget(tokens=16), sinks=2, window=4, interval=4)
     reuse = paged.SelectionReuse(selection.interval)
     seen = []
-
-    def predict(part):
-        seen.append(part)
-        return paged.select_top(torch.randn(part.size, KV_HEADS, part.slots.shape[1]), part)
+    predict = random_predictor(seen)
 
     for step in range(2):
         reuse.next_step()

@@ -34,8 +34,7 @@ from offload_engine.evaluation.report import (RESULTS_FILE, budget_percent, draw
                                               metric_heading, plot_title, policy_table, provenance, table_lines)
 from offload_engine.evaluation.scoring import paired_difference, sample_value
 from offload_engine.evaluation.tasks import TASKS
-
-from .report import cpu_model
+from offload_engine.machine import cpu_model
 
 PROGRAM = "python -m tbrun_bench.eval_summary"
 SUMMARY_MD = "summary.md"

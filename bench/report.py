@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from offload_engine.machine import REPO_ROOT, commit_at_start, cupy_status, portable_word
+from offload_engine.machine import REPO_ROOT, commit_at_start, cpu_model, cupy_status, portable_word
 
 commit_at_start(str(REPO_ROOT))  # the commit the reports name: the one checked out when the run began
 
@@ -70,19 +70,6 @@ def micro_benchmark_main(argv: list[str] | None, doc: str, measure, to_markdown,
     args = parser.parse_args(argv)
     report = measure(args)
     write_reports(args.out, report, to_markdown(report))
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def gpu_driver() -> str:

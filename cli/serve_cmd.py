@@ -95,4 +95,3 @@ def check_port_free(host: str, port: int) -> None:
                 raise ConfigError(f"cannot listen on {host}:{port}: --host {host!r} {problem} ({exc.strerror}); "
                                   "use 127.0.0.1, 0.0.0.0 or one of this machine's own addresses.") from None
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port.") from None
-

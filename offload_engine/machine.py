@@ -113,6 +113,17 @@ def commit_at_start(cwd: str) -> str:
     return git_commit(cwd)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe_machine() -> dict[str, str]:
     """CPU, cores, RAM, GPU, CUDA, pinned memory, cupy, and library versions."""
     import transformers
@@ -120,7 +131,7 @@ def describe_machine() -> dict[str, str]:
     memory = psutil.virtual_memory()
     info = {
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu cores": str(os.cpu_count()),
         "cpu threads": cpu_threads_text(),
         "host RAM": f"{memory.total / 2**30:.1f} GiB ({memory.available / 2**30:.1f} GiB available)",

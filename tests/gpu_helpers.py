@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from offload_engine.cpu_cache.gather import available_gather_methods, self_check_failure
+from offload_engine.cpu_cache.gather import WRONG_VALUES, available_gather_methods, self_check_failure
 
 
 @functools.lru_cache(maxsize=None)
@@ -17,7 +17,7 @@ def _cannot_run(method: str) -> str | None:
     if method not in available_gather_methods("cuda"):
         return "needs a library this machine lacks"
     reason = self_check_failure(method, "cuda")
-    if reason is None or reason == "wrong values":
+    if reason is None or reason == WRONG_VALUES:
         return None
     return f"imports but cannot run here ({reason})"
 

@@ -466,6 +466,9 @@ def self_check(method: str, device: str) -> bool:
     return self_check_failure(method, device) is None
 
 
+WRONG_VALUES = "wrong values"  # the self-check ran and disagreed with index: a bug, not a missing library
+
+
 @functools.cache
 def self_check_failure(method: str, device: str) -> str | None:
     """Run ``method`` once on a small pinned store and compare with ``index``: None when it
@@ -486,7 +489,7 @@ def self_check_failure(method: str, device: str) -> str | None:
         gather_fragments(src, positions, slots, got, method, counts)
         torch.cuda.synchronize(device)  # the check reads the result on the host
         # The trash slot too: padding entries must not be copied.
-        reason = None if torch.equal(expected.cpu(), got.cpu()) else "wrong values"
+        reason = None if torch.equal(expected.cpu(), got.cpu()) else WRONG_VALUES
     except Exception as exc:  # compile or launch failure: fall back, but say so
         reason = f"{type(exc).__name__}: {exc}"
     if reason is not None:

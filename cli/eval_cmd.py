@@ -52,14 +52,16 @@ def eval_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on CUDA)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run already in --out."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
-                                                help="Start no sample after this long; report the samples done "
-                                                "(partial) and keep the progress, so the same command finishes it."),
+                                                help="Start no sample after this many minutes (above 0; the first "
+                                                "sample always runs); report the samples done (partial) and keep "
+                                                "the progress, so the same command finishes it."),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory (results.json, report.md, plot.png)."),
 ) -> None:
     """Evaluate policies x budgets on a task through the engine; write JSON, Markdown and a plot."""
-    from offload_engine.evaluation.harness import EvalConfig, split_policies
+    from offload_engine.evaluation.harness import EvalConfig, check_max_minutes, split_policies
     from offload_engine.evaluation.report import MARKDOWN_FILE, main_table
 
+    check_max_minutes(max_minutes)
     config = EvalConfig(
         task=task, policies=split_policies(policy), budgets=[Budget.parse(b) for b in budget.split(",") if b.strip()],
         context=context, samples=samples, seed=seed, model=model, predictor=predictor, device=device,

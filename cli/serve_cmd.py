@@ -19,6 +19,8 @@ from .generate_cmd import (
 )
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # what uvicorn takes
+GRACEFUL_SHUTDOWN_SECONDS = 5  # how long uvicorn waits for the answers in flight at Ctrl-C before dropping them
+STARTUP_FAILURE = 3  # uvicorn's exit code when the server did not start (it logs why)
 
 
 def register(app: typer.Typer) -> None:
@@ -51,10 +53,9 @@ def serve(
     """Serve the model over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     One request decodes at a time; a chat that goes on prefills only its new tokens (prefix reuse;
-    not with h2o, snapkv or sliding-window models). Ctrl-C stops the server and frees the KV cache.
+    not with h2o, snapkv or sliding-window models). Ctrl-C stops the server (requests still running or
+    waiting get HTTP 503: retry elsewhere) and frees the KV cache.
     """
-    import uvicorn
-
     from offload_engine.server import ServeConfig, create_app
 
     if log_level.lower() not in LOG_LEVELS:
@@ -67,8 +68,30 @@ def serve(
     app = create_app(engine, config)
     err_console.print(f"serving [bold]{escape(config.model_name)}[/] (also as 'default'), {engine.config.mode.value}, "
                       f"context {engine.config.context} on http://{host}:{port}/v1 — Ctrl-C to stop")
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    server = uvicorn_server(app, host, port, log_level.lower())
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
+        pass
+    if not server.started:
+        raise typer.Exit(code=STARTUP_FAILURE)
     err_console.print("stopped: the KV cache is freed")
+
+
+def uvicorn_server(app, host: str, port: int, log_level: str):
+    """uvicorn's server for ``app`` (``create_app``), whose shutdown first cuts the running and waiting
+    generations (``begin_shutdown``): their clients, still connected, get a 503 or an error chunk saying the
+    server is going down. uvicorn alone would wait up to ``GRACEFUL_SHUTDOWN_SECONDS`` for them, drop their
+    connections unanswered and only then run the app's shutdown."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.worker.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
 
 
 def served_name(model: Optional[str]) -> str:

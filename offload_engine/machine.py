@@ -185,13 +185,25 @@ def choose_cpu_threads(requested: int | None = None, sample_seconds: float = 0.1
         if requested < 1:
             raise ValueError(f"--threads {requested}: give at least 1 (or leave it out to choose from the free cores)")
         return requested, "--threads"
-    from_env = os.environ.get(CPU_THREADS_ENV, "").strip()
-    if from_env.isdigit() and int(from_env) >= 1:
-        return int(from_env), f"${CPU_THREADS_ENV}"
+    from_env = _threads_from_env()
+    if from_env is not None:
+        return from_env, f"${CPU_THREADS_ENV}"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = round(psutil.cpu_percent(interval=sample_seconds) / 100 * (os.cpu_count() or usable))
     threads = max(1, usable - busy)
     return threads, f"auto: {usable} usable cores, {busy} busy with other processes"
+
+
+def _threads_from_env() -> int | None:
+    """``$OMP_NUM_THREADS`` as a thread count; None when it is unset or empty. Anything but a whole number
+    >= 1 is a ValueError (it was ignored silently, so a typo chose the threads from the free cores)."""
+    text = os.environ.get(CPU_THREADS_ENV, "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{CPU_THREADS_ENV}={text!r} is not a thread count: set it to a whole number >= 1 or "
+                         "unset it (tbrun then uses the free cores; --threads N overrides it).")
+    return int(text)
 
 
 _THREADS_CHOSEN: list[str] = []  # why the threads were set, once apply_cpu_threads ran

@@ -97,6 +97,7 @@ def test_info_reports_machine_and_max_context(tiny_model_dir):
     (("--offload", "--policy", "streaming", "--budget", "16", "--window", "32"), "exceed the budget"),
     (("--offload", "--policy", "nonsense"), "unknown policy 'nonsense'; valid: dense"),
     (("--offload", "--policy", "critical(dense)", "--budget", "10%"), "attends every token, as dense does"),
+    (("--offload", "--policy", "critical(critical(quest))", "--budget", "10%"), "wraps critical in critical"),
     (("--policy", "streaming"), "add --offload"),
     (("--dtype", "int3"), "is not one of"),
     (("--offload", "--policy", "streaming", "--interval", "4", "--refresh-layers", "1,99"), "[99] past the model's last layer"),

@@ -123,6 +123,8 @@ def test_overwrite_replaces_the_run_whole(tiny_model_dir, tmp_path):
     (("--task", "needle"), "valid tasks: niah, niah-single"),
     (("--policy", "quest,magic"), "'magic' is not a policy; valid policies: "),
     (("--policy", "critical(magic)"), "'magic' is not a policy"),
+    (("--policy", "quest,critical(critical(quest))"), "wraps critical in critical"),
+    (("--policy", "critical(dense)"), "attends every token, as dense does"),
     (("--budget", "0%"), "outside (0, 100%]"),
     (("--budget", "10%,150%"), "outside (0, 100%]"),
     (("--samples", "0"), "--samples must be at least 1"),
@@ -248,3 +250,15 @@ def test_an_out_folder_under_a_file_is_refused_before_the_model_loads(tiny_model
     result = run_cli(*eval_args(tiny_model_dir, afile / "sub"))
     assert result.exit_code == 2 and "is a file, not a directory" in flat(result.output), result.output
     assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("minutes", ["-1", "0", "nan", "inf", "-inf"])
+def test_a_max_minutes_that_is_not_a_positive_finite_time_is_refused_before_the_model_loads(
+        tiny_model_dir, tmp_path, monkeypatch, minutes):
+    import offload_engine.evaluation.harness as harness
+
+    monkeypatch.setattr(harness, "load_for_eval", lambda config: pytest.fail("the model loaded"))
+    result = run_cli(*eval_args(tiny_model_dir, tmp_path / "out", "--max-minutes", minutes))
+    assert result.exit_code == 2, result.output
+    assert f"--max-minutes {minutes}: give a number of minutes above 0" in flat(result.output)
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -136,6 +136,26 @@ def test_cpu_threads_follow_the_option_then_the_environment_then_the_free_cores(
         assert chosen == threads and why == f"auto: 4 usable cores, {busy} busy with other processes"
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "2.5", "\u00b2"])
+def test_an_omp_num_threads_that_is_not_a_thread_count_is_refused_not_ignored(monkeypatch, value):
+    from offload_engine import machine
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=f"OMP_NUM_THREADS={value!r}.*whole number >= 1 or unset it"):
+        machine.choose_cpu_threads(None)
+    assert machine.choose_cpu_threads(2) == (2, "--threads")  # --threads overrides it
+    monkeypatch.setenv("OMP_NUM_THREADS", " ")  # set but empty: as if unset
+    assert machine.choose_cpu_threads(None)[1].startswith("auto")
+
+
+def test_tbrun_refuses_a_bad_omp_num_threads_in_one_line_with_exit_code_2(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "abc")
+    refused = CliRunner().invoke(app, ["info"])
+    assert refused.exit_code == 2, refused.output
+    assert "OMP_NUM_THREADS='abc'" in refused.output and "Traceback" not in refused.output
+    assert "whole number >= 1" in " ".join(refused.output.split())  # rich wraps
+
+
 def test_tbrun_refuses_zero_threads_and_info_says_how_many(tiny_model_dir):
     refused = CliRunner().invoke(app, ["--threads", "0", "info"])
     assert refused.exit_code == 2 and "--threads 0" in refused.output

@@ -148,6 +148,24 @@ def test_registry_builds_every_policy_and_wraps_any_sparse_one():
         build_policy("quest", page_size=0)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("critical(critical(quest))", "'critical(critical(quest))' wraps critical in critical"),
+    ("critical( critical(tokenbutler) )", "wraps critical in critical"),
+    ("critical(critical)", "wraps critical in critical"),
+    ("critical(dense)", "attends every token, as dense does"),
+    ("critical", "'critical' wraps a policy: write critical(<base>)"),
+    ("quest(h2o)", "'quest' does not wrap a policy"),
+    ("critical(quest(h2o))", "'quest' does not wrap a policy"),
+    ("critical(magic)", "unknown policy 'magic'"),
+])
+def test_nesting_that_is_not_a_policy_is_refused_saying_what_is_accepted(spec, message):
+    with pytest.raises(ConfigError) as caught:
+        build_policy(spec)
+    assert message in str(caught.value)
+    if "wraps critical" in message or "wraps a policy" in message:  # the bases it may wrap are listed
+        assert "<base> one of h2o, oracle, quest, random, snapkv, streaming, tokenbutler." in str(caught.value)
+
+
 # ------------------------------------------------------------------------------------------ oracle
 def test_oracle_scores_are_the_true_attention_probabilities():
     driver = Driver(build_policy("oracle"), budget=SINKS + WINDOW + 8)

@@ -4,6 +4,12 @@ request validation (tests/test_serve.py drives the whole server on the embedded 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -11,7 +17,10 @@ from pydantic import ValidationError
 from offload_engine.config import SamplingConfig
 from offload_engine.server.protocol import ChatCompletionRequest, CompletionRequest
 from offload_engine.server.text import ServeTokenizer, TextStream
-from offload_engine.server.worker import GenerationWorker, Job, QueueFull
+from offload_engine.server.worker import (
+    CLIENT_GONE, SHUTDOWN, GenerationWorker, Job, QueueFull, ShuttingDown,
+)
+from offload_engine.session import StopGeneration
 
 from tiny_models import tiny_tokenizer
 
@@ -117,6 +126,100 @@ def test_a_client_that_left_while_waiting_gives_its_place_up_at_once():
     assert worker.waiting == 1
     worker.submit(Job([1], SamplingConfig(), [], loop))
     assert worker.waiting == 2 and worker.counters.rejected == 1
+    loop.close()
+
+
+def test_a_job_keeps_the_first_reason_it_was_cancelled_for():
+    loop = asyncio.new_event_loop()
+    left, shut = Job([1], SamplingConfig(), [], loop), Job([1], SamplingConfig(), [], loop)
+    left.cancel()
+    left.cancel(SHUTDOWN)  # the server went down after the client had left
+    shut.cancel(SHUTDOWN)
+    shut.cancel()  # the stream closing after the shutdown cut it
+    assert (left.cancel_reason, shut.cancel_reason) == (CLIENT_GONE, SHUTDOWN)
+    loop.close()
+
+
+class EndlessSession:
+    """Stands in for ``Session``: one token every few milliseconds until the job is cancelled."""
+
+    cached_tokens = 0
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def generate(self, prompt_ids, sampling, on_token, on_prefill):
+        try:
+            while True:
+                on_token(self.token)
+                time.sleep(0.005)
+        except StopGeneration as stop:
+            return SimpleNamespace(finish_reason=stop.reason), None
+
+    def close(self) -> None:
+        pass
+
+
+def started_server(tokenizer: ServeTokenizer):
+    """``tbrun serve``'s uvicorn server over an app whose engine never finishes a generation, running on a
+    thread on a free port: (server, thread, worker, host:port)."""
+    from offload_engine.server import ServeConfig, create_app
+    from tbrun_cli.serve_cmd import uvicorn_server
+
+    raw = tokenizer.tokenizer
+    engine = SimpleNamespace(adapter=SimpleNamespace(tokenizer=raw, dims=SimpleNamespace(vocab_size=len(raw))),
+                             config=SimpleNamespace(context=64), policy_name="dense")
+    app = create_app(engine, ServeConfig(model_name="tiny", max_queue=1))
+    worker = app.state.worker
+    worker.session = EndlessSession(tokenizer.encode_text(" and")[-1])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn_server(app, "127.0.0.1", port, "warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the test server did not start"
+    return server, thread, worker, f"127.0.0.1:{port}"
+
+
+def post(address: str, body: dict) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection(address, timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json"})
+    return connection.getresponse()
+
+
+def test_a_shutdown_answers_the_clients_still_there_with_503_or_an_error_chunk(tokenizer):
+    """Ctrl-C while one request streams and another waits: both clients are told the server is going down
+    (not dropped unanswered once uvicorn's graceful wait runs out), and nothing new is taken."""
+    server, thread, worker, address = started_server(tokenizer)
+    request = {"model": "default", "prompt": "Once", "max_tokens": 32}
+    stream = post(address, {**request, "stream": True})
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")  # it is generating
+    waited: dict = {}
+    waiting = threading.Thread(target=lambda: waited.update(response=post(address, request)))
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while worker.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.waiting == 1
+    server.should_exit = True  # what uvicorn's Ctrl-C handler does
+    lines = [line for line in stream.read().decode().splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "server_shutting_down" and "Retry it against a running server" in error["message"]
+    waiting.join(timeout=30)
+    response = waited["response"]
+    assert response.status == 503
+    assert json.loads(response.read())["error"]["code"] == "server_shutting_down"
+    thread.join(timeout=30)
+    assert not thread.is_alive() and worker.counters.cancelled == 2
+    loop = asyncio.new_event_loop()
+    with pytest.raises(ShuttingDown):
+        worker.submit(Job([1], SamplingConfig(), [], loop))
     loop.close()
 
 

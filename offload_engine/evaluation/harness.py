@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from ..errors import ConfigError
 from ..machine import portable_path  # reports must not name local paths
 from ..memory import parse_dtype
 from ..models import ModelAdapter, load_model
-from ..policies import available_policies, build_policy
+from ..policies import available_policies, build_policy, parse_policy_spec
 from ..policies.tokenbutler import GROUP_REDUCTIONS, shipped_predictor_for
 from ..predictor.checkpoint import WEIGHTS_NAME, load_checkpoint
 from .report import PROGRESS_FILE, build_report, check_output_dir, write_report
@@ -90,7 +91,8 @@ class PolicyVariant:
 
 
 def check_policy_spec(spec: str) -> None:
-    """Refuse a policy spec naming a policy that does not exist, listing the valid ones."""
+    """Refuse a policy spec naming a policy that does not exist (listing the valid ones), nesting them in a way
+    that is not a policy (``parse_policy_spec``) or with a bad setting."""
     base = PolicyVariant.parse(spec).base
     valid = available_policies()
     known = {name.split("(")[0] for name in valid}
@@ -99,6 +101,7 @@ def check_policy_spec(spec: str) -> None:
     if unknown or not names or base.count("(") != base.count(")"):
         what = repr(unknown[0]) if unknown else repr(spec)
         raise ConfigError(f"--policy {what} is not a policy; valid policies: {', '.join(valid)}.")
+    parse_policy_spec(base)  # the nesting: critical(dense) and critical(critical(quest)) are refused
     variant = PolicyVariant.parse(spec)
     for key, value in variant.settings:
         if key == "group_reduction" and ("tokenbutler" not in base or value not in GROUP_REDUCTIONS):
@@ -469,6 +472,14 @@ class ProgressLog:
             handle.flush()
 
 
+def check_max_minutes(max_minutes: float | None) -> None:
+    """Refuse a ``--max-minutes`` that is no time limit: 0 or less (0 reads as "no limit" in many tools, but
+    would stop this run after its first sample), nan or inf (leave the option out to run every sample)."""
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
+        raise ConfigError(f"--max-minutes {max_minutes:g}: give a number of minutes above 0 (e.g. 90), or leave "
+                          "it out to run every sample.")
+
+
 def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str = "",
              on_sample: SampleCallback | None = None, on_ready: Callable[[int, int], None] | None = None,
              on_status: StatusCallback | None = None, max_minutes: float | None = None) -> dict:
@@ -479,6 +490,7 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     ``max_minutes``: start no sample after that long; the report then covers the samples done (marked
     partial) and the progress file stays beside it, so the same command finishes the run later.
     """
+    check_max_minutes(max_minutes)
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     out_dir = Path(out_dir)
     if config.predictor is not None and any("tokenbutler" in point.policy for point in run_points(config)):

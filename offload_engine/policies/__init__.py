@@ -1,7 +1,7 @@
 """Selection policies, one file each, all behind the contract in ``base.py``.
 
 ``build_policy("quest")`` or ``build_policy("critical(snapkv)")`` makes a policy from its name;
-``critical(...)`` wraps any other policy.
+``critical(...)`` wraps any one sparse policy (not dense, not another ``critical(...)``).
 """
 
 from __future__ import annotations
@@ -45,18 +45,47 @@ def available_policies() -> list[str]:
 
 def build_policy(spec: str, **options) -> Policy:
     """A policy from its name; ``options`` go to the innermost policy's constructor."""
+    wrapper, name = parse_policy_spec(spec)
+    base = POLICIES[name](**options)
+    return base if wrapper is None else POLICIES[wrapper](base=base)
+
+
+def parse_policy_spec(spec: str) -> tuple[str | None, str]:
+    """``spec`` -> (its wrapper or None, the policy it names): ``"quest"`` -> ``(None, "quest")``,
+    ``"critical(quest)"`` -> ``("critical", "quest")``. Builds nothing (no predictor is loaded).
+
+    Accepted: a policy, or a wrapper around one sparse policy. Refused: an unknown name, a wrapper alone, a
+    policy that wraps nothing (``quest(h2o)``), a wrapper around dense (every token is kept: nothing to
+    re-weight) or around a wrapper (``critical(critical(quest))``: critical weighs its base's scores by the
+    tokens' value norms, and weighing them twice is not a policy).
+    """
     match = _WRAPPED.match(spec)
-    if match:
-        wrapper = POLICIES.get(match.group(1))
-        if wrapper is None or not getattr(wrapper, "wraps", False):
-            raise ConfigError(f"{match.group(1)!r} does not wrap a policy; valid: {', '.join(available_policies())}.")
-        base = build_policy(match.group(2), **options)
-        if isinstance(base, DensePolicy):  # it keeps every token of every layer: nothing to re-weight
-            raise ConfigError(f"{spec.strip()!r} attends every token, as dense does: {match.group(1)} re-weights a "
-                              "sparse policy's scores; use --policy dense, or wrap a sparse policy, e.g. "
-                              f"{match.group(1)}(tokenbutler).")
-        return wrapper(base=base)
-    cls = POLICIES.get(spec.strip())
-    if cls is None or getattr(cls, "wraps", False):
-        raise ConfigError(f"unknown policy {spec!r}; valid: {', '.join(available_policies())}.")
-    return cls(**options)
+    if match is None:
+        name = spec.strip()
+        cls = POLICIES.get(name)
+        if cls is not None and getattr(cls, "wraps", False):
+            raise ConfigError(f"{name!r} wraps a policy: write {name}(<base>) with <base> one of "
+                              f"{', '.join(_sparse_policies())}.")
+        if cls is None:
+            raise ConfigError(f"unknown policy {spec!r}; valid: {', '.join(available_policies())}.")
+        return None, name
+    wrapper = match.group(1)
+    if not getattr(POLICIES.get(wrapper), "wraps", False):
+        raise ConfigError(f"{wrapper!r} does not wrap a policy; valid: {', '.join(available_policies())}.")
+    inner = match.group(2)
+    inner_head = inner.split("(")[0].strip()
+    if getattr(POLICIES.get(inner_head), "wraps", False):
+        raise ConfigError(f"{spec.strip()!r} wraps {inner_head} in {wrapper}: {wrapper} weighs one sparse policy's "
+                          "scores by the tokens' value norms, and weighing them twice is not a policy. Wrap one "
+                          f"base once: {wrapper}(<base>) with <base> one of {', '.join(_sparse_policies())}.")
+    _, name = parse_policy_spec(inner)  # an unknown name, or a policy that wraps nothing, is refused there
+    if issubclass(POLICIES[name], DensePolicy):  # it keeps every token of every layer: nothing to re-weight
+        raise ConfigError(f"{spec.strip()!r} attends every token, as dense does: {wrapper} re-weights a "
+                          "sparse policy's scores; use --policy dense, or wrap a sparse policy, e.g. "
+                          f"{wrapper}(tokenbutler).")
+    return wrapper, name
+
+
+def _sparse_policies() -> list[str]:
+    """The policies a wrapper may wrap: every one but dense and the wrappers."""
+    return [name for name in available_policies() if "(" not in name and not issubclass(POLICIES[name], DensePolicy)]

@@ -46,7 +46,7 @@ class CriticalPolicy(Policy):
 
     name: ClassVar[str] = "critical"
     wraps: ClassVar[bool] = True  # built as ``critical(<base>)``
-    score_kind: ClassVar[str] = "mass"  # its scores are non-negative (critical(critical(x)) works)
+    score_kind: ClassVar[str] = "mass"  # its scores are non-negative (wrapping it again is refused: parse_policy_spec)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -2,7 +2,9 @@
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON, or server-sent events ending
 with ``data: [DONE]`` when ``stream`` is set), ``GET /v1/models``, ``GET /health``. Every error is
-answered in the OpenAI shape; a malformed body or bad parameter is a 400, a full queue a 429.
+answered in the OpenAI shape; a malformed body or bad parameter is a 400, a full queue a 429, a
+request the server's shutdown cut (``GenerationWorker.begin_shutdown``) a 503, or an error chunk when
+streaming.
 Each response carries the engine's statistics of the request in the ``tbrun`` field (the last
 chunk when streaming): prefill tokens saved by prefix reuse, ms per step, bytes moved per step,
 KV on the device.
@@ -27,7 +29,7 @@ from ..errors import ConfigError, TbrunError
 from ..session import Session
 from . import protocol as p
 from .text import ServeTokenizer
-from .worker import GenerationWorker, Job, Outcome, QueueFull
+from .worker import SHUTDOWN, GenerationWorker, Job, Outcome, QueueFull, ShuttingDown
 
 POLL_SECONDS = 0.25  # how often a non-streaming request checks whether its client is still there
 
@@ -181,6 +183,8 @@ class _Routes:
         except QueueFull:
             raise p.ApiError(429, f"the server is busy: one request is running and {self.worker.max_queue} are "
                                   "waiting. Retry later.", "rate_limit_exceeded", code="rate_limit_exceeded") from None
+        except ShuttingDown:
+            raise _shutting_down() from None
         reply = _Reply(body.model, chat, p.new_id("chatcmpl" if chat else "cmpl"))
         if body.stream:
             return _JobStream(reply.events(job, body.include_usage), job)
@@ -204,7 +208,9 @@ class _Reply:
                 if kind == "error":
                     raise _as_api_error(payload)
                 if kind == "cancelled":
-                    return Response(status_code=499)  # nobody reads it
+                    if payload == SHUTDOWN:  # the client is still there: tell it why
+                        raise _shutting_down()
+                    return Response(status_code=499)  # the client left: nobody reads it
         finally:
             watcher.cancel()
 
@@ -220,7 +226,10 @@ class _Reply:
                 yield _sse(_as_api_error(payload).body())
                 break
             elif kind == "cancelled":
-                return
+                if payload != SHUTDOWN:
+                    return  # the client left: nobody reads the rest
+                yield _sse(_shutting_down().body())
+                break
             else:
                 yield _sse(self._chunk(None, _finish(payload), tbrun=_stats(payload)))
                 if include_usage:
@@ -283,6 +292,12 @@ def _stats(outcome: Outcome) -> dict:
             "ms_per_step": round(s.ms_per_step, 3), "h2d_bytes_per_step": s.h2d_bytes_per_step,
             "decode_kv_bytes": s.decode_kv_bytes, "prefill_peak_kv_bytes": s.prefill_peak_kv_bytes,
             "finish_reason": outcome.result.finish_reason, "notes": list(s.notes)}
+
+
+def _shutting_down() -> p.ApiError:
+    """The answer to a request the server's shutdown cut or arrived during it."""
+    return p.ApiError(503, "the server is shutting down: this request was not finished. Retry it against a "
+                           "running server.", "server_error", code="server_shutting_down")
 
 
 def _as_api_error(exc: Exception) -> p.ApiError:

@@ -3,9 +3,10 @@
 The HTTP side (an asyncio event loop) builds a ``Job`` and ``submit``s it; a full queue raises
 ``QueueFull`` (the 429). The worker thread runs each job through the ``Session`` (prefix reuse)
 and posts its events back to the job's event loop: ``("text", delta)`` as tokens arrive, then
-``("done", Outcome)``, ``("error", exception)`` or ``("cancelled", None)``. ``job.cancel()`` (the
+``("done", Outcome)``, ``("error", exception)`` or ``("cancelled", reason)``. ``job.cancel()`` (the
 client left) ends the generation at its next token or prefill layer and frees its KV; a cancelled
-job still waiting is skipped.
+job still waiting is skipped. ``begin_shutdown()`` cancels every job with the reason ``SHUTDOWN`` (the
+HTTP side tells a client still there to retry elsewhere) and refuses new ones (``ShuttingDown``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ from .text import ServeTokenizer, TextStream
 log = logging.getLogger("tbrun.serve")
 
 
+CLIENT_GONE = "client_gone"  # why a job was cancelled: its client disconnected (nobody reads the answer)
+SHUTDOWN = "shutdown"  # the server is going down (a client still connected is told so)
+
+
 class QueueFull(Exception):
     """Every waiting place is taken."""
+
+
+class ShuttingDown(Exception):
+    """The server is going down: no new job is taken."""
 
 
 @dataclass
@@ -40,10 +49,17 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str | None = None  # CLIENT_GONE or SHUTDOWN once cancelled: the first reason given
     submitted: float = field(default_factory=time.perf_counter)
+    _cancel_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def cancel(self) -> None:
-        self.cancelled.set()
+    def cancel(self, reason: str = CLIENT_GONE) -> None:
+        """End the job at its next token or prefill layer (a waiting one is skipped); a second cancel, e.g.
+        the stream closing after a shutdown cancelled it, keeps the first reason."""
+        with self._cancel_lock:
+            if self.cancel_reason is None:
+                self.cancel_reason = reason
+            self.cancelled.set()
 
     def emit(self, kind: str, payload) -> None:
         try:
@@ -83,6 +99,7 @@ class GenerationWorker:
         self._thread = threading.Thread(target=self._run, name="tbrun-generation", daemon=True)
         self._current: Job | None = None
         self._waiting: list[Job] = []
+        self._stopping = False
 
     @property
     def waiting(self) -> int:
@@ -99,8 +116,11 @@ class GenerationWorker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; ``QueueFull`` when one job runs and ``max_queue`` wait already."""
+        """Queue ``job``; ``QueueFull`` when one job runs and ``max_queue`` wait already, ``ShuttingDown``
+        once the server is going down."""
         with self._lock:
+            if self._stopping:
+                raise ShuttingDown
             waiting = sum(1 for queued in self._waiting if not queued.cancelled.is_set())
             if waiting + (self._current is not None) >= self.max_queue + 1:
                 self.counters.rejected += 1
@@ -108,12 +128,18 @@ class GenerationWorker:
             self._waiting.append(job)
         self._queue.put(job)
 
-    def stop(self) -> None:
-        """Cancel the running and waiting jobs, end the thread, free the KV (pinned memory too)."""
+    def begin_shutdown(self) -> None:
+        """The server is going down: cancel the running and waiting jobs with the reason ``SHUTDOWN`` and
+        take no new one. Returns at once (the thread ends the running job at its next token or layer)."""
         with self._lock:
+            self._stopping = True
             for job in [self._current, *self._waiting]:
                 if job is not None:
-                    job.cancel()
+                    job.cancel(SHUTDOWN)
+
+    def stop(self) -> None:
+        """Cancel the running and waiting jobs, end the thread, free the KV (pinned memory too)."""
+        self.begin_shutdown()
         if self._thread.is_alive():
             self._queue.put(None)  # the thread skips the cancelled jobs ahead of it quickly
             self._thread.join()
@@ -126,9 +152,9 @@ class GenerationWorker:
                 self._waiting.remove(job)
                 self._current = job
             try:
-                if job.cancelled.is_set():  # the client left while it waited
+                if job.cancelled.is_set():  # the client left while it waited, or the server is going down
                     self.counters.cancelled += 1
-                    job.emit("cancelled", None)
+                    job.emit("cancelled", job.cancel_reason)
                 else:
                     self._generate(job)
             finally:
@@ -168,7 +194,7 @@ class GenerationWorker:
             return
         if result.finish_reason == "cancelled":
             self.counters.cancelled += 1
-            job.emit("cancelled", None)
+            job.emit("cancelled", job.cancel_reason)
             return
         tail = stream.finish()
         if tail:

@@ -16,11 +16,11 @@ layer 0's concentration; the interval/neighbour study; and the parameter and mem
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
+from offload_engine.evaluation.scoring import t_interval
 from offload_engine.machine import portable_path
 from offload_engine.models import load_model
 from offload_engine.predictor.checkpoint import load_checkpoint
@@ -34,9 +34,6 @@ from .report import machine_header, markdown_header, markdown_table, provenance,
 
 HEADLINE_BUDGET = "10%"
 HEADLINE_METHODS = ("tokenbutler", "tokenbutler_engine", "oracle_group", "streaming", "random")
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 24: 2.064, 29: 2.045, 39: 2.023, 59: 2.001}
 
 
 def mean_interval(values: list[float]) -> dict:
@@ -45,10 +42,8 @@ def mean_interval(values: list[float]) -> dict:
     mean = sum(values) / n
     if n < 2:
         return {"mean": mean, "low": None, "high": None, "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T_975[max(d for d in T_975 if d <= n - 1)] if n - 1 <= 59 else 1.96
-    half = t * sd / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+    _, low, high = t_interval(values)  # the evaluation's t quantiles (exact to 30 degrees of freedom)
+    return {"mean": mean, "low": low, "high": high, "n": n}
 
 
 def per_sequence_recall(predictors: dict, adapter, sequences: torch.Tensor, rows: int, seed: int,
@@ -79,6 +74,8 @@ def _merge(results: list[dict]) -> dict:
     merged["recall"] = {m: {b: sum(r["recall"][m][b] for r in results) / len(results) for b in budgets}
                         for m in results[0]["recall"]}
     merged["oracle_mass"] = {b: sum(r["oracle_mass"][b] for r in results) / len(results) for b in budgets}
+    merged["layer0"] = {m: {b: sum(r["layer0"][m][b] for r in results) / len(results) for b in budgets}
+                        for m in results[0]["layer0"]}  # every sequence's, not the first's
     merged["interval"] = {m: {b: mean_interval([r["recall"][m][b] for r in results]) for b in budgets}
                           for m in results[0]["recall"]}
     # each sequence's recall, in the order evaluated: a baseline's on the same text pairs with it
@@ -140,9 +137,11 @@ def build_report(args) -> dict:
               "baseline": portable_path(args.baseline) if args.baseline else None,
               "baseline_sha256": baseline_config.get("weights_sha256"),
               "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}, "lookups": args.lookups}
-    for seq_len, count in parse_lengths(args.lengths):
-        if seq_len > adapter.dims.max_positions:
-            continue
+    lengths = [(seq_len, count) for seq_len, count in parse_lengths(args.lengths) if seq_len <= adapter.dims.max_positions]
+    if not lengths:
+        raise SystemExit(f"every --lengths is past the model's {adapter.dims.max_positions} trained positions: "
+                         "give shorter ones.")
+    for seq_len, count in lengths:
         sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus,
                                   mix=args.mix)
         label = str(seq_len)
@@ -162,7 +161,7 @@ def build_report(args) -> dict:
                                                                                    lookups["baseline"])
         print(f"recall at {label} done", flush=True)
     if args.interval > 1:
-        seq_len, count = parse_lengths(args.lengths)[0]
+        seq_len, count = lengths[0]  # the first length the model reaches
         sequences = load_held_out(args.data or [], adapter.tokenizer, seq_len, count, args.seed, corpus=corpus,
                                   mix=args.mix)
         report["interval"] = interval_recall(predictor, adapter, sequences, interval=args.interval, seed=args.seed)

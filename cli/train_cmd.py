@@ -166,6 +166,8 @@ def train_predictor(
             sequences = load_sequences(data, adapter.tokenizer, seq_len, train_count, held_out, seed, corpus=resolved,
                                        mix=mix)
             sequences.train = add_recall_spans(sequences.train, spans, seed)[0]  # held-out text stays as written
+        if teacher_cache is not None:
+            _check_enough_sequences(int(sequences.train.shape[0]), sequences_count, seq_len)
         console.print(f"data: {sequences.files} files, {sequences.train.shape[0]} training and "
                       f"{sequences.held_out.shape[0]} held-out sequences of {seq_len} tokens")
     else:  # a complete cache and no text: train on the cache, no held-out report
@@ -174,9 +176,12 @@ def train_predictor(
         "model_name": portable_word(model) if model else EMBEDDED_MODEL_NAME,
         "model": portable_word(model) if model else "embedded",
         "init": {"name": portable_word(str(init)), "weights_sha256": start_config["weights_sha256"]} if init else None,
+        # the text this run read; None when it read none (complete caches alone: their own text is recorded
+        # under "teacher_cache", and the --mix / --recall defaults would misname it)
         "data": {"corpus": resolved.describe() if resolved else [], "paths": describe_paths(data, seed),
                  "files": sequences.files, "mix": mix, "recall": spans.describe(),
-                 "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])},
+                 "train_sequences": int(sequences.train.shape[0]), "held_out_sequences": int(sequences.held_out.shape[0])}
+        if data or corpus else None,
         "command": shlex.join(["tbrun", "train-predictor", *map(portable_word, sys.argv[sys.argv.index("train-predictor") + 1:])])
         if "train-predictor" in sys.argv else None,
     }
@@ -226,6 +231,16 @@ def _steps(steps: int | None, cached: bool, sequences: int, epochs: int) -> int:
     return sequences * epochs
 
 
+def _check_enough_sequences(found: int, asked: int, seq_len: int) -> None:
+    """Refuse a teacher cache the text cannot fill: its steps (``asked`` x --epochs) were fixed from --sequences,
+    and a cache of fewer sequences would train more epochs than asked and never resume under the same command."""
+    from offload_engine.predictor.data import DataError
+
+    if found < asked:
+        raise DataError(f"the training text gives {found} sequences of {seq_len} tokens, fewer than --sequences "
+                        f"{asked}: pass --sequences {found} (or fewer), add text (--corpus, --data), or shorten --seq-len.")
+
+
 def _open_mix(directories: list[Path], data: list[Path], corpus: list[str], cache_only: bool):
     """A ``TeacherCacheMix`` of two or more complete caches, or None for zero or one ``--teacher-cache``."""
     from offload_engine.predictor.data import DataError
@@ -237,7 +252,7 @@ def _open_mix(directories: list[Path], data: list[Path], corpus: list[str], cach
         raise DataError("several --teacher-cache train on complete caches only: build each with its own "
                         "`--teacher-cache DIR --corpus ... --cache-only` run, then train on them without "
                         "--corpus, --data or --cache-only (held-out recall: python -m tbrun_bench.predictor_report).")
-    if len(set(directories)) < len(directories):
+    if len({directory.resolve() for directory in directories}) < len(directories):
         raise DataError("the same --teacher-cache is named twice: name each cache once.")
     for directory in directories:
         if not _complete_cache(directory):
@@ -261,9 +276,10 @@ def _complete_cache_shape(directory: Path, seq_len: int | None, sequences: int |
 
 
 def _complete_cache(directory: Path | None) -> bool:
-    from offload_engine.predictor.teacher_cache import MANIFEST
+    """Whether ``directory`` is a finished teacher cache (a stopped build is finished by the build path)."""
+    from offload_engine.predictor.teacher_cache import TeacherCache
 
-    return directory is not None and (directory / MANIFEST).exists()
+    return directory is not None and TeacherCache.is_complete(directory)
 
 
 def _teacher_cache(console: Console, adapter, directory: Path, sequences, config, meta: dict, cache_rows: int,

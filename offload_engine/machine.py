@@ -85,8 +85,11 @@ def portable_path(path: str | Path) -> str:
 
 
 def portable_word(word: str) -> str:
-    """A command-line word as a recorded command shows it: ``portable_path`` for an absolute path,
-    any other word unchanged."""
+    """A command-line word as a recorded command shows it: ``portable_path`` for an absolute path, the
+    same for the value of ``--option=/absolute/path``, any other word unchanged."""
+    if word.startswith("--") and "=" in word:
+        option, value = word.split("=", 1)
+        return f"{option}={portable_word(value)}"
     return portable_path(word) if Path(word).is_absolute() else word
 
 

@@ -129,3 +129,18 @@ def test_corpus_files_of_other_names_count_when_they_are_text(tmp_path):
     assert is_text_file(tmp_path / "news.cor")
     assert not is_text_file(tmp_path / "vectors.bin")  # a binary suffix is never read as text
     assert not is_text_file(tmp_path / "table.dat") and not is_text_file(tmp_path / "latin1.cor")
+
+
+def test_the_held_out_files_of_a_data_folder_do_not_depend_on_how_its_path_is_spelled(tmp_path, monkeypatch):
+    from offload_engine.predictor.data import _source_groups, split_files
+
+    folder = tmp_path / "text"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(40):
+        (folder / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(f"text {i}\n")
+    monkeypatch.chdir(tmp_path)
+    held = []
+    for spelling in ("text", "./text", str(folder), str(folder) + "/"):
+        [files], names = _source_groups([spelling], None, seed=0)
+        held.append(sorted(path.resolve().relative_to(folder).as_posix() for path in split_files(files, names)[1]))
+    assert held[0] and all(other == held[0] for other in held[1:]), held

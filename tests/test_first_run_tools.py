@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from offload_engine.cpu_cache import gather
-from offload_engine.machine import describe_machine, triton_status
+from offload_engine.machine import describe_machine, portable_word, triton_status
 from tbrun_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +167,10 @@ def test_tbrun_refuses_a_native_thread_count_that_is_not_a_number_before_any_com
     monkeypatch.setenv("TBRUN_NATIVE_THREADS", "all")
     refused = CliRunner().invoke(app, ["info"])
     assert refused.exit_code == 2 and "TBRUN_NATIVE_THREADS='all'" in refused.output
+
+
+def test_a_recorded_command_names_no_absolute_path_even_after_an_equals_sign(tmp_path):
+    for word in (str(tmp_path / "out"), f"--out={tmp_path / 'out'}", f"--teacher-cache={tmp_path}/cache"):
+        recorded = portable_word(word)
+        assert str(tmp_path) not in recorded and recorded.rstrip("/").endswith(("out", "cache")), recorded
+    assert portable_word("--lr=3e-4") == "--lr=3e-4" and portable_word("plain") == "plain"

@@ -11,7 +11,8 @@ from offload_engine.predictor.network import PredictorConfig, TokenButlerPredict
 from offload_engine.predictor.data import TokenSequences
 from offload_engine.predictor.teacher import sample_rows
 from offload_engine.predictor.teacher_cache import (
-    CacheSpec, TeacherCache, TeacherCacheError, TeacherCacheMix, build_teacher_cache, shard_path,
+    CacheSpec, TeacherCache, TeacherCacheError, TeacherCacheMix, build_teacher_cache, cache_identity, shard_path,
+    spec_record,
 )
 from offload_engine.predictor.training import TrainConfig, train
 
@@ -303,3 +304,13 @@ def test_a_mix_of_caches_serves_each_caches_shards_in_turn_and_refuses_other_loo
                                 spec_for(adapter, lookahead=2), rows_and_offsets())
     with pytest.raises(TeacherCacheError, match="--lookahead 1 and 2"):
         TeacherCacheMix([short, ahead])
+
+
+def test_caches_of_the_same_build_from_other_text_are_two_caches_to_a_resumed_run(tmp_path):
+    spec = spec_record(CacheSpec(model_name="m", model_shape={"num_layers": 2}, seq_len=32, rows=8))
+    made = [TeacherCache(tmp_path, {"spec": spec, "sequences": 3, "sequences_sha256": text})
+            for text in ("a" * 64, "b" * 64, "a" * 64)]
+    ids = [cache_identity(cache) for cache in made]
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+    older = TeacherCache(tmp_path, {"spec": spec, "sequences": 3})  # a manifest from before the digest was kept
+    assert cache_identity(older).startswith("m-3x32-")

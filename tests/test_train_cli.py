@@ -203,10 +203,33 @@ def test_teacher_cache_is_built_once_then_reused_and_recorded_without_local_path
     assert trained_alone["steps"] == 9
     # no --corpus on this run: the checkpoint names the cache's text, by package, version and hash
     [source] = trained_alone["teacher_cache"]["data"]["corpus"]
+    assert trained_alone["data"] is None  # it read no text: no --mix or --recall defaults posing as its text
     assert source["source"] == "stdlib:json/*.py" and len(source["sha256"]) == 64 and source["version"]
     other = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--teacher-cache", str(cache),
                                 "--sequences", "5", "--out", str(tmp_path / "out4"), *_without_seq_len()])
     assert other.exit_code == 2 and "complete teacher cache of 3 sequences" in " ".join(other.output.split())
+
+
+def test_a_stopped_cache_build_is_finished_by_the_same_command(tiny_model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["train-predictor", "--model", tiny_model_dir, "--corpus", "stdlib:json/*.py", "--teacher-cache", str(cache),
+            "--sequences", "3", "--cache-only", "--out", str(tmp_path / "unused"), *CACHE_SMALL]
+    assert runner.invoke(app, args).exit_code == 0
+    stopped = cache / "seq-000002.safetensors"
+    stopped.unlink()  # as if the build had stopped before its last shard (the manifest is written first)
+    kept = (cache / "seq-000000.safetensors").stat().st_mtime_ns
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert stopped.exists() and (cache / "seq-000000.safetensors").stat().st_mtime_ns == kept  # finished, not redone
+
+
+def test_a_cache_the_text_cannot_fill_is_refused_before_the_teacher_runs(tiny_model_dir, text_dir, tmp_path):
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, ["train-predictor", "--model", tiny_model_dir, "--data", str(text_dir), "--teacher-cache",
+                                 str(cache), "--sequences", "500", "--out", str(tmp_path / "out"), *CACHE_SMALL])
+    assert result.exit_code == 2, result.output
+    assert "fewer than --sequences 500: pass --sequences" in " ".join(result.output.split())
+    assert not list(cache.glob("seq-*.safetensors"))
 
 
 def _without_seq_len() -> list[str]:
@@ -306,6 +329,21 @@ def test_recall_on_a_row_pool_leaves_out_sequences_without_rows_and_pairs_the_re
     with pytest.raises(SystemExit, match="--lookups"):
         per_sequence_recall({"predictor": predictor}, llama_adapter, sequences, rows=4, seed=0,
                             row_pool=torch.zeros_like(pool))
+
+
+def test_the_recall_report_averages_layer_0_over_every_sequence(llama_adapter):
+    from offload_engine.predictor.evaluation import evaluate
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+    from tbrun_bench.predictor_report import per_sequence_recall
+
+    torch.manual_seed(0)
+    predictor = TokenButlerPredictor(PredictorConfig.for_model(llama_adapter.dims, 2, 8, 32))
+    sequences = torch.randint(0, llama_adapter.dims.vocab_size, (3, 48))
+    merged = per_sequence_recall({"predictor": predictor}, llama_adapter, sequences, rows=4, seed=0)["predictor"]
+    alone = [evaluate(predictor, llama_adapter, sequences[i : i + 1], rows=4, seed=i)["layer0"] for i in range(3)]
+    mass = [report["oracle_mass"]["10%"] for report in alone]
+    assert len(set(mass)) > 1  # the sequences differ, so the first one's alone would be wrong
+    assert merged["layer0"]["oracle_mass"]["10%"] == pytest.approx(sum(mass) / 3)
 
 
 def test_several_complete_caches_train_as_one_mix_taking_turns(tiny_model_dir, tmp_path):

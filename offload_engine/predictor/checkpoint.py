@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import TbrunError
 from ..files import replace_directory
-from ..machine import git_commit
+from ..machine import REPO_ROOT, commit_at_start
 from ..models import ModelDims
 from .network import PredictorConfig, TokenButlerPredictor, describe_shape
 
@@ -155,8 +155,13 @@ def check_shape(config: dict, dims: ModelDims, where: Path | str = "predictor") 
 
 
 def current_commit() -> str:
-    """The git commit of the source tree (``-dirty`` if modified), or ``'unknown'``."""
-    return git_commit(str(Path(__file__).resolve().parents[2]))
+    """The git commit of the source tree (``-dirty`` if modified) when this process first asked (at this
+    module's import, before any model loads or teacher cache is built: a commit made during a training
+    of hours is not the code that trained), or ``'unknown'``."""
+    return commit_at_start(str(REPO_ROOT))
+
+
+current_commit()  # asked at import: see above
 
 
 def _sha256(path: Path) -> str:

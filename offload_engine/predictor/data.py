@@ -140,21 +140,37 @@ def _cut(ids: list[int], seq_len: int, count: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def _source_groups(paths: list[str | Path], corpus, seed: int) -> tuple[list[list[Path]], dict[Path, str] | None]:
-    """One file list per source (each ``--data`` path, then each corpus source) and the corpus files'
-    portable names (for the held-out split)."""
+def _source_groups(paths: list[str | Path], corpus, seed: int) -> tuple[list[list[Path]], dict[Path, str]]:
+    """One file list per source (each ``--data`` path, then each corpus source) and every file's portable
+    name (for the held-out split)."""
     groups = [collect_text_files([path], seed) for path in paths]
     if corpus is not None:
         groups.extend(corpus.groups)
-    return groups, (corpus.names if corpus is not None else None)
+    return groups, _portable_names(paths, corpus)
 
 
-def _sources(paths: list[str | Path], corpus, seed: int) -> tuple[list[Path], dict[Path, str] | None]:
+def _sources(paths: list[str | Path], corpus, seed: int) -> tuple[list[Path], dict[Path, str]]:
     """All files of the sources in one list, the sources taking turns file by file (``mix="files"``)."""
     files = collect_text_files(paths, seed) if paths else []
     if corpus is not None:
         files = _interleave([files, *corpus.groups]) if files else _interleave(corpus.groups)
-    return files, (corpus.names if corpus is not None else None)
+    return files, _portable_names(paths, corpus)
+
+
+def _portable_names(paths: list[str | Path], corpus) -> dict[Path, str]:
+    """Each file's name for the held-out split, whatever the spelling of its ``--data`` path (``docs``,
+    ``./docs``, ``/home/u/docs``): the ``--data`` folder's name and the path inside it, or the file's name;
+    a corpus file's portable name."""
+    names: dict[Path, str] = {}
+    for raw in paths:
+        root = Path(raw).expanduser()
+        if root.is_file():
+            names[root] = root.name
+        elif root.is_dir():
+            resolved = root.resolve()
+            names.update({path: f"{resolved.name}/{path.resolve().relative_to(resolved).as_posix()}"
+                          for path in collect_text_files([raw])})
+    return names | (corpus.names if corpus is not None else {})
 
 
 def _source_split(files: list[Path], names: dict[Path, str] | None, tokenizer, seq_len: int, train_count: int,

@@ -7,8 +7,15 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
 
 - ``tokenbutler``: top-k per KV head of the mean over the group's query heads of the predicted
   attention probabilities (the policy's default ``group_reduction="mean"``);
-- ``tokenbutler_engine``: what the engine attends: the first ``sinks`` tokens and a local window of
-  ``min(64, (k - sinks) // 2)`` recent tokens always, the rest of ``k`` by ``tokenbutler``;
+- ``tokenbutler_engine``: what the engine attends at the same ``k``: the first ``sinks`` tokens and a
+  local window of ``min(64, (k - sinks) // 2)`` recent tokens always, the rest of ``k`` by ``tokenbutler``.
+  Where ``k >= sinks + 2 * 64`` (every sampled row, taken from a sequence's second half, of 4k tokens
+  and longer at 10%) that is exactly ``tbrun generate``'s default (sinks 4, window 64); on shorter
+  rows the engine keeps its whole window and attends ``max(k, sinks + window)`` tokens
+  (``Selector``), while this keeps ``k`` and shortens the window, so that every method is judged at
+  the same count (the 1k figures). The predictor's softmax here includes the row's own token, the
+  engine's excludes it (it is in the window either way); the engine's compact keys are bfloat16 on
+  the CPU (``tokenbutler_bf16``);
 - ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``);
 - ``tokenbutler_bf16``: ``tokenbutler`` with the projected keys and the importance queries rounded to
   bfloat16 (the CPU engine's compact key cache, scored with AVX512-BF16 pair products: ``compact_key_dtype``

@@ -219,11 +219,14 @@ def _describe(manifest: dict) -> str:
 
 
 def cache_identity(cache: "TeacherCache") -> str:
-    """A short name of a cache's build (spec + sequences), recorded by the training run that uses it."""
+    """A short name of a cache's build (spec, sequences and the digest of their tokens), recorded by the training
+    run that uses it (a resumed run must train on the same cache)."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps({"spec": cache.manifest["spec"], "sequences": len(cache)},
-                                       sort_keys=True).encode()).hexdigest()[:12]
+    identity = {"spec": cache.manifest["spec"], "sequences": len(cache)}
+    if "sequences_sha256" in cache.manifest:  # the text it was built from: two corpora are two caches
+        identity["sequences_sha256"] = cache.manifest["sequences_sha256"]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cache.spec.model_name}-{len(cache)}x{cache.spec.seq_len}-{digest}"
 
 
@@ -258,6 +261,17 @@ class TeacherCache:
         self.directory = directory
         self.manifest = manifest
         self.spec = CacheSpec(**manifest["spec"])
+
+    @staticmethod
+    def is_complete(directory: str | Path) -> bool:
+        """Whether ``directory`` holds a finished cache: a readable manifest and every shard it names. A build
+        that stopped has its manifest (written first) but not every shard: running its command again finishes it."""
+        path = Path(directory)
+        try:
+            manifest = _read_manifest(path / MANIFEST)
+        except TeacherCacheError:
+            return False
+        return all(shard_path(path, i).exists() for i in range(int(manifest.get("sequences", 0))))
 
     @classmethod
     def open(cls, directory: str | Path) -> "TeacherCache":

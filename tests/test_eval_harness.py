@@ -241,6 +241,24 @@ def test_a_predictor_record_names_the_folder_portably_with_its_weights_hash():
     assert predictor_record(None) is None
 
 
+def test_a_predictor_record_of_a_training_run_hashes_the_checkpoint_the_policy_loads(tmp_path, llama_adapter):
+    """A training --out whose final predictor is not written yet: the policy loads its latest checkpoint, and
+    the report must name those weights (it named none, so a resumed eval could mix checkpoints unnoticed)."""
+    import hashlib
+
+    from offload_engine.evaluation.harness import predictor_record
+    from offload_engine.predictor.checkpoint import WEIGHTS_NAME, save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        torch.manual_seed(step)
+        save_checkpoint(run / "checkpoints" / f"step-{step:06d}",
+                        TokenButlerPredictor(PredictorConfig.for_model(llama_adapter.dims, 2, 4, 8)))
+    latest = run / "checkpoints" / "step-000004" / WEIGHTS_NAME
+    assert predictor_record(run)["sha256"] == hashlib.sha256(latest.read_bytes()).hexdigest()
+
+
 def test_an_out_folder_under_a_file_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
     import offload_engine.evaluation.harness as harness
 
@@ -262,3 +280,26 @@ def test_a_max_minutes_that_is_not_a_positive_finite_time_is_refused_before_the_
     assert result.exit_code == 2, result.output
     assert f"--max-minutes {minutes}: give a number of minutes above 0" in flat(result.output)
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_names_the_commits_its_earlier_samples_were_measured_at(tiny_model_dir, tmp_path, monkeypatch):
+    """A run finished in a later session reported only that session's commit, so samples measured by other
+    code passed as this one's; the report now says how many were resumed and at which commits."""
+    import offload_engine.evaluation.harness as harness
+    from offload_engine.evaluation.report import PROGRESS_FILE
+
+    out = tmp_path / "niah"
+    args = ["eval", "--task", "niah-single", "--policy", "quest", "--budget", "25%", "--context", "256", "--samples",
+            "3", "--model", tiny_model_dir, "--out", str(out)]
+    monkeypatch.setattr(harness, "provenance", lambda command: {"command": command, "commit": "a" * 40, "date": ""})
+    assert runner.invoke(app, [*args, "--max-minutes", "1e-6"]).exit_code == 0  # one sample, at commit a...
+    header = json.loads((out / PROGRESS_FILE).read_text().splitlines()[0])
+    assert header["commits"] == ["a" * 40]
+    monkeypatch.setattr(harness, "provenance", lambda command: {"command": command, "commit": "b" * 40, "date": ""})
+    result = runner.invoke(app, args)  # the rest at commit b...
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / RESULTS_FILE).read_text())
+    assert report["provenance"]["resumed"] == {"samples": 1, "commits": ["a" * 40]}
+    assert f"1 sample resumed from an interrupted run at `{'a' * 40}`" in (out / "report.md").read_text()
+    fresh = runner.invoke(app, [*args[:-1], str(tmp_path / "fresh")])
+    assert fresh.exit_code == 0 and "resumed" not in json.loads((tmp_path / "fresh" / RESULTS_FILE).read_text())["provenance"]

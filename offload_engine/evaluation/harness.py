@@ -34,13 +34,13 @@ from ..memory import parse_dtype
 from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy, parse_policy_spec
 from ..policies.tokenbutler import GROUP_REDUCTIONS, shipped_predictor_for
-from ..predictor.checkpoint import WEIGHTS_NAME, load_checkpoint
-from .report import PROGRESS_FILE, build_report, check_output_dir, write_report
+from ..predictor.checkpoint import WEIGHTS_NAME, load_checkpoint, resolve_checkpoint_dir
+from .report import PROGRESS_FILE, build_report, check_output_dir, provenance, write_report
 from .scoring import score_forced, score_generation
 from .tasks import Sample, get_task, make_samples, min_prompt_for
 
-FORCED_TEXT_MAX_TOKENS = 64
-MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages  # keep the greedy predictions' text in the report for short targets
+FORCED_TEXT_MAX_TOKENS = 64  # keep the greedy predictions' text in the report for short targets
+MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages
 
 
 SELECTION_KEYS = ("interval", "neighbors", "neighbor_rule", "refresh_layers")  # SelectionConfig fields a variant may set
@@ -234,11 +234,12 @@ def predictor_identity(config: EvalConfig, adapter: ModelAdapter, interval: int 
 
 
 def predictor_record(path: Path | None) -> dict | None:
-    """A predictor folder as reports name it: its path (repository-relative) and the sha256 of its weights
-    (None where the folder has none); None for no folder."""
+    """A predictor folder as reports name it: its path (repository-relative) and the sha256 of the weights the
+    policy loads from it (a training output folder without its final predictor: its latest checkpoint's,
+    ``resolve_checkpoint_dir``; None where there are none); None for no folder."""
     if path is None:
         return None
-    weights = path / WEIGHTS_NAME
+    weights = resolve_checkpoint_dir(path) / WEIGHTS_NAME
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
     return {"path": portable_path(path), "sha256": digest}
 
@@ -430,15 +431,10 @@ def read_progress(out_dir: Path, config: dict, predictor_sha256: str | None = No
     hash was recorded carry none and are taken as they are.
     """
     path = out_dir / PROGRESS_FILE
-    if not path.is_file():
+    header = _progress_header(path, config)
+    if header is None:
         return {}
     lines = path.read_text().splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-        if header.get("config") != config:
-            return {}
-    except (ValueError, AttributeError):
-        return {}
     recorded = header.get("predictor_sha256")
     if recorded is not None and predictor_sha256 is not None and recorded != predictor_sha256:
         raise ConfigError(
@@ -456,13 +452,34 @@ def read_progress(out_dir: Path, config: dict, predictor_sha256: str | None = No
     return done
 
 
-class ProgressLog:
-    """``progress.jsonl``: a header line with the config, then one line per finished sample."""
+def _progress_header(path: Path, config: dict) -> dict | None:
+    """The header of the progress file at ``path`` when it is one of a run of ``config``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        lines = path.read_text().splitlines()
+        header = json.loads(lines[0]) if lines else {}
+        return header if header.get("config") == config else None
+    except (ValueError, AttributeError):
+        return None
 
-    def __init__(self, out_dir: Path, config: dict, done: dict[int, list[dict]], predictor_sha256: str | None = None):
+
+def progress_commits(out_dir: Path, config: dict) -> list[str]:
+    """The commits an interrupted run of ``config`` in ``out_dir`` measured its samples at, oldest first ([] if
+    none, or a progress file from before they were kept)."""
+    header = _progress_header(out_dir / PROGRESS_FILE, config)
+    return list(header.get("commits", [])) if header else []
+
+
+class ProgressLog:
+    """``progress.jsonl``: a header line with the config (and the commits the samples were measured at), then
+    one line per finished sample."""
+
+    def __init__(self, out_dir: Path, config: dict, done: dict[int, list[dict]], predictor_sha256: str | None = None,
+                 commits: Sequence[str] = ()):
         self.path = out_dir / PROGRESS_FILE
         out_dir.mkdir(parents=True, exist_ok=True)
-        header = {"config": config, "predictor_sha256": predictor_sha256}
+        header = {"config": config, "predictor_sha256": predictor_sha256, "commits": list(commits)}
         lines = [json.dumps(header)] + [json.dumps({"index": i, "results": r}) for i, r in done.items()]
         self.path.write_text("\n".join(lines) + "\n")
 
@@ -503,7 +520,9 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
         build_engine(adapter, config, point)  # refuse a bad policy spec before hours of work
     sha = tokenbutler_weights_sha(config, adapter)
     done = {i: r for i, r in read_progress(out_dir, config.to_dict(), sha).items() if i < len(samples)}
-    log = ProgressLog(out_dir, config.to_dict(), done, sha)
+    earlier = progress_commits(out_dir, config.to_dict()) if done else []
+    commits = list(dict.fromkeys([*earlier, provenance("")["commit"]]))  # a resumed run names every commit it ran at
+    log = ProgressLog(out_dir, config.to_dict(), done, sha, commits)
     if on_ready is not None:
         on_ready(len(points) * len(samples), len(points) * len(done))
     start = time.perf_counter()
@@ -511,7 +530,8 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     settings = [point_settings(config, adapter, point) for point in points]
     finished = len({r["index"] for r in results})
     partial = {"samples_done": finished} if finished < len(samples) else None
-    report = build_report(config, adapter, points, results, command, time.perf_counter() - start, settings, partial)
+    report = build_report(config, adapter, points, results, command, time.perf_counter() - start, settings, partial,
+                          resumed={"samples": len(done), "commits": earlier} if done else None)
     # the directory holds this run (checked above); a partial run keeps its progress file
     write_report(out_dir, report, overwrite=True, keep=(PROGRESS_FILE,) if partial else ())
     return report

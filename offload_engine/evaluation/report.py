@@ -115,11 +115,13 @@ def provenance(command: str) -> dict:
 
 
 def build_report(config, adapter, points, results: list[dict], command: str, seconds: float,
-                 settings: list[dict] | None = None, partial: dict | None = None) -> dict:
+                 settings: list[dict] | None = None, partial: dict | None = None, resumed: dict | None = None) -> dict:
     """Everything the three files show, as one JSON-ready dict.
 
     ``settings``: per point, every setting that changes its selection (sinks, window, interval,
     neighbours and their rule, tokenbutler's GQA rule and predictor with the sha256 of its weights).
+    ``resumed``: ``{"samples": n, "commits": [...]}`` when n samples came from an interrupted run (measured at
+    those commits; the wall time is this session's).
     """
     task = get_task(config.task)
     breakdown = {key: summarize_points(points, results, key) for key in BREAKDOWN_KEYS
@@ -128,7 +130,7 @@ def build_report(config, adapter, points, results: list[dict], command: str, sec
         "task": {"name": task.name, "summary": task.summary, "primary": task.primary,
                  "higher_is_better": task.higher_is_better},
         **({"partial": partial} if partial else {}),
-        "provenance": provenance(command),
+        "provenance": provenance(command) | ({"resumed": resumed} if resumed else {}),
         "machine": describe_machine(),
         "config": config.to_dict(),
         "model": {"name": model_name(adapter), "dtype": str(adapter.dtype),
@@ -234,10 +236,20 @@ def settings_table(points: list[dict]) -> list[str]:
     return table_lines(["policy", "budget", *SETTING_KEYS, "predictor (sha256)"], rows)
 
 
+def _resumed_text(resumed: dict | None) -> str:
+    """What the commit line adds for a run that finished an interrupted one."""
+    if not resumed:
+        return ""
+    earlier, count = resumed.get("commits", []), resumed["samples"]
+    at = f" at {', '.join(f'`{commit}`' for commit in earlier)}" if earlier else " (commit not recorded)"
+    return f" ({count} sample{'s' * (count != 1)} resumed from an interrupted run{at}; the wall time is this session's)"
+
+
 def to_markdown(report: dict) -> str:
     task, prov, config = report["task"], report["provenance"], report["config"]
     lines = [f"# tbrun eval: {task['name']}", "", task["summary"] + ".", "",
-             f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`", f"- date: {prov['date']}",
+             f"- command: `{prov['command']}`", f"- commit: `{prov['commit']}`{_resumed_text(prov.get('resumed'))}",
+             f"- date: {prov['date']}",
              f"- model: {report['model']['name']} ({report['model']['dtype']})",
              f"- context: {config['context']} tokens, {config['samples']} samples, seed {config['seed']}, "
              f"sinks {config['sinks']}, window {config['window']}",

@@ -229,3 +229,51 @@ def test_a_run_is_not_finished_with_other_predictor_weights(tmp_path):
     lines = (tmp_path / PROGRESS_FILE).read_text().splitlines()
     (tmp_path / PROGRESS_FILE).write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     assert list(harness.read_progress(tmp_path, config, "b" * 64)) == [0]
+
+
+def test_sign_flip_p_is_exact_for_few_differing_samples():
+    """Ties drop out; with k differing pairs all one way p = 2 / 2^k: 4 of +25 among 16 zeros 0.125 (which
+    a t interval calls significant), 5 0.0625, 6 0.03125; mixed signs against a hand count and against
+    every sign pattern of arbitrary floats."""
+    import itertools
+
+    from offload_engine.evaluation.scoring import sign_flip_p
+
+    assert sign_flip_p([25.0] * 4 + [0.0] * 16) == 0.125
+    assert sign_flip_p([25.0] * 5 + [0.0] * 15) == 0.0625
+    assert sign_flip_p([25.0] * 6 + [0.0] * 14) == 0.03125
+    assert sign_flip_p([-25.0] * 6) == 0.03125  # two-sided
+    # 25 (s1 + s2 + s3 + s4) + 50 s5 at least 100 away from 0: 5 of 16 patterns of s1..s4 for each s5
+    assert sign_flip_p([25.0, 25.0, 25.0, -25.0, 50.0, 0.0, 0.0]) == 5 / 16
+    assert sign_flip_p([0.0] * 5) == 1.0 and sign_flip_p([]) == 1.0
+    floats = [0.31, -0.12, 0.05, 0.44, 0.2, -0.07, 0.15, -0.021]
+    hits = sum(abs(sum(s * d for s, d in zip(signs, floats))) >= abs(sum(floats)) - 1e-12
+               for signs in itertools.product((1, -1), repeat=len(floats)))
+    assert sign_flip_p(floats) == pytest.approx(hits / 2 ** len(floats))
+
+
+def test_sign_flip_p_past_the_exact_limit_counts_on_a_grid_or_draws_with_a_fixed_seed():
+    from offload_engine.evaluation.scoring import SIGN_FLIP_DRAWS, sign_flip_p
+
+    assert sign_flip_p([25.0] * 21 + [0.0] * 19) == pytest.approx(2 / 2 ** 21)  # exact on the 25-point grid
+    grid = [25.0, -25.0, 50.0, 25.0, 75.0, -50.0, 25.0, 25.0, 100.0, -25.0, 25.0, 25.0]
+    assert sign_flip_p(grid, exact_limit=0) == pytest.approx(sign_flip_p(grid))  # grid count == enumeration
+    irrational = [math.sqrt(i + 2) * (-1 if i % 3 == 0 else 1) for i in range(12)]
+    drawn = sign_flip_p(irrational, exact_limit=0)  # no grid: random sign patterns
+    assert drawn == sign_flip_p(irrational, exact_limit=0)  # a fixed seed: the same p every time
+    assert drawn == pytest.approx(sign_flip_p(irrational), abs=0.01) and drawn >= 1 / (SIGN_FLIP_DRAWS + 1)
+
+
+def test_compare_paired_decides_significance_by_the_exact_test_not_the_t_interval():
+    from offload_engine.evaluation.scoring import compare_paired
+
+    few = compare_paired([75.0] * 4 + [50.0] * 16, [50.0] * 20)  # 4 of 20 better by 25 points
+    assert (few.mean, few.pairs, few.differing, few.p) == (5.0, 20, 4, 0.125)
+    assert few.low > 0 and not few.significant  # the t interval excludes 0; the test does not reject
+    six = compare_paired([75.0] * 6 + [50.0] * 14, [50.0] * 20)
+    assert six.significant and six.p == 0.03125 and not six.constant
+    same = compare_paired([1.0, 0.0, 1.0], [1.0, 0.0, 1.0])
+    assert same.constant and same.differing == 0 and same.p == 1.0 and not same.significant
+    shift = compare_paired([75.0] * 4, [50.0] * 4)
+    assert shift.constant and shift.differing == 4 and not shift.significant  # p = 2/16
+    assert compare_paired([75.0] * 6, [50.0] * 6).significant and compare_paired([1.0], [0.0]) is None

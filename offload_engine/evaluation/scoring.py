@@ -15,6 +15,11 @@ Per-sample metrics (each a plain float or bool, stored in the JSON report):
 samples are Bernoulli trials; a multi-answer sample counts its fraction of answers found), a
 Student t interval for perplexity over the per-sample mean log-loss (each ppl sample is one held-out
 passage), mapped through ``exp``.
+
+``compare_paired`` compares two points over the samples both ran: the mean per-sample difference with
+its t interval (for display), and the two-sided p of an exact paired sign-flip (permutation) test
+(``sign_flip_p``), which decides significance: per-sample accuracy differences take few values and
+are mostly 0, where a t interval can exclude 0 although no test on so few differing samples could.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
 
+import numpy as np
 import torch
 
 METRIC_LABELS = {
@@ -175,6 +183,113 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     if len(a) != len(b):
         raise ValueError(f"paired samples differ in number: {len(a)} and {len(b)}")
     return t_interval([x - y for x, y in zip(a, b)])
+
+
+EXACT_SIGN_FLIPS = 20  # up to this many nonzero differences, every sign pattern is enumerated
+SIGN_FLIP_DRAWS = 20_000  # random sign patterns otherwise (when no exact grid count applies)
+SIGN_FLIP_SEED = 0
+GRID_STEPS = 100_000  # the largest sum, in grid steps, that the exact grid count handles
+SIGNIFICANCE = 0.05
+
+
+def sign_flip_p(differences: Sequence[float], exact_limit: int = EXACT_SIGN_FLIPS, draws: int = SIGN_FLIP_DRAWS,
+                seed: int = SIGN_FLIP_SEED) -> float:
+    """Two-sided p of the paired sign-flip (permutation) test of ``differences`` (one per sample pair).
+
+    Under the null hypothesis (the two points are exchangeable on each sample) each nonzero difference is
+    as likely with either sign; the statistic is their sum (so the mean), and p is the share of the
+    ``2^k`` sign patterns of the ``k`` nonzero differences whose sum is at least as far from 0 as the one
+    observed. Zero differences (ties) carry no sign and drop out, so with ``k`` differing samples p is
+    never below ``2 / 2^k`` (0.0625 for 5): e.g. 4 differences of +25 among 16 zeros give p = 0.125, 6 of
+    them 0.03125. No differing sample: p = 1.
+
+    Exact for ``k <= exact_limit`` (every pattern's sum, built by doubling: ``2^(k-1)`` floats by the
+    symmetry of the patterns) and for differences on a common grid (e.g. multiples of 25 points: the
+    distribution of the signed sum counted step by step over the grid); otherwise estimated from
+    ``draws`` random patterns with a fixed ``seed``, as ``(hits + 1) / (draws + 1)``.
+    """
+    values = np.asarray([float(d) for d in differences if d != 0], dtype=np.float64)
+    k = len(values)
+    if k == 0:
+        return 1.0
+    if not np.all(np.isfinite(values)):
+        raise ValueError("sign_flip_p needs finite differences")
+    observed = abs(float(values.sum()))
+    tolerance = 1e-9 * float(np.abs(values).sum())  # sums equal but for rounding count as reached
+    if k <= exact_limit:
+        sums = np.zeros(1)
+        for value in values[1:]:
+            sums = np.concatenate((sums + value, sums - value))
+        sums += values[0]  # the patterns with the first sign flipped mirror these: the same share
+        return float(np.count_nonzero(np.abs(sums) >= observed - tolerance)) / len(sums)
+    steps = _grid_steps(np.abs(values))
+    if steps is not None and sum(steps) <= GRID_STEPS:
+        total = sum(steps)
+        distribution = np.zeros(2 * total + 1)
+        distribution[total] = 1.0  # index = signed sum in steps + total
+        for step in steps:
+            shifted = np.zeros_like(distribution)
+            shifted[step:] += distribution[:-step]
+            shifted[:-step] += distribution[step:]
+            distribution = shifted / 2
+        signs = np.sign(values).astype(np.int64)
+        reached = abs(int(np.dot(signs, steps)))
+        offsets = np.abs(np.arange(-total, total + 1))
+        return float(min(1.0, distribution[offsets >= reached].sum()))
+    rng = np.random.default_rng(seed)
+    hits, done = 0, 0
+    while done < draws:
+        chunk = min(4096, draws - done)
+        signs = rng.integers(0, 2, size=(chunk, k)) * 2 - 1
+        hits += int(np.count_nonzero(np.abs(signs @ values) >= observed - tolerance))
+        done += chunk
+    return (hits + 1) / (draws + 1)
+
+
+def _grid_steps(magnitudes: np.ndarray, max_denominator: int = 64) -> list[int] | None:
+    """``magnitudes`` as whole multiples of one step (the smallest over a small common denominator), or
+    None when they are not on such a grid (to rounding)."""
+    smallest = float(magnitudes.min())
+    fractions = [Fraction(float(m) / smallest).limit_denominator(max_denominator) for m in magnitudes]
+    if any(abs(float(f) - float(m) / smallest) > 1e-9 * float(m) / smallest for f, m in zip(fractions, magnitudes)):
+        return None
+    denominator = math.lcm(*(f.denominator for f in fractions))
+    if denominator > max_denominator:
+        return None
+    return [int(f * denominator) for f in fractions]
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two points over the samples both ran: ``a - b`` per sample pair."""
+
+    pairs: int
+    differing: int  # pairs whose difference is not 0
+    mean: float
+    low: float  # 95% Student t interval of the mean difference
+    high: float
+    p: float  # two-sided p of the exact paired sign-flip test (``sign_flip_p``)
+    constant: bool  # every pair differs by the same amount (the t interval has no width)
+
+    @property
+    def significant(self) -> bool:
+        """The exact test rejects "no difference" at 5% (a difference of 0 never is)."""
+        return self.differing > 0 and self.p < SIGNIFICANCE
+
+
+def compare_paired(a: Sequence[float], b: Sequence[float]) -> PairedComparison | None:
+    """``a[i] - b[i]`` over paired samples: mean, 95% t interval (``paired_difference``), how many pairs
+    differ, and the sign-flip test's p, which is what decides significance (see ``sign_flip_p``: the t
+    interval of differences that are mostly 0 excludes 0 too readily). None under two pairs."""
+    interval = paired_difference(a, b)
+    if interval is None:
+        return None
+    differences = [x - y for x, y in zip(a, b)]
+    mean, low, high = interval
+    spread = max(differences) - min(differences)
+    return PairedComparison(pairs=len(differences), differing=sum(d != 0 for d in differences), mean=mean,
+                            low=low, high=high, p=sign_flip_p(differences),
+                            constant=spread <= 1e-12 * max(1.0, abs(mean)))
 
 
 def summarize_points(points: Sequence, results: Sequence[dict], group: str | None = None) -> list[dict]:

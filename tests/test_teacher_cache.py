@@ -205,8 +205,9 @@ def test_the_mixed_key_loss_is_the_cross_entropy_against_the_teachers_rows():
 
 
 def test_a_lookahead_teacher_is_the_mean_attention_of_the_next_rows_over_the_tokens_up_to_the_row():
-    """Row r's target with lookahead N: rows r .. r+N-1 (the last row repeating), each one's softmax over
-    the tokens up to r only, averaged; applied to the keys. Lookahead 1 is the row's own attention."""
+    """Row r's target with lookahead N: rows r .. r+N-1 (those in the sequence: near its end fewer, the last
+    row not counted again), each one's softmax over the tokens up to r only, averaged; applied to the keys.
+    Lookahead 1 is the row's own attention."""
     from offload_engine.predictor.teacher import ahead_rows, layer_states, row_states, teacher_mixed_keys
 
     adapter = peaked_adapter("qwen2", layers=2)
@@ -216,7 +217,7 @@ def test_a_lookahead_teacher_is_the_mean_attention_of_the_next_rows_over_the_tok
     keys = full.k.float().repeat_interleave(adapter.dims.num_heads // adapter.dims.num_kv_heads, 0)  # [H, T, D]
     expected = []
     for r in rows.tolist():
-        ahead = [min(r + j, SEQ_LEN - 1) for j in range(3)]
+        ahead = [r + j for j in range(3) if r + j < SEQ_LEN]
         logits = torch.einsum("hjd,htd->hjt", full.q[:, ahead].float(), keys) * adapter.scaling
         logits[..., r + 1:] = float("-inf")
         probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [H, T]

@@ -137,7 +137,8 @@ def teacher_mixed_keys(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor
 
     ``lookahead`` N > 1: q_rows ``[H, R * N, D]`` holds the queries of rows ``r .. r+N-1`` of every
     row (``ahead_rows``), and ``P[h, r]`` is the mean over them of their attention restricted to
-    the tokens up to ``r`` (each renormalised there: the later tokens sit in the window).
+    the tokens up to ``r`` (each renormalised there: the later tokens sit in the window); near the
+    sequence's end, over the rows that exist (``ahead_rows`` repeats the last one in their place).
     Mixing is linear in ``P``, so this is the mean of those rows' mixed keys.
     """
     base = rows.repeat_interleave(lookahead) if lookahead > 1 else rows
@@ -145,7 +146,12 @@ def teacher_mixed_keys(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor
     heads, n_rows, length = probs.shape
     kvh = k.shape[0]
     mixed = torch.matmul(probs.view(kvh, heads // kvh * n_rows, length), k.float())  # [KvH, G*R*N, D]
-    return mixed.view(heads, n_rows // lookahead, lookahead, -1).mean(dim=2)
+    mixed = mixed.view(heads, n_rows // lookahead, lookahead, -1)
+    if lookahead == 1:
+        return mixed[:, :, 0]
+    # rows past the sequence's end are the last row repeated (``ahead_rows``): only the rows that exist count
+    exists = (rows.unsqueeze(1) + torch.arange(lookahead, device=rows.device) < length).to(mixed.dtype)  # [R, N]
+    return (mixed * exists[None, :, :, None]).sum(dim=2) / exists.sum(dim=1)[None, :, None]
 
 
 def mixed_distillation_loss(student_logits: torch.Tensor, queries: torch.Tensor, projected_mix: torch.Tensor,

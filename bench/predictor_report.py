@@ -38,12 +38,9 @@ HEADLINE_METHODS = ("tokenbutler", "tokenbutler_engine", "oracle_group", "stream
 
 def mean_interval(values: list[float]) -> dict:
     """Mean and 95% Student-t interval of ``values`` (None bounds for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "low": None, "high": None, "n": n}
-    _, low, high = t_interval(values)  # the evaluation's t quantiles (exact to 30 degrees of freedom)
-    return {"mean": mean, "low": low, "high": high, "n": n}
+    interval = t_interval(values)  # the evaluation's t quantiles (exact to 30 degrees of freedom); None for one
+    mean, low, high = interval if interval is not None else (values[0], None, None)
+    return {"mean": mean, "low": low, "high": high, "n": len(values)}
 
 
 def per_sequence_recall(predictors: dict, adapter, sequences: torch.Tensor, rows: int, seed: int,

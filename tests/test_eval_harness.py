@@ -291,11 +291,11 @@ def test_a_resumed_run_names_the_commits_its_earlier_samples_were_measured_at(ti
     out = tmp_path / "niah"
     args = ["eval", "--task", "niah-single", "--policy", "quest", "--budget", "25%", "--context", "256", "--samples",
             "3", "--model", tiny_model_dir, "--out", str(out)]
-    monkeypatch.setattr(harness, "provenance", lambda command: {"command": command, "commit": "a" * 40, "date": ""})
+    monkeypatch.setattr(harness, "run_commit", lambda: "a" * 40)
     assert runner.invoke(app, [*args, "--max-minutes", "1e-6"]).exit_code == 0  # one sample, at commit a...
     header = json.loads((out / PROGRESS_FILE).read_text().splitlines()[0])
     assert header["commits"] == ["a" * 40]
-    monkeypatch.setattr(harness, "provenance", lambda command: {"command": command, "commit": "b" * 40, "date": ""})
+    monkeypatch.setattr(harness, "run_commit", lambda: "b" * 40)
     result = runner.invoke(app, args)  # the rest at commit b...
     assert result.exit_code == 0, result.output
     report = json.loads((out / RESULTS_FILE).read_text())

@@ -35,7 +35,7 @@ from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy, parse_policy_spec
 from ..policies.tokenbutler import GROUP_REDUCTIONS, shipped_predictor_for
 from ..predictor.checkpoint import WEIGHTS_NAME, load_checkpoint, resolve_checkpoint_dir
-from .report import PROGRESS_FILE, build_report, check_output_dir, provenance, write_report
+from .report import PROGRESS_FILE, build_report, check_output_dir, run_commit, write_report
 from .scoring import score_forced, score_generation
 from .tasks import Sample, get_task, make_samples, min_prompt_for
 
@@ -521,7 +521,7 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     sha = tokenbutler_weights_sha(config, adapter)
     done = {i: r for i, r in read_progress(out_dir, config.to_dict(), sha).items() if i < len(samples)}
     earlier = progress_commits(out_dir, config.to_dict()) if done else []
-    commits = list(dict.fromkeys([*earlier, provenance("")["commit"]]))  # a resumed run names every commit it ran at
+    commits = list(dict.fromkeys([*earlier, run_commit()]))  # a resumed run names every commit it ran at
     log = ProgressLog(out_dir, config.to_dict(), done, sha, commits)
     if on_ready is not None:
         on_ready(len(points) * len(samples), len(points) * len(done))

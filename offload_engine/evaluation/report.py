@@ -107,11 +107,16 @@ def _finite(value):
 # Content
 
 
-def provenance(command: str) -> dict:
-    """Command line, commit (``uncommitted`` outside a repository with commits) and date."""
+def run_commit() -> str:
+    """The commit this run measures at (the one checked out when it began; ``uncommitted`` outside a repository
+    with commits)."""
     commit = commit_at_start(str(REPO_ROOT))
-    return {"command": command, "commit": "uncommitted" if commit == "unknown" else commit,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    return "uncommitted" if commit == "unknown" else commit
+
+
+def provenance(command: str) -> dict:
+    """Command line, commit (``run_commit``) and date."""
+    return {"command": command, "commit": run_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
 def build_report(config, adapter, points, results: list[dict], command: str, seconds: float,

@@ -144,32 +144,30 @@ def _source_groups(paths: list[str | Path], corpus, seed: int) -> tuple[list[lis
     """One file list per source (each ``--data`` path, then each corpus source) and every file's portable
     name (for the held-out split)."""
     groups = [collect_text_files([path], seed) for path in paths]
+    names = _portable_names(paths, [path for group in groups for path in group], corpus)
     if corpus is not None:
         groups.extend(corpus.groups)
-    return groups, _portable_names(paths, corpus)
+    return groups, names
 
 
 def _sources(paths: list[str | Path], corpus, seed: int) -> tuple[list[Path], dict[Path, str]]:
     """All files of the sources in one list, the sources taking turns file by file (``mix="files"``)."""
     files = collect_text_files(paths, seed) if paths else []
+    names = _portable_names(paths, files, corpus)
     if corpus is not None:
         files = _interleave([files, *corpus.groups]) if files else _interleave(corpus.groups)
-    return files, _portable_names(paths, corpus)
+    return files, names
 
 
-def _portable_names(paths: list[str | Path], corpus) -> dict[Path, str]:
-    """Each file's name for the held-out split, whatever the spelling of its ``--data`` path (``docs``,
-    ``./docs``, ``/home/u/docs``): the ``--data`` folder's name and the path inside it, or the file's name;
-    a corpus file's portable name."""
+def _portable_names(paths: list[str | Path], files: list[Path], corpus) -> dict[Path, str]:
+    """Each of the ``--data`` ``files`` (as ``collect_text_files`` found them under ``paths``) named for the
+    held-out split whatever the spelling of its path (``docs``, ``./docs``, ``/home/u/docs``): the folder's
+    name and the path inside it, or a file's own name; and each corpus file's portable name."""
+    roots = [Path(raw).expanduser() for raw in paths]
     names: dict[Path, str] = {}
-    for raw in paths:
-        root = Path(raw).expanduser()
-        if root.is_file():
-            names[root] = root.name
-        elif root.is_dir():
-            resolved = root.resolve()
-            names.update({path: f"{resolved.name}/{path.resolve().relative_to(resolved).as_posix()}"
-                          for path in collect_text_files([raw])})
+    for path in files:
+        root = next(root for root in roots if path == root or root in path.parents)
+        names[path] = root.name if path == root else f"{root.resolve().name}/{path.relative_to(root).as_posix()}"
     return names | (corpus.names if corpus is not None else {})
 
 

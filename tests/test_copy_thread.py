@@ -210,17 +210,22 @@ def test_with_a_copy_thread_the_breakdown_is_the_steps_own_path(adapter, spec):
 def test_a_copy_that_fails_on_the_thread_fails_the_generation_and_everything_is_freed(adapter, spec, monkeypatch):
     """The error raised on the copy thread surfaces from generate (at the layer that waited for it); the
     backend is closed all the same: its copy thread stopped, its host store freed. (Dense offload copies
-    with torch's copy_, sparse offload with gather_pairs; the third one on the copy thread fails.)"""
+    with torch's copy_, sparse offload with its layers' pairs_gatherer; the third one on the copy thread fails.)"""
     calls = {"n": 0}
 
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise IndexError("a fetch entry is outside its tables")
-        return real_gather(*args, **kwargs)
+    def failing_gatherer(*args, **kwargs):
+        real_gather = make_gatherer(*args, **kwargs)
 
-    real_gather = sparse_offload.gather_pairs
-    monkeypatch.setattr(sparse_offload, "gather_pairs", failing)
+        def failing(*plan):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise IndexError("a fetch entry is outside its tables")
+            return real_gather(*plan)
+
+        return failing
+
+    make_gatherer = sparse_offload.pairs_gatherer
+    monkeypatch.setattr(sparse_offload, "pairs_gatherer", failing_gatherer)
     copy = torch.Tensor.copy_
 
     def failing_copy(self, *args, **kwargs):

@@ -22,6 +22,7 @@ from offload_engine.cpu_cache.gather import (
     default_gather_method,
     gather_fragments,
     gather_pairs,
+    pairs_gatherer,
     self_check,
 )
 
@@ -131,6 +132,32 @@ def test_pairs_gather_each_pair_as_gather_fragments_does(with_counts, same_layou
     assert all(torch.equal(g[:, :-1], e[:, :-1]) for g, e in zip(got, expected))
     if with_counts:  # padding moved nothing, the trash slot included
         assert torch.equal(got[0], expected[0]) and (got[1][2] == -7).all()
+
+
+@pytest.mark.parametrize("with_counts", [False, True])
+@pytest.mark.parametrize("same_layout", [True, False], ids=["shared-rows", "per-pair"])
+def test_a_bound_gatherer_copies_what_gather_pairs_copies_plan_after_plan(with_counts, same_layout):
+    """``pairs_gatherer`` (a layer's tables checked once, as the sparse backend fetches): plan after plan into
+    the same tables, the same result as ``gather_pairs``; a bad plan is refused with nothing copied."""
+    keys = torch.randn(61, 3, 16).transpose(0, 1)
+    values = torch.randn(61, 3, 16).transpose(0, 1) if same_layout else torch.randn(3, 61, 16)
+    got = [torch.full((3, 12, 16), -7.0) for _ in range(2)]
+    expected = [g.clone() for g in got]
+    gather = pairs_gatherer(((keys, got[0]), (values, got[1])), INDEX)
+    for seed, m in ((5, 9), (6, 4), (7, 0)):
+        positions, slots = random_selection(3, 61, m, 12, 2, seed=seed)
+        counts = torch.tensor([m, m // 2, 0]) if with_counts else None
+        gather(positions, slots, counts)
+        gather_pairs(((keys, expected[0]), (values, expected[1])), positions, slots, INDEX, counts)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    before = [g.clone() for g in got]
+    with pytest.raises(ValueError, match="must both be"):
+        gather(_long(2, 1), _long(2, 1), None)  # two heads' plan for three
+    with pytest.raises(ValueError, match="long"):
+        gather(torch.zeros(3, 1), _long(3, 1), None)
+    with pytest.raises((IndexError, ValueError)):
+        gather(torch.full((3, 1), 61, dtype=torch.long), _long(3, 1), None)  # a position past the store
+    assert all(torch.equal(g, b) for g, b in zip(got, before))
 
 
 @pytest.mark.parametrize("values_layout", ["token-major", "head-major"])  # shared row numbers, or pair by pair

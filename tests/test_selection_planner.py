@@ -101,6 +101,7 @@ def test_refresh_layers_select_every_step_and_the_others_reuse(adapter):
         return layers, scores
 
     policy.plan = recording_plan
+    policy.native_scoring = lambda producer: None  # every plan through plan() (the native path: below)
     config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6, interval=4,
                              refresh_layers="1")
     engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
@@ -149,6 +150,7 @@ def test_predictive_scores_come_in_one_batched_call_per_producer(adapter):
     plan, score = policy.plan, policy.score
     policy.plan = lambda *a, **kw: (calls.__setitem__("plan", calls["plan"] + 1), plan(*a, **kw))[1]
     policy.score = lambda *a: (calls.__setitem__("score", calls["score"] + 1), score(*a))[1]
+    policy.native_scoring = lambda producer: None  # every plan through plan() (the native path: below)
     config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6)
     engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
     engine.generate(list(range(1, PROMPT + 1)), SamplingConfig(max_new_tokens=5))
@@ -229,16 +231,21 @@ def test_no_device_value_is_read_on_the_host_inside_a_decode_step(adapter, spec,
 
     monkeypatch.setattr(residency.ResidencyMap, "__init__", padded)
     guard = {"on": False}
-    gather = sparse_offload.gather_pairs
+    make_gatherer = sparse_offload.pairs_gatherer
 
-    def unguarded_gather(*args, **kwargs):
-        was, guard["on"] = guard["on"], False
-        try:
-            gather(*args, **kwargs)
-        finally:
-            guard["on"] = was
+    def unguarded_gatherer(*args, **kwargs):
+        gather = make_gatherer(*args, **kwargs)
 
-    monkeypatch.setattr(sparse_offload, "gather_pairs", unguarded_gather)
+        def unguarded_gather(*plan):
+            was, guard["on"] = guard["on"], False
+            try:
+                gather(*plan)
+            finally:
+                guard["on"] = was
+
+        return unguarded_gather
+
+    monkeypatch.setattr(sparse_offload, "pairs_gatherer", unguarded_gatherer)
     for name in ("item", "__int__", "__bool__", "__float__", "tolist", "__index__"):
         method = getattr(torch.Tensor, name)
 
@@ -277,11 +284,70 @@ def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(ad
     if kernels is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     calls = []
-    original = type(kernels).select_rows
-    monkeypatch.setattr(type(kernels), "select_rows", lambda self, *a: calls.append(1) or original(self, *a))
+    original = native.BoundSelectRows.__call__  # select_rows and the planner's NativeProducer alike
+    monkeypatch.setattr(native.BoundSelectRows, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
     _, tokens = selections(adapter, "tokenbutler", True, **neighbors)
     producers = sum(make_policy(adapter, "tokenbutler").predictor.is_producer(layer) for layer in range(5))
     assert len(tokens) == NEW
     assert (len(calls) > 0) == fused
     if fused:  # every prediction step (once the candidates outgrow the budget), every producer
         assert len(calls) % producers == 0 and len(calls) >= producers
+
+
+@pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1"])
+@pytest.mark.parametrize("selection", [{"interval": 1}, {"interval": 4}, {"interval": 1, "copy_thread": True},
+                                       {"interval": 4, "refresh_layers": frozenset({1})}])
+@pytest.mark.parametrize("key_dtype", ["auto", "float32", "int8"])
+def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec, selection, key_dtype, monkeypatch):
+    """The planner's NativeProducer (a producer's queries, then its layers' scores, top-k and residency update,
+    each one native call bound once) attends exactly what plan(..., describe=True) and prepare_select attend,
+    step by step, and generates the same tokens; and it really is the path taken."""
+    from offload_engine import native
+    from offload_engine.selection import planner as planner_module
+
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    name, _, variant = spec.partition("/")
+    query_heads = adapter.dims.num_kv_heads if variant == "q1" else None
+    copy_thread = selection.pop("copy_thread", False)
+
+    def run(native_path: bool) -> tuple[list, list[int], int]:
+        policy = seeded_policy(adapter, name, query_heads=query_heads)
+        policy.key_dtype = key_dtype
+        if not native_path:
+            policy.native_scoring = lambda producer: None
+        fast_plans = []
+        original = planner_module.NativeProducer.plan
+        monkeypatch.setattr(planner_module.NativeProducer, "plan",
+                            lambda self, *a: fast_plans.append(1) or original(self, *a))
+        config = SelectionConfig(policy=name, budget=Budget(tokens=24), sinks=2, window=6, **selection)
+        engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config,
+                                              copy_thread=copy_thread), policy=policy)
+        seen: list[dict] = []
+        new_backend = engine._new_backend
+
+        def recording_backend(*args):
+            backend = new_backend(*args)
+            decode = backend.decode_layer
+
+            def recording(layer, position, *tensors):
+                kv = decode(layer, position, *tensors)
+                if layer == 0:
+                    seen.append({})
+                bank = backend.working_set.bank_of[layer]
+                active = bank.residency.active_positions(bank.rows([layer]))
+                seen[-1][layer] = [sorted(row[row >= 0].tolist()) for row in active]
+                return kv
+
+            backend.decode_layer = recording
+            return backend
+
+        engine._new_backend = recording_backend
+        prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+        result = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW, ignore_eos=True))
+        return seen, result.token_ids, len(fast_plans)
+
+    fast_seen, fast_tokens, fast_calls = run(True)
+    general_seen, general_tokens, general_calls = run(False)
+    assert fast_calls > 0 and general_calls == 0
+    assert fast_seen == general_seen and fast_tokens == general_tokens

@@ -221,6 +221,10 @@ def test_decode_queries_come_from_the_native_query_network_where_it_is_built(mon
     predictor.load_state_dict(replacement, assign=True)  # new parameter tensors after bind
     torch.testing.assert_close(policy._importance_queries(0, x, 7), predictor.importance_queries(0, x, 7),
                                rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the same parameter given new memory (the bound kernel call would read the old one)
+        predictor.queries[0][1].weight.data = torch.randn_like(predictor.queries[0][1].weight) * 2
+    torch.testing.assert_close(policy._importance_queries(0, x, 7), predictor.importance_queries(0, x, 7),
+                               rtol=1e-4, atol=1e-4)
     monkeypatch.setenv("TBRUN_NATIVE", "0")  # kernels switched off after bind: the predictor answers
     native.reset()
     try:

@@ -33,7 +33,7 @@ import torch
 
 from ..attention import attention_weights
 from ..config import SelectionConfig
-from ..cpu_cache.gather import default_gather_method, gather_pairs
+from ..cpu_cache.gather import default_gather_method, pairs_gatherer
 from ..cpu_cache.host_store import HostKVStore
 from ..cpu_cache.prefetcher import Prefetcher
 from ..cpu_cache.working_set import WorkingSet
@@ -74,6 +74,7 @@ class SparseOffloadKV(KVBackend):
         self.prefetcher = Prefetcher(device, dims.num_layers, copy_thread=copy_thread)
         self.planner.defer = copy_thread  # the copy thread also makes the selections it can, ahead of their copies
         self.gather_method = gather_method or default_gather_method(device)
+        self._gatherers: dict[int, object] = {}  # layer -> its bound fetch (_gatherer)
         self._fragment_bytes = 2 * dims.head_dim * torch.empty((), dtype=dtype).element_size()
         self._step = 0
         self._moved_on_host: list[int] = []  # fragments per step, counts known on the host
@@ -151,14 +152,21 @@ class SparseOffloadKV(KVBackend):
         for fetch in orders.fetches:
             self._copy(fetch.layer, fetch.plan)
 
+    def _gatherer(self, layer: int):
+        """The layer's fetch from the host store into its slots, its tables bound once (``pairs_gatherer``)."""
+        gather = self._gatherers.get(layer)
+        if gather is None:
+            bank = self.working_set.bank_of[layer]
+            pairs = ((self.host.keys[layer], bank.selected_keys(layer)),
+                     (self.host.values[layer], bank.selected_values(layer)))
+            gather = self._gatherers[layer] = pairs_gatherer(pairs, self.gather_method)
+        return gather
+
     def _copy(self, layer: int, plan: FetchPlan | DeferredRows) -> None:
-        bank = self.working_set.bank_of[layer]
-        host_k, host_v = self.host.keys[layer], self.host.values[layer]
-        keys, values = bank.selected_keys(layer), bank.selected_values(layer)
+        gather = self._gatherer(layer)
 
         def move(rows: FetchPlan) -> None:
-            gather_pairs(((host_k, keys), (host_v, values)), rows.positions, rows.slots, self.gather_method,
-                         rows.counts)
+            gather(rows.positions, rows.slots, rows.counts)
 
         if isinstance(plan, DeferredRows):  # the copy thread selects first (planner.defer), then copies
             step, moved = self._step, self._moved_on_thread
@@ -262,6 +270,6 @@ class SparseOffloadKV(KVBackend):
             self.prefetcher.close()
         finally:
             self.policy.release()
-            self.working_set = None
+            self.working_set, self._gatherers = None, {}
             self.local.close()
             self.host.close()

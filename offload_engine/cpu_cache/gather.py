@@ -49,7 +49,7 @@ import shutil
 import sysconfig
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -224,6 +224,24 @@ def gather_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: 
 
 
 WIDE_ELEMENT = torch.complex128  # 16 bytes: a row of D values moved as D * itemsize / 16 elements
+
+
+def pairs_gatherer(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], method: str = INDEX
+                   ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]:
+    """``gather_pairs`` of these pairs (a layer's host K/V and its slots), for every plan to come:
+    ``gather(positions, slots, counts)``. On the CPU with the native kernels the tables' layout is checked
+    once here and each call makes one kernel call (the ~20 checks and conversions of ``gather_pairs`` at
+    every layer and step cost as much as small plans' copies); elsewhere each call is ``gather_pairs``."""
+    pairs = tuple(pairs)
+    on_cpu = all(s.device.type == d.device.type == "cpu" for s, d in pairs)
+    kernels = native.kernels() if method == INDEX and on_cpu else None
+    for src, dst in pairs:  # the tables' part of gather_pairs' checks, now
+        no_plan = torch.empty(src.shape[0], 0, dtype=torch.long)
+        _check_shapes(src, no_plan, no_plan, dst, None)
+    bound = kernels.bind_gather_pairs(pairs) if kernels is not None else None
+    if bound is not None:
+        return bound
+    return lambda positions, slots, counts=None: gather_pairs(pairs, positions, slots, method, counts)
 
 
 def as_wide_rows(t: torch.Tensor) -> torch.Tensor:

@@ -307,58 +307,30 @@ class SelectionKernels:
         ``[R, g, d]`` float32, keys ``[R, d, m]`` (and int8 keys' ``scales``) as for ``group_scores``; the map's tables as for
         ``residency_update`` (written in place). Needs
         ``0 < keep <= hi - lo``, ``0 <= lo``, ``hi <= m``, ``keep <= n`` and ``hi`` within the map's
-        capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them."""
-        reduce = _reduce_code(reduction)
-        rows, g, d = queries.shape
+        capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them.
+        ``bind_select_rows`` checks the keys and tables once, for calls at every step."""
         _check_scoring(queries, keys, scales)
-        m, n = keys.shape[2], slot_pos.shape[1] - 1
-        if not (0 <= lo and 0 < keep <= hi - lo < 2**31 and hi <= m and keep <= n and hi < slot_of.shape[1]):
-            raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo < 2^31, "
-                             f"hi <= {m} tokens scored, keep <= {n} slots, hi < {slot_of.shape[1]} table entries")
-        _check_tables(rows, slot_pos, slot_of, active)
-        q = queries.detach().contiguous()
-        positions, slots = np.empty((rows, keep), dtype=np.int64), np.empty((rows, keep), dtype=np.int64)
-        counts = np.zeros(rows, dtype=np.int64)
-        base = keys.detach()
-        tables = (keep, _address(slot_pos), _row_stride(slot_pos), _address(slot_of), _row_stride(slot_of),
-                  slot_of.shape[1], _address(active), _row_stride(active), n, _address(positions), _address(slots),
-                  _address(counts), max(1, min(kernel_threads(), rows)))
-        if keys.dtype == torch.int8:
-            status = self.library.tbrun_select_rows_int8(reduce, q.data_ptr(), rows, g, d, base.data_ptr(),
-                                                         base.stride(0), base.stride(1), m, scales.data_ptr(),
-                                                         scales.stride(0), lo, hi, *tables)
-        else:
-            kernel = self.library.tbrun_select_rows if keys.dtype == torch.float32 else self.library.tbrun_select_rows_bf16
-            status = kernel(reduce, q.data_ptr(), rows, g, d, base.data_ptr(), base.stride(0), base.stride(1), m, lo, hi,
-                            *tables)
-        if status != 0:  # cannot happen with keep <= n (checked above)
-            raise ValueError(f"more missing positions than the {n} slots of a row")
-        width = int(counts.max()) if rows else 0
-        return positions[:, :width], slots[:, :width], counts
+        bound = self.bind_select_rows(keys, slot_pos, slot_of, active, reduction, scales)
+        return bound(queries.detach().contiguous(), keys.shape[2], lo, hi, keep)
+
+    def bind_select_rows(self, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray,
+                         reduction: str = "mean", scales: torch.Tensor | None = None) -> "BoundSelectRows":
+        """``select_rows`` of these keys ``[R, d, capacity]`` (any number of their first tokens at each call) and
+        tables, checked now: the call left to make at each step passes only the queries and the ranges."""
+        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales)
 
     def query_mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
                   w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         """``w2 @ silu(w1 @ layer_norm(x))`` for one token, float32: x ``[E]``, norm weight and bias ``[E]``
         (bias may be None), w1 ``[I, E]``, w2 ``[O, I]`` (CPU, contiguous) -> ``[O]``. The predictor's query
         network (``predictor.network.query_mlp``) at a decode step, where torch's matrix-vector products with
-        weights out of the caches took 5-8x as long."""
-        tensors = {"x": x, "norm weight": norm_weight, "w1": w1, "w2": w2,
-                   **({"norm bias": norm_bias} if norm_bias is not None else {})}
-        for name, tensor in tensors.items():
-            if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
-                raise TypeError(f"query_mlp: {name} must be a contiguous float32 CPU tensor, got {tensor.dtype} "
-                                f"on {tensor.device}")
-        e, inner, size = x.numel(), w1.shape[0], w2.shape[0]
-        if (norm_weight.numel() != e or (norm_bias is not None and norm_bias.numel() != e) or w1.dim() != 2
-                or w1.shape[1] != e or w2.dim() != 2 or w2.shape[1] != inner or e == 0):
-            raise ValueError(f"query_mlp: x {tuple(x.shape)}, norm {tuple(norm_weight.shape)}, w1 {tuple(w1.shape)}, "
-                             f"w2 {tuple(w2.shape)} do not chain as [E] -> [I, E] -> [O, I]")
-        work = self._scratch(e + inner)
-        out = torch.empty(size, dtype=torch.float32)
-        self.library.tbrun_query_mlp(x.data_ptr(), e, norm_weight.data_ptr(),
-                                     norm_bias.data_ptr() if norm_bias is not None else None, eps, w1.data_ptr(),
-                                     inner, w2.data_ptr(), size, _address(work), out.data_ptr())
-        return out
+        weights out of the caches took 5-8x as long. ``bind_query_mlp`` checks the weights once."""
+        return self.bind_query_mlp(norm_weight, norm_bias, eps, w1, w2)(x)
+
+    def bind_query_mlp(self, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
+                       w1: torch.Tensor, w2: torch.Tensor) -> "BoundQueryMLP":
+        """``query_mlp`` with these weights, checked now (they must not be resized while bound)."""
+        return BoundQueryMLP(self, norm_weight, norm_bias, eps, w1, w2)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``torch.nn.functional.linear`` for one token on the CPU: x with ``E`` float32 entries (any shape
@@ -432,31 +404,189 @@ class SelectionKernels:
         CPU tensors of one dtype, D contiguous, all sources at the same strides, all destinations too) and
         ``j < counts[h]``; positions, slots ``[H, m]`` long, counts ``[H]`` long or None (all ``m``).
         False (nothing copied) where the layout does not fit; an out-of-range entry raises IndexError. Large
-        plans split their copies among ``kernel_threads()``."""
+        plans split their copies among ``kernel_threads()``. ``bind_gather_pairs`` checks the tables once."""
+        if positions.device.type != "cpu":
+            return False
+        bound = self.bind_gather_pairs(pairs)
+        if bound is None:
+            return False
+        bound(positions, slots, counts)
+        return True
+
+    def bind_gather_pairs(self, pairs) -> "BoundGatherPairs | None":
+        """``gather_pairs`` into and out of these tables, their layout checked now (None where it does not fit):
+        a layer's fetch at every step then passes only its plan."""
         src0, dst0 = pairs[0]
         if any(s.stride() != src0.stride() or d.stride() != dst0.stride() or s.shape != src0.shape
                or d.shape != dst0.shape or s.dtype != src0.dtype or d.dtype != src0.dtype
                or s.device.type != "cpu" or d.device.type != "cpu" for s, d in pairs):
-            return False
-        if src0.stride(-1) != 1 or dst0.stride(-1) != 1 or positions.device.type != "cpu":
-            return False
-        heads, m = positions.shape
-        positions, slots = positions.contiguous(), slots.contiguous()
-        counts = (torch.full((heads,), m, dtype=torch.long) if counts is None else counts).contiguous()
+            return None
+        if src0.dim() != 3 or dst0.dim() != 3 or src0.stride(-1) != 1 or dst0.stride(-1) != 1 \
+                or dst0.shape[0] != src0.shape[0] or dst0.shape[2] != src0.shape[2]:
+            return None
+        return BoundGatherPairs(self, pairs)
+
+
+class BoundGatherPairs:
+    """``SelectionKernels.gather_pairs`` on fixed tables (checked by ``bind_gather_pairs``): a call checks the
+    plan's layout and copies; the kernel checks every entry against the tables (IndexError, nothing copied)."""
+
+    __slots__ = ("library", "pairs", "sources", "targets", "heads", "layout")
+
+    def __init__(self, kernels: "SelectionKernels", pairs):
+        src0, dst0 = pairs[0]
+        self.library, self.pairs, self.heads = kernels.library, tuple(pairs), src0.shape[0]
+        self.sources = (ctypes.c_void_p * len(pairs))(*(s.data_ptr() for s, _ in pairs))
+        self.targets = (ctypes.c_void_p * len(pairs))(*(d.data_ptr() for _, d in pairs))
         size = src0.element_size()
-        sources = (ctypes.c_void_p * len(pairs))(*(s.data_ptr() for s, _ in pairs))
-        targets = (ctypes.c_void_p * len(pairs))(*(d.data_ptr() for _, d in pairs))
-        status = self.library.tbrun_gather_pairs(
-            len(pairs), sources, targets, heads, m, positions.data_ptr(), slots.data_ptr(), counts.data_ptr(),
-            src0.stride(0) * size, src0.stride(1) * size, src0.shape[1], dst0.stride(0) * size,
-            dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size, kernel_threads())
+        self.layout = (src0.stride(0) * size, src0.stride(1) * size, src0.shape[1], dst0.stride(0) * size,
+                       dst0.stride(1) * size, dst0.shape[1], src0.shape[2] * size)
+
+    def __call__(self, positions: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor | None) -> None:
+        """positions, slots ``[H, m]`` long CPU, counts ``[H]`` long or None (all ``m``)."""
+        heads = self.heads
+        if (positions.shape != slots.shape or positions.dim() != 2 or positions.shape[0] != heads
+                or positions.dtype != torch.long or slots.dtype != torch.long or positions.device.type != "cpu"
+                or slots.device.type != "cpu"):
+            raise ValueError(f"positions {tuple(positions.shape)} {positions.dtype} and slots {tuple(slots.shape)} "
+                             f"{slots.dtype} must both be [KvH={heads}, m] long on the CPU")
+        m = positions.shape[1]
+        if counts is None:
+            counts = torch.full((heads,), m, dtype=torch.long)
+        elif counts.shape != (heads,) or counts.dtype != torch.long or counts.device.type != "cpu":
+            raise ValueError(f"counts must be [KvH={heads}] long on the CPU; got {tuple(counts.shape)} {counts.dtype} "
+                             f"on {counts.device}")
+        if not (positions.is_contiguous() and slots.is_contiguous() and counts.is_contiguous()):
+            positions, slots, counts = positions.contiguous(), slots.contiguous(), counts.contiguous()
+        status = self.library.tbrun_gather_pairs(len(self.pairs), self.sources, self.targets, heads, m,
+                                                 positions.data_ptr(), slots.data_ptr(), counts.data_ptr(),
+                                                 *self.layout, kernel_threads())
         if status != 0:
-            raise IndexError(f"a fetch entry is outside its tables ({src0.shape[1]} source rows, "
-                             f"{dst0.shape[1]} slots) or a count outside [0, {m}]: nothing was copied")
-        return True
+            layout = self.layout
+            raise IndexError(f"a fetch entry is outside its tables ({layout[2]} source rows, {layout[5]} slots) or a "
+                             f"count outside [0, {m}]: nothing was copied")
 
 
 REDUCTIONS = ("mean", "max")  # the kernels' reduce codes 0 and 1
+
+
+class BoundSelectRows:
+    """``SelectionKernels.select_rows`` on fixed keys and residency tables, checked once at construction.
+
+    keys ``[R, d, capacity]`` float32, bfloat16 or int8 (with ``scales`` ``[R, capacity]`` float16), tokens
+    contiguous; the tables as ``residency_update`` reads them. A call passes the queries and how many of the
+    keys' tokens the step scores, so a producer's selection costs one kernel call and a few checks: the
+    ~20 checks and conversions of ``select_rows`` at every step were as long as the kernel at 4k tokens
+    (profiled in the engine, where the model's weights have just left Python's data out of the caches).
+    """
+
+    __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "_keep")
+
+    def __init__(self, kernels: SelectionKernels, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray,
+                 active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None):
+        self.reduce = _reduce_code(reduction)
+        rows, d, capacity = keys.shape
+        _check_keys(rows, d, keys, scales)
+        _check_tables(rows, slot_pos, slot_of, active)
+        self.rows, self.dim, self.capacity = rows, d, capacity
+        self.n, self.of_length = slot_pos.shape[1] - 1, slot_of.shape[1]
+        self.int8 = keys.dtype == torch.int8
+        self._keep = (keys, scales, slot_pos, slot_of, active)  # the memory the addresses below point into
+        base = keys.detach()
+        key_args = (base.data_ptr(), base.stride(0), base.stride(1))
+        if self.int8:
+            self.kernel = kernels.library.tbrun_select_rows_int8
+            scale_args = (scales.data_ptr(), scales.stride(0))
+        else:
+            self.kernel = (kernels.library.tbrun_select_rows if keys.dtype == torch.float32
+                           else kernels.library.tbrun_select_rows_bf16)
+            scale_args = ()
+        tables = (_address(slot_pos), _row_stride(slot_pos), _address(slot_of), _row_stride(slot_of), self.of_length,
+                  _address(active), _row_stride(active), self.n)
+        self.args = (key_args, scale_args, tables)
+
+    def __call__(self, queries: torch.Tensor, m: int, lo: int, hi: int, keep: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """queries ``[R, g, d]`` float32 contiguous CPU; the first ``m`` tokens of the keys scored, the top
+        ``keep`` of candidates ``[lo, hi)`` selected. -> (positions, slots ``[R, width]``, counts ``[R]``)."""
+        rows, n = self.rows, self.n
+        if (queries.dtype != torch.float32 or queries.dim() != 3 or queries.shape[0] != rows
+                or queries.shape[2] != self.dim or queries.shape[1] == 0 or queries.device.type != "cpu"
+                or not queries.is_contiguous()):
+            raise ValueError(f"select_rows: queries {queries.dtype} {tuple(queries.shape)} on {queries.device} are not "
+                             f"[{rows}, g > 0, {self.dim}] contiguous float32 CPU")
+        if not (0 <= lo and 0 < keep <= hi - lo < 2**31 and hi <= m <= self.capacity and keep <= n
+                and hi < self.of_length):
+            raise ValueError(f"select_rows: keep {keep} of candidates [{lo}, {hi}) needs 0 < keep <= hi - lo < 2^31, "
+                             f"hi <= {m} tokens scored (of {self.capacity}), keep <= {n} slots, hi < {self.of_length} "
+                             "table entries")
+        out = np.empty(rows * (2 * keep + 1), dtype=np.int64)  # one allocation: positions, slots, counts
+        positions = out[: rows * keep].reshape(rows, keep)
+        slots = out[rows * keep : 2 * rows * keep].reshape(rows, keep)
+        counts = out[2 * rows * keep :]
+        counts.fill(0)
+        key_args, scale_args, tables = self.args
+        outputs = (_address(positions), _address(slots), _address(counts), max(1, min(kernel_threads(), rows)))
+        if self.int8:
+            status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m,
+                                 *scale_args, lo, hi, keep, *tables, *outputs)
+        else:
+            status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m, lo,
+                                 hi, keep, *tables, *outputs)
+        if status != 0:  # cannot happen with keep <= n (checked above)
+            raise ValueError(f"more missing positions than the {n} slots of a row")
+        width = max(counts.tolist()) if rows else 0
+        return positions[:, :width], slots[:, :width], counts
+
+
+class BoundQueryMLP:
+    """``SelectionKernels.query_mlp`` with its weights checked once: a call checks only the token's input.
+
+    The weights are read from their memory at every call (an in-place update is seen); ``matches`` tells
+    whether these are still the tensors a module holds (a replaced parameter needs a new binding).
+    """
+
+    __slots__ = ("kernels", "tensors", "args", "e", "size")
+
+    def __init__(self, kernels: SelectionKernels, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
+                 w1: torch.Tensor, w2: torch.Tensor):
+        named = {"norm weight": norm_weight, "w1": w1, "w2": w2,
+                 **({"norm bias": norm_bias} if norm_bias is not None else {})}
+        for name, tensor in named.items():
+            _check_float32_cpu(f"query_mlp: {name}", tensor)
+        e, inner, size = norm_weight.numel(), w1.shape[0], w2.shape[0] if w2.dim() == 2 else 0
+        if ((norm_bias is not None and norm_bias.numel() != e) or w1.dim() != 2 or w1.shape[1] != e or w2.dim() != 2
+                or w2.shape[1] != inner or e == 0):
+            raise ValueError(f"query_mlp: norm {tuple(norm_weight.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} "
+                             "do not chain as [E] -> [I, E] -> [O, I]")
+        self.kernels, self.tensors, self.e, self.size = kernels, (norm_weight, norm_bias, w1, w2), e, size
+        self.args = (norm_weight.data_ptr(), norm_bias.data_ptr() if norm_bias is not None else None, float(eps),
+                     w1.data_ptr(), inner, w2.data_ptr(), size)
+
+    def matches(self, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, w1: torch.Tensor,
+                w2: torch.Tensor) -> bool:
+        held, args = self.tensors, self.args
+        return (held[0] is norm_weight and held[1] is norm_bias and held[2] is w1 and held[3] is w2
+                and args[0] == norm_weight.data_ptr() and args[3] == w1.data_ptr() and args[5] == w2.data_ptr()
+                and (norm_bias is None or args[1] == norm_bias.data_ptr()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[E]`` float32 contiguous CPU -> ``[O]``."""
+        _check_float32_cpu("query_mlp: x", x)
+        if x.numel() != self.e:
+            raise ValueError(f"query_mlp: x {tuple(x.shape)} does not match the norm's {self.e} features "
+                             "(they must chain as [E] -> [I, E] -> [O, I])")
+        nw, nb, eps, w1, inner, w2, size = self.args
+        work = self.kernels._scratch(self.e + inner)
+        out = torch.empty(size, dtype=torch.float32)
+        self.kernels.library.tbrun_query_mlp(x.data_ptr(), self.e, nw, nb, eps, w1, inner, w2, size, _address(work),
+                                             out.data_ptr())
+        return out
+
+
+def _check_float32_cpu(name: str, tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+        raise TypeError(f"{name} must be a contiguous float32 CPU tensor, got {tensor.dtype} on {tensor.device}")
 
 
 def _reduce_code(reduction: str) -> int:
@@ -470,15 +600,25 @@ def _check_scoring(queries: torch.Tensor, keys: torch.Tensor, scales: torch.Tens
     float32, bfloat16 or int8 with tokens contiguous, all on the CPU; int8 keys (only they) with their
     ``scales`` ``[R, >= m]`` float16, tokens contiguous."""
     rows, g, d = queries.shape
-    if queries.device.type != "cpu" or keys.device.type != "cpu":
+    if queries.device.type != "cpu":
         raise ValueError(f"CPU tensors only, got {queries.device} and {keys.device}")
     if g == 0 or d == 0:
         raise ValueError(f"queries {tuple(queries.shape)}: no query heads or no dimensions to score with")
+    if queries.dtype != torch.float32:
+        raise TypeError(f"float32 queries and float32, bfloat16 or int8 keys only, got {queries.dtype} and {keys.dtype}")
+    _check_keys(rows, d, keys, scales)
+
+
+def _check_keys(rows: int, d: int, keys: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """Keys ``[rows, d, m]`` float32, bfloat16 or int8 CPU with tokens contiguous; int8 keys (only they)
+    with their ``scales`` ``[rows, >= m]`` float16, tokens contiguous."""
+    if keys.device.type != "cpu":
+        raise ValueError(f"CPU tensors only, got keys on {keys.device}")
     if keys.dim() != 3 or keys.shape[0] != rows or keys.shape[1] != d or keys.stride(2) != 1:
         raise ValueError(f"keys {tuple(keys.shape)} strides {keys.stride()} do not match queries "
-                         f"{tuple(queries.shape)} with tokens contiguous")
-    if queries.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16, torch.int8):
-        raise TypeError(f"float32 queries and float32, bfloat16 or int8 keys only, got {queries.dtype} and {keys.dtype}")
+                         f"[{rows}, g, {d}] with tokens contiguous")
+    if keys.dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise TypeError(f"float32 queries and float32, bfloat16 or int8 keys only, got keys {keys.dtype}")
     if (keys.dtype == torch.int8) != (scales is not None):
         raise TypeError("int8 keys need their scales, and only int8 keys have scales")
     if scales is not None and (scales.device.type != "cpu" or scales.dtype != torch.float16 or scales.dim() != 2

@@ -33,7 +33,7 @@ from ..selection.selector import Candidates
 if TYPE_CHECKING:  # pragma: no cover
     from ..cpu_cache.host_store import HostKVStore
     from ..models import ModelAdapter, ModelDims
-    from ..selection.scores import GroupScores
+    from ..selection.scores import GroupScores, NativeScoring
 
 NEVER = float("-inf")
 
@@ -169,6 +169,12 @@ class Policy:
         not yet computed); a policy that does not is always right to return the tensor.
         """
         raise NotImplementedError(f"policy {self.name!r} does not plan ahead")
+
+    def native_scoring(self, producer: int) -> "NativeScoring | None":
+        """Predictive policies whose ``plan`` describes ``GroupScores`` on the CPU: the same scores bound once
+        for producer ``producer`` (``selection.scores.NativeScoring``), so that the selection takes a
+        step's queries, top-k and residency update in two native calls; None (the default) where not."""
+        return None
 
     def is_producer(self, layer: int) -> bool:
         return False

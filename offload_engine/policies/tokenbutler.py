@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
 from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint, resolve_checkpoint_dir
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
-from ..selection.scores import GroupScores
+from ..selection.scores import GroupScores, NativeScoring, native_rows
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -196,6 +196,7 @@ class TokenButlerPolicy(Policy):
         self.cache: ProjectedKeyCache | None = None
         self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
         self._native_mlps: dict[int, tuple] = {}  # producer -> its query network's modules (native_query_mlps)
+        self._bound_mlps: dict[int, native.BoundQueryMLP] = {}  # producer -> its network on the native kernel
         # what answers, for a run's statistics: a checkpoint's folder and weights hash (set when loaded)
         self.predictor_source = "random weights (seeded)" if self.random_weights else (
             "given in memory" if self.predictor is not None else "")
@@ -225,6 +226,7 @@ class TokenButlerPolicy(Policy):
                                        int8=self.key_dtype == "int8")
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
+        self._bound_mlps = {}
         self._decode_projections = None  # (position, projection, its version, key_projections_at(position))
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
@@ -248,6 +250,7 @@ class TokenButlerPolicy(Policy):
         self.cache = None
         self._queries = {}
         self._native_mlps = {}
+        self._bound_mlps = {}
         self._decode_projections = None
 
     def dense_layers(self) -> frozenset[int]:
@@ -273,11 +276,19 @@ class TokenButlerPolicy(Policy):
         if layer >= 1:
             self.cache.write(layer, start, self.predictor.project_keys(layer, k, start))
 
-    @torch.no_grad()
     def observe_decode(self, layer, position, x, q, k, v) -> None:
-        """k ``[KvH, D]``: the new token's key, projected with the step's rotation folded in (``_projections_at``)."""
+        """k ``[KvH, D]``: the new token's key, projected with the step's rotation folded in (``_projections_at``).
+        Under no_grad only where gradients are on (the engine decodes in inference mode; the decorator's own cost
+        was ~5% of a tokenbutler step's selection, at every layer)."""
         if layer < 1:
             return
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self._write_decode_key(layer, position, k)
+        else:
+            self._write_decode_key(layer, position, k)
+
+    def _write_decode_key(self, layer: int, position: int, k: torch.Tensor) -> None:
         projected = torch.matmul(k.unsqueeze(1).to(self.predictor.key_proj.dtype),
                                  self._projections_at(position)[layer - 1])  # [KvH, 1, d']
         self.cache.write_token(layer, position, projected.squeeze(1))
@@ -317,19 +328,48 @@ class TokenButlerPolicy(Policy):
 
     def _importance_queries(self, producer: int, x: torch.Tensor, position: int) -> torch.Tensor:
         """x ``[E]`` -> ``[Lg, Hq, d']``: the predictor's queries, through the native kernel where it applies
-        (``native_query_mlps``), else the predictor itself. The weights are read from the predictor's
-        modules at every call, so a predictor whose parameters were replaced since ``bind`` is still the
-        one that answers."""
+        (``native_query_mlps``), else the predictor itself. The weights are those the predictor's modules hold
+        at every call: a bound kernel call is made again when a parameter was replaced or moved since."""
         modules = self._native_mlps.get(producer)
-        kernels = native.kernels() if modules is not None and x.dim() == 1 else None
-        if kernels is None:
+        if modules is None or x.dim() != 1 or native.kernels() is None:
             return self.predictor.importance_queries(producer, x, position)
-        norm, first, second = modules
         c = self.predictor.config
-        out = kernels.query_mlp(x.to(torch.float32).contiguous(), norm.weight.detach(),
-                                None if norm.bias is None else norm.bias.detach(), float(norm.eps),
-                                first.weight.detach(), second.weight.detach())
+        out = self._bound_mlp(producer, modules)(x if x.dtype == torch.float32 and x.is_contiguous()
+                                                 else x.to(torch.float32).contiguous())
         return out.view(len(c.consumers(producer)), c.query_heads, c.dim)
+
+    def _bound_mlp(self, producer: int, modules: tuple) -> "native.BoundQueryMLP":
+        """The producer's query network bound to the native kernel, bound again if its weights changed."""
+        norm, first, second = modules
+        bound = self._bound_mlps.get(producer)
+        params = norm._parameters  # (Module.__getattr__ costs more than the check, at every producer and step)
+        if bound is None or not bound.matches(params["weight"], params.get("bias"), first._parameters["weight"],
+                                              second._parameters["weight"]):
+            bound = self._bound_mlps[producer] = native.kernels().bind_query_mlp(
+                norm.weight, norm.bias, float(norm.eps), first.weight, second.weight)
+        return bound
+
+    def native_scoring(self, producer: int) -> NativeScoring | None:
+        """``plan(producer, ..., describe=True)``'s scores bound once (``NativeScoring``), where the native kernels
+        score them: a CPU compact cache whose consumer rows sit at one stride, and the native query network."""
+        c = self.predictor.config if self.predictor is not None else None
+        if c is None or self.cache is None or producer not in self._native_mlps or native.kernels() is None:
+            return None
+        layers = c.consumers(producer)
+        keys = self.cache.keys[layers.start - 1 : layers.stop - 1]  # [Lg, KvH, d', capacity]
+        scales = None if self.cache.scales is None else self.cache.scales[layers.start - 1 : layers.stop - 1]
+        # the check GroupScores makes at every step, made once
+        rows = native_rows(torch.empty(len(layers), c.num_kv_heads, c.query_group, c.dim), keys, scales)
+        if rows is None:
+            return None
+        _, row_keys, row_scales = rows
+        scale, shape = 1.0 / math.sqrt(c.dim), (len(layers) * c.num_kv_heads, c.query_group, c.dim)
+
+        def queries(x: torch.Tensor, position: int) -> torch.Tensor:
+            self._queries[producer] = raw = self._importance_queries(producer, x, position)  # [Lg, Hq, d']
+            return (raw * scale).view(shape)  # as _group_scores folds 1/sqrt(d') in
+
+        return NativeScoring(layers, queries, row_keys, "max" if self.by_max else "mean", row_scales)
 
     @torch.no_grad()
     def score(self, layer: int, q: torch.Tensor | None, candidates: Candidates) -> torch.Tensor:

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .. import native
 from .residency import FetchPlan
-from .scores import GroupScores
+from .scores import GroupScores, NativeScoring
 from .selector import Candidates, Selector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,6 +95,41 @@ class Orders:
 NOTHING = Orders([], 0)
 
 
+class NativeProducer:
+    """A producer's whole selection at a prediction step in two native calls: its queries (the policy's
+    ``NativeScoring``), then scores, top-k and residency update of every layer it serves
+    (``BoundSelectRows`` on the bank's tables). Everything that does not change from step to step (the
+    layers' rows, the keys' and tables' layout, their checks) is settled once, here; the selections are
+    those of ``plan(..., describe=True)`` and ``ResidencyMap.prepare_select`` (tests/test_selection_planner.py).
+    In the engine on the CPU the ~60 Python operations of that general path cost as much as the kernels
+    at 4k tokens: Python's data is out of the caches after the model's matrix products."""
+
+    def __init__(self, scoring: NativeScoring, bank: "Bank", kernels: "native.SelectionKernels"):
+        self.layers = list(scoring.layers)
+        self.bank, self.queries = bank, scoring.queries
+        rows = bank.rows(self.layers)
+        residency = bank.residency
+        tables = (residency.slot_pos[rows].numpy(), residency.slot_of[rows].numpy(), residency.active[rows].numpy())
+        self.select = kernels.bind_select_rows(scoring.keys, *tables, scoring.reduction, scoring.scales)
+        self.limit = min(residency.capacity, scoring.keys.shape[-1])  # candidates past it: the general path
+
+    def applies(self, candidates: "Candidates") -> bool:
+        """Whether this step's candidates are ones the bound call takes (else the general path selects)."""
+        c = candidates
+        return 0 <= c.lo < c.hi <= c.position <= self.limit and 0 < c.keep <= min(c.hi - c.lo, self.bank.num_slots)
+
+    def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan]:
+        """The queries now; the selection returned, to be made now or on the copy thread."""
+        queries, c = self.queries(x, candidates.position), candidates
+        self.bank.residency.appending = False
+
+        def run() -> FetchPlan:
+            positions, slots, counts = self.select(queries, c.position, c.lo, c.hi, c.keep)
+            return FetchPlan(torch.from_numpy(positions), torch.from_numpy(slots), torch.from_numpy(counts))
+
+        return run
+
+
 class SelectionPlanner:
     """Drives a policy through the selector and the working set's residency maps.
 
@@ -119,12 +155,14 @@ class SelectionPlanner:
         self.position = 0
         self.attends_everything = True  # this step every layer attends every token (no layer selects)
         self.notes: list[str] = []
+        self._native: dict[int, NativeProducer | None] = {}  # producer -> its bound selection, where it has one
 
     def reset(self) -> None:
         """Start over, as for a new sequence (after the backend rewound its working set)."""
         self._selection_steps, self._predict, self._refreshing = 0, False, False
         self._taken_all.clear()
         self._planned.clear()
+        self._native.clear()
         self.candidates, self.position, self.attends_everything, self.notes = None, 0, True, []
 
     # ------------------------------------------------------------------------------ per step
@@ -203,6 +241,11 @@ class SelectionPlanner:
                   and layer not in self.local and layer not in self._taken_all and self._selects_now(layer)]
         if not wanted:
             return
+        fast = self._native_producer(producer)
+        if fast is not None and wanted == fast.layers and fast.applies(self.candidates):
+            self._emit_run(fast.bank, wanted, fast.plan(x, self.candidates), orders)
+            self._planned.update(wanted)
+            return
         # only the layers that select now (on a refresh step, the refresh layers): range, [Lg, KvH, n]
         # (or their GroupScores, which the residency map may score, rank and place in one call)
         layers, scores = self.policy.plan(producer, x, self.candidates, range(wanted[0], wanted[-1] + 1),
@@ -220,6 +263,25 @@ class SelectionPlanner:
                 self._select([layer], self.policy.score(layer, None, self.candidates).unsqueeze(0), orders)
         self._planned.update(wanted)
 
+    def _native_producer(self, producer: int) -> NativeProducer | None:
+        """The producer's bound native selection (made at its first prediction step), or None where the
+        general path must select: the reference path (``batched=False``), a neighbour rule, a policy without
+        ``native_scoring``, layers that are dense, local or not next to each other in one host bank."""
+        if producer in self._native:
+            return self._native[producer]
+        fast = None
+        kernels = native.kernels() if self.batched and self.selector.plain_topk else None
+        scoring = self.policy.native_scoring(producer) if kernels is not None else None
+        layers = list(scoring.layers) if scoring is not None else []
+        if (layers and not set(layers) & (self.dense | self.local)
+                and all(layer in self.ws.bank_of for layer in layers)):
+            bank = self.ws.bank_of[layers[0]]
+            if (all(self.ws.bank_of[layer] is bank for layer in layers) and len(bank.adjacent_runs(layers)) == 1
+                    and bank.residency.on_host):
+                fast = NativeProducer(scoring, bank, kernels)
+        self._native[producer] = fast
+        return fast
+
     def _selects_now(self, layer: int) -> bool:
         """Whether ``layer`` selects at this step: every layer on a prediction step, else the refresh ones."""
         return self._predict or layer in self.refresh
@@ -234,12 +296,18 @@ class SelectionPlanner:
             run = bank.residency.prepare_select(scores, keep, bank.rows(layers))
         if run is None:
             self._select(layers, scores.compute(), orders)
-        elif self.defer:  # the copy thread selects, then copies; what moved it counts itself
+        else:
+            self._emit_run(bank, layers, run, orders)
+
+    def _emit_run(self, bank: "Bank", layers: list[int], run: Callable[[], FetchPlan], orders: Orders) -> None:
+        """The orders of a selection made by ``run``: now, or by the copy thread ahead of its copies."""
+        if self.defer:  # the copy thread selects, then copies; what moved it counts itself
             deferred, heads = DeferredPlan(run), bank.kv_heads
             orders.fetches += [LayerFetch(layer, DeferredRows(deferred, i * heads, (i + 1) * heads))
                                for i, layer in enumerate(layers)]
         else:
-            _emit(bank, layers, run(), orders)
+            plan = run()
+            _emit(bank, layers, plan, orders, moved=sum(plan.counts.tolist()))  # host counts: no tensor op
 
     def _select(self, layers: list[int], scores: torch.Tensor, orders: Orders) -> None:
         """Top-k of ``scores [Lg, KvH, n]`` for consecutive ``layers`` of one bank, one residency update."""

@@ -85,6 +85,11 @@ class ResidencyMap:
         self.appending = True
         self.held_upto: int | None = None
 
+    @property
+    def capacity(self) -> int:
+        """Positions the map can hold: ``[0, capacity)``."""
+        return self._scratch
+
     def clear(self) -> None:
         """Every slot empty and inactive, appending again: the state of a new map."""
         self.slot_pos.fill_(EMPTY)

@@ -12,6 +12,7 @@ native call, without the ``[Lg, KvH, m]`` scores ever leaving the kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -72,6 +73,24 @@ class GroupScores:
         if self.reduction == "max":
             return logits.amax(dim=-2)
         return group_mean_probabilities(logits)[..., self.lo : self.hi]
+
+
+@dataclass(frozen=True, slots=True)
+class NativeScoring:
+    """A producer's ``GroupScores`` as the native selection takes them at every step, bound once.
+
+    ``queries(x, position)``: from the producer's input x ``[E]``, the queries ``[Lg * KvH, g, d']`` float32,
+    contiguous, any scale folded in (the policy keeps what ``score`` needs, as ``plan`` does); ``keys``
+    ``[Lg * KvH, d', capacity]``: the compact keys of the ``layers`` it serves, all of their capacity (a
+    step scores the first ``position`` tokens, as ``GroupScores`` over ``keys[..., :position]``); int8 keys
+    with ``scales`` ``[Lg * KvH, capacity]``. The same scores as ``plan(..., describe=True)`` gives.
+    """
+
+    layers: range
+    queries: Callable[[torch.Tensor, int], torch.Tensor]
+    keys: torch.Tensor
+    reduction: str = "mean"
+    scales: torch.Tensor | None = None
 
 
 def fused_group_scores(grouped: torch.Tensor, keys: torch.Tensor, reduction: str = "mean",

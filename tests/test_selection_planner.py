@@ -309,6 +309,7 @@ def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     name, _, variant = spec.partition("/")
     query_heads = adapter.dims.num_kv_heads if variant == "q1" else None
+    selection = dict(selection)  # (pytest shares the parameter's dict between the cases)
     copy_thread = selection.pop("copy_thread", False)
 
     def run(native_path: bool) -> tuple[list, list[int], int]:

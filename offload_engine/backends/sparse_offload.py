@@ -270,6 +270,7 @@ class SparseOffloadKV(KVBackend):
             self.prefetcher.close()
         finally:
             self.policy.release()
+            self.planner.reset()  # its bound selections hold the policy's compact keys
             self.working_set, self._gatherers = None, {}
             self.local.close()
             self.host.close()

@@ -485,6 +485,8 @@ class BoundSelectRows:
     def __init__(self, kernels: SelectionKernels, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray,
                  active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None):
         self.reduce = _reduce_code(reduction)
+        if keys.dim() != 3:
+            raise ValueError(f"keys {tuple(keys.shape)} are not [rows, d, tokens]")
         rows, d, capacity = keys.shape
         _check_keys(rows, d, keys, scales)
         _check_tables(rows, slot_pos, slot_of, active)
@@ -546,7 +548,7 @@ class BoundQueryMLP:
     whether these are still the tensors a module holds (a replaced parameter needs a new binding).
     """
 
-    __slots__ = ("kernels", "tensors", "args", "e", "size")
+    __slots__ = ("kernels", "tensors", "memory", "args", "e", "size")
 
     def __init__(self, kernels: SelectionKernels, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
                  w1: torch.Tensor, w2: torch.Tensor):
@@ -560,22 +562,29 @@ class BoundQueryMLP:
             raise ValueError(f"query_mlp: norm {tuple(norm_weight.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} "
                              "do not chain as [E] -> [I, E] -> [O, I]")
         self.kernels, self.tensors, self.e, self.size = kernels, (norm_weight, norm_bias, w1, w2), e, size
+        # the memory the addresses point into, held (a parameter given new memory by ``.data = ...`` frees the
+        # old one only when nothing holds it): an address that matches is these very tensors
+        self.memory = tuple(t.detach() if t is not None else None for t in (norm_weight, norm_bias, w1, w2))
         self.args = (norm_weight.data_ptr(), norm_bias.data_ptr() if norm_bias is not None else None, float(eps),
                      w1.data_ptr(), inner, w2.data_ptr(), size)
 
-    def matches(self, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, w1: torch.Tensor,
+    def matches(self, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float, w1: torch.Tensor,
                 w2: torch.Tensor) -> bool:
+        """Whether these are still the parameters bound, in the memory and shapes bound (a replaced parameter,
+        or one given new memory, needs a new binding)."""
         held, args = self.tensors, self.args
         return (held[0] is norm_weight and held[1] is norm_bias and held[2] is w1 and held[3] is w2
                 and args[0] == norm_weight.data_ptr() and args[3] == w1.data_ptr() and args[5] == w2.data_ptr()
-                and (norm_bias is None or args[1] == norm_bias.data_ptr()))
+                and (norm_bias is None or args[1] == norm_bias.data_ptr()) and args[2] == eps
+                and w1.shape == self.memory[2].shape and w2.shape == self.memory[3].shape
+                and norm_weight.shape == self.memory[0].shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[E]`` float32 contiguous CPU -> ``[O]``."""
         _check_float32_cpu("query_mlp: x", x)
         if x.numel() != self.e:
-            raise ValueError(f"query_mlp: x {tuple(x.shape)} does not match the norm's {self.e} features "
-                             "(they must chain as [E] -> [I, E] -> [O, I])")
+            raise ValueError(f"query_mlp: x {tuple(x.shape)} and the norm's {self.e} features do not chain as "
+                             "[E] -> [I, E] -> [O, I]")
         nw, nb, eps, w1, inner, w2, size = self.args
         work = self.kernels._scratch(self.e + inner)
         out = torch.empty(size, dtype=torch.float32)

@@ -343,8 +343,8 @@ class TokenButlerPolicy(Policy):
         norm, first, second = modules
         bound = self._bound_mlps.get(producer)
         params = norm._parameters  # (Module.__getattr__ costs more than the check, at every producer and step)
-        if bound is None or not bound.matches(params["weight"], params.get("bias"), first._parameters["weight"],
-                                              second._parameters["weight"]):
+        if bound is None or not bound.matches(params["weight"], params.get("bias"), norm.eps,
+                                              first._parameters["weight"], second._parameters["weight"]):
             bound = self._bound_mlps[producer] = native.kernels().bind_query_mlp(
                 norm.weight, norm.bias, float(norm.eps), first.weight, second.weight)
         return bound
@@ -412,8 +412,8 @@ class TokenButlerPolicy(Policy):
 
 def native_query_mlps(predictor: TokenButlerPredictor) -> dict[int, tuple]:
     """Per producer, the modules of its query network (``LayerNorm``, first ``Linear``, second ``Linear``)
-    for the native kernel (``SelectionKernels.query_mlp``, which checks their weights are float32 on the
-    CPU at every call), where the native kernels are built and the predictor is a float32 one on the CPU
+    for the native kernel (``SelectionKernels.bind_query_mlp``, which checks their weights are float32 on the
+    CPU when the policy binds them; ``_bound_mlp`` binds again when a parameter was replaced or moved), where the native kernels are built and the predictor is a float32 one on the CPU
     without rotation; else empty (the torch path). One decode token's queries take 0.2 ms in torch with
     the weights out of the caches (as every step leaves them), tens of microseconds in the kernel."""
     kernels = native.kernels()

@@ -116,7 +116,8 @@ class NativeProducer:
     def applies(self, candidates: "Candidates") -> bool:
         """Whether this step's candidates are ones the bound call takes (else the general path selects)."""
         c = candidates
-        return 0 <= c.lo < c.hi <= c.position <= self.limit and 0 < c.keep <= min(c.hi - c.lo, self.bank.num_slots)
+        return (0 <= c.lo < c.hi <= c.position <= self.limit and 0 < c.keep <= min(c.hi - c.lo, self.bank.num_slots)
+                and native.enabled())  # TBRUN_NATIVE=0 since it was bound: the general path, as everywhere
 
     def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan]:
         """The queries now; the selection returned, to be made now or on the copy thread."""

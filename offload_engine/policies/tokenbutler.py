@@ -413,8 +413,8 @@ class TokenButlerPolicy(Policy):
 def native_query_mlps(predictor: TokenButlerPredictor) -> dict[int, tuple]:
     """Per producer, the modules of its query network (``LayerNorm``, first ``Linear``, second ``Linear``)
     for the native kernel (``SelectionKernels.bind_query_mlp``, which checks their weights are float32 on the
-    CPU when the policy binds them; ``_bound_mlp`` binds again when a parameter was replaced or moved), where the native kernels are built and the predictor is a float32 one on the CPU
-    without rotation; else empty (the torch path). One decode token's queries take 0.2 ms in torch with
+    CPU when the policy binds them; ``_bound_mlp`` binds again when a parameter was replaced or moved), where
+    the native kernels are built and the predictor is a float32 one on the CPU without rotation; else empty (the torch path). One decode token's queries take 0.2 ms in torch with
     the weights out of the caches (as every step leaves them), tens of microseconds in the kernel."""
     kernels = native.kernels()
     if (kernels is None or predictor.key_proj.device.type != "cpu" or predictor.key_proj.dtype != torch.float32

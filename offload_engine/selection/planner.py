@@ -101,8 +101,8 @@ class NativeProducer:
     (``BoundSelectRows`` on the bank's tables). Everything that does not change from step to step (the
     layers' rows, the keys' and tables' layout, their checks) is settled once, here; the selections are
     those of ``plan(..., describe=True)`` and ``ResidencyMap.prepare_select`` (tests/test_selection_planner.py).
-    In the engine on the CPU the ~60 Python operations of that general path cost as much as the kernels
-    at 4k tokens: Python's data is out of the caches after the model's matrix products."""
+    In the engine on the CPU the ~60 Python operations of that general path cost about as much as the
+    kernels (profiled at 3k-8k tokens): Python's data is out of the caches after the model's matrix products."""
 
     def __init__(self, scoring: NativeScoring, bank: "Bank", kernels: "native.SelectionKernels"):
         self.layers = list(scoring.layers)

@@ -33,12 +33,15 @@ def make_policy(adapter: ModelAdapter, spec: str):
     return seeded_policy(adapter, name, query_heads=adapter.dims.num_kv_heads if variant == "q1" else None)
 
 
-def selections(adapter: ModelAdapter, spec: str, batched: bool, **selection) -> tuple[list, list[int]]:
-    """Per decode step, per layer, per KV head: the attended selected positions; and the tokens."""
+def selections(adapter: ModelAdapter, spec: str, batched: bool, policy=None, copy_thread: bool = False,
+               **selection) -> tuple[list, list[int]]:
+    """Per decode step, per layer, per KV head: the attended selected positions; and the tokens (of ``policy``,
+    by default ``make_policy(adapter, spec)``)."""
     config = SelectionConfig(policy=spec.partition("/")[0],
                              **{"budget": Budget(tokens=24), "sinks": 2, "window": 6, **selection})
-    engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config),
-                    policy=make_policy(adapter, spec))
+    engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config,
+                                          copy_thread=copy_thread),
+                    policy=policy if policy is not None else make_policy(adapter, spec))
     seen: list[dict] = []
     original = engine._new_backend
 
@@ -321,32 +324,8 @@ def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec
         original = planner_module.NativeProducer.plan
         monkeypatch.setattr(planner_module.NativeProducer, "plan",
                             lambda self, *a: fast_plans.append(1) or original(self, *a))
-        config = SelectionConfig(policy=name, budget=Budget(tokens=24), sinks=2, window=6, **selection)
-        engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config,
-                                              copy_thread=copy_thread), policy=policy)
-        seen: list[dict] = []
-        new_backend = engine._new_backend
-
-        def recording_backend(*args):
-            backend = new_backend(*args)
-            decode = backend.decode_layer
-
-            def recording(layer, position, *tensors):
-                kv = decode(layer, position, *tensors)
-                if layer == 0:
-                    seen.append({})
-                bank = backend.working_set.bank_of[layer]
-                active = bank.residency.active_positions(bank.rows([layer]))
-                seen[-1][layer] = [sorted(row[row >= 0].tolist()) for row in active]
-                return kv
-
-            backend.decode_layer = recording
-            return backend
-
-        engine._new_backend = recording_backend
-        prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
-        result = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW, ignore_eos=True))
-        return seen, result.token_ids, len(fast_plans)
+        seen, tokens = selections(adapter, spec, True, policy=policy, copy_thread=copy_thread, **selection)
+        return seen, tokens, len(fast_plans)
 
     fast_seen, fast_tokens, fast_calls = run(True)
     general_seen, general_tokens, general_calls = run(False)

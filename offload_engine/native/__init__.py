@@ -548,7 +548,7 @@ class BoundQueryMLP:
     whether these are still the tensors a module holds (a replaced parameter needs a new binding).
     """
 
-    __slots__ = ("kernels", "tensors", "memory", "args", "e", "size")
+    __slots__ = ("kernels", "tensors", "memory", "args", "e")
 
     def __init__(self, kernels: SelectionKernels, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
                  w1: torch.Tensor, w2: torch.Tensor):
@@ -561,7 +561,7 @@ class BoundQueryMLP:
                 or w2.shape[1] != inner or e == 0):
             raise ValueError(f"query_mlp: norm {tuple(norm_weight.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} "
                              "do not chain as [E] -> [I, E] -> [O, I]")
-        self.kernels, self.tensors, self.e, self.size = kernels, (norm_weight, norm_bias, w1, w2), e, size
+        self.kernels, self.tensors, self.e = kernels, (norm_weight, norm_bias, w1, w2), e
         # the memory the addresses point into, held (a parameter given new memory by ``.data = ...`` frees the
         # old one only when nothing holds it): an address that matches is these very tensors
         self.memory = tuple(t.detach() if t is not None else None for t in (norm_weight, norm_bias, w1, w2))

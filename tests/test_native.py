@@ -608,8 +608,12 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
     for step in range(5):
         query = query + 0.3 * torch.randn(query.shape, generator=generator)
         hi = tokens - 6 + step  # the sequence grows
-        scales = cache.scales[0:layers, :, : hi + 3] if cache.int8 else None
-        scores = GroupScores(query, cache.columns(range(1, layers + 1), 0, hi + 3), lo, hi, reduction, scales)
+        if step % 2:  # the cache's columns of the step's tokens (a view of another shape at every step)
+            scales = cache.scales[0:layers, :, : hi + 3] if cache.int8 else None
+            scores = GroupScores(query, cache.columns(range(1, layers + 1), 0, hi + 3), lo, hi, reduction, scales)
+        else:  # its whole capacity and how many tokens the step has, as TokenButlerPolicy describes them
+            scales = cache.scales[0:layers] if cache.int8 else None
+            scores = GroupScores(query, cache.keys[0:layers], lo, hi, reduction, scales, tokens=hi + 3)
         fused = fused_map.select(scores, keep, part)
         chosen = topk_positions(scores.compute(), keep, lo, ordered=False).flatten(0, 1)
         reference = reference_map.update(chosen, part)
@@ -619,6 +623,38 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
         for field in ("slot_pos", "slot_of", "active"):
             assert torch.equal(getattr(fused_map, field), getattr(reference_map, field)), (step, field)
         assert 0 < int(fused.counts.sum()) <= rows * keep
+
+
+@needs_compiler
+def test_a_residency_map_binds_a_rows_selection_once_for_the_keys_it_reads(fresh_native, monkeypatch):
+    """prepare_select binds the one-call selection of a slice of rows once (its keys' layout and the tables
+    checked then) and reuses it while the keys are the same memory and layout; other keys, another rule or
+    another slice of rows bind anew, and every step selects what the separate steps select."""
+    from offload_engine.selection.ranking import topk_positions
+    from offload_engine.selection.residency import ResidencyMap
+    from offload_engine.selection.scores import GroupScores
+
+    binds = []
+    original = native.SelectionKernels.bind_select_rows
+    monkeypatch.setattr(native.SelectionKernels, "bind_select_rows", lambda self, *a: binds.append(1) or original(self, *a))
+    generator = torch.Generator().manual_seed(5)
+    cache = ProjectedKeyCache(2, 2, 200, 8, torch.bfloat16, torch.device("cpu"))
+    cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator))
+    other = ProjectedKeyCache(2, 2, 200, 8, torch.bfloat16, torch.device("cpu"))
+    other.keys.copy_(torch.randn(other.keys.shape, generator=generator))
+    fused_map, reference_map = (ResidencyMap(6, 16, torch.device("cpu"), 200) for _ in range(2))
+    steps = [(cache, "mean", slice(0, 4), 1), (cache, "mean", slice(0, 4), 1), (cache, "mean", slice(0, 4), 1),
+             (other, "mean", slice(0, 4), 2), (other, "max", slice(0, 4), 3), (other, "max", slice(2, 6), 4),
+             (other, "max", slice(0, 4), 4)]  # (keys, rule, rows, binds made so far)
+    for step, (keys, reduction, rows, bound) in enumerate(steps):
+        query = torch.randn(2, 2, 3, 8, generator=generator)
+        scores = GroupScores(query, keys.keys[0:2], 4, 100 + step, reduction, tokens=103 + step)
+        fused = fused_map.select(scores, 12, rows)
+        reference = reference_map.update(topk_positions(scores.compute(), 12, 4, ordered=False).flatten(0, 1), rows)
+        assert len(binds) == bound, step
+        for field in ("positions", "slots", "counts"):
+            assert torch.equal(getattr(fused, field), getattr(reference, field)), (step, field)
+        assert torch.equal(fused_map.slot_pos, reference_map.slot_pos) and torch.equal(fused_map.active, reference_map.active)
 
 
 @needs_compiler
@@ -755,3 +791,42 @@ def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, fresh
     torch_logits = run()
     assert calls == []
     torch.testing.assert_close(native_logits, torch_logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads, head_dim, dim", [(3, 64, 16), (2, 7, 5), (1, 128, 256)])
+def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dtype, kv_heads, head_dim, dim, fresh_native):
+    """BoundKeyWriter: keys[layer, h, :, position] = k[h] @ projections[layer, h] for one layer and position
+    of a padded cache (the compact cache's strides), float32 to rounding and bfloat16 as torch rounds it (to one
+    ulp: the sums' order differs), nothing else written; a key it does not read is left to the caller (False),
+    a layer or position out of range raises, and tensors it cannot write are not bound."""
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(kv_heads * head_dim + dim)
+    cache = ProjectedKeyCache(3, kv_heads, 40, dim, dtype, torch.device("cpu"))
+    projections = torch.randn(3, kv_heads, head_dim, dim, generator=generator)
+    writer = kernels.bind_key_writer(projections, cache.keys)
+    assert writer is not None and writer.matches(projections, cache.keys)
+    k = torch.randn(kv_heads, head_dim + 2, generator=generator)[:, 2:]  # rows apart by more than their length
+    before = cache.keys.clone()
+    assert writer(1, 33, k)
+    expected = torch.matmul(k.unsqueeze(1), projections[1]).squeeze(1).to(dtype)  # [KvH, d']
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2 ** -7, "atol": 0.0}
+    torch.testing.assert_close(cache.keys[1, :, :, 33].float(), expected.float(), **tolerance)
+    untouched = torch.ones_like(cache.keys, dtype=torch.bool)
+    untouched[1, :, :, 33] = False
+    assert torch.equal(cache.keys[untouched], before[untouched])
+    assert torch.equal(cache._storage[..., 40:], torch.zeros_like(cache._storage[..., 40:]))  # the padding too
+    strided = torch.randn(kv_heads, 2 * head_dim, generator=generator)[:, ::2]  # the head dim not contiguous
+    for other in (k.double(), torch.cat([k, k]), k[:, :-1], strided):
+        assert not writer(1, 34, other)
+    assert torch.equal(cache.keys[:, :, :, 34], before[:, :, :, 34])
+    with pytest.raises(IndexError, match="holds 3 layers of 40 positions"):
+        writer(3, 0, k)
+    with pytest.raises(IndexError, match="holds 3 layers of 40 positions"):
+        writer(0, 40, k)
+    assert not writer.matches(projections.clone(), cache.keys)
+    assert kernels.bind_key_writer(projections.double(), cache.keys) is None
+    assert kernels.bind_key_writer(projections, cache.keys.to(torch.float16)) is None
+    assert kernels.bind_key_writer(projections[:, :, :, :-1], cache.keys) is None  # d' of another size

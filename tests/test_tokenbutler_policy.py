@@ -367,6 +367,42 @@ def test_decode_keys_use_the_steps_folded_projection_and_follow_a_changed_predic
                                predictor.project_keys(2, k.unsqueeze(1), 100_000))
 
 
+@pytest.mark.parametrize("key_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rope_pairs", [0, 2])
+def test_decode_keys_are_written_by_one_native_call_a_layer_where_the_kernels_are_built(key_dtype, rope_pairs,
+                                                                                        monkeypatch):
+    """On the CPU a decode key goes through its layer's projection into the compact cache in one native call
+    (BoundKeyWriter), bound once while the step's projections are the same memory (every step, without a
+    rotation): the keys torch's path writes (float32 to rounding, bfloat16 to one ulp) at every layer and step."""
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
+    writes, binds = [], []
+    call, bind = native.BoundKeyWriter.__call__, native.SelectionKernels.bind_key_writer
+    monkeypatch.setattr(native.BoundKeyWriter, "__call__", lambda self, *a: writes.append(1) or call(self, *a))
+    monkeypatch.setattr(native.SelectionKernels, "bind_key_writer", lambda self, *a: binds.append(1) or bind(self, *a))
+    policy = bound_policy(adapter, capacity=40, rope_pairs=rope_pairs, key_dtype=key_dtype)
+    reference = bound_policy(adapter, capacity=40, rope_pairs=rope_pairs, key_dtype=key_dtype)
+    reference.predictor.load_state_dict(policy.predictor.state_dict())
+    reference._projections_at = lambda position: (reference.predictor.key_projections_at(position), None)  # torch's
+    generator = torch.Generator().manual_seed(7)
+    steps = range(9, 14)
+    for position in steps:
+        # the model's keys: a view of its [KvH, D] rows inside a wider tensor (rows not contiguous)
+        k = torch.randn(adapter.dims.num_kv_heads, adapter.dims.head_dim + 3, generator=generator)[:, 3:]
+        with torch.inference_mode():
+            for layer in range(4):
+                policy.observe_decode(layer, position, None, None, k, None)
+                reference.observe_decode(layer, position, None, None, k, None)
+    assert len(writes) == 3 * len(steps)
+    assert len(binds) == (len(steps) if rope_pairs else 1)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if key_dtype == "float32" else {"rtol": 2 ** -7, "atol": 1e-6}
+    for layer in range(1, 4):
+        torch.testing.assert_close(policy.cache.read(layer, steps[0], steps[-1] + 1).float(),
+                                   reference.cache.read(layer, steps[0], steps[-1] + 1).float(), **tolerance)
+    assert policy.cache.read(1, 0, steps[0]).abs().sum() == 0  # nothing written outside the positions decoded
+
+
 @pytest.mark.parametrize("key_dtype", ["bfloat16", "int8"])
 def test_decode_keys_are_written_as_the_cache_stores_them_even_under_inference_mode(key_dtype):
     """A predictor made under torch.inference_mode (its tensors count no versions) decodes; each decode key

@@ -80,14 +80,26 @@ def gather_fragments(
 
 def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor,
                   counts: torch.Tensor | None) -> None:
+    _check_tables(src, dst)
+    _check_plan(src.shape[0], positions, slots, counts)
+
+
+def _check_tables(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """A host store ``[KvH, tokens, D]`` and its slots ``[KvH, slots, D]``: the same heads, head dim and dtype,
+    the head dim contiguous."""
     if src.dim() != 3 or dst.dim() != 3:
         raise ValueError(f"src and dst must be [KvH, tokens, D]; got {tuple(src.shape)} and {tuple(dst.shape)}")
-    heads = src.shape[0]
-    if dst.shape[0] != heads or dst.shape[2] != src.shape[2] or dst.dtype != src.dtype:
+    if dst.shape[0] != src.shape[0] or dst.shape[2] != src.shape[2] or dst.dtype != src.dtype:
         raise ValueError(
             f"dst {tuple(dst.shape)} {dst.dtype} does not match src {tuple(src.shape)} {src.dtype} "
             "in KV heads, head dim or dtype"
         )
+    if src.stride(-1) != 1 or dst.stride(-1) != 1:
+        raise ValueError("the head dim of src and dst must be contiguous (stride 1)")
+
+
+def _check_plan(heads: int, positions: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor | None) -> None:
+    """A plan of ``heads`` rows: positions and slots ``[KvH, m]`` long, counts ``[KvH]`` long beside them."""
     if positions.shape != slots.shape or positions.dim() != 2 or positions.shape[0] != heads:
         raise ValueError(
             f"positions {tuple(positions.shape)} and slots {tuple(slots.shape)} must both be [KvH={heads}, m]"
@@ -98,8 +110,6 @@ def _check_shapes(src: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
                                or counts.device != positions.device):
         raise ValueError(f"counts must be [KvH={heads}] long on {positions.device}; got "
                          f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
-    if src.stride(-1) != 1 or dst.stride(-1) != 1:
-        raise ValueError("the head dim of src and dst must be contiguous (stride 1)")
 
 
 def real_entries(m: int, counts: torch.Tensor | None, heads: int) -> torch.Tensor:
@@ -236,8 +246,7 @@ def pairs_gatherer(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], method: s
     on_cpu = all(s.device.type == d.device.type == "cpu" for s, d in pairs)
     kernels = native.kernels() if method == INDEX and on_cpu else None
     for src, dst in pairs:  # the tables' part of gather_pairs' checks, now
-        no_plan = torch.empty(src.shape[0], 0, dtype=torch.long)
-        _check_shapes(src, no_plan, no_plan, dst, None)
+        _check_tables(src, dst)
     bound = kernels.bind_gather_pairs(pairs) if kernels is not None else None
     if bound is not None:
         return bound

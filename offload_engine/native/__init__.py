@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 14
+ABI = 15
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -239,6 +239,7 @@ class SelectionKernels:
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
+            "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
@@ -308,8 +309,8 @@ class SelectionKernels:
         ``residency_update`` (written in place). Needs
         ``0 < keep <= hi - lo``, ``0 <= lo``, ``hi <= m``, ``keep <= n`` and ``hi`` within the map's
         capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them.
-        ``bind_select_rows`` checks the keys and tables once, for calls at every step."""
-        _check_scoring(queries, keys, scales)
+        Not for every step: ``bind_select_rows`` checks the keys and tables once (``ResidencyMap.bind_select``)."""
+        _check_scoring(queries, keys, scales)  # against the keys (the binding then checks them on their own)
         bound = self.bind_select_rows(keys, slot_pos, slot_of, active, reduction, scales)
         return bound(queries.detach().contiguous(), keys.shape[2], lo, hi, keep)
 
@@ -331,6 +332,11 @@ class SelectionKernels:
                        w1: torch.Tensor, w2: torch.Tensor) -> "BoundQueryMLP":
         """``query_mlp`` with these weights, checked now (they must not be resized while bound)."""
         return BoundQueryMLP(self, norm_weight, norm_bias, eps, w1, w2)
+
+    def bind_key_writer(self, projections: torch.Tensor, keys: torch.Tensor) -> "BoundKeyWriter | None":
+        """A decode token's keys through each layer's compact projection into a compact cache, bound to these
+        tensors: ``BoundKeyWriter``, or None where the kernel does not write them (see there)."""
+        return BoundKeyWriter.bind(self, projections, keys)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``torch.nn.functional.linear`` for one token on the CPU: x with ``E`` float32 entries (any shape
@@ -480,7 +486,7 @@ class BoundSelectRows:
     (profiled in the engine, where the model's weights have just left Python's data out of the caches).
     """
 
-    __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "_keep")
+    __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "_keep", "_layout")
 
     def __init__(self, kernels: SelectionKernels, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray,
                  active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None):
@@ -494,6 +500,7 @@ class BoundSelectRows:
         self.n, self.of_length = slot_pos.shape[1] - 1, slot_of.shape[1]
         self.int8 = keys.dtype == torch.int8
         self._keep = (keys, scales, slot_pos, slot_of, active)  # the memory the addresses below point into
+        self._layout = _keys_layout(keys, self.reduce, scales)
         base = keys.detach()
         key_args = (base.data_ptr(), base.stride(0), base.stride(1))
         if self.int8:
@@ -506,6 +513,11 @@ class BoundSelectRows:
         tables = (_address(slot_pos), _row_stride(slot_pos), _address(slot_of), _row_stride(slot_of), self.of_length,
                   _address(active), _row_stride(active), self.n)
         self.args = (key_args, scale_args, tables)
+
+    def matches(self, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None) -> bool:
+        """Whether these keys (and scales) are the memory and layout bound, under the same rule: then a call
+        reads them as bound (the bound tensors are held, so their memory cannot be another tensor's)."""
+        return self._layout == _keys_layout(keys, _reduce_code(reduction), scales)
 
     def __call__(self, queries: torch.Tensor, m: int, lo: int, hi: int, keep: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -539,6 +551,63 @@ class BoundSelectRows:
             raise ValueError(f"more missing positions than the {n} slots of a row")
         width = max(counts.tolist()) if rows else 0
         return positions[:, :width], slots[:, :width], counts
+
+
+class BoundKeyWriter:
+    """``keys[layer, :, :, position] = k @ projections[layer]`` (per KV head) in one native call: projections
+    ``[L, KvH, D, d']`` float32 contiguous, keys ``[L, KvH, d', capacity]`` float32 or bfloat16 (rounded to
+    nearest even, as torch's conversion) on the CPU, both bound and held. A call checks only the token's key,
+    the layer and the position: a layer's matrix product, view and strided copy in torch took ~70 us of calls,
+    2 ms a decode step of the embedded model (py-spy, 7.5k tokens)."""
+
+    __slots__ = ("kernel", "layers", "heads", "dim", "dims", "capacity", "bf16", "proj", "proj_layer", "out",
+                 "out_strides", "_keep")
+
+    def __init__(self, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor):
+        self.kernel = kernels.library.tbrun_project_token
+        self.layers, self.heads, self.dim, self.dims = projections.shape
+        self.capacity, self.bf16 = keys.shape[3], keys.dtype == torch.bfloat16
+        self._keep = (projections, keys)  # the memory the addresses below point into
+        self.proj, self.proj_layer = projections.data_ptr(), projections.stride(0) * 4
+        self.out = keys.data_ptr()
+        self.out_strides = keys.stride()[:3]  # layer, head, dim (elements); tokens contiguous
+
+    @classmethod
+    def bind(cls, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor) -> "BoundKeyWriter | None":
+        """None unless projections ``[L, KvH, D, d']`` are float32 contiguous, keys ``[L, KvH, d', capacity]`` float32
+        or bfloat16 with tokens contiguous, both on the CPU, with d' of at most 256."""
+        if (projections.dim() != 4 or keys.dim() != 4 or projections.device.type != "cpu"
+                or keys.device.type != "cpu" or projections.dtype != torch.float32
+                or keys.dtype not in (torch.float32, torch.bfloat16) or not projections.is_contiguous()
+                or keys.stride(3) != 1 or tuple(keys.shape[:3]) != (projections.shape[0], projections.shape[1],
+                                                                    projections.shape[3])
+                or not 0 < projections.shape[3] <= 256):
+            return None
+        return cls(kernels, projections, keys)
+
+    def matches(self, projections: torch.Tensor, keys: torch.Tensor) -> bool:
+        """Whether these are the tensors bound (the same memory, shape and strides)."""
+        bound_projections, bound_keys = self._keep
+        return (projections.data_ptr() == self.proj and keys.data_ptr() == self.out
+                and projections.shape == bound_projections.shape and keys.shape == bound_keys.shape
+                and keys.stride() == bound_keys.stride() and keys.dtype == bound_keys.dtype
+                and projections.dtype == torch.float32 and projections.is_contiguous())
+
+    def __call__(self, layer: int, position: int, k: torch.Tensor) -> bool:
+        """Writes ``k [KvH, D]`` (float32 CPU, head dim contiguous) of ``layer`` (an index of the bound layers)
+        at ``position``; False (nothing written) for a key of another type or shape, so the caller takes torch's
+        path. A layer or position out of range raises."""
+        if (k.dtype != torch.float32 or k.device.type != "cpu" or k.dim() != 2 or k.shape[0] != self.heads
+                or k.shape[1] != self.dim or k.stride(1) != 1):
+            return False
+        if not (0 <= layer < self.layers and 0 <= position < self.capacity):
+            raise IndexError(f"key of layer {layer}, position {position}: the cache holds {self.layers} layers of "
+                             f"{self.capacity} positions")
+        layer_stride, head_stride, dim_stride = self.out_strides
+        out = self.out + (layer * layer_stride + position) * (2 if self.bf16 else 4)
+        self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), self.proj + layer * self.proj_layer, self.dims,
+                    out, int(self.bf16), head_stride, dim_stride)
+        return True
 
 
 class BoundQueryMLP:
@@ -649,6 +718,15 @@ def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: 
         if array.dtype != dtype or array.shape[0] != rows or not contiguous or not apart:
             raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{rows}, *] "
                              f"{np.dtype(dtype)} with contiguous rows apart by their length")
+
+
+def _keys_layout(keys: torch.Tensor, reduce: int, scales: torch.Tensor | None) -> tuple:
+    """What a bound selection reads of its keys: their memory, shape, strides and type, the scales' memory
+    and layout, the rule."""
+    layout = (keys.data_ptr(), keys.shape, keys.stride(), keys.dtype, keys.device.type, reduce)
+    if scales is None:
+        return layout
+    return layout + (scales.data_ptr(), scales.shape, scales.stride(), scales.dtype, scales.device.type)
 
 
 def _row_stride(table: np.ndarray) -> int:

@@ -41,6 +41,9 @@
 // tbrun_linear: a model's linear layer for one token (a matrix-vector product), what a decode step
 // spends most of its time on outside attention on the CPU.
 //
+// tbrun_project_token: a decode token's key through each KV head's compact projection, written into the
+// compact cache (float32 or bfloat16) in one call per layer.
+//
 // tbrun_select_rows: a producer's selection in one call, row by row: the scores, the top-k of the
 // candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
 // the Python between them cost about as much again as the kernels (profiled at 7.5k and 32k).
@@ -818,7 +821,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 14; }
+int tbrun_kernels_abi() { return 15; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -904,6 +907,38 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
         if (bias != nullptr)
             for (int64_t r = first; r < last; ++r) out[r] += bias[r];
     });
+    return 0;
+}
+
+// A decode token's key through each KV head's compact projection, written into the compact cache's column of
+// its position (TokenButlerPolicy.observe_decode at every layer, where a matrix product, a view and a strided
+// copy took ~70 us of Python and torch calls a layer): out[h * out_head_stride + j * out_dim_stride] =
+// sum_i k[h * k_stride + i] * proj[(h * d + i) * dp + j], k [heads, d] (rows k_stride apart), proj [heads, d,
+// dp] contiguous, float32; out float32 (out_bf16 0) or bfloat16 rounded to nearest even (1), as torch's
+// float32 -> bfloat16 conversion. Returns 0, or -1 where dp exceeds PROJECT_MAX_DIMS.
+constexpr int64_t PROJECT_MAX_DIMS = 256;
+
+int tbrun_project_token(const float* k, int64_t heads, int64_t d, int64_t k_stride, const float* proj, int64_t dp,
+                        void* out, int64_t out_bf16, int64_t out_head_stride, int64_t out_dim_stride) {
+    if (dp > PROJECT_MAX_DIMS) return -1;
+    float acc[PROJECT_MAX_DIMS];
+    for (int64_t h = 0; h < heads; ++h) {
+        const float* key = k + h * k_stride;
+        const float* weights = proj + h * d * dp;
+        for (int64_t j = 0; j < dp; ++j) acc[j] = 0.0f;
+        for (int64_t i = 0; i < d; ++i) {  // rows of the projection in order, each scaled by one entry of the key
+            const float ki = key[i];
+            const float* row = weights + i * dp;
+            for (int64_t j = 0; j < dp; ++j) acc[j] += ki * row[j];
+        }
+        if (out_bf16) {
+            uint16_t* column = static_cast<uint16_t*>(out) + h * out_head_stride;
+            for (int64_t j = 0; j < dp; ++j) column[j * out_dim_stride] = to_bf16(acc[j]);
+        } else {
+            float* column = static_cast<float*>(out) + h * out_head_stride;
+            for (int64_t j = 0; j < dp; ++j) column[j * out_dim_stride] = acc[j];
+        }
+    }
     return 0;
 }
 

@@ -227,7 +227,7 @@ class TokenButlerPolicy(Policy):
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
         self._bound_mlps = {}
-        self._decode_projections = None  # (position, projection, its version, key_projections_at(position))
+        self._decode_projections = None  # (position, projection, its version, key_projections_at(position), writer)
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
         if self.random_weights:
@@ -289,22 +289,33 @@ class TokenButlerPolicy(Policy):
             self._write_decode_key(layer, position, k)
 
     def _write_decode_key(self, layer: int, position: int, k: torch.Tensor) -> None:
-        projected = torch.matmul(k.unsqueeze(1).to(self.predictor.key_proj.dtype),
-                                 self._projections_at(position)[layer - 1])  # [KvH, 1, d']
+        projections, writer = self._projections_at(position)
+        if writer is not None and writer(layer - 1, position, k):  # the native call (float32 keys on the CPU)
+            return
+        projected = torch.matmul(k.unsqueeze(1).to(self.predictor.key_proj.dtype), projections[layer - 1])  # [KvH, 1, d']
         self.cache.write_token(layer, position, projected.squeeze(1))
 
-    def _projections_at(self, position: int) -> torch.Tensor:
+    def _projections_at(self, position: int) -> tuple[torch.Tensor, "native.BoundKeyWriter | None"]:
         """``predictor.key_projections_at(position)``, made at the step's first layer and kept for its others
         (remade if the predictor's projection was replaced since, or changed in place through autograd's
         view of it; an inference tensor, made under ``torch.inference_mode``, counts no versions and is
-        taken as it is)."""
+        taken as it is), and the native writer of keys through them into the compact cache where there is
+        one (``SelectionKernels.bind_key_writer``: float32 projections, a float32 or bfloat16 cache on the CPU),
+        kept from step to step while they are the same memory."""
         proj = self.predictor.key_proj
         version = None if proj.is_inference() else proj._version
         held = self._decode_projections
         if held is None or held[0] != position or held[1] is not proj or held[2] != version:
+            projections = self.predictor.key_projections_at(position)
+            writer = held[4] if held is not None else None
+            kernels = native.kernels() if not self.cache.int8 else None
+            if kernels is None:
+                writer = None
+            elif writer is None or not writer.matches(projections, self.cache.keys):
+                writer = kernels.bind_key_writer(projections, self.cache.keys)
             # the projection itself is held (compared by identity): its memory cannot be reused by another
-            self._decode_projections = (position, proj, version, self.predictor.key_projections_at(position))
-        return self._decode_projections[3]
+            self._decode_projections = (position, proj, version, projections, writer)
+        return self._decode_projections[3], self._decode_projections[4]
 
     @torch.no_grad()
     def plan(self, layer: int, x: torch.Tensor, candidates: Candidates, only: range | None = None,
@@ -399,14 +410,15 @@ class TokenButlerPolicy(Policy):
         if hi <= lo:
             return torch.empty(len(layers), c.num_kv_heads, 0, device=queries.device)
         reduction = "max" if self.by_max else "mean"
-        # the softmax of the mean rule runs over every cached token (consumers have not written t yet)
-        keys = self.cache.columns(layers, 0, candidates.position)  # [Lg, KvH, d', m]
+        # the softmax of the mean rule runs over every cached token (consumers have not written t yet): the
+        # first `position` of the cache's columns, given whole ([Lg, KvH, d', capacity]: one layout at every step)
+        keys = self.cache.keys[layers.start - 1 : layers.stop - 1]
         # 1/sqrt(d') folded into the few queries, not applied to the [Lg, KvH, g, m] logits
         grouped = queries.reshape(len(layers), c.num_kv_heads, c.query_group, c.dim) * (1.0 / math.sqrt(c.dim))
-        scales = None  # int8 keys: each token's factor, [Lg, KvH, m]
+        scales = None  # int8 keys: each token's factor, [Lg, KvH, capacity]
         if self.cache.int8:
-            scales = self.cache.scales[layers.start - 1 : layers.stop - 1, :, : candidates.position]
-        described = GroupScores(grouped, keys, lo, hi, reduction, scales)
+            scales = self.cache.scales[layers.start - 1 : layers.stop - 1]
+        described = GroupScores(grouped, keys, lo, hi, reduction, scales, tokens=candidates.position)
         return described if describe else described.compute()
 
 

@@ -97,38 +97,31 @@ NOTHING = Orders([], 0)
 
 class NativeProducer:
     """A producer's whole selection at a prediction step in two native calls: its queries (the policy's
-    ``NativeScoring``), then scores, top-k and residency update of every layer it serves
-    (``BoundSelectRows`` on the bank's tables). Everything that does not change from step to step (the
-    layers' rows, the keys' and tables' layout, their checks) is settled once, here; the selections are
-    those of ``plan(..., describe=True)`` and ``ResidencyMap.prepare_select`` (tests/test_selection_planner.py).
-    In the engine on the CPU the ~60 Python operations of that general path cost about as much as the
-    kernels (profiled at 3k-8k tokens): Python's data is out of the caches after the model's matrix products."""
+    ``NativeScoring``), then scores, top-k and residency update of every layer it serves (the bank's
+    ``ResidencyMap.bind_select``, bound here once). The step's conditions are the map's (``accepts``), as for
+    ``prepare_select``; what this adds is the query network and the rows' binding without the ~60 Python
+    operations of ``plan(..., describe=True)`` and ``prepare_select`` (the same selections:
+    tests/test_selection_planner.py). In the engine on the CPU those cost about as much as the kernels
+    (profiled at 3k-8k tokens): Python's data is out of the caches after the model's matrix products."""
 
-    def __init__(self, scoring: NativeScoring, bank: "Bank", kernels: "native.SelectionKernels"):
+    def __init__(self, scoring: NativeScoring, bank: "Bank", bound: "native.BoundSelectRows"):
         self.layers = list(scoring.layers)
-        self.bank, self.queries = bank, scoring.queries
-        rows = bank.rows(self.layers)
-        residency = bank.residency
-        tables = (residency.slot_pos[rows].numpy(), residency.slot_of[rows].numpy(), residency.active[rows].numpy())
-        self.select = kernels.bind_select_rows(scoring.keys, *tables, scoring.reduction, scoring.scales)
-        self.limit = min(residency.capacity, scoring.keys.shape[-1])  # candidates past it: the general path
+        self.bank, self.queries, self.bound = bank, scoring.queries, bound
 
-    def applies(self, candidates: "Candidates") -> bool:
-        """Whether this step's candidates are ones the bound call takes (else the general path selects)."""
-        c = candidates
-        return (0 <= c.lo < c.hi <= c.position <= self.limit and 0 < c.keep <= min(c.hi - c.lo, self.bank.num_slots)
-                and native.enabled())  # TBRUN_NATIVE=0 since it was bound: the general path, as everywhere
+    @classmethod
+    def bind(cls, scoring: NativeScoring, bank: "Bank") -> "NativeProducer | None":
+        """Bound to the rows of ``scoring``'s layers in ``bank``, or None where the map binds none."""
+        bound = bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales)
+        return None if bound is None else cls(scoring, bank, bound)
 
-    def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan]:
-        """The queries now; the selection returned, to be made now or on the copy thread."""
-        queries, c = self.queries(x, candidates.position), candidates
-        self.bank.residency.appending = False
-
-        def run() -> FetchPlan:
-            positions, slots, counts = self.select(queries, c.position, c.lo, c.hi, c.keep)
-            return FetchPlan(torch.from_numpy(positions), torch.from_numpy(slots), torch.from_numpy(counts))
-
-        return run
+    def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan] | None:
+        """The queries now and the selection returned, to be made now or on the copy thread; None (nothing
+        computed) where the map does not take this step (the general path selects)."""
+        c, residency = candidates, self.bank.residency
+        keep = min(c.keep, c.count)
+        if not residency.accepts(self.bound, c.position, c.lo, c.hi, keep):
+            return None
+        return residency.prepare_bound(self.bound, self.queries(x, c.position), c.position, c.lo, c.hi, keep)
 
 
 class SelectionPlanner:
@@ -243,8 +236,9 @@ class SelectionPlanner:
         if not wanted:
             return
         fast = self._native_producer(producer)
-        if fast is not None and wanted == fast.layers and fast.applies(self.candidates):
-            self._emit_run(fast.bank, wanted, fast.plan(x, self.candidates), orders)
+        run = fast.plan(x, self.candidates) if fast is not None and wanted == fast.layers else None
+        if run is not None:
+            self._emit_run(fast.bank, wanted, run, orders)
             self._planned.update(wanted)
             return
         # only the layers that select now (on a refresh step, the refresh layers): range, [Lg, KvH, n]
@@ -271,15 +265,14 @@ class SelectionPlanner:
         if producer in self._native:
             return self._native[producer]
         fast = None
-        kernels = native.kernels() if self.batched and self.selector.plain_topk else None
-        scoring = self.policy.native_scoring(producer) if kernels is not None else None
+        ready = self.batched and self.selector.plain_topk and native.kernels() is not None
+        scoring = self.policy.native_scoring(producer) if ready else None
         layers = list(scoring.layers) if scoring is not None else []
         if (layers and not set(layers) & (self.dense | self.local)
                 and all(layer in self.ws.bank_of for layer in layers)):
             bank = self.ws.bank_of[layers[0]]
-            if (all(self.ws.bank_of[layer] is bank for layer in layers) and len(bank.adjacent_runs(layers)) == 1
-                    and bank.residency.on_host):
-                fast = NativeProducer(scoring, bank, kernels)
+            if all(self.ws.bank_of[layer] is bank for layer in layers) and len(bank.adjacent_runs(layers)) == 1:
+                fast = NativeProducer.bind(scoring, bank)
         self._native[producer] = fast
         return fast
 

@@ -84,6 +84,7 @@ class ResidencyMap:
         # ``held_upto``, so ``append`` can extend them without any search.
         self.appending = True
         self.held_upto: int | None = None
+        self._bound: dict[tuple, native.BoundSelectRows] = {}  # bind_select's, per slice of rows
 
     @property
     def capacity(self) -> int:
@@ -186,9 +187,8 @@ class ResidencyMap:
         """``update(topk_positions(scores.compute(), keep, scores.lo, ordered=False), rows)`` in one native
         call: each row scored, its top ``keep`` taken and its residency updated while its scores are in the
         cache. None (nothing done) where that call does not apply: a map off the host, no native kernels,
-        keys the kernel does not read, ``keep`` not in ``[1, min(candidates, num_slots)]``, candidates past
-        the map's capacity or the keys' tokens, rows that are not the scores' rows; the caller then takes the
-        separate steps. ``rows``: the map's rows of ``scores``' ``[Lg * KvH]`` rows, a slice.
+        keys the kernel does not read, rows that are not the scores' rows, or a step ``accepts`` refuses; the
+        caller then takes the separate steps. ``rows``: the map's rows of ``scores``' ``[Lg * KvH]`` rows, a slice.
         """
         run = self.prepare_select(scores, keep, rows)
         return None if run is None else run()
@@ -196,23 +196,50 @@ class ResidencyMap:
     def prepare_select(self, scores: GroupScores, keep: int, rows: slice) -> Callable[[], FetchPlan] | None:
         """``select`` in two halves: everything checked now, and the native call returned to be made later,
         on another thread (the copy thread), before anything reads the rows. None where ``select`` is."""
-        lo, hi = scores.lo, scores.hi
         if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
             raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
-        kernels = native.kernels() if self.on_host else None
-        native_rows = scores.native_rows() if kernels is not None else None
-        if (native_rows is None or not 0 <= lo < hi <= min(self._scratch, scores.keys.shape[-1])
-                or not 0 < keep <= min(hi - lo, self.num_slots)
-                or len(range(self.slot_pos.shape[0])[rows]) != native_rows[0].shape[0]):
+        native_rows = scores.native_rows() if self.on_host and native.kernels() is not None else None
+        if native_rows is None:
             return None
+        queries, keys, scales = native_rows
+        bound = self.bind_select(rows, keys, scores.reduction, scales)
+        if bound is None or not self.accepts(bound, scores.m, scores.lo, scores.hi, keep):
+            return None
+        return self.prepare_bound(bound, queries, scores.m, scores.lo, scores.hi, keep)
+
+    def bind_select(self, rows: slice, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None
+                    ) -> "native.BoundSelectRows | None":
+        """The one-call selection of ``rows`` (a slice) bound to these keys ``[R, d', capacity]`` (and int8 keys'
+        ``scales`` ``[R, capacity]``) and to the map's tables, checked once: kept per slice of rows and bound
+        again only when the keys' memory or layout or the rule changes. None where the map is off the host,
+        the kernels are not built, or ``rows`` are not the keys' rows."""
+        kernels = native.kernels() if self.on_host else None
+        if kernels is None or len(range(self.slot_pos.shape[0])[rows]) != keys.shape[0]:
+            return None
+        place = (rows.start, rows.stop, rows.step)
+        bound = self._bound.get(place)
+        if bound is None or not bound.matches(keys, reduction, scales):
+            tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
+            bound = self._bound[place] = kernels.bind_select_rows(keys, *tables, reduction, scales)
+        return bound
+
+    def accepts(self, bound: "native.BoundSelectRows", tokens: int, lo: int, hi: int, keep: int) -> bool:
+        """Whether the bound selection takes this step: the top ``keep`` of candidates ``[lo, hi)`` among the
+        first ``tokens`` keys, with ``keep`` in ``[1, min(candidates, num_slots)]``, every position within the
+        map's and the keys' capacity, and the native kernels still switched on (``TBRUN_NATIVE``). The one set
+        of conditions of the one-call selection (``prepare_select``, the planner's ``NativeProducer``)."""
+        return (0 <= lo < hi <= tokens <= min(self._scratch, bound.capacity)
+                and 0 < keep <= min(hi - lo, self.num_slots) and native.enabled())
+
+    def prepare_bound(self, bound: "native.BoundSelectRows", queries: torch.Tensor, tokens: int, lo: int, hi: int,
+                      keep: int) -> Callable[[], FetchPlan]:
+        """The bound selection of a step ``accepts`` took, to be made now or on the copy thread: queries
+        ``[R, g, d']`` float32, contiguous (any scale folded in). From here the rows no longer hold the
+        candidates in order (``appending`` is off)."""
         self.appending = False
-        queries, rows_keys, rows_scales = native_rows
-        tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
-        reduction = scores.reduction
 
         def run() -> FetchPlan:
-            positions, slots, counts = kernels.select_rows(queries, rows_keys, lo, hi, keep, *tables, reduction,
-                                                           rows_scales)
+            positions, slots, counts = bound(queries, tokens, lo, hi, keep)
             return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                              counts=torch.from_numpy(counts))
 

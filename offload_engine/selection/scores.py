@@ -23,13 +23,15 @@ REDUCTIONS = native.REDUCTIONS  # "mean", "max"
 
 @dataclass(frozen=True, slots=True)
 class GroupScores:
-    """Scores ``[Lg, KvH, hi - lo]`` at the candidates ``[lo, hi)`` of the ``m`` tokens of ``keys``: for each
-    row, ``mean_h softmax_t(queries[.., h, :] . keys[.., :, t])`` (``reduction`` "mean", the softmax over all
-    ``m`` tokens) or ``max_h queries[.., h, :] . keys[.., :, t]`` ("max").
+    """Scores ``[Lg, KvH, hi - lo]`` at the candidates ``[lo, hi)`` of the first ``m`` tokens of ``keys``: for
+    each row, ``mean_h softmax_t(queries[.., h, :] . keys[.., :, t])`` (``reduction`` "mean", the softmax over
+    all ``m`` tokens) or ``max_h queries[.., h, :] . keys[.., :, t]`` ("max").
 
-    queries ``[Lg, KvH, g, d']`` float32 (any scale already folded in); keys ``[Lg, KvH, d', m]``, the
-    compact cache's columns of positions ``[0, m)`` (tokens contiguous), float32 or bfloat16, or int8 codes
-    with ``scales`` ``[Lg, KvH, m]`` float16, each token's factor (the key is its codes times its scale).
+    queries ``[Lg, KvH, g, d']`` float32 (any scale already folded in); keys ``[Lg, KvH, d', capacity]``, the
+    compact cache's columns from position 0 (tokens contiguous), float32 or bfloat16, or int8 codes with
+    ``scales`` ``[Lg, KvH, capacity]`` float16, each token's factor (the key is its codes times its scale);
+    ``tokens``: ``m``, how many of them the step has (None: all ``capacity``). Keys of the whole capacity
+    keep one layout from step to step, so a residency map binds its one-call selection to them once.
     """
 
     queries: torch.Tensor
@@ -38,31 +40,41 @@ class GroupScores:
     hi: int
     reduction: str = "mean"
     scales: torch.Tensor | None = None
+    tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if (self.keys.dtype == torch.int8) != (self.scales is not None):
             raise ValueError("int8 keys need their scales, and only int8 keys have scales")
+        if self.tokens is not None and not 0 <= self.tokens <= self.keys.shape[-1]:
+            raise ValueError(f"tokens {self.tokens} not in [0, {self.keys.shape[-1]}] (the keys' capacity)")
+
+    @property
+    def m(self) -> int:
+        """The tokens scored: the softmax of the mean rule runs over them."""
+        return self.keys.shape[-1] if self.tokens is None else self.tokens
 
     def layers(self, first: int, count: int) -> "GroupScores":
         """The scores of ``count`` layers from the ``first``-th (views)."""
         scales = None if self.scales is None else self.scales[first : first + count]
         return GroupScores(self.queries[first : first + count], self.keys[first : first + count], self.lo, self.hi,
-                           self.reduction, scales)
+                           self.reduction, scales, self.tokens)
 
     def native_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The scores' rows as the native kernels read them: (queries ``[Lg * KvH, g, d']`` float32, keys
-        ``[Lg * KvH, d', m]``, a view, and int8 keys' scales ``[Lg * KvH, m]`` or None), or None where they
-        cannot (see ``native_rows``)."""
+        ``[Lg * KvH, d', capacity]``, a view, and int8 keys' scales ``[Lg * KvH, capacity]`` or None), or None
+        where they cannot (see ``native_rows``)."""
         return native_rows(self.queries, self.keys, self.scales)
 
     def compute(self) -> torch.Tensor:
         """The scores as a float32 tensor ``[Lg, KvH, hi - lo]``."""
-        fused = fused_group_scores(self.queries, self.keys, self.reduction, self.scales)
+        m = self.m
+        scales = None if self.scales is None else self.scales[..., :m]
+        fused = fused_group_scores(self.queries, self.keys[..., :m], self.reduction, scales)
         if fused is not None:
             return fused[..., self.lo : self.hi]
-        span = slice(None) if self.reduction == "mean" else slice(self.lo, self.hi)
+        span = slice(0, m) if self.reduction == "mean" else slice(self.lo, self.hi)
         keys = self.keys[..., span]
         if keys.dtype == torch.int8 or (keys.device.type == "cpu" and keys.dtype == torch.bfloat16):
             # int8: torch has no int8 x float matmul; bfloat16 on the CPU: its matmul is slower than float32's

@@ -147,6 +147,7 @@ class SelectionPlanner:
         self._planned: set[int] = set()
         self.candidates: Candidates | None = None  # of the layers that select, this step
         self.position = 0
+        self._candidate_count = 0
         self.attends_everything = True  # this step every layer attends every token (no layer selects)
         self.notes: list[str] = []
         self._native: dict[int, NativeProducer | None] = {}  # producer -> its bound selection, where it has one
@@ -158,12 +159,14 @@ class SelectionPlanner:
         self._planned.clear()
         self._native.clear()
         self.candidates, self.position, self.attends_everything, self.notes = None, 0, True, []
+        self._candidate_count = 0
 
     # ------------------------------------------------------------------------------ per step
     def begin_step(self, position: int) -> Orders:
         """Bookkeeping before layer 0; returns the appends of every layer that takes all."""
         self.ws.begin_step(position)
         self.position = position
+        self._candidate_count = self.selector.candidates(0, position).count  # (only keep differs by layer)
         self._planned.clear()
         self._taken_all.clear()
         self._note_floor(position + 1)
@@ -311,8 +314,9 @@ class SelectionPlanner:
 
     # ------------------------------------------------------------------------------ queries
     def used_slots(self, layer: int) -> int:
-        """Selected slots ``layer`` may hold this step: the filled prefix bound, host arithmetic only."""
-        return min(self.ws.bank_of[layer].num_slots, self.selector.candidates(layer, self.position).count)
+        """Selected slots ``layer`` may hold this step: the filled prefix bound, host arithmetic only (the
+        candidates' count is every layer's alike: made once a step, in ``begin_step``)."""
+        return min(self.ws.bank_of[layer].num_slots, self._candidate_count)
 
 
 def _emit(bank: "Bank", layers: list[int], plan: FetchPlan, orders: Orders, moved: int | None = None) -> None:

@@ -336,3 +336,38 @@ def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec
     general_seen, general_tokens, general_calls = run(False)
     assert fast_calls > 0 and general_calls == 0
     assert fast_seen == general_seen and fast_tokens == general_tokens
+
+
+def test_a_closed_backend_keeps_none_of_the_policys_compact_keys(adapter, monkeypatch):
+    """The residency maps' bound selections and the planner's native producers hold views of the policy's
+    compact keys; closing the backend (the end of a generate call) lets that memory go with the policy's own
+    reference, even while the backend object lives on."""
+    import gc
+    import weakref
+
+    from offload_engine import native
+
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    policy = seeded_policy(adapter, "tokenbutler")
+    config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6)
+    engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
+    backends, storage = [], []
+    original = engine._new_backend
+
+    def new_backend(*args):
+        backend = original(*args)
+        backends.append(backend)  # kept alive past its close
+        storage.append(weakref.ref(policy.cache._storage))
+        return backend
+
+    bound = []
+    original_bind = native.SelectionKernels.bind_select_rows
+    monkeypatch.setattr(native.SelectionKernels, "bind_select_rows",
+                        lambda self, *args: bound.append(1) or original_bind(self, *args))
+    engine._new_backend = new_backend
+    prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    engine.generate(prompt, SamplingConfig(max_new_tokens=NEW))
+    gc.collect()
+    assert bound and len(backends) == 1  # the selection was bound (to the compact keys) during the run
+    assert policy.cache is None and storage[0]() is None

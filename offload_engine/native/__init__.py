@@ -605,8 +605,10 @@ class BoundKeyWriter:
                              f"{self.capacity} positions")
         layer_stride, head_stride, dim_stride = self.out_strides
         out = self.out + (layer * layer_stride + position) * (2 if self.bf16 else 4)
-        self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), self.proj + layer * self.proj_layer, self.dims,
-                    out, int(self.bf16), head_stride, dim_stride)
+        status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), self.proj + layer * self.proj_layer,
+                             self.dims, out, int(self.bf16), head_stride, dim_stride)
+        if status != 0:  # cannot happen with d' <= 256 (checked when bound)
+            raise ValueError(f"project_token: d' {self.dims} above the kernel's 256")
         return True
 
 

@@ -158,6 +158,8 @@ class SelectionPlanner:
         self._taken_all.clear()
         self._planned.clear()
         self._native.clear()
+        for bank in self.ws.banks if self.ws is not None else ():
+            bank.residency.unbind()  # its bound selections hold the policy's compact keys
         self.candidates, self.position, self.attends_everything, self.notes = None, 0, True, []
         self._candidate_count = 0
 

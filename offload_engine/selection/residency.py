@@ -205,7 +205,7 @@ class ResidencyMap:
         bound = self.bind_select(rows, keys, scores.reduction, scales)
         if bound is None or not self.accepts(bound, scores.m, scores.lo, scores.hi, keep):
             return None
-        return self.prepare_bound(bound, queries, scores.m, scores.lo, scores.hi, keep)
+        return self.prepare_bound(bound, queries.contiguous(), scores.m, scores.lo, scores.hi, keep)
 
     def bind_select(self, rows: slice, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None
                     ) -> "native.BoundSelectRows | None":
@@ -222,6 +222,11 @@ class ResidencyMap:
             tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
             bound = self._bound[place] = kernels.bind_select_rows(keys, *tables, reduction, scales)
         return bound
+
+    def unbind(self) -> None:
+        """Drop the bound selections (and the compact keys they hold): a closed backend's map keeps no policy
+        memory alive."""
+        self._bound.clear()
 
     def accepts(self, bound: "native.BoundSelectRows", tokens: int, lo: int, hi: int, keep: int) -> bool:
         """Whether the bound selection takes this step: the top ``keep`` of candidates ``[lo, hi)`` among the

@@ -94,7 +94,7 @@ class NativeScoring:
     ``queries(x, position)``: from the producer's input x ``[E]``, the queries ``[Lg * KvH, g, d']`` float32,
     contiguous, any scale folded in (the policy keeps what ``score`` needs, as ``plan`` does); ``keys``
     ``[Lg * KvH, d', capacity]``: the compact keys of the ``layers`` it serves, all of their capacity (a
-    step scores the first ``position`` tokens, as ``GroupScores`` over ``keys[..., :position]``); int8 keys
+    step scores the first ``position`` tokens, as ``GroupScores`` with ``tokens=position``); int8 keys
     with ``scales`` ``[Lg * KvH, capacity]``. The same scores as ``plan(..., describe=True)`` gives.
     """
 

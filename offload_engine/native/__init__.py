@@ -500,7 +500,7 @@ class BoundSelectRows:
         self.n, self.of_length = slot_pos.shape[1] - 1, slot_of.shape[1]
         self.int8 = keys.dtype == torch.int8
         self._keep = (keys, scales, slot_pos, slot_of, active)  # the memory the addresses below point into
-        self._layout = _keys_layout(keys, self.reduce, scales)
+        self._layout = _layout(keys, scales) + (self.reduce,)
         base = keys.detach()
         key_args = (base.data_ptr(), base.stride(0), base.stride(1))
         if self.int8:
@@ -517,7 +517,7 @@ class BoundSelectRows:
     def matches(self, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None) -> bool:
         """Whether these keys (and scales) are the memory and layout bound, under the same rule: then a call
         reads them as bound (the bound tensors are held, so their memory cannot be another tensor's)."""
-        return self._layout == _keys_layout(keys, _reduce_code(reduction), scales)
+        return self._layout == _layout(keys, scales) + (_reduce_code(reduction),)
 
     def __call__(self, queries: torch.Tensor, m: int, lo: int, hi: int, keep: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -540,7 +540,8 @@ class BoundSelectRows:
         counts = out[2 * rows * keep :]
         counts.fill(0)
         key_args, scale_args, tables = self.args
-        outputs = (_address(positions), _address(slots), _address(counts), max(1, min(kernel_threads(), rows)))
+        base, size = _address(out), rows * keep * 8  # the three outputs' addresses, from the one allocation
+        outputs = (base, base + size, base + 2 * size, max(1, min(kernel_threads(), rows)))
         if self.int8:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m,
                                  *scale_args, lo, hi, keep, *tables, *outputs)
@@ -561,13 +562,14 @@ class BoundKeyWriter:
     2 ms a decode step of the embedded model (py-spy, 7.5k tokens)."""
 
     __slots__ = ("kernel", "layers", "heads", "dim", "dims", "capacity", "bf16", "proj", "proj_layer", "out",
-                 "out_strides", "_keep")
+                 "out_strides", "_keep", "_layout")
 
     def __init__(self, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor):
         self.kernel = kernels.library.tbrun_project_token
         self.layers, self.heads, self.dim, self.dims = projections.shape
         self.capacity, self.bf16 = keys.shape[3], keys.dtype == torch.bfloat16
         self._keep = (projections, keys)  # the memory the addresses below point into
+        self._layout = _layout(projections, keys)
         self.proj, self.proj_layer = projections.data_ptr(), projections.stride(0) * 4
         self.out = keys.data_ptr()
         self.out_strides = keys.stride()[:3]  # layer, head, dim (elements); tokens contiguous
@@ -586,12 +588,8 @@ class BoundKeyWriter:
         return cls(kernels, projections, keys)
 
     def matches(self, projections: torch.Tensor, keys: torch.Tensor) -> bool:
-        """Whether these are the tensors bound (the same memory, shape and strides)."""
-        bound_projections, bound_keys = self._keep
-        return (projections.data_ptr() == self.proj and keys.data_ptr() == self.out
-                and projections.shape == bound_projections.shape and keys.shape == bound_keys.shape
-                and keys.stride() == bound_keys.stride() and keys.dtype == bound_keys.dtype
-                and projections.dtype == torch.float32 and projections.is_contiguous())
+        """Whether these are the tensors bound (the same memory, shape, strides and type)."""
+        return self._layout == _layout(projections, keys)
 
     def __call__(self, layer: int, position: int, k: torch.Tensor) -> bool:
         """Writes ``k [KvH, D]`` (float32 CPU, head dim contiguous) of ``layer`` (an index of the bound layers)
@@ -722,13 +720,10 @@ def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: 
                              f"{np.dtype(dtype)} with contiguous rows apart by their length")
 
 
-def _keys_layout(keys: torch.Tensor, reduce: int, scales: torch.Tensor | None) -> tuple:
-    """What a bound selection reads of its keys: their memory, shape, strides and type, the scales' memory
-    and layout, the rule."""
-    layout = (keys.data_ptr(), keys.shape, keys.stride(), keys.dtype, keys.device.type, reduce)
-    if scales is None:
-        return layout
-    return layout + (scales.data_ptr(), scales.shape, scales.stride(), scales.dtype, scales.device.type)
+def _layout(*tensors: torch.Tensor | None) -> tuple:
+    """What a bound call reads of its tensors: each one's memory, shape, strides, type and device (None for
+    an absent one). Equal layouts of held tensors are the very memory bound (it cannot be another's)."""
+    return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device.type) for t in tensors)
 
 
 def _row_stride(table: np.ndarray) -> int:

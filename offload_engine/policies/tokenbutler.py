@@ -121,6 +121,12 @@ class ProjectedKeyCache:
             return keys
         return keys.float() * self.scales[layer - 1, :, lo:hi].float().unsqueeze(-1)
 
+    def of_layers(self, layers: range) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole capacity of consumer ``layers``: keys ``[Lg, KvH, d', capacity]`` as stored and, for int8
+        codes, their scales ``[Lg, KvH, capacity]`` (else None); views."""
+        rows = slice(layers.start - 1, layers.stop - 1)
+        return self.keys[rows], None if self.scales is None else self.scales[rows]
+
     def columns(self, layers: range, lo: int, hi: int) -> torch.Tensor:
         """Keys of consumer ``layers`` at positions ``[lo, hi)`` as stored: ``[Lg, KvH, d', m]``
         (int8 codes when quantised; ``scales`` has their factors)."""
@@ -360,6 +366,12 @@ class TokenButlerPolicy(Policy):
                 norm.weight, norm.bias, float(norm.eps), first.weight, second.weight)
         return bound
 
+    @property
+    def _query_scale(self) -> float:
+        """1/sqrt(d'), folded into the few queries (``_group_scores``, ``native_scoring``), not applied to the
+        ``[Lg, KvH, g, m]`` logits."""
+        return 1.0 / math.sqrt(self.predictor.config.dim)
+
     def native_scoring(self, producer: int) -> NativeScoring | None:
         """``plan(producer, ..., describe=True)``'s scores bound once (``NativeScoring``), where the native kernels
         score them: a CPU compact cache whose consumer rows sit at one stride, and the native query network."""
@@ -367,18 +379,17 @@ class TokenButlerPolicy(Policy):
         if c is None or self.cache is None or producer not in self._native_mlps or native.kernels() is None:
             return None
         layers = c.consumers(producer)
-        keys = self.cache.keys[layers.start - 1 : layers.stop - 1]  # [Lg, KvH, d', capacity]
-        scales = None if self.cache.scales is None else self.cache.scales[layers.start - 1 : layers.stop - 1]
+        keys, scales = self.cache.of_layers(layers)  # as _group_scores describes them
         # the check GroupScores makes at every step, made once
         rows = native_rows(torch.empty(len(layers), c.num_kv_heads, c.query_group, c.dim), keys, scales)
         if rows is None:
             return None
         _, row_keys, row_scales = rows
-        scale, shape = 1.0 / math.sqrt(c.dim), (len(layers) * c.num_kv_heads, c.query_group, c.dim)
+        scale, shape = self._query_scale, (len(layers) * c.num_kv_heads, c.query_group, c.dim)
 
         def queries(x: torch.Tensor, position: int) -> torch.Tensor:
             self._queries[producer] = raw = self._importance_queries(producer, x, position)  # [Lg, Hq, d']
-            return (raw * scale).view(shape)  # as _group_scores folds 1/sqrt(d') in
+            return (raw * scale).view(shape)
 
         return NativeScoring(layers, queries, row_keys, "max" if self.by_max else "mean", row_scales)
 
@@ -412,12 +423,8 @@ class TokenButlerPolicy(Policy):
         reduction = "max" if self.by_max else "mean"
         # the softmax of the mean rule runs over every cached token (consumers have not written t yet): the
         # first `position` of the cache's columns, given whole ([Lg, KvH, d', capacity]: one layout at every step)
-        keys = self.cache.keys[layers.start - 1 : layers.stop - 1]
-        # 1/sqrt(d') folded into the few queries, not applied to the [Lg, KvH, g, m] logits
-        grouped = queries.reshape(len(layers), c.num_kv_heads, c.query_group, c.dim) * (1.0 / math.sqrt(c.dim))
-        scales = None  # int8 keys: each token's factor, [Lg, KvH, capacity]
-        if self.cache.int8:
-            scales = self.cache.scales[layers.start - 1 : layers.stop - 1]
+        keys, scales = self.cache.of_layers(layers)
+        grouped = queries.reshape(len(layers), c.num_kv_heads, c.query_group, c.dim) * self._query_scale
         described = GroupScores(grouped, keys, lo, hi, reduction, scales, tokens=candidates.position)
         return described if describe else described.compute()
 

@@ -44,7 +44,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -53,6 +53,7 @@ from offload_engine import (
 )
 from offload_engine.errors import ConfigError
 from offload_engine.policies import build_policy
+from offload_engine.policies.tokenbutler import KEY_DTYPES, compact_key_dtype
 from offload_engine.predictor.checkpoint import PredictorError, read_config
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
@@ -90,14 +91,15 @@ Profile = tuple[dict, list[int]]  # a run's breakdown (offload_engine.profiling)
 
 def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionConfig | None = None,
               synthetic_kv: bool = False, profiles: list[Profile] | None = None, copy_thread: bool = False,
-              synthetic_tile: int = 0, predictor: str | None = None) -> Run:
+              synthetic_tile: int = 0, predictor: str | None = None, key_dtype: str = "auto") -> Run:
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
     sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill, or with
     ``synthetic_tile`` N, the prompt's first N tokens prefilled and their KV repeated to its length.
     ``profiles``: the run is profiled and its breakdown and bytes per step appended there.
     ``copy_thread`` (sparse offload): copies and selections on a copy thread, the model on one torch
     thread fewer than the process's, so that the run uses the process's cores and no more. ``predictor``:
-    tokenbutler's checkpoint directory (default: the shipped one for the model and interval)."""
+    tokenbutler's checkpoint directory (default: the shipped one for the model and interval); ``key_dtype``:
+    how tokenbutler stores its compact keys (``TokenButlerPolicy.key_dtype``)."""
     mode = KVMode.DENSE_DEVICE if selection is None else KVMode.SPARSE_OFFLOAD
     context = len(prompt) + new_tokens + 1
     config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
@@ -105,7 +107,8 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
                           synthetic_kv_tile=synthetic_tile if synthetic_kv else 0,
                           allow_rope_scaling=context > adapter.dims.max_positions, profile=profiles is not None,
                           copy_thread=copy_thread)
-    policy = build_policy(selection.policy, predictor_path=predictor) if predictor is not None else None
+    custom = predictor is not None or key_dtype != "auto"
+    policy = build_policy(selection.policy, predictor_path=predictor, key_dtype=key_dtype) if custom else None
     engine = Engine(adapter, config, policy=policy)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1) if copy_thread else threads)
@@ -118,21 +121,33 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
     return list(result.stats.decode_ms), result.stats.prefill_seconds, result.token_ids
 
 
-def sparse_selection(spec: str, predictors: dict[str, str] | None = None) -> tuple[SelectionConfig, str | None]:
-    """``tokenbutler:10%`` or ``tokenbutler:10%:4`` (predict every 4th step) -> the selection of a sparse
-    runner (sinks 4, window 32, as in tbrun eval), and its predictor directory: ``tokenbutler@LABEL:10%``
-    takes the one ``--predictor LABEL=DIR`` names, else None (the shipped one)."""
-    policy, budget, interval, *extra = spec.split(":") + ["", ""]
-    if any(extra) or (interval and not interval.isdigit()):
-        raise ConfigError(f"--sparse {spec!r} is not POLICY:BUDGET or POLICY:BUDGET:INTERVAL (e.g. tokenbutler:10%:4).")
+class SparseSpec(NamedTuple):
+    """A sparse runner of ``--sparse``: its selection, tokenbutler's predictor directory (None: the shipped
+    one) and tokenbutler's compact key dtype (``TokenButlerPolicy.key_dtype``)."""
+
+    selection: SelectionConfig
+    predictor: str | None
+    key_dtype: str
+
+
+def sparse_selection(spec: str, predictors: dict[str, str] | None = None) -> SparseSpec:
+    """``tokenbutler:10%``, ``tokenbutler:10%:4`` (predict every 4th step) or ``tokenbutler:10%:1:bfloat16``
+    (the compact keys stored so; default auto) -> the selection of a sparse runner (sinks 4, window 32, as
+    in tbrun eval), its predictor directory (``tokenbutler@LABEL:10%`` takes the one ``--predictor
+    LABEL=DIR`` names, else None: the shipped one) and its key dtype."""
+    fields = spec.split(":")
+    policy, budget, interval, keys = (fields + ["", "", ""])[:4]
+    if len(fields) > 4 or (interval and not interval.isdigit()) or (keys and keys not in KEY_DTYPES):
+        raise ConfigError(f"--sparse {spec!r} is not POLICY:BUDGET[:INTERVAL[:KEYS]] (e.g. tokenbutler:10%:4, "
+                          f"tokenbutler:10%:1:bfloat16; KEYS one of {', '.join(KEY_DTYPES)}).")
     policy, _, label = policy.partition("@")
     if label and label not in (predictors or {}):
         raise ConfigError(f"--sparse {spec!r} names predictor {label!r}: give --predictor {label}=DIR.")
-    if label and "tokenbutler" not in policy:
-        raise ConfigError(f"--sparse {spec!r}: only tokenbutler (or a wrapper of it) takes a predictor.")
+    if (label or keys) and "tokenbutler" not in policy:
+        raise ConfigError(f"--sparse {spec!r}: only tokenbutler (or a wrapper of it) takes a predictor or key dtype.")
     selection = SelectionConfig(policy=policy, budget=Budget.parse(budget or "10%"), sinks=SINKS, window=WINDOW,
                                 interval=int(interval or 1))
-    return selection, (predictors or {}).get(label) if label else None
+    return SparseSpec(selection, (predictors or {}).get(label) if label else None, keys or "auto")
 
 
 def parse_predictors(items: list[str]) -> dict[str, str]:
@@ -269,10 +284,11 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
         "transformers": lambda p, synthetic: None if synthetic else run_transformers(adapter.model, p, new_tokens),
     }
     for spec in sparse:
-        (selection, predictor), name = sparse_selection(spec, predictors), f"tbrun {spec}"
+        runner, name = sparse_selection(spec, predictors), f"tbrun {spec}"
         profiles[name] = []
-        runners[name] = lambda p, synthetic, sel=selection, sink=profiles[name], pred=predictor: run_tbrun(
-            adapter, p, new_tokens, sel, synthetic, sink, copy_thread, synthetic_tile, pred)
+        runners[name] = lambda p, synthetic, run=runner, sink=profiles[name]: run_tbrun(
+            adapter, p, new_tokens, run.selection, synthetic, sink, copy_thread, synthetic_tile, run.predictor,
+            run.key_dtype)
     if vllm is not None:
         runners["vllm"] = vllm
     prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
@@ -409,7 +425,9 @@ def _sparse_markdown(report: dict) -> str:
     return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; sinks {SINKS}, "
             f"window {WINDOW}; tokenbutler predicting every N steps (`:N`) loads the shipped predictor trained for "
             "that interval where there is one (`predictors/smollm2-135m-instruct-interval4` for N = 4, as `tbrun "
-            "generate` does)." + _copy_thread_note(report) + "\n\n" + markdown_table(headers, rows) + "\n")
+            "generate` does); tokenbutler's compact keys are stored as `:KEYS` says, by default (`auto`) "
+            f"{report['settings'].get('auto_key_dtype', 'as the engine chooses')} here "
+            "(`compact_key_dtype`)." + _copy_thread_note(report) + "\n\n" + markdown_table(headers, rows) + "\n")
 
 
 def _copy_thread_note(report: dict) -> str:
@@ -487,8 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/reports"), help="report folder")
     parser.add_argument("--name", default="overhead_cpu", help="report file name (without extension)")
     parser.add_argument("--sparse", action="append", default=[],
-                        help="also time sparse offload, as policy:budget[:interval] (e.g. tokenbutler:10%%:4; "
-                             "tokenbutler@LABEL:10%% with the predictor of --predictor LABEL=DIR); repeatable")
+                        help="also time sparse offload, as policy:budget[:interval[:keys]] (e.g. tokenbutler:10%%:4; "
+                             "tokenbutler:10%%:1:bfloat16 with the compact keys in bfloat16; tokenbutler@LABEL:10%% "
+                             "with the predictor of --predictor LABEL=DIR); repeatable")
     parser.add_argument("--predictor", action="append", default=[], metavar="LABEL=DIR",
                         help="a tokenbutler checkpoint that --sparse specs name as POLICY@LABEL; repeatable")
     parser.add_argument("--synthetic-kv-from", default=None,
@@ -532,7 +551,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
                 "synthetic_kv_from": synthetic_from, "synthetic_kv_tile": synthetic_tile, "vllm": vllm.settings() if vllm else None,
                 "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads(),
-                "predictors": describe_predictors(args.predictors)}
+                "predictors": describe_predictors(args.predictors),
+                "auto_key_dtype": str(compact_key_dtype("auto", torch.float32, torch.device("cpu"))).removeprefix("torch.")}
     report = {"benchmark": "overhead", "provenance": provenance("python -m tbrun_bench.overhead"),
               "machine": machine_header(torch.device("cpu")), "settings": settings, "rows": []}
 

@@ -240,22 +240,26 @@ def test_latency_append_merges_contexts_from_separate_runs(tmp_path):
 
 
 
-def test_overhead_sparse_specs_take_an_optional_interval_and_a_labelled_predictor():
+def test_overhead_sparse_specs_take_an_optional_interval_key_dtype_and_a_labelled_predictor():
     from offload_engine.errors import ConfigError
     from tbrun_bench.overhead import sparse_selection
 
-    assert sparse_selection("tokenbutler:10%")[0].interval == 1
-    chosen, predictor = sparse_selection("tokenbutler:10%:4")
-    assert (chosen.policy, chosen.interval, chosen.budget.fraction, predictor) == ("tokenbutler", 4, 0.1, None)
-    for bad in ("tokenbutler:10%:x", "tokenbutler:10%:4:5"):
+    assert sparse_selection("tokenbutler:10%").selection.interval == 1
+    chosen, predictor, keys = sparse_selection("tokenbutler:10%:4")
+    assert (chosen.policy, chosen.interval, chosen.budget.fraction, predictor, keys) == ("tokenbutler", 4, 0.1, None,
+                                                                                          "auto")
+    chosen, _, keys = sparse_selection("tokenbutler:10%:1:bfloat16")
+    assert (chosen.interval, keys) == (1, "bfloat16")
+    for bad in ("tokenbutler:10%:x", "tokenbutler:10%:4:5", "tokenbutler:10%:1:int4", "tokenbutler:10%:1:int8:x"):
         with pytest.raises(ConfigError, match="POLICY:BUDGET"):
             sparse_selection(bad)
-    chosen, predictor = sparse_selection("critical(tokenbutler)@q1:10%", {"q1": "runs/pred-q1"})
+    chosen, predictor, _ = sparse_selection("critical(tokenbutler)@q1:10%", {"q1": "runs/pred-q1"})
     assert (chosen.policy, predictor) == ("critical(tokenbutler)", "runs/pred-q1")
     with pytest.raises(ConfigError, match="--predictor q2=DIR"):
         sparse_selection("tokenbutler@q2:10%", {"q1": "runs/pred-q1"})
-    with pytest.raises(ConfigError, match="only tokenbutler"):
-        sparse_selection("quest@q1:10%", {"q1": "runs/pred-q1"})
+    for other in ("quest@q1:10%", "quest:10%:1:int8"):
+        with pytest.raises(ConfigError, match="only tokenbutler"):
+            sparse_selection(other, {"q1": "runs/pred-q1"})
 
 
 def test_overhead_times_a_labelled_predictor_and_records_it_without_its_path(tmp_path, capsys):
@@ -301,7 +305,7 @@ def test_topk_speed_writes_the_three_methods_per_case(tmp_path, monkeypatch):
     assert "numpy cut + partition ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
 
 
-def test_selection_speed_writes_torch_and_both_native_key_dtypes_per_case(tmp_path, monkeypatch):
+def test_selection_speed_writes_torch_and_the_native_key_dtypes_per_case(tmp_path, monkeypatch):
     from offload_engine import native
     from tbrun_bench import selection_speed
 
@@ -314,12 +318,15 @@ def test_selection_speed_writes_torch_and_both_native_key_dtypes_per_case(tmp_pa
     report = json.loads((tmp_path / "selection.json").read_text())
     assert [c["tokens"] for c in report["cases"]] == [2000, 700]
     for case in report["cases"]:
-        assert all(case[method]["steps"] == 2 for method in ("torch", "native", "native_bf16"))
+        assert all(case[method]["steps"] == 2 for method in ("torch", "native", "native_bf16", "native_int8"))
         assert case["max_abs_difference"] < 1e-5 and case["bf16_max_abs_difference"] < 1e-5  # probabilities
+        assert case["int8_max_abs_difference"] < 1e-5 and case["int8_vs_bf16"] > 0
+        assert case["int8_quad_products"] == (native.kernels().int8_quad_products and case["dim"] % 4 == 0)
     [network] = report["query_networks"]
     assert network["torch"]["steps"] == network["native"]["steps"] == 2 and network["max_abs_difference"] < 1e-4
     markdown = (tmp_path / "selection.md").read_text()
-    assert "native bf16 ms" in markdown and "tiny network" in markdown and "commit" in report["provenance"]
+    assert "native bf16 ms" in markdown and "native int8 ms" in markdown and "tiny network" in markdown
+    assert "commit" in report["provenance"]
 
 
 def test_the_topk_benchs_numpy_path_is_the_engines_fallback_and_returns_the_same_tokens():

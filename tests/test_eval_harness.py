@@ -195,7 +195,8 @@ def test_each_tokenbutler_point_records_the_predictor_of_its_interval():
 
     from offload_engine.evaluation.harness import RunPoint, point_settings, tokenbutler_weights_sha
 
-    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"))
+    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"),
+                               dtype=torch.float32, device=torch.device("cpu"))
     config = EvalConfig(task="niah", policies=["tokenbutler", "tokenbutler[interval=4,neighbor_rule=runs]"],
                         budgets=[Budget.parse("10%")])
     every, fourth = (point_settings(config, embedded, RunPoint(spec, config.budgets[0])) for spec in config.policies)
@@ -203,6 +204,29 @@ def test_each_tokenbutler_point_records_the_predictor_of_its_interval():
     assert fourth["predictor"]["path"].endswith("predictors/smollm2-135m-instruct-interval4")
     assert every["predictor"]["sha256"] != fourth["predictor"]["sha256"]
     assert tokenbutler_weights_sha(config, embedded) == f"{every['predictor']['sha256']}+{fourth['predictor']['sha256']}"
+
+
+def test_each_tokenbutler_point_records_the_dtype_its_compact_keys_are_stored_in():
+    """``tokenbutler[key_dtype=...]`` sets how the compact keys are stored (a setting that changes what is
+    selected); every tokenbutler point records the dtype it ran with, ``auto`` as it resolved on this machine
+    (``compact_key_dtype``: int8 or bfloat16 for a float32 model on the CPU, per the kernels); a key dtype for
+    another policy, or an unknown one, is refused."""
+    from types import SimpleNamespace
+
+    from offload_engine.evaluation.harness import RunPoint, point_settings
+    from offload_engine.policies.tokenbutler import compact_key_dtype
+
+    model = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"),
+                            dtype=torch.float32, device=torch.device("cpu"))
+    specs = ["tokenbutler", "critical(tokenbutler)[key_dtype=bfloat16]", "tokenbutler[key_dtype=float32]", "quest"]
+    config = EvalConfig(task="niah", policies=specs, budgets=[Budget.parse("10%")])
+    recorded = [point_settings(config, model, RunPoint(spec, config.budgets[0])).get("key_dtype") for spec in specs]
+    assert recorded == [str(compact_key_dtype("auto", torch.float32, torch.device("cpu"))).removeprefix("torch."),
+                        "bfloat16", "float32", None]
+    assert config.policy_options(specs[1])["key_dtype"] == "bfloat16"
+    for bad in ("quest[key_dtype=int8]", "tokenbutler[key_dtype=int4]"):
+        with pytest.raises(ConfigError, match="key_dtype"):
+            EvalConfig(task="niah", policies=[bad], budgets=[Budget.parse("10%")])
 
 
 def test_a_tokenbutler_point_at_a_short_context_records_the_short_context_predictor():
@@ -213,7 +237,8 @@ def test_a_tokenbutler_point_at_a_short_context_records_the_short_context_predic
     from offload_engine.evaluation.harness import RunPoint, point_settings
     from offload_engine.policies.tokenbutler import SHIPPED_FOR_SHORT_CONTEXT, SHORT_CONTEXT_TOKENS
 
-    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"))
+    embedded = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"),
+                               dtype=torch.float32, device=torch.device("cpu"))
     _, short = SHIPPED_FOR_SHORT_CONTEXT["smollm2-135m-instruct"]
     recorded = {}
     for context in (SHORT_CONTEXT_TOKENS, SHORT_CONTEXT_TOKENS + 1):

@@ -12,6 +12,7 @@ import torch
 
 from offload_engine import native
 from offload_engine.policies.tokenbutler import ProjectedKeyCache, compact_key_dtype, padded_row_length
+from offload_engine.predictor.network import quantize_keys, quantize_query
 from offload_engine.selection.scores import fused_group_scores, group_mean_probabilities
 
 needs_compiler = pytest.mark.skipif(
@@ -32,6 +33,18 @@ def fresh_native(tmp_path, monkeypatch):
 
 def _torch_scores(grouped: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return group_mean_probabilities(torch.matmul(grouped, keys))
+
+
+def _as_scored(grouped: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The query ``[..., d']`` as the kernels multiply it into keys of ``dtype``: rounded to bfloat16 where they
+    take bfloat16 keys in pair products (AVX512-BF16, even d'), quantised to int8 where they take int8 keys in
+    quad products (AVX512-VNNI, d' a multiple of 4), else as it is."""
+    kernels, dim = native.kernels(), grouped.shape[-1]
+    if dtype == torch.bfloat16 and dim % 2 == 0 and kernels.bf16_pair_products:
+        return grouped.bfloat16().float()
+    if dtype == torch.int8 and dim % 4 == 0 and kernels.int8_quad_products:
+        return quantize_query(grouped)
+    return grouped
 
 
 @needs_compiler
@@ -55,8 +68,7 @@ def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim
     grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
     fused = fused_group_scores(grouped, keys)
     assert fused is not None, native.status()
-    pairs = dtype == torch.bfloat16 and dim % 2 == 0 and native.kernels().bf16_pair_products
-    expected = _torch_scores(grouped.bfloat16().float() if pairs else grouped, keys.float())
+    expected = _torch_scores(_as_scored(grouped, dtype), keys.float())
     assert fused.shape == expected.shape == (layers, kv_heads, tokens)
     torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(fused.sum(-1), torch.ones(layers, kv_heads), rtol=1e-5, atol=1e-5)
@@ -111,8 +123,7 @@ def _check_spikes(group: int, dtype: torch.dtype) -> None:
         values = keys.float()
     fused = fused_group_scores(grouped, keys, "mean", scales)
     assert fused is not None, native.status()
-    pairs = dtype == torch.bfloat16 and native.kernels().bf16_pair_products
-    expected = _torch_scores(grouped.bfloat16().float() if pairs else grouped, values)
+    expected = _torch_scores(_as_scored(grouped, dtype), values)
     assert torch.isfinite(fused).all()
     torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-7)
     assert fused[0, torch.arange(len(places)), torch.tensor(places)].min() > 0.5  # each spike holds most of its row
@@ -425,15 +436,20 @@ def test_the_native_gather_moves_what_index_select_moves(dtype, threads, fresh_n
     assert (bank == 0).all()
 
 
-def test_auto_keys_are_bfloat16_on_the_cpu_only_where_the_kernel_reads_them(fresh_native, monkeypatch):
-    """A float32 model's compact keys on the CPU: bfloat16 with the native kernels, float32 without them
-    (torch would widen them every call); other dtypes and devices keep the model's; explicit ones win."""
+def test_auto_keys_are_int8_or_bfloat16_on_the_cpu_only_where_the_kernel_reads_them(fresh_native, monkeypatch):
+    """A float32 model's compact keys on the CPU: with the native kernels int8 where they multiply int8 codes
+    in integer quads (AVX512-VNNI), else bfloat16; float32 without the kernels (torch would convert them every
+    call); other dtypes and devices keep the model's; explicit ones win."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert compact_key_dtype("auto", torch.float32, cpu) == torch.bfloat16, native.status()
+    assert native.kernels() is not None, native.status()
+    quads = native.kernels().int8_quad_products
+    assert compact_key_dtype("auto", torch.float32, cpu) == (torch.int8 if quads else torch.bfloat16)
     assert compact_key_dtype("auto", torch.float32, cuda) == torch.float32
     assert compact_key_dtype("auto", torch.float16, cuda) == torch.float16
+    assert compact_key_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
     assert compact_key_dtype("float32", torch.float32, cpu) == torch.float32
     assert compact_key_dtype("bfloat16", torch.float16, cuda) == torch.bfloat16
+    assert compact_key_dtype("int8", torch.float16, cuda) == torch.int8
     monkeypatch.setenv("TBRUN_NATIVE", "0")
     assert compact_key_dtype("auto", torch.float32, cpu) == torch.float32
 
@@ -494,8 +510,7 @@ def test_the_kernel_gives_torchs_group_max_of_logits(layers, kv_heads, group, di
     grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
     fused = fused_group_scores(grouped, keys, "max")
     assert fused is not None, native.status()
-    pairs = dtype == torch.bfloat16 and dim % 2 == 0 and native.kernels().bf16_pair_products
-    expected = torch.matmul(grouped.bfloat16().float() if pairs else grouped, keys.float()).amax(dim=-2)
+    expected = torch.matmul(_as_scored(grouped, dtype), keys.float()).amax(dim=-2)
     assert fused.shape == expected.shape == (layers, kv_heads, tokens)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="reduction must be one of"):
@@ -527,7 +542,11 @@ def _int8_cache(layers: int, kv_heads: int, capacity: int, dim: int, generator: 
 def test_the_kernel_scores_int8_keys_as_torch_does_with_their_scales(layers, kv_heads, group, dim, tokens, reduction,
                                                                    fresh_native):
     """int8 codes with one float16 scale per token: each token's logits are the codes' times its scale (the
-    scales widened exactly, subnormals and zeros included), then the group's rule, as torch computes them."""
+    scales widened exactly, subnormals and zeros included), then the group's rule, as torch computes them
+    against the query as the kernel takes it: quantised to int8 where it multiplies codes in integer quads
+    (AVX512-VNNI, d' a multiple of 4: then, as a check that the integer kernel ran, not the float query's
+    scores), else the float32 query. 5,000 tokens: whole tiles of 64-token blocks, each token's place in
+    the quads' interleaving, and the tail."""
     generator = torch.Generator().manual_seed(tokens + group + dim)
     cache = _int8_cache(layers, kv_heads, tokens + 37, dim, generator)
     keys = cache.columns(range(1, layers + 1), 0, tokens)
@@ -535,10 +554,16 @@ def test_the_kernel_scores_int8_keys_as_torch_does_with_their_scales(layers, kv_
     grouped = torch.randn(layers, kv_heads, group, dim, generator=generator)
     fused = fused_group_scores(grouped, keys, reduction, scales)
     assert fused is not None, native.status()
-    logits = torch.matmul(grouped, keys.float()) * scales.float().unsqueeze(-2)
-    expected = logits.amax(dim=-2) if reduction == "max" else group_mean_probabilities(logits)
+
+    def scores(queries: torch.Tensor) -> torch.Tensor:
+        logits = torch.matmul(queries, keys.float()) * scales.float().unsqueeze(-2)
+        return logits.amax(dim=-2) if reduction == "max" else group_mean_probabilities(logits)
+
     # logits up to ~100 summed in another order: a few ulps of the products where they cancel to near 0
-    torch.testing.assert_close(fused, expected, rtol=2e-5, atol=1e-5 if reduction == "max" else 1e-6)
+    tolerance = {"rtol": 2e-5, "atol": 1e-5 if reduction == "max" else 1e-6}
+    torch.testing.assert_close(fused, scores(_as_scored(grouped, torch.int8)), **tolerance)
+    if dim % 4 == 0 and native.kernels().int8_quad_products:
+        assert not torch.allclose(fused, scores(grouped), **tolerance)
     assert fused_group_scores(grouped, keys, reduction) is None  # int8 keys without their scales: not scored
 
 
@@ -558,6 +583,8 @@ def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, mon
     fused = fused_group_scores(grouped, keys, "mean", scales)
     assert fused is not None, native.status()
     assert f"-march={march}" in native.FLAGS and not native.kernels().bf16_pair_products
+    assert not native.kernels().int8_quad_products  # the float32 query against the widened codes
+    _assert_int8_writes_are_quantize_keys(native.kernels())  # float16 scales rounded without F16C ("x86-64")
     logits = torch.matmul(grouped, keys.float()) * scales.float().unsqueeze(-2)
     torch.testing.assert_close(fused, group_mean_probabilities(logits), rtol=2e-5, atol=1e-6)
     halves = torch.randn(2, 3, 16, 1061, generator=generator).bfloat16()
@@ -830,3 +857,60 @@ def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dt
     assert kernels.bind_key_writer(projections.double(), cache.keys) is None
     assert kernels.bind_key_writer(projections, cache.keys.to(torch.float16)) is None
     assert kernels.bind_key_writer(projections[:, :, :, :-1], cache.keys) is None  # d' of another size
+
+
+@needs_compiler
+@pytest.mark.parametrize("kv_heads, head_dim, dim", [(3, 64, 16), (2, 7, 5)])
+def test_the_key_writer_quantises_each_heads_key_into_an_int8_cache_as_torch_does(kv_heads, head_dim, dim, fresh_native):
+    """An int8 cache (``ProjectedKeyCache(int8=True)``): each head's projected key quantised by ``quantize_keys``'
+    rule, its codes into the column and its float16 scale beside it (codes within one of torch's: the sums'
+    order differs, and a code at a rounding boundary may fall the other way), nothing else written; int8 keys
+    without their scales, scales of another type or shape, or float keys with scales are not bound."""
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(kv_heads * head_dim + dim)
+    cache = ProjectedKeyCache(3, kv_heads, 40, dim, torch.float32, torch.device("cpu"), int8=True)
+    projections = torch.randn(3, kv_heads, head_dim, dim, generator=generator)
+    writer = kernels.bind_key_writer(projections, cache.keys, cache.scales)
+    assert writer is not None and writer.matches(projections, cache.keys, cache.scales)
+    before_codes, before_scales = cache.keys.clone(), cache.scales.clone()
+    for position in (0, 17, 39):
+        k = torch.randn(kv_heads, head_dim, generator=generator)
+        assert writer(2, position, k)
+        codes, scale = quantize_keys(torch.matmul(k.unsqueeze(1), projections[2]).squeeze(1))  # [KvH, d'], [KvH]
+        assert (cache.keys[2, :, :, position].int() - codes.int()).abs().max() <= 1
+        torch.testing.assert_close(cache.scales[2, :, position].float(), scale.float(), rtol=1e-3, atol=0.0)
+    written = torch.zeros_like(cache.keys, dtype=torch.bool)
+    written[2, :, :, [0, 17, 39]] = True
+    assert torch.equal(cache.keys[~written], before_codes[~written])
+    kept = torch.ones(40, dtype=torch.bool)
+    kept[[0, 17, 39]] = False
+    assert torch.equal(cache.scales[2][:, kept], before_scales[2][:, kept])
+    assert torch.equal(cache.scales[:2], before_scales[:2])
+    assert not writer(2, 5, k.double())
+    with pytest.raises(IndexError, match="holds 3 layers of 40 positions"):
+        writer(0, 40, k)
+    assert kernels.bind_key_writer(projections, cache.keys) is None
+    assert kernels.bind_key_writer(projections, cache.keys, cache.scales.float()) is None
+    assert kernels.bind_key_writer(projections, cache.keys, cache.scales[..., :-1]) is None
+    floats = ProjectedKeyCache(3, kv_heads, 40, dim, torch.float32, torch.device("cpu"))
+    assert kernels.bind_key_writer(projections, floats.keys, cache.scales) is None
+    _assert_int8_writes_are_quantize_keys(kernels)
+
+
+def _assert_int8_writes_are_quantize_keys(kernels) -> None:
+    """Through an identity projection (exact sums), the writer's codes and float16 scales are bit for bit those of
+    ``quantize_keys``, for keys whose scales are float16 subnormals, normal numbers, and past float16's range
+    (infinity), and for a zero key (the 1e-8 floor)."""
+    kv_heads, dim = 6, 16
+    cache = ProjectedKeyCache(1, kv_heads, 8, dim, torch.float32, torch.device("cpu"), int8=True)
+    projections = torch.eye(dim).expand(1, kv_heads, dim, dim).contiguous()
+    writer = kernels.bind_key_writer(projections, cache.keys, cache.scales)
+    generator = torch.Generator().manual_seed(11)
+    magnitudes = torch.tensor([1e-6, 3e-3, 0.5, 40.0, 2e7, 0.0]).unsqueeze(1)  # scales ~1e-8 .. 3e5, and zero
+    k = torch.randn(kv_heads, dim, generator=generator) * magnitudes
+    assert writer(0, 3, k)
+    codes, scale = quantize_keys(k)
+    assert torch.equal(cache.keys[0, :, :, 3], codes)
+    assert torch.equal(cache.scales[0, :, 3].view(torch.int16), scale.view(torch.int16))
+    assert torch.isinf(scale[4]) and 0 < scale[1] < 6.1e-5  # the cases meant: past the range, a subnormal

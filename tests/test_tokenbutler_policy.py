@@ -16,7 +16,7 @@ from offload_engine.policies.base import Candidates, PolicyContext
 from offload_engine.selection import extend_runs
 from offload_engine.policies.tokenbutler import TokenButlerPolicy, shipped_predictor_for
 from offload_engine.predictor.checkpoint import PredictorError, load_checkpoint, save_checkpoint
-from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor, quantize_query
 from offload_engine.selection import Selector
 
 from tiny_models import tiny_model
@@ -39,6 +39,17 @@ def bound_policy(adapter: ModelAdapter, capacity: int = 64, rope_pairs: int = 0,
     policy.bind(PolicyContext(dims=adapter.dims, capacity=capacity, device=torch.device("cpu"), dtype=torch.float32,
                               adapter=adapter, host_store=None, sinks=2, window=4))
     return policy
+
+
+def as_the_cpu_scores(queries: torch.Tensor, dim: int, key_dtype: str) -> torch.Tensor:
+    """Importance queries ``[..., d']`` as the CPU's native kernel multiplies them into the compact keys: where
+    it takes int8 keys in integer products (AVX512-VNNI, d' a multiple of 4), the scaled query quantised
+    to int8 (``quantize_query``), returned unscaled for ``head_scores``; else as they are."""
+    kernels = native.kernels()
+    if key_dtype != "int8" or kernels is None or not kernels.int8_quad_products or dim % 4:
+        return queries
+    scale = 1.0 / math.sqrt(dim)
+    return quantize_query(queries * scale) / scale
 
 
 def prefilled_and_one_decode(policy: TokenButlerPolicy, adapter: ModelAdapter, length: int = 20):
@@ -144,9 +155,10 @@ def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_
 
 @pytest.mark.parametrize("reduction", ["mean", "max"])
 def test_int8_keys_score_alike_in_the_native_kernels_and_in_torch(reduction, monkeypatch):
-    """int8 keys: the CPU's native scores (codes times each token's scale, in the kernel) are torch's, the
-    path a GPU takes, which dequantises nothing either (the scale multiplies the logits); and they are the
-    scores of the dequantised keys."""
+    """int8 keys: torch's scores (the path a GPU takes, which dequantises nothing: the scale multiplies the
+    logits) are the scores of the dequantised keys; so are the CPU's native ones (codes times each token's
+    scale, in the kernel), against the query as the kernel takes it (quantised to int8 where the CPU has
+    AVX512-VNNI)."""
     if native.kernels() is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
@@ -157,15 +169,19 @@ def test_int8_keys_score_alike_in_the_native_kernels_and_in_torch(reduction, mon
     _, described = policy.plan(0, x, candidates, describe=True)
     assert described.scales is not None and described.native_rows()[2] is not None
     native_scores = described.compute()
+    c = policy.predictor.config
+    grouped = policy._queries[0].reshape(2, c.num_kv_heads, c.query_group, c.dim)
+    as_scored = as_the_cpu_scores(grouped, c.dim, "int8")  # (asks the kernels, before they are switched off)
     monkeypatch.setenv("TBRUN_NATIVE", "0")
     torch_scores = policy.plan(0, x, candidates)[1]
-    torch.testing.assert_close(native_scores, torch_scores, rtol=2e-5, atol=1e-5)
-    c = policy.predictor.config
-    grouped = policy._queries[0].reshape(2, c.num_kv_heads, c.query_group, c.dim) / math.sqrt(c.dim)
     dequantised = torch.stack([policy.cache.read(layer, 0, 20).transpose(-1, -2) for layer in (1, 2)])
-    logits = torch.matmul(grouped, dequantised)  # [2, KvH, g, 20]
-    expected = logits.amax(-2)[..., 2:17] if reduction == "max" else torch.softmax(logits, -1).mean(-2)[..., 2:17]
-    torch.testing.assert_close(torch_scores, expected, rtol=1e-4, atol=1e-5)
+
+    def scores(queries: torch.Tensor) -> torch.Tensor:
+        logits = torch.matmul(queries / math.sqrt(c.dim), dequantised)  # [2, KvH, g, 20]
+        return logits.amax(-2)[..., 2:17] if reduction == "max" else torch.softmax(logits, -1).mean(-2)[..., 2:17]
+
+    torch.testing.assert_close(torch_scores, scores(grouped), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(native_scores, scores(as_scored), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("key_dtype", ["float32", "bfloat16", "int8"])
@@ -186,7 +202,8 @@ def test_one_query_head_per_kv_group_ranks_by_its_logits(key_dtype):
     assert queries.shape[1] == kvh and scores.shape == (2, kvh, 15)
     for i, layer in enumerate(layers):
         keys = policy.cache.read(layer, 0, 21).float()  # as stored (int8 dequantised)
-        logits = predictor.head_scores(queries[i].unsqueeze(0), keys)[:, 0]  # [KvH, 21]
+        scored = as_the_cpu_scores(queries[i].unsqueeze(0), predictor.config.dim, key_dtype)
+        logits = predictor.head_scores(scored, keys)[:, 0]  # [KvH, 21]
         torch.testing.assert_close(scores[i], logits[:, 2:17], rtol=2e-2 if key_dtype == "bfloat16" else 1e-5,
                                    atol=1e-2 if key_dtype == "bfloat16" else 1e-5)
         ranked = torch.softmax(logits[:, :20], -1)[:, 2:17].topk(3).indices.sort().values

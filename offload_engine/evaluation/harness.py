@@ -33,7 +33,7 @@ from ..machine import portable_path  # reports must not name local paths
 from ..memory import parse_dtype
 from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy, parse_policy_spec
-from ..policies.tokenbutler import GROUP_REDUCTIONS, shipped_predictor_for
+from ..policies.tokenbutler import GROUP_REDUCTIONS, KEY_DTYPES, compact_key_dtype, shipped_predictor_for
 from ..predictor.checkpoint import WEIGHTS_NAME, load_checkpoint, resolve_checkpoint_dir
 from .report import PROGRESS_FILE, build_report, check_output_dir, run_commit, write_report
 from .scoring import score_forced, score_generation
@@ -44,7 +44,7 @@ MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages
 
 
 SELECTION_KEYS = ("interval", "neighbors", "neighbor_rule", "refresh_layers")  # SelectionConfig fields a variant may set
-POLICY_KEYS = ("group_reduction",)  # options of the innermost policy a variant may set
+POLICY_KEYS = ("group_reduction", "key_dtype")  # options of the innermost policy a variant may set
 _VARIANT = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[(?P<options>[^\[\]]*)\])?$")
 
 
@@ -107,6 +107,9 @@ def check_policy_spec(spec: str) -> None:
         if key == "group_reduction" and ("tokenbutler" not in base or value not in GROUP_REDUCTIONS):
             raise ConfigError(f"--policy {spec!r}: group_reduction applies to tokenbutler and is one of "
                               f"{', '.join(GROUP_REDUCTIONS)}.")
+        if key == "key_dtype" and ("tokenbutler" not in base or value not in KEY_DTYPES):
+            raise ConfigError(f"--policy {spec!r}: key_dtype (how tokenbutler stores its compact keys) applies to "
+                              f"tokenbutler and is one of {', '.join(KEY_DTYPES)}.")
         if key in ("interval", "neighbors") and not value.isdigit():
             raise ConfigError(f"--policy {spec!r}: {key} must be a whole number, got {value!r}.")
         if key == "refresh_layers":
@@ -267,7 +270,9 @@ def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -
         entry["refresh_layers"] = sorted(selection.refresh_layers)
     options = config.policy_options(point.policy)
     if "group_reduction" in options:
+        stored = compact_key_dtype(options.get("key_dtype", "auto"), adapter.dtype, adapter.device)
         entry |= {"group_reduction": options["group_reduction"],
+                  "key_dtype": str(stored).removeprefix("torch."),
                   "predictor": predictor_identity(config, adapter, selection.interval)}
     return entry
 

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 15
+ABI = 16
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -200,8 +200,10 @@ def kernels() -> "SelectionKernels | None":
             if abi != ABI:
                 raise RuntimeError(f"{path.name} implements kernel ABI {abi}, these wrappers ABI {ABI}")
             _loaded = SelectionKernels(library)
-            pairs = ", bfloat16 scores by AVX512-BF16 pair products" if _loaded.bf16_pair_products else ""
-            _status = f"on: {path.name} ({Path(compiler).name} -march=native{pairs})"
+            forms = [text for on, text in ((_loaded.bf16_pair_products, "bfloat16 scores by AVX512-BF16 pair products"),
+                                           (_loaded.int8_quad_products, "int8 scores by AVX512-VNNI quad products"))
+                     if on]
+            _status = f"on: {path.name} ({', '.join([Path(compiler).name + ' -march=native'] + forms)})"
         except Exception as exc:  # whatever went wrong, the torch path runs and status() says why
             _loaded, _status = None, f"unavailable, torch kernels instead: {type(exc).__name__}: {exc}"
         _tried = True
@@ -240,6 +242,7 @@ class SelectionKernels:
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64],
+            "tbrun_project_token_int8": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
@@ -251,6 +254,13 @@ class SelectionKernels:
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
             kernel.argtypes, kernel.restype = argtypes, ctypes.c_int
+
+    @property
+    def int8_quad_products(self) -> bool:
+        """Whether int8 keys are scored against the query quantised to int8 (``predictor.network.quantize_query``; the CPU has
+        AVX512-VNNI: exact integer products of 4 byte pairs summed in 32 bits), rather than against the float32
+        query with the codes widened."""
+        return bool(self.library.tbrun_int8_quad_products())
 
     @property
     def bf16_pair_products(self) -> bool:
@@ -333,10 +343,12 @@ class SelectionKernels:
         """``query_mlp`` with these weights, checked now (they must not be resized while bound)."""
         return BoundQueryMLP(self, norm_weight, norm_bias, eps, w1, w2)
 
-    def bind_key_writer(self, projections: torch.Tensor, keys: torch.Tensor) -> "BoundKeyWriter | None":
-        """A decode token's keys through each layer's compact projection into a compact cache, bound to these
-        tensors: ``BoundKeyWriter``, or None where the kernel does not write them (see there)."""
-        return BoundKeyWriter.bind(self, projections, keys)
+    def bind_key_writer(self, projections: torch.Tensor, keys: torch.Tensor,
+                        scales: torch.Tensor | None = None) -> "BoundKeyWriter | None":
+        """A decode token's keys through each layer's compact projection into a compact cache (int8 codes with
+        their ``scales``, or float keys), bound to these tensors: ``BoundKeyWriter``, or None where the kernel
+        does not write them (see there)."""
+        return BoundKeyWriter.bind(self, projections, keys, scales)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``torch.nn.functional.linear`` for one token on the CPU: x with ``E`` float32 entries (any shape
@@ -556,40 +568,55 @@ class BoundSelectRows:
 
 class BoundKeyWriter:
     """``keys[layer, :, :, position] = k @ projections[layer]`` (per KV head) in one native call: projections
-    ``[L, KvH, D, d']`` float32 contiguous, keys ``[L, KvH, d', capacity]`` float32 or bfloat16 (rounded to
-    nearest even, as torch's conversion) on the CPU, both bound and held. A call checks only the token's key,
-    the layer and the position: a layer's matrix product, view and strided copy in torch took ~70 us of calls,
-    2 ms a decode step of the embedded model (py-spy, 7.5k tokens)."""
+    ``[L, KvH, D, d']`` float32 contiguous, keys ``[L, KvH, d', capacity]`` float32, bfloat16 (rounded to
+    nearest even, as torch's conversion) or int8 codes, quantised as ``quantize_keys`` does with their float16
+    ``scales [L, KvH, capacity]``, on the CPU, all bound and held. A call checks only the token's key, the layer
+    and the position: a layer's matrix product, view and strided copy in torch took ~70 us of calls, 2 ms a
+    decode step of the embedded model (py-spy, 7.5k tokens); an int8 cache's quantisation as many again."""
 
-    __slots__ = ("kernel", "layers", "heads", "dim", "dims", "capacity", "bf16", "proj", "proj_layer", "out",
-                 "out_strides", "_keep", "_layout")
+    __slots__ = ("kernel", "layers", "heads", "dim", "dims", "capacity", "code", "size", "proj", "proj_layer",
+                 "out", "out_strides", "scales", "scale_strides", "_keep", "_layout")
 
-    def __init__(self, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor):
-        self.kernel = kernels.library.tbrun_project_token
+    CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the cache's dtype -> how the kernel writes it
+
+    def __init__(self, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor,
+                 scales: torch.Tensor | None):
+        self.code = self.CODES[keys.dtype]
+        self.kernel = kernels.library.tbrun_project_token_int8 if self.code == 2 else kernels.library.tbrun_project_token
         self.layers, self.heads, self.dim, self.dims = projections.shape
-        self.capacity, self.bf16 = keys.shape[3], keys.dtype == torch.bfloat16
-        self._keep = (projections, keys)  # the memory the addresses below point into
-        self._layout = _layout(projections, keys)
+        self.capacity, self.size = keys.shape[3], keys.element_size()
+        self._keep = (projections, keys, scales)  # the memory the addresses below point into
+        self._layout = _layout(projections, keys, scales)
         self.proj, self.proj_layer = projections.data_ptr(), projections.stride(0) * 4
         self.out = keys.data_ptr()
         self.out_strides = keys.stride()[:3]  # layer, head, dim (elements); tokens contiguous
+        self.scales = scales.data_ptr() if scales is not None else 0
+        self.scale_strides = scales.stride()[:2] if scales is not None else (0, 0)  # layer, head; tokens contiguous
 
     @classmethod
-    def bind(cls, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor) -> "BoundKeyWriter | None":
+    def bind(cls, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor,
+             scales: torch.Tensor | None = None) -> "BoundKeyWriter | None":
         """None unless projections ``[L, KvH, D, d']`` are float32 contiguous, keys ``[L, KvH, d', capacity]`` float32
-        or bfloat16 with tokens contiguous, both on the CPU, with d' of at most 256."""
+        or bfloat16 (``scales`` None), or int8 with ``scales`` ``[L, KvH, capacity]`` float16, tokens contiguous in
+        both, all on the CPU, with d' of at most 256."""
         if (projections.dim() != 4 or keys.dim() != 4 or projections.device.type != "cpu"
                 or keys.device.type != "cpu" or projections.dtype != torch.float32
-                or keys.dtype not in (torch.float32, torch.bfloat16) or not projections.is_contiguous()
+                or keys.dtype not in cls.CODES or not projections.is_contiguous()
                 or keys.stride(3) != 1 or tuple(keys.shape[:3]) != (projections.shape[0], projections.shape[1],
                                                                     projections.shape[3])
                 or not 0 < projections.shape[3] <= 256):
             return None
-        return cls(kernels, projections, keys)
+        if keys.dtype == torch.int8:
+            if (scales is None or scales.dtype != torch.float16 or scales.device.type != "cpu"
+                    or tuple(scales.shape) != (keys.shape[0], keys.shape[1], keys.shape[3]) or scales.stride(2) != 1):
+                return None
+        elif scales is not None:
+            return None
+        return cls(kernels, projections, keys, scales)
 
-    def matches(self, projections: torch.Tensor, keys: torch.Tensor) -> bool:
+    def matches(self, projections: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None = None) -> bool:
         """Whether these are the tensors bound (the same memory, shape, strides and type)."""
-        return self._layout == _layout(projections, keys)
+        return self._layout == _layout(projections, keys, scales)
 
     def __call__(self, layer: int, position: int, k: torch.Tensor) -> bool:
         """Writes ``k [KvH, D]`` (float32 CPU, head dim contiguous) of ``layer`` (an index of the bound layers)
@@ -602,9 +629,15 @@ class BoundKeyWriter:
             raise IndexError(f"key of layer {layer}, position {position}: the cache holds {self.layers} layers of "
                              f"{self.capacity} positions")
         layer_stride, head_stride, dim_stride = self.out_strides
-        out = self.out + (layer * layer_stride + position) * (2 if self.bf16 else 4)
-        status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), self.proj + layer * self.proj_layer,
-                             self.dims, out, int(self.bf16), head_stride, dim_stride)
+        out = self.out + (layer * layer_stride + position) * self.size
+        proj = self.proj + layer * self.proj_layer
+        if self.code == 2:
+            scale_layer, scale_head = self.scale_strides
+            status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), proj, self.dims, out, head_stride,
+                                 dim_stride, self.scales + (layer * scale_layer + position) * 2, scale_head)
+        else:
+            status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), proj, self.dims, out, self.code,
+                                 head_stride, dim_stride)
         if status != 0:  # cannot happen with d' <= 256 (checked when bound)
             raise ValueError(f"project_token: d' {self.dims} above the kernel's 256")
         return True

@@ -20,9 +20,11 @@
 // result as torch.softmax(q @ k, -1).mean(-2) up to float rounding (tests/test_native.py). bfloat16 keys: half
 // the bytes, multiplied in pairs by AVX512-BF16's vdpbf16ps against the query rounded to bfloat16 where the
 // CPU has it, else widened to float32 as they are read. int8 keys (tbrun_*_int8): codes with one float16 scale
-// per token, widened as they are read and each token's dot products multiplied by its scale: 18 bytes a token
-// and head at d' = 16 against bfloat16's 32, scored as fast as bfloat16 keys on one core (the widening costs
-// what the bytes save): an option for memory, not for speed.
+// per token, 18 bytes a token and head at d' = 16 against bfloat16's 32; where the CPU has AVX512-VNNI they
+// are multiplied four at a time by vpdpbusd, in integers, against the query quantised to int8 per head (one
+// instruction where widening took two and a float multiply took one per code), and each token's dot products
+// times its scale and the head's; without VNNI, widened as they are read against the float32 query (then no
+// faster than bfloat16 keys: the widening costs what the bytes save).
 //
 // tbrun_residency_update: ResidencyMap.update (selection/residency.py) row by row, the same slots and
 // plan as its numpy form (tests/test_native.py), without ~40 array operations per producer; which slots
@@ -42,7 +44,8 @@
 // spends most of its time on outside attention on the CPU.
 //
 // tbrun_project_token: a decode token's key through each KV head's compact projection, written into the
-// compact cache (float32 or bfloat16) in one call per layer.
+// compact cache (float32 or bfloat16) in one call per layer; tbrun_project_token_int8 the same into an int8
+// cache, each head's key quantised as quantize_keys does (codes and a float16 scale).
 //
 // tbrun_select_rows: a producer's selection in one call, row by row: the scores, the top-k of the
 // candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
@@ -317,6 +320,75 @@ int64_t logits_span_pairs(const uint32_t* qpairs, int64_t d, const uint16_t* key
 constexpr bool BF16_PAIRS = false;
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 keys on a CPU with AVX512-VNNI: vpdpbusd multiplies 4 unsigned bytes by 4 signed ones and adds the
+// 4 products to a 32-bit lane, 64 products an instruction, exactly, in integers: no widening of the codes
+// (two instructions per 16 codes otherwise) and no float multiply per dimension. The query must then be
+// int8 too: qcodes [G, d] holds each head's query quantised to int8 (one float scale per head, qscale
+// [G]; prepare_query), qsum [G] the sum of each head's codes. The keys' codes are made unsigned by
+// flipping their top bit (code + 128), which adds 128 * qsum to every dot product, taken off after.
+// Dims (j .. j + 3) of 64 tokens are interleaved into quads by unpacklo/hi of bytes then of words, which
+// order tokens within 128-bit lanes; shuffles of lanes put them back. Logit = dot * qscale * token scale.
+// Returns how many tokens (a multiple of 64) it wrote.
+constexpr bool INT8_QUADS = true;
+
+template <int G>
+int64_t logits_span_quads(const int8_t* qcodes, const float* qscale, const int32_t* qsum, int64_t d,
+                          const int8_t* keys, int64_t dim_stride, int64_t start, int64_t n, float* buffer, int64_t m,
+                          const uint16_t* scales, float* maxima) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    const int64_t quads = d / 4;
+    __m512 top[G];
+    for (int h = 0; h < G; ++h) top[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + 64 <= n; t += 64) {
+        __m512i acc[G][4];  // acc[h][k], lane L: tokens 16 L + 4 k .. 16 L + 4 k + 3
+        for (int h = 0; h < G; ++h)
+            for (int k = 0; k < 4; ++k) acc[h][k] = _mm512_setzero_si512();
+        for (int64_t j = 0; j < quads; ++j) {
+            const int8_t* row = keys + 4 * j * dim_stride + start + t;
+            const __m512i a = _mm512_xor_si512(_mm512_loadu_si512(row), flip);
+            const __m512i b = _mm512_xor_si512(_mm512_loadu_si512(row + dim_stride), flip);
+            const __m512i c = _mm512_xor_si512(_mm512_loadu_si512(row + 2 * dim_stride), flip);
+            const __m512i e = _mm512_xor_si512(_mm512_loadu_si512(row + 3 * dim_stride), flip);
+            const __m512i ab_low = _mm512_unpacklo_epi8(a, b), ab_high = _mm512_unpackhi_epi8(a, b);
+            const __m512i ce_low = _mm512_unpacklo_epi8(c, e), ce_high = _mm512_unpackhi_epi8(c, e);
+            const __m512i quad[4] = {_mm512_unpacklo_epi16(ab_low, ce_low), _mm512_unpackhi_epi16(ab_low, ce_low),
+                                     _mm512_unpacklo_epi16(ab_high, ce_high), _mm512_unpackhi_epi16(ab_high, ce_high)};
+            for (int h = 0; h < G; ++h) {
+                int32_t word;
+                std::memcpy(&word, qcodes + h * d + 4 * j, sizeof(word));
+                const __m512i qv = _mm512_set1_epi32(word);
+                for (int k = 0; k < 4; ++k) acc[h][k] = _mm512_dpbusd_epi32(acc[h][k], quad[k], qv);
+            }
+        }
+        for (int h = 0; h < G; ++h) {
+            // lanes back in token order: out i (tokens 16 i .. 16 i + 15) = lane i of acc[h][0..3]
+            const __m512i t0 = _mm512_shuffle_i32x4(acc[h][0], acc[h][1], 0x44);
+            const __m512i t1 = _mm512_shuffle_i32x4(acc[h][2], acc[h][3], 0x44);
+            const __m512i t2 = _mm512_shuffle_i32x4(acc[h][0], acc[h][1], 0xEE);
+            const __m512i t3 = _mm512_shuffle_i32x4(acc[h][2], acc[h][3], 0xEE);
+            const __m512i ordered[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
+                                        _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
+            const __m512i offset = _mm512_set1_epi32(128 * qsum[h]);
+            const __m512 factor = _mm512_set1_ps(qscale[h]);
+            for (int i = 0; i < 4; ++i) {
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(ordered[i], offset));
+                const __m512 token_scale = _mm512_cvtph_ps(
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + start + t + 16 * i)));
+                const __m512 logit = _mm512_mul_ps(_mm512_mul_ps(dot, factor), token_scale);
+                _mm512_storeu_ps(buffer + h * m + start + t + 16 * i, logit);
+                top[h] = _mm512_max_ps(logit, top[h]);  // a NaN logit (a NaN scale) is passed over
+            }
+        }
+    }
+    for (int h = 0; h < G; ++h) maxima[h] = std::max(maxima[h], _mm512_reduce_max_ps(top[h]));
+    return t;
+}
+#else
+constexpr bool INT8_QUADS = false;
+#endif
+
 // float32 -> bfloat16 bits, rounded to nearest even (finite inputs; a NaN stays a NaN)
 inline uint16_t to_bf16(float x) {
     uint32_t bits;
@@ -325,11 +397,20 @@ inline uint16_t to_bf16(float x) {
     return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// any number of heads, in blocks of at most 4 (their accumulators fit in registers); qpairs: the
-// bfloat16 query pairs where the pair kernel runs (bfloat16 keys, AVX512-BF16, d even), else null;
-// maxima [g] as for logits_span
+// The query in the forms the integer and pair kernels take, where they run (prepare_query), else nulls:
+// pairs [g, d / 2] (bfloat16 keys, AVX512-BF16, d even), or codes [g, d] with scales [g] and sums [g]
+// (int8 keys, AVX512-VNNI, d a multiple of 4)
+struct QueryForm {
+    const uint32_t* pairs = nullptr;
+    const int8_t* codes = nullptr;
+    const float* scales = nullptr;
+    const int32_t* sums = nullptr;
+};
+
+// any number of heads, in blocks of at most 4 (their accumulators fit in registers); form: the query for
+// the pair or quad kernel where one runs; maxima [g] as for logits_span
 template <typename Key>
-void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, const Key* keys,
+void logits_all(const float* q, const QueryForm& form, int64_t g, int64_t d, const Key* keys,
                 int64_t dim_stride, int64_t start, int64_t n, float* buffer, int64_t m, const uint16_t* scales,
                 float* maxima) {
     for (int64_t h = 0; h < g;) {
@@ -340,8 +421,8 @@ void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, co
         int64_t done = 0;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<Key, uint16_t>) {
-            if (qpairs != nullptr) {
-                const uint32_t* ph = qpairs + h * (d / 2);
+            if (form.pairs != nullptr) {
+                const uint32_t* ph = form.pairs + h * (d / 2);
                 switch (block) {
                     case 4: done = logits_span_pairs<4>(ph, d, keys, dim_stride, start, n, out, m, top); break;
                     case 3: done = logits_span_pairs<3>(ph, d, keys, dim_stride, start, n, out, m, top); break;
@@ -351,7 +432,22 @@ void logits_all(const float* q, const uint32_t* qpairs, int64_t g, int64_t d, co
             }
         }
 #endif
-        switch (block) {  // the rest (all of it without the pair kernel), from the same (rounded) query
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        if constexpr (std::is_same_v<Key, int8_t>) {
+            if (form.codes != nullptr) {
+                const int8_t* ch = form.codes + h * d;
+                const float* sh = form.scales + h;
+                const int32_t* uh = form.sums + h;
+                switch (block) {
+                    case 4: done = logits_span_quads<4>(ch, sh, uh, d, keys, dim_stride, start, n, out, m, scales, top); break;
+                    case 3: done = logits_span_quads<3>(ch, sh, uh, d, keys, dim_stride, start, n, out, m, scales, top); break;
+                    case 2: done = logits_span_quads<2>(ch, sh, uh, d, keys, dim_stride, start, n, out, m, scales, top); break;
+                    default: done = logits_span_quads<1>(ch, sh, uh, d, keys, dim_stride, start, n, out, m, scales, top); break;
+                }
+            }
+        }
+#endif
+        switch (block) {  // the rest (all of it without the pair or quad kernel), from the same (rounded) query
             case 4: logits_span<4>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales, top); break;
             case 3: logits_span<3>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales, top); break;
             case 2: logits_span<2>(qh, d, keys, dim_stride, start + done, n - done, out, m, scales, top); break;
@@ -365,23 +461,68 @@ constexpr int64_t TILE = 512;  // tokens per tile: its g rows of logits stay in 
 
 // small per-row state of score_row, kept by each worker across its rows (no allocation per row)
 struct RowWork {
-    std::vector<float> shift, top, total, rounded, tile_tops;
+    std::vector<float> shift, top, total, rounded, tile_tops, code_scales;
     std::vector<uint32_t> pairs;
+    std::vector<int8_t> codes;
+    std::vector<int32_t> code_sums;
 };
 
+// A head's query quantised to int8 as the quad kernel takes it, the rule of quantize_keys
+// (predictor/network.py) in float32: scale = max(max |q|, 1e-8) / 127, code = q / scale rounded to nearest
+// even. Returns the scale; codes [d] written, and the sum of the codes in *sum.
+inline float quantise_head(const float* q, int64_t d, int8_t* codes, int32_t* sum) {
+    float largest = 0.0f;
+    for (int64_t j = 0; j < d; ++j) largest = std::max(largest, std::fabs(q[j]));
+    const float scale = std::max(largest, 1e-8f) / 127.0f;
+    int32_t total = 0;
+    for (int64_t j = 0; j < d; ++j) {
+        const float code = std::nearbyint(q[j] / scale);
+        codes[j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, code)));
+        total += codes[j];
+    }
+    *sum = total;
+    return scale;
+}
+
+inline bool all_finite(const float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+        if (!(std::fabs(x[i]) <= std::numeric_limits<float>::max())) return false;
+    return true;
+}
+
 // The query as the logits kernels read it: for bfloat16 keys where the pair kernel runs, q is replaced by
-// its bfloat16 rounding and the pairs are returned; else q stays and null is returned.
+// its bfloat16 rounding and the pairs are given; for int8 keys where the quad kernel runs, by its int8
+// quantisation (codes times the head's scale) and the codes are given (not for a query with a NaN or an
+// infinity, which the float path carries into the scores as before); else q stays and the form is empty.
 template <typename Key>
-const uint32_t* prepare_query(const float*& q, int64_t g, int64_t d, RowWork& work) {
-    if (!(std::is_same_v<Key, uint16_t> && BF16_PAIRS && d % 2 == 0)) return nullptr;
-    work.rounded.resize(static_cast<size_t>(g * d));
-    work.pairs.resize(static_cast<size_t>(g * d / 2));
-    for (int64_t i = 0; i < g * d; ++i) work.rounded[static_cast<size_t>(i)] = scalar(to_bf16(q[i]));
-    for (int64_t i = 0; i < g * d / 2; ++i)
-        work.pairs[static_cast<size_t>(i)] = static_cast<uint32_t>(to_bf16(q[2 * i])) |
-                                             static_cast<uint32_t>(to_bf16(q[2 * i + 1])) << 16;
-    q = work.rounded.data();
-    return work.pairs.data();
+QueryForm prepare_query(const float*& q, int64_t g, int64_t d, RowWork& work) {
+    QueryForm form;
+    if (std::is_same_v<Key, uint16_t> && BF16_PAIRS && d % 2 == 0) {
+        work.rounded.resize(static_cast<size_t>(g * d));
+        work.pairs.resize(static_cast<size_t>(g * d / 2));
+        for (int64_t i = 0; i < g * d; ++i) work.rounded[static_cast<size_t>(i)] = scalar(to_bf16(q[i]));
+        for (int64_t i = 0; i < g * d / 2; ++i)
+            work.pairs[static_cast<size_t>(i)] = static_cast<uint32_t>(to_bf16(q[2 * i])) |
+                                                 static_cast<uint32_t>(to_bf16(q[2 * i + 1])) << 16;
+        q = work.rounded.data();
+        form.pairs = work.pairs.data();
+    } else if (std::is_same_v<Key, int8_t> && INT8_QUADS && d % 4 == 0 && all_finite(q, g * d)) {
+        work.rounded.resize(static_cast<size_t>(g * d));
+        work.codes.resize(static_cast<size_t>(g * d));
+        work.code_scales.resize(static_cast<size_t>(g));
+        work.code_sums.resize(static_cast<size_t>(g));
+        for (int64_t h = 0; h < g; ++h) {
+            const float scale = quantise_head(q + h * d, d, work.codes.data() + h * d, work.code_sums.data() + h);
+            work.code_scales[static_cast<size_t>(h)] = scale;
+            for (int64_t j = 0; j < d; ++j)
+                work.rounded[static_cast<size_t>(h * d + j)] = static_cast<float>(work.codes[static_cast<size_t>(h * d + j)]) * scale;
+        }
+        q = work.rounded.data();
+        form.codes = work.codes.data();
+        form.scales = work.code_scales.data();
+        form.sums = work.code_sums.data();
+    }
+    return form;
 }
 
 // One row: logits, softmax per head and the mean over heads, the keys streamed once. Per tile the logits
@@ -391,7 +532,7 @@ template <typename Key>
 void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t m,
                float* out, float* buffer, RowWork& work, const uint16_t* scales) {
     const int64_t tiles = (m + TILE - 1) / TILE;
-    const uint32_t* qpairs = prepare_query<Key>(q, g, d, work);
+    const QueryForm form = prepare_query<Key>(q, g, d, work);
     std::vector<float>& shift = work.shift;
     shift.assign(static_cast<size_t>(g * tiles), 0.0f);
     std::vector<float>& top = work.top;
@@ -403,7 +544,7 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t start = tile * TILE, n = std::min(TILE, m - start);
         std::fill(tile_tops.begin(), tile_tops.end(), -std::numeric_limits<float>::infinity());
-        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales, tile_tops.data());
+        logits_all(q, form, g, d, keys, dim_stride, start, n, buffer, m, scales, tile_tops.data());
         for (int64_t h = 0; h < g; ++h) {
             float* row = buffer + h * m + start;
             const float tile_top = tile_tops[static_cast<size_t>(h)];
@@ -440,15 +581,15 @@ void score_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t di
 template <typename Key>
 void max_row(const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride, int64_t lo, int64_t hi,
              int64_t m, float* out, float* buffer, RowWork& work, const uint16_t* scales) {
-    const uint32_t* qpairs = prepare_query<Key>(q, g, d, work);
+    const QueryForm form = prepare_query<Key>(q, g, d, work);
     work.tile_tops.assign(static_cast<size_t>(g), -std::numeric_limits<float>::infinity());  // not needed here
     if (g == 1) {
-        logits_all(q, qpairs, 1, d, keys, dim_stride, lo, hi - lo, out, m, scales, work.tile_tops.data());
+        logits_all(q, form, 1, d, keys, dim_stride, lo, hi - lo, out, m, scales, work.tile_tops.data());
         return;
     }
     for (int64_t start = lo; start < hi; start += TILE) {
         const int64_t n = std::min(TILE, hi - start);
-        logits_all(q, qpairs, g, d, keys, dim_stride, start, n, buffer, m, scales, work.tile_tops.data());
+        logits_all(q, form, g, d, keys, dim_stride, start, n, buffer, m, scales, work.tile_tops.data());
         for (int64_t t = start; t < start + n; ++t) {
             float best = buffer[t];
             for (int64_t h = 1; h < g; ++h) best = std::max(best, buffer[h * m + t]);
@@ -816,15 +957,49 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
     return status.load();
 }
 
+// acc[j] = sum_i key[i] * weights[i * dp + j]: the weight rows in order, each scaled by one entry of the key
+inline void project_head(const float* key, int64_t d, const float* weights, int64_t dp, float* acc) {
+    for (int64_t j = 0; j < dp; ++j) acc[j] = 0.0f;
+    for (int64_t i = 0; i < d; ++i) {
+        const float ki = key[i];
+        const float* row = weights + i * dp;
+        for (int64_t j = 0; j < dp; ++j) acc[j] += ki * row[j];
+    }
+}
+
+// float32 -> float16 bits, rounded to nearest even as torch's conversion (overflow to infinity, subnormals
+// kept): by the CPU's conversion where it has one (F16C), else in integer arithmetic
+inline uint16_t to_half(float x) {
+#if defined(__F16C__)
+    return static_cast<uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const uint32_t sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7FFFFFFFu;
+    if (magnitude >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (magnitude > 0x7F800000u ? 0x200u : 0u));
+    if (magnitude >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // 65520 and above round to infinity
+    if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal (or zero) in units of 2^-24, scaled exactly
+        float value;
+        std::memcpy(&value, &magnitude, sizeof(value));
+        return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(value * 0x1p24f)));
+    }
+    const uint32_t rounded = magnitude + 0xFFFu + ((magnitude >> 13) & 1u);  // 13 bits dropped, ties to even
+    return static_cast<uint16_t>(sign | ((rounded - (112u << 23)) >> 13));      // exponent bias 127 -> 15
+#endif
+}
+
 }  // namespace
 
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 15; }
+int tbrun_kernels_abi() { return 16; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
+
+// 1 where int8 keys are scored against the query quantised to int8 (AVX512-VNNI quad products), else 0
+int tbrun_int8_quad_products() { return INT8_QUADS ? 1 : 0; }
 
 // reduce 0 (mean of the heads' softmaxes) or 1 (max of their logits); q [rows, g, d] contiguous; keys row r
 // at keys + r * row_stride, dims dim_stride apart, tokens contiguous; out [rows, m] contiguous; buffer
@@ -923,14 +1098,7 @@ int tbrun_project_token(const float* k, int64_t heads, int64_t d, int64_t k_stri
     if (dp > PROJECT_MAX_DIMS) return -1;
     float acc[PROJECT_MAX_DIMS];
     for (int64_t h = 0; h < heads; ++h) {
-        const float* key = k + h * k_stride;
-        const float* weights = proj + h * d * dp;
-        for (int64_t j = 0; j < dp; ++j) acc[j] = 0.0f;
-        for (int64_t i = 0; i < d; ++i) {  // rows of the projection in order, each scaled by one entry of the key
-            const float ki = key[i];
-            const float* row = weights + i * dp;
-            for (int64_t j = 0; j < dp; ++j) acc[j] += ki * row[j];
-        }
+        project_head(k + h * k_stride, d, proj + h * d * dp, dp, acc);
         if (out_bf16) {
             uint16_t* column = static_cast<uint16_t*>(out) + h * out_head_stride;
             for (int64_t j = 0; j < dp; ++j) column[j * out_dim_stride] = to_bf16(acc[j]);
@@ -938,6 +1106,26 @@ int tbrun_project_token(const float* k, int64_t heads, int64_t d, int64_t k_stri
             float* column = static_cast<float*>(out) + h * out_head_stride;
             for (int64_t j = 0; j < dp; ++j) column[j * out_dim_stride] = acc[j];
         }
+    }
+    return 0;
+}
+
+// tbrun_project_token into an int8 cache: each head's projected key quantised as quantize_keys does
+// (predictor/network.py: one scale per head and token, max |key| / 127, stored as float16), its codes at
+// codes[h * head_stride + j * dim_stride] and its scale at scales[h * scale_stride]. Returns 0, or -1 where
+// dp exceeds PROJECT_MAX_DIMS.
+int tbrun_project_token_int8(const float* k, int64_t heads, int64_t d, int64_t k_stride, const float* proj, int64_t dp,
+                             int8_t* codes, int64_t head_stride, int64_t dim_stride, uint16_t* scales,
+                             int64_t scale_stride) {
+    if (dp > PROJECT_MAX_DIMS) return -1;
+    float acc[PROJECT_MAX_DIMS];
+    int8_t quantised[PROJECT_MAX_DIMS];
+    for (int64_t h = 0; h < heads; ++h) {
+        project_head(k + h * k_stride, d, proj + h * d * dp, dp, acc);
+        int32_t unused;
+        const float scale = quantise_head(acc, dp, quantised, &unused);
+        for (int64_t j = 0; j < dp; ++j) codes[h * head_stride + j * dim_stride] = quantised[j];
+        scales[h * scale_stride] = to_half(scale);
     }
     return 0;
 }

@@ -136,20 +136,23 @@ class ProjectedKeyCache:
 def compact_key_dtype(key_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the compact cache stores projected keys in, for the policy's ``key_dtype``.
 
-    ``"auto"`` is the model's dtype, except a float32 model on the CPU with the native kernels built:
-    bfloat16 there. The score kernel reads half the bytes and, with AVX512-BF16, multiplies bfloat16
-    pairs against the query rounded to bfloat16 (else it widens the keys as it reads them): keys and
-    query to 8 significant bits, as a GPU model in bfloat16 computes them anyway. Its speed against
-    float32 keys is in bench/reports/selection_cpu.md, held-out recall with both rounded in the
-    ``tokenbutler_bf16`` row of bench/reports/predictor_key_dtype.md. Without the kernels torch would
-    widen the keys on every call, so they stay float32. int8 is stored as int8 (``ProjectedKeyCache``),
-    whatever this returns; the native kernels score its codes and scales in place, as fast as bfloat16
-    keys on one CPU thread from 56% of their bytes (docs/predictor.md, "int8 projected keys").
+    ``"auto"`` is the model's dtype, except a float32 model on the CPU with the native kernels built: int8
+    there where the CPU has AVX512-VNNI, else bfloat16. Scoring is the CPU selection's largest cost, and it
+    reads every cached key at every step. With VNNI the kernel multiplies int8 codes by the query quantised to
+    int8 in integer quad products, 64 an instruction, from 18 bytes a token and KV head at d' = 16 (bfloat16:
+    32): 25-30% less selection at 32k in the engine (bench/reports/selection_int8.md), the same held-out
+    recall to three decimals (``tokenbutler_int8`` in bench/reports/predictor_key_dtype.md). Without VNNI
+    bfloat16 keys: half the bytes of float32, multiplied in pairs with AVX512-BF16 (else widened as read);
+    int8 keys there are no faster, their codes widened too (docs/predictor.md, "int8 projected keys").
+    Without the kernels torch would convert the keys on every call, so they stay in the model's dtype.
     """
     if key_dtype in ("float32", "bfloat16"):
         return getattr(torch, key_dtype)
-    if key_dtype == "auto" and model_dtype == torch.float32 and device.type == "cpu" and native.kernels() is not None:
-        return torch.bfloat16
+    if key_dtype == "int8":
+        return torch.int8
+    kernels = native.kernels() if key_dtype == "auto" and device.type == "cpu" else None
+    if kernels is not None and model_dtype == torch.float32:
+        return torch.int8 if kernels.int8_quad_products else torch.bfloat16
     return model_dtype
 
 
@@ -172,8 +175,9 @@ class TokenButlerPolicy(Policy):
     an in-memory predictor (tests); with neither, the predictor shipped for the model, if any.
     ``random_weights``: a randomly initialised predictor of the model's shape with the reference
     sizes (G=4, d'=16, I=512), for latency measurements only (its selections mean nothing).
-    ``key_dtype``: how the compact cache stores projected keys. ``"auto"``: the model dtype, but
-    bfloat16 for a float32 model on the CPU where the native kernels are built (``compact_key_dtype``);
+    ``key_dtype``: how the compact cache stores projected keys. ``"auto"``: the model dtype, but for a
+    float32 model on the CPU where the native kernels are built int8 (AVX512-VNNI) or bfloat16
+    (``compact_key_dtype``);
     ``"float32"`` / ``"bfloat16"``: that dtype; ``"int8"``: quantised, one scale per token and head.
     ``group_reduction`` (GQA): ``"mean"`` ranks a KV head's tokens by the mean over its query heads of
     the predicted attention probabilities (each head's softmax over every cached token), ``"max"`` by
@@ -227,9 +231,9 @@ class TokenButlerPolicy(Policy):
                     self.predictor_path or "the given predictor")
         self.predictor = self.predictor.to(ctx.device).eval()
         c = self.predictor.config
-        self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim,
-                                       compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device), ctx.device,
-                                       int8=self.key_dtype == "int8")
+        stored = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
+        self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, stored, ctx.device,
+                                       int8=stored == torch.int8)
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
         self._bound_mlps = {}
@@ -306,7 +310,7 @@ class TokenButlerPolicy(Policy):
         (remade if the predictor's projection was replaced since, or changed in place through autograd's
         view of it; an inference tensor, made under ``torch.inference_mode``, counts no versions and is
         taken as it is), and the native writer of keys through them into the compact cache where there is
-        one (``SelectionKernels.bind_key_writer``: float32 projections, a float32 or bfloat16 cache on the CPU),
+        one (``SelectionKernels.bind_key_writer``: float32 projections, a float32, bfloat16 or int8 cache on the CPU),
         kept from step to step while they are the same memory."""
         proj = self.predictor.key_proj
         version = None if proj.is_inference() else proj._version
@@ -314,11 +318,11 @@ class TokenButlerPolicy(Policy):
         if held is None or held[0] != position or held[1] is not proj or held[2] != version:
             projections = self.predictor.key_projections_at(position)
             writer = held[4] if held is not None else None
-            kernels = native.kernels() if not self.cache.int8 else None
+            kernels, keys, scales = native.kernels(), self.cache.keys, self.cache.scales
             if kernels is None:
                 writer = None
-            elif writer is None or not writer.matches(projections, self.cache.keys):
-                writer = kernels.bind_key_writer(projections, self.cache.keys)
+            elif writer is None or not writer.matches(projections, keys, scales):
+                writer = kernels.bind_key_writer(projections, keys, scales)
             # the projection itself is held (compared by identity): its memory cannot be reused by another
             self._decode_projections = (position, proj, version, projections, writer)
         return self._decode_projections[3], self._decode_projections[4]

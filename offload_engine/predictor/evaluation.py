@@ -16,7 +16,9 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
   the same count (the 1k figures). The predictor's softmax here includes the row's own token, the
   engine's excludes it (it is in the window either way); the engine's compact keys are bfloat16 on
   the CPU (``tokenbutler_bf16``);
-- ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``);
+- ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``) and
+  the importance queries too (``quantize_query``): the CPU engine's int8 compact key cache, the default
+  where the CPU has AVX512-VNNI, whose integer kernel takes the query in int8;
 - ``tokenbutler_bf16``: ``tokenbutler`` with the projected keys and the importance queries rounded to
   bfloat16 (the CPU engine's compact key cache, scored with AVX512-BF16 pair products: ``compact_key_dtype``
   in policies/tokenbutler.py; where the CPU widens the keys instead, only the keys are rounded);
@@ -38,7 +40,7 @@ import math
 import torch
 
 from ..models import ModelAdapter
-from .network import TokenButlerPredictor, dequantize_keys, quantize_keys
+from .network import TokenButlerPredictor, dequantize_keys, quantize_keys, quantize_query
 from .teacher import causal_mask, distillation_loss, layer_states, sample_rows, teacher_probs
 
 BUDGETS = (0.05, 0.10, 0.25, 0.50)
@@ -216,7 +218,7 @@ def _evaluate_sequence(predictors, adapter, ids, rows, budgets, generators, tall
                 # heads it stands for), so the group reductions below are the policy's over its query heads
                 logits = predictor.expand_heads(predictor.head_scores(layer_queries, keys)).float().cpu()
                 stored = {method: predictor.expand_heads(predictor.head_scores(q, k)).float().cpu() for method, q, k in (
-                    ("tokenbutler_int8", layer_queries, dequantize_keys(*quantize_keys(keys))),
+                    ("tokenbutler_int8", quantize_query(layer_queries), dequantize_keys(*quantize_keys(keys))),
                     ("tokenbutler_bf16", layer_queries.bfloat16().float(), keys.bfloat16().float()))}
                 tally.add(("loss",), float(distillation_loss(probs, logits, rows)))
             if predictor is not None and predictor.is_producer(layer):

@@ -346,6 +346,16 @@ def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(keys.float() / scale.unsqueeze(-1)).to(torch.int8), scale.to(torch.float16)
 
 
+def quantize_query(queries: torch.Tensor) -> torch.Tensor:
+    """The query ``[..., d']`` as the native CPU kernel scores int8 keys with it where the CPU has AVX512-VNNI
+    (``SelectionKernels.int8_quad_products``): each head's vector quantised by ``quantize_keys``' rule in
+    float32, but its scale kept in float32; returned as codes times scale (float32), the numbers the kernel
+    multiplies."""
+    q = queries.float()
+    scale = q.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+    return torch.round(q / scale).clamp(-127, 127) * scale
+
+
 def dequantize_keys(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of ``quantize_keys``: float32 ``[..., d']``."""
     return quantized.float() * scale.float().unsqueeze(-1)

@@ -56,7 +56,8 @@ PER_RUN_KEYS = ("task", "policies", "budgets", "predictor", "shared_prefill", "s
 FREE_MEMORY = re.compile(r"\s*\([^()]*available\)")  # the part of a machine header that changes run to run
 # Run-wide selection settings: a point's identity (``point_names``). A point's own record in ``points``
 # gives its effective values (a policy variant's overrides included; only the settings it uses).
-RUN_SETTINGS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "group_reduction")
+RUN_SETTINGS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "group_reduction", "key_dtype")
+UNRECORDED_KEYS = "unrecorded"  # tokenbutler's compact key dtype in runs from before points recorded it
 AGREEMENT_TOLERANCE = 1e-4  # relative: two runs' values agree to float32 rounding (sums over many tokens)
 
 
@@ -187,7 +188,10 @@ def point_settings(run: Run, policy: str, budget: str) -> dict:
         return {}
     record = point_record(run, policy, budget)
     source = record if any(key in record for key in RUN_SETTINGS) else run.report["config"]
-    return {key: source[key] for key in RUN_SETTINGS if source.get(key) is not None}
+    settings = {key: source[key] for key in RUN_SETTINGS if source.get(key) is not None}
+    if "group_reduction" in settings and "key_dtype" not in settings:  # a tokenbutler point of an older run:
+        settings["key_dtype"] = UNRECORDED_KEYS  # never pooled with one whose keys were int8 or another dtype
+    return settings
 
 
 def setting_flags(settings: dict) -> str:

@@ -213,17 +213,20 @@ def test_each_tokenbutler_point_records_the_dtype_its_compact_keys_are_stored_in
     another policy, or an unknown one, is refused."""
     from types import SimpleNamespace
 
+    from offload_engine import native
     from offload_engine.evaluation.harness import RunPoint, point_settings
-    from offload_engine.policies.tokenbutler import compact_key_dtype
+    from offload_engine.policies import build_policy
 
     model = SimpleNamespace(config=SimpleNamespace(_name_or_path="/cache/tbrun/models/SmolLM2-135M-Instruct"),
                             dtype=torch.float32, device=torch.device("cpu"))
     specs = ["tokenbutler", "critical(tokenbutler)[key_dtype=bfloat16]", "tokenbutler[key_dtype=float32]", "quest"]
     config = EvalConfig(task="niah", policies=specs, budgets=[Budget.parse("10%")])
     recorded = [point_settings(config, model, RunPoint(spec, config.budgets[0])).get("key_dtype") for spec in specs]
-    assert recorded == [str(compact_key_dtype("auto", torch.float32, torch.device("cpu"))).removeprefix("torch."),
-                        "bfloat16", "float32", None]
-    assert config.policy_options(specs[1])["key_dtype"] == "bfloat16"
+    kernels = native.kernels()
+    auto = "float32" if kernels is None else "int8" if kernels.int8_quad_products else "bfloat16"
+    assert recorded == [auto, "bfloat16", "float32", None]
+    built = build_policy("critical(tokenbutler)", **config.policy_options(specs[1]))  # as build_engine makes it
+    assert built.base.key_dtype == "bfloat16"
     for bad in ("quest[key_dtype=int8]", "tokenbutler[key_dtype=int4]"):
         with pytest.raises(ConfigError, match="key_dtype"):
             EvalConfig(task="niah", policies=[bad], budgets=[Budget.parse("10%")])

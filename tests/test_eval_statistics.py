@@ -231,6 +231,19 @@ def test_a_run_is_not_finished_with_other_predictor_weights(tmp_path):
     assert list(harness.read_progress(tmp_path, config, "b" * 64)) == [0]
 
 
+def test_a_run_is_not_finished_with_the_compact_keys_stored_another_way(tmp_path):
+    """``auto`` stores tokenbutler's compact keys as the CPU's kernels take them (int8 or bfloat16): a run begun
+    on one machine is not finished on another that stores them otherwise."""
+    from offload_engine.evaluation.tasks import Sample
+
+    config = {"task": "niah", "policies": ["tokenbutler"], "predictor": "predictors/p"}
+    log = harness.ProgressLog(tmp_path, config, {}, "a" * 64, key_dtypes={"tokenbutler": "int8"})
+    log.add(Sample("niah", 0, (1, 2), ("x",), 4), [{"policy": "tokenbutler", "score": 1.0}])
+    assert list(harness.read_progress(tmp_path, config, "a" * 64, {"tokenbutler": "int8"})) == [0]
+    with pytest.raises(ConfigError, match="compact keys stored as .*int8.*bfloat16"):
+        harness.read_progress(tmp_path, config, "a" * 64, {"tokenbutler": "bfloat16"})
+
+
 def test_sign_flip_p_is_exact_for_few_differing_samples():
     """Ties drop out; with k differing pairs all one way p = 2 / 2^k: 4 of +25 among 16 zeros 0.125 (which
     a t interval calls significant), 5 0.0625, 6 0.03125; mixed signs against a hand count and against

@@ -404,6 +404,17 @@ def test_points_of_other_run_wide_settings_are_other_points(tmp_path):
     assert "(4; 1 differ; p 1)" in paired["tokenbutler (--window 32)"]["minus dense"]
 
 
+def test_tokenbutler_points_of_another_key_dtype_or_none_recorded_are_other_points(tmp_path):
+    """A run whose tokenbutler points record their compact key dtype (int8) and an older one whose points do not:
+    two rows, never pooled (the older run's keys were stored as its machine chose then)."""
+    write_scores(tmp_path, "old", OLD, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 0.0, 1.0]})
+    write_scores(tmp_path, "int8", NEW, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 1.0, 1.0]},
+                 config={"key_dtype": "int8"})
+    rows = point_rows(summarize(tmp_path))
+    assert list(rows) == ["dense", "tokenbutler (--key-dtype unrecorded)", "tokenbutler (--key-dtype int8)"]
+    assert rows["tokenbutler (--key-dtype int8)"][1] == "75.0"
+
+
 def test_runs_of_another_model_get_their_own_section(tmp_path):
     """Runs of one task and context with another model are not merged: a section (and glance columns)
     per model, named by it."""

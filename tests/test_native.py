@@ -568,6 +568,21 @@ def test_the_kernel_scores_int8_keys_as_torch_does_with_their_scales(layers, kv_
 
 
 @needs_compiler
+def test_an_int8_tokens_logit_is_the_same_number_wherever_a_span_starts(fresh_native):
+    """The max rule scores a range from its first candidate (one call), the scores kernel from position 0 (three
+    calls): a token's logit must not depend on where its 64-token block of the span began (the integer blocks
+    and the tail after them take the same integer dot product), or the two would rank near ties apart. Keys
+    scored from 0 and from 5: the same tokens' scores are equal bit for bit."""
+    generator = torch.Generator().manual_seed(21)
+    cache = _int8_cache(1, 2, 1400, 16, generator)
+    keys, scales = cache.columns(range(1, 2), 0, 1300), cache.scales[0:1, :, :1300]
+    grouped = torch.randn(1, 2, 3, 16, generator=generator)
+    whole = fused_group_scores(grouped, keys, "max", scales)
+    shifted = fused_group_scores(grouped, keys[..., 5:], "max", scales[..., 5:])
+    assert torch.equal(whole[..., 5:], shifted)
+
+
+@needs_compiler
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set levels only")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, monkeypatch):
@@ -902,15 +917,21 @@ def _assert_int8_writes_are_quantize_keys(kernels) -> None:
     """Through an identity projection (exact sums), the writer's codes and float16 scales are bit for bit those of
     ``quantize_keys``, for keys whose scales are float16 subnormals, normal numbers, and past float16's range
     (infinity), and for a zero key (the 1e-8 floor)."""
-    kv_heads, dim = 6, 16
+    kv_heads, dim = 7, 16
     cache = ProjectedKeyCache(1, kv_heads, 8, dim, torch.float32, torch.device("cpu"), int8=True)
     projections = torch.eye(dim).expand(1, kv_heads, dim, dim).contiguous()
     writer = kernels.bind_key_writer(projections, cache.keys, cache.scales)
     generator = torch.Generator().manual_seed(11)
-    magnitudes = torch.tensor([1e-6, 3e-3, 0.5, 40.0, 2e7, 0.0]).unsqueeze(1)  # scales ~1e-8 .. 3e5, and zero
+    magnitudes = torch.tensor([1e-6, 3e-3, 0.5, 40.0, 2e7, 0.0, 1.0]).unsqueeze(1)  # scales ~1e-8 .. 3e5, zero
     k = torch.randn(kv_heads, dim, generator=generator) * magnitudes
+    # a scale of exactly 1 and codes halfway between integers: ties go to the even code (0, 2, 2, -2), as torch's
+    k[6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, 0.0] * 2)
     assert writer(0, 3, k)
     codes, scale = quantize_keys(k)
     assert torch.equal(cache.keys[0, :, :, 3], codes)
     assert torch.equal(cache.scales[0, :, 3].view(torch.int16), scale.view(torch.int16))
     assert torch.isinf(scale[4]) and 0 < scale[1] < 6.1e-5  # the cases meant: past the range, a subnormal
+    assert cache.keys[0, 6, :8, 3].tolist() == [127, 0, 2, 2, -2, 0, 4, 0]
+    broken = k.clone()
+    broken[2, 5] = float("nan")
+    assert not writer(0, 4, broken)  # a NaN: left to torch's quantisation, as the prefill's keys

@@ -120,7 +120,8 @@ def test_policy_is_registered_and_plans_for_its_consumers():
                                                   ("max", "bfloat16")])
 def test_compact_cache_holds_projected_keys_and_plan_scores_them(reduction, key_dtype):
     """The cache holds the projected keys in its dtype; the plan's scores are those of the stored keys
-    (bfloat16 ones widened: what a float32 model on the CPU stores by default with the native kernels)."""
+    (bfloat16 ones widened: what a float32 model on the CPU stores by default with the native kernels where the
+    CPU has no AVX512-VNNI; int8 keys, the default where it has, in test_int8_keys_score_alike_...)."""
     adapter = ModelAdapter(tiny_model("qwen2", num_hidden_layers=4))
     policy = bound_policy(adapter, group_reduction=reduction, key_dtype=key_dtype)
     predictor = policy.predictor
@@ -384,13 +385,14 @@ def test_decode_keys_use_the_steps_folded_projection_and_follow_a_changed_predic
                                predictor.project_keys(2, k.unsqueeze(1), 100_000))
 
 
-@pytest.mark.parametrize("key_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("key_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("rope_pairs", [0, 2])
 def test_decode_keys_are_written_by_one_native_call_a_layer_where_the_kernels_are_built(key_dtype, rope_pairs,
                                                                                         monkeypatch):
     """On the CPU a decode key goes through its layer's projection into the compact cache in one native call
     (BoundKeyWriter), bound once while the step's projections are the same memory (every step, without a
-    rotation): the keys torch's path writes (float32 to rounding, bfloat16 to one ulp) at every layer and step."""
+    rotation): the keys torch's path writes (float32 to rounding, bfloat16 to one ulp, int8 codes to one step
+    with their scales) at every layer and step."""
     if native.kernels() is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     adapter = ModelAdapter(tiny_model("llama", num_hidden_layers=4))
@@ -413,7 +415,14 @@ def test_decode_keys_are_written_by_one_native_call_a_layer_where_the_kernels_ar
                 reference.observe_decode(layer, position, None, None, k, None)
     assert len(writes) == 3 * len(steps) and all(writes)  # each written by the kernel, none left to torch
     assert len(binds) == (len(steps) if rope_pairs else 1)
-    tolerance = {"rtol": 1e-5, "atol": 1e-6} if key_dtype == "float32" else {"rtol": 2 ** -7, "atol": 1e-6}
+    decoded = slice(steps[0], steps[-1] + 1)
+    if key_dtype == "int8":  # codes within one of torch's (the sums' order differs), scales to float16 rounding
+        assert (policy.cache.keys[..., decoded].int() - reference.cache.keys[..., decoded].int()).abs().max() <= 1
+        torch.testing.assert_close(policy.cache.scales[..., decoded].float(),
+                                   reference.cache.scales[..., decoded].float(), rtol=1e-3, atol=0.0)
+        tolerance = {"rtol": 0.0, "atol": float(reference.cache.scales.float().max()) * 1.01}  # one code step
+    else:
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if key_dtype == "float32" else {"rtol": 2 ** -7, "atol": 1e-6}
     for layer in range(1, 4):
         torch.testing.assert_close(policy.cache.read(layer, steps[0], steps[-1] + 1).float(),
                                    reference.cache.read(layer, steps[0], steps[-1] + 1).float(), **tolerance)

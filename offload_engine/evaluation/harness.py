@@ -257,6 +257,18 @@ def tokenbutler_weights_sha(config: EvalConfig, adapter: ModelAdapter) -> str | 
     return "+".join(shas) if shas else None
 
 
+def tokenbutler_key_dtypes(config: EvalConfig, adapter: ModelAdapter) -> dict[str, str]:
+    """How each tokenbutler point stores its compact keys on this machine (``compact_key_dtype``: ``auto``
+    resolves by the CPU's kernels), by policy spec; {} without such points."""
+    dtypes = {}
+    for point in run_points(config):
+        options = config.policy_options(point.policy) if point.budget is not None else {}
+        if "group_reduction" in options:  # a tokenbutler point
+            stored = compact_key_dtype(options.get("key_dtype", "auto"), adapter.dtype, adapter.device)
+            dtypes[point.policy] = str(stored).removeprefix("torch.")
+    return dtypes
+
+
 def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -> dict:
     """Every setting that changes what ``point`` selects, for results.json."""
     entry = {"policy": point.policy, "budget": point.budget_label}
@@ -270,9 +282,8 @@ def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -
         entry["refresh_layers"] = sorted(selection.refresh_layers)
     options = config.policy_options(point.policy)
     if "group_reduction" in options:
-        stored = compact_key_dtype(options.get("key_dtype", "auto"), adapter.dtype, adapter.device)
         entry |= {"group_reduction": options["group_reduction"],
-                  "key_dtype": str(stored).removeprefix("torch."),
+                  "key_dtype": tokenbutler_key_dtypes(config, adapter)[point.policy],
                   "predictor": predictor_identity(config, adapter, selection.interval)}
     return entry
 
@@ -428,12 +439,14 @@ def prepare_samples(config: EvalConfig, tokenizer) -> list[Sample]:
     return samples
 
 
-def read_progress(out_dir: Path, config: dict, predictor_sha256: str | None = None) -> dict[int, list[dict]]:
+def read_progress(out_dir: Path, config: dict, predictor_sha256: str | None = None,
+                  key_dtypes: dict[str, str] | None = None) -> dict[int, list[dict]]:
     """Results saved by an interrupted run of ``config`` in ``out_dir``, by sample index ({} if none).
 
-    ``predictor_sha256``: the weights the tokenbutler points use now; a progress file made with other
-    weights is refused (finishing it would mix two predictors in one row). Files written before the
-    hash was recorded carry none and are taken as they are.
+    ``predictor_sha256``: the weights the tokenbutler points use now; ``key_dtypes``: how they store their
+    compact keys here (``tokenbutler_key_dtypes``: ``auto`` depends on the CPU). A progress file made with
+    other weights or key dtypes is refused (finishing it would mix two selections in one row). Files written
+    before either was recorded carry none and are taken as they are.
     """
     path = out_dir / PROGRESS_FILE
     header = _progress_header(path, config)
@@ -446,6 +459,13 @@ def read_progress(out_dir: Path, config: dict, predictor_sha256: str | None = No
             f"{path} was made with a predictor whose weights have sha256 {recorded[:12]}..., but "
             f"{config.get('predictor') or 'the shipped predictor'} now has {predictor_sha256[:12]}...: finishing "
             "the run would mix two predictors. Use another --out, or --overwrite to start the run over."
+        )
+    stored = header.get("key_dtypes")
+    if stored is not None and key_dtypes is not None and stored != key_dtypes:
+        raise ConfigError(
+            f"{path} was made with tokenbutler's compact keys stored as {stored}, but here they are {key_dtypes} "
+            "(how `auto` stores them depends on the CPU's kernels): finishing the run would mix two. Use another "
+            "--out, or --overwrite to start the run over."
         )
     done = {}
     for line in lines[1:]:
@@ -481,10 +501,11 @@ class ProgressLog:
     one line per finished sample."""
 
     def __init__(self, out_dir: Path, config: dict, done: dict[int, list[dict]], predictor_sha256: str | None = None,
-                 commits: Sequence[str] = ()):
+                 commits: Sequence[str] = (), key_dtypes: dict[str, str] | None = None):
         self.path = out_dir / PROGRESS_FILE
         out_dir.mkdir(parents=True, exist_ok=True)
-        header = {"config": config, "predictor_sha256": predictor_sha256, "commits": list(commits)}
+        header = {"config": config, "predictor_sha256": predictor_sha256, "commits": list(commits),
+                  "key_dtypes": key_dtypes}
         lines = [json.dumps(header)] + [json.dumps({"index": i, "results": r}) for i, r in done.items()]
         self.path.write_text("\n".join(lines) + "\n")
 
@@ -523,11 +544,11 @@ def run_eval(config: EvalConfig, out_dir, overwrite: bool = False, command: str 
     points = run_points(config)
     for point in points[1:]:
         build_engine(adapter, config, point)  # refuse a bad policy spec before hours of work
-    sha = tokenbutler_weights_sha(config, adapter)
-    done = {i: r for i, r in read_progress(out_dir, config.to_dict(), sha).items() if i < len(samples)}
+    sha, key_dtypes = tokenbutler_weights_sha(config, adapter), tokenbutler_key_dtypes(config, adapter)
+    done = {i: r for i, r in read_progress(out_dir, config.to_dict(), sha, key_dtypes).items() if i < len(samples)}
     earlier = progress_commits(out_dir, config.to_dict()) if done else []
     commits = list(dict.fromkeys([*earlier, run_commit()]))  # a resumed run names every commit it ran at
-    log = ProgressLog(out_dir, config.to_dict(), done, sha, commits)
+    log = ProgressLog(out_dir, config.to_dict(), done, sha, commits, key_dtypes)
     if on_ready is not None:
         on_ready(len(points) * len(samples), len(points) * len(done))
     start = time.perf_counter()

@@ -257,9 +257,9 @@ class SelectionKernels:
 
     @property
     def int8_quad_products(self) -> bool:
-        """Whether int8 keys are scored against the query quantised to int8 (``predictor.network.quantize_query``; the CPU has
-        AVX512-VNNI: exact integer products of 4 byte pairs summed in 32 bits), rather than against the float32
-        query with the codes widened."""
+        """Whether int8 keys are scored against the query quantised to int8 (``predictor.network.quantize_query``;
+        the CPU has AVX512-VNNI: exact integer products of 4 byte pairs summed in 32 bits), rather than against
+        the float32 query with the codes widened."""
         return bool(self.library.tbrun_int8_quad_products())
 
     @property
@@ -285,7 +285,8 @@ class SelectionKernels:
         uniform strides) -> ``[R, m]`` float32. bfloat16 keys: the scores of ``keys.float()`` from half the bytes;
         where ``bf16_pair_products`` (AVX512-BF16, d even) with the query rounded to bfloat16 as well, as a
         GPU's bfloat16 matmul takes it. int8 keys: codes, with ``scales`` ``[R, >= m]`` float16 (tokens
-        contiguous), each token's logits the codes' times its scale."""
+        contiguous), each token's logits the codes' times its scale; where ``int8_quad_products`` (AVX512-VNNI,
+        d a multiple of 4) against the query quantised to int8 per head (``predictor.network.quantize_query``)."""
         reduce = _reduce_code(reduction)
         rows, g, d = queries.shape
         _check_scoring(queries, keys, scales)
@@ -620,7 +621,8 @@ class BoundKeyWriter:
 
     def __call__(self, layer: int, position: int, k: torch.Tensor) -> bool:
         """Writes ``k [KvH, D]`` (float32 CPU, head dim contiguous) of ``layer`` (an index of the bound layers)
-        at ``position``; False (nothing written) for a key of another type or shape, so the caller takes torch's
+        at ``position``; False for a key of another type or shape (nothing written), or one whose projection
+        an int8 cache cannot take (a NaN or an infinity: part may be written), so the caller takes torch's
         path. A layer or position out of range raises."""
         if (k.dtype != torch.float32 or k.device.type != "cpu" or k.dim() != 2 or k.shape[0] != self.heads
                 or k.shape[1] != self.dim or k.stride(1) != 1):
@@ -635,6 +637,8 @@ class BoundKeyWriter:
             scale_layer, scale_head = self.scale_strides
             status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), proj, self.dims, out, head_stride,
                                  dim_stride, self.scales + (layer * scale_layer + position) * 2, scale_head)
+            if status == -2:  # a NaN or an infinity in a projected key: quantised by torch, as the prefill's are
+                return False
         else:
             status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), proj, self.dims, out, self.code,
                                  head_stride, dim_stride)

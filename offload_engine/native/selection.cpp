@@ -329,7 +329,8 @@ constexpr bool BF16_PAIRS = false;
 // flipping their top bit (code + 128), which adds 128 * qsum to every dot product, taken off after.
 // Dims (j .. j + 3) of 64 tokens are interleaved into quads by unpacklo/hi of bytes then of words, which
 // order tokens within 128-bit lanes; shuffles of lanes put them back. Logit = dot * qscale * token scale.
-// Returns how many tokens (a multiple of 64) it wrote.
+// The tokens after the last 64 take the same integer dot product in scalar code, so that a token's logit is
+// the same number whichever call (a span from 0, or from a max-rule range's lo) scores it. Writes all n.
 constexpr bool INT8_QUADS = true;
 
 template <int G>
@@ -383,7 +384,17 @@ int64_t logits_span_quads(const int8_t* qcodes, const float* qscale, const int32
         }
     }
     for (int h = 0; h < G; ++h) maxima[h] = std::max(maxima[h], _mm512_reduce_max_ps(top[h]));
-    return t;
+    for (; t < n; ++t) {
+        const float token_scale = half_scalar(scales[start + t]);
+        for (int h = 0; h < G; ++h) {
+            int32_t dot = 0;
+            for (int64_t j = 0; j < d; ++j) dot += qcodes[h * d + j] * keys[j * dim_stride + start + t];
+            const float logit = static_cast<float>(dot) * qscale[h] * token_scale;
+            buffer[h * m + start + t] = logit;
+            maxima[h] = std::max(maxima[h], logit);
+        }
+    }
+    return n;
 }
 #else
 constexpr bool INT8_QUADS = false;
@@ -1112,8 +1123,10 @@ int tbrun_project_token(const float* k, int64_t heads, int64_t d, int64_t k_stri
 
 // tbrun_project_token into an int8 cache: each head's projected key quantised as quantize_keys does
 // (predictor/network.py: one scale per head and token, max |key| / 127, stored as float16), its codes at
-// codes[h * head_stride + j * dim_stride] and its scale at scales[h * scale_stride]. Returns 0, or -1 where
-// dp exceeds PROJECT_MAX_DIMS.
+// codes[h * head_stride + j * dim_stride] and its scale at scales[h * scale_stride]. Returns 0, -1 where
+// dp exceeds PROJECT_MAX_DIMS, or -2 (heads before it may be written) where a projected key holds a NaN or an
+// infinity (a broken model), which the caller leaves to torch's quantisation, so that prefill and decode keys
+// are stored alike.
 int tbrun_project_token_int8(const float* k, int64_t heads, int64_t d, int64_t k_stride, const float* proj, int64_t dp,
                              int8_t* codes, int64_t head_stride, int64_t dim_stride, uint16_t* scales,
                              int64_t scale_stride) {
@@ -1122,6 +1135,7 @@ int tbrun_project_token_int8(const float* k, int64_t heads, int64_t d, int64_t k
     int8_t quantised[PROJECT_MAX_DIMS];
     for (int64_t h = 0; h < heads; ++h) {
         project_head(k + h * k_stride, d, proj + h * d * dp, dp, acc);
+        if (!all_finite(acc, dp)) return -2;
         int32_t unused;
         const float scale = quantise_head(acc, dp, quantised, &unused);
         for (int64_t j = 0; j < dp; ++j) codes[h * head_stride + j * dim_stride] = quantised[j];

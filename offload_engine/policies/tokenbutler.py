@@ -140,9 +140,12 @@ def compact_key_dtype(key_dtype: str, model_dtype: torch.dtype, device: torch.de
     there where the CPU has AVX512-VNNI, else bfloat16. Scoring is the CPU selection's largest cost, and it
     reads every cached key at every step. With VNNI the kernel multiplies int8 codes by the query quantised to
     int8 in integer quad products, 64 an instruction, from 18 bytes a token and KV head at d' = 16 (bfloat16:
-    32): 25-30% less selection at 32k in the engine (bench/reports/selection_int8.md), the same held-out
-    recall to three decimals (``tokenbutler_int8`` in bench/reports/predictor_key_dtype.md). Without VNNI
-    bfloat16 keys: half the bytes of float32, multiplied in pairs with AVX512-BF16 (else widened as read);
+    32): less selection a step in the engine, side by side with bfloat16 keys
+    (bench/reports/overhead_vllm_cpu_tiled.md, the ``:1:bfloat16`` runner; the kernel alone:
+    bench/reports/selection_cpu.md), the same held-out recall (``tokenbutler_int8`` in
+    bench/reports/predictor_key_dtype.md: keys and query quantised) and niah answers
+    (bench/reports/eval/niah-4k-int8-keys). Without VNNI bfloat16 keys: half the bytes of float32,
+    multiplied in pairs with AVX512-BF16 (else widened as read);
     int8 keys there are no faster, their codes widened too (docs/predictor.md, "int8 projected keys").
     Without the kernels torch would convert the keys on every call, so they stay in the model's dtype.
     """
@@ -150,8 +153,8 @@ def compact_key_dtype(key_dtype: str, model_dtype: torch.dtype, device: torch.de
         return getattr(torch, key_dtype)
     if key_dtype == "int8":
         return torch.int8
-    kernels = native.kernels() if key_dtype == "auto" and device.type == "cpu" else None
-    if kernels is not None and model_dtype == torch.float32:
+    kernels = native.kernels() if model_dtype == torch.float32 and device.type == "cpu" else None
+    if kernels is not None:
         return torch.int8 if kernels.int8_quad_products else torch.bfloat16
     return model_dtype
 
@@ -300,7 +303,7 @@ class TokenButlerPolicy(Policy):
 
     def _write_decode_key(self, layer: int, position: int, k: torch.Tensor) -> None:
         projections, writer = self._projections_at(position)
-        if writer is not None and writer(layer - 1, position, k):  # the native call (float32 keys on the CPU)
+        if writer is not None and writer(layer - 1, position, k):  # the native call (a float32 key on the CPU)
             return
         projected = torch.matmul(k.unsqueeze(1).to(self.predictor.key_proj.dtype), projections[layer - 1])  # [KvH, 1, d']
         self.cache.write_token(layer, position, projected.squeeze(1))

@@ -14,8 +14,8 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
   rows the engine keeps its whole window and attends ``max(k, sinks + window)`` tokens
   (``Selector``), while this keeps ``k`` and shortens the window, so that every method is judged at
   the same count (the 1k figures). The predictor's softmax here includes the row's own token, the
-  engine's excludes it (it is in the window either way); the engine's compact keys are bfloat16 on
-  the CPU (``tokenbutler_bf16``);
+  engine's excludes it (it is in the window either way); the engine's compact keys on the CPU are int8
+  where it has AVX512-VNNI (``tokenbutler_int8``), else bfloat16 (``tokenbutler_bf16``);
 - ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``) and
   the importance queries too (``quantize_query``): the CPU engine's int8 compact key cache, the default
   where the CPU has AVX512-VNNI, whose integer kernel takes the query in int8;

@@ -331,3 +331,16 @@ def test_a_resumed_run_names_the_commits_its_earlier_samples_were_measured_at(ti
     assert f"1 sample resumed from an interrupted run at `{'a' * 40}`" in (out / "report.md").read_text()
     fresh = runner.invoke(app, [*args[:-1], str(tmp_path / "fresh")])
     assert fresh.exit_code == 0 and "resumed" not in json.loads((tmp_path / "fresh" / RESULTS_FILE).read_text())["provenance"]
+
+
+def test_the_settings_table_shows_the_dtype_of_each_tokenbutler_points_compact_keys():
+    from offload_engine.evaluation.report import settings_table
+
+    lines = settings_table([{"policy": "dense", "budget": "100%", "mode": "dense"},
+                            {"policy": "quest", "budget": "10%", "sinks": 4, "window": 32},
+                            {"policy": "tokenbutler", "budget": "10%", "sinks": 4, "window": 32, "group_reduction": "mean",
+                             "key_dtype": "int8"}])
+    header, *rows = [line for line in lines if line.startswith("| ") and not line.startswith("| ---")]
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    column = [cell.strip() for cell in header.strip("|").split("|")].index("key_dtype")
+    assert [row[column] for row in cells] == ["-", "-", "int8"]

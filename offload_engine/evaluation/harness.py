@@ -257,16 +257,21 @@ def tokenbutler_weights_sha(config: EvalConfig, adapter: ModelAdapter) -> str | 
     return "+".join(shas) if shas else None
 
 
+def stored_key_dtype(config: EvalConfig, adapter: ModelAdapter, policy: str) -> str | None:
+    """How a tokenbutler point of spec ``policy`` stores its compact keys on this machine (``compact_key_dtype``:
+    ``auto`` resolves by the CPU's kernels); None for another policy."""
+    options = config.policy_options(policy)
+    if "group_reduction" not in options:  # not a tokenbutler point
+        return None
+    stored = compact_key_dtype(options.get("key_dtype", "auto"), adapter.dtype, adapter.device)
+    return str(stored).removeprefix("torch.")
+
+
 def tokenbutler_key_dtypes(config: EvalConfig, adapter: ModelAdapter) -> dict[str, str]:
-    """How each tokenbutler point stores its compact keys on this machine (``compact_key_dtype``: ``auto``
-    resolves by the CPU's kernels), by policy spec; {} without such points."""
-    dtypes = {}
-    for point in run_points(config):
-        options = config.policy_options(point.policy) if point.budget is not None else {}
-        if "group_reduction" in options:  # a tokenbutler point
-            stored = compact_key_dtype(options.get("key_dtype", "auto"), adapter.dtype, adapter.device)
-            dtypes[point.policy] = str(stored).removeprefix("torch.")
-    return dtypes
+    """``stored_key_dtype`` of each tokenbutler point, by policy spec; {} without such points."""
+    dtypes = {point.policy: stored_key_dtype(config, adapter, point.policy)
+              for point in run_points(config) if point.budget is not None}
+    return {policy: dtype for policy, dtype in dtypes.items() if dtype is not None}
 
 
 def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -> dict:
@@ -283,7 +288,7 @@ def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -
     options = config.policy_options(point.policy)
     if "group_reduction" in options:
         entry |= {"group_reduction": options["group_reduction"],
-                  "key_dtype": tokenbutler_key_dtypes(config, adapter)[point.policy],
+                  "key_dtype": stored_key_dtype(config, adapter, point.policy),
                   "predictor": predictor_identity(config, adapter, selection.interval)}
     return entry
 

@@ -502,8 +502,8 @@ inline bool all_finite(const float* x, int64_t n) {
 }
 
 // The query as the logits kernels read it: for bfloat16 keys where the pair kernel runs, q is replaced by
-// its bfloat16 rounding and the pairs are given; for int8 keys where the quad kernel runs, by its int8
-// quantisation (codes times the head's scale) and the codes are given (not for a query with a NaN or an
+// its bfloat16 rounding and the pairs are given; for int8 keys where the quad kernel runs (which scores every
+// token of a span, its tail too), its int8 codes, scales and sums are given (not for a query with a NaN or an
 // infinity, which the float path carries into the scores as before); else q stays and the form is empty.
 template <typename Key>
 QueryForm prepare_query(const float*& q, int64_t g, int64_t d, RowWork& work) {
@@ -518,17 +518,12 @@ QueryForm prepare_query(const float*& q, int64_t g, int64_t d, RowWork& work) {
         q = work.rounded.data();
         form.pairs = work.pairs.data();
     } else if (std::is_same_v<Key, int8_t> && INT8_QUADS && d % 4 == 0 && all_finite(q, g * d)) {
-        work.rounded.resize(static_cast<size_t>(g * d));
         work.codes.resize(static_cast<size_t>(g * d));
         work.code_scales.resize(static_cast<size_t>(g));
         work.code_sums.resize(static_cast<size_t>(g));
-        for (int64_t h = 0; h < g; ++h) {
-            const float scale = quantise_head(q + h * d, d, work.codes.data() + h * d, work.code_sums.data() + h);
-            work.code_scales[static_cast<size_t>(h)] = scale;
-            for (int64_t j = 0; j < d; ++j)
-                work.rounded[static_cast<size_t>(h * d + j)] = static_cast<float>(work.codes[static_cast<size_t>(h * d + j)]) * scale;
-        }
-        q = work.rounded.data();
+        for (int64_t h = 0; h < g; ++h)
+            work.code_scales[static_cast<size_t>(h)] =
+                quantise_head(q + h * d, d, work.codes.data() + h * d, work.code_sums.data() + h);
         form.codes = work.codes.data();
         form.scales = work.code_scales.data();
         form.sums = work.code_sums.data();

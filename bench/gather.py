@@ -19,6 +19,7 @@ import torch
 from offload_engine.cpu_cache.gather import INDEX, available_gather_methods, choose_gather_method, gather_fragments
 from offload_engine.cpu_cache.host_store import allocate_host, check_host_memory
 from offload_engine.errors import ConfigError
+from offload_engine.memory import dtype_name
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
 
@@ -102,7 +103,7 @@ def run_gather(settings: GatherSettings, out_dir: Path) -> dict:
         "benchmark": "gather",
         "provenance": provenance(),
         "machine": machine_header(device),
-        "settings": asdict(settings) | {"dtype": str(settings.dtype).removeprefix("torch."),
+        "settings": asdict(settings) | {"dtype": dtype_name(settings.dtype),
                                         "bytes_per_gather": nbytes},
         "default_method": method,
         "default_method_reason": reason,

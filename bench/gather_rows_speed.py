@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from offload_engine.cpu_cache.gather import gather_fragments
+from offload_engine.memory import dtype_name
 
 from .report import (machine_header, markdown_header, markdown_table, micro_benchmark_main, provenance,
                      time_alternating)
@@ -52,7 +53,7 @@ def measure(args) -> dict:
         timed = time_alternating({"as_dtype": lambda: gather_as_dtype(src, positions, slots, dst),
                                   "wide": lambda: gather_fragments(src, positions, slots, dst)}, args.calls, args.warmup)
         mib = heads * count * dim * dst.element_size() / 2**20
-        rows.append({"shape": name, "kv_heads": heads, "head_dim": dim, "dtype": str(dtype).removeprefix("torch."),
+        rows.append({"shape": name, "kv_heads": heads, "head_dim": dim, "dtype": dtype_name(dtype),
                      "context": context, "fragments_per_head": count, "mib": mib, "as_dtype": timed["as_dtype"],
                      "wide": timed["wide"], "ratio": timed["wide"]["median_ms"] / timed["as_dtype"]["median_ms"]})
         print(f"{name} {dtype} {context}: per head {timed['as_dtype']['median_ms']:.2f} ms, gather_fragments "

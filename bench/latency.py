@@ -28,6 +28,8 @@ from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig,
 from offload_engine.config import parse_layers
 from offload_engine.cpu_cache.gather import ALL_METHODS, default_gather_method
 from offload_engine.errors import ConfigError, TbrunError
+from offload_engine.memory import dtype_name
+from offload_engine.policies.tokenbutler import ProjectedKeyCache
 
 from .report import machine_header, provenance, summarize_ms
 
@@ -250,7 +252,9 @@ def measurements(stats, adapter, context: int, settings: LatencySettings, varian
         "gather_method": None,
         "breakdown": stats.breakdown,  # over all decode steps, warm-up included
     }
-    out |= traffic_floor(adapter, context, settings, variant, bytes_per_step)
+    out |= traffic_floor(adapter, context, settings, variant, bytes_per_step, stats.compact_keys)
+    if stats.compact_keys:
+        out["compact_key_dtype"] = stats.compact_keys
     if variant.policy is not None:
         out["gather_method"] = settings.gather_method or default_gather_method(settings.device)
         out["full_budget_bytes_per_step"] = full_budget
@@ -258,7 +262,8 @@ def measurements(stats, adapter, context: int, settings: LatencySettings, varian
     return out
 
 
-def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Variant, copied: float) -> dict:
+def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Variant, copied: float,
+                  compact_keys: str = "") -> dict:
     """Bytes a step must move through memory, at the least, on average, and what they take at the
     measured rate.
 
@@ -268,7 +273,8 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
     bounds; once every ``interval`` steps), and every copied byte twice on the CPU (read from the
     host store, written to the working set; dense offload copies the whole KV). On CUDA the copies
     cross the bus instead: see the bus columns; this floor is the device-memory side only. Compare
-    it with the mean step (a prediction step and the steps reusing it), not the median.
+    it with the mean step (a prediction step and the steps reusing it), not the median. ``compact_keys``: the
+    dtype TokenButler's compact cache stored (``GenerationStats.compact_keys``; the model's dtype if "").
     """
     dims = adapter.dims
     element = torch.empty((), dtype=adapter.dtype).element_size()
@@ -282,17 +288,20 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
         attended = min(context, settings.budget * (2 if variant.neighbors else 1))
         kv_read = per_token_layer * ((dims.num_layers - dense) * attended + dense * context)
     dim = parse_predictor_shape(settings.predictor_shape)[2]
-    scoring = policy_metadata_bytes(variant.policy, dims, context, element, dim) / (variant.interval or 1)
+    keys = getattr(torch, compact_keys) if compact_keys else adapter.dtype
+    scoring = policy_metadata_bytes(variant.policy, dims, context, element, dim, keys) / (variant.interval or 1)
     floor = weights + kv_read + cpu_copies + scoring
     rate = read_gbps(settings.device)
     return {"floor_bytes_per_step": floor, "floor_ms": floor / (rate * 1e9) * 1000.0, "memory_read_gbps": rate,
             "scoring_bytes_per_step": scoring}
 
 
-def policy_metadata_bytes(policy: str | None, dims, context: int, element: int, dim: int = 16) -> float:
-    """Per-step reads of a policy's scoring state over the whole context."""
+def policy_metadata_bytes(policy: str | None, dims, context: int, element: int, dim: int = 16,
+                          compact_keys: torch.dtype = torch.float32) -> float:
+    """Per-step reads of a policy's scoring state over the whole context (``element``: the model's KV element
+    size; ``compact_keys``: the dtype TokenButler's projected keys are stored in)."""
     if policy == "tokenbutler":  # projected keys of layers 1..L-1 (d' = 16 in the reference and shipped sizes)
-        return (dims.num_layers - 1) * dims.num_kv_heads * context * dim * element
+        return (dims.num_layers - 1) * dims.num_kv_heads * context * ProjectedKeyCache.entry_bytes(compact_keys, dim)
     if policy == "quest":  # per-page min and max keys, pages of 16
         return dims.num_layers * dims.num_kv_heads * (context / 16) * 2 * dims.head_dim * element
     return 0.0
@@ -416,7 +425,7 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
         "runs": earlier_runs + [run],
         "machine": machine_header(device),
         "settings": asdict(settings) | {"new_tokens_per_run": settings.new_tokens, "neighbors_on_radius": NEIGHBORS_ON,
-                                        "dtype": str(adapter.dtype).removeprefix("torch."),
+                                        "dtype": dtype_name(adapter.dtype),
                                         "model_dims": asdict(adapter.dims)},
         "pinned_memcpy_peak_gbps": {"before": run["memcpy_peak_gbps_before"], "after": run["memcpy_peak_gbps_after"]},
         "rows": sorted(rows, key=lambda r: r["context"]),

@@ -47,6 +47,13 @@ def _breakdown_cells(row: dict) -> list[str]:
                              for p in BREAKDOWN_COLUMNS[1:]]
 
 
+def _compact_keys_text(report: dict) -> str:
+    """How tokenbutler's projected keys were stored in this run, for the floor's description (its reads are
+    the keys as stored: an int8 token d' + 2 bytes a KV head, bfloat16 2 d')."""
+    stored = sorted({row["compact_key_dtype"] for row in report["rows"] if row.get("compact_key_dtype")})
+    return f": tokenbutler's projected keys as stored, {' and '.join(stored)}" if stored else ""
+
+
 def _read_rate(report: dict) -> float:
     rates = [row["memory_read_gbps"] for row in report["rows"] if row.get("memory_read_gbps")]
     return rates[0] if rates else math.nan
@@ -81,8 +88,9 @@ def to_markdown(report: dict) -> str:
         "GB/s over step = bytes copied host-to-device per step / median step time (a lower bound of the copy "
         "rate, since copies overlap compute). Speed-up and ratio compare median ms per step at the same context. "
         "Floor ms: the bytes a step must move through memory at the least (weights, the KV attention reads, the "
-        "policy's scoring state, copies counted twice on the CPU) at the memory read rate measured in this run "
-        f"({fmt(_read_rate(report))} GB/s); the ratio is the mean step (prediction steps included) / floor.",
+        f"policy's scoring state{_compact_keys_text(report)}, copies counted twice on the CPU) at the memory read "
+        f"rate measured in this run ({fmt(_read_rate(report))} GB/s); the ratio is the mean step (prediction steps "
+        "included) / floor.",
         "",
         "Breakdown: ms per step (share of the step) of each phase, timed in the same runs (CPU: timers around "
         "each phase; CUDA: events on the current stream, so copies overlapping compute count in `copy` and the "

@@ -52,6 +52,7 @@ from offload_engine import (
     Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, load_model, parse_context,
 )
 from offload_engine.errors import ConfigError
+from offload_engine.memory import dtype_name
 from offload_engine.policies import build_policy
 from offload_engine.policies.tokenbutler import KEY_DTYPES, compact_key_dtype
 from offload_engine.predictor.checkpoint import PredictorError, read_config
@@ -552,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "synthetic_kv_from": synthetic_from, "synthetic_kv_tile": synthetic_tile, "vllm": vllm.settings() if vllm else None,
                 "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads(),
                 "predictors": describe_predictors(args.predictors),
-                "auto_key_dtype": str(compact_key_dtype("auto", torch.float32, torch.device("cpu"))).removeprefix("torch.")}
+                "auto_key_dtype": dtype_name(compact_key_dtype("auto", torch.float32, torch.device("cpu")))}
     report = {"benchmark": "overhead", "provenance": provenance("python -m tbrun_bench.overhead"),
               "machine": machine_header(torch.device("cpu")), "settings": settings, "rows": []}
 

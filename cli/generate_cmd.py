@@ -49,6 +49,10 @@ NEIGHBORS = typer.Option(0, "--neighbors", help="Also fetch this many positions 
 NEIGHBOR_RULE = typer.Option("radius", "--neighbor-rule",
                              help="radius (--neighbors N), or runs: after each run of c selected, the next c.")
 PREDICTOR = typer.Option(None, "--predictor", help="TokenButler checkpoint directory.")
+KEY_DTYPE = typer.Option("auto", "--key-dtype",
+                         help="tokenbutler: how its compact cache stores projected keys: auto (int8 on a CPU with "
+                              "AVX512-VNNI, else bfloat16 on the CPU; the model's dtype on CUDA), float32, bfloat16 "
+                              "or int8.")
 DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present).")
 DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 ALLOW_ROPE_SCALING = typer.Option(False, "--allow-rope-scaling",
@@ -75,6 +79,7 @@ class EngineOptions:
     allow_rope_scaling: bool
     refresh_layers: str = ""
     copy_thread: bool = False
+    key_dtype: str = "auto"
 
 
 def generate(
@@ -92,6 +97,7 @@ def generate(
     neighbors: int = NEIGHBORS,
     neighbor_rule: str = NEIGHBOR_RULE,
     predictor: Optional[Path] = PREDICTOR,
+    key_dtype: str = KEY_DTYPE,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
@@ -112,7 +118,7 @@ def generate(
         check_output_file(stats_json, "--stats-json")
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
-                                        copy_thread))
+                                        copy_thread, key_dtype))
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
     _print_summary(result, _sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype,
@@ -133,8 +139,14 @@ def build_engine(o: EngineOptions) -> Engine:
     mode = _mode(o.offload, o.policy)
     if o.predictor is not None and "tokenbutler" not in o.policy:
         raise ConfigError("--predictor is only used by --policy tokenbutler.")
+    from offload_engine.policies.tokenbutler import KEY_DTYPES
+
+    if o.key_dtype not in KEY_DTYPES:
+        raise ConfigError(f"--key-dtype {o.key_dtype!r} is not one of {', '.join(KEY_DTYPES)}.")
+    if o.key_dtype != "auto" and "tokenbutler" not in o.policy:
+        raise ConfigError("--key-dtype is only used by --policy tokenbutler (its compact cache of projected keys).")
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(msg, style="dim", markup=False))
-    policy_object = _policy(o.policy, o.predictor) if mode is KVMode.SPARSE_OFFLOAD else None
+    policy_object = _policy(o.policy, o.predictor, o.key_dtype) if mode is KVMode.SPARSE_OFFLOAD else None
     dims = model_dims(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
     if mode is KVMode.SPARSE_OFFLOAD and o.predictor is None:
@@ -167,10 +179,12 @@ def _mode(offload: bool, policy: str) -> KVMode:
     return KVMode.DENSE_OFFLOAD if policy == "dense" else KVMode.SPARSE_OFFLOAD
 
 
-def _policy(spec: str, predictor: Optional[Path]):
+def _policy(spec: str, predictor: Optional[Path], key_dtype: str = "auto"):
     from offload_engine.policies import build_policy
 
     options = {"predictor_path": str(predictor)} if predictor is not None else {}
+    if key_dtype != "auto":
+        options["key_dtype"] = key_dtype
     return build_policy(spec, **options)
 
 
@@ -305,7 +319,8 @@ def _print_summary(result: GenerationResult, sliding: tuple[str, str] | None = N
         ("peak memory", f"host {s.peak_host_bytes / 2**30:.2f} GiB, device {s.peak_device_bytes / 2**30:.2f} GiB"),
     ]
     if s.predictor:
-        rows.insert(1, ("predictor", s.predictor))
+        keys = f", projected keys {s.compact_keys}" if s.compact_keys else ""
+        rows.insert(1, ("predictor", s.predictor + keys))
     if sliding is not None:
         rows.append(sliding)
     for name, value in rows:

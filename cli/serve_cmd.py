@@ -14,8 +14,8 @@ from offload_engine.errors import ConfigError
 
 from .common import err_console, user_errors
 from .generate_cmd import (
-    ALLOW_ROPE_SCALING, BUDGET, CONTEXT, COPY_THREAD, DEVICE, DTYPE, INTERVAL, MODEL, NEIGHBOR_RULE, NEIGHBORS,
-    OFFLOAD, POLICY, PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions, build_engine,
+    ALLOW_ROPE_SCALING, BUDGET, CONTEXT, COPY_THREAD, DEVICE, DTYPE, INTERVAL, KEY_DTYPE, MODEL, NEIGHBOR_RULE,
+    NEIGHBORS, OFFLOAD, POLICY, PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions, build_engine,
 )
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # what uvicorn takes
@@ -40,6 +40,7 @@ def serve(
     neighbors: int = NEIGHBORS,
     neighbor_rule: str = NEIGHBOR_RULE,
     predictor: Optional[Path] = PREDICTOR,
+    key_dtype: str = KEY_DTYPE,
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     allow_rope_scaling: bool = ALLOW_ROPE_SCALING,
@@ -64,7 +65,7 @@ def serve(
     check_port_free(host, port)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
-                                        copy_thread))
+                                        copy_thread, key_dtype))
     app = create_app(engine, config)
     err_console.print(f"serving [bold]{escape(config.model_name)}[/] (also as 'default'), {engine.config.mode.value}, "
                       f"context {engine.config.context} on http://{host}:{port}/v1 — Ctrl-C to stop")

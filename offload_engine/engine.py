@@ -21,6 +21,7 @@ from .backends.dense_offload import DenseOffloadKV
 from .backends.sparse_offload import SparseOffloadKV
 from .config import EngineConfig, KVMode, SamplingConfig, check_refresh_layers
 from .errors import ConfigError, DeviceUnavailableError
+from .memory import dtype_name
 from .models import ModelAdapter
 from .policies import build_policy
 from .policies.base import Policy, shared_prefill_observations
@@ -162,6 +163,13 @@ class Engine:
         policy = getattr(self.policy, "base", self.policy)
         return getattr(policy, "predictor_source", "")
 
+    @property
+    def compact_key_dtype(self) -> str:
+        """How the predictor's compact cache stores projected keys (``int8``, ``bfloat16``, ``float32``) once the
+        backend has bound the policy, or "" for a policy without one."""
+        stored = getattr(getattr(self.policy, "base", self.policy), "stored_key_dtype", None)
+        return dtype_name(stored) if stored is not None else ""
+
     # ------------------------------------------------------------------------------ public
     def record_prefill(self, prompt_ids) -> PrefillRecord:
         """Run the model's dense prefill of ``prompt_ids`` once and keep every layer's tensors.
@@ -211,6 +219,7 @@ class Engine:
                 backend.close()  # whatever happened above: the KV and the copy thread are freed
         stats.new_tokens = len(generated)
         stats.predictor = self.predictor_source  # known once the backend has bound the policy
+        stats.compact_keys = self.compact_key_dtype
         stats.peak_host_bytes = peak_host_bytes()
         stats.peak_device_bytes = peak_device_bytes(self.device)
         return GenerationResult(generated, self._decode_text(generated), prompt, reason, stats)

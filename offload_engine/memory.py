@@ -23,6 +23,11 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how reports and statistics name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True, slots=True)
 class MachineMemory:
     """Free memory now: host (available RAM) and device (free CUDA memory, or None on CPU)."""

@@ -105,6 +105,7 @@ class Session:
         self._keep(prompt, generated, reason)
         stats.new_tokens = len(generated)
         stats.predictor = engine.predictor_source
+        stats.compact_keys = engine.compact_key_dtype
         stats.peak_host_bytes = peak_host_bytes()
         stats.peak_device_bytes = peak_device_bytes(engine.device)
         return GenerationResult(generated, engine._decode_text(generated), prompt, reason, stats), reuse

@@ -16,6 +16,7 @@ class GenerationStats:
     mode: str = ""
     policy: str = ""
     predictor: str = ""  # tokenbutler's checkpoint folder and weights hash (TokenButlerPolicy.predictor_source)
+    compact_keys: str = ""  # the dtype tokenbutler's compact cache stores projected keys in (int8, bfloat16, ...)
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0

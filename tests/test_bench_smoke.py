@@ -95,9 +95,21 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
         assert len(row["round_medians_ms"]) == 2 and row["median_ms"] == min(row["round_medians_ms"])
         assert set(row["breakdown"]) == {"selection", "copy", "wait", "attention", "rest"}
         assert row["floor_ms"] > 0 and row["ratio_to_floor"] > 0
+    markdown = (out / "latency-tiny-llama-cpu.md").read_text()
     assert rows["tokenbutler-offload"]["breakdown"]["selection"]["ms_per_step"] > 0
     assert rows["dense-gpu"]["breakdown"]["selection"]["ms_per_step"] == 0
-    markdown = (out / "latency-tiny-llama-cpu.md").read_text()
+    # the floor reads tokenbutler's projected keys as the run stored them (auto: int8 or bfloat16 on the CPU)
+    from offload_engine.memory import dtype_name
+    from offload_engine.policies.tokenbutler import compact_key_dtype
+    from tbrun_bench.archs import arch_config
+
+    stored = compact_key_dtype("auto", torch.float32, torch.device("cpu"))
+    assert rows["tokenbutler-offload"]["compact_key_dtype"] == dtype_name(stored)
+    config = arch_config("tiny-llama")
+    entry = 8 * stored.itemsize + (2 if stored == torch.int8 else 0)  # d' 8, and an int8 token's float16 scale
+    rows_read = (config.num_hidden_layers - 1) * config.num_key_value_heads
+    assert rows["tokenbutler-offload"]["scoring_bytes_per_step"] == rows_read * entry * 512
+    assert "tokenbutler's projected keys as stored, " + rows["tokenbutler-offload"]["compact_key_dtype"] in markdown
     assert "| mode | selection | copy | wait | attention | rest |" in markdown and "synthetic-kv" in markdown
     assert "a producer every 2 layers, hidden width 32, d' 8" in markdown
 

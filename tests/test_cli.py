@@ -192,6 +192,37 @@ def test_a_predictor_of_another_model_name_is_noted_and_of_another_shape_refused
     assert result.exit_code == 2 and "was trained for another model" in flat(result.output), result.output
 
 
+def test_key_dtype_stores_the_projected_keys_as_asked_and_the_summary_says_how(tiny_model_dir, tmp_path, monkeypatch):
+    """--key-dtype reaches tokenbutler through a wrapper; the statistics and the summary name what the compact
+    cache stored (auto: what compact_key_dtype chooses on this CPU); a wrong value or a policy without a
+    compact cache is refused before the weights load."""
+    import torch
+
+    from offload_engine.memory import dtype_name
+    from offload_engine.models import model_dims
+    from offload_engine.policies.tokenbutler import compact_key_dtype
+    from offload_engine.predictor.checkpoint import save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+    dims = model_dims(tiny_model_dir)
+    save_checkpoint(tmp_path / "p", TokenButlerPredictor(PredictorConfig.for_model(dims, 2, 8, 16)))
+    critical = ("--offload", "--policy", "critical(tokenbutler)", "--budget", "40", "--sinks", "2", "--window", "8",
+                "--predictor", str(tmp_path / "p"), "--stats-json", str(tmp_path / "stats.json"))
+    auto = dtype_name(compact_key_dtype("auto", torch.float32, torch.device("cpu")))
+    for asked, stored in (("int8", "int8"), ("bfloat16", "bfloat16"), ("float32", "float32"), (None, auto)):
+        result = generate(tiny_model_dir, *critical, *(("--key-dtype", asked) if asked else ()))
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / "stats.json").read_text())["compact_keys"] == stored
+        assert f"projected keys {stored}" in flat(result.output), result.output
+    from offload_engine import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    result = generate(tiny_model_dir, *critical, "--key-dtype", "int4")
+    assert result.exit_code == 2 and "--key-dtype 'int4' is not one of auto, float32" in flat(result.output)
+    result = generate(tiny_model_dir, "--offload", "--policy", "quest", "--budget", "40", "--key-dtype", "int8")
+    assert result.exit_code == 2 and "--key-dtype is only used by --policy tokenbutler" in flat(result.output)
+
+
 def test_a_hub_id_neither_cached_nor_reachable_fails_at_once(monkeypatch):
     """No network: one message before the hub client's retries (about 30 s of warnings); a cached id or a hub
     host that resolves goes on to transformers as before."""

@@ -864,6 +864,12 @@ def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dt
     for other in (k.double(), torch.cat([k, k]), k[:, :-1], strided):
         assert not writer(1, 34, other)
     assert torch.equal(cache.keys[:, :, :, 34], before[:, :, :, 34])
+    # the kernel itself refuses a cache code it does not know, before writing (one entry for every cache dtype)
+    out, strides = cache.keys[1, :, :, 34:].data_ptr(), (cache.keys.stride(1), cache.keys.stride(2))
+    for code in (-1, 3):
+        assert kernels.library.tbrun_project_token(k.data_ptr(), kv_heads, head_dim, k.stride(0),
+                                                   projections[1].data_ptr(), dim, out, code, *strides, 0, 0) == -1
+    assert torch.equal(cache.keys[:, :, :, 34], before[:, :, :, 34])
     with pytest.raises(IndexError, match="holds 3 layers of 40 positions"):
         writer(3, 0, k)
     with pytest.raises(IndexError, match="holds 3 layers of 40 positions"):

@@ -30,7 +30,7 @@ from ..config import Budget, EngineConfig, KVMode, SamplingConfig, SelectionConf
 from ..engine import Engine, PrefillRecord, resolve_device
 from ..errors import ConfigError
 from ..machine import portable_path  # reports must not name local paths
-from ..memory import parse_dtype
+from ..memory import dtype_name, parse_dtype
 from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy, parse_policy_spec
 from ..policies.tokenbutler import GROUP_REDUCTIONS, KEY_DTYPES, compact_key_dtype, shipped_predictor_for
@@ -264,7 +264,7 @@ def stored_key_dtype(config: EvalConfig, adapter: ModelAdapter, policy: str) -> 
     if "group_reduction" not in options:  # not a tokenbutler point
         return None
     stored = compact_key_dtype(options.get("key_dtype", "auto"), adapter.dtype, adapter.device)
-    return str(stored).removeprefix("torch.")
+    return dtype_name(stored)
 
 
 def tokenbutler_key_dtypes(config: EvalConfig, adapter: ModelAdapter) -> dict[str, str]:

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 16
+ABI = 17
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -241,8 +241,7 @@ class SelectionKernels:
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
-            "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64],
-            "tbrun_project_token_int8": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, i64],
+            "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
@@ -578,12 +577,12 @@ class BoundKeyWriter:
     __slots__ = ("kernel", "layers", "heads", "dim", "dims", "capacity", "code", "size", "proj", "proj_layer",
                  "out", "out_strides", "scales", "scale_strides", "_keep", "_layout")
 
-    CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the cache's dtype -> how the kernel writes it
+    CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the cache's dtype -> out_code (PROJECT_*)
 
     def __init__(self, kernels: SelectionKernels, projections: torch.Tensor, keys: torch.Tensor,
                  scales: torch.Tensor | None):
         self.code = self.CODES[keys.dtype]
-        self.kernel = kernels.library.tbrun_project_token_int8 if self.code == 2 else kernels.library.tbrun_project_token
+        self.kernel = kernels.library.tbrun_project_token
         self.layers, self.heads, self.dim, self.dims = projections.shape
         self.capacity, self.size = keys.shape[3], keys.element_size()
         self._keep = (projections, keys, scales)  # the memory the addresses below point into
@@ -633,15 +632,12 @@ class BoundKeyWriter:
         layer_stride, head_stride, dim_stride = self.out_strides
         out = self.out + (layer * layer_stride + position) * self.size
         proj = self.proj + layer * self.proj_layer
-        if self.code == 2:
-            scale_layer, scale_head = self.scale_strides
-            status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), proj, self.dims, out, head_stride,
-                                 dim_stride, self.scales + (layer * scale_layer + position) * 2, scale_head)
-            if status == -2:  # a NaN or an infinity in a projected key: quantised by torch, as the prefill's are
-                return False
-        else:
-            status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), proj, self.dims, out, self.code,
-                                 head_stride, dim_stride)
+        scale_layer, scale_head = self.scale_strides  # (0, 0) and a null pointer without an int8 cache's scales
+        scales = self.scales + (layer * scale_layer + position) * 2 if self.scales else 0
+        status = self.kernel(k.data_ptr(), self.heads, self.dim, k.stride(0), proj, self.dims, out, self.code,
+                             head_stride, dim_stride, scales, scale_head)
+        if status == -2:  # a NaN or an infinity in a projected key: quantised by torch, as the prefill's are
+            return False
         if status != 0:  # cannot happen with d' <= 256 (checked when bound)
             raise ValueError(f"project_token: d' {self.dims} above the kernel's 256")
         return True

@@ -44,8 +44,8 @@
 // spends most of its time on outside attention on the CPU.
 //
 // tbrun_project_token: a decode token's key through each KV head's compact projection, written into the
-// compact cache (float32 or bfloat16) in one call per layer; tbrun_project_token_int8 the same into an int8
-// cache, each head's key quantised as quantize_keys does (codes and a float16 scale).
+// compact cache in one call per layer: float32, bfloat16, or int8 with each head's key quantised as
+// quantize_keys does (codes and a float16 scale).
 //
 // tbrun_select_rows: a producer's selection in one call, row by row: the scores, the top-k of the
 // candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
@@ -999,7 +999,7 @@ inline uint16_t to_half(float x) {
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 16; }
+int tbrun_kernels_abi() { return 17; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -1093,48 +1093,41 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
 
 // A decode token's key through each KV head's compact projection, written into the compact cache's column of
 // its position (TokenButlerPolicy.observe_decode at every layer, where a matrix product, a view and a strided
-// copy took ~70 us of Python and torch calls a layer): out[h * out_head_stride + j * out_dim_stride] =
-// sum_i k[h * k_stride + i] * proj[(h * d + i) * dp + j], k [heads, d] (rows k_stride apart), proj [heads, d,
-// dp] contiguous, float32; out float32 (out_bf16 0) or bfloat16 rounded to nearest even (1), as torch's
-// float32 -> bfloat16 conversion. Returns 0, or -1 where dp exceeds PROJECT_MAX_DIMS.
+// copy took ~70 us of Python and torch calls a layer): key[h, j] = sum_i k[h * k_stride + i] * proj[(h * d + i) *
+// dp + j], k [heads, d] (rows k_stride apart), proj [heads, d, dp] contiguous, float32, written at
+// out[h * out_head_stride + j * out_dim_stride] as the cache stores it (out_code):
+//   PROJECT_FLOAT32:  as computed;
+//   PROJECT_BFLOAT16: rounded to nearest even, as torch's float32 -> bfloat16 conversion;
+//   PROJECT_INT8:     quantised as quantize_keys does (predictor/network.py: one scale per head and token,
+//                     max |key| / 127, stored as float16 at scales[h * scale_stride]; scales unused otherwise).
+// Returns 0; -1 where dp exceeds PROJECT_MAX_DIMS or out_code is unknown (nothing written); -2 for an int8 cache
+// where a projected key holds a NaN or an infinity (a broken model; heads before it may be written), which the
+// caller leaves to torch's quantisation, so that prefill and decode keys are stored alike.
 constexpr int64_t PROJECT_MAX_DIMS = 256;
+constexpr int64_t PROJECT_FLOAT32 = 0, PROJECT_BFLOAT16 = 1, PROJECT_INT8 = 2;
 
 int tbrun_project_token(const float* k, int64_t heads, int64_t d, int64_t k_stride, const float* proj, int64_t dp,
-                        void* out, int64_t out_bf16, int64_t out_head_stride, int64_t out_dim_stride) {
-    if (dp > PROJECT_MAX_DIMS) return -1;
+                        void* out, int64_t out_code, int64_t out_head_stride, int64_t out_dim_stride, uint16_t* scales,
+                        int64_t scale_stride) {
+    if (dp > PROJECT_MAX_DIMS || out_code < PROJECT_FLOAT32 || out_code > PROJECT_INT8) return -1;
     float acc[PROJECT_MAX_DIMS];
+    int8_t quantised[PROJECT_MAX_DIMS];
     for (int64_t h = 0; h < heads; ++h) {
         project_head(k + h * k_stride, d, proj + h * d * dp, dp, acc);
-        if (out_bf16) {
+        if (out_code == PROJECT_INT8) {
+            if (!all_finite(acc, dp)) return -2;
+            int32_t unused;
+            const float scale = quantise_head(acc, dp, quantised, &unused);
+            int8_t* column = static_cast<int8_t*>(out) + h * out_head_stride;
+            for (int64_t j = 0; j < dp; ++j) column[j * out_dim_stride] = quantised[j];
+            scales[h * scale_stride] = to_half(scale);
+        } else if (out_code == PROJECT_BFLOAT16) {
             uint16_t* column = static_cast<uint16_t*>(out) + h * out_head_stride;
             for (int64_t j = 0; j < dp; ++j) column[j * out_dim_stride] = to_bf16(acc[j]);
         } else {
             float* column = static_cast<float*>(out) + h * out_head_stride;
             for (int64_t j = 0; j < dp; ++j) column[j * out_dim_stride] = acc[j];
         }
-    }
-    return 0;
-}
-
-// tbrun_project_token into an int8 cache: each head's projected key quantised as quantize_keys does
-// (predictor/network.py: one scale per head and token, max |key| / 127, stored as float16), its codes at
-// codes[h * head_stride + j * dim_stride] and its scale at scales[h * scale_stride]. Returns 0, -1 where
-// dp exceeds PROJECT_MAX_DIMS, or -2 (heads before it may be written) where a projected key holds a NaN or an
-// infinity (a broken model), which the caller leaves to torch's quantisation, so that prefill and decode keys
-// are stored alike.
-int tbrun_project_token_int8(const float* k, int64_t heads, int64_t d, int64_t k_stride, const float* proj, int64_t dp,
-                             int8_t* codes, int64_t head_stride, int64_t dim_stride, uint16_t* scales,
-                             int64_t scale_stride) {
-    if (dp > PROJECT_MAX_DIMS) return -1;
-    float acc[PROJECT_MAX_DIMS];
-    int8_t quantised[PROJECT_MAX_DIMS];
-    for (int64_t h = 0; h < heads; ++h) {
-        project_head(k + h * k_stride, d, proj + h * d * dp, dp, acc);
-        if (!all_finite(acc, dp)) return -2;
-        int32_t unused;
-        const float scale = quantise_head(acc, dp, quantised, &unused);
-        for (int64_t j = 0; j < dp; ++j) codes[h * head_stride + j * dim_stride] = quantised[j];
-        scales[h * scale_stride] = to_half(scale);
     }
     return 0;
 }

@@ -98,6 +98,13 @@ class ProjectedKeyCache:
     def nbytes(self) -> int:
         return self._storage.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
+    @staticmethod
+    def entry_bytes(dtype: torch.dtype, dim: int) -> int:
+        """Bytes one token's key takes in one KV head's row, as a scoring pass reads them: ``d'`` values of
+        ``dtype``, and for int8 codes the token's float16 scale (``d' + 2``)."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return dim * size + (2 if dtype == torch.int8 else 0)
+
     def write(self, layer: int, start: int, keys: torch.Tensor) -> None:
         """keys ``[KvH, T, d']`` of consumer ``layer`` at positions ``start .. start+T-1``."""
         end = start + keys.shape[1]
@@ -213,6 +220,7 @@ class TokenButlerPolicy(Policy):
         # what answers, for a run's statistics: a checkpoint's folder and weights hash (set when loaded)
         self.predictor_source = "random weights (seeded)" if self.random_weights else (
             "given in memory" if self.predictor is not None else "")
+        self.stored_key_dtype: torch.dtype | None = None  # what key_dtype resolved to (set by bind)
 
     @property
     def by_max(self) -> bool:
@@ -234,7 +242,7 @@ class TokenButlerPolicy(Policy):
                     self.predictor_path or "the given predictor")
         self.predictor = self.predictor.to(ctx.device).eval()
         c = self.predictor.config
-        stored = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
+        stored = self.stored_key_dtype = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
         self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, stored, ctx.device,
                                        int8=stored == torch.int8)
         self._queries = {}

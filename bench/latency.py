@@ -288,7 +288,7 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
         attended = min(context, settings.budget * (2 if variant.neighbors else 1))
         kv_read = per_token_layer * ((dims.num_layers - dense) * attended + dense * context)
     dim = parse_predictor_shape(settings.predictor_shape)[2]
-    keys = getattr(torch, compact_keys) if compact_keys else adapter.dtype
+    keys = getattr(torch, compact_keys) if compact_keys else None
     scoring = policy_metadata_bytes(variant.policy, dims, context, element, dim, keys) / (variant.interval or 1)
     floor = weights + kv_read + cpu_copies + scoring
     rate = read_gbps(settings.device)
@@ -297,11 +297,12 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
 
 
 def policy_metadata_bytes(policy: str | None, dims, context: int, element: int, dim: int = 16,
-                          compact_keys: torch.dtype = torch.float32) -> float:
+                          compact_keys: torch.dtype | None = None) -> float:
     """Per-step reads of a policy's scoring state over the whole context (``element``: the model's KV element
-    size; ``compact_keys``: the dtype TokenButler's projected keys are stored in)."""
+    size; ``compact_keys``: the dtype TokenButler's projected keys are stored in, None: ``element`` bytes)."""
     if policy == "tokenbutler":  # projected keys of layers 1..L-1 (d' = 16 in the reference and shipped sizes)
-        return (dims.num_layers - 1) * dims.num_kv_heads * context * ProjectedKeyCache.entry_bytes(compact_keys, dim)
+        entry = ProjectedKeyCache.entry_bytes(compact_keys, dim) if compact_keys is not None else dim * element
+        return (dims.num_layers - 1) * dims.num_kv_heads * context * entry
     if policy == "quest":  # per-page min and max keys, pages of 16
         return dims.num_layers * dims.num_kv_heads * (context / 16) * 2 * dims.head_dim * element
     return 0.0

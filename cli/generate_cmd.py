@@ -50,9 +50,9 @@ NEIGHBOR_RULE = typer.Option("radius", "--neighbor-rule",
                              help="radius (--neighbors N), or runs: after each run of c selected, the next c.")
 PREDICTOR = typer.Option(None, "--predictor", help="TokenButler checkpoint directory.")
 KEY_DTYPE = typer.Option("auto", "--key-dtype",
-                         help="tokenbutler: how its compact cache stores projected keys: auto (int8 on a CPU with "
-                              "AVX512-VNNI, else bfloat16 on the CPU; the model's dtype on CUDA), float32, bfloat16 "
-                              "or int8.")
+                         help="tokenbutler: how its compact cache stores projected keys: auto (the model's dtype; "
+                              "for a float32 model on the CPU with the native kernels, int8 where the CPU has "
+                              "AVX512-VNNI, else bfloat16), float32, bfloat16 or int8.")
 DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present).")
 DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 ALLOW_ROPE_SCALING = typer.Option(False, "--allow-rope-scaling",

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 # sinks + window = 20 and 32 tokens attended per layer and KV head: past ~32 tokens every decode step
 # selects, so the first answer's KV comes from sparse attention and is prefilled again (not reused)
-SPARSE = ["--offload", "--policy", "tokenbutler", "--budget", "32", "--sinks", "4", "--window", "16"]
+SPARSE = ["--offload", "--policy", "tokenbutler", "--budget", "32", "--sinks", "4", "--window", "16",
+          "--key-dtype", "bfloat16"]
 DOCUMENT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. It is 330 metres tall and was the "
             "tallest man-made structure in the world for 41 years. Gustave Eiffel's company designed it. ") * 3
 
@@ -34,6 +35,7 @@ def test_a_sparse_follow_up_turn_reuses_the_prefix_and_matches_a_fresh_prefill(c
     first = client.chat.completions.create(model="default", messages=first_turn, temperature=0, max_tokens=12)
     stats = first.model_extra["tbrun"]
     assert stats["mode"] == "sparse-offload" and stats["policy"] == "tokenbutler"
+    assert stats["predictor"].startswith("smollm2-135m-instruct") and stats["compact_keys"] == "bfloat16"
     assert stats["h2d_bytes_per_step"] > 0  # the steps fetched selected tokens from the host store
     conversation = first_turn + [{"role": "assistant", "content": first.choices[0].message.content},
                                  {"role": "user", "content": "Who designed it?"}]

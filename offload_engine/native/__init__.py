@@ -638,8 +638,9 @@ class BoundKeyWriter:
                              head_stride, dim_stride, scales, scale_head)
         if status == -2:  # a NaN or an infinity in a projected key: quantised by torch, as the prefill's are
             return False
-        if status != 0:  # cannot happen with d' <= 256 (checked when bound)
-            raise ValueError(f"project_token: d' {self.dims} above the kernel's 256")
+        if status != 0:  # cannot happen: d' <= 256, the cache's code and an int8 cache's scales checked when bound
+            raise ValueError(f"project_token refused d' {self.dims} (the kernel takes up to 256) or cache code "
+                             f"{self.code}")
         return True
 
 

@@ -1100,7 +1100,8 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
 //   PROJECT_BFLOAT16: rounded to nearest even, as torch's float32 -> bfloat16 conversion;
 //   PROJECT_INT8:     quantised as quantize_keys does (predictor/network.py: one scale per head and token,
 //                     max |key| / 127, stored as float16 at scales[h * scale_stride]; scales unused otherwise).
-// Returns 0; -1 where dp exceeds PROJECT_MAX_DIMS or out_code is unknown (nothing written); -2 for an int8 cache
+// Returns 0; -1 where dp exceeds PROJECT_MAX_DIMS, out_code is unknown or an int8 cache has no scales (nothing
+// written); -2 for an int8 cache
 // where a projected key holds a NaN or an infinity (a broken model; heads before it may be written), which the
 // caller leaves to torch's quantisation, so that prefill and decode keys are stored alike.
 constexpr int64_t PROJECT_MAX_DIMS = 256;
@@ -1109,7 +1110,9 @@ constexpr int64_t PROJECT_FLOAT32 = 0, PROJECT_BFLOAT16 = 1, PROJECT_INT8 = 2;
 int tbrun_project_token(const float* k, int64_t heads, int64_t d, int64_t k_stride, const float* proj, int64_t dp,
                         void* out, int64_t out_code, int64_t out_head_stride, int64_t out_dim_stride, uint16_t* scales,
                         int64_t scale_stride) {
-    if (dp > PROJECT_MAX_DIMS || out_code < PROJECT_FLOAT32 || out_code > PROJECT_INT8) return -1;
+    if (dp > PROJECT_MAX_DIMS || out_code < PROJECT_FLOAT32 || out_code > PROJECT_INT8 ||
+        (out_code == PROJECT_INT8 && scales == nullptr))
+        return -1;
     float acc[PROJECT_MAX_DIMS];
     int8_t quantised[PROJECT_MAX_DIMS];
     for (int64_t h = 0; h < heads; ++h) {

@@ -285,7 +285,8 @@ def _usage(outcome: Outcome) -> dict:
 def _stats(outcome: Outcome) -> dict:
     """The ``tbrun`` extension field: what this request cost the engine."""
     s, reuse = outcome.result.stats, outcome.reuse
-    return {"mode": s.mode, "policy": s.policy, "prompt_tokens": s.prompt_tokens,
+    return {"mode": s.mode, "policy": s.policy, "predictor": s.predictor, "compact_keys": s.compact_keys,
+            "prompt_tokens": s.prompt_tokens,
             "prefill_tokens": reuse.prefilled_tokens, "prefill_tokens_saved": reuse.reused_tokens,
             "prefill_seconds": round(s.prefill_seconds, 4), "queue_ms": round(outcome.queue_ms, 2),
             "time_to_first_token_ms": round(outcome.first_token_ms, 2), "decode_steps": len(s.decode_ms),

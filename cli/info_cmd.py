@@ -23,8 +23,9 @@ def info(
     import torch
 
     from offload_engine.machine import describe_machine
-    from offload_engine.memory import UNBOUNDED, MachineMemory, parse_dtype
+    from offload_engine.memory import UNBOUNDED, MachineMemory, dtype_name, parse_dtype
     from offload_engine.models import model_dims, resolve_model_path
+    from offload_engine.policies.tokenbutler import compact_key_dtype
 
     from .generate_cmd import sliding_window_text
 
@@ -40,7 +41,9 @@ def info(
     per_token = dims.kv_bytes_per_token(torch_dtype)
     table.add_row("model", f"{model or 'embedded SmolLM2-135M-Instruct'} ({dims.num_layers} layers, "
                            f"{dims.num_kv_heads} KV heads x {dims.head_dim}, {dims.max_positions} positions)")
-    table.add_row("KV per token", f"{per_token / 1024:.1f} KiB ({str(torch_dtype).removeprefix('torch.')})")
+    table.add_row("KV per token", f"{per_token / 1024:.1f} KiB ({dtype_name(torch_dtype)})")
+    table.add_row("tokenbutler's projected keys", f"{dtype_name(compact_key_dtype('auto', torch_dtype, device))} "
+                                                  "(--key-dtype auto, this model dtype and device)")
     if dims.local_windows(dims.max_positions):
         table.add_row(f"sliding-window layers (at {dims.max_positions:,} tokens)",
                       sliding_window_text(dims, dims.max_positions, torch_dtype, offload=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import namedtuple
@@ -78,9 +79,18 @@ print(" ".join(name for name in ("torch", "transformers", "offload_engine.engine
 
 
 def test_info_reports_machine_and_max_context(tiny_model_dir):
+    import torch
+
+    from offload_engine.memory import dtype_name
+    from offload_engine.policies.tokenbutler import compact_key_dtype
+
     result = run("info", "--model", tiny_model_dir)
     assert result.exit_code == 0, result.output
     assert "max context" in result.output and "pinned memory" in result.output
+    for dtype, name in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # what auto stores, as generate would
+        result = run("info", "--model", tiny_model_dir, "--dtype", dtype)
+        stored = dtype_name(compact_key_dtype("auto", name, torch.device("cpu")))
+        assert re.search(rf"tokenbutler's projected keys\s+│ {stored} \(--key-dtype auto", result.output), result.output
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1101,9 +1101,9 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
 //   PROJECT_INT8:     quantised as quantize_keys does (predictor/network.py: one scale per head and token,
 //                     max |key| / 127, stored as float16 at scales[h * scale_stride]; scales unused otherwise).
 // Returns 0; -1 where dp exceeds PROJECT_MAX_DIMS, out_code is unknown or an int8 cache has no scales (nothing
-// written); -2 for an int8 cache
-// where a projected key holds a NaN or an infinity (a broken model; heads before it may be written), which the
-// caller leaves to torch's quantisation, so that prefill and decode keys are stored alike.
+// written); -2 for an int8 cache where a projected key holds a NaN or an infinity (a broken model; heads before
+// it may be written), which the caller leaves to torch's quantisation, so that prefill and decode keys are
+// stored alike.
 constexpr int64_t PROJECT_MAX_DIMS = 256;
 constexpr int64_t PROJECT_FLOAT32 = 0, PROJECT_BFLOAT16 = 1, PROJECT_INT8 = 2;
 

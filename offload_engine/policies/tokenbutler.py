@@ -102,8 +102,7 @@ class ProjectedKeyCache:
     def entry_bytes(dtype: torch.dtype, dim: int) -> int:
         """Bytes one token's key takes in one KV head's row, as a scoring pass reads them: ``d'`` values of
         ``dtype``, and for int8 codes the token's float16 scale (``d' + 2``)."""
-        size = torch.empty((), dtype=dtype).element_size()
-        return dim * size + (2 if dtype == torch.int8 else 0)
+        return dim * dtype.itemsize + (2 if dtype == torch.int8 else 0)
 
     def write(self, layer: int, start: int, keys: torch.Tensor) -> None:
         """keys ``[KvH, T, d']`` of consumer ``layer`` at positions ``start .. start+T-1``."""

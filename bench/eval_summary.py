@@ -40,8 +40,8 @@ from pathlib import Path
 import psutil
 
 from offload_engine.errors import ConfigError
-from offload_engine.evaluation.report import (RESULTS_FILE, budget_percent, draw_budget_plot, metric_cell,
-                                              metric_heading, plot_title, provenance, table_lines)
+from offload_engine.evaluation.report import (RESULTS_FILE, SETTING_KEYS, budget_percent, draw_budget_plot,
+                                              metric_cell, metric_heading, plot_title, provenance, table_lines)
 from offload_engine.evaluation.scoring import (EXACT_SIGN_FLIPS, SIGN_FLIP_DRAWS, PairedComparison,
                                                compare_paired, sample_value)
 from offload_engine.evaluation.tasks import TASKS
@@ -56,7 +56,7 @@ PER_RUN_KEYS = ("task", "policies", "budgets", "predictor", "shared_prefill", "s
 FREE_MEMORY = re.compile(r"\s*\([^()]*available\)")  # the part of a machine header that changes run to run
 # Run-wide selection settings: a point's identity (``point_names``). A point's own record in ``points``
 # gives its effective values (a policy variant's overrides included; only the settings it uses).
-RUN_SETTINGS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "group_reduction", "key_dtype")
+RUN_SETTINGS = SETTING_KEYS  # the same settings a run's report shows per point
 UNRECORDED_KEYS = "unrecorded"  # tokenbutler's compact key dtype in runs from before points recorded it
 AGREEMENT_TOLERANCE = 1e-4  # relative: two runs' values agree to float32 rounding (sums over many tokens)
 

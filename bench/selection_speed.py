@@ -62,7 +62,7 @@ def quantised_caches(layers: int, kv_heads: int, dim: int, tokens: int,
     scale per token and KV head): (codes ``[Lg, KvH, d', tokens]``, scales ``[Lg, KvH, tokens]``) views."""
     caches = []
     for _ in range(PRODUCERS):
-        cache = ProjectedKeyCache(layers, kv_heads, tokens, dim, torch.float32, torch.device("cpu"), int8=True)
+        cache = ProjectedKeyCache(layers, kv_heads, tokens, dim, torch.int8, torch.device("cpu"))
         for layer in range(1, layers + 1):
             cache.write(layer, 0, torch.randn(kv_heads, tokens, dim, generator=generator))
         caches.append((cache.columns(range(1, layers + 1), 0, tokens), cache.scales))

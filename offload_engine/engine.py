@@ -160,15 +160,19 @@ class Engine:
     def predictor_source(self) -> str:
         """The predictor that selects (a checkpoint's folder and weights hash), or "" for a policy without one;
         a wrapper's (critical) is its base's."""
-        policy = getattr(self.policy, "base", self.policy)
-        return getattr(policy, "predictor_source", "")
+        return getattr(self._scoring_policy, "predictor_source", "")
 
     @property
     def compact_key_dtype(self) -> str:
         """How the predictor's compact cache stores projected keys (``int8``, ``bfloat16``, ``float32``) once the
         backend has bound the policy, or "" for a policy without one."""
-        stored = getattr(getattr(self.policy, "base", self.policy), "stored_key_dtype", None)
+        stored = getattr(self._scoring_policy, "stored_key_dtype", None)
         return dtype_name(stored) if stored is not None else ""
+
+    @property
+    def _scoring_policy(self) -> Policy | None:
+        """The policy that scores: a wrapper's (critical) base, else the policy itself (None for dense)."""
+        return getattr(self.policy, "base", self.policy)
 
     # ------------------------------------------------------------------------------ public
     def record_prefill(self, prompt_ids) -> PrefillRecord:

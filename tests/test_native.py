@@ -198,8 +198,7 @@ def test_long_compact_key_rows_are_padded_a_line_past_a_multiple_of_four_kib(cap
     else:
         assert capacity <= length and (length * size) % 4096 == 64
         assert (length - capacity) * size <= 4096 + 64
-    cache = ProjectedKeyCache(2, 3, capacity, 16, dtype if dtype != torch.int8 else torch.float32,
-                              torch.device("cpu"), int8=dtype == torch.int8)
+    cache = ProjectedKeyCache(2, 3, capacity, 16, dtype, torch.device("cpu"))
     assert cache.keys.shape == (2, 3, 16, capacity)
     assert cache.keys.stride(-2) == padded_row_length(capacity, cache.keys.dtype)
     assert cache.nbytes >= cache.keys.numel() * cache.keys.element_size()
@@ -521,7 +520,7 @@ def test_the_kernel_gives_torchs_group_max_of_logits(layers, kv_heads, group, di
 def _int8_cache(layers: int, kv_heads: int, capacity: int, dim: int, generator: torch.Generator) -> ProjectedKeyCache:
     """An int8 compact cache of random codes and scales: normal float16 scales, subnormal ones (the keys of
     a token near zero) and zeros."""
-    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, torch.float32, torch.device("cpu"), int8=True)
+    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, torch.int8, torch.device("cpu"))
     cache.keys.copy_(torch.randint(-127, 128, cache.keys.shape, generator=generator, dtype=torch.int8))
     scales = torch.rand(cache.scales.shape, generator=generator) * 0.05
     tiny = torch.rand(cache.scales.shape, generator=generator) < 0.1
@@ -883,14 +882,14 @@ def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dt
 @needs_compiler
 @pytest.mark.parametrize("kv_heads, head_dim, dim", [(3, 64, 16), (2, 7, 5)])
 def test_the_key_writer_quantises_each_heads_key_into_an_int8_cache_as_torch_does(kv_heads, head_dim, dim, fresh_native):
-    """An int8 cache (``ProjectedKeyCache(int8=True)``): each head's projected key quantised by ``quantize_keys``'
+    """An int8 cache (``ProjectedKeyCache`` of dtype int8): each head's projected key quantised by ``quantize_keys``'
     rule, its codes into the column and its float16 scale beside it (codes within one of torch's: the sums'
     order differs, and a code at a rounding boundary may fall the other way), nothing else written; int8 keys
     without their scales, scales of another type or shape, or float keys with scales are not bound."""
     kernels = native.kernels()
     assert kernels is not None, native.status()
     generator = torch.Generator().manual_seed(kv_heads * head_dim + dim)
-    cache = ProjectedKeyCache(3, kv_heads, 40, dim, torch.float32, torch.device("cpu"), int8=True)
+    cache = ProjectedKeyCache(3, kv_heads, 40, dim, torch.int8, torch.device("cpu"))
     projections = torch.randn(3, kv_heads, head_dim, dim, generator=generator)
     writer = kernels.bind_key_writer(projections, cache.keys, cache.scales)
     assert writer is not None and writer.matches(projections, cache.keys, cache.scales)
@@ -924,7 +923,7 @@ def _assert_int8_writes_are_quantize_keys(kernels) -> None:
     ``quantize_keys``, for keys whose scales are float16 subnormals, normal numbers, and past float16's range
     (infinity), and for a zero key (the 1e-8 floor)."""
     kv_heads, dim = 7, 16
-    cache = ProjectedKeyCache(1, kv_heads, 8, dim, torch.float32, torch.device("cpu"), int8=True)
+    cache = ProjectedKeyCache(1, kv_heads, 8, dim, torch.int8, torch.device("cpu"))
     projections = torch.eye(dim).expand(1, kv_heads, dim, dim).contiguous()
     writer = kernels.bind_key_writer(projections, cache.keys, cache.scales)
     generator = torch.Generator().manual_seed(11)

@@ -78,14 +78,13 @@ class ProjectedKeyCache:
     Dimension-major (each of the ``d'`` numbers of every token in one row): scoring is then a
     ``[g, d'] x [d', m]`` product over contiguous rows, 1.3x faster on the CPU than over token-major
     ``[m, d']`` keys read transposed (measured cold, 14 producers a step, 7.5k and 32k tokens; not
-    measured on a GPU). ``int8``: keys stored as int8 with one float16 scale per (layer, KV head,
-    token) (``d' + 2`` bytes per entry instead of ``2 d'`` in bfloat16 or ``4 d'`` in float32).
+    measured on a GPU). ``dtype`` int8: keys stored as int8 codes with one float16 scale per (layer, KV
+    head, token) (``d' + 2`` bytes per entry instead of ``2 d'`` in bfloat16 or ``4 d'`` in float32).
     """
 
     def __init__(self, layers: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype,
-                 device: torch.device, int8: bool = False):
-        self.int8 = int8
-        dtype = torch.int8 if int8 else dtype
+                 device: torch.device):
+        self.int8 = int8 = dtype == torch.int8
         # rows padded a cache line past a multiple of 4 KiB: at a power-of-two capacity the d' rows a
         # scoring kernel streams side by side would fall in the same CPU cache sets (the kernel's logits
         # 2.3x slower at 32k, measured on an AMD EPYC)
@@ -242,8 +241,7 @@ class TokenButlerPolicy(Policy):
         self.predictor = self.predictor.to(ctx.device).eval()
         c = self.predictor.config
         stored = self.stored_key_dtype = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
-        self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, stored, ctx.device,
-                                       int8=stored == torch.int8)
+        self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, stored, ctx.device)
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
         self._bound_mlps = {}

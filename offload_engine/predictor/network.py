@@ -342,7 +342,7 @@ def widen_hidden(predictor: TokenButlerPredictor, hidden: int, seed: int = 0) ->
 
 def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per (KV head, token): keys ``[..., d']`` -> (int8 ``[..., d']``, fp16 scale ``[...]``)."""
-    scale = keys.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
+    scale = int8_scale(keys)
     return torch.round(keys.float() / scale.unsqueeze(-1)).to(torch.int8), scale.to(torch.float16)
 
 
@@ -351,9 +351,15 @@ def quantize_query(queries: torch.Tensor) -> torch.Tensor:
     (``SelectionKernels.int8_quad_products``): each head's vector quantised by ``quantize_keys``' rule in
     float32, but its scale kept in float32; returned as codes times scale (float32), the numbers the kernel
     multiplies."""
-    q = queries.float()
-    scale = q.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
-    return torch.round(q / scale).clamp(-127, 127) * scale
+    scale = int8_scale(queries).unsqueeze(-1)
+    return torch.round(queries.float() / scale).clamp(-127, 127) * scale
+
+
+def int8_scale(x: torch.Tensor) -> torch.Tensor:
+    """The symmetric int8 scale of each vector of ``x [..., d']``, float32 ``[...]``: max |x| / 127 (at least
+    1e-8 / 127, so that a zero vector quantises to zeros); the rule of ``quantize_keys`` and ``quantize_query``
+    and of the native kernels' ``quantise_head``."""
+    return x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
 
 
 def dequantize_keys(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ instead of prefilling (a decode step's time does not depend on the values), RoPE
 trained positions (timing only), transformers is not run, and vLLM prefills for real. Random keys
 renew most of a sparse policy's selection at every step, so its copies there bound the real ones
 from above; ``--synthetic-kv-tile N`` prefills the prompt's first N tokens for real and repeats their
-KV instead, so selections change from step to step as on a real prefix.
+KV instead (each copy's keys turned by RoPE to the positions it fills), so selections change from step
+to step as on a real prefix.
 
 Run: ``python -m tbrun_bench.overhead --out bench/reports`` (``make bench-overhead``).
 """
@@ -400,9 +401,12 @@ def to_markdown(report: dict) -> str:
     synthetic = [r["context"] for r in report["rows"] if r.get("synthetic_kv")]
     tile = s.get("synthetic_kv_tile") or 0
     if synthetic and tile:
+        turned = ("each copy's queries and keys turned by RoPE to the positions it fills"
+                  if s.get("synthetic_kv_tile_rope") == TILE_ROPE else
+                  "the same keys in every copy, as the bench filled it before 2026-12-06: a scorer's copies tie")
         notes += [f"Contexts {', '.join(map(str, synthetic))}: tbrun's KV filled with the real keys and values of the "
-                  f"prompt's first {tile} tokens, repeated along the positions, instead of a prefill of the whole "
-                  "prompt (a decode step's time does not depend on the values, but a sparse policy's selections "
+                  f"prompt's first {tile} tokens, repeated along the positions ({turned}), instead of a prefill of the "
+                  "whole prompt (a decode step's time does not depend on the values, but a sparse policy's selections "
                   "change from step to step as they do on a real prefix, where random keys renew most of them at "
                   "every step); RoPE past the model's trained positions (timing only); transformers not run there.", ""]
     elif synthetic:
@@ -489,6 +493,9 @@ def _cores_text(cores: float | None) -> str:
     return f"; process CPU time / wall time over its timed steps {cores:.2f} (1.00: one core busy)"
 
 
+# How --synthetic-kv-tile's copies hold their queries and keys (recorded in the settings; reports without it
+# repeated the first copy's as they were)
+TILE_ROPE = "turned to their positions"
 TIMING_METHOD = (
     "Timing: tbrun's per-step time is the engine's own (feed a token, sample the next); transformers' is the "
     "interval between consecutive calls of a timestamping logits processor, i.e. one full generate step."
@@ -550,7 +557,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
                 "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
-                "synthetic_kv_from": synthetic_from, "synthetic_kv_tile": synthetic_tile, "vllm": vllm.settings() if vllm else None,
+                "synthetic_kv_from": synthetic_from, "synthetic_kv_tile": synthetic_tile,
+                "synthetic_kv_tile_rope": TILE_ROPE if synthetic_tile else None, "vllm": vllm.settings() if vllm else None,
                 "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads(),
                 "predictors": describe_predictors(args.predictors),
                 "auto_key_dtype": dtype_name(compact_key_dtype("auto", torch.float32, torch.device("cpu")))}

@@ -184,7 +184,9 @@ class EngineConfig:
     # (a decode step's time does not depend on the values); the generated text means nothing.
     synthetic_kv: bool = False
     # With synthetic_kv, N > 0: prefill the prompt's first N tokens for real and repeat their keys, values
-    # (and attention inputs) along the positions up to the prompt's length instead of random ones. Random
+    # (and attention inputs) along the positions up to the prompt's length instead of random ones, each
+    # copy's queries and keys turned by the RoPE of the positions it fills (layer 0's, exactly, of the
+    # prefix repeated: no two copies score alike, and each sits at its own distance from the decode). Random
     # keys give a sparse policy nothing to hold on to, so most of its selection is new at every step (~60%
     # of the budget fetched again per step at 32k, against ~13% on real text at 8k): the copy and
     # selection times of random KV bound the real ones from above, a repeated real prefix measures them

@@ -324,13 +324,11 @@ class Engine:
         if self.config.synthetic_kv and not tile:
             return self._synthetic_prefill(len(prompt), backend, stats, start)
         store = backend.prefill_layer
-        if tile:  # the real prefix's tensors, repeated to the prompt's length
-            prompt, length = prompt[:tile], len(prompt)
-
-            def store(layer, x, q, k, v):
-                backend.prefill_layer(layer, repeat_positions(x, 0, length), repeat_positions(q, 1, length),
-                                      repeat_positions(k, 1, length), repeat_positions(v, 1, length))
         adapter, chunk = self.adapter, self.config.prefill_chunk
+        if tile:  # the real prefix's tensors, repeated to the prompt's length and turned to their positions
+            store = self._tiled_store(backend, tile, len(prompt))
+            prompt = prompt[:tile]
+            self.adapter.reset_rope()  # the tiled store's table may have grown a dynamic RoPE past the prefix
         ids = torch.tensor([prompt], device=self.device)
         hidden = adapter.embed(ids)  # [1, T, E]
         rope = adapter.rope(hidden, torch.arange(len(prompt), device=self.device).unsqueeze(0))
@@ -349,6 +347,28 @@ class Engine:
             torch.cuda.synchronize(self.device)  # so the prefill time covers the queued work
         stats.prefill_seconds = time.perf_counter() - start
         return logits
+
+    def _tiled_store(self, backend: KVBackend, tile: int, length: int):
+        """``backend.prefill_layer`` for a real ``tile``-token prefix stored ``length`` positions long:
+        position ``t`` holds position ``t mod tile``'s x and v, and its q and k before RoPE turned by ``t``'s
+        RoPE, as that text repeated would give them in layer 0 (and so each copy sits at its own distance
+        from the decode's queries, and a scorer of post-RoPE keys sees no two copies alike)."""
+        adapter, chunk, device = self.adapter, self.config.prefill_chunk, self.device
+        probe = torch.zeros(1, 1, 1, device=device, dtype=adapter.dtype)  # rope() reads only its dtype and device
+        cos, sin = adapter.rope(probe, torch.arange(length, device=device).unsqueeze(0))  # [R, length, D]
+
+        def store(layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+            q_pre, k_pre, _ = _chunked_qkv(adapter, layer, x.unsqueeze(0), None, chunk)  # [1, heads, tile, D]
+            q_all = q_pre.new_empty(1, q_pre.shape[1], length, q_pre.shape[-1])
+            k_all = k_pre.new_empty(1, k_pre.shape[1], length, k_pre.shape[-1])
+            for start in range(0, length, chunk):
+                end = min(start + chunk, length)
+                source = torch.arange(start, end, device=device) % tile
+                q_all[:, :, start:end], k_all[:, :, start:end] = adapter.apply_rope(
+                    layer, q_pre[:, :, source], k_pre[:, :, source], (cos[:, start:end], sin[:, start:end]))
+            backend.prefill_layer(layer, repeat_positions(x, 0, length), q_all[0], k_all[0],
+                                  repeat_positions(v, 1, length))
+        return store
 
     def _synthetic_prefill(self, length: int, backend: KVBackend, stats: GenerationStats, start: float) -> torch.Tensor:
         """Timing runs: every layer gets the same random K/V ``[KvH, T, D]`` (drawn once) instead of the
@@ -442,8 +462,9 @@ def _check_record(record: PrefillRecord | None, prompt: list[int]) -> None:
 
 def repeat_positions(tensor: torch.Tensor, dim: int, length: int) -> torch.Tensor:
     """``tensor`` repeated along its positions ``dim`` and cut to ``length`` positions: x ``[N, E]``
-    (dim 0) or q, k, v ``[heads, N, D]`` (dim 1) -> the same with ``length`` positions, position ``t``
-    holding position ``t mod N`` (a synthetic KV cache of real text's keys)."""
+    (dim 0) or v ``[KvH, N, D]`` (dim 1) -> the same with ``length`` positions, position ``t`` holding
+    position ``t mod N`` (a synthetic KV cache of real text's values; q and k are turned to their
+    positions as well: ``Engine._tiled_store``)."""
     count = tensor.shape[dim]
     if count >= length:
         return tensor.narrow(dim, 0, length)
@@ -457,8 +478,7 @@ def _chunked_qkv(adapter: ModelAdapter, layer: int, x: torch.Tensor, rope, chunk
     length = x.shape[1]
     if length <= chunk:
         return adapter.qkv(layer, x, rope)
-    cos, sin = rope
-    parts = [adapter.qkv(layer, x[:, s:s + chunk], (cos[:, s:s + chunk], sin[:, s:s + chunk]))
+    parts = [adapter.qkv(layer, x[:, s:s + chunk], None if rope is None else (rope[0][:, s:s + chunk], rope[1][:, s:s + chunk]))
              for s in range(0, length, chunk)]
     return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
 

@@ -295,8 +295,9 @@ class ModelAdapter:
         """The pre-attention norm: hidden ``[1, T, E]`` -> ``[1, T, E]`` (TokenButler's input)."""
         return self._layers[layer].input_layernorm(hidden)
 
-    def qkv(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """x ``[1, T, E]`` -> q ``[1, H, T, D]``, k and v ``[1, KvH, T, D]``; q and k post-RoPE."""
+    def qkv(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """x ``[1, T, E]`` -> q ``[1, H, T, D]``, k and v ``[1, KvH, T, D]``; q and k post-RoPE (``rope``
+        None: not yet rotated, for ``apply_rope`` to turn to positions of the caller's choice)."""
         attn = self._layers[layer].self_attn
         t, d = x.shape[1], self.dims.head_dim
         q = _project(attn.q_proj, x).view(1, t, -1, d)
@@ -305,10 +306,18 @@ class ModelAdapter:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = _project(attn.v_proj, x).view(1, t, -1, d).transpose(1, 2)
+        if rope is None:
+            return q, k, v
+        q, k = self.apply_rope(layer, q, k, rope)
+        return q, k, v
+
+    def apply_rope(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s RoPE: q ``[1, H, T, D]``, k ``[1, KvH, T, D]`` not yet rotated, ``rope`` the
+        (cos, sin) of ``rope()`` for their T positions -> both turned to those positions."""
         row = self._rope_row[layer]
         cos, sin = rope
-        q, k = self._apply_rope(q, k, cos[row:row + 1], sin[row:row + 1])
-        return q, k, v
+        return self._apply_rope(q, k, cos[row:row + 1], sin[row:row + 1])
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual and MLP.

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tbrun_bench.archs import arch_config, arch_names, build_random_model
 from tbrun_bench.latency import ALL_MODES
-from tbrun_bench.overhead import measure, to_markdown
+from tbrun_bench.overhead import TILE_ROPE, measure, to_markdown
 from tbrun_cli.main import app
 
 from offload_engine.errors import ConfigError
@@ -413,6 +413,9 @@ def test_overhead_can_fill_long_contexts_with_a_repeated_real_prefix():
               "settings": {"model": "tiny", "dtype": "fp32", "new_tokens": 4, "repeats": 1, "skip_steps": 1,
                            "timing_method": "t", "synthetic_kv_tile": 32}, "rows": rows}
     assert "the real keys and values of the prompt's first 32 tokens, repeated" in to_markdown(report)
+    assert "a scorer's copies tie" in to_markdown(report)  # a report of the fill before keys were turned
+    report["settings"]["synthetic_kv_tile_rope"] = TILE_ROPE
+    assert "turned by RoPE to the positions it fills" in to_markdown(report)
 
 
 def test_page_bounds_hold_every_token_of_their_page_and_the_prefilter_report_runs(tiny_model_dir, tmp_path):

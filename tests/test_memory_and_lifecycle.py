@@ -135,8 +135,11 @@ def test_host_store_is_pinned_on_cuda_and_not_leaked():
 
 
 def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():
-    """synthetic_kv_tile N: the prompt's first N tokens are prefilled for real, and every layer's x, q,
-    k and v are that prefix's, repeated to the prompt's length (position t holds position t mod N)."""
+    """synthetic_kv_tile N: the prompt's first N tokens are prefilled for real, and every layer's x and v
+    are that prefix's, repeated to the prompt's length (position t holds position t mod N), its q and k
+    those of position t mod N turned to position t: in layer 0 (whose q and k depend on the token alone)
+    exactly a real prefill's of the prefix repeated, and in every layer each copy's scores among its own
+    positions the prefix's (RoPE's scores depend on distances only), with no two copies alike."""
     from offload_engine.engine import GenerationStats, _RecordingKV
 
     adapter = ModelAdapter(tiny_model("llama"))
@@ -150,8 +153,19 @@ def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():
     source = torch.arange(70) % 32
     for layer, prefix in zip(recorder.layers, real.layers):
         assert layer.k.shape[1] == layer.v.shape[1] == layer.q.shape[1] == layer.x.shape[0] == 70
-        assert torch.equal(layer.k, prefix.k[:, source]) and torch.equal(layer.v, prefix.v[:, source])
-        assert torch.equal(layer.q, prefix.q[:, source]) and torch.equal(layer.x, prefix.x[source])
+        assert torch.equal(layer.v, prefix.v[:, source]) and torch.equal(layer.x, prefix.x[source])
+        assert torch.equal(layer.k[:, :32], prefix.k) and torch.equal(layer.q[:, :32], prefix.q)
+        group = adapter.dims.num_heads // adapter.dims.num_kv_heads
+        for copy in (slice(32, 64), slice(64, 70)):  # the second copy, and the third's first 6 positions
+            keys = layer.k[:, copy].repeat_interleave(group, dim=0)
+            own = prefix.k[:, : keys.shape[1]].repeat_interleave(group, dim=0)
+            torch.testing.assert_close(layer.q[:, copy] @ keys.transpose(1, 2),
+                                       prefix.q[:, : keys.shape[1]] @ own.transpose(1, 2), rtol=1e-4, atol=1e-5)
+            assert (layer.k[:, copy] - prefix.k[:, : keys.shape[1]]).abs().amax() > 1e-3  # turned: not a copy
+    periodic = [prompt[i % 32] for i in range(70)]
+    whole = Engine(adapter, EngineConfig(context=96)).record_prefill(periodic).layers[0]
+    torch.testing.assert_close(recorder.layers[0].k, whole.k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recorder.layers[0].q, whole.q, rtol=1e-5, atol=1e-6)
     selection = SelectionConfig(policy="streaming", budget=Budget.parse("50%"), sinks=4, window=8)
     sparse = Engine(adapter, EngineConfig(context=96, mode=KVMode.SPARSE_OFFLOAD, selection=selection,
                                           synthetic_kv=True, synthetic_kv_tile=32))

@@ -21,7 +21,7 @@ from offload_engine.evaluation.scoring import intervals, ppl_interval, t95, wils
 from tbrun_cli.main import app
 
 POLICIES = ["oracle", "quest", "snapkv", "h2o", "streaming", "random", "critical(h2o)",
-            "quest[interval=4,neighbor_rule=runs]"]
+            "quest[interval=4,neighbor_rule=runs]", "streaming[window=16,sinks=0]"]
 VOLATILE = ("seconds", "prefill_seconds", "stats")  # timings differ run to run
 
 
@@ -87,9 +87,25 @@ def test_policy_variants_are_split_parsed_and_checked():
     assert config.selection(Budget.parse("10%"), specs[0]).interval == 1
     assert config.policy_options(specs[1]) == {"group_reduction": "mean"}
     assert [p.policy for p in run_points(config)] == ["dense", *specs]
-    for bad in ("quest[interval=x]", "quest[speed=2]", "quest[group_reduction=mean]", "tokenbutler[group_reduction=min]"):
+    for bad in ("quest[interval=x]", "quest[speed=2]", "quest[group_reduction=mean]", "tokenbutler[group_reduction=min]",
+                "quest[window=-1]", "quest[sinks=1.5]"):
         with pytest.raises(ConfigError, match="--policy"):
             EvalConfig(task="niah", policies=[bad], budgets=[Budget.parse("10%")])
+
+
+def test_a_variant_may_keep_its_own_sinks_and_window(tiny):
+    """``quest[window=64,sinks=2]``: that point's selection keeps 2 sinks and 64 recent tokens, the others the
+    run's; a budget too small for a variant's window is refused naming the variant, before any sample runs."""
+    specs = ["quest", "quest[window=64,sinks=2]"]
+    config = EvalConfig(task="niah-single", policies=specs, budgets=[Budget.parse("10%")], context=256, window=8)
+    assert PolicyVariant.parse(specs[1]).selection_overrides() == {"window": 64, "sinks": 2}
+    ours, run_wide = config.selection(Budget.parse("10%"), specs[1]), config.selection(Budget.parse("10%"), specs[0])
+    assert (ours.sinks, ours.window, run_wide.sinks, run_wide.window) == (2, 64, 4, 8)
+    assert config.fixed_tokens() == 66
+    too_wide = EvalConfig(task="niah-single", policies=["quest", "quest[window=200]"], budgets=[Budget.parse("10%")],
+                          context=256, window=8, samples=1)
+    with pytest.raises(ConfigError, match=r"--policy quest\[window=200\]: .*--window 200"):
+        prepare_samples(too_wide, tiny.tokenizer)
 
 
 def test_wilson_and_t_intervals():

@@ -43,7 +43,9 @@ FORCED_TEXT_MAX_TOKENS = 64  # keep the greedy predictions' text in the report f
 MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages
 
 
-SELECTION_KEYS = ("interval", "neighbors", "neighbor_rule", "refresh_layers")  # SelectionConfig fields a variant may set
+# SelectionConfig fields a variant may set (``tokenbutler[window=64]``: one point with another window)
+SELECTION_KEYS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "refresh_layers")
+COUNT_KEYS = ("sinks", "window", "interval", "neighbors")  # those that are whole numbers
 POLICY_KEYS = ("group_reduction", "key_dtype")  # options of the innermost policy a variant may set
 _VARIANT = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[(?P<options>[^\[\]]*)\])?$")
 
@@ -80,11 +82,13 @@ class PolicyVariant:
             if not sep or key not in SELECTION_KEYS + POLICY_KEYS or not value:
                 raise ConfigError(f"--policy {spec!r}: {item!r} is not key=value with a key among "
                                   f"{', '.join(SELECTION_KEYS + POLICY_KEYS)}.")
+            if key in COUNT_KEYS and not value.isdigit():
+                raise ConfigError(f"--policy {spec!r}: {key} takes a whole number of tokens or steps, not {value!r}.")
             settings.append((key, value))
         return cls(match.group("base").strip(), tuple(settings))
 
     def selection_overrides(self) -> dict:
-        return {k: (int(v) if k in ("interval", "neighbors") else v) for k, v in self.settings if k in SELECTION_KEYS}
+        return {k: (int(v) if k in COUNT_KEYS else v) for k, v in self.settings if k in SELECTION_KEYS}
 
     def policy_options(self) -> dict:
         return {k: v for k, v in self.settings if k in POLICY_KEYS}
@@ -168,9 +172,14 @@ class EvalConfig:
     def selection(self, budget: Budget | None, policy: str = "dense") -> SelectionConfig:
         """The selection settings of ``policy`` (a spec, variant settings applied) at ``budget``."""
         variant = PolicyVariant.parse(policy)
-        settings = dict(interval=self.interval, neighbors=self.neighbors, neighbor_rule=self.neighbor_rule)
-        return SelectionConfig(policy=variant.base, budget=budget, sinks=self.sinks, window=self.window,
-                               **(settings | variant.selection_overrides()))
+        settings = dict(sinks=self.sinks, window=self.window, interval=self.interval, neighbors=self.neighbors,
+                        neighbor_rule=self.neighbor_rule)
+        return SelectionConfig(policy=variant.base, budget=budget, **(settings | variant.selection_overrides()))
+
+    def fixed_tokens(self) -> int:
+        """The most sinks + window tokens any point keeps whatever it scores (a variant may set its own)."""
+        return max(selection.sinks + selection.window
+                   for selection in [self.selection(None)] + [self.selection(None, p) for p in self.policies])
 
     def policy_options(self, policy: str) -> dict:
         """Constructor options of the innermost policy of spec ``policy``."""
@@ -419,7 +428,11 @@ def check_budgets_fit(config: EvalConfig, samples: Sequence[Sample]) -> None:
     """Every fractional budget must cover the sinks and window at the shortest prompt."""
     shortest = min(sample.shortest_prompt for sample in samples)
     for budget in config.budgets:
-        config.selection(budget).check_fraction_budget(shortest)
+        for policy in config.policies:
+            try:
+                config.selection(budget, policy).check_fraction_budget(shortest)
+            except ConfigError as error:
+                raise ConfigError(f"--policy {policy}: {error}") from None
 
 
 def load_for_eval(config: EvalConfig) -> ModelAdapter:
@@ -438,7 +451,7 @@ def load_for_eval(config: EvalConfig) -> ModelAdapter:
 def prepare_samples(config: EvalConfig, tokenizer) -> list[Sample]:
     """The task's samples for this config (ppl's prefix long enough for the smallest budget)."""
     fractions = [b.fraction for b in config.budgets if b.fraction is not None]
-    min_prompt = min_prompt_for(fractions, config.sinks + config.window)
+    min_prompt = min_prompt_for(fractions, config.fixed_tokens())
     samples = make_samples(config.task, tokenizer, config.samples, config.context, config.seed, min_prompt)
     check_budgets_fit(config, samples)
     return samples

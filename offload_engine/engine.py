@@ -478,8 +478,10 @@ def _chunked_qkv(adapter: ModelAdapter, layer: int, x: torch.Tensor, rope, chunk
     length = x.shape[1]
     if length <= chunk:
         return adapter.qkv(layer, x, rope)
-    parts = [adapter.qkv(layer, x[:, s:s + chunk], None if rope is None else (rope[0][:, s:s + chunk], rope[1][:, s:s + chunk]))
-             for s in range(0, length, chunk)]
+    def part(s: int):
+        return None if rope is None else (rope[0][:, s:s + chunk], rope[1][:, s:s + chunk])
+
+    parts = [adapter.qkv(layer, x[:, s:s + chunk], part(s)) for s in range(0, length, chunk)]
     return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
 
 

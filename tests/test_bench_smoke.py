@@ -471,3 +471,30 @@ def test_gather_settings_refuse_bad_sizes(options, message):
 
     with pytest.raises(ConfigError, match=message):
         GatherSettings(**{"device": "cpu", **options})
+
+
+def test_the_window_study_masks_are_the_engine_rule_at_each_window(monkeypatch):
+    """bench/window_study.py: ``engine_wW`` at the default window is ``tokenbutler_engine``'s mask, every method
+    keeps the budget's count, and a wider window keeps the newer tokens; its table pairs by sequence."""
+    from offload_engine.predictor import evaluation
+    from tbrun_bench import window_study
+
+    monkeypatch.setattr(window_study, "WINDOWS", (8, evaluation.ENGINE_WINDOW, 200))
+    generator = torch.Generator().manual_seed(0)
+    length, group = 600, 3
+    rows = torch.tensor([300, 450, 599])
+    future = evaluation.causal_mask(rows, length)
+    logits = torch.randn(6, 3, length, generator=generator)
+    probs = torch.softmax(torch.randn(6, 3, length, generator=generator).masked_fill(future, float("-inf")), -1)
+    masks = window_study._selections_with_windows(evaluation._selections)(probs, logits, rows, 0.5, group,
+                                                                           torch.Generator().manual_seed(1))
+    assert torch.equal(masks[f"engine_w{evaluation.ENGINE_WINDOW}"], masks["tokenbutler_engine"])
+    counts = evaluation.budget_counts(rows, 0.5)
+    for window in window_study.WINDOWS:
+        assert torch.equal(masks[f"engine_w{window}"].sum(-1), counts.expand(6, -1))
+    recent = lambda mask: int(mask[:, 2, 599 - 150:600].sum())  # noqa: E731
+    assert recent(masks["engine_w8"]) < recent(masks["tokenbutler_engine"]) < recent(masks["engine_w200"])
+    per_sequence = {"tokenbutler_engine": {"10%": [0.90, 0.92]}, "engine_w8": {"10%": [0.80, 0.83]},
+                    "engine_w200": {"10%": [0.91, 0.94]}}
+    table = window_study.window_table({"recall": {"4096": {"per_sequence": per_sequence}}})
+    assert "| 200 | 0.9250 [" in table and "+0.0150 [" in table and "(2 of 2)" in table

@@ -1,0 +1,111 @@
+"""How much of the oracle's attention mass the engine's selection holds, by the width of its window.
+
+    python -m tbrun_bench.window_study --predictor predictors/smollm2-135m-instruct \\
+        --corpus stdlib:pydoc_data/topics.py --corpus gensim:test/test_data/lee_background.cor \\
+        --corpus 'torch:nn/modules/*.py' --corpus 'stdlib:*.py' --lengths 4096:8,8192:3 --interval 1 \\
+        --lookups 0.25 --out bench/reports/predictor_window
+
+``predictor_report`` (the same arguments, the same held-out text and rows) with one more method per
+window ``W`` in ``WINDOWS``: ``engine_wW``, the first 4 tokens and a window of ``min(W, (k - 4) // 2)`` recent
+ones always, the rest of ``k`` by tokenbutler's scores, as ``tokenbutler_engine`` does with
+``ENGINE_WINDOW`` (``tbrun generate``'s default window). The budget ``k`` is the same for every method, so
+a wider window leaves fewer tokens to the predictor. Writes ``OUT.json`` and ``OUT.md`` as the report does,
+and a table of every window at 10% with its difference from the default paired by sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from offload_engine.evaluation.scoring import t_interval
+from offload_engine.predictor import evaluation
+
+WINDOWS = (0, 16, 32, 128, 256)
+BUDGET = "10%"
+
+
+def window_method(window: int) -> str:
+    return f"engine_w{window}"
+
+
+def _selections_with_windows(selections):
+    """``evaluation._selections`` plus an ``engine_wW`` mask per window in ``WINDOWS``."""
+    def wrapped(probs, logits, rows, fraction, group, generator, stored_logits=None):
+        masks = selections(probs, logits, rows, fraction, group, generator, stored_logits)
+        if logits is None:
+            return masks
+        future = evaluation.causal_mask(rows, probs.shape[-1])
+        counts = evaluation.budget_counts(rows, fraction)
+        shared = evaluation.group_mean_probs(logits.masked_fill(future, float("-inf")), group, future)
+        for window in WINDOWS:
+            fixed = torch.clamp(counts, max=evaluation.SINKS) + torch.clamp((counts - evaluation.SINKS) // 2,
+                                                                            min=0, max=window)
+            always = evaluation.streaming_mask(rows, fixed, probs.shape[-1])
+            masks[window_method(window)] = evaluation._expand(
+                evaluation.select_top(shared.masked_fill(always, 2.0), counts), group)
+        return masks
+    return wrapped
+
+
+def window_table(report: dict) -> str:
+    """Markdown: recall at ``BUDGET`` per window and length (every row and lookup rows), each with its 95%
+    interval over sequences and its difference from the default window paired by sequence."""
+    default = evaluation.ENGINE_WINDOW
+    windows = sorted({*WINDOWS, default})
+    lines = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
+             f"min(W, (k - {evaluation.SINKS}) // 2), the rest of k by the predictor; W = {default} is "
+             "`tokenbutler_engine`, `tbrun generate`'s default)", "",
+             "Each cell: mean [95% interval over sequences]; difference from W = "
+             f"{default}: mean [95% t interval of the per-sequence differences] (sequences where it is above).", ""]
+    for section, title in (("recall", "every row"), ("lookup_recall", "lookup rows")):
+        lengths = report.get(section) or {}
+        lines += [f"### {title}", "", "| window | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+                  "| --- |" + " --- |" * len(lengths)]
+        for window in windows:
+            method = "tokenbutler_engine" if window == default else window_method(window)
+            cells = []
+            for result in lengths.values():
+                values = result["per_sequence"][method][BUDGET]
+                base = result["per_sequence"]["tokenbutler_engine"][BUDGET]
+                cell = _mean_cell(values)
+                if window != default:
+                    diffs = [v - b for v, b in zip(values, base)]
+                    cell += f"; {_mean_cell(diffs, signed=True)} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
+                cells.append(cell)
+            lines.append(f"| {window} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _mean_cell(values: list[float], signed: bool = False) -> str:
+    interval = t_interval(values)
+    form = "{:+.4f}" if signed else "{:.4f}"
+    if interval is None:
+        return form.format(values[0])
+    mean, low, high = interval
+    return f"{form.format(mean)} [{form.format(low)}, {form.format(high)}]"
+
+
+def append_window_table(out: Path) -> None:
+    """Append ``window_table`` of ``OUT.json`` to ``OUT.md``."""
+    report = json.loads(out.with_suffix(".json").read_text())
+    markdown = out.with_suffix(".md")
+    markdown.write_text(markdown.read_text().rstrip("\n") + "\n\n" + window_table(report) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    evaluation.METHODS = evaluation.METHODS + tuple(window_method(w) for w in WINDOWS)
+    evaluation._selections = _selections_with_windows(evaluation._selections)
+    from . import predictor_report
+
+    predictor_report.main(argv)
+    append_window_table(Path(argv[argv.index("--out") + 1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
-from offload_engine.evaluation.scoring import t_interval
 from offload_engine.predictor import evaluation
+
+from . import predictor_report
+from .predictor_report import _cell, mean_interval, signed_cell
+from .report import markdown_table
 
 WINDOWS = (0, 16, 32, 128, 256)
 BUDGET = "10%"
@@ -55,7 +58,6 @@ def window_table(report: dict) -> str:
     """Markdown: recall at ``BUDGET`` per window and length (every row and lookup rows), each with its 95%
     interval over sequences and its difference from the default window paired by sequence."""
     default = evaluation.ENGINE_WINDOW
-    windows = sorted({*WINDOWS, default})
     lines = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
              f"min(W, (k - {evaluation.SINKS}) // 2), the rest of k by the predictor; W = {default} is "
              "`tokenbutler_engine`, `tbrun generate`'s default)", "",
@@ -63,31 +65,21 @@ def window_table(report: dict) -> str:
              f"{default}: mean [95% t interval of the per-sequence differences] (sequences where it is above).", ""]
     for section, title in (("recall", "every row"), ("lookup_recall", "lookup rows")):
         lengths = report.get(section) or {}
-        lines += [f"### {title}", "", "| window | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
-                  "| --- |" + " --- |" * len(lengths)]
-        for window in windows:
-            method = "tokenbutler_engine" if window == default else window_method(window)
-            cells = []
-            for result in lengths.values():
-                values = result["per_sequence"][method][BUDGET]
-                base = result["per_sequence"]["tokenbutler_engine"][BUDGET]
-                cell = _mean_cell(values)
-                if window != default:
-                    diffs = [v - b for v, b in zip(values, base)]
-                    cell += f"; {_mean_cell(diffs, signed=True)} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
-                cells.append(cell)
-            lines.append(f"| {window} | " + " | ".join(cells) + " |")
-        lines.append("")
+        rows = [[str(window), *(_window_cell(result["per_sequence"], window) for result in lengths.values())]
+                for window in sorted({*WINDOWS, default})]
+        lines += [f"### {title}", "", markdown_table(["window", *(f"{n} tokens" for n in lengths)], rows), ""]
     return "\n".join(lines)
 
 
-def _mean_cell(values: list[float], signed: bool = False) -> str:
-    interval = t_interval(values)
-    form = "{:+.4f}" if signed else "{:.4f}"
-    if interval is None:
-        return form.format(values[0])
-    mean, low, high = interval
-    return f"{form.format(mean)} [{form.format(low)}, {form.format(high)}]"
+def _window_cell(per_sequence: dict, window: int) -> str:
+    """One window's recall over sequences and, but for the default, its paired difference from the default's."""
+    base = per_sequence["tokenbutler_engine"][BUDGET]
+    if window == evaluation.ENGINE_WINDOW:
+        return _cell(mean_interval(base))
+    values = per_sequence[window_method(window)][BUDGET]
+    diffs = [v - b for v, b in zip(values, base)]
+    above = sum(d > 0 for d in diffs)
+    return f"{_cell(mean_interval(values))}; {signed_cell(mean_interval(diffs))} ({above} of {len(diffs)})"
 
 
 def append_window_table(out: Path) -> None:
@@ -101,9 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     evaluation.METHODS = evaluation.METHODS + tuple(window_method(w) for w in WINDOWS)
     evaluation._selections = _selections_with_windows(evaluation._selections)
-    from . import predictor_report
-
-    predictor_report.main(argv)
+    predictor_report.main(argv)  # evaluation's METHODS and _selections are read at call time: the patched ones
     append_window_table(Path(argv[argv.index("--out") + 1]))
 
 

@@ -497,4 +497,4 @@ def test_the_window_study_masks_are_the_engine_rule_at_each_window(monkeypatch):
     per_sequence = {"tokenbutler_engine": {"10%": [0.90, 0.92]}, "engine_w8": {"10%": [0.80, 0.83]},
                     "engine_w200": {"10%": [0.91, 0.94]}}
     table = window_study.window_table({"recall": {"4096": {"per_sequence": per_sequence}}})
-    assert "| 200 | 0.9250 [" in table and "+0.0150 [" in table and "(2 of 2)" in table
+    assert "| 200 | 0.925 [" in table and "+0.015 [" in table and "(2 of 2)" in table

@@ -6,9 +6,10 @@
         --lookups 0.25 --out bench/reports/predictor_window
 
 ``predictor_report`` (the same arguments, the same held-out text and rows) with one more method per
-window ``W`` in ``WINDOWS``: ``engine_wW``, the first 4 tokens and a window of ``min(W, (k - 4) // 2)`` recent
-ones always, the rest of ``k`` by tokenbutler's scores, as ``tokenbutler_engine`` does with
-``ENGINE_WINDOW`` (``tbrun generate``'s default window). The budget ``k`` is the same for every method, so
+window ``W`` in ``WINDOWS``: ``engine_wW``, the first 4 tokens and the engine's window under budget ``k`` with
+widest window ``W`` (``(k - 4) // 2`` clamped to ``[min(16, W), W]``, ``evaluation.engine_fixed_mask``) always, the
+rest of ``k`` by tokenbutler's scores, as ``tokenbutler_engine`` does with ``ENGINE_WINDOW`` (the engine's
+default, 128; the committed ``reports/predictor_window`` ran when it was 64, so its default row is W = 64). The budget ``k`` is the same for every method, so
 a wider window leaves fewer tokens to the predictor. Writes ``OUT.json`` and ``OUT.md`` as the report does,
 and a table of every window at 10% with its difference from the default paired by sequence.
 """
@@ -19,15 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from offload_engine.predictor import evaluation
 
 from . import predictor_report
 from .predictor_report import _cell, mean_interval, signed_cell
 from .report import markdown_table
 
-WINDOWS = (0, 16, 32, 128, 256)
+WINDOWS = (0, 16, 32, 64, 256)  # and ENGINE_WINDOW, as ``tokenbutler_engine``
 BUDGET = "10%"
 
 
@@ -45,9 +44,7 @@ def _selections_with_windows(selections):
         counts = evaluation.budget_counts(rows, fraction)
         shared = evaluation.group_mean_probs(logits.masked_fill(future, float("-inf")), group, future)
         for window in WINDOWS:
-            fixed = torch.clamp(counts, max=evaluation.SINKS) + torch.clamp((counts - evaluation.SINKS) // 2,
-                                                                            min=0, max=window)
-            always = evaluation.streaming_mask(rows, fixed, probs.shape[-1])
+            always = evaluation.engine_fixed_mask(rows, counts, probs.shape[-1], window)
             masks[window_method(window)] = evaluation._expand(
                 evaluation.select_top(shared.masked_fill(always, 2.0), counts), group)
         return masks
@@ -59,8 +56,8 @@ def window_table(report: dict) -> str:
     interval over sequences and its difference from the default window paired by sequence."""
     default = evaluation.ENGINE_WINDOW
     lines = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
-             f"min(W, (k - {evaluation.SINKS}) // 2), the rest of k by the predictor; W = {default} is "
-             "`tokenbutler_engine`, `tbrun generate`'s default)", "",
+             f"(k - {evaluation.SINKS}) // 2 clamped to [min(16, W), W], the rest of k by the predictor; W = {default} "
+             "is `tokenbutler_engine`, the engine's default)", "",
              "Each cell: mean [95% interval over sequences]; difference from W = "
              f"{default}: mean [95% t interval of the per-sequence differences] (sequences where it is above).", ""]
     for section, title in (("recall", "every row"), ("lookup_recall", "lookup rows")):

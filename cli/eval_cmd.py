@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from offload_engine.config import Budget
+from offload_engine.config import DEFAULT_WINDOW, Budget
 from offload_engine.evaluation.tasks import TASKS
 
 from .common import console, err_console, user_errors
@@ -39,7 +39,8 @@ def eval_command(
     predictor: Optional[str] = typer.Option(None, "--predictor", help="TokenButler checkpoint directory."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated samples."),
     sinks: int = typer.Option(4, "--sinks", help="First tokens always attended."),
-    window: int = typer.Option(32, "--window", help="Most recent tokens always attended."),
+    window: int = typer.Option(DEFAULT_WINDOW, "--window", help="Widest local window (half the budget after the "
+                                "sinks, at least 16, at most this)."),
     interval: int = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between."),
     neighbors: int = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one."),
     neighbor_rule: str = typer.Option("radius", "--neighbor-rule",

@@ -112,14 +112,38 @@ def check_refresh_layers(layers: frozenset[int], num_layers: int) -> None:
                           "name layers 0 to that.")
 
 
+MIN_WINDOW = 16  # the local window never shrinks below this many tokens (nor below --window)
+DEFAULT_WINDOW = 128  # the widest local window (bench/reports/predictor_window.md)
+WINDOW_RULE = "budget"  # results.json: the window follows the budget (``local_window``); runs without it: fixed
+
+
+def local_window(budget_tokens, sinks: int, window: int):
+    """The local window ``w`` under a budget of ``k = budget_tokens`` tokens: ``(k - S) // 2`` clamped to
+    ``[min(MIN_WINDOW, W), W]``. An int, or a long tensor of budgets (elementwise)."""
+    least = min(MIN_WINDOW, window)
+    half = (budget_tokens - sinks) // 2
+    if hasattr(half, "clamp"):  # a tensor (this module does not import torch)
+        return half.clamp(min=least, max=window)
+    return min(window, max(least, half))
+
+
+def budget_floor(sinks: int, window: int) -> int:
+    """The fewest tokens a budget attends: the sinks and the narrowest local window (nothing selected)."""
+    return sinks + min(MIN_WINDOW, window)
+
+
 @dataclass(slots=True)
 class SelectionConfig:
-    """How the sparse mode picks tokens: sinks and window always, the policy for the rest."""
+    """How the sparse mode picks tokens: sinks and window always, the policy for the rest.
+
+    ``window`` is the widest local window: under a budget of ``k`` tokens the window is
+    ``(k - sinks) // 2`` clamped to ``[min(MIN_WINDOW, window), window]`` (``local_window``).
+    """
 
     policy: str = "dense"
     budget: Budget | None = None  # None: every token (the dense reference)
     sinks: int = 4
-    window: int = 64
+    window: int = DEFAULT_WINDOW
     interval: int = 1  # run the (predictive) policy every N steps, reuse between
     neighbors: int = 0  # "radius" rule: also fetch this many positions after each selected one
     neighbor_rule: str = "radius"  # "radius", or "runs": after each run of c selected, the next c
@@ -145,12 +169,16 @@ class SelectionConfig:
             raise ConfigError(f"--neighbors must be >= 0, got {self.neighbors}.")
         if self.neighbor_rule not in ("radius", "runs"):
             raise ConfigError(f"--neighbor-rule {self.neighbor_rule!r} is not 'radius' or 'runs'.")
-        if self.budget is not None and self.budget.tokens is not None:
-            if self.sinks + self.window > self.budget.tokens:
-                raise ConfigError(
-                    f"--sinks {self.sinks} + --window {self.window} = {self.sinks + self.window} tokens "
-                    f"exceed the budget of {self.budget.tokens}: lower them or raise --budget."
-                )
+        if self.budget is not None and self.budget.tokens is not None and self.floor > self.budget.tokens:
+            raise ConfigError(
+                f"--sinks {self.sinks} + the narrowest window {self.floor - self.sinks} = {self.floor} tokens "
+                f"exceed the budget of {self.budget.tokens}: lower --sinks or --window, or raise --budget."
+            )
+
+    @property
+    def floor(self) -> int:
+        """The fewest tokens attended per (layer, KV head): the sinks and the narrowest local window."""
+        return budget_floor(self.sinks, self.window)
 
     @property
     def neighbor_growth(self) -> int:
@@ -158,14 +186,15 @@ class SelectionConfig:
         return 2 if self.neighbor_rule == "runs" else self.neighbors + 1
 
     def check_fraction_budget(self, length: int) -> None:
-        """A fractional budget must leave room for sinks and window at this sequence length."""
+        """A fractional budget must leave room for the sinks and the narrowest window at this sequence length."""
         if self.budget is None or self.budget.fraction is None:
             return
         tokens = self.budget.tokens_for(length)
-        if self.sinks + self.window > tokens:
+        if self.floor > tokens:
             raise ConfigError(
                 f"--budget {self.budget} of {length} tokens is {tokens} tokens, fewer than --sinks "
-                f"{self.sinks} + --window {self.window}: lower them or raise --budget."
+                f"{self.sinks} + the narrowest window {self.floor - self.sinks}: lower --sinks or --window, "
+                "or raise --budget."
             )
 
 
@@ -222,8 +251,9 @@ class EngineConfig:
             raise ConfigError(f"synthetic_kv_tile {self.synthetic_kv_tile}: a count of tokens >= 1 that repeats a "
                               "real prefix in a synthetic KV cache; it needs synthetic_kv (0: random keys).")
         sparse = self.mode is KVMode.SPARSE_OFFLOAD
-        if sparse and self.selection.sinks + self.selection.window > self.context:
-            raise ConfigError("--sinks + --window exceed --context: lower them.")
+        if sparse and self.selection.floor > self.context:
+            raise ConfigError(f"--sinks + the narrowest window ({self.selection.floor} tokens) exceed --context "
+                              f"{self.context}: lower --sinks or --window.")
 
     @property
     def offload(self) -> bool:

@@ -95,17 +95,21 @@ def test_policy_variants_are_split_parsed_and_checked():
 
 def test_a_variant_may_keep_its_own_sinks_and_window(tiny):
     """``quest[window=64,sinks=2]``: that point's selection keeps 2 sinks and 64 recent tokens, the others the
-    run's; a budget too small for a variant's window is refused naming the variant, before any sample runs."""
+    run's; a budget too small for a variant's sinks and narrowest window is refused naming the variant, before any
+    sample runs."""
     specs = ["quest", "quest[window=64,sinks=2]"]
     config = EvalConfig(task="niah-single", policies=specs, budgets=[Budget.parse("10%")], context=256, window=8)
     assert PolicyVariant.parse(specs[1]).selection_overrides() == {"window": 64, "sinks": 2}
     ours, run_wide = config.selection(Budget.parse("10%"), specs[1]), config.selection(Budget.parse("10%"), specs[0])
     assert (ours.sinks, ours.window, run_wide.sinks, run_wide.window) == (2, 64, 4, 8)
     assert config.fixed_tokens() == 66
-    too_wide = EvalConfig(task="niah-single", policies=["quest", "quest[window=200]"], budgets=[Budget.parse("10%")],
+    wide = EvalConfig(task="niah-single", policies=["quest", "quest[window=200]"], budgets=[Budget.parse("10%")],
+                      context=256, window=8, samples=1)
+    prepare_samples(wide, tiny.tokenizer)  # a wide window narrows to the budget: only the sinks and 16 tokens must fit
+    too_many = EvalConfig(task="niah-single", policies=["quest", "quest[sinks=40]"], budgets=[Budget.parse("10%")],
                           context=256, window=8, samples=1)
-    with pytest.raises(ConfigError, match=r"--policy quest\[window=200\]: .*--window 200"):
-        prepare_samples(too_wide, tiny.tokenizer)
+    with pytest.raises(ConfigError, match=r"--policy quest\[sinks=40\]: .*--sinks 40 \+ the narrowest window 8"):
+        prepare_samples(too_many, tiny.tokenizer)
 
 
 def test_wilson_and_t_intervals():
@@ -179,7 +183,7 @@ def test_results_record_every_selection_setting_and_no_local_path(tiny_model_dir
     report = json.loads((out / RESULTS_FILE).read_text())
     variant = report["points"][2]
     assert variant["policy"] == "quest[interval=2,neighbor_rule=runs]"
-    assert {"sinks": 4, "window": 32, "interval": 2, "neighbors": 0, "neighbor_rule": "runs"}.items() <= variant.items()
+    assert {"sinks": 4, "window": 128, "window_rule": "budget", "interval": 2, "neighbors": 0, "neighbor_rule": "runs"}.items() <= variant.items()
     assert report["points"][1]["interval"] == 1
     text = (out / RESULTS_FILE).read_text() + (out / "report.md").read_text()
     assert str(tmp_path) not in text and tiny_model_dir not in text

@@ -83,3 +83,24 @@ def test_the_attended_share_counts_what_the_steps_attended(adapter, prompt, rule
     config = EngineConfig(context=CONTEXT, mode=KVMode.SPARSE_OFFLOAD, selection=grown, count_attended=True)
     share = Engine(adapter, config).score_continuation(prompt, targets).attended_share
     assert 8 * 20 / sum(range(41, 49)) < share <= 8 * 28 / sum(range(41, 49)) + 1e-9
+
+
+@pytest.mark.parametrize("policy", ["oracle", "quest", "streaming"])
+def test_a_window_that_follows_a_share_budget_attends_exactly_the_budget(adapter, prompt, dense, policy):
+    """Widest window 64 under a 90% share at 41..48 tokens: the window is (k - 4) // 2 = 16..20 tokens and grows
+    during the run, so the ring holds older tokens than the window; each step attends exactly k = ceil(0.9 n)
+    tokens per (layer, KV head) (a ring slot attended with its selected copy, or one dropped, would move the
+    count). At 100% every step attends everything: logprobs equal dense's."""
+    targets = list(range(1, 10))  # decode positions 40..47: sequences of 41..48 tokens
+    share = SelectionConfig(policy=policy, budget=Budget(fraction=0.9), sinks=4, window=64)
+    config = EngineConfig(context=CONTEXT, mode=KVMode.SPARSE_OFFLOAD, selection=share, count_attended=True)
+    budgets = [-(-9 * n // 10) for n in range(41, 49)]
+    assert [(k - 4) // 2 for k in budgets][::7] == [16, 20]  # the window grows between the first and last step
+    attended = Engine(adapter, config).score_continuation(prompt, targets).attended_share
+    assert attended == pytest.approx(sum(budgets) / sum(range(41, 49)))
+
+    everything = SelectionConfig(policy=policy, budget=Budget(fraction=1.0), sinks=4, window=64)
+    config = EngineConfig(context=CONTEXT, mode=KVMode.SPARSE_OFFLOAD, selection=everything, count_attended=True)
+    scored = Engine(adapter, config).score_continuation(prompt, dense[0])
+    assert scored.attended_share == 1.0
+    torch.testing.assert_close(scored.logprobs, dense[1], rtol=0, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.errors import ConfigError
 from offload_engine.models import ModelAdapter
+from offload_engine.selection import Selector
 from offload_engine.selection.scores import GroupScores
 
 from tiny_models import seeded_policy, selecting_model
@@ -186,9 +187,9 @@ def test_a_share_budget_below_sinks_and_window_is_a_note_not_an_error(adapter):
     engine = Engine(adapter, EngineConfig(context=512, mode=KVMode.SPARSE_OFFLOAD, selection=config))
     result = engine.generate(list(range(1, 35)), SamplingConfig(max_new_tokens=4))
     assert len(result.token_ids) == 4
-    assert len(result.stats.notes) == 1 and "below --sinks + --window" in result.stats.notes[0]
+    assert len(result.stats.notes) == 1 and "below --sinks + the narrowest window = 20" in result.stats.notes[0]
     with pytest.raises(ConfigError, match="exceed the budget"):
-        SelectionConfig(policy="quest", budget=Budget(tokens=40), sinks=4, window=64)
+        SelectionConfig(policy="quest", budget=Budget(tokens=19), sinks=4, window=64)
 
 
 @pytest.mark.parametrize("mode,spec", [(KVMode.SPARSE_OFFLOAD, "tokenbutler"), (KVMode.SPARSE_OFFLOAD, "quest"),
@@ -371,3 +372,24 @@ def test_a_closed_backend_keeps_none_of_the_policys_compact_keys(adapter, monkey
     gc.collect()
     assert bound and len(backends) == 1  # the selection was bound (to the compact keys) during the run
     assert policy.cache is None and storage[0]() is None
+
+
+@pytest.mark.parametrize("budget", ["5%", "10%", "50%", "100%", "30", "300"])
+@pytest.mark.parametrize("window", [8, 64, 128])
+def test_the_window_follows_the_budget_and_its_first_position_never_moves_back(budget, window):
+    """w = (k - S) // 2 clamped to [min(16, W), W]; sinks + window + kept = the budget once it passes the floor;
+    the candidates' end (the window's first position) never decreases as the sequence grows, so no token
+    re-enters the window after leaving it (the working set's ring would hold it twice)."""
+    config = SelectionConfig(policy="quest", budget=Budget.parse(budget), sinks=4, window=window)
+    selector = Selector(config, 2048, frozenset())
+    last_hi = 0
+    for length in range(1, 2049):
+        k, w = config.budget.tokens_for(length), selector.window(length)
+        assert min(16, window) <= w <= window
+        if k >= config.floor:
+            assert w == min(window, max(min(16, window), (k - 4) // 2))
+        found = selector.candidates(1, length - 1)
+        assert found.hi >= last_hi
+        last_hi = found.hi
+        if found.count > found.keep:  # something to select: the budget is spent exactly
+            assert 4 + w + found.keep == selector.budget_tokens(length)

@@ -57,7 +57,7 @@ def test_examples_from_the_docs_parse():
     ("policy=quest,budget=0%", ["outside (0, 100%]"]),
     ("policy=quest,budget=150%", ["outside (0, 100%]"]),
     ("policy=quest,budget=lots", ["neither a token count"]),
-    ("policy=quest,budget=32", ["exceed the budget"]),
+    ("policy=quest,budget=16", ["exceed the budget", "narrowest window"]),
     ("policy=quest,colour=red", ["unknown key 'colour'"]),
     ("policy=quest,budget", ["not key=value"]),
     ("policy=quest,policy=dense", ["twice"]),

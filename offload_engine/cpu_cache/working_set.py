@@ -82,7 +82,9 @@ class WorkingSet:
     """Every layer's working set, in banks, plus the sink and window positions shared by all.
 
     ``ring_pos [W]``: the position held by each ring slot (-1 empty); a token at position ``p``
-    (``p >= S``) lives in ring slot ``p % W`` while it is among the last W tokens.
+    (``p >= S``) lives in ring slot ``p % W`` while it is among the last W tokens. ``W`` is the widest
+    window (``--window``); at a step whose window ``w`` is narrower (a budget that follows the
+    sequence, ``Selector.window``) the ring's slots older than the last ``w`` tokens are not attended.
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, sinks: int, window: int,
@@ -100,6 +102,8 @@ class WorkingSet:
         self.bank_of = {layer: bank for bank in self.banks for layer in bank.layers}
         self.sink_pos = torch.full((sinks,), -1, dtype=torch.long, device=device)
         self.ring_pos = torch.full((window,), -1, dtype=torch.long, device=device)
+        self.first_attended = 0  # the window's first position at this step (ring slots before it: not attended)
+        self._narrow = False  # the last step's window was narrower than the ring
 
     @property
     def nbytes(self) -> int:
@@ -136,21 +140,28 @@ class WorkingSet:
         masks cleared, every selected slot empty. K/V stay as they are, unattended."""
         self.sink_pos.fill_(-1)
         self.ring_pos.fill_(-1)
+        self.first_attended = 0
         for bank in self.banks:
             bank.residency.clear()
         self._publish_fixed()
 
-    def begin_step(self, position: int) -> None:
-        """Position bookkeeping of the token about to be decoded, once for every layer."""
+    def begin_step(self, position: int, window: int | None = None) -> None:
+        """Position bookkeeping of the token about to be decoded, once for every layer; ``window``: the
+        step's local window ``w <= W`` (default ``W``)."""
         if position < self.sinks:
             self.sink_pos[position] = position
         else:
             self.ring_pos[position % self.window] = position
-        if position < self.sinks + self.window:  # afterwards sinks and ring are full and stay valid
-            self._publish_fixed()
+        narrow = window is not None and window < self.window
+        # after the sinks and a full ring, at the widest window, every slot stays valid
+        if position < self.sinks + self.window or narrow or self._narrow:
+            self._publish_fixed(max(0, position + 1 - (window if narrow else self.window)))
+        self._narrow = narrow
 
-    def _publish_fixed(self) -> None:
-        fixed_valid = torch.cat([self.sink_pos, self.ring_pos]) >= 0  # [S + W]
+    def _publish_fixed(self, first: int = 0) -> None:
+        """The sink and ring regions of every bank's mask: slots that hold a position ``>= first`` (sinks: any)."""
+        self.first_attended = first
+        fixed_valid = torch.cat([self.sink_pos >= 0, self.ring_pos >= max(first, self.sinks)])  # [S + W]
         for bank in self.banks:
             bank.valid[:, :, : bank.fixed] = fixed_valid
 
@@ -170,6 +181,7 @@ class WorkingSet:
     def positions(self, layer: int, used_slots: int) -> torch.Tensor:
         """The position held by every slot of ``view(layer, used_slots)``, ``-1`` where not attended."""
         bank = self.bank_of[layer]
-        fixed = torch.cat([self.sink_pos, self.ring_pos]).expand(bank.kv_heads, -1)
+        ring = torch.where(self.ring_pos >= max(self.first_attended, self.sinks), self.ring_pos, -1)
+        fixed = torch.cat([self.sink_pos, ring]).expand(bank.kv_heads, -1)
         selected = bank.residency.active_positions(bank.rows([layer]))[:, : min(used_slots, bank.num_slots)]
         return torch.cat([fixed, selected], dim=-1)

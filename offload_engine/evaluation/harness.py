@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context, parse_layers
+from ..config import DEFAULT_WINDOW, WINDOW_RULE, Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context, parse_layers
 from ..engine import Engine, PrefillRecord, resolve_device
 from ..errors import ConfigError
 from ..machine import portable_path  # reports must not name local paths
@@ -135,7 +135,7 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     sinks: int = 4
-    window: int = 32
+    window: int = DEFAULT_WINDOW
     interval: int = 1
     neighbors: int = 0
     neighbor_rule: str = "radius"
@@ -290,6 +290,7 @@ def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -
         return entry | {"mode": "dense"}
     selection = config.selection(point.budget, point.policy)
     entry |= {"base_policy": selection.policy, "sinks": selection.sinks, "window": selection.window,
+              "window_rule": WINDOW_RULE,
               "interval": selection.interval, "neighbors": selection.neighbors,
               "neighbor_rule": selection.neighbor_rule}
     if selection.refresh_layers:

@@ -10,9 +10,10 @@ Positions and candidates at a decode step for the token at position ``t`` (seque
 ``t + 1`` once its K/V is written):
 
 - sinks: positions ``[0, S)``; always attended, resident on the device;
-- local window: positions ``[t - W + 1, t]`` (never below ``S``); always attended, resident;
-- candidates: positions ``[S, t - W + 1)``; the policy scores them, the selector keeps
-  ``budget - S - W`` of them per (layer, KV head).
+- local window: positions ``[t - w + 1, t]`` (never below ``S``); always attended, resident; ``w``
+  follows the budget, up to ``W`` (``config.local_window``);
+- candidates: positions ``[S, t - w + 1)``; the policy scores them, the selector keeps
+  ``budget - S - w`` of them per (layer, KV head).
 
 Shapes (batch 1): ``H`` query heads, ``KvH`` KV heads, ``D`` head dim, ``E`` hidden size,
 ``n = hi - lo`` candidates. Scores are float32; ``-inf`` means "never select".
@@ -76,7 +77,7 @@ class PolicyContext:
     adapter: "ModelAdapter"
     host_store: "HostKVStore | None"  # the full KV (evaluation-only policies may read it)
     sinks: int
-    window: int
+    window: int  # the widest local window (a step's window follows the budget, up to this)
     # sliding-window layers: never selected for (no host KV); their tokens are still observed
     local_layers: frozenset[int] = frozenset()
     interval: int = 1  # prediction interval (a predictive policy may have a predictor trained for it)

@@ -39,13 +39,14 @@ import math
 
 import torch
 
+from ..config import DEFAULT_WINDOW, local_window
 from ..models import ModelAdapter
 from .network import TokenButlerPredictor, dequantize_keys, quantize_keys, quantize_query
 from .teacher import causal_mask, distillation_loss, layer_states, sample_rows, teacher_probs
 
 BUDGETS = (0.05, 0.10, 0.25, 0.50)
 SINKS = 4
-ENGINE_WINDOW = 64
+ENGINE_WINDOW = DEFAULT_WINDOW  # the engine's widest window (its rule: ``local_window``)
 METHODS = ("tokenbutler", "tokenbutler_engine", "tokenbutler_int8", "tokenbutler_bf16", "tokenbutler_group_max",
            "tokenbutler_per_head", "oracle_group", "streaming", "random")
 
@@ -104,10 +105,12 @@ def _selections(probs, logits, rows, fraction, group, generator, stored_logits=N
     return masks
 
 
-def engine_fixed_mask(rows: torch.Tensor, counts: torch.Tensor, length: int) -> torch.Tensor:
-    """What the engine attends whatever the scores, bool ``[1, R, T]``: the first ``min(SINKS, k)`` tokens and a
-    window of ``min(ENGINE_WINDOW, (k - SINKS) // 2)`` recent ones, for ``counts`` ``[R]`` = k per row."""
-    fixed = torch.clamp(counts, max=SINKS) + torch.clamp((counts - SINKS) // 2, min=0, max=ENGINE_WINDOW)
+def engine_fixed_mask(rows: torch.Tensor, counts: torch.Tensor, length: int,
+                      window: int = ENGINE_WINDOW) -> torch.Tensor:
+    """What the engine attends whatever the scores, bool ``[1, R, T]``, for ``counts`` ``[R]`` = k per row: the
+    first ``SINKS`` tokens and the engine's window under budget k with widest window ``window``
+    (``local_window``: ``(k - SINKS) // 2`` clamped to ``[min(16, window), window]``), at most k in all."""
+    fixed = torch.minimum(counts, SINKS + local_window(counts, SINKS, window))
     return streaming_mask(rows, fixed, length)
 
 

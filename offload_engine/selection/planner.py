@@ -166,7 +166,7 @@ class SelectionPlanner:
     # ------------------------------------------------------------------------------ per step
     def begin_step(self, position: int) -> Orders:
         """Bookkeeping before layer 0; returns the appends of every layer that takes all."""
-        self.ws.begin_step(position)
+        self.ws.begin_step(position, self.selector.window(position + 1))
         self.position = position
         self._candidate_count = self.selector.candidates(0, position).count  # (only keep differs by layer)
         self._planned.clear()
@@ -213,11 +213,11 @@ class SelectionPlanner:
 
     def _note_floor(self, length: int) -> None:
         if not self.notes and self.selector.below_floor(length):
-            budget, fixed = self.selector.config.budget, self.selector.fixed
+            budget, floor = self.selector.config.budget, self.selector.floor
             self.notes.append(
                 f"--budget {budget} of {length} tokens is {budget.tokens_for(length)} tokens, below --sinks + "
-                f"--window = {fixed}: the selected layers attend their sinks and window ({min(length, fixed)} tokens) "
-                "until the share grows past them."
+                f"the narrowest window = {floor}: the selected layers attend their sinks and window "
+                f"({min(length, floor)} tokens) until the share grows past them."
             )
 
     # ----------------------------------------------------------------------------- per layer

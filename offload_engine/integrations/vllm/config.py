@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...config import Budget, SelectionConfig
+from ...config import DEFAULT_WINDOW, Budget, SelectionConfig
 from ...errors import ConfigError
 
 ENV_VAR = "TBRUN_VLLM"
@@ -96,7 +96,7 @@ def _selection(pairs: dict[str, str]) -> SelectionConfig:
         policy=pairs["policy"],
         budget=Budget.parse(pairs["budget"]) if "budget" in pairs else None,
         sinks=_integer(pairs, "sinks", 4),
-        window=_integer(pairs, "window", 64),
+        window=_integer(pairs, "window", DEFAULT_WINDOW),
         interval=_integer(pairs, "interval", 1),
     )
 

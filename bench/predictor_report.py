@@ -26,6 +26,8 @@ from offload_engine.models import load_model
 from offload_engine.predictor.checkpoint import load_checkpoint
 from offload_engine.predictor.corpus import resolve_corpus
 from offload_engine.predictor.data import load_held_out
+from offload_engine.config import MIN_WINDOW
+from offload_engine.predictor import evaluation
 from offload_engine.predictor.evaluation import evaluate_many
 from offload_engine.predictor.interval_eval import interval_recall
 from offload_engine.predictor.recall import RecallSpans, add_recall_spans
@@ -133,7 +135,8 @@ def build_report(args) -> dict:
                                                           "data", "train")}},
               "baseline": portable_path(args.baseline) if args.baseline else None,
               "baseline_sha256": baseline_config.get("weights_sha256"),
-              "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}, "lookups": args.lookups}
+              "overhead": overhead(predictor, adapter), "recall": {}, "baseline_recall": {}, "lookups": args.lookups,
+              "engine_rule": engine_rule()}
     lengths = [(seq_len, count) for seq_len, count in parse_lengths(args.lengths) if seq_len <= adapter.dims.max_positions]
     if not lengths:
         raise SystemExit(f"every --lengths is past the model's {adapter.dims.max_positions} trained positions: "
@@ -217,6 +220,22 @@ def signed_cell(interval: dict) -> str:
     return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
 
 
+def engine_rule() -> dict:
+    """What ``tokenbutler_engine`` keeps whatever the scores: the engine's sinks and window rule (``local_window``)."""
+    return {"sinks": evaluation.SINKS, "window": evaluation.ENGINE_WINDOW, "least_window": MIN_WINDOW}
+
+
+def engine_rule_text(rule: dict | None) -> list[str]:
+    """The Markdown line that says which window ``tokenbutler_engine`` kept (reports before the rule was recorded
+    kept ``min(64, (k - 4) // 2)``)."""
+    if not rule:
+        return []
+    least = min(rule["least_window"], rule["window"])
+    return [f"`tokenbutler_engine`: what the engine attends at the same budget k: the first {rule['sinks']} tokens, a "
+            f"window of (k - {rule['sinks']}) // 2 recent tokens clamped to [{least}, {rule['window']}] (the engine's "
+            "rule), the rest of k by the predictor's scores.", ""]
+
+
 def to_markdown(report: dict) -> str:
     parts = [markdown_header("TokenButler predictor: held-out recall of oracle top-k attention mass", report), ""]
     o = report["overhead"]
@@ -226,6 +245,7 @@ def to_markdown(report: dict) -> str:
               f"cache = {o['compact_cache_percent_of_kv_bytes_same_dtype']}% of the KV bytes "
               f"({o['compact_cache_percent_of_kv_bytes_int8']}% with int8 keys). Trained with "
               f"`{report['predictor'].get('command')}`.", ""]
+    parts += engine_rule_text(report.get("engine_rule"))
     parts += headline(report)
     parts += paired_table(report)
     if report.get("lookup_recall"):

@@ -9,7 +9,8 @@
 window ``W`` in ``WINDOWS``: ``engine_wW``, the first 4 tokens and the engine's window under budget ``k`` with
 widest window ``W`` (``(k - 4) // 2`` clamped to ``[min(16, W), W]``, ``evaluation.engine_fixed_mask``) always, the
 rest of ``k`` by tokenbutler's scores, as ``tokenbutler_engine`` does with ``ENGINE_WINDOW`` (the engine's
-default, 128; the committed ``reports/predictor_window`` ran when it was 64, so its default row is W = 64). The budget ``k`` is the same for every method, so
+default, 128; the committed ``reports/predictor_window`` ran when it was 64, so its default row is
+W = 64). The budget ``k`` is the same for every method, so
 a wider window leaves fewer tokens to the predictor. Writes ``OUT.json`` and ``OUT.md`` as the report does,
 and a table of every window at 10% with its difference from the default paired by sequence.
 """
@@ -27,6 +28,7 @@ from .predictor_report import _cell, mean_interval, signed_cell
 from .report import markdown_table
 
 WINDOWS = (0, 16, 32, 64, 256)  # and ENGINE_WINDOW, as ``tokenbutler_engine``
+OLD_ENGINE_WINDOW = 64  # tokenbutler_engine's window in reports that do not record their ``engine_rule``
 BUDGET = "10%"
 
 
@@ -54,7 +56,7 @@ def _selections_with_windows(selections):
 def window_table(report: dict) -> str:
     """Markdown: recall at ``BUDGET`` per window and length (every row and lookup rows), each with its 95%
     interval over sequences and its difference from the default window paired by sequence."""
-    default = evaluation.ENGINE_WINDOW
+    default = (report.get("engine_rule") or {}).get("window", OLD_ENGINE_WINDOW)
     lines = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
              f"(k - {evaluation.SINKS}) // 2 clamped to [min(16, W), W], the rest of k by the predictor; W = {default} "
              "is `tokenbutler_engine`, the engine's default)", "",
@@ -62,16 +64,23 @@ def window_table(report: dict) -> str:
              f"{default}: mean [95% t interval of the per-sequence differences] (sequences where it is above).", ""]
     for section, title in (("recall", "every row"), ("lookup_recall", "lookup rows")):
         lengths = report.get(section) or {}
-        rows = [[str(window), *(_window_cell(result["per_sequence"], window) for result in lengths.values())]
-                for window in sorted({*WINDOWS, default})]
+        rows = [[str(window), *(_window_cell(result["per_sequence"], window, default) for result in lengths.values())]
+                for window in _windows(lengths, default)]
         lines += [f"### {title}", "", markdown_table(["window", *(f"{n} tokens" for n in lengths)], rows), ""]
     return "\n".join(lines)
 
 
-def _window_cell(per_sequence: dict, window: int) -> str:
+def _windows(lengths: dict, default: int) -> list[int]:
+    """The windows a report measured: its ``engine_wW`` methods and the default (``tokenbutler_engine``)."""
+    methods = {method for result in lengths.values() for method in result["per_sequence"]}
+    prefix = window_method(0)[:-1]
+    return sorted({default, *(int(m[len(prefix):]) for m in methods if m.startswith(prefix))})
+
+
+def _window_cell(per_sequence: dict, window: int, default: int) -> str:
     """One window's recall over sequences and, but for the default, its paired difference from the default's."""
     base = per_sequence["tokenbutler_engine"][BUDGET]
-    if window == evaluation.ENGINE_WINDOW:
+    if window == default:
         return _cell(mean_interval(base))
     values = per_sequence[window_method(window)][BUDGET]
     diffs = [v - b for v, b in zip(values, base)]

@@ -38,8 +38,8 @@ OFFLOAD = typer.Option(False, "--offload/--no-offload", help="Keep the KV cache 
 POLICY = typer.Option("dense", "--policy", help="Token selection with --offload: dense, streaming, tokenbutler, ...")
 BUDGET = typer.Option(None, "--budget", help="Tokens per layer and KV head (2048) or a share (10%); default 2048.")
 SINKS = typer.Option(4, "--sinks", help="First tokens always attended.")
-WINDOW = typer.Option(DEFAULT_WINDOW, "--window", help="Widest local window: the most recent tokens always attended are half "
-                      "the budget after the sinks, at least 16 (or --window if smaller), at most this.")
+WINDOW = typer.Option(DEFAULT_WINDOW, "--window", help="Widest local window: the most recent tokens always attended "
+                      "are half the budget after the sinks, at least 16 (or --window if smaller), at most this.")
 INTERVAL = typer.Option(1, "--interval", help="Predict every N steps, reuse the selection between.")
 REFRESH_LAYERS = typer.Option("", "--refresh-layers",
                               help="With --interval N > 1: layers that still select at every step, e.g. 14-23 "

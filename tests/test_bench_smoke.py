@@ -4,6 +4,7 @@ row or a reason. No timing is asserted (CI machines are shared and slow)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from offload_engine.models import dims_from_config
 from offload_engine.policies import POLICIES
 
 runner = CliRunner()
+REPORTS = Path(__file__).resolve().parents[1] / "bench" / "reports"
 
 EXPECTED_DIMS = {  # (layers, heads, KV heads, head dim) of the released models
     "llama-3.1-8b": (32, 32, 8, 128),
@@ -498,3 +500,17 @@ def test_the_window_study_masks_are_the_engine_rule_at_each_window(monkeypatch):
                     "engine_w200": {"10%": [0.91, 0.94]}}
     table = window_study.window_table({"recall": {"4096": {"per_sequence": per_sequence}}})
     assert "| 200 | 0.925 [" in table and "+0.015 [" in table and "(2 of 2)" in table
+    recorded = {"recall": {"4096": {"per_sequence": per_sequence}}, "engine_rule": {"window": 200}}
+    # the recorded default's row is tokenbutler_engine's recall, with no difference cell
+    assert "| 200 | 0.910 [0.783, 1.037] |\n" in window_study.window_table(recorded)
+
+
+def test_the_committed_window_study_renders_from_its_json_as_committed():
+    """bench/reports/predictor_window (run when the engine's window was 64 and not recorded): its tables come back
+    from its JSON as committed, every window it measured in its rows."""
+    from tbrun_bench import window_study
+
+    report = json.loads((REPORTS / "predictor_window.json").read_text())
+    table = window_study.window_table(report)
+    assert table[table.index("### every row"):] in (REPORTS / "predictor_window.md").read_text()
+    assert "| 128 |" in table and "| 64 | 0.947 [" in table

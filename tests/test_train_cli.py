@@ -284,6 +284,8 @@ def test_training_speed_and_recall_reports_run_on_a_tiny_model(tiny_model_dir, t
     assert recall["recall"]["32"]["sequences"] == 3 and cell["low"] <= cell["mean"] <= cell["high"]
     assert recall["baseline_recall"]["64"]["recall"]["tokenbutler"] == recall["recall"]["64"]["recall"]["tokenbutler"]
     assert "95% interval over held-out sequences" in (tmp_path / "recall.md").read_text()
+    assert recall["engine_rule"] == {"sinks": 4, "window": 128, "least_window": 16}
+    assert "clamped to [16, 128] (the engine's rule)" in (tmp_path / "recall.md").read_text()
     lookups = recall["lookup_recall"]["64"]
     assert lookups["rows_per_sequence"] == 8 and lookups["recall"] != recall["recall"]["64"]["recall"]
     assert "lookup rows only" in (tmp_path / "recall.md").read_text()

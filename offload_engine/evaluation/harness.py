@@ -26,7 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DEFAULT_WINDOW, WINDOW_RULE, Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context, parse_layers
+from ..config import (
+    DEFAULT_WINDOW, WINDOW_RULE, Budget, EngineConfig, KVMode, SamplingConfig, SelectionConfig, parse_context,
+    parse_layers,
+)
 from ..engine import Engine, PrefillRecord, resolve_device
 from ..errors import ConfigError
 from ..machine import portable_path  # reports must not name local paths

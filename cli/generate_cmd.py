@@ -123,8 +123,9 @@ def generate(
                                         copy_thread, key_dtype))
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
-    _print_summary(result, _sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype,
-                                               engine.config.mode))
+    extra = [_sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype, engine.config.mode),
+             _budget_row(engine.config, len(result.prompt_ids) + len(result.token_ids) - 1)]
+    _print_summary(result, [row for row in extra if row is not None])
     if stats_json is not None:
         stats_json.write_text(json.dumps(result.stats.to_dict(), indent=2))
 
@@ -307,7 +308,27 @@ def sliding_window_text(dims, capacity: int, dtype, offload: bool) -> str:
             f"{footprint.all_layers_bytes:,} (saves {footprint.saved_bytes:,} bytes)")
 
 
-def _print_summary(result: GenerationResult, sliding: tuple[str, str] | None = None) -> None:
+def _budget_row(config: EngineConfig, length: int) -> tuple[str, str] | None:
+    """What the budget came to at the last decode step (the sequence ``length`` tokens long, its newest included):
+    sinks, the window that follows the budget and the selected rest, per layer and KV head; None unless the sparse
+    mode ran a decode step under a budget."""
+    from offload_engine.selection import Selector
+
+    budget = config.selection.budget
+    if config.mode is not KVMode.SPARSE_OFFLOAD or budget is None or length <= 0:
+        return None
+    selector = Selector(config.selection, config.context, frozenset())
+    tokens = selector.budget_tokens(length)
+    label = f"{tokens:,} of {length:,} tokens"
+    label = f"{budget} = {label}" if budget.fraction is not None else label
+    if tokens >= length:
+        return "budget (last step)", f"{label}: every token (the budget covers the sequence)"
+    sinks, window = config.selection.sinks, selector.window(length)
+    return "budget (last step)", (f"{label} per layer and KV head: sinks {sinks}, window {window}, "
+                                  f"{tokens - sinks - window:,} selected")
+
+
+def _print_summary(result: GenerationResult, extra: list[tuple[str, str]] | tuple = ()) -> None:
     s = result.stats
     table = Table(title="tbrun generate", show_header=False, title_justify="left")
     rows = [
@@ -323,8 +344,7 @@ def _print_summary(result: GenerationResult, sliding: tuple[str, str] | None = N
     if s.predictor:
         keys = f", projected keys {s.compact_keys}" if s.compact_keys else ""
         rows.insert(1, ("predictor", s.predictor + keys))
-    if sliding is not None:
-        rows.append(sliding)
+    rows += extra
     for name, value in rows:
         table.add_row(name, value)
     err_console.print(table)

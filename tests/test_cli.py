@@ -56,6 +56,28 @@ def test_a_share_budget_below_sinks_and_window_on_a_short_prompt_runs_and_says_s
     assert "below --sinks + the narrowest window" in flat(result.output)
 
 
+def test_the_summary_says_what_the_budget_came_to_at_the_last_step(tiny_model_dir):
+    """Sinks, the window that follows the budget and the selected rest, at the last step's length."""
+    from tbrun_cli.generate_cmd import _budget_row
+
+    from offload_engine.config import Budget, EngineConfig, KVMode, SelectionConfig
+
+    result = generate(tiny_model_dir, "--offload", "--policy", "quest", "--budget", "90%", "--sinks", "4",
+                      "--window", "64", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    assert "budget (last step)" in result.output and "selected" in result.output
+    selection = SelectionConfig(policy="quest", budget=Budget.parse("10%"), sinks=4, window=128)
+    config = EngineConfig(context=4096, mode=KVMode.SPARSE_OFFLOAD, selection=selection)
+    assert _budget_row(config, 2142) == ("budget (last step)", "10% = 215 of 2,142 tokens per layer and KV head: "
+                                         "sinks 4, window 105, 106 selected")
+    assert _budget_row(config, 3000)[1].endswith("window 128, 168 selected")  # 300 = 4 + 128 + 168
+    assert _budget_row(config, 100)[1] == "10% = 20 of 100 tokens per layer and KV head: sinks 4, window 16, 0 selected"
+    covering = SelectionConfig(policy="quest", budget=Budget(tokens=2048), sinks=4, window=128)
+    row = _budget_row(EngineConfig(context=4096, mode=KVMode.SPARSE_OFFLOAD, selection=covering), 34)
+    assert row[1] == "34 of 34 tokens: every token (the budget covers the sequence)"
+    assert _budget_row(EngineConfig(context=4096, selection=selection), 2142) is None  # dense-device selects nothing
+
+
 def test_help_version_and_refused_options_answer_without_loading_torch():
     """``tbrun --help``, every command's ``--help``, ``--version`` and an option refused while parsing run in a
     fresh process that never imports torch or transformers (they take seconds to load; help should not)."""

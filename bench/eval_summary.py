@@ -189,6 +189,8 @@ def point_settings(run: Run, policy: str, budget: str) -> dict:
     record = point_record(run, policy, budget)
     source = record if any(key in record for key in RUN_SETTINGS) else run.report["config"]
     settings = {key: source[key] for key in RUN_SETTINGS if source.get(key) is not None}
+    if "window" in settings and "window_rule" not in settings:  # a run from before the window followed the budget
+        settings["window_rule"] = "fixed"  # never pooled with one whose window did
     if "group_reduction" in settings and "key_dtype" not in settings:  # a tokenbutler point of an older run:
         settings["key_dtype"] = UNRECORDED_KEYS  # never pooled with one whose keys were int8 or another dtype
     return settings

@@ -102,7 +102,7 @@ def test_a_variant_may_keep_its_own_sinks_and_window(tiny):
     assert PolicyVariant.parse(specs[1]).selection_overrides() == {"window": 64, "sinks": 2}
     ours, run_wide = config.selection(Budget.parse("10%"), specs[1]), config.selection(Budget.parse("10%"), specs[0])
     assert (ours.sinks, ours.window, run_wide.sinks, run_wide.window) == (2, 64, 4, 8)
-    assert config.fixed_tokens() == 66
+    assert config.fixed_tokens() == 18  # the variant's floor: 2 sinks + the narrowest window, 16 (the run's: 4 + 8)
     wide = EvalConfig(task="niah-single", policies=["quest", "quest[window=200]"], budgets=[Budget.parse("10%")],
                       context=256, window=8, samples=1)
     prepare_samples(wide, tiny.tokenizer)  # a wide window narrows to the budget: only the sinks and 16 tokens must fit

@@ -474,3 +474,14 @@ def test_each_row_names_its_sample_set_and_the_glance_notes_mixed_columns(tmp_pa
     rows = {row[0]: row[-1] for row in table_rows(markdown, kind="points")}
     assert rows == {"dense": "seed 0 x6", "oracle": "seed 0 x6", "tokenbutler": "seed 0 x4"}
     assert "- niah 2k @ 10%: tokenbutler on `seed 0 x4`; the other rows on `seed 0 x6`" in markdown
+
+
+def test_points_whose_window_followed_the_budget_are_other_points_than_fixed_window_ones(tmp_path):
+    """A run from before the window followed the budget (no ``window_rule`` recorded: fixed) and one after, at the
+    same --window: two rows named by the rule, never pooled."""
+    write_scores(tmp_path, "fixed", OLD, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 0.0, 1.0]})
+    write_scores(tmp_path, "budget", NEW, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 1.0, 1.0]},
+                 config={"window_rule": "budget"})
+    rows = point_rows(summarize(tmp_path))
+    assert list(rows) == ["dense", "tokenbutler (--window-rule fixed)", "tokenbutler (--window-rule budget)"]
+    assert rows["tokenbutler (--window-rule budget)"][1] == "75.0"

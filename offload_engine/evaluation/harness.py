@@ -180,8 +180,9 @@ class EvalConfig:
         return SelectionConfig(policy=variant.base, budget=budget, **(settings | variant.selection_overrides()))
 
     def fixed_tokens(self) -> int:
-        """The most sinks + window tokens any point keeps whatever it scores (a variant may set its own)."""
-        return max(selection.sinks + selection.window
+        """The most tokens any point keeps whatever it scores: its floor, the sinks and the narrowest window (a
+        variant may set its own; the window follows the budget above that)."""
+        return max(selection.floor
                    for selection in [self.selection(None)] + [self.selection(None, p) for p in self.policies])
 
     def policy_options(self, policy: str) -> dict:
@@ -196,6 +197,7 @@ class EvalConfig:
         """The resolved configuration, JSON-ready (budgets as written: ``10%`` or ``2048``)."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data.update(policies=list(self.policies), budgets=[str(b) for b in self.budgets])
+        data["window_rule"] = WINDOW_RULE  # a run started under another rule is not resumed under this one
         for name in ("model", "predictor"):  # reports name no local path
             data[name] = portable_path(data[name]) if data[name] is not None else None
         return data

@@ -255,7 +255,7 @@ def ppl_samples(tokenizer, count: int, context: int, seed: int, min_prompt: int 
     """Chunks of ``context`` tokens of held-out text; the first ``prefix`` tokens are the prompt.
 
     ``prefix = max(min_prompt, 64)``: ``min_prompt`` is the shortest prompt at which every budget
-    asked for still covers the sinks and the local window. ``predictor_held_out``: only the topics a
+    asked for still covers the sinks and the narrowest local window (``SelectionConfig.floor``). ``predictor_held_out``: only the topics a
     predictor trained on the text never read (``ppl-held-out``).
     """
     ids = encode(tokenizer, text.predictor_held_out_text(tokenizer) if predictor_held_out else text.held_out_text())
@@ -336,5 +336,5 @@ def make_samples(name: str, tokenizer, count: int, context: int, seed: int = 0,
 
 
 def min_prompt_for(fractions: Sequence[float], reserved: int) -> int:
-    """Shortest prompt whose smallest fractional budget still covers ``reserved`` (sinks + window)."""
+    """Shortest prompt whose smallest fractional budget still covers ``reserved`` (sinks + the narrowest window)."""
     return math.ceil(reserved / min(fractions)) if fractions else 0

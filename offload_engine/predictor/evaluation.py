@@ -7,13 +7,11 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
 
 - ``tokenbutler``: top-k per KV head of the mean over the group's query heads of the predicted
   attention probabilities (the policy's default ``group_reduction="mean"``);
-- ``tokenbutler_engine``: what the engine attends at the same ``k``: the first ``sinks`` tokens and a
-  local window of ``min(64, (k - sinks) // 2)`` recent tokens always, the rest of ``k`` by ``tokenbutler``.
-  Where ``k >= sinks + 2 * 64`` (every sampled row, taken from a sequence's second half, of 4k tokens
-  and longer at 10%) that is exactly ``tbrun generate``'s default (sinks 4, window 64); on shorter
-  rows the engine keeps its whole window and attends ``max(k, sinks + window)`` tokens
-  (``Selector``), while this keeps ``k`` and shortens the window, so that every method is judged at
-  the same count (the 1k figures). The predictor's softmax here includes the row's own token, the
+- ``tokenbutler_engine``: what the engine attends at the same ``k``: the first ``sinks`` tokens and the
+  engine's local window under budget ``k`` (``config.local_window``: ``(k - sinks) // 2`` clamped to
+  ``[16, ENGINE_WINDOW]``) always, the rest of ``k`` by ``tokenbutler``: exactly the engine's rule with
+  its defaults (sinks 4, ``--window`` 128) wherever ``k`` is at least the floor ``sinks + 16`` (every
+  sampled row from 400 tokens at 10%); below it the engine attends the floor, this keeps ``k``. The predictor's softmax here includes the row's own token, the
   engine's excludes it (it is in the window either way); the engine's compact keys on the CPU are int8
   where it has AVX512-VNNI (``tokenbutler_int8``), else bfloat16 (``tokenbutler_bf16``);
 - ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``) and

@@ -227,7 +227,8 @@ def metrics_table(rows: list[dict], extra: str | None = None) -> list[str]:
 
 INTERVAL_NOTE = ("Cells: value [95% interval]; Wilson score intervals for accuracies, a t interval over the "
                  "passages for perplexity.")
-SETTING_KEYS = ("sinks", "window", "window_rule", "interval", "neighbors", "neighbor_rule", "group_reduction", "key_dtype")
+SETTING_KEYS = ("sinks", "window", "window_rule", "interval", "neighbors", "neighbor_rule", "group_reduction",
+                "key_dtype")
 
 
 def settings_table(points: list[dict]) -> list[str]:

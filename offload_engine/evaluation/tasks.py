@@ -255,8 +255,8 @@ def ppl_samples(tokenizer, count: int, context: int, seed: int, min_prompt: int 
     """Chunks of ``context`` tokens of held-out text; the first ``prefix`` tokens are the prompt.
 
     ``prefix = max(min_prompt, 64)``: ``min_prompt`` is the shortest prompt at which every budget
-    asked for still covers the sinks and the narrowest local window (``SelectionConfig.floor``). ``predictor_held_out``: only the topics a
-    predictor trained on the text never read (``ppl-held-out``).
+    asked for still covers the sinks and the narrowest local window (``SelectionConfig.floor``).
+    ``predictor_held_out``: only the topics a predictor trained on the text never read (``ppl-held-out``).
     """
     ids = encode(tokenizer, text.predictor_held_out_text(tokenizer) if predictor_held_out else text.held_out_text())
     chunks = len(ids) // context

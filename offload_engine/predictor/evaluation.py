@@ -11,9 +11,10 @@ For a query row at position ``i`` and a budget fraction ``b``, every method sele
   engine's local window under budget ``k`` (``config.local_window``: ``(k - sinks) // 2`` clamped to
   ``[16, ENGINE_WINDOW]``) always, the rest of ``k`` by ``tokenbutler``: exactly the engine's rule with
   its defaults (sinks 4, ``--window`` 128) wherever ``k`` is at least the floor ``sinks + 16`` (every
-  sampled row from 400 tokens at 10%); below it the engine attends the floor, this keeps ``k``. The predictor's softmax here includes the row's own token, the
-  engine's excludes it (it is in the window either way); the engine's compact keys on the CPU are int8
-  where it has AVX512-VNNI (``tokenbutler_int8``), else bfloat16 (``tokenbutler_bf16``);
+  sampled row from 200 tokens on at 10%); below it the engine attends the floor, this keeps ``k``. The
+  predictor's softmax here includes the row's own token, the engine's excludes it (it is in the window
+  either way); the engine's compact keys on the CPU are int8 where it has AVX512-VNNI
+  (``tokenbutler_int8``), else bfloat16 (``tokenbutler_bf16``);
 - ``tokenbutler_int8``: ``tokenbutler`` with the projected keys quantised to int8 (``quantize_keys``) and
   the importance queries too (``quantize_query``): the CPU engine's int8 compact key cache, the default
   where the CPU has AVX512-VNNI, whose integer kernel takes the query in int8;

@@ -13,6 +13,10 @@ default, 128; the committed ``reports/predictor_window`` ran when it was 64, so 
 W = 64). The budget ``k`` is the same for every method, so
 a wider window leaves fewer tokens to the predictor. Writes ``OUT.json`` and ``OUT.md`` as the report does,
 and a table of every window at 10% with its difference from the default paired by sequence.
+
+``--shares 0.25,0.4,...`` adds ``engine_sNN`` per share: the window ``floor(share * (k - 4))`` clamped to
+``[16, ENGINE_WINDOW]`` instead of the engine's half, and its table (``reports/predictor_window_share``: short
+contexts, where the widest window does not bind); ``--windows none`` leaves the widths out.
 """
 
 from __future__ import annotations
@@ -36,8 +40,17 @@ def window_method(window: int) -> str:
     return f"engine_w{window}"
 
 
-def _selections_with_windows(selections):
-    """``evaluation._selections`` plus an ``engine_wW`` mask per window in ``WINDOWS``."""
+def share_method(share: float) -> str:
+    return f"engine_s{round(share * 100)}"
+
+
+def _selections_with_windows(selections, windows=None, shares=()):
+    """``evaluation._selections`` plus an ``engine_wW`` mask per window in ``windows`` (default ``WINDOWS``) and an
+    ``engine_sNN`` mask per window share in ``shares`` (the engine's widest window, ``floor(share * (k - 4))``
+    clamped as it does)."""
+    rules = [(window_method(w), w, evaluation.WINDOW_SHARE) for w in (WINDOWS if windows is None else windows)]
+    rules += [(share_method(s), evaluation.ENGINE_WINDOW, s) for s in shares]
+
     def wrapped(probs, logits, rows, fraction, group, generator, stored_logits=None):
         masks = selections(probs, logits, rows, fraction, group, generator, stored_logits)
         if logits is None:
@@ -45,10 +58,9 @@ def _selections_with_windows(selections):
         future = evaluation.causal_mask(rows, probs.shape[-1])
         counts = evaluation.budget_counts(rows, fraction)
         shared = evaluation.group_mean_probs(logits.masked_fill(future, float("-inf")), group, future)
-        for window in WINDOWS:
-            always = evaluation.engine_fixed_mask(rows, counts, probs.shape[-1], window)
-            masks[window_method(window)] = evaluation._expand(
-                evaluation.select_top(shared.masked_fill(always, 2.0), counts), group)
+        for name, window, share in rules:
+            always = evaluation.engine_fixed_mask(rows, counts, probs.shape[-1], window, share)
+            masks[name] = evaluation._expand(evaluation.select_top(shared.masked_fill(always, 2.0), counts), group)
         return masks
     return wrapped
 
@@ -57,6 +69,8 @@ def window_table(report: dict) -> str:
     """Markdown: recall at ``BUDGET`` per window and length (every row and lookup rows), each with its 95%
     interval over sequences and its difference from the default window paired by sequence."""
     default = (report.get("engine_rule") or {}).get("window", OLD_ENGINE_WINDOW)
+    if not any(_windows(report.get(section) or {}, default) != [default] for section in ("recall", "lookup_recall")):
+        return ""  # no window measured but the default
     lines = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
              f"(k - {evaluation.SINKS}) // 2 clamped to [min(16, W), W], the rest of k by the predictor; W = {default} "
              "is `tokenbutler_engine`, the engine's default)", "",
@@ -70,6 +84,31 @@ def window_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def share_table(report: dict) -> str:
+    """Markdown: recall at ``BUDGET`` per window share and length, paired by sequence against the engine's half
+    (``tokenbutler_engine``); empty for a report without share methods."""
+    prefix = share_method(0)[:-1]
+    lines = [f"## The engine's recall at {BUDGET} by the window's share of the budget (sinks {evaluation.SINKS}; "
+             f"the window is floor(share x (k - {evaluation.SINKS})) clamped to [16, "
+             f"{(report.get('engine_rule') or {}).get('window', evaluation.ENGINE_WINDOW)}], the rest of k by the "
+             "predictor; 0.5 is `tokenbutler_engine`, the engine's rule)", "",
+             "Each cell: mean [95% interval over sequences]; difference from 0.5: mean [95% t interval of the "
+             "per-sequence differences] (sequences where it is above).", ""]
+    found = False
+    for section, title in (("recall", "every row"), ("lookup_recall", "lookup rows")):
+        lengths = report.get(section) or {}
+        methods = sorted({m for r in lengths.values() for m in r["per_sequence"] if m.startswith(prefix)},
+                         key=lambda m: int(m[len(prefix):]))
+        found |= bool(methods)
+        rows = [["0.5", *(_cell(mean_interval(r["per_sequence"]["tokenbutler_engine"][BUDGET]))
+                          for r in lengths.values())]]
+        rows += [[f"{int(m[len(prefix):]) / 100:g}", *(_paired_cell(r["per_sequence"], m) for r in lengths.values())]
+                 for m in methods]
+        lines += [f"### {title}", "", markdown_table(["share", *(f"{n} tokens" for n in lengths)],
+                                                     sorted(rows, key=lambda row: float(row[0]))), ""]
+    return "\n".join(lines) if found else ""
+
+
 def _windows(lengths: dict, default: int) -> list[int]:
     """The windows a report measured: its ``engine_wW`` methods and the default (``tokenbutler_engine``)."""
     methods = {method for result in lengths.values() for method in result["per_sequence"]}
@@ -79,26 +118,51 @@ def _windows(lengths: dict, default: int) -> list[int]:
 
 def _window_cell(per_sequence: dict, window: int, default: int) -> str:
     """One window's recall over sequences and, but for the default, its paired difference from the default's."""
-    base = per_sequence["tokenbutler_engine"][BUDGET]
     if window == default:
-        return _cell(mean_interval(base))
-    values = per_sequence[window_method(window)][BUDGET]
+        return _cell(mean_interval(per_sequence["tokenbutler_engine"][BUDGET]))
+    return _paired_cell(per_sequence, window_method(window))
+
+
+def _paired_cell(per_sequence: dict, method: str) -> str:
+    """``method``'s recall over sequences and its paired difference from ``tokenbutler_engine``'s."""
+    base = per_sequence["tokenbutler_engine"][BUDGET]
+    values = per_sequence[method][BUDGET]
     diffs = [v - b for v, b in zip(values, base)]
     above = sum(d > 0 for d in diffs)
     return f"{_cell(mean_interval(values))}; {signed_cell(mean_interval(diffs))} ({above} of {len(diffs)})"
 
 
 def append_window_table(out: Path) -> None:
-    """Append ``window_table`` of ``OUT.json`` to ``OUT.md``."""
+    """Append ``window_table`` (and ``share_table`` where it measured shares) of ``OUT.json`` to ``OUT.md``."""
     report = json.loads(out.with_suffix(".json").read_text())
+    tables = [table for table in (window_table(report), share_table(report)) if table]
     markdown = out.with_suffix(".md")
-    markdown.write_text(markdown.read_text().rstrip("\n") + "\n\n" + window_table(report) + "\n")
+    markdown.write_text(markdown.read_text().rstrip("\n") + "\n\n" + "\n\n".join(tables) + "\n")
+
+
+def _numbers(argv: list[str], flag: str, default, kind):
+    """Pop ``flag A,B,...`` from ``argv`` (predictor_report's own options stay): the numbers, or ``default``."""
+    if flag not in argv:
+        return default
+    at = argv.index(flag)
+    text = argv[at + 1] if at + 1 < len(argv) else ""
+    del argv[at:at + 2]
+    try:
+        return tuple(kind(item) for item in text.split(",") if item.strip() and item.strip() != "none")
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: give numbers separated by commas (or none)") from None
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``--windows W,...`` (default ``WINDOWS``; ``none``) and ``--shares S,...`` (default none), then
+    predictor_report's arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    evaluation.METHODS = evaluation.METHODS + tuple(window_method(w) for w in WINDOWS)
-    evaluation._selections = _selections_with_windows(evaluation._selections)
+    windows, shares = _numbers(argv, "--windows", WINDOWS, int), _numbers(argv, "--shares", (), float)
+    if any(not 0 < share < 1 for share in shares):
+        raise SystemExit(f"--shares {shares}: each share of the budget is between 0 and 1")
+    evaluation.METHODS = (evaluation.METHODS + tuple(window_method(w) for w in windows)
+                          + tuple(share_method(s) for s in shares))
+    evaluation._selections = _selections_with_windows(evaluation._selections, windows, shares)
     predictor_report.main(argv)  # evaluation's METHODS and _selections are read at call time: the patched ones
     append_window_table(Path(argv[argv.index("--out") + 1]))
 

@@ -114,17 +114,21 @@ def check_refresh_layers(layers: frozenset[int], num_layers: int) -> None:
 
 MIN_WINDOW = 16  # the local window never shrinks below this many tokens (nor below --window)
 DEFAULT_WINDOW = 128  # the widest local window (bench/reports/predictor_window.md)
+WINDOW_SHARE = 0.5  # of the budget after the sinks (bench/reports/predictor_window_share.md: level with 0.4)
 WINDOW_RULE = "budget"  # results.json: the window follows the budget (``local_window``); runs without it: fixed
 
 
-def local_window(budget_tokens, sinks: int, window: int):
-    """The local window ``w`` under a budget of ``k = budget_tokens`` tokens: ``(k - S) // 2`` clamped to
-    ``[min(MIN_WINDOW, W), W]``. An int, or a long tensor of budgets (elementwise)."""
+def local_window(budget_tokens, sinks: int, window: int, share: float = WINDOW_SHARE):
+    """The local window ``w`` under a budget of ``k = budget_tokens`` tokens: ``floor(share * (k - S))``
+    (``(k - S) // 2``) clamped to ``[min(MIN_WINDOW, W), W]``. An int, or a long tensor of budgets
+    (elementwise). ``share``: other than the engine's only in bench/window_study.py."""
     least = min(MIN_WINDOW, window)
-    half = (budget_tokens - sinks) // 2
-    if hasattr(half, "clamp"):  # a tensor (this module does not import torch)
-        return half.clamp(min=least, max=window)
-    return min(window, max(least, half))
+    rest = budget_tokens - sinks
+    if hasattr(rest, "clamp"):  # a tensor (this module does not import torch)
+        part = rest // 2 if share == 0.5 else (rest * share).floor().long()
+        return part.clamp(min=least, max=window)
+    part = rest // 2 if share == 0.5 else math.floor(rest * share)
+    return min(window, max(least, part))
 
 
 def budget_floor(sinks: int, window: int) -> int:

@@ -514,3 +514,36 @@ def test_the_committed_window_study_renders_from_its_json_as_committed():
     table = window_study.window_table(report)
     assert table[table.index("### every row"):] in (REPORTS / "predictor_window.md").read_text()
     assert "| 128 |" in table and "| 64 | 0.947 [" in table
+
+
+def test_the_window_share_study_masks_and_table(monkeypatch):
+    """``window_study --shares``: share 0.5 is the engine's rule (``tokenbutler_engine``), every share keeps the
+    budget's count, a smaller share keeps fewer recent tokens; its table pairs each share with 0.5 by sequence;
+    the options are taken out of predictor_report's arguments and bad ones refused."""
+    from offload_engine.predictor import evaluation
+    from tbrun_bench import window_study
+
+    generator = torch.Generator().manual_seed(0)
+    length, group = 600, 3
+    rows = torch.tensor([300, 450, 599])
+    future = evaluation.causal_mask(rows, length)
+    logits = torch.randn(6, 3, length, generator=generator)
+    probs = torch.softmax(torch.randn(6, 3, length, generator=generator).masked_fill(future, float("-inf")), -1)
+    selections = window_study._selections_with_windows(evaluation._selections, windows=(), shares=(0.25, 0.5, 0.9))
+    masks = selections(probs, logits, rows, 0.5, group, torch.Generator().manual_seed(1))
+    assert "engine_w0" not in masks and torch.equal(masks["engine_s50"], masks["tokenbutler_engine"])
+    counts = evaluation.budget_counts(rows, 0.5)
+    for share in ("engine_s25", "engine_s90"):
+        assert torch.equal(masks[share].sum(-1), counts.expand(6, -1))
+    recent = lambda mask: int(mask[:, 0, 300 - 127:301].sum())  # noqa: E731  (k = 151 at row 300: w 36 / 73 / 128)
+    assert recent(masks["engine_s25"]) < recent(masks["tokenbutler_engine"]) < recent(masks["engine_s90"])
+    per_sequence = {"tokenbutler_engine": {"10%": [0.90, 0.92]}, "engine_s25": {"10%": [0.91, 0.94]}}
+    report = {"recall": {"1024": {"per_sequence": per_sequence}}}
+    table = window_study.share_table(report)
+    assert "| 0.25 | 0.925 [" in table and "+0.015 [" in table and "(2 of 2)" in table and "| 0.5 | 0.910 [" in table
+    assert window_study.window_table(report) == ""  # no window width measured but the default
+    argv = ["--predictor", "p", "--shares", "0.25,0.4", "--windows", "none", "--out", "x"]
+    assert window_study._numbers(argv, "--shares", (), float) == (0.25, 0.4)
+    assert window_study._numbers(argv, "--windows", (1,), int) == () and argv == ["--predictor", "p", "--out", "x"]
+    with pytest.raises(SystemExit, match="--shares"):
+        window_study.main(["--shares", "1.5", "--out", "x"])

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from ..config import DEFAULT_WINDOW, local_window
+from ..config import DEFAULT_WINDOW, WINDOW_SHARE, local_window
 from ..models import ModelAdapter
 from .network import TokenButlerPredictor, dequantize_keys, quantize_keys, quantize_query
 from .teacher import causal_mask, distillation_loss, layer_states, sample_rows, teacher_probs
@@ -105,11 +105,12 @@ def _selections(probs, logits, rows, fraction, group, generator, stored_logits=N
 
 
 def engine_fixed_mask(rows: torch.Tensor, counts: torch.Tensor, length: int,
-                      window: int = ENGINE_WINDOW) -> torch.Tensor:
+                      window: int = ENGINE_WINDOW, share: float = WINDOW_SHARE) -> torch.Tensor:
     """What the engine attends whatever the scores, bool ``[1, R, T]``, for ``counts`` ``[R]`` = k per row: the
     first ``SINKS`` tokens and the engine's window under budget k with widest window ``window``
-    (``local_window``: ``(k - SINKS) // 2`` clamped to ``[min(16, window), window]``), at most k in all."""
-    fixed = torch.minimum(counts, SINKS + local_window(counts, SINKS, window))
+    (``local_window``: ``(k - SINKS) // 2`` clamped to ``[min(16, window), window]``; ``share`` other than a
+    half: bench/window_study.py), at most k in all."""
+    fixed = torch.minimum(counts, SINKS + local_window(counts, SINKS, window, share))
     return streaming_mask(rows, fixed, length)
 
 

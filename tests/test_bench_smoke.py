@@ -475,6 +475,19 @@ def test_gather_settings_refuse_bad_sizes(options, message):
         GatherSettings(**{"device": "cpu", **options})
 
 
+def _window_study_masks(selections, rows: torch.Tensor) -> dict:
+    """``selections`` on seeded random attention and predictor logits of 6 heads in groups of 3 over 600 tokens, at
+    query ``rows``, budget 50%."""
+    from offload_engine.predictor import evaluation
+
+    generator = torch.Generator().manual_seed(0)
+    length = 600
+    future = evaluation.causal_mask(rows, length)
+    logits = torch.randn(6, len(rows), length, generator=generator)
+    probs = torch.softmax(torch.randn(6, len(rows), length, generator=generator).masked_fill(future, float("-inf")), -1)
+    return selections(probs, logits, rows, 0.5, 3, torch.Generator().manual_seed(1))
+
+
 def test_the_window_study_masks_are_the_engine_rule_at_each_window(monkeypatch):
     """bench/window_study.py: ``engine_wW`` at the default window is ``tokenbutler_engine``'s mask, every method
     keeps the budget's count, and a wider window keeps the newer tokens; its table pairs by sequence."""
@@ -482,14 +495,8 @@ def test_the_window_study_masks_are_the_engine_rule_at_each_window(monkeypatch):
     from tbrun_bench import window_study
 
     monkeypatch.setattr(window_study, "WINDOWS", (8, evaluation.ENGINE_WINDOW, 200))
-    generator = torch.Generator().manual_seed(0)
-    length, group = 600, 3
     rows = torch.tensor([300, 450, 599])
-    future = evaluation.causal_mask(rows, length)
-    logits = torch.randn(6, 3, length, generator=generator)
-    probs = torch.softmax(torch.randn(6, 3, length, generator=generator).masked_fill(future, float("-inf")), -1)
-    masks = window_study._selections_with_windows(evaluation._selections)(probs, logits, rows, 0.5, group,
-                                                                           torch.Generator().manual_seed(1))
+    masks = _window_study_masks(window_study._selections_with_windows(evaluation._selections), rows)
     assert torch.equal(masks[f"engine_w{evaluation.ENGINE_WINDOW}"], masks["tokenbutler_engine"])
     counts = evaluation.budget_counts(rows, 0.5)
     for window in window_study.WINDOWS:
@@ -523,14 +530,9 @@ def test_the_window_share_study_masks_and_table(monkeypatch):
     from offload_engine.predictor import evaluation
     from tbrun_bench import window_study
 
-    generator = torch.Generator().manual_seed(0)
-    length, group = 600, 3
     rows = torch.tensor([300, 450, 599])
-    future = evaluation.causal_mask(rows, length)
-    logits = torch.randn(6, 3, length, generator=generator)
-    probs = torch.softmax(torch.randn(6, 3, length, generator=generator).masked_fill(future, float("-inf")), -1)
     selections = window_study._selections_with_windows(evaluation._selections, windows=(), shares=(0.25, 0.5, 0.9))
-    masks = selections(probs, logits, rows, 0.5, group, torch.Generator().manual_seed(1))
+    masks = _window_study_masks(selections, rows)
     assert "engine_w0" not in masks and torch.equal(masks["engine_s50"], masks["tokenbutler_engine"])
     counts = evaluation.budget_counts(rows, 0.5)
     for share in ("engine_s25", "engine_s90"):

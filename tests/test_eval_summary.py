@@ -404,15 +404,19 @@ def test_points_of_other_run_wide_settings_are_other_points(tmp_path):
     assert "(4; 1 differ; p 1)" in paired["tokenbutler (--window 32)"]["minus dense"]
 
 
-def test_tokenbutler_points_of_another_key_dtype_or_none_recorded_are_other_points(tmp_path):
-    """A run whose tokenbutler points record their compact key dtype (int8) and an older one whose points do not:
-    two rows, never pooled (the older run's keys were stored as its machine chose then)."""
+@pytest.mark.parametrize("key, recorded, unrecorded", [("key_dtype", "int8", "unrecorded"),
+                                                      ("window_rule", "budget", "fixed")])
+def test_points_of_another_recorded_setting_or_none_recorded_are_other_points(tmp_path, key, recorded, unrecorded):
+    """A run whose points record a setting and an older one whose points do not: two rows, never pooled. The
+    compact key dtype (the older run's keys were stored as its machine chose then) and the window rule (before
+    the window followed the budget it was fixed)."""
     write_scores(tmp_path, "old", OLD, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 0.0, 1.0]})
-    write_scores(tmp_path, "int8", NEW, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 1.0, 1.0]},
-                 config={"key_dtype": "int8"})
+    write_scores(tmp_path, "new", NEW, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 1.0, 1.0]},
+                 config={key: recorded})
+    flag = "--" + key.replace("_", "-")
     rows = point_rows(summarize(tmp_path))
-    assert list(rows) == ["dense", "tokenbutler (--key-dtype unrecorded)", "tokenbutler (--key-dtype int8)"]
-    assert rows["tokenbutler (--key-dtype int8)"][1] == "75.0"
+    assert list(rows) == ["dense", f"tokenbutler ({flag} {unrecorded})", f"tokenbutler ({flag} {recorded})"]
+    assert rows[f"tokenbutler ({flag} {recorded})"][1] == "75.0"
 
 
 def test_runs_of_another_model_get_their_own_section(tmp_path):
@@ -475,13 +479,3 @@ def test_each_row_names_its_sample_set_and_the_glance_notes_mixed_columns(tmp_pa
     assert rows == {"dense": "seed 0 x6", "oracle": "seed 0 x6", "tokenbutler": "seed 0 x4"}
     assert "- niah 2k @ 10%: tokenbutler on `seed 0 x4`; the other rows on `seed 0 x6`" in markdown
 
-
-def test_points_whose_window_followed_the_budget_are_other_points_than_fixed_window_ones(tmp_path):
-    """A run from before the window followed the budget (no ``window_rule`` recorded: fixed) and one after, at the
-    same --window: two rows named by the rule, never pooled."""
-    write_scores(tmp_path, "fixed", OLD, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 0.0, 1.0]})
-    write_scores(tmp_path, "budget", NEW, {"dense": [1.0, 0.0, 1.0, 1.0], "tokenbutler": [1.0, 0.0, 1.0, 1.0]},
-                 config={"window_rule": "budget"})
-    rows = point_rows(summarize(tmp_path))
-    assert list(rows) == ["dense", "tokenbutler (--window-rule fixed)", "tokenbutler (--window-rule budget)"]
-    assert rows["tokenbutler (--window-rule budget)"][1] == "75.0"

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from offload_engine.config import MIN_WINDOW
 from offload_engine.evaluation.scoring import t_interval
 from offload_engine.machine import portable_path
 from offload_engine.models import load_model
+from offload_engine.predictor import evaluation
 from offload_engine.predictor.checkpoint import load_checkpoint
 from offload_engine.predictor.corpus import resolve_corpus
 from offload_engine.predictor.data import load_held_out
-from offload_engine.config import MIN_WINDOW
-from offload_engine.predictor import evaluation
 from offload_engine.predictor.evaluation import evaluate_many
 from offload_engine.predictor.interval_eval import interval_recall
 from offload_engine.predictor.recall import RecallSpans, add_recall_spans

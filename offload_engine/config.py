@@ -121,14 +121,12 @@ WINDOW_RULE = "budget"  # results.json: the window follows the budget (``local_w
 def local_window(budget_tokens, sinks: int, window: int, share: float = WINDOW_SHARE):
     """The local window ``w`` under a budget of ``k = budget_tokens`` tokens: ``floor(share * (k - S))``
     (``(k - S) // 2``) clamped to ``[min(MIN_WINDOW, W), W]``. An int, or a long tensor of budgets
-    (elementwise). ``share``: other than the engine's only in bench/window_study.py."""
+    (elementwise; exact below 2**24 tokens). ``share``: other than the engine's only in bench/window_study.py."""
     least = min(MIN_WINDOW, window)
-    rest = budget_tokens - sinks
-    if hasattr(rest, "clamp"):  # a tensor (this module does not import torch)
-        part = rest // 2 if share == 0.5 else (rest * share).floor().long()
-        return part.clamp(min=least, max=window)
-    part = rest // 2 if share == 0.5 else math.floor(rest * share)
-    return min(window, max(least, part))
+    part = (budget_tokens - sinks) * share
+    if hasattr(part, "clamp"):  # a tensor (this module does not import torch)
+        return part.floor().long().clamp(min=least, max=window)
+    return min(window, max(least, math.floor(part)))
 
 
 def budget_floor(sinks: int, window: int) -> int:

@@ -91,12 +91,12 @@ class Selector:
 
     def candidates(self, layer: int, position: int) -> Candidates:
         """Candidates of ``layer`` when decoding ``position`` (its K/V already written)."""
-        lo, fixed = self.config.sinks, self.fixed(position + 1)
-        hi = max(lo, position + 1 - self.window(position + 1))
+        lo, window = self.config.sinks, self.window(position + 1)
+        hi = max(lo, position + 1 - window)
         if layer in self.dense_layers:
             keep = hi - lo
         else:
-            keep = max(0, self.budget_tokens(position + 1) - fixed)
+            keep = max(0, self.budget_tokens(position + 1) - lo - window)
         return Candidates(lo=lo, hi=hi, keep=min(keep, hi - lo), position=position)
 
     def slots_for(self, layer: int) -> int:

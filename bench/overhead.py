@@ -52,6 +52,7 @@ import torch
 from offload_engine import (
     Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, load_model, parse_context,
 )
+from offload_engine.config import DEFAULT_WINDOW, WINDOW_RULE
 from offload_engine.errors import ConfigError
 from offload_engine.memory import dtype_name
 from offload_engine.policies import build_policy
@@ -61,7 +62,8 @@ from offload_engine.predictor.checkpoint import PredictorError, read_config
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
 
 TARGET_RATIO = 1.1  # issue 2: at most 1.1x transformers' ms per step
-SINKS, WINDOW = 4, 32  # of the sparse runners
+SINKS, WINDOW = 4, DEFAULT_WINDOW  # of the sparse runners: tbrun generate's defaults (the window follows the budget)
+OLD_WINDOW = 32  # the sparse runners' fixed window in reports that do not record theirs
 BREAKDOWN_PHASES = ("selection", "copy", "wait", "attention", "rest")
 
 
@@ -134,8 +136,8 @@ class SparseSpec(NamedTuple):
 
 def sparse_selection(spec: str, predictors: dict[str, str] | None = None) -> SparseSpec:
     """``tokenbutler:10%``, ``tokenbutler:10%:4`` (predict every 4th step) or ``tokenbutler:10%:1:bfloat16``
-    (the compact keys stored so; default auto) -> the selection of a sparse runner (sinks 4, window 32, as
-    in tbrun eval), its predictor directory (``tokenbutler@LABEL:10%`` takes the one ``--predictor
+    (the compact keys stored so; default auto) -> the selection of a sparse runner (sinks 4, window up to 128
+    following the budget, as tbrun generate), its predictor directory (``tokenbutler@LABEL:10%`` takes the one ``--predictor
     LABEL=DIR`` names, else None: the shipped one) and its key dtype."""
     fields = spec.split(":")
     policy, budget, interval, keys = (fields + ["", "", ""])[:4]
@@ -427,12 +429,21 @@ def _sparse_markdown(report: dict) -> str:
         return ""
     headers = ["context", "sparse offload (policy:budget)", "median ms", "p90 ms", "ratio to tbrun dense",
                "ratio to transformers", "ratio to vLLM dense"]
-    return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; sinks {SINKS}, "
-            f"window {WINDOW}; tokenbutler predicting every N steps (`:N`) loads the shipped predictor trained for "
-            "that interval where there is one (`predictors/smollm2-135m-instruct-interval4` for N = 4, as `tbrun "
+    return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; "
+            f"{_window_note(report['settings'])}; tokenbutler predicting every N steps (`:N`) loads the shipped "
+            "predictor trained for that interval where there is one (`predictors/smollm2-135m-instruct-interval4` for N = 4, as `tbrun "
             "generate` does); tokenbutler's compact keys are stored as `:KEYS` says, by default (`auto`) "
             f"{report['settings'].get('auto_key_dtype', 'as the engine chooses')} here "
             "(`compact_key_dtype`)." + _copy_thread_note(report) + "\n\n" + markdown_table(headers, rows) + "\n")
+
+
+def _window_note(settings: dict) -> str:
+    """Sinks and window of the sparse runners, as the report recorded them (older reports: 4 and a fixed 32)."""
+    window = settings.get("window", OLD_WINDOW)
+    if settings.get("window_rule", "fixed") == "fixed":
+        return f"sinks {settings.get('sinks', SINKS)}, window {window}"
+    return (f"sinks {settings['sinks']}, window up to {window} following the budget (half of it after the sinks, "
+            "`local_window`), as `tbrun generate`")
 
 
 def _copy_thread_note(report: dict) -> str:
@@ -556,7 +567,8 @@ def main(argv: list[str] | None = None) -> dict:
     vllm = vllm_runner(adapter, args.model, contexts, args.new_tokens, args.vllm_eager, log) if args.vllm == "auto" else None
     settings = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
-                "seed": args.seed, "sparse": args.sparse, "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
+                "seed": args.seed, "sparse": args.sparse, "sinks": SINKS, "window": WINDOW, "window_rule": WINDOW_RULE,
+                "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,
                 "synthetic_kv_from": synthetic_from, "synthetic_kv_tile": synthetic_tile,
                 "synthetic_kv_tile_rope": TILE_ROPE if synthetic_tile else None, "vllm": vllm.settings() if vllm else None,
                 "copy_thread": args.copy_thread, "torch_threads": torch.get_num_threads(),

@@ -15,6 +15,7 @@ from tbrun_bench.latency import ALL_MODES
 from tbrun_bench.overhead import TILE_ROPE, measure, to_markdown
 from tbrun_cli.main import app
 
+from offload_engine.config import DEFAULT_WINDOW
 from offload_engine.errors import ConfigError
 from offload_engine.models import dims_from_config
 from offload_engine.policies import POLICIES
@@ -258,7 +259,8 @@ def test_overhead_sparse_specs_take_an_optional_interval_key_dtype_and_a_labelle
     from offload_engine.errors import ConfigError
     from tbrun_bench.overhead import sparse_selection
 
-    assert sparse_selection("tokenbutler:10%").selection.interval == 1
+    default = sparse_selection("tokenbutler:10%").selection
+    assert (default.interval, default.sinks, default.window) == (1, 4, DEFAULT_WINDOW)  # tbrun generate's
     chosen, predictor, keys = sparse_selection("tokenbutler:10%:4")
     assert (chosen.policy, chosen.interval, chosen.budget.fraction, predictor, keys) == ("tokenbutler", 4, 0.1, None,
                                                                                           "auto")
@@ -274,6 +276,14 @@ def test_overhead_sparse_specs_take_an_optional_interval_key_dtype_and_a_labelle
     for other in ("quest@q1:10%", "quest:10%:1:int8"):
         with pytest.raises(ConfigError, match="only tokenbutler"):
             sparse_selection(other, {"q1": "runs/pred-q1"})
+
+
+def test_overhead_reports_name_the_window_their_sparse_runners_had():
+    from tbrun_bench.overhead import _window_note
+
+    assert _window_note({}) == "sinks 4, window 32"  # reports from before the window followed the budget
+    note = _window_note({"sinks": 4, "window": 128, "window_rule": "budget"})
+    assert note.startswith("sinks 4, window up to 128 following the budget")
 
 
 def test_overhead_times_a_labelled_predictor_and_records_it_without_its_path(tmp_path, capsys):

@@ -65,47 +65,55 @@ def _selections_with_windows(selections, windows=None, shares=()):
     return wrapped
 
 
+SECTIONS = (("recall", "every row"), ("lookup_recall", "lookup rows"))
+
+
 def window_table(report: dict) -> str:
     """Markdown: recall at ``BUDGET`` per window and length (every row and lookup rows), each with its 95%
-    interval over sequences and its difference from the default window paired by sequence."""
+    interval over sequences and its difference from the default window paired by sequence; empty for a report
+    without a window but the default."""
     default = (report.get("engine_rule") or {}).get("window", OLD_ENGINE_WINDOW)
-    if not any(_windows(report.get(section) or {}, default) != [default] for section in ("recall", "lookup_recall")):
-        return ""  # no window measured but the default
-    lines = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
-             f"(k - {evaluation.SINKS}) // 2 clamped to [min(16, W), W], the rest of k by the predictor; W = {default} "
-             "is `tokenbutler_engine`, the engine's default)", "",
-             "Each cell: mean [95% interval over sequences]; difference from W = "
-             f"{default}: mean [95% t interval of the per-sequence differences] (sequences where it is above).", ""]
-    for section, title in (("recall", "every row"), ("lookup_recall", "lookup rows")):
-        lengths = report.get(section) or {}
-        rows = [[str(window), *(_window_cell(result["per_sequence"], window, default) for result in lengths.values())]
-                for window in _windows(lengths, default)]
-        lines += [f"### {title}", "", markdown_table(["window", *(f"{n} tokens" for n in lengths)], rows), ""]
-    return "\n".join(lines)
+    heading = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
+               f"(k - {evaluation.SINKS}) // 2 clamped to [min(16, W), W], the rest of k by the predictor; W = {default} "
+               "is `tokenbutler_engine`, the engine's default)", "",
+               "Each cell: mean [95% interval over sequences]; difference from W = "
+               f"{default}: mean [95% t interval of the per-sequence differences] (sequences where it is above).", ""]
+
+    def variants(lengths: dict) -> list[tuple[str, str | None]]:
+        return [(str(w), None if w == default else window_method(w)) for w in _windows(lengths, default)]
+    return _variants_table(report, heading, "window", variants)
 
 
 def share_table(report: dict) -> str:
     """Markdown: recall at ``BUDGET`` per window share and length, paired by sequence against the engine's half
     (``tokenbutler_engine``); empty for a report without share methods."""
     prefix = share_method(0)[:-1]
-    lines = [f"## The engine's recall at {BUDGET} by the window's share of the budget (sinks {evaluation.SINKS}; "
-             f"the window is floor(share x (k - {evaluation.SINKS})) clamped to [16, "
-             f"{(report.get('engine_rule') or {}).get('window', evaluation.ENGINE_WINDOW)}], the rest of k by the "
-             "predictor; 0.5 is `tokenbutler_engine`, the engine's rule)", "",
-             "Each cell: mean [95% interval over sequences]; difference from 0.5: mean [95% t interval of the "
-             "per-sequence differences] (sequences where it is above).", ""]
-    found = False
-    for section, title in (("recall", "every row"), ("lookup_recall", "lookup rows")):
+    heading = [f"## The engine's recall at {BUDGET} by the window's share of the budget (sinks {evaluation.SINKS}; "
+               f"the window is floor(share x (k - {evaluation.SINKS})) clamped to [16, "
+               f"{(report.get('engine_rule') or {}).get('window', evaluation.ENGINE_WINDOW)}], the rest of k by the "
+               "predictor; 0.5 is `tokenbutler_engine`, the engine's rule)", "",
+               "Each cell: mean [95% interval over sequences]; difference from 0.5: mean [95% t interval of the "
+               "per-sequence differences] (sequences where it is above).", ""]
+
+    def variants(lengths: dict) -> list[tuple[str, str | None]]:
+        methods = {m for r in lengths.values() for m in r["per_sequence"] if m.startswith(prefix)}
+        shares = [("0.5", None)] + [(f"{int(m[len(prefix):]) / 100:g}", m) for m in methods]
+        return sorted(shares, key=lambda variant: float(variant[0]))
+    return _variants_table(report, heading, "share", variants)
+
+
+def _variants_table(report: dict, heading: list[str], column: str, variants) -> str:
+    """``heading`` and, per section (every row, lookup rows), a table of one row per ``(label, method)`` of
+    ``variants(lengths)`` (method None: ``tokenbutler_engine``, the reference) and a column per length; empty
+    when no section has a method but the reference."""
+    lines, found = list(heading), False
+    for section, title in SECTIONS:
         lengths = report.get(section) or {}
-        methods = sorted({m for r in lengths.values() for m in r["per_sequence"] if m.startswith(prefix)},
-                         key=lambda m: int(m[len(prefix):]))
-        found |= bool(methods)
-        rows = [["0.5", *(_cell(mean_interval(r["per_sequence"]["tokenbutler_engine"][BUDGET]))
-                          for r in lengths.values())]]
-        rows += [[f"{int(m[len(prefix):]) / 100:g}", *(_paired_cell(r["per_sequence"], m) for r in lengths.values())]
-                 for m in methods]
-        lines += [f"### {title}", "", markdown_table(["share", *(f"{n} tokens" for n in lengths)],
-                                                     sorted(rows, key=lambda row: float(row[0]))), ""]
+        chosen = variants(lengths)
+        found |= any(method is not None for _, method in chosen)
+        rows = [[label, *(_variant_cell(result["per_sequence"], method) for result in lengths.values())]
+                for label, method in chosen]
+        lines += [f"### {title}", "", markdown_table([column, *(f"{n} tokens" for n in lengths)], rows), ""]
     return "\n".join(lines) if found else ""
 
 
@@ -116,11 +124,12 @@ def _windows(lengths: dict, default: int) -> list[int]:
     return sorted({default, *(int(m[len(prefix):]) for m in methods if m.startswith(prefix))})
 
 
-def _window_cell(per_sequence: dict, window: int, default: int) -> str:
-    """One window's recall over sequences and, but for the default, its paired difference from the default's."""
-    if window == default:
+def _variant_cell(per_sequence: dict, method: str | None) -> str:
+    """A method's recall over sequences and its paired difference from ``tokenbutler_engine``'s; None: the
+    reference's own recall."""
+    if method is None:
         return _cell(mean_interval(per_sequence["tokenbutler_engine"][BUDGET]))
-    return _paired_cell(per_sequence, window_method(window))
+    return _paired_cell(per_sequence, method)
 
 
 def _paired_cell(per_sequence: dict, method: str) -> str:

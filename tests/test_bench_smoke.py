@@ -531,6 +531,9 @@ def test_the_committed_window_study_renders_from_its_json_as_committed():
     table = window_study.window_table(report)
     assert table[table.index("### every row"):] in (REPORTS / "predictor_window.md").read_text()
     assert "| 128 |" in table and "| 64 | 0.947 [" in table
+    shares = window_study.share_table(json.loads((REPORTS / "predictor_window_share.json").read_text()))
+    assert shares[shares.index("### every row"):] in (REPORTS / "predictor_window_share.md").read_text()
+    assert "| 0.4 |" in shares and "| 0.9 |" in shares
 
 
 def test_the_window_share_study_masks_and_table(monkeypatch):

@@ -50,6 +50,9 @@ def eval_command(
                                         help="tokenbutler's GQA rule: mean (of the group's probabilities) or max."),
     shared_prefill: bool = typer.Option(True, "--shared-prefill/--separate-prefill",
                                         help="Prefill each sample once for every point (default), or once per point."),
+    ppl_prefix: Optional[int] = typer.Option(None, "--ppl-prefix",
+                                             help="ppl tasks: score the tokens from this one on (default: the "
+                                             "shortest prompt at which every budget covers sinks and window)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on CUDA)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run already in --out."),
@@ -69,7 +72,7 @@ def eval_command(
         context=context, samples=samples, seed=seed, model=model, predictor=predictor, device=device,
         dtype=dtype or ("fp32" if device == "cpu" else "bf16"), sinks=sinks, window=window,
         interval=interval, neighbors=neighbors, neighbor_rule=neighbor_rule, group_reduction=group_reduction,
-        shared_prefill=shared_prefill,
+        shared_prefill=shared_prefill, ppl_prefix=ppl_prefix,
     )
     command = _command_line(ctx)
     report = _run_with_progress(config, out, overwrite, command, max_minutes)

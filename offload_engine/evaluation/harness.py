@@ -144,6 +144,7 @@ class EvalConfig:
     neighbor_rule: str = "radius"
     group_reduction: str = "mean"  # tokenbutler's GQA rule (policy[group_reduction=...] overrides it)
     shared_prefill: bool = True  # one dense prefill per sample, replayed by every point
+    ppl_prefix: int | None = None  # perplexity tasks: score from this token on (None: the shortest prompt allowed)
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -171,6 +172,25 @@ class EvalConfig:
         resolve_device(self.device)  # refuse cuda where there is none, before loading anything
         if self.predictor is not None and not any("tokenbutler" in spec for spec in self.policies):
             raise ConfigError("--predictor is only used by the tokenbutler policy.")
+        self._check_ppl_prefix()
+
+    def _check_ppl_prefix(self) -> None:
+        """``ppl_prefix``: a perplexity task's, at least the shortest prompt every budget allows, short of the context."""
+        if self.ppl_prefix is None:
+            return
+        if get_task(self.task).primary != "ppl":
+            raise ConfigError(f"--ppl-prefix sets where a perplexity task starts scoring; --task {self.task} has no "
+                              "perplexity: leave it out.")
+        least = self.shortest_prompt()
+        if not least <= self.ppl_prefix < self.context:
+            raise ConfigError(f"--ppl-prefix {self.ppl_prefix} must be at least {least} (the shortest prompt at which "
+                              f"every --budget covers --sinks and the narrowest window) and below --context "
+                              f"{self.context}: choose one in between.")
+
+    def shortest_prompt(self) -> int:
+        """The shortest prompt at which every share budget covers the floor of every point (0: no shares)."""
+        fractions = [b.fraction for b in self.budgets if b.fraction is not None]
+        return min_prompt_for(fractions, self.fixed_tokens())
 
     def selection(self, budget: Budget | None, policy: str = "dense") -> SelectionConfig:
         """The selection settings of ``policy`` (a spec, variant settings applied) at ``budget``."""
@@ -455,9 +475,8 @@ def load_for_eval(config: EvalConfig) -> ModelAdapter:
 
 
 def prepare_samples(config: EvalConfig, tokenizer) -> list[Sample]:
-    """The task's samples for this config (ppl's prefix long enough for the smallest budget)."""
-    fractions = [b.fraction for b in config.budgets if b.fraction is not None]
-    min_prompt = min_prompt_for(fractions, config.fixed_tokens())
+    """The task's samples for this config (ppl's prefix long enough for the smallest budget, or ``ppl_prefix``)."""
+    min_prompt = max(config.shortest_prompt(), config.ppl_prefix or 0)
     samples = make_samples(config.task, tokenizer, config.samples, config.context, config.seed, min_prompt)
     check_budgets_fit(config, samples)
     return samples

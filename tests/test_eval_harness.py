@@ -177,6 +177,26 @@ def test_a_budget_of_every_token_scores_like_dense(tiny, tiny_model_dir, task, c
             assert record["output"] == dense["output"]
 
 
+def test_ppl_prefix_moves_where_scoring_starts_and_is_refused_where_it_cannot_apply(tiny, tiny_model_dir):
+    """``--ppl-prefix``: the prompt of every passage (the rest scored), recorded in the config; below the shortest
+    prompt the budgets allow, at the context, or on a task without perplexity: refused before anything loads."""
+    def config(**overrides):
+        return EvalConfig(**({"task": "ppl", "policies": ["streaming"], "budgets": [Budget.parse("50%")],
+                              "context": 160, "samples": 8, "model": tiny_model_dir} | overrides))
+
+    default, chosen = config(), config(ppl_prefix=100)
+    assert default.shortest_prompt() == 2 * default.fixed_tokens() < 100  # 50%: twice sinks + the narrowest window
+    assert chosen.to_dict()["ppl_prefix"] == 100 and default.to_dict()["ppl_prefix"] is None
+    for sample in prepare_samples(chosen, tiny.tokenizer):
+        assert len(sample.forced.prompt_ids) == 100 and len(sample.forced.target_ids) == 60
+    assert len(prepare_samples(default, tiny.tokenizer)[0].forced.prompt_ids) == 64  # the task's own least prefix
+    for bad, message in ((10, "at least 40"), (160, "below --context 160")):
+        with pytest.raises(ConfigError, match=message):
+            config(ppl_prefix=bad)
+    with pytest.raises(ConfigError, match="has no perplexity"):
+        config(task="niah-single", context=256, samples=1, ppl_prefix=100)
+
+
 def test_coref_is_scored_teacher_forced_and_by_generation(tiny, tiny_model_dir):
     config = EvalConfig(task="coref", policies=["h2o"], budgets=[Budget.parse("50%")], context=384, samples=1,
                         model=tiny_model_dir)

@@ -137,8 +137,8 @@ class SparseSpec(NamedTuple):
 def sparse_selection(spec: str, predictors: dict[str, str] | None = None) -> SparseSpec:
     """``tokenbutler:10%``, ``tokenbutler:10%:4`` (predict every 4th step) or ``tokenbutler:10%:1:bfloat16``
     (the compact keys stored so; default auto) -> the selection of a sparse runner (sinks 4, window up to 128
-    following the budget, as tbrun generate), its predictor directory (``tokenbutler@LABEL:10%`` takes the one ``--predictor
-    LABEL=DIR`` names, else None: the shipped one) and its key dtype."""
+    following the budget, as tbrun generate), its predictor directory (``tokenbutler@LABEL:10%`` takes the one
+    ``--predictor LABEL=DIR`` names, else None: the shipped one) and its key dtype."""
     fields = spec.split(":")
     policy, budget, interval, keys = (fields + ["", "", ""])[:4]
     if len(fields) > 4 or (interval and not interval.isdigit()) or (keys and keys not in KEY_DTYPES):
@@ -431,9 +431,9 @@ def _sparse_markdown(report: dict) -> str:
                "ratio to transformers", "ratio to vLLM dense"]
     return (f"\n## Sparse offload in the same run\n\nSame prompts, interleaved with the runs above; "
             f"{_window_note(report['settings'])}; tokenbutler predicting every N steps (`:N`) loads the shipped "
-            "predictor trained for that interval where there is one (`predictors/smollm2-135m-instruct-interval4` for N = 4, as `tbrun "
-            "generate` does); tokenbutler's compact keys are stored as `:KEYS` says, by default (`auto`) "
-            f"{report['settings'].get('auto_key_dtype', 'as the engine chooses')} here "
+            "predictor trained for that interval where there is one (`predictors/smollm2-135m-instruct-interval4` "
+            "for N = 4, as `tbrun generate` does); tokenbutler's compact keys are stored as `:KEYS` says, by default "
+            f"(`auto`) {report['settings'].get('auto_key_dtype', 'as the engine chooses')} here "
             "(`compact_key_dtype`)." + _copy_thread_note(report) + "\n\n" + markdown_table(headers, rows) + "\n")
 
 

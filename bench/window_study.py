@@ -74,8 +74,8 @@ def window_table(report: dict) -> str:
     without a window but the default."""
     default = (report.get("engine_rule") or {}).get("window", OLD_ENGINE_WINDOW)
     heading = [f"## The engine's recall at {BUDGET} by window (sinks {evaluation.SINKS}; the window is "
-               f"(k - {evaluation.SINKS}) // 2 clamped to [min(16, W), W], the rest of k by the predictor; W = {default} "
-               "is `tokenbutler_engine`, the engine's default)", "",
+               f"(k - {evaluation.SINKS}) // 2 clamped to [min(16, W), W], the rest of k by the predictor; "
+               f"W = {default} is `tokenbutler_engine`, the engine's default)", "",
                "Each cell: mean [95% interval over sequences]; difference from W = "
                f"{default}: mean [95% t interval of the per-sequence differences] (sequences where it is above).", ""]
 

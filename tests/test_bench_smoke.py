@@ -284,6 +284,9 @@ def test_overhead_reports_name_the_window_their_sparse_runners_had():
     assert _window_note({}) == "sinks 4, window 32"  # reports from before the window followed the budget
     note = _window_note({"sinks": 4, "window": 128, "window_rule": "budget"})
     assert note.startswith("sinks 4, window up to 128 following the budget")
+    for name, window in (("overhead_vllm_cpu_tiled", "window 32;"), ("overhead_vllm_cpu_default", "window up to 128")):
+        report = json.loads((REPORTS / f"{name}.json").read_text())  # each renders as committed, with its window
+        assert to_markdown(report) == (REPORTS / f"{name}.md").read_text() and window in to_markdown(report)
 
 
 def test_overhead_times_a_labelled_predictor_and_records_it_without_its_path(tmp_path, capsys):

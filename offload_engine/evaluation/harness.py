@@ -175,7 +175,8 @@ class EvalConfig:
         self._check_ppl_prefix()
 
     def _check_ppl_prefix(self) -> None:
-        """``ppl_prefix``: a perplexity task's, at least the shortest prompt every budget allows, short of the context."""
+        """``ppl_prefix``: only for a perplexity task, at least the shortest prompt every budget allows, short of
+        the context."""
         if self.ppl_prefix is None:
             return
         if get_task(self.task).primary != "ppl":

@@ -353,6 +353,24 @@ def test_a_resumed_run_names_the_commits_its_earlier_samples_were_measured_at(ti
     assert fresh.exit_code == 0 and "resumed" not in json.loads((tmp_path / "fresh" / RESULTS_FILE).read_text())["provenance"]
 
 
+def test_a_progress_file_from_before_a_setting_was_added_still_resumes(tiny_model_dir, tmp_path):
+    """A run interrupted by a version whose config had no ``ppl_prefix`` resumes under this one (the setting's
+    absence meant what its default means) instead of starting over."""
+    from offload_engine.evaluation.report import PROGRESS_FILE
+
+    out = tmp_path / "niah"
+    args = ["eval", "--task", "niah-single", "--policy", "quest", "--budget", "25%", "--context", "256", "--samples",
+            "3", "--model", tiny_model_dir, "--out", str(out)]
+    assert runner.invoke(app, [*args, "--max-minutes", "1e-6"]).exit_code == 0  # one sample done
+    lines = (out / PROGRESS_FILE).read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["config"]["ppl_prefix"]  # as the older version wrote it
+    (out / PROGRESS_FILE).write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / RESULTS_FILE).read_text())["provenance"]["resumed"]["samples"] == 1
+
+
 def test_the_settings_table_shows_the_dtype_of_each_tokenbutler_points_compact_keys():
     from offload_engine.evaluation.report import settings_table
 

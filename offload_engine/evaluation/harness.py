@@ -521,6 +521,11 @@ def read_progress(out_dir: Path, config: dict, predictor_sha256: str | None = No
     return done
 
 
+# Settings added to the config after runs were started without them, at the value that means what those runs did:
+# a progress file that lacks one still belongs to the same run (it resumes instead of starting over).
+ADDED_SETTINGS = {"ppl_prefix": None}
+
+
 def _progress_header(path: Path, config: dict) -> dict | None:
     """The header of the progress file at ``path`` when it is one of a run of ``config``, else None."""
     if not path.is_file():
@@ -528,7 +533,9 @@ def _progress_header(path: Path, config: dict) -> dict | None:
     try:
         lines = path.read_text().splitlines()
         header = json.loads(lines[0]) if lines else {}
-        return header if header.get("config") == config else None
+        recorded = header.get("config")
+        recorded = ADDED_SETTINGS | recorded if isinstance(recorded, dict) else recorded
+        return header if recorded == config else None
     except (ValueError, AttributeError):
         return None
 

@@ -534,8 +534,8 @@ def _progress_header(path: Path, config: dict) -> dict | None:
         lines = path.read_text().splitlines()
         header = json.loads(lines[0]) if lines else {}
         recorded = header.get("config")
-        recorded = ADDED_SETTINGS | recorded if isinstance(recorded, dict) else recorded
-        return header if recorded == config else None
+        same = isinstance(recorded, dict) and ADDED_SETTINGS | recorded == ADDED_SETTINGS | config
+        return header if same else None
     except (ValueError, AttributeError):
         return None
 

@@ -368,16 +368,22 @@ def test_the_topk_benchs_numpy_path_is_the_engines_fallback_and_returns_the_same
     assert ranking.PREFILTER_MIN_CANDIDATES <= 8192  # these rows take the sampled cut
 
 
-def test_attention_speed_writes_both_methods_per_case(tmp_path, monkeypatch):
+def test_attention_speed_writes_every_method_per_case_from_cold_copies(tmp_path, monkeypatch):
+    from offload_engine import native
     from tbrun_bench import attention_speed
 
-    monkeypatch.setattr(attention_speed, "SHAPES", {"tiny": (4, 2, 8)})
+    monkeypatch.setattr(attention_speed, "SHAPES", {"tiny": (4, 2, 16)})
     monkeypatch.setattr(attention_speed, "LENGTHS", (64, 96))
+    monkeypatch.setattr(attention_speed, "COLD_BYTES", 3 * 2 * 2 * 64 * 16 * 4)  # 3 copies at 64 tokens, 2 at 96
     attention_speed.main(["--calls", "2", "--warmup", "0", "--out", str(tmp_path / "attention")])
     report = json.loads((tmp_path / "attention.json").read_text())
-    assert [(c["tokens"], c["masked"]) for c in report["cases"]] == [(64, True), (64, False), (96, True), (96, False)]
+    assert [(c["tokens"], c["masked"], c["copies"]) for c in report["cases"]] == [
+        (64, True, 3), (64, False, 3), (96, True, 2), (96, False, 2)]
     assert all(c["fused"]["steps"] == 2 and c["grouped"]["steps"] == 2 and c["ratio"] > 0 for c in report["cases"])
-    assert "grouped ms" in (tmp_path / "attention.md").read_text() and "commit" in report["provenance"]
+    built = native.kernels() is not None
+    assert all(("native" in c) == built and (c["native_ratio"] is not None) == built for c in report["cases"])
+    text = (tmp_path / "attention.md").read_text()
+    assert "native ms" in text and "came from memory" in text and "commit" in report["provenance"]
 
 
 def test_report_commands_name_no_folder_of_this_machine(monkeypatch, tmp_path):

@@ -21,6 +21,23 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def built_native_cache(tmp_path_factory):
+    """A cache folder the library is built into once for the tests that only call kernels (each build takes
+    several seconds; tests of building and caching take ``fresh_native``)."""
+    return tmp_path_factory.mktemp("native")
+
+
+@pytest.fixture
+def built_native(built_native_cache, monkeypatch):
+    """A native module loading its library from the module's shared cache (built there on first use)."""
+    monkeypatch.setenv("TBRUN_NATIVE_CACHE", str(built_native_cache))
+    monkeypatch.delenv("TBRUN_NATIVE", raising=False)
+    native.reset()
+    yield built_native_cache
+    native.reset()
+
+
 @pytest.fixture
 def fresh_native(tmp_path, monkeypatch):
     """A native module with no library loaded and its cache in a temporary folder."""
@@ -940,3 +957,139 @@ def _assert_int8_writes_are_quantize_keys(kernels) -> None:
     broken = k.clone()
     broken[2, 5] = float("nan")
     assert not writer(0, 4, broken)  # a NaN: left to torch's quantisation, as the prefill's keys
+
+
+def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                         scaling: float) -> torch.Tensor:
+    """Decode attention in float64 over the valid tokens only: q [H, D], k, v [KvH, N, D] -> [H, D]."""
+    heads, kv_heads = q.shape[0], k.shape[0]
+    grouped = q.double().view(kv_heads, heads // kv_heads, -1)
+    logits = torch.einsum("kgd,knd->kgn", grouped, k.double().nan_to_num()) * scaling
+    if valid is not None:
+        logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    return torch.einsum("kgn,knd->kgd", weights, v.double().nan_to_num()).reshape(heads, -1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads, kv_heads, dim, tokens", [
+    (9, 3, 64, 3400),    # SmolLM2 (compiled for g = 3, d = 64; 212 blocks of 16 tokens and a tail of 8)
+    (32, 8, 128, 300),   # Llama-3.1-8B (g = 4, d = 128)
+    (14, 2, 64, 77),     # Qwen2.5-0.5B (g = 7)
+    (8, 8, 64, 16),      # no grouping, one block exactly
+    (12, 1, 32, 40),     # g = 12, d = 32: no compiled instance, the generic path
+    (4, 4, 16, 5),       # the tiny test models' head dimension, a tail only
+])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_native_decode_attention_is_torchs(heads, kv_heads, dim, tokens, masked, threads, built_native,
+                                               monkeypatch):
+    """One query token over KV heads read through a working set's strides (a layer of a bank, tokens past
+    the filled prefix left out) gives float64 attention's output to float32 rounding, and matches the CPU's
+    torch path (``grouped_decode_attention``), masked or not, at any thread count."""
+    from offload_engine.attention import grouped_decode_attention
+
+    monkeypatch.setenv(native.THREADS_VARIABLE, threads)
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(heads * tokens + dim)
+    bank_k = torch.randn(2, kv_heads, tokens + 9, dim, generator=generator)
+    bank_v = torch.randn(2, kv_heads, tokens + 9, dim, generator=generator)
+    k, v = bank_k[1, :, :tokens], bank_v[1, :, :tokens]
+    q = torch.randn(heads, dim, generator=generator) * 2
+    valid = None
+    if masked:
+        valid = torch.rand(kv_heads, tokens + 9, generator=generator)[:, :tokens] > 0.4
+        valid[:, 0] = True  # every head attends somewhere
+    got = kernels.decode_attention(q, k, v, valid, dim ** -0.5)
+    assert got is not None and got.shape == (heads, dim) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _reference_attention(q, k, v, valid, dim ** -0.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, grouped_decode_attention(q, k, v, valid, dim ** -0.5), rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads, kv_heads, dim, tokens", [(9, 3, 64, 100), (12, 1, 32, 40)])
+def test_the_native_decode_attention_ignores_what_the_mask_leaves_out(heads, kv_heads, dim, tokens, built_native):
+    """Keys and values of tokens the mask leaves out (a working set's unfilled or trash slots) may hold
+    anything, NaN included: the output is that of the valid tokens alone. Like torch's softmax, a head with no
+    valid token, or a NaN among its valid logits, gives NaN."""
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(tokens)
+    k, v = torch.randn(kv_heads, tokens, dim, generator=generator), torch.randn(kv_heads, tokens, dim, generator=generator)
+    q = torch.randn(heads, dim, generator=generator)
+    valid = torch.rand(kv_heads, tokens, generator=generator) > 0.5
+    valid[:, 3] = True
+    k[~valid], v[~valid] = float("nan"), float("nan")
+    got = kernels.decode_attention(q, k, v, valid, 0.125)
+    torch.testing.assert_close(got.double(), _reference_attention(q, k, v, valid, 0.125), rtol=1e-5, atol=1e-6)
+    valid[0] = False  # KV head 0 attends nothing
+    k[-1, 3, 0] = float("nan")  # a valid key of the last KV head is NaN
+    got = kernels.decode_attention(q, k, v, valid, 0.125)
+    group = heads // kv_heads
+    assert got[:group].isnan().all() and got[-group:].isnan().all()
+    assert not got[group:-group].isnan().any()
+
+
+def test_the_native_decode_attention_declines_what_it_does_not_compute(built_native):
+    """Another dtype, a head dimension not a multiple of 16 or above 256, more than 16 query heads per KV head,
+    no tokens, keys without a contiguous head dimension, a mask of another shape, or a gradient wanted: None,
+    and ``attention.decode_attention`` runs torch's grouped matmuls."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    q, k, v = torch.randn(6, 32), torch.randn(2, 10, 32), torch.randn(2, 10, 32)
+    assert kernels.decode_attention(q, k, v, None, 0.1) is not None
+    declined = {
+        "bfloat16": (q.bfloat16(), k.bfloat16(), v.bfloat16(), None),
+        "head dim 24": (torch.randn(6, 24), torch.randn(2, 10, 24), torch.randn(2, 10, 24), None),
+        "head dim 272": (torch.randn(2, 272), torch.randn(2, 10, 272), torch.randn(2, 10, 272), None),
+        "group of 17": (torch.randn(17, 32), k[:1], v[:1], None),
+        "heads not a multiple": (torch.randn(5, 32), k, v, None),
+        "no tokens": (q, k[:, :0], v[:, :0], None),
+        "strided head dim": (q, torch.randn(2, 32, 10).transpose(1, 2), v, None),
+        "mask shape": (q, k, v, torch.ones(2, 9, dtype=torch.bool)),
+        "mask dtype": (q, k, v, torch.ones(2, 10)),
+        "gradient": (q.clone().requires_grad_(), k, v, None),
+    }
+    for name, (qs, ks, vs, valid) in declined.items():
+        assert kernels.decode_attention(qs, ks, vs, valid, 0.1) is None, name
+    with torch.no_grad():
+        assert kernels.decode_attention(q.clone().requires_grad_(), k, v, None, 0.1) is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["dense-device", "sparse-offload"])
+def test_a_decode_step_attends_by_the_native_kernel_and_keeps_the_logits(mode, built_native, monkeypatch):
+    """Every layer of every decode step attends through the native kernel (dense over the cache, or a sparse
+    policy over its working set, masked), and the logits are those of torch's grouped matmuls to float
+    rounding."""
+    from offload_engine import Budget, Engine, EngineConfig, KVMode, SelectionConfig
+    from offload_engine.models import ModelAdapter
+
+    from tiny_models import tiny_model
+
+    calls = []
+    original = native.SelectionKernels.decode_attention
+
+    def counted(self, *args):
+        out = original(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native.SelectionKernels, "decode_attention", counted)
+    model = tiny_model("llama", initializer_range=0.2)
+    prompt = torch.randint(1, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    selection = SelectionConfig(policy="quest", budget=Budget.parse("16"), sinks=2, window=4)
+
+    def run():
+        config = EngineConfig(context=64, mode=KVMode(mode), selection=selection)
+        return Engine(ModelAdapter(model), config).score_continuation(prompt[:30], prompt[30:], keep_logits=True).logits
+
+    native_logits = run()
+    assert all(calls) and len(calls) == 9 * model.config.num_hidden_layers  # 10 targets: 9 decode steps
+    # the same run with only the attention kernel declining (TBRUN_NATIVE=0 would change the selection's
+    # kernels too, whose near-ties may pick other tokens)
+    monkeypatch.setattr(native.SelectionKernels, "decode_attention", lambda self, *args: None)
+    torch_logits = run()
+    torch.testing.assert_close(native_logits, torch_logits, rtol=1e-4, atol=1e-4)

@@ -34,11 +34,12 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 17
+ABI = 18
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
 _ENV_SWITCH = "TBRUN_NATIVE"
+ATTENTION_MAX_GROUP, ATTENTION_MAX_DIM = 16, 256  # tbrun_decode_attention's limits (selection.cpp)
 
 _lock = threading.Lock()
 _scratch_buffers = threading.local()  # SelectionKernels._scratch
@@ -241,6 +242,8 @@ class SelectionKernels:
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
+            "tbrun_decode_attention": [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64,
+                                       ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64],
@@ -369,6 +372,36 @@ class SelectionKernels:
         self.library.tbrun_linear(source.data_ptr(), cols, weight.data_ptr(), rows,
                                   bias.data_ptr() if bias is not None else None, out.data_ptr(),
                                   max(1, kernel_threads()))
+        return out
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                         scaling: float) -> torch.Tensor | None:
+        """``attention.decode_attention`` on the CPU in one pass over each KV head's keys and one over its
+        values: q ``[H, D]``, k, v ``[KvH, N, D]`` float32 (D contiguous, heads and tokens at any strides),
+        valid ``[KvH, N]`` bool or None -> ``[H, D]``. Tokens not valid are never read. None (nothing done)
+        where it does not apply, so the caller takes torch's path: another dtype or device, no tokens, a
+        group of more than 16 query heads per KV head, D above 256 or not a multiple of 16, or a tensor that
+        needs a gradient."""
+        if (q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu" or q.dim() != 2
+                or k.dim() != 3 or v.shape != k.shape or k.shape[2] != q.shape[1] or k.shape[1] == 0
+                or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32
+                or k.stride(2) != 1 or v.stride(2) != 1
+                or (valid is not None and (valid.dtype != torch.bool or valid.shape != k.shape[:2]
+                                           or valid.device.type != "cpu"))
+                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+            return None
+        heads, (kv_heads, tokens, dim) = q.shape[0], k.shape
+        if heads % kv_heads or heads // kv_heads > ATTENTION_MAX_GROUP or dim > ATTENTION_MAX_DIM or dim % 16:
+            return None
+        query = q.detach().contiguous()
+        mask = None if valid is None else (valid if valid.stride(1) == 1 else valid.contiguous())
+        out = torch.empty(heads, dim, dtype=torch.float32)
+        threads = max(1, min(kernel_threads(), kv_heads))
+        buffer = self._scratch(threads * (heads // kv_heads) * tokens)
+        self.library.tbrun_decode_attention(
+            query.data_ptr(), heads, kv_heads, dim, k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
+            v.stride(0), v.stride(1), tokens, mask.data_ptr() if mask is not None else None,
+            mask.stride(0) if mask is not None else 0, scaling, out.data_ptr(), _address(buffer), threads)
         return out
 
     def topk_rows(self, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,11 @@
 // compact cache in one call per layer: float32, bfloat16, or int8 with each head's key quantised as
 // quantize_keys does (codes and a float16 scale).
 //
+// tbrun_decode_attention: one decode token's attention over gathered keys and values, every KV head's keys
+// and values read once for its group of query heads (softmax in float32, by exp_in_place). PyTorch's two
+// grouped matmuls pack the keys before multiplying (one more pass over them) and read the scores back: about
+// 1.4x the time of one pass over the KV at 2k-32k tokens (bench/reports/decode_attention_cpu.md).
+//
 // tbrun_select_rows: a producer's selection in one call, row by row: the scores, the top-k of the
 // candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
 // the Python between them cost about as much again as the kernels (profiled at 7.5k and 32k).
@@ -994,12 +999,205 @@ inline uint16_t to_half(float x) {
 #endif
 }
 
+// Limits of tbrun_decode_attention: query heads per KV head, and head dimension (a multiple of LANES).
+constexpr int64_t ATTENTION_MAX_GROUP = 16, ATTENTION_MAX_DIM = 256;
+// Rows read ahead by software prefetch: one stream of 256-byte rows was read at ~1.6x the time of a plain
+// pass over them without it (measured on this machine's Xeon, SmolLM2's shape at 32k tokens).
+constexpr int64_t ATTENTION_PREFETCH_ROWS = 16;
+
+inline float lane_sum(vfloat a) {
+#if defined(__AVX512F__)
+    __m512 wide;
+    std::memcpy(&wide, &a, sizeof(wide));
+    return _mm512_reduce_add_ps(wide);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < LANES; ++i) sum += a[i];
+    return sum;
+#endif
+}
+
+#if defined(__AVX512F__)
+// The lane sums of 16 vectors, in their order, as one vector: a tree of 15 additions over shuffled halves
+// (a token's dot product then costs 2 shuffles, not the 4 of a reduction of its own)
+inline __m512 lane_sums16(const __m512* x) {
+    __m512 pairs[8], quads[4], octets[2];
+    for (int i = 0; i < 8; ++i)  // 128-bit lanes: x[2i]'s 0+2, 1+3, then x[2i+1]'s
+        pairs[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x44),
+                                 _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // 128-bit lane m: four partial sums of vector 4i + m
+        quads[i] = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[2 * i], pairs[2 * i + 1], 0x88),
+                                 _mm512_shuffle_f32x4(pairs[2 * i], pairs[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)  // lane m: two partial sums each of vectors 8i + m and 8i + 4 + m
+        octets[i] = _mm512_add_ps(_mm512_shuffle_ps(quads[2 * i], quads[2 * i + 1], 0x44),
+                                  _mm512_shuffle_ps(quads[2 * i], quads[2 * i + 1], 0xEE));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(octets[0], octets[1], 0x88),
+                                      _mm512_shuffle_ps(octets[0], octets[1], 0xDD));  // entry 4m + r: vector 4r + m
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
+}
+#endif
+
+// Logits of G query heads qv [G][CHUNKS] (vectors of the head dimension) for tokens [0, n) of one KV head's
+// keys (rows k_stride floats apart) into scores [G, n], scaled; a token with valid[t] == 0 gets -inf. top[j]:
+// head j's largest logit (NaN passed over here, kept in the row). Full blocks of LANES tokens read every key
+// and mask after; the tail reads only valid keys.
+template <int G, int CHUNKS>
+void attention_logits(const vfloat (&qv)[G][CHUNKS], const float* k, int64_t k_stride, int64_t n,
+                      const uint8_t* valid, float scaling, float* scores, float* top) {
+    const float negative_infinity = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < G; ++j) top[j] = negative_infinity;
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    for (; t + LANES <= n; t += LANES) {
+        __m512 products[G][LANES];
+        for (int i = 0; i < LANES; ++i) {
+            const float* row = k + (t + i) * k_stride;
+            for (int c = 0; c < CHUNKS; ++c) __builtin_prefetch(row + ATTENTION_PREFETCH_ROWS * k_stride + c * LANES);
+            vfloat key[CHUNKS];
+            for (int c = 0; c < CHUNKS; ++c) key[c] = load(row + c * LANES);
+            for (int j = 0; j < G; ++j) {
+                vfloat sum = qv[j][0] * key[0];
+                for (int c = 1; c < CHUNKS; ++c) sum += qv[j][c] * key[c];
+                std::memcpy(&products[j][i], &sum, sizeof(sum));
+            }
+        }
+        const __mmask16 keep = valid == nullptr ? __mmask16(0xFFFF)
+            : _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(valid + t)), _mm_set1_epi8(-1));
+        for (int j = 0; j < G; ++j) {
+            const __m512 logits = _mm512_mask_blend_ps(keep, _mm512_set1_ps(negative_infinity),
+                                                       _mm512_mul_ps(lane_sums16(products[j]), _mm512_set1_ps(scaling)));
+            _mm512_storeu_ps(scores + j * n + t, logits);
+            top[j] = std::max(top[j], _mm512_reduce_max_ps(logits));
+        }
+    }
+#endif
+    for (; t < n; ++t) {
+        const bool skip = valid != nullptr && !valid[t];
+        const float* row = k + t * k_stride;
+        for (int j = 0; j < G; ++j) {
+            float logit = negative_infinity;
+            if (!skip) {
+                vfloat sum = qv[j][0] * load(row);
+                for (int c = 1; c < CHUNKS; ++c) sum += qv[j][c] * load(row + c * LANES);
+                logit = lane_sum(sum) * scaling;
+            }
+            scores[j * n + t] = logit;
+            top[j] = std::max(top[j], logit);
+        }
+    }
+}
+
+// out [G, CHUNKS * LANES] = weights [G, n] times the values of tokens [0, n) (rows v_stride floats apart),
+// each row scaled by inverse[j]; the accumulators stay in registers; a token with valid[t] == 0 is not read.
+template <int G, int CHUNKS>
+void attention_values(const float* weights, int64_t n, const float* v, int64_t v_stride, const uint8_t* valid,
+                      const float* inverse, float* out) {
+    vfloat acc[G][CHUNKS];
+    for (int j = 0; j < G; ++j)
+        for (int c = 0; c < CHUNKS; ++c) acc[j][c] = vfloat{};
+    for (int64_t t = 0; t < n; ++t) {
+        if (valid != nullptr && !valid[t]) continue;
+        const float* row = v + t * v_stride;
+        for (int c = 0; c < CHUNKS; ++c) __builtin_prefetch(row + ATTENTION_PREFETCH_ROWS * v_stride + c * LANES);
+        for (int c = 0; c < CHUNKS; ++c) {
+            const vfloat value = load(row + c * LANES);
+            for (int j = 0; j < G; ++j) acc[j][c] += weights[j * n + t] * value;
+        }
+    }
+    for (int j = 0; j < G; ++j)
+        for (int c = 0; c < CHUNKS; ++c) store(out + (j * CHUNKS + c) * LANES, acc[j][c] * inverse[j]);
+}
+
+// One KV head's share of a decode step's attention, for G query heads and head dimension CHUNKS * LANES:
+// q [G, d] (contiguous), keys and values rows k_stride / v_stride floats apart, scores [G, n] scratch,
+// out [G, d] = softmax(q k^T * scaling) v. Softmax as torch's: a NaN logit makes its head's output NaN,
+// and so does a head with no valid token.
+template <int G, int CHUNKS>
+void attend_kv_head(const float* q, const float* k, int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
+                    const uint8_t* valid, float scaling, float* scores, float* out) {
+    vfloat qv[G][CHUNKS];
+    for (int j = 0; j < G; ++j)
+        for (int c = 0; c < CHUNKS; ++c) qv[j][c] = load(q + (j * CHUNKS + c) * LANES);
+    float top[G], inverse[G];
+    attention_logits<G, CHUNKS>(qv, k, k_stride, n, valid, scaling, scores, top);
+    for (int j = 0; j < G; ++j) inverse[j] = 1.0f / exp_in_place(scores + j * n, n, top[j]);
+    attention_values<G, CHUNKS>(scores, n, v, v_stride, valid, inverse, out);
+}
+
+using AttendKVHead = void (*)(const float*, const float*, int64_t, const float*, int64_t, int64_t, const uint8_t*,
+                              float, float*, float*);
+
+template <int CHUNKS>
+AttendKVHead attend_kv_head_for_group(int64_t g) {
+    switch (g) {
+        case 1: return attend_kv_head<1, CHUNKS>;
+        case 2: return attend_kv_head<2, CHUNKS>;
+        case 3: return attend_kv_head<3, CHUNKS>;
+        case 4: return attend_kv_head<4, CHUNKS>;
+        case 5: return attend_kv_head<5, CHUNKS>;
+        case 6: return attend_kv_head<6, CHUNKS>;
+        case 7: return attend_kv_head<7, CHUNKS>;
+        case 8: return attend_kv_head<8, CHUNKS>;
+        default: return nullptr;
+    }
+}
+
+// attend_kv_head for g query heads per KV head and head dimension d; null where it is not compiled for
+// them (the generic decode_kv_head runs).
+AttendKVHead attend_kv_head_for(int64_t g, int64_t d) {
+    switch (d) {
+        case 4 * LANES: return attend_kv_head_for_group<4>(g);
+        case 8 * LANES: return attend_kv_head_for_group<8>(g);
+        default: return nullptr;
+    }
+}
+
+// attend_kv_head for any g <= ATTENTION_MAX_GROUP and d (a multiple of LANES, <= ATTENTION_MAX_DIM), with
+// the accumulators in memory: the shapes attend_kv_head_for has no instance for.
+void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_t k_stride, const float* v,
+                    int64_t v_stride, int64_t n, const uint8_t* valid, float scaling, float* scores, float* out) {
+    const float negative_infinity = -std::numeric_limits<float>::infinity();
+    const int64_t chunks = d / LANES;
+    float top[ATTENTION_MAX_GROUP];
+    for (int64_t j = 0; j < g; ++j) top[j] = negative_infinity;
+    for (int64_t t = 0; t < n; ++t) {
+        const bool skip = valid != nullptr && !valid[t];
+        const float* row = k + t * k_stride;
+        for (int64_t j = 0; j < g; ++j) {
+            float logit = negative_infinity;
+            if (!skip) {
+                const float* query = q + j * d;
+                vfloat acc = load(query) * load(row);
+                for (int64_t c = 1; c < chunks; ++c) acc += load(query + c * LANES) * load(row + c * LANES);
+                logit = lane_sum(acc) * scaling;
+            }
+            scores[j * n + t] = logit;
+            top[j] = std::max(top[j], logit);
+        }
+    }
+    float inverse[ATTENTION_MAX_GROUP];
+    for (int64_t j = 0; j < g; ++j) inverse[j] = 1.0f / exp_in_place(scores + j * n, n, top[j]);
+    vfloat acc[ATTENTION_MAX_GROUP][ATTENTION_MAX_DIM / LANES];
+    for (int64_t j = 0; j < g; ++j)
+        for (int64_t c = 0; c < chunks; ++c) acc[j][c] = vfloat{};
+    for (int64_t t = 0; t < n; ++t) {
+        if (valid != nullptr && !valid[t]) continue;
+        const float* row = v + t * v_stride;
+        for (int64_t c = 0; c < chunks; ++c) {
+            const vfloat value = load(row + c * LANES);
+            for (int64_t j = 0; j < g; ++j) acc[j][c] += scores[j * n + t] * value;
+        }
+    }
+    for (int64_t j = 0; j < g; ++j)
+        for (int64_t c = 0; c < chunks; ++c) store(out + j * d + c * LANES, acc[j][c] * inverse[j]);
+}
+
 }  // namespace
 
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 17; }
+int tbrun_kernels_abi() { return 18; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -1087,6 +1285,35 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
         matvec(w + first * cols, last - first, cols, x, out + first);
         if (bias != nullptr)
             for (int64_t r = first; r < last; ++r) out[r] += bias[r];
+    });
+    return 0;
+}
+
+// One decode token's attention: q [heads, d] float32 (contiguous; query head i belongs to KV head i / g,
+// g = heads / kv_heads), keys and values of KV head h at k + h * k_head_stride + t * k_token_stride (and v
+// likewise; d contiguous) for tokens t < n, valid [kv_heads, n] bytes (rows valid_head_stride apart, tokens
+// contiguous) or null, scratch of threads * g * n floats; out [heads, d]. The KV heads are split among
+// threads. Returns 0; -1 (nothing written) where heads is not a multiple of kv_heads, g exceeds
+// ATTENTION_MAX_GROUP, or d exceeds ATTENTION_MAX_DIM or is not a multiple of LANES.
+int tbrun_decode_attention(const float* q, int64_t heads, int64_t kv_heads, int64_t d, const float* k,
+                           int64_t k_head_stride, int64_t k_token_stride, const float* v, int64_t v_head_stride,
+                           int64_t v_token_stride, int64_t n, const uint8_t* valid, int64_t valid_head_stride,
+                           float scaling, float* out, float* scratch, int64_t threads) {
+    if (kv_heads <= 0 || heads % kv_heads != 0) return -1;
+    const int64_t g = heads / kv_heads;
+    if (g > ATTENTION_MAX_GROUP || d > ATTENTION_MAX_DIM || d % LANES != 0 || d == 0) return -1;
+    const AttendKVHead attend = attend_kv_head_for(g, d);
+    split_rows(kv_heads, threads, [=](int64_t worker, int64_t first, int64_t last) {
+        for (int64_t h = first; h < last; ++h) {
+            const uint8_t* mask = valid != nullptr ? valid + h * valid_head_stride : nullptr;
+            float* scores = scratch + worker * g * n;
+            if (attend != nullptr)
+                attend(q + h * g * d, k + h * k_head_stride, k_token_stride, v + h * v_head_stride, v_token_stride, n,
+                       mask, scaling, scores, out + h * g * d);
+            else
+                decode_kv_head(q + h * g * d, g, d, k + h * k_head_stride, k_token_stride, v + h * v_head_stride,
+                               v_token_stride, n, mask, scaling, scores, out + h * g * d);
+        }
     });
     return 0;
 }

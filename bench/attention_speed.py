@@ -84,6 +84,9 @@ def to_markdown(report: dict) -> str:
         f"step).{cold} Native kernels: {s.get('native', 'not timed')}.", "",
         markdown_table(["shape", "tokens", "mask", "fused ms", "grouped ms", "native ms", "grouped / fused",
                         "native / grouped"], table), "",
+        "The mask leaves out a random tenth of the tokens, each in its own place: the native kernel's test of "
+        "each token then often mispredicts, where a working set's masked slots lie in runs (unfilled slots, the "
+        "ring's older part).", "",
         "`offload_engine.attention.decode_attention` runs the native kernel on the CPU where it is built (one pass "
         "over each KV head's keys for its group of query heads, softmax, one pass over its values; next rows "
         "prefetched), else `grouped_decode_attention` (two grouped matmuls, nothing expanded), and the fused "

@@ -136,7 +136,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
 
     q ``[H, D]``; k, v ``[KvH, N, D]``; valid ``[KvH, N]`` bool or None (all valid) -> ``[H, D]``.
     On the CPU the native kernel (``native.SelectionKernels.decode_attention``: one pass over the keys
-    and one over the values, about 0.7x the time of ``grouped_decode_attention`` at 2k-32k tokens,
+    and one over the values, 0.5-0.8x the time of ``grouped_decode_attention`` at 2k-32k tokens,
     ``bench/reports/decode_attention_cpu.md``) where it is built and applies, else
     ``grouped_decode_attention``; elsewhere ``fused_decode_attention``.
     """

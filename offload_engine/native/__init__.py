@@ -378,7 +378,8 @@ class SelectionKernels:
                          scaling: float) -> torch.Tensor | None:
         """``attention.decode_attention`` on the CPU in one pass over each KV head's keys and one over its
         values: q ``[H, D]``, k, v ``[KvH, N, D]`` float32 (D contiguous, heads and tokens at any strides),
-        valid ``[KvH, N]`` bool or None -> ``[H, D]``. Tokens not valid are never read. None (nothing done)
+        valid ``[KvH, N]`` bool or None -> ``[H, D]``. A token not valid never counts, whatever its keys and
+        values hold (NaN included): its value is not read, nor its key outside a full block of 16. None (nothing done)
         where it does not apply, so the caller takes torch's path: another dtype or device, no tokens, a
         group of more than 16 query heads per KV head, D above 256 or not a multiple of 16, or a tensor that
         needs a gradient."""

@@ -74,7 +74,7 @@ def _as_scored(grouped: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (1, 1, 2, 16, 1025),   # two tiles and a tail of one token
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim, tokens, dtype, fresh_native):
+def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim, tokens, dtype, built_native):
     """float32 keys, and bfloat16 ones: torch's scores of the widened keys, against the query rounded to
     bfloat16 where the kernel takes pair products (AVX512-BF16, even d'; the odd d' here takes the other path)."""
     generator = torch.Generator().manual_seed(tokens + dim)
@@ -92,7 +92,7 @@ def test_the_kernel_gives_torchs_group_mean_softmax(layers, kv_heads, group, dim
 
 
 @needs_compiler
-def test_the_running_maximum_rescales_earlier_tiles(fresh_native):
+def test_the_running_maximum_rescales_earlier_tiles(built_native):
     """Logits that grow along the row: every later tile raises the maximum, so each earlier tile's
     exponentials are rescaled (the online softmax); with one spike late in the row the rest are tiny."""
     tokens = 4096
@@ -108,7 +108,7 @@ def test_the_running_maximum_rescales_earlier_tiles(fresh_native):
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_a_tiles_maximum_is_found_wherever_in_the_tile_it_is(dtype, fresh_native):
+def test_a_tiles_maximum_is_found_wherever_in_the_tile_it_is(dtype, built_native):
     """Each row holds one logit about 10 above the rest, at a place of its own: the first token, the last of
     a tile, the vector part of the last tile, the first token after the pair kernel's 32-token blocks, and the
     scalar tail. The kernel takes each tile's maximum from its logits as they are stored; had it missed the
@@ -147,7 +147,7 @@ def _check_spikes(group: int, dtype: torch.dtype) -> None:
 
 
 @needs_compiler
-def test_selections_from_the_kernels_scores_are_torchs_but_for_near_ties(fresh_native):
+def test_selections_from_the_kernels_scores_are_torchs_but_for_near_ties(built_native):
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 3, 16, 20000, generator=generator)
     grouped = torch.randn(2, 3, 3, 16, generator=generator) * 0.5
@@ -196,7 +196,7 @@ def test_without_a_working_compiler_the_status_says_why_and_nothing_breaks(fresh
     assert fused_group_scores(grouped, keys) is None
 
 
-def test_the_kernel_is_not_used_off_the_cpu_float32_and_bfloat16_path(fresh_native):
+def test_the_kernel_is_not_used_off_the_cpu_float32_and_bfloat16_path(built_native):
     grouped = torch.randn(1, 2, 3, 16)
     assert fused_group_scores(grouped, torch.randn(1, 2, 16, 300).double()) is None
     assert fused_group_scores(grouped, torch.randn(1, 2, 16, 300).half()) is None
@@ -223,7 +223,7 @@ def test_long_compact_key_rows_are_padded_a_line_past_a_multiple_of_four_kib(cap
 
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 4])
-def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, fresh_native, monkeypatch):
+def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, built_native, monkeypatch):
     """6 rows of 2,048 slots over 40k positions, selections that keep 0-100% of the last one and end in
     padding: the same plans, slot maps and masks as the numpy form, step after step (with 4 threads the
     rows are split among them: 2, 2, 2 or, for 3 rows, 1, 1, 1)."""
@@ -262,7 +262,7 @@ def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, f
 
 
 @needs_compiler
-def test_a_one_row_table_of_any_stride_is_read_by_its_length_and_overlapping_rows_are_refused(fresh_native):
+def test_a_one_row_table_of_any_stride_is_read_by_its_length_and_overlapping_rows_are_refused(built_native):
     """numpy gives a row made by ``[None]`` the stride 0, and the update's map of positions is as long as a
     slot_of row (its length, passed apart from its stride): a one-row table and rows cut from wider ones give
     the same plan as a plain table, and rows closer than their length are refused before the kernel runs."""
@@ -294,7 +294,7 @@ def test_a_one_row_table_of_any_stride_is_read_by_its_length_and_overlapping_row
                                  np.zeros((2, slots + 1), np.bool_))
 
 @needs_compiler
-def test_a_nan_logit_makes_its_rows_nan_as_in_torch(fresh_native):
+def test_a_nan_logit_makes_its_rows_nan_as_in_torch(built_native):
     keys, grouped = torch.randn(1, 2, 16, 700), torch.randn(1, 2, 3, 16)
     keys[0, 1, 3, 123] = float("nan")
     fused, expected = fused_group_scores(grouped, keys), _torch_scores(grouped, keys)
@@ -303,7 +303,7 @@ def test_a_nan_logit_makes_its_rows_nan_as_in_torch(fresh_native):
 
 
 @needs_compiler
-def test_an_empty_selection_or_no_rows_is_what_numpy_does(fresh_native, monkeypatch):
+def test_an_empty_selection_or_no_rows_is_what_numpy_does(built_native, monkeypatch):
     """k = 0 clears the rows' masks (after an append had filled them); zero rows is a no-op."""
     from offload_engine.selection.residency import ResidencyMap
 
@@ -334,14 +334,14 @@ def test_a_changed_source_builds_a_new_library(fresh_native, monkeypatch, tmp_pa
     assert all(path.stat().st_mode & 0o044 for path in fresh_native.glob("*.so"))  # readable by others
 
 
-def test_switched_off_then_on_the_status_follows(fresh_native, monkeypatch):
+def test_switched_off_then_on_the_status_follows(built_native, monkeypatch):
     monkeypatch.setenv("TBRUN_NATIVE", "0")
     assert "off" in native.status()
     monkeypatch.setenv("TBRUN_NATIVE", "1")
     assert "off" not in native.status()
 
 
-def test_bad_arguments_are_refused_before_the_kernel_runs(fresh_native):
+def test_bad_arguments_are_refused_before_the_kernel_runs(built_native):
     kernels = native.kernels()
     if kernels is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
@@ -355,7 +355,7 @@ def test_bad_arguments_are_refused_before_the_kernel_runs(fresh_native):
 
 
 @needs_compiler
-def test_the_scores_do_not_depend_on_the_number_of_threads(fresh_native, monkeypatch):
+def test_the_scores_do_not_depend_on_the_number_of_threads(built_native, monkeypatch):
     """Rows are split among ``TBRUN_NATIVE_THREADS`` threads; each row is computed alike."""
     generator = torch.Generator().manual_seed(11)
     keys = torch.randn(2, 3, 16, 3000, generator=generator)
@@ -415,7 +415,7 @@ def test_a_library_of_other_signatures_is_not_used(fresh_native, monkeypatch, tm
 
 @needs_compiler
 @pytest.mark.parametrize("dtype, threads", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3)])
-def test_the_native_gather_moves_what_index_select_moves(dtype, threads, fresh_native, monkeypatch):
+def test_the_native_gather_moves_what_index_select_moves(dtype, threads, built_native, monkeypatch):
     """A layer's K and V from a token-major store into a bank's slots: the same bytes as the torch path
     (with 3 threads the plan, over 4,096 rows, is split among them), untouched slots untouched, and an
     entry past a table refused before anything moves."""
@@ -452,7 +452,7 @@ def test_the_native_gather_moves_what_index_select_moves(dtype, threads, fresh_n
     assert (bank == 0).all()
 
 
-def test_auto_keys_are_int8_or_bfloat16_on_the_cpu_only_where_the_kernel_reads_them(fresh_native, monkeypatch):
+def test_auto_keys_are_int8_or_bfloat16_on_the_cpu_only_where_the_kernel_reads_them(built_native, monkeypatch):
     """A float32 model's compact keys on the CPU: with the native kernels int8 where they multiply int8 codes
     in integer quads (AVX512-VNNI), else bfloat16; float32 without the kernels (torch would convert them every
     call); other dtypes and devices keep the model's; explicit ones win."""
@@ -476,7 +476,7 @@ def test_auto_keys_are_int8_or_bfloat16_on_the_cpu_only_where_the_kernel_reads_t
     (37, 19, 23, True),     # no size a multiple of the vector width: every tail runs
     (64, 32, 16, False),    # a norm without bias
 ])
-def test_the_native_query_network_is_the_predictors(hidden, inner, out, bias, fresh_native):
+def test_the_native_query_network_is_the_predictors(hidden, inner, out, bias, built_native):
     """``query_mlp`` computes ``predictor.network.query_mlp`` (LayerNorm, Linear, SiLU, Linear) for one token."""
     from offload_engine.predictor.network import query_mlp
 
@@ -498,7 +498,7 @@ def test_the_native_query_network_is_the_predictors(hidden, inner, out, bias, fr
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_native_query_network_refuses_shapes_that_do_not_chain(fresh_native):
+def test_the_native_query_network_refuses_shapes_that_do_not_chain(built_native):
     kernels = native.kernels()
     if kernels is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
@@ -516,7 +516,7 @@ def test_the_native_query_network_refuses_shapes_that_do_not_chain(fresh_native)
     (1, 1, 1, 5, 33),      # odd d', a scalar tail
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_gives_torchs_group_max_of_logits(layers, kv_heads, group, dim, tokens, dtype, fresh_native):
+def test_the_kernel_gives_torchs_group_max_of_logits(layers, kv_heads, group, dim, tokens, dtype, built_native):
     """The max rule: the largest query-head logit per token, as torch's matmul and amax give it (bfloat16
     keys against the query rounded to bfloat16 where the kernel takes pair products)."""
     generator = torch.Generator().manual_seed(tokens + dim + group)
@@ -556,7 +556,7 @@ def _int8_cache(layers: int, kv_heads: int, capacity: int, dim: int, generator: 
     (1, 2, 5, 5, 33),      # odd d', two vectors of 16 tokens and a scalar tail
 ])
 def test_the_kernel_scores_int8_keys_as_torch_does_with_their_scales(layers, kv_heads, group, dim, tokens, reduction,
-                                                                   fresh_native):
+                                                                   built_native):
     """int8 codes with one float16 scale per token: each token's logits are the codes' times its scale (the
     scales widened exactly, subnormals and zeros included), then the group's rule, as torch computes them
     against the query as the kernel takes it: quantised to int8 where it multiplies codes in integer quads
@@ -584,7 +584,7 @@ def test_the_kernel_scores_int8_keys_as_torch_does_with_their_scales(layers, kv_
 
 
 @needs_compiler
-def test_an_int8_tokens_logit_is_the_same_number_wherever_a_span_starts(fresh_native):
+def test_an_int8_tokens_logit_is_the_same_number_wherever_a_span_starts(built_native):
     """The max rule scores a range from its first candidate (one call), the scores kernel from position 0 (three
     calls): a token's logit must not depend on where its 64-token block of the span began (the integer blocks
     and the tail after them take the same integer dot product), or the two would rank near ties apart. Keys
@@ -640,7 +640,7 @@ def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, mon
     (3, 1, 1, 5, 37, 1, 30, 64),        # one query head, odd d', a scalar tail, keep close to the candidates
 ])
 def test_one_call_selects_and_places_what_the_three_calls_do(layers, kv_heads, group, dim, tokens, lo, keep, slots,
-                                                              dtype, threads, reduction, fresh_native, monkeypatch):
+                                                              dtype, threads, reduction, built_native, monkeypatch):
     """ResidencyMap.select (scores, top-k and residency update in one native call) against the steps it
     replaces (the scores kernel, topk_positions, ResidencyMap.update), step after step on two maps: the
     same plans, slot maps and masks. The query drifts a little each step, so part of the selection stays."""
@@ -684,7 +684,7 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
 
 
 @needs_compiler
-def test_a_residency_map_binds_a_rows_selection_once_for_the_keys_it_reads(fresh_native, monkeypatch):
+def test_a_residency_map_binds_a_rows_selection_once_for_the_keys_it_reads(built_native, monkeypatch):
     """prepare_select binds the one-call selection of a slice of rows once (its keys' layout and the tables
     checked then) and reuses it while the keys are the same memory and layout; other keys, another rule or
     another slice of rows bind anew, and every step selects what the separate steps select."""
@@ -716,7 +716,7 @@ def test_a_residency_map_binds_a_rows_selection_once_for_the_keys_it_reads(fresh
 
 
 @needs_compiler
-def test_one_call_selection_declines_what_it_does_not_do(fresh_native, monkeypatch):
+def test_one_call_selection_declines_what_it_does_not_do(built_native, monkeypatch):
     """None, with the map untouched, where the caller must take the separate steps: nothing to keep, more
     than the slots, positions past the map's capacity, a map kept off the host, the kernels switched off."""
     from offload_engine.selection.residency import ResidencyMap
@@ -739,7 +739,7 @@ def test_one_call_selection_declines_what_it_does_not_do(fresh_native, monkeypat
     assert rmap.select(scores, 8, slice(None)).counts.tolist() == [8, 8]
 
 
-def test_one_call_selection_refuses_bad_arguments(fresh_native):
+def test_one_call_selection_refuses_bad_arguments(built_native):
     kernels = native.kernels()
     if kernels is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
@@ -772,7 +772,7 @@ def test_one_call_selection_refuses_bad_arguments(fresh_native):
     (1024, 4096, True, (1, 4096)),    # 4M entries: split among threads where there are several
 ])
 @pytest.mark.parametrize("threads", ["1", "2"])
-def test_the_native_linear_is_torchs_for_one_token(rows, cols, bias, shape, threads, fresh_native, monkeypatch):
+def test_the_native_linear_is_torchs_for_one_token(rows, cols, bias, shape, threads, built_native, monkeypatch):
     """``linear`` computes ``F.linear`` for one token, at any thread count, in the input's leading shape."""
     monkeypatch.setenv(native.THREADS_VARIABLE, threads)
     kernels = native.kernels()
@@ -788,7 +788,7 @@ def test_the_native_linear_is_torchs_for_one_token(rows, cols, bias, shape, thre
     assert ((got.double() - exact).abs() <= 1e-6 * magnitude + 1e-7).all()  # float32 rounding of a sum, no more
 
 
-def test_the_native_linear_declines_what_it_does_not_compute(fresh_native):
+def test_the_native_linear_declines_what_it_does_not_compute(built_native):
     """More than one token, another dtype, a strided weight or bias, a mismatched width, or a product that
     needs a gradient: None, and the caller runs torch."""
     kernels = native.kernels()
@@ -814,7 +814,7 @@ def test_the_native_linear_declines_what_it_does_not_compute(fresh_native):
 
 @needs_compiler
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, fresh_native, monkeypatch):
+def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, built_native, monkeypatch):
     """Every projection of a one-token step (q, k, v, o, the gated MLP's three, the LM head) goes through the
     native kernel, and the logits are torch's to float rounding; ``TBRUN_NATIVE=0`` keeps torch's."""
     from offload_engine import Engine, EngineConfig, KVMode
@@ -854,7 +854,7 @@ def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, fresh
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads, head_dim, dim", [(3, 64, 16), (2, 7, 5), (1, 128, 256)])
-def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dtype, kv_heads, head_dim, dim, fresh_native):
+def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dtype, kv_heads, head_dim, dim, built_native):
     """BoundKeyWriter: keys[layer, h, :, position] = k[h] @ projections[layer, h] for one layer and position
     of a padded cache (the compact cache's strides), float32 to rounding and bfloat16 as torch rounds it (to one
     ulp: the sums' order differs), nothing else written; a key it does not read is left to the caller (False),
@@ -898,7 +898,7 @@ def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dt
 
 @needs_compiler
 @pytest.mark.parametrize("kv_heads, head_dim, dim", [(3, 64, 16), (2, 7, 5)])
-def test_the_key_writer_quantises_each_heads_key_into_an_int8_cache_as_torch_does(kv_heads, head_dim, dim, fresh_native):
+def test_the_key_writer_quantises_each_heads_key_into_an_int8_cache_as_torch_does(kv_heads, head_dim, dim, built_native):
     """An int8 cache (``ProjectedKeyCache`` of dtype int8): each head's projected key quantised by ``quantize_keys``'
     rule, its codes into the column and its float16 scale beside it (codes within one of torch's: the sums'
     order differs, and a code at a rounding boundary may fall the other way), nothing else written; int8 keys

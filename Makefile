@@ -78,11 +78,12 @@ test-gpu: setup
 bench-overhead: setup
 	$(BIN)/python -m tbrun_bench.overhead --out bench/reports --sparse tokenbutler:10% --sparse streaming:10%
 
-# The same beside vLLM's CPU build decoding densely (its own venv), at 7.5k and, with random KV in tbrun, 32k.
+# The same beside vLLM's CPU build decoding densely (its own venv), at 7.5k and 32k (tbrun's KV there a real 4k
+# prefix repeated, turned to its positions); the command of reports/overhead_vllm_cpu_native_attention (~30 min).
 bench-overhead-vllm: setup-vllm
-	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m tbrun_bench.overhead --out bench/reports --name overhead_vllm_cpu \
-		--contexts 7.5k,32k --synthetic-kv-from 16k --repeats 2 --sparse tokenbutler:10% --sparse tokenbutler:10%:4 \
-		--sparse streaming:10%
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m tbrun_bench.overhead --out bench/reports \
+		--name overhead_vllm_cpu_native_attention --contexts 7.5k,32k --synthetic-kv-from 16k --synthetic-kv-tile 4k \
+		--repeats 3 --sparse tokenbutler:10% --sparse streaming:10%
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -215,6 +215,38 @@ def test_every_position_equals_dense_attention_for_each_sequence(transposed):
         torch.testing.assert_close(out[b], reference_attention(q[b], k, v, every, 0.3))
 
 
+@pytest.mark.parametrize("dim", [16, 8])  # the native kernel's head dims are multiples of 16; 8 is torch's
+def test_sparse_attention_takes_the_native_kernel_where_it_applies_and_gives_the_batched_matmuls(dim, monkeypatch):
+    """On the CPU each sequence of a batch attends through the engine's native decode attention where it is
+    built and takes the shape, with the output of the batched matmuls (the path where it does not)."""
+    from offload_engine import native
+
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    lengths = [29, 7]
+    generator = torch.Generator().manual_seed(5)
+    blocks = 8
+    key_cache = torch.randn(blocks, KV_HEADS, BLOCK, dim, generator=generator)
+    value_cache = torch.randn(blocks, KV_HEADS, BLOCK, dim, generator=generator)
+    table = torch.tensor([[0, 2, 4, 6], [1, 3, 5, 7]])
+    batch = make_batch(lengths, table)
+    q = torch.randn(len(lengths), HEADS, dim, generator=generator)
+    positions = paged.every_position(batch, KV_HEADS)
+    calls = []
+    original = native.SelectionKernels.decode_attention
+
+    def counted(self, *args):
+        out = original(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native.SelectionKernels, "decode_attention", counted)
+    out = paged.sparse_decode_attention(q, key_cache, value_cache, batch, positions, 0.3)
+    assert calls == [dim % 16 == 0] * len(lengths)
+    monkeypatch.setattr(native.SelectionKernels, "decode_attention", lambda self, *args: None)
+    torch.testing.assert_close(out, paged.sparse_decode_attention(q, key_cache, value_cache, batch, positions, 0.3))
+
+
 def test_selection_keeps_sinks_window_and_each_sequences_own_budget():
     lengths = [40, 12, 33]
     _, _, table, _ = paged_sequences(lengths)

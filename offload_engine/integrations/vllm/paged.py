@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import native
 from ...policies.critical import attention_like, value_norms
 from ...policies.quest import page_scores
 from ...selection.ranking import PAD
@@ -210,6 +211,8 @@ def sparse_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
 
     query ``[B, H, D]``; positions ``[B, KvH, N]`` (-1 padding) -> output ``[B, H, D]`` in the query
     dtype (softmax in float32). ``keys_transposed``: key blocks hold ``[D, bs]`` (``dim_major``).
+    On the CPU each sequence attends through the engine's native kernel where it is built and applies
+    (``native.SelectionKernels.decode_attention``), else all of them through two batched matmuls.
     """
     count, heads, dim = query.shape
     kv_heads = key_cache.shape[1]
@@ -217,6 +220,11 @@ def sparse_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     valid = (positions >= 0) & (slots >= 0)  # [B, KvH, N]
     keys = gather_paged(key_cache, slots, keys_transposed).float()  # [B, KvH, N, D]
     values = gather_paged(value_cache, slots).float()
+    kernels = native.kernels() if query.device.type == "cpu" else None
+    if kernels is not None:
+        rows = [kernels.decode_attention(query[b].float(), keys[b], values[b], valid[b], scale) for b in range(count)]
+        if rows and all(row is not None for row in rows):
+            return torch.stack(rows).to(query.dtype)
     grouped = query.float().view(count, kv_heads, heads // kv_heads, dim)  # [B, KvH, G, D]
     logits = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # [B, KvH, G, N]
     logits = logits.masked_fill(~valid.unsqueeze(2), NEG_INF)

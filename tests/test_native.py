@@ -1067,17 +1067,10 @@ def test_a_decode_step_attends_by_the_native_kernel_and_keeps_the_logits(mode, b
     from offload_engine import Budget, Engine, EngineConfig, KVMode, SelectionConfig
     from offload_engine.models import ModelAdapter
 
+    from recording import record_results
     from tiny_models import tiny_model
 
-    calls = []
-    original = native.SelectionKernels.decode_attention
-
-    def counted(self, *args):
-        out = original(self, *args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(native.SelectionKernels, "decode_attention", counted)
+    calls = record_results(monkeypatch, native.SelectionKernels, "decode_attention")
     model = tiny_model("llama", initializer_range=0.2)
     prompt = torch.randint(1, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     selection = SelectionConfig(policy="quest", budget=Budget.parse("16"), sinks=2, window=4)

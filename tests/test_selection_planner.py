@@ -13,6 +13,7 @@ from offload_engine.models import ModelAdapter
 from offload_engine.selection import Selector
 from offload_engine.selection.scores import GroupScores
 
+from recording import record_results
 from tiny_models import seeded_policy, selecting_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -321,15 +322,8 @@ def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec
         policy.key_dtype = key_dtype
         if not native_path:
             policy.native_scoring = lambda producer: None
-        fast_plans = []  # of the NativeProducer's plans, whether each took the step (None: the general path did)
-        original = planner_module.NativeProducer.plan
-
-        def counted(self, *args):
-            run = original(self, *args)
-            fast_plans.append(run is not None)
-            return run
-
-        monkeypatch.setattr(planner_module.NativeProducer, "plan", counted)
+        # of the NativeProducer's plans, whether each took the step (None: the general path did)
+        fast_plans = record_results(monkeypatch, planner_module.NativeProducer, "plan")
         seen, tokens = selections(adapter, spec, True, policy=policy, copy_thread=copy_thread, **selection)
         return seen, tokens, sum(fast_plans)
 

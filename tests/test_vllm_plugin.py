@@ -219,6 +219,7 @@ def test_every_position_equals_dense_attention_for_each_sequence(transposed):
 def test_sparse_attention_takes_the_native_kernel_where_it_applies_and_gives_the_batched_matmuls(dim, monkeypatch):
     """On the CPU each sequence of a batch attends through the engine's native decode attention where it is
     built and takes the shape, with the output of the batched matmuls (the path where it does not)."""
+    from recording import record_results
     from offload_engine import native
 
     if native.kernels() is None:
@@ -232,15 +233,7 @@ def test_sparse_attention_takes_the_native_kernel_where_it_applies_and_gives_the
     batch = make_batch(lengths, table)
     q = torch.randn(len(lengths), HEADS, dim, generator=generator)
     positions = paged.every_position(batch, KV_HEADS)
-    calls = []
-    original = native.SelectionKernels.decode_attention
-
-    def counted(self, *args):
-        out = original(self, *args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(native.SelectionKernels, "decode_attention", counted)
+    calls = record_results(monkeypatch, native.SelectionKernels, "decode_attention")
     out = paged.sparse_decode_attention(q, key_cache, value_cache, batch, positions, 0.3)
     assert calls == [dim % 16 == 0] * len(lengths)
     monkeypatch.setattr(native.SelectionKernels, "decode_attention", lambda self, *args: None)

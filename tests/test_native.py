@@ -854,7 +854,8 @@ def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, built
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads, head_dim, dim", [(3, 64, 16), (2, 7, 5), (1, 128, 256)])
-def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dtype, kv_heads, head_dim, dim, built_native):
+def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dtype, kv_heads, head_dim, dim,
+                                                                              built_native):
     """BoundKeyWriter: keys[layer, h, :, position] = k[h] @ projections[layer, h] for one layer and position
     of a padded cache (the compact cache's strides), float32 to rounding and bfloat16 as torch rounds it (to one
     ulp: the sums' order differs), nothing else written; a key it does not read is left to the caller (False),
@@ -898,7 +899,8 @@ def test_the_key_writer_writes_each_heads_projected_key_into_its_cache_column(dt
 
 @needs_compiler
 @pytest.mark.parametrize("kv_heads, head_dim, dim", [(3, 64, 16), (2, 7, 5)])
-def test_the_key_writer_quantises_each_heads_key_into_an_int8_cache_as_torch_does(kv_heads, head_dim, dim, built_native):
+def test_the_key_writer_quantises_each_heads_key_into_an_int8_cache_as_torch_does(kv_heads, head_dim, dim,
+                                                                                   built_native):
     """An int8 cache (``ProjectedKeyCache`` of dtype int8): each head's projected key quantised by ``quantize_keys``'
     rule, its codes into the column and its float16 scale beside it (codes within one of torch's: the sums'
     order differs, and a code at a rounding boundary may fall the other way), nothing else written; int8 keys
@@ -1016,7 +1018,7 @@ def test_the_native_decode_attention_ignores_what_the_mask_leaves_out(heads, kv_
     kernels = native.kernels()
     assert kernels is not None, native.status()
     generator = torch.Generator().manual_seed(tokens)
-    k, v = torch.randn(kv_heads, tokens, dim, generator=generator), torch.randn(kv_heads, tokens, dim, generator=generator)
+    k, v = (torch.randn(kv_heads, tokens, dim, generator=generator) for _ in range(2))
     q = torch.randn(heads, dim, generator=generator)
     valid = torch.rand(kv_heads, tokens, generator=generator) > 0.5
     valid[:, 3] = True
@@ -1047,6 +1049,7 @@ def test_the_native_decode_attention_declines_what_it_does_not_compute(built_nat
         "group of 17": (torch.randn(17, 32), k[:1], v[:1], None),
         "heads not a multiple": (torch.randn(5, 32), k, v, None),
         "no tokens": (q, k[:, :0], v[:, :0], None),
+        "no KV heads": (q, k[:0], v[:0], torch.ones(0, 10, dtype=torch.bool)),
         "strided head dim": (q, torch.randn(2, 32, 10).transpose(1, 2), v, None),
         "mask shape": (q, k, v, torch.ones(2, 9, dtype=torch.bool)),
         "mask dtype": (q, k, v, torch.ones(2, 10)),

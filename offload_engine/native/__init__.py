@@ -379,12 +379,12 @@ class SelectionKernels:
         """``attention.decode_attention`` on the CPU in one pass over each KV head's keys and one over its
         values: q ``[H, D]``, k, v ``[KvH, N, D]`` float32 (D contiguous, heads and tokens at any strides),
         valid ``[KvH, N]`` bool or None -> ``[H, D]``. A token not valid never counts, whatever its keys and
-        values hold (NaN included): its value is not read, nor its key outside a full block of 16. None (nothing done)
-        where it does not apply, so the caller takes torch's path: another dtype or device, no tokens, a
-        group of more than 16 query heads per KV head, D above 256 or not a multiple of 16, or a tensor that
-        needs a gradient."""
+        values hold (NaN included): its value is not read, nor its key outside a full block of 16. None
+        (nothing done) where it does not apply, so the caller takes torch's path: another dtype or device, no
+        tokens, a group of more than 16 query heads per KV head, D above 256 or not a multiple of 16, or a
+        tensor that needs a gradient."""
         if (q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu" or q.dim() != 2
-                or k.dim() != 3 or v.shape != k.shape or k.shape[2] != q.shape[1] or k.shape[1] == 0
+                or k.dim() != 3 or v.shape != k.shape or k.shape[2] != q.shape[1] or 0 in k.shape[:2]
                 or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32
                 or k.stride(2) != 1 or v.stride(2) != 1
                 or (valid is not None and (valid.dtype != torch.bool or valid.shape != k.shape[:2]
@@ -399,11 +399,11 @@ class SelectionKernels:
         out = torch.empty(heads, dim, dtype=torch.float32)
         threads = max(1, min(kernel_threads(), kv_heads))
         buffer = self._scratch(threads * (heads // kv_heads) * tokens)
-        self.library.tbrun_decode_attention(
+        status = self.library.tbrun_decode_attention(
             query.data_ptr(), heads, kv_heads, dim, k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
             v.stride(0), v.stride(1), tokens, mask.data_ptr() if mask is not None else None,
             mask.stride(0) if mask is not None else 0, scaling, out.data_ptr(), _address(buffer), threads)
-        return out
+        return out if status == 0 else None  # (the checks above leave the kernel nothing to refuse)
 
     def topk_rows(self, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``keep`` largest entries of each row, exactly, in no order: rows ``[r, n]`` float32 (CPU,

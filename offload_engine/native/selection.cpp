@@ -49,8 +49,8 @@
 //
 // tbrun_decode_attention: one decode token's attention over gathered keys and values, every KV head's keys
 // and values read once for its group of query heads (softmax in float32, by exp_in_place). PyTorch's two
-// grouped matmuls pack the keys before multiplying (one more pass over them) and read the scores back: about
-// 1.4x the time of one pass over the KV at 2k-32k tokens (bench/reports/decode_attention_cpu.md).
+// grouped matmuls pack the keys before multiplying (one more pass over them): the kernel takes 0.5-0.8x
+// their time at 2k-32k tokens with the KV coming from memory (bench/reports/decode_attention_cpu.md).
 //
 // tbrun_select_rows: a producer's selection in one call, row by row: the scores, the top-k of the
 // candidates while the row is in L2, the residency update. In the engine on the CPU the three calls and
@@ -1001,8 +1001,9 @@ inline uint16_t to_half(float x) {
 
 // Limits of tbrun_decode_attention: query heads per KV head, and head dimension (a multiple of LANES).
 constexpr int64_t ATTENTION_MAX_GROUP = 16, ATTENTION_MAX_DIM = 256;
-// Rows read ahead by software prefetch: one stream of 256-byte rows was read at ~1.6x the time of a plain
-// pass over them without it (measured on this machine's Xeon, SmolLM2's shape at 32k tokens).
+// Rows read ahead by software prefetch: without it the logits' pass over one stream of 256-byte key rows
+// took 1.3x as long (2.6 against 2.0 ms for SmolLM2's three KV heads at 32k tokens, on the Xeon these
+// reports ran on; a plain read of the same keys took 1.6-1.7 ms).
 constexpr int64_t ATTENTION_PREFETCH_ROWS = 16;
 
 inline float lane_sum(vfloat a) {

@@ -252,9 +252,31 @@ inline float scalar(uint16_t x) {
     return v;
 }
 
+// Tokens read ahead by software prefetch in each of a span's dim rows (and int8 keys' scales), at every
+// step of the logits loops: a tile's exponentials and a row's top-k and update are arithmetic with no load
+// in flight, and the hardware's stream prefetchers start each of the d + 1 streams again after them. With
+// it, group scores of SmolLM2's producers over cold int8 keys took 0.5x as long at 128k tokens and 0.7x at
+// 32k (bench/reports/selection_cpu.md, an AMD EPYC; 256 to 2048 tokens ahead alike).
+constexpr int64_t PREFETCH_TOKENS = 512;
+
+// Prefetch of token `at` + PREFETCH_TOKENS in each of the d dim rows (and scales, where given), only within
+// the m tokens scored.
+template <typename Key>
+inline void prefetch_ahead(const Key* keys, int64_t d, int64_t dim_stride, int64_t at, int64_t m,
+                           const uint16_t* scales = nullptr) {
+    const int64_t ahead = at + PREFETCH_TOKENS;
+    if (ahead + 64 > m) return;
+    for (int64_t j = 0; j < d; ++j) __builtin_prefetch(keys + j * dim_stride + ahead);
+    if (scales != nullptr) {
+        __builtin_prefetch(scales + ahead);
+        __builtin_prefetch(scales + ahead + 32);
+    }
+}
+
 // logits of G heads for tokens [start, start + n) into buffer [G, m]: per LANES tokens, each key vector
 // is loaded once and feeds all G heads' accumulators, which stay in registers. (Two vectors of tokens
-// per iteration, and software prefetch a tile ahead, were faster hot but slower with the keys cold.)
+// per iteration were faster hot but slower with the keys cold; a prefetch of a whole tile ahead was slower
+// cold too, where prefetch_ahead's one line per row and step is not.)
 // int8 keys: scales [m] (float16 bits) hold each token's factor, applied to its dot products (the codes
 // times the scale are the key: q . (s c) = s (q . c)); null for float32 and bfloat16 keys. maxima [G]:
 // each head's maximum so far, raised to the largest of the span's logits (NaN logits passed over).
@@ -267,6 +289,7 @@ void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride,
     for (; t + LANES <= n; t += LANES) {
         vfloat acc[G];
         for (int h = 0; h < G; ++h) acc[h] = vfloat{};
+        prefetch_ahead(keys, d, dim_stride, start + t, m, std::is_same_v<Key, int8_t> ? scales : nullptr);
         for (int64_t j = 0; j < d; ++j) {
             const vfloat kj = load(keys + j * dim_stride + start + t);
             for (int h = 0; h < G; ++h) acc[h] += q[h * d + j] * kj;
@@ -313,6 +336,7 @@ int64_t logits_span_pairs(const uint32_t* qpairs, int64_t d, const uint16_t* key
     for (; t + 32 <= n; t += 32) {
         __m512 low[G], high[G];  // tokens {0-3, 8-11, 16-19, 24-27} and {4-7, 12-15, 20-23, 28-31}
         for (int h = 0; h < G; ++h) low[h] = high[h] = _mm512_setzero_ps();
+        prefetch_ahead(keys, d, dim_stride, start + t, m);
         for (int64_t j = 0; j < pairs; ++j) {
             const __m512i a = _mm512_loadu_si512(keys + 2 * j * dim_stride + start + t);
             const __m512i b = _mm512_loadu_si512(keys + (2 * j + 1) * dim_stride + start + t);
@@ -364,6 +388,7 @@ int64_t logits_span_quads(const int8_t* qcodes, const float* qscale, const int32
         __m512i acc[G][4];  // acc[h][k], lane L: tokens 16 L + 4 k .. 16 L + 4 k + 3
         for (int h = 0; h < G; ++h)
             for (int k = 0; k < 4; ++k) acc[h][k] = _mm512_setzero_si512();
+        prefetch_ahead(keys, d, dim_stride, start + t, m, scales);
         for (int64_t j = 0; j < quads; ++j) {
             const int8_t* row = keys + 4 * j * dim_stride + start + t;
             const __m512i a = _mm512_xor_si512(_mm512_loadu_si512(row), flip);

@@ -289,7 +289,7 @@ void logits_span(const float* q, int64_t d, const Key* keys, int64_t dim_stride,
     for (; t + LANES <= n; t += LANES) {
         vfloat acc[G];
         for (int h = 0; h < G; ++h) acc[h] = vfloat{};
-        prefetch_ahead(keys, d, dim_stride, start + t, m, std::is_same_v<Key, int8_t> ? scales : nullptr);
+        prefetch_ahead(keys, d, dim_stride, start + t, m, scales);  // (scales: null but for int8 keys)
         for (int64_t j = 0; j < d; ++j) {
             const vfloat kj = load(keys + j * dim_stride + start + t);
             for (int h = 0; h < G; ++h) acc[h] += q[h * d + j] * kj;

@@ -256,7 +256,8 @@ inline float scalar(uint16_t x) {
 // step of the logits loops: a tile's exponentials and a row's top-k and update are arithmetic with no load
 // in flight, and the hardware's stream prefetchers start each of the d + 1 streams again after them. With
 // it, group scores of SmolLM2's producers over cold int8 keys took 0.5x as long at 128k tokens and 0.7x at
-// 32k (bench/reports/selection_cpu.md, an AMD EPYC; 256 to 2048 tokens ahead alike).
+// 32k (alternating runs of bench/selection_speed.py before and after, on an AMD EPYC: bench/README.md, "Where
+// selection stands on a CPU"; 256 to 2048 tokens ahead alike).
 constexpr int64_t PREFETCH_TOKENS = 512;
 
 // Prefetch of token `at` + PREFETCH_TOKENS in each of the d dim rows (and scales, where given), only within

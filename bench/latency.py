@@ -11,6 +11,14 @@ prompt that fills the context; the warm-up steps are dropped. Modes:
 A mode that cannot run (not enough device or host memory, a policy that does not exist yet) is
 reported with its reason, never dropped. The model is a real architecture with random weights
 (``--arch``, see ``archs.py``) or a real checkpoint (``--model``).
+
+The KV is the prompt's own (a prefill), random (``--synthetic-kv``), or, with a real checkpoint, a real
+prefix's repeated (``--synthetic-kv-tile N``: the prompt's first N tokens prefilled and their keys and
+values repeated to the context, each copy turned by RoPE to its positions: ``Engine._tiled_store``).
+TokenButler's predictor is random with ``--predictor-shape``'s sizes (``--predictor random``: its
+selections mean nothing and renew most of the budget at every step, so copies are an upper bound), or a
+trained one (``--predictor shipped``, the one ``tbrun generate`` loads for the model and interval, or a
+checkpoint folder), whose selections change from step to step as on real text where the KV is real.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from .report import machine_header, provenance, summarize_ms
 
 DENSE_MODES = {"dense-gpu": KVMode.DENSE_DEVICE, "dense-offload": KVMode.DENSE_OFFLOAD}
 ALL_MODES = ("dense-gpu", "dense-offload", "tokenbutler-offload", "streaming-offload", "random-offload")
+RANDOM_PREDICTOR, SHIPPED_PREDICTOR = "random", "shipped"  # --predictor's names; anything else is a folder
 NEIGHBORS_ON = 1  # --neighbors on: also fetch the position after each selected one
 
 
@@ -61,6 +70,8 @@ class LatencySettings:
     synthetic_kv: bool = False  # fill the KV with random values instead of running the prefill
     repeats: int = 1  # rounds over every variant of a context; each row keeps its fastest round
     predictor_shape: str = "4:512:16"  # G:I:d' of tokenbutler's random-weight predictor (the reference sizes)
+    predictor: str = RANDOM_PREDICTOR  # tokenbutler's: random (predictor_shape), shipped, or a checkpoint folder
+    synthetic_kv_tile: int = 0  # with synthetic_kv and a real model: repeat a real N-token prefix's KV
     refresh_layers: str = ""  # also run each interval > 1 with these layers selecting at every step
     # CPU: offload modes copy (and tokenbutler selects) on one more thread; dense-gpu, which copies nothing,
     # gets one more torch thread instead, so that every mode uses the same cores
@@ -79,6 +90,7 @@ class LatencySettings:
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}.")
         parse_predictor_shape(self.predictor_shape)
+        self._check_real_model_options()
         if not self.contexts or not self.intervals or not self.neighbors:
             raise ConfigError("--contexts, --interval and --neighbors each need at least one value.")
         if any(interval < 1 for interval in self.intervals):
@@ -91,6 +103,25 @@ class LatencySettings:
         small = [c for c in self.contexts if c <= steps]
         if small:
             raise ConfigError(f"--contexts {small} leave no room for a prompt before {steps} new tokens.")
+
+    def _check_real_model_options(self) -> None:
+        """``--synthetic-kv-tile`` and a trained ``--predictor`` need a real checkpoint's weights."""
+        if self.synthetic_kv_tile < 0 or (self.synthetic_kv_tile and not self.synthetic_kv):
+            raise ConfigError(f"--synthetic-kv-tile {self.synthetic_kv_tile}: a count of tokens >= 1 whose real KV "
+                              "fills the cache instead of random values; give it with --synthetic-kv.")
+        if self.synthetic_kv_tile and self.model is None:
+            raise ConfigError("--synthetic-kv-tile repeats a real prefix's keys and values so that selections change "
+                              "as on real text; random weights have none: give --model (e.g. --model embedded).")
+        if self.predictor != RANDOM_PREDICTOR and self.model is None:
+            raise ConfigError(f"--predictor {self.predictor}: a trained predictor needs the model it was trained for: "
+                              "give --model (e.g. --model embedded), or use --predictor random with --arch.")
+        if self.predictor not in (RANDOM_PREDICTOR, SHIPPED_PREDICTOR) and not Path(self.predictor).is_dir():
+            raise ConfigError(f"--predictor {self.predictor!r} is not random, shipped or a checkpoint folder "
+                              "(`tbrun train-predictor --out DIR`).")
+        short = [c for c in self.contexts if self.synthetic_kv_tile > c - self.new_tokens]
+        if short:
+            raise ConfigError(f"--synthetic-kv-tile {self.synthetic_kv_tile} is longer than the prompt at --contexts "
+                              f"{short} ({self.new_tokens} new tokens): lower the tile or raise the contexts.")
 
     @property
     def new_tokens(self) -> int:
@@ -169,14 +200,20 @@ def random_predictor(dims, shape: str):
     return seeded_random_predictor(PredictorConfig.for_model(dims, every, dim, hidden, query_heads=query_heads)).eval()
 
 
-def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16"):
-    """The policy object of a sparse variant, or ``PolicyUnavailable`` with the reason."""
+def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16", predictor: str = RANDOM_PREDICTOR):
+    """The policy object of a sparse variant, or ``PolicyUnavailable`` with the reason. TokenButler's predictor:
+    random weights of ``predictor_shape``, the shipped one for the model and the variant's interval (``shipped``:
+    loaded as ``tbrun generate`` loads it), or a checkpoint folder."""
     from offload_engine.policies import POLICIES, build_policy
 
     name = variant.policy
     if name not in POLICIES:
         raise PolicyUnavailable(f"offload_engine.policies has no {name!r} policy in this checkout")
-    options = {"predictor": random_predictor(adapter.dims, predictor_shape)} if name == "tokenbutler" else {}
+    options = {}
+    if name == "tokenbutler" and predictor == RANDOM_PREDICTOR:
+        options = {"predictor": random_predictor(adapter.dims, predictor_shape)}
+    elif name == "tokenbutler" and predictor != SHIPPED_PREDICTOR:
+        options = {"predictor_path": predictor}
     try:
         return build_policy(name, **options)
     except (TypeError, TbrunError) as exc:
@@ -189,7 +226,7 @@ def engine_config(variant: Variant, context: int, settings: LatencySettings) -> 
     Every run is profiled (per-phase breakdown): on the CPU that is a few timer reads per layer.
     """
     common = dict(context=context, device=settings.device, allow_rope_scaling=True, profile=True,
-                  synthetic_kv=settings.synthetic_kv)
+                  synthetic_kv=settings.synthetic_kv, synthetic_kv_tile=settings.synthetic_kv_tile)
     if variant.policy is None:
         copies = settings.copy_thread and DENSE_MODES[variant.mode] is KVMode.DENSE_OFFLOAD
         return EngineConfig(mode=DENSE_MODES[variant.mode], copy_thread=copies, **common)
@@ -207,7 +244,8 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
     device = torch.device(settings.device)
     threads = torch.get_num_threads()
     try:
-        policy = build_policy_for(variant, adapter, settings.predictor_shape) if variant.policy else None
+        policy = (build_policy_for(variant, adapter, settings.predictor_shape, settings.predictor)
+                  if variant.policy else None)
         config = engine_config(variant, context, settings)
         engine = Engine(adapter, config, policy=policy, gather_method=settings.gather_method)
         if device.type == "cuda":
@@ -216,7 +254,7 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
             torch.set_num_threads(threads + 1)
         row.update(model_threads=torch.get_num_threads(), copy_thread=config.copy_thread)
         result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True))
-        row.update(measurements(result.stats, adapter, context, settings, variant))
+        row.update(measurements(result.stats, adapter, context, settings, variant, predictor_dim(engine.policy)))
     except PolicyUnavailable as exc:
         row.update(status="unavailable", reason=str(exc))
     except (TbrunError, torch.OutOfMemoryError, MemoryError) as exc:
@@ -232,8 +270,16 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
     return row
 
 
-def measurements(stats, adapter, context: int, settings: LatencySettings, variant: Variant) -> dict:
-    """Per-step timing and traffic of the timed (post-warm-up) steps of one generation."""
+def predictor_dim(policy) -> int | None:
+    """d' of the predictor that selected (a wrapper's base's), or None for a policy without one."""
+    predictor = getattr(getattr(policy, "base", policy), "predictor", None)
+    return predictor.config.dim if predictor is not None else None
+
+
+def measurements(stats, adapter, context: int, settings: LatencySettings, variant: Variant,
+                 dim: int | None = None) -> dict:
+    """Per-step timing and traffic of the timed (post-warm-up) steps of one generation; ``dim``: d' of the
+    predictor that ran (None: ``--predictor-shape``'s)."""
     timed = stats.decode_ms[settings.warmup:]
     moved = stats.h2d_bytes[settings.warmup:]
     bytes_per_step = sum(moved) / len(moved) if moved else 0.0
@@ -252,7 +298,9 @@ def measurements(stats, adapter, context: int, settings: LatencySettings, varian
         "gather_method": None,
         "breakdown": stats.breakdown,  # over all decode steps, warm-up included
     }
-    out |= traffic_floor(adapter, context, settings, variant, bytes_per_step, stats.compact_keys)
+    out |= traffic_floor(adapter, context, settings, variant, bytes_per_step, stats.compact_keys, dim)
+    if stats.predictor:
+        out["predictor"] = stats.predictor  # a checkpoint's folder name and weights hash, or "random weights"
     if stats.compact_keys:
         out["compact_key_dtype"] = stats.compact_keys
     if variant.policy is not None:
@@ -263,7 +311,7 @@ def measurements(stats, adapter, context: int, settings: LatencySettings, varian
 
 
 def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Variant, copied: float,
-                  compact_keys: str = "") -> dict:
+                  compact_keys: str = "", dim: int | None = None) -> dict:
     """Bytes a step must move through memory, at the least, on average, and what they take at the
     measured rate.
 
@@ -274,7 +322,8 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
     host store, written to the working set; dense offload copies the whole KV). On CUDA the copies
     cross the bus instead: see the bus columns; this floor is the device-memory side only. Compare
     it with the mean step (a prediction step and the steps reusing it), not the median. ``compact_keys``: the
-    dtype TokenButler's compact cache stored (``GenerationStats.compact_keys``; the model's dtype if "").
+    dtype TokenButler's compact cache stored (``GenerationStats.compact_keys``; the model's dtype if ""); ``dim``:
+    the predictor's d' (None: ``--predictor-shape``'s).
     """
     dims = adapter.dims
     element = torch.empty((), dtype=adapter.dtype).element_size()
@@ -287,7 +336,7 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
         dense = 1 if variant.policy == "tokenbutler" else 0  # tokenbutler keeps layer 0 whole
         attended = min(context, settings.budget * (2 if variant.neighbors else 1))
         kv_read = per_token_layer * ((dims.num_layers - dense) * attended + dense * context)
-    dim = parse_predictor_shape(settings.predictor_shape)[2]
+    dim = dim if dim is not None else parse_predictor_shape(settings.predictor_shape)[2]
     keys = getattr(torch, compact_keys) if compact_keys else None
     scoring = policy_metadata_bytes(variant.policy, dims, context, element, dim, keys) / (variant.interval or 1)
     floor = weights + kv_read + cpu_copies + scoring
@@ -425,7 +474,7 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
         "provenance": {key: run[key] for key in ("command", "commit", "date")},
         "runs": earlier_runs + [run],
         "machine": machine_header(device),
-        "settings": asdict(settings) | {"new_tokens_per_run": settings.new_tokens, "neighbors_on_radius": NEIGHBORS_ON,
+        "settings": recorded_settings(settings) | {"new_tokens_per_run": settings.new_tokens, "neighbors_on_radius": NEIGHBORS_ON,
                                         "dtype": dtype_name(adapter.dtype),
                                         "model_dims": asdict(adapter.dims)},
         "pinned_memcpy_peak_gbps": {"before": run["memcpy_peak_gbps_before"], "after": run["memcpy_peak_gbps_after"]},
@@ -434,8 +483,16 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
 
 
 SAME_SETUP = ("arch", "model", "device", "budget", "decode_steps", "warmup", "gather_method", "predictor_shape",
-              "copy_thread")
-ADDED_LATER = {"copy_thread": False}  # settings older reports do not record: what they ran with
+              "copy_thread", "predictor", "synthetic_kv_tile")
+ADDED_LATER = {"copy_thread": False, "predictor": RANDOM_PREDICTOR, "synthetic_kv_tile": 0}  # settings older reports do not record: what they ran with
+
+
+def recorded_settings(settings: LatencySettings) -> dict:
+    """The settings as a report records them: a predictor folder by its name, never a path of this machine."""
+    recorded = asdict(settings)
+    if settings.predictor not in (RANDOM_PREDICTOR, SHIPPED_PREDICTOR):
+        recorded["predictor"] = Path(settings.predictor).resolve().name
+    return recorded
 
 
 def previous_report(path: Path, settings: LatencySettings) -> tuple[list[dict], list[dict]]:
@@ -443,7 +500,7 @@ def previous_report(path: Path, settings: LatencySettings) -> tuple[list[dict], 
     if not path.is_file():
         return [], []
     previous = json.loads(path.read_text())
-    mine = asdict(settings)
+    mine = recorded_settings(settings)
     earlier = previous.get("settings", {})
     differs = [key for key in SAME_SETUP if earlier.get(key, ADDED_LATER.get(key)) != mine[key]]
     if differs:

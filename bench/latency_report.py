@@ -60,6 +60,18 @@ def _read_rate(report: dict) -> float:
 
 
 SCORING_MODES = ("tokenbutler-offload", "quest-offload")  # their selection follows the scores
+RANDOM = "random"  # LatencySettings.predictor of a random-weight predictor (and of reports before the option)
+
+
+def _predictor_text(report: dict) -> str:
+    """Which predictor tokenbutler ran with: random weights of ``--predictor-shape``'s sizes, or a trained one."""
+    s = report["settings"]
+    if s.get("predictor", RANDOM) == RANDOM:
+        shape = s.get("predictor_shape", "4:512:16").split(":")  # reports before the option: the reference sizes
+        return (f"tokenbutler's predictor (random weights) a producer every {shape[0]} layers, hidden width "
+                f"{shape[1]}, d' {shape[2]}")
+    loaded = sorted({row["predictor"] for row in report["rows"] if row.get("predictor")})
+    return f"tokenbutler's predictor the trained {', '.join(loaded) or s['predictor']} (`--predictor {s['predictor']}`)"
 
 
 def _fetched_share(report: dict) -> tuple[float, float] | None:
@@ -70,18 +82,21 @@ def _fetched_share(report: dict) -> tuple[float, float] | None:
     return (min(shares), max(shares)) if shares else None
 
 
+def _share_range(shares: tuple[float, float]) -> str:
+    low, high = (f"{share:.0%}" for share in shares)
+    return low if low == high else f"{low}-{high}"
+
+
 def to_markdown(report: dict) -> str:
     """Header, settings, then one table per context."""
     s, peaks = report["settings"], report["pinned_memcpy_peak_gbps"]
     model = s["model"] or f"{s['arch']} (random weights)"
-    shape = s.get("predictor_shape", "4:512:16").split(":")  # reports before the option: the reference sizes
     peak_text = ("not measured (no CUDA)" if peaks["before"] is None
                  else f"{fmt(peaks['before'])} GB/s before, {fmt(peaks['after'])} GB/s after the modes ran "
                       "(latest run; % of peak uses the larger)")
     lines = [
         markdown_header("Decode latency per step: tbrun modes side by side", report), "",
-        f"Model {model}, {s['dtype']}; budget {s['budget']} tokens per (layer, KV head); tokenbutler's predictor "
-        f"(random weights) a producer every {shape[0]} layers, hidden width {shape[1]}, d' {shape[2]}; "
+        f"Model {model}, {s['dtype']}; budget {s['budget']} tokens per (layer, KV head); {_predictor_text(report)}; "
         f"{s['warmup']} warm-up steps excluded, {s['decode_steps']} timed steps per mode; the prompt fills the "
         f"context less the {s['new_tokens_per_run']} new tokens. Pinned host-to-device memcpy peak: {peak_text}.",
         "",
@@ -107,16 +122,27 @@ def to_markdown(report: dict) -> str:
                   f"dense-gpu, which copies nothing, ran the model on {max(threads, default='?')} torch threads. Work "
                   "on the copy thread is off the step's path: it is not in `selection` or `copy`, and `wait` is the "
                   "time the step stalled for it."]
-    if s.get("synthetic_kv"):
+    if s.get("synthetic_kv_tile"):
+        lines += ["", f"KV filled with the real keys and values of the prompt's first {s['synthetic_kv_tile']:,} tokens, "
+                  "repeated along the positions (each copy's queries and keys turned by RoPE to the positions it fills; "
+                  "`--synthetic-kv-tile`), instead of a prefill of the whole prompt: a decode step's time does not "
+                  "depend on the values, but a scoring policy's selections change from step to step as they do on a "
+                  "real prefix, where random keys renew most of them at every step; prefill s is the tile's prefill "
+                  "and the fill. RoPE runs past the model's trained positions (timing only)."]
+    elif s.get("synthetic_kv"):
         lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
                   "decode step's time does not depend on the values, and prefill s is the fill time."]
     churn = _fetched_share(report)
-    if churn and not s["model"]:
+    if churn and s.get("predictor", RANDOM) == RANDOM:
         lines += ["", f"Random predictor weights redraw the selection at every prediction step: at interval 1 a step "
-                  f"of tokenbutler or quest fetched {churn[0]:.0%}-{churn[1]:.0%} of the selected budget (`1 - delta_fetch_saving`). The "
+                  f"of tokenbutler or quest fetched {_share_range(churn)} of the selected budget (`1 - delta_fetch_saving`). The "
                   "shipped predictor on the embedded model fetches far less per step (its churn is in "
-                  "bench/reports/bytes_per_step.md), so `copy`, and part of `selection` (the residency update), "
-                  "are upper bounds here."]
+                  "bench/reports/bytes_per_step.md and in this report's `--model embedded --predictor shipped "
+                  "--synthetic-kv-tile` run), so `copy`, and part of `selection` (the residency update), are upper "
+                  "bounds here."]
+    elif churn:
+        lines += ["", f"At interval 1 a step of tokenbutler or quest fetched {_share_range(churn)} of the "
+                  "selected budget (`1 - delta_fetch_saving`): what their selections renewed from one step to the next."]
     if len(report.get("runs", [])) > 1:
         lines += ["", "Runs merged into this report (each context measured within one run):"]
         lines += [f"- `{run['command']}` at {run['commit']}, contexts {run['contexts']}, memcpy peak "

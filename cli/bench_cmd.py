@@ -47,6 +47,14 @@ def latency(
                                         "predictor: a producer every G layers, hidden width I, d' = D, Q query heads "
                                         "per KV head (default: the model's). 4:512:16: the reference sizes; 2:128:16: "
                                         "the shipped SmolLM2-135M predictor; 2:128:16:1: one query head per KV head."),
+    predictor: str = typer.Option("random", "--predictor", help="tokenbutler's predictor: random (random weights of "
+                                  "--predictor-shape's sizes; its selections renew most of the budget every step), "
+                                  "shipped (the one tbrun generate loads for --model and the interval) or a "
+                                  "checkpoint folder."),
+    synthetic_kv_tile: Optional[str] = typer.Option(None, "--synthetic-kv-tile", help="With --synthetic-kv and "
+                                                    "--model: fill the KV with the real keys and values of the "
+                                                    "prompt's first N tokens (e.g. 4k), repeated and turned by RoPE to "
+                                                    "their positions, so selections change as on real text."),
     refresh_layers: str = typer.Option("", "--refresh-layers", help="Also run every interval > 1 with these layers "
                                        "selecting at every step (e.g. 20-23)."),
     copy_thread: bool = typer.Option(False, "--copy-thread", help="CPU: offload modes copy (tokenbutler also "
@@ -64,7 +72,8 @@ def latency(
         budget=budget, intervals=[_int(i, "--interval") for i in _split(interval)],
         neighbors=[_on_off(n) for n in _split(neighbors)], decode_steps=decode_steps, warmup=warmup,
         device=_device(device), gather_method=gather_method, seed=seed, synthetic_kv=synthetic_kv,
-        repeats=repeats, predictor_shape=predictor_shape, refresh_layers=refresh_layers, copy_thread=copy_thread,
+        repeats=repeats, predictor_shape=predictor_shape, predictor=predictor,
+        synthetic_kv_tile=parse_context(synthetic_kv_tile) if synthetic_kv_tile else 0, refresh_layers=refresh_layers, copy_thread=copy_thread,
     )
     report = run_latency(settings, out, log=lambda msg: err_console.print(msg, style="dim", markup=False),
                          append=append)

@@ -474,6 +474,11 @@ def test_page_bounds_hold_every_token_of_their_page_and_the_prefilter_report_run
     (dict(budget=0), "--budget must be at least 1 token"),
     (dict(intervals=[0]), "every prediction interval must be >= 1"),
     (dict(gather_method="foo"), "--gather-method 'foo' is not one of"),
+    (dict(synthetic_kv_tile=64), "give it with --synthetic-kv"),
+    (dict(synthetic_kv=True, synthetic_kv_tile=64), "random weights have none: give --model"),
+    (dict(synthetic_kv=True, synthetic_kv_tile=600, model="m"), r"longer than the prompt at --contexts \[512\]"),
+    (dict(predictor="shipped"), "a trained predictor needs the model it was trained for"),
+    (dict(predictor="no/such/folder", model="m"), "is not random, shipped or a checkpoint folder"),
 ])
 def test_latency_settings_refuse_values_no_mode_could_run(options, message):
     from tbrun_bench.latency import LatencySettings
@@ -571,3 +576,45 @@ def test_the_window_share_study_masks_and_table(monkeypatch):
     assert window_study._numbers(argv, "--windows", (1,), int) == () and argv == ["--predictor", "p", "--out", "x"]
     with pytest.raises(SystemExit, match="--shares"):
         window_study.main(["--shares", "1.5", "--out", "x"])
+
+
+def test_latency_times_a_trained_predictor_on_a_repeated_real_prefix(tiny_model_dir, tmp_path):
+    """``--model DIR --predictor FOLDER --synthetic-kv-tile N``: the KV is a real N-token prefix's, repeated; the
+    trained predictor selects; the report names it by folder and hash (no path of this machine) and describes
+    the fill, without the random predictor's upper-bound note."""
+    from offload_engine.models import load_model
+    from offload_engine.predictor.checkpoint import save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+    dims = load_model(tiny_model_dir).dims
+    folder = tmp_path / "pred-tiny"
+    save_checkpoint(folder, TokenButlerPredictor(PredictorConfig.for_model(dims, 2, 8, 32)), {"model_name": "tiny"})
+    out = tmp_path / "out"
+    result = runner.invoke(app, [
+        "bench", "latency", "--model", tiny_model_dir, "--contexts", "320", "--budget", "48", "--decode-steps", "2",
+        "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--synthetic-kv-tile", "64", "--predictor", str(folder),
+        "--interval", "1", "--neighbors", "off", "--modes", "dense-gpu,tokenbutler-offload", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    stem = out / f"latency-{Path(tiny_model_dir).name}-cpu"
+    report = json.loads(stem.with_suffix(".json").read_text())
+    rows = {row["mode"]: row for row in report["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    weights = json.loads((folder / "config.json").read_text())["weights_sha256"]
+    assert rows["tokenbutler-offload"]["predictor"] == f"pred-tiny (weights {weights[:8]})"
+    assert report["settings"]["predictor"] == "pred-tiny" and report["settings"]["synthetic_kv_tile"] == 64
+    assert str(tmp_path) not in json.dumps(report["settings"])
+    # the floor reads the loaded predictor's d' (8), not --predictor-shape's default (16)
+    stored = rows["tokenbutler-offload"]["compact_key_dtype"]
+    entry = 8 * getattr(torch, stored).itemsize + (2 if stored == "int8" else 0)
+    assert rows["tokenbutler-offload"]["scoring_bytes_per_step"] == (dims.num_layers - 1) * dims.num_kv_heads * entry * 320
+    markdown = stem.with_suffix(".md").read_text()
+    assert "the real keys and values of the prompt's first 64 tokens, repeated" in markdown
+    assert "tokenbutler's predictor the trained pred-tiny" in markdown
+    assert "Random predictor weights redraw" not in markdown
+    # a later --append with another predictor is refused rather than merged
+    again = runner.invoke(app, ["bench", "latency", "--model", tiny_model_dir, "--contexts", "384", "--budget", "48",
+                                "--decode-steps", "2", "--warmup", "1", "--device", "cpu", "--synthetic-kv",
+                                "--synthetic-kv-tile", "64", "--predictor", "random", "--modes", "dense-gpu",
+                                "--out", str(out), "--append"])
+    assert again.exit_code == 2 and "made with different predictor;" in " ".join(again.output.split())

@@ -237,8 +237,18 @@ def engine_config(variant: Variant, context: int, settings: LatencySettings) -> 
     return EngineConfig(mode=KVMode.SPARSE_OFFLOAD, selection=selection, **common)
 
 
-def run_variant(adapter, variant: Variant, context: int, prompt: list[int], settings: LatencySettings) -> dict:
-    """Generate once and summarise the timed steps; a failure becomes a row with its reason."""
+def record_tile(adapter, context: int, prompt: list[int], settings: LatencySettings):
+    """The real prefill of the prompt's first ``synthetic_kv_tile`` tokens, made once for every variant of a
+    context (``Engine.record_prefill``: each replays it, repeated to the context, as its own prefill would)."""
+    config = EngineConfig(context=context, device=settings.device, allow_rope_scaling=True, synthetic_kv=True,
+                          synthetic_kv_tile=settings.synthetic_kv_tile)
+    return Engine(adapter, config).record_prefill(prompt)
+
+
+def run_variant(adapter, variant: Variant, context: int, prompt: list[int], settings: LatencySettings,
+                prefill=None) -> dict:
+    """Generate once and summarise the timed steps; a failure becomes a row with its reason. ``prefill``: the
+    tile's ``record_tile``, replayed instead of a prefill."""
     row = {"context": context, "mode": variant.mode, "label": variant.label, "interval": variant.interval,
            "neighbors": variant.neighbors, "refresh_layers": variant.refresh, "status": "ok", "reason": ""}
     device = torch.device(settings.device)
@@ -253,7 +263,8 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
         if settings.copy_thread and not config.copy_thread:  # the core the copy thread would take: the model's
             torch.set_num_threads(threads + 1)
         row.update(model_threads=torch.get_num_threads(), copy_thread=config.copy_thread)
-        result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True))
+        result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True),
+                                 prefill=prefill)
         row.update(measurements(result.stats, adapter, context, settings, variant, predictor_dim(engine.policy)))
     except PolicyUnavailable as exc:
         row.update(status="unavailable", reason=str(exc))
@@ -432,14 +443,22 @@ def run_latency(settings: LatencySettings, out_dir: Path, log=print, append: boo
     rows: list[dict] = []
     for index, context in enumerate(settings.contexts):
         prompt = synthetic_prompt(adapter.dims.vocab_size, context - settings.new_tokens, settings.seed + context)
+        tile = record_tile(adapter, context, prompt, settings) if settings.synthetic_kv_tile else None
+        if tile is not None:
+            log(f"{context} tokens: the {settings.synthetic_kv_tile}-token tile prefilled in {tile.seconds:.1f} s")
         rounds: list[list[dict]] = []
         for round_index in range(settings.repeats):  # interleaved: every variant once per round
             rounds.append([])
             for variant in variants(settings):
                 log(f"{context} tokens, round {round_index + 1}/{settings.repeats}: {variant.label} ...")
-                rounds[-1].append(run_variant(adapter, variant, context, prompt, settings))
+                rounds[-1].append(run_variant(adapter, variant, context, prompt, settings, tile))
                 log(f"  {_one_line(rounds[-1][-1])}")
-        rows += [fastest_round(list(tries)) for tries in zip(*rounds)]
+        context_rows = [fastest_round(list(tries)) for tries in zip(*rounds)]
+        for row in context_rows if tile is not None else ():
+            row["tile_prefill_s"] = tile.seconds
+        rows += context_rows
+        del tile
+        gc.collect()
         if index == len(settings.contexts) - 1:
             run["memcpy_peak_gbps_after"] = memcpy_peak_gbps(device)
         finish_rows(rows, run)

@@ -63,6 +63,16 @@ SCORING_MODES = ("tokenbutler-offload", "quest-offload")  # their selection foll
 RANDOM = "random"  # LatencySettings.predictor of a random-weight predictor (and of reports before the option)
 
 
+def _tile_prefill_text(report: dict) -> str:
+    """What prefill s holds with ``--synthetic-kv-tile``: the tile prefilled once per context and replayed into
+    every mode (``tile_prefill_s``), or, in reports before that, each mode's own prefill of it."""
+    seconds = [row["tile_prefill_s"] for row in report["rows"] if row.get("tile_prefill_s") is not None]
+    if not seconds:
+        return "prefill s is the tile's prefill and the fill."
+    return (f"the tile was prefilled once per context ({fmt(min(seconds), 1)}-{fmt(max(seconds), 1)} s, "
+            "`tile_prefill_s` in the JSON) and replayed into every mode, so prefill s is the replay and the fill.")
+
+
 def _predictor_text(report: dict) -> str:
     """Which predictor tokenbutler ran with: random weights of ``--predictor-shape``'s sizes, or a trained one."""
     s = report["settings"]
@@ -127,8 +137,8 @@ def to_markdown(report: dict) -> str:
                   "repeated along the positions (each copy's queries and keys turned by RoPE to the positions it fills; "
                   "`--synthetic-kv-tile`), instead of a prefill of the whole prompt: a decode step's time does not "
                   "depend on the values, but a scoring policy's selections change from step to step as they do on a "
-                  "real prefix, where random keys renew most of them at every step; prefill s is the tile's prefill "
-                  "and the fill. RoPE runs past the model's trained positions (timing only)."]
+                  f"real prefix, where random keys renew most of them at every step; {_tile_prefill_text(report)} "
+                  "RoPE runs past the model's trained positions (timing only)."]
     elif s.get("synthetic_kv"):
         lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
                   "decode step's time does not depend on the values, and prefill s is the fill time."]

@@ -181,13 +181,18 @@ class Engine:
         Pass the record as ``prefill=`` to ``generate`` / ``score_continuation`` of any engine on the
         same model (any mode, any policy): they then skip the model's prefill and give exactly the
         results of a normal run. Holds ``(E + (H + 2 KvH) D) * T`` numbers per layer.
+        With ``synthetic_kv_tile`` N set, records the prompt's first N tokens only: replayed, they are repeated
+        to the prompt's length as that engine's own prefill repeats them (one prefill of the tile for every
+        mode of a timing run, instead of one each).
         """
         prompt = self._check_prompt(prompt_ids)
-        if self.config.synthetic_kv:
+        tile = self.config.synthetic_kv_tile
+        if self.config.synthetic_kv and not tile:
             raise ConfigError("record_prefill needs the real prompt's KV, not --synthetic-kv.")
+        prompt = prompt[:tile] if tile else prompt
         recorder, stats = _RecordingKV(), GenerationStats()
         with torch.inference_mode():
-            logits = self._model_prefill(prompt, recorder, stats, None)
+            logits = self._model_prefill(prompt, recorder, stats, None, tile=0)
         return PrefillRecord(tuple(prompt), recorder.layers, logits, stats.prefill_seconds)
 
     def generate(self, prompt_ids, sampling: SamplingConfig | None = None, on_token: TokenCallback | None = None,
@@ -198,7 +203,7 @@ class Engine:
         """
         sampling = sampling or SamplingConfig()
         prompt = self._check_prompt(prompt_ids)
-        _check_record(prefill, prompt)
+        _check_record(prefill, prompt, self.config.synthetic_kv_tile)
         stats = GenerationStats(mode=self.config.mode.value, policy=self.policy_name, prompt_tokens=len(prompt))
         generated: list[int] = []
         reason = "length"
@@ -237,7 +242,7 @@ class Engine:
         ``record_prefill`` of ``prompt_ids``, replayed instead of running the model.
         """
         prompt = self._check_prompt(list(prompt_ids) + list(target_ids)[:-1])[: len(prompt_ids)]
-        _check_record(prefill, prompt)
+        _check_record(prefill, prompt, self.config.synthetic_kv_tile)
         targets = [int(t) for t in target_ids]
         logprobs, predicted, kept = [], [], []
         backend = self._new_backend()
@@ -289,39 +294,47 @@ class Engine:
         """Fill ``backend`` with the prompt: from ``record`` if given, else by running the model."""
         if record is None:
             return self._model_prefill(prompt, backend, stats, on_prefill)
-        return self._replay_prefill(record, backend, stats, on_prefill)
+        return self._replay_prefill(record, backend, stats, on_prefill, len(prompt))
 
     def _replay_prefill(self, record: PrefillRecord, backend: KVBackend, stats: GenerationStats,
-                        on_prefill: ProgressCallback | None) -> torch.Tensor:
+                        on_prefill: ProgressCallback | None, length: int) -> torch.Tensor:
         """Hand ``record``'s tensors to ``backend`` layer by layer (its policy observes them as in a
-        normal prefill, sharing derived observations through the record); returns its logits ``[V]``."""
+        normal prefill, sharing derived observations through the record); returns its logits ``[V]``.
+        With ``synthetic_kv_tile``: the record is the tile's, repeated to the prompt's ``length`` as
+        ``_model_prefill`` repeats it (observations shared among replays of that length only)."""
         start = time.perf_counter()
         self.adapter.reset_rope()  # as a model prefill does (a dynamic RoPE then grows as the decode goes on)
         layers = self.adapter.dims.num_layers
         if len(record.layers) != layers:
             raise ConfigError(f"the prefill record has {len(record.layers)} layers, the model {layers}: "
                               "record it with an engine on the same model.")
-        with shared_prefill_observations(record.observations):
+        store, observations = backend.prefill_layer, record.observations
+        if self.config.synthetic_kv_tile:
+            store = self._tiled_store(backend, self.config.synthetic_kv_tile, length)
+            self.adapter.reset_rope()  # the tiled store's table may have grown a dynamic RoPE past the prefix
+            observations = record.observations.setdefault(("tiled to", length), {})
+        with shared_prefill_observations(observations):
             for layer, t in enumerate(record.layers):
                 stats.prefill_peak_kv_bytes = max(stats.prefill_peak_kv_bytes,
                                                   backend.device_kv_bytes() + t.k.nbytes + t.v.nbytes)
-                backend.prefill_layer(layer, t.x, t.q, t.k, t.v)
+                store(layer, t.x, t.q, t.k, t.v)
                 if on_prefill is not None:
                     on_prefill(layer + 1, layers)
         stats.prefill_seconds = time.perf_counter() - start
         return record.logits
 
     def _model_prefill(self, prompt: list[int], backend: KVBackend, stats: GenerationStats,
-                       on_prefill: ProgressCallback | None) -> torch.Tensor:
+                       on_prefill: ProgressCallback | None, tile: int | None = None) -> torch.Tensor:
         """Run the prompt layer by layer; returns the last position's logits ``[V]``.
 
         Only the current layer's K and V of the prompt are on the device at a time (plus what
-        the backend keeps there), and no layer's KV is ever read back from the host.
+        the backend keeps there), and no layer's KV is ever read back from the host. ``tile``: the
+        config's ``synthetic_kv_tile`` unless given (0: the prompt itself, for ``record_prefill``).
         """
         start = time.perf_counter()
         self.adapter.reset_rope()  # a sequence from position 0: no RoPE state from the one before
-        tile = self.config.synthetic_kv_tile
-        if self.config.synthetic_kv and not tile:
+        tile = self.config.synthetic_kv_tile if tile is None else tile
+        if self.config.synthetic_kv and not self.config.synthetic_kv_tile:
             return self._synthetic_prefill(len(prompt), backend, stats, start)
         store = backend.prefill_layer
         adapter, chunk = self.adapter, self.config.prefill_chunk
@@ -453,9 +466,14 @@ class DecodeCursor:
         self.position_ids += 1
 
 
-def _check_record(record: PrefillRecord | None, prompt: list[int]) -> None:
-    """A prefill record must be of the very prompt being run."""
-    if record is not None and record.prompt != tuple(prompt):
+def _check_record(record: PrefillRecord | None, prompt: list[int], tile: int = 0) -> None:
+    """A prefill record must be of the very prompt being run (with ``tile``: of its first ``tile`` tokens)."""
+    if record is None:
+        return
+    if tile and record.prompt != tuple(prompt[:tile]):
+        raise ConfigError(f"the prefill record is not of this prompt's first {tile} tokens (--synthetic-kv-tile): "
+                          "record it with an engine of the same tile on this prompt.")
+    if not tile and record.prompt != tuple(prompt):
         raise ConfigError(f"the prefill record is of another prompt ({len(record.prompt)} tokens, this one has "
                           f"{len(prompt)}): record the prompt being run.")
 

@@ -610,6 +610,8 @@ def test_latency_times_a_trained_predictor_on_a_repeated_real_prefix(tiny_model_
     assert rows["tokenbutler-offload"]["scoring_bytes_per_step"] == (dims.num_layers - 1) * dims.num_kv_heads * entry * 320
     markdown = stem.with_suffix(".md").read_text()
     assert "the real keys and values of the prompt's first 64 tokens, repeated" in markdown
+    assert rows["dense-gpu"]["tile_prefill_s"] == rows["tokenbutler-offload"]["tile_prefill_s"] > 0  # one prefill
+    assert "prefilled once per context" in markdown
     assert "tokenbutler's predictor the trained pred-tiny" in markdown
     assert "Random predictor weights redraw" not in markdown
     # a later --append with another predictor is refused rather than merged

@@ -134,6 +134,37 @@ def test_host_store_is_pinned_on_cuda_and_not_leaked():
         assert after <= before
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "streaming", "dense"])
+def test_a_tiles_recorded_prefill_replays_as_the_tiled_prefill_itself(policy):
+    """``record_prefill`` on an engine with ``synthetic_kv_tile`` N records the prompt's first N tokens once;
+    replayed by engines of the same tile (any mode, any policy, at two prompt lengths from one record), each
+    gives what its own tiled prefill gives: the same logits at every step. A record of other tokens, or one
+    replayed by an engine without the tile, is refused."""
+    adapter = ModelAdapter(tiny_model("llama", initializer_range=0.2))
+    prompt = torch.randint(5, adapter.dims.vocab_size, (90,), generator=torch.Generator().manual_seed(1)).tolist()
+    targets = torch.randint(5, adapter.dims.vocab_size, (6,), generator=torch.Generator().manual_seed(2)).tolist()
+    record = Engine(adapter, EngineConfig(context=128, synthetic_kv=True, synthetic_kv_tile=32)).record_prefill(prompt)
+    assert record.prompt == tuple(prompt[:32]) and record.layers[0].k.shape[1] == 32
+    mode = KVMode.DENSE_DEVICE if policy == "dense" else KVMode.SPARSE_OFFLOAD
+    selection = (SelectionConfig() if policy == "dense"
+                 else SelectionConfig(policy=policy, budget=Budget.parse("40%"), sinks=4, window=8))
+    for length in (90, 70):  # one record, two lengths: observations are not shared across them
+        def scored(**options):
+            engine = Engine(adapter, EngineConfig(context=128, mode=mode, selection=selection, synthetic_kv=True,
+                                                  synthetic_kv_tile=32))
+            return engine.score_continuation(prompt[:length], targets, keep_logits=True, **options)
+
+        own, replayed = scored(), scored(prefill=record)
+        assert torch.equal(own.logits, replayed.logits), (policy, length)
+        assert own.logits.std() > 0.1  # varied logits (init std 0.2), not one repeated token's
+    sampling = SamplingConfig(max_new_tokens=2, ignore_eos=True)
+    with pytest.raises(ConfigError, match="first 32 tokens"):
+        Engine(adapter, EngineConfig(context=128, synthetic_kv=True, synthetic_kv_tile=32)).generate(
+            prompt[1:], sampling, prefill=record)
+    with pytest.raises(ConfigError, match="another prompt"):
+        Engine(adapter, EngineConfig(context=128)).generate(prompt, sampling, prefill=record)
+
+
 def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():
     """synthetic_kv_tile N: the prompt's first N tokens are prefilled for real, and every layer's x and v
     are that prefix's, repeated to the prompt's length (position t holds position t mod N), its q and k

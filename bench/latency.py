@@ -493,9 +493,10 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
         "provenance": {key: run[key] for key in ("command", "commit", "date")},
         "runs": earlier_runs + [run],
         "machine": machine_header(device),
-        "settings": recorded_settings(settings) | {"new_tokens_per_run": settings.new_tokens, "neighbors_on_radius": NEIGHBORS_ON,
-                                        "dtype": dtype_name(adapter.dtype),
-                                        "model_dims": asdict(adapter.dims)},
+        "settings": recorded_settings(settings) | {"new_tokens_per_run": settings.new_tokens,
+                                                   "neighbors_on_radius": NEIGHBORS_ON,
+                                                   "dtype": dtype_name(adapter.dtype),
+                                                   "model_dims": asdict(adapter.dims)},
         "pinned_memcpy_peak_gbps": {"before": run["memcpy_peak_gbps_before"], "after": run["memcpy_peak_gbps_after"]},
         "rows": sorted(rows, key=lambda r: r["context"]),
     }
@@ -503,7 +504,8 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
 
 SAME_SETUP = ("arch", "model", "device", "budget", "decode_steps", "warmup", "gather_method", "predictor_shape",
               "copy_thread", "predictor", "synthetic_kv_tile")
-ADDED_LATER = {"copy_thread": False, "predictor": RANDOM_PREDICTOR, "synthetic_kv_tile": 0}  # settings older reports do not record: what they ran with
+# settings older reports do not record: what they ran with
+ADDED_LATER = {"copy_thread": False, "predictor": RANDOM_PREDICTOR, "synthetic_kv_tile": 0}
 
 
 def recorded_settings(settings: LatencySettings) -> dict:

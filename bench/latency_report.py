@@ -133,26 +133,28 @@ def to_markdown(report: dict) -> str:
                   "on the copy thread is off the step's path: it is not in `selection` or `copy`, and `wait` is the "
                   "time the step stalled for it."]
     if s.get("synthetic_kv_tile"):
-        lines += ["", f"KV filled with the real keys and values of the prompt's first {s['synthetic_kv_tile']:,} tokens, "
-                  "repeated along the positions (each copy's queries and keys turned by RoPE to the positions it fills; "
-                  "`--synthetic-kv-tile`), instead of a prefill of the whole prompt: a decode step's time does not "
-                  "depend on the values, but a scoring policy's selections change from step to step as they do on a "
-                  f"real prefix, where random keys renew most of them at every step; {_tile_prefill_text(report)} "
-                  "RoPE runs past the model's trained positions (timing only)."]
+        lines += ["", f"KV filled with the real keys and values of the prompt's first {s['synthetic_kv_tile']:,} "
+                  "tokens, repeated along the positions (each copy's queries and keys turned by RoPE to the positions "
+                  "it fills; `--synthetic-kv-tile`), instead of a prefill of the whole prompt: a decode step's time "
+                  "does not depend on the values, but a scoring policy's selections change from step to step as they "
+                  "do on a real prefix, where random keys renew most of them at every step; "
+                  f"{_tile_prefill_text(report)} RoPE runs past the model's trained positions (timing only)."]
     elif s.get("synthetic_kv"):
         lines += ["", "KV filled with random keys and values instead of running the prefill (`--synthetic-kv`): a "
                   "decode step's time does not depend on the values, and prefill s is the fill time."]
     churn = _fetched_share(report)
     if churn and s.get("predictor", RANDOM) == RANDOM:
         lines += ["", f"Random predictor weights redraw the selection at every prediction step: at interval 1 a step "
-                  f"of tokenbutler or quest fetched {_share_range(churn)} of the selected budget (`1 - delta_fetch_saving`). The "
+                  f"of tokenbutler or quest fetched {_share_range(churn)} of the selected budget "
+                  "(`1 - delta_fetch_saving`). The "
                   "shipped predictor on the embedded model fetches far less per step (its churn is in "
                   "bench/reports/bytes_per_step.md and in this report's `--model embedded --predictor shipped "
                   "--synthetic-kv-tile` run), so `copy`, and part of `selection` (the residency update), are upper "
                   "bounds here."]
     elif churn:
         lines += ["", f"At interval 1 a step of tokenbutler or quest fetched {_share_range(churn)} of the "
-                  "selected budget (`1 - delta_fetch_saving`): what their selections renewed from one step to the next."]
+                  "selected budget (`1 - delta_fetch_saving`): what their selections renewed from one step to the "
+                  "next."]
     if len(report.get("runs", [])) > 1:
         lines += ["", "Runs merged into this report (each context measured within one run):"]
         lines += [f"- `{run['command']}` at {run['commit']}, contexts {run['contexts']}, memcpy peak "

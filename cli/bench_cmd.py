@@ -73,7 +73,8 @@ def latency(
         neighbors=[_on_off(n) for n in _split(neighbors)], decode_steps=decode_steps, warmup=warmup,
         device=_device(device), gather_method=gather_method, seed=seed, synthetic_kv=synthetic_kv,
         repeats=repeats, predictor_shape=predictor_shape, predictor=predictor,
-        synthetic_kv_tile=parse_context(synthetic_kv_tile) if synthetic_kv_tile else 0, refresh_layers=refresh_layers, copy_thread=copy_thread,
+        synthetic_kv_tile=parse_context(synthetic_kv_tile) if synthetic_kv_tile else 0,
+        refresh_layers=refresh_layers, copy_thread=copy_thread,
     )
     report = run_latency(settings, out, log=lambda msg: err_console.print(msg, style="dim", markup=False),
                          append=append)

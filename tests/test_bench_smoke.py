@@ -607,7 +607,8 @@ def test_latency_times_a_trained_predictor_on_a_repeated_real_prefix(tiny_model_
     # the floor reads the loaded predictor's d' (8), not --predictor-shape's default (16)
     stored = rows["tokenbutler-offload"]["compact_key_dtype"]
     entry = 8 * getattr(torch, stored).itemsize + (2 if stored == "int8" else 0)
-    assert rows["tokenbutler-offload"]["scoring_bytes_per_step"] == (dims.num_layers - 1) * dims.num_kv_heads * entry * 320
+    rows_read = (dims.num_layers - 1) * dims.num_kv_heads
+    assert rows["tokenbutler-offload"]["scoring_bytes_per_step"] == rows_read * entry * 320
     markdown = stem.with_suffix(".md").read_text()
     assert "the real keys and values of the prompt's first 64 tokens, repeated" in markdown
     assert rows["dense-gpu"]["tile_prefill_s"] == rows["tokenbutler-offload"]["tile_prefill_s"] > 0  # one prefill

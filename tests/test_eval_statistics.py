@@ -42,9 +42,9 @@ def prefill_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = Engine._model_prefill
 
-    def counted(self, prompt, *args):
+    def counted(self, prompt, *args, **options):
         calls.append(len(prompt))
-        return original(self, prompt, *args)
+        return original(self, prompt, *args, **options)
 
     monkeypatch.setattr(Engine, "_model_prefill", counted)
     return calls

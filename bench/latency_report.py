@@ -63,6 +63,14 @@ SCORING_MODES = ("tokenbutler-offload", "quest-offload")  # their selection foll
 RANDOM = "random"  # LatencySettings.predictor of a random-weight predictor (and of reports before the option)
 
 
+def _breakdown_steps_text(report: dict) -> str:
+    """Which decode steps the breakdown covers: the timed ones, or (reports before the per-step record) all."""
+    timed = any(row.get("breakdown_steps") == "timed" for row in report["rows"])
+    return ("the timed steps, as the timings" if timed else
+            "every decode step, warm-up included (so a sparse mode's first step, which fetches every layer's whole "
+            "selection, is in `copy`)")
+
+
 def _tile_prefill_text(report: dict) -> str:
     """What prefill s holds with ``--synthetic-kv-tile``: the tile prefilled once per context and replayed into
     every mode (``tile_prefill_s``), or, in reports before that, each mode's own prefill of it."""
@@ -119,7 +127,8 @@ def to_markdown(report: dict) -> str:
         "",
         "Breakdown: ms per step (share of the step) of each phase, timed in the same runs (CPU: timers around "
         "each phase; CUDA: events on the current stream, so copies overlapping compute count in `copy` and the "
-        "phases need not add up). `rest` is the step minus the phases: projections, MLP, norms, sampling.",
+        "phases need not add up), over " + _breakdown_steps_text(report) + ". `rest` is the step minus the "
+        "phases: projections, MLP, norms, sampling.",
     ]
     if s.get("repeats", 1) > 1:
         lines += ["", f"Each mode ran {s['repeats']} times, interleaved with the others; its row is its fastest round "

@@ -25,7 +25,7 @@ from .memory import dtype_name
 from .models import ModelAdapter
 from .policies import build_policy
 from .policies.base import Policy, shared_prefill_observations
-from .profiling import PhaseClock, breakdown
+from .profiling import PhaseClock, breakdown, sum_phases
 from .sampling import sample_next
 from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
 
@@ -223,7 +223,8 @@ class Engine:
                 stats.attended_share = backend.attended_share()
                 stats.notes = list(backend.notes)
                 if self.config.profile:
-                    stats.breakdown = breakdown(clock.totals_ms(), stats.decode_ms)
+                    stats.step_phases_ms = clock.steps_ms()
+                    stats.breakdown = breakdown(sum_phases(stats.step_phases_ms), stats.decode_ms)
             finally:
                 backend.close()  # whatever happened above: the KV and the copy thread are freed
         stats.new_tokens = len(generated)
@@ -440,6 +441,7 @@ class Engine:
             next_token = sample_next(logits, sampling, generator)
             token = int(next_token)  # the step's one host sync: the token is streamed and checked for EOS
             stats.decode_ms.append(1000.0 * (time.perf_counter() - start))
+            clock.end_step()
             backend.end_step()
             if len(stats.decode_ms) == 1:  # staging buffers exist from the first step on
                 stats.decode_kv_bytes = backend.device_kv_bytes()

@@ -1,7 +1,8 @@
 """Where a decode step's time goes: predictor and selection, copies, waiting, attention, the rest.
 
 ``PhaseClock`` is off by default and then costs one attribute check per phase. Turned on
-(``EngineConfig.profile``, ``tbrun bench latency``), it times each phase:
+(``EngineConfig.profile``, ``tbrun bench latency``), it times each phase of each decode step (kept per
+step, so that a report can leave out warm-up steps: ``GenerationStats.step_phases_ms``):
 
 - on the CPU with ``time.perf_counter`` around the phase (CPU ops run synchronously, so the
   interval is the work);
@@ -31,15 +32,20 @@ PHASES = ("selection", "copy", "wait", "attention")
 
 
 class PhaseClock:
-    """Accumulates per-phase time over the decode steps of one generation."""
+    """Accumulates per-phase time over the decode steps of one generation, step by step (``end_step``)."""
 
     def __init__(self, enabled: bool = False, device: torch.device | None = None):
         self.enabled = enabled
         # phases are the step's own: work another thread does meanwhile (a copy thread) is not timed
         self._thread = threading.get_ident()
         self.cuda = enabled and device is not None and device.type == "cuda"
-        self._seconds = dict.fromkeys(PHASES, 0.0)
-        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._steps: list[dict[str, float]] = [dict.fromkeys(PHASES, 0.0)]  # seconds; the last is the open step
+        self._events: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def end_step(self) -> None:
+        """Close the current decode step: what is timed from here on counts to the next."""
+        if self.enabled:
+            self._steps.append(dict.fromkeys(PHASES, 0.0))
 
     def phase(self, name: str):
         """Context manager timing ``name`` (a no-op when the clock is off)."""
@@ -54,24 +60,34 @@ class PhaseClock:
             start.record()
             yield
             end.record()
-            self._events.append((name, start, end))
+            self._events.append((len(self._steps) - 1, name, start, end))
             return
         begin = time.perf_counter()
         yield
-        self._seconds[name] += time.perf_counter() - begin
+        self._steps[-1][name] += time.perf_counter() - begin
 
-    def totals_ms(self) -> dict[str, float]:
-        """Milliseconds per phase summed over the generation (reads CUDA events once)."""
+    def steps_ms(self) -> list[dict[str, float]]:
+        """Milliseconds per phase of every closed decode step, in order (reads CUDA events once)."""
         if self._events:
             torch.cuda.synchronize()  # once, at the end: every recorded event must have completed
-            for name, start, end in self._events:
-                self._seconds[name] += start.elapsed_time(end) / 1000.0
+            for step, name, start, end in self._events:
+                self._steps[step][name] += start.elapsed_time(end) / 1000.0
             self._events.clear()
-        return {name: 1000.0 * seconds for name, seconds in self._seconds.items()}
+        return [{name: 1000.0 * seconds for name, seconds in step.items()} for step in self._steps[:-1]]
+
+    def totals_ms(self, skip: int = 0) -> dict[str, float]:
+        """Milliseconds per phase summed over the closed steps after the first ``skip``."""
+        return sum_phases(self.steps_ms()[skip:])
+
+
+def sum_phases(steps_ms: list[dict[str, float]]) -> dict[str, float]:
+    """Per-phase sums of per-step phase times."""
+    return {name: sum(step[name] for step in steps_ms) for name in PHASES}
 
 
 def breakdown(phases_ms: dict[str, float], step_ms: list[float]) -> dict[str, dict[str, float]]:
-    """Per-step ms and share of each phase, with ``rest`` = step time minus the phases."""
+    """Per-step ms and share of each phase over the steps of ``step_ms`` (``phases_ms``: their summed phase
+    times), with ``rest`` = step time minus the phases."""
     steps = max(1, len(step_ms))
     total = sum(step_ms)
     rows = {name: value for name, value in phases_ms.items()}

@@ -29,6 +29,7 @@ class GenerationStats:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)  # things to tell the user once (budget floor, ...)
     breakdown: dict | None = None  # per-phase ms per step and share, when EngineConfig.profile is set
+    step_phases_ms: list[dict] = field(default_factory=list)  # with profile: each decode step's phase ms, in order
     attended_share: float | None = None  # share of the cached tokens attended, with EngineConfig.count_attended
 
     @property

@@ -98,6 +98,9 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
         assert len(row["round_medians_ms"]) == 2 and row["median_ms"] == min(row["round_medians_ms"])
         assert set(row["breakdown"]) == {"selection", "copy", "wait", "attention", "rest"}
         assert row["floor_ms"] > 0 and row["ratio_to_floor"] > 0
+        # over the timed steps only, as the timings: the phases and the rest add up to their mean step
+        assert row["breakdown_steps"] == "timed"
+        assert sum(part["ms_per_step"] for part in row["breakdown"].values()) == pytest.approx(row["mean_ms"])
     markdown = (out / "latency-tiny-llama-cpu.md").read_text()
     assert rows["tokenbutler-offload"]["breakdown"]["selection"]["ms_per_step"] > 0
     assert rows["dense-gpu"]["breakdown"]["selection"]["ms_per_step"] == 0
@@ -114,6 +117,7 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
     assert rows["tokenbutler-offload"]["scoring_bytes_per_step"] == rows_read * entry * 512
     assert "tokenbutler's projected keys as stored, " + rows["tokenbutler-offload"]["compact_key_dtype"] in markdown
     assert "| mode | selection | copy | wait | attention | rest |" in markdown and "synthetic-kv" in markdown
+    assert "over the timed steps, as the timings" in markdown
     assert "a producer every 2 layers, hidden width 32, d' 8" in markdown
 
 

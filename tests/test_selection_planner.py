@@ -206,6 +206,11 @@ def test_the_phase_breakdown_accounts_for_the_step(adapter, mode, spec):
     step = sum(stats.decode_ms) / len(stats.decode_ms)
     assert abs(total - step) <= 0.1 * step
     assert abs(sum(part["share"] for part in parts.values()) - 1.0) < 0.1
+    # kept step by step too (a report may leave warm-up steps out): the steps' phases add up to the breakdown's
+    assert len(stats.step_phases_ms) == len(stats.decode_ms)
+    for name in ("selection", "copy", "wait", "attention"):
+        per_step = sum(phases[name] for phases in stats.step_phases_ms) / len(stats.decode_ms)
+        assert per_step == pytest.approx(parts[name]["ms_per_step"], rel=1e-9, abs=1e-12)
     assert parts["attention"]["ms_per_step"] > 0
     if mode is KVMode.SPARSE_OFFLOAD:
         assert parts["selection"]["ms_per_step"] > 0 and parts["copy"]["ms_per_step"] > 0

@@ -75,10 +75,6 @@ class PhaseClock:
             self._events.clear()
         return [{name: 1000.0 * seconds for name, seconds in step.items()} for step in self._steps[:-1]]
 
-    def totals_ms(self, skip: int = 0) -> dict[str, float]:
-        """Milliseconds per phase summed over the closed steps after the first ``skip``."""
-        return sum_phases(self.steps_ms()[skip:])
-
 
 def sum_phases(steps_ms: list[dict[str, float]]) -> dict[str, float]:
     """Per-phase sums of per-step phase times."""

@@ -38,7 +38,7 @@ from offload_engine.cpu_cache.gather import ALL_METHODS, default_gather_method
 from offload_engine.errors import ConfigError, TbrunError
 from offload_engine.memory import dtype_name
 from offload_engine.policies.tokenbutler import ProjectedKeyCache
-from offload_engine.profiling import breakdown, sum_phases
+from offload_engine.profiling import timed_breakdown
 
 from .report import machine_header, provenance, summarize_ms
 
@@ -282,14 +282,6 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
     return row
 
 
-def timed_breakdown(stats, warmup: int) -> dict | None:
-    """The per-phase breakdown of the timed steps only (the first ``warmup`` decode steps left out, as in the
-    timings: the first fetches every layer's whole selection), or None for an unprofiled run."""
-    if stats.breakdown is None:
-        return None
-    return breakdown(sum_phases(stats.step_phases_ms[warmup:]), stats.decode_ms[warmup:])
-
-
 def predictor_dim(policy) -> int | None:
     """d' of the predictor that selected (a wrapper's base's), or None for a policy without one."""
     predictor = getattr(getattr(policy, "base", policy), "predictor", None)
@@ -316,7 +308,8 @@ def measurements(stats, adapter, context: int, settings: LatencySettings, varian
         "kv_on_device_share": stats.decode_kv_bytes / kv_total,
         "peak_device_bytes": stats.peak_device_bytes,
         "gather_method": None,
-        "breakdown": timed_breakdown(stats, settings.warmup),
+        "breakdown": (None if stats.breakdown is None  # an unprofiled run
+                      else timed_breakdown([(stats.step_phases_ms, stats.decode_ms)], settings.warmup)),
         "breakdown_steps": "timed",  # reports before 2026-12-07 (no such key): every decode step, warm-up included
     }
     out |= traffic_floor(adapter, context, settings, variant, bytes_per_step, stats.compact_keys, dim)

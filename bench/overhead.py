@@ -58,6 +58,7 @@ from offload_engine.memory import dtype_name
 from offload_engine.policies import build_policy
 from offload_engine.policies.tokenbutler import KEY_DTYPES, compact_key_dtype
 from offload_engine.predictor.checkpoint import PredictorError, read_config
+from offload_engine.profiling import timed_breakdown
 
 from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
 
@@ -90,7 +91,7 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
 
 Run = tuple[list[float], float, list[int]]  # per-step ms, prefill seconds, generated ids
 Runner = Callable[[list[int], bool], "Run | None"]  # (prompt, synthetic KV) -> run, None: not at this context
-Profile = tuple[dict, list[int]]  # a run's breakdown (offload_engine.profiling) and its H2D bytes per step
+Profile = tuple[list[dict], list[float], list[int]]  # a run's phases, ms and H2D bytes per decode step
 
 
 def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionConfig | None = None,
@@ -99,7 +100,7 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
     sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill, or with
     ``synthetic_tile`` N, the prompt's first N tokens prefilled and their KV repeated to its length.
-    ``profiles``: the run is profiled and its breakdown and bytes per step appended there.
+    ``profiles``: the run is profiled and its phases, ms and bytes per step appended there.
     ``copy_thread`` (sparse offload): copies and selections on a copy thread, the model on one torch
     thread fewer than the process's, so that the run uses the process's cores and no more. ``predictor``:
     tokenbutler's checkpoint directory (default: the shipped one for the model and interval); ``key_dtype``:
@@ -121,7 +122,8 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
     finally:
         torch.set_num_threads(threads)
     if profiles is not None:
-        profiles.append((result.stats.breakdown, list(result.stats.h2d_bytes)))
+        stats = result.stats
+        profiles.append((list(stats.step_phases_ms), list(stats.decode_ms), list(stats.h2d_bytes)))
     return list(result.stats.decode_ms), result.stats.prefill_seconds, result.token_ids
 
 
@@ -333,18 +335,11 @@ def _timing(samples: dict, prefill: dict, name: str, context: int, profiled: dic
     timing = summarize_ms(samples[name, context]) | {"prefill_s_median": _median(prefill[name, context])}
     runs = (profiled or {}).get((name, context))
     if runs:
-        timing["breakdown"] = mean_breakdown([breakdown for breakdown, _ in runs])
-        copied = [b for _, per_step in runs for b in per_step[skip:]]
+        timing["breakdown"] = timed_breakdown([(phases, step_ms) for phases, step_ms, _ in runs], skip)
+        timing["breakdown_steps"] = "timed"  # reports before 2026-12-07 (no such key): every decode step
+        copied = [b for _, _, per_step in runs for b in per_step[skip:]]
         timing["h2d_mib_per_step"] = sum(copied) / len(copied) / 2**20 if copied else 0.0
     return timing
-
-
-def mean_breakdown(breakdowns: list[dict]) -> dict:
-    """The phases' ms per step averaged over runs, shares recomputed from those means."""
-    phases = list(breakdowns[0])
-    means = {phase: sum(b[phase]["ms_per_step"] for b in breakdowns) / len(breakdowns) for phase in phases}
-    total = sum(means.values())
-    return {phase: {"ms_per_step": ms, "share": ms / total if total else 0.0} for phase, ms in means.items()}
 
 
 def _ratio(a: dict | None, b: dict | None) -> float | None:
@@ -470,10 +465,15 @@ def _breakdown_markdown(report: dict) -> str:
                 rows.append([r["context"], name] + cells + [fmt(timing["h2d_mib_per_step"], 2)])
     if not rows:
         return ""
-    return ("\n## Where tbrun's steps went\n\nms per step (share) of each phase, mean over the timed runs (every decode "
-            "step, the first included, so a sparse runner's first fetch of its whole selection counts here); `rest` is "
-            "the step less the phases: projections, MLP, norms, logits, sampling. MiB copied per step: KV bytes "
-            "gathered from the host store into the working set, the first steps excluded as in the timings.\n\n"
+    every_step = any("breakdown_steps" not in (t or {}) for r in report["rows"]
+                     for t in [r["tbrun"], *r.get("sparse", {}).values()] if (t or {}).get("breakdown"))
+    steps = ("(every decode step, the first included, so a sparse runner's first fetch of its whole selection counts "
+             "here)" if every_step else "(the timed steps only: the first steps of each run excluded, as in the "
+             "timings)")
+    return ("\n## Where tbrun's steps went\n\nms per step (share) of each phase, mean over the timed runs "
+            f"{steps}; `rest` is the step less the phases: projections, MLP, norms, logits, sampling. MiB copied per "
+            "step: KV bytes gathered from the host store into the working set, the first steps excluded as in the "
+            "timings.\n\n"
             + markdown_table(["context", "runner"] + list(BREAKDOWN_PHASES) + ["MiB copied/step"], rows) + "\n")
 
 

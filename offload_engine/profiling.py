@@ -90,3 +90,12 @@ def breakdown(phases_ms: dict[str, float], step_ms: list[float]) -> dict[str, di
     rows["rest"] = max(0.0, total - sum(rows.values()))
     return {name: {"ms_per_step": value / steps, "share": value / total if total else 0.0}
             for name, value in rows.items()}
+
+
+def timed_breakdown(runs: list[tuple[list[dict[str, float]], list[float]]], skip: int) -> dict[str, dict[str, float]]:
+    """The breakdown over the timed steps of one or more generations pooled, each run's first ``skip`` decode steps
+    left out as benchmark timings leave them out (the first step fetches every layer's whole selection).
+    ``runs``: (``GenerationStats.step_phases_ms``, ``GenerationStats.decode_ms``) per generation."""
+    phases = [step for step_phases, _ in runs for step in step_phases[skip:]]
+    steps = [ms for _, step_ms in runs for ms in step_ms[skip:]]
+    return breakdown(sum_phases(phases), steps)

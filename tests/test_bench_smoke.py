@@ -225,9 +225,13 @@ def test_overhead_measures_both_sides_on_a_tiny_model():
             parts = timing["breakdown"]
             assert set(parts) == {"selection", "copy", "wait", "attention", "rest"}
             assert abs(sum(p["share"] for p in parts.values()) - 1.0) < 1e-6 and parts["attention"]["ms_per_step"] > 0
+            # over the timed steps only (the first ``skip`` of each run left out), as the timings
+            assert sum(p["ms_per_step"] for p in parts.values()) == pytest.approx(timing["mean_ms"])
+            assert timing["breakdown_steps"] == "timed"
         assert row["tbrun"]["h2d_mib_per_step"] == 0.0 and row["transformers"].get("breakdown") is None
         assert row["sparse"]["streaming:75%"]["breakdown"]["selection"]["ms_per_step"] > 0
     assert "## Where tbrun's steps went" in markdown and "| 96 | tbrun dense |" in markdown
+    assert "(the timed steps only:" in markdown
 
 
 def test_overhead_fills_random_kv_from_a_context_on_and_leaves_transformers_out_there():

@@ -221,9 +221,14 @@ def sparse_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     keys = gather_paged(key_cache, slots, keys_transposed).float()  # [B, KvH, N, D]
     values = gather_paged(value_cache, slots).float()
     kernels = native.kernels() if query.device.type == "cpu" else None
-    if kernels is not None:
-        rows = [kernels.decode_attention(query[b].float(), keys[b], values[b], valid[b], scale) for b in range(count)]
-        if rows and all(row is not None for row in rows):
+    if kernels is not None and count:
+        rows = []
+        for b in range(count):  # the sequences' tensors share shape, dtype and device: one declines, all do
+            row = kernels.decode_attention(query[b].float(), keys[b], values[b], valid[b], scale)
+            if row is None:
+                break
+            rows.append(row)
+        else:
             return torch.stack(rows).to(query.dtype)
     grouped = query.float().view(count, kv_heads, heads // kv_heads, dim)  # [B, KvH, G, D]
     logits = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # [B, KvH, G, N]

@@ -36,6 +36,7 @@ from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig,
 from offload_engine.config import parse_layers
 from offload_engine.cpu_cache.gather import ALL_METHODS, default_gather_method
 from offload_engine.errors import ConfigError, TbrunError
+from offload_engine.evaluation.scoring import t_interval
 from offload_engine.memory import dtype_name
 from offload_engine.policies.tokenbutler import ProjectedKeyCache
 from offload_engine.profiling import timed_breakdown
@@ -457,6 +458,7 @@ def run_latency(settings: LatencySettings, out_dir: Path, log=print, append: boo
                 rounds[-1].append(run_variant(adapter, variant, context, prompt, settings, tile))
                 log(f"  {_one_line(rounds[-1][-1])}")
         context_rows = [fastest_round(list(tries)) for tries in zip(*rounds)]
+        add_paired_ratios(context_rows, rounds)
         for row in context_rows if tile is not None else ():
             row["tile_prefill_s"] = tile.seconds
         rows += context_rows
@@ -476,6 +478,50 @@ def fastest_round(tries: list[dict]) -> dict:
     ok = [row for row in tries if row["status"] == "ok"]
     best = min(ok, key=lambda row: row["median_ms"]) if ok else tries[0]
     return best | {"round_medians_ms": [row.get("median_ms") for row in tries]}
+
+
+def paired_reference(row: dict, rows: list[dict]) -> dict[str, int]:
+    """What a row's per-round ratios compare it with: index in ``rows`` (one round's, in variant order) of
+    dense-gpu, and for a sparse mode other than streaming, of streaming-offload at the same interval,
+    neighbour rule and refresh layers (what the same budget costs when nothing is scored)."""
+    out = {}
+    for index, other in enumerate(rows):
+        if other is row:
+            continue
+        if other["mode"] == "dense-gpu":
+            out["dense-gpu"] = index
+        elif (other["mode"] == "streaming-offload" and row["interval"] is not None
+              and row["mode"] != "streaming-offload"
+              and (other["interval"], other["neighbors"], other["refresh_layers"])
+              == (row["interval"], row["neighbors"], row["refresh_layers"])):
+            out["streaming-offload"] = index
+    return out
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """Per-round ratios -> their geometric mean and its 95% t interval (on the logarithms: a ratio and its
+    inverse get mirror intervals); the interval is None under two rounds."""
+    logs = [math.log(r) for r in ratios]
+    interval = t_interval(logs)
+    mean = math.exp(sum(logs) / len(logs)) if logs else math.nan
+    return {"per_round": ratios, "geomean": mean,
+            "ci95": None if interval is None else [math.exp(interval[1]), math.exp(interval[2])]}
+
+
+def add_paired_ratios(context_rows: list[dict], rounds: list[list[dict]]) -> None:
+    """Each row's ratios to its references (``paired_reference``) round by round: the two ran one after the
+    other in the same round, so load that drifts over minutes hits both alike, and the spread of the ratios
+    over rounds gives the interval. ``paired_ratios`` {reference: ``ratio_summary``}, only where both ran in
+    at least one round."""
+    for index, row in enumerate(context_rows):
+        paired = {}
+        for reference, other in paired_reference(rounds[0][index], rounds[0]).items():
+            ratios = [one[index]["median_ms"] / one[other]["median_ms"] for one in rounds
+                      if one[index]["status"] == "ok" and one[other]["status"] == "ok"]
+            if ratios:
+                paired[reference] = ratio_summary(ratios)
+        if paired:
+            row["paired_ratios"] = paired
 
 
 def finish_rows(rows: list[dict], run: dict) -> None:

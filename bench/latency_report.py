@@ -11,6 +11,8 @@ COLUMNS = ["mode", "median ms/step", "p90 ms/step", "prefill s", "speed-up vs de
            "ratio to dense-gpu", "floor ms (ratio)", "MiB H2D/step", "GB/s over step (% of memcpy peak)",
            "KV on device", "gather", "status"]
 BREAKDOWN_COLUMNS = ["mode", "selection", "copy", "wait", "attention", "rest"]
+PAIRED_COLUMNS = ["mode", "rounds", "ratio to dense-gpu by round", "ratio to dense-gpu, geomean [95%]",
+                  "ratio to streaming-offload, geomean [95%]"]
 
 
 def write_report(report: dict, out_dir: Path, stem: str) -> dict[str, str]:
@@ -45,6 +47,33 @@ def _breakdown_cells(row: dict) -> list[str]:
     parts = row["breakdown"]
     return [row["label"]] + [f"{fmt(parts[p]['ms_per_step'], 2)} ({100 * parts[p]['share']:.0f}%)"
                              for p in BREAKDOWN_COLUMNS[1:]]
+
+
+def _ratio_cell(summary: dict | None) -> str:
+    """``geomean [low, high]`` of a row's paired ratios to one reference (bench.latency.ratio_summary)."""
+    if not summary:
+        return "-"
+    interval = summary["ci95"]
+    spread = f" [{fmt(interval[0], 2)}, {fmt(interval[1], 2)}]" if interval else ""
+    return fmt(summary["geomean"], 2) + spread
+
+
+def _paired_lines(rows: list[dict]) -> list[str]:
+    """The context's ratios round by round (rows' ``paired_ratios``), where some row ran in two rounds or more."""
+    paired = [r for r in rows if any(len(s["per_round"]) > 1 for s in r.get("paired_ratios", {}).values())]
+    if not paired:
+        return []
+    cells = []
+    for row in paired:
+        ratios = row["paired_ratios"]
+        to_dense = ratios.get("dense-gpu")
+        cells.append([row["label"], str(max(len(s["per_round"]) for s in ratios.values())),
+                      ", ".join(fmt(r, 2) for r in to_dense["per_round"]) if to_dense else "-",
+                      _ratio_cell(to_dense), _ratio_cell(ratios.get("streaming-offload"))])
+    return ["", "Ratios round by round: each round ran every mode once, one after the other, so a ratio within a "
+            "round compares steps measured minutes apart at most; geometric mean over the rounds [95% t interval "
+            "of the log ratios]. Against streaming-offload: the same interval and neighbour rule.", "",
+            markdown_table(PAIRED_COLUMNS, cells)]
 
 
 def _compact_keys_text(report: dict) -> str:
@@ -175,6 +204,7 @@ def to_markdown(report: dict) -> str:
         split = [_breakdown_cells(r) for r in report["rows"] if r["context"] == context and r.get("breakdown")]
         if split:
             lines += ["", markdown_table(BREAKDOWN_COLUMNS, split)]
+        lines += _paired_lines([r for r in report["rows"] if r["context"] == context])
     if report.get("files", {}).get("png"):
         lines += ["", f"![ms per step vs context]({Path(report['files']['png']).name})"]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from tbrun_bench.archs import arch_config, arch_names, build_random_model
-from tbrun_bench.latency import ALL_MODES
+from tbrun_bench.latency import ALL_MODES, ratio_summary
 from tbrun_bench.overhead import TILE_ROPE, measure, to_markdown
 from tbrun_cli.main import app
 
@@ -79,6 +79,17 @@ def test_latency_cli_writes_reports_with_a_row_or_reason_per_mode(tmp_path):
     assert "## Context 256 tokens" in markdown and "dense-offload" in markdown
 
 
+def test_paired_ratios_average_on_the_log_scale_and_need_two_rounds_for_an_interval():
+    one = ratio_summary([0.8])
+    assert one["geomean"] == pytest.approx(0.8) and one["ci95"] is None
+    mirror = ratio_summary([2.0, 0.5])  # a ratio and its inverse average to 1, with an interval around it
+    assert mirror["geomean"] == pytest.approx(1.0)
+    low, high = mirror["ci95"]
+    assert low * high == pytest.approx(1.0) and low < 0.5
+    steady = ratio_summary([0.50, 0.52, 0.51, 0.49])
+    assert 0.48 < steady["ci95"][0] < steady["geomean"] < steady["ci95"][1] < 0.53
+
+
 def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
     out = tmp_path / "cpu"
     result = runner.invoke(app, [
@@ -102,6 +113,19 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
         assert row["breakdown_steps"] == "timed"
         assert sum(part["ms_per_step"] for part in row["breakdown"].values()) == pytest.approx(row["mean_ms"])
     markdown = (out / "latency-tiny-llama-cpu.md").read_text()
+    # ratios round by round: each round's medians divided, against dense-gpu and (tokenbutler) streaming
+    for mode, references in (("tokenbutler-offload", {"dense-gpu", "streaming-offload"}),
+                             ("streaming-offload", {"dense-gpu"})):
+        paired = rows[mode]["paired_ratios"]
+        assert set(paired) == references
+        for reference, summary in paired.items():
+            by_round = [mine / theirs for mine, theirs in zip(rows[mode]["round_medians_ms"],
+                                                              rows[reference]["round_medians_ms"])]
+            assert summary["per_round"] == pytest.approx(by_round)
+            low, high = summary["ci95"]
+            assert min(by_round) <= summary["geomean"] <= max(by_round) and low <= summary["geomean"] <= high
+    assert "paired_ratios" not in rows["dense-gpu"] and "| tokenbutler-offload (interval 1" in markdown
+    assert "Ratios round by round" in markdown
     assert rows["tokenbutler-offload"]["breakdown"]["selection"]["ms_per_step"] > 0
     assert rows["dense-gpu"]["breakdown"]["selection"]["ms_per_step"] == 0
     # the floor reads tokenbutler's projected keys as the run stored them (auto: int8 or bfloat16 on the CPU)

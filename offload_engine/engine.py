@@ -108,11 +108,15 @@ class PrefillRecord:
     logits: torch.Tensor
     seconds: float
     observations: dict = field(default_factory=dict)
+    # a tile's record (``synthetic_kv_tile``): each layer's q, k before RoPE, made at its first replay
+    # (``Engine._tiled_store``), (H + KvH) D numbers per token and layer
+    tile_before_rope: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the recorded tensors."""
-        return sum(t.nbytes for layer in self.layers for t in (layer.x, layer.q, layer.k, layer.v))
+        """Bytes of the recorded tensors (and of a tile's q and k before RoPE, once replayed)."""
+        recorded = sum(t.nbytes for layer in self.layers for t in (layer.x, layer.q, layer.k, layer.v))
+        return recorded + sum(t.nbytes for pair in self.tile_before_rope.values() for t in pair)
 
 
 class _RecordingKV(KVBackend):
@@ -311,7 +315,7 @@ class Engine:
                               "record it with an engine on the same model.")
         store, observations = backend.prefill_layer, record.observations
         if self.config.synthetic_kv_tile:
-            store = self._tiled_store(backend, self.config.synthetic_kv_tile, length)
+            store = self._tiled_store(backend, self.config.synthetic_kv_tile, length, record.tile_before_rope)
             self.adapter.reset_rope()  # the tiled store's table may have grown a dynamic RoPE past the prefix
             observations = record.observations.setdefault(("tiled to", length), {})
         with shared_prefill_observations(observations):
@@ -362,26 +366,51 @@ class Engine:
         stats.prefill_seconds = time.perf_counter() - start
         return logits
 
-    def _tiled_store(self, backend: KVBackend, tile: int, length: int):
+    def _tiled_store(self, backend: KVBackend, tile: int, length: int, before_rope: dict | None = None):
         """``backend.prefill_layer`` for a real ``tile``-token prefix stored ``length`` positions long:
         position ``t`` holds position ``t mod tile``'s x and v, and its q and k before RoPE turned by ``t``'s
         RoPE, as that text repeated would give them in layer 0 (and so each copy sits at its own distance
-        from the decode's queries, and a scorer of post-RoPE keys sees no two copies alike)."""
+        from the decode's queries, and a scorer of post-RoPE keys sees no two copies alike).
+
+        Only what the backend reads is built (``prefill_reads``): x or q it does not read are zeros with no
+        memory behind them, as in ``_synthetic_prefill`` (a timing fill; at 128k a layer's q and x are 0.6 GB
+        on the embedded model). ``before_rope``: a dict kept across calls for one tile (a replayed record's,
+        ``PrefillRecord.tile_before_rope``) holding each layer's q, k before RoPE, so that every replay does
+        not project the tile again."""
         adapter, chunk, device = self.adapter, self.config.prefill_chunk, self.device
+        reads = backend.prefill_reads
         probe = torch.zeros(1, 1, 1, device=device, dtype=adapter.dtype)  # rope() reads only its dtype and device
         cos, sin = adapter.rope(probe, torch.arange(length, device=device).unsqueeze(0))  # [R, length, D]
 
-        def store(layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-            q_pre, k_pre, _ = _chunked_qkv(adapter, layer, x.unsqueeze(0), None, chunk)  # [1, heads, tile, D]
-            q_all = q_pre.new_empty(1, q_pre.shape[1], length, q_pre.shape[-1])
+        def turned(layer: int, q_pre: torch.Tensor | None, k_pre: torch.Tensor):
+            """q (or None), k ``[1, heads, tile, D]`` before RoPE -> ``[1, heads, length, D]``, each position
+            turned by its own RoPE, copy after copy of the tile (slices, no gather)."""
             k_all = k_pre.new_empty(1, k_pre.shape[1], length, k_pre.shape[-1])
-            for start in range(0, length, chunk):
-                end = min(start + chunk, length)
-                source = torch.arange(start, end, device=device) % tile
-                q_all[:, :, start:end], k_all[:, :, start:end] = adapter.apply_rope(
-                    layer, q_pre[:, :, source], k_pre[:, :, source], (cos[:, start:end], sin[:, start:end]))
-            backend.prefill_layer(layer, repeat_positions(x, 0, length), q_all[0], k_all[0],
-                                  repeat_positions(v, 1, length))
+            q_all = None if q_pre is None else q_pre.new_empty(1, q_pre.shape[1], length, q_pre.shape[-1])
+            for first in range(0, length, tile):  # the copy of the tile at positions [first, first + tile)
+                for start in range(first, min(first + tile, length), chunk):
+                    end = min(start + chunk, first + tile, length)
+                    source = slice(start - first, end - first)
+                    q_part = k_pre[:, :1, source] if q_pre is None else q_pre[:, :, source]  # (one head if unread)
+                    q_turned, k_all[:, :, start:end] = adapter.apply_rope(
+                        layer, q_part, k_pre[:, :, source], (cos[:, start:end], sin[:, start:end]))
+                    if q_all is not None:
+                        q_all[:, :, start:end] = q_turned
+            return q_all, k_all
+
+        def store(layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+            cached = None if before_rope is None else before_rope.get(layer)
+            if cached is None:
+                q_pre, k_pre, _ = _chunked_qkv(adapter, layer, x.unsqueeze(0), None, chunk)  # [1, heads, tile, D]
+                cached = (q_pre, k_pre)
+                if before_rope is not None:
+                    before_rope[layer] = cached
+            q_pre, k_pre = cached
+            q_all, k_all = turned(layer, q_pre if "q" in reads else None, k_pre)
+            queries = q_all[0] if q_all is not None else q_pre.new_zeros(()).expand(q_pre.shape[1], length,
+                                                                                    q_pre.shape[-1])
+            inputs = repeat_positions(x, 0, length) if "x" in reads else x.new_zeros(()).expand(length, x.shape[-1])
+            backend.prefill_layer(layer, inputs, queries, k_all[0], repeat_positions(v, 1, length))
         return store
 
     def _synthetic_prefill(self, length: int, backend: KVBackend, stats: GenerationStats, start: float) -> torch.Tensor:

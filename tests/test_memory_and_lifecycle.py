@@ -13,6 +13,7 @@ from offload_engine.cpu_cache import host_store
 from offload_engine.cpu_cache.host_store import HostKVStore
 from offload_engine.errors import ConfigError, InsufficientMemoryError
 from offload_engine.models import ModelAdapter
+from offload_engine.policies import build_policy
 from tiny_models import tiny_model
 
 PROMPT = list(range(1, 200))
@@ -163,6 +164,57 @@ def test_a_tiles_recorded_prefill_replays_as_the_tiled_prefill_itself(policy):
             prompt[1:], sampling, prefill=record)
     with pytest.raises(ConfigError, match="another prompt"):
         Engine(adapter, EngineConfig(context=128)).generate(prompt, sampling, prefill=record)
+
+
+TILED_POLICIES = ["streaming", "quest", "snapkv", "h2o", "oracle", "random", "tokenbutler", "critical(tokenbutler)",
+                  "critical(h2o)", "dense"]
+
+
+@pytest.mark.parametrize("policy", TILED_POLICIES)
+def test_a_tiled_fill_builds_only_the_queries_and_inputs_its_policy_reads(policy, monkeypatch):
+    """A tiled fill (``synthetic_kv_tile``) hands the backend zeros with no memory behind them for the x and q
+    its policy does not read at prefill (``Policy.prefill_reads``), and that changes nothing: every step's
+    logits equal those of a fill that builds both (a policy that read what it does not declare would select
+    differently from zeros, at this small budget)."""
+    from offload_engine.backends.dense_device import DenseDeviceKV
+    from offload_engine.backends.sparse_offload import SparseOffloadKV
+
+    adapter = ModelAdapter(tiny_model("llama", initializer_range=0.3))  # peaked attention: selections matter
+    prompt = torch.randint(5, adapter.dims.vocab_size, (90,), generator=torch.Generator().manual_seed(3)).tolist()
+    targets = torch.randint(5, adapter.dims.vocab_size, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+    mode = KVMode.DENSE_DEVICE if policy == "dense" else KVMode.SPARSE_OFFLOAD
+    selection = (SelectionConfig() if policy == "dense"
+                 else SelectionConfig(policy=policy, budget=Budget.parse("20%"), sinks=2, window=4))
+    backend = DenseDeviceKV if policy == "dense" else SparseOffloadKV
+    handed = []  # (x, q) strides of every layer's fill
+    prefill_layer = backend.prefill_layer
+
+    def spy(self, layer, x, q, k, v):
+        handed.append((x.stride(), q.stride()))
+        return prefill_layer(self, layer, x, q, k, v)
+
+    monkeypatch.setattr(backend, "prefill_layer", spy)
+
+    options = {"random_weights": True} if "tokenbutler" in policy else {}
+    if policy == "snapkv":
+        options = {"window": 4}  # its default window of 32 would take the whole budget: the votes would not count
+
+    def scored():
+        engine = Engine(adapter, EngineConfig(context=128, mode=mode, selection=selection, synthetic_kv=True,
+                                              synthetic_kv_tile=32),
+                        policy=None if policy == "dense" else build_policy(policy, **options))
+        return engine.score_continuation(prompt, targets, keep_logits=True).logits
+
+    reads = frozenset() if policy == "dense" else build_policy(policy, **options).prefill_reads
+    declared = scored()
+    zero = {name for name, strides in zip("xq", handed[0]) if all(step == 0 for step in strides)}
+    assert zero == {"x", "q"} - reads and len(handed) == adapter.dims.num_layers
+    monkeypatch.setattr(backend, "prefill_reads", frozenset({"x", "q"}))  # everything built, as before
+    handed.clear()
+    everything = scored()
+    assert not any(all(step == 0 for step in strides) for pair in handed for strides in pair)
+    assert torch.equal(declared, everything), policy
+    assert everything.std() > 0.1
 
 
 def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():

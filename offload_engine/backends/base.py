@@ -26,6 +26,9 @@ class DecodeKV:
 class KVBackend:
     """Base class of the three KV modes (dense on device, dense offload, sparse offload)."""
 
+    # which of x and q ``prefill_layer`` reads (``Policy.prefill_reads``: a timing fill builds only these)
+    prefill_reads: frozenset[str] = frozenset({"x", "q"})
+
     def prefill_layer(self, layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the prompt's KV of one layer. x ``[T, E]``, q ``[H, T, D]``, k, v ``[KvH, T, D]``."""
         raise NotImplementedError

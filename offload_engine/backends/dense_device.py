@@ -31,6 +31,8 @@ class DenseDeviceKV(KVBackend):
     """``keys[l]``, ``values[l]``: ``[KvH, capacity, D]`` on the device for each global layer;
     sliding-window layers keep a ring of their window (``LocalRings``)."""
 
+    prefill_reads: frozenset[str] = frozenset()  # K and V only
+
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device):
         footprint = dims.kv_footprint(capacity, dtype)
         check_device_memory(footprint.global_bytes + footprint.ring_bytes, device)

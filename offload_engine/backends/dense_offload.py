@@ -24,6 +24,8 @@ from .local_window import LocalRings
 class DenseOffloadKV(KVBackend):
     """Host store + double-buffered device staging ``[2][capacity, KvH, D]`` for K and for V."""
 
+    prefill_reads: frozenset[str] = frozenset()  # K and V only
+
     def __init__(self, dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device,
                  clock: PhaseClock | None = None, copy_thread: bool = False):
         self.dims, self.capacity, self.dtype, self.device = dims, capacity, dtype, device

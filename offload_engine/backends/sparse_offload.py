@@ -92,6 +92,10 @@ class SparseOffloadKV(KVBackend):
         return self.planner.notes
 
     # ----------------------------------------------------------------------------- prefill
+    @property
+    def prefill_reads(self) -> frozenset[str]:
+        return self.policy.prefill_reads  # the store itself takes K and V only
+
     def prefill_layer(self, layer, x, q, k, v):
         self._exact_upto = k.shape[1]
         if layer in self.local:

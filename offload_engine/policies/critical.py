@@ -72,6 +72,10 @@ class CriticalPolicy(Policy):
         return self.base.wants_attention
 
     @property
+    def prefill_reads(self) -> frozenset[str]:  # type: ignore[override]
+        return self.base.prefill_reads  # its own prefill hook reads v only
+
+    @property
     def supports_rewind(self) -> bool:  # type: ignore[override]
         return self.base.supports_rewind  # value norms are per token
 

@@ -17,6 +17,7 @@ class DensePolicy(Policy):
     token that leaves the window per step), which is what the exactness tests exercise."""
 
     name = "dense"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset()  # neither x nor q at prefill
     supports_rewind: ClassVar[bool] = True  # no state
 
     def dense_layers(self) -> frozenset[int]:

@@ -41,6 +41,7 @@ class H2OPolicy(Policy):
     chunk_elements: int = 1 << 24  # logits materialised at once in the prefill column sums
 
     name: ClassVar[str] = "h2o"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset({"q"})  # the prompt's attention
     wants_attention: ClassVar[bool] = True
     score_kind: ClassVar[str] = "mass"
     scored: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)

@@ -37,6 +37,7 @@ class OraclePolicy(Policy):
     """
 
     name: ClassVar[str] = "oracle"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset()  # neither x nor q at prefill
     evaluation_only: ClassVar[bool] = True
     score_kind: ClassVar[str] = "logit"
     supports_rewind: ClassVar[bool] = True  # no state: it reads the host store

@@ -31,6 +31,7 @@ class QuestPolicy(Policy):
     page_size: int = 16
 
     name: ClassVar[str] = "quest"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset()  # neither x nor q at prefill
     score_kind: ClassVar[str] = "logit"
     supports_rewind: ClassVar[bool] = True  # page bounds are a function of the stored keys
 

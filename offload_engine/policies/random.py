@@ -28,6 +28,7 @@ class RandomPolicy(Policy):
     seed: int = 0
 
     name: ClassVar[str] = "random"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset()  # neither x nor q at prefill
     score_kind: ClassVar[str] = "mass"
     supports_rewind: ClassVar[bool] = True  # no state: draws depend on (seed, layer, position)
 

@@ -46,6 +46,7 @@ class SnapKVPolicy(Policy):
     chunk_elements: int = 1 << 24  # logits materialised at once in the prefill vote
 
     name: ClassVar[str] = "snapkv"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset({"q"})  # the prompt's attention
     score_kind: ClassVar[str] = "mass"
 
     def __post_init__(self) -> None:

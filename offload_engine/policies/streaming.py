@@ -23,6 +23,7 @@ class StreamingPolicy(Policy):
     """Sinks + the most recent tokens, within the budget."""
 
     name = "streaming"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset()  # neither x nor q at prefill
     supports_rewind: ClassVar[bool] = True  # no state
 
     def fixed_selection(self, candidates: Candidates) -> torch.Tensor:

@@ -201,6 +201,7 @@ class TokenButlerPolicy(Policy):
     group_reduction: str = "mean"
 
     name: ClassVar[str] = "tokenbutler"
+    prefill_reads: ClassVar[frozenset[str]] = frozenset()  # neither x nor q at prefill
     plans_ahead: ClassVar[bool] = True
     supports_rewind: ClassVar[bool] = True  # projected keys are per token
 

@@ -58,6 +58,15 @@ def _ratio_cell(summary: dict | None) -> str:
     return fmt(summary["geomean"], 2) + spread
 
 
+def _paired_note(report: dict) -> str:
+    """Which ratio to judge a target by, where the report has the ratios round by round."""
+    if not any(row.get("paired_ratios") for row in report["rows"]):
+        return ""
+    return (" The ratio columns divide those fastest rounds, each mode's own, which may come from different rounds "
+            "and so favour the noisier mode; the ratios round by round under each context's tables pair the modes "
+            "within a round and are the ones to judge a target by.")
+
+
 def _paired_lines(rows: list[dict]) -> list[str]:
     """The context's ratios round by round (rows' ``paired_ratios``), where some row ran in two rounds or more."""
     paired = [r for r in rows if any(len(s["per_round"]) > 1 for s in r.get("paired_ratios", {}).values())]
@@ -161,7 +170,7 @@ def to_markdown(report: dict) -> str:
     ]
     if s.get("repeats", 1) > 1:
         lines += ["", f"Each mode ran {s['repeats']} times, interleaved with the others; its row is its fastest round "
-                  "(all rounds' medians are in the JSON as `round_medians_ms`)."]
+                  "(all rounds' medians are in the JSON as `round_medians_ms`)." + _paired_note(report)]
     if s.get("copy_thread"):
         threads = sorted({row.get("model_threads") for row in report["rows"] if row.get("model_threads")})
         lines += ["", "`--copy-thread`: every mode used the same cores. The offload modes ran the model on "

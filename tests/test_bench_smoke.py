@@ -125,7 +125,7 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
             low, high = summary["ci95"]
             assert min(by_round) <= summary["geomean"] <= max(by_round) and low <= summary["geomean"] <= high
     assert "paired_ratios" not in rows["dense-gpu"] and "| tokenbutler-offload (interval 1" in markdown
-    assert "Ratios round by round" in markdown
+    assert "Ratios round by round" in markdown and "the ones to judge a target by" in markdown
     assert rows["tokenbutler-offload"]["breakdown"]["selection"]["ms_per_step"] > 0
     assert rows["dense-gpu"]["breakdown"]["selection"]["ms_per_step"] == 0
     # the floor reads tokenbutler's projected keys as the run stored them (auto: int8 or bfloat16 on the CPU)

@@ -88,11 +88,12 @@ bench-overhead-vllm: setup-vllm
 
 # Long-context decode latency on the CPU with the real weights and the shipped predictors, over a real 4k prefix's
 # KV repeated to each context (the tile prefilled once per context): the command of reports/latency-embedded-cpu.
+# Five rounds, so that each mode's ratios paired within a round come with a 95% interval.
 bench-latency-cpu: setup
 	$(BIN)/tbrun --threads 1 bench latency --device cpu --synthetic-kv --synthetic-kv-tile 4k --model embedded \
 		--predictor shipped --contexts 16k,32k,64k,128k \
 		--modes dense-gpu,dense-offload,tokenbutler-offload,quest-offload,streaming-offload --interval 1,4 \
-		--neighbors off --decode-steps 6 --warmup 2 --repeats 2 --out bench/reports
+		--neighbors off --decode-steps 6 --warmup 2 --repeats 5 --out bench/reports
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -450,13 +450,16 @@ def run_latency(settings: LatencySettings, out_dir: Path, log=print, append: boo
         tile = record_tile(adapter, context, prompt, settings) if settings.synthetic_kv_tile else None
         if tile is not None:
             log(f"{context} tokens: the {settings.synthetic_kv_tile}-token tile prefilled in {tile.seconds:.1f} s")
-        rounds: list[list[dict]] = []
+        rounds: list[list[dict]] = []  # each in the order of variants(settings)
         for round_index in range(settings.repeats):  # interleaved: every variant once per round
-            rounds.append([])
-            for variant in variants(settings):
+            runs = list(enumerate(variants(settings)))
+            results: list[dict] = [{}] * len(runs)
+            # every other round in reverse, so that no mode always runs right after the same one (or first)
+            for index, variant in runs if round_index % 2 == 0 else reversed(runs):
                 log(f"{context} tokens, round {round_index + 1}/{settings.repeats}: {variant.label} ...")
-                rounds[-1].append(run_variant(adapter, variant, context, prompt, settings, tile))
-                log(f"  {_one_line(rounds[-1][-1])}")
+                results[index] = run_variant(adapter, variant, context, prompt, settings, tile)
+                log(f"  {_one_line(results[index])}")
+            rounds.append(results)
         context_rows = [fastest_round(list(tries)) for tries in zip(*rounds)]
         add_paired_ratios(context_rows, rounds)
         for row in context_rows if tile is not None else ():
@@ -509,10 +512,10 @@ def ratio_summary(ratios: list[float]) -> dict:
 
 
 def add_paired_ratios(context_rows: list[dict], rounds: list[list[dict]]) -> None:
-    """Each row's ratios to its references (``paired_reference``) round by round: the two ran one after the
-    other in the same round, so load that drifts over minutes hits both alike, and the spread of the ratios
-    over rounds gives the interval. ``paired_ratios`` {reference: ``ratio_summary``}, only where both ran in
-    at least one round."""
+    """Each row's ratios to its references (``paired_reference``) round by round: the two ran in the same round
+    (every other round in reverse order), so load that drifts over minutes hits both alike, and the spread of the
+    ratios over rounds gives the interval. ``paired_ratios`` {reference: ``ratio_summary``}, only where both ran
+    in at least one round; ``round_order`` says how the rounds ran."""
     for index, row in enumerate(context_rows):
         paired = {}
         for reference, other in paired_reference(rounds[0][index], rounds[0]).items():
@@ -522,6 +525,7 @@ def add_paired_ratios(context_rows: list[dict], rounds: list[list[dict]]) -> Non
                 paired[reference] = ratio_summary(ratios)
         if paired:
             row["paired_ratios"] = paired
+            row["round_order"] = "alternating"  # reports before 2026-12-07 05:00 (no such key): the same every round
 
 
 def finish_rows(rows: list[dict], run: dict) -> None:

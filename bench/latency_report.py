@@ -67,7 +67,7 @@ def _paired_note(report: dict) -> str:
             "within a round and are the ones to judge a target by.")
 
 
-def _paired_lines(rows: list[dict]) -> list[str]:
+def _paired_lines(rows: list[dict], repeats: int) -> list[str]:
     """The context's ratios round by round (rows' ``paired_ratios``), where some row ran in two rounds or more."""
     paired = [r for r in rows if any(len(s["per_round"]) > 1 for s in r.get("paired_ratios", {}).values())]
     if not paired:
@@ -76,12 +76,16 @@ def _paired_lines(rows: list[dict]) -> list[str]:
     for row in paired:
         ratios = row["paired_ratios"]
         to_dense = ratios.get("dense-gpu")
-        cells.append([row["label"], str(max(len(s["per_round"]) for s in ratios.values())),
+        counts = sorted({len(s["per_round"]) for s in ratios.values()})  # rounds in which both modes ran
+        cells.append([row["label"], " / ".join(str(n) if n == repeats else f"{n} of {repeats}" for n in counts),
                       ", ".join(fmt(r, 2) for r in to_dense["per_round"]) if to_dense else "-",
                       _ratio_cell(to_dense), _ratio_cell(ratios.get("streaming-offload"))])
-    return ["", "Ratios round by round: each round ran every mode once, one after the other, so a ratio within a "
-            "round compares steps measured minutes apart at most; geometric mean over the rounds [95% t interval "
-            "of the log ratios]. Against streaming-offload: the same interval and neighbour rule.", "",
+    order = ("every other round in reverse order" if all(r.get("round_order") == "alternating" for r in paired)
+             else "in the same order every round, dense-gpu first")
+    return ["", f"Ratios round by round: each round ran every mode once, one after the other ({order}), so a ratio "
+            "within a round compares steps measured minutes apart at most; geometric mean over the rounds [95% t "
+            "interval of the log ratios]. Against streaming-offload: the same interval and neighbour rule. Rounds: "
+            "those in which both modes ran.", "",
             markdown_table(PAIRED_COLUMNS, cells)]
 
 
@@ -213,7 +217,7 @@ def to_markdown(report: dict) -> str:
         split = [_breakdown_cells(r) for r in report["rows"] if r["context"] == context and r.get("breakdown")]
         if split:
             lines += ["", markdown_table(BREAKDOWN_COLUMNS, split)]
-        lines += _paired_lines([r for r in report["rows"] if r["context"] == context])
+        lines += _paired_lines([r for r in report["rows"] if r["context"] == context], s.get("repeats", 1))
     if report.get("files", {}).get("png"):
         lines += ["", f"![ms per step vs context]({Path(report['files']['png']).name})"]
     return "\n".join(lines) + "\n"

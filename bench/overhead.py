@@ -470,7 +470,8 @@ def _breakdown_markdown(report: dict) -> str:
     steps = ("(every decode step, the first included, so a sparse runner's first fetch of its whole selection counts "
              "here)" if every_step else "(the timed steps only: the first steps of each run excluded, as in the "
              "timings)")
-    return ("\n## Where tbrun's steps went\n\nms per step (share) of each phase, mean over the timed runs "
+    over = "mean over the timed runs" if every_step else "over the timed steps of the timed runs, pooled"
+    return ("\n## Where tbrun's steps went\n\nms per step (share) of each phase, " + over + " "
             f"{steps}; `rest` is the step less the phases: projections, MLP, norms, logits, sampling. MiB copied per "
             "step: KV bytes gathered from the host store into the working set, the first steps excluded as in the "
             "timings.\n\n"

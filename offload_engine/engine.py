@@ -108,15 +108,18 @@ class PrefillRecord:
     logits: torch.Tensor
     seconds: float
     observations: dict = field(default_factory=dict)
-    # a tile's record (``synthetic_kv_tile``): each layer's q, k before RoPE, made at its first replay
-    # (``Engine._tiled_store``), (H + KvH) D numbers per token and layer
+    # a tile's record (``synthetic_kv_tile``): each layer's k (and q, once a replay reads it) before RoPE, made
+    # at the first replay (``Engine._tiled_store``), KvH D (H D) numbers per token and layer, kept per replaying
+    # adapter, dtype, device and prefill chunk (``Engine._tile_owner``): another engine never reads them
     tile_before_rope: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the recorded tensors (and of a tile's q and k before RoPE, once replayed)."""
         recorded = sum(t.nbytes for layer in self.layers for t in (layer.x, layer.q, layer.k, layer.v))
-        return recorded + sum(t.nbytes for pair in self.tile_before_rope.values() for t in pair)
+        turned = [t for layers in self.tile_before_rope.values() for pair in layers.values() for t in pair
+                  if t is not None]
+        return recorded + sum(t.nbytes for t in turned)
 
 
 class _RecordingKV(KVBackend):
@@ -187,7 +190,9 @@ class Engine:
         results of a normal run. Holds ``(E + (H + 2 KvH) D) * T`` numbers per layer.
         With ``synthetic_kv_tile`` N set, records the prompt's first N tokens only: replayed, they are repeated
         to the prompt's length as that engine's own prefill repeats them (one prefill of the tile for every
-        mode of a timing run, instead of one each).
+        mode of a timing run, instead of one each); the first replay adds the tile's k (and q, where a policy
+        reads it) before RoPE, up to ``(H + KvH) D * N`` numbers per layer (``PrefillRecord.tile_before_rope``),
+        on the record's device.
         """
         prompt = self._check_prompt(prompt_ids)
         tile = self.config.synthetic_kv_tile
@@ -315,7 +320,8 @@ class Engine:
                               "record it with an engine on the same model.")
         store, observations = backend.prefill_layer, record.observations
         if self.config.synthetic_kv_tile:
-            store = self._tiled_store(backend, self.config.synthetic_kv_tile, length, record.tile_before_rope)
+            before_rope = record.tile_before_rope.setdefault(self._tile_owner(), {})
+            store = self._tiled_store(backend, self.config.synthetic_kv_tile, length, before_rope)
             self.adapter.reset_rope()  # the tiled store's table may have grown a dynamic RoPE past the prefix
             observations = record.observations.setdefault(("tiled to", length), {})
         with shared_prefill_observations(observations):
@@ -375,8 +381,8 @@ class Engine:
         Only what the backend reads is built (``prefill_reads``): x or q it does not read are zeros with no
         memory behind them, as in ``_synthetic_prefill`` (a timing fill; at 128k a layer's q and x are 0.6 GB
         on the embedded model). ``before_rope``: a dict kept across calls for one tile (a replayed record's,
-        ``PrefillRecord.tile_before_rope``) holding each layer's q, k before RoPE, so that every replay does
-        not project the tile again."""
+        ``PrefillRecord.tile_before_rope``, this engine's part) holding each layer's k before RoPE, and q where a
+        replay has read it, so that every replay does not project the tile again."""
         adapter, chunk, device = self.adapter, self.config.prefill_chunk, self.device
         reads = backend.prefill_reads
         probe = torch.zeros(1, 1, 1, device=device, dtype=adapter.dtype)  # rope() reads only its dtype and device
@@ -400,18 +406,23 @@ class Engine:
 
         def store(layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             cached = None if before_rope is None else before_rope.get(layer)
-            if cached is None:
+            if cached is None or ("q" in reads and cached[0] is None):
                 q_pre, k_pre, _ = _chunked_qkv(adapter, layer, x.unsqueeze(0), None, chunk)  # [1, heads, tile, D]
-                cached = (q_pre, k_pre)
+                cached = (q_pre if "q" in reads else None, k_pre)  # q kept only once a replay reads it
                 if before_rope is not None:
                     before_rope[layer] = cached
             q_pre, k_pre = cached
             q_all, k_all = turned(layer, q_pre if "q" in reads else None, k_pre)
-            queries = q_all[0] if q_all is not None else q_pre.new_zeros(()).expand(q_pre.shape[1], length,
-                                                                                    q_pre.shape[-1])
+            heads = self.adapter.dims.num_heads
+            queries = q_all[0] if q_all is not None else k_pre.new_zeros(()).expand(heads, length, k_pre.shape[-1])
             inputs = repeat_positions(x, 0, length) if "x" in reads else x.new_zeros(()).expand(length, x.shape[-1])
             backend.prefill_layer(layer, inputs, queries, k_all[0], repeat_positions(v, 1, length))
         return store
+
+    def _tile_owner(self) -> tuple:
+        """What a tile's projections before RoPE depend on besides the record: the replaying model, its dtype
+        and device, and the prefill chunk (the projections' rounding)."""
+        return id(self.adapter.model), str(self.adapter.dtype), str(self.device), self.config.prefill_chunk
 
     def _synthetic_prefill(self, length: int, backend: KVBackend, stats: GenerationStats, start: float) -> torch.Tensor:
         """Timing runs: every layer gets the same random K/V ``[KvH, T, D]`` (drawn once) instead of the

@@ -126,6 +126,10 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
             assert min(by_round) <= summary["geomean"] <= max(by_round) and low <= summary["geomean"] <= high
     assert "paired_ratios" not in rows["dense-gpu"] and "| tokenbutler-offload (interval 1" in markdown
     assert "Ratios round by round" in markdown and "the ones to judge a target by" in markdown
+    assert "every other round in reverse order" in markdown and rows["streaming-offload"]["round_order"] == "alternating"
+    started = [line.split(": ", 1)[1].split(" ")[0] for line in result.output.splitlines() if ", round " in line]
+    assert started == ["dense-gpu", "tokenbutler-offload", "streaming-offload"] + [
+        "streaming-offload", "tokenbutler-offload", "dense-gpu"]  # the second round in reverse
     assert rows["tokenbutler-offload"]["breakdown"]["selection"]["ms_per_step"] > 0
     assert rows["dense-gpu"]["breakdown"]["selection"]["ms_per_step"] == 0
     # the floor reads tokenbutler's projected keys as the run stored them (auto: int8 or bfloat16 on the CPU)

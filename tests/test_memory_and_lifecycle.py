@@ -135,35 +135,48 @@ def test_host_store_is_pinned_on_cuda_and_not_leaked():
         assert after <= before
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "streaming", "dense"])
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "streaming", "critical(tokenbutler)", "dense"])
 def test_a_tiles_recorded_prefill_replays_as_the_tiled_prefill_itself(policy):
     """``record_prefill`` on an engine with ``synthetic_kv_tile`` N records the prompt's first N tokens once;
     replayed by engines of the same tile (any mode, any policy, at two prompt lengths from one record), each
-    gives what its own tiled prefill gives: the same logits at every step. A record of other tokens, or one
-    replayed by an engine without the tile, is refused."""
+    gives what its own tiled prefill gives: the same logits at every step, the tile's projections before RoPE
+    kept on the record after the first replay (q only for a policy that reads it), per prefill chunk. A record
+    of other tokens, or one replayed by an engine without the tile, is refused."""
     adapter = ModelAdapter(tiny_model("llama", initializer_range=0.2))
     prompt = torch.randint(5, adapter.dims.vocab_size, (90,), generator=torch.Generator().manual_seed(1)).tolist()
     targets = torch.randint(5, adapter.dims.vocab_size, (6,), generator=torch.Generator().manual_seed(2)).tolist()
-    record = Engine(adapter, EngineConfig(context=128, synthetic_kv=True, synthetic_kv_tile=32)).record_prefill(prompt)
-    assert record.prompt == tuple(prompt[:32]) and record.layers[0].k.shape[1] == 32
     mode = KVMode.DENSE_DEVICE if policy == "dense" else KVMode.SPARSE_OFFLOAD
     selection = (SelectionConfig() if policy == "dense"
                  else SelectionConfig(policy=policy, budget=Budget.parse("40%"), sinks=4, window=8))
-    for length in (90, 70):  # one record, two lengths: observations are not shared across them
-        def scored(**options):
-            engine = Engine(adapter, EngineConfig(context=128, mode=mode, selection=selection, synthetic_kv=True,
-                                                  synthetic_kv_tile=32))
-            return engine.score_continuation(prompt[:length], targets, keep_logits=True, **options)
+    options = {"random_weights": True} if "tokenbutler" in policy else {}
 
-        own, replayed = scored(), scored(prefill=record)
-        assert torch.equal(own.logits, replayed.logits), (policy, length)
-        assert own.logits.std() > 0.1  # varied logits (init std 0.2), not one repeated token's
+    def engine(chunk: int, **config) -> Engine:
+        return Engine(adapter, EngineConfig(context=128, mode=mode, selection=selection, synthetic_kv=True,
+                                            synthetic_kv_tile=32, prefill_chunk=chunk, **config),
+                      policy=None if policy == "dense" else build_policy(policy, **options))
+
+    records = {}
+    for chunk in (4096, 5):  # 5: prefill chunks that split the tile's copies
+        records[chunk] = record = Engine(adapter, EngineConfig(context=128, synthetic_kv=True, synthetic_kv_tile=32,
+                                                               prefill_chunk=chunk)).record_prefill(prompt)
+        assert record.prompt == tuple(prompt[:32]) and record.layers[0].k.shape[1] == 32
+        for length in (90, 70):  # one record, two lengths: observations are not shared across them
+            own = engine(chunk).score_continuation(prompt[:length], targets, keep_logits=True)
+            replayed = engine(chunk).score_continuation(prompt[:length], targets, keep_logits=True, prefill=record)
+            assert torch.equal(own.logits, replayed.logits), (policy, length, chunk)
+            assert own.logits.std() > 0.1  # varied logits (init std 0.2), not one repeated token's
+        (kept,) = record.tile_before_rope.values()  # every layer's, made at the first replay
+        assert len(kept) == adapter.dims.num_layers
+        reads_q = policy in ("snapkv", "h2o")  # q kept only for a policy that reads it
+        assert all((q is not None) == reads_q and k.shape[2] == 32 for q, k in kept.values())
+    engine(5).score_continuation(prompt, targets, prefill=records[4096])  # another chunk: its own projections
+    assert len(records[4096].tile_before_rope) == 2
     sampling = SamplingConfig(max_new_tokens=2, ignore_eos=True)
     with pytest.raises(ConfigError, match="first 32 tokens"):
         Engine(adapter, EngineConfig(context=128, synthetic_kv=True, synthetic_kv_tile=32)).generate(
-            prompt[1:], sampling, prefill=record)
+            prompt[1:], sampling, prefill=records[4096])
     with pytest.raises(ConfigError, match="another prompt"):
-        Engine(adapter, EngineConfig(context=128)).generate(prompt, sampling, prefill=record)
+        Engine(adapter, EngineConfig(context=128)).generate(prompt, sampling, prefill=records[4096])
 
 
 TILED_POLICIES = ["streaming", "quest", "snapkv", "h2o", "oracle", "random", "tokenbutler", "critical(tokenbutler)",
@@ -207,8 +220,9 @@ def test_a_tiled_fill_builds_only_the_queries_and_inputs_its_policy_reads(policy
 
     reads = frozenset() if policy == "dense" else build_policy(policy, **options).prefill_reads
     declared = scored()
-    zero = {name for name, strides in zip("xq", handed[0]) if all(step == 0 for step in strides)}
-    assert zero == {"x", "q"} - reads and len(handed) == adapter.dims.num_layers
+    for pair in handed:
+        assert {name for name, strides in zip("xq", pair) if all(step == 0 for step in strides)} == {"x", "q"} - reads
+    assert len(handed) == adapter.dims.num_layers
     monkeypatch.setattr(backend, "prefill_reads", frozenset({"x", "q"}))  # everything built, as before
     handed.clear()
     everything = scored()
@@ -217,7 +231,8 @@ def test_a_tiled_fill_builds_only_the_queries_and_inputs_its_policy_reads(policy
     assert everything.std() > 0.1
 
 
-def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():
+@pytest.mark.parametrize("chunk", [4096, 5])  # 5: prefill chunks that split the tile's copies
+def test_a_synthetic_kv_cache_can_repeat_a_real_prefix(chunk):
     """synthetic_kv_tile N: the prompt's first N tokens are prefilled for real, and every layer's x and v
     are that prefix's, repeated to the prompt's length (position t holds position t mod N), its q and k
     those of position t mod N turned to position t: in layer 0 (whose q and k depend on the token alone)
@@ -227,11 +242,11 @@ def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():
 
     adapter = ModelAdapter(tiny_model("llama"))
     prompt = torch.randint(5, adapter.dims.vocab_size, (70,), generator=torch.Generator().manual_seed(0)).tolist()
-    tiled = Engine(adapter, EngineConfig(context=96, synthetic_kv=True, synthetic_kv_tile=32))
+    tiled = Engine(adapter, EngineConfig(context=96, synthetic_kv=True, synthetic_kv_tile=32, prefill_chunk=chunk))
     recorder = _RecordingKV()
     with torch.inference_mode():
         logits = tiled._model_prefill(prompt, recorder, GenerationStats(), None)
-    real = Engine(adapter, EngineConfig(context=96)).record_prefill(prompt[:32])
+    real = Engine(adapter, EngineConfig(context=96, prefill_chunk=chunk)).record_prefill(prompt[:32])
     assert torch.equal(logits, real.logits) and len(recorder.layers) == adapter.dims.num_layers
     source = torch.arange(70) % 32
     for layer, prefix in zip(recorder.layers, real.layers):
@@ -246,7 +261,7 @@ def test_a_synthetic_kv_cache_can_repeat_a_real_prefix():
                                        prefix.q[:, : keys.shape[1]] @ own.transpose(1, 2), rtol=1e-4, atol=1e-5)
             assert (layer.k[:, copy] - prefix.k[:, : keys.shape[1]]).abs().amax() > 1e-3  # turned: not a copy
     periodic = [prompt[i % 32] for i in range(70)]
-    whole = Engine(adapter, EngineConfig(context=96)).record_prefill(periodic).layers[0]
+    whole = Engine(adapter, EngineConfig(context=96, prefill_chunk=chunk)).record_prefill(periodic).layers[0]
     torch.testing.assert_close(recorder.layers[0].k, whole.k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recorder.layers[0].q, whole.q, rtol=1e-5, atol=1e-6)
     selection = SelectionConfig(policy="streaming", budget=Budget.parse("50%"), sinks=4, window=8)

@@ -105,8 +105,9 @@ class Policy:
     # continuation cannot reproduce it, and the session prefills the whole prompt again.
     supports_rewind: ClassVar[bool] = False
     # Which of the attention input ``x`` and the queries ``q`` ``observe_prefill`` / ``observe_extend`` read
-    # (k and v always count). A timing fill (``EngineConfig.synthetic_kv``, ``synthetic_kv_tile``) builds
-    # only these and hands zeros, with no memory behind them, for the rest. Undeclared: both.
+    # (k and v always count). A tiled timing fill (``EngineConfig.synthetic_kv_tile``) builds only these and
+    # hands zeros, with no memory behind them, for the rest (a random fill, ``synthetic_kv`` alone, hands zeros
+    # for both). Undeclared: both.
     prefill_reads: ClassVar[frozenset[str]] = frozenset({"x", "q"})
 
     def bind(self, ctx: PolicyContext) -> None:

@@ -36,12 +36,11 @@ from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig,
 from offload_engine.config import parse_layers
 from offload_engine.cpu_cache.gather import ALL_METHODS, default_gather_method
 from offload_engine.errors import ConfigError, TbrunError
-from offload_engine.evaluation.scoring import t_interval
 from offload_engine.memory import dtype_name
 from offload_engine.policies.tokenbutler import ProjectedKeyCache
 from offload_engine.profiling import timed_breakdown
 
-from .report import machine_header, provenance, summarize_ms
+from .report import machine_header, provenance, ratio_summary, summarize_ms
 
 DENSE_MODES = {"dense-gpu": KVMode.DENSE_DEVICE, "dense-offload": KVMode.DENSE_OFFLOAD}
 ALL_MODES = ("dense-gpu", "dense-offload", "tokenbutler-offload", "streaming-offload", "random-offload")
@@ -499,16 +498,6 @@ def paired_reference(row: dict, rows: list[dict]) -> dict[str, int]:
               == (row["interval"], row["neighbors"], row["refresh_layers"])):
             out["streaming-offload"] = index
     return out
-
-
-def ratio_summary(ratios: list[float]) -> dict:
-    """Per-round ratios -> their geometric mean and its 95% t interval (on the logarithms: a ratio and its
-    inverse get mirror intervals); the interval is None under two rounds."""
-    logs = [math.log(r) for r in ratios]
-    interval = t_interval(logs)
-    mean = math.exp(sum(logs) / len(logs)) if logs else math.nan
-    return {"per_round": ratios, "geomean": mean,
-            "ci95": None if interval is None else [math.exp(interval[1]), math.exp(interval[2])]}
 
 
 def add_paired_ratios(context_rows: list[dict], rounds: list[list[dict]]) -> None:

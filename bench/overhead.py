@@ -60,7 +60,8 @@ from offload_engine.policies.tokenbutler import KEY_DTYPES, compact_key_dtype
 from offload_engine.predictor.checkpoint import PredictorError, read_config
 from offload_engine.profiling import timed_breakdown
 
-from .report import fmt, machine_header, markdown_header, markdown_table, provenance, summarize_ms, write_json
+from .report import (fmt, machine_header, markdown_header, markdown_table, provenance, ratio_summary, summarize_ms,
+                     write_json)
 
 TARGET_RATIO = 1.1  # issue 2: at most 1.1x transformers' ms per step
 SINKS, WINDOW = 4, DEFAULT_WINDOW  # of the sparse runners: tbrun generate's defaults (the window follows the budget)
@@ -305,6 +306,7 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
     samples = {(name, c): [] for name in runners for c in contexts}
     prefill = {(name, c): [] for name in runners for c in contexts}
     profiled = {(name, c): [] for name in profiles for c in contexts}
+    by_repetition = {(name, c): [None] * repeats for name in runners for c in contexts}  # each repetition's median
     outputs: dict = {}
     rows = []
     for c in contexts:  # repetitions interleaved within a context: its ratios are fair on a shared machine
@@ -320,9 +322,10 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
                 if name in profiles:
                     profiled[name, c].append(profiles[name][-1])
                 outputs[name, c] = ids
-                median = summarize_ms(steps[skip:])["median_ms"]
+                median = by_repetition[name, c][rep] = summarize_ms(steps[skip:])["median_ms"]
                 log(f"rep {rep + 1}/{repeats}, {c} tokens, {name}: median {median:.1f} ms/step")
         rows.append(_row(c, samples, prefill, outputs, sparse, synthetic[c], profiled, skip))
+        rows[-1]["paired_ratios"] = paired_ratios(by_repetition, c, sparse)
         if on_context is not None:
             on_context(rows)
     return rows
@@ -372,6 +375,27 @@ def _row(context: int, samples: dict, prefill: dict, outputs: dict, sparse: tupl
     return row
 
 
+def paired_ratios(by_repetition: dict, context: int, sparse: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """Each tbrun runner's median ms per step over each other runner's, repetition by repetition (both ran in
+    the same repetition, one soon after the other): {runner: {reference: ``report.ratio_summary``}}; tbrun dense
+    against transformers and vLLM, a sparse runner against tbrun dense, vLLM and the first streaming runner.
+    ``by_repetition``: {(runner, context): each repetition's median, None where it did not run}."""
+    streaming = next((spec for spec in sparse if spec.split(":")[0] == "streaming"), None)
+    wanted = {"tbrun": ["transformers", "vllm"]}
+    for spec in sparse:
+        wanted[f"tbrun {spec}"] = ["tbrun", "vllm"] + ([f"tbrun {streaming}"] if streaming and spec != streaming
+                                                       else [])
+    out: dict[str, dict[str, dict]] = {}
+    for name, references in wanted.items():
+        mine = by_repetition.get((name, context), [])
+        for reference in references:
+            theirs = by_repetition.get((reference, context), [])
+            ratios = [a / b for a, b in zip(mine, theirs) if a is not None and b is not None]
+            if ratios:
+                out.setdefault(name, {})[reference] = ratio_summary(ratios)
+    return out
+
+
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2] if values else float("nan")
 
@@ -412,7 +436,27 @@ def to_markdown(report: dict) -> str:
                   "positions (timing only); transformers not run there.", ""]
     return markdown_header("Overhead: tbrun dense-device decode vs transformers generate", report) + "\n" + \
         "\n".join(notes) + "\n" + markdown_table(headers, rows) + "\n" + _sparse_markdown(report) + \
-        _breakdown_markdown(report) + _vllm_markdown(report)
+        _breakdown_markdown(report) + _vllm_markdown(report) + _paired_markdown(report)
+
+
+def _paired_markdown(report: dict) -> str:
+    """The ratios paired by repetition (``paired_ratios``), where a report has them from two repetitions on."""
+    rows = []
+    for r in report["rows"]:
+        for name, references in r.get("paired_ratios", {}).items():
+            for reference, summary in references.items():
+                if len(summary["per_round"]) < 2:
+                    continue
+                low, high = summary["ci95"]
+                rows.append([r["context"], name, reference, ", ".join(fmt(x, 2) for x in summary["per_round"]),
+                             f"{fmt(summary['geomean'], 2)} [{fmt(low, 2)}, {fmt(high, 2)}]"])
+    if not rows:
+        return ""
+    return ("\n## Ratios paired by repetition\n\nEach repetition ran every runner once (every other one in reverse "
+            "order), so a ratio within a repetition compares medians measured minutes apart at most: per repetition, "
+            "then their geometric mean [95% t interval of the log ratios]. These, not the ratios of medians pooled "
+            "over repetitions above, are the ones to judge a target by.\n\n"
+            + markdown_table(["context", "runner", "over", "ratio by repetition", "geomean [95%]"], rows) + "\n")
 
 
 def _sparse_markdown(report: dict) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from offload_engine.evaluation.scoring import t_interval
 from offload_engine.machine import REPO_ROOT, commit_at_start, cpu_model, cupy_status, portable_word
 
 commit_at_start(str(REPO_ROOT))  # the commit the reports name: the one checked out when the run began
@@ -42,6 +43,16 @@ def summarize_ms(values: list[float]) -> dict[str, float]:
         "mean_ms": statistics.fmean(values) if values else math.nan,
         "steps": len(values),
     }
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """Ratios paired by round (or repetition) -> their geometric mean and its 95% t interval (on the
+    logarithms: a ratio and its inverse get mirror intervals); the interval is None under two rounds."""
+    logs = [math.log(r) for r in ratios]
+    interval = t_interval(logs)
+    mean = math.exp(sum(logs) / len(logs)) if logs else math.nan
+    return {"per_round": ratios, "geomean": mean,
+            "ci95": None if interval is None else [math.exp(interval[1]), math.exp(interval[2])]}
 
 
 def time_alternating(methods: dict, calls: int, warmup: int) -> dict[str, dict[str, float]]:

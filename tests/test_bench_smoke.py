@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from tbrun_bench.archs import arch_config, arch_names, build_random_model
-from tbrun_bench.latency import ALL_MODES, ratio_summary
+from tbrun_bench.latency import ALL_MODES
+from tbrun_bench.report import ratio_summary
 from tbrun_bench.overhead import TILE_ROPE, measure, to_markdown
 from tbrun_cli.main import app
 
@@ -234,6 +235,19 @@ def test_gather_cli_times_the_cpu_method(tmp_path):
     assert str(tmp_path) not in (tmp_path / "gather-cpu.json").read_text()
 
 
+def test_overhead_pairs_each_runner_with_its_references_repetition_by_repetition():
+    from tbrun_bench.overhead import paired_ratios
+
+    by_repetition = {("tbrun", 7): [100.0, 120.0, None], ("transformers", 7): [110.0, 130.0, 140.0],
+                     ("vllm", 7): [80.0, 90.0, 85.0], ("tbrun tokenbutler:10%", 7): [90.0, 96.0, 70.0],
+                     ("tbrun streaming:10%", 7): [60.0, 80.0, 64.0]}
+    pairs = paired_ratios(by_repetition, 7, ("tokenbutler:10%", "streaming:10%"))
+    assert pairs["tbrun"]["transformers"]["per_round"] == pytest.approx([100 / 110, 120 / 130])  # skips a gap
+    assert set(pairs["tbrun tokenbutler:10%"]) == {"tbrun", "vllm", "tbrun streaming:10%"}
+    assert pairs["tbrun tokenbutler:10%"]["tbrun streaming:10%"]["per_round"] == pytest.approx([1.5, 1.2, 70 / 64])
+    assert set(pairs["tbrun streaming:10%"]) == {"tbrun", "vllm"}  # not against itself
+
+
 def test_overhead_measures_both_sides_on_a_tiny_model():
     adapter = build_random_model("tiny-llama", device="cpu")
     rows = measure(adapter, [64, 96], new_tokens=4, repeats=2, skip=1, seed=0, log=lambda _: None,
@@ -260,6 +274,13 @@ def test_overhead_measures_both_sides_on_a_tiny_model():
         assert row["sparse"]["streaming:75%"]["breakdown"]["selection"]["ms_per_step"] > 0
     assert "## Where tbrun's steps went" in markdown and "| 96 | tbrun dense |" in markdown
     assert "(the timed steps only:" in markdown
+    for row in rows:  # ratios paired repetition by repetition: tbrun over transformers, streaming over tbrun dense
+        pairs = row["paired_ratios"]
+        assert set(pairs) == {"tbrun", "tbrun streaming:75%"} and set(pairs["tbrun"]) == {"transformers"}
+        assert set(pairs["tbrun streaming:75%"]) == {"tbrun"}  # (no other streaming runner, no vLLM here)
+        for summary in (pairs["tbrun"]["transformers"], pairs["tbrun streaming:75%"]["tbrun"]):
+            assert len(summary["per_round"]) == 2 and summary["ci95"][0] <= summary["geomean"] <= summary["ci95"][1]
+    assert "## Ratios paired by repetition" in markdown and "| 64 | tbrun streaming:75% | tbrun |" in markdown
 
 
 def test_overhead_fills_random_kv_from_a_context_on_and_leaves_transformers_out_there():

@@ -50,7 +50,7 @@ def _breakdown_cells(row: dict) -> list[str]:
 
 
 def _ratio_cell(summary: dict | None) -> str:
-    """``geomean [low, high]`` of a row's paired ratios to one reference (bench.latency.ratio_summary)."""
+    """``geomean [low, high]`` of a row's paired ratios to one reference (``report.ratio_summary``)."""
     if not summary:
         return "-"
     interval = summary["ci95"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .report import fmt, markdown_header, markdown_table, write_json
+from .report import fmt, markdown_header, markdown_table, ratio_cell, write_json
 
 COLUMNS = ["mode", "median ms/step", "p90 ms/step", "prefill s", "speed-up vs dense-offload",
            "ratio to dense-gpu", "floor ms (ratio)", "MiB H2D/step", "GB/s over step (% of memcpy peak)",
@@ -49,15 +49,6 @@ def _breakdown_cells(row: dict) -> list[str]:
                              for p in BREAKDOWN_COLUMNS[1:]]
 
 
-def _ratio_cell(summary: dict | None) -> str:
-    """``geomean [low, high]`` of a row's paired ratios to one reference (``report.ratio_summary``)."""
-    if not summary:
-        return "-"
-    interval = summary["ci95"]
-    spread = f" [{fmt(interval[0], 2)}, {fmt(interval[1], 2)}]" if interval else ""
-    return fmt(summary["geomean"], 2) + spread
-
-
 def _paired_note(report: dict) -> str:
     """Which ratio to judge a target by, where the report has the ratios round by round."""
     if not any(row.get("paired_ratios") for row in report["rows"]):
@@ -79,7 +70,7 @@ def _paired_lines(rows: list[dict], repeats: int) -> list[str]:
         counts = sorted({len(s["per_round"]) for s in ratios.values()})  # rounds in which both modes ran
         cells.append([row["label"], " / ".join(str(n) if n == repeats else f"{n} of {repeats}" for n in counts),
                       ", ".join(fmt(r, 2) for r in to_dense["per_round"]) if to_dense else "-",
-                      _ratio_cell(to_dense), _ratio_cell(ratios.get("streaming-offload"))])
+                      ratio_cell(to_dense), ratio_cell(ratios.get("streaming-offload"))])
     order = ("every other round in reverse order" if all(r.get("round_order") == "alternating" for r in paired)
              else "in the same order every round, dense-gpu first")
     return ["", f"Ratios round by round: each round ran every mode once, one after the other ({order}), so a ratio "

@@ -60,8 +60,8 @@ from offload_engine.policies.tokenbutler import KEY_DTYPES, compact_key_dtype
 from offload_engine.predictor.checkpoint import PredictorError, read_config
 from offload_engine.profiling import timed_breakdown
 
-from .report import (fmt, machine_header, markdown_header, markdown_table, provenance, ratio_summary, summarize_ms,
-                     write_json)
+from .report import (fmt, machine_header, markdown_header, markdown_table, provenance, ratio_cell, ratio_summary,
+                     summarize_ms, write_json)
 
 TARGET_RATIO = 1.1  # issue 2: at most 1.1x transformers' ms per step
 SINKS, WINDOW = 4, DEFAULT_WINDOW  # of the sparse runners: tbrun generate's defaults (the window follows the budget)
@@ -447,9 +447,8 @@ def _paired_markdown(report: dict) -> str:
             for reference, summary in references.items():
                 if len(summary["per_round"]) < 2:
                     continue
-                low, high = summary["ci95"]
                 rows.append([r["context"], name, reference, ", ".join(fmt(x, 2) for x in summary["per_round"]),
-                             f"{fmt(summary['geomean'], 2)} [{fmt(low, 2)}, {fmt(high, 2)}]"])
+                             ratio_cell(summary)])
     if not rows:
         return ""
     return ("\n## Ratios paired by repetition\n\nEach repetition ran every runner once (every other one in reverse "

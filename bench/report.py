@@ -55,6 +55,15 @@ def ratio_summary(ratios: list[float]) -> dict:
             "ci95": None if interval is None else [math.exp(interval[1]), math.exp(interval[2])]}
 
 
+def ratio_cell(summary: dict | None) -> str:
+    """``geomean [low, high]`` of a ``ratio_summary`` (without the interval under two rounds; "-" for none)."""
+    if not summary:
+        return "-"
+    interval = summary["ci95"]
+    spread = f" [{fmt(interval[0], 2)}, {fmt(interval[1], 2)}]" if interval else ""
+    return fmt(summary["geomean"], 2) + spread
+
+
 def time_alternating(methods: dict, calls: int, warmup: int) -> dict[str, dict[str, float]]:
     """Time zero-argument ``methods`` call by call in turn (so load from other processes hits them
     alike): ``{name: summarize_ms(times of the calls after the warm-up)}``."""

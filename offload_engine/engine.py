@@ -25,7 +25,7 @@ from .memory import dtype_name
 from .models import ModelAdapter
 from .policies import build_policy
 from .policies.base import Policy, shared_prefill_observations
-from .profiling import PhaseClock, breakdown, sum_phases
+from .profiling import PhaseClock, timed_breakdown
 from .sampling import sample_next
 from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
 
@@ -233,7 +233,7 @@ class Engine:
                 stats.notes = list(backend.notes)
                 if self.config.profile:
                     stats.step_phases_ms = clock.steps_ms()
-                    stats.breakdown = breakdown(sum_phases(stats.step_phases_ms), stats.decode_ms)
+                    stats.breakdown = timed_breakdown([(stats.step_phases_ms, stats.decode_ms)], skip=0)
             finally:
                 backend.close()  # whatever happened above: the KV and the copy thread are freed
         stats.new_tokens = len(generated)
@@ -411,10 +411,10 @@ class Engine:
                 cached = (q_pre if "q" in reads else None, k_pre)  # q kept only once a replay reads it
                 if before_rope is not None:
                     before_rope[layer] = cached
-            q_pre, k_pre = cached
-            q_all, k_all = turned(layer, q_pre if "q" in reads else None, k_pre)
-            heads = self.adapter.dims.num_heads
-            queries = q_all[0] if q_all is not None else k_pre.new_zeros(()).expand(heads, length, k_pre.shape[-1])
+            q_pre, k_pre = cached if "q" in reads else (None, cached[1])
+            q_all, k_all = turned(layer, q_pre, k_pre)
+            queries = (q_all[0] if q_all is not None
+                       else k_pre.new_zeros(()).expand(adapter.dims.num_heads, length, k_pre.shape[-1]))
             inputs = repeat_positions(x, 0, length) if "x" in reads else x.new_zeros(()).expand(length, x.shape[-1])
             backend.prefill_layer(layer, inputs, queries, k_all[0], repeat_positions(v, 1, length))
         return store

@@ -40,6 +40,7 @@ from offload_engine.memory import dtype_name
 from offload_engine.policies.tokenbutler import ProjectedKeyCache
 from offload_engine.profiling import timed_breakdown
 
+from .latency_report import NO_PAGES
 from .report import machine_header, provenance, ratio_summary, summarize_ms
 
 DENSE_MODES = {"dense-gpu": KVMode.DENSE_DEVICE, "dense-offload": KVMode.DENSE_OFFLOAD}
@@ -77,6 +78,7 @@ class LatencySettings:
     # CPU: offload modes copy (and tokenbutler selects) on one more thread; dense-gpu, which copies nothing,
     # gets one more torch thread instead, so that every mode uses the same cores
     copy_thread: bool = False
+    page_prefilters: list[int] = field(default_factory=lambda: [0])  # tokenbutler's page sizes (0: none)
 
     def __post_init__(self) -> None:
         parse_layers(self.refresh_layers)
@@ -90,6 +92,8 @@ class LatencySettings:
             raise ConfigError("--decode-steps must be >= 1 and --warmup >= 0.")
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}.")
+        if not self.page_prefilters or any(page < 0 or page == 1 for page in self.page_prefilters):
+            raise ConfigError(f"--page-prefilter {self.page_prefilters}: page sizes of at least 2 tokens, or 0 for none.")
         parse_predictor_shape(self.predictor_shape)
         self._check_real_model_options()
         if not self.contexts or not self.intervals or not self.neighbors:
@@ -138,6 +142,7 @@ class Variant:
     interval: int | None = None
     neighbors: bool | None = None
     refresh: str = ""  # layers that select at every step (``parse_layers``), with interval > 1
+    pages: int = 0  # tokenbutler's page prefilter: pages of this many tokens (0: none)
 
     @property
     def policy(self) -> str | None:
@@ -148,20 +153,22 @@ class Variant:
         if self.policy is None:
             return self.mode
         refresh = f", refresh {self.refresh}" if self.refresh else ""
-        return f"{self.mode} (interval {self.interval}, neighbors {'on' if self.neighbors else 'off'}{refresh})"
+        pages = f", pages of {self.pages}" if self.pages else ""
+        return f"{self.mode} (interval {self.interval}, neighbors {'on' if self.neighbors else 'off'}{refresh}{pages})"
 
 
 def variants(settings: LatencySettings) -> list[Variant]:
-    """Dense modes once each; sparse modes once per (interval, neighbors)."""
+    """Dense modes once each; sparse modes once per (interval, neighbors), tokenbutler once per page setting."""
     out: list[Variant] = []
     for mode in settings.modes:
         if mode in DENSE_MODES:
             out.append(Variant(mode))
-        else:
-            out += [Variant(mode, i, n) for i in settings.intervals for n in settings.neighbors]
-            if settings.refresh_layers:
-                out += [Variant(mode, i, n, settings.refresh_layers)
-                        for i in settings.intervals if i > 1 for n in settings.neighbors]
+            continue
+        pages = settings.page_prefilters if mode == "tokenbutler-offload" else [0]
+        out += [Variant(mode, i, n, pages=p) for i in settings.intervals for n in settings.neighbors for p in pages]
+        if settings.refresh_layers:
+            out += [Variant(mode, i, n, settings.refresh_layers, p)
+                    for i in settings.intervals if i > 1 for n in settings.neighbors for p in pages]
     return out
 
 
@@ -215,6 +222,8 @@ def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16
         options = {"predictor": random_predictor(adapter.dims, predictor_shape)}
     elif name == "tokenbutler" and predictor != SHIPPED_PREDICTOR:
         options = {"predictor_path": predictor}
+    if variant.pages:
+        options["page_prefilter"] = variant.pages
     try:
         return build_policy(name, **options)
     except (TypeError, TbrunError) as exc:
@@ -251,7 +260,8 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
     """Generate once and summarise the timed steps; a failure becomes a row with its reason. ``prefill``: the
     tile's ``record_tile``, replayed instead of a prefill."""
     row = {"context": context, "mode": variant.mode, "label": variant.label, "interval": variant.interval,
-           "neighbors": variant.neighbors, "refresh_layers": variant.refresh, "status": "ok", "reason": ""}
+           "neighbors": variant.neighbors, "refresh_layers": variant.refresh, "page_prefilter": variant.pages,
+           "status": "ok", "reason": ""}
     device = torch.device(settings.device)
     threads = torch.get_num_threads()
     try:
@@ -485,18 +495,22 @@ def fastest_round(tries: list[dict]) -> dict:
 def paired_reference(row: dict, rows: list[dict]) -> dict[str, int]:
     """What a row's per-round ratios compare it with: index in ``rows`` (one round's, in variant order) of
     dense-gpu, and for a sparse mode other than streaming, of streaming-offload at the same interval,
-    neighbour rule and refresh layers (what the same budget costs when nothing is scored)."""
+    neighbour rule and refresh layers (what the same budget costs when nothing is scored); for a row with the
+    page prefilter, of the same mode without it (``NO_PAGES``)."""
     out = {}
+    same = lambda a, b: (a["interval"], a["neighbors"], a["refresh_layers"]) == (  # noqa: E731
+        b["interval"], b["neighbors"], b["refresh_layers"])
     for index, other in enumerate(rows):
         if other is row:
             continue
         if other["mode"] == "dense-gpu":
             out["dense-gpu"] = index
         elif (other["mode"] == "streaming-offload" and row["interval"] is not None
-              and row["mode"] != "streaming-offload"
-              and (other["interval"], other["neighbors"], other["refresh_layers"])
-              == (row["interval"], row["neighbors"], row["refresh_layers"])):
+              and row["mode"] != "streaming-offload" and same(other, row)):
             out["streaming-offload"] = index
+        elif (row.get("page_prefilter") and other["mode"] == row["mode"] and not other.get("page_prefilter")
+              and same(other, row)):
+            out[NO_PAGES] = index
     return out
 
 

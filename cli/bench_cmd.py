@@ -60,6 +60,9 @@ def latency(
     copy_thread: bool = typer.Option(False, "--copy-thread", help="CPU: offload modes copy (tokenbutler also "
                                      "selects) on one more thread while the model computes; dense-gpu gets one "
                                      "more torch thread instead, so every mode uses the same cores."),
+    page_prefilter: str = typer.Option("0", "--page-prefilter", help="tokenbutler: page sizes of its page "
+                                       "prefilter to run, comma-separated, 0 for none (e.g. 0,16: both side by "
+                                       "side, paired)."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for the report files."),
     append: bool = typer.Option(False, "--append", help="Keep the other contexts already in the report at --out "
                                 "(measure long contexts in separate commands, get one report)."),
@@ -75,6 +78,7 @@ def latency(
         repeats=repeats, predictor_shape=predictor_shape, predictor=predictor,
         synthetic_kv_tile=parse_context(synthetic_kv_tile) if synthetic_kv_tile else 0,
         refresh_layers=refresh_layers, copy_thread=copy_thread,
+        page_prefilters=[_int(p, "--page-prefilter") for p in _split(page_prefilter)],
     )
     report = run_latency(settings, out, log=lambda msg: err_console.print(msg, style="dim", markup=False),
                          append=append)

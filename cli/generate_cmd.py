@@ -55,6 +55,10 @@ KEY_DTYPE = typer.Option("auto", "--key-dtype",
                          help="tokenbutler: how its compact cache stores projected keys: auto (the model's dtype; "
                               "for a float32 model on the CPU with the native kernels, int8 where the CPU has "
                               "AVX512-VNNI, else bfloat16), float32, bfloat16 or int8.")
+PAGE_PREFILTER = typer.Option(0, "--page-prefilter",
+                              help="tokenbutler: rank pages of N tokens by their compact keys' bounds first and score "
+                                   "the tokens of the best only (4x the budget's worth); 0: score every token. Pays "
+                                   "at long contexts on the CPU (docs/predictor.md, \"Page prefilter\").")
 DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present).")
 DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 ALLOW_ROPE_SCALING = typer.Option(False, "--allow-rope-scaling",
@@ -82,6 +86,7 @@ class EngineOptions:
     refresh_layers: str = ""
     copy_thread: bool = False
     key_dtype: str = "auto"
+    page_prefilter: int = 0
 
 
 def generate(
@@ -100,6 +105,7 @@ def generate(
     neighbor_rule: str = NEIGHBOR_RULE,
     predictor: Optional[Path] = PREDICTOR,
     key_dtype: str = KEY_DTYPE,
+    page_prefilter: int = PAGE_PREFILTER,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
@@ -120,7 +126,7 @@ def generate(
         check_output_file(stats_json, "--stats-json")
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
-                                        copy_thread, key_dtype))
+                                        copy_thread, key_dtype, page_prefilter))
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
     extra = [_sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype, engine.config.mode),
@@ -148,8 +154,11 @@ def build_engine(o: EngineOptions) -> Engine:
         raise ConfigError(f"--key-dtype {o.key_dtype!r} is not one of {', '.join(KEY_DTYPES)}.")
     if o.key_dtype != "auto" and "tokenbutler" not in o.policy:
         raise ConfigError("--key-dtype is only used by --policy tokenbutler (its compact cache of projected keys).")
+    if o.page_prefilter and "tokenbutler" not in o.policy:
+        raise ConfigError("--page-prefilter is only used by --policy tokenbutler (pages of its compact keys).")
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(msg, style="dim", markup=False))
-    policy_object = _policy(o.policy, o.predictor, o.key_dtype) if mode is KVMode.SPARSE_OFFLOAD else None
+    policy_object = (_policy(o.policy, o.predictor, o.key_dtype, o.page_prefilter)
+                     if mode is KVMode.SPARSE_OFFLOAD else None)
     dims = model_dims(source)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
     if mode is KVMode.SPARSE_OFFLOAD and o.predictor is None:
@@ -182,12 +191,14 @@ def _mode(offload: bool, policy: str) -> KVMode:
     return KVMode.DENSE_OFFLOAD if policy == "dense" else KVMode.SPARSE_OFFLOAD
 
 
-def _policy(spec: str, predictor: Optional[Path], key_dtype: str = "auto"):
+def _policy(spec: str, predictor: Optional[Path], key_dtype: str = "auto", page_prefilter: int = 0):
     from offload_engine.policies import build_policy
 
     options = {"predictor_path": str(predictor)} if predictor is not None else {}
     if key_dtype != "auto":
         options["key_dtype"] = key_dtype
+    if page_prefilter:
+        options["page_prefilter"] = page_prefilter
     return build_policy(spec, **options)
 
 

@@ -389,6 +389,24 @@ def test_topk_speed_writes_the_three_methods_per_case(tmp_path, monkeypatch):
     assert "numpy cut + partition ms" in (tmp_path / "topk.md").read_text() and "commit" in report["provenance"]
 
 
+def test_page_prefilter_speed_times_both_methods_per_context(tmp_path, monkeypatch):
+    from offload_engine import native
+    from tbrun_bench import page_prefilter_speed
+
+    kernels = native.kernels()
+    if kernels is None or not kernels.int8_quad_products:
+        pytest.skip(f"the benchmark needs the native kernels with AVX512-VNNI: {native.status()}")
+    monkeypatch.setattr(page_prefilter_speed, "CONTEXTS", (4096, 20000))
+    monkeypatch.setattr(page_prefilter_speed, "PRODUCERS", 2)
+    page_prefilter_speed.main(["--calls", "2", "--warmup", "1", "--out", str(tmp_path / "pages")])
+    report = json.loads((tmp_path / "pages.json").read_text())
+    small, large = report["cases"]
+    assert small["kept_pages"] == 0 and large["kept_pages"] == 479  # at 4k more than half the pages: not applied
+    assert large["ratio"] == pytest.approx(large["pages"]["median_ms"] / large["every_token"]["median_ms"])
+    markdown = (tmp_path / "pages.md").read_text()
+    assert "none: does not apply" in markdown and f"479 of {large['candidate_pages']}" in markdown
+
+
 def test_selection_speed_writes_torch_and_the_native_key_dtypes_per_case(tmp_path, monkeypatch):
     from offload_engine import native
     from tbrun_bench import selection_speed
@@ -452,6 +470,36 @@ def test_report_commands_name_no_folder_of_this_machine(monkeypatch, tmp_path):
     command = report.provenance("python -m tbrun_bench.predictor_report")["command"]
     assert command == ("python -m tbrun_bench.predictor_report --predictor predictors/smollm2-135m-instruct "
                        "--baseline old-predictor --lengths 1024:8")
+
+
+def test_latency_runs_tokenbutler_with_and_without_the_page_prefilter_paired(tmp_path):
+    """--page-prefilter 0,16: tokenbutler once per page setting (the others once), its policy built with the
+    pages, and the prefiltered row's ratio to the same row without them paired by round."""
+    from tbrun_bench.latency import LatencySettings, build_policy_for, variants
+
+    settings = LatencySettings(contexts=[4096], modes=["streaming-offload", "tokenbutler-offload"], intervals=[1],
+                               neighbors=[False], page_prefilters=[0, 16], device="cpu")
+    assert [v.label for v in variants(settings)] == [
+        "streaming-offload (interval 1, neighbors off)", "tokenbutler-offload (interval 1, neighbors off)",
+        "tokenbutler-offload (interval 1, neighbors off, pages of 16)"]
+    assert build_policy_for(variants(settings)[2], None, "2:32:8", "shipped").prefilter.page == 16
+    with pytest.raises(ConfigError, match="page-prefilter"):
+        LatencySettings(contexts=[4096], page_prefilters=[1], device="cpu")
+    out = tmp_path / "pages"
+    result = runner.invoke(app, [
+        "bench", "latency", "--arch", "tiny-llama", "--contexts", "1024", "--budget", "96", "--decode-steps", "2",
+        "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--repeats", "2", "--interval", "1",
+        "--neighbors", "off", "--modes", "tokenbutler-offload", "--page-prefilter", "0,16", "--out", str(out),
+        "--predictor-shape", "2:32:8",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "latency-tiny-llama-cpu.json").read_text())
+    rows = {row["page_prefilter"]: row for row in report["rows"]}
+    assert set(rows) == {0, 16} and all(row["status"] == "ok" for row in rows.values())
+    paired = rows[16]["paired_ratios"]["without the page prefilter"]
+    assert paired["per_round"] == pytest.approx([a / b for a, b in zip(rows[16]["round_medians_ms"],
+                                                                      rows[0]["round_medians_ms"])])
+    assert "ratio to the same without the page prefilter" in (out / "latency-tiny-llama-cpu.md").read_text()
 
 
 def test_latency_runs_each_interval_above_one_again_with_refresh_layers():

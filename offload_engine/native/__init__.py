@@ -25,6 +25,10 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..selection.pages import PageRows
 
 import numpy as np
 import torch
@@ -233,6 +237,9 @@ class SelectionKernels:
     def __post_init__(self) -> None:
         # pointers as c_void_p: plain integer addresses (tensor.data_ptr(), _address) pass without conversion
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        # select_rows' page bounds, their row and dim strides, page size, pages kept, blocks and their row stride,
+        # block scales and their row stride
+        pages = (ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64)  # and int8 bounds with scales
         signatures = {
             "tbrun_group_scores": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
             "tbrun_group_scores_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
@@ -246,12 +253,12 @@ class SelectionKernels:
                                        ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
-                                  ptr, i64, i64, ptr, ptr, ptr, i64],
+                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
-                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64],
+                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages],
             "tbrun_group_scores_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_select_rows_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
-                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
+                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -314,24 +321,29 @@ class SelectionKernels:
 
     def select_rows(self, queries: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, keep: int,
                     slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray, reduction: str = "mean",
-                    scales: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    scales: torch.Tensor | None = None, pages: "PageRows | None" = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A producer's selection in one call: per row, ``group_scores`` under ``reduction`` (the mean over
         the ``m`` tokens, the max over the candidates), the top ``keep`` of candidates ``[lo, hi)``
         (``topk_rows``; candidate ``j`` is position ``lo + j``) and ``residency_update`` with them. queries
         ``[R, g, d]`` float32, keys ``[R, d, m]`` (and int8 keys' ``scales``) as for ``group_scores``; the map's tables as for
         ``residency_update`` (written in place). Needs
         ``0 < keep <= hi - lo``, ``0 <= lo``, ``hi <= m``, ``keep <= n`` and ``hi`` within the map's
-        capacity. -> (positions, slots ``[R, width]``, counts ``[R]``) as ``residency_update`` returns them.
-        Not for every step: ``bind_select_rows`` checks the keys and tables once (``ResidencyMap.bind_select``)."""
+        capacity. ``pages``: the rows' page bounds and the prefilter's setting (``selection/pages.py``), applied
+        where ``PagePrefilter.kept_pages`` says. -> (positions, slots ``[R, width]``, counts ``[R]``) as
+        ``residency_update`` returns them. Not for every step: ``bind_select_rows`` checks the keys and tables
+        once (``ResidencyMap.bind_select``)."""
         _check_scoring(queries, keys, scales)  # against the keys (the binding then checks them on their own)
-        bound = self.bind_select_rows(keys, slot_pos, slot_of, active, reduction, scales)
+        bound = self.bind_select_rows(keys, slot_pos, slot_of, active, reduction, scales, pages)
         return bound(queries.detach().contiguous(), keys.shape[2], lo, hi, keep)
 
     def bind_select_rows(self, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray,
-                         reduction: str = "mean", scales: torch.Tensor | None = None) -> "BoundSelectRows":
+                         reduction: str = "mean", scales: torch.Tensor | None = None,
+                         pages: "PageRows | None" = None) -> "BoundSelectRows":
         """``select_rows`` of these keys ``[R, d, capacity]`` (any number of their first tokens at each call) and
-        tables, checked now: the call left to make at each step passes only the queries and the ranges."""
-        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales)
+        tables (and page bounds), checked now: the call left to make at each step passes only the queries and
+        the ranges."""
+        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales, pages)
 
     def query_mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
                   w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -532,10 +544,12 @@ class BoundSelectRows:
     (profiled in the engine, where the model's weights have just left Python's data out of the caches).
     """
 
-    __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "_keep", "_layout")
+    __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "prefilter",
+                 "page_args", "_keep", "_layout")
 
     def __init__(self, kernels: SelectionKernels, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray,
-                 active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None):
+                 active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None,
+                 pages: "PageRows | None" = None):
         self.reduce = _reduce_code(reduction)
         if keys.dim() != 3:
             raise ValueError(f"keys {tuple(keys.shape)} are not [rows, d, tokens]")
@@ -545,8 +559,16 @@ class BoundSelectRows:
         self.rows, self.dim, self.capacity = rows, d, capacity
         self.n, self.of_length = slot_pos.shape[1] - 1, slot_of.shape[1]
         self.int8 = keys.dtype == torch.int8
-        self._keep = (keys, scales, slot_pos, slot_of, active)  # the memory the addresses below point into
-        self._layout = _layout(keys, scales) + (self.reduce,)
+        held = _page_tensors(pages)
+        self.prefilter, self.page_args = None, ((None, 0, 0, 0), (None, 0) * 4)
+        if pages is not None:
+            _check_pages(rows, d, capacity, keys.dtype, pages)
+            self.prefilter = pages.prefilter
+            bounds, *rest = held
+            self.page_args = ((bounds.data_ptr(), bounds.stride(0), bounds.stride(1), pages.prefilter.page),
+                              sum(((None, 0) if t is None else (t.data_ptr(), t.stride(0)) for t in rest), ()))
+        self._keep = (keys, scales, slot_pos, slot_of, active) + held  # the memory the addresses below point into
+        self._layout = _layout(keys, scales, *held) + (self.reduce, self.prefilter)
         base = keys.detach()
         key_args = (base.data_ptr(), base.stride(0), base.stride(1))
         if self.int8:
@@ -560,10 +582,13 @@ class BoundSelectRows:
                   _address(active), _row_stride(active), self.n)
         self.args = (key_args, scale_args, tables)
 
-    def matches(self, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None) -> bool:
-        """Whether these keys (and scales) are the memory and layout bound, under the same rule: then a call
-        reads them as bound (the bound tensors are held, so their memory cannot be another tensor's)."""
-        return self._layout == _layout(keys, scales) + (_reduce_code(reduction),)
+    def matches(self, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
+                pages: "PageRows | None" = None) -> bool:
+        """Whether these keys (and scales and page bounds) are the memory and layout bound, under the same rule
+        and prefilter: then a call reads them as bound (the bound tensors are held, so their memory cannot be
+        another tensor's)."""
+        prefilter = None if pages is None else pages.prefilter
+        return self._layout == _layout(keys, scales, *_page_tensors(pages)) + (_reduce_code(reduction), prefilter)
 
     def __call__(self, queries: torch.Tensor, m: int, lo: int, hi: int, keep: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -588,12 +613,15 @@ class BoundSelectRows:
         key_args, scale_args, tables = self.args
         base, size = _address(out), rows * keep * 8  # the three outputs' addresses, from the one allocation
         outputs = (base, base + size, base + 2 * size, max(1, min(kernel_threads(), rows)))
+        kept = 0 if self.prefilter is None else self.prefilter.kept_pages(m, lo, hi, keep)
         if self.int8:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m,
-                                 *scale_args, lo, hi, keep, *tables, *outputs)
+                                 *scale_args, lo, hi, keep, *tables, *outputs, *self.page_args[0], kept,
+                                 *self.page_args[1])
         else:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m, lo,
-                                 hi, keep, *tables, *outputs)
+                                 hi, keep, *tables, *outputs, *self.page_args[0], kept,
+                                 *self.page_args[1])
         if status != 0:  # cannot happen with keep <= n (checked above)
             raise ValueError(f"more missing positions than the {n} slots of a row")
         width = max(counts.tolist()) if rows else 0
@@ -786,6 +814,45 @@ def _check_tables(rows: int, slot_pos: np.ndarray, slot_of: np.ndarray, active: 
         if array.dtype != dtype or array.shape[0] != rows or not contiguous or not apart:
             raise ValueError(f"{name}: {array.dtype} {array.shape} strides {array.strides} is not [{rows}, *] "
                              f"{np.dtype(dtype)} with contiguous rows apart by their length")
+
+
+def _page_tensors(pages: "PageRows | None") -> tuple:
+    """The tensors a prefilter's call reads: bounds, blocks, block scales, int8 bound blocks and their scales."""
+    if pages is None:
+        return (None,) * 5
+    return pages.bounds, pages.blocks, pages.block_scales, pages.bound_blocks, pages.bound_scales
+
+
+def _check_pages(rows: int, d: int, capacity: int, dtype: torch.dtype, pages: "PageRows") -> None:
+    """Page bounds ``[rows, 2 d, >= ceil(capacity / page)]`` float32 CPU with pages contiguous, and blocks
+    ``[rows, >= pages, d, page]`` of the keys' ``dtype`` (int8: ``[rows, >= pages, d / 4, page, 4]`` with block
+    scales ``[rows, >= pages, page]`` float16), each row contiguous."""
+    bounds, blocks, scales, page = pages.bounds, pages.blocks, pages.block_scales, pages.prefilter.page
+    count = -(-capacity // page)
+    if (bounds.device.type != "cpu" or bounds.dtype != torch.float32 or bounds.dim() != 3 or bounds.shape[0] != rows
+            or bounds.shape[1] != 2 * d or bounds.shape[2] < count or bounds.stride(2) != 1):
+        raise ValueError(f"page bounds {bounds.dtype} {tuple(bounds.shape)} strides {bounds.stride()} on "
+                         f"{bounds.device} are not [{rows}, {2 * d}, >= {count}] float32 CPU with pages contiguous")
+    block = (d // 4, page, 4) if dtype == torch.int8 else (d, page)
+    if (blocks.device.type != "cpu" or blocks.dtype != dtype or blocks.shape[0] != rows or blocks.shape[1] < count
+            or tuple(blocks.shape[2:]) != block or (dtype == torch.int8 and d % 4) or not blocks[0].is_contiguous()):
+        raise ValueError(f"page blocks {blocks.dtype} {tuple(blocks.shape)} on {blocks.device} are not "
+                         f"[{rows}, >= {count}, {', '.join(map(str, block))}] {dtype} CPU, each row contiguous")
+    if (dtype == torch.int8) != (scales is not None) or (scales is not None and (
+            scales.device.type != "cpu" or scales.dtype != torch.float16 or scales.dim() != 3
+            or scales.shape[0] != rows or scales.shape[1] < count or scales.shape[2] != page
+            or not scales[0].is_contiguous())):
+        raise ValueError(f"page blocks of {dtype} keys need float16 block scales [{rows}, >= {count}, {page}] "
+                         "exactly when the keys are int8")
+    groups = -(-count // 16)
+    codes, code_scales = pages.bound_blocks, pages.bound_scales
+    if (codes is None) != (code_scales is None) or (codes is not None and (
+            dtype != torch.int8 or codes.dtype != torch.int8 or codes.device.type != "cpu" or codes.shape[0] != rows
+            or codes.shape[1] < groups or tuple(codes.shape[2:]) != (2 * d // 4, 16, 4) or not codes[0].is_contiguous()
+            or code_scales.dtype != torch.float16 or code_scales.device.type != "cpu" or code_scales.dim() != 2
+            or code_scales.shape[0] != rows or code_scales.shape[1] < 16 * groups or code_scales.stride(1) != 1)):
+        raise ValueError(f"int8 page bounds are int8 codes [{rows}, >= {groups}, {2 * d // 4}, 16, 4] with float16 "
+                         f"scales [{rows}, >= {16 * groups}], given with int8 keys only")
 
 
 def _layout(*tensors: torch.Tensor | None) -> tuple:

@@ -965,17 +965,366 @@ void matvec(const float* w, int64_t rows, int64_t cols, const float* x, float* y
     }
 }
 
+// ---- the page prefilter: Quest's page bound over the compact keys, then tokens of the best pages only ----
+// Each row's complete pages of `page` tokens have per-dimension maxima and minima of their keys (as scored:
+// int8 codes times their scales), stored dimension-major like the keys: bounds [2d, page capacity], the d
+// maxima rows then the d minima rows (selection/pages.py keeps them). No token of page p has a logit above
+// q+ . max_p + q- . min_p (q+, q- the query's positive and negative parts): the logits of a query [q+, q-]
+// of 2d dims against the bounds as if each page were one token of 2d dims, by the same kernels as tokens.
+// Pages rank under the row's rule (the mean over heads of each head's softmax over every complete page, or
+// the largest head's bound); the top `kept` of the pages that hold candidates are gathered with the tokens
+// that are always attended (sinks [0, lo) and window [hi, m), whose logits the mean rule's softmax counts)
+// and the candidates of incomplete pages into a scratch row, which is scored as a row of its own (the same
+// logits as in place, bfloat16 pairs and int8 quads included: a token's logit is the same whichever span
+// scores it), and the top keep of its candidates are the selection. tests/test_page_prefilter.py: the
+// torch form (selection/pages.py) selects the same.
+// A chosen page's keys are read from its block, a copy of the page's keys in one place (blocks [pages, d,
+// page], int8 codes quad-interleaved [pages, d / 4, page, 4] with their scales [pages, page]), kept with the
+// bounds: in the cache's own layout a
+// page of 16 tokens is 16 bytes in each of d rows of int8 codes, a cache line of each, and gathering a
+// quarter of the pages from there read most of the row's lines in scattered order (slower than scoring
+// every token, measured at 32k); a block is a few lines in a row.
+struct PageArgs {
+    const float* bounds;  // row r's at bounds + r * row_stride; dim j of page p at j * dim_stride + p
+    int64_t row_stride, dim_stride, page, kept;  // kept: pages of candidates scored (0: no prefilter)
+    const void* blocks;  // row r's page p at blocks + (r * block_row_stride + p * d * page) elements of Key
+    int64_t block_row_stride;
+    const uint16_t* block_scales;  // int8 keys: row r's page p at block_scales + r * block_scale_stride + p * page
+    int64_t block_scale_stride;
+    // int8 keys: the bounds again as int8 codes, 16 pages a block quad-interleaved as int8 keys' pages are (row
+    // r's pages 16 b .. 16 b + 15 at bound_blocks + r * bound_block_stride + b * 32 d, their scales [16] at
+    // bound_scales + r * bound_scale_stride + 16 b), scored by the same quad products; null: the float bounds
+    const int8_t* bound_blocks;
+    int64_t bound_block_stride;
+    const uint16_t* bound_scales;
+    int64_t bound_scale_stride;
+};
+
+struct PageWork {
+    std::vector<float> query, page_scores, page_logits;
+    std::vector<int64_t> pages, where, run_start, run_length;
+    std::vector<uint8_t> keys;  // the scratch row's keys, Key-typed, dim j at j * stride
+    std::vector<uint16_t> scales;
+};
+
+// bytes [src, src + n) to dst, in fixed-size pieces the compiler inlines as vector moves (a page's run of one
+// dim is 16-64 bytes: a libc call each cost more than the copy)
+inline void copy_run(void* to, const void* from, size_t n) {
+    auto* dst = static_cast<uint8_t*>(to);
+    const auto* src = static_cast<const uint8_t*>(from);
+    for (; n >= 64; n -= 64, dst += 64, src += 64) std::memcpy(dst, src, 64);
+    for (; n >= 16; n -= 16, dst += 16, src += 16) std::memcpy(dst, src, 16);
+    for (; n > 0; --n) *dst++ = *src++;
+}
+
+// a scratch row's dim stride in elements: its rows a cache line past a multiple of 4 KiB apart, as the
+// compact cache pads its own (rows 4 KiB apart share a cache set)
+inline int64_t scratch_stride(int64_t n, int64_t size) {
+    int64_t bytes = (n * size + 63) / 64 * 64;
+    if (bytes % 4096 == 0) bytes += 64;
+    return bytes / size;
+}
+
+// The tokens a row scores under the prefilter, in scratch order: first the candidates of the chosen pages
+// (ascending; pages, their blocks' candidates [start, start + length) in run_start/run_length up to the
+// pages' count), then runs of the cache's own keys: the candidates of incomplete pages and (mean rule) the
+// sinks and the window. Returns the candidates' count.
+inline int64_t prefilter_runs(bool mean, int64_t m, int64_t lo, int64_t hi, int64_t page, int64_t complete,
+                              std::vector<int64_t>& pages, std::vector<int64_t>& start, std::vector<int64_t>& length) {
+    start.clear();
+    length.clear();
+    std::sort(pages.begin(), pages.end());
+    int64_t candidates = 0;
+    for (const int64_t p : pages) {
+        const int64_t a = std::max(p * page, lo), b = std::min(p * page + page, hi);
+        start.push_back(a), length.push_back(std::max<int64_t>(b - a, 0));
+        candidates += std::max<int64_t>(b - a, 0);
+    }
+    const int64_t tail = std::max(lo, complete * page);  // candidates of incomplete pages: no bound, always in
+    start.push_back(tail), length.push_back(std::max<int64_t>(hi - tail, 0));
+    candidates += std::max<int64_t>(hi - tail, 0);
+    if (mean) {
+        start.push_back(0), length.push_back(lo);
+        start.push_back(hi), length.push_back(m - hi);
+    }
+    return candidates;
+}
+
+// blocks a gather prefetches ahead of the one it copies (each a few lines; one ahead left most copies waiting
+// for memory)
+constexpr size_t BLOCKS_AHEAD = 4;
+
+// The scratch row: the chosen pages' candidates from their blocks, then the other runs from the cache's
+// keys; positions into where, keys into scratch [d, stride], int8 keys' scales into scales.
+template <typename Key>
+void gather_scratch(int64_t d, int64_t page, const Key* keys, int64_t dim_stride, const uint16_t* scales,
+                    const Key* blocks, const uint16_t* block_scales, const PageWork& pw, size_t paged,
+                    int64_t* where, Key* scratch, int64_t stride, uint16_t* scratch_scales) {
+    int64_t at = 0;
+    for (size_t i = 0; i < paged; ++i) {
+        const int64_t p = pw.pages[i], start = pw.run_start[i], n = pw.run_length[i], offset = start - p * page;
+        const Key* block = blocks + p * d * page + offset;
+        if (i + BLOCKS_AHEAD < paged) {  // a later block's lines, while this one is copied
+            const char* next = reinterpret_cast<const char*>(blocks + pw.pages[i + BLOCKS_AHEAD] * d * page);
+            for (size_t line = 0; line < static_cast<size_t>(d * page) * sizeof(Key); line += 64)
+                __builtin_prefetch(next + line);
+        }
+        for (int64_t j = 0; j < d; ++j)
+            copy_run(scratch + j * stride + at, block + j * page, static_cast<size_t>(n) * sizeof(Key));
+        if (scratch_scales != nullptr)
+            copy_run(scratch_scales + at, block_scales + p * page + offset, static_cast<size_t>(n) * sizeof(uint16_t));
+        for (int64_t t = 0; t < n; ++t) where[at + t] = start + t;
+        at += n;
+    }
+    for (size_t i = paged; i < pw.run_start.size(); ++i) {
+        const int64_t start = pw.run_start[i], n = pw.run_length[i];
+        for (int64_t j = 0; j < d; ++j)
+            copy_run(scratch + j * stride + at, keys + j * dim_stride + start, static_cast<size_t>(n) * sizeof(Key));
+        if (scratch_scales != nullptr)
+            copy_run(scratch_scales + at, scales + start, static_cast<size_t>(n) * sizeof(uint16_t));
+        for (int64_t t = 0; t < n; ++t) where[at + t] = start + t;
+        at += n;
+    }
+}
+
+// int8 pages: a block holds its page's codes quad-interleaved, [d / 4][page][4] (dims 4c .. 4c + 3 of each
+// token together), so that with pages of 16 each group of four dims is one 64-byte line that vpdpbusd takes as
+// it is: no shuffle, no gather. The logits are those logits_span_quads gives the same tokens (the same integer
+// dot products, then times the query's scale and the token's, in that order).
+constexpr int64_t QUAD_PAGE = 16;
+constexpr int64_t QUAD_PAGE_HEADS = 16;  // query heads per KV head the page kernel takes (PagePrefilter.QUAD_HEADS)
+
+#if defined(__AVX512VNNI__)
+// logits [g, 16] of one page's tokens from its block (codes [d / 4][16][4], scales [16] float16 bits); each
+// head's top [g] raised to its page's largest logit (where the page's first `from` tokens are not candidates,
+// over the others only: the candidates' row, whose softmax this maximum starts)
+inline void page_logits_quads(const QueryForm& form, int64_t g, int64_t d, const int8_t* block,
+                              const uint16_t* scales, float* out, __m512* top, __mmask16 counted) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512i acc[QUAD_PAGE_HEADS];
+    for (int64_t h = 0; h < g; ++h) acc[h] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < d / 4; ++c) {
+        const __m512i quad = _mm512_xor_si512(_mm512_loadu_si512(block + 64 * c), flip);
+        for (int64_t h = 0; h < g; ++h) {
+            int32_t word;
+            std::memcpy(&word, form.codes + h * d + 4 * c, sizeof(word));
+            acc[h] = _mm512_dpbusd_epi32(acc[h], quad, _mm512_set1_epi32(word));
+        }
+    }
+    const __m512 token_scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+    for (int64_t h = 0; h < g; ++h) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[h], _mm512_set1_epi32(128 * form.sums[h])));
+        const __m512 logit = _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(form.scales[h])), token_scale);
+        _mm512_storeu_ps(out + 16 * h, logit);
+        top[h] = _mm512_mask_max_ps(top[h], counted, logit, top[h]);  // a NaN logit is passed over
+    }
+}
+#endif
+
+// The scores of the scratch row's entries (the runs of prefilter_runs, `total` of them, the first `candidates`
+// the candidates) of int8 keys with their quad blocks, with no gather: the chosen pages' logits from their
+// blocks, the other runs' from the cache's keys, into logits [g, total]; then the row's rule over them into
+// scores. Positions into where. False (nothing written) where the quad products do not run.
+bool quad_page_scores(int64_t reduce, const float* q, int64_t g, int64_t d, const int8_t* keys, int64_t dim_stride,
+                      const uint16_t* scales, const int8_t* blocks, const uint16_t* block_scales, int64_t page,
+                      const PageWork& pw, size_t paged, int64_t total, int64_t candidates, int64_t* where,
+                      float* scores, float* logits, RowWork& work) {
+#if defined(__AVX512VNNI__)
+    if (page != QUAD_PAGE || g > QUAD_PAGE_HEADS || d % 4 != 0) return false;
+    const QueryForm form = prepare_query<int8_t>(q, g, d, work);
+    if (form.codes == nullptr) return false;
+    float page_out[QUAD_PAGE_HEADS * QUAD_PAGE];
+    __m512 top[QUAD_PAGE_HEADS];
+    for (int64_t h = 0; h < g; ++h) top[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t at = 0;
+    for (size_t i = 0; i < paged; ++i) {
+        const int64_t p = pw.pages[i], start = pw.run_start[i], n = pw.run_length[i], offset = start - p * page;
+        const __mmask16 counted = static_cast<__mmask16>(((1u << n) - 1u) << offset);  // the page's candidates
+        if (i + BLOCKS_AHEAD < paged) {
+            const int64_t ahead = pw.pages[i + BLOCKS_AHEAD];
+            for (int64_t line = 0; line < d * page; line += 64) __builtin_prefetch(blocks + ahead * d * page + line);
+            __builtin_prefetch(block_scales + ahead * page);
+        }
+        page_logits_quads(form, g, d, blocks + p * d * page, block_scales + p * page, page_out, top, counted);
+        if (n == QUAD_PAGE) {
+            for (int64_t h = 0; h < g; ++h) std::memcpy(logits + h * total + at, page_out + h * page, sizeof(float) * 16);
+        } else {
+            for (int64_t h = 0; h < g; ++h)
+                for (int64_t t = 0; t < n; ++t) logits[h * total + at + t] = page_out[h * page + offset + t];
+        }
+        for (int64_t t = 0; t < n; ++t) where[at + t] = start + t;
+        at += n;
+    }
+    work.tile_tops.resize(static_cast<size_t>(g));
+    for (int64_t h = 0; h < g; ++h) work.tile_tops[static_cast<size_t>(h)] = _mm512_reduce_max_ps(top[h]);
+    for (size_t i = paged; i < pw.run_start.size(); ++i) {  // the same logits as a span of the row gives them
+        const int64_t start = pw.run_start[i], n = pw.run_length[i];
+        if (n > 0)
+            logits_all(q, form, g, d, keys + start, dim_stride, 0, n, logits + at, total, scales + start,
+                       work.tile_tops.data());
+        for (int64_t t = 0; t < n; ++t) where[at + t] = start + t;
+        at += n;
+    }
+    if (reduce == REDUCE_MAX) {
+        for (int64_t t = 0; t < candidates; ++t) {
+            float best = logits[t];
+            for (int64_t h = 1; h < g; ++h) best = std::max(best, logits[h * total + t]);
+            scores[t] = best;
+        }
+        return true;
+    }
+    for (int64_t h = 0; h < g; ++h) {  // each head's softmax over the row, the mean over heads
+        float* row = logits + h * total;
+        const float factor = 1.0f / (exp_in_place(row, total, work.tile_tops[static_cast<size_t>(h)]) *
+                                     static_cast<float>(g));
+        if (h == 0)
+            for (int64_t t = 0; t < total; ++t) scores[t] = row[t] * factor;
+        else
+            for (int64_t t = 0; t < total; ++t) scores[t] += row[t] * factor;
+    }
+    return true;
+#else
+    (void)reduce, (void)q, (void)g, (void)d, (void)keys, (void)dim_stride, (void)scales, (void)blocks;
+    (void)block_scales, (void)page, (void)pw, (void)paged, (void)total, (void)candidates, (void)where;
+    (void)scores, (void)logits, (void)work;
+    return false;
+#endif
+}
+
+// prefiltered_row's scores of float32 and bfloat16 keys: the scratch row gathered from the blocks and the
+// cache's keys, scored as any row (the softmax over all of it: candidates, sinks and window)
+template <typename Key>
+void gather_and_score(int64_t reduce, const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride,
+                      const uint16_t* scales, const Key* blocks, const uint16_t* block_scales, int64_t page,
+                      PageWork& pw, int64_t total, int64_t candidates, float* scores, float* logits, RowWork& work) {
+    const int64_t stride = scratch_stride(total, sizeof(Key));
+    pw.keys.resize(static_cast<size_t>(d * stride) * sizeof(Key));
+    Key* scratch = reinterpret_cast<Key*>(pw.keys.data());
+    uint16_t* scratch_scales = nullptr;
+    if (scales != nullptr) {
+        pw.scales.resize(static_cast<size_t>(total));
+        scratch_scales = pw.scales.data();
+    }
+    gather_scratch(d, page, keys, dim_stride, scales, blocks, block_scales, pw, pw.pages.size(), pw.where.data(),
+                   scratch, stride, scratch_scales);
+    reduce_row(reduce, q, g, d, scratch, stride, 0, candidates, total, scores, logits, work, scratch_scales);
+}
+
+// The pages' scores from int8 bound blocks (bounds of 16 pages a block, as quad_page_scores reads keys):
+// logits [g, complete] of the query [q+, q-] (q2 [g, 2d]) against each complete page's bound, then the row's
+// rule into page_scores (the mean over heads of each head's softmax over the complete pages, or the largest
+// head's logit over [first, last)). False (nothing written) where the quad products do not run.
+bool quad_bound_scores(int64_t reduce, const float* q2, int64_t g, int64_t d2, const int8_t* blocks,
+                       const uint16_t* scales, int64_t complete, int64_t first, int64_t last, float* page_scores,
+                       float* page_logits, RowWork& work) {
+#if defined(__AVX512VNNI__)
+    if (g > QUAD_PAGE_HEADS || d2 % 4 != 0) return false;
+    const QueryForm form = prepare_query<int8_t>(q2, g, d2, work);
+    if (form.codes == nullptr) return false;
+    float out[QUAD_PAGE_HEADS * QUAD_PAGE];
+    __m512 top[QUAD_PAGE_HEADS];
+    for (int64_t h = 0; h < g; ++h) top[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t b = 0; b * QUAD_PAGE < complete; ++b) {
+        const int64_t n = std::min(QUAD_PAGE, complete - b * QUAD_PAGE);
+        page_logits_quads(form, g, d2, blocks + b * d2 * QUAD_PAGE, scales + b * QUAD_PAGE, out, top,
+                          static_cast<__mmask16>((1u << n) - 1u));
+        for (int64_t h = 0; h < g; ++h)
+            std::memcpy(page_logits + h * complete + b * QUAD_PAGE, out + h * QUAD_PAGE,
+                        static_cast<size_t>(n) * sizeof(float));
+    }
+    if (reduce == REDUCE_MAX) {
+        for (int64_t p = first; p < last; ++p) {
+            float best = page_logits[p];
+            for (int64_t h = 1; h < g; ++h) best = std::max(best, page_logits[h * complete + p]);
+            page_scores[p] = best;
+        }
+        return true;
+    }
+    for (int64_t h = 0; h < g; ++h) {
+        float* row = page_logits + h * complete;
+        const float factor = 1.0f / (exp_in_place(row, complete, _mm512_reduce_max_ps(top[h])) * static_cast<float>(g));
+        if (h == 0)
+            for (int64_t p = 0; p < complete; ++p) page_scores[p] = row[p] * factor;
+        else
+            for (int64_t p = 0; p < complete; ++p) page_scores[p] += row[p] * factor;
+    }
+    return true;
+#else
+    (void)reduce, (void)q2, (void)g, (void)d2, (void)blocks, (void)scales, (void)complete, (void)first, (void)last;
+    (void)page_scores, (void)page_logits, (void)work;
+    return false;
+#endif
+}
+
+// The top keep of a row's candidates under the prefilter, as positions into chosen (-1: none); false where
+// it does not apply to the row (kept pages not fewer than the candidates' pages, or fewer candidates than
+// keep), and then nothing is written. bounds, blocks and block_scales: the row's.
+template <typename Key>
+bool prefiltered_row(int64_t reduce, const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride,
+                     int64_t m, int64_t lo, int64_t hi, int64_t keep, const uint16_t* scales, const float* bounds,
+                     const Key* blocks, const uint16_t* block_scales, const int8_t* bound_blocks,
+                     const uint16_t* bound_scales, const PageArgs& args, int64_t* chosen, float* scores,
+                     float* logits, RowWork& work, TopkWork& topk, PageWork& pw) {
+    const int64_t page = args.page, complete = m / page;
+    const int64_t first = lo / page, last = std::min((hi + page - 1) / page, complete);  // pages holding candidates
+    if (args.kept <= 0 || last - first <= args.kept) return false;
+    const bool mean = reduce == REDUCE_MEAN;
+    // the pages' bound logits: the query [q+, q-] of 2d dims per head
+    pw.query.resize(static_cast<size_t>(g * 2 * d));
+    for (int64_t h = 0; h < g; ++h)
+        for (int64_t j = 0; j < d; ++j) {
+            const float v = q[h * d + j];
+            pw.query[static_cast<size_t>(h * 2 * d + j)] = v > 0.0f ? v : 0.0f;
+            pw.query[static_cast<size_t>(h * 2 * d + d + j)] = v < 0.0f ? v : 0.0f;
+        }
+    pw.page_scores.resize(static_cast<size_t>(complete));
+    pw.page_logits.resize(static_cast<size_t>(g * complete));
+    if (bound_blocks != nullptr) {  // int8 bounds (int8 keys): by quad products, else no prefilter
+        if (!quad_bound_scores(reduce, pw.query.data(), g, 2 * d, bound_blocks, bound_scales, complete, first, last,
+                               pw.page_scores.data(), pw.page_logits.data(), work))
+            return false;
+    } else if (mean) {
+        score_row<float>(pw.query.data(), g, 2 * d, bounds, args.dim_stride, complete, pw.page_scores.data(),
+                         pw.page_logits.data(), work, nullptr);
+    } else {
+        max_row<float>(pw.query.data(), g, 2 * d, bounds, args.dim_stride, first, last, complete,
+                       pw.page_scores.data(), pw.page_logits.data(), work, nullptr);
+    }
+    pw.pages.resize(static_cast<size_t>(args.kept));
+    topk_positions(pw.page_scores.data() + first, last - first, args.kept, first, false, pw.pages.data(), topk);
+    const int64_t candidates = prefilter_runs(mean, m, lo, hi, page, complete, pw.pages, pw.run_start, pw.run_length);
+    if (candidates < keep) return false;
+    int64_t total = 0;
+    for (const int64_t n : pw.run_length) total += n;
+    pw.where.resize(static_cast<size_t>(total));
+    if constexpr (std::is_same_v<Key, int8_t>) {
+        // int8 blocks are quad-interleaved and scored where they lie; without the quad products, no prefilter
+        if (!quad_page_scores(reduce, q, g, d, keys, dim_stride, scales, blocks, block_scales, page, pw,
+                              pw.pages.size(), total, candidates, pw.where.data(), scores, logits, work))
+            return false;
+    } else {
+        gather_and_score(reduce, q, g, d, keys, dim_stride, scales, blocks, block_scales, page, pw, total,
+                         candidates, scores, logits, work);
+    }
+    topk_positions(scores, candidates, keep, 0, true, chosen, topk);
+    for (int64_t i = 0; i < keep; ++i)
+        if (chosen[i] >= 0) chosen[i] = pw.where[static_cast<size_t>(chosen[i])];
+    return true;
+}
+
+
 // A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (reduce_row: the mean
 // rule over the m cached tokens, the max rule over the candidates), the top keep of the candidates [lo, hi)
 // (topk_positions, on the row while it is in L2), and the residency update with them (update_row). What
 // group_scores, topk_rows and residency_update do in three calls, with no [rows, m] scores written out
-// and read back.
+// and read back. With pages.kept > 0 and bounds given, a row whose candidates span more than that many
+// pages scores the tokens of its best pages only (prefiltered_row).
 template <typename Key>
 int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
                 int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                 int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
                 int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
-                const uint16_t* scales = nullptr, int64_t scale_stride = 0) {
+                const uint16_t* scales, int64_t scale_stride, PageArgs pages) {
     std::atomic<int> status{0};
     split_rows(rows, threads, [=, &status](int64_t, int64_t first, int64_t last) {
         // per thread (grown once on the caller's; threads split_rows starts are new at every call): the
@@ -985,15 +1334,31 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         thread_local std::vector<float> scores, logits;
         thread_local std::vector<int64_t> chosen;
         thread_local UpdateWork update;
+        thread_local PageWork paged;
         thread_local std::vector<uint8_t> wanted;  // zeros between calls (update_row)
         scores.resize(static_cast<size_t>(m));
         logits.resize(static_cast<size_t>(g * m));
         chosen.resize(static_cast<size_t>(keep));
         grow_map(wanted, of_length);
         for (int64_t r = first; r < last; ++r) {
-            reduce_row(reduce, q + r * g * d, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
-                       logits.data(), work, row_scales(scales, scale_stride, r));
-            topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);
+            const float* qr = q + r * g * d;
+            const uint16_t* sr = row_scales(scales, scale_stride, r);
+            const bool paged_row = pages.bounds != nullptr &&
+                prefiltered_row(reduce, qr, g, d, keys + r * row_stride, dim_stride, m, lo, hi, keep, sr,
+                                pages.bounds + r * pages.row_stride,
+                                static_cast<const Key*>(pages.blocks) + r * pages.block_row_stride,
+                                pages.block_scales == nullptr ? nullptr
+                                                              : pages.block_scales + r * pages.block_scale_stride,
+                                pages.bound_blocks == nullptr ? nullptr
+                                                              : pages.bound_blocks + r * pages.bound_block_stride,
+                                pages.bound_scales == nullptr ? nullptr
+                                                              : pages.bound_scales + r * pages.bound_scale_stride,
+                                pages, chosen.data(), scores.data(), logits.data(), work, topk, paged);
+            if (!paged_row) {
+                reduce_row(reduce, qr, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
+                           logits.data(), work, sr);
+                topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);
+            }
             const int64_t placed = update_row(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
                                               active + r * active_stride, n, positions + r * keep, slots + r * keep,
                                               update, wanted.data(), of_length - 1);
@@ -1459,17 +1824,27 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
 // A producer's selection in one call (select_rows): for each of the rows, the scores of tbrun_group_scores
 // under rule reduce (q [rows, g, d]; keys as there), the top keep of candidates [lo, hi) (0 <= lo,
 // keep <= hi - lo, hi <= m), and tbrun_residency_update with those positions (tables and outputs as there,
-// k = keep; keep <= n). Returns 0, -1 if a row had more missing positions than free slots, -2 for an
+// k = keep; keep <= n). bounds (or null): the rows' page bounds [rows, 2d, pages] float32 at those strides,
+// of pages of `page` tokens, and the prefilter's `kept` pages (0: none; see prefiltered_row); blocks: the
+// rows' pages' keys [rows, pages, d, page] (row stride given; int8 keys' block_scales [rows, pages, page]);
+// bound_blocks (int8 keys, or null): the bounds as int8 codes (see PageArgs). Returns 0, -1 if a row had more missing positions than free slots, -2 for an
 // unknown reduce. threads > 1: rows split among them, as the scores are.
 int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
                       int64_t row_stride,
                       int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                       int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
                       int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts,
-                      int64_t threads) {
+                      int64_t threads, const float* bounds, int64_t bound_row_stride,
+                      int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
+                      int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
+                      const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
+                      int64_t bound_scale_stride) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
-                       slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads);
+                       slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
+                       PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
+                                block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
+                                bound_scale_stride});
 }
 
 // The same with bfloat16 keys (as tbrun_group_scores_bf16)
@@ -1477,10 +1852,17 @@ int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t
                            int64_t row_stride, int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep,
                            int64_t* slot_pos, int64_t pos_stride, int32_t* slot_of, int64_t of_stride,
                            int64_t of_length, uint8_t* active, int64_t active_stride, int64_t n, int64_t* positions,
-                           int64_t* slots, int64_t* counts, int64_t threads) {
+                           int64_t* slots, int64_t* counts, int64_t threads, const float* bounds, int64_t bound_row_stride,
+                      int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
+                      int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
+                      const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
+                      int64_t bound_scale_stride) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
-                       slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads);
+                       slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
+                       PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
+                                block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
+                                bound_scale_stride});
 }
 
 // The same with int8 keys and their scales (as tbrun_group_scores_int8)
@@ -1489,12 +1871,19 @@ int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t
                            int64_t scale_stride, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                            int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length,
                            uint8_t* active, int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots,
-                           int64_t* counts, int64_t threads) {
+                           int64_t* counts, int64_t threads, const float* bounds, int64_t bound_row_stride,
+                      int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
+                      int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
+                      const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
+                      int64_t bound_scale_stride) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads,
                        scales,
-                       scale_stride);
+                       scale_stride,
+                       PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
+                                block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
+                                bound_scale_stride});
 }
 
 }  // extern "C"

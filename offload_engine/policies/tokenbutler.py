@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
 from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint, resolve_checkpoint_dir
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
+from ..selection.pages import PageBounds, PagePrefilter, PageScoring, native_block_dtype, page_rows
 from ..selection.scores import GroupScores, NativeScoring, native_rows
 from .base import Candidates, Policy, PolicyContext
 
@@ -192,6 +193,9 @@ class TokenButlerPolicy(Policy):
     the largest query-head logit (the reference's rule). Mean recalls more of the true attention
     (docs/predictor.md); with one query head per KV head (``--query-heads`` at training) both rank
     alike, and the logits are ranked as they are (no softmax: ``score_kind`` "logit").
+    ``page_prefilter``: pages of that many tokens ranked by their compact keys' bounds before tokens are
+    scored, the tokens of ``prefilter_factor`` times the budget's worth of the best pages then scored as
+    without it (``selection/pages.py``); 0: every candidate scored.
     """
 
     predictor_path: str | None = None
@@ -199,6 +203,8 @@ class TokenButlerPolicy(Policy):
     random_weights: bool = False
     key_dtype: str = "auto"
     group_reduction: str = "mean"
+    page_prefilter: int = 0
+    prefilter_factor: float = 4.0
 
     name: ClassVar[str] = "tokenbutler"
     prefill_reads: ClassVar[frozenset[str]] = frozenset()  # neither x nor q at prefill
@@ -212,6 +218,13 @@ class TokenButlerPolicy(Policy):
             raise ConfigError(f"tokenbutler group_reduction must be one of {GROUP_REDUCTIONS}, got {self.group_reduction!r}.")
         if self.key_dtype not in KEY_DTYPES:
             raise ConfigError(f"tokenbutler key_dtype must be one of {KEY_DTYPES}, got {self.key_dtype!r}.")
+        self.prefilter: PagePrefilter | None = None
+        if self.page_prefilter:
+            try:
+                self.prefilter = PagePrefilter(self.page_prefilter, float(self.prefilter_factor))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"tokenbutler {error} (page_prefilter 0 turns it off).") from None
+        self.pages: PageBounds | None = None
         self.cache: ProjectedKeyCache | None = None
         self._queries: dict[int, torch.Tensor] = {}  # producer -> its latest queries [G', H, d']
         self._native_mlps: dict[int, tuple] = {}  # producer -> its query network's modules (native_query_mlps)
@@ -243,6 +256,11 @@ class TokenButlerPolicy(Policy):
         c = self.predictor.config
         stored = self.stored_key_dtype = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
         self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, stored, ctx.device)
+        if self.prefilter is not None:
+            pages = -(-ctx.capacity // self.prefilter.page)
+            padded = padded_row_length(pages, torch.float32) if ctx.device.type == "cpu" else pages
+            self.pages = PageBounds(c.num_layers - 1, c.num_kv_heads, c.dim, ctx.capacity, self.prefilter, ctx.device,
+                                    padded, native_block_dtype(stored, ctx.device, c.dim, c.query_group, self.prefilter))
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
         self._bound_mlps = {}
@@ -267,6 +285,7 @@ class TokenButlerPolicy(Policy):
 
     def release(self) -> None:
         self.cache = None
+        self.pages = None
         self._queries = {}
         self._native_mlps = {}
         self._bound_mlps = {}
@@ -284,8 +303,10 @@ class TokenButlerPolicy(Policy):
 
     def rewind(self, length: int) -> None:
         """Projected keys past ``length`` are rewritten before they are read; the producers' queries
-        belong to the sequence that is gone."""
+        belong to the sequence that is gone; so do the page bounds past ``length``."""
         self._queries = {}
+        if self.pages is not None:
+            self.pages.forget(length)
 
     def observe_prefill(self, layer, x, q, k, v) -> None:
         self.observe_extend(layer, 0, x, q, k, v)
@@ -294,6 +315,8 @@ class TokenButlerPolicy(Policy):
     def observe_extend(self, layer, start, x, q, k, v) -> None:
         if layer >= 1:
             self.cache.write(layer, start, self.predictor.project_keys(layer, k, start))
+            if self.pages is not None:
+                self.pages.forget(start)
 
     def observe_decode(self, layer, position, x, q, k, v) -> None:
         """k ``[KvH, D]``: the new token's key, projected with the step's rotation folded in (``_projections_at``).
@@ -399,12 +422,23 @@ class TokenButlerPolicy(Policy):
             return None
         _, row_keys, row_scales = rows
         scale, shape = self._query_scale, (len(layers) * c.num_kv_heads, c.query_group, c.dim)
+        pages = None
+        if self.pages is not None:
+            pages = page_rows(PageScoring(self.pages.of_layers(layers.start - 1, len(layers)), self.prefilter, 0))
+            if pages is None:
+                return None
 
         def queries(x: torch.Tensor, position: int) -> torch.Tensor:
             self._queries[producer] = raw = self._importance_queries(producer, x, position)  # [Lg, Hq, d']
+            self._refresh_pages(position)
             return (raw * scale).view(shape)
 
-        return NativeScoring(layers, queries, row_keys, "max" if self.by_max else "mean", row_scales)
+        return NativeScoring(layers, queries, row_keys, "max" if self.by_max else "mean", row_scales, pages)
+
+    def _refresh_pages(self, tokens: int) -> None:
+        """The page bounds of every page complete within the first ``tokens`` (no-op without the prefilter)."""
+        if self.pages is not None and tokens // self.prefilter.page > self.pages.complete:
+            self.pages.refresh(self.cache.keys, self.cache.scales, tokens)
 
     @torch.no_grad()
     def score(self, layer: int, q: torch.Tensor | None, candidates: Candidates) -> torch.Tensor:
@@ -438,7 +472,12 @@ class TokenButlerPolicy(Policy):
         # first `position` of the cache's columns, given whole ([Lg, KvH, d', capacity]: one layout at every step)
         keys, scales = self.cache.of_layers(layers)
         grouped = queries.reshape(len(layers), c.num_kv_heads, c.query_group, c.dim) * self._query_scale
-        described = GroupScores(grouped, keys, lo, hi, reduction, scales, tokens=candidates.position)
+        pages = None
+        if self.pages is not None:
+            self._refresh_pages(candidates.position)
+            pages = PageScoring(self.pages.of_layers(layers.start - 1, len(layers)), self.prefilter,
+                                min(candidates.keep, candidates.count))
+        described = GroupScores(grouped, keys, lo, hi, reduction, scales, tokens=candidates.position, pages=pages)
         return described if describe else described.compute()
 
 

@@ -111,7 +111,8 @@ class NativeProducer:
     @classmethod
     def bind(cls, scoring: NativeScoring, bank: "Bank") -> "NativeProducer | None":
         """Bound to the rows of ``scoring``'s layers in ``bank``, or None where the map binds none."""
-        bound = bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales)
+        bound = bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales,
+                                           scoring.pages)
         return None if bound is None else cls(scoring, bank, bound)
 
     def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan] | None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import native
+from .pages import PageRows
 from .scores import GroupScores
 
 EMPTY = -1
@@ -202,25 +203,29 @@ class ResidencyMap:
         if native_rows is None:
             return None
         queries, keys, scales = native_rows
-        bound = self.bind_select(rows, keys, scores.reduction, scales)
+        pages = scores.page_rows()
+        if scores.pages is not None and pages is None:  # a prefilter the native kernel does not take
+            return None
+        bound = self.bind_select(rows, keys, scores.reduction, scales, pages)
         if bound is None or not self.accepts(bound, scores.m, scores.lo, scores.hi, keep):
             return None
         return self.prepare_bound(bound, queries.contiguous(), scores.m, scores.lo, scores.hi, keep)
 
-    def bind_select(self, rows: slice, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None
-                    ) -> "native.BoundSelectRows | None":
+    def bind_select(self, rows: slice, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
+                    pages: PageRows | None = None) -> "native.BoundSelectRows | None":
         """The one-call selection of ``rows`` (a slice) bound to these keys ``[R, d', capacity]`` (and int8 keys'
-        ``scales`` ``[R, capacity]``) and to the map's tables, checked once: kept per slice of rows and bound
-        again only when the keys' memory or layout or the rule changes. None where the map is off the host,
-        the kernels are not built, or ``rows`` are not the keys' rows."""
+        ``scales`` ``[R, capacity]``, and the page prefilter's bounds ``pages``) and to the map's tables, checked
+        once: kept per slice of rows and bound again only when the keys' memory or layout, the rule or the
+        prefilter changes. None where the map is off the host, the kernels are not built, or ``rows`` are not
+        the keys' rows."""
         kernels = native.kernels() if self.on_host else None
         if kernels is None or len(range(self.slot_pos.shape[0])[rows]) != keys.shape[0]:
             return None
         place = (rows.start, rows.stop, rows.step)
         bound = self._bound.get(place)
-        if bound is None or not bound.matches(keys, reduction, scales):
+        if bound is None or not bound.matches(keys, reduction, scales, pages):
             tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
-            bound = self._bound[place] = kernels.bind_select_rows(keys, *tables, reduction, scales)
+            bound = self._bound[place] = kernels.bind_select_rows(keys, *tables, reduction, scales, pages)
         return bound
 
     def unbind(self) -> None:

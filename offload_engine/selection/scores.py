@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .. import native
+from .pages import PageRows, PageScoring, page_rows, prefiltered_scores
 
 REDUCTIONS = native.REDUCTIONS  # "mean", "max"
 
@@ -32,6 +33,7 @@ class GroupScores:
     ``scales`` ``[Lg, KvH, capacity]`` float16, each token's factor (the key is its codes times its scale);
     ``tokens``: ``m``, how many of them the step has (None: all ``capacity``). Keys of the whole capacity
     keep one layout from step to step, so a residency map binds its one-call selection to them once.
+    ``pages``: the page prefilter's bounds, setting and the step's keep (``pages.py``), or None.
     """
 
     queries: torch.Tensor
@@ -41,6 +43,7 @@ class GroupScores:
     reduction: str = "mean"
     scales: torch.Tensor | None = None
     tokens: int | None = None
+    pages: PageScoring | None = None
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -58,8 +61,9 @@ class GroupScores:
     def layers(self, first: int, count: int) -> "GroupScores":
         """The scores of ``count`` layers from the ``first``-th (views)."""
         scales = None if self.scales is None else self.scales[first : first + count]
+        pages = None if self.pages is None else self.pages.layers(first, count)
         return GroupScores(self.queries[first : first + count], self.keys[first : first + count], self.lo, self.hi,
-                           self.reduction, scales, self.tokens)
+                           self.reduction, scales, self.tokens, pages)
 
     def native_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The scores' rows as the native kernels read them: (queries ``[Lg * KvH, g, d']`` float32, keys
@@ -67,24 +71,36 @@ class GroupScores:
         where they cannot (see ``native_rows``)."""
         return native_rows(self.queries, self.keys, self.scales)
 
+    def page_rows(self) -> PageRows | None:
+        """The prefilter's bounds as the native selection's rows (``pages.page_rows``), or None."""
+        return page_rows(self.pages)
+
     def compute(self) -> torch.Tensor:
-        """The scores as a float32 tensor ``[Lg, KvH, hi - lo]``."""
+        """The scores as a float32 tensor ``[Lg, KvH, hi - lo]`` (with ``pages``, where the prefilter applies,
+        ``-inf`` at the candidates it did not score: ``pages.prefiltered_scores``)."""
         m = self.m
+        if self.pages is not None:
+            scores = prefiltered_scores(self.queries, self._logits, m, self.lo, self.hi, self.reduction, self.pages)
+            if scores is not None:
+                return scores
         scales = None if self.scales is None else self.scales[..., :m]
         fused = fused_group_scores(self.queries, self.keys[..., :m], self.reduction, scales)
         if fused is not None:
             return fused[..., self.lo : self.hi]
-        span = slice(0, m) if self.reduction == "mean" else slice(self.lo, self.hi)
+        if self.reduction == "max":
+            return self._logits(slice(self.lo, self.hi)).amax(dim=-2)
+        return group_mean_probabilities(self._logits(slice(0, m)))[..., self.lo : self.hi]
+
+    def _logits(self, span: slice) -> torch.Tensor:
+        """The query heads' logits of the tokens of ``span``: ``[Lg, KvH, g, len(span)]`` float32."""
         keys = self.keys[..., span]
         if keys.dtype == torch.int8 or (keys.device.type == "cpu" and keys.dtype == torch.bfloat16):
             # int8: torch has no int8 x float matmul; bfloat16 on the CPU: its matmul is slower than float32's
             keys = keys.float()
-        logits = torch.matmul(self.queries.to(keys.dtype), keys).float()  # [Lg, KvH, g, m or hi - lo]
+        logits = torch.matmul(self.queries.to(keys.dtype), keys).float()
         if self.scales is not None:  # each token's factor, shared by the group's heads
             logits.mul_(self.scales[..., span].float().unsqueeze(-2))
-        if self.reduction == "max":
-            return logits.amax(dim=-2)
-        return group_mean_probabilities(logits)[..., self.lo : self.hi]
+        return logits
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +111,8 @@ class NativeScoring:
     contiguous, any scale folded in (the policy keeps what ``score`` needs, as ``plan`` does); ``keys``
     ``[Lg * KvH, d', capacity]``: the compact keys of the ``layers`` it serves, all of their capacity (a
     step scores the first ``position`` tokens, as ``GroupScores`` with ``tokens=position``); int8 keys
-    with ``scales`` ``[Lg * KvH, capacity]``. The same scores as ``plan(..., describe=True)`` gives.
+    with ``scales`` ``[Lg * KvH, capacity]``; ``pages``: their page bounds as rows, refreshed by ``queries``
+    (None: no prefilter). The same scores as ``plan(..., describe=True)`` gives.
     """
 
     layers: range
@@ -103,6 +120,7 @@ class NativeScoring:
     keys: torch.Tensor
     reduction: str = "mean"
     scales: torch.Tensor | None = None
+    pages: PageRows | None = None
 
 
 def fused_group_scores(grouped: torch.Tensor, keys: torch.Tensor, reduction: str = "mean",

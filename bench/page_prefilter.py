@@ -12,8 +12,11 @@ that selection against the engine's (sinks + window + the predictor's top tokens
 ``bench/predictor_report.py``), on the same query rows of the second half of each sequence (where a
 prefilter would act), paired by sequence. Pages are ranked by the group's mean over its query heads of the
 softmax of their bounds (the selection's rule, each token standing at its page's bound); the candidates'
-tokens are then ranked by the predictor's probabilities as they are now. The work it would save is stated as
-arithmetic, not measured: no kernel implements it.
+tokens are then ranked by the predictor's probabilities, each head's softmax running over the candidates, the
+sinks and the window only (the rule as built: ``selection/pages.py``, ``tbrun generate --page-prefilter 16``;
+reports before 2026-12-07 ranked them by the softmax over every token, ``"rule"`` absent from their JSON).
+``--budget`` sets the share selected (10% by default). The work it saves is measured by
+``bench/page_prefilter_speed.py``; the arithmetic here is the scores' products only.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from offload_engine.predictor.teacher import causal_mask, layer_states, sample_r
 from .predictor_report import mean_interval, parse_lengths, signed_cell
 from .report import machine_header, markdown_header, markdown_table, provenance, write_reports
 
-BUDGET = 0.10
+BUDGET = 0.10  # the share selected, unless --budget says otherwise
+RULE = "candidates' softmax over the candidates, sinks and window (as built)"
 
 
 def page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,11 +56,13 @@ def bound_logits(predictor, queries: torch.Tensor, keys: torch.Tensor, page: int
     return predictor.expand_heads(bound).float()
 
 
-def selections(logits, bounds: dict, rows, length: int, group: int, factors) -> dict[str, torch.Tensor]:
-    """Per KV head ``[KvH, R, T]`` masks at 10%: ``engine`` and, per (page, factor), the engine's rule restricted
-    to the tokens of the ``factor * k / page`` best pages (sinks and window always in), plus their shares."""
+def selections(logits, bounds: dict, rows, length: int, group: int, factors, budget: float = BUDGET
+               ) -> dict[str, torch.Tensor]:
+    """Per KV head ``[KvH, R, T]`` masks at ``budget``: ``engine`` and, per (page, factor), the engine's rule
+    restricted to the tokens of the ``factor * k / page`` best pages (sinks and window always in, each head's
+    softmax over those and the candidates), plus their shares."""
     future = causal_mask(rows, length)
-    counts = budget_counts(rows, BUDGET)
+    counts = budget_counts(rows, budget)
     always = engine_fixed_mask(rows, counts, length)
     shared = group_mean_probs(logits.masked_fill(future, float("-inf")), group, future)
     out = {"engine": select_top(shared.masked_fill(always, 2.0), counts)}
@@ -65,14 +71,16 @@ def selections(logits, bounds: dict, rows, length: int, group: int, factors) -> 
         for factor in factors:
             kept = torch.clamp(torch.ceil(factor * counts / page).long() * page, max=length)
             candidates = (select_top(by_page, kept) & ~future) | always
-            out[f"P{page} x{factor:g}"] = select_top(shared.masked_fill(~candidates, -1.0).masked_fill(always, 2.0),
-                                                     counts)
+            visible = candidates.repeat_interleave(group, 0)  # [H, R, T]: what each head's softmax runs over
+            restricted = group_mean_probs(logits.masked_fill(~visible, float("-inf")), group, ~candidates)
+            out[f"P{page} x{factor:g}"] = select_top(restricted.masked_fill(always, 2.0), counts)
             visible = (~future).sum(-1).float()
             out[f"P{page} x{factor:g} share"] = (candidates.sum(-1).float() / visible).mean()
     return out
 
 
-def sequence_recall(predictor, adapter, ids: torch.Tensor, rows: torch.Tensor, pages, factors) -> dict[str, float]:
+def sequence_recall(predictor, adapter, ids: torch.Tensor, rows: torch.Tensor, pages, factors,
+                    budget: float = BUDGET) -> dict[str, float]:
     """Mean recall over consumer layers, query heads and rows of each selection (and each candidate share)."""
     group, sums, layers, queries = adapter.dims.group_size, {}, 0, {}
     for state in layer_states(adapter, ids.unsqueeze(0)):
@@ -84,9 +92,9 @@ def sequence_recall(predictor, adapter, ids: torch.Tensor, rows: torch.Tensor, p
             keys = predictor.project_keys(layer, state.k, 0)
             logits = predictor.expand_heads(predictor.head_scores(layer_queries, keys)).float()
             bounds = {page: bound_logits(predictor, layer_queries, keys, page) for page in pages}
-            masks = selections(logits, bounds, rows, probs.shape[-1], group, factors)
+            masks = selections(logits, bounds, rows, probs.shape[-1], group, factors, budget)
             best = (probs * select_top(probs.masked_fill(causal_mask(rows, probs.shape[-1]), -1.0),
-                                       budget_counts(rows, BUDGET))).sum(-1).clamp_min(1e-12)
+                                       budget_counts(rows, budget))).sum(-1).clamp_min(1e-12)
             for name, mask in masks.items():
                 value = mask if name.endswith("share") else \
                     ((probs * mask.repeat_interleave(group, 0)).sum(-1) / best).mean()
@@ -104,7 +112,8 @@ def build_report(args) -> dict:
     report = {"provenance": provenance("python -m tbrun_bench.page_prefilter"),
               "machine": machine_header(torch.device("cpu")),
               "predictor": {"path": portable_path(args.predictor), "weights_sha256": config.get("weights_sha256")},
-              "budget": BUDGET, "pages": args.pages, "factors": args.factors, "rows": args.rows, "lengths": {}}
+              "budget": args.budget, "rule": RULE, "pages": args.pages, "factors": args.factors, "rows": args.rows,
+              "lengths": {}}
     for length, count in parse_lengths(args.lengths):
         sequences = load_held_out([], adapter.tokenizer, length, count, args.seed, corpus=corpus)
         per_sequence: dict[str, list[float]] = {}
@@ -112,7 +121,7 @@ def build_report(args) -> dict:
             rows = sample_rows(length, args.rows, torch.Generator().manual_seed(args.seed + index))
             rows = rows[rows >= length // 2]
             with torch.no_grad():
-                values = sequence_recall(predictor, adapter, ids, rows, args.pages, args.factors)
+                values = sequence_recall(predictor, adapter, ids, rows, args.pages, args.factors, args.budget)
             for name, value in values.items():
                 per_sequence.setdefault(name, []).append(value)
             print(f"{length} tokens, sequence {index + 1}/{count}: engine {values['engine']:.4f}", flush=True)
@@ -146,7 +155,8 @@ def to_markdown(report: dict) -> str:
         markdown_header("Pages before tokens: recall of a page-bound prefilter on TokenButler's selection", report), "",
         f"Predictor `{report['predictor']['path']}` (weights `{(report['predictor']['weights_sha256'] or '')[:8]}...`), "
         f"budget {report['budget']:.0%}, up to {report['rows']} query rows per sequence drawn from its second half; "
-        f"held-out sequences: {counts}. See the module docstring of `bench/page_prefilter.py` for the rule.", "",
+        f"held-out sequences: {counts}. Candidates ranked by: {report.get('rule', 'the softmax over every token')}. "
+        "See the module docstring of `bench/page_prefilter.py` for the rule.", "",
         markdown_table(["prefilter", "bounds' products, of scoring every token (arithmetic)",
                         *(f"{n} tokens: candidates / recall / minus engine, paired [95%]" for n in lengths)], rows), "",
         "Work of the scores with a prefilter, as a share of scoring every token: the bounds' (one product of 2d' "
@@ -163,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pages", default="8,16,32", help="page sizes in tokens")
     parser.add_argument("--factors", default="2,4", help="candidate tokens, in multiples of the budget")
     parser.add_argument("--rows", type=int, default=64, help="query rows drawn per sequence (the second half's kept)")
+    parser.add_argument("--budget", type=float, default=BUDGET, help="share of the tokens selected (0.1: 10%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="report path without extension")
     args = parser.parse_args(argv)
@@ -171,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         args.factors = [float(x) for x in args.factors.split(",")]
     except ValueError:
         parser.error("--pages takes integers and --factors numbers, comma-separated: --pages 8,32 --factors 2,4")
-    if min(args.pages) < 1 or min(args.factors) <= 0:
-        parser.error("--pages must be >= 1 and --factors > 0")
+    if min(args.pages) < 1 or min(args.factors) <= 0 or not 0 < args.budget <= 1:
+        parser.error("--pages must be >= 1, --factors > 0 and --budget a share in (0, 1]")
     torch.set_num_threads(1)
     report = build_report(args)
     write_reports(args.out, report, to_markdown(report))

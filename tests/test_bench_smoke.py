@@ -566,8 +566,10 @@ def test_page_bounds_hold_every_token_of_their_page_and_the_prefilter_report_run
     save_checkpoint(tmp_path / "pred", predictor, {"model_name": "tiny"})
     page_prefilter.main(["--predictor", str(tmp_path / "pred"), "--model", tiny_model_dir, "--corpus",
                          "stdlib:json/*.py", "--lengths", "64:2,48:1", "--pages", "4,64", "--factors", "1,100",
-                         "--rows", "16", "--out", str(tmp_path / "pages")])
-    report = json.loads((tmp_path / "pages.json").read_text())["lengths"]["64"]
+                         "--rows", "16", "--budget", "0.2", "--out", str(tmp_path / "pages")])
+    whole = json.loads((tmp_path / "pages.json").read_text())
+    assert whole["budget"] == 0.2 and "as built" in whole["rule"]
+    report = whole["lengths"]["64"]
     assert len(report["per_sequence"]["engine"]) == 2
     # candidates of 100x the budget are every token: the engine's own selection, to the last digit
     assert report["minus_engine"]["P4 x100"]["mean"] == 0.0 and report["recall"]["P4 x100 share"]["mean"] == 1.0

@@ -255,6 +255,31 @@ def test_key_dtype_stores_the_projected_keys_as_asked_and_the_summary_says_how(t
     assert result.exit_code == 2 and "--key-dtype is only used by --policy tokenbutler" in flat(result.output)
 
 
+def test_page_prefilter_reaches_tokenbutler_and_bad_values_are_refused_before_the_weights_load(tiny_model_dir,
+                                                                                                 tmp_path, monkeypatch):
+    from offload_engine.models import model_dims
+    from offload_engine.policies.tokenbutler import TokenButlerPolicy
+    from offload_engine.predictor.checkpoint import save_checkpoint
+    from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
+
+    save_checkpoint(tmp_path / "p", TokenButlerPredictor(PredictorConfig.for_model(model_dims(tiny_model_dir), 2, 8, 16)))
+    built = []
+    original = TokenButlerPolicy.bind
+    monkeypatch.setattr(TokenButlerPolicy, "bind", lambda self, ctx: built.append(self.prefilter) or original(self, ctx))
+    common = ("--offload", "--budget", "40", "--sinks", "2", "--window", "8")
+    result = generate(tiny_model_dir, *common, "--policy", "tokenbutler", "--predictor", str(tmp_path / "p"),
+                      "--page-prefilter", "16")
+    assert result.exit_code == 0, result.output
+    assert [p.page for p in built] == [16]
+    from offload_engine import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    result = generate(tiny_model_dir, *common, "--policy", "tokenbutler", "--page-prefilter", "1")
+    assert result.exit_code == 2 and "pages of 1 tokens; give an integer of at least 2" in flat(result.output)
+    result = generate(tiny_model_dir, *common, "--policy", "quest", "--page-prefilter", "16")
+    assert result.exit_code == 2 and "--page-prefilter is only used by --policy tokenbutler" in flat(result.output)
+
+
 def test_a_hub_id_neither_cached_nor_reachable_fails_at_once(monkeypatch):
     """No network: one message before the hub client's retries (about 30 s of warnings); a cached id or a hub
     host that resolves goes on to transformers as before."""

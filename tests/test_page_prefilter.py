@@ -16,8 +16,9 @@ from offload_engine.predictor.network import quantize_keys, quantize_query
 from offload_engine.selection.pages import PageBounds, PagePrefilter, PageScoring, bound_logits, page_rows
 from offload_engine.selection.scores import GroupScores
 
+from recording import record_attended
 from test_native import built_native, built_native_cache, needs_compiler  # noqa: F401 (fixtures)
-from tiny_models import seeded_policy
+from tiny_models import seeded_policy, selecting_model
 
 
 def _cache(layers=2, heads=3, dim=16, tokens=1000, dtype=torch.float32, seed=0):
@@ -180,27 +181,7 @@ def _engine_selections(adapter, key_dtype: str, pages: int, general: bool = Fals
     config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=48), sinks=2, window=6)
     engine = Engine(adapter, EngineConfig(context=512, mode=KVMode.SPARSE_OFFLOAD, selection=config),
                     policy=policy)
-    seen: list[dict] = []
-    original = engine._new_backend
-
-    def new_backend(*args):
-        backend = original(*args)
-        backend.planner.batched = batched
-        decode = backend.decode_layer
-
-        def recording(layer, position, *tensors):
-            kv = decode(layer, position, *tensors)
-            if layer == 0:
-                seen.append({})
-            bank = backend.working_set.bank_of[layer]
-            active = bank.residency.active_positions(bank.rows([layer]))
-            seen[-1][layer] = [set(row[row >= 0].tolist()) for row in active]
-            return kv
-
-        backend.decode_layer = recording
-        return backend
-
-    engine._new_backend = new_backend
+    seen = record_attended(engine, batched)
     prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
     result = engine.generate(prompt, SamplingConfig(max_new_tokens=8))
     return seen, result.token_ids
@@ -213,8 +194,6 @@ def test_in_the_engine_every_native_path_selects_alike_and_torch_within_rounding
     native producer and the general path's one native call attend the same, the prefilter changes what is
     attended (it runs), and the per-layer torch scores attend nearly the same at the first step (before
     tokens may part: the torch and native logits differ by float rounding)."""
-    from tiny_models import selecting_model
-
     if native.kernels() is None:
         pytest.skip(f"the native kernels cannot be built here: {native.status()}")
     adapter = selecting_model()
@@ -226,4 +205,15 @@ def test_in_the_engine_every_native_path_selects_alike_and_torch_within_rounding
     assert fast[0] != off[0]
     for layer in range(1, 5):
         for got, want in zip(fast[0][layer], torch_path[0][layer]):
-            assert len(got ^ want) <= 0.1 * len(want), (layer, len(got ^ want), len(want))
+            differ = set(got) ^ set(want)
+            assert len(differ) <= 0.1 * len(want), (layer, len(differ), len(want))
+
+
+def test_an_eval_variant_takes_the_prefilter_as_a_whole_page_size():
+    from offload_engine.evaluation.harness import PolicyVariant, check_policy_spec
+
+    assert PolicyVariant.parse("tokenbutler[page_prefilter=16]").policy_options() == {"page_prefilter": 16}
+    check_policy_spec("critical(tokenbutler)[page_prefilter=16]")
+    for spec in ("tokenbutler[page_prefilter=1]", "tokenbutler[page_prefilter=x]", "quest[page_prefilter=16]"):
+        with pytest.raises(ConfigError, match="page_prefilter"):
+            check_policy_spec(spec)

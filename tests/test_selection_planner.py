@@ -13,7 +13,7 @@ from offload_engine.models import ModelAdapter
 from offload_engine.selection import Selector
 from offload_engine.selection.scores import GroupScores
 
-from recording import record_results
+from recording import record_attended, record_results
 from tiny_models import seeded_policy, selecting_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,27 +44,7 @@ def selections(adapter: ModelAdapter, spec: str, batched: bool, policy=None, cop
     engine = Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config,
                                           copy_thread=copy_thread),
                     policy=policy if policy is not None else make_policy(adapter, spec))
-    seen: list[dict] = []
-    original = engine._new_backend
-
-    def new_backend(*args):
-        backend = original(*args)
-        backend.planner.batched = batched
-        decode = backend.decode_layer
-
-        def recording(layer, position, *tensors):
-            kv = decode(layer, position, *tensors)
-            if layer == 0:
-                seen.append({})
-            bank = backend.working_set.bank_of[layer]
-            active = bank.residency.active_positions(bank.rows([layer]))
-            seen[-1][layer] = [sorted(row[row >= 0].tolist()) for row in active]
-            return kv
-
-        backend.decode_layer = recording
-        return backend
-
-    engine._new_backend = new_backend
+    seen = record_attended(engine, batched)
     prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
     result = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW))
     return seen, result.token_ids

@@ -1121,6 +1121,29 @@ inline void page_logits_quads(const QueryForm& form, int64_t g, int64_t d, const
 }
 #endif
 
+// A row's scores from its heads' logits [g, n] (rows n apart): the largest head's logit over [lo, hi) (the max
+// rule), or over all n the mean over heads of each head's softmax with maximum tops[h] (the mean rule; the
+// logits are exponentiated in place)
+void reduce_heads(int64_t reduce, int64_t g, float* logits, int64_t n, int64_t lo, int64_t hi, const float* tops,
+                  float* scores) {
+    if (reduce == REDUCE_MAX) {
+        for (int64_t t = lo; t < hi; ++t) {
+            float best = logits[t];
+            for (int64_t h = 1; h < g; ++h) best = std::max(best, logits[h * n + t]);
+            scores[t] = best;
+        }
+        return;
+    }
+    for (int64_t h = 0; h < g; ++h) {
+        float* row = logits + h * n;
+        const float factor = 1.0f / (exp_in_place(row, n, tops[h]) * static_cast<float>(g));
+        if (h == 0)
+            for (int64_t t = 0; t < n; ++t) scores[t] = row[t] * factor;
+        else
+            for (int64_t t = 0; t < n; ++t) scores[t] += row[t] * factor;
+    }
+}
+
 // The scores of the scratch row's entries (the runs of prefilter_runs, `total` of them, the first `candidates`
 // the candidates) of int8 keys with their quad blocks, with no gather: the chosen pages' logits from their
 // blocks, the other runs' from the cache's keys, into logits [g, total]; then the row's rule over them into
@@ -1165,23 +1188,7 @@ bool quad_page_scores(int64_t reduce, const float* q, int64_t g, int64_t d, cons
         for (int64_t t = 0; t < n; ++t) where[at + t] = start + t;
         at += n;
     }
-    if (reduce == REDUCE_MAX) {
-        for (int64_t t = 0; t < candidates; ++t) {
-            float best = logits[t];
-            for (int64_t h = 1; h < g; ++h) best = std::max(best, logits[h * total + t]);
-            scores[t] = best;
-        }
-        return true;
-    }
-    for (int64_t h = 0; h < g; ++h) {  // each head's softmax over the row, the mean over heads
-        float* row = logits + h * total;
-        const float factor = 1.0f / (exp_in_place(row, total, work.tile_tops[static_cast<size_t>(h)]) *
-                                     static_cast<float>(g));
-        if (h == 0)
-            for (int64_t t = 0; t < total; ++t) scores[t] = row[t] * factor;
-        else
-            for (int64_t t = 0; t < total; ++t) scores[t] += row[t] * factor;
-    }
+    reduce_heads(reduce, g, logits, total, 0, candidates, work.tile_tops.data(), scores);
     return true;
 #else
     (void)reduce, (void)q, (void)g, (void)d, (void)keys, (void)dim_stride, (void)scales, (void)blocks;
@@ -1232,22 +1239,9 @@ bool quad_bound_scores(int64_t reduce, const float* q2, int64_t g, int64_t d2, c
             std::memcpy(page_logits + h * complete + b * QUAD_PAGE, out + h * QUAD_PAGE,
                         static_cast<size_t>(n) * sizeof(float));
     }
-    if (reduce == REDUCE_MAX) {
-        for (int64_t p = first; p < last; ++p) {
-            float best = page_logits[p];
-            for (int64_t h = 1; h < g; ++h) best = std::max(best, page_logits[h * complete + p]);
-            page_scores[p] = best;
-        }
-        return true;
-    }
-    for (int64_t h = 0; h < g; ++h) {
-        float* row = page_logits + h * complete;
-        const float factor = 1.0f / (exp_in_place(row, complete, _mm512_reduce_max_ps(top[h])) * static_cast<float>(g));
-        if (h == 0)
-            for (int64_t p = 0; p < complete; ++p) page_scores[p] = row[p] * factor;
-        else
-            for (int64_t p = 0; p < complete; ++p) page_scores[p] += row[p] * factor;
-    }
+    float tops[QUAD_PAGE_HEADS];
+    for (int64_t h = 0; h < g; ++h) tops[h] = _mm512_reduce_max_ps(top[h]);
+    reduce_heads(reduce, g, page_logits, complete, first, last, tops, page_scores);
     return true;
 #else
     (void)reduce, (void)q2, (void)g, (void)d2, (void)blocks, (void)scales, (void)complete, (void)first, (void)last;

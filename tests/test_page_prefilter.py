@@ -217,3 +217,14 @@ def test_an_eval_variant_takes_the_prefilter_as_a_whole_page_size():
     for spec in ("tokenbutler[page_prefilter=1]", "tokenbutler[page_prefilter=x]", "quest[page_prefilter=16]"):
         with pytest.raises(ConfigError, match="page_prefilter"):
             check_policy_spec(spec)
+
+
+@needs_compiler
+def test_pages_the_cpu_kernel_cannot_take_are_refused_not_scored_slower(built_native):
+    """int8 compact keys are scored by quad products from blocks of 16: pages of another size would send every
+    step to the torch form, which scores every token anyway; the engine says so and what to use instead."""
+    if native.kernels() is None or not native.kernels().int8_quad_products:
+        pytest.skip(f"needs the native kernels with AVX512-VNNI: {native.status()}")
+    with pytest.raises(ConfigError, match="--page-prefilter 8 with int8 compact keys.*use --page-prefilter 16"):
+        _engine_selections(selecting_model(), "int8", 8)
+    assert _engine_selections(selecting_model(), "bfloat16", 8)[1]  # float keys gather pages of any size

@@ -26,7 +26,9 @@ from ..errors import ConfigError
 from ..models import EMBEDDED_MODEL_NAME
 from ..predictor.checkpoint import PredictorError, check_shape, load_checkpoint, resolve_checkpoint_dir
 from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_keys, seeded_random_predictor
-from ..selection.pages import PageBounds, PagePrefilter, PageScoring, native_block_dtype, page_rows
+from ..memory import dtype_name
+from ..selection.pages import (QUAD_HEADS, QUAD_PAGE, PageBounds, PagePrefilter, PageScoring, native_block_dtype,
+                               page_rows)
 from ..selection.scores import GroupScores, NativeScoring, native_rows
 from .base import Candidates, Policy, PolicyContext
 
@@ -257,10 +259,19 @@ class TokenButlerPolicy(Policy):
         stored = self.stored_key_dtype = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
         self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, stored, ctx.device)
         if self.prefilter is not None:
+            blocks = native_block_dtype(stored, ctx.device, c.dim, c.query_group, self.prefilter)
+            if blocks is None and ctx.device.type == "cpu" and native.kernels() is not None and stored in (
+                    torch.float32, torch.bfloat16, torch.int8):  # the native selection runs, but not with these pages
+                raise ConfigError(
+                    f"--page-prefilter {self.prefilter.page} with {dtype_name(stored)} compact keys: the CPU kernel "
+                    f"takes int8 keys' pages of {QUAD_PAGE} only, with AVX512-VNNI, d' a multiple of 4 and at most "
+                    f"{QUAD_HEADS} query heads per KV head (here d' {c.dim}, {c.query_group} heads); use "
+                    f"--page-prefilter {QUAD_PAGE} or --key-dtype bfloat16 (the torch form would score every token "
+                    "anyway, slower than no prefilter).")
             pages = -(-ctx.capacity // self.prefilter.page)
             padded = padded_row_length(pages, torch.float32) if ctx.device.type == "cpu" else pages
             self.pages = PageBounds(c.num_layers - 1, c.num_kv_heads, c.dim, ctx.capacity, self.prefilter, ctx.device,
-                                    padded, native_block_dtype(stored, ctx.device, c.dim, c.query_group, self.prefilter))
+                                    padded, blocks)
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
         self._bound_mlps = {}

@@ -57,9 +57,9 @@ KEY_DTYPE = typer.Option("auto", "--key-dtype",
                               "AVX512-VNNI, else bfloat16), float32, bfloat16 or int8.")
 PAGE_PREFILTER = typer.Option(0, "--page-prefilter",
                               help="tokenbutler: rank pages of N tokens by their compact keys' bounds first and score "
-                                   "the tokens of the best only (4x the budget's worth); 0: score every token. Faster "
-                                   "at long contexts with a small budget on the CPU, at a cost in recall "
-                                   "(docs/predictor.md, \"Page prefilter\").")
+                                   "the tokens of the best only (4x the budget's worth); 0: score every token. "
+                                   "Experimental: faster at long contexts on the CPU, but it loses needles that "
+                                   "scoring every token finds (docs/predictor.md, \"Page prefilter\").")
 DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present).")
 DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 ALLOW_ROPE_SCALING = typer.Option(False, "--allow-rope-scaling",

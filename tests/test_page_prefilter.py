@@ -212,10 +212,12 @@ def test_in_the_engine_every_native_path_selects_alike_and_torch_within_rounding
 def test_an_eval_variant_takes_the_prefilter_as_a_whole_page_size():
     from offload_engine.evaluation.harness import PolicyVariant, check_policy_spec
 
-    assert PolicyVariant.parse("tokenbutler[page_prefilter=16]").policy_options() == {"page_prefilter": 16}
+    assert PolicyVariant.parse("tokenbutler[page_prefilter=16,prefilter_factor=8]").policy_options() == {
+        "page_prefilter": 16, "prefilter_factor": 8.0}
     check_policy_spec("critical(tokenbutler)[page_prefilter=16]")
-    for spec in ("tokenbutler[page_prefilter=1]", "tokenbutler[page_prefilter=x]", "quest[page_prefilter=16]"):
-        with pytest.raises(ConfigError, match="page_prefilter"):
+    for spec in ("tokenbutler[page_prefilter=1]", "tokenbutler[page_prefilter=x]", "quest[page_prefilter=16]",
+                 "tokenbutler[page_prefilter=16,prefilter_factor=0.5]", "tokenbutler[prefilter_factor=x]"):
+        with pytest.raises(ConfigError, match="page_prefilter|prefilter_factor"):
             check_policy_spec(spec)
 
 

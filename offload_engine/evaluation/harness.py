@@ -3,7 +3,8 @@
 One ``RunPoint`` is a (policy, budget) pair; dense (every token, KV on the device) is always the
 first point. A policy may carry its own selection settings in brackets, e.g.
 ``tokenbutler[interval=4,neighbor_rule=runs]`` (keys: ``interval``, ``neighbors``, ``neighbor_rule``,
-``group_reduction``, ``key_dtype``, ``page_prefilter``), so variants of one policy run side by side.
+``group_reduction``, ``key_dtype``, ``page_prefilter``, ``prefilter_factor``), so variants of one policy run side
+by side.
 
 One ``Engine`` is built per point. The samples are run one at a time: each prompt is prefilled
 once, densely (``Engine.record_prefill``), and every point starts from that record (its policy
@@ -49,7 +50,8 @@ MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages
 # SelectionConfig fields a variant may set (``tokenbutler[window=64]``: one point with another window)
 SELECTION_KEYS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "refresh_layers")
 COUNT_KEYS = ("sinks", "window", "interval", "neighbors")  # those that are whole numbers
-POLICY_KEYS = ("group_reduction", "key_dtype", "page_prefilter")  # options of the innermost policy a variant may set
+# options of the innermost policy a variant may set
+POLICY_KEYS = ("group_reduction", "key_dtype", "page_prefilter", "prefilter_factor")
 _VARIANT = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[(?P<options>[^\[\]]*)\])?$")
 
 
@@ -94,7 +96,8 @@ class PolicyVariant:
         return {k: (int(v) if k in COUNT_KEYS else v) for k, v in self.settings if k in SELECTION_KEYS}
 
     def policy_options(self) -> dict:
-        return {k: (int(v) if k == "page_prefilter" else v) for k, v in self.settings if k in POLICY_KEYS}
+        cast = {"page_prefilter": int, "prefilter_factor": float}
+        return {k: cast.get(k, str)(v) for k, v in self.settings if k in POLICY_KEYS}
 
 
 def check_policy_spec(spec: str) -> None:
@@ -120,10 +123,20 @@ def check_policy_spec(spec: str) -> None:
         if key == "page_prefilter" and ("tokenbutler" not in base or not value.isdigit() or int(value) == 1):
             raise ConfigError(f"--policy {spec!r}: page_prefilter (pages of tokenbutler's compact keys ranked before "
                               "its tokens) applies to tokenbutler and is a page size of at least 2 tokens, or 0.")
+        if key == "prefilter_factor" and ("tokenbutler" not in base or not _at_least_one(value)):
+            raise ConfigError(f"--policy {spec!r}: prefilter_factor (the page prefilter's candidates, in multiples of "
+                              "the budget) applies to tokenbutler and is a number of at least 1.")
         if key in ("interval", "neighbors") and not value.isdigit():
             raise ConfigError(f"--policy {spec!r}: {key} must be a whole number, got {value!r}.")
         if key == "refresh_layers":
             parse_layers(value)
+
+
+def _at_least_one(text: str) -> bool:
+    try:
+        return float(text) >= 1.0
+    except ValueError:
+        return False
 
 
 @dataclass(slots=True)

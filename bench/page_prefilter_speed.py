@@ -22,7 +22,7 @@ import torch
 
 from offload_engine import native
 from offload_engine.policies.tokenbutler import ProjectedKeyCache
-from offload_engine.selection.pages import PageBounds, PagePrefilter, PageScoring, page_rows
+from offload_engine.selection.pages import PageBounds, PagePrefilter, page_rows
 
 from .report import machine_header, markdown_header, markdown_table, micro_benchmark_main, provenance, time_alternating
 
@@ -50,7 +50,7 @@ def bound_selection(cache: ProjectedKeyCache, pages: PageBounds | None, tokens: 
     tables = (np.full((rows, keep + 1), -1, np.int64), np.full((rows, tokens + 1), -1, np.int32),
               np.zeros((rows, keep + 1), np.bool_))
     keys, scales = cache.of_layers(range(1, LAYERS + 1))
-    rows_of_pages = None if pages is None else page_rows(PageScoring(pages.of_layers(0, LAYERS), PREFILTER, keep))
+    rows_of_pages = None if pages is None else page_rows(pages.of_layers(0, LAYERS), PREFILTER)
     return native.kernels().bind_select_rows(keys.flatten(0, 1), *tables, "mean", scales.flatten(0, 1),
                                              rows_of_pages)
 

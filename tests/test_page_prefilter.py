@@ -104,7 +104,7 @@ def _native_selection(grouped, keys, scales, bounds, m, lo, hi, keep, rule, redu
     capacity, slots = keys.shape[-1], keep + 8
     tables = (np.full((rows, slots + 1), -1, np.int64), np.full((rows, capacity + 1), -1, np.int32),
               np.zeros((rows, slots + 1), np.bool_))
-    pages = page_rows(PageScoring(bounds.of_layers(0, keys.shape[0]), rule, keep)) if rule is not None else None
+    pages = page_rows(bounds.of_layers(0, keys.shape[0]), rule) if rule is not None else None
     positions, _, counts = native.kernels().select_rows(
         grouped.reshape(rows, -1, grouped.shape[-1]).contiguous(), keys.flatten(0, 1), lo, hi, keep, *tables,
         reduction, None if scales is None else scales.flatten(0, 1), pages)

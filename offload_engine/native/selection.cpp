@@ -1003,8 +1003,7 @@ struct PageArgs {
 struct PageWork {
     std::vector<float> query, page_scores, page_logits;
     std::vector<int64_t> pages, where, run_start, run_length;
-    std::vector<uint8_t> keys;  // the scratch row's keys, Key-typed, dim j at j * stride
-    std::vector<uint16_t> scales;
+    std::vector<uint8_t> keys;  // the scratch row's keys (float32 or bfloat16), dim j at j * stride
 };
 
 // bytes [src, src + n) to dst, in fixed-size pieces the compiler inlines as vector moves (a page's run of one
@@ -1054,12 +1053,12 @@ inline int64_t prefilter_runs(bool mean, int64_t m, int64_t lo, int64_t hi, int6
 // for memory)
 constexpr size_t BLOCKS_AHEAD = 4;
 
-// The scratch row: the chosen pages' candidates from their blocks, then the other runs from the cache's
-// keys; positions into where, keys into scratch [d, stride], int8 keys' scales into scales.
+// The scratch row of float32 or bfloat16 keys (int8 codes are scored in place, quad_page_scores): the chosen
+// pages' candidates from their blocks, then the other runs from the cache's keys; positions into where, keys
+// into scratch [d, stride].
 template <typename Key>
-void gather_scratch(int64_t d, int64_t page, const Key* keys, int64_t dim_stride, const uint16_t* scales,
-                    const Key* blocks, const uint16_t* block_scales, const PageWork& pw, size_t paged,
-                    int64_t* where, Key* scratch, int64_t stride, uint16_t* scratch_scales) {
+void gather_scratch(int64_t d, int64_t page, const Key* keys, int64_t dim_stride, const Key* blocks,
+                    const PageWork& pw, size_t paged, int64_t* where, Key* scratch, int64_t stride) {
     int64_t at = 0;
     for (size_t i = 0; i < paged; ++i) {
         const int64_t p = pw.pages[i], start = pw.run_start[i], n = pw.run_length[i], offset = start - p * page;
@@ -1071,8 +1070,6 @@ void gather_scratch(int64_t d, int64_t page, const Key* keys, int64_t dim_stride
         }
         for (int64_t j = 0; j < d; ++j)
             copy_run(scratch + j * stride + at, block + j * page, static_cast<size_t>(n) * sizeof(Key));
-        if (scratch_scales != nullptr)
-            copy_run(scratch_scales + at, block_scales + p * page + offset, static_cast<size_t>(n) * sizeof(uint16_t));
         for (int64_t t = 0; t < n; ++t) where[at + t] = start + t;
         at += n;
     }
@@ -1080,8 +1077,6 @@ void gather_scratch(int64_t d, int64_t page, const Key* keys, int64_t dim_stride
         const int64_t start = pw.run_start[i], n = pw.run_length[i];
         for (int64_t j = 0; j < d; ++j)
             copy_run(scratch + j * stride + at, keys + j * dim_stride + start, static_cast<size_t>(n) * sizeof(Key));
-        if (scratch_scales != nullptr)
-            copy_run(scratch_scales + at, scales + start, static_cast<size_t>(n) * sizeof(uint16_t));
         for (int64_t t = 0; t < n; ++t) where[at + t] = start + t;
         at += n;
     }
@@ -1202,19 +1197,13 @@ bool quad_page_scores(int64_t reduce, const float* q, int64_t g, int64_t d, cons
 // cache's keys, scored as any row (the softmax over all of it: candidates, sinks and window)
 template <typename Key>
 void gather_and_score(int64_t reduce, const float* q, int64_t g, int64_t d, const Key* keys, int64_t dim_stride,
-                      const uint16_t* scales, const Key* blocks, const uint16_t* block_scales, int64_t page,
-                      PageWork& pw, int64_t total, int64_t candidates, float* scores, float* logits, RowWork& work) {
+                      const Key* blocks, int64_t page, PageWork& pw, int64_t total, int64_t candidates, float* scores,
+                      float* logits, RowWork& work) {
     const int64_t stride = scratch_stride(total, sizeof(Key));
     pw.keys.resize(static_cast<size_t>(d * stride) * sizeof(Key));
     Key* scratch = reinterpret_cast<Key*>(pw.keys.data());
-    uint16_t* scratch_scales = nullptr;
-    if (scales != nullptr) {
-        pw.scales.resize(static_cast<size_t>(total));
-        scratch_scales = pw.scales.data();
-    }
-    gather_scratch(d, page, keys, dim_stride, scales, blocks, block_scales, pw, pw.pages.size(), pw.where.data(),
-                   scratch, stride, scratch_scales);
-    reduce_row(reduce, q, g, d, scratch, stride, 0, candidates, total, scores, logits, work, scratch_scales);
+    gather_scratch(d, page, keys, dim_stride, blocks, pw, pw.pages.size(), pw.where.data(), scratch, stride);
+    reduce_row(reduce, q, g, d, scratch, stride, 0, candidates, total, scores, logits, work, nullptr);
 }
 
 // The pages' scores from int8 bound blocks (bounds of 16 pages a block, as quad_page_scores reads keys):
@@ -1297,8 +1286,7 @@ bool prefiltered_row(int64_t reduce, const float* q, int64_t g, int64_t d, const
                               pw.pages.size(), total, candidates, pw.where.data(), scores, logits, work))
             return false;
     } else {
-        gather_and_score(reduce, q, g, d, keys, dim_stride, scales, blocks, block_scales, page, pw, total,
-                         candidates, scores, logits, work);
+        gather_and_score(reduce, q, g, d, keys, dim_stride, blocks, page, pw, total, candidates, scores, logits, work);
     }
     topk_positions(scores, candidates, keep, 0, true, chosen, topk);
     for (int64_t i = 0; i < keep; ++i)

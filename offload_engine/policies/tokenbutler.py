@@ -435,7 +435,7 @@ class TokenButlerPolicy(Policy):
         scale, shape = self._query_scale, (len(layers) * c.num_kv_heads, c.query_group, c.dim)
         pages = None
         if self.pages is not None:
-            pages = page_rows(PageScoring(self.pages.of_layers(layers.start - 1, len(layers)), self.prefilter, 0))
+            pages = page_rows(self.pages.of_layers(layers.start - 1, len(layers)), self.prefilter)
             if pages is None:
                 return None
 

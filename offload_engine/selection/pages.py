@@ -288,12 +288,11 @@ class PageRows:
     bound_scales: torch.Tensor | None = None
 
 
-def page_rows(pages: PageScoring | None) -> PageRows | None:
-    """A ``GroupScores``' pages as rows, or None (none given, no blocks, or not CPU tensors the kernel reads:
-    then the native selection takes no prefilter, and the caller the torch path)."""
-    if pages is None or pages.pages.blocks is None:
+def page_rows(layer: LayerPages, prefilter: PagePrefilter) -> PageRows | None:
+    """Some layers' pages as the native selection's rows, or None (no blocks, or not CPU tensors the kernel
+    reads: then the native selection takes no prefilter, and the caller the torch path)."""
+    if layer.blocks is None:
         return None
-    layer = pages.pages
     bounds, rest = layer.bounds, (layer.blocks, layer.block_scales, layer.bound_blocks, layer.bound_scales)
     if bounds.device.type != "cpu" or bounds.dtype != torch.float32 or bounds.stride(-1) != 1:
         return None
@@ -302,5 +301,5 @@ def page_rows(pages: PageScoring | None) -> PageRows | None:
         if t is not None and ((lg > 1 and t.stride(0) != kvh * t.stride(1)) or (t is not bounds and not t[0, 0].is_contiguous())):
             return None
     blocks, block_scales, bound_blocks, bound_scales = (None if t is None else t.flatten(0, 1) for t in rest)
-    return PageRows(bounds.reshape(lg * kvh, dims, count), blocks, block_scales, pages.prefilter, bound_blocks,
+    return PageRows(bounds.reshape(lg * kvh, dims, count), blocks, block_scales, prefilter, bound_blocks,
                     bound_scales)

@@ -73,7 +73,7 @@ class GroupScores:
 
     def page_rows(self) -> PageRows | None:
         """The prefilter's bounds as the native selection's rows (``pages.page_rows``), or None."""
-        return page_rows(self.pages)
+        return None if self.pages is None else page_rows(self.pages.pages, self.pages.prefilter)
 
     def compute(self) -> torch.Tensor:
         """The scores as a float32 tensor ``[Lg, KvH, hi - lo]`` (with ``pages``, where the prefilter applies,

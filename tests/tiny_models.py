@@ -72,16 +72,16 @@ def selecting_model() -> ModelAdapter:
                                    initializer_range=0.2))
 
 
-def seeded_policy(adapter: ModelAdapter, spec: str, query_heads: int | None = None):
-    """``build_policy(spec)``; a tokenbutler spec gets a small seeded predictor (a producer every 2 layers,
-    d' 8, I 32, ``query_heads`` query heads, by default the model's) for ``adapter``."""
+def seeded_policy(adapter: ModelAdapter, spec: str, query_heads: int | None = None, **options):
+    """``build_policy(spec, **options)``; a tokenbutler spec gets a small seeded predictor (a producer every 2
+    layers, d' 8, I 32, ``query_heads`` query heads, by default the model's) for ``adapter``."""
     from offload_engine.policies import build_policy
     from offload_engine.predictor.network import PredictorConfig, TokenButlerPredictor
 
     if "tokenbutler" not in spec:
-        return build_policy(spec)
+        return build_policy(spec, **options)
     torch.manual_seed(0)
     predictor = TokenButlerPredictor(PredictorConfig.for_model(adapter.dims, producer_every=2, dim=8, hidden=32,
                                                                query_heads=query_heads))
-    return build_policy(spec, predictor=predictor.eval())
+    return build_policy(spec, predictor=predictor.eval(), **options)
 

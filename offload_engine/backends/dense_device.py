@@ -11,20 +11,21 @@ from .base import DecodeKV, KVBackend
 from .local_window import LocalRings
 
 
-def check_device_memory(needed: int, device: torch.device) -> None:
-    """Refuse before allocating when the device cannot hold ``needed`` bytes of KV. On CUDA, free is
-    what the driver reports plus what torch's caching allocator holds unused (a prefill leaves that
-    cache full; torch returns it to the driver when an allocation needs it)."""
+def check_device_memory(needed: int, device: torch.device, what: str = "the KV cache",
+                        hint: str = "add --offload to keep it in host memory, or lower --context") -> None:
+    """Refuse before allocating when the device cannot hold ``needed`` bytes (of ``what``; ``hint``: what to
+    do). On CUDA, free is what the driver reports plus what torch's caching allocator holds unused (a
+    prefill leaves that cache full; torch returns it to the driver when an allocation needs it)."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
             - torch.cuda.memory_allocated(device)
         if needed > free:
             raise InsufficientMemoryError(
-                f"the KV cache needs {needed / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB "
-                "is free: add --offload to keep it in host memory, or lower --context."
+                f"{what} needs {needed / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB "
+                f"is free: {hint}."
             )
     else:
-        check_host_memory(needed, "the KV cache (dense, on the CPU)")
+        check_host_memory(needed, f"{what} (on the CPU)" if what == "the KV cache" else what)
 
 
 class DenseDeviceKV(KVBackend):

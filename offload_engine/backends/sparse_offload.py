@@ -29,21 +29,46 @@ attention (H2O, SnapKV) cannot rewind: the session prefills the whole prompt aga
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..attention import attention_weights
 from ..config import SelectionConfig
 from ..cpu_cache.gather import default_gather_method, pairs_gatherer
-from ..cpu_cache.host_store import HostKVStore
+from ..cpu_cache.host_store import HostKVStore, check_host_memory, store_layout
 from ..cpu_cache.prefetcher import Prefetcher
 from ..cpu_cache.working_set import WorkingSet
-from ..models import ModelAdapter
+from ..models import ModelAdapter, ModelDims
 from ..policies.base import Policy, PolicyContext
 from ..profiling import PhaseClock
 from ..selection import DeferredRows, FetchPlan, Orders, SelectionPlanner, Selector
 from .base import DecodeKV, KVBackend
 from .dense_device import check_device_memory
 from .local_window import LocalRings
+
+
+def check_sparse_memory(dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device,
+                        selection: SelectionConfig, slots_per_layer: list[int], policy_bytes: int,
+                        global_layers: list[int]) -> None:
+    """Refuse, before any of it is allocated, a sparse sequence whose memory does not fit: the host KV store
+    (host memory), and the working set (the selected slots, sinks, window and a policy's dense layers, with
+    their residency maps), the sliding-window rings, the policy's state (``policy_bytes``: TokenButler's
+    compact keys, Quest's page summaries, ...) and the per-step fetch counter on the device (host memory too
+    on a CPU run)."""
+    host = store_layout(dims, capacity, dtype, stored_layers=len(global_layers)).footprint
+    working = WorkingSet.bytes_needed(dims.num_layers, dims.num_kv_heads, dims.head_dim, selection.sinks,
+                                      selection.window, slots_per_layer, capacity, dtype, layers=global_layers)
+    other = LocalRings.bytes_needed(dims, capacity, dtype) + (capacity + 1) * 8  # rings, _moved_on_device
+    parts = (f"the working set {working / 2**30:.2f} GiB, the policy's state {policy_bytes / 2**30:.2f} GiB, "
+             f"rings and counters {other / 2**30:.2f} GiB")
+    if device.type != "cuda":
+        check_host_memory(host + working + policy_bytes + other,
+                          f"the sparse mode (the host KV store {host / 2**30:.2f} GiB, {parts})")
+        return
+    check_host_memory(host)
+    check_device_memory(working + policy_bytes + other, device, f"the sparse mode's device state ({parts})",
+                        "lower --budget (the working set) or --context (the policy's state grows with it)")
 
 
 class SparseOffloadKV(KVBackend):
@@ -56,19 +81,19 @@ class SparseOffloadKV(KVBackend):
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
         global_layers = dims.global_layers(capacity)
-        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=global_layers)
-        check_device_memory(LocalRings.bytes_needed(dims, capacity, dtype), device)
-        self.local = LocalRings(dims, capacity, dtype, device)
-        local_layers = frozenset(self.local.windows)
-        policy.bind(PolicyContext(dims=dims, capacity=capacity, device=device, dtype=dtype, adapter=adapter,
-                                  host_store=self.host, sinks=selection.sinks, window=selection.window,
-                                  local_layers=local_layers, interval=selection.interval))
+        local_layers = frozenset(dims.local_windows(capacity))
+        ctx = PolicyContext(dims=dims, capacity=capacity, device=device, dtype=dtype, adapter=adapter, host_store=None,
+                            sinks=selection.sinks, window=selection.window, local_layers=local_layers,
+                            interval=selection.interval)
+        policy.prepare(ctx)  # sizes its state (a predictor loaded), allocates nothing
         selector = Selector(selection, capacity, policy.dense_layers(), local_layers)
-        self.working_set = WorkingSet(
-            dims.num_layers, dims.num_kv_heads, dims.head_dim, selection.sinks, selection.window,
-            [selector.slots_for(layer) for layer in range(dims.num_layers)], capacity, dtype, device,
-            layers=global_layers,
-        )
+        slots = [selector.slots_for(layer) for layer in range(dims.num_layers)]
+        check_sparse_memory(dims, capacity, dtype, device, selection, slots, policy.state_bytes(), global_layers)
+        self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=global_layers)
+        self.local = LocalRings(dims, capacity, dtype, device)
+        policy.bind(dataclasses.replace(ctx, host_store=self.host))
+        self.working_set = WorkingSet(dims.num_layers, dims.num_kv_heads, dims.head_dim, selection.sinks,
+                                      selection.window, slots, capacity, dtype, device, layers=global_layers)
         self.planner = SelectionPlanner(selector, policy, self.working_set, selection.interval, batched=batched,
                                         refresh=selection.refresh_layers)
         self.prefetcher = Prefetcher(device, dims.num_layers, copy_thread=copy_thread)

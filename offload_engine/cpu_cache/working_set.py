@@ -77,6 +77,19 @@ class Bank:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    @staticmethod
+    def bytes_needed(layers: int, kv_heads: int, head_dim: int, fixed: int, num_slots: int, capacity: int,
+                     dtype: torch.dtype) -> int:
+        """Bytes a bank of these arguments allocates (``allocated_bytes``), before making it."""
+        slots = fixed + num_slots + 1
+        return (layers * kv_heads * slots * (2 * head_dim * dtype.itemsize + 1)  # K, V and the mask
+                + ResidencyMap.bytes_needed(layers * kv_heads, num_slots, capacity))  # its map views the mask
+
+    @property
+    def allocated_bytes(self) -> int:
+        """K, V, the mask and the residency map's own tables."""
+        return self.nbytes + self.valid.nbytes + self.residency.slot_pos.nbytes + self.residency.slot_of.nbytes
+
 
 class WorkingSet:
     """Every layer's working set, in banks, plus the sink and window positions shared by all.
@@ -107,7 +120,26 @@ class WorkingSet:
 
     @property
     def nbytes(self) -> int:
+        """K and V of every bank: the KV on the device."""
         return sum(bank.nbytes for bank in self.banks)
+
+    @staticmethod
+    def bytes_needed(num_layers: int, kv_heads: int, head_dim: int, sinks: int, window: int,
+                     slots_per_layer: list[int], capacity: int, dtype: torch.dtype,
+                     layers: list[int] | None = None) -> int:
+        """Bytes a ``WorkingSet`` of these arguments (but the device) allocates (``allocated_bytes``): what the
+        sparse backend checks before allocating."""
+        held = list(range(num_layers)) if layers is None else list(layers)
+        by_slots: dict[int, int] = {}
+        for layer in held:
+            by_slots[slots_per_layer[layer]] = by_slots.get(slots_per_layer[layer], 0) + 1
+        banks = sum(Bank.bytes_needed(count, kv_heads, head_dim, sinks + window, slots, capacity, dtype)
+                    for slots, count in by_slots.items())
+        return banks + (sinks + window) * 8  # sink_pos, ring_pos (int64)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(bank.allocated_bytes for bank in self.banks) + self.sink_pos.nbytes + self.ring_pos.nbytes
 
     def _slot(self, position: int) -> int:
         return position if position < self.sinks else self.sinks + position % self.window

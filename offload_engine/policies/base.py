@@ -110,6 +110,17 @@ class Policy:
     # for both). Undeclared: both.
     prefill_reads: ClassVar[frozenset[str]] = frozenset({"x", "q"})
 
+    def prepare(self, ctx: PolicyContext) -> None:
+        """Before anything of a sequence is allocated (its ``ctx.host_store`` not made yet): take its context and
+        resolve what sizes the state (a predictor's shape); allocate nothing. Then ``state_bytes`` and
+        ``dense_layers`` may be asked, and ``bind`` follows with the same context and the store."""
+        self.ctx = ctx
+
+    def state_bytes(self) -> int:
+        """Bytes of per-sequence state ``bind`` allocates on ``ctx.device`` (after ``prepare``): what the sparse
+        backend checks with the KV before allocating any of it. None by default."""
+        return 0
+
     def bind(self, ctx: PolicyContext) -> None:
         """Called once before prefill: allocate per-sequence state sized by ``ctx.capacity``."""
         self.ctx = ctx

@@ -8,6 +8,7 @@ the top ``alpha * keep`` tokens by the base score, then fill the rest by ``(A_i 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,11 +90,24 @@ class CriticalPolicy(Policy):
         return self.base.served_by(producer)
 
     # -- state ---------------------------------------------------------------------------------
+    def prepare(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+        self.base.prepare(ctx)
+
+    @staticmethod
+    def _norms_layout(ctx: PolicyContext) -> tuple[tuple[int, int, int], torch.dtype]:
+        """``[L, KvH, capacity]`` and the dtype of the value norms."""
+        dtype = torch.float32 if ctx.dtype == torch.float32 else torch.bfloat16
+        return (ctx.dims.num_layers, ctx.dims.num_kv_heads, ctx.capacity), dtype
+
+    def state_bytes(self) -> int:
+        shape, dtype = self._norms_layout(self.ctx)
+        return self.base.state_bytes() + math.prod(shape) * dtype.itemsize
+
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
         self.base.bind(ctx)
-        dtype = torch.float32 if ctx.dtype == torch.float32 else torch.bfloat16
-        shape = (ctx.dims.num_layers, ctx.dims.num_kv_heads, ctx.capacity)
+        shape, dtype = self._norms_layout(ctx)
         self.norms = torch.zeros(shape, dtype=dtype, device=ctx.device)  # one tensor: groups slice it
 
     def release(self) -> None:

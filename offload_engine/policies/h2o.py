@@ -46,6 +46,9 @@ class H2OPolicy(Policy):
     score_kind: ClassVar[str] = "mass"
     scored: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
 
+    def state_bytes(self) -> int:
+        return self.ctx.dims.num_layers * self.ctx.dims.num_kv_heads * self.ctx.capacity * 4  # float32
+
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
         shape = (ctx.dims.num_kv_heads, ctx.capacity)

@@ -8,6 +8,7 @@ every key of the page, and the pages with the highest bounds are attended.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,10 +40,16 @@ class QuestPolicy(Policy):
         if self.page_size < 1:
             raise ConfigError(f"quest page_size must be >= 1, got {self.page_size}")
 
+    def _summary_shape(self, ctx: PolicyContext) -> tuple[int, int, int]:
+        """``[KvH, pages, D]``: one layer's ``kmin`` (and ``kmax``)."""
+        return ctx.dims.num_kv_heads, -(-ctx.capacity // self.page_size), ctx.dims.head_dim
+
+    def state_bytes(self) -> int:
+        return 2 * self.ctx.dims.num_layers * math.prod(self._summary_shape(self.ctx)) * self.ctx.dtype.itemsize
+
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
-        pages = -(-ctx.capacity // self.page_size)
-        shape = (ctx.dims.num_kv_heads, pages, ctx.dims.head_dim)
+        shape = self._summary_shape(ctx)
         layers = range(ctx.dims.num_layers)
         self.kmin = [torch.full(shape, float("inf"), dtype=ctx.dtype, device=ctx.device) for _ in layers]
         self.kmax = [torch.full(shape, float("-inf"), dtype=ctx.dtype, device=ctx.device) for _ in layers]

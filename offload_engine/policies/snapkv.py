@@ -53,6 +53,9 @@ class SnapKVPolicy(Policy):
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"snapkv needs window >= 1 and an odd kernel >= 1, got {self.window}, {self.kernel}")
 
+    def state_bytes(self) -> int:
+        return self.ctx.dims.num_layers * self.ctx.dims.num_kv_heads * self.ctx.capacity * 4  # float32 scores
+
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
         positions = torch.arange(ctx.capacity, dtype=torch.float32, device=ctx.device)

@@ -87,14 +87,28 @@ class ProjectedKeyCache:
 
     def __init__(self, layers: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype,
                  device: torch.device):
-        self.int8 = int8 = dtype == torch.int8
+        self.int8 = dtype == torch.int8
+        storage, scales = self.layout(layers, kv_heads, capacity, dim, dtype, device)
+        self._storage = torch.zeros(storage, dtype=dtype, device=device)
+        self.keys = self._storage[..., :capacity]  # [L-1, KvH, d', capacity] view
+        self.scales = None if scales is None else torch.zeros(scales, dtype=torch.float16, device=device)
+
+    @staticmethod
+    def layout(layers: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype, device: torch.device
+               ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The shapes of the keys' storage and of the int8 codes' float16 scales (None for other dtypes)."""
         # rows padded a cache line past a multiple of 4 KiB: at a power-of-two capacity the d' rows a
         # scoring kernel streams side by side would fall in the same CPU cache sets (the kernel's logits
         # 2.3x slower at 32k, measured on an AMD EPYC)
         padded = padded_row_length(capacity, dtype) if device.type == "cpu" else capacity
-        self._storage = torch.zeros((layers, kv_heads, dim, padded), dtype=dtype, device=device)
-        self.keys = self._storage[..., :capacity]  # [L-1, KvH, d', capacity] view
-        self.scales = torch.zeros((layers, kv_heads, capacity), dtype=torch.float16, device=device) if int8 else None
+        return (layers, kv_heads, dim, padded), ((layers, kv_heads, capacity) if dtype == torch.int8 else None)
+
+    @classmethod
+    def bytes_needed(cls, layers: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype,
+                     device: torch.device) -> int:
+        """Bytes a cache of these arguments allocates (``nbytes``), before making it."""
+        storage, scales = cls.layout(layers, kv_heads, capacity, dim, dtype, device)
+        return math.prod(storage) * dtype.itemsize + (0 if scales is None else math.prod(scales) * 2)
 
     @property
     def nbytes(self) -> int:
@@ -248,34 +262,54 @@ class TokenButlerPolicy(Policy):
         group's mean predicted probabilities)."""
         return "logit" if self.by_max else "mass"
 
-    def bind(self, ctx: PolicyContext) -> None:
+    def prepare(self, ctx: PolicyContext) -> None:
+        """The predictor loaded (and checked against the model) and the compact keys' dtype decided: what sizes
+        the state, before anything is allocated."""
         self.ctx = ctx
         if self.predictor is None:
             self.predictor = self._load(ctx)
         check_shape({"model_shape": self.predictor.config.model_shape()}, ctx.dims,
                     self.predictor_path or "the given predictor")
+        self.stored_key_dtype = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
+
+    def state_bytes(self) -> int:
+        """The compact key cache and, with the page prefilter, its page bounds."""
+        ctx, c = self.ctx, self.predictor.config
+        total = ProjectedKeyCache.bytes_needed(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim,
+                                               self.stored_key_dtype, ctx.device)
+        if self.prefilter is not None:
+            total += PageBounds.bytes_needed(*self._page_arguments(ctx))
+        return total
+
+    def bind(self, ctx: PolicyContext) -> None:
+        self.prepare(ctx)  # again, cheap: the predictor is loaded once
         self.predictor = self.predictor.to(ctx.device).eval()
-        c = self.predictor.config
-        stored = self.stored_key_dtype = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
+        c, stored = self.predictor.config, self.stored_key_dtype
         self.cache = ProjectedKeyCache(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim, stored, ctx.device)
         if self.prefilter is not None:
-            blocks = native_block_dtype(stored, ctx.device, c.dim, c.query_group, self.prefilter)
-            if blocks is None and ctx.device.type == "cpu" and native.kernels() is not None and stored in (
-                    torch.float32, torch.bfloat16, torch.int8):  # the native selection runs, but not with these pages
-                raise ConfigError(
-                    f"--page-prefilter {self.prefilter.page} with {dtype_name(stored)} compact keys: the CPU kernel "
-                    f"takes int8 keys' pages of {QUAD_PAGE} only, with AVX512-VNNI, d' a multiple of 4 and at most "
-                    f"{QUAD_HEADS} query heads per KV head (here d' {c.dim}, {c.query_group} heads); use "
-                    f"--page-prefilter {QUAD_PAGE} or --key-dtype bfloat16 (the torch form would score every token "
-                    "anyway, slower than no prefilter).")
-            pages = -(-ctx.capacity // self.prefilter.page)
-            padded = padded_row_length(pages, torch.float32) if ctx.device.type == "cpu" else pages
-            self.pages = PageBounds(c.num_layers - 1, c.num_kv_heads, c.dim, ctx.capacity, self.prefilter, ctx.device,
-                                    padded, blocks)
+            layers, heads, dim, capacity, prefilter, padded, blocks = self._page_arguments(ctx)
+            self.pages = PageBounds(layers, heads, dim, capacity, prefilter, ctx.device, padded, blocks)
         self._queries = {}
         self._native_mlps = native_query_mlps(self.predictor)
         self._bound_mlps = {}
         self._decode_projections = None  # (position, projection, its version, key_projections_at(position), writer)
+
+    def _page_arguments(self, ctx: PolicyContext) -> tuple:
+        """``PageBounds``' arguments but the device: (layers, KV heads, d', capacity, prefilter, row length, block
+        dtype). Refuses pages the CPU kernel cannot take where it is what selects."""
+        c, stored = self.predictor.config, self.stored_key_dtype
+        blocks = native_block_dtype(stored, ctx.device, c.dim, c.query_group, self.prefilter)
+        if blocks is None and ctx.device.type == "cpu" and native.kernels() is not None and stored in (
+                torch.float32, torch.bfloat16, torch.int8):  # the native selection runs, but not with these pages
+            raise ConfigError(
+                f"--page-prefilter {self.prefilter.page} with {dtype_name(stored)} compact keys: the CPU kernel "
+                f"takes int8 keys' pages of {QUAD_PAGE} only, with AVX512-VNNI, d' a multiple of 4 and at most "
+                f"{QUAD_HEADS} query heads per KV head (here d' {c.dim}, {c.query_group} heads); use "
+                f"--page-prefilter {QUAD_PAGE} or --key-dtype bfloat16 (the torch form would score every token "
+                "anyway, slower than no prefilter).")
+        pages = -(-ctx.capacity // self.prefilter.page)
+        padded = padded_row_length(pages, torch.float32) if ctx.device.type == "cpu" else pages
+        return c.num_layers - 1, c.num_kv_heads, c.dim, ctx.capacity, self.prefilter, padded, blocks
 
     def _load(self, ctx: PolicyContext) -> TokenButlerPredictor:
         if self.random_weights:

@@ -86,25 +86,43 @@ class PageBounds:
                  device: torch.device, row_length: int | None = None, key_dtype: torch.dtype | None = None):
         self.prefilter, self.dim = prefilter, dim
         self.pages = -(-capacity // prefilter.page)
-        length = self.pages if row_length is None else row_length
-        if length < self.pages:
-            raise ValueError(f"row_length {length} holds fewer than the {self.pages} pages of {capacity} tokens")
-        self._storage = torch.zeros((layers, kv_heads, 2 * dim, length), dtype=torch.float32, device=device)
+        made = {name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in
+                self.layout(layers, kv_heads, dim, capacity, prefilter, row_length, key_dtype).items()}
+        self._storage = made["storage"]
         self.bounds = self._storage[..., : self.pages]
-        rows = (layers, kv_heads, self.pages)
-        block = (dim // 4, prefilter.page, 4) if key_dtype == torch.int8 else (dim, prefilter.page)
-        self.blocks = None if key_dtype is None else torch.zeros(rows + block, dtype=key_dtype, device=device)
-        self.block_scales = (torch.zeros(rows + (prefilter.page,), dtype=torch.float16, device=device)
-                             if key_dtype == torch.int8 else None)
+        self.blocks, self.block_scales = made.get("blocks"), made.get("block_scales")
         # int8 keys: the bounds as int8 codes too, rounded outwards (a bound stays a bound), 16 pages a block as
         # the keys' blocks are, for the kernel's quad products; `bounds` then holds those codes times their scale
-        self.bound_codes = self.bound_blocks = self.bound_scales = None
-        if key_dtype == torch.int8:
-            groups = -(-self.pages // QUAD_PAGE)
-            self.bound_codes = torch.zeros((layers, kv_heads, 2 * dim, groups * QUAD_PAGE), dtype=torch.int8)
-            self.bound_blocks = torch.zeros((layers, kv_heads, groups, 2 * dim // 4, QUAD_PAGE, 4), dtype=torch.int8)
-            self.bound_scales = torch.zeros((layers, kv_heads, groups * QUAD_PAGE), dtype=torch.float16)
+        self.bound_codes, self.bound_blocks = made.get("bound_codes"), made.get("bound_blocks")
+        self.bound_scales = made.get("bound_scales")
         self.complete = 0
+
+    @staticmethod
+    def layout(layers: int, kv_heads: int, dim: int, capacity: int, prefilter: PagePrefilter,
+               row_length: int | None = None, key_dtype: torch.dtype | None = None
+               ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor a ``PageBounds`` of these arguments allocates."""
+        pages = -(-capacity // prefilter.page)
+        length = pages if row_length is None else row_length
+        if length < pages:
+            raise ValueError(f"row_length {length} holds fewer than the {pages} pages of {capacity} tokens")
+        tensors = {"storage": ((layers, kv_heads, 2 * dim, length), torch.float32)}
+        rows = (layers, kv_heads, pages)
+        if key_dtype is not None:
+            block = (dim // 4, prefilter.page, 4) if key_dtype == torch.int8 else (dim, prefilter.page)
+            tensors["blocks"] = (rows + block, key_dtype)
+        if key_dtype == torch.int8:
+            groups = -(-pages // QUAD_PAGE)
+            tensors["block_scales"] = (rows + (prefilter.page,), torch.float16)
+            tensors["bound_codes"] = ((layers, kv_heads, 2 * dim, groups * QUAD_PAGE), torch.int8)
+            tensors["bound_blocks"] = ((layers, kv_heads, groups, 2 * dim // 4, QUAD_PAGE, 4), torch.int8)
+            tensors["bound_scales"] = ((layers, kv_heads, groups * QUAD_PAGE), torch.float16)
+        return tensors
+
+    @classmethod
+    def bytes_needed(cls, *args, **kwargs) -> int:
+        """Bytes a ``PageBounds(*args, **kwargs)`` allocates (its arguments but the device), before making it."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in cls.layout(*args, **kwargs).values())
 
     @property
     def nbytes(self) -> int:

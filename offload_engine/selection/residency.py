@@ -62,6 +62,12 @@ class ResidencyMap:
     are attended); pass a view to have the map write the attention mask in place.
     """
 
+    @staticmethod
+    def bytes_needed(rows: int, num_slots: int, capacity: int) -> int:
+        """Bytes of the tables a map of these arguments allocates, ``slot_pos`` (int64) and ``slot_of`` (int32);
+        ``active`` is the caller's (a bank's mask) or ``rows * (num_slots + 1)`` bytes more."""
+        return rows * ((num_slots + 1) * 8 + (capacity + 1) * 4)
+
     def __init__(self, rows: int, num_slots: int, device: torch.device, capacity: int,
                  active: torch.Tensor | None = None, on_host: bool | None = None):
         self.num_slots = num_slots

@@ -80,7 +80,8 @@ bench-overhead: setup
 
 # The same beside vLLM's CPU build decoding densely (its own venv), at 7.5k and 32k (tbrun's KV there a real 4k
 # prefix repeated, turned to its positions); the command of reports/overhead_vllm_cpu_prefetch (~30 min on the
-# Intel Xeon of the earlier reports, 25-34 on the AMD EPYC of this one).
+# Intel Xeon of the earlier reports, 25-34 on the AMD EPYC of this one, when each tbrun run prefilled its own tile:
+# since 2026-12-07 the tile is prefilled once per context, about 4 minutes fewer at 32k, not yet timed end to end).
 bench-overhead-vllm: setup-vllm
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m tbrun_bench.overhead --out bench/reports \
 		--name overhead_vllm_cpu_prefetch --contexts 7.5k,32k --synthetic-kv-from 16k --synthetic-kv-tile 4k \

@@ -97,7 +97,7 @@ Profile = tuple[list[dict], list[float], list[int]]  # a run's phases, ms and H2
 
 def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionConfig | None = None,
               synthetic_kv: bool = False, profiles: list[Profile] | None = None, copy_thread: bool = False,
-              synthetic_tile: int = 0, predictor: str | None = None, key_dtype: str = "auto") -> Run:
+              synthetic_tile: int = 0, predictor: str | None = None, key_dtype: str = "auto", prefill=None) -> Run:
     """Per-step ms, prefill seconds and generated ids of the engine: dense on the device, or
     sparse offload under ``selection``; ``synthetic_kv``: random KV instead of the prefill, or with
     ``synthetic_tile`` N, the prompt's first N tokens prefilled and their KV repeated to its length.
@@ -105,7 +105,8 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
     ``copy_thread`` (sparse offload): copies and selections on a copy thread, the model on one torch
     thread fewer than the process's, so that the run uses the process's cores and no more. ``predictor``:
     tokenbutler's checkpoint directory (default: the shipped one for the model and interval); ``key_dtype``:
-    how tokenbutler stores its compact keys (``TokenButlerPolicy.key_dtype``)."""
+    how tokenbutler stores its compact keys (``TokenButlerPolicy.key_dtype``). ``prefill``: the tile's
+    ``record_tile``, replayed instead of prefilling the tile again (with ``synthetic_tile``)."""
     mode = KVMode.DENSE_DEVICE if selection is None else KVMode.SPARSE_OFFLOAD
     context = len(prompt) + new_tokens + 1
     config = EngineConfig(context=context, mode=mode, device=str(adapter.device),
@@ -119,7 +120,8 @@ def run_tbrun(adapter, prompt: list[int], new_tokens: int, selection: SelectionC
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1) if copy_thread else threads)
     try:  # a fixed number of steps, like min_new_tokens on the other side
-        result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+        result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True),
+                                 prefill=prefill if synthetic_kv and synthetic_tile else None)
     finally:
         torch.set_num_threads(threads)
     if profiles is not None:
@@ -285,9 +287,13 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
     dense decode beside them.
     """
     profiles: dict[str, list[Profile]] = {"tbrun": []}  # of tbrun's runners, the latest run last
+    prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
+    synthetic = {c: synthetic_from is not None and c >= synthetic_from for c in contexts}
+    tiles = TileRecords(adapter, new_tokens, synthetic_tile, log)
     runners: dict[str, Runner] = {
         "tbrun": lambda p, synthetic: run_tbrun(adapter, p, new_tokens, synthetic_kv=synthetic,
-                                                profiles=profiles["tbrun"], synthetic_tile=synthetic_tile),
+                                                profiles=profiles["tbrun"], synthetic_tile=synthetic_tile,
+                                                prefill=tiles.of(p, synthetic)),
         "transformers": lambda p, synthetic: None if synthetic else run_transformers(adapter.model, p, new_tokens),
     }
     for spec in sparse:
@@ -295,11 +301,9 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
         profiles[name] = []
         runners[name] = lambda p, synthetic, run=runner, sink=profiles[name]: run_tbrun(
             adapter, p, new_tokens, run.selection, synthetic, sink, copy_thread, synthetic_tile, run.predictor,
-            run.key_dtype)
+            run.key_dtype, prefill=tiles.of(p, synthetic))
     if vllm is not None:
         runners["vllm"] = vllm
-    prompts = {c: random_prompt(adapter.dims.vocab_size, c, seed + c) for c in contexts}
-    synthetic = {c: synthetic_from is not None and c >= synthetic_from for c in contexts}
     for name, runner in runners.items():  # warm-up, excluded
         log(f"warm-up: {name} at {contexts[0]} tokens")
         runner(prompts[contexts[0]], synthetic[contexts[0]])
@@ -326,9 +330,48 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
                 log(f"rep {rep + 1}/{repeats}, {c} tokens, {name}: median {median:.1f} ms/step")
         rows.append(_row(c, samples, prefill, outputs, sparse, synthetic[c], profiled, skip))
         rows[-1]["paired_ratios"] = paired_ratios(by_repetition, c, sparse)
+        if len(prompts[c]) in tiles.seconds:
+            rows[-1]["tile_prefill_s"] = tiles.seconds[len(prompts[c])]
         if on_context is not None:
             on_context(rows)
     return rows
+
+
+def _tile_note(report: dict) -> str:
+    """How the tile was prefilled: once per context and replayed (reports since 2026-12-07), or per run."""
+    seconds = [r["tile_prefill_s"] for r in report["rows"] if r.get("tile_prefill_s") is not None]
+    if not seconds:
+        return ""
+    return (f" The tile was prefilled once per context ({min(seconds):.1f}-{max(seconds):.1f} s, `tile_prefill_s` in "
+            "the JSON) and replayed into every tbrun run, so tbrun's prefill s there is the replay and the fill.")
+
+
+class TileRecords:
+    """With ``--synthetic-kv-tile`` N: the real prefill of each prompt's first N tokens, made once (timed, logged,
+    ``seconds``) and replayed by every tbrun runner at that context instead of prefilling the tile again per run
+    (``Engine.record_prefill``; a replay is what the runner's own tiled prefill would give, tested in
+    tests/test_memory_and_lifecycle.py)."""
+
+    def __init__(self, adapter, new_tokens: int, tile: int, log: Callable[[str], None]):
+        self.adapter, self.new_tokens, self.tile, self.log = adapter, new_tokens, tile, log
+        self.records: dict[int, object] = {}  # prompt length -> its tile's PrefillRecord
+        self.seconds: dict[int, float] = {}
+
+    def of(self, prompt: list[int], synthetic: bool):
+        """The prompt's tile record (made now if it is the first), or None where no tile fills the KV."""
+        if not (synthetic and self.tile):
+            return None
+        length = len(prompt)
+        if length not in self.records:
+            context = length + self.new_tokens + 1
+            config = EngineConfig(context=context, device=str(self.adapter.device), allow_rope_scaling=True,
+                                  synthetic_kv=True, synthetic_kv_tile=self.tile)
+            start = time.perf_counter()
+            self.records[length] = Engine(self.adapter, config).record_prefill(prompt)
+            self.seconds[length] = time.perf_counter() - start
+            self.log(f"the tile of {self.tile} tokens for {length} tokens prefilled once in "
+                     f"{self.seconds[length]:.1f} s; every tbrun runner replays it")
+        return self.records[length]
 
 
 def _timing(samples: dict, prefill: dict, name: str, context: int, profiled: dict | None = None,
@@ -429,7 +472,8 @@ def to_markdown(report: dict) -> str:
                   f"prompt's first {tile} tokens, repeated along the positions ({turned}), instead of a prefill of the "
                   "whole prompt (a decode step's time does not depend on the values, but a sparse policy's selections "
                   "change from step to step as they do on a real prefix, where random keys renew most of them at "
-                  "every step); RoPE past the model's trained positions (timing only); transformers not run there.", ""]
+                  "every step); RoPE past the model's trained positions (timing only); transformers not run there."
+                  + _tile_note(report), ""]
     elif synthetic:
         notes += [f"Contexts {', '.join(map(str, synthetic))}: tbrun's KV filled with random keys and values instead of "
                   "a prefill (a decode step's time does not depend on the values), RoPE past the model's trained "

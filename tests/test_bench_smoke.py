@@ -299,6 +299,31 @@ def test_overhead_fills_random_kv_from_a_context_on_and_leaves_transformers_out_
     assert "| 96 | streaming:75% |" in markdown and "vLLM" not in markdown.split("## Sparse")[0]
 
 
+def test_overhead_prefills_a_contexts_tile_once_and_every_tbrun_runner_replays_it(monkeypatch):
+    from offload_engine import Engine
+    from tbrun_bench.overhead import run_tbrun
+
+    adapter = build_random_model("tiny-llama", device="cpu")
+    recorded = []
+    record = Engine.record_prefill
+    monkeypatch.setattr(Engine, "record_prefill",
+                        lambda self, ids, **k: recorded.append(len(ids)) or record(self, ids, **k))
+    outputs = []
+    monkeypatch.setattr("tbrun_bench.overhead.run_tbrun", lambda *a, **k: outputs.append((a, k)) or run_tbrun(*a, **k))
+    rows = measure(adapter, [64, 96], new_tokens=4, repeats=2, skip=1, seed=0, log=lambda _: None,
+                   sparse=("streaming:75%",), synthetic_from=96, synthetic_tile=32)
+    assert recorded == [96]  # the tiled context only, once for its 2 runners x 2 repetitions
+    replayed = [k for a, k in outputs if a[1] and len(a[1]) == 96]
+    assert len(replayed) == 4 and all(k["prefill"] is not None for k in replayed)
+    assert rows[1]["tile_prefill_s"] > 0 and "tile_prefill_s" not in rows[0]
+    # (a replay is bit-identical to the runner's own tiled prefill: tests/test_memory_and_lifecycle.py)
+    report = {"provenance": {"command": "x", "commit": "y", "date": "z"}, "machine": {"cpu": "c"},
+              "settings": {"model": "tiny", "dtype": "fp32", "new_tokens": 4, "repeats": 2, "skip_steps": 1,
+                           "timing_method": "t", "synthetic_kv_tile": 32, "synthetic_kv_tile_rope": TILE_ROPE},
+              "rows": rows}
+    assert "The tile was prefilled once per context" in to_markdown(report)
+
+
 def test_latency_append_merges_contexts_from_separate_runs(tmp_path):
     common = ["bench", "latency", "--arch", "tiny-llama", "--budget", "96", "--decode-steps", "1", "--warmup", "0",
               "--modes", "dense-gpu,streaming-offload", "--interval", "4", "--neighbors", "off",

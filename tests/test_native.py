@@ -257,6 +257,7 @@ def test_the_native_residency_update_is_the_numpy_one_at_engine_sizes(threads, b
             assert torch.equal(getattr(plans["native"], field), getattr(plans["numpy"], field)), (step, field)
         for field in ("slot_pos", "slot_of", "active"):
             assert torch.equal(getattr(maps["native"], field), getattr(maps["numpy"], field)), (step, field)
+        assert plans["native"].positions.is_contiguous() and plans["native"].slots.is_contiguous()
         current = torch.where(chosen >= 0, chosen, current) if part == slice(None) else current
 
 
@@ -681,6 +682,10 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
         for field in ("slot_pos", "slot_of", "active"):
             assert torch.equal(getattr(fused_map, field), getattr(reference_map, field)), (step, field)
         assert 0 < int(fused.counts.sum()) <= rows * keep
+        # [rows, width] contiguous (the kernel moves the rows to that stride): a layer's gather takes its rows
+        # as they are, with no copy
+        assert fused.positions.is_contiguous() and fused.slots.is_contiguous()
+        assert fused.positions.shape == (rows, int(fused.counts.max()))
 
 
 @needs_compiler

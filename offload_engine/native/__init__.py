@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 19
+ABI = 20
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -460,8 +460,9 @@ class SelectionKernels:
                 _address(slots), _address(counts), kernel_threads())
             if status != 0:  # cannot happen with k <= n (ResidencyMap.update checks it before)
                 raise ValueError(f"more missing positions than the {n} slots of a row")
-        width = int(counts.max()) if r else 0
-        return positions[:, :width], slots[:, :width], counts
+        width = int(counts.max()) if r else 0  # the kernel left the rows at that stride (pad_rows)
+        return (positions.reshape(-1)[: r * width].reshape(r, width), slots.reshape(-1)[: r * width].reshape(r, width),
+                counts)
 
     def gather_pairs(self, pairs, positions: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor | None) -> bool:
         """``dst[h, slots[h, j]] = src[h, positions[h, j]]`` for every ``(src, dst)`` of ``pairs`` (``[H, N, D]``
@@ -508,16 +509,16 @@ class BoundGatherPairs:
 
     def __call__(self, positions: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor | None) -> None:
         """positions, slots ``[H, m]`` long CPU, counts ``[H]`` long or None (all ``m``)."""
-        heads = self.heads
-        if (positions.shape != slots.shape or positions.dim() != 2 or positions.shape[0] != heads
-                or positions.dtype != torch.long or slots.dtype != torch.long or positions.device.type != "cpu"
-                or slots.device.type != "cpu"):
+        heads = self.heads  # (is_cpu, not device.type: a device object per call, 30 calls a step)
+        if (positions.dtype is not torch.long or slots.dtype is not torch.long or not positions.is_cpu
+                or not slots.is_cpu or positions.dim() != 2 or positions.shape != slots.shape
+                or positions.shape[0] != heads):
             raise ValueError(f"positions {tuple(positions.shape)} {positions.dtype} and slots {tuple(slots.shape)} "
                              f"{slots.dtype} must both be [KvH={heads}, m] long on the CPU")
         m = positions.shape[1]
         if counts is None:
             counts = torch.full((heads,), m, dtype=torch.long)
-        elif counts.shape != (heads,) or counts.dtype != torch.long or counts.device.type != "cpu":
+        elif counts.dtype is not torch.long or not counts.is_cpu or counts.shape != (heads,):
             raise ValueError(f"counts must be [KvH={heads}] long on the CPU; got {tuple(counts.shape)} {counts.dtype} "
                              f"on {counts.device}")
         if not (positions.is_contiguous() and slots.is_contiguous() and counts.is_contiguous()):
@@ -595,9 +596,8 @@ class BoundSelectRows:
         """queries ``[R, g, d]`` float32 contiguous CPU; the first ``m`` tokens of the keys scored, the top
         ``keep`` of candidates ``[lo, hi)`` selected. -> (positions, slots ``[R, width]``, counts ``[R]``)."""
         rows, n = self.rows, self.n
-        if (queries.dtype != torch.float32 or queries.dim() != 3 or queries.shape[0] != rows
-                or queries.shape[2] != self.dim or queries.shape[1] == 0 or queries.device.type != "cpu"
-                or not queries.is_contiguous()):
+        if (queries.dtype is not torch.float32 or not queries.is_cpu or queries.dim() != 3 or queries.shape[0] != rows
+                or queries.shape[2] != self.dim or queries.shape[1] == 0 or not queries.is_contiguous()):
             raise ValueError(f"select_rows: queries {queries.dtype} {tuple(queries.shape)} on {queries.device} are not "
                              f"[{rows}, g > 0, {self.dim}] contiguous float32 CPU")
         if not (0 <= lo and 0 < keep <= hi - lo < 2**31 and hi <= m <= self.capacity and keep <= n
@@ -624,8 +624,9 @@ class BoundSelectRows:
                                  *self.page_args[1])
         if status != 0:  # cannot happen with keep <= n (checked above)
             raise ValueError(f"more missing positions than the {n} slots of a row")
-        width = max(counts.tolist()) if rows else 0
-        return positions[:, :width], slots[:, :width], counts
+        width = max(counts.tolist()) if rows else 0  # the kernel left the rows at that stride (pad_rows)
+        return (out[: rows * width].reshape(rows, width), out[rows * keep : rows * (keep + width)].reshape(rows, width),
+                counts)
 
 
 class BoundKeyWriter:

@@ -735,17 +735,25 @@ int64_t update_row(const int64_t* selected, int64_t k, int64_t* slot_pos, int32_
     return placed < count ? -1 : placed;
 }
 
-// Rows [0, r) of a plan whose row i holds counts[i] copies: each padded to the largest count (position 0,
-// slot n), the width the wrappers return; the entries past it are left unwritten (a plan at interval 1 moves
-// a tenth of the budget: padding every row to k wrote ten times the plan). Returns the width.
+// Rows [0, r) of a plan whose row i holds counts[i] copies at positions + i * k: each padded to the largest
+// count (position 0, slot n), the width the wrappers return, and moved to positions + i * width, so that the
+// plan is [r, width] contiguous (a gather takes a layer's rows as they are, no copy); the entries past it are
+// left unwritten (a plan at interval 1 moves a tenth of the budget: padding every row to k wrote ten times
+// the plan). Returns the width.
 int64_t pad_rows(int64_t r, int64_t k, int64_t n, int64_t* positions, int64_t* slots, const int64_t* counts) {
     int64_t width = 0;
     for (int64_t i = 0; i < r; ++i) width = std::max(width, counts[i]);
-    for (int64_t i = 0; i < r; ++i)
+    for (int64_t i = 0; i < r; ++i) {
         for (int64_t j = counts[i]; j < width; ++j) {
             positions[i * k + j] = 0;
             slots[i * k + j] = n;
         }
+        if (i > 0 && width > 0 && width < k) {  // row i's new place ends at (i + 1) width <= i k + width: rows
+            // moved in order never overwrite one not yet moved
+            std::memmove(positions + i * width, positions + i * k, static_cast<size_t>(width) * sizeof(int64_t));
+            std::memmove(slots + i * width, slots + i * k, static_cast<size_t>(width) * sizeof(int64_t));
+        }
+    }
     return width;
 }
 
@@ -1570,7 +1578,7 @@ void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 19; }
+int tbrun_kernels_abi() { return 20; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }

@@ -395,13 +395,13 @@ class SelectionKernels:
         (nothing done) where it does not apply, so the caller takes torch's path: another dtype or device, no
         tokens, a group of more than 16 query heads per KV head, D above 256 or not a multiple of 16, or a
         tensor that needs a gradient."""
-        if (q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu" or q.dim() != 2
-                or k.dim() != 3 or v.shape != k.shape or k.shape[2] != q.shape[1] or 0 in k.shape[:2]
-                or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32
-                or k.stride(2) != 1 or v.stride(2) != 1
-                or (valid is not None and (valid.dtype != torch.bool or valid.shape != k.shape[:2]
-                                           or valid.device.type != "cpu"))
-                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        float32 = torch.float32  # (is_cpu and identity checks: no device object per call, 30 calls a step)
+        if (q.dtype is not float32 or k.dtype is not float32 or v.dtype is not float32 or not q.is_cpu
+                or not k.is_cpu or not v.is_cpu or q.dim() != 2 or k.dim() != 3 or v.shape != k.shape
+                or k.shape[2] != q.shape[1] or 0 in k.shape[:2] or k.stride(2) != 1 or v.stride(2) != 1
+                or (valid is not None and (valid.dtype is not torch.bool or not valid.is_cpu
+                                           or valid.shape != k.shape[:2]))
+                or ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled())):
             return None
         heads, (kv_heads, tokens, dim) = q.shape[0], k.shape
         if heads % kv_heads or heads // kv_heads > ATTENTION_MAX_GROUP or dim > ATTENTION_MAX_DIM or dim % 16:

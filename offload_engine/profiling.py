@@ -66,6 +66,13 @@ class PhaseClock:
         yield
         self._steps[-1][name] += time.perf_counter() - begin
 
+    def shift(self, source: str, target: str, seconds: float) -> None:
+        """Count ``seconds`` of the current step timed as ``source`` as ``target`` instead: work a call of one phase
+        did for another (a producer's selection that copied what it placed). CPU timers only."""
+        if self.enabled and not self.cuda:
+            self._steps[-1][source] -= seconds
+            self._steps[-1][target] += seconds
+
     def steps_ms(self) -> list[dict[str, float]]:
         """Milliseconds per phase of every closed decode step, in order (reads CUDA events once)."""
         if self._events:

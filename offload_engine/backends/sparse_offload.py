@@ -35,7 +35,8 @@ import torch
 
 from ..attention import attention_weights
 from ..config import SelectionConfig
-from ..cpu_cache.gather import default_gather_method, pairs_gatherer
+from .. import native
+from ..cpu_cache.gather import INDEX, default_gather_method, pairs_gatherer
 from ..cpu_cache.host_store import HostKVStore, check_host_memory, store_layout
 from ..cpu_cache.prefetcher import Prefetcher
 from ..cpu_cache.working_set import WorkingSet
@@ -76,7 +77,8 @@ class SparseOffloadKV(KVBackend):
 
     def __init__(self, adapter: ModelAdapter, capacity: int, selection: SelectionConfig, policy: Policy,
                  device: torch.device, gather_method: str | None = None, clock: PhaseClock | None = None,
-                 batched: bool = True, count_attended: bool = False, copy_thread: bool = False):
+                 batched: bool = True, count_attended: bool = False, copy_thread: bool = False,
+                 fused_copies: bool = True):
         dims, dtype = adapter.dims, adapter.dtype
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
@@ -99,6 +101,8 @@ class SparseOffloadKV(KVBackend):
         self.prefetcher = Prefetcher(device, dims.num_layers, copy_thread=copy_thread)
         self.planner.defer = copy_thread  # the copy thread also makes the selections it can, ahead of their copies
         self.gather_method = gather_method or default_gather_method(device)
+        if fused_copies and device.type == "cpu" and not copy_thread and self.gather_method == INDEX:
+            self.planner.row_copies = self._row_copies  # a producer's native selection copies what it places
         self._gatherers: dict[int, object] = {}  # layer -> its bound fetch (_gatherer)
         self._fragment_bytes = 2 * dims.head_dim * torch.empty((), dtype=dtype).element_size()
         self._step = 0
@@ -172,8 +176,29 @@ class SparseOffloadKV(KVBackend):
         self._issue(orders)
         return kv
 
+    def _row_copies(self, layers: list[int]) -> "native.RowCopies | None":
+        """The copies of ``layers``' selection rows (layer-major, then KV heads), from the host store into their
+        slots, for a producer's native selection to make as it places them (``SelectionPlanner.row_copies``);
+        timed when the step is profiled, so that the breakdown counts them as copying."""
+        kernels = native.kernels()
+        if kernels is None:
+            return None
+        rows = []
+        for layer in layers:
+            bank = self.working_set.bank_of[layer]
+            keys, values = bank.selected_keys(layer), bank.selected_values(layer)
+            rows += [(self.host.keys[layer][h], self.host.values[layer][h], keys[h], values[h])
+                     for h in range(self.dims.num_kv_heads)]
+        copies = kernels.bind_row_copies(rows)
+        if copies is not None:
+            copies.timed = self.clock.enabled
+        return copies
+
     def _issue(self, orders: Orders) -> None:
-        """Start the copies of ``orders`` (one prefetcher issue per layer) and count the fragments."""
+        """Start the copies of ``orders`` (one prefetcher issue per layer) and count the fragments (those a
+        selection already copied included: their time moves from the selection's phase to the copies')."""
+        if orders.copied_seconds:
+            self.clock.shift("selection", "copy", orders.copied_seconds)
         if isinstance(orders.moved, int):
             self._moved_on_host[-1] += orders.moved
         else:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from ..selection.pages import PageRows
@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 20
+ABI = 21
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -253,12 +253,12 @@ class SelectionKernels:
                                        ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
-                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages],
+                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
-                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages],
+                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr],
             "tbrun_group_scores_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_select_rows_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
-                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages],
+                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -339,11 +339,19 @@ class SelectionKernels:
 
     def bind_select_rows(self, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray,
                          reduction: str = "mean", scales: torch.Tensor | None = None,
-                         pages: "PageRows | None" = None) -> "BoundSelectRows":
+                         pages: "PageRows | None" = None, copies: "RowCopies | None" = None) -> "BoundSelectRows":
         """``select_rows`` of these keys ``[R, d, capacity]`` (any number of their first tokens at each call) and
         tables (and page bounds), checked now: the call left to make at each step passes only the queries and
-        the ranges."""
-        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales, pages)
+        the ranges. ``copies`` (``bind_row_copies``, one per row): each call also copies the rows it places."""
+        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales, pages, copies)
+
+    def bind_row_copies(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+                        ) -> "RowCopies | None":
+        """The copies a bound selection makes as it places its rows (``RowCopies``): per selection row, (host
+        keys ``[tokens, D]``, host values, key slots ``[slots, D]``, value slots), every source at one row stride
+        and count, every target at one, rows of D contiguous elements of one dtype, on the CPU; None where they
+        are not (then the caller gathers after the selection, as before)."""
+        return RowCopies.bind(rows)
 
     def query_mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
                   w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -535,6 +543,64 @@ class BoundGatherPairs:
 REDUCTIONS = ("mean", "max")  # the kernels' reduce codes 0 and 1
 
 
+class _RowCopiesArgs(ctypes.Structure):
+    """selection.cpp's ``RowCopies``, field for field."""
+
+    _fields_ = [("sources", ctypes.c_void_p), ("targets", ctypes.c_void_p), ("src_row", ctypes.c_int64),
+                ("dst_row", ctypes.c_int64), ("row_bytes", ctypes.c_int64), ("src_rows", ctypes.c_int64),
+                ("dst_rows", ctypes.c_int64), ("nanoseconds", ctypes.c_void_p)]
+
+
+class RowCopies:
+    """What a producer's bound selection copies as it places each row (``bind_row_copies``): row ``r``'s
+    positions from its host keys and values into its key and value slots. ``timed``: the kernel adds the time
+    it spends copying to ``seconds`` (read and reset by ``take_seconds``), so that a profile counts it as
+    copying, not selecting."""
+
+    __slots__ = ("args", "address", "rows", "_pointers", "_keep", "_spent")
+
+    def __init__(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
+        sources = [t for row in rows for t in row[:2]]
+        targets = [t for row in rows for t in row[2:]]
+        self.rows = len(rows)
+        pointers = ctypes.c_void_p * len(sources)
+        self._pointers = (pointers(*(t.data_ptr() for t in sources)), pointers(*(t.data_ptr() for t in targets)))
+        self._keep = tuple(sources + targets)  # the memory the addresses point into
+        self._spent = ctypes.c_int64(0)
+        size = sources[0].element_size()
+        self.args = _RowCopiesArgs(ctypes.addressof(self._pointers[0]), ctypes.addressof(self._pointers[1]),
+                                   sources[0].stride(0) * size, targets[0].stride(0) * size,
+                                   sources[0].shape[1] * size, sources[0].shape[0], targets[0].shape[0], None)
+        self.address = ctypes.addressof(self.args)
+
+    @classmethod
+    def bind(cls, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> "RowCopies | None":
+        tensors = [t for row in rows for t in row]
+        if not rows or any(len(row) != 4 for row in rows):
+            return None
+        first_source, first_target = rows[0][0], rows[0][2]
+        alike = all(t.dim() == 2 and t.is_cpu and t.dtype == first_source.dtype and t.stride(1) == 1
+                    and t.shape[1] == first_source.shape[1] for t in tensors)
+        sources_alike = all(t.stride(0) == first_source.stride(0) and t.shape[0] == first_source.shape[0]
+                            for row in rows for t in row[:2])
+        targets_alike = all(t.stride(0) == first_target.stride(0) and t.shape[0] == first_target.shape[0]
+                            for row in rows for t in row[2:])
+        return cls(rows) if alike and sources_alike and targets_alike else None
+
+    @property
+    def timed(self) -> bool:
+        return self.args.nanoseconds is not None
+
+    @timed.setter
+    def timed(self, on: bool) -> None:
+        self.args.nanoseconds = ctypes.addressof(self._spent) if on else None
+
+    def take_seconds(self) -> float:
+        """Seconds the kernel spent copying since the last call (0 unless ``timed``)."""
+        spent, self._spent.value = self._spent.value, 0
+        return spent / 1e9
+
+
 class BoundSelectRows:
     """``SelectionKernels.select_rows`` on fixed keys and residency tables, checked once at construction.
 
@@ -546,11 +612,11 @@ class BoundSelectRows:
     """
 
     __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "prefilter",
-                 "page_args", "_keep", "_layout")
+                 "page_args", "copies", "_keep", "_layout")
 
     def __init__(self, kernels: SelectionKernels, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray,
                  active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None,
-                 pages: "PageRows | None" = None):
+                 pages: "PageRows | None" = None, copies: RowCopies | None = None):
         self.reduce = _reduce_code(reduction)
         if keys.dim() != 3:
             raise ValueError(f"keys {tuple(keys.shape)} are not [rows, d, tokens]")
@@ -559,6 +625,11 @@ class BoundSelectRows:
         _check_tables(rows, slot_pos, slot_of, active)
         self.rows, self.dim, self.capacity = rows, d, capacity
         self.n, self.of_length = slot_pos.shape[1] - 1, slot_of.shape[1]
+        if copies is not None and (copies.rows != rows or copies.args.dst_rows < self.n + 1
+                                   or copies.args.src_rows < capacity):
+            raise ValueError(f"row copies of {copies.rows} rows ({copies.args.src_rows} tokens, {copies.args.dst_rows} "
+                             f"slots) do not serve {rows} rows of {capacity} tokens and {self.n + 1} slots")
+        self.copies = copies
         self.int8 = keys.dtype == torch.int8
         held = _page_tensors(pages)
         self.prefilter, self.page_args = None, ((None, 0, 0, 0), (None, 0) * 4)
@@ -584,12 +655,13 @@ class BoundSelectRows:
         self.args = (key_args, scale_args, tables)
 
     def matches(self, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
-                pages: "PageRows | None" = None) -> bool:
+                pages: "PageRows | None" = None, copies: RowCopies | None = None) -> bool:
         """Whether these keys (and scales and page bounds) are the memory and layout bound, under the same rule
-        and prefilter: then a call reads them as bound (the bound tensors are held, so their memory cannot be
-        another tensor's)."""
+        and prefilter, with the same copies: then a call reads them as bound (the bound tensors are held, so their
+        memory cannot be another tensor's)."""
         prefilter = None if pages is None else pages.prefilter
-        return self._layout == _layout(keys, scales, *_page_tensors(pages)) + (_reduce_code(reduction), prefilter)
+        return (self.copies is copies
+                and self._layout == _layout(keys, scales, *_page_tensors(pages)) + (_reduce_code(reduction), prefilter))
 
     def __call__(self, queries: torch.Tensor, m: int, lo: int, hi: int, keep: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -614,14 +686,17 @@ class BoundSelectRows:
         base, size = _address(out), rows * keep * 8  # the three outputs' addresses, from the one allocation
         outputs = (base, base + size, base + 2 * size, max(1, min(kernel_threads(), rows)))
         kept = 0 if self.prefilter is None else self.prefilter.kept_pages(m, lo, hi, keep)
+        copies = None if self.copies is None else self.copies.address
         if self.int8:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m,
                                  *scale_args, lo, hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1])
+                                 *self.page_args[1], copies)
         else:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m, lo,
                                  hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1])
+                                 *self.page_args[1], copies)
+        if status == -3:  # cannot happen with the tables checked at binding
+            raise IndexError("a selected position or slot is outside the bound copies' tables")
         if status != 0:  # cannot happen with keep <= n (checked above)
             raise ValueError(f"more missing positions than the {n} slots of a row")
         width = max(counts.tolist()) if rows else 0  # the kernel left the rows at that stride (pad_rows)

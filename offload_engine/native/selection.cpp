@@ -62,6 +62,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1008,6 +1009,41 @@ struct PageArgs {
     int64_t bound_scale_stride;
 };
 
+// A producer's fetch made by its selection call (select_rows with copies): each row's placed positions copied
+// from the host store into their slots as soon as the row is placed, while its plan is in the caches, instead
+// of a gather per layer afterwards (on the CPU, one call and no per-layer work in Python). Row r's keys come
+// from sources[2 r], its values from sources[2 r + 1] (token rows src_row bytes apart, src_rows of them), into
+// targets[2 r] and targets[2 r + 1] (slots dst_row bytes apart, dst_rows of them), row_bytes each.
+// nanoseconds (or null): the time spent copying is added there, so that a profile can count it as copying.
+struct RowCopies {
+    const uint8_t* const* sources;
+    uint8_t* const* targets;
+    int64_t src_row, dst_row, row_bytes, src_rows, dst_rows;
+    int64_t* nanoseconds;
+};
+
+// Row r's `count` copies (positions and slots as update_row wrote them); false (nothing copied) if an entry is
+// outside its table. Returns the nanoseconds spent when timed.
+inline bool copy_row(const RowCopies& copies, int64_t r, const int64_t* positions, const int64_t* slots,
+                     int64_t count, int64_t& nanoseconds) {
+    for (int64_t j = 0; j < count; ++j)
+        if (positions[j] < 0 || positions[j] >= copies.src_rows || slots[j] < 0 || slots[j] >= copies.dst_rows)
+            return false;
+    const auto start = copies.nanoseconds != nullptr ? std::chrono::steady_clock::now()
+                                                     : std::chrono::steady_clock::time_point{};
+    for (int64_t half = 0; half < 2; ++half) {
+        const uint8_t* from = copies.sources[2 * r + half];
+        uint8_t* to = copies.targets[2 * r + half];
+        for (int64_t j = 0; j < count; ++j)
+            std::memcpy(to + slots[j] * copies.dst_row, from + positions[j] * copies.src_row,
+                        static_cast<size_t>(copies.row_bytes));
+    }
+    if (copies.nanoseconds != nullptr)
+        nanoseconds += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+                           .count();
+    return true;
+}
+
 struct PageWork {
     std::vector<float> query, page_scores, page_logits;
     std::vector<int64_t> pages, where, run_start, run_length;
@@ -1314,9 +1350,10 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                 int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                 int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
                 int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
-                const uint16_t* scales, int64_t scale_stride, PageArgs pages) {
+                const uint16_t* scales, int64_t scale_stride, PageArgs pages, const RowCopies* copies) {
     std::atomic<int> status{0};
-    split_rows(rows, threads, [=, &status](int64_t, int64_t first, int64_t last) {
+    std::atomic<int64_t> copying{0};
+    split_rows(rows, threads, [=, &status, &copying](int64_t, int64_t first, int64_t last) {
         // per thread (grown once on the caller's; threads split_rows starts are new at every call): the
         // row's scores, score_row's [g, m] logits, the selected positions
         thread_local RowWork work;
@@ -1354,8 +1391,14 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                                               update, wanted.data(), of_length - 1);
             counts[r] = std::max<int64_t>(placed, 0);
             if (placed < 0) status = -1;
+            int64_t spent = 0;
+            if (copies != nullptr && placed > 0 &&
+                !copy_row(*copies, r, positions + r * keep, slots + r * keep, placed, spent))
+                status = -3;
+            if (spent) copying += spent;
         }
     });
+    if (copies != nullptr && copies->nanoseconds != nullptr) *copies->nanoseconds += copying.load();
     pad_rows(rows, keep, n, positions, slots, counts);
     return status.load();
 }
@@ -1578,7 +1621,7 @@ void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 20; }
+int tbrun_kernels_abi() { return 21; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -1817,8 +1860,10 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
 // k = keep; keep <= n). bounds (or null): the rows' page bounds [rows, 2d, pages] float32 at those strides,
 // of pages of `page` tokens, and the prefilter's `kept` pages (0: none; see prefiltered_row); blocks: the
 // rows' pages' keys [rows, pages, d, page] (row stride given; int8 keys' block_scales [rows, pages, page]);
-// bound_blocks (int8 keys, or null): the bounds as int8 codes (see PageArgs). Returns 0, -1 if a row had more missing positions than free slots, -2 for an
-// unknown reduce. threads > 1: rows split among them, as the scores are.
+// bound_blocks (int8 keys, or null): the bounds as int8 codes (see PageArgs). copies (or null): each row's
+// placed positions copied from the host store into their slots in the same call (RowCopies). Returns 0, -1 if
+// a row had more missing positions than free slots, -2 for an unknown reduce, -3 if a copy was outside its
+// tables (that row's copies not made). threads > 1: rows split among them, as the scores are.
 int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
                       int64_t row_stride,
                       int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
@@ -1828,13 +1873,13 @@ int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, i
                       int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
-                      int64_t bound_scale_stride) {
+                      int64_t bound_scale_stride, const RowCopies* copies) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride});
+                                bound_scale_stride}, copies);
 }
 
 // The same with bfloat16 keys (as tbrun_group_scores_bf16)
@@ -1846,13 +1891,13 @@ int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
-                      int64_t bound_scale_stride) {
+                      int64_t bound_scale_stride, const RowCopies* copies) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride});
+                                bound_scale_stride}, copies);
 }
 
 // The same with int8 keys and their scales (as tbrun_group_scores_int8)
@@ -1865,7 +1910,7 @@ int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
-                      int64_t bound_scale_stride) {
+                      int64_t bound_scale_stride, const RowCopies* copies) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads,
@@ -1873,7 +1918,7 @@ int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t
                        scale_stride,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride});
+                                bound_scale_stride}, copies);
 }
 
 }  // extern "C"

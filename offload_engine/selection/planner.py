@@ -85,11 +85,14 @@ class LayerFetch:
 class Orders:
     """What to issue now: per-layer fetches, and how many fragments they move.
 
-    ``moved`` is a Python int when the count is known on the host, else a 0-d device tensor.
+    ``moved`` is a Python int when the count is known on the host, else a 0-d device tensor; it counts the
+    fragments a selection already copied too (``SelectionPlanner.row_copies``), and ``copied_seconds`` the time
+    that copying took inside the selection (measured where the backend asked for it).
     """
 
     fetches: list[LayerFetch]
     moved: int | torch.Tensor = 0
+    copied_seconds: float = 0.0
 
 
 NOTHING = Orders([], 0)
@@ -108,11 +111,18 @@ class NativeProducer:
         self.layers = list(scoring.layers)
         self.bank, self.queries, self.bound = bank, scoring.queries, bound
 
+    @property
+    def copies(self) -> "native.RowCopies | None":
+        """The copies the selection makes as it places its rows, or None (the backend gathers them)."""
+        return self.bound.copies
+
     @classmethod
-    def bind(cls, scoring: NativeScoring, bank: "Bank") -> "NativeProducer | None":
-        """Bound to the rows of ``scoring``'s layers in ``bank``, or None where the map binds none."""
+    def bind(cls, scoring: NativeScoring, bank: "Bank", copies: "native.RowCopies | None" = None
+             ) -> "NativeProducer | None":
+        """Bound to the rows of ``scoring``'s layers in ``bank`` (copying what it places with ``copies``), or None
+        where the map binds none."""
         bound = bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales,
-                                           scoring.pages)
+                                           scoring.pages, copies)
         return None if bound is None else cls(scoring, bank, bound)
 
     def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan] | None:
@@ -138,6 +148,9 @@ class SelectionPlanner:
         self.selector, self.policy, self.ws = selector, policy, working_set
         self.interval, self.batched = interval, batched
         self.defer = False  # set by a backend whose copies run on a copy thread
+        # set by a backend that lets a producer's one-call selection copy what it places (the CPU, no copy thread):
+        # layers -> the RowCopies of their rows, or None
+        self.row_copies: Callable[[list[int]], "native.RowCopies | None"] | None = None
         self.refresh = refresh if interval > 1 else frozenset()  # layers selected at every step
         self.dense = selector.dense_layers
         self.local = selector.local_layers  # sliding-window layers: never selected for
@@ -244,7 +257,12 @@ class SelectionPlanner:
         fast = self._native_producer(producer)
         run = fast.plan(x, self.candidates) if fast is not None and wanted == fast.layers else None
         if run is not None:
-            self._emit_run(fast.bank, wanted, run, orders)
+            if fast.copies is not None:  # selected and copied in one call: nothing left to issue but the count
+                plan = run()
+                orders.moved = orders.moved + sum(plan.counts.tolist())
+                orders.copied_seconds += fast.copies.take_seconds()
+            else:
+                self._emit_run(fast.bank, wanted, run, orders)
             self._planned.update(wanted)
             return
         # only the layers that select now (on a refresh step, the refresh layers): range, [Lg, KvH, n]
@@ -278,7 +296,8 @@ class SelectionPlanner:
                 and all(layer in self.ws.bank_of for layer in layers)):
             bank = self.ws.bank_of[layers[0]]
             if all(self.ws.bank_of[layer] is bank for layer in layers) and len(bank.adjacent_runs(layers)) == 1:
-                fast = NativeProducer.bind(scoring, bank)
+                copies = self.row_copies(layers) if self.row_copies is not None and not self.defer else None
+                fast = NativeProducer.bind(scoring, bank, copies)
         self._native[producer] = fast
         return fast
 

@@ -332,6 +332,7 @@ def measure(adapter, contexts: list[int], new_tokens: int, repeats: int, skip: i
         rows[-1]["paired_ratios"] = paired_ratios(by_repetition, c, sparse)
         if len(prompts[c]) in tiles.seconds:
             rows[-1]["tile_prefill_s"] = tiles.seconds[len(prompts[c])]
+        tiles.forget(len(prompts[c]))  # its last run is done: the record's memory is not kept for later contexts
         if on_context is not None:
             on_context(rows)
     return rows
@@ -356,6 +357,10 @@ class TileRecords:
         self.adapter, self.new_tokens, self.tile, self.log = adapter, new_tokens, tile, log
         self.records: dict[int, object] = {}  # prompt length -> its tile's PrefillRecord
         self.seconds: dict[int, float] = {}
+
+    def forget(self, length: int) -> None:
+        """Drop the record of prompts of ``length`` tokens (its seconds stay)."""
+        self.records.pop(length, None)
 
     def of(self, prompt: list[int], synthetic: bool):
         """The prompt's tile record (made now if it is the first), or None where no tile fills the KV."""

@@ -31,7 +31,7 @@ from .attention import continuation_attention
 from .backends.base import KVBackend
 from .config import SamplingConfig
 from .engine import Engine, GenerationResult, ProgressCallback, TokenCallback, _chunked_finish, _chunked_qkv
-from .profiling import PhaseClock
+from .profiling import PhaseClock, timed_breakdown
 from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
 
 NO_REUSE_NOTE = "prefix reuse is not available in {mode} mode ({reason}): every request prefills its whole prompt"
@@ -102,6 +102,9 @@ class Session:
         stats.h2d_bytes = backend.h2d_bytes_per_step()[: len(stats.decode_ms)]
         stats.notes = list(backend.notes) + ([reuse.note] if reuse.note else [])
         stats.interrupted = reason == "cancelled"
+        if engine.config.profile:  # as Engine.generate reports it: this generation's own clock
+            stats.step_phases_ms = clock.steps_ms()
+            stats.breakdown = timed_breakdown([(stats.step_phases_ms, stats.decode_ms)], skip=0)
         self._keep(prompt, generated, reason)
         stats.new_tokens = len(generated)
         stats.predictor = engine.predictor_source
@@ -120,6 +123,7 @@ class Session:
         self._cached = []  # stale from here until this generation ends
         varying = self.engine.adapter.rope_varies_with_length(self.engine.config.context)
         if self._backend is not None and not varying and self._backend.rewind(reused):
+            self._backend.use_clock(clock)  # this generation's phases (its selections bind again after the rewind)
             return self._backend, PrefixReuse(reused, len(prompt) - reused)
         self.close()
         self._backend = self.engine._new_backend(clock)

@@ -79,10 +79,29 @@ def test_a_profiled_step_counts_the_selections_copies_as_copying(adapter, monkey
     assert abs(sum(part["ms_per_step"] for part in parts.values()) - step) <= 0.1 * step
 
 
+def test_a_reused_backend_times_the_next_generations_copies_on_its_clock(adapter):
+    """``tbrun serve``'s session keeps a backend across requests: the phases of each generation (the copies its
+    producers' selections make included) go to that generation's clock."""
+    from offload_engine.session import Session
+
+    selection = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6)
+    engine = Engine(adapter, EngineConfig(context=200, mode=KVMode.SPARSE_OFFLOAD, selection=selection, profile=True),
+                    policy=seeded_policy(adapter, "tokenbutler"))
+    session = Session(engine)
+    prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    first, _ = session.generate(prompt, SamplingConfig(max_new_tokens=NEW))
+    second, reuse = session.generate(prompt + first.token_ids, SamplingConfig(max_new_tokens=NEW))
+    assert reuse.reused_tokens > 0  # the same backend
+    parts = second.stats.breakdown
+    assert parts["selection"]["ms_per_step"] > 0 and parts["copy"]["ms_per_step"] > 0
+    session.close()
+
+
 def test_row_copies_move_exactly_the_rows_a_gather_moves():
     """The kernel's copies against index_select / index_copy_ on the same plan, rows of two layers x 2 heads at
-    token-major strides (the host store's), into slot tables (the working set's); an entry outside a table is
-    refused, nothing of that row copied."""
+    token-major strides (the host store's), into slot tables (the working set's); copies that do not serve the
+    rows are refused at binding, and an entry outside a table (only possible if the tables shrank after
+    binding) at the call, with nothing of that row copied."""
     generator = torch.Generator().manual_seed(0)
     kernels = native.kernels()
     heads, tokens, dim, slots = 2, 300, 16, 40
@@ -110,4 +129,9 @@ def test_row_copies_move_exactly_the_rows_a_gather_moves():
         assert torch.equal(key_slots[layer, h], want_keys) and torch.equal(value_slots[layer, h], want_values)
     with pytest.raises(ValueError, match="do not serve"):
         kernels.bind_select_rows(keys[:3], *(t[:3] for t in tables), "mean", copies=copies)
+    copies.args.dst_rows = 5  # as if the slot tables had shrunk: the kernel checks every entry before copying
+    key_slots.zero_()
+    with pytest.raises(IndexError, match="outside the bound copies' tables"):
+        bound(queries + 1, tokens, 2, tokens - 4, 30)
+    assert not key_slots.any()
     assert kernels.bind_row_copies([(store[0, :, 0], values[0, :, 0], key_slots[0, 0], value_slots[0, :, :, 0])]) is None

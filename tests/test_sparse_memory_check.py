@@ -13,7 +13,9 @@ from offload_engine import Budget, SelectionConfig, native
 from offload_engine.backends.sparse_offload import SparseOffloadKV, check_sparse_memory
 from offload_engine.cpu_cache import host_store
 from offload_engine.cpu_cache.host_store import HOST_HEADROOM_BYTES, store_layout
+from offload_engine.cpu_cache.working_set import WorkingSet
 from offload_engine.errors import InsufficientMemoryError
+from offload_engine.selection import Selector
 from tiny_models import seeded_policy, selecting_model
 
 SELECTION = SelectionConfig(policy="streaming", budget=Budget(tokens=48), sinks=4, window=16)
@@ -92,13 +94,18 @@ def fake_available(monkeypatch, available: int) -> None:
 
 def test_a_sequence_whose_policy_state_does_not_fit_is_refused_before_any_allocation(monkeypatch):
     adapter = selecting_model()
-    capacity = 200_000
-    # room for the host KV store alone (which its own check accepts), not for the compact keys beside it
-    host = store_layout(adapter.dims, capacity, adapter.dtype).footprint
-    fake_available(monkeypatch, HOST_HEADROOM_BYTES + host + 2**20)
+    dims, capacity = adapter.dims, 200_000
+    policy = seeded_policy(adapter, "tokenbutler")
+    # room for the host KV store, the working set, the counter and 1 MiB more: not for the compact keys beside
+    # them (16 MiB here), which alone tip it over
+    host = store_layout(dims, capacity, adapter.dtype).footprint
+    selector = Selector(SELECTION, capacity, policy.dense_layers(), frozenset())
+    slots = [selector.slots_for(layer) for layer in range(dims.num_layers)]
+    working = WorkingSet.bytes_needed(dims.num_layers, dims.num_kv_heads, dims.head_dim, SELECTION.sinks,
+                                      SELECTION.window, slots, capacity, adapter.dtype)
+    fake_available(monkeypatch, HOST_HEADROOM_BYTES + host + working + (capacity + 1) * 8 + 2**20)
     made = []
     monkeypatch.setattr(host_store, "allocate_buffer", lambda *a, **k: made.append(a))
-    policy = seeded_policy(adapter, "tokenbutler")
     monkeypatch.setattr(type(policy), "bind", lambda *a, **k: made.append("bind"))
     with pytest.raises(InsufficientMemoryError, match=r"the sparse mode \(the host KV store .* GiB, the working "
                                                        r"set .* GiB, the policy's state .* GiB"):

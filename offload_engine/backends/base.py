@@ -47,6 +47,10 @@ class KVBackend:
     def end_step(self) -> None:
         """The step is over (its token has been sampled)."""
 
+    def use_clock(self, clock) -> None:
+        """Time the next generation's phases on ``clock`` (a ``PhaseClock``; None: an idle one), for a backend kept
+        for another request (``Session``). Backends that time nothing ignore it."""
+
     def attended_share(self) -> float | None:
         """The share of the cached tokens the decode steps attended (over layers, dense ones included, KV
         heads and steps, each step's tokens up to its own; sliding-window layers not counted), when

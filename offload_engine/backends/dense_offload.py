@@ -104,6 +104,9 @@ class DenseOffloadKV(KVBackend):
         if layer not in self.local:
             self.prefetcher.release(("stage", self._buffer[layer]))
 
+    def use_clock(self, clock: PhaseClock | None) -> None:
+        self.clock = clock or PhaseClock()
+
     def end_step(self) -> None:
         self._moved.append(self._step_bytes)
 

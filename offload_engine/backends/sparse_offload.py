@@ -244,6 +244,9 @@ class SparseOffloadKV(KVBackend):
         if layer not in self.local:
             self.prefetcher.release(layer)
 
+    def use_clock(self, clock: PhaseClock | None) -> None:
+        self.clock = clock or PhaseClock()
+
     def end_step(self) -> None:
         self._step += 1
 

@@ -554,8 +554,8 @@ class _RowCopiesArgs(ctypes.Structure):
 class RowCopies:
     """What a producer's bound selection copies as it places each row (``bind_row_copies``): row ``r``'s
     positions from its host keys and values into its key and value slots. ``timed``: the kernel adds the time
-    it spends copying to ``seconds`` (read and reset by ``take_seconds``), so that a profile counts it as
-    copying, not selecting."""
+    it spends copying (with rows split among threads, the longest any thread copied) to a counter that
+    ``take_seconds`` reads and resets, so that a profile counts it as copying, not selecting."""
 
     __slots__ = ("args", "address", "rows", "_pointers", "_keep", "_spent")
 
@@ -695,7 +695,8 @@ class BoundSelectRows:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m, lo,
                                  hi, keep, *tables, *outputs, *self.page_args[0], kept,
                                  *self.page_args[1], copies)
-        if status == -3:  # cannot happen with the tables checked at binding
+        if status == -3:  # cannot happen with the tables checked at binding; the map's rows are then placed without
+            # their K/V: the backend must not go on (an error from generate closes it)
             raise IndexError("a selected position or slot is outside the bound copies' tables")
         if status != 0:  # cannot happen with keep <= n (checked above)
             raise ValueError(f"more missing positions than the {n} slots of a row")

@@ -1352,7 +1352,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                 int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
                 const uint16_t* scales, int64_t scale_stride, PageArgs pages, const RowCopies* copies) {
     std::atomic<int> status{0};
-    std::atomic<int64_t> copying{0};
+    std::atomic<int64_t> copying{0};  // the longest any thread copied: the threads copy side by side
     split_rows(rows, threads, [=, &status, &copying](int64_t, int64_t first, int64_t last) {
         // per thread (grown once on the caller's; threads split_rows starts are new at every call): the
         // row's scores, score_row's [g, m] logits, the selected positions
@@ -1367,6 +1367,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         logits.resize(static_cast<size_t>(g * m));
         chosen.resize(static_cast<size_t>(keep));
         grow_map(wanted, of_length);
+        int64_t spent = 0;  // nanoseconds this thread copied
         for (int64_t r = first; r < last; ++r) {
             const float* qr = q + r * g * d;
             const uint16_t* sr = row_scales(scales, scale_stride, r);
@@ -1391,11 +1392,11 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                                               update, wanted.data(), of_length - 1);
             counts[r] = std::max<int64_t>(placed, 0);
             if (placed < 0) status = -1;
-            int64_t spent = 0;
             if (copies != nullptr && placed > 0 &&
                 !copy_row(*copies, r, positions + r * keep, slots + r * keep, placed, spent))
                 status = -3;
-            if (spent) copying += spent;
+        }
+        for (int64_t seen = copying.load(); spent > seen && !copying.compare_exchange_weak(seen, spent);) {
         }
     });
     if (copies != nullptr && copies->nanoseconds != nullptr) *copies->nanoseconds += copying.load();
@@ -1863,7 +1864,9 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
 // bound_blocks (int8 keys, or null): the bounds as int8 codes (see PageArgs). copies (or null): each row's
 // placed positions copied from the host store into their slots in the same call (RowCopies). Returns 0, -1 if
 // a row had more missing positions than free slots, -2 for an unknown reduce, -3 if a copy was outside its
-// tables (that row's copies not made). threads > 1: rows split among them, as the scores are.
+// tables (that row's copies not made, its residency already updated: the caller must not go on with these
+// rows). threads > 1: rows split among them, as the scores are; the copies' time is the longest any thread
+// spent copying (they copy side by side), so that it stays within the call's wall time.
 int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const float* keys,
                       int64_t row_stride,
                       int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,

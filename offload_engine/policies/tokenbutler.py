@@ -273,10 +273,13 @@ class TokenButlerPolicy(Policy):
         self.stored_key_dtype = compact_key_dtype(self.key_dtype, ctx.dtype, ctx.device)
 
     def state_bytes(self) -> int:
-        """The compact key cache and, with the page prefilter, its page bounds."""
+        """The compact key cache and, with the page prefilter, its page bounds; and the predictor's weights where
+        ``bind`` moves them to the device (they are loaded on the CPU)."""
         ctx, c = self.ctx, self.predictor.config
         total = ProjectedKeyCache.bytes_needed(c.num_layers - 1, c.num_kv_heads, ctx.capacity, c.dim,
                                                self.stored_key_dtype, ctx.device)
+        moved = (p for p in self.predictor.parameters() if p.device.type != ctx.device.type)
+        total += sum(p.numel() * p.element_size() for p in moved)
         if self.prefilter is not None:
             total += PageBounds.bytes_needed(*self._page_arguments(ctx))
         return total

@@ -33,9 +33,9 @@ import dataclasses
 
 import torch
 
+from .. import native
 from ..attention import attention_weights
 from ..config import SelectionConfig
-from .. import native
 from ..cpu_cache.gather import INDEX, default_gather_method, pairs_gatherer
 from ..cpu_cache.host_store import HostKVStore, check_host_memory, store_layout
 from ..cpu_cache.prefetcher import Prefetcher
@@ -77,8 +77,7 @@ class SparseOffloadKV(KVBackend):
 
     def __init__(self, adapter: ModelAdapter, capacity: int, selection: SelectionConfig, policy: Policy,
                  device: torch.device, gather_method: str | None = None, clock: PhaseClock | None = None,
-                 batched: bool = True, count_attended: bool = False, copy_thread: bool = False,
-                 fused_copies: bool = True):
+                 batched: bool = True, count_attended: bool = False, copy_thread: bool = False):
         dims, dtype = adapter.dims, adapter.dtype
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
@@ -101,7 +100,7 @@ class SparseOffloadKV(KVBackend):
         self.prefetcher = Prefetcher(device, dims.num_layers, copy_thread=copy_thread)
         self.planner.defer = copy_thread  # the copy thread also makes the selections it can, ahead of their copies
         self.gather_method = gather_method or default_gather_method(device)
-        if fused_copies and device.type == "cpu" and not copy_thread and self.gather_method == INDEX:
+        if device.type == "cpu" and not copy_thread and self.gather_method == INDEX:
             self.planner.row_copies = self._row_copies  # a producer's native selection copies what it places
         self._gatherers: dict[int, object] = {}  # layer -> its bound fetch (_gatherer)
         self._fragment_bytes = 2 * dims.head_dim * torch.empty((), dtype=dtype).element_size()

@@ -64,6 +64,59 @@ def test_the_selection_copies_what_the_layers_gathers_copied(adapter, spec, opti
     torch.testing.assert_close(fused_scores.logprobs, plain_scores.logprobs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("options", [{}, {"key_dtype": "bfloat16", "page_prefilter": 16}])
+def test_the_selection_runs_the_query_network_as_the_separate_call_did(adapter, options, monkeypatch):
+    """A producer's native selection runs its query network in the same call (``NetworkStep``): no separate
+    query-network call, and the same tokens, logits and bytes as the two calls of before."""
+    networks = record_results(monkeypatch, native.BoundQueryMLP, "__call__")
+    one_call, one_call_scores = _run(adapter, "tokenbutler", fused=True, **options)
+    assert networks == []  # every producer step ran the network inside its selection
+    bind = planner_module.NativeProducer.bind.__func__
+    monkeypatch.setattr(planner_module.NativeProducer, "bind", classmethod(
+        lambda cls, scoring, bank, copies=None, network=False: bind(cls, scoring, bank, copies, False)))
+    two_calls, two_calls_scores = _run(adapter, "tokenbutler", fused=True, **options)
+    assert networks and all(networks)
+    assert one_call.token_ids == two_calls.token_ids and one_call.stats.h2d_bytes == two_calls.stats.h2d_bytes
+    torch.testing.assert_close(one_call_scores.logprobs, two_calls_scores.logprobs, rtol=0, atol=0)
+
+
+def _replace_linear_weights(policy, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in policy.predictor.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(torch.randn(module.weight.shape, generator=generator) * 0.1)
+
+
+def test_a_predictor_parameter_replaced_mid_generation_is_read_from_the_next_step(adapter, monkeypatch):
+    """The network the selection runs is the one the predictor holds: replaced during a generation, the next
+    producer step sees the new weights (the one-call path hands that step to the general path, which binds them
+    again), so both paths generate the same tokens; and the one-call path did fall back."""
+    results = {}
+    fell_back = record_results(monkeypatch, planner_module.NativeProducer, "plan")
+    for path in ("one call", "two calls"):
+        if path == "two calls":
+            bind = planner_module.NativeProducer.bind.__func__
+            monkeypatch.setattr(planner_module.NativeProducer, "bind", classmethod(
+                lambda cls, scoring, bank, copies=None, network=False: bind(cls, scoring, bank, copies, False)))
+        policy = seeded_policy(adapter, "tokenbutler")
+        selection = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6)
+        engine = Engine(adapter, EngineConfig(context=160, mode=KVMode.SPARSE_OFFLOAD, selection=selection),
+                        policy=policy)
+        prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+        seen = []
+
+        def on_token(token, policy=policy, seen=seen):
+            seen.append(token)
+            if len(seen) == 3:
+                _replace_linear_weights(policy, 7)
+
+        results[path] = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW), on_token=on_token).token_ids
+        if path == "one call":
+            assert not all(fell_back)  # a step after the replacement went to the general path
+    assert results["one call"] == results["two calls"]
+
+
 def test_a_profiled_step_counts_the_selections_copies_as_copying(adapter, monkeypatch):
     from offload_engine.profiling import PhaseClock
 

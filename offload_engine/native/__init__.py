@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 21
+ABI = 22
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -253,12 +253,12 @@ class SelectionKernels:
                                        ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
-                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr],
+                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
-                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr],
+                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr],
             "tbrun_group_scores_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_select_rows_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
-                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr],
+                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -339,11 +339,14 @@ class SelectionKernels:
 
     def bind_select_rows(self, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray,
                          reduction: str = "mean", scales: torch.Tensor | None = None,
-                         pages: "PageRows | None" = None, copies: "RowCopies | None" = None) -> "BoundSelectRows":
+                         pages: "PageRows | None" = None, copies: "RowCopies | None" = None,
+                         network: "QueryNetwork | None" = None) -> "BoundSelectRows":
         """``select_rows`` of these keys ``[R, d, capacity]`` (any number of their first tokens at each call) and
         tables (and page bounds), checked now: the call left to make at each step passes only the queries and
-        the ranges. ``copies`` (``bind_row_copies``, one per row): each call also copies the rows it places."""
-        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales, pages, copies)
+        the ranges. ``copies`` (``bind_row_copies``, one per row): each call also copies the rows it places.
+        ``network`` (``QueryNetwork``): a call may pass the producer's input ``x`` instead of queries, and the
+        kernel runs the query network first."""
+        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales, pages, copies, network)
 
     def bind_row_copies(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
                         ) -> "RowCopies | None":
@@ -543,6 +546,36 @@ class BoundGatherPairs:
 REDUCTIONS = ("mean", "max")  # the kernels' reduce codes 0 and 1
 
 
+class _QueryNetworkArgs(ctypes.Structure):
+    """selection.cpp's ``QueryNetwork``, field for field."""
+
+    _fields_ = [("norm_weight", ctypes.c_void_p), ("norm_bias", ctypes.c_void_p), ("w1", ctypes.c_void_p),
+                ("w2", ctypes.c_void_p), ("work", ctypes.c_void_p), ("raw", ctypes.c_void_p),
+                ("queries", ctypes.c_void_p), ("e", ctypes.c_int64), ("inner", ctypes.c_int64),
+                ("out_size", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class QueryNetwork:
+    """A producer's query network for its bound selection to run in the same call (``bind_select_rows``'s
+    ``network``): the weights of ``mlp`` (a ``BoundQueryMLP``, held), the queries' ``scale``, and buffers of
+    its own: ``raw`` ``[O]`` (the network's output, the policy's latest queries) and ``queries`` ``[R, g, d]``
+    (raw x scale, what the selection reads), both rewritten by every call."""
+
+    __slots__ = ("mlp", "raw", "queries", "e", "args", "address", "_work")
+
+    def __init__(self, mlp: "BoundQueryMLP", scale: float, rows: int, dim: int):
+        nw, nb, eps, w1, inner, w2, size = mlp.args
+        if size % (rows * dim):
+            raise ValueError(f"a query network of {size} outputs does not give {rows} rows of queries of {dim}")
+        self.mlp, self.e = mlp, mlp.e
+        self.raw = torch.empty(size, dtype=torch.float32)
+        self.queries = torch.empty(rows, size // (rows * dim), dim, dtype=torch.float32)
+        self._work = np.empty(self.e + inner, dtype=np.float32)
+        self.args = _QueryNetworkArgs(nw, nb, w1, w2, _address(self._work), self.raw.data_ptr(),
+                                      self.queries.data_ptr(), self.e, inner, size, eps, scale)
+        self.address = ctypes.addressof(self.args)
+
+
 class _RowCopiesArgs(ctypes.Structure):
     """selection.cpp's ``RowCopies``, field for field."""
 
@@ -612,11 +645,12 @@ class BoundSelectRows:
     """
 
     __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "prefilter",
-                 "page_args", "copies", "_keep", "_layout")
+                 "page_args", "copies", "network", "_keep", "_layout")
 
     def __init__(self, kernels: SelectionKernels, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray,
                  active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None,
-                 pages: "PageRows | None" = None, copies: RowCopies | None = None):
+                 pages: "PageRows | None" = None, copies: RowCopies | None = None,
+                 network: QueryNetwork | None = None):
         self.reduce = _reduce_code(reduction)
         if keys.dim() != 3:
             raise ValueError(f"keys {tuple(keys.shape)} are not [rows, d, tokens]")
@@ -630,6 +664,10 @@ class BoundSelectRows:
             raise ValueError(f"row copies of {copies.rows} rows ({copies.args.src_rows} tokens, {copies.args.dst_rows} "
                              f"slots) do not serve {rows} rows of {capacity} tokens and {self.n + 1} slots")
         self.copies = copies
+        if network is not None and (network.queries.shape[0] != rows or network.queries.shape[2] != d):
+            raise ValueError(f"a query network giving queries {tuple(network.queries.shape)} does not serve {rows} rows "
+                             f"of keys of {d}")
+        self.network = network
         self.int8 = keys.dtype == torch.int8
         held = _page_tensors(pages)
         self.prefilter, self.page_args = None, ((None, 0, 0, 0), (None, 0) * 4)
@@ -655,20 +693,31 @@ class BoundSelectRows:
         self.args = (key_args, scale_args, tables)
 
     def matches(self, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
-                pages: "PageRows | None" = None, copies: RowCopies | None = None) -> bool:
+                pages: "PageRows | None" = None, copies: RowCopies | None = None,
+                network: QueryNetwork | None = None) -> bool:
         """Whether these keys (and scales and page bounds) are the memory and layout bound, under the same rule
-        and prefilter, with the same copies: then a call reads them as bound (the bound tensors are held, so their
-        memory cannot be another tensor's)."""
+        and prefilter, with the same copies and network: then a call reads them as bound (the bound tensors are
+        held, so their memory cannot be another tensor's)."""
         prefilter = None if pages is None else pages.prefilter
-        return (self.copies is copies
+        return (self.copies is copies and self.network is network
                 and self._layout == _layout(keys, scales, *_page_tensors(pages)) + (_reduce_code(reduction), prefilter))
 
-    def __call__(self, queries: torch.Tensor, m: int, lo: int, hi: int, keep: int
+    def __call__(self, queries: torch.Tensor | None, m: int, lo: int, hi: int, keep: int, x: torch.Tensor | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """queries ``[R, g, d]`` float32 contiguous CPU; the first ``m`` tokens of the keys scored, the top
-        ``keep`` of candidates ``[lo, hi)`` selected. -> (positions, slots ``[R, width]``, counts ``[R]``)."""
+        """queries ``[R, g, d]`` float32 contiguous CPU, or with a bound ``network`` None and the producer's input
+        x ``[E]`` (float32 contiguous CPU: the kernel runs the network, its queries in ``network.queries``); the
+        first ``m`` tokens of the keys scored, the top ``keep`` of candidates ``[lo, hi)`` selected. ->
+        (positions, slots ``[R, width]``, counts ``[R]``)."""
         rows, n = self.rows, self.n
-        if (queries.dtype is not torch.float32 or not queries.is_cpu or queries.dim() != 3 or queries.shape[0] != rows
+        network = (None, None)
+        if x is not None:
+            if (self.network is None or x.dtype is not torch.float32 or not x.is_cpu or x.numel() != self.network.e
+                    or not x.is_contiguous()):
+                raise ValueError(f"select_rows: x {x.dtype} {tuple(x.shape)} on {x.device} is not the bound network's "
+                                 "contiguous float32 CPU input" if self.network is not None else
+                                 "select_rows: x given, but no query network is bound")
+            queries, network = self.network.queries, (self.network.address, x.data_ptr())
+        elif (queries.dtype is not torch.float32 or not queries.is_cpu or queries.dim() != 3 or queries.shape[0] != rows
                 or queries.shape[2] != self.dim or queries.shape[1] == 0 or not queries.is_contiguous()):
             raise ValueError(f"select_rows: queries {queries.dtype} {tuple(queries.shape)} on {queries.device} are not "
                              f"[{rows}, g > 0, {self.dim}] contiguous float32 CPU")
@@ -690,11 +739,11 @@ class BoundSelectRows:
         if self.int8:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m,
                                  *scale_args, lo, hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1], copies)
+                                 *self.page_args[1], copies, *network)
         else:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m, lo,
                                  hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1], copies)
+                                 *self.page_args[1], copies, *network)
         if status == -3:  # cannot happen with the tables checked at binding; the map's rows are then placed without
             # their K/V: the backend must not go on (an error from generate closes it)
             raise IndexError("a selected position or slot is outside the bound copies' tables")

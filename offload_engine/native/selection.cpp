@@ -1622,7 +1622,7 @@ void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 21; }
+int tbrun_kernels_abi() { return 22; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -1676,11 +1676,14 @@ int tbrun_topk_rows(const float* scores, int64_t r, int64_t n, int64_t row_strid
     return 0;
 }
 
+}  // extern "C"
+
+namespace {
 // The predictor's query network on one token: out = W2 silu(W1 layer_norm(x)), float32 throughout.
 // x [e]; norm_weight, norm_bias [e] (bias may be null); w1 [inner, e], w2 [out_size, inner] row-major;
 // work [e + inner] scratch; out [out_size]. The layer norm as torch's: biased variance, eps inside the root.
-int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const float* norm_bias, float eps,
-                    const float* w1, int64_t inner, const float* w2, int64_t out_size, float* work, float* out) {
+void query_network(const float* x, int64_t e, const float* norm_weight, const float* norm_bias, float eps,
+                   const float* w1, int64_t inner, const float* w2, int64_t out_size, float* work, float* out) {
     double sum = 0.0, squares = 0.0;
     for (int64_t i = 0; i < e; ++i) sum += x[i];
     const double mean = sum / static_cast<double>(e);
@@ -1693,6 +1696,37 @@ int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const f
     matvec(w1, inner, e, normed, hidden);
     for (int64_t i = 0; i < inner; ++i) hidden[i] = hidden[i] / (1.0f + std::exp(-hidden[i]));
     matvec(w2, out_size, inner, hidden, out);
+}
+
+// A producer's query network run by its selection call (select_rows with a network): from the producer's input
+// x, the raw queries into raw [out_size] (the policy's latest queries) and raw x scale into queries [out_size],
+// which the selection then reads as its q [rows, g, d] (out_size = rows g d). One call a producer step where
+// the query network's and the selection's were two, with Python between them.
+struct QueryNetwork {
+    const float* norm_weight;
+    const float* norm_bias;  // or null
+    const float* w1;
+    const float* w2;
+    float* work;  // [e + inner]
+    float* raw;
+    float* queries;
+    int64_t e, inner, out_size;
+    float eps, scale;
+};
+
+const float* run_network(const QueryNetwork& net, const float* x) {
+    query_network(x, net.e, net.norm_weight, net.norm_bias, net.eps, net.w1, net.inner, net.w2, net.out_size, net.work,
+                  net.raw);
+    for (int64_t i = 0; i < net.out_size; ++i) net.queries[i] = net.raw[i] * net.scale;
+    return net.queries;
+}
+}  // namespace
+
+extern "C" {
+
+int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const float* norm_bias, float eps,
+                    const float* w1, int64_t inner, const float* w2, int64_t out_size, float* work, float* out) {
+    query_network(x, e, norm_weight, norm_bias, eps, w1, inner, w2, out_size, work, out);
     return 0;
 }
 
@@ -1862,7 +1896,9 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
 // of pages of `page` tokens, and the prefilter's `kept` pages (0: none; see prefiltered_row); blocks: the
 // rows' pages' keys [rows, pages, d, page] (row stride given; int8 keys' block_scales [rows, pages, page]);
 // bound_blocks (int8 keys, or null): the bounds as int8 codes (see PageArgs). copies (or null): each row's
-// placed positions copied from the host store into their slots in the same call (RowCopies). Returns 0, -1 if
+// placed positions copied from the host store into their slots in the same call (RowCopies). network (or null):
+// q is not read; the producer's query network runs on x first and the selection reads its queries
+// (QueryNetwork). Returns 0, -1 if
 // a row had more missing positions than free slots, -2 for an unknown reduce, -3 if a copy was outside its
 // tables (that row's copies not made, its residency already updated: the caller must not go on with these
 // rows). threads > 1: rows split among them, as the scores are; the copies' time is the longest any thread
@@ -1876,7 +1912,9 @@ int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, i
                       int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
-                      int64_t bound_scale_stride, const RowCopies* copies) {
+                      int64_t bound_scale_stride, const RowCopies* copies,
+                      const QueryNetwork* network, const float* x) {
+    if (network != nullptr) q = run_network(*network, x);
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
@@ -1894,7 +1932,9 @@ int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
-                      int64_t bound_scale_stride, const RowCopies* copies) {
+                      int64_t bound_scale_stride, const RowCopies* copies,
+                      const QueryNetwork* network, const float* x) {
+    if (network != nullptr) q = run_network(*network, x);
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
@@ -1913,7 +1953,9 @@ int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t bound_dim_stride, int64_t page, int64_t kept, const void* blocks,
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
-                      int64_t bound_scale_stride, const RowCopies* copies) {
+                      int64_t bound_scale_stride, const RowCopies* copies,
+                      const QueryNetwork* network, const float* x) {
+    if (network != nullptr) q = run_network(*network, x);
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads,

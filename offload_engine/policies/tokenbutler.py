@@ -29,7 +29,7 @@ from ..predictor.network import PredictorConfig, TokenButlerPredictor, quantize_
 from ..memory import dtype_name
 from ..selection.pages import (QUAD_HEADS, QUAD_PAGE, PageBounds, PagePrefilter, PageScoring, native_block_dtype,
                                page_rows)
-from ..selection.scores import GroupScores, NativeScoring, native_rows
+from ..selection.scores import GroupScores, NativeScoring, NetworkStep, native_rows
 from .base import Candidates, Policy, PolicyContext
 
 KEY_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -481,7 +481,14 @@ class TokenButlerPolicy(Policy):
             self._refresh_pages(position)
             return (raw * scale).view(shape)
 
-        return NativeScoring(layers, queries, row_keys, "max" if self.by_max else "mean", row_scales, pages)
+        modules, raw_shape = self._native_mlps[producer], (len(layers), c.query_heads, c.dim)
+
+        def before(position: int, raw: torch.Tensor) -> None:  # the selection runs the network: raw is its output
+            self._queries[producer] = raw.view(raw_shape)
+            self._refresh_pages(position)
+
+        network = NetworkStep(lambda: self._bound_mlp(producer, modules), scale, before)
+        return NativeScoring(layers, queries, row_keys, "max" if self.by_max else "mean", row_scales, pages, network)
 
     def _refresh_pages(self, tokens: int) -> None:
         """The page bounds of every page complete within the first ``tokens`` (no-op without the prefilter)."""

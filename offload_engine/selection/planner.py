@@ -110,6 +110,7 @@ class NativeProducer:
     def __init__(self, scoring: NativeScoring, bank: "Bank", bound: "native.BoundSelectRows"):
         self.layers = list(scoring.layers)
         self.bank, self.queries, self.bound = bank, scoring.queries, bound
+        self.network = scoring.network if bound.network is not None else None  # the selection runs the network
 
     @property
     def copies(self) -> "native.RowCopies | None":
@@ -117,22 +118,36 @@ class NativeProducer:
         return self.bound.copies
 
     @classmethod
-    def bind(cls, scoring: NativeScoring, bank: "Bank", copies: "native.RowCopies | None" = None
-             ) -> "NativeProducer | None":
-        """Bound to the rows of ``scoring``'s layers in ``bank`` (copying what it places with ``copies``), or None
-        where the map binds none."""
+    def bind(cls, scoring: NativeScoring, bank: "Bank", copies: "native.RowCopies | None" = None,
+             network: bool = False) -> "NativeProducer | None":
+        """Bound to the rows of ``scoring``'s layers in ``bank`` (copying what it places with ``copies``; with
+        ``network``, running the policy's query network in the same call where it offers one), or None where the
+        map binds none."""
+        step = scoring.network if network else None
+        mlp = step.current() if step is not None else None
+        runs = None
+        if mlp is not None:
+            runs = native.QueryNetwork(mlp, step.scale, len(scoring.layers) * bank.kv_heads, scoring.keys.shape[1])
         bound = bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales,
-                                           scoring.pages, copies)
+                                           scoring.pages, copies, runs)
         return None if bound is None else cls(scoring, bank, bound)
 
     def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan] | None:
         """The queries now and the selection returned, to be made now or on the copy thread; None (nothing
         computed) where the map does not take this step (the general path selects)."""
-        c, residency = candidates, self.bank.residency
+        c, residency, network = candidates, self.bank.residency, self.network
         keep = min(c.keep, c.count)
         if not residency.accepts(self.bound, c.position, c.lo, c.hi, keep):
             return None
-        return residency.prepare_bound(self.bound, self.queries(x, c.position), c.position, c.lo, c.hi, keep)
+        if network is None:
+            return residency.prepare_bound(self.bound, self.queries(x, c.position), c.position, c.lo, c.hi, keep)
+        runs = self.bound.network
+        if network.current() is not runs.mlp:  # a parameter was replaced: the general path selects (and rebinds)
+            return None
+        network.before(c.position, runs.raw)
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        return residency.prepare_bound(self.bound, None, c.position, c.lo, c.hi, keep, x.reshape(-1))
 
 
 class SelectionPlanner:
@@ -297,7 +312,8 @@ class SelectionPlanner:
             bank = self.ws.bank_of[layers[0]]
             if all(self.ws.bank_of[layer] is bank for layer in layers) and len(bank.adjacent_runs(layers)) == 1:
                 copies = self.row_copies(layers) if self.row_copies is not None and not self.defer else None
-                fast = NativeProducer.bind(scoring, bank, copies)
+                # the query network in the same call, except where the call is made later, on the copy thread
+                fast = NativeProducer.bind(scoring, bank, copies, network=not self.defer)
         self._native[producer] = fast
         return fast
 

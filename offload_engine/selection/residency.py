@@ -218,22 +218,24 @@ class ResidencyMap:
         return self.prepare_bound(bound, queries.contiguous(), scores.m, scores.lo, scores.hi, keep)
 
     def bind_select(self, rows: slice, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
-                    pages: PageRows | None = None, copies: "native.RowCopies | None" = None
-                    ) -> "native.BoundSelectRows | None":
+                    pages: PageRows | None = None, copies: "native.RowCopies | None" = None,
+                    network: "native.QueryNetwork | None" = None) -> "native.BoundSelectRows | None":
         """The one-call selection of ``rows`` (a slice) bound to these keys ``[R, d', capacity]`` (and int8 keys'
         ``scales`` ``[R, capacity]``, and the page prefilter's bounds ``pages``) and to the map's tables, checked
         once: kept per slice of rows (and whether it copies) and bound again only when the keys' memory or
         layout, the rule or the prefilter changes. ``copies``: the call also copies what it places (the
-        backend's ``RowCopies`` of those rows). None where the map is off the host, the kernels are not built,
-        or ``rows`` are not the keys' rows."""
+        backend's ``RowCopies`` of those rows); ``network``: it may run the producer's query network first
+        (``native.QueryNetwork``). None where the map is off the host, the kernels are not built, or ``rows`` are
+        not the keys' rows."""
         kernels = native.kernels() if self.on_host else None
         if kernels is None or len(range(self.slot_pos.shape[0])[rows]) != keys.shape[0]:
             return None
-        place = (rows.start, rows.stop, rows.step, copies is not None)
+        place = (rows.start, rows.stop, rows.step, copies is not None, network is not None)
         bound = self._bound.get(place)
-        if bound is None or not bound.matches(keys, reduction, scales, pages, copies):
+        if bound is None or not bound.matches(keys, reduction, scales, pages, copies, network):
             tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
-            bound = self._bound[place] = kernels.bind_select_rows(keys, *tables, reduction, scales, pages, copies)
+            bound = self._bound[place] = kernels.bind_select_rows(keys, *tables, reduction, scales, pages, copies,
+                                                                  network)
         return bound
 
     def unbind(self) -> None:
@@ -249,15 +251,16 @@ class ResidencyMap:
         return (0 <= lo < hi <= tokens <= min(self._scratch, bound.capacity)
                 and 0 < keep <= min(hi - lo, self.num_slots) and native.enabled())
 
-    def prepare_bound(self, bound: "native.BoundSelectRows", queries: torch.Tensor, tokens: int, lo: int, hi: int,
-                      keep: int) -> Callable[[], FetchPlan]:
+    def prepare_bound(self, bound: "native.BoundSelectRows", queries: torch.Tensor | None, tokens: int, lo: int,
+                      hi: int, keep: int, x: torch.Tensor | None = None) -> Callable[[], FetchPlan]:
         """The bound selection of a step ``accepts`` took, to be made now or on the copy thread: queries
-        ``[R, g, d']`` float32, contiguous (any scale folded in). From here the rows no longer hold the
-        candidates in order (``appending`` is off)."""
+        ``[R, g, d']`` float32, contiguous (any scale folded in), or None and the producer's input ``x`` for a
+        selection bound with its query network. From here the rows no longer hold the candidates in order
+        (``appending`` is off)."""
         self.appending = False
 
         def run() -> FetchPlan:
-            positions, slots, counts = bound(queries, tokens, lo, hi, keep)
+            positions, slots, counts = bound(queries, tokens, lo, hi, keep, x)
             return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                              counts=torch.from_numpy(counts))
 

@@ -104,6 +104,18 @@ class GroupScores:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkStep:
+    """A producer's query network as its native selection can run it in the same call (``NativeScoring.network``):
+    ``current()`` the binding of the weights the predictor holds now (a new one once a parameter was replaced),
+    ``scale`` folded into the queries, ``before(position, raw)`` what the policy does at each step before the
+    selection reads its state, handed the network's output buffer ``raw`` ``[O]`` (its latest queries)."""
+
+    current: Callable[[], "native.BoundQueryMLP | None"]
+    scale: float
+    before: Callable[[int, torch.Tensor], None]
+
+
+@dataclass(frozen=True, slots=True)
 class NativeScoring:
     """A producer's ``GroupScores`` as the native selection takes them at every step, bound once.
 
@@ -112,7 +124,8 @@ class NativeScoring:
     ``[Lg * KvH, d', capacity]``: the compact keys of the ``layers`` it serves, all of their capacity (a
     step scores the first ``position`` tokens, as ``GroupScores`` with ``tokens=position``); int8 keys
     with ``scales`` ``[Lg * KvH, capacity]``; ``pages``: their page bounds as rows, refreshed by ``queries``
-    (None: no prefilter). The same scores as ``plan(..., describe=True)`` gives.
+    (None: no prefilter); ``network``: the query network the selection may run itself (``NetworkStep``; None:
+    ``queries`` only). The same scores as ``plan(..., describe=True)`` gives.
     """
 
     layers: range
@@ -121,6 +134,7 @@ class NativeScoring:
     reduction: str = "mean"
     scales: torch.Tensor | None = None
     pages: PageRows | None = None
+    network: NetworkStep | None = None
 
 
 def fused_group_scores(grouped: torch.Tensor, keys: torch.Tensor, reduction: str = "mean",

@@ -90,16 +90,18 @@ def _replace_linear_weights(policy, seed: int) -> None:
 
 def test_a_predictor_parameter_replaced_mid_generation_is_read_from_the_next_step(adapter, monkeypatch):
     """The network the selection runs is the one the predictor holds: replaced during a generation, the next
-    producer step sees the new weights (the one-call path hands that step to the general path, which binds them
-    again), so both paths generate the same tokens; and the one-call path did fall back."""
-    results = {}
-    fell_back = record_results(monkeypatch, planner_module.NativeProducer, "plan")
+    producer step binds the new weights and stays on the one-call path, so both paths generate the same tokens."""
+    results, made = {}, []
+    original_network = native.QueryNetwork.__init__
+    monkeypatch.setattr(native.QueryNetwork, "__init__",
+                        lambda self, *a, **k: made.append(1) or original_network(self, *a, **k))
     for path in ("one call", "two calls"):
         if path == "two calls":
             bind = planner_module.NativeProducer.bind.__func__
             monkeypatch.setattr(planner_module.NativeProducer, "bind", classmethod(
                 lambda cls, scoring, bank, copies=None, network=False: bind(cls, scoring, bank, copies, False)))
         policy = seeded_policy(adapter, "tokenbutler")
+        producers = sum(policy.predictor.is_producer(layer) for layer in range(adapter.dims.num_layers))
         selection = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6)
         engine = Engine(adapter, EngineConfig(context=160, mode=KVMode.SPARSE_OFFLOAD, selection=selection),
                         policy=policy)
@@ -111,9 +113,11 @@ def test_a_predictor_parameter_replaced_mid_generation_is_read_from_the_next_ste
             if len(seen) == 3:
                 _replace_linear_weights(policy, 7)
 
+        networks = record_results(monkeypatch, native.BoundQueryMLP, "__call__")
         results[path] = engine.generate(prompt, SamplingConfig(max_new_tokens=NEW), on_token=on_token).token_ids
         if path == "one call":
-            assert not all(fell_back)  # a step after the replacement went to the general path
+            assert len(made) == 2 * producers  # bound once, and once again to the new weights
+            assert networks == []  # no step left the one call for the two
     assert results["one call"] == results["two calls"]
 
 

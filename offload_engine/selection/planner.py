@@ -109,7 +109,7 @@ class NativeProducer:
 
     def __init__(self, scoring: NativeScoring, bank: "Bank", bound: "native.BoundSelectRows"):
         self.layers = list(scoring.layers)
-        self.bank, self.queries, self.bound = bank, scoring.queries, bound
+        self.bank, self.queries, self.bound, self.scoring = bank, scoring.queries, bound, scoring
         self.network = scoring.network if bound.network is not None else None  # the selection runs the network
 
     @property
@@ -125,12 +125,18 @@ class NativeProducer:
         map binds none."""
         step = scoring.network if network else None
         mlp = step.current() if step is not None else None
+        bound = cls._bind(scoring, bank, copies, mlp)
+        return None if bound is None else cls(scoring, bank, bound)
+
+    @staticmethod
+    def _bind(scoring: NativeScoring, bank: "Bank", copies: "native.RowCopies | None",
+              mlp: "native.BoundQueryMLP | None") -> "native.BoundSelectRows | None":
         runs = None
         if mlp is not None:
-            runs = native.QueryNetwork(mlp, step.scale, len(scoring.layers) * bank.kv_heads, scoring.keys.shape[1])
-        bound = bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales,
-                                           scoring.pages, copies, runs)
-        return None if bound is None else cls(scoring, bank, bound)
+            runs = native.QueryNetwork(mlp, scoring.network.scale, len(scoring.layers) * bank.kv_heads,
+                                       scoring.keys.shape[1])
+        return bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales,
+                                          scoring.pages, copies, runs)
 
     def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan] | None:
         """The queries now and the selection returned, to be made now or on the copy thread; None (nothing
@@ -141,13 +147,18 @@ class NativeProducer:
             return None
         if network is None:
             return residency.prepare_bound(self.bound, self.queries(x, c.position), c.position, c.lo, c.hi, keep)
-        runs = self.bound.network
-        if network.current() is not runs.mlp:  # a parameter was replaced: the general path selects (and rebinds)
+        if x.dim() != 1:  # (the query network's native form takes one token's [E]; the general path the rest)
             return None
-        network.before(c.position, runs.raw)
+        mlp = network.current()
+        if mlp is not self.bound.network.mlp:  # a predictor parameter was replaced: bound again to the new weights
+            bound = self._bind(self.scoring, self.bank, self.bound.copies, mlp)
+            if bound is None or bound.network is None:
+                return None
+            self.bound = bound
+        network.before(c.position, self.bound.network.raw)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
-        return residency.prepare_bound(self.bound, None, c.position, c.lo, c.hi, keep, x.reshape(-1))
+        return residency.prepare_bound(self.bound, None, c.position, c.lo, c.hi, keep, x)
 
 
 class SelectionPlanner:

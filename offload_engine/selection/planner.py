@@ -99,12 +99,13 @@ NOTHING = Orders([], 0)
 
 
 class NativeProducer:
-    """A producer's whole selection at a prediction step in two native calls: its queries (the policy's
-    ``NativeScoring``), then scores, top-k and residency update of every layer it serves (the bank's
-    ``ResidencyMap.bind_select``, bound here once). The step's conditions are the map's (``accepts``), as for
-    ``prepare_select``; what this adds is the query network and the rows' binding without the ~60 Python
-    operations of ``plan(..., describe=True)`` and ``prepare_select`` (the same selections:
-    tests/test_selection_planner.py). In the engine on the CPU those cost about as much as the kernels
+    """A producer's whole selection at a prediction step in one native call (with a copy thread, two: its queries
+    now, the rest on the thread): the policy's query network (``NativeScoring.network``), then scores, top-k and
+    residency update of every layer it serves (the bank's ``ResidencyMap.bind_select``, bound here once), and
+    with the backend's ``row_copies`` the copies of what it places. The step's conditions are the map's
+    (``accepts``), as for ``prepare_select``; what this adds is the query network and the rows' binding without
+    the ~60 Python operations of ``plan(..., describe=True)`` and ``prepare_select`` (the same selections:
+    tests/test_selection_planner.py, tests/test_selection_copies.py). In the engine on the CPU those cost about as much as the kernels
     (profiled at 3k-8k tokens): Python's data is out of the caches after the model's matrix products."""
 
     def __init__(self, scoring: NativeScoring, bank: "Bank", bound: "native.BoundSelectRows"):

@@ -1009,6 +1009,48 @@ struct PageArgs {
     int64_t bound_scale_stride;
 };
 
+// The predictor's query network on one token: out = W2 silu(W1 layer_norm(x)), float32 throughout.
+// x [e]; norm_weight, norm_bias [e] (bias may be null); w1 [inner, e], w2 [out_size, inner] row-major;
+// work [e + inner] scratch; out [out_size]. The layer norm as torch's: biased variance, eps inside the root.
+void query_network(const float* x, int64_t e, const float* norm_weight, const float* norm_bias, float eps,
+                   const float* w1, int64_t inner, const float* w2, int64_t out_size, float* work, float* out) {
+    double sum = 0.0, squares = 0.0;
+    for (int64_t i = 0; i < e; ++i) sum += x[i];
+    const double mean = sum / static_cast<double>(e);
+    for (int64_t i = 0; i < e; ++i) squares += (x[i] - mean) * (x[i] - mean);
+    const float inverse = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(e) + eps));
+    float* normed = work;
+    float* hidden = work + e;
+    for (int64_t i = 0; i < e; ++i)
+        normed[i] = static_cast<float>(x[i] - mean) * inverse * norm_weight[i] + (norm_bias ? norm_bias[i] : 0.0f);
+    matvec(w1, inner, e, normed, hidden);
+    for (int64_t i = 0; i < inner; ++i) hidden[i] = hidden[i] / (1.0f + std::exp(-hidden[i]));
+    matvec(w2, out_size, inner, hidden, out);
+}
+
+// A producer's query network run by its selection call (select_rows with a network): from the producer's input
+// x, the raw queries into raw [out_size] (the policy's latest queries) and raw x scale into queries [out_size],
+// which the selection then reads as its q [rows, g, d] (out_size = rows g d). One call a producer step where
+// the query network's and the selection's were two, with Python between them.
+struct QueryNetwork {
+    const float* norm_weight;
+    const float* norm_bias;  // or null
+    const float* w1;
+    const float* w2;
+    float* work;  // [e + inner]
+    float* raw;
+    float* queries;
+    int64_t e, inner, out_size;
+    float eps, scale;
+};
+
+const float* run_network(const QueryNetwork& net, const float* x) {
+    query_network(x, net.e, net.norm_weight, net.norm_bias, net.eps, net.w1, net.inner, net.w2, net.out_size, net.work,
+                  net.raw);
+    for (int64_t i = 0; i < net.out_size; ++i) net.queries[i] = net.raw[i] * net.scale;
+    return net.queries;
+}
+
 // A producer's fetch made by its selection call (select_rows with copies): each row's placed positions copied
 // from the host store into their slots as soon as the row is placed, while its plan is in the caches, instead
 // of a gather per layer afterwards (on the CPU, one call and no per-layer work in Python). Row r's keys come
@@ -1350,7 +1392,10 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                 int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
                 int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
                 int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
-                const uint16_t* scales, int64_t scale_stride, PageArgs pages, const RowCopies* copies) {
+                const uint16_t* scales, int64_t scale_stride, PageArgs pages, const RowCopies* copies,
+                const QueryNetwork* network, const float* x) {
+    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
+    if (network != nullptr) q = run_network(*network, x);  // once, before the rows split among threads
     std::atomic<int> status{0};
     std::atomic<int64_t> copying{0};  // the longest any thread copied: the threads copy side by side
     split_rows(rows, threads, [=, &status, &copying](int64_t, int64_t first, int64_t last) {
@@ -1676,54 +1721,8 @@ int tbrun_topk_rows(const float* scores, int64_t r, int64_t n, int64_t row_strid
     return 0;
 }
 
-}  // extern "C"
 
-namespace {
-// The predictor's query network on one token: out = W2 silu(W1 layer_norm(x)), float32 throughout.
-// x [e]; norm_weight, norm_bias [e] (bias may be null); w1 [inner, e], w2 [out_size, inner] row-major;
-// work [e + inner] scratch; out [out_size]. The layer norm as torch's: biased variance, eps inside the root.
-void query_network(const float* x, int64_t e, const float* norm_weight, const float* norm_bias, float eps,
-                   const float* w1, int64_t inner, const float* w2, int64_t out_size, float* work, float* out) {
-    double sum = 0.0, squares = 0.0;
-    for (int64_t i = 0; i < e; ++i) sum += x[i];
-    const double mean = sum / static_cast<double>(e);
-    for (int64_t i = 0; i < e; ++i) squares += (x[i] - mean) * (x[i] - mean);
-    const float inverse = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(e) + eps));
-    float* normed = work;
-    float* hidden = work + e;
-    for (int64_t i = 0; i < e; ++i)
-        normed[i] = static_cast<float>(x[i] - mean) * inverse * norm_weight[i] + (norm_bias ? norm_bias[i] : 0.0f);
-    matvec(w1, inner, e, normed, hidden);
-    for (int64_t i = 0; i < inner; ++i) hidden[i] = hidden[i] / (1.0f + std::exp(-hidden[i]));
-    matvec(w2, out_size, inner, hidden, out);
-}
-
-// A producer's query network run by its selection call (select_rows with a network): from the producer's input
-// x, the raw queries into raw [out_size] (the policy's latest queries) and raw x scale into queries [out_size],
-// which the selection then reads as its q [rows, g, d] (out_size = rows g d). One call a producer step where
-// the query network's and the selection's were two, with Python between them.
-struct QueryNetwork {
-    const float* norm_weight;
-    const float* norm_bias;  // or null
-    const float* w1;
-    const float* w2;
-    float* work;  // [e + inner]
-    float* raw;
-    float* queries;
-    int64_t e, inner, out_size;
-    float eps, scale;
-};
-
-const float* run_network(const QueryNetwork& net, const float* x) {
-    query_network(x, net.e, net.norm_weight, net.norm_bias, net.eps, net.w1, net.inner, net.w2, net.out_size, net.work,
-                  net.raw);
-    for (int64_t i = 0; i < net.out_size; ++i) net.queries[i] = net.raw[i] * net.scale;
-    return net.queries;
-}
-}  // namespace
-
-extern "C" {
-
+// The predictor's query network on one token (query_network): out [out_size], work [e + inner] scratch.
 int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const float* norm_bias, float eps,
                     const float* w1, int64_t inner, const float* w2, int64_t out_size, float* work, float* out) {
     query_network(x, e, norm_weight, norm_bias, eps, w1, inner, w2, out_size, work, out);
@@ -1914,13 +1913,11 @@ int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, i
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
                       const QueryNetwork* network, const float* x) {
-    if (network != nullptr) q = run_network(*network, x);
-    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies);
+                                bound_scale_stride}, copies, network, x);
 }
 
 // The same with bfloat16 keys (as tbrun_group_scores_bf16)
@@ -1934,13 +1931,11 @@ int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
                       const QueryNetwork* network, const float* x) {
-    if (network != nullptr) q = run_network(*network, x);
-    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies);
+                                bound_scale_stride}, copies, network, x);
 }
 
 // The same with int8 keys and their scales (as tbrun_group_scores_int8)
@@ -1955,15 +1950,13 @@ int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
                       const QueryNetwork* network, const float* x) {
-    if (network != nullptr) q = run_network(*network, x);
-    if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads,
                        scales,
                        scale_stride,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies);
+                                bound_scale_stride}, copies, network, x);
 }
 
 }  // extern "C"

@@ -25,7 +25,7 @@ def check_device_memory(needed: int, device: torch.device, what: str = "the KV c
                 f"is free: {hint}."
             )
     else:
-        check_host_memory(needed, f"{what} (on the CPU)" if what == "the KV cache" else what)
+        check_host_memory(needed, what)
 
 
 class DenseDeviceKV(KVBackend):

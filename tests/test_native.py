@@ -368,6 +368,53 @@ def test_the_scores_do_not_depend_on_the_number_of_threads(built_native, monkeyp
     assert torch.equal(one, several)
 
 
+@needs_compiler
+def test_threaded_calls_from_two_python_threads_at_once_give_the_one_thread_result(built_native, monkeypatch):
+    """The kernels' kept workers serve one call at a time (ctypes releases the GIL, so two Python threads can be
+    in the kernels together): the other call runs its rows on its own thread, with the same result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = torch.Generator().manual_seed(12)
+    cases = [(torch.randn(2, 3, 3, 16, generator=generator), torch.randn(2, 3, 16, 2000, generator=generator))
+             for _ in range(2)]
+    monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
+    expected = [fused_group_scores(grouped, keys) for grouped, keys in cases]
+    monkeypatch.setenv(native.THREADS_VARIABLE, "3")
+
+    def repeat(case: int) -> bool:
+        return all(torch.equal(fused_group_scores(*cases[case]), expected[case]) for _ in range(200))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(repeat, [0, 1])) == [True, True]
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork exists on POSIX systems only")
+def test_a_forked_child_runs_threaded_kernels_with_workers_of_its_own(built_native, monkeypatch):
+    """A child made by fork() after the parent's workers started has none of them: its threaded calls make
+    their own workers and finish (they would wait forever for the parent's), with the same result."""
+    import os
+    import time
+
+    generator = torch.Generator().manual_seed(13)
+    grouped, keys = torch.randn(2, 3, 3, 16, generator=generator), torch.randn(2, 3, 16, 2000, generator=generator)
+    monkeypatch.setenv(native.THREADS_VARIABLE, "3")
+    expected = fused_group_scores(grouped, keys)  # the parent's workers are running now
+    child = os.fork()
+    if child == 0:  # pragma: no cover (runs in the child)
+        os._exit(0 if torch.equal(fused_group_scores(grouped, keys), expected) else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0, "the child's threaded scores differ"
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child's threaded call did not finish in 60 s (waiting for its parent's workers)")
+
+
 def test_kernels_run_on_one_thread_unless_told_and_a_bad_count_is_refused(monkeypatch):
     """torch's thread count does not start kernel threads (they would wait for torch's spinning workers);
     ``TBRUN_NATIVE_THREADS`` does, and a count that is not a whole number >= 1 says what to write."""
@@ -637,6 +684,7 @@ def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, mon
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("layers, kv_heads, group, dim, tokens, lo, keep, slots", [
     (2, 3, 3, 16, 5000, 4, 480, 500),   # SmolLM2's producer at G = 2: a long row, the sampled top-k cut
+    (2, 3, 3, 16, 11000, 4, 1000, 1100),  # 66k candidates, past SELECT_THREADED_ENTRIES: rows split by threads
     (1, 2, 7, 8, 300, 2, 40, 40),       # Qwen2.5's group of 7, every slot used
     (3, 1, 1, 5, 37, 1, 30, 64),        # one query head, odd d', a scalar tail, keep close to the candidates
 ])
@@ -981,6 +1029,7 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vali
 @needs_compiler
 @pytest.mark.parametrize("heads, kv_heads, dim, tokens", [
     (9, 3, 64, 3400),    # SmolLM2 (compiled for g = 3, d = 64; 212 blocks of 16 tokens and a tail of 8)
+    (9, 3, 64, 5500),    # 16.5k keys, past ATTENTION_THREADED_KEYS: KV heads split among threads
     (32, 8, 128, 300),   # Llama-3.1-8B (g = 4, d = 128)
     (14, 2, 64, 77),     # Qwen2.5-0.5B (g = 7)
     (8, 8, 64, 16),      # no grouping, one block exactly

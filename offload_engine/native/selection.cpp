@@ -3,8 +3,9 @@
 //
 // Built at first use by offload_engine/native/__init__.py (g++ -O3 -march=native, cached by source,
 // compiler and CPU), called through ctypes with raw pointers. Given threads > 1 (the wrappers pass
-// $TBRUN_NATIVE_THREADS, default 1), the scores and the top-k split rows among them; the residency update
-// and the gather do where the plan is large enough to pay for them.
+// $TBRUN_NATIVE_THREADS, default 1), the scores and the top-k split rows among them; a producer's one-call
+// selection, the decode attention, the residency update and the gather do where the work is large enough to
+// pay for them. The threads are kept between calls (Workers).
 //
 // tbrun_group_scores: for each row r (a (layer, KV head) pair), g query heads of d' dims against
 // the row's compact keys stored dimension-major (key dim j of token t at keys[r * row_stride + j * dim_stride + t]):
@@ -63,6 +64,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <pthread.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -930,16 +935,94 @@ void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* 
     for (int64_t j = 0; j < keep; ++j) values[j] = row[index[j]];
 }
 
-// rows split into contiguous blocks, one per thread (the first on the caller's); each row alike
+// Worker threads kept between calls: split_rows hands each call's blocks to them. Starting threads at
+// every call cost more than it saved below ~1 ms of work (a start, a join and each new thread's first touch
+// of its thread_local buffers: a producer's selection at 32k took 0.48 ms on 2 threads against 0.64 on one;
+// with the kept workers ~0.35). The workers sleep on a condition variable between calls. One call at a time
+// uses them: a call made while another holds them (two Python threads in the kernels at once; the GIL is
+// released) runs its rows on its own thread, which gives the same result. A child made by fork() has none of
+// its parent's threads: it starts with no workers and makes its own (pthread_atfork).
+class Workers {
+  public:
+    // run(i) for i in [1, count) on the workers while the caller runs run(0); returns when all are done
+    template <typename Run>
+    static bool run(int64_t count, Run& run_block) {
+        Workers& self = instance();
+        std::unique_lock<std::mutex> turn(self.in_use, std::try_to_lock);
+        if (!turn.owns_lock()) return false;
+        self.grow(count - 1);
+        {
+            std::lock_guard<std::mutex> lock(self.state);
+            self.block = [&run_block](int64_t i) { run_block(i); };
+            self.taking = count;
+            self.pending = count - 1;
+            ++self.generation;
+        }
+        self.wake.notify_all();
+        run_block(0);
+        std::unique_lock<std::mutex> lock(self.state);
+        self.finished.wait(lock, [&self] { return self.pending == 0; });
+        self.block = nullptr;
+        return true;
+    }
+
+    static void forget_after_fork() { current = nullptr; }  // the old object's threads are not in the child
+
+  private:
+    static Workers& instance() {
+        static std::once_flag registered;
+        std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, &Workers::forget_after_fork); });
+        static std::mutex making;
+        std::lock_guard<std::mutex> lock(making);
+        if (current == nullptr) current = new Workers();  // never deleted: detached workers wait on it at exit
+        return *current;
+    }
+
+    void grow(int64_t wanted) {  // under in_use
+        while (started < wanted) {
+            const int64_t index = ++started;
+            std::thread(&Workers::serve, this, index, generation).detach();  // calls from the next one on
+        }
+    }
+
+    void serve(int64_t index, uint64_t seen) {
+        for (;;) {
+            std::function<void(int64_t)> run_block;
+            {
+                std::unique_lock<std::mutex> lock(state);
+                wake.wait(lock, [&] { return generation != seen; });
+                seen = generation;
+                if (index >= taking) continue;
+                run_block = block;
+            }
+            run_block(index);
+            std::lock_guard<std::mutex> lock(state);
+            if (--pending == 0) finished.notify_one();
+        }
+    }
+
+    static inline Workers* current = nullptr;
+    std::mutex in_use, state;
+    std::condition_variable wake, finished;
+    std::function<void(int64_t)> block;
+    int64_t started = 0, taking = 0, pending = 0;
+    uint64_t generation = 0;
+};
+
+// rows split into contiguous blocks, one per thread (the first on the caller's, the others on the kept
+// workers); each row alike, so the result does not depend on the count
 template <typename Work>
 void split_rows(int64_t rows, int64_t threads, Work work) {
     threads = std::max<int64_t>(1, std::min(threads, rows));
     const int64_t per = (rows + threads - 1) / threads;
-    std::vector<std::thread> workers;
-    for (int64_t i = 1; i < threads; ++i)
-        if (i * per < rows) workers.emplace_back(work, i, i * per, std::min(rows, (i + 1) * per));
-    work(0, 0, std::min(rows, per));
-    for (auto& worker : workers) worker.join();
+    const int64_t blocks = (rows + per - 1) / std::max<int64_t>(per, 1);
+    if (blocks <= 1) {
+        work(0, 0, rows);
+        return;
+    }
+    auto run_block = [&](int64_t i) { work(i, i * per, std::min(rows, (i + 1) * per)); };
+    if (!Workers::run(blocks, run_block))
+        for (int64_t i = 0; i < blocks; ++i) run_block(i);  // the workers are busy with another call
 }
 
 template <typename Key>
@@ -1387,6 +1470,11 @@ bool prefiltered_row(int64_t reduce, const float* q, int64_t g, int64_t d, const
 // group_scores, topk_rows and residency_update do in three calls, with no [rows, m] scores written out
 // and read back. With pages.kept > 0 and bounds given, a row whose candidates span more than that many
 // pages scores the tokens of its best pages only (prefiltered_row).
+// Threads for a producer of SELECT_THREADED_ENTRIES candidates in all or more (6 rows of 32k tokens: 0.64 ->
+// ~0.4 ms a call on 2 threads); at 7.5k a step gained nothing (a worker asleep since the last producer wakes
+// slowly), so smaller ones run on the caller's thread alone.
+constexpr int64_t SELECT_THREADED_ENTRIES = 65536;
+
 template <typename Key>
 int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
                 int64_t dim_stride, int64_t m, int64_t lo, int64_t hi, int64_t keep, int64_t* slot_pos,
@@ -1396,6 +1484,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                 const QueryNetwork* network, const float* x) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     if (network != nullptr) q = run_network(*network, x);  // once, before the rows split among threads
+    if (rows * (hi - lo) < SELECT_THREADED_ENTRIES) threads = 1;
     std::atomic<int> status{0};
     std::atomic<int64_t> copying{0};  // the longest any thread copied: the threads copy side by side
     split_rows(rows, threads, [=, &status, &copying](int64_t, int64_t first, int64_t last) {
@@ -1753,6 +1842,11 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
 // contiguous) or null, scratch of threads * g * n floats; out [heads, d]. The KV heads are split among
 // threads. Returns 0; -1 (nothing written) where heads is not a multiple of kv_heads, g exceeds
 // ATTENTION_MAX_GROUP, or d exceeds ATTENTION_MAX_DIM or is not a multiple of LANES.
+// Threads for KV heads of ATTENTION_THREADED_KEYS keys in all or more (a dense layer at 7.5k tokens: 14.0 ->
+// 11.4 ms a step on the embedded model, 2 threads); a sparse layer's ~1-2k keys a head were slower threaded
+// (2.9 -> 3.8 ms a step: waking a worker costs about what it saves).
+constexpr int64_t ATTENTION_THREADED_KEYS = 16384;
+
 int tbrun_decode_attention(const float* q, int64_t heads, int64_t kv_heads, int64_t d, const float* k,
                            int64_t k_head_stride, int64_t k_token_stride, const float* v, int64_t v_head_stride,
                            int64_t v_token_stride, int64_t n, const uint8_t* valid, int64_t valid_head_stride,
@@ -1761,7 +1855,7 @@ int tbrun_decode_attention(const float* q, int64_t heads, int64_t kv_heads, int6
     const int64_t g = heads / kv_heads;
     if (g > ATTENTION_MAX_GROUP || d > ATTENTION_MAX_DIM || d % LANES != 0 || d == 0) return -1;
     const AttendKVHead attend = attend_kv_head_for(g, d);
-    split_rows(kv_heads, threads, [=](int64_t worker, int64_t first, int64_t last) {
+    split_rows(kv_heads, kv_heads * n >= ATTENTION_THREADED_KEYS ? threads : 1, [=](int64_t worker, int64_t first, int64_t last) {
         for (int64_t h = first; h < last; ++h) {
             const uint8_t* mask = valid != nullptr ? valid + h * valid_head_stride : nullptr;
             float* scores = scratch + worker * g * n;

@@ -174,6 +174,10 @@ def build_engine(o: EngineOptions) -> Engine:
     config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
                           allow_rope_scaling=o.allow_rope_scaling, copy_thread=o.copy_thread)
     _check_fits(dims, capacity, torch_dtype, torch_device, mode, o.allow_rope_scaling)
+    if mode is KVMode.SPARSE_OFFLOAD:  # the working set and the policy's state too (device memory on a GPU)
+        from offload_engine.backends.sparse_offload import sized_policy
+
+        sized_policy(dims, capacity, torch_dtype, torch_device, selection, policy_object, model_source=source)
     adapter = load_model(source, dtype=torch_dtype, device=device_name)
     return Engine(adapter, config, policy=policy_object)
 

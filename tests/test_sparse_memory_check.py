@@ -149,3 +149,56 @@ def test_on_cuda_the_device_state_is_checked_against_free_device_memory(monkeypa
     check_sparse_memory(dims, capacity, adapter.dtype, device, SELECTION, slots, 10 * 2**20, layers)
     with pytest.raises(InsufficientMemoryError, match=r"device state"):
         check_sparse_memory(dims, capacity, adapter.dtype, device, SELECTION, slots, 2**30, layers)
+
+
+def test_before_the_weights_load_a_policy_is_sized_from_the_model_source_alone():
+    """``sized_policy`` without an adapter (the CLI's check before the weights load): TokenButler takes the
+    shipped predictor the model's source names, at the interval's choice, as it will with the adapter; a model
+    with none shipped is refused with what to pass."""
+    from transformers import LlamaConfig
+
+    from offload_engine.backends.sparse_offload import sized_policy
+    from offload_engine.models import dims_from_config
+    from offload_engine.policies.tokenbutler import TokenButlerPolicy
+    from offload_engine.predictor.checkpoint import PredictorError
+
+    smollm2 = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                          intermediate_size=64, vocab_size=64, max_position_embeddings=8192)
+    dims, device = dims_from_config(smollm2), torch.device("cpu")
+    selection = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=512), sinks=4, window=16)
+    source = "/home/u/.cache/tbrun/models/SmolLM2-135M-Instruct"
+    for interval, shipped in ((1, "smollm2-135m-instruct "), (4, "smollm2-135m-instruct-interval4 ")):
+        policy = TokenButlerPolicy()
+        ctx, selector = sized_policy(dims, 8192, torch.float32, device,
+                                     SelectionConfig(**{**vars(selection), "interval": interval}), policy,
+                                     model_source=source)
+        assert ctx.adapter is None and policy.predictor_source.startswith(shipped)
+        assert policy.state_bytes() > 8192 * 29 * 3 * 16  # the compact keys of 29 consumer layers, d' 16
+        assert selector.slots_for(1) > 0
+    with pytest.raises(PredictorError, match="pass --predictor DIR"):
+        sized_policy(dims, 8192, torch.float32, device, selection, TokenButlerPolicy(),
+                     model_source="meta-llama/Llama-3.1-8B")
+
+
+def test_the_cli_refuses_a_sparse_sequence_that_cannot_fit_before_loading_the_weights(tiny_model_dir, monkeypatch):
+    """`tbrun generate --offload --policy quest`: the KV fits in host memory, the KV with the working set and
+    Quest's page summaries does not: exit code 2 with the parts named, and the weights never load."""
+    from typer.testing import CliRunner
+
+    import offload_engine.models as models
+    from offload_engine.models import model_dims
+    from tbrun_cli.main import app
+
+    capacity = 200_000
+    footprint = model_dims(tiny_model_dir).kv_footprint(capacity, torch.float32)
+    fake_available(monkeypatch, HOST_HEADROOM_BYTES + footprint.global_bytes + footprint.ring_bytes + 2**20)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the memory check refused the sequence")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+    result = CliRunner().invoke(app, ["generate", "--model", tiny_model_dir, "--prompt", "hi", "--offload",
+                                      "--policy", "quest", "--context", str(capacity), "--allow-rope-scaling"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, text
+    assert "the sparse mode (the host KV store" in text and "the policy's state" in text

@@ -72,6 +72,27 @@ def check_sparse_memory(dims: ModelDims, capacity: int, dtype: torch.dtype, devi
                         "lower --budget (the working set) or --context (the policy's state grows with it)")
 
 
+def sized_policy(dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device,
+                 selection: SelectionConfig, policy: Policy, adapter: ModelAdapter | None = None,
+                 model_source: str = "") -> tuple[PolicyContext, Selector]:
+    """The policy prepared for a sequence (``Policy.prepare``: a predictor loaded, nothing allocated) and the
+    selector of its budget; then the sequence's memory checked (``check_sparse_memory``) before anything of it
+    is allocated. Without an ``adapter`` (before the model's weights load, ``model_source`` naming the model):
+    the same check, so that a sequence that cannot fit is refused before the weights take their time."""
+    local_layers = frozenset(dims.local_windows(capacity))
+    if adapter is not None:
+        model_source = str(getattr(adapter.config, "_name_or_path", "") or "")
+    ctx = PolicyContext(dims=dims, capacity=capacity, device=device, dtype=dtype, adapter=adapter, host_store=None,
+                        sinks=selection.sinks, window=selection.window, local_layers=local_layers,
+                        interval=selection.interval, model_source=model_source)
+    policy.prepare(ctx)  # sizes its state (a predictor loaded), allocates nothing
+    selector = Selector(selection, capacity, policy.dense_layers(), local_layers)
+    slots = [selector.slots_for(layer) for layer in range(dims.num_layers)]
+    check_sparse_memory(dims, capacity, dtype, device, selection, slots, policy.state_bytes(),
+                        dims.global_layers(capacity))
+    return ctx, selector
+
+
 class SparseOffloadKV(KVBackend):
     """Owns the host store, the working set and the prefetcher; the planner decides, it executes."""
 
@@ -82,14 +103,8 @@ class SparseOffloadKV(KVBackend):
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
         global_layers = dims.global_layers(capacity)
-        local_layers = frozenset(dims.local_windows(capacity))
-        ctx = PolicyContext(dims=dims, capacity=capacity, device=device, dtype=dtype, adapter=adapter, host_store=None,
-                            sinks=selection.sinks, window=selection.window, local_layers=local_layers,
-                            interval=selection.interval)
-        policy.prepare(ctx)  # sizes its state (a predictor loaded), allocates nothing
-        selector = Selector(selection, capacity, policy.dense_layers(), local_layers)
+        ctx, selector = sized_policy(dims, capacity, dtype, device, selection, policy, adapter)
         slots = [selector.slots_for(layer) for layer in range(dims.num_layers)]
-        check_sparse_memory(dims, capacity, dtype, device, selection, slots, policy.state_bytes(), global_layers)
         self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=global_layers)
         self.local = LocalRings(dims, capacity, dtype, device)
         policy.bind(dataclasses.replace(ctx, host_store=self.host))

@@ -74,13 +74,15 @@ class PolicyContext:
     capacity: int  # the most tokens a sequence can hold
     device: torch.device
     dtype: torch.dtype
-    adapter: "ModelAdapter"
+    adapter: "ModelAdapter | None"  # None only while sizing before the weights load (prepare, state_bytes)
     host_store: "HostKVStore | None"  # the full KV (evaluation-only policies may read it)
     sinks: int
     window: int  # the widest local window (a step's window follows the budget, up to this)
     # sliding-window layers: never selected for (no host KV); their tokens are still observed
     local_layers: frozenset[int] = frozenset()
     interval: int = 1  # prediction interval (a predictive policy may have a predictor trained for it)
+    # the model's hub id or directory, where no adapter says it (a shipped predictor is named by it)
+    model_source: str = ""
 
 
 class Policy:

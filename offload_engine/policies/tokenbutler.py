@@ -319,7 +319,8 @@ class TokenButlerPolicy(Policy):
             return seeded_random_predictor(PredictorConfig.for_model(ctx.dims))
         path = self.predictor_path
         if path is None:
-            shipped = shipped_predictor_for(ctx.adapter, ctx.interval, ctx.capacity)
+            shipped = (shipped_predictor_for(ctx.adapter, ctx.interval, ctx.capacity) if ctx.adapter is not None
+                       else shipped_predictor_named(ctx.model_source, ctx.interval, ctx.capacity))
             if shipped is None:
                 raise PredictorError(
                     "--policy tokenbutler needs a predictor for this model: pass --predictor DIR (train one with "

@@ -142,12 +142,17 @@ def machine_header(device: torch.device) -> dict:
     return header
 
 
+# environment variables that change what a run measures: a command names those set, as its shell would take them
+RUN_VARIABLES = ("TBRUN_NATIVE", "TBRUN_NATIVE_THREADS")
+
+
 def provenance(program: str | None = None) -> dict:
     """The command line (``program`` replaces argv[0], e.g. ``python -m ...``; absolute paths made
-    portable), commit and time."""
+    portable; preceded by the ``RUN_VARIABLES`` set), commit and time."""
     program = program or Path(sys.argv[0]).name
+    variables = [f"{name}={shlex.quote(os.environ[name])}" for name in RUN_VARIABLES if name in os.environ]
     return {
-        "command": " ".join([program, *(shlex.quote(portable_word(arg)) for arg in sys.argv[1:])]),
+        "command": " ".join([*variables, program, *(shlex.quote(portable_word(arg)) for arg in sys.argv[1:])]),
         "commit": commit_at_start(str(REPO_ROOT)),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }

@@ -492,9 +492,13 @@ def test_report_commands_name_no_folder_of_this_machine(monkeypatch, tmp_path):
     inside = report.REPO_ROOT / "predictors" / "smollm2-135m-instruct"
     monkeypatch.setattr("sys.argv", ["x", "--predictor", str(inside), "--baseline", str(tmp_path / "old-predictor"),
                                      "--lengths", "1024:8"])
+    monkeypatch.delenv("TBRUN_NATIVE", raising=False)
+    monkeypatch.delenv("TBRUN_NATIVE_THREADS", raising=False)
     command = report.provenance("python -m tbrun_bench.predictor_report")["command"]
     assert command == ("python -m tbrun_bench.predictor_report --predictor predictors/smollm2-135m-instruct "
                        "--baseline old-predictor --lengths 1024:8")
+    monkeypatch.setenv("TBRUN_NATIVE_THREADS", "2")  # changes what is measured: the command says so
+    assert report.provenance("tbrun bench latency")["command"].startswith("TBRUN_NATIVE_THREADS=2 tbrun bench latency ")
 
 
 def test_latency_runs_tokenbutler_with_and_without_the_page_prefilter_paired(tmp_path):

@@ -4,6 +4,7 @@ SnapKV's scores, critical's value norms), each counted as it is then allocated."
 
 from __future__ import annotations
 
+import dataclasses
 from collections import namedtuple
 
 import pytest
@@ -170,7 +171,7 @@ def test_before_the_weights_load_a_policy_is_sized_from_the_model_source_alone()
     for interval, shipped in ((1, "smollm2-135m-instruct "), (4, "smollm2-135m-instruct-interval4 ")):
         policy = TokenButlerPolicy()
         ctx, selector = sized_policy(dims, 8192, torch.float32, device,
-                                     SelectionConfig(**{**vars(selection), "interval": interval}), policy,
+                                     dataclasses.replace(selection, interval=interval), policy,
                                      model_source=source)
         assert ctx.adapter is None and policy.predictor_source.startswith(shipped)
         assert policy.state_bytes() > 8192 * 29 * 3 * 16  # the compact keys of 29 consumer layers, d' 16

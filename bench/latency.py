@@ -26,13 +26,14 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
+from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, native
 from offload_engine.config import parse_layers
 from offload_engine.cpu_cache.gather import ALL_METHODS, default_gather_method
 from offload_engine.errors import ConfigError, TbrunError
@@ -264,6 +265,7 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
            "status": "ok", "reason": ""}
     device = torch.device(settings.device)
     threads = torch.get_num_threads()
+    kernel_variable = os.environ.get(native.THREADS_VARIABLE)
     try:
         policy = (build_policy_for(variant, adapter, settings.predictor_shape, settings.predictor)
                   if variant.policy else None)
@@ -272,8 +274,10 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if settings.copy_thread and not config.copy_thread:  # the core the copy thread would take: the model's
-            torch.set_num_threads(threads + 1)
-        row.update(model_threads=torch.get_num_threads(), copy_thread=config.copy_thread)
+            torch.set_num_threads(threads + 1)  # torch's and the native kernels' (the decode attention's)
+            os.environ[native.THREADS_VARIABLE] = str(threads + 1)
+        row.update(model_threads=torch.get_num_threads(), copy_thread=config.copy_thread,
+                   kernel_threads=native.kernel_threads())
         result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True),
                                  prefill=prefill)
         row.update(measurements(result.stats, adapter, context, settings, variant, predictor_dim(engine.policy)))
@@ -286,6 +290,10 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
         row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
     finally:
         torch.set_num_threads(threads)
+        if kernel_variable is None:
+            os.environ.pop(native.THREADS_VARIABLE, None)
+        else:
+            os.environ[native.THREADS_VARIABLE] = kernel_variable
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -174,7 +174,8 @@ def to_markdown(report: dict) -> str:
         lines += ["", "`--copy-thread`: every mode used the same cores. The offload modes ran the model on "
                   f"{min(threads, default='?')} torch thread(s) and their copies on one more thread (tokenbutler's "
                   "selections too, made there ahead of their copies, as a GPU's copy engine and side stream would); "
-                  f"dense-gpu, which copies nothing, ran the model on {max(threads, default='?')} torch threads. Work "
+                  f"dense-gpu, which copies nothing, ran the model on {max(threads, default='?')} torch threads"
+                  f"{_kernel_threads_note(report)}. Work "
                   "on the copy thread is off the step's path: it is not in `selection` or `copy`, and `wait` is the "
                   "time the step stalled for it."]
     if s.get("synthetic_kv_tile"):
@@ -244,3 +245,10 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _kernel_threads_note(report: dict) -> str:
+    """How many threads dense-gpu's native kernels (its decode attention) had in a copy-thread run, where the
+    rows say (runs before they did gave it one)."""
+    counts = {row.get("kernel_threads") for row in report["rows"] if not row.get("copy_thread")} - {None}
+    return f" and its native kernels on {max(counts)}" if counts else ""

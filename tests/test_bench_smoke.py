@@ -4,6 +4,7 @@ row or a reason. No timing is asserted (CI machines are shared and slow)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -150,10 +151,14 @@ def test_cpu_latency_with_synthetic_kv_repeats_breakdown_and_floor(tmp_path):
     assert "a producer every 2 layers, hidden width 32, d' 8" in markdown
 
 
-def test_cpu_latency_with_a_copy_thread_gives_every_mode_the_same_cores(tmp_path, one_thread):
+def test_cpu_latency_with_a_copy_thread_gives_every_mode_the_same_cores(tmp_path, one_thread, monkeypatch):
     """--copy-thread: the offload modes copy (tokenbutler also selects) on one more thread; dense-gpu runs
-    the model on one more torch thread instead; the report says so, and torch's thread count is restored.
-    Only with one torch thread for the model (torch's loops on the copy thread would take more cores)."""
+    the model on one more torch thread and native kernel thread instead (its decode attention is native); the
+    report says so, and torch's thread count and the kernels' variable are restored. Only with one torch thread
+    for the model (torch's loops on the copy thread would take more cores)."""
+    from offload_engine import native
+
+    monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
     out = tmp_path / "copy-thread"
     threads = torch.get_num_threads()
     assert threads == 1
@@ -170,10 +175,14 @@ def test_cpu_latency_with_a_copy_thread_gives_every_mode_the_same_cores(tmp_path
     rows = {row["mode"]: row for row in report["rows"]}
     assert all(row["status"] == "ok" for row in rows.values()), rows
     assert rows["dense-gpu"]["model_threads"] == threads + 1 and not rows["dense-gpu"]["copy_thread"]
+    assert rows["dense-gpu"]["kernel_threads"] == threads + 1 and native.THREADS_VARIABLE not in os.environ
     for mode in ("dense-offload", "tokenbutler-offload"):
         assert rows[mode]["model_threads"] == threads and rows[mode]["copy_thread"]
+        assert rows[mode]["kernel_threads"] == 1
         assert rows[mode]["breakdown"]["copy"]["ms_per_step"] == 0  # off the step's path
-    assert "`--copy-thread`: every mode used the same cores" in (out / "latency-tiny-llama-cpu.md").read_text()
+    text = " ".join((out / "latency-tiny-llama-cpu.md").read_text().split())
+    assert "`--copy-thread`: every mode used the same cores" in text
+    assert "ran the model on 2 torch threads and its native kernels on 2." in text
     from tbrun_bench.latency import LatencySettings, run_latency
 
     with pytest.raises(ConfigError, match="--copy-thread is for --device cpu"):

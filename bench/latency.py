@@ -274,8 +274,8 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if settings.copy_thread and not config.copy_thread:  # the core the copy thread would take: the model's
-            torch.set_num_threads(threads + 1)  # torch's and the native kernels' (the decode attention's)
-            os.environ[native.THREADS_VARIABLE] = str(threads + 1)
+            torch.set_num_threads(threads + 1)  # torch's, and the native kernels' (decode attention, LM head)
+            os.environ[native.THREADS_VARIABLE] = str(max(threads + 1, native.kernel_threads()))
         row.update(model_threads=torch.get_num_threads(), copy_thread=config.copy_thread,
                    kernel_threads=native.kernel_threads())
         result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True),

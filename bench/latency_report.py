@@ -248,7 +248,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def _kernel_threads_note(report: dict) -> str:
-    """How many threads dense-gpu's native kernels (its decode attention) had in a copy-thread run, where the
-    rows say (runs before they did gave it one)."""
+    """How many threads dense-gpu's native kernels (its decode attention and LM head) had in a copy-thread run,
+    where the rows say (runs before they did gave it one unless TBRUN_NATIVE_THREADS said more)."""
     counts = {row.get("kernel_threads") for row in report["rows"] if not row.get("copy_thread")} - {None}
     return f" and its native kernels on {max(counts)}" if counts else ""

@@ -141,7 +141,7 @@ def build_engine(o: EngineOptions) -> Engine:
     """Check the options, refuse what cannot fit before loading weights, load the model, build the engine."""
     from offload_engine.engine import Engine, resolve_device
     from offload_engine.memory import parse_dtype
-    from offload_engine.models import load_model, model_dims, resolve_model_path
+    from offload_engine.models import load_model, model_dims, resolve_model_path, transformers_source
 
     device_name = o.device or ("cuda" if _cuda_available() else "cpu")
     torch_device = resolve_device(device_name)
@@ -161,9 +161,10 @@ def build_engine(o: EngineOptions) -> Engine:
     policy_object = (_policy(o.policy, o.predictor, o.key_dtype, o.page_prefilter)
                      if mode is KVMode.SPARSE_OFFLOAD else None)
     dims = model_dims(source)
+    named = transformers_source(source)[0]  # what the loaded model's config will name (a .gguf: its folder)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
     if mode is KVMode.SPARSE_OFFLOAD and o.predictor is None:
-        _say_chosen_predictor(o.policy, source, o.interval, capacity)
+        _say_chosen_predictor(o.policy, named, o.interval, capacity)
     if mode is KVMode.SPARSE_OFFLOAD and o.predictor is not None:
         _check_predictor_model(o.predictor, o.model, dims)
     check_refresh_layers(parse_layers(o.refresh_layers), dims.num_layers)  # before the weights load
@@ -174,10 +175,10 @@ def build_engine(o: EngineOptions) -> Engine:
     config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
                           allow_rope_scaling=o.allow_rope_scaling, copy_thread=o.copy_thread)
     _check_fits(dims, capacity, torch_dtype, torch_device, mode, o.allow_rope_scaling)
-    if mode is KVMode.SPARSE_OFFLOAD:  # the working set and the policy's state too (device memory on a GPU)
+    if mode is KVMode.SPARSE_OFFLOAD:  # the working set and the policy's state too (the weights are not counted)
         from offload_engine.backends.sparse_offload import sized_policy
 
-        sized_policy(dims, capacity, torch_dtype, torch_device, selection, policy_object, model_source=source)
+        sized_policy(dims, capacity, torch_dtype, torch_device, selection, policy_object, model_source=named)
     adapter = load_model(source, dtype=torch_dtype, device=device_name)
     return Engine(adapter, config, policy=policy_object)
 

@@ -68,9 +68,11 @@
 #include <functional>
 #include <mutex>
 #include <pthread.h>
+#include <system_error>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <thread>
 #include <type_traits>
@@ -938,54 +940,76 @@ void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* 
 // Worker threads kept between calls: split_rows hands each call's blocks to them. Starting threads at
 // every call cost more than it saved below ~1 ms of work (a start, a join and each new thread's first touch
 // of its thread_local buffers: a producer's selection at 32k took 0.48 ms on 2 threads against 0.64 on one;
-// with the kept workers ~0.35). The workers sleep on a condition variable between calls. One call at a time
-// uses them: a call made while another holds them (two Python threads in the kernels at once; the GIL is
-// released) runs its rows on its own thread, which gives the same result. A child made by fork() has none of
-// its parent's threads: it starts with no workers and makes its own (pthread_atfork).
+// with the kept workers ~0.40). The workers sleep on a condition variable between calls, and keep their
+// thread_local buffers (a selecting worker's scores and logits: (g + 1) * 4 bytes per cached token) for the
+// process's life. One call at a time uses them: a call made while another holds them (two Python threads in
+// the kernels at once; the GIL is released), a split inside a block, or one whose workers cannot be started
+// runs its rows on its own thread, which gives the same result. A child made by fork() has none of its
+// parent's threads: it starts with no workers and makes its own (pthread_atfork).
 class Workers {
   public:
     // run(i) for i in [1, count) on the workers while the caller runs run(0); returns when all are done
+    // (rethrowing the first block's exception), or false at once where the workers cannot take the call
     template <typename Run>
     static bool run(int64_t count, Run& run_block) {
+        if (inside) return false;  // a block's own split: its thread is one of the workers, or holds them
         Workers& self = instance();
         std::unique_lock<std::mutex> turn(self.in_use, std::try_to_lock);
-        if (!turn.owns_lock()) return false;
-        self.grow(count - 1);
+        if (!turn.owns_lock() || !self.grow(count - 1)) return false;
         {
             std::lock_guard<std::mutex> lock(self.state);
             self.block = [&run_block](int64_t i) { run_block(i); };
             self.taking = count;
             self.pending = count - 1;
+            self.failure = nullptr;
             ++self.generation;
         }
         self.wake.notify_all();
-        run_block(0);
+        std::exception_ptr failure;
+        inside = true;
+        try {
+            run_block(0);
+        } catch (...) {
+            failure = std::current_exception();
+        }
+        inside = false;
         std::unique_lock<std::mutex> lock(self.state);
-        self.finished.wait(lock, [&self] { return self.pending == 0; });
+        self.finished.wait(lock, [&self] { return self.pending == 0; });  // no worker still runs this frame's blocks
         self.block = nullptr;
+        if (!failure) failure = self.failure;
+        if (failure) std::rethrow_exception(failure);
         return true;
     }
 
-    static void forget_after_fork() { current = nullptr; }  // the old object's threads are not in the child
-
   private:
     static Workers& instance() {
-        static std::once_flag registered;
-        std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, &Workers::forget_after_fork); });
-        static std::mutex making;
-        std::lock_guard<std::mutex> lock(making);
-        if (current == nullptr) current = new Workers();  // never deleted: detached workers wait on it at exit
-        return *current;
+        static std::once_flag registered;  // a child made by fork() has none of its parent's threads
+        std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, [] { current.store(nullptr); }); });
+        Workers* workers = current.load();
+        if (workers == nullptr) {  // never deleted: detached workers wait on it at exit
+            Workers* made = new Workers();
+            if (current.compare_exchange_strong(workers, made))
+                workers = made;
+            else
+                delete made;  // another thread made one first (workers now holds it)
+        }
+        return *workers;
     }
 
-    void grow(int64_t wanted) {  // under in_use
-        while (started < wanted) {
-            const int64_t index = ++started;
-            std::thread(&Workers::serve, this, index, generation).detach();  // calls from the next one on
+    bool grow(int64_t wanted) {  // under in_use; false where a thread cannot be started
+        try {
+            while (started < wanted) {
+                std::thread(&Workers::serve, this, started + 1, generation).detach();  // calls from the next on
+                ++started;
+            }
+        } catch (const std::system_error&) {
+            return false;
         }
+        return true;
     }
 
     void serve(int64_t index, uint64_t seen) {
+        inside = true;
         for (;;) {
             std::function<void(int64_t)> run_block;
             {
@@ -995,16 +1019,24 @@ class Workers {
                 if (index >= taking) continue;
                 run_block = block;
             }
-            run_block(index);
+            std::exception_ptr failed;
+            try {
+                run_block(index);
+            } catch (...) {
+                failed = std::current_exception();
+            }
             std::lock_guard<std::mutex> lock(state);
+            if (failed && !failure) failure = failed;
             if (--pending == 0) finished.notify_one();
         }
     }
 
-    static inline Workers* current = nullptr;
+    static inline std::atomic<Workers*> current{nullptr};
+    static inline thread_local bool inside = false;  // this thread is running a block
     std::mutex in_use, state;
     std::condition_variable wake, finished;
     std::function<void(int64_t)> block;
+    std::exception_ptr failure;
     int64_t started = 0, taking = 0, pending = 0;
     uint64_t generation = 0;
 };
@@ -1488,7 +1520,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
     std::atomic<int> status{0};
     std::atomic<int64_t> copying{0};  // the longest any thread copied: the threads copy side by side
     split_rows(rows, threads, [=, &status, &copying](int64_t, int64_t first, int64_t last) {
-        // per thread (grown once on the caller's; threads split_rows starts are new at every call): the
+        // per thread (grown once on each; the kept workers keep theirs between calls): the
         // row's scores, score_row's [g, m] logits, the selected positions
         thread_local RowWork work;
         thread_local TopkWork topk;
@@ -1842,10 +1874,10 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
 // contiguous) or null, scratch of threads * g * n floats; out [heads, d]. The KV heads are split among
 // threads. Returns 0; -1 (nothing written) where heads is not a multiple of kv_heads, g exceeds
 // ATTENTION_MAX_GROUP, or d exceeds ATTENTION_MAX_DIM or is not a multiple of LANES.
-// Threads for KV heads of ATTENTION_THREADED_KEYS keys in all or more (a dense layer at 7.5k tokens: 14.0 ->
+// Threads for KV heads of ATTENTION_THREADED_KEYS keys each or more (a dense layer at 7.5k tokens: 14.0 ->
 // 11.4 ms a step on the embedded model, 2 threads); a sparse layer's ~1-2k keys a head were slower threaded
 // (2.9 -> 3.8 ms a step: waking a worker costs about what it saves).
-constexpr int64_t ATTENTION_THREADED_KEYS = 16384;
+constexpr int64_t ATTENTION_THREADED_KEYS = 4096;
 
 int tbrun_decode_attention(const float* q, int64_t heads, int64_t kv_heads, int64_t d, const float* k,
                            int64_t k_head_stride, int64_t k_token_stride, const float* v, int64_t v_head_stride,
@@ -1855,7 +1887,7 @@ int tbrun_decode_attention(const float* q, int64_t heads, int64_t kv_heads, int6
     const int64_t g = heads / kv_heads;
     if (g > ATTENTION_MAX_GROUP || d > ATTENTION_MAX_DIM || d % LANES != 0 || d == 0) return -1;
     const AttendKVHead attend = attend_kv_head_for(g, d);
-    split_rows(kv_heads, kv_heads * n >= ATTENTION_THREADED_KEYS ? threads : 1, [=](int64_t worker, int64_t first, int64_t last) {
+    split_rows(kv_heads, n >= ATTENTION_THREADED_KEYS ? threads : 1, [=](int64_t worker, int64_t first, int64_t last) {
         for (int64_t h = first; h < last; ++h) {
             const uint8_t* mask = valid != nullptr ? valid + h * valid_head_stride : nullptr;
             float* scores = scratch + worker * g * n;

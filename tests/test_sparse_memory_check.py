@@ -170,12 +170,12 @@ def test_before_the_weights_load_a_policy_is_sized_from_the_model_source_alone()
     source = "/home/u/.cache/tbrun/models/SmolLM2-135M-Instruct"
     for interval, shipped in ((1, "smollm2-135m-instruct "), (4, "smollm2-135m-instruct-interval4 ")):
         policy = TokenButlerPolicy()
-        ctx, selector = sized_policy(dims, 8192, torch.float32, device,
+        ctx, selector, slots = sized_policy(dims, 8192, torch.float32, device,
                                      dataclasses.replace(selection, interval=interval), policy,
                                      model_source=source)
         assert ctx.adapter is None and policy.predictor_source.startswith(shipped)
         assert policy.state_bytes() > 8192 * 29 * 3 * 16  # the compact keys of 29 consumer layers, d' 16
-        assert selector.slots_for(1) > 0
+        assert slots == [selector.slots_for(layer) for layer in range(30)] and slots[1] > 0
     with pytest.raises(PredictorError, match="pass --predictor DIR"):
         sized_policy(dims, 8192, torch.float32, device, selection, TokenButlerPolicy(),
                      model_source="meta-llama/Llama-3.1-8B")

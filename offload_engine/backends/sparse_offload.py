@@ -74,10 +74,10 @@ def check_sparse_memory(dims: ModelDims, capacity: int, dtype: torch.dtype, devi
 
 def sized_policy(dims: ModelDims, capacity: int, dtype: torch.dtype, device: torch.device,
                  selection: SelectionConfig, policy: Policy, adapter: ModelAdapter | None = None,
-                 model_source: str = "") -> tuple[PolicyContext, Selector]:
-    """The policy prepared for a sequence (``Policy.prepare``: a predictor loaded, nothing allocated) and the
-    selector of its budget; then the sequence's memory checked (``check_sparse_memory``) before anything of it
-    is allocated. Without an ``adapter`` (before the model's weights load, ``model_source`` naming the model):
+                 model_source: str = "") -> tuple[PolicyContext, Selector, list[int]]:
+    """The policy prepared for a sequence (``Policy.prepare``: a predictor loaded, nothing allocated), the
+    selector of its budget and each layer's slots; then the sequence's memory checked (``check_sparse_memory``)
+    before anything of it is allocated. Without an ``adapter`` (before the model's weights load, ``model_source`` naming the model):
     the same check, so that a sequence that cannot fit is refused before the weights take their time."""
     local_layers = frozenset(dims.local_windows(capacity))
     if adapter is not None:
@@ -90,7 +90,7 @@ def sized_policy(dims: ModelDims, capacity: int, dtype: torch.dtype, device: tor
     slots = [selector.slots_for(layer) for layer in range(dims.num_layers)]
     check_sparse_memory(dims, capacity, dtype, device, selection, slots, policy.state_bytes(),
                         dims.global_layers(capacity))
-    return ctx, selector
+    return ctx, selector, slots
 
 
 class SparseOffloadKV(KVBackend):
@@ -103,8 +103,7 @@ class SparseOffloadKV(KVBackend):
         self.dims, self.device, self.policy = dims, device, policy
         self.clock = clock or PhaseClock()
         global_layers = dims.global_layers(capacity)
-        ctx, selector = sized_policy(dims, capacity, dtype, device, selection, policy, adapter)
-        slots = [selector.slots_for(layer) for layer in range(dims.num_layers)]
+        ctx, selector, slots = sized_policy(dims, capacity, dtype, device, selection, policy, adapter)
         self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=global_layers)
         self.local = LocalRings(dims, capacity, dtype, device)
         policy.bind(dataclasses.replace(ctx, host_store=self.host))

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..profiling import PhaseClock
+
 
 @dataclass(slots=True)
 class DecodeKV:
@@ -47,9 +49,10 @@ class KVBackend:
     def end_step(self) -> None:
         """The step is over (its token has been sampled)."""
 
-    def use_clock(self, clock) -> None:
-        """Time the next generation's phases on ``clock`` (a ``PhaseClock``; None: an idle one), for a backend kept
-        for another request (``Session``). Backends that time nothing ignore it."""
+    def use_clock(self, clock: PhaseClock | None) -> None:
+        """Time the phases on ``clock`` (None: an idle one): at construction, and for a backend kept for another
+        request (``Session``) that request's own. Backends that time nothing never read it."""
+        self.clock = clock or PhaseClock()
 
     def attended_share(self) -> float | None:
         """The share of the cached tokens the decode steps attended (over layers, dense ones included, KV

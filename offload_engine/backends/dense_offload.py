@@ -37,7 +37,7 @@ class DenseOffloadKV(KVBackend):
         self._next = dict(zip(self.global_layers, self.global_layers[1:]))
         self._buffer = {layer: i % 2 for i, layer in enumerate(self.global_layers)}
         self.prefetcher = Prefetcher(device, dims.num_layers, copy_thread=copy_thread)
-        self.clock = clock or PhaseClock()
+        self.use_clock(clock)
         self.stage_k: list[torch.Tensor] = []
         self.stage_v: list[torch.Tensor] = []
         self._position = 0
@@ -103,9 +103,6 @@ class DenseOffloadKV(KVBackend):
     def end_layer(self, layer):
         if layer not in self.local:
             self.prefetcher.release(("stage", self._buffer[layer]))
-
-    def use_clock(self, clock: PhaseClock | None) -> None:
-        self.clock = clock or PhaseClock()
 
     def end_step(self) -> None:
         self._moved.append(self._step_bytes)

@@ -101,7 +101,7 @@ class SparseOffloadKV(KVBackend):
                  batched: bool = True, count_attended: bool = False, copy_thread: bool = False):
         dims, dtype = adapter.dims, adapter.dtype
         self.dims, self.device, self.policy = dims, device, policy
-        self.clock = clock or PhaseClock()
+        self.use_clock(clock)
         global_layers = dims.global_layers(capacity)
         ctx, selector, slots = sized_policy(dims, capacity, dtype, device, selection, policy, adapter)
         self.host = HostKVStore(dims, capacity, dtype, pin=device.type == "cuda", layers=global_layers)
@@ -256,9 +256,6 @@ class SparseOffloadKV(KVBackend):
     def end_layer(self, layer):
         if layer not in self.local:
             self.prefetcher.release(layer)
-
-    def use_clock(self, clock: PhaseClock | None) -> None:
-        self.clock = clock or PhaseClock()
 
     def end_step(self) -> None:
         self._step += 1

@@ -91,7 +91,7 @@ class CriticalPolicy(Policy):
 
     # -- state ---------------------------------------------------------------------------------
     def prepare(self, ctx: PolicyContext) -> None:
-        self.ctx = ctx
+        super().prepare(ctx)
         self.base.prepare(ctx)
 
     @staticmethod

@@ -110,7 +110,7 @@ class NativeProducer:
 
     def __init__(self, scoring: NativeScoring, bank: "Bank", bound: "native.BoundSelectRows"):
         self.layers = list(scoring.layers)
-        self.bank, self.queries, self.bound, self.scoring = bank, scoring.queries, bound, scoring
+        self.bank, self.bound, self.scoring = bank, bound, scoring
         self.network = scoring.network if bound.network is not None else None  # the selection runs the network
 
     @property
@@ -147,7 +147,7 @@ class NativeProducer:
         if not residency.accepts(self.bound, c.position, c.lo, c.hi, keep):
             return None
         if network is None:
-            return residency.prepare_bound(self.bound, self.queries(x, c.position), c.position, c.lo, c.hi, keep)
+            return residency.prepare_bound(self.bound, self.scoring.queries(x, c.position), c.position, c.lo, c.hi, keep)
         if x.dim() != 1:  # (the query network's native form takes one token's [E]; the general path the rest)
             return None
         mlp = network.current()

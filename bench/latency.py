@@ -41,7 +41,7 @@ from offload_engine.memory import dtype_name
 from offload_engine.policies.tokenbutler import ProjectedKeyCache
 from offload_engine.profiling import timed_breakdown
 
-from .latency_report import NO_PAGES
+from .latency_report import NO_BONUS, NO_PAGES
 from .report import machine_header, provenance, ratio_summary, summarize_ms
 
 DENSE_MODES = {"dense-gpu": KVMode.DENSE_DEVICE, "dense-offload": KVMode.DENSE_OFFLOAD}
@@ -80,6 +80,7 @@ class LatencySettings:
     # gets one more torch thread instead, so that every mode uses the same cores
     copy_thread: bool = False
     page_prefilters: list[int] = field(default_factory=lambda: [0])  # tokenbutler's page sizes (0: none)
+    keep_bonuses: list[float] = field(default_factory=lambda: [0.0])  # the scoring modes' top-k hysteresis (0: none)
 
     def __post_init__(self) -> None:
         parse_layers(self.refresh_layers)
@@ -95,6 +96,12 @@ class LatencySettings:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}.")
         if not self.page_prefilters or any(page < 0 or page == 1 for page in self.page_prefilters):
             raise ConfigError(f"--page-prefilter {self.page_prefilters}: page sizes of at least 2 tokens, or 0 for none.")
+        if not self.keep_bonuses:
+            raise ConfigError("--keep-bonus needs at least one value (0: none).")
+        for bonus in self.keep_bonuses:
+            SelectionConfig(keep_bonus=bonus)  # its range, refused here
+        if any(bonus and pages for bonus in self.keep_bonuses for pages in self.page_prefilters):
+            raise ConfigError("--keep-bonus does not combine with --page-prefilter: run them in separate commands.")
         parse_predictor_shape(self.predictor_shape)
         self._check_real_model_options()
         if not self.contexts or not self.intervals or not self.neighbors:
@@ -144,6 +151,7 @@ class Variant:
     neighbors: bool | None = None
     refresh: str = ""  # layers that select at every step (``parse_layers``), with interval > 1
     pages: int = 0  # tokenbutler's page prefilter: pages of this many tokens (0: none)
+    keep_bonus: float = 0.0  # the top-k's hysteresis (``SelectionConfig.keep_bonus``)
 
     @property
     def policy(self) -> str | None:
@@ -155,21 +163,26 @@ class Variant:
             return self.mode
         refresh = f", refresh {self.refresh}" if self.refresh else ""
         pages = f", pages of {self.pages}" if self.pages else ""
-        return f"{self.mode} (interval {self.interval}, neighbors {'on' if self.neighbors else 'off'}{refresh}{pages})"
+        bonus = f", keep bonus {self.keep_bonus:g}" if self.keep_bonus else ""
+        return (f"{self.mode} (interval {self.interval}, neighbors {'on' if self.neighbors else 'off'}{refresh}{pages}"
+                f"{bonus})")
 
 
 def variants(settings: LatencySettings) -> list[Variant]:
-    """Dense modes once each; sparse modes once per (interval, neighbors), tokenbutler once per page setting."""
+    """Dense modes once each; sparse modes once per (interval, neighbors), tokenbutler once per page setting and
+    every mode that scores (not streaming) once per keep bonus."""
     out: list[Variant] = []
     for mode in settings.modes:
         if mode in DENSE_MODES:
             out.append(Variant(mode))
             continue
         pages = settings.page_prefilters if mode == "tokenbutler-offload" else [0]
-        out += [Variant(mode, i, n, pages=p) for i in settings.intervals for n in settings.neighbors for p in pages]
+        bonuses = [0.0] if mode == "streaming-offload" else settings.keep_bonuses
+        out += [Variant(mode, i, n, pages=p, keep_bonus=b)
+                for i in settings.intervals for n in settings.neighbors for p in pages for b in bonuses]
         if settings.refresh_layers:
-            out += [Variant(mode, i, n, settings.refresh_layers, p)
-                    for i in settings.intervals if i > 1 for n in settings.neighbors for p in pages]
+            out += [Variant(mode, i, n, settings.refresh_layers, p, b)
+                    for i in settings.intervals if i > 1 for n in settings.neighbors for p in pages for b in bonuses]
     return out
 
 
@@ -244,7 +257,7 @@ def engine_config(variant: Variant, context: int, settings: LatencySettings) -> 
     common["copy_thread"] = settings.copy_thread
     selection = SelectionConfig(policy=variant.policy, budget=Budget(tokens=settings.budget),
                                 interval=variant.interval, neighbors=NEIGHBORS_ON if variant.neighbors else 0,
-                                refresh_layers=variant.refresh)
+                                refresh_layers=variant.refresh, keep_bonus=variant.keep_bonus)
     return EngineConfig(mode=KVMode.SPARSE_OFFLOAD, selection=selection, **common)
 
 
@@ -262,6 +275,7 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
     tile's ``record_tile``, replayed instead of a prefill."""
     row = {"context": context, "mode": variant.mode, "label": variant.label, "interval": variant.interval,
            "neighbors": variant.neighbors, "refresh_layers": variant.refresh, "page_prefilter": variant.pages,
+           "keep_bonus": variant.keep_bonus,
            "status": "ok", "reason": ""}
     device = torch.device(settings.device)
     threads = torch.get_num_threads()
@@ -504,7 +518,7 @@ def paired_reference(row: dict, rows: list[dict]) -> dict[str, int]:
     """What a row's per-round ratios compare it with: index in ``rows`` (one round's, in variant order) of
     dense-gpu, and for a sparse mode other than streaming, of streaming-offload at the same interval,
     neighbour rule and refresh layers (what the same budget costs when nothing is scored); for a row with the
-    page prefilter, of the same mode without it (``NO_PAGES``)."""
+    page prefilter, of the same mode without it (``NO_PAGES``); with a keep bonus, without it (``NO_BONUS``)."""
     out = {}
     same = lambda a, b: (a["interval"], a["neighbors"], a["refresh_layers"]) == (  # noqa: E731
         b["interval"], b["neighbors"], b["refresh_layers"])
@@ -519,6 +533,9 @@ def paired_reference(row: dict, rows: list[dict]) -> dict[str, int]:
         elif (row.get("page_prefilter") and other["mode"] == row["mode"] and not other.get("page_prefilter")
               and same(other, row)):
             out[NO_PAGES] = index
+        elif (row.get("keep_bonus") and other["mode"] == row["mode"] and not other.get("keep_bonus")
+              and not other.get("page_prefilter") and same(other, row)):
+            out[NO_BONUS] = index
     return out
 
 

@@ -14,6 +14,12 @@ BREAKDOWN_COLUMNS = ["mode", "selection", "copy", "wait", "attention", "rest"]
 PAIRED_COLUMNS = ["mode", "rounds", "ratio to dense-gpu by round", "ratio to dense-gpu, geomean [95%]",
                   "ratio to streaming-offload, geomean [95%]"]
 NO_PAGES = "without the page prefilter"  # paired_ratios' key of a page-prefiltered row's own mode without it
+NO_BONUS = "without the keep bonus"  # ... of a row with a keep bonus (top-k hysteresis), its mode without it
+# the references a variant of a mode is paired with, and what the report says of each
+OWN_MODE = {NO_PAGES: "Against the same without the page prefilter: the same mode, interval and neighbour rule, "
+                      "every token scored.",
+            NO_BONUS: "Against the same without the keep bonus: the same mode, interval and neighbour rule, every "
+                      "token ranked by its score alone."}
 
 
 def write_report(report: dict, out_dir: Path, stem: str) -> dict[str, str]:
@@ -64,7 +70,8 @@ def _paired_lines(rows: list[dict], repeats: int) -> list[str]:
     paired = [r for r in rows if any(len(s["per_round"]) > 1 for s in r.get("paired_ratios", {}).values())]
     if not paired:
         return []
-    cells, pages = [], any(NO_PAGES in row["paired_ratios"] for row in paired)
+    own = [key for key in OWN_MODE if any(key in row["paired_ratios"] for row in paired)]
+    cells = []
     for row in paired:
         ratios = row["paired_ratios"]
         to_dense = ratios.get("dense-gpu")
@@ -72,15 +79,14 @@ def _paired_lines(rows: list[dict], repeats: int) -> list[str]:
         cells.append([row["label"], " / ".join(str(n) if n == repeats else f"{n} of {repeats}" for n in counts),
                       ", ".join(fmt(r, 2) for r in to_dense["per_round"]) if to_dense else "-",
                       ratio_cell(to_dense), ratio_cell(ratios.get("streaming-offload"))]
-                     + ([ratio_cell(ratios.get(NO_PAGES))] if pages else []))
+                     + [ratio_cell(ratios.get(key)) for key in own])
     order = ("every other round in reverse order" if all(r.get("round_order") == "alternating" for r in paired)
              else "in the same order every round, dense-gpu first")
     return ["", f"Ratios round by round: each round ran every mode once, one after the other ({order}), so a ratio "
             "within a round compares steps measured minutes apart at most; geometric mean over the rounds [95% t "
             "interval of the log ratios]. Against streaming-offload: the same interval and neighbour rule. Rounds: "
-            "those in which both modes ran." + (" Against the same without the page prefilter: the same mode, interval "
-                                               "and neighbour rule, every token scored." if pages else ""), "",
-            markdown_table(PAIRED_COLUMNS + ([f"ratio to the same {NO_PAGES}, geomean [95%]"] if pages else []), cells)]
+            "those in which both modes ran." + "".join(" " + OWN_MODE[key] for key in own), "",
+            markdown_table(PAIRED_COLUMNS + [f"ratio to the same {key}, geomean [95%]" for key in own], cells)]
 
 
 def _compact_keys_text(report: dict) -> str:

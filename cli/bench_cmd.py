@@ -63,6 +63,8 @@ def latency(
     page_prefilter: str = typer.Option("0", "--page-prefilter", help="tokenbutler: page sizes of its page "
                                        "prefilter to run, comma-separated, 0 for none (e.g. 0,16: both side by "
                                        "side, paired)."),
+    keep_bonus: str = typer.Option("0", "--keep-bonus", help="The scoring modes' selection hysteresis to run, "
+                                   "comma-separated (e.g. 0,0.25: both side by side, paired; see tbrun generate)."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for the report files."),
     append: bool = typer.Option(False, "--append", help="Keep the other contexts already in the report at --out "
                                 "(measure long contexts in separate commands, get one report)."),
@@ -79,6 +81,7 @@ def latency(
         synthetic_kv_tile=parse_context(synthetic_kv_tile) if synthetic_kv_tile else 0,
         refresh_layers=refresh_layers, copy_thread=copy_thread,
         page_prefilters=[_int(p, "--page-prefilter") for p in _split(page_prefilter)],
+        keep_bonuses=[_number(b, "--keep-bonus") for b in _split(keep_bonus)],
     )
     report = run_latency(settings, out, log=lambda msg: err_console.print(msg, style="dim", markup=False),
                          append=append)
@@ -113,6 +116,13 @@ def _int(text: str, option: str) -> int:
         return int(text)
     except ValueError:
         raise ConfigError(f"{option} {text!r} is not a whole number.") from None
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} is not a number.") from None
 
 
 def _on_off(text: str) -> bool:

@@ -29,7 +29,7 @@ def eval_command(
     task: str = typer.Option(..., "--task", "-t", help=f"One of: {', '.join(TASKS)}."),
     policy: str = typer.Option(..., "--policy", help="Comma-separated policies, e.g. quest,snapkv,critical(quest); "
                                "settings per policy in brackets: 'tokenbutler[interval=4,neighbor_rule=runs]' "
-                               "(sinks, window, interval, neighbors, neighbor_rule, refresh_layers as 14-23 or 3+20-23, group_reduction, "
+                               "(sinks, window, interval, neighbors, neighbor_rule, refresh_layers as 14-23 or 3+20-23, keep_bonus: a share, group_reduction, "
                                "key_dtype: auto, float32, bfloat16 or int8, page_prefilter: a page size or 0, prefilter_factor)."),
     budget: str = typer.Option(DEFAULT_BUDGETS, "--budget", help="Comma-separated budgets: shares (10%) or tokens."),
     context: str = typer.Option("4k", "--context", "-c", help="Tokens per sample, answer included: 1k, 4k, 8k."),

@@ -47,6 +47,9 @@ REFRESH_LAYERS = typer.Option("", "--refresh-layers",
 COPY_THREAD = typer.Option(False, "--copy-thread/--no-copy-thread",
                            help="CPU offload: run the copies, and tokenbutler's selections ahead of them, on one more "
                                 "thread while the model computes (for a core that --threads leaves free).")
+KEEP_BONUS = typer.Option(0.0, "--keep-bonus",
+                          help="Hysteresis of the selection: a token already on the device keeps its place unless a "
+                               "newcomer scores this share more (0.25: 25%); fewer tokens copied a step. 0: off.")
 NEIGHBORS = typer.Option(0, "--neighbors", help="Also fetch this many positions after each selected one.")
 NEIGHBOR_RULE = typer.Option("radius", "--neighbor-rule",
                              help="radius (--neighbors N), or runs: after each run of c selected, the next c.")
@@ -88,6 +91,7 @@ class EngineOptions:
     copy_thread: bool = False
     key_dtype: str = "auto"
     page_prefilter: int = 0
+    keep_bonus: float = 0.0
 
 
 def generate(
@@ -107,6 +111,7 @@ def generate(
     predictor: Optional[Path] = PREDICTOR,
     key_dtype: str = KEY_DTYPE,
     page_prefilter: int = PAGE_PREFILTER,
+    keep_bonus: float = KEEP_BONUS,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
@@ -127,7 +132,7 @@ def generate(
         check_output_file(stats_json, "--stats-json")
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
-                                        copy_thread, key_dtype, page_prefilter))
+                                        copy_thread, key_dtype, page_prefilter, keep_bonus))
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
     extra = [_sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype, engine.config.mode),
@@ -155,11 +160,18 @@ def build_engine(o: EngineOptions) -> Engine:
         raise ConfigError(f"--key-dtype {o.key_dtype!r} is not one of {', '.join(KEY_DTYPES)}.")
     if o.key_dtype != "auto" and "tokenbutler" not in o.policy:
         raise ConfigError("--key-dtype is only used by --policy tokenbutler (its compact cache of projected keys).")
+    if o.keep_bonus and mode is not KVMode.SPARSE_OFFLOAD:
+        raise ConfigError("--keep-bonus shapes which tokens a sparse --policy fetches: add --offload and a --policy "
+                          "other than dense, or drop it.")
     if o.page_prefilter and "tokenbutler" not in o.policy:
         raise ConfigError("--page-prefilter is only used by --policy tokenbutler (pages of its compact keys).")
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(msg, style="dim", markup=False))
     policy_object = (_policy(o.policy, o.predictor, o.key_dtype, o.page_prefilter)
                      if mode is KVMode.SPARSE_OFFLOAD else None)
+    if policy_object is not None:
+        from offload_engine.selection.planner import check_keep_bonus
+
+        check_keep_bonus(o.keep_bonus, policy_object)
     dims = model_dims(source)
     named = transformers_source(source)[0]  # what the loaded model's config will name (a .gguf: its folder)
     capacity = parse_context(o.context) if o.context is not None else min(dims.max_positions, 8192)
@@ -171,6 +183,7 @@ def build_engine(o: EngineOptions) -> Engine:
     selection = SelectionConfig(
         policy=o.policy, budget=_budget(o.budget, mode, capacity), sinks=o.sinks, window=o.window,
         interval=o.interval, neighbors=o.neighbors, neighbor_rule=o.neighbor_rule, refresh_layers=o.refresh_layers,
+        keep_bonus=o.keep_bonus,
     )
     config = EngineConfig(context=capacity, mode=mode, selection=selection, device=device_name,
                           allow_rope_scaling=o.allow_rope_scaling, copy_thread=o.copy_thread)

@@ -14,8 +14,9 @@ from offload_engine.errors import ConfigError
 
 from .common import err_console, user_errors
 from .generate_cmd import (
-    ALLOW_ROPE_SCALING, BUDGET, CONTEXT, COPY_THREAD, DEVICE, DTYPE, INTERVAL, KEY_DTYPE, MODEL, NEIGHBOR_RULE,
-    NEIGHBORS, OFFLOAD, PAGE_PREFILTER, POLICY, PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions, build_engine,
+    ALLOW_ROPE_SCALING, BUDGET, CONTEXT, COPY_THREAD, DEVICE, DTYPE, INTERVAL, KEEP_BONUS, KEY_DTYPE, MODEL,
+    NEIGHBOR_RULE, NEIGHBORS, OFFLOAD, PAGE_PREFILTER, POLICY, PREDICTOR, REFRESH_LAYERS, SINKS, WINDOW, EngineOptions,
+    build_engine,
 )
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # what uvicorn takes
@@ -42,6 +43,7 @@ def serve(
     predictor: Optional[Path] = PREDICTOR,
     key_dtype: str = KEY_DTYPE,
     page_prefilter: int = PAGE_PREFILTER,
+    keep_bonus: float = KEEP_BONUS,
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     allow_rope_scaling: bool = ALLOW_ROPE_SCALING,
@@ -66,7 +68,7 @@ def serve(
     check_port_free(host, port)
     engine = build_engine(EngineOptions(model, context, offload, policy, budget, sinks, window, interval, neighbors,
                                         neighbor_rule, predictor, device, dtype, allow_rope_scaling, refresh_layers,
-                                        copy_thread, key_dtype, page_prefilter))
+                                        copy_thread, key_dtype, page_prefilter, keep_bonus))
     app = create_app(engine, config)
     err_console.print(f"serving [bold]{escape(config.model_name)}[/] (also as 'default'), {engine.config.mode.value}, "
                       f"context {engine.config.context} on http://{host}:{port}/v1 — Ctrl-C to stop")

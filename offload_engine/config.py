@@ -134,6 +134,9 @@ def budget_floor(sinks: int, window: int) -> int:
     return sinks + min(MIN_WINDOW, window)
 
 
+MAX_KEEP_BONUS = 100.0  # beyond it a held token would practically never leave
+
+
 @dataclass(slots=True)
 class SelectionConfig:
     """How the sparse mode picks tokens: sinks and window always, the policy for the rest.
@@ -153,6 +156,11 @@ class SelectionConfig:
     # fastest: bench/reports/selection_drift.md); given as layer numbers or a ``parse_layers`` string
     # ("14-23", "3,7+20-23"), always a frozenset after construction
     refresh_layers: frozenset[int] | str = frozenset()
+    # hysteresis of the top-k: a token held in a device slot keeps it unless a newcomer's score beats its own by
+    # this share (its score times 1 + b where scores are attention masses, plus log(1 + b) where they are
+    # logits: ``selection.ranking.held_terms``); 0 ranks every token alike. Fewer renewed tokens a step, so
+    # fewer copies, at the cost of keeping a token whose score a newcomer beats by less than the share.
+    keep_bonus: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.refresh_layers, str):
@@ -169,6 +177,9 @@ class SelectionConfig:
                               "at --interval 1 every layer does: add --interval N or drop --refresh-layers.")
         if self.neighbors < 0:
             raise ConfigError(f"--neighbors must be >= 0, got {self.neighbors}.")
+        if not (math.isfinite(self.keep_bonus) and 0 <= self.keep_bonus <= MAX_KEEP_BONUS):
+            raise ConfigError(f"--keep-bonus must be a share in [0, {MAX_KEEP_BONUS:g}] (0.25: a held token stays unless "
+                              f"a newcomer scores 25% more), got {self.keep_bonus}.")
         if self.neighbor_rule not in ("radius", "runs"):
             raise ConfigError(f"--neighbor-rule {self.neighbor_rule!r} is not 'radius' or 'runs'.")
         if self.budget is not None and self.budget.tokens is not None and self.floor > self.budget.tokens:

@@ -26,6 +26,7 @@ from .models import ModelAdapter
 from .policies import build_policy
 from .policies.base import Policy, shared_prefill_observations
 from .profiling import PhaseClock, timed_breakdown
+from .selection.planner import check_keep_bonus
 from .sampling import sample_next
 from .stats import GenerationStats, peak_device_bytes, peak_host_bytes
 
@@ -152,6 +153,7 @@ class Engine:
         self.policy = None
         if config.mode is KVMode.SPARSE_OFFLOAD:
             self.policy = policy if policy is not None else build_policy(config.selection.policy)
+            check_keep_bonus(config.selection.keep_bonus, self.policy)
         self.gather_method = gather_method
         self.eos_ids = _eos_ids(adapter)
         if self.device.type == "cpu":

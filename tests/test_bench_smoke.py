@@ -540,6 +540,40 @@ def test_latency_runs_tokenbutler_with_and_without_the_page_prefilter_paired(tmp
     assert "ratio to the same without the page prefilter" in (out / "latency-tiny-llama-cpu.md").read_text()
 
 
+def test_latency_runs_the_scoring_modes_with_and_without_a_keep_bonus_paired(tmp_path):
+    """--keep-bonus 0,0.5: every mode that scores once per bonus (streaming once), the engine's selection given the
+    bonus, and the row with it paired by round with the same mode without it."""
+    from tbrun_bench.latency import LatencySettings, engine_config, variants
+
+    settings = LatencySettings(contexts=[4096], modes=["streaming-offload", "tokenbutler-offload"], intervals=[1],
+                               neighbors=[False], keep_bonuses=[0.0, 0.5], device="cpu")
+    assert [v.label for v in variants(settings)] == [
+        "streaming-offload (interval 1, neighbors off)", "tokenbutler-offload (interval 1, neighbors off)",
+        "tokenbutler-offload (interval 1, neighbors off, keep bonus 0.5)"]
+    assert engine_config(variants(settings)[2], 4096, settings).selection.keep_bonus == 0.5
+    for bad, message in (([-1.0], "keep-bonus must be a share"), ([], "keep-bonus needs"),
+                         ([0.5], "does not combine with --page-prefilter")):
+        with pytest.raises(ConfigError, match=message):
+            LatencySettings(contexts=[4096], keep_bonuses=bad, page_prefilters=[16], device="cpu")
+    out = tmp_path / "bonus"
+    result = runner.invoke(app, [
+        "bench", "latency", "--arch", "tiny-llama", "--contexts", "1024", "--budget", "96", "--decode-steps", "2",
+        "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--repeats", "2", "--interval", "1",
+        "--neighbors", "off", "--modes", "tokenbutler-offload", "--keep-bonus", "0,0.5", "--out", str(out),
+        "--predictor-shape", "2:32:8",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "latency-tiny-llama-cpu.json").read_text())
+    rows = {row["keep_bonus"]: row for row in report["rows"]}
+    assert set(rows) == {0.0, 0.5} and all(row["status"] == "ok" for row in rows.values())
+    paired = rows[0.5]["paired_ratios"]["without the keep bonus"]
+    assert paired["per_round"] == pytest.approx([a / b for a, b in zip(rows[0.5]["round_medians_ms"],
+                                                                      rows[0.0]["round_medians_ms"])])
+    assert "ratio to the same without the keep bonus" in (out / "latency-tiny-llama-cpu.md").read_text()
+    result = runner.invoke(app, ["bench", "latency", "--contexts", "1024", "--device", "cpu", "--keep-bonus", "x"])
+    assert result.exit_code == 2 and "--keep-bonus 'x' is not a number" in result.output
+
+
 def test_latency_runs_each_interval_above_one_again_with_refresh_layers():
     from tbrun_bench.latency import LatencySettings, engine_config, variants
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -278,6 +279,28 @@ def test_page_prefilter_reaches_tokenbutler_and_bad_values_are_refused_before_th
     assert result.exit_code == 2 and "pages of 1 tokens; give an integer of at least 2" in flat(result.output)
     result = generate(tiny_model_dir, *common, "--policy", "quest", "--page-prefilter", "16")
     assert result.exit_code == 2 and "--page-prefilter is only used by --policy tokenbutler" in flat(result.output)
+
+
+def test_keep_bonus_reaches_the_selection_and_bad_values_are_refused_before_the_weights_load(tiny_model_dir,
+                                                                                               monkeypatch):
+    from offload_engine import models
+    from offload_engine.selection import planner
+
+    held = []
+    original = planner.policy_held_terms
+    monkeypatch.setattr(planner, "policy_held_terms", lambda bonus, policy: held.append(original(bonus, policy))
+                        or held[-1])
+    common = ("--offload", "--budget", "40", "--sinks", "2", "--window", "8", "-n", "3")
+    result = generate(tiny_model_dir, *common, "--policy", "quest", "--keep-bonus", "0.25")
+    assert result.exit_code == 0, result.output
+    assert held and held[0].add == pytest.approx(math.log1p(0.25)) and held[0].mul == 1.0  # quest's logit bounds
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    result = generate(tiny_model_dir, *common, "--policy", "quest", "--keep-bonus", "-1")
+    assert result.exit_code == 2 and "--keep-bonus must be a share in [0, 100]" in flat(result.output)
+    result = generate(tiny_model_dir, "--keep-bonus", "0.25")
+    assert result.exit_code == 2 and "--keep-bonus shapes which tokens a sparse --policy fetches" in flat(result.output)
+    result = generate(tiny_model_dir, *common, "--policy", "tokenbutler", "--page-prefilter", "16", "--keep-bonus", "1")
+    assert result.exit_code == 2 and "does not combine with tokenbutler's page prefilter" in flat(result.output)
 
 
 def test_a_hub_id_neither_cached_nor_reachable_fails_at_once(monkeypatch):

@@ -698,8 +698,27 @@ def test_one_call_selects_and_places_what_the_three_calls_do(layers, kv_heads, g
     _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype, reduction)
 
 
-def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype, reduction):
-    from offload_engine.selection.ranking import topk_positions
+@needs_compiler
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("layers, kv_heads, group, dim, tokens, lo, keep, slots", [
+    (2, 3, 3, 16, 5000, 4, 480, 500), (3, 1, 1, 5, 37, 1, 30, 64)])
+def test_one_call_raises_held_positions_as_torch_does(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype,
+                                                       reduction, built_native):
+    """With the top-k's hysteresis (--keep-bonus: the scores of positions held in a slot times 1 + b, or plus
+    log(1 + b) for logits), the one native call selects and places what favour_held, topk_positions and
+    ResidencyMap.update do in torch, step after step; and it renews less of the previous selection than without."""
+    renewed = {bonus: _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype, reduction,
+                                                keep_bonus=bonus) for bonus in (0.0, 0.5)}
+    assert renewed[0.5] <= renewed[0.0]
+    if keep < tokens // 4:  # a choice among many candidates: the bonus keeps some of what the drift would renew
+        assert renewed[0.5] < renewed[0.0]
+
+
+def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype, reduction,
+                              keep_bonus: float = 0.0) -> int:
+    """-> the positions fetched over the steps after the first (what the selections renewed)."""
+    from offload_engine.selection.ranking import favour_held, held_terms, topk_positions
     from offload_engine.selection.residency import ResidencyMap
     from offload_engine.selection.scores import GroupScores
 
@@ -713,6 +732,7 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
     fused_map, reference_map = (ResidencyMap(rows + 2, slots, torch.device("cpu"), capacity) for _ in range(2))
     part = slice(1, rows + 1)  # the producer's rows inside a bigger bank
     query = torch.randn(layers, kv_heads, group, dim, generator=generator)
+    renewed = 0
     for step in range(5):
         query = query + 0.3 * torch.randn(query.shape, generator=generator)
         hi = tokens - 6 + step  # the sequence grows
@@ -722,8 +742,12 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
         else:  # its whole capacity and how many tokens the step has, as TokenButlerPolicy describes them
             scales = cache.scales[0:layers] if cache.int8 else None
             scores = GroupScores(query, cache.keys[0:layers], lo, hi, reduction, scales, tokens=hi + 3)
-        fused = fused_map.select(scores, keep, part)
-        chosen = topk_positions(scores.compute(), keep, lo, ordered=False).flatten(0, 1)
+        held = held_terms(keep_bonus, "logit" if reduction == "max" else "mass")
+        fused = fused_map.select(scores, keep, part, held)
+        ranked = scores.compute()
+        if held is not None:
+            ranked = favour_held(ranked, reference_map.held(part, lo, hi).view(ranked.shape), held)
+        chosen = topk_positions(ranked, keep, lo, ordered=False).flatten(0, 1)
         reference = reference_map.update(chosen, part)
         assert fused is not None
         for field in ("positions", "slots", "counts"):
@@ -735,6 +759,8 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
         # as they are, with no copy
         assert fused.positions.is_contiguous() and fused.slots.is_contiguous()
         assert fused.positions.shape == (rows, int(fused.counts.max()))
+        renewed += int(fused.counts.sum()) if step else 0
+    return renewed
 
 
 @needs_compiler

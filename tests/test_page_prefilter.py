@@ -221,6 +221,16 @@ def test_an_eval_variant_takes_the_prefilter_as_a_whole_page_size():
             check_policy_spec(spec)
 
 
+def test_an_eval_variant_takes_a_keep_bonus_as_a_number_and_records_it():
+    from offload_engine.evaluation.harness import PolicyVariant, check_policy_spec
+
+    assert PolicyVariant.parse("tokenbutler[keep_bonus=0.25,interval=4]").selection_overrides() == {
+        "keep_bonus": 0.25, "interval": 4}
+    check_policy_spec("critical(tokenbutler)[keep_bonus=1]")
+    with pytest.raises(ConfigError, match="keep_bonus takes a number"):
+        check_policy_spec("tokenbutler[keep_bonus=a lot]")
+
+
 @needs_compiler
 def test_pages_the_cpu_kernel_cannot_take_are_refused_not_scored_slower(built_native):
     """int8 compact keys are scored by quad products from blocks of 16: pages of another size would send every

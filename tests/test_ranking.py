@@ -3,6 +3,8 @@ gives; positions and the neighbour rules."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -199,3 +201,25 @@ def test_the_native_top_k_is_exact_where_most_scores_share_their_leading_bits(ke
     expected = set(torch.topk(row, keep, dim=-1).indices[0].tolist())  # the scores are distinct
     values, index = kernels.topk_rows(row, keep)
     assert set(index[0].tolist()) == expected and torch.equal(row.gather(-1, index), values)
+
+
+def test_held_terms_scale_masses_and_shift_logits_by_the_same_factor():
+    from offload_engine.selection.ranking import favour_held, held_terms
+
+    assert held_terms(0.0, "mass") is None and held_terms(0.0, "logit") is None
+    mass, logit = held_terms(0.25, "mass"), held_terms(0.25, "logit")
+    assert (mass.mul, mass.add) == (1.25, 0.0)
+    assert logit.mul == 1.0 and logit.add == pytest.approx(math.log(1.25), rel=1e-6)
+    with pytest.raises(ValueError, match="score kind"):
+        held_terms(0.25, "rank")
+    logits = torch.tensor([[1.0, 2.0, float("-inf"), float("nan"), -3.0]])
+    held = torch.tensor([[True, False, True, True, True]])
+    favoured = favour_held(logits, held, logit)
+    assert favoured[0, 0] == 1.0 + logit.add and favoured[0, 1] == 2.0 and favoured[0, 2] == float("-inf")
+    assert favoured[0, 3].isnan() and favoured[0, 4] == -3.0 + logit.add
+    # the same factor on the probability: a held token's softmax share grows by 1.25 against the others'
+    assert torch.softmax(favoured[0, :2], -1)[0] / torch.softmax(favoured[0, :2], -1)[1] == pytest.approx(
+        1.25 * math.exp(-1.0), rel=1e-5)
+    masses = torch.tensor([0.0, 0.1, 0.2])
+    assert torch.equal(favour_held(masses, torch.tensor([True, True, False]), mass), torch.tensor([0.0, 0.125, 0.2]))
+    assert torch.equal(logits[0, :2], torch.tensor([1.0, 2.0]))  # the scores given are not modified

@@ -52,7 +52,8 @@ def selections(adapter: ModelAdapter, spec: str, batched: bool, policy=None, cop
 
 @pytest.mark.parametrize("interval,neighbors", [(1, {}), (4, {"neighbors": 1}), (4, {"neighbor_rule": "runs"}),
                                                 (1, {"neighbor_rule": "runs"}),
-                                                (4, {"neighbor_rule": "runs", "refresh_layers": "1,3"})])
+                                                (4, {"neighbor_rule": "runs", "refresh_layers": "1,3"}),
+                                                (1, {"keep_bonus": 0.5}), (4, {"neighbors": 1, "keep_bonus": 2.0})])
 @pytest.mark.parametrize("spec", POLICIES)
 def test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, spec, interval, neighbors):
     batched, tokens_b = selections(adapter, spec, True, interval=interval, **neighbors)
@@ -61,7 +62,7 @@ def test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, s
     assert batched == per_layer
     assert tokens_b == tokens_p
     keep = 24 - 2 - 6
-    growth = 2 if neighbors else 1
+    growth = 2 if set(neighbors) - {"keep_bonus"} else 1
     for step in batched:  # and they really select: at most the budget (grown by neighbours), not everything
         for layer, heads in step.items():
             if "tokenbutler" in spec:
@@ -286,7 +287,9 @@ def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(ad
 
 @pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1"])
 @pytest.mark.parametrize("selection", [{"interval": 1}, {"interval": 4}, {"interval": 1, "copy_thread": True},
-                                       {"interval": 4, "refresh_layers": frozenset({1})}])
+                                       {"interval": 4, "refresh_layers": frozenset({1})},
+                                       {"interval": 1, "keep_bonus": 0.5},
+                                       {"interval": 1, "keep_bonus": 0.5, "copy_thread": True}])
 @pytest.mark.parametrize("key_dtype", ["auto", "float32", "int8"])
 def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec, selection, key_dtype, monkeypatch):
     """The planner's NativeProducer (a producer's queries, then its layers' scores, top-k and residency update,
@@ -372,3 +375,35 @@ def test_the_window_follows_the_budget_and_its_first_position_never_moves_back(b
         last_hi = found.hi
         if found.count > found.keep:  # something to select: the budget is spent exactly
             assert 4 + w + found.keep == selector.budget_tokens(length)
+
+
+@pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1", "quest"])
+def test_a_keep_bonus_renews_fewer_tokens_and_zero_changes_nothing(adapter, spec):
+    """The top-k's hysteresis (--keep-bonus): a held token stays unless a newcomer beats it by the share, so a
+    decode copies fewer tokens (host-to-device bytes) than without; a bonus of 0 is no bonus at all."""
+
+    def fetched(**selection) -> tuple[int, list, list[int]]:
+        config = SelectionConfig(policy=spec.partition("/")[0], budget=Budget(tokens=24), sinks=2, window=6,
+                                 **selection)
+        engine = Engine(adapter, EngineConfig(context=160, mode=KVMode.SPARSE_OFFLOAD, selection=config),
+                        policy=make_policy(adapter, spec))
+        seen = record_attended(engine, True)
+        prompt = torch.randint(0, 320, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+        result = engine.generate(prompt, SamplingConfig(max_new_tokens=40))
+        return sum(result.stats.h2d_bytes[1:]), seen, result.token_ids  # after the first step's whole selection
+
+    plain, plain_seen, plain_tokens = fetched()
+    zero, zero_seen, zero_tokens = fetched(keep_bonus=0.0)
+    kept, _, _ = fetched(keep_bonus=1.0)
+    assert (zero, zero_seen, zero_tokens) == (plain, plain_seen, plain_tokens)
+    assert 0 < kept < plain
+
+
+def test_a_keep_bonus_is_a_share_and_refused_with_the_page_prefilter(adapter):
+    for bad in (-0.1, float("nan"), float("inf"), 101.0):
+        with pytest.raises(ConfigError, match="--keep-bonus must be a share"):
+            SelectionConfig(keep_bonus=bad)
+    policy = seeded_policy(adapter, "tokenbutler", page_prefilter=16)
+    config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6, keep_bonus=0.25)
+    with pytest.raises(ConfigError, match="does not combine with tokenbutler's page prefilter"):
+        Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)

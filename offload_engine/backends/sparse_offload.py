@@ -44,6 +44,7 @@ from ..models import ModelAdapter, ModelDims
 from ..policies.base import Policy, PolicyContext
 from ..profiling import PhaseClock
 from ..selection import DeferredRows, FetchPlan, Orders, SelectionPlanner, Selector
+from ..selection.planner import check_keep_bonus
 from .base import DecodeKV, KVBackend
 from .dense_device import check_device_memory
 from .local_window import LocalRings

@@ -2,7 +2,7 @@
 
 One ``RunPoint`` is a (policy, budget) pair; dense (every token, KV on the device) is always the
 first point. A policy may carry its own selection settings in brackets, e.g.
-``tokenbutler[interval=4,neighbor_rule=runs]`` (keys: ``interval``, ``neighbors``, ``neighbor_rule``,
+``tokenbutler[interval=4,neighbor_rule=runs]`` (keys: ``interval``, ``neighbors``, ``neighbor_rule``, ``keep_bonus``,
 ``group_reduction``, ``key_dtype``, ``page_prefilter``, ``prefilter_factor``), so variants of one policy run side
 by side.
 
@@ -48,8 +48,9 @@ MIN_PPL_PASSAGES = 8  # perplexity's t interval is taken over the passages
 
 
 # SelectionConfig fields a variant may set (``tokenbutler[window=64]``: one point with another window)
-SELECTION_KEYS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "refresh_layers")
+SELECTION_KEYS = ("sinks", "window", "interval", "neighbors", "neighbor_rule", "refresh_layers", "keep_bonus")
 COUNT_KEYS = ("sinks", "window", "interval", "neighbors")  # those that are whole numbers
+SHARE_KEYS = ("keep_bonus",)  # those that are numbers
 # options of the innermost policy a variant may set
 POLICY_KEYS = ("group_reduction", "key_dtype", "page_prefilter", "prefilter_factor")
 _VARIANT = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[(?P<options>[^\[\]]*)\])?$")
@@ -89,11 +90,14 @@ class PolicyVariant:
                                   f"{', '.join(SELECTION_KEYS + POLICY_KEYS)}.")
             if key in COUNT_KEYS and not value.isdigit():
                 raise ConfigError(f"--policy {spec!r}: {key} takes a whole number of tokens or steps, not {value!r}.")
+            if key in SHARE_KEYS and not _is_number(value):
+                raise ConfigError(f"--policy {spec!r}: {key} takes a number (a share: 0.25), not {value!r}.")
             settings.append((key, value))
         return cls(match.group("base").strip(), tuple(settings))
 
     def selection_overrides(self) -> dict:
-        return {k: (int(v) if k in COUNT_KEYS else v) for k, v in self.settings if k in SELECTION_KEYS}
+        cast = dict.fromkeys(COUNT_KEYS, int) | dict.fromkeys(SHARE_KEYS, float)
+        return {k: cast.get(k, str)(v) for k, v in self.settings if k in SELECTION_KEYS}
 
     def policy_options(self) -> dict:
         cast = {"page_prefilter": int, "prefilter_factor": float}
@@ -130,6 +134,14 @@ def check_policy_spec(spec: str) -> None:
             raise ConfigError(f"--policy {spec!r}: {key} must be a whole number, got {value!r}.")
         if key == "refresh_layers":
             parse_layers(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _at_least_one(text: str) -> bool:
@@ -337,6 +349,8 @@ def point_settings(config: EvalConfig, adapter: ModelAdapter, point: RunPoint) -
               "neighbor_rule": selection.neighbor_rule}
     if selection.refresh_layers:
         entry["refresh_layers"] = sorted(selection.refresh_layers)
+    if selection.keep_bonus:
+        entry["keep_bonus"] = selection.keep_bonus
     options = config.policy_options(point.policy)
     if "group_reduction" in options:
         entry |= {"group_reduction": options["group_reduction"],

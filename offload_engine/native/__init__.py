@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from ..selection.pages import PageRows
+    from ..selection.ranking import HeldTerms
 
 import numpy as np
 import torch
@@ -240,6 +241,7 @@ class SelectionKernels:
         # select_rows' page bounds, their row and dim strides, page size, pages kept, blocks and their row stride,
         # block scales and their row stride
         pages = (ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64)  # and int8 bounds with scales
+        f32 = ctypes.c_float  # select_rows' last two: a held position's score times the first, plus the second
         signatures = {
             "tbrun_group_scores": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
             "tbrun_group_scores_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
@@ -253,12 +255,12 @@ class SelectionKernels:
                                        ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
-                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr],
+                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
-                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr],
+                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32],
             "tbrun_group_scores_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_select_rows_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
-                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr],
+                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -702,12 +704,13 @@ class BoundSelectRows:
         return (self.copies is copies and self.network is network
                 and self._layout == _layout(keys, scales, *_page_tensors(pages)) + (_reduce_code(reduction), prefilter))
 
-    def __call__(self, queries: torch.Tensor | None, m: int, lo: int, hi: int, keep: int, x: torch.Tensor | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, queries: torch.Tensor | None, m: int, lo: int, hi: int, keep: int, x: torch.Tensor | None = None,
+                 held: "HeldTerms | None" = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """queries ``[R, g, d]`` float32 contiguous CPU, or with a bound ``network`` None and the producer's input
         x ``[E]`` (float32 contiguous CPU: the kernel runs the network, its queries in ``network.queries``); the
-        first ``m`` tokens of the keys scored, the top ``keep`` of candidates ``[lo, hi)`` selected. ->
-        (positions, slots ``[R, width]``, counts ``[R]``)."""
+        first ``m`` tokens of the keys scored, the top ``keep`` of candidates ``[lo, hi)`` selected, the scores of
+        the positions the rows' slots hold raised by ``held`` (the top-k's hysteresis, ``ranking.favour_held``;
+        not with a page prefilter). -> (positions, slots ``[R, width]``, counts ``[R]``)."""
         rows, n = self.rows, self.n
         network = (None, None)
         if x is not None:
@@ -735,15 +738,18 @@ class BoundSelectRows:
         base, size = _address(out), rows * keep * 8  # the three outputs' addresses, from the one allocation
         outputs = (base, base + size, base + 2 * size, max(1, min(kernel_threads(), rows)))
         kept = 0 if self.prefilter is None else self.prefilter.kept_pages(m, lo, hi, keep)
+        if held is not None and self.prefilter is not None:
+            raise ValueError("select_rows: held terms with a page prefilter (the prefilter ranks pages first)")
+        favour = (1.0, 0.0) if held is None else (held.mul, held.add)
         copies = None if self.copies is None else self.copies.address
         if self.int8:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m,
                                  *scale_args, lo, hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1], copies, *network)
+                                 *self.page_args[1], copies, *network, *favour)
         else:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m, lo,
                                  hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1], copies, *network)
+                                 *self.page_args[1], copies, *network, *favour)
         if status == -3:  # cannot happen with the tables checked at binding; the map's rows are then placed without
             # their K/V: the backend must not go on (an error from generate closes it)
             raise IndexError("a selected position or slot is outside the bound copies' tables")

@@ -1496,6 +1496,27 @@ bool prefiltered_row(int64_t reduce, const float* q, int64_t g, int64_t d, const
 }
 
 
+// The top-k's hysteresis (SelectionConfig.keep_bonus; selection/ranking.py HeldTerms): the score of a
+// position held in a slot becomes score * mul + add (one of them the identity), the same float32 operations
+// as favour_held's in torch, so that both select alike.
+struct HeldTerms {
+    float mul, add;
+    bool on() const { return mul != 1.0f || add != 0.0f; }
+};
+
+// scores (indexed by position) of the positions in [lo, hi) that slot_pos [n] holds, raised by held
+inline void favour_held(float* scores, const int64_t* slot_pos, int64_t n, int64_t lo, int64_t hi,
+                        const HeldTerms& held) {
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t p = slot_pos[j];
+        if (p < lo || p >= hi) continue;
+        float s = scores[p];
+        if (held.mul != 1.0f) s = s * held.mul;
+        if (held.add != 0.0f) s = s + held.add;
+        scores[p] = s;
+    }
+}
+
 // A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (reduce_row: the mean
 // rule over the m cached tokens, the max rule over the candidates), the top keep of the candidates [lo, hi)
 // (topk_positions, on the row while it is in L2), and the residency update with them (update_row). What
@@ -1513,8 +1534,9 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                 int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
                 int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
                 const uint16_t* scales, int64_t scale_stride, PageArgs pages, const RowCopies* copies,
-                const QueryNetwork* network, const float* x) {
+                const QueryNetwork* network, const float* x, HeldTerms held) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
+    if (held.on() && pages.bounds != nullptr) return -2;  // the prefilter ranks pages before any bonus (refused)
     if (network != nullptr) q = run_network(*network, x);  // once, before the rows split among threads
     if (rows * (hi - lo) < SELECT_THREADED_ENTRIES) threads = 1;
     std::atomic<int> status{0};
@@ -1551,6 +1573,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
             if (!paged_row) {
                 reduce_row(reduce, qr, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
                            logits.data(), work, sr);
+                if (held.on()) favour_held(scores.data(), slot_pos + r * pos_stride, n, lo, hi, held);
                 topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);
             }
             const int64_t placed = update_row(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
@@ -2023,7 +2046,8 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
 // bound_blocks (int8 keys, or null): the bounds as int8 codes (see PageArgs). copies (or null): each row's
 // placed positions copied from the host store into their slots in the same call (RowCopies). network (or null):
 // q is not read; the producer's query network runs on x first and the selection reads its queries
-// (QueryNetwork). Returns 0, -1 if
+// (QueryNetwork). held_mul, held_add: the score of each candidate a row's slots hold becomes score * held_mul +
+// held_add before the top-k (HeldTerms; 1 and 0: none; not with a prefilter: -2). Returns 0, -1 if
 // a row had more missing positions than free slots, -2 for an unknown reduce, -3 if a copy was outside its
 // tables (that row's copies not made, its residency already updated: the caller must not go on with these
 // rows). threads > 1: rows split among them, as the scores are; the copies' time is the longest any thread
@@ -2038,12 +2062,12 @@ int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, i
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
-                      const QueryNetwork* network, const float* x) {
+                      const QueryNetwork* network, const float* x, float held_mul, float held_add) {
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies, network, x);
+                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add});
 }
 
 // The same with bfloat16 keys (as tbrun_group_scores_bf16)
@@ -2056,12 +2080,12 @@ int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
-                      const QueryNetwork* network, const float* x) {
+                      const QueryNetwork* network, const float* x, float held_mul, float held_add) {
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies, network, x);
+                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add});
 }
 
 // The same with int8 keys and their scales (as tbrun_group_scores_int8)
@@ -2075,14 +2099,14 @@ int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
-                      const QueryNetwork* network, const float* x) {
+                      const QueryNetwork* network, const float* x, float held_mul, float held_add) {
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads,
                        scales,
                        scale_stride,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies, network, x);
+                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add});
 }
 
 }  // extern "C"

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .. import native
+from ..errors import ConfigError
+from .ranking import HeldTerms, favour_held, held_terms
 from .residency import FetchPlan
 from .scores import GroupScores, NativeScoring
 from .selector import Candidates, Selector
@@ -112,6 +114,7 @@ class NativeProducer:
         self.layers = list(scoring.layers)
         self.bank, self.bound, self.scoring = bank, bound, scoring
         self.network = scoring.network if bound.network is not None else None  # the selection runs the network
+        self.held: HeldTerms | None = None  # the top-k's hysteresis (SelectionPlanner.held)
 
     @property
     def copies(self) -> "native.RowCopies | None":
@@ -147,7 +150,8 @@ class NativeProducer:
         if not residency.accepts(self.bound, c.position, c.lo, c.hi, keep):
             return None
         if network is None:
-            return residency.prepare_bound(self.bound, self.scoring.queries(x, c.position), c.position, c.lo, c.hi, keep)
+            return residency.prepare_bound(self.bound, self.scoring.queries(x, c.position), c.position, c.lo, c.hi, keep,
+                                           held=self.held)
         if x.dim() != 1:  # (the query network's native form takes one token's [E]; the general path the rest)
             return None
         mlp = network.current()
@@ -159,7 +163,7 @@ class NativeProducer:
         network.before(c.position, self.bound.network.raw)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
-        return residency.prepare_bound(self.bound, None, c.position, c.lo, c.hi, keep, x)
+        return residency.prepare_bound(self.bound, None, c.position, c.lo, c.hi, keep, x, held=self.held)
 
 
 class SelectionPlanner:
@@ -181,6 +185,8 @@ class SelectionPlanner:
         self.refresh = refresh if interval > 1 else frozenset()  # layers selected at every step
         self.dense = selector.dense_layers
         self.local = selector.local_layers  # sliding-window layers: never selected for
+        # the top-k's hysteresis: a token held in a slot keeps it unless a newcomer beats it by --keep-bonus
+        self.held = policy_held_terms(selector.config.keep_bonus, policy)
         self._selection_steps = 0  # steps since selection (not "take everything") began
         self._predict = False
         self._refreshing = False  # a step between predictions on which the refresh layers select
@@ -326,6 +332,8 @@ class SelectionPlanner:
                 copies = self.row_copies(layers) if self.row_copies is not None and not self.defer else None
                 # the query network in the same call, except where the call is made later, on the copy thread
                 fast = NativeProducer.bind(scoring, bank, copies, network=not self.defer)
+                if fast is not None:
+                    fast.held = self.held
         self._native[producer] = fast
         return fast
 
@@ -340,7 +348,7 @@ class SelectionPlanner:
         run = None
         if self.selector.plain_topk:
             keep = min(self.candidates.keep, self.candidates.count)
-            run = bank.residency.prepare_select(scores, keep, bank.rows(layers))
+            run = bank.residency.prepare_select(scores, keep, bank.rows(layers), self.held)
         if run is None:
             self._select(layers, scores.compute(), orders)
         else:
@@ -359,6 +367,10 @@ class SelectionPlanner:
     def _select(self, layers: list[int], scores: torch.Tensor, orders: Orders) -> None:
         """Top-k of ``scores [Lg, KvH, n]`` for consecutive ``layers`` of one bank, one residency update."""
         bank = self.ws.bank_of[layers[0]]
+        if self.held is not None:
+            c = self.candidates
+            held = bank.residency.held(bank.rows(layers), c.lo, c.hi).view(scores.shape)
+            scores = favour_held(scores, held, self.held)
         chosen = self.selector.select(scores, self.candidates, bank.num_slots)  # [Lg, KvH, k]
         _emit(bank, layers, bank.residency.update(chosen.flatten(0, 1), bank.rows(layers)), orders)
 
@@ -367,6 +379,22 @@ class SelectionPlanner:
         """Selected slots ``layer`` may hold this step: the filled prefix bound, host arithmetic only (the
         candidates' count is every layer's alike: made once a step, in ``begin_step``)."""
         return min(self.ws.bank_of[layer].num_slots, self._candidate_count)
+
+
+def policy_held_terms(bonus: float, policy) -> HeldTerms | None:
+    """The top-k's hysteresis of ``--keep-bonus`` for a prepared policy's scores (``held_terms`` by its
+    ``score_kind``, "logit" where it names none), or None for 0 (``check_keep_bonus`` first)."""
+    check_keep_bonus(bonus, policy)
+    return held_terms(bonus, getattr(policy, "score_kind", "logit"))
+
+
+def check_keep_bonus(bonus: float, policy) -> None:
+    """Refuse a keep bonus with a page prefilter (tokenbutler's, or that of the policy critical(...) wraps): the
+    prefilter ranks pages before any token's bonus could apply."""
+    scorer = getattr(policy, "base", policy)
+    if bonus and getattr(scorer, "prefilter", None) is not None:
+        raise ConfigError("--keep-bonus does not combine with tokenbutler's page prefilter (the prefilter ranks pages "
+                          "before any token's bonus applies): drop one of them.")
 
 
 def _emit(bank: "Bank", layers: list[int], plan: FetchPlan, orders: Orders, moved: int | None = None) -> None:

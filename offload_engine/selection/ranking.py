@@ -8,6 +8,7 @@ long, ascending within a row, with ``-1`` padding last.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -101,6 +102,40 @@ def _sampled_thresholds(rows: np.ndarray, keep: int) -> np.ndarray:
     expected = keep / PREFILTER_STRIDE
     rank = min(size, int(math.ceil(expected + 4.0 * math.sqrt(expected))) + 8)
     return np.partition(sample, size - rank, axis=-1)[:, size - rank]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldTerms:
+    """The top-k's hysteresis (``SelectionConfig.keep_bonus``) as the scores take it: a held token's score
+    becomes ``score * mul + add`` (one of them the identity: masses scale, logits shift), in float32, the same
+    numbers in torch (``favour_held``) and in the native selection (``tbrun_select_rows``)."""
+
+    mul: float = 1.0
+    add: float = 0.0
+
+
+def held_terms(bonus: float, score_kind: str) -> HeldTerms | None:
+    """``keep_bonus`` ``b`` for scores of ``score_kind``: "mass" (non-negative attention masses, ranked as they
+    are) times ``1 + b``; "logit" (logits or bounds of them, ranked as their softmax) plus ``log(1 + b)``, the same
+    factor on the probability. None for ``b = 0``. Both rounded to float32 as the scores are."""
+    if bonus == 0:
+        return None
+    if score_kind == "mass":
+        return HeldTerms(mul=float(np.float32(1.0 + bonus)))
+    if score_kind == "logit":
+        return HeldTerms(add=float(np.float32(math.log1p(bonus))))
+    raise ValueError(f"score kind {score_kind!r} is not 'mass' or 'logit'")
+
+
+def favour_held(scores: torch.Tensor, held: torch.Tensor, terms: HeldTerms) -> torch.Tensor:
+    """scores ``[..., n]`` with the entries where ``held [..., n]`` (bool: the candidate is in a device slot)
+    raised by ``terms``; a new tensor. A NaN or -inf score stays as it is."""
+    favoured = scores
+    if terms.mul != 1.0:
+        favoured = favoured * terms.mul
+    if terms.add != 0.0:
+        favoured = favoured + terms.add
+    return torch.where(held, favoured, scores)
 
 
 def sort_with_padding_last(positions: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 
 from .. import native
 from .pages import PageRows
+from .ranking import HeldTerms
 from .scores import GroupScores
 
 EMPTY = -1
@@ -190,19 +191,22 @@ class ResidencyMap:
         return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                          counts=torch.from_numpy(counts))
 
-    def select(self, scores: GroupScores, keep: int, rows: slice) -> FetchPlan | None:
+    def select(self, scores: GroupScores, keep: int, rows: slice, held: HeldTerms | None = None) -> FetchPlan | None:
         """``update(topk_positions(scores.compute(), keep, scores.lo, ordered=False), rows)`` in one native
         call: each row scored, its top ``keep`` taken and its residency updated while its scores are in the
         cache. None (nothing done) where that call does not apply: a map off the host, no native kernels,
         keys the kernel does not read, rows that are not the scores' rows, or a step ``accepts`` refuses; the
         caller then takes the separate steps. ``rows``: the map's rows of ``scores``' ``[Lg * KvH]`` rows, a slice.
+        ``held``: the scores of the positions the rows' slots hold raised first (``ranking.favour_held``).
         """
-        run = self.prepare_select(scores, keep, rows)
+        run = self.prepare_select(scores, keep, rows, held)
         return None if run is None else run()
 
-    def prepare_select(self, scores: GroupScores, keep: int, rows: slice) -> Callable[[], FetchPlan] | None:
+    def prepare_select(self, scores: GroupScores, keep: int, rows: slice, held: HeldTerms | None = None
+                       ) -> Callable[[], FetchPlan] | None:
         """``select`` in two halves: everything checked now, and the native call returned to be made later,
-        on another thread (the copy thread), before anything reads the rows. None where ``select`` is."""
+        on another thread (the copy thread), before anything reads the rows. None where ``select`` is. ``held``:
+        the top-k's hysteresis, the scores of the positions held in the rows' slots raised (``favour_held``)."""
         if not isinstance(rows, slice):  # an index tensor would give copies, and the writes would be lost
             raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
         native_rows = scores.native_rows() if self.on_host and native.kernels() is not None else None
@@ -215,7 +219,7 @@ class ResidencyMap:
         bound = self.bind_select(rows, keys, scores.reduction, scales, pages)
         if bound is None or not self.accepts(bound, scores.m, scores.lo, scores.hi, keep):
             return None
-        return self.prepare_bound(bound, queries.contiguous(), scores.m, scores.lo, scores.hi, keep)
+        return self.prepare_bound(bound, queries.contiguous(), scores.m, scores.lo, scores.hi, keep, held=held)
 
     def bind_select(self, rows: slice, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
                     pages: PageRows | None = None, copies: "native.RowCopies | None" = None,
@@ -252,15 +256,16 @@ class ResidencyMap:
                 and 0 < keep <= min(hi - lo, self.num_slots) and native.enabled())
 
     def prepare_bound(self, bound: "native.BoundSelectRows", queries: torch.Tensor | None, tokens: int, lo: int,
-                      hi: int, keep: int, x: torch.Tensor | None = None) -> Callable[[], FetchPlan]:
+                      hi: int, keep: int, x: torch.Tensor | None = None, held: HeldTerms | None = None
+                      ) -> Callable[[], FetchPlan]:
         """The bound selection of a step ``accepts`` took, to be made now or on the copy thread: queries
         ``[R, g, d']`` float32, contiguous (any scale folded in), or None and the producer's input ``x`` for a
         selection bound with its query network. From here the rows no longer hold the candidates in order
-        (``appending`` is off)."""
+        (``appending`` is off). ``held``: as for ``prepare_select``."""
         self.appending = False
 
         def run() -> FetchPlan:
-            positions, slots, counts = bound(queries, tokens, lo, hi, keep, x)
+            positions, slots, counts = bound(queries, tokens, lo, hi, keep, x, held)
             return FetchPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
                              counts=torch.from_numpy(counts))
 
@@ -288,6 +293,11 @@ class ResidencyMap:
         positions = new.expand(rows, -1)
         counts = torch.full((rows,), hi - start, dtype=torch.long, device=device)
         return FetchPlan(positions=positions, slots=positions - lo, counts=counts)
+
+    def held(self, rows: slice, lo: int, hi: int) -> torch.Tensor:
+        """Whether each position of ``[lo, hi)`` is in a slot of ``rows`` (selected now, or before and not yet
+        overwritten: fetched again for free): ``[r, hi - lo]`` bool, on the map's device."""
+        return self.slot_of[rows, lo:hi] >= 0
 
     def active_positions(self, rows: slice = slice(None)) -> torch.Tensor:
         """Positions of the active slots, ``-1`` elsewhere: ``[r, num_slots + 1]``."""

@@ -30,12 +30,14 @@ from offload_engine.policies.tokenbutler import shipped_predictor_for
 from .report import fmt, machine_header, markdown_header, markdown_table, predictor_label, provenance, write_json
 
 SINKS, WINDOW = 4, 32
-VARIANTS = (  # label, interval, neighbors, rule
-    ("tokenbutler i1", 1, 0, "radius"),
-    ("tokenbutler i1 + neighbours", 1, 1, "radius"),
-    ("tokenbutler i4", 4, 0, "radius"),
-    ("tokenbutler i4 + neighbours", 4, 1, "radius"),
-    ("tokenbutler i4 + runs", 4, 0, "runs"),
+VARIANTS = (  # label, interval, neighbors, rule, keep bonus (the top-k's hysteresis)
+    ("tokenbutler i1", 1, 0, "radius", 0.0),
+    ("tokenbutler i1 + neighbours", 1, 1, "radius", 0.0),
+    ("tokenbutler i4", 4, 0, "radius", 0.0),
+    ("tokenbutler i4 + neighbours", 4, 1, "radius", 0.0),
+    ("tokenbutler i4 + runs", 4, 0, "runs", 0.0),
+    ("tokenbutler i1, keep bonus 0.25", 1, 0, "radius", 0.25),
+    ("tokenbutler i1, keep bonus 1", 1, 0, "radius", 1.0),
 )
 # The projected machine: Llama-3.1-8B (32 layers, 8 KV heads, head_dim 128, bf16) on one H100-class GPU.
 BIG = {"layers": 32, "kv_heads": 8, "head_dim": 128, "bytes": 2, "weights_gb": 16.06, "hbm_gbps": 3350.0,
@@ -98,13 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
         dense, _ = run(adapter, prompt, context, args.steps, KVMode.DENSE_OFFLOAD, None)
         progress.advance(task)
         dense_steady = statistics.fmean(dense[1:])
-        for label, interval, neighbors, rule in VARIANTS:
+        for label, interval, neighbors, rule, bonus in VARIANTS:
             selection = SelectionConfig(policy="tokenbutler", budget=budget, sinks=SINKS, window=WINDOW,
-                                        interval=interval, neighbors=neighbors, neighbor_rule=rule)
+                                        interval=interval, neighbors=neighbors, neighbor_rule=rule, keep_bonus=bonus)
             moved, text = run(adapter, prompt, context, args.steps, KVMode.SPARSE_OFFLOAD, selection)
             keep = budget.tokens_for(len(prompt) + 1) - SINKS - WINDOW
             share = churn(moved, adapter, keep, selection.neighbor_growth)
-            rows.append({"label": label, "interval": interval, "neighbors": neighbors, "rule": rule,
+            rows.append({"label": label, "interval": interval, "neighbors": neighbors, "rule": rule, "keep_bonus": bonus,
                          "first_step_bytes": moved[0], "steady_bytes_per_step": statistics.fmean(moved[1:]),
                          "share_of_dense_offload": statistics.fmean(moved[1:]) / dense_steady, "churn": share,
                          "projection": [project(share, t, args.big_budget, selection.neighbor_growth)

@@ -523,21 +523,27 @@ def test_latency_runs_tokenbutler_with_and_without_the_page_prefilter_paired(tmp
     assert build_policy_for(variants(settings)[2], None, "2:32:8", "shipped").prefilter.page == 16
     with pytest.raises(ConfigError, match="page-prefilter"):
         LatencySettings(contexts=[4096], page_prefilters=[1], device="cpu")
-    out = tmp_path / "pages"
+    _assert_paired_with_its_own_mode(tmp_path / "pages", "--page-prefilter", "0,16", "page_prefilter", 16,
+                                     "without the page prefilter")
+
+
+def _assert_paired_with_its_own_mode(out: Path, option: str, values: str, key: str, value, reference: str) -> None:
+    """``tbrun bench latency`` of tokenbutler at ``option values`` (off and on) on a tiny model, two rounds: both
+    rows ran, and the row whose ``key`` is ``value`` has its ratio to the row without it paired round by round."""
     result = runner.invoke(app, [
         "bench", "latency", "--arch", "tiny-llama", "--contexts", "1024", "--budget", "96", "--decode-steps", "2",
         "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--repeats", "2", "--interval", "1",
-        "--neighbors", "off", "--modes", "tokenbutler-offload", "--page-prefilter", "0,16", "--out", str(out),
+        "--neighbors", "off", "--modes", "tokenbutler-offload", option, values, "--out", str(out),
         "--predictor-shape", "2:32:8",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "latency-tiny-llama-cpu.json").read_text())
-    rows = {row["page_prefilter"]: row for row in report["rows"]}
-    assert set(rows) == {0, 16} and all(row["status"] == "ok" for row in rows.values())
-    paired = rows[16]["paired_ratios"]["without the page prefilter"]
-    assert paired["per_round"] == pytest.approx([a / b for a, b in zip(rows[16]["round_medians_ms"],
+    rows = {row[key]: row for row in report["rows"]}
+    assert set(rows) == {0, value} and all(row["status"] == "ok" for row in rows.values())
+    paired = rows[value]["paired_ratios"][reference]
+    assert paired["per_round"] == pytest.approx([a / b for a, b in zip(rows[value]["round_medians_ms"],
                                                                       rows[0]["round_medians_ms"])])
-    assert "ratio to the same without the page prefilter" in (out / "latency-tiny-llama-cpu.md").read_text()
+    assert f"ratio to the same {reference}" in (out / "latency-tiny-llama-cpu.md").read_text()
 
 
 def test_latency_runs_the_scoring_modes_with_and_without_a_keep_bonus_paired(tmp_path):
@@ -555,21 +561,8 @@ def test_latency_runs_the_scoring_modes_with_and_without_a_keep_bonus_paired(tmp
                          ([0.5], "does not combine with --page-prefilter")):
         with pytest.raises(ConfigError, match=message):
             LatencySettings(contexts=[4096], keep_bonuses=bad, page_prefilters=[16], device="cpu")
-    out = tmp_path / "bonus"
-    result = runner.invoke(app, [
-        "bench", "latency", "--arch", "tiny-llama", "--contexts", "1024", "--budget", "96", "--decode-steps", "2",
-        "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--repeats", "2", "--interval", "1",
-        "--neighbors", "off", "--modes", "tokenbutler-offload", "--keep-bonus", "0,0.5", "--out", str(out),
-        "--predictor-shape", "2:32:8",
-    ])
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "latency-tiny-llama-cpu.json").read_text())
-    rows = {row["keep_bonus"]: row for row in report["rows"]}
-    assert set(rows) == {0.0, 0.5} and all(row["status"] == "ok" for row in rows.values())
-    paired = rows[0.5]["paired_ratios"]["without the keep bonus"]
-    assert paired["per_round"] == pytest.approx([a / b for a, b in zip(rows[0.5]["round_medians_ms"],
-                                                                      rows[0.0]["round_medians_ms"])])
-    assert "ratio to the same without the keep bonus" in (out / "latency-tiny-llama-cpu.md").read_text()
+    _assert_paired_with_its_own_mode(tmp_path / "bonus", "--keep-bonus", "0,0.5", "keep_bonus", 0.5,
+                                     "without the keep bonus")
     result = runner.invoke(app, ["bench", "latency", "--contexts", "1024", "--device", "cpu", "--keep-bonus", "x"])
     assert result.exit_code == 2 and "--keep-bonus 'x' is not a number" in result.output
 

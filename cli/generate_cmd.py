@@ -353,9 +353,9 @@ def _budget_row(config: EngineConfig, length: int) -> tuple[str, str] | None:
     label = f"{budget} = {label}" if budget.fraction is not None else label
     if tokens >= length:
         return "budget (last step)", f"{label}: every token (the budget covers the sequence)"
-    sinks, window = config.selection.sinks, selector.window(length)
+    sinks, window, bonus = config.selection.sinks, selector.window(length), config.selection.keep_bonus
     return "budget (last step)", (f"{label} per layer and KV head: sinks {sinks}, window {window}, "
-                                  f"{tokens - sinks - window:,} selected")
+                                  f"{tokens - sinks - window:,} selected" + (f", keep bonus {bonus:g}" if bonus else ""))
 
 
 def _print_summary(result: GenerationResult, extra: list[tuple[str, str]] | tuple = ()) -> None:

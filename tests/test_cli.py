@@ -294,6 +294,12 @@ def test_keep_bonus_reaches_the_selection_and_bad_values_are_refused_before_the_
     result = generate(tiny_model_dir, *common, "--policy", "quest", "--keep-bonus", "0.25")
     assert result.exit_code == 0, result.output
     assert held and held[0].add == pytest.approx(math.log1p(0.25)) and held[0].mul == 1.0  # quest's logit bounds
+    from offload_engine import Budget, EngineConfig, KVMode, SelectionConfig
+    from tbrun_cli.generate_cmd import _budget_row
+
+    selection = SelectionConfig(policy="quest", budget=Budget(tokens=40), sinks=2, window=8, keep_bonus=0.25)
+    row = _budget_row(EngineConfig(context=256, mode=KVMode.SPARSE_OFFLOAD, selection=selection), 200)
+    assert row[1].endswith("sinks 2, window 8, 30 selected, keep bonus 0.25")  # the summary says it ran with one
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
     result = generate(tiny_model_dir, *common, "--policy", "quest", "--keep-bonus", "-1")
     assert result.exit_code == 2 and "--keep-bonus must be a share in [0, 100]" in flat(result.output)

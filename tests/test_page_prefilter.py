@@ -226,9 +226,14 @@ def test_an_eval_variant_takes_a_keep_bonus_as_a_number_and_records_it():
 
     assert PolicyVariant.parse("tokenbutler[keep_bonus=0.25,interval=4]").selection_overrides() == {
         "keep_bonus": 0.25, "interval": 4}
-    check_policy_spec("critical(tokenbutler)[keep_bonus=1]")
     with pytest.raises(ConfigError, match="keep_bonus takes a number"):
         check_policy_spec("tokenbutler[keep_bonus=a lot]")
+    check_policy_spec("quest[keep_bonus=0.5]")
+    check_policy_spec("tokenbutler[keep_bonus=0.5,page_prefilter=0]")
+    for spec, message in (("tokenbutler[keep_bonus=0.25,page_prefilter=16]", "page prefilter"),
+                          ("critical(tokenbutler)[keep_bonus=1]", "critical"), ("streaming[keep_bonus=1]", "ranks no")):
+        with pytest.raises(ConfigError, match=message):  # refused with the other settings, before a model loads
+            check_policy_spec(spec)
 
 
 @needs_compiler

@@ -80,6 +80,7 @@ def sized_policy(dims: ModelDims, capacity: int, dtype: torch.dtype, device: tor
     selector of its budget and each layer's slots; then the sequence's memory checked (``check_sparse_memory``)
     before anything of it is allocated. Without an ``adapter`` (before the model's weights load, ``model_source`` naming the model):
     the same check, so that a sequence that cannot fit is refused before the weights take their time."""
+    check_keep_bonus(selection.keep_bonus, policy)
     local_layers = frozenset(dims.local_windows(capacity))
     if adapter is not None:
         model_source = str(getattr(adapter.config, "_name_or_path", "") or "")

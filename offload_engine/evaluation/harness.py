@@ -38,6 +38,7 @@ from ..memory import dtype_name, parse_dtype
 from ..models import ModelAdapter, load_model
 from ..policies import available_policies, build_policy, parse_policy_spec
 from ..policies.tokenbutler import GROUP_REDUCTIONS, KEY_DTYPES, compact_key_dtype, shipped_predictor_for
+from ..selection.planner import keep_bonus_refusal
 from ..predictor.checkpoint import WEIGHTS_NAME, load_checkpoint, resolve_checkpoint_dir
 from .report import PROGRESS_FILE, build_report, check_output_dir, run_commit, write_report
 from .scoring import score_forced, score_generation
@@ -134,6 +135,11 @@ def check_policy_spec(spec: str) -> None:
             raise ConfigError(f"--policy {spec!r}: {key} must be a whole number, got {value!r}.")
         if key == "refresh_layers":
             parse_layers(value)
+    settings = dict(variant.settings)
+    prefiltered = settings.get("page_prefilter", "0").isdigit() and int(settings.get("page_prefilter", "0")) > 0
+    refusal = keep_bonus_refusal(float(settings.get("keep_bonus", 0)), base.split("(")[0].strip(), prefiltered)
+    if refusal is not None:
+        raise ConfigError(f"--policy {spec!r}: {refusal.replace('--keep-bonus', 'keep_bonus')}")
 
 
 def _is_number(text: str) -> bool:

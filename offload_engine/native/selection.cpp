@@ -1811,7 +1811,7 @@ void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 22; }
+int tbrun_kernels_abi() { return 23; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }

@@ -389,12 +389,32 @@ def policy_held_terms(bonus: float, policy) -> HeldTerms | None:
 
 
 def check_keep_bonus(bonus: float, policy) -> None:
-    """Refuse a keep bonus with a page prefilter (tokenbutler's, or that of the policy critical(...) wraps): the
-    prefilter ranks pages before any token's bonus could apply."""
-    scorer = getattr(policy, "base", policy)
-    if bonus and getattr(scorer, "prefilter", None) is not None:
-        raise ConfigError("--keep-bonus does not combine with tokenbutler's page prefilter (the prefilter ranks pages "
-                          "before any token's bonus applies): drop one of them.")
+    """Refuse a keep bonus where it would not do what it says (``keep_bonus_refusal``)."""
+    refusal = keep_bonus_refusal(bonus, getattr(policy, "name", ""), getattr(policy, "prefilter", None) is not None)
+    if refusal is not None:
+        raise ConfigError(refusal)
+
+
+def keep_bonus_refusal(bonus: float, policy_name: str, prefiltered: bool) -> str | None:
+    """Why a keep bonus cannot go with this policy, or None: a policy that ranks no tokens by score (streaming,
+    dense: nothing to raise), critical(...) (its two stages' scores are not one scale: a held second-stage token
+    raised by the share could pass the first stage's), a page prefilter (it ranks pages before any token's bonus
+    could apply)."""
+    if not bonus:
+        return None
+    if policy_name in UNSCORED_POLICIES:
+        return (f"--keep-bonus raises the scores of tokens already on the device; --policy {policy_name} ranks no "
+                "tokens by score: drop --keep-bonus.")
+    if policy_name == "critical":
+        return ("--keep-bonus does not combine with critical(...) yet (its two stages' scores are not one scale, so a "
+                "share of one would reorder the stages): use it with the base policy, or drop it.")
+    if prefiltered:
+        return ("--keep-bonus does not combine with tokenbutler's page prefilter (the prefilter ranks pages before "
+                "any token's bonus applies): drop one of them.")
+    return None
+
+
+UNSCORED_POLICIES = ("streaming", "dense")  # policies whose selection no score decides
 
 
 def _emit(bank: "Bank", layers: list[int], plan: FetchPlan, orders: Orders, moved: int | None = None) -> None:

@@ -40,6 +40,7 @@ from offload_engine.errors import ConfigError, TbrunError
 from offload_engine.memory import dtype_name
 from offload_engine.policies.tokenbutler import ProjectedKeyCache
 from offload_engine.profiling import timed_breakdown
+from offload_engine.selection.planner import keep_bonus_refusal
 
 from .latency_report import NO_BONUS, NO_PAGES
 from .report import machine_header, provenance, ratio_summary, summarize_ms
@@ -170,14 +171,16 @@ class Variant:
 
 def variants(settings: LatencySettings) -> list[Variant]:
     """Dense modes once each; sparse modes once per (interval, neighbors), tokenbutler once per page setting and
-    every mode that scores (not streaming) once per keep bonus."""
+    every mode a keep bonus applies to once per bonus."""
     out: list[Variant] = []
     for mode in settings.modes:
         if mode in DENSE_MODES:
             out.append(Variant(mode))
             continue
         pages = settings.page_prefilters if mode == "tokenbutler-offload" else [0]
-        bonuses = [0.0] if mode == "streaming-offload" else settings.keep_bonuses
+        # a mode the bonus does not apply to (streaming, critical(...): keep_bonus_refusal) runs without it
+        name = mode.removesuffix("-offload").split("(")[0]
+        bonuses = [b for b in settings.keep_bonuses if keep_bonus_refusal(b, name, False) is None] or [0.0]
         out += [Variant(mode, i, n, pages=p, keep_bonus=b)
                 for i in settings.intervals for n in settings.neighbors for p in pages for b in bonuses]
         if settings.refresh_layers:

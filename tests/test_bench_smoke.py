@@ -551,11 +551,13 @@ def test_latency_runs_the_scoring_modes_with_and_without_a_keep_bonus_paired(tmp
     bonus, and the row with it paired by round with the same mode without it."""
     from tbrun_bench.latency import LatencySettings, engine_config, variants
 
-    settings = LatencySettings(contexts=[4096], modes=["streaming-offload", "tokenbutler-offload"], intervals=[1],
+    settings = LatencySettings(contexts=[4096], modes=["streaming-offload", "tokenbutler-offload",
+                                                       "critical(tokenbutler)-offload"], intervals=[1],
                                neighbors=[False], keep_bonuses=[0.0, 0.5], device="cpu")
     assert [v.label for v in variants(settings)] == [
         "streaming-offload (interval 1, neighbors off)", "tokenbutler-offload (interval 1, neighbors off)",
-        "tokenbutler-offload (interval 1, neighbors off, keep bonus 0.5)"]
+        "tokenbutler-offload (interval 1, neighbors off, keep bonus 0.5)",
+        "critical(tokenbutler)-offload (interval 1, neighbors off)"]  # the bonus is refused with critical(...)
     assert engine_config(variants(settings)[2], 4096, settings).selection.keep_bonus == 0.5
     for bad, message in (([-1.0], "keep-bonus must be a share"), ([], "keep-bonus needs"),
                          ([0.5], "does not combine with --page-prefilter")):

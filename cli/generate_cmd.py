@@ -168,7 +168,7 @@ def build_engine(o: EngineOptions) -> Engine:
     source = resolve_model_path(o.model, progress=lambda msg: err_console.print(msg, style="dim", markup=False))
     policy_object = (_policy(o.policy, o.predictor, o.key_dtype, o.page_prefilter)
                      if mode is KVMode.SPARSE_OFFLOAD else None)
-    if policy_object is not None:
+    if policy_object is not None:  # (sized_policy checks it too, but after the predictor is looked for)
         from offload_engine.selection.planner import check_keep_bonus
 
         check_keep_bonus(o.keep_bonus, policy_object)

@@ -135,9 +135,9 @@ def check_policy_spec(spec: str) -> None:
             raise ConfigError(f"--policy {spec!r}: {key} must be a whole number, got {value!r}.")
         if key == "refresh_layers":
             parse_layers(value)
-    settings = dict(variant.settings)
-    prefiltered = settings.get("page_prefilter", "0").isdigit() and int(settings.get("page_prefilter", "0")) > 0
-    refusal = keep_bonus_refusal(float(settings.get("keep_bonus", 0)), base.split("(")[0].strip(), prefiltered)
+    prefiltered = variant.policy_options().get("page_prefilter", 0) > 0  # (checked a whole number above)
+    refusal = keep_bonus_refusal(variant.selection_overrides().get("keep_bonus", 0.0), base.split("(")[0].strip(),
+                                 prefiltered)
     if refusal is not None:
         raise ConfigError(f"--policy {spec!r}: {refusal.replace('--keep-bonus', 'keep_bonus')}")
 

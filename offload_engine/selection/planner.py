@@ -383,8 +383,8 @@ class SelectionPlanner:
 
 def policy_held_terms(bonus: float, policy) -> HeldTerms | None:
     """The top-k's hysteresis of ``--keep-bonus`` for a prepared policy's scores (``held_terms`` by its
-    ``score_kind``, "logit" where it names none), or None for 0 (``check_keep_bonus`` first)."""
-    check_keep_bonus(bonus, policy)
+    ``score_kind``, "logit" where it names none), or None for 0. Refused where it does not apply by
+    ``check_keep_bonus``, which ``sized_policy`` (and before it the engine's construction) has run."""
     return held_terms(bonus, getattr(policy, "score_kind", "logit"))
 
 

@@ -178,8 +178,8 @@ def variants(settings: LatencySettings) -> list[Variant]:
             out.append(Variant(mode))
             continue
         pages = settings.page_prefilters if mode == "tokenbutler-offload" else [0]
-        # a mode the bonus does not apply to (streaming, critical(...): keep_bonus_refusal) runs without it
-        name = mode.removesuffix("-offload").split("(")[0]
+        # a mode the bonus does not apply to (streaming: keep_bonus_refusal) runs without it
+        name = mode.removesuffix("-offload")
         bonuses = [b for b in settings.keep_bonuses if keep_bonus_refusal(b, name, False) is None] or [0.0]
         out += [Variant(mode, i, n, pages=p, keep_bonus=b)
                 for i in settings.intervals for n in settings.neighbors for p in pages for b in bonuses]

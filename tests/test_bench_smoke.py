@@ -557,7 +557,8 @@ def test_latency_runs_the_scoring_modes_with_and_without_a_keep_bonus_paired(tmp
     assert [v.label for v in variants(settings)] == [
         "streaming-offload (interval 1, neighbors off)", "tokenbutler-offload (interval 1, neighbors off)",
         "tokenbutler-offload (interval 1, neighbors off, keep bonus 0.5)",
-        "critical(tokenbutler)-offload (interval 1, neighbors off)"]  # the bonus is refused with critical(...)
+        "critical(tokenbutler)-offload (interval 1, neighbors off)",
+        "critical(tokenbutler)-offload (interval 1, neighbors off, keep bonus 0.5)"]
     assert engine_config(variants(settings)[2], 4096, settings).selection.keep_bonus == 0.5
     for bad, message in (([-1.0], "keep-bonus must be a share"), ([], "keep-bonus needs"),
                          ([0.5], "does not combine with --page-prefilter")):

@@ -230,8 +230,10 @@ def test_an_eval_variant_takes_a_keep_bonus_as_a_number_and_records_it():
         check_policy_spec("tokenbutler[keep_bonus=a lot]")
     check_policy_spec("quest[keep_bonus=0.5]")
     check_policy_spec("tokenbutler[keep_bonus=0.5,page_prefilter=0]")
+    check_policy_spec("critical(tokenbutler)[keep_bonus=1]")  # each of its stages takes the bonus
     for spec, message in (("tokenbutler[keep_bonus=0.25,page_prefilter=16]", "page prefilter"),
-                          ("critical(tokenbutler)[keep_bonus=1]", "critical"), ("streaming[keep_bonus=1]", "ranks no")):
+                          ("critical(tokenbutler)[keep_bonus=1,page_prefilter=16]", "page prefilter"),
+                          ("streaming[keep_bonus=1]", "ranks no"), ("critical(streaming)[keep_bonus=1]", "ranks no")):
         with pytest.raises(ConfigError, match=message):  # refused with the other settings, before a model loads
             check_policy_spec(spec)
 

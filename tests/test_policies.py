@@ -326,6 +326,43 @@ def test_critical_two_stages_keep_the_base_top_then_the_value_aware_top():
         assert set(chosen[head].tolist()) == first | second
 
 
+def test_critical_keep_bonus_raises_held_tokens_in_each_stage_on_its_own_scale():
+    """--keep-bonus with critical(...): the first stage ranks the base's logits plus log(1 + b) where held, the
+    second stage's value-aware scores of held tokens are times 1 + b, and every first-stage token still ranks
+    above every second-stage one (held or not)."""
+    keep, count, bonus = 8, 30, 1.0
+    wrapped = CriticalPolicy(base=build_policy("oracle"), alpha=0.5)  # logit-like scores
+    wrapped.bind(make_context())
+    generator = torch.Generator().manual_seed(4)
+    v = torch.randn(DIMS.num_kv_heads, 40, DIMS.head_dim, generator=generator)
+    wrapped.observe_prefill(1, None, None, v, v)
+    base = torch.randn(DIMS.num_kv_heads, count, generator=generator) * 3
+    held = torch.rand(DIMS.num_kv_heads, count, generator=generator) < 0.5
+    candidates = Candidates(lo=5, hi=5 + count, keep=keep, position=40)
+    asked = []
+    assert wrapped.keeps_held(lambda layers, c: asked.append((layers, c)) or held.unsqueeze(0), bonus)
+    favoured = wrapped.reweight(range(1, 2), base.unsqueeze(0), candidates)[0]
+    assert asked == [(range(1, 2), candidates)]
+    chosen = topk_positions(favoured, keep, 0)
+    attention = torch.softmax(base, dim=-1)  # A stays the base's own
+    value_aware = (attention + 1e-4) * wrapped.norms[1][:, 5 : 5 + count]
+    value_aware = torch.where(held, value_aware * (1 + bonus), value_aware)
+    ranked = torch.where(held, base + math.log1p(bonus), base)
+    changed = False
+    for head in range(DIMS.num_kv_heads):
+        first = set(torch.topk(ranked[head], 4).indices.tolist())
+        rest = value_aware[head].clone()
+        rest[list(first)] = NEVER
+        second = set(torch.topk(rest, 4).indices.tolist())
+        assert set(chosen[head].tolist()) == first | second
+        assert favoured[head, list(first)].min() > favoured[head, list(set(range(count)) - first)].max()
+        changed |= first != set(torch.topk(base[head], 4).indices.tolist())
+    assert changed  # the bonus moved a held token into some head's first stage
+    assert wrapped.keeps_held(None, 0.0)  # it takes the bonus itself, and none turns it off
+    unfavoured = wrapped.reweight(range(1, 2), base.unsqueeze(0), candidates)[0]
+    assert len(asked) == 1 and not torch.equal(unfavoured, favoured)
+
+
 def test_value_norms_are_the_group_mean_of_the_l1_norm_of_v_times_w_o():
     generator = torch.Generator().manual_seed(6)
     v = torch.randn(DIMS.num_kv_heads, 5, DIMS.head_dim, generator=generator)

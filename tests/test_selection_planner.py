@@ -10,6 +10,7 @@ import torch
 from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig
 from offload_engine.errors import ConfigError
 from offload_engine.models import ModelAdapter
+from offload_engine.policies.critical import CriticalPolicy
 from offload_engine.selection import Selector
 from offload_engine.selection.scores import GroupScores
 
@@ -263,10 +264,11 @@ def test_no_device_value_is_read_on_the_host_inside_a_decode_step(adapter, spec,
 
 
 @pytest.mark.parametrize("interval,neighbors", [(1, {"keep_bonus": 0.5}), (4, {"neighbors": 1, "keep_bonus": 2.0})])
-@pytest.mark.parametrize("spec", [p for p in POLICIES if not p.startswith(("critical", "streaming"))])
+@pytest.mark.parametrize("spec", [p for p in POLICIES if p != "streaming"])
 def test_with_a_keep_bonus_the_batched_path_selects_what_the_per_layer_path_selects(adapter, spec, interval, neighbors):
     """The top-k's hysteresis raises the same held positions by the same float32 terms on every path: the
-    native one-call selection (tokenbutler's producers), the batched torch path and the per-layer reference."""
+    native one-call selection (tokenbutler's producers), the batched torch path and the per-layer reference;
+    critical(...) raises them in its two stages (``keeps_held``) on both of its paths."""
     test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, spec, interval, neighbors)
 
 
@@ -384,7 +386,7 @@ def test_the_window_follows_the_budget_and_its_first_position_never_moves_back(b
             assert 4 + w + found.keep == selector.budget_tokens(length)
 
 
-@pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1", "quest"])
+@pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1", "quest", "critical(tokenbutler)", "critical(quest)"])
 def test_a_keep_bonus_renews_fewer_tokens(adapter, spec):
     """The top-k's hysteresis (--keep-bonus): a held token stays unless a newcomer beats it by the share, so a
     decode copies fewer tokens (host-to-device bytes) than without."""
@@ -413,7 +415,10 @@ def test_a_keep_bonus_is_a_share_and_refused_where_it_would_not_do_what_it_says(
     config = SelectionConfig(policy="tokenbutler", budget=Budget(tokens=24), sinks=2, window=6, keep_bonus=0.25)
     with pytest.raises(ConfigError, match="does not combine with tokenbutler's page prefilter"):
         Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
-    for spec, message in (("critical(tokenbutler)", "does not combine with critical"), ("streaming", "ranks no tokens")):
-        with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match="does not combine with tokenbutler's page prefilter"):  # wrapped alike
+        Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config),
+               policy=CriticalPolicy(base=policy))
+    for spec in ("streaming", "critical(streaming)"):
+        with pytest.raises(ConfigError, match="--policy streaming ranks no tokens"):
             Engine(adapter, EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, selection=config),
                    policy=make_policy(adapter, spec))

@@ -136,8 +136,7 @@ def check_policy_spec(spec: str) -> None:
         if key == "refresh_layers":
             parse_layers(value)
     prefiltered = variant.policy_options().get("page_prefilter", 0) > 0  # (checked a whole number above)
-    refusal = keep_bonus_refusal(variant.selection_overrides().get("keep_bonus", 0.0), base.split("(")[0].strip(),
-                                 prefiltered)
+    refusal = keep_bonus_refusal(variant.selection_overrides().get("keep_bonus", 0.0), base, prefiltered)
     if refusal is not None:
         raise ConfigError(f"--policy {spec!r}: {refusal.replace('--keep-bonus', 'keep_bonus')}")
 

@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NEVER = float("-inf")
 
+# which candidates of consecutive layers are held in a device slot: (layers, candidates) -> bool [Lg, KvH, n]
+HeldOf = Callable[[range, Candidates], torch.Tensor]
+
 _SHARED_OBSERVATIONS: ContextVar[dict | None] = ContextVar("shared_prefill_observations", default=None)
 
 
@@ -204,6 +207,13 @@ class Policy:
         if self.plans_ahead:
             raise NotImplementedError(f"policy {self.name!r} plans ahead but does not say which layers a producer serves")
         return range(0)
+
+    def keeps_held(self, held: "HeldOf | None", bonus: float) -> bool:
+        """The top-k's hysteresis (``SelectionConfig.keep_bonus``) applied by the policy itself, for scores that
+        are not one scale (two stages): it keeps ``held`` and ``bonus`` (``held = None`` and 0: none) and says
+        True; then the selection leaves its scores as they are. False (the default): the selection raises the
+        held positions' scores by the bonus on the policy's ``score_kind`` (``selection.ranking.held_terms``)."""
+        return False
 
     def fixed_selection(self, candidates: Candidates) -> torch.Tensor | None:
         """A selection that needs no scores and is the same for every layer, or None.

@@ -9,14 +9,14 @@ the top ``alpha * keep`` tokens by the base score, then fill the rest by ``(A_i 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from ..errors import ConfigError
-from ..selection.ranking import topk_unsorted
-from .base import NEVER, Candidates, Policy, PolicyContext
+from ..selection.ranking import HeldTerms, favour_held, held_terms, topk_unsorted
+from .base import NEVER, Candidates, HeldOf, Policy, PolicyContext
 
 NORM_CHUNK = 256  # tokens whose projected values are materialised at once ([H, chunk, E])
 
@@ -39,11 +39,18 @@ class CriticalPolicy(Policy):
     top ``floor(alpha * keep)``) score ``top + 1 + A`` with ``top`` the largest second-stage score,
     above every other token, whose score is ``(A + eps) * norm``. With ``alpha = 1`` the first
     stage is the base's own top-``keep``, so the selection is exactly the base's.
+
+    The top-k's hysteresis (``--keep-bonus``) enters each stage on its own scale (``keeps_held``): the
+    first stage ranks the base's scores with the held positions raised as the base's ``score_kind``
+    takes it, the second stage's held scores are multiplied by ``1 + bonus`` before ``top`` is taken,
+    so a held second-stage token never passes a first-stage one. ``A`` stays the base's own.
     """
 
     base: Policy
     alpha: float = 0.5
     eps: float = 1e-4
+    _held: HeldOf | None = field(default=None, init=False, repr=False)
+    _terms: tuple[HeldTerms, HeldTerms] | None = field(default=None, init=False, repr=False)  # (first, second stage)
 
     name: ClassVar[str] = "critical"
     wraps: ClassVar[bool] = True  # built as ``critical(<base>)``
@@ -85,6 +92,14 @@ class CriticalPolicy(Policy):
 
     def is_producer(self, layer: int) -> bool:
         return self.base.is_producer(layer)
+
+    def keeps_held(self, held: HeldOf | None, bonus: float) -> bool:
+        """The bonus on each stage's own scale (class docstring); ``held = None`` or ``bonus = 0``: none."""
+        on = held is not None and bonus > 0
+        self._held = held if on else None
+        self._terms = (held_terms(bonus, getattr(self.base, "score_kind", "logit")), held_terms(bonus, "mass")) \
+            if on else None
+        return True
 
     def served_by(self, producer: int) -> range:
         return self.base.served_by(producer)
@@ -162,7 +177,12 @@ class CriticalPolicy(Policy):
         attention = attention_like(scores, kind)
         norms = self.norms[layers.start : layers.stop, :, candidates.lo : candidates.hi].to(torch.float32)
         second = (attention + self.eps) * norms
-        first = first_stage_mask(scores, int(self.alpha * candidates.keep))
+        ranked = scores
+        if self._held is not None:  # --keep-bonus: each stage raises its held positions on its own scale
+            held = self._held(layers, candidates).view(scores.shape)
+            ranked = favour_held(scores, held, self._terms[0])
+            second = favour_held(second, held, self._terms[1])
+        first = first_stage_mask(ranked, int(self.alpha * candidates.keep))
         top = second.amax(dim=-1, keepdim=True)
         combined = torch.where(first, top + 1.0 + attention, second)
         return combined.masked_fill(torch.isneginf(scores), NEVER)

@@ -186,7 +186,13 @@ class SelectionPlanner:
         self.dense = selector.dense_layers
         self.local = selector.local_layers  # sliding-window layers: never selected for
         # the top-k's hysteresis: a token held in a slot keeps it unless a newcomer beats it by --keep-bonus
-        self.held = policy_held_terms(selector.config.keep_bonus, policy)
+        # (a policy whose scores are not one scale applies it itself, each stage on its scale: keeps_held)
+        bonus = selector.config.keep_bonus
+        keeps_held = getattr(policy, "keeps_held", None)
+        if keeps_held is not None and keeps_held(self._held_of if bonus else None, bonus):
+            self.held = None
+        else:
+            self.held = policy_held_terms(bonus, policy)
         self._selection_steps = 0  # steps since selection (not "take everything") began
         self._predict = False
         self._refreshing = False  # a step between predictions on which the refresh layers select
@@ -374,6 +380,19 @@ class SelectionPlanner:
         chosen = self.selector.select(scores, self.candidates, bank.num_slots)  # [Lg, KvH, k]
         _emit(bank, layers, bank.residency.update(chosen.flatten(0, 1), bank.rows(layers)), orders)
 
+    def _held_of(self, layers: range, candidates: Candidates) -> torch.Tensor:
+        """Which candidates of ``layers`` are in a device slot: bool ``[Lg, KvH, n]`` (a layer with no residency
+        rows, dense or local, holds none). The policy that applies the keep bonus itself asks (``keeps_held``)."""
+        held = []
+        for layer in layers:
+            bank = self.ws.bank_of.get(layer)
+            if bank is None:
+                held.append(torch.zeros((self.ws.banks[0].kv_heads, candidates.count), dtype=torch.bool,
+                                        device=self.ws.banks[0].residency.slot_of.device))
+            else:
+                held.append(bank.residency.held(bank.rows([layer]), candidates.lo, candidates.hi))
+        return torch.stack(held)
+
     # ------------------------------------------------------------------------------ queries
     def used_slots(self, layer: int) -> int:
         """Selected slots ``layer`` may hold this step: the filled prefix bound, host arithmetic only (the
@@ -389,7 +408,10 @@ def policy_held_terms(bonus: float, policy) -> HeldTerms | None:
 
 
 def check_keep_bonus(bonus: float, policy) -> None:
-    """Refuse a keep bonus where it would not do what it says (``keep_bonus_refusal``)."""
+    """Refuse a keep bonus where it would not do what it says (``keep_bonus_refusal``; a wrapper such as
+    critical(...) by what it wraps)."""
+    while getattr(policy, "wraps", False):
+        policy = policy.base
     refusal = keep_bonus_refusal(bonus, getattr(policy, "name", ""), getattr(policy, "prefilter", None) is not None)
     if refusal is not None:
         raise ConfigError(refusal)
@@ -397,21 +419,25 @@ def check_keep_bonus(bonus: float, policy) -> None:
 
 def keep_bonus_refusal(bonus: float, policy_name: str, prefiltered: bool) -> str | None:
     """Why a keep bonus cannot go with this policy, or None: a policy that ranks no tokens by score (streaming,
-    dense: nothing to raise), critical(...) (its two stages' scores are not one scale: a held second-stage token
-    raised by the share could pass the first stage's), a page prefilter (it ranks pages before any token's bonus
-    could apply)."""
+    dense: nothing to raise), a page prefilter (it ranks pages before any token's bonus could apply).
+    ``policy_name`` may name a wrapper, ``critical(tokenbutler)``: what it wraps decides."""
     if not bonus:
         return None
+    policy_name = innermost_policy_name(policy_name)
     if policy_name in UNSCORED_POLICIES:
         return (f"--keep-bonus raises the scores of tokens already on the device; --policy {policy_name} ranks no "
                 "tokens by score: drop --keep-bonus.")
-    if policy_name == "critical":
-        return ("--keep-bonus does not combine with critical(...) yet (its two stages' scores are not one scale, so a "
-                "share of one would reorder the stages): use it with the base policy, or drop it.")
     if prefiltered:
         return ("--keep-bonus does not combine with tokenbutler's page prefilter (the prefilter ranks pages before "
                 "any token's bonus applies): drop one of them.")
     return None
+
+
+def innermost_policy_name(spec: str) -> str:
+    """``critical(tokenbutler)`` -> ``tokenbutler``; a name that wraps nothing as it is."""
+    while "(" in spec and spec.rstrip().endswith(")"):
+        spec = spec[spec.index("(") + 1 : spec.rindex(")")]
+    return spec.strip()
 
 
 UNSCORED_POLICIES = ("streaming", "dense")  # policies whose selection no score decides

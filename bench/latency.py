@@ -229,15 +229,17 @@ def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16
     """The policy object of a sparse variant, or ``PolicyUnavailable`` with the reason. TokenButler's predictor:
     random weights of ``predictor_shape``, the shipped one for the model and the variant's interval (``shipped``:
     loaded as ``tbrun generate`` loads it), or a checkpoint folder."""
-    from offload_engine.policies import POLICIES, build_policy
+    from offload_engine.policies import build_policy, parse_policy_spec
 
     name = variant.policy
-    if name not in POLICIES:
-        raise PolicyUnavailable(f"offload_engine.policies has no {name!r} policy in this checkout")
+    try:
+        _, innermost = parse_policy_spec(name)  # critical(tokenbutler): the options go to tokenbutler
+    except TbrunError as exc:
+        raise PolicyUnavailable(f"offload_engine.policies cannot build {name!r} in this checkout: {exc}") from None
     options = {}
-    if name == "tokenbutler" and predictor == RANDOM_PREDICTOR:
+    if innermost == "tokenbutler" and predictor == RANDOM_PREDICTOR:
         options = {"predictor": random_predictor(adapter.dims, predictor_shape)}
-    elif name == "tokenbutler" and predictor != SHIPPED_PREDICTOR:
+    elif innermost == "tokenbutler" and predictor != SHIPPED_PREDICTOR:
         options = {"predictor_path": predictor}
     if variant.pages:
         options["page_prefilter"] = variant.pages

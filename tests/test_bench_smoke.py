@@ -527,13 +527,14 @@ def test_latency_runs_tokenbutler_with_and_without_the_page_prefilter_paired(tmp
                                      "without the page prefilter")
 
 
-def _assert_paired_with_its_own_mode(out: Path, option: str, values: str, key: str, value, reference: str) -> None:
-    """``tbrun bench latency`` of tokenbutler at ``option values`` (off and on) on a tiny model, two rounds: both
+def _assert_paired_with_its_own_mode(out: Path, option: str, values: str, key: str, value, reference: str,
+                                     mode: str = "tokenbutler-offload") -> None:
+    """``tbrun bench latency`` of ``mode`` at ``option values`` (off and on) on a tiny model, two rounds: both
     rows ran, and the row whose ``key`` is ``value`` has its ratio to the row without it paired round by round."""
     result = runner.invoke(app, [
         "bench", "latency", "--arch", "tiny-llama", "--contexts", "1024", "--budget", "96", "--decode-steps", "2",
         "--warmup", "1", "--device", "cpu", "--synthetic-kv", "--repeats", "2", "--interval", "1",
-        "--neighbors", "off", "--modes", "tokenbutler-offload", option, values, "--out", str(out),
+        "--neighbors", "off", "--modes", mode, option, values, "--out", str(out),
         "--predictor-shape", "2:32:8",
     ])
     assert result.exit_code == 0, result.output
@@ -564,8 +565,9 @@ def test_latency_runs_the_scoring_modes_with_and_without_a_keep_bonus_paired(tmp
                          ([0.5], "does not combine with --page-prefilter")):
         with pytest.raises(ConfigError, match=message):
             LatencySettings(contexts=[4096], keep_bonuses=bad, page_prefilters=[16], device="cpu")
-    _assert_paired_with_its_own_mode(tmp_path / "bonus", "--keep-bonus", "0,0.5", "keep_bonus", 0.5,
-                                     "without the keep bonus")
+    for mode in ("tokenbutler-offload", "critical(tokenbutler)-offload"):  # a wrapped mode builds and runs too
+        _assert_paired_with_its_own_mode(tmp_path / mode, "--keep-bonus", "0,0.5", "keep_bonus", 0.5,
+                                         "without the keep bonus", mode)
     result = runner.invoke(app, ["bench", "latency", "--contexts", "1024", "--device", "cpu", "--keep-bonus", "x"])
     assert result.exit_code == 2 and "--keep-bonus 'x' is not a number" in result.output
 

@@ -382,3 +382,24 @@ def test_the_settings_table_shows_the_dtype_of_each_tokenbutler_points_compact_k
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
     column = [cell.strip() for cell in header.strip("|").split("|")].index("key_dtype")
     assert [row[column] for row in cells] == ["-", "-", "int8"]
+
+
+def test_the_settings_table_shows_keep_bonus_and_refresh_layers_only_in_runs_that_set_them():
+    from offload_engine.evaluation.report import settings_table
+
+    def table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+        header, *rows = [line for line in settings_table(points)
+                         if line.startswith("| ") and not line.startswith("| ---")]
+        return ([cell.strip() for cell in header.strip("|").split("|")],
+                [[cell.strip() for cell in row.strip("|").split("|")] for row in rows])
+
+    plain = [{"policy": "dense", "budget": "100%", "mode": "dense"},
+             {"policy": "tokenbutler", "budget": "10%", "sinks": 4, "window": 32}]
+    header, _ = table(plain)
+    assert "keep_bonus" not in header and "refresh_layers" not in header  # older runs' tables unchanged
+    header, rows = table(plain + [{"policy": "tokenbutler[keep_bonus=0.25,interval=4]",
+                                   "budget": "10%", "sinks": 4, "window": 32, "interval": 4, "keep_bonus": 0.25,
+                                   "refresh_layers": [1, 5]}])
+    bonus, refresh = header.index("keep_bonus"), header.index("refresh_layers")
+    assert [row[bonus] for row in rows] == ["-", "0", "0.25"]  # dense: does not apply; selecting: none is 0
+    assert [row[refresh] for row in rows] == ["-", "-", "1 5"]

@@ -231,15 +231,28 @@ SETTING_KEYS = ("sinks", "window", "window_rule", "interval", "neighbors", "neig
                 "key_dtype")
 
 
+# settings a point records only where it has them: a column where any point of the run does (with what a selecting
+# point without one means)
+OPTIONAL_SETTING_KEYS = {"refresh_layers": "-", "keep_bonus": "0"}
+
+
 def settings_table(points: list[dict]) -> list[str]:
     """One row per point: what changes its selection (``-`` where a setting does not apply)."""
+    optional = [key for key in OPTIONAL_SETTING_KEYS if any(key in p for p in points)]
     rows = []
     for p in points:
         predictor = p.get("predictor") or {}
         sha = (predictor.get("sha256") or "")[:12]
+        absent = {key: "-" if p.get("mode") == "dense" else OPTIONAL_SETTING_KEYS[key] for key in optional}
         rows.append([p["policy"], p["budget"], *(str(p.get(k, "-")) for k in SETTING_KEYS),
+                     *(_setting_cell(p.get(k, absent[k])) for k in optional),
                      f"{predictor['path']} ({sha})" if predictor else "-"])
-    return table_lines(["policy", "budget", *SETTING_KEYS, "predictor (sha256)"], rows)
+    return table_lines(["policy", "budget", *SETTING_KEYS, *optional, "predictor (sha256)"], rows)
+
+
+def _setting_cell(value) -> str:
+    """A list of layers as ``1 4 7``, anything else as it prints."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _resumed_text(resumed: dict | None) -> str:

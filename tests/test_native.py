@@ -715,6 +715,70 @@ def test_one_call_raises_held_positions_as_torch_does(layers, kv_heads, group, d
         assert renewed[0.5] < renewed[0.0]
 
 
+class _Scored:
+    """A stand-in base for CriticalPolicy.reweight: only its kind of scores matters there."""
+
+    def __init__(self, kind: str):
+        self.score_kind = kind
+
+
+@needs_compiler
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("keep_bonus, norms_dtype, threads", [(0.0, torch.float32, 1), (0.5, torch.float32, 1),
+                                                              (0.5, torch.bfloat16, 2)])
+@pytest.mark.parametrize("layers, kv_heads, group, dim, tokens, lo, keep, slots", [
+    (2, 3, 3, 16, 5000, 4, 480, 500), (2, 3, 3, 16, 12000, 4, 1000, 1100), (3, 1, 1, 5, 37, 1, 30, 64)])
+def test_one_call_selects_critical_two_stages_as_its_torch_form(layers, kv_heads, group, dim, tokens, lo, keep, slots,
+                                                               dtype, reduction, keep_bonus, norms_dtype, threads,
+                                                               built_native, monkeypatch):
+    """critical(...) over a producer's scores in the one native call (``native.Reweight``: value norms, alpha,
+    eps, each stage's keep bonus) selects and places, step after step, what CriticalPolicy.reweight, the top-k
+    and ResidencyMap.update do in torch: masses (the mean rule) and logits (the max rule), float32 and bfloat16
+    norms, with the bonus on held positions, rows threaded past SELECT_THREADED_ENTRIES."""
+    from offload_engine.policies.base import Candidates
+    from offload_engine.policies.critical import CriticalPolicy
+    from offload_engine.selection.ranking import held_terms, topk_positions
+    from offload_engine.selection.residency import ResidencyMap
+    from offload_engine.selection.scores import GroupScores
+
+    monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))
+    generator = torch.Generator().manual_seed(tokens + keep + int(keep_bonus * 10))
+    rows, capacity = layers * kv_heads, tokens + 40
+    if dtype == torch.int8:
+        cache = _int8_cache(layers, kv_heads, capacity, dim, generator)
+    else:
+        cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
+        cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    kind = "logit" if reduction == "max" else "mass"
+    critical = CriticalPolicy(base=_Scored(kind), alpha=0.5)
+    critical.norms = (torch.rand(layers, kv_heads, capacity, generator=generator) * 4).to(norms_dtype)
+    fused_map, reference_map = (ResidencyMap(rows + 2, slots, torch.device("cpu"), capacity) for _ in range(2))
+    part = slice(1, rows + 1)
+    critical.keeps_held(lambda span, c: reference_map.held(part, c.lo, c.hi), keep_bonus)
+    first, second = critical._terms if keep_bonus else (None, None)
+    assert (first, second) == ((held_terms(keep_bonus, kind), held_terms(keep_bonus, "mass")) if keep_bonus
+                               else (None, None))
+    reweight = native.Reweight(critical.norms.flatten(0, 1), critical.alpha, critical.eps, kind, first, second)
+    query = torch.randn(layers, kv_heads, group, dim, generator=generator)
+    for step in range(4):
+        query = query + 0.3 * torch.randn(query.shape, generator=generator)
+        hi = tokens - 6 + step
+        scales = cache.scales[0:layers] if cache.int8 else None
+        scores = GroupScores(query, cache.keys[0:layers], lo, hi, reduction, scales, tokens=hi + 3)
+        queries, keys, row_scales = scores.native_rows()
+        bound = fused_map.bind_select(part, keys, reduction, row_scales, reweight=reweight)
+        assert bound is not None and fused_map.accepts(bound, hi + 3, lo, hi, keep)
+        fused = fused_map.prepare_bound(bound, queries.contiguous(), hi + 3, lo, hi, keep)()
+        combined = critical.reweight(range(0, layers), scores.compute(), Candidates(lo, hi, keep, hi + 2))
+        reference = reference_map.update(topk_positions(combined, keep, lo, ordered=False).flatten(0, 1), part)
+        for field in ("positions", "slots", "counts"):
+            assert torch.equal(getattr(fused, field), getattr(reference, field)), (step, field)
+        for field in ("slot_pos", "slot_of", "active"):
+            assert torch.equal(getattr(fused_map, field), getattr(reference_map, field)), (step, field)
+        assert 0 < int(fused.counts.sum()) <= rows * keep
+
+
 def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, slots, dtype, reduction,
                               keep_bonus: float = 0.0) -> int:
     """-> the positions fetched over the steps after the first (what the selections renewed)."""

@@ -272,11 +272,14 @@ def test_with_a_keep_bonus_the_batched_path_selects_what_the_per_layer_path_sele
     test_batched_path_selects_exactly_what_the_per_layer_path_selects(adapter, spec, interval, neighbors)
 
 
+@pytest.mark.parametrize("spec", ["tokenbutler", "critical(tokenbutler)", "critical(tokenbutler)/q1"])
 @pytest.mark.parametrize("neighbors, fused", [({}, True), ({"neighbors": 1}, False),
-                                              ({"neighbor_rule": "runs"}, False)])
-def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(adapter, neighbors, fused, monkeypatch):
+                                              ({"neighbor_rule": "runs"}, False), ({"keep_bonus": 0.5}, True)])
+def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(adapter, spec, neighbors, fused,
+                                                                              monkeypatch):
     """On the CPU with the native kernels, tokenbutler's producers score, rank and place their layers in one
-    call (ResidencyMap.select) when the selection is the top-k as it is; a neighbour rule needs the ranked
+    call (ResidencyMap.select) when the selection is the top-k as it is, critical(tokenbutler)'s with its two
+    stages in the same call (its value norms bound with the keys); a neighbour rule needs the ranked
     positions, so it keeps the separate steps (and selects what the per-layer path selects: above)."""
     from offload_engine import native
 
@@ -286,7 +289,7 @@ def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(ad
     calls = []
     original = native.BoundSelectRows.__call__  # select_rows and the planner's NativeProducer alike
     monkeypatch.setattr(native.BoundSelectRows, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
-    _, tokens = selections(adapter, "tokenbutler", True, **neighbors)
+    _, tokens = selections(adapter, spec, True, **neighbors)
     producers = sum(make_policy(adapter, "tokenbutler").predictor.is_producer(layer) for layer in range(5))
     assert len(tokens) == NEW
     assert (len(calls) > 0) == fused
@@ -294,7 +297,7 @@ def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(ad
         assert len(calls) % producers == 0 and len(calls) >= producers
 
 
-@pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1"])
+@pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1", "critical(tokenbutler)", "critical(tokenbutler)/q1"])
 @pytest.mark.parametrize("selection", [{"interval": 1}, {"interval": 4}, {"interval": 1, "copy_thread": True},
                                        {"interval": 4, "refresh_layers": frozenset({1})},
                                        {"interval": 1, "keep_bonus": 0.5},
@@ -303,7 +306,8 @@ def test_a_producers_selection_is_one_native_call_where_top_k_is_all_it_takes(ad
 def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec, selection, key_dtype, monkeypatch):
     """The planner's NativeProducer (a producer's queries, then its layers' scores, top-k and residency update,
     each one native call bound once) attends exactly what plan(..., describe=True) and prepare_select attend,
-    step by step, and generates the same tokens; and it really is the path taken."""
+    step by step, and generates the same tokens; and it really is the path taken. critical(tokenbutler)'s native
+    producer (its two stages in the same call) against its torch form (``plan`` and ``reweight``)."""
     from offload_engine import native
     from offload_engine.selection import planner as planner_module
 
@@ -316,7 +320,7 @@ def test_the_native_producer_selects_what_the_general_path_selects(adapter, spec
 
     def run(native_path: bool) -> tuple[list, list[int], int]:
         policy = seeded_policy(adapter, name, query_heads=query_heads)
-        policy.key_dtype = key_dtype
+        getattr(policy, "base", policy).key_dtype = key_dtype  # (critical(...): its base's compact keys)
         if not native_path:
             policy.native_scoring = lambda producer: None
         # of the NativeProducer's plans, whether each took the step (None: the general path did)

@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 23
+ABI = 24
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -241,7 +241,8 @@ class SelectionKernels:
         # select_rows' page bounds, their row and dim strides, page size, pages kept, blocks and their row stride,
         # block scales and their row stride
         pages = (ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64)  # and int8 bounds with scales
-        f32 = ctypes.c_float  # select_rows' last two: a held position's score times the first, plus the second
+        f32 = ctypes.c_float  # select_rows' held terms: a held position's score times the first, plus the second
+        # (and last, the address of a Reweight or None)
         signatures = {
             "tbrun_group_scores": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
             "tbrun_group_scores_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64],
@@ -255,12 +256,13 @@ class SelectionKernels:
                                        ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
             "tbrun_select_rows": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
-                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32],
+                                  ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32, ptr],
             "tbrun_select_rows_bf16": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
-                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32],
+                                       i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32, ptr],
             "tbrun_group_scores_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64],
             "tbrun_select_rows_int8": [i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
-                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32],
+                                       ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, *pages, ptr, ptr, ptr, f32, f32,
+                                       ptr],
         }
         for name, argtypes in signatures.items():
             kernel = getattr(self.library, name)
@@ -342,13 +344,16 @@ class SelectionKernels:
     def bind_select_rows(self, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray, active: np.ndarray,
                          reduction: str = "mean", scales: torch.Tensor | None = None,
                          pages: "PageRows | None" = None, copies: "RowCopies | None" = None,
-                         network: "QueryNetwork | None" = None) -> "BoundSelectRows":
+                         network: "QueryNetwork | None" = None, reweight: "Reweight | None" = None
+                         ) -> "BoundSelectRows":
         """``select_rows`` of these keys ``[R, d, capacity]`` (any number of their first tokens at each call) and
         tables (and page bounds), checked now: the call left to make at each step passes only the queries and
         the ranges. ``copies`` (``bind_row_copies``, one per row): each call also copies the rows it places.
         ``network`` (``QueryNetwork``): a call may pass the producer's input ``x`` instead of queries, and the
-        kernel runs the query network first."""
-        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales, pages, copies, network)
+        kernel runs the query network first. ``reweight`` (``Reweight``): the rows select by critical(...)'s two
+        stages over the scores."""
+        return BoundSelectRows(self, keys, slot_pos, slot_of, active, reduction, scales, pages, copies, network,
+                               reweight)
 
     def bind_row_copies(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
                         ) -> "RowCopies | None":
@@ -578,6 +583,41 @@ class QueryNetwork:
         self.address = ctypes.addressof(self.args)
 
 
+class _ReweightArgs(ctypes.Structure):
+    """selection.cpp's ``Reweight``, field for field."""
+
+    _fields_ = [("norms", ctypes.c_void_p), ("norm_stride", ctypes.c_int64), ("norms_bf16", ctypes.c_int64),
+                ("logit_kind", ctypes.c_int64), ("alpha", ctypes.c_double), ("eps", ctypes.c_float),
+                ("first_mul", ctypes.c_float), ("first_add", ctypes.c_float), ("second_mul", ctypes.c_float)]
+
+
+class Reweight:
+    """critical(...)'s two stages for a bound selection to apply to its base's scores in the same call
+    (``bind_select_rows``'s ``reweight``): the rows' value norms ``[R, capacity]`` (float32 or bfloat16, tokens
+    contiguous; held), ``alpha`` and ``eps`` (``CriticalPolicy``), whether the base's scores are logits
+    (``kind`` "logit") or masses ("mass"), and the keep bonus of each stage (``HeldTerms`` of the base's kind for
+    the first, of masses for the second; None: none)."""
+
+    __slots__ = ("norms", "args", "address")
+
+    def __init__(self, norms: torch.Tensor, alpha: float, eps: float, kind: str,
+                 first: "HeldTerms | None" = None, second: "HeldTerms | None" = None):
+        if norms.dim() != 2 or norms.dtype not in (torch.float32, torch.bfloat16) or not norms.is_cpu \
+                or norms.stride(1) != 1:
+            raise ValueError(f"value norms {norms.dtype} {tuple(norms.shape)} on {norms.device} are not [rows, "
+                             "tokens] float32 or bfloat16 on the CPU with tokens contiguous")
+        if kind not in ("mass", "logit"):
+            raise ValueError(f"score kind {kind!r} is not 'mass' or 'logit'")
+        if second is not None and second.add != 0.0:
+            raise ValueError("the value-aware stage's scores are masses: its keep bonus is a factor")
+        self.norms = norms
+        first_mul, first_add = (1.0, 0.0) if first is None else (first.mul, first.add)
+        self.args = _ReweightArgs(norms.data_ptr(), norms.stride(0), int(norms.dtype == torch.bfloat16),
+                                  int(kind == "logit"), alpha, eps, first_mul, first_add,
+                                  1.0 if second is None else second.mul)
+        self.address = ctypes.addressof(self.args)
+
+
 class _RowCopiesArgs(ctypes.Structure):
     """selection.cpp's ``RowCopies``, field for field."""
 
@@ -647,12 +687,12 @@ class BoundSelectRows:
     """
 
     __slots__ = ("kernel", "args", "rows", "dim", "capacity", "n", "of_length", "reduce", "int8", "prefilter",
-                 "page_args", "copies", "network", "_keep", "_layout")
+                 "page_args", "copies", "network", "reweight", "_keep", "_layout")
 
     def __init__(self, kernels: SelectionKernels, keys: torch.Tensor, slot_pos: np.ndarray, slot_of: np.ndarray,
                  active: np.ndarray, reduction: str = "mean", scales: torch.Tensor | None = None,
                  pages: "PageRows | None" = None, copies: RowCopies | None = None,
-                 network: QueryNetwork | None = None):
+                 network: QueryNetwork | None = None, reweight: Reweight | None = None):
         self.reduce = _reduce_code(reduction)
         if keys.dim() != 3:
             raise ValueError(f"keys {tuple(keys.shape)} are not [rows, d, tokens]")
@@ -670,6 +710,11 @@ class BoundSelectRows:
             raise ValueError(f"a query network giving queries {tuple(network.queries.shape)} does not serve {rows} rows "
                              f"of keys of {d}")
         self.network = network
+        if reweight is not None and (reweight.norms.shape[0] != rows or reweight.norms.shape[1] < capacity
+                                     or pages is not None):
+            raise ValueError(f"value norms {tuple(reweight.norms.shape)} do not serve {rows} rows of {capacity} tokens"
+                             if pages is None else "a reweight with a page prefilter (the prefilter ranks pages first)")
+        self.reweight = reweight
         self.int8 = keys.dtype == torch.int8
         held = _page_tensors(pages)
         self.prefilter, self.page_args = None, ((None, 0, 0, 0), (None, 0) * 4)
@@ -696,12 +741,12 @@ class BoundSelectRows:
 
     def matches(self, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
                 pages: "PageRows | None" = None, copies: RowCopies | None = None,
-                network: QueryNetwork | None = None) -> bool:
+                network: QueryNetwork | None = None, reweight: Reweight | None = None) -> bool:
         """Whether these keys (and scales and page bounds) are the memory and layout bound, under the same rule
-        and prefilter, with the same copies and network: then a call reads them as bound (the bound tensors are
-        held, so their memory cannot be another tensor's)."""
+        and prefilter, with the same copies, network and reweight: then a call reads them as bound (the bound
+        tensors are held, so their memory cannot be another tensor's)."""
         prefilter = None if pages is None else pages.prefilter
-        return (self.copies is copies and self.network is network
+        return (self.copies is copies and self.network is network and self.reweight is reweight
                 and self._layout == _layout(keys, scales, *_page_tensors(pages)) + (_reduce_code(reduction), prefilter))
 
     def __call__(self, queries: torch.Tensor | None, m: int, lo: int, hi: int, keep: int, x: torch.Tensor | None = None,
@@ -740,16 +785,19 @@ class BoundSelectRows:
         kept = 0 if self.prefilter is None else self.prefilter.kept_pages(m, lo, hi, keep)
         if held is not None and self.prefilter is not None:
             raise ValueError("select_rows: held terms with a page prefilter (the prefilter ranks pages first)")
+        if held is not None and self.reweight is not None:
+            raise ValueError("select_rows: held terms with a reweight (its stages take the keep bonus themselves)")
+        reweight = None if self.reweight is None else self.reweight.address
         favour = (1.0, 0.0) if held is None else (held.mul, held.add)
         copies = None if self.copies is None else self.copies.address
         if self.int8:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m,
                                  *scale_args, lo, hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1], copies, *network, *favour)
+                                 *self.page_args[1], copies, *network, *favour, reweight)
         else:
             status = self.kernel(self.reduce, queries.data_ptr(), rows, queries.shape[1], self.dim, *key_args, m, lo,
                                  hi, keep, *tables, *outputs, *self.page_args[0], kept,
-                                 *self.page_args[1], copies, *network, *favour)
+                                 *self.page_args[1], copies, *network, *favour, reweight)
         if status == -3:  # cannot happen with the tables checked at binding; the map's rows are then placed without
             # their K/V: the backend must not go on (an error from generate closes it)
             raise IndexError("a selected position or slot is outside the bound copies' tables")

@@ -1517,6 +1517,109 @@ inline void favour_held(float* scores, const int64_t* slot_pos, int64_t n, int64
     }
 }
 
+// critical(...) (policies/critical.py, CriticalPolicy.reweight) over a base's scores, row by row: A, the base's
+// scores over the candidates as a distribution (masses divided by their sum; logits by a softmax), each
+// candidate's value-aware score (A + eps) * norm (its value norm ||v W_O||_1), and the selection of the two
+// stages: the base's top floor(alpha * keep), then the top of the value-aware scores of the others. The keep
+// bonus per stage: the base's held scores * first_mul + first_add, the value-aware ones * second_mul (1, 0, 1:
+// none). The same float32 operations as the torch form, which the tests compare it with.
+struct Reweight {
+    const void* norms;     // row r's value norms at norms + r * norm_stride (indexed by position), float32 or
+    int64_t norm_stride;   // bfloat16 (norms_bf16)
+    int64_t norms_bf16;
+    int64_t logit_kind;    // the base's scores are logits (softmax), else masses
+    double alpha;
+    float eps, first_mul, first_add, second_mul;
+};
+
+inline float norm_at(const Reweight& rw, int64_t r, int64_t p) {
+    if (rw.norms_bf16) {
+        const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(rw.norms)[r * rw.norm_stride + p]) << 16;
+        float value;
+        std::memcpy(&value, &bits, sizeof(value));
+        return value;
+    }
+    return static_cast<const float*>(rw.norms)[r * rw.norm_stride + p];
+}
+
+// chosen [keep] in the order topk_positions gives the combined scores of the torch form (first-stage tokens above
+// every second-stage one): every position above the second stage's cut (value cut) in position order, then the
+// second stage's at its cut as they came (positions into [lo, hi); -1: none). mark: a zeroed scratch map of at
+// least hi - lo + 8 bytes, zeroed again on return; kept: a scratch list of keep.
+void combined_order(int64_t* chosen, int64_t first, int64_t keep, const float* second, float cut, int64_t lo,
+                    int64_t hi, std::vector<uint8_t>& mark, std::vector<int64_t>& kept) {
+    kept.resize(static_cast<size_t>(keep));
+    int64_t at_cut = 0;
+    for (int64_t i = 0; i < keep; ++i) {
+        const int64_t p = chosen[i];
+        if (p >= 0 && (i < first || second[p] > cut)) mark[static_cast<size_t>(p - lo)] = 1;
+        else kept[static_cast<size_t>(at_cut++)] = p;
+    }
+    int64_t j = 0;
+    const int64_t span = hi - lo;
+    for (int64_t t = 0; t < span; t += 8) {  // eight bytes at a time: most of the row is not chosen
+        uint64_t word;
+        std::memcpy(&word, mark.data() + t, sizeof(word));
+        if (word == 0) continue;
+        for (int64_t u = t; u < std::min(t + 8, span); ++u)
+            if (mark[static_cast<size_t>(u)]) {
+                chosen[j++] = lo + u;
+                mark[static_cast<size_t>(u)] = 0;
+            }
+    }
+    for (int64_t i = 0; i < at_cut; ++i) chosen[j++] = kept[static_cast<size_t>(i)];
+}
+
+// Row r's critical selection of keep positions into chosen from the base's scores (indexed by position, over
+// [lo, hi); raised in place where held), second a scratch row of m floats
+void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second, const int64_t* slot_pos, int64_t n,
+                    int64_t lo, int64_t hi, int64_t keep, int64_t* chosen, TopkWork& topk, std::vector<uint8_t>& mark,
+                    std::vector<int64_t>& kept) {
+    const float minus_inf = -std::numeric_limits<float>::infinity();
+    float total = 0.0f;
+    if (rw.logit_kind) {
+        float peak = minus_inf;
+        for (int64_t t = lo; t < hi; ++t)
+            if (scores[t] != minus_inf) peak = std::max(peak, scores[t]);
+        if (peak == minus_inf) peak = 0.0f;
+        for (int64_t t = lo; t < hi; ++t) {
+            second[t] = scores[t] == minus_inf ? 0.0f : std::exp(scores[t] - peak);
+            total += second[t];
+        }
+    } else {
+        for (int64_t t = lo; t < hi; ++t) {
+            second[t] = scores[t] == minus_inf ? 0.0f : std::max(scores[t], 0.0f);
+            total += second[t];
+        }
+    }
+    total = std::max(total, std::numeric_limits<float>::min());
+    for (int64_t t = lo; t < hi; ++t)
+        second[t] = scores[t] == minus_inf ? minus_inf : (second[t] / total + rw.eps) * norm_at(rw, r, t);
+    const bool favoured = rw.first_mul != 1.0f || rw.first_add != 0.0f || rw.second_mul != 1.0f;
+    if (favoured) {
+        for (int64_t j = 0; j < n; ++j) {
+            const int64_t p = slot_pos[j];
+            if (p < lo || p >= hi) continue;
+            float s = scores[p];
+            if (rw.first_mul != 1.0f) s = s * rw.first_mul;
+            if (rw.first_add != 0.0f) s = s + rw.first_add;
+            scores[p] = s;
+            if (rw.second_mul != 1.0f) second[p] = second[p] * rw.second_mul;
+        }
+    }
+    const int64_t first = std::min(static_cast<int64_t>(rw.alpha * static_cast<double>(keep)), keep);
+    if (first > 0) {
+        topk_positions(scores + lo, hi - lo, first, lo, true, chosen, topk);
+        for (int64_t i = 0; i < first; ++i)
+            if (chosen[i] >= 0) second[chosen[i]] = minus_inf;
+    }
+    if (keep == first) return;  // the base's own top-k, in its order
+    topk_positions(second + lo, hi - lo, keep - first, lo, true, chosen + first, topk);
+    float cut = std::numeric_limits<float>::infinity();  // the second stage's cut: its least value taken
+    for (int64_t i = first; i < keep; ++i) cut = chosen[i] >= 0 ? std::min(cut, second[chosen[i]]) : minus_inf;
+    if (first > 0 || cut == minus_inf) combined_order(chosen, first, keep, second, cut, lo, hi, mark, kept);
+}
+
 // A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (reduce_row: the mean
 // rule over the m cached tokens, the max rule over the candidates), the top keep of the candidates [lo, hi)
 // (topk_positions, on the row while it is in L2), and the residency update with them (update_row). What
@@ -1534,9 +1637,10 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                 int64_t pos_stride, int32_t* slot_of, int64_t of_stride, int64_t of_length, uint8_t* active,
                 int64_t active_stride, int64_t n, int64_t* positions, int64_t* slots, int64_t* counts, int64_t threads,
                 const uint16_t* scales, int64_t scale_stride, PageArgs pages, const RowCopies* copies,
-                const QueryNetwork* network, const float* x, HeldTerms held) {
+                const QueryNetwork* network, const float* x, HeldTerms held, const Reweight* reweight) {
     if (reduce != REDUCE_MEAN && reduce != REDUCE_MAX) return -2;
     if (held.on() && pages.bounds != nullptr) return -2;  // the prefilter ranks pages before any bonus (refused)
+    if (reweight != nullptr && (pages.bounds != nullptr || held.on())) return -2;  // the reweight holds its own
     if (network != nullptr) q = run_network(*network, x);  // once, before the rows split among threads
     if (rows * (hi - lo) < SELECT_THREADED_ENTRIES) threads = 1;
     std::atomic<int> status{0};
@@ -1546,12 +1650,18 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         // row's scores, score_row's [g, m] logits, the selected positions
         thread_local RowWork work;
         thread_local TopkWork topk;
-        thread_local std::vector<float> scores, logits;
+        thread_local std::vector<float> scores, logits, second;  // second: the value-aware scores (reweight)
+        thread_local std::vector<uint8_t> mark;  // the reweight's order (combined_order): zeros between calls
+        thread_local std::vector<int64_t> kept;
         thread_local std::vector<int64_t> chosen;
         thread_local UpdateWork update;
         thread_local PageWork paged;
         thread_local std::vector<uint8_t> wanted;  // zeros between calls (update_row)
         scores.resize(static_cast<size_t>(m));
+        if (reweight != nullptr) {
+            second.resize(static_cast<size_t>(m));
+            if (mark.size() < static_cast<size_t>(m + 8)) mark.resize(static_cast<size_t>(m + 8), 0);
+        }
         logits.resize(static_cast<size_t>(g * m));
         chosen.resize(static_cast<size_t>(keep));
         grow_map(wanted, of_length);
@@ -1573,8 +1683,13 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
             if (!paged_row) {
                 reduce_row(reduce, qr, g, d, keys + r * row_stride, dim_stride, lo, hi, m, scores.data(),
                            logits.data(), work, sr);
-                if (held.on()) favour_held(scores.data(), slot_pos + r * pos_stride, n, lo, hi, held);
-                topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);
+                if (reweight != nullptr) {
+                    reweighted_row(*reweight, r, scores.data(), second.data(), slot_pos + r * pos_stride, n, lo, hi,
+                                   keep, chosen.data(), topk, mark, kept);
+                } else {
+                    if (held.on()) favour_held(scores.data(), slot_pos + r * pos_stride, n, lo, hi, held);
+                    topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);
+                }
             }
             const int64_t placed = update_row(chosen.data(), keep, slot_pos + r * pos_stride, slot_of + r * of_stride,
                                               active + r * active_stride, n, positions + r * keep, slots + r * keep,
@@ -1811,7 +1926,7 @@ void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 23; }
+int tbrun_kernels_abi() { return 24; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -2047,7 +2162,9 @@ int tbrun_gather_pairs(int64_t pairs, const uint8_t* const* sources, uint8_t* co
 // placed positions copied from the host store into their slots in the same call (RowCopies). network (or null):
 // q is not read; the producer's query network runs on x first and the selection reads its queries
 // (QueryNetwork). held_mul, held_add: the score of each candidate a row's slots hold becomes score * held_mul +
-// held_add before the top-k (HeldTerms; 1 and 0: none; not with a prefilter: -2). Returns 0, -1 if
+// held_add before the top-k (HeldTerms; 1 and 0: none; not with a prefilter: -2). reweight (or null): the
+// selection is critical(...)'s two stages over the scores (Reweight; its own keep bonus; not with a prefilter or
+// held terms: -2). Returns 0, -1 if
 // a row had more missing positions than free slots, -2 for an unknown reduce, -3 if a copy was outside its
 // tables (that row's copies not made, its residency already updated: the caller must not go on with these
 // rows). threads > 1: rows split among them, as the scores are; the copies' time is the longest any thread
@@ -2062,12 +2179,13 @@ int tbrun_select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, i
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
-                      const QueryNetwork* network, const float* x, float held_mul, float held_add) {
+                      const QueryNetwork* network, const float* x, float held_mul, float held_add,
+                      const Reweight* reweight) {
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add});
+                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add}, reweight);
 }
 
 // The same with bfloat16 keys (as tbrun_group_scores_bf16)
@@ -2080,12 +2198,13 @@ int tbrun_select_rows_bf16(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
-                      const QueryNetwork* network, const float* x, float held_mul, float held_add) {
+                      const QueryNetwork* network, const float* x, float held_mul, float held_add,
+                      const Reweight* reweight) {
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads, nullptr, 0,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add});
+                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add}, reweight);
 }
 
 // The same with int8 keys and their scales (as tbrun_group_scores_int8)
@@ -2099,14 +2218,15 @@ int tbrun_select_rows_int8(int64_t reduce, const float* q, int64_t rows, int64_t
                       int64_t block_row_stride, const uint16_t* block_scales, int64_t block_scale_stride,
                       const int8_t* bound_blocks, int64_t bound_block_stride, const uint16_t* bound_scales,
                       int64_t bound_scale_stride, const RowCopies* copies,
-                      const QueryNetwork* network, const float* x, float held_mul, float held_add) {
+                      const QueryNetwork* network, const float* x, float held_mul, float held_add,
+                      const Reweight* reweight) {
     return select_rows(reduce, q, rows, g, d, keys, row_stride, dim_stride, m, lo, hi, keep, slot_pos, pos_stride,
                        slot_of, of_stride, of_length, active, active_stride, n, positions, slots, counts, threads,
                        scales,
                        scale_stride,
                        PageArgs{bounds, bound_row_stride, bound_dim_stride, page, kept, blocks, block_row_stride,
                                 block_scales, block_scale_stride, bound_blocks, bound_block_stride, bound_scales,
-                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add});
+                                bound_scale_stride}, copies, network, x, HeldTerms{held_mul, held_add}, reweight);
 }
 
 }  // extern "C"

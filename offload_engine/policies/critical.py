@@ -9,13 +9,16 @@ the top ``alpha * keep`` tokens by the base score, then fill the rest by ``(A_i 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+import numpy as np
 import torch
 
+from .. import native
 from ..errors import ConfigError
 from ..selection.ranking import HeldTerms, favour_held, held_terms, topk_unsorted
+from ..selection.scores import NativeScoring
 from .base import NEVER, Candidates, HeldOf, Policy, PolicyContext
 
 NORM_CHUNK = 256  # tokens whose projected values are materialised at once ([H, chunk, E])
@@ -92,6 +95,20 @@ class CriticalPolicy(Policy):
 
     def is_producer(self, layer: int) -> bool:
         return self.base.is_producer(layer)
+
+    def native_scoring(self, producer: int) -> NativeScoring | None:
+        """The base's bound scores with the two stages added (``native.Reweight``: the producer's rows of value
+        norms, ``alpha``, ``eps``, each stage's keep bonus), so that the native selection scores, re-weights,
+        selects and places in one call; None where the base has none or ranks pages first (then ``plan``)."""
+        scoring = self.base.native_scoring(producer)
+        if scoring is None or scoring.pages is not None or getattr(self, "norms", None) is None:
+            return None
+        layers = scoring.layers
+        norms = self.norms[layers.start : layers.stop].flatten(0, 1)  # [Lg * KvH, capacity], a view
+        first, second = self._terms if self._terms is not None else (None, None)
+        reweight = native.Reweight(norms, self.alpha, float(np.float32(self.eps)),
+                                   getattr(self.base, "score_kind", "logit"), first, second)
+        return replace(scoring, reweight=reweight)
 
     def keeps_held(self, held: HeldOf | None, bonus: float) -> bool:
         """The bonus on each stage's own scale (class docstring); ``held = None`` or ``bonus = 0``: none."""

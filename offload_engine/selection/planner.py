@@ -140,7 +140,7 @@ class NativeProducer:
             runs = native.QueryNetwork(mlp, scoring.network.scale, len(scoring.layers) * bank.kv_heads,
                                        scoring.keys.shape[1])
         return bank.residency.bind_select(bank.rows(scoring.layers), scoring.keys, scoring.reduction, scoring.scales,
-                                          scoring.pages, copies, runs)
+                                          scoring.pages, copies, runs, scoring.reweight)
 
     def plan(self, x: torch.Tensor, candidates: "Candidates") -> Callable[[], FetchPlan] | None:
         """The queries now and the selection returned, to be made now or on the copy thread; None (nothing

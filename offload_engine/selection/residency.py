@@ -223,23 +223,24 @@ class ResidencyMap:
 
     def bind_select(self, rows: slice, keys: torch.Tensor, reduction: str, scales: torch.Tensor | None = None,
                     pages: PageRows | None = None, copies: "native.RowCopies | None" = None,
-                    network: "native.QueryNetwork | None" = None) -> "native.BoundSelectRows | None":
+                    network: "native.QueryNetwork | None" = None, reweight: "native.Reweight | None" = None
+                    ) -> "native.BoundSelectRows | None":
         """The one-call selection of ``rows`` (a slice) bound to these keys ``[R, d', capacity]`` (and int8 keys'
         ``scales`` ``[R, capacity]``, and the page prefilter's bounds ``pages``) and to the map's tables, checked
         once: kept per slice of rows (and whether it copies) and bound again only when the keys' memory or
         layout, the rule or the prefilter changes. ``copies``: the call also copies what it places (the
         backend's ``RowCopies`` of those rows); ``network``: it may run the producer's query network first
-        (``native.QueryNetwork``). None where the map is off the host, the kernels are not built, or ``rows`` are
-        not the keys' rows."""
+        (``native.QueryNetwork``); ``reweight``: it selects by critical(...)'s two stages (``native.Reweight``).
+        None where the map is off the host, the kernels are not built, or ``rows`` are not the keys' rows."""
         kernels = native.kernels() if self.on_host else None
         if kernels is None or len(range(self.slot_pos.shape[0])[rows]) != keys.shape[0]:
             return None
         place = (rows.start, rows.stop, rows.step, copies is not None, network is not None)
         bound = self._bound.get(place)
-        if bound is None or not bound.matches(keys, reduction, scales, pages, copies, network):
+        if bound is None or not bound.matches(keys, reduction, scales, pages, copies, network, reweight):
             tables = (self.slot_pos[rows].numpy(), self.slot_of[rows].numpy(), self.active[rows].numpy())
             bound = self._bound[place] = kernels.bind_select_rows(keys, *tables, reduction, scales, pages, copies,
-                                                                  network)
+                                                                  network, reweight)
         return bound
 
     def unbind(self) -> None:

@@ -125,7 +125,8 @@ class NativeScoring:
     step scores the first ``position`` tokens, as ``GroupScores`` with ``tokens=position``); int8 keys
     with ``scales`` ``[Lg * KvH, capacity]``; ``pages``: their page bounds as rows, refreshed by ``queries``
     (None: no prefilter); ``network``: the query network the selection may run itself (``NetworkStep``; None:
-    ``queries`` only). The same scores as ``plan(..., describe=True)`` gives.
+    ``queries`` only). The same scores as ``plan(..., describe=True)`` gives. ``reweight``: a wrapper's selection
+    over those scores (``native.Reweight``: critical(...)'s two stages; None: their top-k).
     """
 
     layers: range
@@ -135,6 +136,7 @@ class NativeScoring:
     scales: torch.Tensor | None = None
     pages: PageRows | None = None
     network: NetworkStep | None = None
+    reweight: "native.Reweight | None" = None
 
 
 def fused_group_scores(grouped: torch.Tensor, keys: torch.Tensor, reduction: str = "mean",

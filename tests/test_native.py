@@ -1234,3 +1234,25 @@ def test_a_decode_step_attends_by_the_native_kernel_and_keeps_the_logits(mode, b
     monkeypatch.setattr(native.SelectionKernels, "decode_attention", lambda self, *args: None)
     torch_logits = run()
     torch.testing.assert_close(native_logits, torch_logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kv_heads, heads, dim, width", [(3, 9, 64, 576), (2, 14, 64, 896), (1, 3, 5, 7)])
+def test_value_norms_of_one_token_are_the_torch_forms(kv_heads, heads, dim, width, built_native):
+    """critical(...)'s value norm of a decode token (the mean over each KV group of ||v W_O^h||_1) by the native
+    kernel equals policies.critical.value_norms on a strided view of an output projection's weight (SmolLM2's
+    and Qwen2.5's shapes, and an odd head dim with a scalar tail); what it does not take is left to torch."""
+    from offload_engine.policies.critical import value_norms
+
+    generator = torch.Generator().manual_seed(heads + dim)
+    weight = torch.randn(width, heads * dim, generator=generator)  # nn.Linear's [E, H * D]
+    w_o = weight.view(width, heads, dim).permute(1, 2, 0)  # [H, D, E], D contiguous
+    v = torch.randn(kv_heads, dim, generator=generator)
+    fused = native.kernels().value_norms(v, w_o)
+    assert fused is not None and fused.shape == (kv_heads,)
+    torch.testing.assert_close(fused, value_norms(v.unsqueeze(1), w_o)[:, 0], rtol=2e-5, atol=1e-5)
+    assert native.kernels().value_norms(v.double(), w_o.double()) is None
+    per_head = w_o.transpose(1, 2).contiguous().transpose(1, 2)  # [H, D, E] at other strides, D still contiguous
+    torch.testing.assert_close(native.kernels().value_norms(v, per_head), fused, rtol=2e-5, atol=1e-5)
+    if dim > 1:
+        assert native.kernels().value_norms(v[:, ::2], w_o[:, ::2]) is None  # D not contiguous

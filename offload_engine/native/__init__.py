@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 24
+ABI = 25
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -252,6 +252,7 @@ class SelectionKernels:
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
+            "tbrun_value_norms": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr],
             "tbrun_decode_attention": [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64,
                                        ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
@@ -402,6 +403,23 @@ class SelectionKernels:
         self.library.tbrun_linear(source.data_ptr(), cols, weight.data_ptr(), rows,
                                   bias.data_ptr() if bias is not None else None, out.data_ptr(),
                                   max(1, kernel_threads()))
+        return out
+
+    def value_norms(self, v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor | None:
+        """critical(...)'s value norms of one token (``policies.critical.value_norms`` of ``v.unsqueeze(1)``): v
+        ``[KvH, D]`` float32 (D contiguous), w_o ``[H, D, E]`` float32 with D contiguous (the output projection's
+        weight as ``ModelAdapter.output_projection`` views it) -> ``[KvH]`` float32, the mean over each KV group of
+        ``||v W_O^h||_1``. None (nothing done) where it does not apply: another dtype or device, D not contiguous,
+        H not a multiple of KvH, or a tensor that needs a gradient."""
+        if (v.dtype is not torch.float32 or w_o.dtype is not torch.float32 or not v.is_cpu or not w_o.is_cpu
+                or v.dim() != 2 or w_o.dim() != 3 or v.shape[1] != w_o.shape[1] or v.stride(1) != 1
+                or w_o.stride(1) != 1 or v.shape[0] == 0 or w_o.shape[0] % v.shape[0]
+                or (torch.is_grad_enabled() and (v.requires_grad or w_o.requires_grad))):
+            return None
+        heads, d, width = w_o.shape
+        out = torch.empty(v.shape[0], dtype=torch.float32)
+        self.library.tbrun_value_norms(v.data_ptr(), v.shape[0], v.stride(0), heads, d, width, w_o.data_ptr(),
+                                       w_o.stride(0), w_o.stride(2), out.data_ptr())
         return out
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,

@@ -167,7 +167,9 @@ class CriticalPolicy(Policy):
     def observe_decode(self, layer, position, x, q, k, v) -> None:
         self.base.observe_decode(layer, position, x, q, k, v)
         w_o = self.ctx.adapter.output_projection(layer)
-        self.norms[layer][:, position] = value_norms(v.unsqueeze(1), w_o)[:, 0]
+        kernels = native.kernels() if v.is_cpu else None  # one token: the native kernel where it applies
+        norms = kernels.value_norms(v, w_o) if kernels is not None and native.enabled() else None
+        self.norms[layer][:, position] = norms if norms is not None else value_norms(v.unsqueeze(1), w_o)[:, 0]
 
     def observe_attention(self, layer, positions, weights) -> None:
         self.base.observe_attention(layer, positions, weights)

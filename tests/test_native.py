@@ -1256,3 +1256,11 @@ def test_value_norms_of_one_token_are_the_torch_forms(kv_heads, heads, dim, widt
     torch.testing.assert_close(native.kernels().value_norms(v, per_head), fused, rtol=2e-5, atol=1e-5)
     if dim > 1:
         assert native.kernels().value_norms(v[:, ::2], w_o[:, ::2]) is None  # D not contiguous
+    # bound to a layer's row of norms [KvH, capacity]: each token's written at its position, nothing else touched
+    norms = torch.zeros(2, kv_heads, 50)
+    writer = native.kernels().bind_value_norms(w_o, norms[1])
+    assert writer(v, 17) and not writer(v, 50) and not writer(v.double(), 3) and not writer(torch.cat([v, v]), 3)
+    expected = torch.zeros_like(norms)
+    expected[1, :, 17] = fused
+    assert torch.equal(norms, expected)
+    assert native.kernels().bind_value_norms(w_o, norms[1].bfloat16()) is None  # torch's form writes those

@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 25
+ABI = 26
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -252,7 +252,7 @@ class SelectionKernels:
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
-            "tbrun_value_norms": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr],
+            "tbrun_value_norms": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64],
             "tbrun_decode_attention": [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64,
                                        ctypes.c_float, ptr, ptr, i64],
             "tbrun_project_token": [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64],
@@ -411,16 +411,19 @@ class SelectionKernels:
         weight as ``ModelAdapter.output_projection`` views it) -> ``[KvH]`` float32, the mean over each KV group of
         ``||v W_O^h||_1``. None (nothing done) where it does not apply: another dtype or device, D not contiguous,
         H not a multiple of KvH, or a tensor that needs a gradient."""
-        if (v.dtype is not torch.float32 or w_o.dtype is not torch.float32 or not v.is_cpu or not w_o.is_cpu
-                or v.dim() != 2 or w_o.dim() != 3 or v.shape[1] != w_o.shape[1] or v.stride(1) != 1
-                or w_o.stride(1) != 1 or v.shape[0] == 0 or w_o.shape[0] % v.shape[0]
-                or (torch.is_grad_enabled() and (v.requires_grad or w_o.requires_grad))):
+        out = torch.empty(v.shape[0], 1, dtype=torch.float32)
+        writer = self.bind_value_norms(w_o, out)
+        return None if writer is None or not writer(v, 0) else out[:, 0]
+
+    def bind_value_norms(self, w_o: torch.Tensor, out: torch.Tensor) -> "BoundValueNorms | None":
+        """``value_norms`` of a layer's decode tokens written into ``out`` ``[KvH, capacity]`` float32 (tokens at
+        any stride) at each token's position, the output projection ``w_o`` checked now (as ``value_norms``
+        takes it); None where it does not apply (then the caller keeps torch's form)."""
+        if (w_o.dtype is not torch.float32 or out.dtype is not torch.float32 or not w_o.is_cpu or not out.is_cpu
+                or w_o.dim() != 3 or out.dim() != 2 or w_o.stride(1) != 1 or out.shape[0] == 0
+                or w_o.shape[0] % out.shape[0] or w_o.requires_grad or out.requires_grad):
             return None
-        heads, d, width = w_o.shape
-        out = torch.empty(v.shape[0], dtype=torch.float32)
-        self.library.tbrun_value_norms(v.data_ptr(), v.shape[0], v.stride(0), heads, d, width, w_o.data_ptr(),
-                                       w_o.stride(0), w_o.stride(2), out.data_ptr())
-        return out
+        return BoundValueNorms(self.library.tbrun_value_norms, w_o, out)
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                          scaling: float) -> torch.Tensor | None:
@@ -599,6 +602,32 @@ class QueryNetwork:
         self.args = _QueryNetworkArgs(nw, nb, w1, w2, _address(self._work), self.raw.data_ptr(),
                                       self.queries.data_ptr(), self.e, inner, size, eps, scale)
         self.address = ctypes.addressof(self.args)
+
+
+class BoundValueNorms:
+    """``SelectionKernels.bind_value_norms``: one layer's output projection and value-norm row, checked once; a
+    call checks only the token's values (30 calls a step)."""
+
+    __slots__ = ("kernel", "w_o", "out", "args", "kv_heads", "d", "capacity")
+
+    def __init__(self, kernel, w_o: torch.Tensor, out: torch.Tensor):
+        self.kernel, self.w_o, self.out = kernel, w_o, out  # (held: the addresses point into them)
+        heads, self.d, width = w_o.shape
+        self.kv_heads, self.capacity = out.shape
+        self.args = (heads, self.d, width, w_o.data_ptr(), w_o.stride(0), w_o.stride(2))
+
+    def __call__(self, v: torch.Tensor, position: int) -> bool:
+        """Writes the norms of v ``[KvH, D]`` (float32 on the CPU, D contiguous) at ``position``; False (nothing
+        written) where v is not that or the position is outside the row."""
+        if (v.dtype is not torch.float32 or not v.is_cpu or v.dim() != 2 or v.shape[0] != self.kv_heads
+                or v.shape[1] != self.d or v.stride(1) != 1 or not 0 <= position < self.capacity
+                or (v.requires_grad and torch.is_grad_enabled())):
+            return False
+        heads, d, width, w, h_stride, e_stride = self.args
+        out = self.out
+        self.kernel(v.data_ptr(), self.kv_heads, v.stride(0), heads, d, width, w, h_stride, e_stride,
+                    out.data_ptr() + position * out.stride(1) * 4, out.stride(0))
+        return True
 
 
 class _ReweightArgs(ctypes.Structure):

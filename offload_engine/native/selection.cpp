@@ -1926,7 +1926,7 @@ void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 25; }
+int tbrun_kernels_abi() { return 26; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -2010,11 +2010,13 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
 // ||v_(h / g) W_O^h||_1 over the hidden width, then the mean over each KV group of g = heads / kv_heads heads.
 // v [kv_heads, d] float32 (rows v_stride apart, d contiguous); W_O^h's entry (j, e) at w[h * h_stride + j + e *
 // e_stride] (the output projection's weight [E, heads * d] as [heads, d, E]: d contiguous), read once in its
-// rows' order (each row of the weight feeds every head's dot product); out [kv_heads]. What the torch form's
+// rows' order (each row of the weight feeds every head's dot product); KV head k's norm at out[k * out_stride]
+// (the policy's norms of a layer, [kv_heads, capacity], at the token's position). What the torch form's
 // ~8 operations a layer, a strided matrix product among them, took 0.3 ms for at 135M parameters. Returns 0;
 // -1 (nothing written) where heads is not a multiple of kv_heads.
 int tbrun_value_norms(const float* v, int64_t kv_heads, int64_t v_stride, int64_t heads, int64_t d,
-                      int64_t width, const float* w, int64_t h_stride, int64_t e_stride, float* out) {
+                      int64_t width, const float* w, int64_t h_stride, int64_t e_stride, float* out,
+                      int64_t out_stride) {
     if (kv_heads <= 0 || heads % kv_heads != 0) return -1;
     const int64_t g = heads / kv_heads;
     thread_local std::vector<float> sums;
@@ -2035,7 +2037,7 @@ int tbrun_value_norms(const float* v, int64_t kv_heads, int64_t v_stride, int64_
     for (int64_t k = 0; k < kv_heads; ++k) {
         float total = 0.0f;
         for (int64_t i = 0; i < g; ++i) total += sums[static_cast<size_t>(k * g + i)];
-        out[k] = total / static_cast<float>(g);
+        out[k * out_stride] = total / static_cast<float>(g);
     }
     return 0;
 }

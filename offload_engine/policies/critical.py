@@ -141,10 +141,11 @@ class CriticalPolicy(Policy):
         self.base.bind(ctx)
         shape, dtype = self._norms_layout(ctx)
         self.norms = torch.zeros(shape, dtype=dtype, device=ctx.device)  # one tensor: groups slice it
+        self._writers: dict[int, native.BoundValueNorms | None] = {}  # per layer, bound at its first decode token
 
     def release(self) -> None:
         self.base.release()
-        self.norms = None
+        self.norms, self._writers = None, {}
 
     def observe_prefill(self, layer, x, q, k, v) -> None:
         self.base.observe_prefill(layer, x, q, k, v)
@@ -166,10 +167,19 @@ class CriticalPolicy(Policy):
 
     def observe_decode(self, layer, position, x, q, k, v) -> None:
         self.base.observe_decode(layer, position, x, q, k, v)
-        w_o = self.ctx.adapter.output_projection(layer)
-        kernels = native.kernels() if v.is_cpu else None  # one token: the native kernel where it applies
-        norms = kernels.value_norms(v, w_o) if kernels is not None and native.enabled() else None
-        self.norms[layer][:, position] = norms if norms is not None else value_norms(v.unsqueeze(1), w_o)[:, 0]
+        writer = self._norm_writer(layer)
+        if writer is None or not native.enabled() or not writer(v, position):
+            w_o = self.ctx.adapter.output_projection(layer)
+            self.norms[layer][:, position] = value_norms(v.unsqueeze(1), w_o)[:, 0]
+
+    def _norm_writer(self, layer: int) -> "native.BoundValueNorms | None":
+        """The native kernel that writes a decode token's value norms into ``layer``'s row (bound at the layer's
+        first decode token), or None where it does not apply: off the CPU, bfloat16 norms, no kernels."""
+        if layer not in self._writers:
+            kernels = native.kernels() if self.norms.is_cpu else None
+            self._writers[layer] = None if kernels is None else kernels.bind_value_norms(
+                self.ctx.adapter.output_projection(layer), self.norms[layer])
+        return self._writers[layer]
 
     def observe_attention(self, layer, positions, weights) -> None:
         self.base.observe_attention(layer, positions, weights)

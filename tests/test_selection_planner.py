@@ -390,6 +390,24 @@ def test_the_window_follows_the_budget_and_its_first_position_never_moves_back(b
             assert 4 + w + found.keep == selector.budget_tokens(length)
 
 
+def test_critical_writes_a_decode_tokens_value_norms_by_the_native_kernel(adapter, monkeypatch):
+    """On the CPU with the kernels built, critical(...)'s value norms of each decode token come from one bound
+    kernel call per layer (BoundValueNorms; tests/test_native.py: the torch form's norms), not from torch."""
+    from offload_engine import native
+    from offload_engine.policies import critical as critical_module
+
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    written = record_results(monkeypatch, native.BoundValueNorms, "__call__")
+    by_torch = []
+    original = critical_module.value_norms
+    monkeypatch.setattr(critical_module, "value_norms", lambda v, w_o: by_torch.append(v.shape[1]) or original(v, w_o))
+    selections(adapter, "critical(tokenbutler)", True)
+    assert written and all(written)  # every decode token of every layer, each written
+    assert len(written) % adapter.dims.num_layers == 0
+    assert 1 not in by_torch  # torch's form only for the prefill's chunks
+
+
 @pytest.mark.parametrize("spec", ["tokenbutler", "tokenbutler/q1", "quest", "critical(tokenbutler)", "critical(quest)"])
 def test_a_keep_bonus_renews_fewer_tokens(adapter, spec):
     """The top-k's hysteresis (--keep-bonus): a held token stays unless a newcomer beats it by the share, so a

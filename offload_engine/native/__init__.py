@@ -418,10 +418,11 @@ class SelectionKernels:
     def bind_value_norms(self, w_o: torch.Tensor, out: torch.Tensor) -> "BoundValueNorms | None":
         """``value_norms`` of a layer's decode tokens written into ``out`` ``[KvH, capacity]`` float32 (tokens at
         any stride) at each token's position, the output projection ``w_o`` checked now (as ``value_norms``
-        takes it); None where it does not apply (then the caller keeps torch's form)."""
+        takes it; a model's parameter is read as it is: no gradient flows into a buffer of norms); None where it
+        does not apply (then the caller keeps torch's form)."""
         if (w_o.dtype is not torch.float32 or out.dtype is not torch.float32 or not w_o.is_cpu or not out.is_cpu
                 or w_o.dim() != 3 or out.dim() != 2 or w_o.stride(1) != 1 or out.shape[0] == 0
-                or w_o.shape[0] % out.shape[0] or w_o.requires_grad or out.requires_grad):
+                or w_o.shape[0] % out.shape[0]):
             return None
         return BoundValueNorms(self.library.tbrun_value_norms, w_o, out)
 

@@ -1532,69 +1532,80 @@ struct Reweight {
     float eps, first_mul, first_add, second_mul;
 };
 
-inline float norm_at(const Reweight& rw, int64_t r, int64_t p) {
-    if (rw.norms_bf16) {
-        const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(rw.norms)[r * rw.norm_stride + p]) << 16;
-        float value;
-        std::memcpy(&value, &bits, sizeof(value));
-        return value;
-    }
-    return static_cast<const float*>(rw.norms)[r * rw.norm_stride + p];
-}
-
 // chosen [keep] in the order topk_positions gives the combined scores of the torch form (first-stage tokens above
 // every second-stage one): every position above the second stage's cut (value cut) in position order, then the
-// second stage's at its cut as they came (positions into [lo, hi); -1: none). mark: a zeroed scratch map of at
-// least hi - lo + 8 bytes, zeroed again on return; kept: a scratch list of keep.
-void combined_order(int64_t* chosen, int64_t first, int64_t keep, const float* second, float cut, int64_t lo,
-                    int64_t hi, std::vector<uint8_t>& mark, std::vector<int64_t>& kept) {
-    kept.resize(static_cast<size_t>(keep));
-    int64_t at_cut = 0;
-    for (int64_t i = 0; i < keep; ++i) {
-        const int64_t p = chosen[i];
-        if (p >= 0 && (i < first || second[p] > cut)) mark[static_cast<size_t>(p - lo)] = 1;
-        else kept[static_cast<size_t>(at_cut++)] = p;
+// rest as they came (the second stage's at its cut; positions into [lo, hi), -1: none). topk_positions gives
+// each stage as positions above its cut in order, then those at its cut in order: the first stage (above every
+// second-stage value) is at most two ascending runs, the second stage's part above its cut one; merged, not
+// sorted. merged, rest: scratch lists.
+void combined_order(int64_t* chosen, int64_t first, int64_t keep, const float* second, float cut,
+                    std::vector<int64_t>& merged, std::vector<int64_t>& rest) {
+    merged.resize(static_cast<size_t>(2 * keep));
+    rest.resize(static_cast<size_t>(keep));
+    int64_t* runs = merged.data();  // the first stage's positions, then (from keep on) the merged result
+    int64_t taken = 0, left = 0;
+    for (int64_t i = 0; i < first; ++i) {
+        if (chosen[i] >= 0) runs[taken++] = chosen[i];
+        else rest[static_cast<size_t>(left++)] = chosen[i];
     }
-    int64_t j = 0;
-    const int64_t span = hi - lo;
-    for (int64_t t = 0; t < span; t += 8) {  // eight bytes at a time: most of the row is not chosen
-        uint64_t word;
-        std::memcpy(&word, mark.data() + t, sizeof(word));
-        if (word == 0) continue;
-        for (int64_t u = t; u < std::min(t + 8, span); ++u)
-            if (mark[static_cast<size_t>(u)]) {
-                chosen[j++] = lo + u;
-                mark[static_cast<size_t>(u)] = 0;
-            }
-    }
-    for (int64_t i = 0; i < at_cut; ++i) chosen[j++] = kept[static_cast<size_t>(i)];
+    int64_t split = 1;  // the first stage's second run starts where its positions stop increasing
+    while (split < taken && runs[split] > runs[split - 1]) ++split;
+    split = std::min(split, taken);
+    int64_t above = first;  // the second stage's positions above its cut: a prefix of its part
+    while (above < keep && chosen[above] >= 0 && second[chosen[above]] > cut) ++above;
+    for (int64_t i = above; i < keep; ++i) rest[static_cast<size_t>(left++)] = chosen[i];
+    int64_t* staged = runs + keep;
+    std::merge(runs, runs + split, runs + split, runs + taken, staged);
+    int64_t* out = std::merge(staged, staged + taken, chosen + first, chosen + above, runs);
+    const int64_t count = out - runs;
+    std::memcpy(chosen, runs, static_cast<size_t>(count) * sizeof(int64_t));
+    std::memcpy(chosen + count, rest.data(), static_cast<size_t>(left) * sizeof(int64_t));
 }
 
 // Row r's critical selection of keep positions into chosen from the base's scores (indexed by position, over
 // [lo, hi); raised in place where held), second a scratch row of m floats
 void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second, const int64_t* slot_pos, int64_t n,
-                    int64_t lo, int64_t hi, int64_t keep, int64_t* chosen, TopkWork& topk, std::vector<uint8_t>& mark,
-                    std::vector<int64_t>& kept) {
+                    int64_t lo, int64_t hi, int64_t keep, int64_t* chosen, TopkWork& topk, std::vector<int64_t>& merged,
+                    std::vector<int64_t>& rest) {
     const float minus_inf = -std::numeric_limits<float>::infinity();
     float total = 0.0f;
-    if (rw.logit_kind) {
+    if (rw.logit_kind) {  // A = softmax: exp(s - the largest finite s), -inf -> 0 (exp_in_place's polynomial)
         float peak = minus_inf;
         for (int64_t t = lo; t < hi; ++t)
             if (scores[t] != minus_inf) peak = std::max(peak, scores[t]);
         if (peak == minus_inf) peak = 0.0f;
-        for (int64_t t = lo; t < hi; ++t) {
-            second[t] = scores[t] == minus_inf ? 0.0f : std::exp(scores[t] - peak);
+        std::memcpy(second + lo, scores + lo, static_cast<size_t>(hi - lo) * sizeof(float));
+        total = exp_in_place(second + lo, hi - lo, peak);
+    } else {  // A = the non-negative part over its sum (-inf -> 0), summed in lanes as torch sums
+        vfloat lanes{};
+        int64_t t = lo;
+        for (; t + LANES <= hi; t += LANES) {
+            vfloat mass;
+            for (int64_t i = 0; i < LANES; ++i) mass[i] = std::max(scores[t + i], 0.0f);
+            store(second + t, mass);
+            lanes += mass;
+        }
+        for (; t < hi; ++t) {
+            second[t] = std::max(scores[t], 0.0f);
             total += second[t];
         }
-    } else {
-        for (int64_t t = lo; t < hi; ++t) {
-            second[t] = scores[t] == minus_inf ? 0.0f : std::max(scores[t], 0.0f);
-            total += second[t];
-        }
+        total += lane_sum(lanes);
     }
     total = std::max(total, std::numeric_limits<float>::min());
-    for (int64_t t = lo; t < hi; ++t)
-        second[t] = scores[t] == minus_inf ? minus_inf : (second[t] / total + rw.eps) * norm_at(rw, r, t);
+    const float eps = rw.eps;
+    if (rw.norms_bf16) {
+        const uint16_t* norms = static_cast<const uint16_t*>(rw.norms) + r * rw.norm_stride;
+        for (int64_t t = lo; t < hi; ++t) {
+            const uint32_t bits = static_cast<uint32_t>(norms[t]) << 16;
+            float norm;
+            std::memcpy(&norm, &bits, sizeof(norm));
+            second[t] = (second[t] / total + eps) * norm;
+        }
+    } else {
+        const float* norms = static_cast<const float*>(rw.norms) + r * rw.norm_stride;
+        for (int64_t t = lo; t < hi; ++t) second[t] = (second[t] / total + eps) * norms[t];
+    }
+    for (int64_t t = lo; t < hi; ++t) second[t] = scores[t] == minus_inf ? minus_inf : second[t];
     const bool favoured = rw.first_mul != 1.0f || rw.first_add != 0.0f || rw.second_mul != 1.0f;
     if (favoured) {
         for (int64_t j = 0; j < n; ++j) {
@@ -1617,7 +1628,7 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
     topk_positions(second + lo, hi - lo, keep - first, lo, true, chosen + first, topk);
     float cut = std::numeric_limits<float>::infinity();  // the second stage's cut: its least value taken
     for (int64_t i = first; i < keep; ++i) cut = chosen[i] >= 0 ? std::min(cut, second[chosen[i]]) : minus_inf;
-    if (first > 0 || cut == minus_inf) combined_order(chosen, first, keep, second, cut, lo, hi, mark, kept);
+    if (first > 0 || cut == minus_inf) combined_order(chosen, first, keep, second, cut, merged, rest);
 }
 
 // A producer's whole selection, row by row (a row: one (layer, KV head)): its scores (reduce_row: the mean
@@ -1651,17 +1662,13 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         thread_local RowWork work;
         thread_local TopkWork topk;
         thread_local std::vector<float> scores, logits, second;  // second: the value-aware scores (reweight)
-        thread_local std::vector<uint8_t> mark;  // the reweight's order (combined_order): zeros between calls
-        thread_local std::vector<int64_t> kept;
+        thread_local std::vector<int64_t> merged, rest;  // the reweight's order (combined_order)
         thread_local std::vector<int64_t> chosen;
         thread_local UpdateWork update;
         thread_local PageWork paged;
         thread_local std::vector<uint8_t> wanted;  // zeros between calls (update_row)
         scores.resize(static_cast<size_t>(m));
-        if (reweight != nullptr) {
-            second.resize(static_cast<size_t>(m));
-            if (mark.size() < static_cast<size_t>(m + 8)) mark.resize(static_cast<size_t>(m + 8), 0);
-        }
+        if (reweight != nullptr) second.resize(static_cast<size_t>(m));
         logits.resize(static_cast<size_t>(g * m));
         chosen.resize(static_cast<size_t>(keep));
         grow_map(wanted, of_length);
@@ -1685,7 +1692,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                            logits.data(), work, sr);
                 if (reweight != nullptr) {
                     reweighted_row(*reweight, r, scores.data(), second.data(), slot_pos + r * pos_stride, n, lo, hi,
-                                   keep, chosen.data(), topk, mark, kept);
+                                   keep, chosen.data(), topk, merged, rest);
                 } else {
                     if (held.on()) favour_held(scores.data(), slot_pos + r * pos_stride, n, lo, hi, held);
                     topk_positions(scores.data() + lo, hi - lo, keep, lo, true, chosen.data(), topk);

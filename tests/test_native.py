@@ -725,17 +725,19 @@ class _Scored:
 @needs_compiler
 @pytest.mark.parametrize("reduction", ["mean", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
-@pytest.mark.parametrize("keep_bonus, norms_dtype, threads", [(0.0, torch.float32, 1), (0.5, torch.float32, 1),
-                                                              (0.5, torch.bfloat16, 2)])
+@pytest.mark.parametrize("keep_bonus, norms_dtype, threads, alpha", [
+    (0.0, torch.float32, 1, 0.5), (0.5, torch.float32, 1, 0.5), (0.5, torch.bfloat16, 2, 0.5),
+    (0.5, torch.float32, 1, 1.0), (0.0, torch.float32, 1, 0.0)])
 @pytest.mark.parametrize("layers, kv_heads, group, dim, tokens, lo, keep, slots", [
     (2, 3, 3, 16, 5000, 4, 480, 500), (2, 3, 3, 16, 12000, 4, 1000, 1100), (3, 1, 1, 5, 37, 1, 30, 64)])
 def test_one_call_selects_critical_two_stages_as_its_torch_form(layers, kv_heads, group, dim, tokens, lo, keep, slots,
                                                                dtype, reduction, keep_bonus, norms_dtype, threads,
-                                                               built_native, monkeypatch):
+                                                               alpha, built_native, monkeypatch):
     """critical(...) over a producer's scores in the one native call (``native.Reweight``: value norms, alpha,
     eps, each stage's keep bonus) selects and places, step after step, what CriticalPolicy.reweight, the top-k
     and ResidencyMap.update do in torch: masses (the mean rule) and logits (the max rule), float32 and bfloat16
-    norms, with the bonus on held positions, rows threaded past SELECT_THREADED_ENTRIES."""
+    norms, with the bonus on held positions, rows threaded past SELECT_THREADED_ENTRIES, and alpha 1 (the first
+    stage is the selection, ordered by the combined scores, which float32 rounding ties) and 0 (no first stage)."""
     from offload_engine.policies.base import Candidates
     from offload_engine.policies.critical import CriticalPolicy
     from offload_engine.selection.ranking import held_terms, topk_positions
@@ -751,7 +753,7 @@ def test_one_call_selects_critical_two_stages_as_its_torch_form(layers, kv_heads
         cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
         cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
     kind = "logit" if reduction == "max" else "mass"
-    critical = CriticalPolicy(base=_Scored(kind), alpha=0.5)
+    critical = CriticalPolicy(base=_Scored(kind), alpha=alpha)
     critical.norms = (torch.rand(layers, kv_heads, capacity, generator=generator) * 4).to(norms_dtype)
     fused_map, reference_map = (ResidencyMap(rows + 2, slots, torch.device("cpu"), capacity) for _ in range(2))
     part = slice(1, rows + 1)

@@ -410,7 +410,7 @@ class SelectionKernels:
         ``[KvH, D]`` float32 (D contiguous), w_o ``[H, D, E]`` float32 with D contiguous (the output projection's
         weight as ``ModelAdapter.output_projection`` views it) -> ``[KvH]`` float32, the mean over each KV group of
         ``||v W_O^h||_1``. None (nothing done) where it does not apply: another dtype or device, D not contiguous,
-        H not a multiple of KvH, or a tensor that needs a gradient."""
+        H not a multiple of KvH, or (with gradients on) a v that requires one."""
         out = torch.empty(v.shape[0], 1, dtype=torch.float32)
         writer = self.bind_value_norms(w_o, out)
         return None if writer is None or not writer(v, 0) else out[:, 0]

@@ -1522,7 +1522,9 @@ inline void favour_held(float* scores, const int64_t* slot_pos, int64_t n, int64
 // candidate's value-aware score (A + eps) * norm (its value norm ||v W_O||_1), and the selection of the two
 // stages: the base's top floor(alpha * keep), then the top of the value-aware scores of the others. The keep
 // bonus per stage: the base's held scores * first_mul + first_add, the value-aware ones * second_mul (1, 0, 1:
-// none). The same float32 operations as the torch form, which the tests compare it with.
+// none). The torch form's operations in float32, except that A's sum runs in lanes and a softmax's exponentials
+// are exp_in_place's polynomial (ulp-level differences, which change a selection only at a near-tie at a cut;
+// tests/test_native.py compares the two selections); a NaN score is passed over (torch's would spread).
 struct Reweight {
     const void* norms;     // row r's value norms at norms + r * norm_stride (indexed by position), float32 or
     int64_t norm_stride;   // bfloat16 (norms_bf16)
@@ -1562,6 +1564,65 @@ void combined_order(int64_t* chosen, int64_t first, int64_t keep, const float* s
     std::memcpy(chosen + count, rest.data(), static_cast<size_t>(left) * sizeof(int64_t));
 }
 
+// reweighted_row where the first stage is the whole selection (alpha * keep >= keep): the base's top keep (held
+// scores raised), in the order topk_positions gives the torch form's combined scores (top + 1) + A, which float32
+// rounding may tie where the base's scores do not: positions above the least of them in order, then those at it
+// in order, then none (-1). second holds A's numerators over [lo, hi); total their sum.
+void first_stage_only(const Reweight& rw, int64_t r, float* scores, float* second, float total,
+                      const int64_t* slot_pos, int64_t n, int64_t lo, int64_t hi, int64_t keep, int64_t* chosen,
+                      TopkWork& topk, std::vector<int64_t>& merged, std::vector<int64_t>& rest) {
+    const float minus_inf = -std::numeric_limits<float>::infinity();
+    const auto norm = [&](int64_t t) {
+        if (!rw.norms_bf16) return static_cast<const float*>(rw.norms)[r * rw.norm_stride + t];
+        const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(rw.norms)[r * rw.norm_stride + t]) << 16;
+        float value;
+        std::memcpy(&value, &bits, sizeof(value));
+        return value;
+    };
+    float top = minus_inf;  // the largest value-aware score, held ones raised (every candidate's: torch's amax)
+    for (int64_t t = lo; t < hi; ++t) {
+        second[t] = second[t] / total;  // A
+        top = std::max(top, (second[t] + rw.eps) * norm(t));
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t p = slot_pos[j];
+        if (p < lo || p >= hi) continue;
+        float s = scores[p];
+        if (rw.first_mul != 1.0f) s = s * rw.first_mul;
+        if (rw.first_add != 0.0f) s = s + rw.first_add;
+        scores[p] = s;
+        if (rw.second_mul != 1.0f) top = std::max(top, ((second[p] + rw.eps) * norm(p)) * rw.second_mul);
+    }
+    topk_positions(scores + lo, hi - lo, keep, lo, true, chosen, topk);
+    merged.resize(static_cast<size_t>(2 * keep));
+    rest.resize(static_cast<size_t>(keep));
+    int64_t* runs = merged.data();
+    int64_t taken = 0, none = 0;
+    for (int64_t i = 0; i < keep; ++i) {
+        if (chosen[i] >= 0) runs[taken++] = chosen[i];
+        else ++none;
+    }
+    int64_t split = 1;
+    while (split < taken && runs[split] > runs[split - 1]) ++split;
+    split = std::min(split, taken);
+    int64_t* sorted = runs + keep;
+    std::merge(runs, runs + split, runs + split, runs + taken, sorted);
+    const float raised = top + 1.0f;
+    float cut = minus_inf;  // the least combined score taken (none taken: the cut is -inf, every position above)
+    if (none == 0) {
+        cut = std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < taken; ++i) cut = std::min(cut, raised + second[sorted[i]]);
+    }
+    int64_t j = 0, at_cut = 0;
+    for (int64_t i = 0; i < taken; ++i) {
+        const int64_t p = sorted[i];
+        if (raised + second[p] > cut) chosen[j++] = p;
+        else rest[static_cast<size_t>(at_cut++)] = p;
+    }
+    for (int64_t i = 0; i < at_cut; ++i) chosen[j++] = rest[static_cast<size_t>(i)];
+    while (j < keep) chosen[j++] = -1;
+}
+
 // Row r's critical selection of keep positions into chosen from the base's scores (indexed by position, over
 // [lo, hi); raised in place where held), second a scratch row of m floats
 void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second, const int64_t* slot_pos, int64_t n,
@@ -1576,7 +1637,7 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
         if (peak == minus_inf) peak = 0.0f;
         std::memcpy(second + lo, scores + lo, static_cast<size_t>(hi - lo) * sizeof(float));
         total = exp_in_place(second + lo, hi - lo, peak);
-    } else {  // A = the non-negative part over its sum (-inf -> 0), summed in lanes as torch sums
+    } else {  // A = the non-negative part over its sum (-inf -> 0), summed in lanes
         vfloat lanes{};
         int64_t t = lo;
         for (; t + LANES <= hi; t += LANES) {
@@ -1592,6 +1653,11 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
         total += lane_sum(lanes);
     }
     total = std::max(total, std::numeric_limits<float>::min());
+    const int64_t first = std::min(static_cast<int64_t>(rw.alpha * static_cast<double>(keep)), keep);
+    if (first == keep) {
+        first_stage_only(rw, r, scores, second, total, slot_pos, n, lo, hi, keep, chosen, topk, merged, rest);
+        return;
+    }
     const float eps = rw.eps;
     if (rw.norms_bf16) {
         const uint16_t* norms = static_cast<const uint16_t*>(rw.norms) + r * rw.norm_stride;
@@ -1618,13 +1684,11 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
             if (rw.second_mul != 1.0f) second[p] = second[p] * rw.second_mul;
         }
     }
-    const int64_t first = std::min(static_cast<int64_t>(rw.alpha * static_cast<double>(keep)), keep);
     if (first > 0) {
         topk_positions(scores + lo, hi - lo, first, lo, true, chosen, topk);
         for (int64_t i = 0; i < first; ++i)
             if (chosen[i] >= 0) second[chosen[i]] = minus_inf;
     }
-    if (keep == first) return;  // the base's own top-k, in its order
     topk_positions(second + lo, hi - lo, keep - first, lo, true, chosen + first, topk);
     float cut = std::numeric_limits<float>::infinity();  // the second stage's cut: its least value taken
     for (int64_t i = first; i < keep; ++i) cut = chosen[i] >= 0 ? std::min(cut, second[chosen[i]]) : minus_inf;

@@ -146,6 +146,7 @@ class CriticalPolicy(Policy):
     def release(self) -> None:
         self.base.release()
         self.norms, self._writers = None, {}
+        self._held, self._terms = None, None  # (the planner's: its working set is not kept alive by the policy)
 
     def observe_prefill(self, layer, x, q, k, v) -> None:
         self.base.observe_prefill(layer, x, q, k, v)

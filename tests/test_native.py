@@ -583,6 +583,16 @@ def test_the_kernel_gives_torchs_group_max_of_logits(layers, kv_heads, group, di
                                       "sum")
 
 
+def _random_cache(layers: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype,
+                  generator: torch.Generator) -> ProjectedKeyCache:
+    """A compact cache of random keys: ``_int8_cache`` for int8, else normal keys of std 2 in ``dtype``."""
+    if dtype == torch.int8:
+        return _int8_cache(layers, kv_heads, capacity, dim, generator)
+    cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
+    cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    return cache
+
+
 def _int8_cache(layers: int, kv_heads: int, capacity: int, dim: int, generator: torch.Generator) -> ProjectedKeyCache:
     """An int8 compact cache of random codes and scales: normal float16 scales, subnormal ones (the keys of
     a token near zero) and zeros."""
@@ -747,11 +757,7 @@ def test_one_call_selects_critical_two_stages_as_its_torch_form(layers, kv_heads
     monkeypatch.setenv(native.THREADS_VARIABLE, str(threads))
     generator = torch.Generator().manual_seed(tokens + keep + int(keep_bonus * 10))
     rows, capacity = layers * kv_heads, tokens + 40
-    if dtype == torch.int8:
-        cache = _int8_cache(layers, kv_heads, capacity, dim, generator)
-    else:
-        cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
-        cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    cache = _random_cache(layers, kv_heads, capacity, dim, dtype, generator)
     kind = "logit" if reduction == "max" else "mass"
     critical = CriticalPolicy(base=_Scored(kind), alpha=alpha)
     critical.norms = (torch.rand(layers, kv_heads, capacity, generator=generator) * 4).to(norms_dtype)
@@ -790,11 +796,7 @@ def _assert_one_call_is_three(layers, kv_heads, group, dim, tokens, lo, keep, sl
 
     generator = torch.Generator().manual_seed(tokens + keep)
     rows, capacity = layers * kv_heads, tokens + 40
-    if dtype == torch.int8:
-        cache = _int8_cache(layers, kv_heads, capacity, dim, generator)
-    else:
-        cache = ProjectedKeyCache(layers, kv_heads, capacity, dim, dtype, torch.device("cpu"))
-        cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator) * 2)
+    cache = _random_cache(layers, kv_heads, capacity, dim, dtype, generator)
     fused_map, reference_map = (ResidencyMap(rows + 2, slots, torch.device("cpu"), capacity) for _ in range(2))
     part = slice(1, rows + 1)  # the producer's rows inside a bigger bank
     query = torch.randn(layers, kv_heads, group, dim, generator=generator)

@@ -306,6 +306,15 @@ def test_critical_with_alpha_one_selects_exactly_like_its_base(name):
                                topk_positions(base_scores, candidates.keep, candidates.lo))
 
 
+def _two_stages(base: torch.Tensor, value_aware: torch.Tensor, half: int) -> tuple[set[int], set[int]]:
+    """CriticalKV's two stages over one head's candidates, by plain torch.topk: the top ``half`` by ``base``, then
+    the top ``half`` of the others by ``value_aware``."""
+    first = set(torch.topk(base, half).indices.tolist())
+    rest = value_aware.clone()
+    rest[list(first)] = NEVER
+    return first, set(torch.topk(rest, half).indices.tolist())
+
+
 def test_critical_two_stages_keep_the_base_top_then_the_value_aware_top():
     keep, count = 8, 30
     wrapped = CriticalPolicy(base=build_policy("oracle"), alpha=0.5)  # logit-like: A is a softmax
@@ -319,10 +328,7 @@ def test_critical_two_stages_keep_the_base_top_then_the_value_aware_top():
     attention = torch.softmax(base, dim=-1)
     value_aware = (attention + 1e-4) * wrapped.norms[1][:, 5 : 5 + count]
     for head in range(DIMS.num_kv_heads):
-        first = set(torch.topk(base[head], 4).indices.tolist())
-        rest = value_aware[head].clone()
-        rest[list(first)] = NEVER
-        second = set(torch.topk(rest, 4).indices.tolist())
+        first, second = _two_stages(base[head], value_aware[head], 4)
         assert set(chosen[head].tolist()) == first | second
 
 
@@ -350,10 +356,7 @@ def test_critical_keep_bonus_raises_held_tokens_in_each_stage_on_its_own_scale()
     ranked = torch.where(held, base + math.log1p(bonus), base)
     changed = False
     for head in range(DIMS.num_kv_heads):
-        first = set(torch.topk(ranked[head], 4).indices.tolist())
-        rest = value_aware[head].clone()
-        rest[list(first)] = NEVER
-        second = set(torch.topk(rest, 4).indices.tolist())
+        first, second = _two_stages(ranked[head], value_aware[head], 4)
         assert set(chosen[head].tolist()) == first | second
         assert favoured[head, list(first)].min() > favoured[head, list(set(range(count)) - first)].max()
         changed |= first != set(torch.topk(base[head], 4).indices.tolist())

@@ -1507,6 +1507,7 @@ struct HeldTerms {
 // scores (indexed by position) of the positions in [lo, hi) that slot_pos [n] holds, raised by held
 inline void favour_held(float* scores, const int64_t* slot_pos, int64_t n, int64_t lo, int64_t hi,
                         const HeldTerms& held) {
+    if (!held.on()) return;
     for (int64_t j = 0; j < n; ++j) {
         const int64_t p = slot_pos[j];
         if (p < lo || p >= hi) continue;
@@ -1534,6 +1535,15 @@ struct Reweight {
     float eps, first_mul, first_add, second_mul;
 };
 
+// positions [taken], at most two ascending runs (topk_positions' positions above its cut, then those at it),
+// merged into out [taken]
+inline void merge_runs(const int64_t* runs, int64_t taken, int64_t* out) {
+    int64_t split = 1;
+    while (split < taken && runs[split] > runs[split - 1]) ++split;
+    split = std::min(split, taken);
+    std::merge(runs, runs + split, runs + split, runs + taken, out);
+}
+
 // chosen [keep] in the order topk_positions gives the combined scores of the torch form (first-stage tokens above
 // every second-stage one): every position above the second stage's cut (value cut) in position order, then the
 // rest as they came (the second stage's at its cut; positions into [lo, hi), -1: none). topk_positions gives
@@ -1550,14 +1560,11 @@ void combined_order(int64_t* chosen, int64_t first, int64_t keep, const float* s
         if (chosen[i] >= 0) runs[taken++] = chosen[i];
         else rest[static_cast<size_t>(left++)] = chosen[i];
     }
-    int64_t split = 1;  // the first stage's second run starts where its positions stop increasing
-    while (split < taken && runs[split] > runs[split - 1]) ++split;
-    split = std::min(split, taken);
     int64_t above = first;  // the second stage's positions above its cut: a prefix of its part
     while (above < keep && chosen[above] >= 0 && second[chosen[above]] > cut) ++above;
     for (int64_t i = above; i < keep; ++i) rest[static_cast<size_t>(left++)] = chosen[i];
     int64_t* staged = runs + keep;
-    std::merge(runs, runs + split, runs + split, runs + taken, staged);
+    merge_runs(runs, taken, staged);
     int64_t* out = std::merge(staged, staged + taken, chosen + first, chosen + above, runs);
     const int64_t count = out - runs;
     std::memcpy(chosen, runs, static_cast<size_t>(count) * sizeof(int64_t));
@@ -1584,14 +1591,10 @@ void first_stage_only(const Reweight& rw, int64_t r, float* scores, float* secon
         second[t] = second[t] / total;  // A
         top = std::max(top, (second[t] + rw.eps) * norm(t));
     }
-    for (int64_t j = 0; j < n; ++j) {
+    favour_held(scores, slot_pos, n, lo, hi, HeldTerms{rw.first_mul, rw.first_add});
+    for (int64_t j = 0; j < n && rw.second_mul != 1.0f; ++j) {
         const int64_t p = slot_pos[j];
-        if (p < lo || p >= hi) continue;
-        float s = scores[p];
-        if (rw.first_mul != 1.0f) s = s * rw.first_mul;
-        if (rw.first_add != 0.0f) s = s + rw.first_add;
-        scores[p] = s;
-        if (rw.second_mul != 1.0f) top = std::max(top, ((second[p] + rw.eps) * norm(p)) * rw.second_mul);
+        if (p >= lo && p < hi) top = std::max(top, ((second[p] + rw.eps) * norm(p)) * rw.second_mul);
     }
     topk_positions(scores + lo, hi - lo, keep, lo, true, chosen, topk);
     merged.resize(static_cast<size_t>(2 * keep));
@@ -1602,11 +1605,8 @@ void first_stage_only(const Reweight& rw, int64_t r, float* scores, float* secon
         if (chosen[i] >= 0) runs[taken++] = chosen[i];
         else ++none;
     }
-    int64_t split = 1;
-    while (split < taken && runs[split] > runs[split - 1]) ++split;
-    split = std::min(split, taken);
     int64_t* sorted = runs + keep;
-    std::merge(runs, runs + split, runs + split, runs + taken, sorted);
+    merge_runs(runs, taken, sorted);
     const float raised = top + 1.0f;
     float cut = minus_inf;  // the least combined score taken (none taken: the cut is -inf, every position above)
     if (none == 0) {
@@ -1672,18 +1672,8 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
         for (int64_t t = lo; t < hi; ++t) second[t] = (second[t] / total + eps) * norms[t];
     }
     for (int64_t t = lo; t < hi; ++t) second[t] = scores[t] == minus_inf ? minus_inf : second[t];
-    const bool favoured = rw.first_mul != 1.0f || rw.first_add != 0.0f || rw.second_mul != 1.0f;
-    if (favoured) {
-        for (int64_t j = 0; j < n; ++j) {
-            const int64_t p = slot_pos[j];
-            if (p < lo || p >= hi) continue;
-            float s = scores[p];
-            if (rw.first_mul != 1.0f) s = s * rw.first_mul;
-            if (rw.first_add != 0.0f) s = s + rw.first_add;
-            scores[p] = s;
-            if (rw.second_mul != 1.0f) second[p] = second[p] * rw.second_mul;
-        }
-    }
+    favour_held(scores, slot_pos, n, lo, hi, HeldTerms{rw.first_mul, rw.first_add});
+    favour_held(second, slot_pos, n, lo, hi, HeldTerms{rw.second_mul, 0.0f});
     if (first > 0) {
         topk_positions(scores + lo, hi - lo, first, lo, true, chosen, topk);
         for (int64_t i = 0; i < first; ++i)

@@ -178,8 +178,8 @@ def variants(settings: LatencySettings) -> list[Variant]:
             out.append(Variant(mode))
             continue
         pages = settings.page_prefilters if mode == "tokenbutler-offload" else [0]
-        # a mode the bonus does not apply to (streaming: keep_bonus_refusal) runs without it
-        name = mode.removesuffix("-offload")
+        # a mode the bonus does not apply to (streaming, wrapped or not: keep_bonus_refusal) runs without it
+        name = _scoring_policy(mode.removesuffix("-offload"))
         bonuses = [b for b in settings.keep_bonuses if keep_bonus_refusal(b, name, False) is None] or [0.0]
         out += [Variant(mode, i, n, pages=p, keep_bonus=b)
                 for i in settings.intervals for n in settings.neighbors for p in pages for b in bonuses]
@@ -223,6 +223,17 @@ def random_predictor(dims, shape: str):
                           f"{dims.num_heads // dims.num_kv_heads} heads per KV head.")
     query_heads = dims.num_kv_heads * per_kv if per_kv is not None else None
     return seeded_random_predictor(PredictorConfig.for_model(dims, every, dim, hidden, query_heads=query_heads)).eval()
+
+
+def _scoring_policy(name: str) -> str:
+    """The policy that scores in a mode's policy (``critical(tokenbutler)``: tokenbutler); a name that is no
+    policy as it is (its mode is reported unavailable when it runs: ``build_policy_for``)."""
+    from offload_engine.policies import parse_policy_spec
+
+    try:
+        return parse_policy_spec(name)[1]
+    except TbrunError:
+        return name
 
 
 def build_policy_for(variant: Variant, adapter, predictor_shape: str = "4:512:16", predictor: str = RANDOM_PREDICTOR):

@@ -116,7 +116,7 @@ def check_policy_spec(spec: str) -> None:
     if unknown or not names or base.count("(") != base.count(")"):
         what = repr(unknown[0]) if unknown else repr(spec)
         raise ConfigError(f"--policy {what} is not a policy; valid policies: {', '.join(valid)}.")
-    parse_policy_spec(base)  # the nesting: critical(dense) and critical(critical(quest)) are refused
+    _, scorer = parse_policy_spec(base)  # the nesting: critical(dense) and critical(critical(quest)) are refused
     variant = PolicyVariant.parse(spec)
     for key, value in variant.settings:
         if key == "group_reduction" and ("tokenbutler" not in base or value not in GROUP_REDUCTIONS):
@@ -136,7 +136,7 @@ def check_policy_spec(spec: str) -> None:
         if key == "refresh_layers":
             parse_layers(value)
     prefiltered = variant.policy_options().get("page_prefilter", 0) > 0  # (checked a whole number above)
-    refusal = keep_bonus_refusal(variant.selection_overrides().get("keep_bonus", 0.0), base, prefiltered)
+    refusal = keep_bonus_refusal(variant.selection_overrides().get("keep_bonus", 0.0), scorer, prefiltered)
     if refusal is not None:
         raise ConfigError(f"--policy {spec!r}: {refusal.replace('--keep-bonus', 'keep_bonus')}")
 

@@ -405,21 +405,13 @@ class SelectionKernels:
                                   max(1, kernel_threads()))
         return out
 
-    def value_norms(self, v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor | None:
-        """critical(...)'s value norms of one token (``policies.critical.value_norms`` of ``v.unsqueeze(1)``): v
-        ``[KvH, D]`` float32 (D contiguous), w_o ``[H, D, E]`` float32 with D contiguous (the output projection's
-        weight as ``ModelAdapter.output_projection`` views it) -> ``[KvH]`` float32, the mean over each KV group of
-        ``||v W_O^h||_1``. None (nothing done) where it does not apply: another dtype or device, D not contiguous,
-        H not a multiple of KvH, or (with gradients on) a v that requires one."""
-        out = torch.empty(v.shape[0], 1, dtype=torch.float32)
-        writer = self.bind_value_norms(w_o, out)
-        return None if writer is None or not writer(v, 0) else out[:, 0]
-
     def bind_value_norms(self, w_o: torch.Tensor, out: torch.Tensor) -> "BoundValueNorms | None":
-        """``value_norms`` of a layer's decode tokens written into ``out`` ``[KvH, capacity]`` float32 (tokens at
-        any stride) at each token's position, the output projection ``w_o`` checked now (as ``value_norms``
-        takes it; a model's parameter is read as it is: no gradient flows into a buffer of norms); None where it
-        does not apply (then the caller keeps torch's form)."""
+        """critical(...)'s value norms of a layer's decode tokens (``policies.critical.value_norms`` of one token:
+        the mean over each KV group of ``||v W_O^h||_1``) written into ``out`` ``[KvH, capacity]`` float32 (tokens
+        at any stride) at each token's position. w_o ``[H, D, E]`` float32 with D contiguous (the output
+        projection's weight as ``ModelAdapter.output_projection`` views it; a model's parameter is read as it is:
+        no gradient flows into a buffer of norms), checked now; None where it does not apply (another dtype or
+        device, D not contiguous, H not a multiple of KvH): the caller keeps torch's form."""
         if (w_o.dtype is not torch.float32 or out.dtype is not torch.float32 or not w_o.is_cpu or not out.is_cpu
                 or w_o.dim() != 3 or out.dim() != 2 or w_o.stride(1) != 1 or out.shape[0] == 0
                 or w_o.shape[0] % out.shape[0]):

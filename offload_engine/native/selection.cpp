@@ -1580,11 +1580,8 @@ void first_stage_only(const Reweight& rw, int64_t r, float* scores, float* secon
                       TopkWork& topk, std::vector<int64_t>& merged, std::vector<int64_t>& rest) {
     const float minus_inf = -std::numeric_limits<float>::infinity();
     const auto norm = [&](int64_t t) {
-        if (!rw.norms_bf16) return static_cast<const float*>(rw.norms)[r * rw.norm_stride + t];
-        const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(rw.norms)[r * rw.norm_stride + t]) << 16;
-        float value;
-        std::memcpy(&value, &bits, sizeof(value));
-        return value;
+        return rw.norms_bf16 ? scalar(static_cast<const uint16_t*>(rw.norms)[r * rw.norm_stride + t])
+                             : static_cast<const float*>(rw.norms)[r * rw.norm_stride + t];
     };
     float top = minus_inf;  // the largest value-aware score, held ones raised (every candidate's: torch's amax)
     for (int64_t t = lo; t < hi; ++t) {
@@ -1661,12 +1658,7 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
     const float eps = rw.eps;
     if (rw.norms_bf16) {
         const uint16_t* norms = static_cast<const uint16_t*>(rw.norms) + r * rw.norm_stride;
-        for (int64_t t = lo; t < hi; ++t) {
-            const uint32_t bits = static_cast<uint32_t>(norms[t]) << 16;
-            float norm;
-            std::memcpy(&norm, &bits, sizeof(norm));
-            second[t] = (second[t] / total + eps) * norm;
-        }
+        for (int64_t t = lo; t < hi; ++t) second[t] = (second[t] / total + eps) * scalar(norms[t]);
     } else {
         const float* norms = static_cast<const float*>(rw.norms) + r * rw.norm_stride;
         for (int64_t t = lo; t < hi; ++t) second[t] = (second[t] / total + eps) * norms[t];

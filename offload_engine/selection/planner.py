@@ -420,10 +420,10 @@ def check_keep_bonus(bonus: float, policy) -> None:
 def keep_bonus_refusal(bonus: float, policy_name: str, prefiltered: bool) -> str | None:
     """Why a keep bonus cannot go with this policy, or None: a policy that ranks no tokens by score (streaming,
     dense: nothing to raise), a page prefilter (it ranks pages before any token's bonus could apply).
-    ``policy_name`` may name a wrapper, ``critical(tokenbutler)``: what it wraps decides."""
+    ``policy_name``: the policy that scores, a wrapper's base (``critical(tokenbutler)``: tokenbutler; the wrapper
+    takes the bonus on each of its stages)."""
     if not bonus:
         return None
-    policy_name = innermost_policy_name(policy_name)
     if policy_name in UNSCORED_POLICIES:
         return (f"--keep-bonus raises the scores of tokens already on the device; --policy {policy_name} ranks no "
                 "tokens by score: drop --keep-bonus.")
@@ -431,13 +431,6 @@ def keep_bonus_refusal(bonus: float, policy_name: str, prefiltered: bool) -> str
         return ("--keep-bonus does not combine with tokenbutler's page prefilter (the prefilter ranks pages before "
                 "any token's bonus applies): drop one of them.")
     return None
-
-
-def innermost_policy_name(spec: str) -> str:
-    """``critical(tokenbutler)`` -> ``tokenbutler``; a name that wraps nothing as it is."""
-    while "(" in spec and spec.rstrip().endswith(")"):
-        spec = spec[spec.index("(") + 1 : spec.rindex(")")]
-    return spec.strip()
 
 
 UNSCORED_POLICIES = ("streaming", "dense")  # policies whose selection no score decides

@@ -235,6 +235,8 @@ class ModelAdapter:
                           else 0 for layer in range(self.dims.num_layers)]
         self._sandwich = hasattr(self._layers[0], "pre_feedforward_layernorm")
         self._final_softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._scaling = float(self._layers[0].self_attn.scaling)
+        self._native_rope = _is_rotate_half_rope(self._apply_rope)
 
     @property
     def device(self) -> torch.device:
@@ -246,7 +248,7 @@ class ModelAdapter:
 
     @property
     def scaling(self) -> float:
-        return float(self._layers[0].self_attn.scaling)
+        return self._scaling
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids ``[1, T]`` long -> hidden ``[1, T, E]``."""
@@ -293,7 +295,7 @@ class ModelAdapter:
 
     def attention_input(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The pre-attention norm: hidden ``[1, T, E]`` -> ``[1, T, E]`` (TokenButler's input)."""
-        return self._layers[layer].input_layernorm(hidden)
+        return _norm(self._layers[layer].input_layernorm, hidden)
 
     def qkv(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """x ``[1, T, E]`` -> q ``[1, H, T, D]``, k and v ``[1, KvH, T, D]``; q and k post-RoPE (``rope``
@@ -303,7 +305,7 @@ class ModelAdapter:
         q = _project(attn.q_proj, x).view(1, t, -1, d)
         k = _project(attn.k_proj, x).view(1, t, -1, d)
         if hasattr(attn, "q_norm"):  # per-head RMS norms before RoPE (Qwen3, Gemma 3)
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = _project(attn.v_proj, x).view(1, t, -1, d).transpose(1, 2)
         if rope is None:
@@ -316,8 +318,13 @@ class ModelAdapter:
         """Layer ``layer``'s RoPE: q ``[1, H, T, D]``, k ``[1, KvH, T, D]`` not yet rotated, ``rope`` the
         (cos, sin) of ``rope()`` for their T positions -> both turned to those positions."""
         row = self._rope_row[layer]
-        cos, sin = rope
-        return self._apply_rope(q, k, cos[row:row + 1], sin[row:row + 1])
+        cos, sin = rope[0][row:row + 1], rope[1][row:row + 1]
+        if self._native_rope and q.shape[2] == 1 and q.dtype == torch.float32 and q.is_cpu:  # a decode token on the CPU
+            kernels = native.kernels()
+            turned = kernels.rope(q, k, cos, sin) if kernels is not None else None
+            if turned is not None:
+                return turned
+        return self._apply_rope(q, k, cos, sin)
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual and MLP.
@@ -328,14 +335,15 @@ class ModelAdapter:
         t = hidden.shape[1]
         attended = _project(block.self_attn.o_proj, attn_out.transpose(1, 2).reshape(1, t, -1))
         if self._sandwich:  # Gemma 3: norms after attention and around the MLP
-            hidden = hidden + block.post_attention_layernorm(attended)
-            return hidden + block.post_feedforward_layernorm(_mlp(block.mlp, block.pre_feedforward_layernorm(hidden)))
-        hidden = hidden + attended
-        return hidden + _mlp(block.mlp, block.post_attention_layernorm(hidden))
+            hidden = hidden + _norm(block.post_attention_layernorm, attended)
+            return hidden + _norm(block.post_feedforward_layernorm,
+                                  _mlp(block.mlp, _norm(block.pre_feedforward_layernorm, hidden)))
+        x, hidden = _add_norm(block.post_attention_layernorm, hidden, attended)
+        return _mlp(block.mlp, x, residual=hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[1, T, E]`` -> logits ``[1, T, V]`` (float32), soft-capped when the config says so."""
-        logits = _project(self.model.lm_head, self._decoder.norm(hidden)).float()
+        logits = _project(self.model.lm_head, _norm(self._decoder.norm, hidden)).float()
         if self._final_softcap is not None:
             logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
         return logits
@@ -362,12 +370,134 @@ def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mlp(x)``: every supported family's MLP is ``down(act(gate(x)) * up(x))``
-    (``GATED_MLP_PARTS``), so its three projections go through ``_project``; another MLP runs as is."""
+def _mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``mlp(x)`` (``residual + mlp(x)`` given one): every supported family's MLP is
+    ``down(act(gate(x)) * up(x))`` (``GATED_MLP_PARTS``). For one float32 token on the CPU, with bias-free
+    projections and an activation the native kernel has (``_activation_name``), the whole of it in one
+    native call (``native.SelectionKernels.gated_mlp``); else its three projections go through ``_project``;
+    another MLP runs as is."""
     if not all(hasattr(mlp, part) for part in GATED_MLP_PARTS):
-        return mlp(x)
-    return _project(mlp.down_proj, mlp.act_fn(_project(mlp.gate_proj, x)) * _project(mlp.up_proj, x))
+        out = mlp(x)
+        return out if residual is None else residual + out
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    if x.dtype == torch.float32 and x.device.type == "cpu" and _bias_free(gate, up, down):
+        activation = _activation_name(mlp.act_fn)
+        kernels = native.kernels() if activation is not None else None
+        out = (kernels.gated_mlp(x, gate.weight, up.weight, down.weight, activation, residual)
+               if kernels is not None else None)
+        if out is not None:
+            return out
+    out = _project(down, mlp.act_fn(_project(gate, x)) * _project(up, x))
+    return out if residual is None else residual + out
+
+
+def _bias_free(*linears: nn.Module) -> bool:
+    return all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
+
+
+_ACTIVATION_NAMES: dict[type, str | None] = {}
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    """Which of the native kernel's activations (``native.ACTIVATIONS``) ``act`` computes, found once per
+    activation type by a probe against torch's SiLU and tanh-GELU (no weights: the math decides); None for
+    another activation (the MLP then runs through torch)."""
+    kind = type(act)
+    if kind not in _ACTIVATION_NAMES:
+        probe = torch.linspace(-8.0, 8.0, 97)
+        with torch.no_grad():
+            out = act(probe)
+        references = {"silu": torch.nn.functional.silu(probe),
+                      "gelu_tanh": torch.nn.functional.gelu(probe, approximate="tanh")}
+        _ACTIVATION_NAMES[kind] = next((name for name, expected in references.items()
+                                        if out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)),
+                                       None)
+    return _ACTIVATION_NAMES[kind]
+
+
+def _add_norm(norm: nn.Module, hidden: torch.Tensor, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(hidden + add), hidden + add)``: a decoder layer's residual sum and the RMS norm after it, for
+    one float32 token on the CPU in one native call (``_norm``)."""
+    form = _rms_norm_form(norm) if hidden.dtype == torch.float32 and hidden.is_cpu else None
+    if form is not None:
+        kernels = native.kernels()
+        done = kernels.rms_norm(hidden, norm.weight, *form, add=add) if kernels is not None else None
+        if done is not None:
+            return done
+    total = hidden + add
+    return norm(total), total
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; for a decode token's float32 values on the CPU, a transformers RMSNorm of the Llama
+    family's or Gemma 3's form (``_rms_norm_form``) by the native kernel (``native.SelectionKernels.rms_norm``:
+    one call where torch's form takes six operations); anything else, or ``TBRUN_NATIVE=0``: the module."""
+    form = _rms_norm_form(norm) if x.dtype == torch.float32 and x.is_cpu else None
+    if form is not None:
+        kernels = native.kernels()
+        done = kernels.rms_norm(x, norm.weight, *form) if kernels is not None else None
+        if done is not None:
+            return done[0]
+    return norm(x)
+
+
+_NORM_FORMS: dict[type, tuple[str, float] | None] = {}  # (eps attribute, offset) by norm class
+
+
+def _rms_norm_form(norm: nn.Module) -> tuple[float, float] | None:
+    """(offset, eps) where ``norm``'s class computes transformers' Llama RMSNorm (``weight * x / rms``,
+    offset 0: Llama, Qwen2, Qwen3, Mistral) or Gemma 3's (``x / rms * (1 + weight)``, offset 1), its
+    ``forward`` the same code as theirs; None for any other norm (it runs as itself)."""
+    kind = type(norm)
+    if kind not in _NORM_FORMS:
+        _NORM_FORMS[kind] = _known_rms_norm(kind)
+    form = _NORM_FORMS[kind]
+    return None if form is None else (form[1], float(getattr(norm, form[0])))
+
+
+def _known_rms_norm(kind: type) -> tuple[str, float] | None:
+    """(the eps attribute's name, offset) of a class whose forward is code for code transformers' Llama
+    RMSNorm or Gemma 3's; None otherwise."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    if _same_code(kind.forward, LlamaRMSNorm.forward):
+        return "variance_epsilon", 0.0
+    if kind.__name__.startswith("Gemma"):
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+        if (_same_code(kind.forward, Gemma3RMSNorm.forward) and hasattr(kind, "_norm")
+                and _same_code(kind._norm, Gemma3RMSNorm._norm)):
+            return "eps", 1.0
+    return None
+
+
+def _same_code(a, b) -> bool:
+    """Whether two functions are the same code: bytecode, constants and names (not where they were defined)."""
+    a, b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
+            and a.co_names == b.co_names)
+
+
+def _is_rotate_half_rope(apply_rope) -> bool:
+    """Whether the model's ``apply_rotary_pos_emb`` is ``x * cos + rotate_half(x) * sin`` over the whole head
+    (the native one-token kernel's form, ``native.SelectionKernels.rope``), by a probe: random q, k, cos, sin
+    through it against that formula (the function has no weights: the math decides)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 8, generator=generator), torch.randn(1, 1, 1, 8, generator=generator)
+    cos, sin = torch.randn(1, 1, 8, generator=generator), torch.randn(1, 1, 8, generator=generator)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+
+    try:
+        with torch.no_grad():
+            q_turned, k_turned = apply_rope(q, k, cos, sin)
+    except Exception:  # a signature of another form: not this kernel's
+        return False
+    expected_q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+    expected_k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+    return (q_turned.shape == q.shape and k_turned.shape == k.shape
+            and torch.allclose(q_turned, expected_q, atol=1e-6) and torch.allclose(k_turned, expected_k, atol=1e-6))
 
 
 def _rope_function(model: nn.Module):

@@ -962,24 +962,30 @@ def test_the_native_linear_declines_what_it_does_not_compute(built_native):
 
 @needs_compiler
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, built_native, monkeypatch):
-    """Every projection of a one-token step (q, k, v, o, the gated MLP's three, the LM head) goes through the
-    native kernel, and the logits are torch's to float rounding; ``TBRUN_NATIVE=0`` keeps torch's."""
+def test_a_decode_step_takes_the_native_kernels_and_keeps_the_logits(arch, built_native, monkeypatch):
+    """Every projection of a one-token step (q, k, v, o and the LM head by ``linear``, the MLP's three in
+    ``gated_mlp``), every RMS norm (the layers', the per-head q/k norms of Qwen3 and Gemma 3, Gemma's sandwich
+    norms, the final one) and the RoPE go through the native kernels, and the logits are torch's to float
+    rounding; ``TBRUN_NATIVE=0`` keeps torch's."""
     from offload_engine import Engine, EngineConfig, KVMode
     from offload_engine.models import ModelAdapter
 
     from tiny_models import tiny_model
 
-    calls = []
-    original = native.SelectionKernels.linear
+    calls: dict[str, list] = {"linear": [], "gated_mlp": [], "rms_norm": [], "rope": []}
 
-    def counted(self, *args):
-        out = original(self, *args)
-        if out is not None:  # the prompt's projections (several tokens) are declined
-            calls.append(args[1].shape)
-        return out
+    def counting(name):
+        original = getattr(native.SelectionKernels, name)
 
-    monkeypatch.setattr(native.SelectionKernels, "linear", counted)
+        def counted(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            if out is not None:  # the prompt's (several tokens) are declined
+                calls[name].append(args[1].shape if name == "linear" else None)
+            return out
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(native.SelectionKernels, name, counting(name))
     model = tiny_model(arch, initializer_range=0.2)
     prompt = torch.randint(1, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
 
@@ -988,15 +994,133 @@ def test_a_decode_step_takes_the_native_linears_and_keeps_the_logits(arch, built
         return engine.score_continuation(prompt.tolist()[:6], prompt.tolist()[6:], keep_logits=True).logits
 
     native_logits = run()
-    layers = model.config.num_hidden_layers
-    assert len(calls) == 5 * (7 * layers + 1) + 1  # 5 decode steps through every projection; the prefill's head
-    assert (model.config.vocab_size, model.config.hidden_size) in calls  # the LM head
+    layers, steps = model.config.num_hidden_layers, 5
+    norms_per_layer = {"llama": 2, "qwen2": 2, "qwen3": 4, "gemma3": 6}[arch]  # gemma3: q/k norms and sandwich
+    assert len(calls["linear"]) == steps * (4 * layers + 1) + 1  # q, k, v, o and the head; the prefill's head
+    assert (model.config.vocab_size, model.config.hidden_size) in calls["linear"]  # the LM head
+    assert len(calls["gated_mlp"]) == steps * layers
+    assert len(calls["rope"]) == steps * layers
+    # and the prompt's six tokens: a few values, under the kernel's limit
+    assert len(calls["rms_norm"]) == (steps + 1) * (norms_per_layer * layers + 1)
     monkeypatch.setenv("TBRUN_NATIVE", "0")
     native.reset()
-    calls.clear()
+    for made in calls.values():
+        made.clear()
     torch_logits = run()
-    assert calls == []
+    assert all(made == [] for made in calls.values())
     torch.testing.assert_close(native_logits, torch_logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 1, 4, 64), (3, 7)])
+@pytest.mark.parametrize("added", [False, True])
+def test_the_native_rms_norm_is_transformers_for_one_token(offset, shape, added, built_native):
+    """``rms_norm`` computes transformers' Llama RMSNorm (offset 0) and Gemma 3's (offset 1) row by row, to
+    float rounding of the mean of squares; with ``add`` the residual sum first (returned, exact)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(len(shape))
+    norm = (LlamaRMSNorm if offset == 0 else Gemma3RMSNorm)(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=generator))
+        x = 3 * torch.randn(shape, generator=generator)
+        add = torch.randn(shape, generator=generator) if added else None
+        out, total = kernels.rms_norm(x, norm.weight, offset, 1e-5, add=add)
+        expected_total = x + add if added else x
+        assert torch.equal(total, expected_total) and out.shape == x.shape
+        torch.testing.assert_close(out, norm(expected_total), rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 4, 16), (2, 1, 128)])
+def test_the_native_rope_is_transformers_apply_rotary_pos_emb(heads, kv_heads, dim, built_native):
+    """``rope`` turns one token's q and k heads as transformers' ``apply_rotary_pos_emb`` does with the
+    position's (cos, sin) row, to float rounding (the products may be fused into the sum)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(dim)
+    q = torch.randn(1, 1, heads, dim, generator=generator).transpose(1, 2)  # as the adapter views them
+    k = torch.randn(1, 1, kv_heads, dim, generator=generator).transpose(1, 2)
+    angles = 1000 * torch.rand(1, 1, dim // 2, generator=generator)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    turned = kernels.rope(q, k, cos, sin)
+    assert turned is not None
+    expected = apply_rotary_pos_emb(q, k, cos, sin)
+    for got, want, source in zip(turned, expected, (q, k)):
+        assert got.shape == source.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_native_gated_mlp_is_torchs_for_one_token(activation, residual, threads, built_native, monkeypatch):
+    """``gated_mlp`` = ``down(act(gate x) * up x)`` (+ residual) for one token, at any thread count (the
+    large matrices' rows split among threads), in the input's leading shape."""
+    monkeypatch.setenv(native.THREADS_VARIABLE, threads)
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(7)
+    width, inner = 96, (1 << 22) // 96 + 8  # big enough for linear's threaded rows
+    gate, up = torch.randn(inner, width, generator=generator), torch.randn(inner, width, generator=generator)
+    down = torch.randn(width, inner, generator=generator) / inner ** 0.5
+    x = torch.randn(1, 1, width, generator=generator)
+    added = torch.randn(1, 1, width, generator=generator) if residual else None
+    act = torch.nn.functional.silu if activation == "silu" else (
+        lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
+    got = kernels.gated_mlp(x, gate, up, down, activation, added)
+    assert got is not None and got.shape == (1, 1, width)
+    hidden = act(x.double() @ gate.double().T) * (x.double() @ up.double().T)
+    expected = hidden @ down.double().T + (added.double() if residual else 0)
+    magnitude = hidden.abs() @ down.double().abs().T + 1
+    assert ((got.double() - expected).abs() <= 1e-5 * magnitude).all()
+
+
+def test_the_one_token_kernels_decline_what_they_do_not_compute(built_native):
+    """More values than a token's, another dtype, a gradient, a mismatched width or shape, an odd head
+    dimension, more than one token, an activation the kernel lacks: None, and the caller runs torch."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    weight, x = torch.randn(8), torch.randn(1, 1, 8)
+    assert kernels.rms_norm(x, weight, 0.0, 1e-6) is not None
+    norms = {
+        "a prefill's values": (torch.randn(1, native.TOKEN_MAX_ENTRIES // 8 + 1, 8), weight, None),
+        "bfloat16": (x.bfloat16(), weight, None),
+        "width": (torch.randn(1, 1, 7), weight, None),
+        "added shape": (x, weight, torch.randn(1, 2, 8)),
+        "gradient": (x, weight.clone().requires_grad_(), None),
+    }
+    for name, (xs, w, add) in norms.items():
+        assert kernels.rms_norm(xs, w, 0.0, 1e-6, add=add) is None, name
+    q, k, table = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 1, 8)
+    assert kernels.rope(q, k, table, table) is not None
+    ropes = {
+        "two tokens": (torch.randn(1, 4, 2, 8), torch.randn(1, 2, 2, 8), table),
+        "odd head dimension": (torch.randn(1, 4, 1, 7), torch.randn(1, 2, 1, 7), torch.randn(1, 1, 7)),
+        "partial rotary": (q, k, torch.randn(1, 1, 4)),
+        "bfloat16": (q.bfloat16(), k.bfloat16(), table),
+    }
+    for name, (qs, ks, t) in ropes.items():
+        assert kernels.rope(qs, ks, t, t) is None, name
+    gate, down = torch.randn(16, 8), torch.randn(8, 16)
+    assert kernels.gated_mlp(x, gate, gate, down, "silu") is not None
+    mlps = {
+        "relu": (x, gate, down, "relu", None),
+        "two tokens": (torch.randn(1, 2, 8), gate, down, "silu", None),
+        "strided gate": (x, torch.randn(8, 16).t(), down, "silu", None),
+        "down width": (x, gate, torch.randn(8, 15), "silu", None),
+        "residual shape": (x, gate, down, "silu", torch.randn(1, 1, 9)),
+    }
+    for name, (xs, g, d, act, residual) in mlps.items():
+        assert kernels.gated_mlp(xs, g, g, d, act, residual) is None, name
 
 
 @needs_compiler
@@ -1274,3 +1398,40 @@ def test_value_norms_of_one_token_are_the_torch_forms(kv_heads, heads, dim, widt
     expected[1, :, 17] = fused
     assert torch.equal(norms, expected)
     assert native.kernels().bind_value_norms(w_o, norms[1].bfloat16()) is None  # torch's form writes those
+
+
+def test_the_adapter_takes_the_native_forms_only_for_the_math_they_compute():
+    """The adapter's one-token kernels replace a module only where it computes their math: each supported
+    family's RMSNorm class (Llama form, Gemma 3's 1 + weight), SiLU and tanh-GELU, and the rotate-half RoPE
+    of every family; a norm with another forward, exact GELU, ReLU or an interleaved RoPE run as themselves."""
+    import importlib
+
+    from transformers.activations import GELUTanh, SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from offload_engine.models import _activation_name, _is_rotate_half_rope, _rms_norm_form
+
+    for family, norm_class, offset in [("llama", "LlamaRMSNorm", 0.0), ("qwen2", "Qwen2RMSNorm", 0.0),
+                                       ("qwen3", "Qwen3RMSNorm", 0.0), ("mistral", "MistralRMSNorm", 0.0),
+                                       ("gemma3", "Gemma3RMSNorm", 1.0)]:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        assert _rms_norm_form(getattr(module, norm_class)(8, eps=1e-5)) == (offset, 1e-5), family
+        assert _is_rotate_half_rope(module.apply_rotary_pos_emb), family
+
+    class Doubled(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            return 2 * super().forward(hidden_states)
+
+    assert _rms_norm_form(Doubled(8)) is None
+    assert _rms_norm_form(torch.nn.LayerNorm(8)) is None
+    assert _activation_name(SiLUActivation()) == "silu" and _activation_name(torch.nn.SiLU()) == "silu"
+    assert _activation_name(GELUTanh()) == "gelu_tanh"
+    assert _activation_name(torch.nn.GELU()) is None and _activation_name(torch.nn.ReLU()) is None
+
+    def interleaved(q, k, cos, sin):  # GPT-J's pairs (x0, x1) -> (-x1, x0): not rotate-half
+        def turn(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+        return q * cos.unsqueeze(1) + turn(q) * sin.unsqueeze(1), k * cos.unsqueeze(1) + turn(k) * sin.unsqueeze(1)
+
+    assert not _is_rotate_half_rope(interleaved)
+    assert not _is_rotate_half_rope(lambda q, k: (q, k))  # another signature

@@ -39,12 +39,16 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 26
+ABI = 27
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
 _ENV_SWITCH = "TBRUN_NATIVE"
 ATTENTION_MAX_GROUP, ATTENTION_MAX_DIM = 16, 256  # tbrun_decode_attention's limits (selection.cpp)
+# The one-token kernels of the rest of a step (norms, RoPE) take at most this many values: a decode token's
+# hidden state or its heads; a prefill's chunk runs as torch's vectorised operations.
+TOKEN_MAX_ENTRIES = 1 << 15
+ACTIVATIONS = ("silu", "gelu_tanh")  # tbrun_gated_mlp's act codes 0 and 1
 
 _lock = threading.Lock()
 _scratch_buffers = threading.local()  # SelectionKernels._scratch
@@ -252,6 +256,9 @@ class SelectionKernels:
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
             "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
+            "tbrun_rms_norm": [ptr, ptr, ptr, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr],
+            "tbrun_rope": [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr],
+            "tbrun_gated_mlp": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_value_norms": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64],
             "tbrun_decode_attention": [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64,
                                        ctypes.c_float, ptr, ptr, i64],
@@ -403,6 +410,84 @@ class SelectionKernels:
         self.library.tbrun_linear(source.data_ptr(), cols, weight.data_ptr(), rows,
                                   bias.data_ptr() if bias is not None else None, out.data_ptr(),
                                   max(1, kernel_threads()))
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float,
+                 add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An RMS norm of a decode token's values: x ``[..., n]`` float32 on the CPU (at most
+        ``TOKEN_MAX_ENTRIES`` values: a hidden state ``[1, 1, E]`` or one token's heads ``[1, 1, H, D]``),
+        weight ``[n]`` float32 -> ``(x * rsqrt(mean(x^2) + eps) * (offset + weight), x)`` in x's shape: the
+        Llama family's RMSNorm at offset 0, Gemma 3's at offset 1. With ``add`` (x's shape) the sum x + add is
+        what is normalised and returned second: a decoder layer's residual and the norm after it in one call.
+        None (nothing done) for anything else, so the caller takes torch's path."""
+        float32 = torch.float32
+        n = weight.shape[0] if weight.dim() == 1 else -1
+        if (x.dtype is not float32 or weight.dtype is not float32 or not x.is_cpu or not weight.is_cpu
+                or x.dim() == 0 or x.shape[-1] != n or n == 0 or x.numel() > TOKEN_MAX_ENTRIES
+                or not weight.is_contiguous()
+                or (add is not None and (add.dtype is not float32 or not add.is_cpu or add.shape != x.shape))
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                 or (add is not None and add.requires_grad)))):
+            return None
+        source = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty(x.shape, dtype=float32)
+        total = None
+        if add is not None:
+            addend = add if add.is_contiguous() else add.contiguous()
+            total = torch.empty(x.shape, dtype=float32)
+        self.library.tbrun_rms_norm(source.data_ptr(), addend.data_ptr() if total is not None else None,
+                                    total.data_ptr() if total is not None else None, x.numel() // n, n,
+                                    weight.data_ptr(), offset, eps, out.data_ptr())
+        return out, (total if total is not None else x)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """transformers' ``apply_rotary_pos_emb`` for one decode token: q ``[1, H, 1, D]``, k ``[1, KvH, 1, D]``
+        float32 on the CPU, cos and sin ``[1, 1, D]`` (one position's row of the tables) -> q and k turned, in
+        their shapes. None (nothing done) for anything else (more than one token, another dtype or device, a
+        gradient, tables of another width: a partial rotary), so the caller takes torch's path."""
+        float32 = torch.float32
+        if (q.dtype is not float32 or k.dtype is not float32 or cos.dtype is not float32 or sin.dtype is not float32
+                or not q.is_cpu or not k.is_cpu or not cos.is_cpu or not sin.is_cpu or q.dim() != 4 or k.dim() != 4
+                or q.shape[0] != 1 or q.shape[2] != 1 or k.shape[0] != 1 or k.shape[2] != 1
+                or k.shape[3] != q.shape[3] or q.shape[3] % 2 or cos.numel() != q.shape[3]
+                or sin.numel() != q.shape[3]
+                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
+            return None
+        d = q.shape[3]
+        q_source, k_source = q.contiguous(), k.contiguous()
+        cos_row, sin_row = cos.contiguous(), sin.contiguous()
+        q_out, k_out = torch.empty(q.shape, dtype=float32), torch.empty(k.shape, dtype=float32)
+        self.library.tbrun_rope(q_source.data_ptr(), q.shape[1], k_source.data_ptr(), k.shape[1], d,
+                                cos_row.data_ptr(), sin_row.data_ptr(), q_out.data_ptr(), k_out.data_ptr())
+        return q_out, k_out
+
+    def gated_mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, activation: str,
+                  residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A gated MLP for one token, ``down(act(gate x) * up x)`` (+ residual): x with ``E`` float32 entries
+        (any shape ``[..., E]`` holding one token), gate and up ``[I, E]``, down ``[O, I]`` float32 and
+        contiguous, ``activation`` one of ``ACTIVATIONS``, residual ``[..., O]`` or None -> ``[..., O]``. The
+        three products by ``linear``'s kernel, the activation and the product between them in place, in one
+        call. None (nothing done) for anything else, so the caller takes torch's path."""
+        float32 = torch.float32
+        if (activation not in ACTIVATIONS or x.dtype is not float32 or not x.is_cpu or x.dim() == 0
+                or any(w.dtype is not float32 or not w.is_cpu or w.dim() != 2 or not w.is_contiguous()
+                       for w in (gate, up, down))
+                or x.numel() != gate.shape[1] or x.shape[-1] != gate.shape[1] or up.shape != gate.shape
+                or down.shape[1] != gate.shape[0]
+                or (residual is not None and (residual.dtype is not float32 or not residual.is_cpu
+                                              or residual.shape != (*x.shape[:-1], down.shape[0])))
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, up, down)))):
+            return None
+        inner, width = gate.shape
+        source = x if x.is_contiguous() else x.contiguous()
+        added = None if residual is None else (residual if residual.is_contiguous() else residual.contiguous())
+        out = torch.empty(*x.shape[:-1], down.shape[0], dtype=float32)
+        work = self._scratch(2 * inner)
+        self.library.tbrun_gated_mlp(source.data_ptr(), width, gate.data_ptr(), up.data_ptr(), inner,
+                                     down.data_ptr(), down.shape[0], ACTIVATIONS.index(activation),
+                                     added.data_ptr() if added is not None else None, _address(work),
+                                     out.data_ptr(), max(1, kernel_threads()))
         return out
 
     def bind_value_norms(self, w_o: torch.Tensor, out: torch.Tensor) -> "BoundValueNorms | None":

@@ -1974,12 +1974,48 @@ void decode_kv_head(const float* q, int64_t g, int64_t d, const float* k, int64_
         for (int64_t c = 0; c < chunks; ++c) store(out + j * d + c * LANES, acc[j][c] * inverse[j]);
 }
 
+
+// ---- the rest of a decode step on one token: RMS norms, RoPE, the gated MLP ----
+
+// x * (1 / sqrt(mean(x^2) + eps)), each product rounded, then times (offset + w[i]): the Llama family's
+// RMSNorm (offset 0: weight * normalised) and Gemma 3's (offset 1: normalised * (1 + weight)) in
+// float32, in their order of operations; the mean of squares summed in double (torch's float32 sum
+// differs from it by float rounding only).
+void rms_norm_row(const float* x, int64_t n, const float* w, float offset, float eps, float* out) {
+    double squares = 0.0;
+    for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(x[i]) * x[i];
+    const float variance = static_cast<float>(squares / static_cast<double>(n));
+    const float inverse = 1.0f / std::sqrt(variance + eps);
+    for (int64_t i = 0; i < n; ++i) {
+        const float normalised = x[i] * inverse;
+        out[i] = normalised * (offset + w[i]);
+    }
+}
+
+// transformers' apply_rotary_pos_emb on one token's heads: x * cos + rotate_half(x) * sin, where
+// rotate_half(x) = [-x[d/2:], x[:d/2]] (the compiler may fuse a product into the sum: float rounding only).
+void rope_row(const float* x, int64_t d, const float* cos, const float* sin, float* out) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    for (int64_t i = half; i < d; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+// the MLP's activations: 0 SiLU (x / (1 + exp(-x))), 1 GELU's tanh form (Gemma's gelu_pytorch_tanh)
+inline float activation(int64_t kind, float x) {
+    if (kind == 0) return x / (1.0f + std::exp(-x));
+    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + std::tanh(inner));
+}
+
+// y = w x for a matrix of rows x cols, its rows split among threads where it is large enough
+void linear_rows(const float* x, int64_t cols, const float* w, int64_t rows, float* y, int64_t threads);
+
 }  // namespace
 
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 26; }
+int tbrun_kernels_abi() { return 27; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -2056,6 +2092,63 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
         if (bias != nullptr)
             for (int64_t r = first; r < last; ++r) out[r] += bias[r];
     });
+    return 0;
+}
+
+}  // extern "C"
+
+namespace {
+void linear_rows(const float* x, int64_t cols, const float* w, int64_t rows, float* y, int64_t threads) {
+    tbrun_linear(x, cols, w, rows, nullptr, y, threads);
+}
+}  // namespace
+
+extern "C" {
+
+// RMS norms of `rows` rows of n values (rms_norm_row: weight w [n], offset 0 or 1, eps): out [rows, n]. With
+// `add` (a row of n values, or rows of them), the residual sum x + add is written to `sum` first and is what
+// is normalised: a decoder layer's "hidden = hidden + attention; norm(hidden)" in one call. Returns 0.
+int tbrun_rms_norm(const float* x, const float* add, float* sum, int64_t rows, int64_t n, const float* w,
+                   float offset, float eps, float* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* row = x + r * n;
+        if (add != nullptr) {
+            float* total = sum + r * n;
+            for (int64_t i = 0; i < n; ++i) total[i] = row[i] + add[r * n + i];
+            row = total;
+        }
+        rms_norm_row(row, n, w, offset, eps, out + r * n);
+    }
+    return 0;
+}
+
+// RoPE of one token's query and key heads (rope_row): q [heads, d], k [kv_heads, d] contiguous, cos and sin
+// [d] (the position's row of the tables) -> q_out, k_out of the same shapes. Returns 0; -1 for an odd d.
+int tbrun_rope(const float* q, int64_t heads, const float* k, int64_t kv_heads, int64_t d, const float* cos,
+               const float* sin, float* q_out, float* k_out) {
+    if (d % 2 != 0) return -1;
+    for (int64_t h = 0; h < heads; ++h) rope_row(q + h * d, d, cos, sin, q_out + h * d);
+    for (int64_t h = 0; h < kv_heads; ++h) rope_row(k + h * d, d, cos, sin, k_out + h * d);
+    return 0;
+}
+
+// A gated MLP for one token: out = down(act(gate x) * up x) (+ residual), x [e], gate and up [inner, e], down
+// [e_out, inner] row-major, residual [e_out] or null, work [2 * inner] floats; act 0 SiLU, 1 GELU (tanh).
+// The product act(g) * u is rounded as torch rounds it (activation first). Returns 0; -1 for another act.
+int tbrun_gated_mlp(const float* x, int64_t e, const float* gate, const float* up, int64_t inner, const float* down,
+                    int64_t e_out, int64_t act, const float* residual, float* work, float* out, int64_t threads) {
+    if (act != 0 && act != 1) return -1;
+    float* g = work;
+    float* u = work + inner;
+    linear_rows(x, e, gate, inner, g, threads);
+    linear_rows(x, e, up, inner, u, threads);
+    for (int64_t i = 0; i < inner; ++i) {
+        const float activated = activation(act, g[i]);
+        g[i] = activated * u[i];
+    }
+    linear_rows(g, inner, down, e_out, out, threads);
+    if (residual != nullptr)
+        for (int64_t i = 0; i < e_out; ++i) out[i] = residual[i] + out[i];
     return 0;
 }
 

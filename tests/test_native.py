@@ -1435,3 +1435,79 @@ def test_the_adapter_takes_the_native_forms_only_for_the_math_they_compute():
 
     assert not _is_rotate_half_rope(interleaved)
     assert not _is_rotate_half_rope(lambda q, k: (q, k))  # another signature
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hosted", [False, True])
+def test_token_rows_write_a_tokens_k_and_v_to_its_slot_and_host_position_only(dtype, hosted, built_native):
+    """``TokenRows``: k, v ``[KvH, D]`` land in the bound slot rows (a bank's strided view) and, bound with the host
+    store, in its token-major row at the position; every other entry keeps its value; what it cannot write
+    (another dtype, strided D) is left to the caller (False); a slot or position out of range raises."""
+    kernels = native.kernels()
+    assert kernels is not None, native.status()
+    generator = torch.Generator().manual_seed(3)
+    bank_k = torch.randn(2, 3, 10, 8, generator=generator).to(dtype)  # [layers, KvH, slots, D]
+    bank_v = torch.randn(2, 3, 10, 8, generator=generator).to(dtype)
+    host_k = torch.randn(20, 3, 8, generator=generator).to(dtype) if hosted else None
+    host_v = torch.randn(20, 3, 8, generator=generator).to(dtype) if hosted else None
+    before = [t.clone() for t in (bank_k, bank_v, host_k, host_v) if t is not None]
+    rows = kernels.bind_token_rows(bank_k[1], bank_v[1], host_k, host_v)
+    assert rows is not None
+    k = torch.randn(1, 3, 1, 8, generator=generator).to(dtype)[0, :, 0]  # a view, as the engine hands them
+    v = torch.randn(1, 1, 3, 8, generator=generator).to(dtype).transpose(1, 2)[0, :, 0]
+    assert rows(k, v, 7, 13)
+    expected = [t.clone() for t in before]
+    expected[0][1, :, 7], expected[1][1, :, 7] = k, v
+    if hosted:
+        expected[2][13], expected[3][13] = k, v
+    for got, want in zip([t for t in (bank_k, bank_v, host_k, host_v) if t is not None], expected):
+        assert torch.equal(got, want)
+    assert not rows(k.float() if dtype == torch.bfloat16 else k.double(), v, 7, 13)
+    assert not rows(torch.randn(3, 16).to(dtype)[:, ::2], v, 7, 13)  # D strided
+    with pytest.raises(IndexError):
+        rows(k, v, 10, 13)
+    if hosted:
+        with pytest.raises(IndexError):
+            rows(k, v, 7, 20)
+    assert kernels.bind_token_rows(bank_k[1], bank_v[1].float() if dtype == torch.bfloat16 else bank_v[1].double()) is None
+    if hosted:
+        assert kernels.bind_token_rows(bank_k[1], bank_v[1], host_k) is None  # the host's keys without its values
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["dense-device", "sparse-offload"])
+def test_the_backends_write_decode_tokens_by_one_native_call(mode, built_native, monkeypatch):
+    """On the CPU the dense cache and the sparse backend (working set and host store) take a decode token's K and V
+    in one ``TokenRows`` call a layer, and the logits are bit for bit those of torch's writes (the kernels' other
+    paths kept: the writes alone differ)."""
+    from offload_engine import Budget, Engine, EngineConfig, KVMode, SelectionConfig
+    from offload_engine.models import ModelAdapter
+
+    from tiny_models import tiny_model
+
+    written = []
+    original = native.TokenRows.__call__
+
+    def counted(self, *args):
+        done = original(self, *args)
+        written.append(done)
+        return done
+
+    monkeypatch.setattr(native.TokenRows, "__call__", counted)
+    model = tiny_model("llama", initializer_range=0.2)
+    prompt = torch.randint(1, model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    kv_mode = KVMode.DENSE_DEVICE if mode == "dense-device" else KVMode.SPARSE_OFFLOAD
+    selection = SelectionConfig(policy="quest", budget=Budget.parse("8"), sinks=2, window=4)
+
+    def run():
+        engine = Engine(ModelAdapter(model), EngineConfig(context=40, mode=kv_mode, selection=selection))
+        return engine.score_continuation(prompt[:16], prompt[16:], keep_logits=True).logits
+
+    native_logits = run()
+    assert written == [True] * (len(prompt) - 16 - 1) * model.config.num_hidden_layers
+    monkeypatch.setattr(native.SelectionKernels, "bind_token_rows", lambda self, *args: None)
+    written.clear()
+    torch_logits = run()
+    assert written == []
+    assert torch.equal(native_logits, torch_logits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from ..cpu_cache.host_store import check_host_memory
 from ..errors import InsufficientMemoryError
 from ..models import ModelDims
@@ -41,6 +42,7 @@ class DenseDeviceKV(KVBackend):
         shape = (dims.num_kv_heads, capacity, dims.head_dim)
         self.keys = {layer: torch.empty(shape, dtype=dtype, device=device) for layer in dims.global_layers(capacity)}
         self.values = {layer: torch.empty(shape, dtype=dtype, device=device) for layer in self.keys}
+        self._token_rows: dict[int, object] = {}  # layer -> its bound token write on the CPU, or None
 
     def prefill_layer(self, layer, x, q, k, v):
         if layer in self.local:
@@ -53,8 +55,14 @@ class DenseDeviceKV(KVBackend):
     def decode_layer(self, layer, position, x, q, k, v):
         if layer in self.local:
             return self.local.decode(layer, position, k, v)
-        self.keys[layer][:, position] = k
-        self.values[layer][:, position] = v
+        rows = self._token_rows.get(layer, False)
+        if rows is False:  # on the CPU one native call writes both (native.TokenRows), bound at the first token
+            kernels = native.kernels() if self.keys[layer].is_cpu else None
+            rows = self._token_rows[layer] = (kernels.bind_token_rows(self.keys[layer], self.values[layer])
+                                              if kernels is not None else None)
+        if rows is None or not rows(k, v, position):
+            self.keys[layer][:, position] = k
+            self.values[layer][:, position] = v
         end = position + 1
         return DecodeKV(self.keys[layer][:, :end], self.values[layer][:, :end], None)
 
@@ -79,5 +87,5 @@ class DenseDeviceKV(KVBackend):
         return sum(t.nbytes for t in self.keys.values()) + sum(t.nbytes for t in self.values.values()) + self.local.nbytes
 
     def close(self) -> None:
-        self.keys, self.values = {}, {}
+        self.keys, self.values, self._token_rows = {}, {}, {}  # the bound writes hold the caches too
         self.local.close()

@@ -119,6 +119,7 @@ class SparseOffloadKV(KVBackend):
         if device.type == "cpu" and not copy_thread and self.gather_method == INDEX:
             self.planner.row_copies = self._row_copies  # a producer's native selection copies what it places
         self._gatherers: dict[int, object] = {}  # layer -> its bound fetch (_gatherer)
+        self._token_rows: dict[int, object] = {}  # layer -> its bound token write on the CPU, or None (_write_token)
         self._fragment_bytes = 2 * dims.head_dim * torch.empty((), dtype=dtype).element_size()
         self._step = 0
         self._moved_on_host: list[int] = []  # fragments per step, counts known on the host
@@ -159,13 +160,33 @@ class SparseOffloadKV(KVBackend):
             self._exact_upto = position + 1  # every layer attends every token: the K/V a prefill computes
         self._issue(orders)
 
-    def decode_layer(self, layer, position, x, q, k, v):
-        if layer in self.local:
-            return self._decode_local(layer, position, x, q, k, v)
+    def _write_token(self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The decode token's k, v ``[KvH, D]`` into its working-set slot and the host store: on the CPU one
+        native call (``native.TokenRows``, bound per layer at its first token); else the working set's write
+        and the host's on the write-back stream, off the critical path."""
+        rows = self._token_rows.get(layer, False)
+        if rows is False:
+            rows = self._token_rows[layer] = self._bind_token_rows(layer)
+        if rows is not None and rows(k, v, self.working_set.slot_of(position), position):
+            return
         self.working_set.write_token(layer, position, k, v)
         self.prefetcher.write_back(
             lambda: self.host.write(layer, position, k.unsqueeze(1), v.unsqueeze(1), non_blocking=True), k, v
         )
+
+    def _bind_token_rows(self, layer: int):
+        if self.prefetcher.cuda or self.device.type != "cpu":
+            return None
+        kernels = native.kernels()
+        if kernels is None:
+            return None
+        keys, values = self.working_set.layer_rows(layer)
+        return kernels.bind_token_rows(keys, values, self.host.token_keys[layer], self.host.token_values[layer])
+
+    def decode_layer(self, layer, position, x, q, k, v):
+        if layer in self.local:
+            return self._decode_local(layer, position, x, q, k, v)
+        self._write_token(layer, position, k, v)
         with self.clock.phase("selection"):
             self.policy.observe_decode(layer, position, x, q, k, v)
             orders = self.planner.at_layer(layer, x, q)
@@ -340,6 +361,6 @@ class SparseOffloadKV(KVBackend):
         finally:
             self.policy.release()
             self.planner.reset()  # its bound selections hold the policy's compact keys
-            self.working_set, self._gatherers = None, {}
+            self.working_set, self._gatherers, self._token_rows = None, {}, {}  # bound: they hold the caches
             self.local.close()
             self.host.close()

@@ -113,6 +113,7 @@ class WorkingSet:
         self.banks = [Bank(layers, kv_heads, head_dim, sinks + window, slots, capacity, dtype, device)
                       for slots, layers in by_slots.items()]
         self.bank_of = {layer: bank for bank in self.banks for layer in bank.layers}
+        self._views: dict[int, tuple[int, LayerView]] = {}  # layer -> (slots viewed, its view): reused while equal
         self.sink_pos = torch.full((sinks,), -1, dtype=torch.long, device=device)
         self.ring_pos = torch.full((window,), -1, dtype=torch.long, device=device)
         self.first_attended = 0  # the window's first position at this step (ring slots before it: not attended)
@@ -204,11 +205,26 @@ class WorkingSet:
         bank.keys[bank.index[layer], :, slot] = k
         bank.values[bank.index[layer], :, slot] = v
 
+    def slot_of(self, position: int) -> int:
+        """The ring (or sink) slot a decode token at ``position`` is written to (``write_token``)."""
+        return self._slot(position)
+
+    def layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of ``layer``'s keys and values, every slot: ``[KvH, slots, D]`` each (for a bound writer)."""
+        bank = self.bank_of[layer]
+        return bank.keys[bank.index[layer]], bank.values[bank.index[layer]]
+
     def view(self, layer: int, used_slots: int) -> LayerView:
         """Sinks, window and the first ``used_slots`` selected slots of ``layer``."""
         bank = self.bank_of[layer]
-        i, end = bank.index[layer], bank.fixed + min(used_slots, bank.num_slots)
-        return LayerView(bank.keys[i, :, :end], bank.values[i, :, :end], bank.valid[i, :, :end])
+        end = bank.fixed + min(used_slots, bank.num_slots)
+        held = self._views.get(layer)
+        if held is not None and held[0] == end:  # views of fixed storage: the last step's, once the slots are full
+            return held[1]
+        i = bank.index[layer]
+        view = LayerView(bank.keys[i, :, :end], bank.values[i, :, :end], bank.valid[i, :, :end])
+        self._views[layer] = end, view
+        return view
 
     def positions(self, layer: int, used_slots: int) -> torch.Tensor:
         """The position held by every slot of ``view(layer, used_slots)``, ``-1`` where not attended."""

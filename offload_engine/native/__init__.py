@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 27
+ABI = 28
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -259,6 +259,7 @@ class SelectionKernels:
             "tbrun_rms_norm": [ptr, ptr, ptr, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr],
             "tbrun_rope": [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr],
             "tbrun_gated_mlp": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
+            "tbrun_write_token": [ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64],
             "tbrun_value_norms": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64],
             "tbrun_decode_attention": [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64,
                                        ctypes.c_float, ptr, ptr, i64],
@@ -490,6 +491,14 @@ class SelectionKernels:
                                      out.data_ptr(), max(1, kernel_threads()))
         return out
 
+    def bind_token_rows(self, keys: torch.Tensor, values: torch.Tensor, host_keys: torch.Tensor | None = None,
+                        host_values: torch.Tensor | None = None) -> "TokenRows | None":
+        """Where a layer's decode tokens' K and V go, bound once: keys and values ``[KvH, N, D]`` (a working set's
+        slots or a dense cache's positions; D contiguous, any other strides) and optionally the host store's
+        ``[capacity, KvH, D]`` (token-major, rows contiguous). ``TokenRows``, whose call writes a token in one
+        kernel call; None where it does not apply (not on the CPU, mismatched dtypes or shapes, strided rows)."""
+        return TokenRows.bind(self.library.tbrun_write_token, keys, values, host_keys, host_values)
+
     def bind_value_norms(self, w_o: torch.Tensor, out: torch.Tensor) -> "BoundValueNorms | None":
         """critical(...)'s value norms of a layer's decode tokens (``policies.critical.value_norms`` of one token:
         the mean over each KV group of ``||v W_O^h||_1``) written into ``out`` ``[KvH, capacity]`` float32 (tokens
@@ -680,6 +689,60 @@ class QueryNetwork:
         self.args = _QueryNetworkArgs(nw, nb, w1, w2, _address(self._work), self.raw.data_ptr(),
                                       self.queries.data_ptr(), self.e, inner, size, eps, scale)
         self.address = ctypes.addressof(self.args)
+
+
+class TokenRows:
+    """``SelectionKernels.bind_token_rows``: a layer's decode token's K and V rows written where the backend keeps
+    them (a slot, and the host store's position) in one call. The bound tensors are held, so their memory stays."""
+
+    def __init__(self, kernel, keys: torch.Tensor, values: torch.Tensor, host_keys: torch.Tensor | None,
+                 host_values: torch.Tensor | None):
+        self.kernel, self.keys, self.values = kernel, keys, values
+        self.host_keys, self.host_values = host_keys, host_values
+        self.heads, self.slots, self.dim = keys.shape
+        self.dtype, self.itemsize = keys.dtype, keys.element_size()
+        self.row_bytes = self.dim * self.itemsize
+        self.head_stride = keys.stride(0) * self.itemsize
+        self.slot_stride = keys.stride(1) * self.itemsize
+        self.capacity = host_keys.shape[0] if host_keys is not None else 0
+        self.position_stride = host_keys.stride(0) * self.itemsize if host_keys is not None else 0
+        # the bound tensors are held and never resized: their addresses are fixed
+        self._bases = (keys.data_ptr(), values.data_ptr(),
+                       host_keys.data_ptr() if host_keys is not None else 0,
+                       host_values.data_ptr() if host_values is not None else 0)
+
+    @classmethod
+    def bind(cls, kernel, keys: torch.Tensor, values: torch.Tensor, host_keys: torch.Tensor | None,
+             host_values: torch.Tensor | None) -> "TokenRows | None":
+        hosted = (host_keys, host_values)
+        if ((host_keys is None) != (host_values is None) or keys.dim() != 3 or keys.shape != values.shape
+                or keys.stride() != values.stride() or keys.stride(2) != 1 or keys.dtype != values.dtype
+                or not keys.is_cpu or not values.is_cpu):
+            return None
+        if host_keys is not None and any(
+                t.dim() != 3 or t.shape[1:] != (keys.shape[0], keys.shape[2]) or t.dtype != keys.dtype or not t.is_cpu
+                or t.stride() != host_keys.stride() or t.stride(2) != 1 or t.stride(1) != keys.shape[2]
+                for t in hosted):
+            return None
+        return cls(kernel, keys, values, host_keys, host_values)
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, slot: int, position: int | None = None) -> bool:
+        """Write k, v ``[KvH, D]`` to ``slot`` and (bound with the host store) to the host's ``position``.
+        False (nothing written) where k or v is not the bound dtype on the CPU with D contiguous and the same
+        head stride: the caller writes them. A slot or position out of range raises ``IndexError``."""
+        if (k.dtype != self.dtype or v.dtype != self.dtype or not k.is_cpu or not v.is_cpu or k.shape != v.shape
+                or k.shape != (self.heads, self.dim) or k.stride() != v.stride() or k.stride(1) != 1):
+            return False
+        if not 0 <= slot < self.slots or (self.host_keys is not None and not 0 <= position < self.capacity):
+            raise IndexError(f"slot {slot} of {self.slots} or position {position} of {self.capacity} out of range")
+        keys, values, host_keys, host_values = self._bases
+        slot_offset = slot * self.slot_stride
+        host_offset = position * self.position_stride if host_keys else 0
+        self.kernel(k.data_ptr(), v.data_ptr(), self.heads, self.row_bytes, k.stride(0) * self.itemsize,
+                    keys + slot_offset, values + slot_offset, self.head_stride,
+                    host_keys + host_offset if host_keys else None, host_values + host_offset if host_values else None,
+                    self.row_bytes)
+        return True
 
 
 class BoundValueNorms:

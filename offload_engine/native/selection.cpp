@@ -2015,7 +2015,7 @@ void linear_rows(const float* x, int64_t cols, const float* w, int64_t rows, flo
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 27; }
+int tbrun_kernels_abi() { return 28; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -2149,6 +2149,24 @@ int tbrun_gated_mlp(const float* x, int64_t e, const float* gate, const float* u
     linear_rows(g, inner, down, e_out, out, threads);
     if (residual != nullptr)
         for (int64_t i = 0; i < e_out; ++i) out[i] = residual[i] + out[i];
+    return 0;
+}
+
+// A decode token's K and V rows into the places a backend keeps them, in one call: k and v [heads, row_bytes]
+// (rows source_stride bytes apart) copied to slot_k / slot_v (rows slot_stride apart: a working set's slot or a
+// dense cache's position) and, where host_k is not null, to host_k / host_v (rows host_stride apart: the host
+// store's token-major row). What two indexed assignments, a transpose and two copies took a layer. Returns 0.
+int tbrun_write_token(const uint8_t* k, const uint8_t* v, int64_t heads, int64_t row_bytes, int64_t source_stride,
+                      uint8_t* slot_k, uint8_t* slot_v, int64_t slot_stride, uint8_t* host_k, uint8_t* host_v,
+                      int64_t host_stride) {
+    for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(slot_k + h * slot_stride, k + h * source_stride, row_bytes);
+        std::memcpy(slot_v + h * slot_stride, v + h * source_stride, row_bytes);
+        if (host_k != nullptr) {
+            std::memcpy(host_k + h * host_stride, k + h * source_stride, row_bytes);
+            std::memcpy(host_v + h * host_stride, v + h * source_stride, row_bytes);
+        }
+    }
     return 0;
 }
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,24 +396,26 @@ def _bias_free(*linears: nn.Module) -> bool:
     return all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
 
 
-_ACTIVATION_NAMES: dict[type, str | None] = {}
+# activation module -> its native name or None; by instance, since one class may compute either (nn.GELU's
+# `approximate`), and weakly, so a model's modules go with it
+_ACTIVATION_NAMES: "weakref.WeakKeyDictionary[nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 
 def _activation_name(act: nn.Module) -> str | None:
     """Which of the native kernel's activations (``native.ACTIVATIONS``) ``act`` computes, found once per
-    activation type by a probe against torch's SiLU and tanh-GELU (no weights: the math decides); None for
+    activation module by a probe against torch's SiLU and tanh-GELU (no weights: the math decides); None for
     another activation (the MLP then runs through torch)."""
-    kind = type(act)
-    if kind not in _ACTIVATION_NAMES:
+    name = _ACTIVATION_NAMES.get(act, False)
+    if name is False:
         probe = torch.linspace(-8.0, 8.0, 97)
         with torch.no_grad():
             out = act(probe)
         references = {"silu": torch.nn.functional.silu(probe),
                       "gelu_tanh": torch.nn.functional.gelu(probe, approximate="tanh")}
-        _ACTIVATION_NAMES[kind] = next((name for name, expected in references.items()
-                                        if out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)),
-                                       None)
-    return _ACTIVATION_NAMES[kind]
+        name = _ACTIVATION_NAMES[act] = next(
+            (name for name, expected in references.items()
+             if out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)), None)
+    return name
 
 
 def _add_norm(norm: nn.Module, hidden: torch.Tensor, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1426,7 +1426,8 @@ def test_the_adapter_takes_the_native_forms_only_for_the_math_they_compute():
     assert _rms_norm_form(torch.nn.LayerNorm(8)) is None
     assert _activation_name(SiLUActivation()) == "silu" and _activation_name(torch.nn.SiLU()) == "silu"
     assert _activation_name(GELUTanh()) == "gelu_tanh"
-    assert _activation_name(torch.nn.GELU()) is None and _activation_name(torch.nn.ReLU()) is None
+    assert _activation_name(torch.nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert _activation_name(torch.nn.GELU()) is None and _activation_name(torch.nn.ReLU()) is None  # exact GELU
 
     def interleaved(q, k, cos, sin):  # GPT-J's pairs (x0, x1) -> (-x1, x0): not rotate-half
         def turn(x):

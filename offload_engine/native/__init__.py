@@ -728,8 +728,8 @@ class TokenRows:
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor, slot: int, position: int | None = None) -> bool:
         """Write k, v ``[KvH, D]`` to ``slot`` and (bound with the host store) to the host's ``position``.
-        False (nothing written) where k or v is not the bound dtype on the CPU with D contiguous and the same
-        head stride: the caller writes them. A slot or position out of range raises ``IndexError``."""
+        False (nothing written) where k and v are not the bound dtype and shape on the CPU with D contiguous and
+        the same strides: the caller writes them. A slot or position out of range raises ``IndexError``."""
         if (k.dtype != self.dtype or v.dtype != self.dtype or not k.is_cpu or not v.is_cpu or k.shape != v.shape
                 or k.shape != (self.heads, self.dim) or k.stride() != v.stride() or k.stride(1) != 1):
             return False

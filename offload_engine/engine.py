@@ -452,8 +452,7 @@ class Engine:
         rope = adapter.rope(hidden, cursor.position_ids)
         backend.begin_step(cursor.position)
         for layer in range(adapter.dims.num_layers):
-            x = adapter.attention_input(layer, hidden)
-            q, k, v = adapter.qkv(layer, x, rope)  # q [1, H, 1, D]; k, v [1, KvH, 1, D]
+            x, q, k, v = adapter.decode_input(layer, hidden, rope)  # x [1, 1, E]; q [1, H, 1, D]; k, v [1, KvH, 1, D]
             kv = backend.decode_layer(layer, cursor.position, x[0, 0], q[0, :, 0], k[0, :, 0], v[0, :, 0])
             with clock.phase("attention"):
                 out = decode_attention(q[0, :, 0], kv.keys, kv.values, kv.valid, adapter.scaling)  # [H, D]

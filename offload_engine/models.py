@@ -238,6 +238,7 @@ class ModelAdapter:
         self._final_softcap = getattr(model.config, "final_logit_softcapping", None)
         self._scaling = float(self._layers[0].self_attn.scaling)
         self._native_rope = _is_rotate_half_rope(self._apply_rope)
+        self._bound_layers: dict[int, native.DecodeLayer | None] = {}  # _decode_layer
 
     @property
     def device(self) -> torch.device:
@@ -294,6 +295,63 @@ class ModelAdapter:
         """The sliding window of ``layer`` (None: global attention)."""
         return self.dims.window(layer)
 
+    def decode_input(self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``attention_input`` then ``qkv`` for one decode token: hidden ``[1, 1, E]`` -> x ``[1, 1, E]``, q
+        ``[1, H, 1, D]``, k and v ``[1, KvH, 1, D]`` (post-RoPE); in one native call where the layer binds
+        (``_decode_layer``), else piece by piece."""
+        if hidden.shape[1] == 1 and hidden.dtype == torch.float32 and hidden.is_cpu:
+            bound = self._decode_layer(layer)
+            if bound is not None:
+                row = self._rope_row[layer]
+                done = bound.input(hidden, rope[0][row, 0], rope[1][row, 0])
+                if done is not None:
+                    return done
+        x = self.attention_input(layer, hidden)
+        return (x, *self.qkv(layer, x, rope))
+
+    def _decode_layer(self, layer: int) -> "native.DecodeLayer | None":
+        """The layer bound for the native one-token forms (``native.DecodeLayer``), or None where it does not
+        bind: the kernels unavailable (or ``TBRUN_NATIVE=0``), a float other than float32, another device, a
+        piece of another form (Gemma 3's sandwich norms, a norm, activation, RoPE or projection the kernels do
+        not compute). Bound again when a parameter has moved since (a cast, ``.to()``)."""
+        kernels = native.kernels()
+        if kernels is None:
+            return None
+        bound = self._bound_layers.get(layer, False)
+        if bound is False or (bound is not None and not bound.current()):
+            parts = self._layer_parts(layer)
+            bound = self._bound_layers[layer] = kernels.bind_decode_layer(parts) if parts is not None else None
+        return bound
+
+    def _layer_parts(self, layer: int) -> "native.LayerParts | None":
+        """``layer``'s tensors for ``native.DecodeLayer``, or None where a piece is of another form."""
+        block = self._layers[layer]
+        attn, mlp = block.self_attn, block.mlp
+        if self._sandwich or not self._native_rope or not all(hasattr(mlp, part) for part in GATED_MLP_PARTS):
+            return None
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        if not all(type(p) is nn.Linear for p in projections) or not _bias_free(mlp.gate_proj, mlp.up_proj,
+                                                                                mlp.down_proj):
+            return None
+        input_form, post_form = _rms_norm_form(block.input_layernorm), _rms_norm_form(block.post_attention_layernorm)
+        activation = _activation_name(mlp.act_fn)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        qk_form = _rms_norm_form(q_norm) if q_norm is not None else (0.0, 0.0)
+        if (input_form is None or post_form is None or activation is None or qk_form is None
+                or (q_norm is not None and (k_norm is None or _rms_norm_form(k_norm) != qk_form))):
+            return None
+        dims = self.dims
+        return native.LayerParts(
+            heads=dims.num_heads, kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
+            input_norm=block.input_layernorm.weight, input_form=input_form,
+            wq=attn.q_proj.weight, bq=attn.q_proj.bias, wk=attn.k_proj.weight, bk=attn.k_proj.bias,
+            wv=attn.v_proj.weight, bv=attn.v_proj.bias,
+            q_norm=q_norm.weight if q_norm is not None else None, k_norm=k_norm.weight if k_norm is not None else None,
+            qk_form=qk_form, wo=attn.o_proj.weight, bo=attn.o_proj.bias,
+            post_norm=block.post_attention_layernorm.weight, post_form=post_form,
+            gate=mlp.gate_proj.weight, up=mlp.up_proj.weight, down=mlp.down_proj.weight, activation=activation)
+
     def attention_input(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The pre-attention norm: hidden ``[1, T, E]`` -> ``[1, T, E]`` (TokenButler's input)."""
         return _norm(self._layers[layer].input_layernorm, hidden)
@@ -332,8 +390,13 @@ class ModelAdapter:
 
         hidden ``[1, T, E]`` (the layer's input), attn_out ``[1, H, T, D]`` -> next hidden ``[1, T, E]``.
         """
-        block = self._layers[layer]
         t = hidden.shape[1]
+        if t == 1 and hidden.dtype == torch.float32 and hidden.is_cpu:  # a decode token: the bound layer's call
+            bound = self._decode_layer(layer)
+            out = bound.output(hidden, attn_out) if bound is not None else None
+            if out is not None:
+                return out
+        block = self._layers[layer]
         attended = _project(block.self_attn.o_proj, attn_out.transpose(1, 2).reshape(1, t, -1))
         if self._sandwich:  # Gemma 3: norms after attention and around the MLP
             hidden = hidden + _norm(block.post_attention_layernorm, attended)

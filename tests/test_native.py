@@ -963,19 +963,20 @@ def test_the_native_linear_declines_what_it_does_not_compute(built_native):
 @needs_compiler
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_a_decode_step_takes_the_native_kernels_and_keeps_the_logits(arch, built_native, monkeypatch):
-    """Every projection of a one-token step (q, k, v, o and the LM head by ``linear``, the MLP's three in
-    ``gated_mlp``), every RMS norm (the layers', the per-head q/k norms of Qwen3 and Gemma 3, Gemma's sandwich
-    norms, the final one) and the RoPE go through the native kernels, and the logits are torch's to float
-    rounding; ``TBRUN_NATIVE=0`` keeps torch's."""
+    """A one-token step of Llama, Qwen2 and Qwen3 runs each layer in the two calls of its bound ``DecodeLayer``
+    (norms, q/k/v with Qwen2's biases and Qwen3's per-head norms, RoPE; o, residual, norm, MLP); Gemma 3 (sandwich
+    norms) piece by piece: every projection by ``linear`` (q, k, v, o) or ``gated_mlp``, every RMS norm (the q/k
+    and sandwich norms too) and the RoPE by their kernels. The LM head and the final norm by theirs in both. The
+    logits are torch's to float rounding; ``TBRUN_NATIVE=0`` keeps torch's."""
     from offload_engine import Engine, EngineConfig, KVMode
     from offload_engine.models import ModelAdapter
 
     from tiny_models import tiny_model
 
-    calls: dict[str, list] = {"linear": [], "gated_mlp": [], "rms_norm": [], "rope": []}
+    calls: dict[str, list] = {"linear": [], "gated_mlp": [], "rms_norm": [], "rope": [], "input": [], "output": []}
 
-    def counting(name):
-        original = getattr(native.SelectionKernels, name)
+    def counting(owner, name):
+        original = getattr(owner, name)
 
         def counted(self, *args, **kwargs):
             out = original(self, *args, **kwargs)
@@ -985,7 +986,8 @@ def test_a_decode_step_takes_the_native_kernels_and_keeps_the_logits(arch, built
         return counted
 
     for name in calls:
-        monkeypatch.setattr(native.SelectionKernels, name, counting(name))
+        owner = native.DecodeLayer if name in ("input", "output") else native.SelectionKernels
+        monkeypatch.setattr(owner, name, counting(owner, name))
     model = tiny_model(arch, initializer_range=0.2)
     prompt = torch.randint(1, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
 
@@ -996,12 +998,17 @@ def test_a_decode_step_takes_the_native_kernels_and_keeps_the_logits(arch, built
     native_logits = run()
     layers, steps = model.config.num_hidden_layers, 5
     norms_per_layer = {"llama": 2, "qwen2": 2, "qwen3": 4, "gemma3": 6}[arch]  # gemma3: q/k norms and sandwich
-    assert len(calls["linear"]) == steps * (4 * layers + 1) + 1  # q, k, v, o and the head; the prefill's head
+    prompt_norms = norms_per_layer * layers + 1  # the prompt's six tokens: a few values, under the kernel's limit
     assert (model.config.vocab_size, model.config.hidden_size) in calls["linear"]  # the LM head
-    assert len(calls["gated_mlp"]) == steps * layers
-    assert len(calls["rope"]) == steps * layers
-    # and the prompt's six tokens: a few values, under the kernel's limit
-    assert len(calls["rms_norm"]) == (steps + 1) * (norms_per_layer * layers + 1)
+    if arch == "gemma3":
+        assert len(calls["linear"]) == steps * (4 * layers + 1) + 1  # q, k, v, o and the head; the prefill's head
+        assert len(calls["gated_mlp"]) == len(calls["rope"]) == steps * layers
+        assert len(calls["rms_norm"]) == prompt_norms + steps * (norms_per_layer * layers + 1)
+        assert calls["input"] == calls["output"] == []
+    else:
+        assert len(calls["input"]) == len(calls["output"]) == steps * layers
+        assert len(calls["linear"]) == steps + 1 and calls["gated_mlp"] == calls["rope"] == []
+        assert len(calls["rms_norm"]) == prompt_norms + steps  # the final norm at each step
     monkeypatch.setenv("TBRUN_NATIVE", "0")
     native.reset()
     for made in calls.values():
@@ -1512,3 +1519,64 @@ def test_the_backends_write_decode_tokens_by_one_native_call(mode, built_native,
     torch_logits = run()
     assert written == []
     assert torch.equal(native_logits, torch_logits)
+
+
+@needs_compiler
+@pytest.mark.parametrize("arch, options", [("llama", {}), ("llama", {"attention_bias": True}), ("qwen2", {}),
+                                           ("qwen3", {}), ("mistral_sw", {})])
+def test_a_bound_decode_layer_computes_the_adapters_pieces(arch, options, built_native):
+    """``DecodeLayer``'s two calls give what the adapter's pieces give for one token (``attention_input`` +
+    ``qkv`` at a position; ``finish_layer``), with Llama's attention biases (o's too), Qwen2's q/k/v biases,
+    Qwen3's per-head norms; a weight replaced since binding (a new tensor) is bound again and its values read."""
+    from offload_engine.models import ModelAdapter
+
+    from tiny_models import tiny_model
+
+    model = tiny_model(arch, initializer_range=0.2, **options)
+    adapter = ModelAdapter(model)
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, 1, model.config.hidden_size, generator=generator)
+    attention = torch.randn(1, adapter.dims.num_heads, 1, adapter.dims.head_dim, generator=generator)
+    rope = adapter.rope(hidden, torch.tensor([[37]]))
+
+    def pieces(layer):
+        x = adapter.attention_input(layer, hidden)
+        return (x, *adapter.qkv(layer, x, rope)), adapter.finish_layer(layer, hidden, attention)
+
+    with torch.no_grad():
+        for layer in range(adapter.dims.num_layers):
+            bound = adapter._decode_layer(layer)
+            assert bound is not None
+            fused = bound.input(hidden, rope[0][0, 0], rope[1][0, 0]), bound.output(hidden, attention)
+            adapter._bound_layers[layer] = None  # the adapter's pieces from here
+            expected = pieces(layer)
+            for got, want in zip((*fused[0], fused[1]), (*expected[0], expected[1])):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            del adapter._bound_layers[layer]
+        q_proj = model.model.layers[0].self_attn.q_proj
+        q_proj.weight.data = 2 * q_proj.weight.data  # a new tensor: the bound address is stale
+        _, q, _, _ = adapter.decode_input(0, hidden, rope)
+        adapter._bound_layers[0] = None
+        _, q_pieces, _, _ = adapter.decode_input(0, hidden, rope)
+        torch.testing.assert_close(q, q_pieces, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_layer_binds_only_what_its_kernels_compute(built_native):
+    """Gemma 3's sandwich norms, a bfloat16 model, a weight of another shape: no bound layer (the pieces run)."""
+    import dataclasses
+
+    from offload_engine.models import ModelAdapter
+
+    from tiny_models import tiny_model
+
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip(f"the native kernels cannot be built here: {native.status()}")
+    assert ModelAdapter(tiny_model("gemma3"))._decode_layer(0) is None
+    assert ModelAdapter(tiny_model("llama").to(torch.bfloat16))._decode_layer(0) is None
+    parts = ModelAdapter(tiny_model("llama"))._layer_parts(0)
+    assert kernels.bind_decode_layer(parts) is not None
+    assert kernels.bind_decode_layer(dataclasses.replace(parts, wo=parts.wo[:, :-1].contiguous())) is None
+    assert kernels.bind_decode_layer(dataclasses.replace(parts, gate=parts.gate.t())) is None  # not contiguous
+    assert kernels.bind_decode_layer(dataclasses.replace(parts, activation="relu")) is None

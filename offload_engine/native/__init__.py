@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 28
+ABI = 29
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -260,6 +260,8 @@ class SelectionKernels:
             "tbrun_rope": [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr],
             "tbrun_gated_mlp": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_write_token": [ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64],
+            "tbrun_decode_layer_input": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr],
+            "tbrun_decode_layer_output": [ptr, ptr, ptr, ptr, ptr],
             "tbrun_value_norms": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64],
             "tbrun_decode_attention": [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64,
                                        ctypes.c_float, ptr, ptr, i64],
@@ -491,6 +493,13 @@ class SelectionKernels:
                                      out.data_ptr(), max(1, kernel_threads()))
         return out
 
+    def bind_decode_layer(self, parts: "LayerParts") -> "DecodeLayer | None":
+        """A decoder layer of the Llama family's form for one decode token in two kernel calls around its
+        attention (``DecodeLayer``), bound to ``parts``' tensors, checked now; None where they are not all
+        float32, contiguous and on the CPU in the shapes the sizes give, or the activation is not one of
+        ``ACTIVATIONS``."""
+        return DecodeLayer.bind(self, parts)
+
     def bind_token_rows(self, keys: torch.Tensor, values: torch.Tensor, host_keys: torch.Tensor | None = None,
                         host_values: torch.Tensor | None = None) -> "TokenRows | None":
         """Where a layer's decode tokens' K and V go, bound once: keys and values ``[KvH, N, D]`` (a working set's
@@ -689,6 +698,130 @@ class QueryNetwork:
         self.args = _QueryNetworkArgs(nw, nb, w1, w2, _address(self._work), self.raw.data_ptr(),
                                       self.queries.data_ptr(), self.e, inner, size, eps, scale)
         self.address = ctypes.addressof(self.args)
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """A decoder layer's tensors as ``DecodeLayer`` takes them (the adapter's ``_layer_parts``): the norms'
+    weights with their offsets (0: Llama's form, 1: Gemma 3's) and eps, the projections' weights ``[out, in]`` and
+    biases (or None), the per-head q/k norms (or None), the gated MLP's three and its activation."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    input_norm: torch.Tensor
+    input_form: tuple[float, float]
+    wq: torch.Tensor
+    bq: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qk_form: tuple[float, float]
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    post_norm: torch.Tensor
+    post_form: tuple[float, float]
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    activation: str
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.input_norm, self.wq, self.bq, self.wk, self.bk, self.wv, self.bv, self.q_norm,
+                            self.k_norm, self.wo, self.bo, self.post_norm, self.gate, self.up, self.down)
+                if t is not None]
+
+
+class _DecodeLayerArgs(ctypes.Structure):
+    """selection.cpp's ``DecodeLayer``, field for field."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("e", "heads", "kv_heads", "d", "inner", "act", "threads")] + [
+        (name, ctypes.c_void_p) for name in ("input_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo",
+                                             "bo", "post_norm", "gate", "up", "down")] + [
+        (name, ctypes.c_float) for name in ("input_offset", "input_eps", "qk_offset", "qk_eps", "post_offset",
+                                            "post_eps")]
+
+
+class DecodeLayer:
+    """``SelectionKernels.bind_decode_layer``: a decoder layer for one decode token in two native calls, ``input``
+    (norm, q/k/v with their biases and per-head norms, RoPE) and ``output`` (o, residual, norm, gated MLP,
+    residual): what ``ModelAdapter``'s per-piece forms take ~10 wrapper calls and ~15 tensor views for. The parts'
+    tensors are held and their addresses checked at every call (``current``): a model moved or cast since is
+    not read through stale pointers."""
+
+    def __init__(self, kernels: SelectionKernels, parts: LayerParts):
+        self.parts = parts
+        self.held = parts.tensors()
+        self.addresses = [t.data_ptr() for t in self.held]
+        self.e, self.inner = parts.wq.shape[1], parts.gate.shape[0]
+        self.q_shape = (1, parts.heads, 1, parts.head_dim)
+        self.kv_shape = (1, parts.kv_heads, 1, parts.head_dim)
+        self.input_kernel = kernels.library.tbrun_decode_layer_input
+        self.output_kernel = kernels.library.tbrun_decode_layer_output
+        self.scratch = kernels._scratch
+        address = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+        self.args = _DecodeLayerArgs(
+            self.e, parts.heads, parts.kv_heads, parts.head_dim, self.inner, ACTIVATIONS.index(parts.activation),
+            max(1, kernel_threads()), *(address(t) for t in (
+                parts.input_norm, parts.wq, parts.bq, parts.wk, parts.bk, parts.wv, parts.bv, parts.q_norm,
+                parts.k_norm, parts.wo, parts.bo, parts.post_norm, parts.gate, parts.up, parts.down)),
+            *parts.input_form, *parts.qk_form, *parts.post_form)
+        self.address = ctypes.addressof(self.args)
+
+    @classmethod
+    def bind(cls, kernels: SelectionKernels, parts: LayerParts) -> "DecodeLayer | None":
+        e, h, kv, d = parts.wq.shape[1] if parts.wq.dim() == 2 else -1, parts.heads, parts.kv_heads, parts.head_dim
+        inner = parts.gate.shape[0] if parts.gate.dim() == 2 else -1
+        shapes = [(parts.input_norm, (e,)), (parts.wq, (h * d, e)), (parts.bq, (h * d,)), (parts.wk, (kv * d, e)),
+                  (parts.bk, (kv * d,)), (parts.wv, (kv * d, e)), (parts.bv, (kv * d,)), (parts.q_norm, (d,)),
+                  (parts.k_norm, (d,)), (parts.wo, (e, h * d)), (parts.bo, (e,)), (parts.post_norm, (e,)),
+                  (parts.gate, (inner, e)), (parts.up, (inner, e)), (parts.down, (e, inner))]
+        if (parts.activation not in ACTIVATIONS or (parts.q_norm is None) != (parts.k_norm is None) or d % 2
+                or e * max(h, kv) * d * inner <= 0
+                or any(t is not None and (t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous()
+                                          or tuple(t.shape) != shape) for t, shape in shapes)):
+            return None
+        return cls(kernels, parts)
+
+    def current(self) -> bool:
+        """Whether every bound tensor is where it was bound (a cast or a move replaces a parameter's memory)."""
+        return all(t.data_ptr() == a for t, a in zip(self.held, self.addresses))
+
+    def input(self, hidden: torch.Tensor, cos: torch.Tensor | None,
+              sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """hidden ``[1, 1, E]`` float32, (cos, sin) one position's ``[.., D]`` rows or None (not turned) ->
+        x ``[1, 1, E]``, q ``[1, H, 1, D]``, k and v ``[1, KvH, 1, D]``; None (nothing done) for another input."""
+        if (hidden.dtype is not torch.float32 or not hidden.is_cpu or hidden.numel() != self.e
+                or not hidden.is_contiguous() or (cos is not None and (
+                    cos.dtype is not torch.float32 or sin.dtype is not torch.float32 or not cos.is_contiguous()
+                    or not sin.is_contiguous() or cos.numel() != self.parts.head_dim
+                    or sin.numel() != self.parts.head_dim))):
+            return None
+        self.args.threads = max(1, kernel_threads())
+        x = torch.empty(hidden.shape, dtype=torch.float32)
+        q, k, v = (torch.empty(self.q_shape, dtype=torch.float32), torch.empty(self.kv_shape, dtype=torch.float32),
+                   torch.empty(self.kv_shape, dtype=torch.float32))
+        self.input_kernel(self.address, hidden.data_ptr(), cos.data_ptr() if cos is not None else None,
+                          sin.data_ptr() if sin is not None else None, x.data_ptr(), q.data_ptr(), k.data_ptr(),
+                          v.data_ptr())
+        return x, q, k, v
+
+    def output(self, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor | None:
+        """hidden ``[1, 1, E]`` (the layer's input), attention ``[1, H, 1, D]`` float32 -> the next hidden
+        ``[1, 1, E]``; None (nothing done) for another input."""
+        parts = self.parts
+        if (hidden.dtype is not torch.float32 or not hidden.is_cpu or hidden.numel() != self.e
+                or not hidden.is_contiguous() or attention.dtype is not torch.float32 or not attention.is_cpu
+                or attention.numel() != parts.heads * parts.head_dim or not attention.is_contiguous()):
+            return None
+        self.args.threads = max(1, kernel_threads())
+        out = torch.empty(hidden.shape, dtype=torch.float32)
+        work = self.scratch(2 * self.e + 2 * self.inner)
+        self.output_kernel(self.address, hidden.data_ptr(), attention.data_ptr(), _address(work), out.data_ptr())
+        return out
 
 
 class TokenRows:

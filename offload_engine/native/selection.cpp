@@ -2015,7 +2015,7 @@ void linear_rows(const float* x, int64_t cols, const float* w, int64_t rows, flo
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 28; }
+int tbrun_kernels_abi() { return 29; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -2150,6 +2150,67 @@ int tbrun_gated_mlp(const float* x, int64_t e, const float* gate, const float* u
     if (residual != nullptr)
         for (int64_t i = 0; i < e_out; ++i) out[i] = residual[i] + out[i];
     return 0;
+}
+
+// A decoder layer of the Llama family's form for one decode token, in two calls around its attention (the
+// adapter binds one per layer: native.DecodeLayer): its fixed tensors and sizes, field for field with the
+// wrappers' _DecodeLayerArgs. Biases and the per-head q/k norms may be null; act as tbrun_gated_mlp's.
+struct DecodeLayer {
+    int64_t e, heads, kv_heads, d, inner, act, threads;
+    const float* input_norm;
+    const float* wq;
+    const float* bq;
+    const float* wk;
+    const float* bk;
+    const float* wv;
+    const float* bv;
+    const float* q_norm;
+    const float* k_norm;
+    const float* wo;
+    const float* bo;
+    const float* post_norm;
+    const float* gate;
+    const float* up;
+    const float* down;
+    float input_offset, input_eps, qk_offset, qk_eps, post_offset, post_eps;
+};
+
+// The attention's inputs: x = input_norm(hidden) [e]; q [heads, d], k and v [kv_heads, d] = x's projections
+// (+ biases), q and k through their per-head norms where the layer has them, then RoPE (cos, sin [d]; null:
+// not turned). Returns 0.
+int tbrun_decode_layer_input(const DecodeLayer* layer, const float* hidden, const float* cos, const float* sin,
+                             float* x, float* q, float* k, float* v) {
+    const DecodeLayer& L = *layer;
+    rms_norm_row(hidden, L.e, L.input_norm, L.input_offset, L.input_eps, x);
+    tbrun_linear(x, L.e, L.wq, L.heads * L.d, L.bq, q, L.threads);
+    tbrun_linear(x, L.e, L.wk, L.kv_heads * L.d, L.bk, k, L.threads);
+    tbrun_linear(x, L.e, L.wv, L.kv_heads * L.d, L.bv, v, L.threads);
+    if (L.q_norm != nullptr) {
+        tbrun_rms_norm(q, nullptr, nullptr, L.heads, L.d, L.q_norm, L.qk_offset, L.qk_eps, q);
+        tbrun_rms_norm(k, nullptr, nullptr, L.kv_heads, L.d, L.k_norm, L.qk_offset, L.qk_eps, k);
+    }
+    if (cos != nullptr) {
+        thread_local std::vector<float> turned;
+        turned.resize(static_cast<size_t>(std::max(L.heads, L.kv_heads) * L.d));
+        for (int64_t h = 0; h < L.heads; ++h) rope_row(q + h * L.d, L.d, cos, sin, turned.data() + h * L.d);
+        std::memcpy(q, turned.data(), sizeof(float) * L.heads * L.d);
+        for (int64_t h = 0; h < L.kv_heads; ++h) rope_row(k + h * L.d, L.d, cos, sin, turned.data() + h * L.d);
+        std::memcpy(k, turned.data(), sizeof(float) * L.kv_heads * L.d);
+    }
+    return 0;
+}
+
+// The layer's output: hidden + o(attention) = h, then out = h + mlp(post_norm(h)) [e]; attention [heads * d];
+// work [2 * e + 2 * inner] floats. Returns 0.
+int tbrun_decode_layer_output(const DecodeLayer* layer, const float* hidden, const float* attention, float* work,
+                              float* out) {
+    const DecodeLayer& L = *layer;
+    float* total = work;
+    float* x = work + L.e;
+    float* mlp_work = work + 2 * L.e;
+    tbrun_linear(attention, L.heads * L.d, L.wo, L.e, L.bo, total, L.threads);
+    tbrun_rms_norm(hidden, total, total, 1, L.e, L.post_norm, L.post_offset, L.post_eps, x);
+    return tbrun_gated_mlp(x, L.e, L.gate, L.up, L.inner, L.down, L.e, L.act, total, mlp_work, out, L.threads);
 }
 
 // A decode token's K and V rows into the places a backend keeps them, in one call: k and v [heads, row_bytes]

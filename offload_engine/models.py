@@ -299,8 +299,8 @@ class ModelAdapter:
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``attention_input`` then ``qkv`` for one decode token: hidden ``[1, 1, E]`` -> x ``[1, 1, E]``, q
         ``[1, H, 1, D]``, k and v ``[1, KvH, 1, D]`` (post-RoPE); in one native call where the layer binds
-        (``_decode_layer``), else piece by piece."""
-        if hidden.shape[1] == 1 and hidden.dtype == torch.float32 and hidden.is_cpu:
+        (``_decode_layer``) and no gradient is being recorded, else piece by piece."""
+        if hidden.shape[1] == 1 and hidden.dtype == torch.float32 and hidden.is_cpu and not torch.is_grad_enabled():
             bound = self._decode_layer(layer)
             if bound is not None:
                 row = self._rope_row[layer]
@@ -391,7 +391,8 @@ class ModelAdapter:
         hidden ``[1, T, E]`` (the layer's input), attn_out ``[1, H, T, D]`` -> next hidden ``[1, T, E]``.
         """
         t = hidden.shape[1]
-        if t == 1 and hidden.dtype == torch.float32 and hidden.is_cpu:  # a decode token: the bound layer's call
+        if t == 1 and hidden.dtype == torch.float32 and hidden.is_cpu and not torch.is_grad_enabled():  # a decode
+            # token outside autograd (the engine's steps): the bound layer's call
             bound = self._decode_layer(layer)
             out = bound.output(hidden, attn_out) if bound is not None else None
             if out is not None:

@@ -1560,6 +1560,10 @@ def test_a_bound_decode_layer_computes_the_adapters_pieces(arch, options, built_
         adapter._bound_layers[0] = None
         _, q_pieces, _, _ = adapter.decode_input(0, hidden, rope)
         torch.testing.assert_close(q, q_pieces, rtol=1e-5, atol=1e-5)
+    del adapter._bound_layers[0]
+    with torch.enable_grad():  # a gradient recorded: the pieces, which record it
+        _, q, _, _ = adapter.decode_input(0, hidden, rope)
+        assert q.requires_grad and 0 not in adapter._bound_layers
 
 
 def test_a_decode_layer_binds_only_what_its_kernels_compute(built_native):

@@ -142,7 +142,8 @@ class WorkingSet:
     def allocated_bytes(self) -> int:
         return sum(bank.allocated_bytes for bank in self.banks) + self.sink_pos.nbytes + self.ring_pos.nbytes
 
-    def _slot(self, position: int) -> int:
+    def slot_of(self, position: int) -> int:
+        """The ring (or sink) slot a decode token at ``position`` is written to (``write_token``)."""
         return position if position < self.sinks else self.sinks + position % self.window
 
     def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -201,13 +202,9 @@ class WorkingSet:
     def write_token(self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the decoded token's k, v ``[KvH, D]`` into its ring (or sink) slot."""
         bank = self.bank_of[layer]
-        slot = self._slot(position)
+        slot = self.slot_of(position)
         bank.keys[bank.index[layer], :, slot] = k
         bank.values[bank.index[layer], :, slot] = v
-
-    def slot_of(self, position: int) -> int:
-        """The ring (or sink) slot a decode token at ``position`` is written to (``write_token``)."""
-        return self._slot(position)
 
     def layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of ``layer``'s keys and values, every slot: ``[KvH, slots, D]`` each (for a bound writer)."""

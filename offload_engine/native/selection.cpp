@@ -2007,9 +2007,6 @@ inline float activation(int64_t kind, float x) {
     return 0.5f * x * (1.0f + std::tanh(inner));
 }
 
-// y = w x for a matrix of rows x cols, its rows split among threads where it is large enough
-void linear_rows(const float* x, int64_t cols, const float* w, int64_t rows, float* y, int64_t threads);
-
 }  // namespace
 
 extern "C" {
@@ -2095,16 +2092,6 @@ int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, con
     return 0;
 }
 
-}  // extern "C"
-
-namespace {
-void linear_rows(const float* x, int64_t cols, const float* w, int64_t rows, float* y, int64_t threads) {
-    tbrun_linear(x, cols, w, rows, nullptr, y, threads);
-}
-}  // namespace
-
-extern "C" {
-
 // RMS norms of `rows` rows of n values (rms_norm_row: weight w [n], offset 0 or 1, eps): out [rows, n]. With
 // `add` (a row of n values, or rows of them), the residual sum x + add is written to `sum` first and is what
 // is normalised: a decoder layer's "hidden = hidden + attention; norm(hidden)" in one call. Returns 0.
@@ -2140,13 +2127,13 @@ int tbrun_gated_mlp(const float* x, int64_t e, const float* gate, const float* u
     if (act != 0 && act != 1) return -1;
     float* g = work;
     float* u = work + inner;
-    linear_rows(x, e, gate, inner, g, threads);
-    linear_rows(x, e, up, inner, u, threads);
+    tbrun_linear(x, e, gate, inner, nullptr, g, threads);
+    tbrun_linear(x, e, up, inner, nullptr, u, threads);
     for (int64_t i = 0; i < inner; ++i) {
         const float activated = activation(act, g[i]);
         g[i] = activated * u[i];
     }
-    linear_rows(g, inner, down, e_out, out, threads);
+    tbrun_linear(g, inner, down, e_out, nullptr, out, threads);
     if (residual != nullptr)
         for (int64_t i = 0; i < e_out; ++i) out[i] = residual[i] + out[i];
     return 0;
@@ -2189,14 +2176,13 @@ int tbrun_decode_layer_input(const DecodeLayer* layer, const float* hidden, cons
         tbrun_rms_norm(q, nullptr, nullptr, L.heads, L.d, L.q_norm, L.qk_offset, L.qk_eps, q);
         tbrun_rms_norm(k, nullptr, nullptr, L.kv_heads, L.d, L.k_norm, L.qk_offset, L.qk_eps, k);
     }
-    if (cos != nullptr) {
-        thread_local std::vector<float> turned;
-        turned.resize(static_cast<size_t>(std::max(L.heads, L.kv_heads) * L.d));
-        for (int64_t h = 0; h < L.heads; ++h) rope_row(q + h * L.d, L.d, cos, sin, turned.data() + h * L.d);
-        std::memcpy(q, turned.data(), sizeof(float) * L.heads * L.d);
-        for (int64_t h = 0; h < L.kv_heads; ++h) rope_row(k + h * L.d, L.d, cos, sin, turned.data() + h * L.d);
-        std::memcpy(k, turned.data(), sizeof(float) * L.kv_heads * L.d);
-    }
+    if (cos == nullptr) return 0;
+    thread_local std::vector<float> turned;  // q then k turned (rope_row reads a head while writing its copy)
+    turned.resize(static_cast<size_t>((L.heads + L.kv_heads) * L.d));
+    float* turned_k = turned.data() + L.heads * L.d;
+    tbrun_rope(q, L.heads, k, L.kv_heads, L.d, cos, sin, turned.data(), turned_k);
+    std::memcpy(q, turned.data(), sizeof(float) * L.heads * L.d);
+    std::memcpy(k, turned_k, sizeof(float) * L.kv_heads * L.d);
     return 0;
 }
 

@@ -377,7 +377,8 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
     """Bytes a step must move through memory, at the least, on average, and what they take at the
     measured rate.
 
-    Weights (read once), the KV attention reads (dense: all of it; sparse: sinks + window + the
+    Weights (read once: ``ModelAdapter.decode_weight_bytes``, a GGUF model's blocks where attached), the KV
+    attention reads (dense: all of it; sparse: sinks + window + the
     budget per selecting layer, and every token of the policy's dense layers), the policy's
     per-token scoring state read on prediction steps (TokenButler's compact key cache, Quest's page
     bounds; once every ``interval`` steps), and every copied byte twice on the CPU (read from the
@@ -390,7 +391,7 @@ def traffic_floor(adapter, context: int, settings: LatencySettings, variant: Var
     dims = adapter.dims
     element = torch.empty((), dtype=adapter.dtype).element_size()
     per_token_layer = dims.num_kv_heads * 2 * dims.head_dim * element  # K and V of one token, one layer
-    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    weights = adapter.decode_weight_bytes()  # a GGUF model's blocks where the CPU's decode reads those
     cpu_copies = 2.0 * copied if torch.device(settings.device).type == "cpu" else 0.0
     if variant.policy is None:
         kv_read = per_token_layer * dims.num_layers * context
@@ -593,6 +594,7 @@ def assemble(settings: LatencySettings, adapter, device: torch.device, run: dict
         "settings": recorded_settings(settings) | {"new_tokens_per_run": settings.new_tokens,
                                                    "neighbors_on_radius": NEIGHBORS_ON,
                                                    "dtype": dtype_name(adapter.dtype),
+                                                   "weights": adapter.weights_text(),
                                                    "model_dims": asdict(adapter.dims)},
         "pinned_memcpy_peak_gbps": {"before": run["memcpy_peak_gbps_before"], "after": run["memcpy_peak_gbps_after"]},
         "rows": sorted(rows, key=lambda r: r["context"]),

@@ -147,6 +147,12 @@ def _share_range(shares: tuple[float, float]) -> str:
     return low if low == high else f"{low}-{high}"
 
 
+def _weights_text(settings: dict) -> str:
+    """The weights' form a decode step read (recorded from stop 56 on), after the dtype."""
+    weights = settings.get("weights")
+    return f" (decode weights: {weights})" if weights and not weights.endswith(" tensors") else ""
+
+
 def to_markdown(report: dict) -> str:
     """Header, settings, then one table per context."""
     s, peaks = report["settings"], report["pinned_memcpy_peak_gbps"]
@@ -156,7 +162,7 @@ def to_markdown(report: dict) -> str:
                       "(latest run; % of peak uses the larger)")
     lines = [
         markdown_header("Decode latency per step: tbrun modes side by side", report), "",
-        f"Model {model}, {s['dtype']}; budget {s['budget']} tokens per (layer, KV head); {_predictor_text(report)}; "
+        f"Model {model}, {s['dtype']}{_weights_text(s)}; budget {s['budget']} tokens per (layer, KV head); {_predictor_text(report)}; "
         f"{s['warmup']} warm-up steps excluded, {s['decode_steps']} timed steps per mode; the prompt fills the "
         f"context less the {s['new_tokens_per_run']} new tokens. Pinned host-to-device memcpy peak: {peak_text}.",
         "",

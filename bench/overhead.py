@@ -463,6 +463,9 @@ def to_markdown(report: dict) -> str:
         "", f"Model {s['model']} ({s['dtype']}), greedy, {s['new_tokens']} new tokens per run, {s['repeats']} "
         f"interleaved repetitions, first {s['skip_steps']} steps of each run and one warm-up run of each excluded; "
         f"{steps} steps per cell.",
+        *([f"tbrun's decode steps read the weights as {s['weights']} (its logits the same, bit for bit, as from the "
+           "float32 weights: gguf_weights); transformers and vLLM read their own (float32 here for transformers).", ""]
+          if s.get("weights") and not s["weights"].endswith(" tensors") else []),
         f"Target: tbrun at most {TARGET_RATIO}x transformers' median ms per step.", "", s["timing_method"], "",
     ]
     if report.get("partial"):
@@ -659,6 +662,7 @@ def main(argv: list[str] | None = None) -> dict:
     synthetic_tile = parse_context(args.synthetic_kv_tile) if args.synthetic_kv_tile else 0
     vllm = vllm_runner(adapter, args.model, contexts, args.new_tokens, args.vllm_eager, log) if args.vllm == "auto" else None
     settings = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "fp32",
+                "weights": adapter.weights_text(),
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "skip_steps": args.skip,
                 "seed": args.seed, "sparse": args.sparse, "sinks": SINKS, "window": WINDOW, "window_rule": WINDOW_RULE,
                 "target_ratio": TARGET_RATIO, "timing_method": TIMING_METHOD,

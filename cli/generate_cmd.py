@@ -136,7 +136,8 @@ def generate(
     ids = encode_prompt(engine.adapter.tokenizer, text, chat)
     result = _run(engine, engine.adapter.tokenizer, ids, sampling)
     extra = [_sliding_window_row(engine.adapter.dims, engine.config.context, engine.adapter.dtype, engine.config.mode),
-             _budget_row(engine.config, len(result.prompt_ids) + len(result.token_ids) - 1)]
+             _budget_row(engine.config, len(result.prompt_ids) + len(result.token_ids) - 1),
+             _weights_row(engine.adapter)]
     _print_summary(result, [row for row in extra if row is not None])
     if stats_json is not None:
         stats_json.write_text(json.dumps(result.stats.to_dict(), indent=2))
@@ -356,6 +357,19 @@ def _budget_row(config: EngineConfig, length: int) -> tuple[str, str] | None:
     sinks, window, bonus = config.selection.sinks, selector.window(length), config.selection.keep_bonus
     return "budget (last step)", (f"{label} per layer and KV head: sinks {sinks}, window {window}, "
                                   f"{tokens - sinks - window:,} selected" + (f", keep bonus {bonus:g}" if bonus else ""))
+
+
+def _weights_row(adapter) -> tuple[str, str] | None:
+    """Where a decode step read the weights from: a GGUF model's blocks on the CPU (``gguf_weights``), else nothing
+    to say (the model's own tensors)."""
+    from offload_engine.models import GGUF_BLOCKS_SWITCH
+
+    attached = adapter.weight_blocks
+    if attached is None or attached.matrices == 0:
+        return None
+    return "weights (decode)", (f"{attached.matrices} matrices from the GGUF file's blocks, "
+                                f"{attached.block_bytes / 2**20:.0f} MiB (float32: {attached.float_bytes / 2**20:.0f} MiB)"
+                                f"; {GGUF_BLOCKS_SWITCH}=0 for float32")
 
 
 def _print_summary(result: GenerationResult, extra: list[tuple[str, str]] | tuple = ()) -> None:

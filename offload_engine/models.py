@@ -36,6 +36,7 @@ from torch import nn
 
 from . import native
 from .errors import ModelLoadError, UnsupportedArchitectureError
+from .gguf_weights import AttachedBlocks, attach_gguf_blocks, gguf_file_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -239,6 +240,8 @@ class ModelAdapter:
         self._scaling = float(self._layers[0].self_attn.scaling)
         self._native_rope = _is_rotate_half_rope(self._apply_rope)
         self._bound_layers: dict[int, native.DecodeLayer | None] = {}  # _decode_layer
+        # the GGUF blocks load_model attached to the weights (None: none looked for; float32 weights throughout)
+        self.weight_blocks: AttachedBlocks | None = None
 
     @property
     def device(self) -> torch.device:
@@ -247,6 +250,24 @@ class ModelAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads: each parameter once (tied ones once), from its GGUF blocks where
+        the one-token kernels read those (``gguf_weights``), else its own elements."""
+        total = 0
+        for parameter in self.model.parameters():
+            blocks = native.weight_blocks(parameter)
+            total += blocks.blocks.numel() if blocks is not None else parameter.numel() * parameter.element_size()
+        return total
+
+    def weights_text(self) -> str:
+        """How a decode step reads the weights, for a report: their dtype, and the GGUF blocks where attached."""
+        attached = self.weight_blocks
+        if attached is None or attached.matrices == 0:
+            return f"{str(self.dtype).removeprefix('torch.')} tensors"
+        return (f"{attached.matrices} matrices from the GGUF file's q4_1 / q8_0 blocks "
+                f"({attached.block_bytes / 2**20:.0f} MiB, float32 {attached.float_bytes / 2**20:.0f} MiB), the rest "
+                f"{str(self.dtype).removeprefix('torch.')}")
 
     @property
     def scaling(self) -> float:
@@ -715,4 +736,17 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError):
         tokenizer = None
-    return ModelAdapter(model, tokenizer)
+    adapter = ModelAdapter(model, tokenizer)
+    gguf_file = gguf_file_of(source, extra)
+    if gguf_file is not None and gguf_blocks_wanted() and device == "cpu" and dtype == torch.float32:
+        adapter.weight_blocks = attach_gguf_blocks(model, gguf_file)
+    return adapter
+
+
+GGUF_BLOCKS_SWITCH = "TBRUN_GGUF_BLOCKS"
+
+
+def gguf_blocks_wanted() -> bool:
+    """Whether a model loaded from a GGUF file decodes on the CPU from the file's blocks (``gguf_weights``): yes
+    unless ``$TBRUN_GGUF_BLOCKS`` is 0 / off / false (the float32 weights then, for a side-by-side run)."""
+    return os.environ.get(GGUF_BLOCKS_SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")

@@ -690,6 +690,30 @@ def test_the_scores_are_the_same_on_cpus_without_avx512(march, fresh_native, mon
 
 
 @needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set levels only")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_a_linear_from_gguf_blocks_is_the_float32_one_on_cpus_without_avx512(march, fresh_native, monkeypatch):
+    """Built for an older x86 CPU (AVX2 and F16C; or neither), the q4_1 and q8_0 blocks widen by the other loads
+    (no code-table lookup) and still give the float32 product bit for bit (gguf_weights)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    monkeypatch.setattr(native, "FLAGS", tuple(f"-march={march}" if flag == "-march=native" else flag
+                                               for flag in native.FLAGS))
+    kernels = native.kernels()
+    assert kernels is not None and f"-march={march}" in native.FLAGS, native.status()
+    values = np.random.default_rng(4).standard_normal((70, 96)).astype(np.float32)
+    x = torch.randn(96, generator=torch.Generator().manual_seed(4))
+    for name, kind in (("q4_1", GGMLQuantizationType.Q4_1), ("q8_0", GGMLQuantizationType.Q8_0)):
+        raw = quants.quantize(values, kind)
+        weight = torch.from_numpy(quants.dequantize(raw, kind).astype(np.float32))
+        from_floats = kernels.linear(x, weight.clone(), None)
+        native.attach_weight_blocks(weight, native.WeightBlocks(name, torch.from_numpy(raw.copy())))
+        assert torch.equal(kernels.linear(x, weight, None), from_floats), name
+        torch.testing.assert_close(from_floats, weight @ x, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
 @pytest.mark.parametrize("reduction", ["mean", "max"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -39,7 +40,7 @@ SOURCE = Path(__file__).with_name("selection.cpp")
 # them it was built from (tbrun_kernels_abi), and one of another version is not used. The source is
 # read when this module is imported, so an edit of selection.cpp under a running process cannot build
 # a library the loaded wrappers do not match.
-ABI = 29
+ABI = 30
 _SOURCE_TEXT: str | None = None
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
          "-pthread")
@@ -49,6 +50,9 @@ ATTENTION_MAX_GROUP, ATTENTION_MAX_DIM = 16, 256  # tbrun_decode_attention's lim
 # hidden state or its heads; a prefill's chunk runs as torch's vectorised operations.
 TOKEN_MAX_ENTRIES = 1 << 15
 ACTIVATIONS = ("silu", "gelu_tanh")  # tbrun_gated_mlp's act codes 0 and 1
+WEIGHT_FORMATS = ("float32", "q4_1", "q8_0")  # tbrun_linear's format codes 0, 1, 2
+WEIGHT_BLOCK = 32  # weights a q4_1 / q8_0 block holds, along a row
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 
 _lock = threading.Lock()
 _scratch_buffers = threading.local()  # SelectionKernels._scratch
@@ -255,10 +259,10 @@ class SelectionKernels:
                                    ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64],
             "tbrun_topk_rows": [ptr, i64, i64, i64, i64, ptr, ptr, i64],
             "tbrun_query_mlp": [ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr],
-            "tbrun_linear": [ptr, i64, ptr, i64, ptr, ptr, i64],
+            "tbrun_linear": [ptr, i64, ptr, i64, i64, ptr, ptr, i64],
             "tbrun_rms_norm": [ptr, ptr, ptr, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr],
             "tbrun_rope": [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr],
-            "tbrun_gated_mlp": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64],
+            "tbrun_gated_mlp": [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64],
             "tbrun_write_token": [ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64],
             "tbrun_decode_layer_input": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr],
             "tbrun_decode_layer_output": [ptr, ptr, ptr, ptr, ptr],
@@ -398,7 +402,8 @@ class SelectionKernels:
         """``torch.nn.functional.linear`` for one token on the CPU: x with ``E`` float32 entries (any shape
         ``[..., E]`` holding one token), weight ``[O, E]`` and bias ``[O]`` (or None) float32 and contiguous
         -> ``[..., O]``. None (nothing done) for anything else, so the caller takes torch's path: more than
-        one token, another dtype or device, strided weights, or a tensor that needs a gradient."""
+        one token, another dtype or device, strided weights, or a tensor that needs a gradient. A weight with
+        blocks attached (``attach_weight_blocks``) is read from them: the same result, bit for bit."""
         if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
                 or x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1]
                 or weight.device.type != "cpu" or not weight.is_contiguous()
@@ -410,7 +415,7 @@ class SelectionKernels:
         rows, cols = weight.shape
         source = x if x.is_contiguous() else x.contiguous()
         out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
-        self.library.tbrun_linear(source.data_ptr(), cols, weight.data_ptr(), rows,
+        self.library.tbrun_linear(source.data_ptr(), cols, *weight_form(weight), rows,
                                   bias.data_ptr() if bias is not None else None, out.data_ptr(),
                                   max(1, kernel_threads()))
         return out
@@ -470,8 +475,8 @@ class SelectionKernels:
         """A gated MLP for one token, ``down(act(gate x) * up x)`` (+ residual): x with ``E`` float32 entries
         (any shape ``[..., E]`` holding one token), gate and up ``[I, E]``, down ``[O, I]`` float32 and
         contiguous, ``activation`` one of ``ACTIVATIONS``, residual ``[..., O]`` or None -> ``[..., O]``. The
-        three products by ``linear``'s kernel, the activation and the product between them in place, in one
-        call. None (nothing done) for anything else, so the caller takes torch's path."""
+        three products by ``linear``'s kernel (from attached blocks where a weight has them), the activation and
+        the product between them in place, in one call. None (nothing done) for anything else, so the caller takes torch's path."""
         float32 = torch.float32
         if (activation not in ACTIVATIONS or x.dtype is not float32 or not x.is_cpu or x.dim() == 0
                 or any(w.dtype is not float32 or not w.is_cpu or w.dim() != 2 or not w.is_contiguous()
@@ -487,8 +492,8 @@ class SelectionKernels:
         added = None if residual is None else (residual if residual.is_contiguous() else residual.contiguous())
         out = torch.empty(*x.shape[:-1], down.shape[0], dtype=float32)
         work = self._scratch(2 * inner)
-        self.library.tbrun_gated_mlp(source.data_ptr(), width, gate.data_ptr(), up.data_ptr(), inner,
-                                     down.data_ptr(), down.shape[0], ACTIVATIONS.index(activation),
+        self.library.tbrun_gated_mlp(source.data_ptr(), width, *weight_form(gate), *weight_form(up), inner,
+                                     *weight_form(down), down.shape[0], ACTIVATIONS.index(activation),
                                      added.data_ptr() if added is not None else None, _address(work),
                                      out.data_ptr(), max(1, kernel_threads()))
         return out
@@ -735,10 +740,14 @@ class LayerParts:
                 if t is not None]
 
 
+DECODE_LAYER_MATRICES = ("wq", "wk", "wv", "wo", "gate", "up", "down")  # each read in its format (weight_form)
+
+
 class _DecodeLayerArgs(ctypes.Structure):
     """selection.cpp's ``DecodeLayer``, field for field."""
 
     _fields_ = [(name, ctypes.c_int64) for name in ("e", "heads", "kv_heads", "d", "inner", "act", "threads")] + [
+        (f"{name}_format", ctypes.c_int64) for name in DECODE_LAYER_MATRICES] + [
         (name, ctypes.c_void_p) for name in ("input_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo",
                                              "bo", "post_norm", "gate", "up", "down")] + [
         (name, ctypes.c_float) for name in ("input_offset", "input_eps", "qk_offset", "qk_eps", "post_offset",
@@ -750,7 +759,8 @@ class DecodeLayer:
     (norm, q/k/v with their biases and per-head norms, RoPE) and ``output`` (o, residual, norm, gated MLP,
     residual): what ``ModelAdapter``'s per-piece forms take ~10 wrapper calls and ~15 tensor views for. The parts'
     tensors are held and their addresses checked at every call (``current``): a model moved or cast since is
-    not read through stale pointers."""
+    not read through stale pointers. A projection with blocks attached (``attach_weight_blocks``) is read from
+    them, and ``current`` also checks they still stand for it."""
 
     def __init__(self, kernels: SelectionKernels, parts: LayerParts):
         self.parts = parts
@@ -762,12 +772,19 @@ class DecodeLayer:
         self.input_kernel = kernels.library.tbrun_decode_layer_input
         self.output_kernel = kernels.library.tbrun_decode_layer_output
         self.scratch = kernels._scratch
+        forms = {name: weight_form(getattr(parts, name)) for name in DECODE_LAYER_MATRICES}
+        # the weights read from blocks, with the versions they were bound at (current)
+        self.block_read = [(getattr(parts, name), getattr(parts, name)._version) for name, (_, code) in forms.items()
+                           if code != 0]
         address = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+        pointers = {name: address(getattr(parts, name)) for name in (
+            "input_norm", "bq", "bk", "bv", "q_norm", "k_norm", "bo", "post_norm")}
+        pointers.update({name: form[0] for name, form in forms.items()})
         self.args = _DecodeLayerArgs(
             self.e, parts.heads, parts.kv_heads, parts.head_dim, self.inner, ACTIVATIONS.index(parts.activation),
-            max(1, kernel_threads()), *(address(t) for t in (
-                parts.input_norm, parts.wq, parts.bq, parts.wk, parts.bk, parts.wv, parts.bv, parts.q_norm,
-                parts.k_norm, parts.wo, parts.bo, parts.post_norm, parts.gate, parts.up, parts.down)),
+            max(1, kernel_threads()), *(forms[name][1] for name in DECODE_LAYER_MATRICES), *(pointers[name] for name in (
+                "input_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "bo", "post_norm", "gate",
+                "up", "down")),
             *parts.input_form, *parts.qk_form, *parts.post_form)
         self.address = ctypes.addressof(self.args)
 
@@ -787,8 +804,10 @@ class DecodeLayer:
         return cls(kernels, parts)
 
     def current(self) -> bool:
-        """Whether every bound tensor is where it was bound (a cast or a move replaces a parameter's memory)."""
-        return all(t.data_ptr() == a for t, a in zip(self.held, self.addresses))
+        """Whether every bound tensor is where it was bound (a cast or a move replaces a parameter's memory), and
+        the weights read from blocks are unchanged since (an in-place update leaves their blocks stale)."""
+        return (all(t.data_ptr() == a for t, a in zip(self.held, self.addresses))
+                and all(t._version == version for t, version in self.block_read))
 
     def input(self, hidden: torch.Tensor, cos: torch.Tensor | None,
               sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -1257,6 +1276,65 @@ class BoundQueryMLP:
         self.kernels.library.tbrun_query_mlp(x.data_ptr(), self.e, nw, nb, eps, w1, inner, w2, size, _address(work),
                                              out.data_ptr())
         return out
+
+
+@dataclass(frozen=True)
+class WeightBlocks:
+    """A linear layer's float32 weight ``[O, I]`` as a GGUF file stores it: ``blocks`` uint8 ``[O, I / 32 *
+    BLOCK_BYTES[format]]``, each row's 32-weight blocks in ggml's ``q4_1`` or ``q8_0`` layout (selection.cpp,
+    ``matvec_blocks``), which widen to exactly the weight's values. Checked at construction: shapes and format."""
+
+    format: str
+    blocks: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.format not in BLOCK_BYTES:
+            raise ValueError(f"weight blocks' format must be one of {tuple(BLOCK_BYTES)}, got {self.format!r}")
+        b = self.blocks
+        if (b.dtype is not torch.uint8 or b.dim() != 2 or not b.is_cpu or not b.is_contiguous()
+                or b.shape[1] % BLOCK_BYTES[self.format] != 0):
+            raise ValueError(f"{self.format} blocks must be a contiguous uint8 CPU tensor [rows, blocks * "
+                             f"{BLOCK_BYTES[self.format]}], got {b.dtype} {tuple(b.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The weight's ``(O, I)``."""
+        return self.blocks.shape[0], self.blocks.shape[1] // BLOCK_BYTES[self.format] * WEIGHT_BLOCK
+
+
+# id(weight) -> (a weak reference to it, its blocks, its address and version when they were attached); an entry goes
+# with its weight (a tensor compares elementwise, so it cannot be a WeakKeyDictionary's key)
+_ATTACHED: dict[int, tuple[weakref.ref, WeightBlocks, int, int]] = {}
+
+
+def attach_weight_blocks(weight: torch.Tensor, blocks: WeightBlocks) -> None:
+    """Let the one-token kernels read ``weight`` (float32 ``[O, I]`` on the CPU) from ``blocks``, which the caller
+    has checked widen to exactly its values (``gguf_weights.attach_gguf_blocks`` does). While the weight is
+    where and as it was (same memory, no in-place change since: its ``_version``), ``linear``, ``gated_mlp`` and a
+    bound ``DecodeLayer`` read the blocks; after a move, a cast or an in-place update they read the weight
+    again. (A change through ``weight.data``, which torch does not count, is not seen: don't.)"""
+    if weight.dtype is not torch.float32 or not weight.is_cpu or tuple(weight.shape) != blocks.shape:
+        raise ValueError(f"{blocks.format} blocks of shape {blocks.shape} cannot stand for a {weight.dtype} weight "
+                         f"of shape {tuple(weight.shape)} on {weight.device}")
+    key = id(weight)
+    _ATTACHED[key] = (weakref.ref(weight, lambda _, key=key: _ATTACHED.pop(key, None)), blocks, weight.data_ptr(),
+                      weight._version)
+
+
+def weight_blocks(weight: torch.Tensor) -> WeightBlocks | None:
+    """The blocks attached to ``weight`` while they still stand for it (see ``attach_weight_blocks``), else None."""
+    entry = _ATTACHED.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[2] != weight.data_ptr() or entry[3] != weight._version:
+        return None
+    return entry[1]
+
+
+def weight_form(weight: torch.Tensor) -> tuple[int, int]:
+    """``(address, format code)`` tbrun_linear reads ``weight`` by: its attached blocks, else its float32 values."""
+    blocks = weight_blocks(weight)
+    if blocks is None:
+        return weight.data_ptr(), 0
+    return blocks.blocks.data_ptr(), WEIGHT_FORMATS.index(blocks.format)
 
 
 def _check_float32_cpu(name: str, tensor: torch.Tensor) -> None:

@@ -42,7 +42,8 @@
 // that share the bits found so far (narrowed every 8 bits).
 //
 // tbrun_linear: a model's linear layer for one token (a matrix-vector product), what a decode step
-// spends most of its time on outside attention on the CPU.
+// spends most of its time on outside attention on the CPU; its weights in float32 or, for a model read from a
+// GGUF file, in the file's own q4_1 / q8_0 blocks (the same sums from a sixth or a quarter of the bytes).
 //
 // tbrun_project_token: a decode token's key through each KV head's compact projection, written into the
 // compact cache in one call per layer: float32, bfloat16, or int8 with each head's key quantised as
@@ -1089,6 +1090,112 @@ void matvec(const float* w, int64_t rows, int64_t cols, const float* x, float* y
     }
 }
 
+// ---- a linear layer's weights as a GGUF file stores them ----
+// Blocks of 32 weights along a row, in ggml's layouts: q4_1 (20 bytes: float16 d, float16 m, then 16 bytes whose
+// byte i holds weight i's 4-bit code q in its low nibble and weight 16 + i's in its high one; weight = d q + m) and
+// q8_0 (34 bytes: float16 d, 32 int8 codes; weight = d q). Each block is widened to the float32 weights the file's
+// dequantisation gives (d q is exact in float32: an 11-bit significand times a 4- or 8-bit code; + m rounds once, as
+// numpy's d * q + m does) right before its products, which are summed in matvec's order (a0 takes a block's first
+// 16, a1 its last 16): the same sums, bit for bit, as matvec over the dequantised matrix, from 20 or 34 bytes a
+// block instead of 128. Rows must be whole blocks (cols a multiple of 32, as GGUF stores them).
+constexpr int64_t WEIGHTS_FLOAT32 = 0, WEIGHTS_Q4_1 = 1, WEIGHTS_Q8_0 = 2;
+constexpr int64_t WEIGHT_BLOCK = 32;
+
+inline int64_t row_bytes(int64_t format, int64_t cols) {
+    if (format == WEIGHTS_Q4_1) return cols / WEIGHT_BLOCK * 20;
+    if (format == WEIGHTS_Q8_0) return cols / WEIGHT_BLOCK * 34;
+    return cols * static_cast<int64_t>(sizeof(float));
+}
+
+inline uint16_t half_bits(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, sizeof(h));
+    return h;
+}
+
+// 16 unsigned 4-bit codes from 16 bytes: their low nibbles (low) and high nibbles (high), as floats
+inline void nibbles(const uint8_t* p, vfloat& low, vfloat& high) {
+#if defined(__AVX512F__)
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0xF)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4));
+    std::memcpy(&low, &lo, sizeof(low));
+    std::memcpy(&high, &hi, sizeof(high));
+#elif defined(__AVX2__)
+    for (int half = 0; half < 2; ++half) {
+        const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * half)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(codes, _mm256_set1_epi32(0xF)));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(codes, 4));
+        std::memcpy(reinterpret_cast<char*>(&low) + half * sizeof(lo), &lo, sizeof(lo));
+        std::memcpy(reinterpret_cast<char*>(&high) + half * sizeof(hi), &hi, sizeof(hi));
+    }
+#else
+    for (int i = 0; i < LANES; ++i) {
+        low[i] = static_cast<float>(p[i] & 0xF);
+        high[i] = static_cast<float>(p[i] >> 4);
+    }
+#endif
+}
+
+// a block's 32 weights as float32: the first 16 in low, the last 16 in high
+template <int64_t Format>
+inline void widen_block(const uint8_t* block, vfloat& low, vfloat& high) {
+#if defined(__AVX512F__)
+    if constexpr (Format == WEIGHTS_Q4_1) {  // the block's 16 values d q + m in a register, looked up by code
+        int32_t dm_bits;  // d and m, both widened by one conversion
+        std::memcpy(&dm_bits, block, sizeof(dm_bits));
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+        const __m512 table = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm),
+                                             _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4)));
+        const __m512 lo = _mm512_permutexvar_ps(codes, table);  // (only an index's low 4 bits count)
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+        std::memcpy(&low, &lo, sizeof(low));
+        std::memcpy(&high, &hi, sizeof(high));
+        return;
+    }
+#endif
+    const vfloat d = vfloat{} + half_scalar(half_bits(block));
+    if constexpr (Format == WEIGHTS_Q4_1) {
+        const vfloat m = vfloat{} + half_scalar(half_bits(block + 2));
+        nibbles(block + 4, low, high);
+        low = d * low + m;
+        high = d * high + m;
+    } else {
+        low = d * load(reinterpret_cast<const int8_t*>(block + 2));
+        high = d * load(reinterpret_cast<const int8_t*>(block + 2 + LANES));
+    }
+}
+
+// matvec over a matrix of blocks (Format q4_1 or q8_0; w row-major, row_bytes(Format, cols) bytes a row)
+template <int64_t Format>
+void matvec_blocks(const uint8_t* w, int64_t rows, int64_t cols, const float* x, float* y) {
+    const int64_t blocks = cols / WEIGHT_BLOCK, stride = row_bytes(Format, cols), size = stride / blocks;
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* row = w + r * stride;
+        vfloat a0{}, a1{};
+        for (int64_t b = 0; b < blocks; ++b) {
+            vfloat low, high;
+            widen_block<Format>(row + b * size, low, high);
+            a0 += low * load(x + b * WEIGHT_BLOCK);
+            a1 += high * load(x + b * WEIGHT_BLOCK + LANES);
+        }
+        y[r] = lane_sum(a0 + a1);
+    }
+}
+
+// rows [first, first + rows) of a matrix in any format (w: its first row)
+void matvec_any(int64_t format, const void* w, int64_t first, int64_t rows, int64_t cols, const float* x, float* y) {
+    const uint8_t* start = static_cast<const uint8_t*>(w) + first * row_bytes(format, cols);
+    if (format == WEIGHTS_Q4_1)
+        matvec_blocks<WEIGHTS_Q4_1>(start, rows, cols, x, y + first);
+    else if (format == WEIGHTS_Q8_0)
+        matvec_blocks<WEIGHTS_Q8_0>(start, rows, cols, x, y + first);
+    else
+        matvec(reinterpret_cast<const float*>(start), rows, cols, x, y + first);
+}
+
 // ---- the page prefilter: Quest's page bound over the compact keys, then tokens of the best pages only ----
 // Each row's complete pages of `page` tokens have per-dimension maxima and minima of their keys (as scored:
 // int8 codes times their scales), stored dimension-major like the keys: bounds [2d, page capacity], the d
@@ -2012,7 +2119,7 @@ inline float activation(int64_t kind, float x) {
 extern "C" {
 
 // The version of the signatures below; offload_engine/native/__init__.py refuses a library of another.
-int tbrun_kernels_abi() { return 29; }
+int tbrun_kernels_abi() { return 30; }
 
 // 1 where bfloat16 keys are scored with the query rounded to bfloat16 (AVX512-BF16 pair products), else 0
 int tbrun_bf16_pair_products() { return BF16_PAIRS ? 1 : 0; }
@@ -2075,17 +2182,24 @@ int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const f
 }
 
 // A model's linear layer at a decode step (one token): out = w x (+ bias), x [cols], w [rows, cols]
-// row-major, bias [rows] or null, out [rows]. matvec streams the weights in order, which reads them at
+// row-major in `format` (WEIGHTS_FLOAT32, or a GGUF file's q4_1 / q8_0 blocks: matvec_blocks, cols a
+// multiple of 32), bias [rows] or null, out [rows]. matvec streams the weights in order, which reads them at
 // about twice the rate torch's one-row matrix product reaches on one core (the weights are out of the
 // caches at every step: a step reads all of them once). threads > 1: the rows are split among them where
 // the matrix has LINEAR_THREADED_ENTRIES entries or more (a language model's output head); smaller ones
-// are not worth starting a thread for. Returns 0.
+// are not worth starting a thread for. Returns 0; -1 (nothing done) for an unknown format or a block format
+// over rows that are not whole blocks.
 constexpr int64_t LINEAR_THREADED_ENTRIES = int64_t{1} << 22;
 
-int tbrun_linear(const float* x, int64_t cols, const float* w, int64_t rows, const float* bias, float* out,
-                 int64_t threads) {
+inline bool linear_format_fits(int64_t format, int64_t cols) {
+    return format == WEIGHTS_FLOAT32 || ((format == WEIGHTS_Q4_1 || format == WEIGHTS_Q8_0) && cols % WEIGHT_BLOCK == 0);
+}
+
+int tbrun_linear(const float* x, int64_t cols, const void* w, int64_t format, int64_t rows, const float* bias,
+                 float* out, int64_t threads) {
+    if (!linear_format_fits(format, cols)) return -1;
     split_rows(rows, rows * cols >= LINEAR_THREADED_ENTRIES ? threads : 1, [=](int64_t, int64_t first, int64_t last) {
-        matvec(w + first * cols, last - first, cols, x, out + first);
+        matvec_any(format, w, first, last - first, cols, x, out);
         if (bias != nullptr)
             for (int64_t r = first; r < last; ++r) out[r] += bias[r];
     });
@@ -2120,20 +2234,24 @@ int tbrun_rope(const float* q, int64_t heads, const float* k, int64_t kv_heads, 
 }
 
 // A gated MLP for one token: out = down(act(gate x) * up x) (+ residual), x [e], gate and up [inner, e], down
-// [e_out, inner] row-major, residual [e_out] or null, work [2 * inner] floats; act 0 SiLU, 1 GELU (tanh).
-// The product act(g) * u is rounded as torch rounds it (activation first). Returns 0; -1 for another act.
-int tbrun_gated_mlp(const float* x, int64_t e, const float* gate, const float* up, int64_t inner, const float* down,
-                    int64_t e_out, int64_t act, const float* residual, float* work, float* out, int64_t threads) {
-    if (act != 0 && act != 1) return -1;
+// [e_out, inner] row-major (each in its format, as tbrun_linear takes it), residual [e_out] or null, work
+// [2 * inner] floats; act 0 SiLU, 1 GELU (tanh). The product act(g) * u is rounded as torch rounds it
+// (activation first). Returns 0; -1 (nothing done) for another act or a format tbrun_linear refuses.
+int tbrun_gated_mlp(const float* x, int64_t e, const void* gate, int64_t gate_format, const void* up,
+                    int64_t up_format, int64_t inner, const void* down, int64_t down_format, int64_t e_out, int64_t act,
+                    const float* residual, float* work, float* out, int64_t threads) {
+    if ((act != 0 && act != 1) || !linear_format_fits(gate_format, e) || !linear_format_fits(up_format, e)
+        || !linear_format_fits(down_format, inner))
+        return -1;
     float* g = work;
     float* u = work + inner;
-    tbrun_linear(x, e, gate, inner, nullptr, g, threads);
-    tbrun_linear(x, e, up, inner, nullptr, u, threads);
+    tbrun_linear(x, e, gate, gate_format, inner, nullptr, g, threads);
+    tbrun_linear(x, e, up, up_format, inner, nullptr, u, threads);
     for (int64_t i = 0; i < inner; ++i) {
         const float activated = activation(act, g[i]);
         g[i] = activated * u[i];
     }
-    tbrun_linear(g, inner, down, e_out, nullptr, out, threads);
+    tbrun_linear(g, inner, down, down_format, e_out, nullptr, out, threads);
     if (residual != nullptr)
         for (int64_t i = 0; i < e_out; ++i) out[i] = residual[i] + out[i];
     return 0;
@@ -2141,24 +2259,26 @@ int tbrun_gated_mlp(const float* x, int64_t e, const float* gate, const float* u
 
 // A decoder layer of the Llama family's form for one decode token, in two calls around its attention (the
 // adapter binds one per layer: native.DecodeLayer): its fixed tensors and sizes, field for field with the
-// wrappers' _DecodeLayerArgs. Biases and the per-head q/k norms may be null; act as tbrun_gated_mlp's.
+// wrappers' _DecodeLayerArgs. Biases and the per-head q/k norms may be null; act as tbrun_gated_mlp's; each
+// projection's weights in their format (tbrun_linear's), which the wrapper checked fits.
 struct DecodeLayer {
     int64_t e, heads, kv_heads, d, inner, act, threads;
+    int64_t wq_format, wk_format, wv_format, wo_format, gate_format, up_format, down_format;
     const float* input_norm;
-    const float* wq;
+    const void* wq;
     const float* bq;
-    const float* wk;
+    const void* wk;
     const float* bk;
-    const float* wv;
+    const void* wv;
     const float* bv;
     const float* q_norm;
     const float* k_norm;
-    const float* wo;
+    const void* wo;
     const float* bo;
     const float* post_norm;
-    const float* gate;
-    const float* up;
-    const float* down;
+    const void* gate;
+    const void* up;
+    const void* down;
     float input_offset, input_eps, qk_offset, qk_eps, post_offset, post_eps;
 };
 
@@ -2169,9 +2289,9 @@ int tbrun_decode_layer_input(const DecodeLayer* layer, const float* hidden, cons
                              float* x, float* q, float* k, float* v) {
     const DecodeLayer& L = *layer;
     rms_norm_row(hidden, L.e, L.input_norm, L.input_offset, L.input_eps, x);
-    tbrun_linear(x, L.e, L.wq, L.heads * L.d, L.bq, q, L.threads);
-    tbrun_linear(x, L.e, L.wk, L.kv_heads * L.d, L.bk, k, L.threads);
-    tbrun_linear(x, L.e, L.wv, L.kv_heads * L.d, L.bv, v, L.threads);
+    tbrun_linear(x, L.e, L.wq, L.wq_format, L.heads * L.d, L.bq, q, L.threads);
+    tbrun_linear(x, L.e, L.wk, L.wk_format, L.kv_heads * L.d, L.bk, k, L.threads);
+    tbrun_linear(x, L.e, L.wv, L.wv_format, L.kv_heads * L.d, L.bv, v, L.threads);
     if (L.q_norm != nullptr) {
         tbrun_rms_norm(q, nullptr, nullptr, L.heads, L.d, L.q_norm, L.qk_offset, L.qk_eps, q);
         tbrun_rms_norm(k, nullptr, nullptr, L.kv_heads, L.d, L.k_norm, L.qk_offset, L.qk_eps, k);
@@ -2194,9 +2314,10 @@ int tbrun_decode_layer_output(const DecodeLayer* layer, const float* hidden, con
     float* total = work;
     float* x = work + L.e;
     float* mlp_work = work + 2 * L.e;
-    tbrun_linear(attention, L.heads * L.d, L.wo, L.e, L.bo, total, L.threads);
+    tbrun_linear(attention, L.heads * L.d, L.wo, L.wo_format, L.e, L.bo, total, L.threads);
     tbrun_rms_norm(hidden, total, total, 1, L.e, L.post_norm, L.post_offset, L.post_eps, x);
-    return tbrun_gated_mlp(x, L.e, L.gate, L.up, L.inner, L.down, L.e, L.act, total, mlp_work, out, L.threads);
+    return tbrun_gated_mlp(x, L.e, L.gate, L.gate_format, L.up, L.up_format, L.inner, L.down, L.down_format, L.e, L.act,
+                           total, mlp_work, out, L.threads);
 }
 
 // A decode token's K and V rows into the places a backend keeps them, in one call: k and v [heads, row_bytes]

@@ -75,14 +75,13 @@ test-vllm: setup-vllm
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
 
-# 9 min 45 s end to end on the AMD EPYC of bench/reports/overhead_cpu.md (2026-12-07), 3 repetitions at 1k-7.5k.
+# 9 min 4 s end to end on the AMD EPYC of bench/reports/overhead_cpu.md (2026-12-07, stop 56), 3 repetitions at 1k-7.5k.
 bench-overhead: setup
 	$(BIN)/python -m tbrun_bench.overhead --out bench/reports --sparse tokenbutler:10% --sparse streaming:10%
 
 # The same beside vLLM's CPU build decoding densely (its own venv), at 7.5k and 32k (tbrun's KV there a real 4k
-# prefix repeated, turned to its positions); the command of reports/overhead_vllm_cpu_prefetch (~30 min on the
-# Intel Xeon of the earlier reports, 25-34 on the AMD EPYC of this one, when each tbrun run prefilled its own tile:
-# since 2026-12-07 the tile is prefilled once per context, about 4 minutes fewer at 32k, not yet timed end to end).
+# prefix repeated, turned to its positions); the command of reports/overhead_vllm_cpu_prefetch (26 min end to end
+# on the AMD EPYC of stop 56, 2026-12-07; ~30 on the Intel Xeon of the earlier reports).
 bench-overhead-vllm: setup-vllm
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m tbrun_bench.overhead --out bench/reports \
 		--name overhead_vllm_cpu_prefetch --contexts 7.5k,32k --synthetic-kv-from 16k --synthetic-kv-tile 4k \

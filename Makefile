@@ -88,7 +88,8 @@ bench-overhead-vllm: setup-vllm
 		--repeats 3 --sparse tokenbutler:10% --sparse streaming:10%
 
 # Long-context decode latency on the CPU with the real weights and the shipped predictors, over a real 4k prefix's
-# KV repeated to each context (the tile prefilled once per context): the command of reports/latency-embedded-cpu.
+# KV repeated to each context (the tile prefilled once per context): the command of reports/latency-embedded-cpu
+# (22 min end to end on the AMD EPYC of stop 56).
 # Five rounds, so that each mode's ratios paired within a round come with a 95% interval.
 bench-latency-cpu: setup
 	$(BIN)/tbrun --threads 1 bench latency --device cpu --synthetic-kv --synthetic-kv-tile 4k --model embedded \

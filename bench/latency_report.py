@@ -162,7 +162,8 @@ def to_markdown(report: dict) -> str:
                       "(latest run; % of peak uses the larger)")
     lines = [
         markdown_header("Decode latency per step: tbrun modes side by side", report), "",
-        f"Model {model}, {s['dtype']}{_weights_text(s)}; budget {s['budget']} tokens per (layer, KV head); {_predictor_text(report)}; "
+        f"Model {model}, {s['dtype']}{_weights_text(s)}; budget {s['budget']} tokens per (layer, KV head); "
+        f"{_predictor_text(report)}; "
         f"{s['warmup']} warm-up steps excluded, {s['decode_steps']} timed steps per mode; the prompt fills the "
         f"context less the {s['new_tokens_per_run']} new tokens. Pinned host-to-device memcpy peak: {peak_text}.",
         "",

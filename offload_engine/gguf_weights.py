@@ -2,7 +2,7 @@
 
 transformers dequantises a GGUF file's weights to float32 on load, and every decode step on the CPU then streams
 all of them from memory: 540 MB a step for the embedded SmolLM2-135M, whose file holds them as q4_1 (the
-projections) and q8_0 (the embedding, tied to the output head) blocks, 96 MB. ``attach_gguf_blocks`` reads those
+projections) and q8_0 (the embedding, tied to the output head) blocks, 92 MiB. ``attach_gguf_blocks`` reads those
 blocks from the file and attaches each to the model's weight it stands for (``native.attach_weight_blocks``),
 after checking that it widens to exactly that weight's values: the one-token kernels then compute the same sums,
 bit for bit, from a sixth (q4_1) or a quarter (q8_0) of the bytes. Everything else (prefill, training, a GPU, a
@@ -12,6 +12,7 @@ weight that does not match) keeps the float32 weights, which stay in the model.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,11 @@ def attach_gguf_blocks(model: nn.Module, gguf_path: str | Path) -> AttachedBlock
         return AttachedBlocks(0, 0, 0, ())
     matrices = block_bytes = float_bytes = 0
     declined: list[str] = []
-    for name, block_format, raw in block_tensors(gguf_path):
+    try:
+        tensors = block_tensors(gguf_path)
+    except (OSError, ValueError) as exc:  # the model loaded from it, so this is unexpected: float32 throughout
+        return AttachedBlocks(0, 0, 0, (f"the file's tensor index could not be read ({exc})",))
+    for name, block_format, raw in tensors:
         target = _target_linear(model, name)
         if target is None:
             declined.append(f"{name} (no linear layer of the model)")
@@ -93,9 +98,7 @@ def block_tensors(path: str | Path) -> list[tuple[str, str, np.ndarray]]:
     """The q4_1 / q8_0 tensors of a GGUF file: ``(name, format, rows)``, rows a read-only uint8 view ``[O, bytes a
     row]`` of the file (memory-mapped). Read from the file's index directly: gguf's ``GGUFReader`` builds an
     object for every metadata value (the tokenizer's ~100k strings) and takes ~2.5 s on the embedded model's
-    file, this ~0.1 s. Raises ``ValueError`` for a file that is not GGUF version 2 or 3."""
-    import struct
-
+    file, this ~0.1 s. Raises ``ValueError`` for a file that is not GGUF version 2 or 3, or is cut short."""
     with open(path, "rb") as handle:
         head = handle.read(24)
         if len(head) < 24 or head[:4] != b"GGUF" or struct.unpack_from("<I", head, 4)[0] not in (2, 3):
@@ -135,21 +138,25 @@ class _GgufIndex:
     def __init__(self, handle):
         self.handle = handle
 
+    def read(self, size: int) -> bytes:
+        data = self.handle.read(size)
+        if len(data) != size:
+            raise ValueError(f"{self.handle.name} ends inside its GGUF index (a partial download?)")
+        return data
+
     def u32(self) -> int:
-        return int.from_bytes(self.handle.read(4), "little")
+        return int.from_bytes(self.read(4), "little")
 
     def u64(self) -> int:
-        return int.from_bytes(self.handle.read(8), "little")
+        return int.from_bytes(self.read(8), "little")
 
     def string(self) -> str:
-        return self.handle.read(self.u64()).decode("utf-8", errors="replace")
+        return self.read(self.u64()).decode("utf-8", errors="replace")
 
     def value(self, kind: int):
-        import struct
-
         if kind in self.SCALARS:
             layout = self.SCALARS[kind]
-            return struct.unpack(layout, self.handle.read(struct.calcsize(layout)))[0]
+            return struct.unpack(layout, self.read(struct.calcsize(layout)))[0]
         if kind == self.STRING:
             return self.string()
         if kind == self.ARRAY:
@@ -167,6 +174,9 @@ def _target_linear(model: nn.Module, name: str) -> nn.Linear | None:
     """The linear layer a GGUF tensor's name stands for, if the model has it as a float32 CPU ``nn.Linear``."""
     if name in ("token_embd.weight", "output.weight"):
         module = getattr(model, "lm_head", None)
+        embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if name == "token_embd.weight" and (module is None or embedding is None or module.weight is not embedding.weight):
+            return None  # the embedding is the output head only where the two are tied
     else:
         match = _LAYER_NAME.match(name)
         path = LAYER_TENSORS.get(match.group(2)) if match else None

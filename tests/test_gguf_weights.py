@@ -65,8 +65,9 @@ def test_a_linear_from_blocks_is_the_float32_linear_bit_for_bit(block_format, ro
     assert native.weight_form(weight.clone())[1] == 0  # a copy has no blocks: float32
     from_floats = kernels.linear(x, weight.clone(), b)
     assert torch.equal(from_blocks, from_floats)
-    exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
-    magnitude = torch.nn.functional.linear(x.double().abs(), weight.double().abs(), None if b is None else b.double().abs())
+    wide_b = None if b is None else b.double()
+    exact = torch.nn.functional.linear(x.double(), weight.double(), wide_b)
+    magnitude = torch.nn.functional.linear(x.double().abs(), weight.double().abs(), None if b is None else wide_b.abs())
     assert ((from_blocks.double() - exact).abs() <= 1e-6 * magnitude + 1e-7).all()  # float32 rounding of a sum
 
 
@@ -179,6 +180,17 @@ def test_the_index_reader_finds_what_ggufs_reader_finds(tmp_path):
     (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(40))
     with pytest.raises(ValueError, match="not a GGUF file"):
         block_tensors(tmp_path / "not.gguf")
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:2000])  # inside the index: refused, not misread
+    with pytest.raises(ValueError, match="ends inside its GGUF index"):
+        block_tensors(tmp_path / "cut.gguf")
+
+
+def test_an_unreadable_index_attaches_nothing_and_says_why(tmp_path):
+    model, path = _tiny_gguf(tmp_path)
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:2000])
+    attached = attach_gguf_blocks(model, tmp_path / "cut.gguf")
+    assert attached.matrices == 0 and "could not be read" in attached.describe()
+    assert all(native.weight_blocks(p) is None for p in model.parameters())
 
 
 def test_a_gguf_models_decode_reads_the_blocks_and_keeps_its_logits_bit_for_bit(tmp_path):

@@ -476,7 +476,8 @@ class SelectionKernels:
         (any shape ``[..., E]`` holding one token), gate and up ``[I, E]``, down ``[O, I]`` float32 and
         contiguous, ``activation`` one of ``ACTIVATIONS``, residual ``[..., O]`` or None -> ``[..., O]``. The
         three products by ``linear``'s kernel (from attached blocks where a weight has them), the activation and
-        the product between them in place, in one call. None (nothing done) for anything else, so the caller takes torch's path."""
+        the product between them in place, in one call. None (nothing done) for anything else, so the caller
+        takes torch's path."""
         float32 = torch.float32
         if (activation not in ACTIVATIONS or x.dtype is not float32 or not x.is_cpu or x.dim() == 0
                 or any(w.dtype is not float32 or not w.is_cpu or w.dim() != 2 or not w.is_contiguous()
@@ -782,9 +783,9 @@ class DecodeLayer:
         pointers.update({name: form[0] for name, form in forms.items()})
         self.args = _DecodeLayerArgs(
             self.e, parts.heads, parts.kv_heads, parts.head_dim, self.inner, ACTIVATIONS.index(parts.activation),
-            max(1, kernel_threads()), *(forms[name][1] for name in DECODE_LAYER_MATRICES), *(pointers[name] for name in (
-                "input_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "bo", "post_norm", "gate",
-                "up", "down")),
+            max(1, kernel_threads()), *(forms[name][1] for name in DECODE_LAYER_MATRICES),
+            *(pointers[name] for name in ("input_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo",
+                                          "bo", "post_norm", "gate", "up", "down")),
             *parts.input_form, *parts.qk_form, *parts.post_form)
         self.address = ctypes.addressof(self.args)
 

@@ -1140,7 +1140,7 @@ inline void nibbles(const uint8_t* p, vfloat& low, vfloat& high) {
 // a block's 32 weights as float32: the first 16 in low, the last 16 in high
 template <int64_t Format>
 inline void widen_block(const uint8_t* block, vfloat& low, vfloat& high) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__F16C__)
     if constexpr (Format == WEIGHTS_Q4_1) {  // the block's 16 values d q + m in a register, looked up by code
         int32_t dm_bits;  // d and m, both widened by one conversion
         std::memcpy(&dm_bits, block, sizeof(dm_bits));

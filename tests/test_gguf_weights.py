@@ -108,7 +108,14 @@ def test_blocks_stop_standing_for_a_weight_changed_moved_or_cast():
                 weight.data = weight.data * 2.0
         assert native.weight_blocks(weight) is None, change
         torch.testing.assert_close(kernels.linear(x, weight, None), weight @ x, rtol=1e-5, atol=1e-5)
-    assert native.weight_blocks(_attached(32, 64, "q8_0").bfloat16()) is None
+    linear = torch.nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(_attached(32, 64, "q8_0"))
+    raw = _quantized(32, 64, "q8_0", 0)
+    native.attach_weight_blocks(linear.weight, native.WeightBlocks("q8_0", torch.from_numpy(raw.copy())))
+    assert native.weight_blocks(linear.weight) is not None
+    linear.to(torch.bfloat16)  # the module's cast replaces the parameter's memory
+    assert native.weight_blocks(linear.weight) is None
 
 
 def test_weight_blocks_are_checked_at_construction():

@@ -367,10 +367,7 @@ def _weights_row(adapter) -> tuple[str, str] | None:
     attached = adapter.weight_blocks
     if attached is None or attached.matrices == 0:
         return None
-    mib = 2**20
-    return "weights (decode)", (f"{attached.matrices} matrices from the GGUF file's blocks, "
-                                f"{attached.block_bytes / mib:.0f} MiB (float32: {attached.float_bytes / mib:.0f} MiB); "
-                                f"{GGUF_BLOCKS_SWITCH}=0 for float32")
+    return "weights (decode)", f"{attached.summary()}; {GGUF_BLOCKS_SWITCH}=0 for float32"
 
 
 def _print_summary(result: GenerationResult, extra: list[tuple[str, str]] | tuple = ()) -> None:

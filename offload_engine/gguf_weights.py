@@ -41,10 +41,14 @@ class AttachedBlocks:
     float_bytes: int
     declined: tuple[str, ...]
 
+    def summary(self) -> str:
+        """What a decode step reads, in a few words (reports, ``tbrun generate``'s summary)."""
+        return (f"{self.matrices} matrices from the GGUF file's q4_1 / q8_0 blocks ({self.block_bytes / 2**20:.0f} MiB, "
+                f"float32 {self.float_bytes / 2**20:.0f} MiB)")
+
     def describe(self) -> str:
-        text = (f"{self.matrices} weight matrices read from the GGUF file's blocks at decode time: "
-                f"{self.block_bytes / 2**20:.0f} MiB instead of {self.float_bytes / 2**20:.0f} MiB of float32")
-        return text + (f"; left in float32: {', '.join(self.declined)}" if self.declined else "")
+        """``summary`` and the file's block tensors left in float32, with why."""
+        return self.summary() + (f"; left in float32: {', '.join(self.declined)}" if self.declined else "")
 
 
 def gguf_file_of(source: str, extra: dict) -> Path | None:

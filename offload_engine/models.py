@@ -262,12 +262,12 @@ class ModelAdapter:
 
     def weights_text(self) -> str:
         """How a decode step reads the weights, for a report: their dtype, and the GGUF blocks where attached."""
+        from .memory import dtype_name  # (memory imports this module)
+
         attached = self.weight_blocks
         if attached is None or attached.matrices == 0:
-            return f"{str(self.dtype).removeprefix('torch.')} tensors"
-        return (f"{attached.matrices} matrices from the GGUF file's q4_1 / q8_0 blocks "
-                f"({attached.block_bytes / 2**20:.0f} MiB, float32 {attached.float_bytes / 2**20:.0f} MiB), the rest "
-                f"{str(self.dtype).removeprefix('torch.')}")
+            return f"{dtype_name(self.dtype)} tensors"
+        return f"{attached.summary()}, the rest {dtype_name(self.dtype)}"
 
     @property
     def scaling(self) -> float:

@@ -274,3 +274,19 @@ def test_the_embedded_model_decodes_from_its_files_blocks_with_the_same_logits(m
         return engine.score_continuation(prompt[:8], prompt[8:], keep_logits=True).logits
 
     assert torch.equal(logits(adapter), logits(plain))
+
+
+@pytest.mark.slow
+def test_generate_names_the_blocks_it_decoded_from(monkeypatch):
+    """``tbrun generate`` on the embedded model says a step read the file's blocks, and says nothing of them with
+    ``TBRUN_GGUF_BLOCKS=0``."""
+    from typer.testing import CliRunner
+
+    from tbrun_cli.main import app
+
+    _kernels()
+    args = ["generate", "--prompt", "Hello.", "--no-chat", "--max-new-tokens", "2"]
+    shown = " ".join(CliRunner().invoke(app, args).output.split())
+    assert "weights (decode)" in shown and "211 matrices from the GGUF file's q4_1 / q8_0 blocks" in shown
+    monkeypatch.setenv("TBRUN_GGUF_BLOCKS", "0")
+    assert "weights (decode)" not in CliRunner().invoke(app, args).output

@@ -1113,15 +1113,10 @@ inline uint16_t half_bits(const uint8_t* p) {
     return h;
 }
 
-// 16 unsigned 4-bit codes from 16 bytes: their low nibbles (low) and high nibbles (high), as floats
+// 16 unsigned 4-bit codes from 16 bytes: their low nibbles (low) and high nibbles (high), as floats (where the
+// CPU has AVX-512 and F16C, widen_block looks the values up instead)
 inline void nibbles(const uint8_t* p, vfloat& low, vfloat& high) {
-#if defined(__AVX512F__)
-    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0xF)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4));
-    std::memcpy(&low, &lo, sizeof(low));
-    std::memcpy(&high, &hi, sizeof(high));
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
     for (int half = 0; half < 2; ++half) {
         const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * half)));
         const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(codes, _mm256_set1_epi32(0xF)));

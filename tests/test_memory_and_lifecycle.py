@@ -3,6 +3,7 @@ freed at the end of every sequence, Ctrl-C included."""
 
 from __future__ import annotations
 
+import sys
 from collections import namedtuple
 
 import pytest
@@ -272,3 +273,32 @@ def test_a_synthetic_kv_cache_can_repeat_a_real_prefix(chunk):
     for bad in (dict(synthetic_kv_tile=8), dict(synthetic_kv=True, synthetic_kv_tile=-1)):
         with pytest.raises(ConfigError, match="synthetic_kv_tile"):
             EngineConfig(context=96, **bad)
+
+
+def _mapping_flags(address: int) -> str:
+    """The permission field of the /proc/self/maps entry holding ``address`` ("rw-p": private)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, flags = line.split()[:2]
+            start, end = (int(part, 16) for part in span.split("-"))
+            if start <= address < end:
+                return flags
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps (Linux)")
+def test_host_buffer_is_a_private_mapping_that_asks_for_huge_pages():
+    """Transparent huge pages go to private anonymous memory that asks for them; a shared anonymous mapping
+    (mmap's default) is shmem and got none under the usual settings, though it asked."""
+    buffer = host_store.HostBuffer(8 << 20)
+    flags = _mapping_flags(buffer.address)
+    assert flags.startswith("rw") and flags.endswith("p"), flags
+    with open("/proc/self/smaps") as smaps:
+        lines = smaps.read().splitlines()
+    header = next(i for i, line in enumerate(lines)
+                  if not line[0].isupper() and int(line.split("-")[0], 16) <= buffer.address
+                  < int(line.split()[0].split("-")[1], 16))
+    advice = next(line for line in lines[header + 1:] if line.startswith("VmFlags:"))
+    assert " hg" in advice + " ", advice  # MADV_HUGEPAGE recorded on the mapping
+    buffer.bytes[:] = 7  # the memory is usable and zero-filled before
+    assert int(buffer.bytes.sum()) == 7 * buffer.nbytes

@@ -152,12 +152,17 @@ class _Mapping:
     """An anonymous page-aligned, zero-filled mapping of ``nbytes``, handed to numpy (and so to torch)
     through ``__array_interface__``: every tensor over it keeps this object alive through its storage,
     so a finalizer attached here runs only once the last view is gone, and before the mapping is
-    unmapped (an object's weak-reference callbacks run before its attributes are released)."""
+    unmapped (an object's weak-reference callbacks run before its attributes are released).
+
+    Private, not ``mmap``'s default shared mapping: Linux gives transparent huge pages to private anonymous
+    memory that asks for them (``transparent_hugepage/enabled`` ``madvise``, the common default), while shared
+    anonymous memory is shmem, which takes them only under ``shmem_enabled`` (``never`` by default). Until
+    stop 57 the mapping was shared and so asked for huge pages in vain."""
 
     def __init__(self, nbytes: int):
-        self.map = mmap.mmap(-1, nbytes)
+        self.map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-            self.map.madvise(mmap.MADV_HUGEPAGE)  # fewer pages for the driver to lock and map
+            self.map.madvise(mmap.MADV_HUGEPAGE)  # fewer pages to fault in, map, lock, and miss in the TLB
         self.address = np.frombuffer(self.map, dtype=np.uint8).ctypes.data  # the export ends with the array
         self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.address, False),
                                     "version": 3}

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import psutil
 import torch
 
 from . import native
@@ -113,14 +114,31 @@ class PrefillRecord:
     # at the first replay (``Engine._tiled_store``), KvH D (H D) numbers per token and layer, kept per replaying
     # adapter, dtype, device and prefill chunk (``Engine._tile_owner``): another engine never reads them
     tile_before_rope: dict = field(default_factory=dict)
+    # a tile's record, per replaying engine (``Engine._tile_owner``) and length: each layer's k turned by RoPE to
+    # its positions and v repeated, ``[KvH, length, D]`` each, kept from the first replay of that length where
+    # host memory allows (``tile_fill_fits``), so that the next modes and rounds copy them instead of turning
+    # and repeating the tile again (30% of a fill, profiled at 64k)
+    tile_filled: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the recorded tensors (and of a tile's q and k before RoPE, once replayed)."""
+        """Bytes of the recorded tensors (and of a tile's q and k before RoPE and its filled k and v, once
+        replayed)."""
         recorded = sum(t.nbytes for layer in self.layers for t in (layer.x, layer.q, layer.k, layer.v))
-        turned = [t for layers in self.tile_before_rope.values() for pair in layers.values() for t in pair
-                  if t is not None]
-        return recorded + sum(t.nbytes for t in turned)
+        kept = [t for kind in (self.tile_before_rope, self.tile_filled) for layers in kind.values()
+                for pair in layers.values() for t in pair if t is not None]
+        return recorded + sum(t.nbytes for t in kept)
+
+
+# A tile's filled k and v of one length are kept only while host memory has this many times their bytes free:
+# room for the replaying backend's own cache of the same size, its copies, and the rest of the process.
+TILE_FILL_HEADROOM = 3
+
+
+def tile_fill_fits(layers: int, kv_heads: int, length: int, head_dim: int, itemsize: int, available: int) -> bool:
+    """Whether a tile's k and v filled to ``length`` for ``layers`` layers (``2 * layers * kv_heads * length *
+    head_dim * itemsize`` bytes) may be kept with ``available`` bytes of host memory free."""
+    return TILE_FILL_HEADROOM * 2 * layers * kv_heads * length * head_dim * itemsize <= available
 
 
 class _RecordingKV(KVBackend):
@@ -323,7 +341,8 @@ class Engine:
         store, observations = backend.prefill_layer, record.observations
         if self.config.synthetic_kv_tile:
             before_rope = record.tile_before_rope.setdefault(self._tile_owner(), {})
-            store = self._tiled_store(backend, self.config.synthetic_kv_tile, length, before_rope)
+            store = self._tiled_store(backend, self.config.synthetic_kv_tile, length, before_rope,
+                                      self._tile_fill(record, length))
             self.adapter.reset_rope()  # the tiled store's table may have grown a dynamic RoPE past the prefix
             observations = record.observations.setdefault(("tiled to", length), {})
         with shared_prefill_observations(observations):
@@ -374,7 +393,24 @@ class Engine:
         stats.prefill_seconds = time.perf_counter() - start
         return logits
 
-    def _tiled_store(self, backend: KVBackend, tile: int, length: int, before_rope: dict | None = None):
+    def _tile_fill(self, record: PrefillRecord, length: int) -> dict | None:
+        """The dict keeping ``record``'s tile filled to ``length`` for this engine (``PrefillRecord.tile_filled``),
+        made at the first replay of that length if host memory allows (``tile_fill_fits``; on the CPU, where the
+        kept tensors live); None (nothing kept, every replay fills again) where it does not."""
+        owner = (self._tile_owner(), length)
+        if owner in record.tile_filled:
+            return record.tile_filled[owner]
+        dims, device = self.adapter.dims, self.device
+        if device.type != "cpu" or not record.layers:
+            return None
+        head_dim, itemsize = record.layers[0].k.shape[-1], record.layers[0].k.element_size()
+        if not tile_fill_fits(len(record.layers), dims.num_kv_heads, length, head_dim, itemsize,
+                              psutil.virtual_memory().available):
+            return None
+        return record.tile_filled.setdefault(owner, {})
+
+    def _tiled_store(self, backend: KVBackend, tile: int, length: int, before_rope: dict | None = None,
+                     filled: dict | None = None):
         """``backend.prefill_layer`` for a real ``tile``-token prefix stored ``length`` positions long:
         position ``t`` holds position ``t mod tile``'s x and v, and its q and k before RoPE turned by ``t``'s
         RoPE, as that text repeated would give them in layer 0 (and so each copy sits at its own distance
@@ -384,7 +420,10 @@ class Engine:
         memory behind them, as in ``_synthetic_prefill`` (a timing fill; at 128k a layer's q and x are 0.6 GB
         on the embedded model). ``before_rope``: a dict kept across calls for one tile (a replayed record's,
         ``PrefillRecord.tile_before_rope``, this engine's part) holding each layer's k before RoPE, and q where a
-        replay has read it, so that every replay does not project the tile again."""
+        replay has read it, so that every replay does not project the tile again. ``filled``: a dict kept across
+        calls for one tile, length and engine (``Engine._tile_fill``) holding each layer's k turned and v repeated
+        to ``length``, handed to the backend as they are (a backend's prefill copies what it keeps, never writes
+        its inputs), so that a replay turns and repeats the tile only where no earlier replay of that length did."""
         adapter, chunk, device = self.adapter, self.config.prefill_chunk, self.device
         reads = backend.prefill_reads
         probe = torch.zeros(1, 1, 1, device=device, dtype=adapter.dtype)  # rope() reads only its dtype and device
@@ -414,11 +453,19 @@ class Engine:
                 if before_rope is not None:
                     before_rope[layer] = cached
             q_pre, k_pre = cached if "q" in reads else (None, cached[1])
-            q_all, k_all = turned(layer, q_pre, k_pre)
+            kept = None if filled is None else filled.get(layer)
+            if kept is None or q_pre is not None:  # (q is turned with k, in one call)
+                q_all, k_all = turned(layer, q_pre, k_pre)
+                keys = k_all[0]
+            else:
+                q_all, keys = None, kept[0]
+            values = kept[1] if kept is not None else repeat_positions(v, 1, length)
+            if filled is not None and kept is None:
+                filled[layer] = (keys, values)
             queries = (q_all[0] if q_all is not None
                        else k_pre.new_zeros(()).expand(adapter.dims.num_heads, length, k_pre.shape[-1]))
             inputs = repeat_positions(x, 0, length) if "x" in reads else x.new_zeros(()).expand(length, x.shape[-1])
-            backend.prefill_layer(layer, inputs, queries, k_all[0], repeat_positions(v, 1, length))
+            backend.prefill_layer(layer, inputs, queries, keys, values)
         return store
 
     def _tile_owner(self) -> tuple:

@@ -163,11 +163,17 @@ def test_a_tiles_recorded_prefill_replays_as_the_tiled_prefill_itself(policy):
         assert record.prompt == tuple(prompt[:32]) and record.layers[0].k.shape[1] == 32
         for length in (90, 70):  # one record, two lengths: observations are not shared across them
             own = engine(chunk).score_continuation(prompt[:length], targets, keep_logits=True)
-            replayed = engine(chunk).score_continuation(prompt[:length], targets, keep_logits=True, prefill=record)
-            assert torch.equal(own.logits, replayed.logits), (policy, length, chunk)
+            for _ in range(2):  # the second replay reads the k and v the first filled (tile_filled)
+                replayed = engine(chunk).score_continuation(prompt[:length], targets, keep_logits=True,
+                                                            prefill=record)
+                assert torch.equal(own.logits, replayed.logits), (policy, length, chunk)
             assert own.logits.std() > 0.1  # varied logits (init std 0.2), not one repeated token's
         (kept,) = record.tile_before_rope.values()  # every layer's, made at the first replay
         assert len(kept) == adapter.dims.num_layers
+        assert sorted(length for _, length in record.tile_filled) == [70, 90]
+        for (_, length), layers in record.tile_filled.items():
+            assert len(layers) == adapter.dims.num_layers
+            assert all(k.shape[1] == v.shape[1] == length for k, v in layers.values())
         reads_q = policy in ("snapkv", "h2o")  # q kept only for a policy that reads it
         assert all((q is not None) == reads_q and k.shape[2] == 32 for q, k in kept.values())
     engine(5).score_continuation(prompt, targets, prefill=records[4096])  # another chunk: its own projections
@@ -178,6 +184,39 @@ def test_a_tiles_recorded_prefill_replays_as_the_tiled_prefill_itself(policy):
             prompt[1:], sampling, prefill=records[4096])
     with pytest.raises(ConfigError, match="another prompt"):
         Engine(adapter, EngineConfig(context=128)).generate(prompt, sampling, prefill=records[4096])
+
+
+def test_a_tiles_fill_is_kept_only_where_host_memory_allows(monkeypatch):
+    """A tile's k and v filled to a length stay on the record only with TILE_FILL_HEADROOM times their bytes of
+    host memory free; without, every replay fills again, and gives the same logits."""
+    from offload_engine import engine as engine_module
+    from offload_engine.engine import TILE_FILL_HEADROOM, tile_fill_fits
+
+    # the embedded model's shape at 128k: 6.0 GB of k and v, kept with 20 GiB free, not with 16
+    assert tile_fill_fits(30, 3, 131072, 64, 4, 20 * 2**30) and not tile_fill_fits(30, 3, 131072, 64, 4, 16 * 2**30)
+    adapter = ModelAdapter(tiny_model("llama", initializer_range=0.2))
+    prompt = torch.randint(5, adapter.dims.vocab_size, (90,), generator=torch.Generator().manual_seed(1)).tolist()
+    targets = prompt[:4]
+    config = EngineConfig(context=128, mode=KVMode.SPARSE_OFFLOAD, synthetic_kv=True, synthetic_kv_tile=32,
+                          selection=SelectionConfig(policy="streaming", budget=Budget.parse("40%"), sinks=4, window=8))
+    record = Engine(adapter, EngineConfig(context=128, synthetic_kv=True, synthetic_kv_tile=32)).record_prefill(prompt)
+    own = Engine(adapter, config).score_continuation(prompt, targets, keep_logits=True)
+    asked = []
+
+    def with_little_free(*sizes):  # the engine's question, answered as if a third of the fill's bytes were free
+        asked.append(sizes[:-1])
+        layers, kv_heads, length, head_dim, itemsize = sizes[:-1]
+        fill_bytes = 2 * layers * kv_heads * length * head_dim * itemsize
+        assert tile_fill_fits(*sizes[:-1], TILE_FILL_HEADROOM * fill_bytes)
+        return tile_fill_fits(*sizes[:-1], fill_bytes // 3)
+
+    monkeypatch.setattr(engine_module, "tile_fill_fits", with_little_free)
+    for _ in range(2):
+        replayed = Engine(adapter, config).score_continuation(prompt, targets, keep_logits=True, prefill=record)
+        assert torch.equal(own.logits, replayed.logits)
+    assert record.tile_filled == {}
+    dims = adapter.dims
+    assert asked == [(dims.num_layers, dims.num_kv_heads, 90, dims.head_dim, 4)] * 2  # asked again at each replay
 
 
 TILED_POLICIES = ["streaming", "quest", "snapkv", "h2o", "oracle", "random", "tokenbutler", "critical(tokenbutler)",

@@ -89,7 +89,8 @@ bench-overhead-vllm: setup-vllm
 
 # Long-context decode latency on the CPU with the real weights and the shipped predictors, over a real 4k prefix's
 # KV repeated to each context (the tile prefilled once per context): the command of reports/latency-embedded-cpu
-# (22 min end to end on the AMD EPYC of stop 56).
+# (12 min end to end on the Intel Xeon of stop 57, where each tile's fill is kept across modes; 22 before it, and
+# on the AMD EPYC of stop 56).
 # Five rounds, so that each mode's ratios paired within a round come with a 95% interval.
 bench-latency-cpu: setup
 	$(BIN)/tbrun --threads 1 bench latency --device cpu --synthetic-kv --synthetic-kv-tile 4k --model embedded \

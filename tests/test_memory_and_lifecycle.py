@@ -339,5 +339,6 @@ def test_host_buffer_is_a_private_mapping_that_asks_for_huge_pages():
                   < int(line.split()[0].split("-")[1], 16))
     advice = next(line for line in lines[header + 1:] if line.startswith("VmFlags:"))
     assert " hg" in advice + " ", advice  # MADV_HUGEPAGE recorded on the mapping
-    buffer.bytes[:] = 7  # the memory is usable and zero-filled before
+    assert int(buffer.bytes.sum()) == 0  # zero-filled, as an anonymous mapping is
+    buffer.bytes[:] = 7
     assert int(buffer.bytes.sum()) == 7 * buffer.nbytes

@@ -75,7 +75,8 @@ test-vllm: setup-vllm
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
 
-# 9 min 4 s end to end on the AMD EPYC of bench/reports/overhead_cpu.md (2026-12-07, stop 56), 3 repetitions at 1k-7.5k.
+# 7 min 0 s end to end on the Intel Xeon of bench/reports/overhead_cpu.md (2026-12-07, stop 57; 9 min 4 s on the AMD
+# EPYC of stop 56), 3 repetitions at 1k-7.5k.
 bench-overhead: setup
 	$(BIN)/python -m tbrun_bench.overhead --out bench/reports --sparse tokenbutler:10% --sparse streaming:10%
 

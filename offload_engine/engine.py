@@ -454,14 +454,14 @@ class Engine:
                     before_rope[layer] = cached
             q_pre, k_pre = cached if "q" in reads else (None, cached[1])
             kept = None if filled is None else filled.get(layer)
-            if kept is None or q_pre is not None:  # (q is turned with k, in one call)
+            if kept is not None and q_pre is None:
+                q_all, (keys, values) = None, kept
+            else:  # the tile turned (q with k, in one call), v repeated unless an earlier replay kept it
                 q_all, k_all = turned(layer, q_pre, k_pre)
                 keys = k_all[0]
-            else:
-                q_all, keys = None, kept[0]
-            values = kept[1] if kept is not None else repeat_positions(v, 1, length)
-            if filled is not None and kept is None:
-                filled[layer] = (keys, values)
+                values = kept[1] if kept is not None else repeat_positions(v, 1, length)
+                if filled is not None and kept is None:
+                    filled[layer] = (keys, values)
             queries = (q_all[0] if q_all is not None
                        else k_pre.new_zeros(()).expand(adapter.dims.num_heads, length, k_pre.shape[-1]))
             inputs = repeat_positions(x, 0, length) if "x" in reads else x.new_zeros(()).expand(length, x.shape[-1])

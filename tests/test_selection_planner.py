@@ -12,6 +12,7 @@ from offload_engine.errors import ConfigError
 from offload_engine.models import ModelAdapter
 from offload_engine.policies.critical import CriticalPolicy
 from offload_engine.selection import Selector
+from offload_engine.selection.planner import SelectionPlanner
 from offload_engine.selection.scores import GroupScores
 
 from recording import record_attended, record_results
@@ -172,6 +173,40 @@ def test_a_share_budget_below_sinks_and_window_is_a_note_not_an_error(adapter):
     assert len(result.stats.notes) == 1 and "below --sinks + the narrowest window = 20" in result.stats.notes[0]
     with pytest.raises(ConfigError, match="exceed the budget"):
         SelectionConfig(policy="quest", budget=Budget(tokens=19), sinks=4, window=64)
+
+
+@pytest.mark.parametrize("spec", ["tokenbutler", "critical(tokenbutler)", "quest"])
+def test_below_the_floor_nothing_is_scored_and_the_first_step_past_it_predicts(adapter, spec, monkeypatch):
+    """A 5% share of a short sequence keeps no candidate (the layers attend sinks and window): no producer
+    plans (natively or not) and no layer scores, and the logits are streaming's, which selects nothing either.
+    A sequence whose share keeps some selects at every step."""
+    calls = {"plan": 0, "score": 0}
+    policy = make_policy(adapter, spec)
+    score = policy.score
+    policy.score = lambda *a: (calls.__setitem__("score", calls["score"] + 1), score(*a))[1]
+    plan_ahead = SelectionPlanner._plan_ahead
+    monkeypatch.setattr(SelectionPlanner, "_plan_ahead", lambda self, *a: (
+        calls.__setitem__("plan", calls["plan"] + 1), plan_ahead(self, *a))[1])
+    config = SelectionConfig(policy=spec, budget=Budget.parse("5%"), sinks=4, window=64)
+    short = list(range(1, 35))  # 34 tokens: 5% is 2, below sinks + the narrowest window (20); 14 candidates
+    engine = Engine(adapter, EngineConfig(context=512, mode=KVMode.SPARSE_OFFLOAD, selection=config), policy=policy)
+    seen = record_attended(engine)
+    result = engine.generate(short, SamplingConfig(max_new_tokens=6))
+    assert calls == {"plan": 0, "score": 0}
+    assert "below --sinks + the narrowest window" in result.stats.notes[0]
+    dense = policy.dense_layers()
+    assert len(seen) == 5 and all(heads == [[]] * adapter.dims.num_kv_heads
+                                  for step in seen for layer, heads in step.items() if layer not in dense)
+    if not dense:  # no layer attends all (tokenbutler's layer 0 does): the logits are streaming's
+        streaming = Engine(adapter, EngineConfig(context=512, mode=KVMode.SPARSE_OFFLOAD, selection=SelectionConfig(
+            policy="streaming", budget=Budget.parse("5%"), sinks=4, window=64)))
+        torch.testing.assert_close(engine.score_continuation(short, result.token_ids).logprobs,
+                                   streaming.score_continuation(short, result.token_ids).logprobs, rtol=0, atol=1e-5)
+    long = torch.randint(0, 320, (460,), generator=torch.Generator().manual_seed(3)).tolist()  # 5%: 23, keeps 3
+    engine.generate(long, SamplingConfig(max_new_tokens=4))
+    producers = sum(policy.is_producer(layer) for layer in range(adapter.dims.num_layers)) if policy.plans_ahead else 0
+    assert calls == ({"plan": 3 * producers, "score": 0} if producers
+                     else {"plan": 0, "score": 3 * (adapter.dims.num_layers - len(dense))})
 
 
 @pytest.mark.parametrize("mode,spec", [(KVMode.SPARSE_OFFLOAD, "tokenbutler"), (KVMode.SPARSE_OFFLOAD, "quest"),

@@ -535,6 +535,23 @@ def test_tokenbutler_at_ten_percent_answers_a_needle_dense_answers(engine):
     assert any(d and s for d, s in zip(dense, sparse)), f"dense {dense}, tokenbutler 10% {sparse}"
 
 
+@pytest.mark.slow
+def test_below_the_floor_nothing_is_scored(engine, monkeypatch):
+    """5% of a ~100-token prompt is below sinks + the narrowest window: every sequence attends its sinks and
+    window and the scorer is not called; a prompt whose 5% keeps candidates is scored at every decode step."""
+    calls = []
+    score = engine.runtime.scorer.score
+    monkeypatch.setattr(engine.runtime.scorer, "score", lambda *a: (calls.append(a[0]), score(*a))[1])
+    engine.runtime.enabled = True
+    engine.runtime.set_selection(SelectionConfig(budget=Budget(fraction=0.05)))
+    prompt = list(needle_prompts(engine.tokenizer, 1, 1024)[0].prompt_ids)
+    before = engine.runtime.selecting_steps
+    assert len(generate(engine.llm, [prompt[:100]], 6)[0]) == 6
+    assert engine.runtime.selecting_steps - before >= 5 and calls == []  # sparse steps, nothing scored
+    generate(engine.llm, [prompt[:600]], 4)  # 5% of 600 is 30: 10 kept past the floor of 20
+    assert len(calls) >= 3 * (engine.runtime.num_layers - len(engine.runtime.dense))
+
+
 def test_blocks_touched_counts_distinct_blocks_per_row():
     positions = torch.tensor([[[0, 1, 17, 40, -1], [5, 6, 7, -1, -1]]])
     assert paged.blocks_touched(positions, 16) == (7, 3 + 1)

@@ -234,10 +234,14 @@ class SelectionPlanner:
             elif bank.layers[0] not in self.dense:
                 self.candidates, selecting = candidates, True
         self.attends_everything = not selecting
-        self._predict = selecting and self._selection_steps % self.interval == 0
+        # a share budget still below the floor keeps no candidate: the selecting layers attend their sinks
+        # and window, and nothing is scored until the share grows past them (the first step that keeps
+        # one predicts, whatever the interval)
+        choosing = selecting and self.candidates.keep > 0
+        self._predict = choosing and self._selection_steps % self.interval == 0
         # the first selecting step predicts for every layer; after it the refresh layers select every step
-        self._refreshing = selecting and not self._predict and bool(self.refresh)
-        self._selection_steps += int(selecting)
+        self._refreshing = choosing and not self._predict and bool(self.refresh)
+        self._selection_steps += int(choosing)
         if self._predict and self.batched:
             self._select_fixed(orders)
         return orders

@@ -134,8 +134,11 @@ class Runtime:
         if layer in self.dense or batch.all_fit:
             positions = paged.every_position(batch, kv_heads)
         else:
-            selected = self.reuse.select(layer, batch, lambda part: paged.select_top(
-                self.scorer.score(layer, query[part.rows], part), part).expand(-1, kv_heads, -1))
+            if batch.most == 0:  # every sequence's share is still below the floor: sinks and window, nothing scored
+                selected = batch.fixed.new_empty(batch.fixed.shape[0], kv_heads, 0)
+            else:
+                selected = self.reuse.select(layer, batch, lambda part: paged.select_top(
+                    self.scorer.score(layer, query[part.rows], part), part).expand(-1, kv_heads, -1))
             positions = paged.attended_positions(batch, selected)
             if self.block_coverage is not None:
                 for size, counts in self.block_coverage.items():

@@ -304,10 +304,11 @@ def run_variant(adapter, variant: Variant, context: int, prompt: list[int], sett
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if settings.copy_thread and not config.copy_thread:  # the core the copy thread would take: the model's
-            torch.set_num_threads(threads + 1)  # torch's, and the native kernels' (decode attention, LM head)
-            os.environ[native.THREADS_VARIABLE] = str(max(threads + 1, native.kernel_threads()))
+            torch.set_num_threads(threads + 1)  # (its decode runs the native kernels on them: native.decode_threads)
+            if kernel_variable is not None:  # a count set by hand: raised to the cores, as before
+                os.environ[native.THREADS_VARIABLE] = str(max(threads + 1, native.kernel_threads()))
         row.update(model_threads=torch.get_num_threads(), copy_thread=config.copy_thread,
-                   kernel_threads=native.kernel_threads())
+                   kernel_threads=native.decode_kernel_threads())
         result = engine.generate(prompt, SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True),
                                  prefill=prefill)
         row.update(measurements(result.stats, adapter, context, settings, variant, predictor_dim(engine.policy)))

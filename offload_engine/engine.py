@@ -7,6 +7,7 @@ the sequence ends, on success, error or Ctrl-C alike, so pinned host memory neve
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -279,6 +280,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 logits = self._prefill(prompt, backend, GenerationStats(), None, prefill)
+            with torch.inference_mode(), self.decode_threads():
                 on_device = torch.tensor(targets, device=self.device)  # one copy, not one per step
                 cursor = DecodeCursor(on_device[0], len(prompt), self.device)
                 for i, target in enumerate(targets):
@@ -510,6 +512,16 @@ class Engine:
     def _decode_loop(self, prompt, logits, backend, sampling, generator, generated, stats, on_token,
                      clock: PhaseClock) -> str:
         """Sample, stream and feed back tokens until EOS, the token limit or the context end."""
+        with self.decode_threads():
+            return self._decode_tokens(prompt, logits, backend, sampling, generator, generated, stats, on_token, clock)
+
+    def decode_threads(self):
+        """A context for decode steps: on the CPU ``native.decode_threads`` (the kernels on the cores torch has,
+        torch on one), elsewhere nothing."""
+        return native.decode_threads() if self.device.type == "cpu" else contextlib.nullcontext()
+
+    def _decode_tokens(self, prompt, logits, backend, sampling, generator, generated, stats, on_token,
+                       clock: PhaseClock) -> str:
         stats.decode_kv_bytes = backend.device_kv_bytes()
         next_token = sample_next(logits, sampling, generator)
         token = int(next_token)

@@ -173,6 +173,39 @@ def test_the_copy_thread_changes_when_work_happens_not_what_is_computed(adapter,
     torch.testing.assert_close(threaded_scores.logprobs, plain_scores.logprobs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("copy_thread", [False, True])
+def test_a_cpu_decode_runs_the_kernels_on_the_cores_torch_had_and_computes_the_same(adapter, copy_thread,
+                                                                                   monkeypatch):
+    """Every decode step (of generate and of teacher-forced scoring) runs with torch on one thread and the native
+    kernels on the cores torch had (a copy thread takes a core ``--threads`` left free); the prefill keeps torch's threads; torch's count is
+    restored after; the tokens, bytes and log-probabilities are those of one kernel thread."""
+    if native.kernels() is None:
+        pytest.skip(f"the native kernels are not built here: {native.status()}")
+    monkeypatch.setenv(native.THREADS_VARIABLE, "1")
+    one, one_scores = _run(adapter, "tokenbutler", copy_thread)
+    monkeypatch.delenv(native.THREADS_VARIABLE)
+    steps, prefills = [], []
+    original_step, original_prefill = Engine._decode_step, Engine._prefill
+
+    def step(self, *args, **kwargs):
+        steps.append((torch.get_num_threads(), native.kernel_threads()))
+        return original_step(self, *args, **kwargs)
+
+    def prefill(self, *args, **kwargs):
+        prefills.append(torch.get_num_threads())
+        return original_prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_decode_step", step)
+    monkeypatch.setattr(Engine, "_prefill", prefill)
+    torch.set_num_threads(3)  # the one_thread fixture restores its own count after the test
+    threaded, threaded_scores = _run(adapter, "tokenbutler", copy_thread)
+    assert torch.get_num_threads() == 3 and native.kernel_threads() == 1
+    assert prefills == [3, 3] and len(steps) == 2 * (NEW - 1)
+    assert set(steps) == {(1, 3)}
+    assert threaded.token_ids == one.token_ids and threaded.stats.h2d_bytes == one.stats.h2d_bytes
+    torch.testing.assert_close(threaded_scores.logprobs, one_scores.logprobs, rtol=0, atol=0)
+
+
 def test_tokenbutlers_selections_are_made_on_the_copy_thread(adapter, monkeypatch):
     """With plain top-k, each producer's selection (scores, top-k, residency) runs on the copy thread,
     once per prediction step and producer, never on the thread that runs the model."""

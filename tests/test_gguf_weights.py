@@ -71,6 +71,32 @@ def test_a_linear_from_blocks_is_the_float32_linear_bit_for_bit(block_format, ro
     assert ((from_blocks.double() - exact).abs() <= 1e-6 * magnitude + 1e-7).all()  # float32 rounding of a sum
 
 
+@pytest.mark.parametrize("block_format", ["float32", "q4_1"])
+def test_split_linears_give_the_one_thread_result_called_back_to_back_and_after_the_workers_sleep(
+        block_format, monkeypatch):
+    """A decode's projections split between threads (the smallest the embedded model has, 192 x 576, is above
+    the threaded size): every call gives the one-thread product bit for bit, whether the kept worker is still
+    spinning from the call before or has gone to sleep (its spin is 200 µs)."""
+    import time
+
+    kernels = _kernels()
+    generator = torch.Generator().manual_seed(5)
+    if block_format == "float32":
+        weights = [torch.randn(rows, 576, generator=generator) for rows in (192, 576, 1536)]
+    else:
+        weights = [_attached(rows, 576, block_format) for rows in (192, 576, 1536)]
+    xs = [torch.randn(1, 1, 576, generator=generator) for _ in range(4)]
+    monkeypatch.setenv(native.THREADS_VARIABLE, "1")
+    expected = [[kernels.linear(x, w, None) for w in weights] for x in xs]
+    monkeypatch.setenv(native.THREADS_VARIABLE, "2")
+    for round_ in range(60):
+        for x, rows in zip(xs, expected):
+            for w, one in zip(weights, rows):
+                assert torch.equal(kernels.linear(x, w, None), one)
+        if round_ % 10 == 9:
+            time.sleep(0.002)  # past the spin: the worker sleeps and is woken by the next call
+
+
 def test_the_kernel_reads_the_blocks_not_the_floats():
     """Blocks attached to a weight they do not widen to (the caller's check skipped on purpose) give their own
     product: the kernel reads them, not the float32 weight."""

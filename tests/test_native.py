@@ -416,9 +416,9 @@ def test_a_forked_child_runs_threaded_kernels_with_workers_of_its_own(built_nati
     pytest.fail("the forked child's threaded call did not finish in 60 s (waiting for its parent's workers)")
 
 
-def test_kernels_run_on_one_thread_unless_told_and_a_bad_count_is_refused(monkeypatch):
-    """torch's thread count does not start kernel threads (they would wait for torch's spinning workers);
-    ``TBRUN_NATIVE_THREADS`` does, and a count that is not a whole number >= 1 says what to write."""
+def test_kernels_run_on_one_thread_outside_a_decode_unless_told_and_a_bad_count_is_refused(monkeypatch):
+    """Outside a decode torch's thread count does not start kernel threads (they would wait for torch's spinning
+    workers); ``TBRUN_NATIVE_THREADS`` does, and a count that is not a whole number >= 1 says what to write."""
     monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert native.kernel_threads() == 1
@@ -429,6 +429,33 @@ def test_kernels_run_on_one_thread_unless_told_and_a_bad_count_is_refused(monkey
         with pytest.raises(ValueError, match="whole number of threads"):
             native.kernel_threads()
 
+
+
+@needs_compiler
+def test_a_decode_runs_the_kernels_on_the_cores_torch_had_and_torch_on_one(built_native, monkeypatch):
+    """``decode_threads``: the kernels take torch's thread count and torch one thread, both restored on exit,
+    after an error too; a count set in ``TBRUN_NATIVE_THREADS`` is used as it
+    is and leaves torch its threads; with the kernels off, nothing changes."""
+    monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with native.decode_threads():
+            assert (native.kernel_threads(), torch.get_num_threads()) == (3, 1)
+        assert (native.kernel_threads(), torch.get_num_threads()) == (1, 3)
+        assert native.decode_kernel_threads() == 3
+        with pytest.raises(RuntimeError, match="inside"), native.decode_threads():
+            raise RuntimeError("inside")
+        assert (native.kernel_threads(), torch.get_num_threads()) == (1, 3)
+        monkeypatch.setenv(native.THREADS_VARIABLE, "2")
+        with native.decode_threads():
+            assert (native.kernel_threads(), torch.get_num_threads()) == (2, 3)
+        monkeypatch.delenv(native.THREADS_VARIABLE)
+        monkeypatch.setenv("TBRUN_NATIVE", "0")
+        with native.decode_threads():
+            assert torch.get_num_threads() == 3  # torch does the decode's work: it keeps its threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_kernel_variables_follow_the_environment_however_it_changes(monkeypatch):

@@ -26,7 +26,8 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     from ..selection.pages import PageRows
@@ -111,29 +112,71 @@ def enabled() -> bool:
     return _parsed_variable(_ENV_SWITCH, _switch_on)
 
 
-def kernel_threads() -> int:
-    """How many threads a kernel may split its rows (or a large plan) among: ``$TBRUN_NATIVE_THREADS``,
-    default 1, whatever torch uses.
+_DEFAULT_THREADS = [1]  # the kernels' threads where $TBRUN_NATIVE_THREADS is unset: 1, or a decode's (decode_threads)
 
-    Torch's OpenMP workers keep spinning on the other cores for a while after each parallel region, and a
-    decode step is hundreds of them, so a thread a kernel starts waits for a core: with torch on 2 threads
-    (2 cores), the native top-k of a producer took 1 ms instead of 57 µs and the scores 3.3x as long,
-    and tokenbutler's selection 41 ms a step instead of 17.5 at 7.5k on the embedded model
-    (measured 2026-12-04). The kernels give the same results at any count (tests/test_native.py).
-    """
+
+def kernel_threads() -> int:
+    """How many threads a kernel may split its rows (or a large plan) among: ``$TBRUN_NATIVE_THREADS`` where
+    set, else 1, and inside ``decode_threads`` the cores torch had. The kernels give the same results at any
+    count (tests/test_native.py)."""
+    threads = _requested_threads()
+    return _DEFAULT_THREADS[0] if threads is None else threads
+
+
+def _requested_threads() -> int | None:
+    """``$TBRUN_NATIVE_THREADS`` as a count, None where unset; ValueError saying what is wrong with it."""
     threads = _parsed_variable(THREADS_VARIABLE, _thread_count)
     if isinstance(threads, str):  # what was wrong, kept as parsed, refused at every call
         raise ValueError(threads)
     return threads
 
 
-def _thread_count(text: str | None) -> int | str:
-    """The count ``$TBRUN_NATIVE_THREADS`` asks for, or what is wrong with it."""
+@contextmanager
+def decode_threads() -> Iterator[None]:
+    """A CPU decode on the cores torch was given: the native kernels split their work among them, torch runs
+    on one thread meanwhile; both are restored on exit.
+
+    A decode step on the CPU is native calls (every projection, the norms, MLP and attention of a Llama-form
+    layer, the selection) with a few small torch operations between them. Torch's OpenMP workers spin on the
+    other cores for a while after each of its parallel regions, so a kernel's worker thread beside them
+    waits for a core (with torch on 2 threads a producer's native top-k took 1 ms instead of 57 µs, and
+    tokenbutler's selection 41 ms a step instead of 17.5 at 7.5k on the embedded model, 2026-12-04, when
+    a step was hundreds of torch operations). With torch on one thread and the kernels on torch's cores a
+    dense step of the embedded model took 0.72-0.75x the time of torch's two threads and one kernel thread
+    (bench/reports/decode_threads.md). A copy thread (``--copy-thread``) takes a core that ``--threads`` left
+    free, so it is not among them. Where ``$TBRUN_NATIVE_THREADS`` is set it decides the kernels' threads and torch keeps its
+    own (``TBRUN_NATIVE_THREADS=1``: the behaviour before); without the kernels nothing changes.
+    """
+    if _requested_threads() is not None or not enabled() or kernels() is None:
+        yield
+        return
+    torch_threads, before = torch.get_num_threads(), _DEFAULT_THREADS[0]
+    _DEFAULT_THREADS[0] = decode_kernel_threads()
+    if torch_threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch_threads > 1:
+            torch.set_num_threads(torch_threads)
+        _DEFAULT_THREADS[0] = before
+
+
+def decode_kernel_threads() -> int:
+    """The kernels' threads in a ``decode_threads`` started now: ``$TBRUN_NATIVE_THREADS`` where set, else
+    torch's count."""
+    requested = _requested_threads()
+    return requested if requested is not None else torch.get_num_threads()
+
+
+def _thread_count(text: str | None) -> int | None | str:
+    """The count ``$TBRUN_NATIVE_THREADS`` asks for, None where it is unset or empty, or what is wrong with it."""
     text = (text or "").strip()
     if not text:
-        return 1
+        return None
     if not text.isdigit() or int(text) < 1:
-        return f"{THREADS_VARIABLE}={text!r}: write a whole number of threads, 1 or more (1 is the default)"
+        return (f"{THREADS_VARIABLE}={text!r}: write a whole number of threads, 1 or more, or unset it (a decode "
+                "then splits the kernels' work among the cores torch was given)")
     return int(text)
 
 
@@ -144,7 +187,9 @@ def status() -> str:
     if kernels() is None:
         return _status
     try:
-        threads = f"{kernel_threads()} kernel thread(s)"
+        requested = _requested_threads()
+        threads = (f"{requested} kernel thread(s) (${THREADS_VARIABLE})" if requested is not None else
+                   f"{decode_kernel_threads()} kernel thread(s) in a decode (torch's threads; torch on 1 meanwhile)")
     except ValueError as error:
         threads = str(error)
     return f"{_status}; {threads}"

@@ -61,6 +61,9 @@
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <emmintrin.h>  // _mm_pause, for the workers' spin
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -938,10 +941,20 @@ void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* 
     for (int64_t j = 0; j < keep; ++j) values[j] = row[index[j]];
 }
 
+// How long a worker (or a caller waiting for its workers) spins before it sleeps: longer than the gaps
+// between a decode step's calls, short enough that a process between steps leaves the core at once.
+constexpr int64_t SPIN_MICROSECONDS = 200;
+
 // Worker threads kept between calls: split_rows hands each call's blocks to them. Starting threads at
 // every call cost more than it saved below ~1 ms of work (a start, a join and each new thread's first touch
 // of its thread_local buffers: a producer's selection at 32k took 0.48 ms on 2 threads against 0.64 on one;
-// with the kept workers ~0.40). The workers sleep on a condition variable between calls, and keep their
+// with the kept workers ~0.40). A call's blocks are claimed one at a time, by the caller too, so a worker that
+// comes late (asleep, or its core taken by another process) costs no more than the caller running every block
+// itself. Between calls a worker spins for up to SPIN_MICROSECONDS, then sleeps on a condition variable; the
+// caller likewise waits for the workers' last blocks. A decode step makes its calls
+// tens of microseconds apart (every projection of every layer, split when a decode runs its kernels on the
+// cores torch had: decode_threads in native/__init__.py), so a spinning worker takes each at once, where
+// waking a sleeping one took about as long as the work (a layer's projections: 10-40 µs). Workers keep their
 // thread_local buffers (a selecting worker's scores and logits: (g + 1) * 4 bytes per cached token) for the
 // process's life. One call at a time uses them: a call made while another holds them (two Python threads in
 // the kernels at once; the GIL is released), a split inside a block, or one whose workers cannot be started
@@ -949,8 +962,10 @@ void topk_row(const float* row, int64_t n, int64_t keep, int64_t* index, float* 
 // parent's threads: it starts with no workers and makes its own (pthread_atfork).
 class Workers {
   public:
-    // run(i) for i in [1, count) on the workers while the caller runs run(0); returns when all are done
-    // (rethrowing the first block's exception), or false at once where the workers cannot take the call
+    // run(i) for each i in [0, count) once, the blocks claimed one at a time by the caller and the workers
+    // that come; returns when all are done (rethrowing the first block's exception), or false at once where
+    // the workers cannot take the call. The caller claims blocks too, so a worker that is late (asleep, or
+    // its core taken by another process) costs no more than running every block on the caller's thread.
     template <typename Run>
     static bool run(int64_t count, Run& run_block) {
         if (inside) return false;  // a block's own split: its thread is one of the workers, or holds them
@@ -960,22 +975,20 @@ class Workers {
         {
             std::lock_guard<std::mutex> lock(self.state);
             self.block = [&run_block](int64_t i) { run_block(i); };
-            self.taking = count;
-            self.pending = count - 1;
+            self.count = count;
+            self.next.store(0);
             self.failure = nullptr;
-            ++self.generation;
+            self.generation.fetch_add(1);  // what a spinning worker watches (the writes above are seen first)
         }
-        self.wake.notify_all();
-        std::exception_ptr failure;
+        self.wake.notify_all();  // the workers asleep
         inside = true;
-        try {
-            run_block(0);
-        } catch (...) {
-            failure = std::current_exception();
-        }
+        std::exception_ptr failure = claim_blocks(self.next, count, run_block);
         inside = false;
+        // the workers that took part have claimed their last block: wait for them to finish it. One that comes
+        // later finds the call ended (no block) and waits for the next.
+        spin_while([&self] { return self.active.load(std::memory_order_acquire) != 0; });
         std::unique_lock<std::mutex> lock(self.state);
-        self.finished.wait(lock, [&self] { return self.pending == 0; });  // no worker still runs this frame's blocks
+        self.finished.wait(lock, [&self] { return self.active.load() == 0; });
         self.block = nullptr;
         if (!failure) failure = self.failure;
         if (failure) std::rethrow_exception(failure);
@@ -983,6 +996,32 @@ class Workers {
     }
 
   private:
+    // run the blocks claimed from `next` until none is left; the first exception, if any
+    template <typename Run>
+    static std::exception_ptr claim_blocks(std::atomic<int64_t>& next, int64_t count, Run& run_block) {
+        std::exception_ptr failure;
+        for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+            try {
+                run_block(i);
+            } catch (...) {
+                if (!failure) failure = std::current_exception();
+            }
+        }
+        return failure;
+    }
+
+    // up to SPIN_MICROSECONDS while busy() holds (the clock read every 64 pauses)
+    template <typename Busy>
+    static void spin_while(Busy busy) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_MICROSECONDS);
+        for (int64_t round = 1; busy(); ++round) {
+#if defined(__x86_64__) || defined(__i386__)
+            _mm_pause();
+#endif
+            if (round % 64 == 0 && std::chrono::steady_clock::now() >= until) return;
+        }
+    }
+
     static Workers& instance() {
         static std::once_flag registered;  // a child made by fork() has none of its parent's threads
         std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, [] { current.store(nullptr); }); });
@@ -1000,7 +1039,7 @@ class Workers {
     bool grow(int64_t wanted) {  // under in_use; false where a thread cannot be started
         try {
             while (started < wanted) {
-                std::thread(&Workers::serve, this, started + 1, generation).detach();  // calls from the next on
+                std::thread(&Workers::serve, this, generation.load()).detach();  // calls from the next on
                 ++started;
             }
         } catch (const std::system_error&) {
@@ -1009,26 +1048,25 @@ class Workers {
         return true;
     }
 
-    void serve(int64_t index, uint64_t seen) {
+    void serve(uint64_t seen) {
         inside = true;
         for (;;) {
             std::function<void(int64_t)> run_block;
+            int64_t blocks;
+            spin_while([&] { return generation.load(std::memory_order_acquire) == seen; });
             {
                 std::unique_lock<std::mutex> lock(state);
-                wake.wait(lock, [&] { return generation != seen; });
-                seen = generation;
-                if (index >= taking) continue;
+                wake.wait(lock, [&] { return generation.load() != seen; });
+                seen = generation.load();
+                if (!block) continue;  // that call has ended: its caller ran what was left
                 run_block = block;
+                blocks = count;
+                active.fetch_add(1);  // the caller now waits for this worker before it returns
             }
-            std::exception_ptr failed;
-            try {
-                run_block(index);
-            } catch (...) {
-                failed = std::current_exception();
-            }
+            std::exception_ptr failed = claim_blocks(next, blocks, run_block);
             std::lock_guard<std::mutex> lock(state);
             if (failed && !failure) failure = failed;
-            if (--pending == 0) finished.notify_one();
+            if (active.fetch_sub(1) == 1) finished.notify_one();
         }
     }
 
@@ -1036,14 +1074,16 @@ class Workers {
     static inline thread_local bool inside = false;  // this thread is running a block
     std::mutex in_use, state;
     std::condition_variable wake, finished;
-    std::function<void(int64_t)> block;
+    std::function<void(int64_t)> block;  // the call's blocks, null between calls
     std::exception_ptr failure;
-    int64_t started = 0, taking = 0, pending = 0;
-    uint64_t generation = 0;
+    int64_t started = 0, count = 0;
+    std::atomic<int64_t> next{0};  // the call's next unclaimed block
+    std::atomic<int64_t> active{0};  // workers taking part in the call
+    std::atomic<uint64_t> generation{0};  // calls so far
 };
 
-// rows split into contiguous blocks, one per thread (the first on the caller's, the others on the kept
-// workers); each row alike, so the result does not depend on the count
+// rows split into contiguous blocks, one per thread (claimed by the caller and the kept workers, Workers::run);
+// each row alike, so the result does not depend on the count, nor on which thread ran a block
 template <typename Work>
 void split_rows(int64_t rows, int64_t threads, Work work) {
     threads = std::max<int64_t>(1, std::min(threads, rows));
@@ -1820,9 +1860,11 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
 // and read back. With pages.kept > 0 and bounds given, a row whose candidates span more than that many
 // pages scores the tokens of its best pages only (prefiltered_row).
 // Threads for a producer of SELECT_THREADED_ENTRIES candidates in all or more (6 rows of 32k tokens: 0.64 ->
-// ~0.4 ms a call on 2 threads); at 7.5k a step gained nothing (a worker asleep since the last producer wakes
-// slowly), so smaller ones run on the caller's thread alone.
-constexpr int64_t SELECT_THREADED_ENTRIES = 65536;
+// ~0.4 ms a call on 2 threads). With workers that slept between calls a producer at 7.5k (45k candidates)
+// gained nothing and the threshold was 65,536; with them spinning (Workers) tokenbutler's step at 7.5k on
+// 2 kernel threads went from 0.83x to 0.72x of its one-thread time at 16,384 (the embedded model, an AMD
+// EPYC, 6 alternating rounds; bench/reports/decode_threads.md has the run with it).
+constexpr int64_t SELECT_THREADED_ENTRIES = 16384;
 
 template <typename Key>
 int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t d, const Key* keys, int64_t row_stride,
@@ -2215,10 +2257,11 @@ int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const f
 // multiple of 32), bias [rows] or null, out [rows]. matvec streams the weights in order, which reads them at
 // about twice the rate torch's one-row matrix product reaches on one core (the weights are out of the
 // caches at every step: a step reads all of them once). threads > 1: the rows are split among them where
-// the matrix has LINEAR_THREADED_ENTRIES entries or more (a language model's output head); smaller ones
-// are not worth starting a thread for. Returns 0; -1 (nothing done) for an unknown format or a block format
+// the matrix has LINEAR_THREADED_ENTRIES entries or more: every projection of the embedded SmolLM2's layers
+// (its smallest, k and v, 576 x 192) and its output head; with spinning workers (Workers) a split of a
+// 10-40 µs product pays (a dense step of the embedded model on 2 kernel threads: 0.72-0.75x of one). Returns 0; -1 (nothing done) for an unknown format or a block format
 // over rows that are not whole blocks.
-constexpr int64_t LINEAR_THREADED_ENTRIES = int64_t{1} << 22;
+constexpr int64_t LINEAR_THREADED_ENTRIES = int64_t{1} << 16;
 
 inline bool linear_format_fits(int64_t format, int64_t cols) {
     return format == WEIGHTS_FLOAT32 || ((format == WEIGHTS_Q4_1 || format == WEIGHTS_Q8_0) && cols % WEIGHT_BLOCK == 0);

@@ -1306,7 +1306,8 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vali
 @needs_compiler
 @pytest.mark.parametrize("heads, kv_heads, dim, tokens", [
     (9, 3, 64, 3400),    # SmolLM2 (compiled for g = 3, d = 64; 212 blocks of 16 tokens and a tail of 8)
-    (9, 3, 64, 5000),    # past ATTENTION_THREADED_KEYS (4,096 keys a head): KV heads split among threads
+    (9, 3, 64, 5000),    # past ATTENTION_THREADED_KEYS (1,024 keys a head): KV heads split among threads
+    (9, 3, 64, 1100),    # just past it, as a sparse layer at 32k (2,048 keys a head)
     (32, 8, 128, 300),   # Llama-3.1-8B (g = 4, d = 128)
     (14, 2, 64, 77),     # Qwen2.5-0.5B (g = 7)
     (8, 8, 64, 16),      # no grouping, one block exactly

@@ -2453,9 +2453,12 @@ int tbrun_value_norms(const float* v, int64_t kv_heads, int64_t v_stride, int64_
 // threads. Returns 0; -1 (nothing written) where heads is not a multiple of kv_heads, g exceeds
 // ATTENTION_MAX_GROUP, or d exceeds ATTENTION_MAX_DIM or is not a multiple of LANES.
 // Threads for KV heads of ATTENTION_THREADED_KEYS keys each or more (a dense layer at 7.5k tokens: 14.0 ->
-// 11.4 ms a step on the embedded model, 2 threads); a sparse layer's ~1-2k keys a head were slower threaded
-// (2.9 -> 3.8 ms a step: waking a worker costs about what it saves).
-constexpr int64_t ATTENTION_THREADED_KEYS = 4096;
+// 11.4 ms a step on the embedded model, 2 threads). With workers that slept between calls a sparse layer's
+// ~1-2k keys a head were slower threaded (2.9 -> 3.8 ms a step) and the threshold was 4,096; with them
+// spinning, at 32k (2,048 keys a head) the attention phase went from 6.2 to 5.3 ms a step for tokenbutler and
+// from 4.4 to 3.5 for streaming (two single runs of the paired 32k command on 2 threads, an AMD EPYC, whose
+// other phases differed by up to 10%: bench/README.md, stop 59). 768 keys a head (7.5k at 10%) stay unsplit.
+constexpr int64_t ATTENTION_THREADED_KEYS = 1024;
 
 int tbrun_decode_attention(const float* q, int64_t heads, int64_t kv_heads, int64_t d, const float* k,
                            int64_t k_head_stride, int64_t k_token_stride, const float* v, int64_t v_head_stride,

@@ -142,10 +142,11 @@ def decode_threads() -> Iterator[None]:
     waits for a core (with torch on 2 threads a producer's native top-k took 1 ms instead of 57 µs, and
     tokenbutler's selection 41 ms a step instead of 17.5 at 7.5k on the embedded model, 2026-12-04, when
     a step was hundreds of torch operations). With torch on one thread and the kernels on torch's cores a
-    dense step of the embedded model took 0.72-0.75x the time of torch's two threads and one kernel thread
-    (bench/reports/decode_threads.md). A copy thread (``--copy-thread``) takes a core that ``--threads`` left
-    free, so it is not among them. Where ``$TBRUN_NATIVE_THREADS`` is set it decides the kernels' threads and torch keeps its
-    own (``TBRUN_NATIVE_THREADS=1``: the behaviour before); without the kernels nothing changes.
+    step of the embedded model took 0.71-0.79x the time of torch's two threads and one kernel thread, at every
+    mode and at 12 and 7,500 tokens (bench/reports/decode_threads.md). A copy thread (``--copy-thread``) takes
+    a core that ``--threads`` left free, so it is not among them. Where ``$TBRUN_NATIVE_THREADS`` is set it
+    decides the kernels' threads and torch keeps its own (``TBRUN_NATIVE_THREADS=1``: the behaviour before);
+    without the kernels nothing changes.
     """
     if _requested_threads() is not None or not enabled() or kernels() is None:
         yield

@@ -1863,7 +1863,8 @@ void reweighted_row(const Reweight& rw, int64_t r, float* scores, float* second,
 // ~0.4 ms a call on 2 threads). With workers that slept between calls a producer at 7.5k (45k candidates)
 // gained nothing and the threshold was 65,536; with them spinning (Workers) tokenbutler's step at 7.5k on
 // 2 kernel threads went from 0.83x to 0.72x of its one-thread time at 16,384 (the embedded model, an AMD
-// EPYC, 6 alternating rounds; bench/reports/decode_threads.md has the run with it).
+// EPYC, torch on one thread, 6 alternating rounds of a scratch script; the default's effect:
+// bench/reports/decode_threads.md).
 constexpr int64_t SELECT_THREADED_ENTRIES = 16384;
 
 template <typename Key>
@@ -2259,8 +2260,9 @@ int tbrun_query_mlp(const float* x, int64_t e, const float* norm_weight, const f
 // caches at every step: a step reads all of them once). threads > 1: the rows are split among them where
 // the matrix has LINEAR_THREADED_ENTRIES entries or more: every projection of the embedded SmolLM2's layers
 // (its smallest, k and v, 576 x 192) and its output head; with spinning workers (Workers) a split of a
-// 10-40 µs product pays (a dense step of the embedded model on 2 kernel threads: 0.72-0.75x of one). Returns 0; -1 (nothing done) for an unknown format or a block format
-// over rows that are not whole blocks.
+// 10-40 µs product pays (a step of the embedded model with the kernels on 2 cores: 0.71-0.79x of one kernel
+// thread beside torch's two, bench/reports/decode_threads.md). Returns 0; -1 (nothing done) for an unknown
+// format or a block format over rows that are not whole blocks.
 constexpr int64_t LINEAR_THREADED_ENTRIES = int64_t{1} << 16;
 
 inline bool linear_format_fits(int64_t format, int64_t cols) {

@@ -435,13 +435,21 @@ def test_kernels_run_on_one_thread_outside_a_decode_unless_told_and_a_bad_count_
 def test_a_decode_runs_the_kernels_on_the_cores_torch_had_and_torch_on_one(built_native, monkeypatch):
     """``decode_threads``: the kernels take torch's thread count and torch one thread, both restored on exit,
     after an error too; a count set in ``TBRUN_NATIVE_THREADS`` is used as it
-    is and leaves torch its threads; with the kernels off, nothing changes."""
+    is and leaves torch its threads; with the kernels off, nothing changes. The count is the decoding thread's
+    own: a decode inside it keeps it, another thread does not take it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         with native.decode_threads():
             assert (native.kernel_threads(), torch.get_num_threads()) == (3, 1)
+            with native.decode_threads():  # a decode inside a decode keeps the outer one's threads
+                assert (native.kernel_threads(), torch.get_num_threads()) == (3, 1)
+            assert (native.kernel_threads(), torch.get_num_threads()) == (3, 1)
+            with ThreadPoolExecutor(1) as pool:  # another Python thread (a copy thread's) keeps one kernel thread
+                assert pool.submit(native.kernel_threads).result(timeout=60) == 1
         assert (native.kernel_threads(), torch.get_num_threads()) == (1, 3)
         assert native.decode_kernel_threads() == 3
         with pytest.raises(RuntimeError, match="inside"), native.decode_threads():

@@ -24,9 +24,9 @@ import subprocess
 import tempfile
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
@@ -112,15 +112,17 @@ def enabled() -> bool:
     return _parsed_variable(_ENV_SWITCH, _switch_on)
 
 
-_DEFAULT_THREADS = [1]  # the kernels' threads where $TBRUN_NATIVE_THREADS is unset: 1, or a decode's (decode_threads)
+# per Python thread: the kernels' threads in its decode (decode_threads), where $TBRUN_NATIVE_THREADS is unset; a
+# copy thread's selections and copies, and another thread's decode, keep their own
+_DECODE = threading.local()
 
 
 def kernel_threads() -> int:
     """How many threads a kernel may split its rows (or a large plan) among: ``$TBRUN_NATIVE_THREADS`` where
-    set, else 1, and inside ``decode_threads`` the cores torch had. The kernels give the same results at any
-    count (tests/test_native.py)."""
+    set, else 1, and on a thread inside ``decode_threads`` the cores torch had. The kernels give the same results
+    at any count (tests/test_native.py)."""
     threads = _requested_threads()
-    return _DEFAULT_THREADS[0] if threads is None else threads
+    return getattr(_DECODE, "threads", 1) if threads is None else threads
 
 
 def _requested_threads() -> int | None:
@@ -144,30 +146,32 @@ def decode_threads() -> Iterator[None]:
     a step was hundreds of torch operations). With torch on one thread and the kernels on torch's cores a
     step of the embedded model took 0.71-0.79x the time of torch's two threads and one kernel thread, at every
     mode and at 12 and 7,500 tokens (bench/reports/decode_threads.md). A copy thread (``--copy-thread``) takes
-    a core that ``--threads`` left free, so it is not among them. Where ``$TBRUN_NATIVE_THREADS`` is set it
-    decides the kernels' threads and torch keeps its own (``TBRUN_NATIVE_THREADS=1``: the behaviour before);
-    without the kernels nothing changes.
+    a core that ``--threads`` left free, so it is not among them (its kernel calls run on one thread). Where
+    ``$TBRUN_NATIVE_THREADS`` is set it decides the kernels' threads and torch keeps its own
+    (``TBRUN_NATIVE_THREADS=1``: the behaviour before); without the kernels, or inside another
+    ``decode_threads`` of the same thread, nothing changes.
     """
-    if _requested_threads() is not None or not enabled() or kernels() is None:
+    if (_requested_threads() is not None or hasattr(_DECODE, "threads") or not enabled()
+            or kernels() is None):
         yield
         return
-    torch_threads, before = torch.get_num_threads(), _DEFAULT_THREADS[0]
-    _DEFAULT_THREADS[0] = decode_kernel_threads()
-    if torch_threads > 1:
-        torch.set_num_threads(1)
+    torch_threads = torch.get_num_threads()
     try:
+        _DECODE.threads = torch_threads
+        if torch_threads > 1:
+            torch.set_num_threads(1)
         yield
     finally:
-        if torch_threads > 1:
+        if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
-        _DEFAULT_THREADS[0] = before
+        vars(_DECODE).pop("threads", None)
 
 
 def decode_kernel_threads() -> int:
-    """The kernels' threads in a ``decode_threads`` started now: ``$TBRUN_NATIVE_THREADS`` where set, else
-    torch's count."""
+    """The kernels' threads in a ``decode_threads`` started now on this thread: ``$TBRUN_NATIVE_THREADS`` where
+    set, else those of the decode it is in, else torch's count."""
     requested = _requested_threads()
-    return requested if requested is not None else torch.get_num_threads()
+    return requested if requested is not None else getattr(_DECODE, "threads", None) or torch.get_num_threads()
 
 
 def _thread_count(text: str | None) -> int | None | str:

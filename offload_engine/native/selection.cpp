@@ -1881,6 +1881,8 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
     if (rows * (hi - lo) < SELECT_THREADED_ENTRIES) threads = 1;
     std::atomic<int> status{0};
     std::atomic<int64_t> copying{0};  // the longest any thread copied: the threads copy side by side
+    static std::atomic<int64_t> calls{0};
+    const int64_t call = calls.fetch_add(1) + 1;  // tells a thread's blocks of this call from earlier calls'
     split_rows(rows, threads, [=, &status, &copying](int64_t, int64_t first, int64_t last) {
         // per thread (grown once on each; the kept workers keep theirs between calls): the
         // row's scores, score_row's [g, m] logits, the selected positions
@@ -1897,7 +1899,7 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
         logits.resize(static_cast<size_t>(g * m));
         chosen.resize(static_cast<size_t>(keep));
         grow_map(wanted, of_length);
-        int64_t spent = 0;  // nanoseconds this thread copied
+        int64_t spent = 0;  // nanoseconds this block copied
         for (int64_t r = first; r < last; ++r) {
             const float* qr = q + r * g * d;
             const uint16_t* sr = row_scales(scales, scale_stride, r);
@@ -1932,7 +1934,11 @@ int select_rows(int64_t reduce, const float* q, int64_t rows, int64_t g, int64_t
                 !copy_row(*copies, r, positions + r * keep, slots + r * keep, placed, spent))
                 status = -3;
         }
-        for (int64_t seen = copying.load(); spent > seen && !copying.compare_exchange_weak(seen, spent);) {
+        // a thread may run several blocks of a call (Workers: claimed one at a time): its own sum counts
+        thread_local int64_t counted_call = 0, thread_spent = 0;
+        if (counted_call != call) counted_call = call, thread_spent = 0;
+        thread_spent += spent;
+        for (int64_t seen = copying.load(); thread_spent > seen && !copying.compare_exchange_weak(seen, thread_spent);) {
         }
     });
     if (copies != nullptr && copies->nanoseconds != nullptr) *copies->nanoseconds += copying.load();

@@ -430,13 +430,12 @@ def test_kernels_run_on_one_thread_outside_a_decode_unless_told_and_a_bad_count_
             native.kernel_threads()
 
 
-
 @needs_compiler
 def test_a_decode_runs_the_kernels_on_the_cores_torch_had_and_torch_on_one(built_native, monkeypatch):
     """``decode_threads``: the kernels take torch's thread count and torch one thread, both restored on exit,
-    after an error too; a count set in ``TBRUN_NATIVE_THREADS`` is used as it
-    is and leaves torch its threads; with the kernels off, nothing changes. The count is the decoding thread's
-    own: a decode inside it keeps it, another thread does not take it."""
+    after an error too; a count set in ``TBRUN_NATIVE_THREADS`` is used as it is and leaves torch its threads;
+    with the kernels off, nothing changes. The count is the decoding thread's own: a decode inside it keeps it,
+    another thread does not take it."""
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)

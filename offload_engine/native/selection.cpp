@@ -1017,6 +1017,8 @@ class Workers {
         for (int64_t round = 1; busy(); ++round) {
 #if defined(__x86_64__) || defined(__i386__)
             _mm_pause();
+#elif defined(__aarch64__)
+            __asm__ __volatile__("yield");
 #endif
             if (round % 64 == 0 && std::chrono::steady_clock::now() >= until) return;
         }

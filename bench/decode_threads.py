@@ -25,19 +25,20 @@ import argparse
 import os
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import torch
 from rich.progress import Progress
 
-from offload_engine import Budget, Engine, EngineConfig, KVMode, SamplingConfig, SelectionConfig, load_model, native
-from offload_engine.config import DEFAULT_WINDOW
+from offload_engine import Engine, EngineConfig, KVMode, SamplingConfig, load_model, native
 
+from .overhead import sparse_selection
 from .report import (fmt, machine_header, markdown_header, markdown_table, provenance, ratio_cell, ratio_summary,
                      write_reports)
 
 SHORT_PROMPT = "Write a short story about a robot who learns to paint."  # make run's
-MODES = {"dense-device": None, "dense-offload": "dense", "streaming 10%": "streaming",
-         "tokenbutler 10%": "tokenbutler"}
+MODES = {"dense-device": None, "dense-offload": "dense", "streaming 10%": "streaming:10%",
+         "tokenbutler 10%": "tokenbutler:10%"}  # sparse: overhead.sparse_selection's specs
 SETTINGS = ("kernels on 1", "kernels on T")
 CONTEXT = 8192
 
@@ -52,30 +53,22 @@ def long_prompt(tokenizer, length: int) -> list[int]:
 
 
 def engine_for(adapter, mode: str) -> Engine:
-    """The engine ``tbrun generate`` builds for ``mode`` at a 10% budget (sinks 4, window up to 128)."""
-    policy = MODES[mode]
-    if policy is None:
+    """The engine ``tbrun generate`` builds for ``mode`` (sparse: its selection settings, ``sparse_selection``)."""
+    spec = MODES[mode]
+    if spec is None:
         return Engine(adapter, EngineConfig(context=CONTEXT, mode=KVMode.DENSE_DEVICE, device="cpu"))
-    kv_mode = KVMode.DENSE_OFFLOAD if policy == "dense" else KVMode.SPARSE_OFFLOAD
-    selection = (SelectionConfig() if policy == "dense" else
-                 SelectionConfig(policy=policy, budget=Budget.parse("10%"), sinks=4, window=DEFAULT_WINDOW))
-    return Engine(adapter, EngineConfig(context=CONTEXT, mode=kv_mode, selection=selection, device="cpu"))
+    if spec == "dense":
+        return Engine(adapter, EngineConfig(context=CONTEXT, mode=KVMode.DENSE_OFFLOAD, device="cpu"))
+    return Engine(adapter, EngineConfig(context=CONTEXT, mode=KVMode.SPARSE_OFFLOAD,
+                                        selection=sparse_selection(spec).selection, device="cpu"))
 
 
 def run_once(engine: Engine, prompt: list[int], record, new_tokens: int, setting: str) -> float:
     """Median ms a step of one greedy run under ``setting`` (the variable restored after)."""
-    saved = os.environ.get(native.THREADS_VARIABLE)
-    if setting == "kernels on 1":
-        os.environ[native.THREADS_VARIABLE] = "1"
-    else:
-        os.environ.pop(native.THREADS_VARIABLE, None)
-    try:
+    with mock.patch.dict(os.environ):  # restores the environment as it was
+        if setting == "kernels on 1":
+            os.environ[native.THREADS_VARIABLE] = "1"
         result = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True), prefill=record)
-    finally:
-        if saved is None:
-            os.environ.pop(native.THREADS_VARIABLE, None)
-        else:
-            os.environ[native.THREADS_VARIABLE] = saved
     return statistics.median(result.stats.decode_ms)
 
 

@@ -511,41 +511,38 @@ class Engine:
 
     def _decode_loop(self, prompt, logits, backend, sampling, generator, generated, stats, on_token,
                      clock: PhaseClock) -> str:
-        """Sample, stream and feed back tokens until EOS, the token limit or the context end."""
+        """Sample, stream and feed back tokens until EOS, the token limit or the context end (on the CPU inside
+        ``decode_threads``)."""
         with self.decode_threads():
-            return self._decode_tokens(prompt, logits, backend, sampling, generator, generated, stats, on_token, clock)
+            stats.decode_kv_bytes = backend.device_kv_bytes()
+            next_token = sample_next(logits, sampling, generator)
+            token = int(next_token)
+            cursor = DecodeCursor(next_token, len(prompt), self.device)
+            while True:
+                generated.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token in self.eos_ids and not sampling.ignore_eos:
+                    return "eos"
+                if len(generated) >= sampling.max_new_tokens:
+                    return "length"
+                if cursor.position >= self.config.context:
+                    return "context"
+                start = time.perf_counter()
+                logits = self._decode_step(cursor, backend, clock)
+                next_token = sample_next(logits, sampling, generator)
+                token = int(next_token)  # the step's one host sync: the token is streamed and checked for EOS
+                stats.decode_ms.append(1000.0 * (time.perf_counter() - start))
+                clock.end_step()
+                backend.end_step()
+                if len(stats.decode_ms) == 1:  # staging buffers exist from the first step on
+                    stats.decode_kv_bytes = backend.device_kv_bytes()
+                cursor.advance(next_token)
 
     def decode_threads(self):
         """A context for decode steps: on the CPU ``native.decode_threads`` (the kernels on the cores torch has,
         torch on one), elsewhere nothing."""
         return native.decode_threads() if self.device.type == "cpu" else contextlib.nullcontext()
-
-    def _decode_tokens(self, prompt, logits, backend, sampling, generator, generated, stats, on_token,
-                       clock: PhaseClock) -> str:
-        stats.decode_kv_bytes = backend.device_kv_bytes()
-        next_token = sample_next(logits, sampling, generator)
-        token = int(next_token)
-        cursor = DecodeCursor(next_token, len(prompt), self.device)
-        while True:
-            generated.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in self.eos_ids and not sampling.ignore_eos:
-                return "eos"
-            if len(generated) >= sampling.max_new_tokens:
-                return "length"
-            if cursor.position >= self.config.context:
-                return "context"
-            start = time.perf_counter()
-            logits = self._decode_step(cursor, backend, clock)
-            next_token = sample_next(logits, sampling, generator)
-            token = int(next_token)  # the step's one host sync: the token is streamed and checked for EOS
-            stats.decode_ms.append(1000.0 * (time.perf_counter() - start))
-            clock.end_step()
-            backend.end_step()
-            if len(stats.decode_ms) == 1:  # staging buffers exist from the first step on
-                stats.decode_kv_bytes = backend.device_kv_bytes()
-            cursor.advance(next_token)
 
     def _decode_text(self, ids: list[int]) -> str:
         tokenizer = self.adapter.tokenizer
